@@ -1,0 +1,41 @@
+//! # steepest
+//!
+//! Matrix-aware optimizers for [Candle](https://github.com/huggingface/candle):
+//! optimizers that see weight matrices as matrices.
+//!
+//! - [`linalg::msign`]: the polar factor `U Vᵀ` by Newton–Schulz iteration;
+//!   [`linalg::power_iteration`]: the top singular triplet.
+//! - [`decay::WeightDecay::Spectral`]: decay `−ηλ·W v₁v₁ᵀ`, which shrinks only
+//!   the top singular value.
+//! - [`optim::AdamW`], [`optim::Sgd`], [`optim::Muon`]: `candle_nn::Optimizer`s
+//!   with any weight decay and state that saves to safetensors
+//!   ([`optim::OptimizerState`]).
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use candle_nn::{Optimizer, VarBuilder, VarMap};
+//! use steepest::{decay::WeightDecay, optim::{Muon, MuonConfig}};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let layer = candle_nn::linear(64, 32, vb.pp("fc"))?;
+//! let mut opt = Muon::from_varmap(&varmap, MuonConfig {
+//!     lr: 0.02,
+//!     weight_decay: WeightDecay::spectral(0.1),
+//!     ..MuonConfig::default()
+//! })?;
+//! # let x = candle_core::Tensor::zeros((8, 64), DType::F32, &Device::Cpu)?;
+//! let loss = candle_core::Module::forward(&layer, &x)?.sqr()?.mean_all()?;
+//! opt.backward_step(&loss)?;
+//! # Ok(()) }
+//! ```
+
+pub mod decay;
+mod error;
+pub mod linalg;
+pub mod optim;
+
+pub use decay::WeightDecay;
+pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
+pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};

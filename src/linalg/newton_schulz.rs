@@ -1,0 +1,206 @@
+//! `msign(G) = U Vᵀ` (the polar factor) by Newton–Schulz iteration (SPEC §4).
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{compute_dtype, frobenius_keepdim, matrix_dims, transpose_last};
+use crate::error::fail;
+
+/// Polar Express coefficients (arXiv 2505.16932, `l = 1e-3`, 8 iterations,
+/// cushion 0.02), before the safety scaling.
+const POLAR_EXPRESS: [[f64; 3]; 8] = [
+    [8.28721201814563, -23.595886519098837, 17.300387312530933],
+    [4.107059111542203, -2.9478499167379106, 0.5448431082926601],
+    [3.9486908534822946, -2.908902115962949, 0.5518191394370137],
+    [3.3184196573706015, -2.488488024314874, 0.51004894012372],
+    [2.300652019954817, -1.6689039845747493, 0.4188073119525673],
+    [1.891301407787398, -1.2679958271945868, 0.37680408948524835],
+    [1.8750014808534479, -1.2500016453999487, 0.3750001645474248],
+    [1.875, -1.25, 0.375],
+];
+
+/// Jiacheng You's 5-step quintic schedule.
+const YOU: [[f64; 3]; 5] = [
+    [4.0848, -6.8946, 2.9270],
+    [3.9505, -6.3029, 2.6377],
+    [3.7418, -5.5913, 2.3037],
+    [2.8769, -3.1427, 1.2046],
+    [2.8366, -3.0525, 1.2012],
+];
+
+/// A Newton–Schulz schedule: one `(a, b, c)` per step, each step mapping every
+/// singular value `s ↦ a s + b s³ + c s⁵`.
+///
+/// The input is first scaled to `G / (‖G‖_F · norm_scale + eps)` so that every
+/// singular value is at most 1. The iteration runs in f32 (f64 for f64 input)
+/// unless [`NewtonSchulz::with_compute_dtype`] asks for another dtype (e.g.
+/// bf16, as `torch.optim.Muon` does).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewtonSchulz {
+    coefficients: Vec<[f64; 3]>,
+    eps: f64,
+    norm_scale: f64,
+    compute_dtype: Option<DType>,
+}
+
+impl Default for NewtonSchulz {
+    /// [`NewtonSchulz::muon`].
+    fn default() -> Self {
+        Self::muon()
+    }
+}
+
+impl NewtonSchulz {
+    /// Keller Jordan's quintic `(3.4445, −4.7750, 2.0315)` × 5 steps, the
+    /// Muon default. Fast, not exact: singular values land roughly in `[0.7, 1.2]`.
+    pub fn muon() -> Self {
+        Self::from_table(vec![[3.4445, -4.7750, 2.0315]; 5])
+    }
+
+    /// Polar Express (arXiv 2505.16932): per-step optimal coefficients, the
+    /// last one repeated beyond 8 steps. As in the reference code, the first
+    /// seven entries of the table are scaled by `(1/1.01, 1/1.01³, 1/1.01⁵)`
+    /// and the input is normalised as `X / (‖X‖_F·1.01 + 1e-7)`.
+    pub fn polar_express(steps: usize) -> Self {
+        let last = POLAR_EXPRESS.len() - 1;
+        let table = (0..steps)
+            .map(|i| {
+                let [a, b, c] = POLAR_EXPRESS[i.min(last)];
+                if i < last {
+                    [a / 1.01, b / 1.01f64.powi(3), c / 1.01f64.powi(5)]
+                } else {
+                    [a, b, c]
+                }
+            })
+            .collect();
+        Self {
+            norm_scale: 1.01,
+            ..Self::from_table(table)
+        }
+    }
+
+    /// The cubic `(1.5, −0.5, 0)` for `steps` steps: converges to the exact
+    /// polar factor, slowly for tiny singular values.
+    pub fn cubic(steps: usize) -> Self {
+        Self::from_table(vec![[1.5, -0.5, 0.0]; steps])
+    }
+
+    /// The exact quintic `(3, −16/5, 6/5)` for `steps` steps.
+    pub fn quintic(steps: usize) -> Self {
+        Self::from_table(vec![[3.0, -16.0 / 5.0, 6.0 / 5.0]; steps])
+    }
+
+    /// Jiacheng You's 5-step schedule.
+    pub fn you() -> Self {
+        Self::from_table(YOU.to_vec())
+    }
+
+    /// A user-supplied table of `(a, b, c)` per step. Errors on an empty table
+    /// or a non-finite coefficient.
+    pub fn custom(table: Vec<[f64; 3]>) -> Result<Self> {
+        if table.is_empty() {
+            fail!("NewtonSchulz::custom", "the coefficient table is empty");
+        }
+        if let Some((i, c)) = table
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.iter().any(|x| !x.is_finite()))
+        {
+            fail!(
+                "NewtonSchulz::custom",
+                "step {i} has a non-finite coefficient {c:?}"
+            );
+        }
+        Ok(Self::from_table(table))
+    }
+
+    fn from_table(coefficients: Vec<[f64; 3]>) -> Self {
+        Self {
+            coefficients,
+            eps: 1e-7,
+            norm_scale: 1.0,
+            compute_dtype: None,
+        }
+    }
+
+    /// Sets `eps` in the normalisation `G / (‖G‖_F·scale + eps)` (default 1e-7).
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Runs the iteration in `dtype` (e.g. `DType::BF16` to match
+    /// `torch.optim.Muon`); the output is still cast back to the input dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = Some(dtype);
+        self
+    }
+
+    /// Sets the factor on `‖G‖_F` in the input normalisation.
+    pub fn with_norm_scale(mut self, scale: f64) -> Self {
+        self.norm_scale = scale;
+        self
+    }
+
+    /// The dtype the iteration is forced to run in, if any.
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute_dtype
+    }
+
+    /// The per-step coefficients `(a, b, c)`.
+    pub fn coefficients(&self) -> &[[f64; 3]] {
+        &self.coefficients
+    }
+
+    /// The `eps` of the input normalisation.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The factor on `‖G‖_F` in the input normalisation (1, or 1.01 for Polar Express).
+    pub fn norm_scale(&self) -> f64 {
+        self.norm_scale
+    }
+
+    /// The singular-value map the whole schedule applies to a singular value
+    /// `s` of the normalised input: useful for checking and for choosing tables.
+    pub fn apply_scalar(&self, mut s: f64) -> f64 {
+        for &[a, b, c] in &self.coefficients {
+            let s2 = s * s;
+            s = a * s + b * s * s2 + c * s * s2 * s2;
+        }
+        s
+    }
+}
+
+/// The polar factor `msign(G) = U Vᵀ` of a matrix `(m, n)` or of each matrix
+/// of a batch `(b, m, n)`, by Newton–Schulz iteration.
+///
+/// `X₀ = G / (‖G‖_F·scale + ε)`, then per step `A = X Xᵀ; X ← a X + (b A + c A²) X`,
+/// on the short side (a tall input is transposed first and back at the end).
+/// The output has the input's shape and dtype. A zero matrix gives zero.
+pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    let (m, n) = matrix_dims("msign: g", g)?;
+    let dtype = ns.compute_dtype.unwrap_or(compute_dtype(g.dtype()));
+    let tall = m > n;
+    let mut x = g.to_dtype(dtype)?;
+    if tall {
+        x = transpose_last(&x)?;
+    }
+    // Normalise in f32 at least, so the norm cannot overflow a half dtype.
+    let norm = frobenius_keepdim(&x.to_dtype(compute_dtype(dtype))?)?;
+    let denom = ((norm * ns.norm_scale)? + ns.eps)?.to_dtype(dtype)?;
+    x = x.broadcast_div(&denom)?;
+    for &[a, b, c] in &ns.coefficients {
+        let gram = x.matmul(&transpose_last(&x)?)?;
+        let poly = if c == 0.0 {
+            (&gram * b)?
+        } else {
+            ((&gram * b)? + (gram.matmul(&gram)? * c)?)?
+        };
+        x = ((&x * a)? + poly.matmul(&x)?)?;
+    }
+    if tall {
+        x = transpose_last(&x)?;
+    }
+    x.contiguous()?.to_dtype(g.dtype())
+}

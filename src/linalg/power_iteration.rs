@@ -1,0 +1,157 @@
+//! Top singular triplet by power iteration (SPEC §1).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::{compute_dtype, matrix_dims};
+use crate::error::fail;
+
+/// The top singular triplet `W ≈ σ₁ u₁ v₁ᵀ + …` of a matrix or of each matrix
+/// of a batch.
+///
+/// For `W` of shape `(m, n)`: `sigma` is a scalar, `u` has shape `(m,)`, `v`
+/// has shape `(n,)`. For a batch `(b, m, n)`: `(b,)`, `(b, m)`, `(b, n)`. The
+/// dtype is f32 (f64 for an f64 `W`). For `W = 0`, `sigma` is 0, `v` is a unit
+/// vector and `u` is zero.
+#[derive(Clone, Debug)]
+pub struct TopSingular {
+    /// Estimate of the largest singular value `σ₁ = ‖W v‖`.
+    pub sigma: Tensor,
+    /// Left singular vector `u₁ = W v₁ / σ₁` (unit, or zero when `σ₁ = 0`).
+    pub u: Tensor,
+    /// Right singular vector `v₁` (unit): the top eigenvector of `WᵀW`.
+    pub v: Tensor,
+}
+
+/// `σ₁, u₁, v₁` of `w` (`(m, n)` or `(b, m, n)`) by `iters` power iterations.
+///
+/// Iterates on the smaller side: `x ← WᵀW x / ‖WᵀW x‖` on `v` when `n ≤ m`,
+/// `y ← W Wᵀ y / ‖W Wᵀ y‖` on `u` when `n > m` (then `v = Wᵀu / ‖Wᵀu‖`).
+/// `start` is an estimate of `v₁` (shape `(n,)` or `(b, n)`), typically the
+/// previous optimizer step's `v`; a zero or non-finite start is ignored.
+/// Without a start, a fixed pseudo-random unit vector is used, so the result is
+/// deterministic and still finds `σ₁` when `v₁` is orthogonal to the all-ones
+/// vector. The error shrinks like `(σ₂/σ₁)^{2·iters}`.
+pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    let (m, n) = matrix_dims("power_iteration: w", w)?;
+    let batched = w.rank() == 3;
+    let w3 = if batched { w.clone() } else { w.unsqueeze(0)? };
+    let b = w3.dim(0)?;
+    let dtype = compute_dtype(w.dtype());
+    let w3 = w3.to_dtype(dtype)?;
+    let wt = w3.transpose(1, 2)?;
+
+    let v0 = initial_v(start, b, n, batched, dtype, w.device())?;
+    let wide = n > m;
+    // x: (b, k, 1), the iterate on the short side.
+    let mut x = if wide {
+        let y = w3.matmul(&v0)?;
+        renormalize(&y, &default_start(b, m, dtype, w.device())?)?
+    } else {
+        v0
+    };
+    for _ in 0..iters {
+        let y = if wide {
+            w3.matmul(&wt.matmul(&x)?)?
+        } else {
+            wt.matmul(&w3.matmul(&x)?)?
+        };
+        x = renormalize(&y, &x)?;
+    }
+    let (u, v, sigma) = if wide {
+        let wtu = wt.matmul(&x)?;
+        let sigma = norm_keepdim(&wtu)?;
+        let v = renormalize(&wtu, &default_start(b, n, dtype, w.device())?)?;
+        (x, v, sigma)
+    } else {
+        let wv = w3.matmul(&x)?;
+        let sigma = norm_keepdim(&wv)?;
+        let u = safe_div(&wv, &sigma)?;
+        (u, x, sigma)
+    };
+    let (u, v, sigma) = (u.squeeze(2)?, v.squeeze(2)?, sigma.flatten_all()?);
+    if batched {
+        Ok(TopSingular { sigma, u, v })
+    } else {
+        Ok(TopSingular {
+            sigma: sigma.squeeze(0)?,
+            u: u.squeeze(0)?,
+            v: v.squeeze(0)?,
+        })
+    }
+}
+
+/// The start vector as `(b, n, 1)`: the caller's (if usable) or the default.
+fn initial_v(
+    start: Option<&Tensor>,
+    b: usize,
+    n: usize,
+    batched: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let fallback = default_start(b, n, dtype, device)?;
+    let Some(s) = start else {
+        return Ok(fallback);
+    };
+    let expected: &[usize] = if batched { &[b, n] } else { &[n] };
+    if s.dims() != expected {
+        fail!(
+            "power_iteration: start",
+            "expected shape {expected:?} (an estimate of v₁), got {:?}",
+            s.dims()
+        );
+    }
+    let s = s.to_dtype(dtype)?.reshape((b, n, 1))?;
+    // Per matrix: use the start only where it is finite and non-zero.
+    let finite = (&s - &s)?.sum_keepdim(1)?.eq(0.0)?;
+    let nonzero = norm_keepdim(&s)?.gt(0.0)?;
+    let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;
+    let s = usable.broadcast_as(s.shape())?.where_cond(&s, &fallback)?;
+    renormalize(&s, &fallback)
+}
+
+/// A fixed pseudo-random unit vector per matrix, `(b, n, 1)`: not orthogonal
+/// to any particular structured vector (unlike all-ones), and reproducible.
+fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let vals: Vec<f64> = (0..n)
+        .map(|_| {
+            // splitmix64, mapped to [0.5, 1.5) with a random sign.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let mag = 0.5 + (z >> 11) as f64 / (1u64 << 53) as f64;
+            if z & 1 == 0 {
+                mag
+            } else {
+                -mag
+            }
+        })
+        .collect();
+    let norm = vals.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let v = Tensor::from_vec(vals, (1, n, 1), device)?.to_dtype(dtype)?;
+    (v / norm.max(f64::MIN_POSITIVE))?.broadcast_as((b, n, 1))?.contiguous()
+}
+
+/// `‖y‖` per batch item as `(b, 1, 1)`.
+fn norm_keepdim(y: &Tensor) -> Result<Tensor> {
+    y.sqr()?.sum_keepdim(1)?.sqrt()
+}
+
+/// `y / ‖y‖`, or `keep` where `‖y‖ = 0` (so `W = 0` leaves a unit vector).
+fn renormalize(y: &Tensor, keep: &Tensor) -> Result<Tensor> {
+    let norm = norm_keepdim(y)?;
+    let ok = norm.gt(0.0)?.broadcast_as(y.shape())?;
+    ok.where_cond(&safe_div(y, &norm)?, keep)
+}
+
+/// `y / max(norm, tiny)`: zero stays zero.
+fn safe_div(y: &Tensor, norm: &Tensor) -> Result<Tensor> {
+    let tiny = match norm.dtype() {
+        DType::F64 => f64::MIN_POSITIVE,
+        _ => f32::MIN_POSITIVE as f64,
+    };
+    y.broadcast_div(&norm.maximum(tiny)?)
+}
