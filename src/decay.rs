@@ -58,7 +58,7 @@ impl WeightDecay {
     }
 
     /// The variant as a checkpoint tensor `[kind, λ, iters]` (f64).
-    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
+    pub(crate) fn to_tensor(self) -> Result<Tensor> {
         Tensor::new(&self.encode(), &candle_core::Device::Cpu)
     }
 
@@ -72,8 +72,8 @@ impl WeightDecay {
     }
 
     /// Encodes the variant as numbers for checkpoints: `[kind, λ, iters]`.
-    fn encode(&self) -> [f64; 3] {
-        match *self {
+    fn encode(self) -> [f64; 3] {
+        match self {
             Self::None => [0.0, 0.0, 0.0],
             Self::Decoupled(l) => [1.0, l, 0.0],
             Self::Spectral { lambda, iters } => [2.0, lambda, iters as f64],

@@ -103,6 +103,7 @@ fn initial_v(
     }
     let s = s.to_dtype(dtype)?.reshape((b, n, 1))?;
     // Per matrix: use the start only where it is finite and non-zero.
+    #[allow(clippy::eq_op)]
     let finite = (&s - &s)?.sum_keepdim(1)?.eq(0.0)?;
     let nonzero = norm_keepdim(&s)?.gt(0.0)?;
     let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;

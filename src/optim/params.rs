@@ -95,6 +95,7 @@ pub(crate) fn gather(vars: &[NamedVar], grads: &GradStore) -> Result<Vec<Item>> 
         let dt = math_dtype(nv.var.dtype());
         let grad = grad.to_dtype(dt)?;
         // g − g is 0 for finite g and NaN for NaN/±Inf; the sum flags any.
+        #[allow(clippy::eq_op)]
         checks.push((&grad - &grad)?.sum_all()?.to_dtype(DType::F32)?);
         items.push(Item {
             index,

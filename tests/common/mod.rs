@@ -1,0 +1,91 @@
+//! Shared test helpers: seeded random tensors and f64 references (nalgebra).
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use nalgebra::DMatrix;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// A seeded RNG.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` standard normal samples.
+pub fn normal_vec(rng: &mut StdRng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
+/// A random standard-normal tensor of `shape` in `dtype` on the CPU.
+pub fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(normal_vec(rng, n), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A 2-D tensor as an f64 nalgebra matrix.
+pub fn to_dmatrix(t: &Tensor) -> DMatrix<f64> {
+    let (m, n) = t.dims2().unwrap();
+    let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    DMatrix::from_row_slice(m, n, &v)
+}
+
+/// An f64 nalgebra matrix as an `(m, n)` tensor of `dtype`.
+pub fn from_dmatrix(a: &DMatrix<f64>, dtype: DType) -> Tensor {
+    let (m, n) = a.shape();
+    let v: Vec<f64> = (0..m).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| a[(i, j)]).collect();
+    Tensor::from_vec(v, (m, n), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// Singular values, descending.
+pub fn singular_values(a: &DMatrix<f64>) -> Vec<f64> {
+    let mut s: Vec<f64> = a.clone().svd(false, false).singular_values.iter().copied().collect();
+    s.sort_by(|x, y| y.partial_cmp(x).unwrap());
+    s
+}
+
+/// A random orthonormal `n × k` matrix (QR of a Gaussian), `k ≤ n`.
+pub fn orthonormal(rng: &mut StdRng, n: usize, k: usize) -> DMatrix<f64> {
+    let g = DMatrix::from_vec(n, k, normal_vec(rng, n * k));
+    g.qr().q().columns(0, k).into_owned()
+}
+
+/// `U diag(s) Vᵀ` with random orthonormal `U (m × k)`, `V (n × k)`, `k = s.len()`.
+pub fn with_singular_values(rng: &mut StdRng, m: usize, n: usize, s: &[f64]) -> DMatrix<f64> {
+    let k = s.len();
+    let u = orthonormal(rng, m, k);
+    let v = orthonormal(rng, n, k);
+    u * DMatrix::from_diagonal(&nalgebra::DVector::from_row_slice(s)) * v.transpose()
+}
+
+/// The exact polar factor `U Vᵀ` of a full-rank matrix, by f64 SVD.
+pub fn polar(a: &DMatrix<f64>) -> DMatrix<f64> {
+    let svd = a.clone().svd(true, true);
+    svd.u.unwrap() * svd.v_t.unwrap()
+}
+
+/// `‖a − b‖_F / ‖b‖_F`.
+pub fn rel_err(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
+    (a - b).norm() / b.norm().max(1e-300)
+}
+
+/// Max absolute difference of two tensors (any shape), in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// Symmetric eigendecomposition: eigenvalues ascending with their eigenvectors as columns.
+pub fn sym_eig(a: &DMatrix<f64>) -> (Vec<f64>, DMatrix<f64>) {
+    let e = a.clone().symmetric_eigen();
+    let mut idx: Vec<usize> = (0..e.eigenvalues.len()).collect();
+    idx.sort_by(|&i, &j| e.eigenvalues[i].partial_cmp(&e.eigenvalues[j]).unwrap());
+    let vals = idx.iter().map(|&i| e.eigenvalues[i]).collect();
+    let vecs = DMatrix::from_columns(&idx.iter().map(|&i| e.eigenvectors.column(i).into_owned()).collect::<Vec<_>>());
+    (vals, vecs)
+}
