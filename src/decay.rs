@@ -65,9 +65,9 @@ impl WeightDecay {
     /// Inverse of [`WeightDecay::to_tensor`].
     pub(crate) fn from_tensor(t: &Tensor) -> Result<Self> {
         let code = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-        let code: [f64; 3] = code
-            .try_into()
-            .map_err(|_| crate::error::invalid("checkpoint: weight_decay", "must have 3 entries"))?;
+        let code: [f64; 3] = code.try_into().map_err(|_| {
+            crate::error::invalid("checkpoint: weight_decay", "must have 3 entries")
+        })?;
         Self::decode(code)
     }
 

@@ -31,9 +31,9 @@ const YOU: [[f64; 3]; 5] = [
 /// singular value `s ↦ a s + b s³ + c s⁵`.
 ///
 /// The input is first scaled to `G / (‖G‖_F · norm_scale + eps)` so that every
-/// singular value is at most 1. The iteration runs in f32 (f64 for f64 input)
-/// unless [`NewtonSchulz::with_compute_dtype`] asks for another dtype (e.g.
-/// bf16, as `torch.optim.Muon` does).
+/// singular value is at most 1. The iteration runs in f32 (f64 for f64 input);
+/// [`NewtonSchulz::with_compute_dtype`] can give the matrix products bf16/f16
+/// operands (as `torch.optim.Muon` does with bf16) while the sums stay in f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewtonSchulz {
     coefficients: Vec<[f64; 3]>,
@@ -128,8 +128,9 @@ impl NewtonSchulz {
         self
     }
 
-    /// Runs the iteration in `dtype` (e.g. `DType::BF16` to match
-    /// `torch.optim.Muon`); the output is still cast back to the input dtype.
+    /// Rounds the matrix products' operands to `dtype` (e.g. `DType::BF16`, as
+    /// `torch.optim.Muon` does); accumulation and the polynomial's sums stay in
+    /// f32. The output is still cast back to the input dtype.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = Some(dtype);
         self
@@ -141,7 +142,7 @@ impl NewtonSchulz {
         self
     }
 
-    /// The dtype the iteration is forced to run in, if any.
+    /// The operand dtype of the matrix products, if set.
     pub fn compute_dtype(&self) -> Option<DType> {
         self.compute_dtype
     }
@@ -180,24 +181,34 @@ impl NewtonSchulz {
 /// The output has the input's shape and dtype. A zero matrix gives zero.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let (m, n) = matrix_dims("msign: g", g)?;
-    let dtype = ns.compute_dtype.unwrap_or(compute_dtype(g.dtype()));
+    // X and the polynomial's combinations stay in f32 (f64 for f64 input);
+    // a lower `compute_dtype` only rounds the matrix products' operands.
+    let acc = compute_dtype(g.dtype());
+    let operands = ns.compute_dtype.unwrap_or(acc);
+    let mm = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        if operands == acc {
+            a.matmul(b)
+        } else {
+            a.to_dtype(operands)?
+                .matmul(&b.to_dtype(operands)?)?
+                .to_dtype(acc)
+        }
+    };
     let tall = m > n;
-    let mut x = g.to_dtype(dtype)?;
+    let mut x = g.to_dtype(acc)?;
     if tall {
         x = transpose_last(&x)?;
     }
-    // Normalise in f32 at least, so the norm cannot overflow a half dtype.
-    let norm = frobenius_keepdim(&x.to_dtype(compute_dtype(dtype))?)?;
-    let denom = ((norm * ns.norm_scale)? + ns.eps)?.to_dtype(dtype)?;
-    x = x.broadcast_div(&denom)?;
+    let norm = frobenius_keepdim(&x)?;
+    x = x.broadcast_div(&((norm * ns.norm_scale)? + ns.eps)?)?;
     for &[a, b, c] in &ns.coefficients {
-        let gram = x.matmul(&transpose_last(&x)?)?;
+        let gram = mm(&x, &transpose_last(&x)?)?;
         let poly = if c == 0.0 {
             (&gram * b)?
         } else {
-            ((&gram * b)? + (gram.matmul(&gram)? * c)?)?
+            ((&gram * b)? + (mm(&gram, &gram)? * c)?)?
         };
-        x = ((&x * a)? + poly.matmul(&x)?)?;
+        x = ((&x * a)? + mm(&poly, &x)?)?;
     }
     if tall {
         x = transpose_last(&x)?;

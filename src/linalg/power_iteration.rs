@@ -133,7 +133,9 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> Result<Te
         .collect();
     let norm = vals.iter().map(|x| x * x).sum::<f64>().sqrt();
     let v = Tensor::from_vec(vals, (1, n, 1), device)?.to_dtype(dtype)?;
-    (v / norm.max(f64::MIN_POSITIVE))?.broadcast_as((b, n, 1))?.contiguous()
+    (v / norm.max(f64::MIN_POSITIVE))?
+        .broadcast_as((b, n, 1))?
+        .contiguous()
 }
 
 /// `‖y‖` per batch item as `(b, 1, 1)`.

@@ -7,7 +7,9 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
-use super::params::{check_unique, commit, gather, math_dtype, name_vars, varmap_vars, Item, NamedVar};
+use super::params::{
+    check_unique, commit, gather, math_dtype, name_vars, varmap_vars, Item, NamedVar,
+};
 use super::state::{export, import, key, scalar, Imported, OptimizerState, Slots};
 use crate::decay::WeightDecay;
 use crate::error::fail;
@@ -48,13 +50,20 @@ impl AdamWConfig {
     /// Errors (naming the field) on a hyperparameter out of range.
     pub fn validate(&self) -> Result<()> {
         check_lr("AdamWConfig.lr", self.lr)?;
-        for (who, b) in [("AdamWConfig.beta1", self.beta1), ("AdamWConfig.beta2", self.beta2)] {
+        for (who, b) in [
+            ("AdamWConfig.beta1", self.beta1),
+            ("AdamWConfig.beta2", self.beta2),
+        ] {
             if !(0.0..1.0).contains(&b) {
                 fail!(who, "must be in [0, 1), got {b}");
             }
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
-            fail!("AdamWConfig.eps", "must be finite and > 0, got {}", self.eps);
+            fail!(
+                "AdamWConfig.eps",
+                "must be finite and > 0, got {}",
+                self.eps
+            );
         }
         self.weight_decay.validate("AdamWConfig.weight_decay")
     }
@@ -65,8 +74,14 @@ impl AdamWConfig {
             (format!("{prefix}beta1"), scalar(self.beta1)?),
             (format!("{prefix}beta2"), scalar(self.beta2)?),
             (format!("{prefix}eps"), scalar(self.eps)?),
-            (format!("{prefix}weight_decay"), self.weight_decay.to_tensor()?),
-            (format!("{prefix}decay_vectors"), scalar(self.decay_vectors as u8 as f64)?),
+            (
+                format!("{prefix}weight_decay"),
+                self.weight_decay.to_tensor()?,
+            ),
+            (
+                format!("{prefix}decay_vectors"),
+                scalar(self.decay_vectors as u8 as f64)?,
+            ),
         ])
     }
 
@@ -132,8 +147,14 @@ pub(crate) fn adam_group(
     for (it, w) in items.iter().zip(decayed) {
         let name = &vars[it.index].name;
         let zeros = || it.grad.zeros_like();
-        let m = slots.get(&key(name, EXP_AVG)).cloned().map_or_else(zeros, Ok)?;
-        let v = slots.get(&key(name, EXP_AVG_SQ)).cloned().map_or_else(zeros, Ok)?;
+        let m = slots
+            .get(&key(name, EXP_AVG))
+            .cloned()
+            .map_or_else(zeros, Ok)?;
+        let v = slots
+            .get(&key(name, EXP_AVG_SQ))
+            .cloned()
+            .map_or_else(zeros, Ok)?;
         let step = match slots.get(&key(name, STEP)) {
             Some(s) => s.to_scalar::<i64>()? as u64 + 1,
             None => 1,
@@ -142,7 +163,10 @@ pub(crate) fn adam_group(
         slots.insert(key(name, EXP_AVG), m);
         slots.insert(key(name, EXP_AVG_SQ), v);
         // Kept on the host: reading it back costs no device sync.
-        slots.insert(key(name, STEP), Tensor::new(step as i64, &candle_core::Device::Cpu)?);
+        slots.insert(
+            key(name, STEP),
+            Tensor::new(step as i64, &candle_core::Device::Cpu)?,
+        );
         out.push((it.index, w));
     }
     Ok(out)
@@ -212,7 +236,14 @@ impl Optimizer for AdamW {
         let items = gather(&self.vars, grads)?;
         let mut staged = self.slots.clone();
         let cfg = &self.config;
-        let decayed = apply_decay(&self.vars, &items, &cfg.weight_decay, cfg.decay_vectors, cfg.lr, &mut staged)?;
+        let decayed = apply_decay(
+            &self.vars,
+            &items,
+            &cfg.weight_decay,
+            cfg.decay_vectors,
+            cfg.lr,
+            &mut staged,
+        )?;
         let updates = adam_group(&self.vars, &items, decayed, cfg.lr, cfg, &mut staged)?;
         commit(&self.vars, updates)?;
         self.slots = staged;
@@ -239,7 +270,13 @@ impl OptimizerState for AdamW {
             SPECTRAL_V => spectral_v_spec(&vars[i]),
             _ => adam_slot_spec(&vars[i], slot),
         };
-        let imp = import(KIND, vars, &[EXP_AVG, EXP_AVG_SQ, STEP, SPECTRAL_V], &spec, state)?;
+        let imp = import(
+            KIND,
+            vars,
+            &[EXP_AVG, EXP_AVG_SQ, STEP, SPECTRAL_V],
+            &spec,
+            state,
+        )?;
         let config = AdamWConfig::from_hparams(&imp, "")?;
         self.config = config;
         self.slots = imp.slots;

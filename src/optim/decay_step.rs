@@ -57,16 +57,22 @@ pub(crate) fn apply_decay(
         let mut cold = false;
         let starts = members
             .iter()
-            .map(|&p| match slots.get(&key(&vars[items[p].index].name, SPECTRAL_V)) {
-                Some(v) => Ok(v.clone()),
-                None => {
-                    cold = true;
-                    Tensor::zeros(cols, batch.dtype(), batch.device())
-                }
-            })
+            .map(
+                |&p| match slots.get(&key(&vars[items[p].index].name, SPECTRAL_V)) {
+                    Some(v) => Ok(v.clone()),
+                    None => {
+                        cold = true;
+                        Tensor::zeros(cols, batch.dtype(), batch.device())
+                    }
+                },
+            )
             .collect::<Result<Vec<_>>>()?;
         let start = Tensor::stack(&starts, 0)?;
-        let iters = if cold { iters.max(COLD_START_ITERS) } else { iters };
+        let iters = if cold {
+            iters.max(COLD_START_ITERS)
+        } else {
+            iters
+        };
         let top = power_iteration(&batch, Some(&start), iters)?;
         let decayed = spectral_decay(&batch, &top, coeff)?;
         for (i, &p) in members.iter().enumerate() {

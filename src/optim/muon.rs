@@ -10,7 +10,9 @@ use candle_nn::{Optimizer, VarMap};
 
 use super::adamw::{adam_group, adam_slot_spec, check_lr, AdamWConfig, EXP_AVG, EXP_AVG_SQ, STEP};
 use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
-use super::params::{check_unique, commit, gather, math_dtype, matrix_view, name_vars, varmap_vars, Item, NamedVar};
+use super::params::{
+    check_unique, commit, gather, math_dtype, matrix_view, name_vars, varmap_vars, Item, NamedVar,
+};
 use super::state::{export, import, key, scalar, Imported, OptimizerState, Slots};
 use crate::decay::WeightDecay;
 use crate::error::{fail, invalid};
@@ -103,7 +105,11 @@ impl MuonConfig {
     pub fn validate(&self) -> Result<()> {
         check_lr("MuonConfig.lr", self.lr)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            fail!("MuonConfig.momentum", "must be in [0, 1), got {}", self.momentum);
+            fail!(
+                "MuonConfig.momentum",
+                "must be in [0, 1), got {}",
+                self.momentum
+            );
         }
         self.weight_decay.validate("MuonConfig.weight_decay")?;
         self.adamw.validate()
@@ -112,9 +118,18 @@ impl MuonConfig {
 
 /// Muon's momentum for one tensor: `buf ← buf + (1−μ)(g − buf)`; returns
 /// `(update, buf)` with `update = g + μ(buf − g)` (Nesterov) or `buf`.
-pub fn muon_momentum(g: &Tensor, buf: &Tensor, momentum: f64, nesterov: bool) -> Result<(Tensor, Tensor)> {
+pub fn muon_momentum(
+    g: &Tensor,
+    buf: &Tensor,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<(Tensor, Tensor)> {
     let buf = (buf + ((g - buf)? * (1.0 - momentum))?)?;
-    let update = if nesterov { (g + ((&buf - g)? * momentum)?)? } else { buf.clone() };
+    let update = if nesterov {
+        (g + ((&buf - g)? * momentum)?)?
+    } else {
+        buf.clone()
+    };
     Ok((update, buf))
 }
 
@@ -152,9 +167,19 @@ impl Muon {
         check_unique(&vars)?;
         let is_muon = vars
             .iter()
-            .map(|v| v.var.rank() >= 2 && !config.adamw_names.iter().any(|s| v.name.contains(s.as_str())))
+            .map(|v| {
+                v.var.rank() >= 2
+                    && !config
+                        .adamw_names
+                        .iter()
+                        .any(|s| v.name.contains(s.as_str()))
+            })
             .collect();
-        let adamw_lr_ratio = if config.lr > 0.0 { config.adamw.lr / config.lr } else { 1.0 };
+        let adamw_lr_ratio = if config.lr > 0.0 {
+            config.adamw.lr / config.lr
+        } else {
+            1.0
+        };
         Ok(Self {
             vars,
             is_muon,
@@ -179,17 +204,28 @@ impl Muon {
             .collect()
     }
 
-    fn muon_group(&self, items: &[Item], decayed: Vec<Tensor>, slots: &mut Slots) -> Result<Vec<(usize, Tensor)>> {
+    fn muon_group(
+        &self,
+        items: &[Item],
+        decayed: Vec<Tensor>,
+        slots: &mut Slots,
+    ) -> Result<Vec<(usize, Tensor)>> {
         let cfg = &self.config;
         // Momentum per matrix, then one msign call per matrix-view shape.
         let mut groups: BTreeMap<(usize, usize), Vec<(usize, Tensor)>> = BTreeMap::new();
         for (pos, it) in items.iter().enumerate() {
             let k = key(&self.vars[it.index].name, MOMENTUM);
-            let buf = slots.get(&k).cloned().map_or_else(|| it.grad.zeros_like(), Ok)?;
+            let buf = slots
+                .get(&k)
+                .cloned()
+                .map_or_else(|| it.grad.zeros_like(), Ok)?;
             let (update, buf) = muon_momentum(&it.grad, &buf, cfg.momentum, cfg.nesterov)?;
             slots.insert(k, buf);
             let rc = matrix_view(it.grad.dims()).expect("Muon items are matrices");
-            groups.entry(rc).or_default().push((pos, update.reshape(rc)?));
+            groups
+                .entry(rc)
+                .or_default()
+                .push((pos, update.reshape(rc)?));
         }
         let mut out = Vec::with_capacity(items.len());
         for ((rows, cols), members) in groups {
@@ -215,14 +251,36 @@ impl Optimizer for Muon {
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let items = gather(&self.vars, grads)?;
-        let (muon_items, adam_items): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|it| self.is_muon[it.index]);
+        let (muon_items, adam_items): (Vec<Item>, Vec<Item>) =
+            items.into_iter().partition(|it| self.is_muon[it.index]);
         let mut staged = self.slots.clone();
         let cfg = &self.config;
-        let decayed = apply_decay(&self.vars, &muon_items, &cfg.weight_decay, false, cfg.lr, &mut staged)?;
+        let decayed = apply_decay(
+            &self.vars,
+            &muon_items,
+            &cfg.weight_decay,
+            false,
+            cfg.lr,
+            &mut staged,
+        )?;
         let mut updates = self.muon_group(&muon_items, decayed, &mut staged)?;
         let a = &cfg.adamw;
-        let decayed = apply_decay(&self.vars, &adam_items, &a.weight_decay, a.decay_vectors, a.lr, &mut staged)?;
-        updates.extend(adam_group(&self.vars, &adam_items, decayed, a.lr, a, &mut staged)?);
+        let decayed = apply_decay(
+            &self.vars,
+            &adam_items,
+            &a.weight_decay,
+            a.decay_vectors,
+            a.lr,
+            &mut staged,
+        )?;
+        updates.extend(adam_group(
+            &self.vars,
+            &adam_items,
+            decayed,
+            a.lr,
+            a,
+            &mut staged,
+        )?);
         commit(&self.vars, updates)?;
         self.slots = staged;
         Ok(())
@@ -257,11 +315,17 @@ impl OptimizerState for Muon {
             ("lr".to_string(), scalar(c.lr)?),
             ("momentum".to_string(), scalar(c.momentum)?),
             ("nesterov".to_string(), scalar(c.nesterov as u8 as f64)?),
-            ("ns_coefficients".to_string(), Tensor::from_vec(table, (ns.coefficients().len(), 3), &Device::Cpu)?),
+            (
+                "ns_coefficients".to_string(),
+                Tensor::from_vec(table, (ns.coefficients().len(), 3), &Device::Cpu)?,
+            ),
             ("ns_eps".to_string(), scalar(ns.eps())?),
             ("ns_norm_scale".to_string(), scalar(ns.norm_scale())?),
             ("ns_compute_dtype".to_string(), text(cdt)?),
-            ("lr_adjust".to_string(), Tensor::new(&c.lr_adjust.encode(), &Device::Cpu)?),
+            (
+                "lr_adjust".to_string(),
+                Tensor::new(&c.lr_adjust.encode(), &Device::Cpu)?,
+            ),
             ("weight_decay".to_string(), c.weight_decay.to_tensor()?),
             ("adamw_lr_ratio".to_string(), scalar(self.adamw_lr_ratio)?),
             ("adamw_names".to_string(), text(&c.adamw_names.join("\n"))?),
@@ -276,23 +340,42 @@ impl OptimizerState for Muon {
         let spec = |i: usize, slot: &str| -> Option<(Vec<usize>, DType)> {
             match slot {
                 SPECTRAL_V => spectral_v_spec(&vars[i]),
-                MOMENTUM if is_muon[i] => Some((vars[i].var.dims().to_vec(), math_dtype(vars[i].var.dtype()))),
+                MOMENTUM if is_muon[i] => {
+                    Some((vars[i].var.dims().to_vec(), math_dtype(vars[i].var.dtype())))
+                }
                 EXP_AVG | EXP_AVG_SQ | STEP if !is_muon[i] => adam_slot_spec(&vars[i], slot),
                 _ => None,
             }
         };
-        let imp = import(KIND, vars, &[MOMENTUM, EXP_AVG, EXP_AVG_SQ, STEP, SPECTRAL_V], &spec, state)?;
-        let table = imp.tensor("ns_coefficients")?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let imp = import(
+            KIND,
+            vars,
+            &[MOMENTUM, EXP_AVG, EXP_AVG_SQ, STEP, SPECTRAL_V],
+            &spec,
+            state,
+        )?;
+        let table = imp
+            .tensor("ns_coefficients")?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
         let table = table
             .into_iter()
-            .map(|r| <[f64; 3]>::try_from(r).map_err(|_| invalid("checkpoint: ns_coefficients", "rows must have 3 entries")))
+            .map(|r| {
+                <[f64; 3]>::try_from(r)
+                    .map_err(|_| invalid("checkpoint: ns_coefficients", "rows must have 3 entries"))
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut ns = NewtonSchulz::custom(table)?
             .with_eps(imp.f64("ns_eps")?)
             .with_norm_scale(imp.f64("ns_norm_scale")?);
         let cdt = read_text(&imp, "ns_compute_dtype")?;
         if !cdt.is_empty() {
-            let dt = DType::from_str(&cdt).map_err(|_| invalid("checkpoint: ns_compute_dtype", format!("unknown dtype {cdt}")))?;
+            let dt = DType::from_str(&cdt).map_err(|_| {
+                invalid(
+                    "checkpoint: ns_compute_dtype",
+                    format!("unknown dtype {cdt}"),
+                )
+            })?;
             ns = ns.with_compute_dtype(dt);
         }
         let names = read_text(&imp, "adamw_names")?;
@@ -301,10 +384,18 @@ impl OptimizerState for Muon {
             momentum: imp.f64("momentum")?,
             nesterov: imp.f64("nesterov")? != 0.0,
             newton_schulz: ns,
-            lr_adjust: LrAdjust::decode(&imp.tensor("lr_adjust")?.to_dtype(DType::F64)?.to_vec1::<f64>()?)?,
+            lr_adjust: LrAdjust::decode(
+                &imp.tensor("lr_adjust")?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+            )?,
             weight_decay: WeightDecay::from_tensor(imp.tensor("weight_decay")?)?,
             adamw: AdamWConfig::from_hparams(&imp, "adamw.")?,
-            adamw_names: names.split('\n').filter(|s| !s.is_empty()).map(String::from).collect(),
+            adamw_names: names
+                .split('\n')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
         };
         config.validate()?;
         if config.adamw_names != self.config.adamw_names {

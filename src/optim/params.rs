@@ -125,7 +125,11 @@ pub(crate) fn commit(vars: &[NamedVar], updates: Vec<(usize, Tensor)>) -> Result
         let nv = &vars[index];
         let value = value.to_dtype(nv.var.dtype())?;
         if value.shape() != nv.var.shape() {
-            fail!(nv.name, "internal error: update has shape {:?}", value.dims());
+            fail!(
+                nv.name,
+                "internal error: update has shape {:?}",
+                value.dims()
+            );
         }
         ready.push((nv, value));
     }

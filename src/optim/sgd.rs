@@ -45,7 +45,11 @@ impl SgdConfig {
     pub fn validate(&self) -> Result<()> {
         check_lr("SgdConfig.lr", self.lr)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            fail!("SgdConfig.momentum", "must be in [0, 1), got {}", self.momentum);
+            fail!(
+                "SgdConfig.momentum",
+                "must be in [0, 1), got {}",
+                self.momentum
+            );
         }
         if self.nesterov && self.momentum == 0.0 {
             fail!("SgdConfig.nesterov", "Nesterov needs momentum > 0");
@@ -60,9 +64,20 @@ const KIND: &str = "sgd";
 /// One SGD step of a single tensor: `buf ← μ·buf + g`, then
 /// `w ← w − η·(g + μ·buf)` (Nesterov) or `w ← w − η·buf`. `w` is already
 /// decayed. Same as `torch.optim.SGD` with `dampening = 0`. Returns `(w, buf)`.
-pub fn sgd_update(w: &Tensor, g: &Tensor, buf: &Tensor, lr: f64, momentum: f64, nesterov: bool) -> Result<(Tensor, Tensor)> {
+pub fn sgd_update(
+    w: &Tensor,
+    g: &Tensor,
+    buf: &Tensor,
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<(Tensor, Tensor)> {
     let buf = ((buf * momentum)? + g)?;
-    let dir = if nesterov { (g + (&buf * momentum)?)? } else { buf.clone() };
+    let dir = if nesterov {
+        (g + (&buf * momentum)?)?
+    } else {
+        buf.clone()
+    };
     Ok(((w - (dir * lr)?)?, buf))
 }
 
@@ -110,7 +125,14 @@ impl Optimizer for Sgd {
         let items = gather(&self.vars, grads)?;
         let mut staged = self.slots.clone();
         let cfg = &self.config;
-        let decayed = apply_decay(&self.vars, &items, &cfg.weight_decay, cfg.decay_vectors, cfg.lr, &mut staged)?;
+        let decayed = apply_decay(
+            &self.vars,
+            &items,
+            &cfg.weight_decay,
+            cfg.decay_vectors,
+            cfg.lr,
+            &mut staged,
+        )?;
         let mut updates = Vec::with_capacity(items.len());
         for (it, w) in items.iter().zip(decayed) {
             let k = key(&self.vars[it.index].name, MOMENTUM);
@@ -118,7 +140,10 @@ impl Optimizer for Sgd {
                 updates.push((it.index, (w - (&it.grad * cfg.lr)?)?));
                 continue;
             }
-            let buf = staged.get(&k).cloned().map_or_else(|| it.grad.zeros_like(), Ok)?;
+            let buf = staged
+                .get(&k)
+                .cloned()
+                .map_or_else(|| it.grad.zeros_like(), Ok)?;
             let (w, buf) = sgd_update(&w, &it.grad, &buf, cfg.lr, cfg.momentum, cfg.nesterov)?;
             staged.insert(k, buf);
             updates.push((it.index, w));
@@ -145,7 +170,10 @@ impl OptimizerState for Sgd {
             ("momentum".to_string(), scalar(c.momentum)?),
             ("nesterov".to_string(), scalar(c.nesterov as u8 as f64)?),
             ("weight_decay".to_string(), c.weight_decay.to_tensor()?),
-            ("decay_vectors".to_string(), scalar(c.decay_vectors as u8 as f64)?),
+            (
+                "decay_vectors".to_string(),
+                scalar(c.decay_vectors as u8 as f64)?,
+            ),
         ];
         export(KIND, hp, &self.vars, &self.slots)
     }

@@ -57,7 +57,8 @@ fn tensor_text(t: &Tensor, what: &str) -> Result<String> {
     if t.dtype() != DType::U8 || t.rank() != 1 {
         fail!("checkpoint", "{what} is not a byte string");
     }
-    String::from_utf8(t.to_vec1::<u8>()?).map_err(|_| invalid("checkpoint", format!("{what} is not UTF-8")))
+    String::from_utf8(t.to_vec1::<u8>()?)
+        .map_err(|_| invalid("checkpoint", format!("{what} is not UTF-8")))
 }
 
 /// Builds a state dict: meta entries, hyperparameters and slots (moved to CPU).
@@ -120,12 +121,18 @@ pub(crate) fn import(
     spec: &SlotSpec<'_>,
     state: &HashMap<String, Tensor>,
 ) -> Result<Imported> {
-    let found_kind = state
-        .get(&format!("{META}.kind"))
-        .ok_or_else(|| invalid("checkpoint", format!("no `{META}.kind` entry: not a steepest optimizer checkpoint")))?;
+    let found_kind = state.get(&format!("{META}.kind")).ok_or_else(|| {
+        invalid(
+            "checkpoint",
+            format!("no `{META}.kind` entry: not a steepest optimizer checkpoint"),
+        )
+    })?;
     let found_kind = tensor_text(found_kind, "kind")?;
     if found_kind != kind {
-        fail!("checkpoint", "written by a `{found_kind}` optimizer, cannot load into `{kind}`");
+        fail!(
+            "checkpoint",
+            "written by a `{found_kind}` optimizer, cannot load into `{kind}`"
+        );
     }
     let names = state
         .get(&format!("{META}.params"))
@@ -141,7 +148,11 @@ pub(crate) fn import(
             "parameter names do not match this optimizer's: missing from checkpoint {missing:?}, not in this optimizer {extra:?}"
         );
     }
-    let index: HashMap<&str, usize> = vars.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
     let hp_prefix = format!("{META}.{kind}.");
     let mut imported = Imported {
         hparams: HashMap::new(),
@@ -163,10 +174,16 @@ pub(crate) fn import(
             index.get(name).map(|&i| (i, *slot))
         });
         let Some((i, slot)) = parsed else {
-            fail!(k, "not a `<parameter>.<slot>` key of this optimizer (slots: {slot_names:?})");
+            fail!(
+                k,
+                "not a `<parameter>.<slot>` key of this optimizer (slots: {slot_names:?})"
+            );
         };
         let Some((shape, dtype)) = spec(i, slot) else {
-            fail!(k, "this optimizer keeps no `{slot}` state for this parameter");
+            fail!(
+                k,
+                "this optimizer keeps no `{slot}` state for this parameter"
+            );
         };
         if t.dims() != shape.as_slice() || t.dtype() != dtype {
             fail!(
@@ -177,7 +194,11 @@ pub(crate) fn import(
             );
         }
         // Integer counters stay on the host; tensors go to their parameter's device.
-        let t = if dtype == DType::I64 { t.to_device(&Device::Cpu)? } else { t.to_device(vars[i].var.device())? };
+        let t = if dtype == DType::I64 {
+            t.to_device(&Device::Cpu)?
+        } else {
+            t.to_device(vars[i].var.device())?
+        };
         imported.slots.insert(k.clone(), t);
     }
     Ok(imported)

@@ -29,20 +29,38 @@ pub fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType) -> Tensor {
 /// A 2-D tensor as an f64 nalgebra matrix.
 pub fn to_dmatrix(t: &Tensor) -> DMatrix<f64> {
     let (m, n) = t.dims2().unwrap();
-    let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let v = t
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     DMatrix::from_row_slice(m, n, &v)
 }
 
 /// An f64 nalgebra matrix as an `(m, n)` tensor of `dtype`.
 pub fn from_dmatrix(a: &DMatrix<f64>, dtype: DType) -> Tensor {
     let (m, n) = a.shape();
-    let v: Vec<f64> = (0..m).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| a[(i, j)]).collect();
-    Tensor::from_vec(v, (m, n), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    let v: Vec<f64> = (0..m)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .map(|(i, j)| a[(i, j)])
+        .collect();
+    Tensor::from_vec(v, (m, n), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 /// Singular values, descending.
 pub fn singular_values(a: &DMatrix<f64>) -> Vec<f64> {
-    let mut s: Vec<f64> = a.clone().svd(false, false).singular_values.iter().copied().collect();
+    let mut s: Vec<f64> = a
+        .clone()
+        .svd(false, false)
+        .singular_values
+        .iter()
+        .copied()
+        .collect();
     s.sort_by(|x, y| y.partial_cmp(x).unwrap());
     s
 }
@@ -74,10 +92,25 @@ pub fn rel_err(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
 
 /// Max absolute difference of two tensors (any shape), in f64.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Symmetric eigendecomposition: eigenvalues ascending with their eigenvectors as columns.
@@ -86,6 +119,10 @@ pub fn sym_eig(a: &DMatrix<f64>) -> (Vec<f64>, DMatrix<f64>) {
     let mut idx: Vec<usize> = (0..e.eigenvalues.len()).collect();
     idx.sort_by(|&i, &j| e.eigenvalues[i].partial_cmp(&e.eigenvalues[j]).unwrap());
     let vals = idx.iter().map(|&i| e.eigenvalues[i]).collect();
-    let vecs = DMatrix::from_columns(&idx.iter().map(|&i| e.eigenvectors.column(i).into_owned()).collect::<Vec<_>>());
+    let vecs = DMatrix::from_columns(
+        &idx.iter()
+            .map(|&i| e.eigenvectors.column(i).into_owned())
+            .collect::<Vec<_>>(),
+    );
     (vals, vecs)
 }

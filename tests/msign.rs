@@ -1,0 +1,189 @@
+//! msign against an f64 SVD: for any coefficient table, Newton–Schulz maps
+//! `G = U diag(σ) Vᵀ` to `U diag(p(σ/(‖G‖_F·scale + ε))) Vᵀ` with `p` the
+//! composition of the per-step polynomials.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use nalgebra::DMatrix;
+use steepest::{msign, NewtonSchulz};
+
+/// The expected output, computed from the SVD in f64 with the polynomial
+/// evaluated here from the table (not by the crate).
+fn expected(g: &DMatrix<f64>, ns: &NewtonSchulz) -> DMatrix<f64> {
+    let svd = g.clone().svd(true, true);
+    let scale = g.norm() * ns.norm_scale() + ns.eps();
+    let mapped = svd.singular_values.map(|s| {
+        let mut x = s / scale;
+        for &[a, b, c] in ns.coefficients() {
+            x = a * x + b * x.powi(3) + c * x.powi(5);
+        }
+        x
+    });
+    svd.u.unwrap() * DMatrix::from_diagonal(&mapped) * svd.v_t.unwrap()
+}
+
+const SHAPES: [(usize, usize); 7] = [(16, 16), (12, 20), (20, 12), (1, 9), (9, 1), (7, 3), (5, 5)];
+
+fn tables() -> Vec<(&'static str, NewtonSchulz)> {
+    vec![
+        ("muon", NewtonSchulz::muon()),
+        ("polar_express(8)", NewtonSchulz::polar_express(8)),
+        ("polar_express(3)", NewtonSchulz::polar_express(3)),
+        ("you", NewtonSchulz::you()),
+        ("cubic(12)", NewtonSchulz::cubic(12)),
+        ("quintic(6)", NewtonSchulz::quintic(6)),
+    ]
+}
+
+#[test]
+fn msign_applies_the_singular_value_polynomial_f64() {
+    let mut r = rng(1);
+    for (m, n) in SHAPES {
+        let g = randn(&mut r, &[m, n], DType::F64);
+        let gd = to_dmatrix(&g);
+        for (name, ns) in tables() {
+            let got = to_dmatrix(&msign(&g, &ns).unwrap());
+            let err = rel_err(&got, &expected(&gd, &ns));
+            assert!(err < 1e-9, "{name} on {m}x{n}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn msign_f32_is_close_to_the_f64_reference() {
+    let mut r = rng(2);
+    for (m, n) in SHAPES {
+        let g = randn(&mut r, &[m, n], DType::F32);
+        let gd = to_dmatrix(&g);
+        for (name, ns) in tables() {
+            let got = msign(&g, &ns).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let err = rel_err(&to_dmatrix(&got), &expected(&gd, &ns));
+            assert!(err < 1e-4, "{name} on {m}x{n}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn precise_tables_converge_to_the_polar_factor() {
+    let mut r = rng(3);
+    // Singular values spread over [0.05, 1]: well inside what both tables handle.
+    for (m, n) in [(8, 8), (6, 10), (10, 6)] {
+        let k = m.min(n);
+        let s: Vec<f64> = (0..k)
+            .map(|i| 0.05 + 0.95 * i as f64 / (k - 1) as f64)
+            .collect();
+        let g = with_singular_values(&mut r, m, n, &s);
+        let exact = polar(&g);
+        let gt = from_dmatrix(&g, DType::F64);
+        for (name, ns, tol) in [
+            ("polar_express(10)", NewtonSchulz::polar_express(10), 1e-10),
+            ("cubic(40)", NewtonSchulz::cubic(40), 1e-10),
+        ] {
+            let got = to_dmatrix(&msign(&gt, &ns).unwrap());
+            let err = rel_err(&got, &exact);
+            assert!(err < tol, "{name} on {m}x{n}: ‖msign − UVᵀ‖/‖UVᵀ‖ = {err}");
+        }
+        // The Muon quintic is fast, not exact: singular values within [0.6, 1.25].
+        let got = to_dmatrix(&msign(&gt, &NewtonSchulz::muon()).unwrap());
+        for sv in singular_values(&got) {
+            assert!(
+                (0.6..1.25).contains(&sv),
+                "muon singular value {sv} out of range on {m}x{n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_equals_each_matrix_alone() {
+    let mut r = rng(4);
+    for (m, n) in [(4, 6), (6, 4)] {
+        let g = randn(&mut r, &[3, m, n], DType::F32);
+        let ns = NewtonSchulz::muon();
+        let batched = msign(&g, &ns).unwrap();
+        assert_eq!(batched.dims(), &[3, m, n]);
+        for i in 0..3 {
+            let alone = msign(&g.get(i).unwrap(), &ns).unwrap();
+            assert!(max_abs_diff(&batched.get(i).unwrap(), &alone) < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn zero_matrix_gives_zero_not_nan() {
+    for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        for shape in [vec![4, 6], vec![6, 4], vec![2, 3, 3]] {
+            let z = Tensor::zeros(shape.as_slice(), dt, &Device::Cpu).unwrap();
+            let out = msign(&z, &NewtonSchulz::muon()).unwrap();
+            let v = out
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert!(v.iter().all(|x| *x == 0.0), "{dt:?} {shape:?}: {v:?}");
+        }
+    }
+}
+
+#[test]
+fn half_precision_keeps_shape_and_dtype_and_is_accurate() {
+    let mut r = rng(5);
+    for dt in [DType::BF16, DType::F16] {
+        let g = randn(&mut r, &[10, 6], dt);
+        let out = msign(&g, &NewtonSchulz::muon()).unwrap();
+        assert_eq!((out.dims(), out.dtype()), (g.dims(), dt));
+        let err = rel_err(
+            &to_dmatrix(&out),
+            &expected(&to_dmatrix(&g), &NewtonSchulz::muon()),
+        );
+        assert!(err < 1e-2, "{dt:?}: relative error {err}");
+    }
+    // Forcing bf16 arithmetic on f32 input: output is f32, error at bf16 level.
+    let g = randn(&mut r, &[10, 6], DType::F32);
+    let ns = NewtonSchulz::muon().with_compute_dtype(DType::BF16);
+    let out = msign(&g, &ns).unwrap();
+    assert_eq!(out.dtype(), DType::F32);
+    let err = rel_err(
+        &to_dmatrix(&out),
+        &expected(&to_dmatrix(&g), &NewtonSchulz::muon()),
+    );
+    assert!(
+        err > 1e-5 && err < 3e-2,
+        "bf16 compute: relative error {err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let v = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    let e = msign(&v, &NewtonSchulz::muon()).unwrap_err().to_string();
+    assert!(e.contains("msign") && e.contains("[5]"), "{e}");
+    let t4 = Tensor::zeros((2, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(msign(&t4, &NewtonSchulz::muon()).is_err());
+    let ints = Tensor::zeros((2, 2), DType::U32, &Device::Cpu).unwrap();
+    let e = msign(&ints, &NewtonSchulz::muon()).unwrap_err().to_string();
+    assert!(e.contains("float"), "{e}");
+    let e = NewtonSchulz::custom(vec![]).unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
+    let e = NewtonSchulz::custom(vec![[1.0, f64::NAN, 0.0]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step 0"), "{e}");
+}
+
+#[test]
+fn custom_table_is_used_as_given() {
+    let mut r = rng(6);
+    let ns = NewtonSchulz::custom(vec![[2.0, -1.5, 0.5], [1.5, -0.5, 0.0]]).unwrap();
+    let g = randn(&mut r, &[5, 7], DType::F64);
+    let err = rel_err(
+        &to_dmatrix(&msign(&g, &ns).unwrap()),
+        &expected(&to_dmatrix(&g), &ns),
+    );
+    assert!(err < 1e-12, "{err}");
+}
