@@ -1,0 +1,219 @@
+//! Spectral weight decay (SPEC §1): σ₁ ← (1 − ηλ)σ₁, every other singular
+//! triplet unchanged — checked with an f64 SVD, for the pure function and
+//! through each optimizer.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use common::*;
+use nalgebra::DMatrix;
+use steepest::decay::{decoupled_decay, spectral_decay};
+use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig, NamedVar, Sgd, SgdConfig};
+use steepest::{power_iteration, WeightDecay};
+
+const S: [f64; 4] = [4.0, 2.0, 1.0, 0.5];
+
+/// Asserts `after` has singular values `S` with σ₁ scaled by `1 − coeff`, and
+/// that `before − after` is rank one along the top singular pair.
+fn assert_only_top_shrunk(before: &DMatrix<f64>, after: &DMatrix<f64>, coeff: f64, tol: f64) {
+    let got = singular_values(after);
+    let mut want = S.to_vec();
+    want[0] *= 1.0 - coeff;
+    want.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < tol,
+            "singular values {got:?}, expected {want:?}"
+        );
+    }
+    let svd = before.clone().svd(true, true);
+    let i = svd.singular_values.imax();
+    let u1 = svd.u.as_ref().unwrap().column(i).into_owned();
+    let v1 = svd.v_t.as_ref().unwrap().row(i).transpose();
+    let expected = before - (&u1 * v1.transpose()) * (coeff * svd.singular_values[i]);
+    assert!(
+        (after - expected).norm() < tol * 10.0,
+        "change is not −coeff·σ₁u₁v₁ᵀ"
+    );
+}
+
+#[test]
+fn spectral_decay_shrinks_only_sigma1() {
+    let mut r = rng(20);
+    for (m, n) in [(7, 4), (4, 7), (5, 5)] {
+        let w = with_singular_values(&mut r, m, n, &S);
+        let t = from_dmatrix(&w, DType::F64);
+        let top = power_iteration(&t, None, 60).unwrap();
+        let after = to_dmatrix(&spectral_decay(&t, &top, 0.1).unwrap());
+        assert_only_top_shrunk(&w, &after, 0.1, 1e-10);
+    }
+}
+
+#[test]
+fn spectral_decay_batched() {
+    let mut r = rng(21);
+    let mats: Vec<_> = (0..3)
+        .map(|_| with_singular_values(&mut r, 6, 4, &S))
+        .collect();
+    let batch = Tensor::stack(
+        &mats
+            .iter()
+            .map(|w| from_dmatrix(w, DType::F64))
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let top = power_iteration(&batch, None, 60).unwrap();
+    let after = spectral_decay(&batch, &top, 0.2).unwrap();
+    for (i, w) in mats.iter().enumerate() {
+        assert_only_top_shrunk(w, &to_dmatrix(&after.get(i).unwrap()), 0.2, 1e-10);
+    }
+}
+
+#[test]
+fn decoupled_decay_shrinks_every_singular_value() {
+    let mut r = rng(22);
+    let w = with_singular_values(&mut r, 5, 3, &[3.0, 2.0, 1.0]);
+    let after = to_dmatrix(&decoupled_decay(&from_dmatrix(&w, DType::F64), 0.1).unwrap());
+    let s = singular_values(&after);
+    for (g, want) in s.iter().zip([2.7, 1.8, 0.9]) {
+        assert!((g - want).abs() < 1e-12);
+    }
+}
+
+/// `Σ w⊙0`: a loss whose gradient is exactly zero (candle drops the gradient of `w * 0.0`).
+fn zero_loss(var: &Var) -> Tensor {
+    let t = var.as_tensor();
+    (t * t.zeros_like().unwrap()).unwrap().sum_all().unwrap()
+}
+
+/// One optimizer step with a zero gradient leaves only the decay.
+fn step_with_zero_grad<O: Optimizer>(
+    w: &DMatrix<f64>,
+    make: impl FnOnce(Vec<NamedVar>) -> O,
+) -> DMatrix<f64> {
+    let var = Var::from_tensor(&from_dmatrix(w, DType::F64)).unwrap();
+    let mut opt = make(vec![NamedVar {
+        name: "w".into(),
+        var: var.clone(),
+    }]);
+    let loss = zero_loss(&var);
+    opt.backward_step(&loss).unwrap();
+    to_dmatrix(var.as_tensor())
+}
+
+#[test]
+fn every_optimizer_applies_spectral_decay_exactly() {
+    let (lr, lambda) = (0.5, 0.2);
+    let wd = WeightDecay::Spectral { lambda, iters: 60 };
+    let mut r = rng(23);
+    for (m, n) in [(6, 4), (4, 6)] {
+        let w = with_singular_values(&mut r, m, n, &S);
+        let adamw = step_with_zero_grad(&w, |v| {
+            AdamW::from_named(
+                v,
+                AdamWConfig {
+                    lr,
+                    weight_decay: wd,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        });
+        assert_only_top_shrunk(&w, &adamw, lr * lambda, 1e-9);
+        let sgd = step_with_zero_grad(&w, |v| {
+            Sgd::from_named(
+                v,
+                SgdConfig {
+                    lr,
+                    momentum: 0.9,
+                    weight_decay: wd,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        });
+        assert_only_top_shrunk(&w, &sgd, lr * lambda, 1e-9);
+        let muon = step_with_zero_grad(&w, |v| {
+            Muon::from_named(
+                v,
+                MuonConfig {
+                    lr,
+                    weight_decay: wd,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        });
+        assert_only_top_shrunk(&w, &muon, lr * lambda, 1e-9);
+    }
+}
+
+#[test]
+fn cold_start_uses_enough_iterations_and_warm_start_tracks_v1() {
+    // iters = 1, but the first step has no stored v₁: it must still be accurate.
+    let (lr, lambda) = (0.1, 0.5);
+    let mut r = rng(24);
+    let w = with_singular_values(&mut r, 8, 5, &S);
+    let var = Var::from_tensor(&from_dmatrix(&w, DType::F64)).unwrap();
+    let cfg = SgdConfig {
+        lr,
+        weight_decay: WeightDecay::spectral(lambda),
+        ..Default::default()
+    };
+    let mut opt = Sgd::from_named(
+        vec![NamedVar {
+            name: "w".into(),
+            var: var.clone(),
+        }],
+        cfg,
+    )
+    .unwrap();
+    let mut sigma1 = 4.0;
+    for step in 0..5 {
+        let loss = zero_loss(&var);
+        opt.backward_step(&loss).unwrap();
+        sigma1 *= 1.0 - lr * lambda;
+        let s = singular_values(&to_dmatrix(var.as_tensor()));
+        // Cold start: 10 iterations, error ∝ (σ₂/σ₁)²⁰ ≈ 1e-6; then one warm iteration a step.
+        assert!(
+            (s[0] - sigma1).abs() < 1e-4 * sigma1,
+            "step {step}: σ₁ = {}, expected {sigma1}",
+            s[0]
+        );
+        assert!(
+            (s[1] - 2.0).abs() < 1e-4,
+            "step {step}: σ₂ moved to {}",
+            s[1]
+        );
+    }
+    let state = steepest::OptimizerState::state_dict(&opt).unwrap();
+    assert_eq!(state["w.spectral_v"].dims(), &[5]);
+}
+
+#[test]
+fn vectors_are_not_decayed_unless_configured() {
+    for decay_vectors in [false, true] {
+        let var =
+            Var::from_tensor(&Tensor::new(&[1.0f64, -2.0, 3.0], &Device::Cpu).unwrap()).unwrap();
+        let cfg = SgdConfig {
+            lr: 0.5,
+            weight_decay: WeightDecay::spectral(0.2),
+            decay_vectors,
+            ..Default::default()
+        };
+        let mut opt = Sgd::from_named(
+            vec![NamedVar {
+                name: "b".into(),
+                var: var.clone(),
+            }],
+            cfg,
+        )
+        .unwrap();
+        opt.backward_step(&zero_loss(&var)).unwrap();
+        let got = var.as_tensor().to_vec1::<f64>().unwrap();
+        let f = if decay_vectors { 0.9 } else { 1.0 };
+        assert_eq!(got, vec![f, -2.0 * f, 3.0 * f]);
+    }
+}

@@ -1,0 +1,498 @@
+//! Optimizer behaviour: bad input (NaN/Inf, wrong shapes, bad configs) changes
+//! nothing; missing gradients; 1×n / n×1 / rank-3 / scalar / half parameters;
+//! Muon's routing, batching and learning-rate coupling.
+
+mod support;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
+use steepest::optim::{
+    AdamW, AdamWConfig, Muon, MuonConfig, NamedVar, OptimizerState, Sgd, SgdConfig,
+};
+use steepest::{NewtonSchulz, WeightDecay};
+use support::*;
+
+type StepFn = Box<dyn FnMut(&Tensor) -> candle_core::Result<()>>;
+type StateFn = Box<dyn Fn() -> std::collections::HashMap<String, Tensor>>;
+
+/// The three optimizers (spectral decay on) over `vm`: a name, a step
+/// function and a state-dict function sharing one optimizer each.
+fn all_optimizers(vm: &VarMap) -> Vec<(&'static str, StepFn, StateFn)> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let mut out: Vec<(&'static str, StepFn, StateFn)> = Vec::new();
+    macro_rules! push {
+        ($name:expr, $opt:expr) => {{
+            let o = Rc::new(RefCell::new($opt));
+            let o2 = o.clone();
+            out.push((
+                $name,
+                Box::new(move |l: &Tensor| o.borrow_mut().backward_step(l)),
+                Box::new(move || o2.borrow().state_dict().unwrap()),
+            ));
+        }};
+    }
+    push!(
+        "adamw",
+        AdamW::from_varmap(
+            vm,
+            AdamWConfig {
+                weight_decay: WeightDecay::spectral(0.1),
+                ..Default::default()
+            }
+        )
+        .unwrap()
+    );
+    push!(
+        "sgd",
+        Sgd::from_varmap(
+            vm,
+            SgdConfig {
+                momentum: 0.9,
+                weight_decay: WeightDecay::spectral(0.1),
+                ..Default::default()
+            }
+        )
+        .unwrap()
+    );
+    push!(
+        "muon",
+        Muon::from_varmap(
+            vm,
+            MuonConfig {
+                weight_decay: WeightDecay::spectral(0.1),
+                adamw_names: vec!["embed".into()],
+                ..Default::default()
+            }
+        )
+        .unwrap()
+    );
+    out
+}
+
+/// `Σ_p loss + Σ w⊙g_bad` for one parameter: its gradient picks up `bad`.
+fn poisoned_loss(vm: &VarMap, name: &str, bad: f32) -> Tensor {
+    let v = var(vm, name);
+    let mut g = vec![0.5f32; v.elem_count()];
+    g[v.elem_count() / 2] = bad;
+    let g = Tensor::from_vec(g, v.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(v.dtype())
+        .unwrap();
+    (loss(vm, 9, &[])
+        + (v.as_tensor() * g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap())
+    .unwrap()
+}
+
+#[test]
+fn nan_or_inf_gradient_is_an_error_naming_the_parameter_and_changes_nothing() {
+    for dtype in [DType::F32, DType::BF16] {
+        let vm = model(dtype);
+        for (name, mut step, state) in all_optimizers(&vm) {
+            for t in 0..2 {
+                step(&loss(&vm, t, &[])).unwrap();
+            }
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let params = snapshot(&vm);
+                let st = state_snapshot(&state());
+                let err = step(&poisoned_loss(&vm, "fc2.weight", bad))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.contains("fc2.weight") && err.contains("NaN or Inf"),
+                    "{name}: {err}"
+                );
+                assert_eq!(
+                    snapshot(&vm),
+                    params,
+                    "{name}: parameters changed by a failed step"
+                );
+                assert_eq!(
+                    state_snapshot(&state()),
+                    st,
+                    "{name}: state changed by a failed step"
+                );
+            }
+            // Training goes on normally afterwards.
+            step(&loss(&vm, 3, &[])).unwrap();
+        }
+    }
+}
+
+#[test]
+fn missing_gradients_skip_the_parameter() {
+    let vm = model(DType::F32);
+    for (name, mut step, state) in all_optimizers(&vm) {
+        let before = snapshot(&vm);
+        step(&loss(&vm, 0, &["fc1.weight", "gain"])).unwrap();
+        let after = snapshot(&vm);
+        assert_eq!(after["fc1.weight"], before["fc1.weight"], "{name}");
+        assert_eq!(after["gain"], before["gain"], "{name}");
+        assert_ne!(after["fc2.weight"], before["fc2.weight"], "{name}");
+        assert!(
+            state()
+                .keys()
+                .all(|k| !k.starts_with("fc1.weight.") && !k.starts_with("gain.")),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn gradient_of_the_wrong_shape_is_an_error() {
+    let vm = model(DType::F32);
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    let v = var(&vm, "fc1.weight");
+    let mut grads = loss(&vm, 0, &[]).backward().unwrap();
+    grads.insert(
+        v.as_tensor(),
+        Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let before = snapshot(&vm);
+    let err = opt.step(&grads).unwrap_err().to_string();
+    assert!(err.contains("fc1.weight") && err.contains("shape"), "{err}");
+    assert_eq!(snapshot(&vm), before);
+}
+
+#[test]
+fn every_shape_and_half_dtypes_train() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let vm = model(dtype);
+        for (name, mut step, _) in all_optimizers(&vm) {
+            let l0 = loss(&vm, 0, &[]).to_scalar::<f32>().unwrap();
+            for _ in 0..30 {
+                step(&loss(&vm, 0, &[])).unwrap();
+            }
+            let l1 = loss(&vm, 0, &[]).to_scalar::<f32>().unwrap();
+            assert!(
+                l1.is_finite() && l1 < l0,
+                "{name} {dtype:?}: loss {l0} → {l1}"
+            );
+            for (p, shape) in PARAMS {
+                let v = var(&vm, p);
+                assert_eq!((v.dtype(), v.dims()), (dtype, shape), "{name}: {p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn muon_on_a_row_vector_matrix_steps_along_the_normalised_gradient() {
+    // msign of a 1×n matrix is g/‖g‖ (its only singular value maps to p(1) = 1
+    // for a convergent table).
+    for shape in [(1usize, 6usize), (6, 1)] {
+        let w0 = Tensor::from_vec(values(5, 6), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let g = Tensor::from_vec(values(6, 6), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let var = Var::from_tensor(&w0).unwrap();
+        let cfg = MuonConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            newton_schulz: NewtonSchulz::cubic(30),
+            weight_decay: WeightDecay::None,
+            ..Default::default()
+        };
+        let mut opt = Muon::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            cfg,
+        )
+        .unwrap();
+        opt.backward_step(&(var.as_tensor() * &g).unwrap().sum_all().unwrap())
+            .unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let adj = (shape.0 as f64 / shape.1 as f64).max(1.0).sqrt();
+        let want = (&w0 - (&g * (0.1 * adj / norm)).unwrap()).unwrap();
+        let diff = (var.as_tensor() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-9, "{shape:?}: {diff}");
+    }
+}
+
+#[test]
+fn muon_treats_a_rank3_tensor_as_its_matrix_view() {
+    let data = values(7, 24);
+    let grad = values(8, 24);
+    let run = |shape: &[usize]| {
+        let var = Var::from_tensor(&Tensor::from_vec(data.clone(), shape, &Device::Cpu).unwrap())
+            .unwrap();
+        let g = Tensor::from_vec(
+            grad.iter().map(|x| *x as f32).collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut opt = Muon::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            MuonConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for _ in 0..2 {
+            opt.backward_step(
+                &(var.as_tensor().to_dtype(DType::F32).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+        assert_eq!(opt.muon_params(), vec!["w"]);
+        var.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    assert_eq!(run(&[4, 2, 3]), run(&[4, 6]));
+}
+
+#[test]
+fn muon_routes_vectors_scalars_and_named_parameters_to_adamw() {
+    let vm = model(DType::F32);
+    let opt = Muon::from_varmap(
+        &vm,
+        MuonConfig {
+            adamw_names: vec!["embed".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut muon = opt.muon_params();
+    muon.sort();
+    assert_eq!(
+        muon,
+        vec![
+            "col.weight",
+            "conv.weight",
+            "fc1.weight",
+            "fc2.weight",
+            "row.weight",
+            "wide.weight"
+        ]
+    );
+}
+
+#[test]
+fn muon_batches_same_shape_matrices_without_changing_results() {
+    // fc1.weight and fc2.weight share a shape: one msign call. Each alone must match.
+    let together = {
+        let vm = model(DType::F32);
+        let mut opt = Muon::from_varmap(&vm, MuonConfig::default()).unwrap();
+        for t in 0..3 {
+            opt.backward_step(&loss(&vm, t, &[])).unwrap();
+        }
+        snapshot(&vm)
+    };
+    for name in ["fc1.weight", "fc2.weight"] {
+        let vm = model(DType::F32);
+        let v = var(&vm, name);
+        let mut opt = Muon::from_named(
+            vec![NamedVar {
+                name: name.into(),
+                var: v,
+            }],
+            MuonConfig::default(),
+        )
+        .unwrap();
+        for t in 0..3 {
+            opt.backward_step(&loss(&vm, t, &[])).unwrap();
+        }
+        let alone = snapshot(&vm);
+        let err = together[name]
+            .iter()
+            .zip(&alone[name])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-6, "{name}: batched vs alone differ by {err}");
+    }
+}
+
+#[test]
+fn muon_learning_rate_drives_the_adamw_group_proportionally() {
+    let vm = model(DType::F32);
+    let cfg = MuonConfig {
+        lr: 0.02,
+        adamw: AdamWConfig {
+            lr: 0.004,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut opt = Muon::from_varmap(&vm, cfg).unwrap();
+    opt.set_learning_rate(0.01);
+    assert_eq!(opt.learning_rate(), 0.01);
+    assert!((opt.config().adamw.lr - 0.002).abs() < 1e-15);
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let vm = model(DType::F32);
+    let cases: Vec<(candle_core::Error, &str)> = vec![
+        (
+            AdamW::from_varmap(
+                &vm,
+                AdamWConfig {
+                    lr: -1.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "AdamWConfig.lr",
+        ),
+        (
+            AdamW::from_varmap(
+                &vm,
+                AdamWConfig {
+                    beta1: 1.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "AdamWConfig.beta1",
+        ),
+        (
+            AdamW::from_varmap(
+                &vm,
+                AdamWConfig {
+                    eps: 0.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "AdamWConfig.eps",
+        ),
+        (
+            AdamW::from_varmap(
+                &vm,
+                AdamWConfig {
+                    weight_decay: WeightDecay::Decoupled(-0.1),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "AdamWConfig.weight_decay",
+        ),
+        (
+            Sgd::from_varmap(
+                &vm,
+                SgdConfig {
+                    nesterov: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "SgdConfig.nesterov",
+        ),
+        (
+            Sgd::from_varmap(
+                &vm,
+                SgdConfig {
+                    lr: f64::NAN,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "SgdConfig.lr",
+        ),
+        (
+            Muon::from_varmap(
+                &vm,
+                MuonConfig {
+                    momentum: 1.5,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "MuonConfig.momentum",
+        ),
+        (
+            Muon::from_varmap(
+                &vm,
+                MuonConfig {
+                    weight_decay: WeightDecay::spectral(f64::INFINITY),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "MuonConfig.weight_decay",
+        ),
+    ];
+    for (err, field) in cases {
+        assert!(
+            err.to_string().contains(field),
+            "`{err}` should name {field}"
+        );
+    }
+    let v = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+    let dup = vec![
+        NamedVar {
+            name: "x".into(),
+            var: v.clone(),
+        },
+        NamedVar {
+            name: "x".into(),
+            var: v,
+        },
+    ];
+    let err = AdamW::from_named(dup, AdamWConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x") && err.contains("share"), "{err}");
+}
+
+#[test]
+fn plain_candle_optimizer_api_works() {
+    // Optimizer::new takes bare Vars (named param.0, param.1, …), non-float ones dropped.
+    let w = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+    let idx = Var::new(&[1u32, 2], &Device::Cpu).unwrap();
+    let mut opt = Muon::new(
+        vec![w.clone(), idx],
+        MuonConfig {
+            lr: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.backward_step(&w.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+    let keys: Vec<String> = opt
+        .state_dict()
+        .unwrap()
+        .into_keys()
+        .filter(|k| !k.starts_with("__"))
+        .collect();
+    assert_eq!(keys, vec!["param.0.momentum".to_string()]);
+}

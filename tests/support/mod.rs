@@ -1,0 +1,129 @@
+//! A small named-parameter model shared by the optimizer tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+
+/// Parameter names and shapes: two same-shape matrices (one Muon batch), a
+/// wide and a tall matrix, 1×n and n×1 matrices, a rank-3 tensor, a bias, a
+/// scalar and an "embed" matrix (routed to AdamW by name in the Muon tests).
+pub const PARAMS: [(&str, &[usize]); 9] = [
+    ("fc1.weight", &[6, 4]),
+    ("fc2.weight", &[6, 4]),
+    ("wide.weight", &[3, 7]),
+    ("row.weight", &[1, 5]),
+    ("col.weight", &[5, 1]),
+    ("conv.weight", &[4, 2, 3]),
+    ("fc1.bias", &[6]),
+    ("gain", &[]),
+    ("embed.weight", &[9, 4]),
+];
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A fresh `VarMap` holding `PARAMS` with fixed initial values.
+pub fn model(dtype: DType) -> VarMap {
+    let vm = VarMap::new();
+    {
+        let mut data = vm.data().lock().unwrap();
+        for (i, (name, shape)) in PARAMS.iter().enumerate() {
+            let n = shape.iter().product::<usize>();
+            let t = Tensor::from_vec(values(i as u64, n), *shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            data.insert(name.to_string(), Var::from_tensor(&t).unwrap());
+        }
+    }
+    vm
+}
+
+pub fn var(vm: &VarMap, name: &str) -> Var {
+    vm.data().lock().unwrap()[name].clone()
+}
+
+/// A nonlinear loss coupling each parameter with step-dependent targets:
+/// `Σ_p mean((p ⊙ p − t_p)²) + mean(p ⊙ s_p)`.
+pub fn loss(vm: &VarMap, step: u64, skip: &[&str]) -> Tensor {
+    let mut total = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for (i, (name, shape)) in PARAMS.iter().enumerate() {
+        if skip.contains(name) {
+            continue;
+        }
+        let p = var(vm, name).as_tensor().to_dtype(DType::F32).unwrap();
+        let n = shape.iter().product::<usize>();
+        let t = Tensor::from_vec(values(100 + i as u64, n), *shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = Tensor::from_vec(values(1000 * step + i as u64, n), *shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let term = ((&p * &p).unwrap() - t)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let lin = (&p * s).unwrap().mean_all().unwrap();
+        total = ((total + term).unwrap() + lin).unwrap();
+    }
+    total
+}
+
+/// All parameter values, by name (for bitwise comparisons).
+pub fn snapshot(vm: &VarMap) -> HashMap<String, Vec<f64>> {
+    vm.data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A state dict's tensors as f64 vectors plus dtypes and shapes, for bitwise comparisons.
+pub fn state_snapshot(
+    state: &HashMap<String, Tensor>,
+) -> HashMap<String, (Vec<usize>, DType, Vec<f64>)> {
+    state
+        .iter()
+        .map(|(k, t)| {
+            let v = t.to_dtype(DType::F64).unwrap();
+            (
+                k.clone(),
+                (
+                    t.dims().to_vec(),
+                    t.dtype(),
+                    v.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
