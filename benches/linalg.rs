@@ -31,7 +31,12 @@ fn matmuls_only(x: &Tensor, steps: usize) -> candle_core::Result<Tensor> {
 /// GPT-2-small matrix kinds scaled down by 4 (d = 192), 12 layers each:
 /// qkv (576×192), proj (192×192), fc (768×192), fc-proj (192×768).
 fn gpt2_quarter() -> Vec<(usize, usize, usize)> {
-    vec![(12, 576, 192), (12, 192, 192), (12, 768, 192), (12, 192, 768)]
+    vec![
+        (12, 576, 192),
+        (12, 192, 192),
+        (12, 768, 192),
+        (12, 192, 768),
+    ]
 }
 
 fn bench_msign(c: &mut Criterion) {
@@ -43,21 +48,41 @@ fn bench_msign(c: &mut Criterion) {
     for n in [128usize, 256, 512, 1024] {
         let x = Tensor::randn(0f32, 1.0, (n, n), &dev).unwrap();
         g.throughput(Throughput::Elements(ns_flops(1, n, n, steps)));
-        g.bench_with_input(BenchmarkId::new("msign", n), &x, |b, x| b.iter(|| msign(x, &ns).unwrap()));
+        g.bench_with_input(BenchmarkId::new("msign", n), &x, |b, x| {
+            b.iter(|| msign(x, &ns).unwrap())
+        });
         // Normalised input, as msign's products see it.
         let xn = (&x / (n as f64).sqrt() / (n as f64).sqrt()).unwrap();
-        g.bench_with_input(BenchmarkId::new("matmuls_only", n), &xn, |b, x| b.iter(|| matmuls_only(x, steps).unwrap()));
+        g.bench_with_input(BenchmarkId::new("matmuls_only", n), &xn, |b, x| {
+            b.iter(|| matmuls_only(x, steps).unwrap())
+        });
     }
     g.finish();
 
     let mut g = c.benchmark_group("msign_gpt2_quarter");
     g.sample_size(10);
-    let mats: Vec<Tensor> = gpt2_quarter().into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &dev).unwrap()).collect();
-    let flops: u64 = gpt2_quarter().iter().map(|&(b, m, n)| ns_flops(b, m, n, steps)).sum();
+    let mats: Vec<Tensor> = gpt2_quarter()
+        .into_iter()
+        .map(|s| Tensor::randn(0f32, 1.0, s, &dev).unwrap())
+        .collect();
+    let flops: u64 = gpt2_quarter()
+        .iter()
+        .map(|&(b, m, n)| ns_flops(b, m, n, steps))
+        .sum();
     g.throughput(Throughput::Elements(flops));
-    g.bench_function("batched_by_shape", |b| b.iter(|| mats.iter().map(|m| msign(m, &ns).unwrap()).count()));
+    g.bench_function("batched_by_shape", |b| {
+        b.iter(|| mats.iter().map(|m| msign(m, &ns).unwrap()).count())
+    });
     g.bench_function("one_matrix_at_a_time", |b| {
-        b.iter(|| mats.iter().map(|m| (0..m.dim(0).unwrap()).map(|i| msign(&m.get(i).unwrap(), &ns).unwrap()).count()).sum::<usize>())
+        b.iter(|| {
+            mats.iter()
+                .map(|m| {
+                    (0..m.dim(0).unwrap())
+                        .map(|i| msign(&m.get(i).unwrap(), &ns).unwrap())
+                        .count()
+                })
+                .sum::<usize>()
+        })
     });
     g.finish();
 }
@@ -66,14 +91,31 @@ fn bench_power_iteration(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("power_iteration_10");
     g.sample_size(10);
-    let mats: Vec<Tensor> = gpt2_quarter().into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &dev).unwrap()).collect();
+    let mats: Vec<Tensor> = gpt2_quarter()
+        .into_iter()
+        .map(|s| Tensor::randn(0f32, 1.0, s, &dev).unwrap())
+        .collect();
     // Bytes: W is read twice per iteration by the two matvecs (WᵀW x = Wᵀ(W x)).
-    let bytes: u64 = mats.iter().map(|m| m.elem_count() as u64 * 4 * 2 * 10).sum();
+    let bytes: u64 = mats
+        .iter()
+        .map(|m| m.elem_count() as u64 * 4 * 2 * 10)
+        .sum();
     g.throughput(Throughput::Bytes(bytes));
-    g.bench_function("gpt2_quarter_batched", |b| b.iter(|| mats.iter().map(|m| power_iteration(m, None, 10).unwrap()).count()));
-    let w = Tensor::randn(0f32, 1.0, (1024, 1024), &dev).unwrap().to_dtype(DType::F32).unwrap();
+    g.bench_function("gpt2_quarter_batched", |b| {
+        b.iter(|| {
+            mats.iter()
+                .map(|m| power_iteration(m, None, 10).unwrap())
+                .count()
+        })
+    });
+    let w = Tensor::randn(0f32, 1.0, (1024, 1024), &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     g.throughput(Throughput::Bytes(1024 * 1024 * 4 * 2 * 10));
-    g.bench_function("1024x1024", |b| b.iter(|| power_iteration(&w, None, 10).unwrap()));
+    g.bench_function("1024x1024", |b| {
+        b.iter(|| power_iteration(&w, None, 10).unwrap())
+    });
     g.finish();
 }
 

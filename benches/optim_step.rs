@@ -18,11 +18,25 @@ fn params() -> (Vec<NamedVar>, GradStore) {
     let dev = Device::Cpu;
     let mut vars = Vec::new();
     for layer in 0..4 {
-        for (kind, (r, c)) in [("qkv", (576, 192)), ("proj", (192, 192)), ("fc", (768, 192)), ("fc_proj", (192, 768))] {
-            let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (r, c), &dev).unwrap() * 0.02).unwrap()).unwrap();
+        for (kind, (r, c)) in [
+            ("qkv", (576, 192)),
+            ("proj", (192, 192)),
+            ("fc", (768, 192)),
+            ("fc_proj", (192, 768)),
+        ] {
+            let w = Var::from_tensor(
+                &(Tensor::randn(0f32, 1.0, (r, c), &dev).unwrap() * 0.02).unwrap(),
+            )
+            .unwrap();
             let b = Var::zeros(r, candle_core::DType::F32, &dev).unwrap();
-            vars.push(NamedVar { name: format!("h.{layer}.{kind}.weight"), var: w });
-            vars.push(NamedVar { name: format!("h.{layer}.{kind}.bias"), var: b });
+            vars.push(NamedVar {
+                name: format!("h.{layer}.{kind}.weight"),
+                var: w,
+            });
+            vars.push(NamedVar {
+                name: format!("h.{layer}.{kind}.bias"),
+                var: b,
+            });
         }
     }
     // Fixed gradients: d/dw Σ w⊙g = g.
@@ -41,14 +55,24 @@ fn bench_steps(c: &mut Criterion) {
     let (vars, grads) = params();
     let mut adamw = AdamW::from_named(vars.clone(), AdamWConfig::default()).unwrap();
     g.bench_function("adamw", |b| b.iter(|| adamw.step(&grads).unwrap()));
-    let cfg = AdamWConfig { weight_decay: WeightDecay::spectral(0.1), ..Default::default() };
+    let cfg = AdamWConfig {
+        weight_decay: WeightDecay::spectral(0.1),
+        ..Default::default()
+    };
     let mut adamw_sp = AdamW::from_named(vars.clone(), cfg).unwrap();
-    g.bench_function("adamw_spectral", |b| b.iter(|| adamw_sp.step(&grads).unwrap()));
+    g.bench_function("adamw_spectral", |b| {
+        b.iter(|| adamw_sp.step(&grads).unwrap())
+    });
     let mut muon = Muon::from_named(vars.clone(), MuonConfig::default()).unwrap();
     g.bench_function("muon", |b| b.iter(|| muon.step(&grads).unwrap()));
-    let cfg = MuonConfig { weight_decay: WeightDecay::spectral(0.1), ..Default::default() };
+    let cfg = MuonConfig {
+        weight_decay: WeightDecay::spectral(0.1),
+        ..Default::default()
+    };
     let mut muon_sp = Muon::from_named(vars, cfg).unwrap();
-    g.bench_function("muon_spectral", |b| b.iter(|| muon_sp.step(&grads).unwrap()));
+    g.bench_function("muon_spectral", |b| {
+        b.iter(|| muon_sp.step(&grads).unwrap())
+    });
     g.finish();
 }
 

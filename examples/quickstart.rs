@@ -17,7 +17,11 @@ struct Mlp {
 
 impl Mlp {
     fn new(vb: VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: linear(16, 64, vb.pp("fc1"))?, fc2: linear(64, 64, vb.pp("fc2"))?, out: linear(64, 4, vb.pp("out"))? })
+        Ok(Self {
+            fc1: linear(16, 64, vb.pp("fc1"))?,
+            fc2: linear(64, 64, vb.pp("fc2"))?,
+            out: linear(64, 4, vb.pp("out"))?,
+        })
     }
 }
 
@@ -64,7 +68,12 @@ fn main() -> Result<()> {
     for name in ["fc1.weight", "fc2.weight"] {
         let w = varmap.data().lock().unwrap()[name].as_tensor().clone();
         let sigma = power_iteration(&w, None, 50)?.sigma.to_scalar::<f32>()?;
-        let rms = w.sqr()?.mean(D::Minus1)?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
+        let rms = w
+            .sqr()?
+            .mean(D::Minus1)?
+            .mean_all()?
+            .sqrt()?
+            .to_scalar::<f32>()?;
         println!("{name}: σ₁ = {sigma:.3}, rms = {rms:.4}");
     }
     Ok(())

@@ -217,3 +217,18 @@ fn vectors_are_not_decayed_unless_configured() {
         assert_eq!(got, vec![f, -2.0 * f, 3.0 * f]);
     }
 }
+
+#[test]
+fn equal_top_singular_values_shrink_one_direction_of_the_top_subspace() {
+    // σ₁ = σ₂: v₁ is any unit vector of the top subspace; decay shrinks that
+    // direction only, so the singular values become {(1−c)σ₁, σ₁, rest}.
+    let mut r = rng(25);
+    let w = with_singular_values(&mut r, 6, 5, &[3.0, 3.0, 1.0, 0.5]);
+    let t = from_dmatrix(&w, DType::F64);
+    let top = power_iteration(&t, None, 30).unwrap();
+    let after = singular_values(&to_dmatrix(&spectral_decay(&t, &top, 0.1).unwrap()));
+    let want = [3.0, 2.7, 1.0, 0.5];
+    for (g, w) in after.iter().zip(want) {
+        assert!((g - w).abs() < 1e-9, "{after:?} vs {want:?}");
+    }
+}
