@@ -7,7 +7,13 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use nalgebra::DMatrix;
+use steepest::linalg::msign_generic;
 use steepest::{msign, NewtonSchulz};
+
+type MsignFn = fn(&Tensor, &NewtonSchulz) -> candle_core::Result<Tensor>;
+
+/// The CPU fast path and the device-generic path: both must meet the reference.
+const IMPLS: [(&str, MsignFn); 2] = [("msign", msign), ("msign_generic", msign_generic)];
 
 /// The expected output, computed from the SVD in f64 with the polynomial
 /// evaluated here from the table (not by the crate).
@@ -44,9 +50,14 @@ fn msign_applies_the_singular_value_polynomial_f64() {
         let g = randn(&mut r, &[m, n], DType::F64);
         let gd = to_dmatrix(&g);
         for (name, ns) in tables() {
-            let got = to_dmatrix(&msign(&g, &ns).unwrap());
-            let err = rel_err(&got, &expected(&gd, &ns));
-            assert!(err < 1e-9, "{name} on {m}x{n}: relative error {err}");
+            for (which, f) in IMPLS {
+                let got = to_dmatrix(&f(&g, &ns).unwrap());
+                let err = rel_err(&got, &expected(&gd, &ns));
+                assert!(
+                    err < 1e-9,
+                    "{which} {name} on {m}x{n}: relative error {err}"
+                );
+            }
         }
     }
 }
@@ -58,10 +69,15 @@ fn msign_f32_is_close_to_the_f64_reference() {
         let g = randn(&mut r, &[m, n], DType::F32);
         let gd = to_dmatrix(&g);
         for (name, ns) in tables() {
-            let got = msign(&g, &ns).unwrap();
-            assert_eq!(got.dtype(), DType::F32);
-            let err = rel_err(&to_dmatrix(&got), &expected(&gd, &ns));
-            assert!(err < 1e-4, "{name} on {m}x{n}: relative error {err}");
+            for (which, f) in IMPLS {
+                let got = f(&g, &ns).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                let err = rel_err(&to_dmatrix(&got), &expected(&gd, &ns));
+                assert!(
+                    err < 1e-4,
+                    "{which} {name} on {m}x{n}: relative error {err}"
+                );
+            }
         }
     }
 }
@@ -103,11 +119,14 @@ fn batch_equals_each_matrix_alone() {
     for (m, n) in [(4, 6), (6, 4)] {
         let g = randn(&mut r, &[3, m, n], DType::F32);
         let ns = NewtonSchulz::muon();
-        let batched = msign(&g, &ns).unwrap();
-        assert_eq!(batched.dims(), &[3, m, n]);
-        for i in 0..3 {
-            let alone = msign(&g.get(i).unwrap(), &ns).unwrap();
-            assert!(max_abs_diff(&batched.get(i).unwrap(), &alone) < 1e-6);
+        for (which, f) in IMPLS {
+            let batched = f(&g, &ns).unwrap();
+            assert_eq!(batched.dims(), &[3, m, n]);
+            for i in 0..3 {
+                let alone = msign_generic(&g.get(i).unwrap(), &ns).unwrap();
+                let d = max_abs_diff(&batched.get(i).unwrap(), &alone);
+                assert!(d < 1e-5, "{which} {m}x{n} item {i}: {d}");
+            }
         }
     }
 }
@@ -186,4 +205,48 @@ fn custom_table_is_used_as_given() {
         &expected(&to_dmatrix(&g), &ns),
     );
     assert!(err < 1e-12, "{err}");
+}
+
+#[test]
+fn fused_cpu_path_matches_the_generic_path_on_random_shapes() {
+    let mut r = rng(7);
+    let shapes: [&[usize]; 10] = [
+        &[1, 1],
+        &[1, 17],
+        &[17, 1],
+        &[3, 5],
+        &[5, 3],
+        &[33, 20],
+        &[20, 33],
+        &[4, 9, 6],
+        &[2, 6, 9],
+        &[64, 64],
+    ];
+    for shape in shapes {
+        for dt in [DType::F32, DType::F64] {
+            let g = randn(&mut r, shape, dt);
+            for ns in [
+                NewtonSchulz::muon(),
+                NewtonSchulz::polar_express(7),
+                NewtonSchulz::cubic(4),
+            ] {
+                let fused = msign(&g, &ns).unwrap();
+                let generic = msign_generic(&g, &ns).unwrap();
+                assert_eq!(
+                    (fused.dims(), fused.dtype()),
+                    (generic.dims(), generic.dtype())
+                );
+                let scale = max_abs_diff(&generic, &generic.zeros_like().unwrap()).max(1e-30);
+                let d = max_abs_diff(&fused, &generic) / scale;
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-4 };
+                assert!(d < tol, "{shape:?} {dt:?}: fused vs generic {d}");
+            }
+        }
+    }
+    // Non-contiguous input (a transposed view) goes through the same path.
+    let g = randn(&mut r, &[6, 10], DType::F32);
+    let gt = g.t().unwrap();
+    let a = msign(&gt, &NewtonSchulz::muon()).unwrap();
+    let b = msign_generic(&gt.contiguous().unwrap(), &NewtonSchulz::muon()).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5);
 }

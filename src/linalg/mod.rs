@@ -4,10 +4,11 @@
 //! `(b, m, n)` and runs on any candle device through plain candle ops (this is
 //! the reference path; the CUDA kernels are tested against it).
 
+mod msign_cpu;
 mod newton_schulz;
 mod power_iteration;
 
-pub use newton_schulz::{msign, NewtonSchulz};
+pub use newton_schulz::{msign, msign_generic, NewtonSchulz};
 pub use power_iteration::{power_iteration, TopSingular};
 
 use candle_core::{DType, Result, Tensor};

@@ -179,7 +179,25 @@ impl NewtonSchulz {
 /// `X₀ = G / (‖G‖_F·scale + ε)`, then per step `A = X Xᵀ; X ← a X + (b A + c A²) X`,
 /// on the short side (a tall input is transposed first and back at the end).
 /// The output has the input's shape and dtype. A zero matrix gives zero.
+///
+/// On the CPU with f32/f64 arithmetic this runs a fused path (the polynomial
+/// folded into the GEMMs); elsewhere it is [`msign_generic`].
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    matrix_dims("msign: g", g)?;
+    let acc = compute_dtype(g.dtype());
+    if g.device().is_cpu() && ns.compute_dtype.is_none_or(|d| d == acc) {
+        let out = match acc {
+            DType::F64 => super::msign_cpu::msign_cpu::<f64>(&g.to_dtype(acc)?, ns)?,
+            _ => super::msign_cpu::msign_cpu::<f32>(&g.to_dtype(acc)?, ns)?,
+        };
+        return out.to_dtype(g.dtype());
+    }
+    msign_generic(g, ns)
+}
+
+/// [`msign`] written with plain candle ops only, so it runs on every device
+/// (CUDA, Metal, CPU): the reference the fused paths are tested against.
+pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let (m, n) = matrix_dims("msign: g", g)?;
     // X and the polynomial's combinations stay in f32 (f64 for f64 input);
     // a lower `compute_dtype` only rounds the matrix products' operands.
