@@ -127,7 +127,11 @@ impl Module for Mlp {
 
 fn forward_all(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     if x.rank() != 2 {
-        fail!("Mlp: x", "expected a batch (b, d), got shape {:?}", x.dims());
+        fail!(
+            "Mlp: x",
+            "expected a batch (b, d), got shape {:?}",
+            x.dims()
+        );
     }
     let mut hs = vec![x.clone()];
     for (w, b, act) in layers {
@@ -147,14 +151,20 @@ fn single_input(mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
     let x = match x.dims() {
         [n] if *n == d => x.unsqueeze(0)?,
         [1, n] if *n == d => x.clone(),
-        dims => fail!("gradient_inequality: x", "expected one input of shape [{d}] or [1, {d}], got {dims:?}"),
+        dims => fail!(
+            "gradient_inequality: x",
+            "expected one input of shape [{d}] or [1, {d}], got {dims:?}"
+        ),
     };
     Ok(x)
 }
 
 fn jacobians(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     let d = x.dim(1)?;
-    let widths: Vec<usize> = layers.iter().map(|(w, _, _)| w.dim(0)).collect::<Result<_>>()?;
+    let widths: Vec<usize> = layers
+        .iter()
+        .map(|(w, _, _)| w.dim(0))
+        .collect::<Result<_>>()?;
     let total: usize = widths.iter().sum();
     let xs = Var::from_tensor(&x.detach().broadcast_as((total, d))?.contiguous()?)?;
     let hs = forward_all(layers, xs.as_tensor())?;
@@ -170,7 +180,7 @@ fn jacobians(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     let s = Tensor::stack(&selected, 0)?.sum_all()?;
     let grads = s.backward()?;
     let g = match grads.get(xs.as_tensor()) {
-        Some(g) => g.clone(),
+        Some(g) => g.detach(),
         None => xs.as_tensor().zeros_like()?,
     };
     let mut out = vec![Tensor::eye(d, x.dtype(), x.device())?];
@@ -217,7 +227,10 @@ where
     let mut vars = Vec::with_capacity(mlp.layers.len());
     for (lin, act) in &mlp.layers {
         let w = Var::from_tensor(&lin.weight().detach())?;
-        let b = lin.bias().map(|b| Var::from_tensor(&b.detach())).transpose()?;
+        let b = lin
+            .bias()
+            .map(|b| Var::from_tensor(&b.detach()))
+            .transpose()?;
         layers.push((
             w.as_tensor().clone(),
             b.as_ref().map(|b| b.as_tensor().clone()),
@@ -243,7 +256,7 @@ where
     let grads = fx.backward()?;
     let grad_or_zero = |t: &Tensor| -> Result<Tensor> {
         match grads.get(t) {
-            Some(g) => Ok(g.clone()),
+            Some(g) => Ok(g.detach()),
             None => t.zeros_like(),
         }
     };
@@ -252,10 +265,17 @@ where
     let mut grad_biases = Vec::with_capacity(vars.len());
     for (w, b) in &vars {
         grad_weights.push(grad_or_zero(w.as_tensor())?);
-        grad_biases.push(b.as_ref().map(|b| grad_or_zero(b.as_tensor())).transpose()?);
+        grad_biases.push(
+            b.as_ref()
+                .map(|b| grad_or_zero(b.as_tensor()))
+                .transpose()?,
+        );
     }
     let l = mlp.layers.len();
-    let h = hs[..l].iter().map(|h| h.squeeze(0)).collect::<Result<Vec<_>>>()?;
+    let h = hs[..l]
+        .iter()
+        .map(|h| h.squeeze(0))
+        .collect::<Result<Vec<_>>>()?;
     let mut jacobians = jacobians(&mlp.params(), &x)?;
     jacobians.truncate(l);
     Ok(GradientTerms {

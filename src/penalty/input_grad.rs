@@ -45,14 +45,25 @@ where
     const WHO: &str = "input_grad_penalty";
     cfg.validate(WHO)?;
     if !x.dtype().is_float() {
-        fail!(format!("{WHO}: x"), "expected a float input, got {:?}", x.dtype());
+        fail!(
+            format!("{WHO}: x"),
+            "expected a float input, got {:?}",
+            x.dtype()
+        );
     }
     let xv = Var::from_tensor(&x.detach())?;
     let (loss, grads) = loss_and_grads(&|| loss_fn(xv.as_tensor()), WHO)?;
     let g = var_grads(vars, &grads)?;
-    sq_norms(&g.iter().map(|t| t.as_ref()).collect::<Vec<_>>(), "vars", WHO)?;
+    sq_norms(
+        &g.iter().map(|t| t.as_ref()).collect::<Vec<_>>(),
+        "vars",
+        WHO,
+    )?;
+    // A leaf's gradient still carries a graph back to the parameters (candle
+    // detaches only the gradients it propagates further); the perturbed input
+    // must be a constant, so detach it.
     let gx = match grads.get(xv.as_tensor()) {
-        Some(gx) => gx.clone(),
+        Some(gx) => gx.detach(),
         None => x.zeros_like()?,
     };
     let gx_norm = sq_norms(&[Some(&gx)], "x", WHO)?[0].sqrt();
@@ -66,14 +77,23 @@ where
             step: 0.0,
         });
     }
-    let x_norm = x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let x_norm = x
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
     let h = cfg.step_size(x_norm, x.dtype());
     let at = |sign: f64| -> Result<Vec<Option<Tensor>>> {
         let xp = axpy(&x.detach(), &gx, sign * h / gx_norm)?;
         let (_, grads) = loss_and_grads(&|| loss_fn(&xp), WHO)?;
         let gp = var_grads(vars, &grads)?;
         for (i, p) in gp.iter().enumerate() {
-            check_finite(p.as_ref(), &format!("vars[{i}] (at the perturbed input)"), WHO)?;
+            check_finite(
+                p.as_ref(),
+                &format!("vars[{i}] (at the perturbed input)"),
+                WHO,
+            )?;
         }
         Ok(gp)
     };

@@ -163,7 +163,11 @@ where
     cfg.validate(WHO)?;
     let (loss, grads) = loss_and_grads(&loss_fn, WHO)?;
     let g = var_grads(vars, &grads)?;
-    let norms = sq_norms(&g.iter().map(|x| x.as_ref()).collect::<Vec<_>>(), "vars", WHO)?;
+    let norms = sq_norms(
+        &g.iter().map(|x| x.as_ref()).collect::<Vec<_>>(),
+        "vars",
+        WHO,
+    )?;
     let grad_norm = norms.iter().sum::<f64>().sqrt();
     let (scale, penalty) = cfg.scale_and_value(grad_norm);
     if grad_norm == 0.0 || scale == 0.0 {
@@ -175,7 +179,10 @@ where
             step: 0.0,
         });
     }
-    let theta: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach().copy()).collect::<Result<_>>()?;
+    let theta: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().detach().copy())
+        .collect::<Result<_>>()?;
     let theta_norm = sq_norms(&theta.iter().map(Some).collect::<Vec<_>>(), "vars", WHO)?
         .iter()
         .sum::<f64>()
@@ -204,11 +211,19 @@ where
         (g.clone(), h)
     };
     for (i, p) in plus.iter().enumerate() {
-        check_finite(p.as_ref(), &format!("vars[{i}] (at the perturbed point)"), WHO)?;
+        check_finite(
+            p.as_ref(),
+            &format!("vars[{i}] (at the perturbed point)"),
+            WHO,
+        )?;
     }
     if cfg.central {
         for (i, p) in base.iter().enumerate() {
-            check_finite(p.as_ref(), &format!("vars[{i}] (at the perturbed point)"), WHO)?;
+            check_finite(
+                p.as_ref(),
+                &format!("vars[{i}] (at the perturbed point)"),
+                WHO,
+            )?;
         }
     }
     let combined = combine(&g, &plus, &base, scale / denom)?;
@@ -242,7 +257,8 @@ where
     Ok((value, grads))
 }
 
-/// Each variable's gradient (shape-checked), in the variable's order.
+/// Each variable's gradient (shape-checked, detached from the graph that
+/// produced it), in the variable's order.
 pub(crate) fn var_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Tensor>>> {
     vars.iter()
         .enumerate()
@@ -256,7 +272,7 @@ pub(crate) fn var_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Te
                     v.dims()
                 ),
             )),
-            Some(g) => Ok(Some(g.clone())),
+            Some(g) => Ok(Some(g.detach())),
         })
         .collect()
 }
@@ -277,7 +293,11 @@ pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<
     let mut it = vals.into_iter();
     let mut out = Vec::with_capacity(ts.len());
     for (i, t) in ts.iter().enumerate() {
-        let v = if t.is_some() { it.next().unwrap_or(0.0) } else { 0.0 };
+        let v = if t.is_some() {
+            it.next().unwrap_or(0.0)
+        } else {
+            0.0
+        };
         if !v.is_finite() {
             return Err(invalid(
                 &format!("{who}: {what}[{i}]"),
@@ -291,9 +311,16 @@ pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<
 
 pub(crate) fn check_finite(t: Option<&Tensor>, name: &str, who: &str) -> Result<()> {
     if let Some(t) = t {
-        let s = t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let s = t
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         if !s.is_finite() {
-            return Err(invalid(&format!("{who}: {name}"), "gradient contains NaN or Inf"));
+            return Err(invalid(
+                &format!("{who}: {name}"),
+                "gradient contains NaN or Inf",
+            ));
         }
     }
     Ok(())
