@@ -10,6 +10,9 @@
 //! - [`optim::AdamW`], [`optim::Sgd`], [`optim::Muon`]: `candle_nn::Optimizer`s
 //!   with any weight decay and state that saves to safetensors
 //!   ([`optim::OptimizerState`]).
+//! - [`penalty`]: gradient-norm penalties (parameter and input gradients) by
+//!   finite-difference Hessian–vector products, and the input/parameter
+//!   gradient inequality as a diagnostic.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -37,6 +40,7 @@ pub mod decay;
 mod error;
 pub mod linalg;
 pub mod optim;
+pub mod penalty;
 
 pub use decay::WeightDecay;
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};

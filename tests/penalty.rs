@@ -1,0 +1,816 @@
+//! Gradient-norm penalties and the input/parameter gradient inequality (SPEC §6).
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{Linear, Optimizer};
+use common::{normal_vec, randn, rng, singular_values, to_dmatrix};
+use nalgebra::{DMatrix, DVector};
+use rand::rngs::StdRng;
+use rand::Rng;
+use steepest::penalty::{
+    gradient_inequality, gradient_terms, input_grad_penalty, param_grad_penalty, Activation,
+    FdStep, GradPenaltyConfig, Mlp, Penalty,
+};
+
+const ACTS: [Activation; 4] = [
+    Activation::Tanh,
+    Activation::Relu,
+    Activation::Gelu,
+    Activation::Identity,
+];
+
+// ---------------------------------------------------------------- helpers
+
+/// Random f64 weights `(out, in)` scaled by `gain/√in`, and biases.
+fn random_layers(r: &mut StdRng, dims: &[usize], gain: f64) -> Vec<(Var, Var)> {
+    dims.windows(2)
+        .map(|w| {
+            let (i, o) = (w[0], w[1]);
+            let wt = (randn(r, &[o, i], DType::F64) * (gain / (i as f64).sqrt())).unwrap();
+            let b = (randn(r, &[o], DType::F64) * 0.5).unwrap();
+            (
+                Var::from_tensor(&wt).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn mlp_of(layers: &[(Var, Var)], acts: &[Activation]) -> Mlp {
+    Mlp::new(
+        layers
+            .iter()
+            .zip(acts)
+            .map(|((w, b), a)| {
+                (
+                    Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())),
+                    *a,
+                )
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// An MLP from plain f64 matrices/vectors (fresh tensors, not variables).
+fn mlp_from(ws: &[DMatrix<f64>], bs: &[DVector<f64>], acts: &[Activation]) -> Mlp {
+    Mlp::new(
+        ws.iter()
+            .zip(bs)
+            .zip(acts)
+            .map(|((w, b), a)| {
+                let wt = common::from_dmatrix(w, DType::F64);
+                let bt = Tensor::from_vec(b.as_slice().to_vec(), b.len(), &Device::Cpu).unwrap();
+                (Linear::new(wt, Some(bt)), *a)
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
+fn vec_of(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn row(v: &[f64]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (1, v.len()), &Device::Cpu).unwrap()
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    norm(&d) / norm(b).max(1e-300)
+}
+
+/// The scalar `f` used on MLP outputs: `cᵀy + ¼‖y‖²` with a fixed `c`.
+fn test_f(out_dim: usize) -> impl Fn(&Tensor) -> Result<Tensor> {
+    let c: Vec<f64> = (0..out_dim).map(|i| 0.7 - 0.4 * i as f64).collect();
+    let c = Tensor::from_vec(c, (1, out_dim), &Device::Cpu).unwrap();
+    move |y: &Tensor| (y * &c)?.sum_all()? + (y.sqr()?.sum_all()? * 0.25)?
+}
+
+/// `f(mlp(x))` for one row `x`, by the forward pass only.
+fn f_of(mlp: &Mlp, x: &[f64], f: &impl Fn(&Tensor) -> Result<Tensor>) -> f64 {
+    let out = candle_core::Module::forward(mlp, &row(x)).unwrap();
+    f(&out).unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn spectral(a: &DMatrix<f64>) -> f64 {
+    singular_values(a)[0]
+}
+
+// ------------------------------------------------------------- diagnostic
+
+/// Every term of the report (and `J_t`, `∇_x f`, `∇_W f`, `∇_b f`) against
+/// independent computations: central differences of the forward pass (f64)
+/// and nalgebra SVDs.
+#[test]
+fn diagnostic_terms_match_independent_computations() {
+    let dims = [3, 5, 4, 2];
+    for (k, act) in ACTS.iter().enumerate() {
+        let mut r = rng(100 + k as u64);
+        let layers = random_layers(&mut r, &dims, 1.5);
+        let acts = [*act, *act, Activation::Identity];
+        let mlp = mlp_of(&layers, &acts);
+        let x = normal_vec(&mut r, 3);
+        let f = test_f(2);
+        let terms =
+            gradient_terms(&mlp, &Tensor::new(x.as_slice(), &Device::Cpu).unwrap(), &f).unwrap();
+        let report = gradient_inequality(&mlp, &row(&x), &f, 200).unwrap();
+        let h = 1e-6;
+
+        // Jacobians J_t = ∂h⁽ᵗ⁾/∂x by central differences of the forward pass.
+        let jac = mlp.input_jacobians(&row(&x)).unwrap();
+        assert_eq!(jac.len(), 4);
+        for t in 0..4 {
+            let n = dims[t];
+            let mut fd = DMatrix::zeros(n, 3);
+            for j in 0..3 {
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[j] += h;
+                xm[j] -= h;
+                let hp = vec_of(&mlp.forward_all(&row(&xp)).unwrap()[t]);
+                let hm = vec_of(&mlp.forward_all(&row(&xm)).unwrap()[t]);
+                for i in 0..n {
+                    fd[(i, j)] = (hp[i] - hm[i]) / (2.0 * h);
+                }
+            }
+            let got = to_dmatrix(&jac[t]);
+            assert!(
+                common::rel_err(&got, &fd) < 1e-7,
+                "{act:?} J_{}: {got} vs {fd}",
+                t + 1
+            );
+            if t < 3 {
+                assert!(common::rel_err(&to_dmatrix(&terms.jacobians[t]), &fd) < 1e-7);
+                let want = if t == 0 { 1.0 } else { spectral(&fd) };
+                let got = report.layers[t].jacobian_norm;
+                assert!(
+                    (got - want).abs() < 1e-7 * want,
+                    "{act:?} ‖J_{}‖: {got} vs {want}",
+                    t + 1
+                );
+            }
+        }
+
+        // ‖∇_x f‖² by central differences.
+        let gx_fd: Vec<f64> = (0..3)
+            .map(|j| {
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[j] += h;
+                xm[j] -= h;
+                (f_of(&mlp, &xp, &f) - f_of(&mlp, &xm, &f)) / (2.0 * h)
+            })
+            .collect();
+        assert!(max_rel(&vec_of(&terms.grad_x), &gx_fd) < 1e-7);
+        assert!((report.grad_x_sq - norm(&gx_fd).powi(2)).abs() < 1e-7 * report.grad_x_sq);
+
+        // Per layer: ‖h‖², ‖W‖₂ (SVD), ‖∇_W f‖_F², ‖∇_b f‖² (central differences).
+        let ws: Vec<DMatrix<f64>> = layers
+            .iter()
+            .map(|(w, _)| to_dmatrix(w.as_tensor()))
+            .collect();
+        let bs: Vec<DVector<f64>> = layers
+            .iter()
+            .map(|(_, b)| DVector::from_vec(vec_of(b.as_tensor())))
+            .collect();
+        let hs = mlp.forward_all(&row(&x)).unwrap();
+        for t in 0..3 {
+            let lt = &report.layers[t];
+            let hsq = norm(&vec_of(&hs[t])).powi(2);
+            assert!((lt.h_norm_sq - hsq).abs() < 1e-12 * hsq.max(1.0));
+            let sw = spectral(&ws[t]);
+            assert!(
+                (lt.weight_norm - sw).abs() < 1e-10 * sw,
+                "{act:?} ‖W‖: {} vs {sw}",
+                lt.weight_norm
+            );
+
+            let eval =
+                |ws: &[DMatrix<f64>], bs: &[DVector<f64>]| f_of(&mlp_from(ws, bs, &acts), &x, &f);
+            let mut gw = DMatrix::zeros(ws[t].nrows(), ws[t].ncols());
+            for i in 0..ws[t].nrows() {
+                for j in 0..ws[t].ncols() {
+                    let (mut p, mut m) = (ws.to_vec(), ws.to_vec());
+                    p[t][(i, j)] += h;
+                    m[t][(i, j)] -= h;
+                    gw[(i, j)] = (eval(&p, &bs) - eval(&m, &bs)) / (2.0 * h);
+                }
+            }
+            let mut gb = DVector::zeros(bs[t].len());
+            for i in 0..bs[t].len() {
+                let (mut p, mut m) = (bs.to_vec(), bs.to_vec());
+                p[t][i] += h;
+                m[t][i] -= h;
+                gb[i] = (eval(&ws, &p) - eval(&ws, &m)) / (2.0 * h);
+            }
+            assert!(common::rel_err(&to_dmatrix(&terms.grad_weights[t]), &gw) < 1e-7);
+            assert!((lt.grad_weight_sq - gw.norm_squared()).abs() < 1e-7 * gw.norm_squared());
+            let gbsq = lt.grad_bias_sq.unwrap();
+            assert!((gbsq - gb.norm_squared()).abs() < 1e-7 * gb.norm_squared());
+
+            // The left-hand sides from the independent pieces.
+            let ratio = norm(&gx_fd).powi(2) / (sw * lt.jacobian_norm).powi(2);
+            assert!((lt.bias_lhs.unwrap() - ratio).abs() < 1e-6 * ratio);
+            assert!((lt.weight_lhs - ratio * hsq).abs() < 1e-6 * ratio * hsq);
+        }
+        let lhs: f64 = report
+            .layers
+            .iter()
+            .map(|l| l.weight_lhs + l.bias_lhs.unwrap())
+            .sum();
+        let rhs: f64 = report
+            .layers
+            .iter()
+            .map(|l| l.grad_weight_sq + l.grad_bias_sq.unwrap())
+            .sum();
+        assert_eq!(report.lhs(), lhs);
+        assert_eq!(report.rhs(), rhs);
+    }
+}
+
+/// The proof's key step `h⁽ᵗ⁾ (∇_x f)ᵀ = (∇_{W⁽ᵗ⁾} f)ᵀ W⁽ᵗ⁾ J_t` (column
+/// convention), from the computed vectors.
+#[test]
+fn key_step_identity() {
+    let mut r = rng(7);
+    let dims = [4, 6, 5, 3];
+    for act in ACTS {
+        let layers = random_layers(&mut r, &dims, 1.3);
+        let acts = [act, act, Activation::Tanh];
+        let mlp = mlp_of(&layers, &acts);
+        let x = normal_vec(&mut r, 4);
+        let terms = gradient_terms(&mlp, &row(&x), test_f(3)).unwrap();
+        let gx = DMatrix::from_row_slice(1, 4, &vec_of(&terms.grad_x));
+        for t in 0..3 {
+            let hv = DMatrix::from_column_slice(dims[t], 1, &vec_of(&terms.h[t]));
+            let lhs = &hv * &gx;
+            let rhs = to_dmatrix(&terms.grad_weights[t]).transpose()
+                * to_dmatrix(layers[t].0.as_tensor())
+                * to_dmatrix(&terms.jacobians[t]);
+            assert!(
+                common::rel_err(&lhs, &rhs) < 1e-12,
+                "{act:?} t={t}: {lhs} vs {rhs}"
+            );
+        }
+    }
+}
+
+/// Random MLPs (depth 1–3, widths 1–8), random inputs and a random scalar of
+/// the output: every term of the inequality holds, and so does the total.
+#[test]
+fn inequality_holds_term_by_term_for_random_mlps() {
+    let mut r = rng(2024);
+    let mut checked = 0;
+    let mut max_ratio: f64 = 0.0;
+    for act in ACTS {
+        for _ in 0..12 {
+            let depth = r.gen_range(1..=3);
+            let dims: Vec<usize> = (0..=depth).map(|_| r.gen_range(1..=8)).collect();
+            let gain = r.gen_range(0.5..3.0);
+            let layers = random_layers(&mut r, &dims, gain);
+            let mut acts = vec![act; depth];
+            if r.gen_bool(0.5) {
+                acts[depth - 1] = Activation::Identity;
+            }
+            let mlp = mlp_of(&layers, &acts);
+            let x = (randn(&mut r, &[dims[0]], DType::F64) * r.gen_range(0.3..3.0)).unwrap();
+            let out = dims[depth];
+            let c = randn(&mut r, &[1, out], DType::F64);
+            let f = move |y: &Tensor| -> Result<Tensor> {
+                // A smooth nonlinear scalar: log-sum-exp of shifted outputs.
+                let s = (y + &c)?;
+                s.exp()?.sum_all()?.log()
+            };
+            let rep = gradient_inequality(&mlp, &x, f, 300).unwrap();
+            if rep.grad_x_sq == 0.0 {
+                continue; // e.g. all ReLUs off: both sides' terms are then 0 ≤ …
+            }
+            for (t, l) in rep.layers.iter().enumerate() {
+                let tol = 1e-9;
+                assert!(
+                    l.weight_lhs <= l.grad_weight_sq * (1.0 + tol) + 1e-300,
+                    "{act:?} dims {dims:?} layer {t}: weight {} > {}",
+                    l.weight_lhs,
+                    l.grad_weight_sq
+                );
+                let (bl, br) = (l.bias_lhs.unwrap(), l.grad_bias_sq.unwrap());
+                assert!(
+                    bl <= br * (1.0 + tol),
+                    "{act:?} dims {dims:?} layer {t}: bias {bl} > {br}"
+                );
+                if l.grad_weight_sq > 0.0 {
+                    max_ratio = max_ratio.max(l.weight_lhs / l.grad_weight_sq);
+                }
+            }
+            assert!(rep.holds(1e-9, 0.0));
+            assert!(rep.lhs() <= rep.rhs() * (1.0 + 1e-9));
+            assert!(rep.lhs() > 0.0);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} non-degenerate cases");
+    assert!(max_ratio <= 1.0 + 1e-9 && max_ratio > 0.0);
+}
+
+/// One linear layer, `f = uᵀz` with `u` the top left singular vector of a
+/// full-rank `W`: then `∇_z f = u` and `‖Wᵀu‖ = ‖W‖₂`, so both Cauchy–Schwarz
+/// steps are equalities and every term is tight.
+#[test]
+fn inequality_is_tight_for_top_singular_direction() {
+    let mut r = rng(11);
+    let w = DMatrix::from_row_slice(5, 4, &normal_vec(&mut r, 20));
+    let svd = w.clone().svd(true, false);
+    let i = svd.singular_values.imax();
+    let u: Vec<f64> = svd.u.unwrap().column(i).iter().copied().collect();
+    let b = DVector::from_vec(normal_vec(&mut r, 5));
+    let mlp = mlp_from(&[w], &[b], &[Activation::Identity]);
+    let ut = row(&u);
+    let f = move |y: &Tensor| (y * &ut)?.sum_all();
+    let x = normal_vec(&mut r, 4);
+    let rep = gradient_inequality(&mlp, &row(&x), f, 500).unwrap();
+    let l = &rep.layers[0];
+    assert!(
+        (l.weight_lhs / l.grad_weight_sq - 1.0).abs() < 1e-10,
+        "{l:?}"
+    );
+    assert!(
+        (l.bias_lhs.unwrap() / l.grad_bias_sq.unwrap() - 1.0).abs() < 1e-10,
+        "{l:?}"
+    );
+    assert!((rep.lhs() / rep.rhs() - 1.0).abs() < 1e-10);
+}
+
+/// A chain of rank-one layers aligned end to end — `W⁽¹⁾ = a₁c₁ᵀ`,
+/// `W⁽ᵗ⁾ = a_t a_{t−1}ᵀ`, `b⁽ᵗ⁾ = β_t a_t` — with `f = ½‖h⁽ˡ⁺¹⁾‖²`: every
+/// `∇_{z⁽ᵗ⁺¹⁾} f` is along `a_t`, the top left singular vector of `W⁽ᵗ⁾`, and
+/// `W⁽ᵗ⁾ᵀ a_t ∝ a_{t−1}` is the top left singular vector of `J_t`, so every
+/// term is an equality. Holds with identity activations and with ReLUs whose
+/// pre-activations are all positive (positive `a_t`, `β_t`).
+#[test]
+fn inequality_is_tight_for_aligned_rank_one_chain() {
+    let mut r = rng(5);
+    for act in [Activation::Identity, Activation::Relu] {
+        let dims = [3, 4, 5, 2];
+        let a: Vec<DVector<f64>> = dims[1..]
+            .iter()
+            .map(|&n| DVector::from_iterator(n, (0..n).map(|_| r.gen_range(0.2..1.5))))
+            .collect();
+        let c1 = DVector::from_iterator(3, (0..3).map(|_| r.gen_range(0.2..1.5)));
+        let mut ws = vec![&a[0] * c1.transpose()];
+        for t in 1..a.len() {
+            ws.push(&a[t] * a[t - 1].transpose());
+        }
+        let bs: Vec<DVector<f64>> = a.iter().map(|at| at * r.gen_range(0.1..1.0)).collect();
+        let mlp = mlp_from(&ws, &bs, &[act; 3]);
+        let x: Vec<f64> = (0..3).map(|_| r.gen_range(0.1..1.0)).collect();
+        let f = |y: &Tensor| y.sqr()?.sum_all()? * 0.5;
+        let rep = gradient_inequality(&mlp, &row(&x), f, 50).unwrap();
+        assert!(rep.grad_x_sq > 0.0);
+        for (t, l) in rep.layers.iter().enumerate() {
+            let rw = l.weight_lhs / l.grad_weight_sq;
+            let rb = l.bias_lhs.unwrap() / l.grad_bias_sq.unwrap();
+            assert!(
+                (rw - 1.0).abs() < 1e-10,
+                "{act:?} layer {t}: weight ratio {rw}"
+            );
+            assert!(
+                (rb - 1.0).abs() < 1e-10,
+                "{act:?} layer {t}: bias ratio {rb}"
+            );
+        }
+        // And a generic (non-aligned) perturbation makes it strict.
+        let mut ws2 = ws.clone();
+        ws2[1][(0, 0)] += 0.5;
+        let rep2 = gradient_inequality(&mlp_from(&ws2, &bs, &[act; 3]), &row(&x), f, 200).unwrap();
+        assert!(
+            rep2.lhs() < rep2.rhs() * (1.0 - 1e-4),
+            "{} vs {}",
+            rep2.lhs(),
+            rep2.rhs()
+        );
+    }
+}
+
+#[test]
+fn diagnostic_rejects_bad_inputs() {
+    let mut r = rng(3);
+    let layers = random_layers(&mut r, &[3, 4], 1.0);
+    let mlp = mlp_of(&layers, &[Activation::Tanh]);
+    let err = gradient_inequality(&mlp, &row(&[1.0, 2.0]), test_f(4), 10).unwrap_err();
+    assert!(err.to_string().contains("gradient_inequality: x"), "{err}");
+    let err = gradient_inequality(&mlp, &row(&[1.0, 2.0, 3.0]), |y: &Tensor| Ok(y.clone()), 10)
+        .unwrap_err();
+    assert!(err.to_string().contains("scalar"), "{err}");
+    let bad = Mlp::new(vec![
+        (
+            Linear::new(layers[0].0.as_tensor().clone(), None),
+            Activation::Tanh,
+        ),
+        (
+            Linear::new(layers[0].0.as_tensor().clone(), None),
+            Activation::Tanh,
+        ),
+    ]);
+    assert!(bad.unwrap_err().to_string().contains("layers[1]"));
+}
+
+// -------------------------------------------------------------- penalties
+
+/// A small regression problem: MLP 3 → 5 → 2, batch of 4, mean squared error.
+struct Problem {
+    vars: Vec<Var>,
+    mlp: Mlp,
+    x: Tensor,
+    y: Tensor,
+}
+
+fn problem(seed: u64, act: Activation) -> Problem {
+    let mut r = rng(seed);
+    let layers = random_layers(&mut r, &[3, 5, 2], 1.5);
+    let mlp = mlp_of(&layers, &[act, Activation::Identity]);
+    let vars = layers
+        .iter()
+        .flat_map(|(w, b)| [w.clone(), b.clone()])
+        .collect();
+    let x = randn(&mut r, &[4, 3], DType::F64);
+    let y = randn(&mut r, &[4, 2], DType::F64);
+    Problem { vars, mlp, x, y }
+}
+
+impl Problem {
+    fn loss_at(&self, x: &Tensor) -> Result<Tensor> {
+        let out = candle_core::Module::forward(&self.mlp, x)?;
+        (out - &self.y)?.sqr()?.mean_all()
+    }
+
+    fn loss(&self) -> Result<Tensor> {
+        self.loss_at(&self.x)
+    }
+
+    fn flat(&self) -> Vec<Vec<f64>> {
+        self.vars.iter().map(|v| vec_of(v.as_tensor())).collect()
+    }
+
+    fn set(&self, theta: &[Vec<f64>]) {
+        for (v, t) in self.vars.iter().zip(theta) {
+            v.set(&Tensor::from_vec(t.clone(), v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+
+    /// Central differences of `phi` over every parameter entry, in f64.
+    fn central_grad(&self, phi: impl Fn(&Problem) -> f64) -> Vec<Vec<f64>> {
+        let theta = self.flat();
+        let h = 1e-5;
+        let mut out = Vec::new();
+        for i in 0..theta.len() {
+            let mut gi = Vec::new();
+            for j in 0..theta[i].len() {
+                let mut p = theta.clone();
+                p[i][j] += h;
+                self.set(&p);
+                let fp = phi(self);
+                p[i][j] -= 2.0 * h;
+                self.set(&p);
+                let fm = phi(self);
+                gi.push((fp - fm) / (2.0 * h));
+            }
+            out.push(gi);
+        }
+        self.set(&theta);
+        out
+    }
+}
+
+/// `‖∇_θ L‖` at the current parameters.
+fn param_grad_norm(p: &Problem) -> f64 {
+    let g = p.loss().unwrap().backward().unwrap();
+    p.vars
+        .iter()
+        .map(|v| norm(&vec_of(g.get(v.as_tensor()).unwrap())).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `‖∇_x L‖` (the whole batch) at the current parameters.
+fn input_grad_norm(p: &Problem) -> f64 {
+    let xv = Var::from_tensor(&p.x.copy().unwrap()).unwrap();
+    let g = p.loss_at(xv.as_tensor()).unwrap().backward().unwrap();
+    norm(&vec_of(g.get(xv.as_tensor()).unwrap()))
+}
+
+fn penalised(kind: Penalty, rho: f64, loss: f64, gnorm: f64) -> f64 {
+    match kind {
+        Penalty::Norm => loss + rho * gnorm,
+        Penalty::HalfSquared => loss + 0.5 * rho * gnorm * gnorm,
+    }
+}
+
+fn loss_value(p: &Problem) -> f64 {
+    p.loss().unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn store_vecs(p: &Problem, grads: &candle_core::backprop::GradStore) -> Vec<f64> {
+    p.vars
+        .iter()
+        .flat_map(|v| vec_of(grads.get(v.as_tensor()).unwrap()))
+        .collect()
+}
+
+fn plain_grads(p: &Problem) -> Vec<f64> {
+    store_vecs(p, &p.loss().unwrap().backward().unwrap())
+}
+
+/// The penalised gradients of `L + ρ‖∇_θ L‖` and `L + ρ/2‖∇_θ L‖²` against
+/// central differences of the penalised objective (f64), with forward and
+/// central Hessian–vector products.
+#[test]
+fn param_penalty_matches_central_differences() {
+    for (k, act) in [Activation::Tanh, Activation::Gelu].into_iter().enumerate() {
+        let p = problem(40 + k as u64, act);
+        let before = p.flat();
+        for kind in [Penalty::Norm, Penalty::HalfSquared] {
+            let rho = 0.3;
+            let want: Vec<f64> = p
+                .central_grad(|p| penalised(kind, rho, loss_value(p), param_grad_norm(p)))
+                .concat();
+            let plain = plain_grads(&p);
+            // The penalty must matter for this test to mean anything.
+            assert!(
+                max_rel(&plain, &want) > 1e-2,
+                "{act:?} {kind:?}: penalty negligible"
+            );
+            for central in [false, true] {
+                let cfg = GradPenaltyConfig {
+                    rho,
+                    penalty: kind,
+                    step: FdStep::Auto,
+                    central,
+                };
+                let out = param_grad_penalty(|| p.loss(), &p.vars, &cfg).unwrap();
+                let got = store_vecs(&p, &out.grads);
+                let err = max_rel(&got, &want);
+                let tol = if central { 1e-8 } else { 1e-6 };
+                assert!(
+                    err < tol,
+                    "{act:?} {kind:?} central={central}: rel err {err:e}"
+                );
+                assert!((out.loss - loss_value(&p)).abs() == 0.0);
+                let gn = param_grad_norm(&p);
+                assert!((out.grad_norm - gn).abs() < 1e-14 * gn);
+                let pen = penalised(kind, rho, 0.0, gn);
+                assert!((out.penalty - pen).abs() < 1e-13 * pen);
+                assert!(out.step > 0.0);
+                assert_eq!(p.flat(), before);
+            }
+        }
+    }
+}
+
+/// With `FdStep::Absolute(r)` and forward differences, the Norm penalty's
+/// gradient is Zhao et al.'s `(1 − α)∇L(θ) + α∇L(θ + r ĝ)` with `α = ρ/r`.
+#[test]
+fn param_penalty_is_zhao_interpolation() {
+    let p = problem(9, Activation::Tanh);
+    let (r, rho) = (0.05, 0.02);
+    let alpha = rho / r;
+    let cfg = GradPenaltyConfig {
+        rho,
+        penalty: Penalty::Norm,
+        step: FdStep::Absolute(r),
+        central: false,
+    };
+    let out = param_grad_penalty(|| p.loss(), &p.vars, &cfg).unwrap();
+    assert_eq!(out.step, r);
+    let g = plain_grads(&p);
+    let gn = norm(&g);
+    let theta = p.flat();
+    let mut off = 0;
+    let moved: Vec<Vec<f64>> = theta
+        .iter()
+        .map(|t| {
+            let v = t
+                .iter()
+                .zip(&g[off..])
+                .map(|(a, b)| a + r * b / gn)
+                .collect();
+            off += t.len();
+            v
+        })
+        .collect();
+    p.set(&moved);
+    let g2 = plain_grads(&p);
+    p.set(&theta);
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| (1.0 - alpha) * a + alpha * b)
+        .collect();
+    let err = max_rel(&store_vecs(&p, &out.grads), &want);
+    assert!(err < 1e-12, "rel err {err:e}");
+}
+
+/// After the call (and after a failure part-way) every variable is
+/// bit-identical to before, in f32 where `θ + hĝ − hĝ ≠ θ` in general.
+#[test]
+fn param_penalty_restores_parameters_bit_identically() {
+    let mut r = rng(77);
+    let w = Var::from_tensor(&randn(&mut r, &[6, 5], DType::F32)).unwrap();
+    let b = Var::from_tensor(&randn(&mut r, &[6], DType::F32)).unwrap();
+    let x = randn(&mut r, &[8, 5], DType::F32);
+    let bits = |v: &Var| -> Vec<u32> {
+        v.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|f| f.to_bits())
+            .collect()
+    };
+    let (w0, b0) = (bits(&w), bits(&b));
+    let loss = || {
+        x.matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?
+            .tanh()?
+            .sqr()?
+            .mean_all()
+    };
+    for central in [false, true] {
+        for step in [FdStep::Auto, FdStep::Absolute(0.37)] {
+            let cfg = GradPenaltyConfig {
+                rho: 0.5,
+                central,
+                step,
+                ..Default::default()
+            };
+            let out = param_grad_penalty(loss, &[w.clone(), b.clone()], &cfg).unwrap();
+            assert!(out.step > 0.0);
+            assert_eq!(bits(&w), w0);
+            assert_eq!(bits(&b), b0);
+        }
+    }
+    // A loss that fails at the perturbed point: error, parameters restored.
+    let calls = std::cell::Cell::new(0);
+    let failing = || {
+        calls.set(calls.get() + 1);
+        if calls.get() == 2 {
+            candle_core::bail!("boom")
+        }
+        loss()
+    };
+    let err = param_grad_penalty(
+        failing,
+        &[w.clone(), b.clone()],
+        &GradPenaltyConfig::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("boom"), "{err}");
+    assert_eq!(bits(&w), w0);
+    assert_eq!(bits(&b), b0);
+}
+
+/// `∇L = 0`: the penalty gradient is 0 (no division by zero, no perturbation).
+#[test]
+fn zero_gradient_gives_zero_penalty_gradient() {
+    let w = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
+    for kind in [Penalty::Norm, Penalty::HalfSquared] {
+        let cfg = GradPenaltyConfig {
+            rho: 1.0,
+            penalty: kind,
+            ..Default::default()
+        };
+        let out = param_grad_penalty(
+            || w.as_tensor().sqr()?.sum_all(),
+            std::slice::from_ref(&w),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(vec_of(out.grads.get(w.as_tensor()).unwrap()), vec![0.0; 3]);
+        assert_eq!((out.grad_norm, out.penalty, out.step), (0.0, 0.0, 0.0));
+
+        // Input penalty: a loss that does not depend on x.
+        let x = Tensor::ones((2, 3), DType::F64, &Device::Cpu).unwrap();
+        let w2 =
+            Var::from_tensor(&Tensor::new(&[1.0f64, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+        let out = input_grad_penalty(
+            |x| w2.as_tensor().sqr()?.sum_all()? + (x.sum_all()? * 0.0)?,
+            &x,
+            std::slice::from_ref(&w2),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(
+            vec_of(out.grads.get(w2.as_tensor()).unwrap()),
+            vec![2.0, -4.0, 1.0]
+        );
+        assert_eq!((out.grad_norm, out.step), (0.0, 0.0));
+    }
+}
+
+#[test]
+fn non_finite_gradients_are_errors() {
+    let a = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::new(&[0.0f64, 1.0], &Device::Cpu).unwrap()).unwrap();
+    let cfg = GradPenaltyConfig::default();
+    // d/dw √w is infinite at w = 0.
+    let err = param_grad_penalty(
+        || w.as_tensor().sqrt()?.sum_all()? + a.as_tensor().sum_all()?,
+        &[a.clone(), w.clone()],
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("vars[1]") && err.contains("NaN or Inf"),
+        "{err}"
+    );
+    // Same through the input.
+    let x = Tensor::new(&[[0.0f64, 1.0]], &Device::Cpu).unwrap();
+    let err = input_grad_penalty(
+        |x| x.sqrt()?.broadcast_mul(a.as_tensor())?.sum_all(),
+        &x,
+        std::slice::from_ref(&a),
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("input_grad_penalty: x") && err.contains("NaN or Inf"),
+        "{err}"
+    );
+    // Bad configuration.
+    let bad = GradPenaltyConfig {
+        rho: -1.0,
+        ..Default::default()
+    };
+    let err =
+        param_grad_penalty(|| a.as_tensor().sum_all(), std::slice::from_ref(&a), &bad).unwrap_err();
+    assert!(err.to_string().contains("rho"), "{err}");
+}
+
+/// The result is a `GradStore` an ordinary candle-nn optimizer steps with.
+#[test]
+fn penalised_grads_drive_a_candle_optimizer() {
+    let p = problem(12, Activation::Tanh);
+    let theta = p.flat().concat();
+    let out = param_grad_penalty(|| p.loss(), &p.vars, &GradPenaltyConfig::default()).unwrap();
+    let g = store_vecs(&p, &out.grads);
+    let mut opt = candle_nn::SGD::new(p.vars.clone(), 0.1).unwrap();
+    opt.step(&out.grads).unwrap();
+    let after = p.flat().concat();
+    for ((a, t), gi) in after.iter().zip(&theta).zip(&g) {
+        assert!((a - (t - 0.1 * gi)).abs() < 1e-15);
+    }
+}
+
+/// The penalised gradients of `L + ρ‖∇_x L‖` and `L + ρ/2‖∇_x L‖²` (w.r.t.
+/// the parameters) against central differences of the penalised objective.
+#[test]
+fn input_penalty_matches_central_differences() {
+    for (k, act) in [Activation::Tanh, Activation::Gelu].into_iter().enumerate() {
+        let p = problem(60 + k as u64, act);
+        let x_before = vec_of(&p.x);
+        for kind in [Penalty::Norm, Penalty::HalfSquared] {
+            let rho = 2.0;
+            let want: Vec<f64> = p
+                .central_grad(|p| penalised(kind, rho, loss_value(p), input_grad_norm(p)))
+                .concat();
+            let plain = plain_grads(&p);
+            assert!(
+                max_rel(&plain, &want) > 1e-2,
+                "{act:?} {kind:?}: penalty negligible"
+            );
+            for central in [false, true] {
+                let cfg = GradPenaltyConfig {
+                    rho,
+                    penalty: kind,
+                    step: FdStep::Auto,
+                    central,
+                };
+                let out = input_grad_penalty(|x| p.loss_at(x), &p.x, &p.vars, &cfg).unwrap();
+                let got = store_vecs(&p, &out.grads);
+                let err = max_rel(&got, &want);
+                let tol = if central { 1e-8 } else { 1e-6 };
+                assert!(
+                    err < tol,
+                    "{act:?} {kind:?} central={central}: rel err {err:e}"
+                );
+                let gn = input_grad_norm(&p);
+                assert!((out.grad_norm - gn).abs() < 1e-14 * gn);
+                assert_eq!(vec_of(&p.x), x_before);
+            }
+        }
+    }
+}
