@@ -262,3 +262,24 @@ fn missing_file_is_an_error() {
     let mut opt = sgd(&vm);
     assert!(opt.load_state("/nonexistent/steepest.safetensors").is_err());
 }
+
+#[test]
+fn state_tensors_carry_no_autograd_graph() {
+    // Gradients from backward() carry a graph; state built from them without
+    // detaching would chain every past step together (unbounded memory).
+    let vm = model(DType::F32);
+    let mut opt = muon(&vm);
+    for t in 0..3 {
+        opt.backward_step(&loss(&vm, t, &[])).unwrap();
+    }
+    for (k, t) in opt.state_dict().unwrap() {
+        assert!(!t.track_op(), "{k} tracks an autograd op");
+    }
+    let mut opt = adamw(&vm);
+    opt.backward_step(&loss(&vm, 0, &[])).unwrap();
+    let mut sgd = sgd(&vm);
+    sgd.backward_step(&loss(&vm, 0, &[])).unwrap();
+    for (k, t) in opt.state_dict().unwrap().into_iter().chain(sgd.state_dict().unwrap()) {
+        assert!(!t.track_op(), "{k} tracks an autograd op");
+    }
+}

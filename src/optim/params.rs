@@ -93,13 +93,16 @@ pub(crate) fn gather(vars: &[NamedVar], grads: &GradStore) -> Result<Vec<Item>> 
             );
         }
         let dt = math_dtype(nv.var.dtype());
-        let grad = grad.to_dtype(dt)?;
+        // Detached: candle's gradients (and the Var itself) carry an autograd
+        // graph, and state built from them would chain every past step's
+        // tensors together (unbounded memory over training).
+        let grad = grad.detach().to_dtype(dt)?;
         // g − g is 0 for finite g and NaN for NaN/±Inf; the sum flags any.
         #[allow(clippy::eq_op)]
         checks.push((&grad - &grad)?.sum_all()?.to_dtype(DType::F32)?);
         items.push(Item {
             index,
-            param: nv.var.as_tensor().to_dtype(dt)?,
+            param: nv.var.as_tensor().detach().to_dtype(dt)?,
             grad,
         });
     }
