@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarMap};
@@ -65,10 +66,14 @@ fn resume_is_bit_identical<O: Optimizer + OptimizerState>(make: fn(&VarMap) -> O
     }
     let straight = snapshot(&vm);
 
+    // Tests run in parallel threads of one process: each call needs its own
+    // directory, or one test removes the files another is about to read.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "steepest-resume-{}-{:?}",
+        "steepest-resume-{}-{:?}-{}",
         std::process::id(),
-        dtype
+        dtype,
+        CALLS.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let vm = model(dtype);
