@@ -290,12 +290,12 @@ fn dual_residual_spectral_sphere_goes_to_zero() {
 #[test]
 fn dual_residual_stiefel_goes_to_zero() {
     let mut r = rng(15);
-    for (n, m) in [(8, 3), (16, 8), (10, 10)] {
+    for (n, m) in [(8, 3), (16, 8), (6, 6)] {
         let w = orthonormal(&mut r, n, m);
         let g = DMatrix::from_vec(n, m, normal_vec(&mut r, n * m));
         let mut res = Vec::new();
         let mut last = None;
-        for steps in [1, 5, 20, 100] {
+        for steps in [1, 5, 20, 100, 300] {
             let ds = stiefel_direction(
                 &from_dmatrix(&g, DType::F32),
                 &from_dmatrix(&w, DType::F32),
@@ -315,12 +315,9 @@ fn dual_residual_stiefel_goes_to_zero() {
             res.push(s.norm());
             last = Some(phi);
         }
-        eprintln!("stiefel {n}×{m}: ‖WᵀΦ + ΦᵀW‖_F for 1, 5, 20, 100 dual steps: {res:?}");
-        assert!(res[3] < 1e-3, "{n}×{m}: final residual {}", res[3]);
-        assert!(
-            res[1] < res[0] && res[2] < res[1] && res[3] <= res[2] + 1e-6,
-            "{res:?}"
-        );
+        eprintln!("stiefel {n}×{m}: ‖WᵀΦ + ΦᵀW‖_F for 1, 5, 20, 100, 300 dual steps: {res:?}");
+        assert!(res[4] < 1e-3, "{n}×{m}: final residual {}", res[4]);
+        assert!(res.windows(2).all(|p| p[1] < p[0]), "{res:?}");
         // Optimality on the tangent space: ⟨G, Φ⟩ ≥ ⟨G, Ψ⟩ for random tangent
         // Ψ = W·skew + (I − WWᵀ)Z scaled to ‖Ψ‖₂ = 1.
         let phi = last.unwrap();
@@ -508,7 +505,8 @@ fn snapshot(vars: &[NamedVar]) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<f64>> {
+fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<u64>> {
+    // Bit patterns: the checkpoint stores an unset dual lr as NaN.
     opt.state_dict()
         .unwrap()
         .into_iter()
@@ -520,7 +518,7 @@ fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<f64>> {
                 .unwrap()
                 .to_vec1::<f64>()
                 .unwrap();
-            (k, v)
+            (k, v.iter().map(|x| x.to_bits()).collect())
         })
         .collect()
 }
@@ -550,7 +548,7 @@ fn setups() -> Vec<(SteepestConfig, Vec<(&'static str, Vec<usize>)>)> {
                 dual: DualAscent {
                     steps: 2,
                     sign: true,
-                    lr: 0.05,
+                    lr: Some(0.01),
                 },
                 ..stiefel_cfg(false)
             },
@@ -696,31 +694,31 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     stiefel.backward_step(&loss(&vars_st, 0)).unwrap();
     let before = state_snapshot(&sphere);
     let cfg = sphere.config().clone();
-    let mut check = |bad: &HashMap<String, Tensor>, needle: &str| {
+    let good = sphere.state_dict().unwrap();
+    let check = |sphere: &mut Steepest, bad: &HashMap<String, Tensor>, needle: &str| {
         let e = sphere.load_state_dict(bad).unwrap_err().to_string();
         assert!(e.contains(needle), "`{e}` should mention `{needle}`");
-        assert_eq!(state_snapshot(&sphere), before);
+        assert_eq!(state_snapshot(sphere), before);
         assert_eq!(sphere.config(), &cfg);
     };
     // A Stiefel checkpoint of the same parameters: its dual_x slots do not fit.
-    check(&stiefel.state_dict().unwrap(), "dual_x");
+    check(&mut sphere, &stiefel.state_dict().unwrap(), "dual_x");
     // The same without slots: the manifold itself is refused.
     let mut bare = stiefel.state_dict().unwrap();
     bare.retain(|k, _| k.starts_with("__steepest__"));
-    check(&bare, "checkpoint: manifold");
+    check(&mut sphere, &bare, "checkpoint: manifold");
     // A multiplier of the wrong shape.
-    let mut bad = sphere.state_dict().unwrap();
+    let mut bad = good.clone();
     bad.insert(
         "a.dual_lambda".into(),
         Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     );
-    check(&bad, "a.dual_lambda");
+    check(&mut sphere, &bad, "a.dual_lambda");
     // Another optimizer's checkpoint.
     let mut r = rng(19);
     let mvars = named(vec![("a", randn(&mut r, &[8, 5], DType::F32))]);
     let muon = Muon::from_named(mvars, MuonConfig::default()).unwrap();
-    check(&muon.state_dict().unwrap(), "muon");
+    check(&mut sphere, &muon.state_dict().unwrap(), "muon");
     // The good one loads.
-    let good = sphere.state_dict().unwrap();
     sphere.load_state_dict(&good).unwrap();
 }

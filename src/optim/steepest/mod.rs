@@ -26,9 +26,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 pub use manifold::{
-    power_iteration_to_tolerance, spectral_sphere_direction, spectral_sphere_retract,
-    stiefel_direction, stiefel_retract, theta, DualAscent, DualStep, Manifold, DEFAULT_DUAL_LR,
-    SPECTRAL_RETRACT_MAX_ITERS, SPECTRAL_RETRACT_TOL, STIEFEL_RETRACT_MAX_ITERS,
+    spectral_sphere_direction, spectral_sphere_retract, stiefel_direction, stiefel_retract, theta,
+    top_singular_converged, DualAscent, DualStep, Manifold, DEFAULT_DUAL_LR_SPECTRAL_SPHERE,
+    DEFAULT_DUAL_LR_STIEFEL, RAYLEIGH_RITZ_BLOCK, SPECTRAL_RETRACT_MAX_ITERS, SPECTRAL_RETRACT_TOL,
+    STIEFEL_RETRACT_MAX_ITERS,
 };
 pub use norm::{dualize, lp_sphere_multiplier, p_norm, sphere_direction, sphere_retract, Norm};
 
@@ -45,8 +46,8 @@ use crate::linalg::{msign, power_iteration, NewtonSchulz};
 
 /// [`Steepest`] hyperparameters. Defaults: `lr = 0.02`, momentum 0.95 with
 /// Nesterov, the spectral norm with Keller Jordan's Newton–Schulz table, no
-/// manifold, no weight decay, one dual step per training step with
-/// `η₂ = DEFAULT_DUAL_LR`.
+/// manifold, no weight decay, one dual step per training step with the
+/// manifold's default `η₂`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteepestConfig {
     /// Step length `η`: every step has `ρ(Δw) = η` before the retraction.
@@ -127,13 +128,6 @@ impl SteepestConfig {
     /// Checks that the config fits a parameter of shape `dims` named `name`.
     fn check_param(&self, name: &str, dims: &[usize]) -> Result<()> {
         let mv = matrix_view(dims);
-        if matches!(self.norm, Norm::Spectral(_)) && mv.is_none() {
-            fail!(
-                name,
-                "Norm::Spectral needs a matrix (rank ≥ 2), this parameter has shape {dims:?}; \
-                 give vectors to a Steepest with a vector norm (Steepest::from_named)"
-            );
-        }
         match (self.manifold, mv) {
             (Manifold::SpectralSphere { .. } | Manifold::Stiefel { .. }, None) => fail!(
                 name,
@@ -150,8 +144,16 @@ impl SteepestConfig {
                 "Stiefel {{ transpose: true }} (WWᵀ = I) needs rows ≤ cols, the matrix view is {r}×{c} (tall); \
                  use Manifold::Stiefel {{ transpose: false }} to keep WᵀW = I"
             ),
-            _ => Ok(()),
+            _ => {}
         }
+        if matches!(self.norm, Norm::Spectral(_)) && mv.is_none() {
+            fail!(
+                name,
+                "Norm::Spectral needs a matrix (rank ≥ 2), this parameter has shape {dims:?}; \
+                 give vectors to a Steepest with a vector norm (Steepest::from_named)"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -171,7 +173,7 @@ const KIND: &str = "steepest";
 /// - `Stiefel`: `Φ = msign(M̂ + WX)`, `X ← X − η₂(WᵀΦ + ΦᵀW)`,
 ///   `W ← msign(W − ηΦ)`,
 ///
-/// with `M̂ = M/‖M‖_F`. Same-shape matrices are processed as one batch.
+/// with `M̂ = M/rms(σ(M))`. Same-shape matrices are processed as one batch.
 /// State slots: `<name>.momentum`, `<name>.dual_lambda` (scalar),
 /// `<name>.theta_v` (`v₁` of `W`, warm start of the power iteration),
 /// `<name>.dual_x` (`k×k`, `k` the short side), and `<name>.spectral_v` for
@@ -335,7 +337,7 @@ impl Steepest {
             // Θ of the current W: the stored v₁ came from the last retraction,
             // one iteration refreshes it; a cold start iterates to convergence.
             let top = if cold {
-                power_iteration_to_tolerance(
+                top_singular_converged(
                     &w,
                     Some(&start),
                     SPECTRAL_RETRACT_TOL,
@@ -516,10 +518,7 @@ impl OptimizerState for Steepest {
                 Tensor::new(&c.manifold.encode(), &Device::Cpu)?,
             ),
             ("weight_decay".to_string(), c.weight_decay.to_tensor()?),
-            (
-                "dual".to_string(),
-                Tensor::new(&[d.lr, d.steps as f64, d.sign as u8 as f64], &Device::Cpu)?,
-            ),
+            ("dual".to_string(), Tensor::new(&d.encode(), &Device::Cpu)?),
         ];
         if let Norm::Spectral(ns) = &c.norm {
             let table: Vec<f64> = ns.coefficients().iter().flatten().copied().collect();
@@ -606,11 +605,7 @@ impl OptimizerState for Steepest {
             norm: Norm::decode(&norm_code, ns)?,
             manifold: Manifold::decode(&read_f64s(&imp, "manifold")?)?,
             weight_decay: WeightDecay::from_tensor(imp.tensor("weight_decay")?)?,
-            dual: DualAscent {
-                lr: dual[0],
-                steps: dual[1] as usize,
-                sign: dual[2] != 0.0,
-            },
+            dual: DualAscent::decode(&read_f64s(&imp, "dual")?)?,
         };
         config.validate()?;
         let (mine, theirs) = (self.config.manifold.encode(), config.manifold.encode());
