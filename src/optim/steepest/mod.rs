@@ -189,6 +189,9 @@ pub struct Steepest {
     vars: Vec<NamedVar>,
     config: SteepestConfig,
     slots: Slots,
+    /// Tangent residual of the last step's direction, per parameter (device
+    /// scalars: reading them is the only host sync).
+    residuals: Vec<(usize, Tensor)>,
 }
 
 impl Steepest {
@@ -208,12 +211,29 @@ impl Steepest {
             vars,
             config,
             slots: HashMap::new(),
+            residuals: Vec::new(),
         })
     }
 
     /// The current hyperparameters.
     pub fn config(&self) -> &SteepestConfig {
         &self.config
+    }
+
+    /// The tangent residual of the direction each parameter took in the last
+    /// step, by name: `|tr(ΘᵀΦ)|` on the spectral sphere, `‖WᵀΦ + ΦᵀW‖_F` on
+    /// the Stiefel manifold (`Φ` for the normalised gradient, so 0 means
+    /// tangent and the scale is that of `‖Φ‖₂ = 1`). Empty for `Free` and
+    /// `Sphere`, whose directions are tangent by construction (closed form or
+    /// an f64 root solve).
+    pub fn tangent_residuals(&self) -> Result<Vec<(String, f64)>> {
+        self.residuals
+            .iter()
+            .map(|(i, t)| {
+                let r = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((self.vars[*i].name.clone(), r))
+            })
+            .collect()
     }
 
     /// The Newton–Schulz schedule (for the spectral norm).
@@ -301,6 +321,7 @@ impl Steepest {
         dirs: &[Tensor],
         decayed: &[Tensor],
         staged: &mut Slots,
+        residuals: &mut Vec<(usize, Tensor)>,
     ) -> Result<Vec<(usize, Tensor)>> {
         let cfg = &self.config;
         let mut out = Vec::with_capacity(items.len());
@@ -356,6 +377,7 @@ impl Steepest {
                 let name = self.name(it).to_string();
                 staged.insert(key(&name, THETA_V), new_top.v.get(i)?);
                 staged.insert(key(&name, DUAL_LAMBDA), ds.multiplier.get(i)?);
+                residuals.push((it.index, ds.residual.get(i)?.abs()?));
                 out.push((it.index, new_w.get(i)?.reshape(it.param.shape())?));
             }
         }
@@ -369,6 +391,7 @@ impl Steepest {
         dirs: &[Tensor],
         decayed: &[Tensor],
         staged: &mut Slots,
+        residuals: &mut Vec<(usize, Tensor)>,
     ) -> Result<Vec<(usize, Tensor)>> {
         let cfg = &self.config;
         let mut out = Vec::with_capacity(items.len());
@@ -420,6 +443,8 @@ impl Steepest {
                 let it = &items[p];
                 let name = self.name(it).to_string();
                 staged.insert(key(&name, DUAL_X), ds.multiplier.get(i)?);
+                let res = ds.residual.get(i)?.sqr()?.sum_all()?.sqrt()?;
+                residuals.push((it.index, res));
                 out.push((it.index, new_w.get(i)?.reshape(it.param.shape())?));
             }
         }
@@ -461,18 +486,30 @@ impl Optimizer for Steepest {
             staged.insert(k, buf);
             dirs.push(update);
         }
+        let mut residuals = Vec::new();
         let updates = match cfg.manifold {
             Manifold::Free => self.free(&items, &dirs, &decayed)?,
             Manifold::Sphere { radius } => self.sphere(radius, &items, &dirs, &decayed)?,
-            Manifold::SpectralSphere { radius } => {
-                self.spectral_sphere(radius, &items, &dirs, &decayed, &mut staged)?
-            }
-            Manifold::Stiefel { transpose } => {
-                self.stiefel(transpose, &items, &dirs, &decayed, &mut staged)?
-            }
+            Manifold::SpectralSphere { radius } => self.spectral_sphere(
+                radius,
+                &items,
+                &dirs,
+                &decayed,
+                &mut staged,
+                &mut residuals,
+            )?,
+            Manifold::Stiefel { transpose } => self.stiefel(
+                transpose,
+                &items,
+                &dirs,
+                &decayed,
+                &mut staged,
+                &mut residuals,
+            )?,
         };
         commit(&self.vars, updates)?;
         self.slots = staged;
+        self.residuals = residuals;
         Ok(())
     }
 
@@ -622,6 +659,7 @@ impl OptimizerState for Steepest {
         }
         self.config = config;
         self.slots = imp.slots;
+        self.residuals.clear();
         Ok(())
     }
 }
