@@ -490,14 +490,9 @@ impl Optimizer for Steepest {
         let updates = match cfg.manifold {
             Manifold::Free => self.free(&items, &dirs, &decayed)?,
             Manifold::Sphere { radius } => self.sphere(radius, &items, &dirs, &decayed)?,
-            Manifold::SpectralSphere { radius } => self.spectral_sphere(
-                radius,
-                &items,
-                &dirs,
-                &decayed,
-                &mut staged,
-                &mut residuals,
-            )?,
+            Manifold::SpectralSphere { radius } => {
+                self.spectral_sphere(radius, &items, &dirs, &decayed, &mut staged, &mut residuals)?
+            }
             Manifold::Stiefel { transpose } => self.stiefel(
                 transpose,
                 &items,
