@@ -10,6 +10,9 @@
 //! - [`optim::AdamW`], [`optim::Sgd`], [`optim::Muon`]: `candle_nn::Optimizer`s
 //!   with any weight decay and state that saves to safetensors
 //!   ([`optim::OptimizerState`]).
+//! - [`optim::Steepest`]: steepest descent under a norm (Euclidean, `ℓ_p`,
+//!   sign, spectral) on a manifold (sphere, spectral sphere, Stiefel), with
+//!   dual descent for the manifolds' multipliers ([`optim::steepest`]).
 //! - [`penalty`]: gradient-norm penalties (parameter and input gradients) by
 //!   finite-difference Hessian–vector products, and the input/parameter
 //!   gradient inequality as a diagnostic.
@@ -45,3 +48,4 @@ pub mod penalty;
 pub use decay::WeightDecay;
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
+pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};

@@ -12,9 +12,11 @@ mod muon;
 mod params;
 mod sgd;
 mod state;
+pub mod steepest;
 
 pub use adamw::{adam_update, AdamW, AdamWConfig};
 pub use muon::{muon_momentum, LrAdjust, Muon, MuonConfig};
 pub use params::NamedVar;
 pub use sgd::{sgd_update, Sgd, SgdConfig};
 pub use state::OptimizerState;
+pub use steepest::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};

@@ -1,0 +1,313 @@
+//! Dualized gradients under a norm, free and on the sphere (SPEC §2).
+//!
+//! The steepest-descent direction under a norm `ρ` is
+//! `φ = argmax_{ρ(φ)=1} ⟨g, φ⟩`, and the step is `w ← w − η φ`. On the sphere
+//! `ρ(w) = r` the maximum is taken over the tangent space only. The vector
+//! norms treat a parameter of any shape as one flat vector.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::error::fail;
+use crate::linalg::{msign, NewtonSchulz};
+
+/// The norm `ρ` whose unit ball bounds a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Norm {
+    /// `ρ = ‖·‖₂`: `φ = g/‖g‖₂` (normalized SGD).
+    Euclidean,
+    /// `ρ = ‖·‖_p` with `1 < p < ∞`: `φ = g^{[q/p]}/‖g^{[q/p]}‖_p`, `1/p + 1/q = 1`,
+    /// `x^{[α]} = sign(x)|x|^α` (pbSGD). `Lp(2.0)` is [`Norm::Euclidean`].
+    Lp(f64),
+    /// `ρ = ‖·‖_∞`: `φ = sign(g)` (SignSGD).
+    Sign,
+    /// `ρ = ‖·‖₂` of the matrix view (spectral norm): `φ = msign(G) = U Vᵀ`
+    /// (Muon), by the given Newton–Schulz schedule. Matrices only.
+    Spectral(NewtonSchulz),
+}
+
+impl Norm {
+    /// The exponent `p` of a vector norm (`2` for Euclidean, `∞` for Sign);
+    /// `None` for the spectral norm.
+    pub fn p(&self) -> Option<f64> {
+        match self {
+            Self::Euclidean => Some(2.0),
+            Self::Lp(p) => Some(*p),
+            Self::Sign => Some(f64::INFINITY),
+            Self::Spectral(_) => None,
+        }
+    }
+
+    /// Errors (naming `who`) unless `p` is finite and `> 1`.
+    pub(crate) fn validate(&self, who: &str) -> Result<()> {
+        if let Self::Lp(p) = *self {
+            if !(p.is_finite() && p > 1.0) {
+                fail!(
+                    who,
+                    "Lp needs a finite p > 1 (use Norm::Sign for p = ∞), got {p}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `[kind, p]` for checkpoints (the Newton–Schulz table is saved apart).
+    pub(crate) fn encode(&self) -> [f64; 2] {
+        match self {
+            Self::Euclidean => [0.0, 2.0],
+            Self::Lp(p) => [1.0, *p],
+            Self::Sign => [2.0, 0.0],
+            Self::Spectral(_) => [3.0, 0.0],
+        }
+    }
+
+    /// Inverse of [`Norm::encode`]; `ns` is used for `Spectral`.
+    pub(crate) fn decode(code: &[f64], ns: Option<NewtonSchulz>) -> Result<Self> {
+        Ok(match (code.first().map(|k| *k as u32), code.get(1), ns) {
+            (Some(0), _, _) => Self::Euclidean,
+            (Some(1), Some(&p), _) => Self::Lp(p),
+            (Some(2), _, _) => Self::Sign,
+            (Some(3), _, Some(ns)) => Self::Spectral(ns),
+            _ => fail!("checkpoint: norm", "bad code {code:?}"),
+        })
+    }
+
+    /// The vector norm `‖x‖_p` of a whole tensor, as a host `f64`.
+    fn vector_norm(&self, x: &Tensor) -> Result<f64> {
+        let v = to_host(x)?;
+        Ok(p_norm(&v, self.p().unwrap_or(2.0)))
+    }
+}
+
+/// A tensor's values as an f64 vector on the host.
+fn to_host(x: &Tensor) -> Result<Vec<f64>> {
+    x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
+
+/// `‖x‖_p` in f64 (`p = ∞`: max |xᵢ|), scaled by the largest entry first so
+/// that large `p` neither overflows nor underflows.
+pub fn p_norm(x: &[f64], p: f64) -> f64 {
+    let m = x.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    if m == 0.0 || p.is_infinite() {
+        return m;
+    }
+    m * x
+        .iter()
+        .map(|v| (v.abs() / m).powf(p))
+        .sum::<f64>()
+        .powf(1.0 / p)
+}
+
+/// `x^{[α]} = sign(x)|x|^α`.
+fn signed_pow(x: f64, alpha: f64) -> f64 {
+    x.signum() * x.abs().powf(alpha) * (x != 0.0) as u8 as f64
+}
+
+/// The dualized gradient `φ = argmax_{ρ(φ)=1} ⟨g, φ⟩` (no constraint on `w`):
+/// `g/‖g‖₂`, `g^{[q/p]}/‖g^{[q/p]}‖_p`, `sign(g)` or `msign(G)` (of the matrix
+/// view, for `Spectral`). A zero gradient gives a zero direction.
+pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
+    norm.validate("dualize: norm")?;
+    match norm {
+        Norm::Euclidean => normalize_l2(g),
+        Norm::Lp(p) if *p == 2.0 => normalize_l2(g),
+        Norm::Lp(p) => {
+            let e = 1.0 / (p - 1.0); // q/p = q − 1
+                                     // Scaled by max |g| first: |g|^e neither overflows nor underflows.
+            let m = g.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?;
+            let m = m.to_scalar::<f64>()?;
+            if m == 0.0 {
+                return g.zeros_like();
+            }
+            let x = ((g / m)?.abs()?.powf(e)? * g.sign()?)?;
+            let n = Norm::Lp(*p).vector_norm(&x)?;
+            x / n
+        }
+        Norm::Sign => g.sign(),
+        Norm::Spectral(ns) => {
+            let Some((r, c)) = super::super::params::matrix_view(g.dims()) else {
+                fail!(
+                    "dualize",
+                    "the spectral norm needs a matrix, got shape {:?} (use Norm::Euclidean for vectors)",
+                    g.dims()
+                );
+            };
+            msign(&g.reshape((r, c))?, ns)?.reshape(g.shape())
+        }
+    }
+}
+
+/// `g/‖g‖₂` (zero stays zero).
+fn normalize_l2(g: &Tensor) -> Result<Tensor> {
+    let n = g.sqr()?.sum_all()?.sqrt()?;
+    let tiny = tiny(g.dtype());
+    g.broadcast_div(&n.maximum(tiny)?)
+}
+
+fn tiny(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN_POSITIVE,
+        _ => f32::MIN_POSITIVE as f64,
+    }
+}
+
+/// The steepest direction on the sphere `ρ(w) = r` at `w` (any `r > 0`):
+/// `argmax ⟨g, φ⟩` over `ρ(φ) = 1` and the tangent condition
+/// `⟨ŵ^{[p−1]}, φ⟩ = 0`, `ŵ = w/ρ(w)`.
+///
+/// - Euclidean: `φ = (g − ⟨g,ŵ⟩ŵ)/‖g − ⟨g,ŵ⟩ŵ‖₂` (closed form).
+/// - `Lp(p)`: `φ ∝ (g + λ a)^{[q/p]}`, `a = ŵ^{[p−1]}`, with `λ` the root of
+///   `⟨a, (g + λa)^{[q−1]}⟩ = 0` ([`lp_sphere_multiplier`]; no closed form).
+///   Solved on the host in f64.
+/// - Sign (`p = ∞`): `φ = sign(g)` with the coordinate `k = argmax |w_k|`
+///   set to 0 (the first one on a tie).
+///
+/// A gradient normal to the sphere gives a zero direction.
+pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
+    norm.validate("sphere_direction: norm")?;
+    if g.shape() != w.shape() {
+        fail!(
+            "sphere_direction",
+            "g has shape {:?}, w has shape {:?}",
+            g.dims(),
+            w.dims()
+        );
+    }
+    match norm {
+        Norm::Spectral(_) => fail!(
+            "sphere_direction",
+            "the vector sphere needs a vector norm; use Manifold::SpectralSphere for the spectral norm"
+        ),
+        Norm::Euclidean => euclidean_tangent(g, w),
+        Norm::Lp(p) if *p == 2.0 => euclidean_tangent(g, w),
+        Norm::Sign => {
+            let flat = w.flatten_all()?;
+            let k = flat.abs()?.argmax(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+            let n = flat.dim(0)? as u32;
+            let keep = Tensor::arange(0u32, n, w.device())?
+                .ne(k)?
+                .to_dtype(g.dtype())?
+                .reshape(g.shape())?;
+            g.sign()? * keep
+        }
+        Norm::Lp(p) => {
+            let (gv, wv) = (to_host(g)?, to_host(w)?);
+            let wn = p_norm(&wv, *p);
+            if wn == 0.0 {
+                fail!("sphere_direction", "w = 0 is not on a sphere");
+            }
+            let a: Vec<f64> = wv.iter().map(|x| signed_pow(x / wn, p - 1.0)).collect();
+            let lambda = lp_sphere_multiplier(&gv, &a, *p)?;
+            let e = 1.0 / (p - 1.0);
+            let phi: Vec<f64> = gv
+                .iter()
+                .zip(&a)
+                .map(|(g, a)| signed_pow(g + lambda * a, e))
+                .collect();
+            let n = p_norm(&phi, *p);
+            let phi: Vec<f64> = phi.iter().map(|x| if n > 0.0 { x / n } else { 0.0 }).collect();
+            Tensor::from_vec(phi, g.shape(), &Device::Cpu)?
+                .to_dtype(g.dtype())?
+                .to_device(g.device())
+        }
+    }
+}
+
+fn euclidean_tangent(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let wn = w.sqr()?.sum_all()?.sqrt()?;
+    let w_hat = w.broadcast_div(&wn.maximum(tiny(w.dtype()))?)?;
+    let along = (g * &w_hat)?.sum_all()?;
+    normalize_l2(&(g - w_hat.broadcast_mul(&along)?)?)
+}
+
+/// The multiplier `λ` of the `ℓ_p` sphere: the root of
+/// `h(λ) = ⟨a, (g + λa)^{[q−1]}⟩`, `q − 1 = 1/(p − 1)`, which makes
+/// `φ ∝ (g + λa)^{[q−1]}` tangent (`⟨a, φ⟩ = 0`).
+///
+/// `h` is the derivative of the convex dual objective `‖g + λa‖_q^q / q`, so
+/// it is non-decreasing in `λ` and the root is found by bracketing (doubling
+/// from the `p = 2` guess `−⟨g,a⟩/⟨a,a⟩`) and bisection to f64 precision.
+/// Errors when `a = 0`.
+pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
+    if !(p.is_finite() && p > 1.0) {
+        fail!("lp_sphere_multiplier: p", "needs a finite p > 1, got {p}");
+    }
+    if g.len() != a.len() {
+        fail!(
+            "lp_sphere_multiplier",
+            "g has {} entries, a has {}",
+            g.len(),
+            a.len()
+        );
+    }
+    // h is jointly homogeneous: scale g and a to max-abs 1, solve, scale back.
+    let sg = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let sa = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if sa == 0.0 || !sa.is_finite() || !sg.is_finite() {
+        fail!(
+            "lp_sphere_multiplier: a",
+            "the normal vector is zero or not finite (w = 0?)"
+        );
+    }
+    if sg == 0.0 {
+        return Ok(0.0);
+    }
+    let gs: Vec<f64> = g.iter().map(|v| v / sg).collect();
+    let as_: Vec<f64> = a.iter().map(|v| v / sa).collect();
+    let e = 1.0 / (p - 1.0);
+    let h = |lambda: f64| -> f64 {
+        gs.iter()
+            .zip(&as_)
+            .map(|(g, a)| a * signed_pow(g + lambda * a, e))
+            .sum()
+    };
+    let guess = -gs.iter().zip(&as_).map(|(g, a)| g * a).sum::<f64>()
+        / as_.iter().map(|a| a * a).sum::<f64>();
+    let (mut lo, mut hi) = (guess - 1.0, guess + 1.0);
+    let mut width = 1.0;
+    let mut tries = 0;
+    while h(lo) > 0.0 {
+        width *= 2.0;
+        lo = guess - width;
+        tries += 1;
+        if tries > 200 {
+            fail!("lp_sphere_multiplier", "could not bracket the root");
+        }
+    }
+    while h(hi) < 0.0 {
+        width *= 2.0;
+        hi = guess + width;
+        tries += 1;
+        if tries > 400 {
+            fail!("lp_sphere_multiplier", "could not bracket the root");
+        }
+    }
+    for _ in 0..300 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if h(mid) < 0.0 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(0.5 * (lo + hi) * sg / sa)
+}
+
+/// The retraction onto the sphere `ρ(w) = r`: `w ← r·w/ρ(w)` with
+/// `ρ = ‖·‖_p` of the norm (`‖·‖_∞` for Sign). For the Euclidean norm and a
+/// tangent step this is `(w − ηφ)·r/√(r² + η²)`. Errors on `w = 0`.
+pub fn sphere_retract(w: &Tensor, radius: f64, norm: &Norm) -> Result<Tensor> {
+    let Some(p) = norm.p() else {
+        fail!(
+            "sphere_retract",
+            "the vector sphere needs a vector norm, got the spectral norm"
+        );
+    };
+    let n = p_norm(&to_host(w)?, p);
+    if n == 0.0 || !n.is_finite() {
+        fail!("sphere_retract", "cannot retract w with norm {n}");
+    }
+    w * (radius / n)
+}

@@ -1,0 +1,724 @@
+//! Muon on the spectral sphere and the Stiefel manifold (SPEC §3), checked
+//! against facts: the constraint after every step (f64 SVD), the tangent
+//! residual of dual descent going to 0, the dual value `min_λ ‖G + λΘ‖_*`,
+//! the Stiefel minimum of `tr(WᵀAW)` against an f64 eigendecomposition;
+//! plus the optimizer plumbing (errors at construction, failed steps change
+//! nothing, state round trip, refused checkpoints).
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use common::*;
+use nalgebra::{DMatrix, DVector};
+use steepest::optim::steepest::{
+    spectral_sphere_direction, spectral_sphere_retract, stiefel_direction, stiefel_retract,
+};
+use steepest::optim::NamedVar;
+use steepest::{
+    DualAscent, Manifold, Muon, MuonConfig, NewtonSchulz, Norm, OptimizerState, Steepest,
+    SteepestConfig, WeightDecay,
+};
+
+fn named(items: Vec<(&str, Tensor)>) -> Vec<NamedVar> {
+    items
+        .into_iter()
+        .map(|(n, t)| NamedVar {
+            name: n.into(),
+            var: Var::from_tensor(&t).unwrap(),
+        })
+        .collect()
+}
+
+/// The matrix view of a parameter as an f64 matrix.
+fn view(v: &Var) -> DMatrix<f64> {
+    let d = v.dims();
+    let cols = d[1..].iter().product::<usize>();
+    to_dmatrix(&v.as_tensor().reshape((d[0], cols)).unwrap())
+}
+
+/// A loss with step-dependent linear and quadratic terms per parameter.
+fn loss(vars: &[NamedVar], step: u64) -> Tensor {
+    let mut r = rng(1000 + step);
+    let mut total = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for v in vars {
+        let c = randn(&mut r, v.var.dims(), DType::F32);
+        let d = randn(&mut r, v.var.dims(), DType::F32);
+        let x = v.var.as_tensor().to_dtype(DType::F32).unwrap();
+        let t = ((&x * &c).unwrap().sum_all().unwrap()
+            + ((x.sqr().unwrap() * &d).unwrap().sum_all().unwrap() * 0.5).unwrap())
+        .unwrap();
+        total = (total + t).unwrap();
+    }
+    total
+}
+
+fn spectral_sphere_cfg(radius: f64) -> SteepestConfig {
+    SteepestConfig {
+        lr: 0.1,
+        manifold: Manifold::SpectralSphere { radius },
+        ..Default::default()
+    }
+}
+
+fn stiefel_cfg(transpose: bool) -> SteepestConfig {
+    SteepestConfig {
+        lr: 0.1,
+        manifold: Manifold::Stiefel { transpose },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn spectral_sphere_norm_holds_after_every_step() {
+    let mut r = rng(10);
+    let radius = 1.5;
+    let vars = named(vec![
+        ("a", randn(&mut r, &[8, 5], DType::F32)),
+        // σ₁ = σ₂ exactly, and σ₂ = 0.999σ₁ (power iteration barely separates them).
+        (
+            "equal",
+            from_dmatrix(
+                &with_singular_values(&mut r, 8, 5, &[3.0, 3.0, 1.0, 0.5, 0.2]),
+                DType::F32,
+            ),
+        ),
+        (
+            "near",
+            from_dmatrix(
+                &with_singular_values(&mut r, 5, 9, &[2.0, 1.998, 1.0, 0.3, 0.1]),
+                DType::F32,
+            ),
+        ),
+        ("conv", randn(&mut r, &[4, 2, 3], DType::F32)),
+    ]);
+    for lr in [0.05, 0.3] {
+        let vars: Vec<NamedVar> = vars
+            .iter()
+            .map(|v| NamedVar {
+                name: v.name.clone(),
+                var: Var::from_tensor(v.var.as_tensor()).unwrap(),
+            })
+            .collect();
+        let mut opt = Steepest::from_named(
+            vars.clone(),
+            SteepestConfig {
+                lr,
+                ..spectral_sphere_cfg(radius)
+            },
+        )
+        .unwrap();
+        for t in 0..30 {
+            opt.backward_step(&loss(&vars, t)).unwrap();
+            for v in &vars {
+                let s1 = singular_values(&view(&v.var))[0];
+                assert!(
+                    (s1 - radius).abs() <= 1e-4,
+                    "lr {lr} step {t} {}: ‖W‖₂ = {s1}",
+                    v.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn spectral_retraction_is_exact_with_equal_top_singular_values() {
+    let mut r = rng(11);
+    for (m, n) in [(12, 6), (6, 12)] {
+        for gap in [0.0, 1e-4, 1e-3, 1e-2, 0.1] {
+            let s = [2.0, 2.0 * (1.0 - gap), 0.7, 0.4, 0.1];
+            let w = with_singular_values(&mut r, m, n, &s);
+            let (out, _) =
+                spectral_sphere_retract(&from_dmatrix(&w, DType::F32), 0.8, None).unwrap();
+            let s1 = singular_values(&to_dmatrix(&out))[0];
+            assert!((s1 - 0.8).abs() <= 1e-4, "{m}×{n} gap {gap}: σ₁ = {s1}");
+        }
+    }
+}
+
+#[test]
+fn stiefel_constraint_holds_after_every_step() {
+    let mut r = rng(12);
+    for (transpose, shapes) in [
+        (
+            false,
+            vec![
+                ("t", vec![8, 3]),
+                ("u", vec![8, 3]),
+                ("conv", vec![6, 2, 1]),
+                ("sq", vec![4, 4]),
+            ],
+        ),
+        (true, vec![("w", vec![3, 8]), ("sq", vec![4, 4])]),
+    ] {
+        for lr in [0.05, 0.3] {
+            let vars = named(
+                shapes
+                    .iter()
+                    .map(|(n, s)| (*n, randn(&mut r, s, DType::F32)))
+                    .collect(),
+            );
+            let mut opt = Steepest::from_named(
+                vars.clone(),
+                SteepestConfig {
+                    lr,
+                    ..stiefel_cfg(transpose)
+                },
+            )
+            .unwrap();
+            for t in 0..30 {
+                opt.backward_step(&loss(&vars, t)).unwrap();
+                for v in &vars {
+                    let w = view(&v.var);
+                    let w = if transpose { w.transpose() } else { w };
+                    let k = w.ncols();
+                    let dev = (w.transpose() * &w - DMatrix::identity(k, k)).norm();
+                    assert!(
+                        dev <= 1e-4,
+                        "transpose {transpose} lr {lr} step {t} {}: ‖WᵀW − I‖_F = {dev}",
+                        v.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn stiefel_retraction_is_the_polar_factor() {
+    let mut r = rng(13);
+    // Cold: any full-rank matrix.
+    let a = DMatrix::from_vec(10, 4, normal_vec(&mut r, 40));
+    let out = to_dmatrix(&stiefel_retract(&from_dmatrix(&a, DType::F32), true).unwrap());
+    assert!(
+        rel_err(&out, &polar(&a)) < 1e-5,
+        "{}",
+        rel_err(&out, &polar(&a))
+    );
+    // Warm: one step of length 0.3 away from the manifold.
+    let q = orthonormal(&mut r, 10, 4);
+    let step = DMatrix::from_vec(10, 4, normal_vec(&mut r, 40));
+    let step = &step * (0.3 / singular_values(&step)[0]);
+    let a = &q - step;
+    let out = to_dmatrix(&stiefel_retract(&from_dmatrix(&a, DType::F32), false).unwrap());
+    assert!(
+        rel_err(&out, &polar(&a)) < 1e-5,
+        "{}",
+        rel_err(&out, &polar(&a))
+    );
+    assert!((out.transpose() * &out - DMatrix::identity(4, 4)).norm() < 1e-5);
+}
+
+fn nuclear(a: &DMatrix<f64>) -> f64 {
+    singular_values(a).iter().sum()
+}
+
+/// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
+fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut a, mut b) = (-l, l);
+    for _ in 0..200 {
+        let c = b - r * (b - a);
+        let d = a + r * (b - a);
+        if f(c) < f(d) {
+            b = d;
+        } else {
+            a = c;
+        }
+    }
+    f(0.5 * (a + b))
+}
+
+#[test]
+fn dual_residual_spectral_sphere_goes_to_zero() {
+    let mut r = rng(14);
+    for (m, n) in [(8, 3), (16, 8), (12, 20)] {
+        let w = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
+        let svd = w.clone().svd(true, true);
+        let i = (0..svd.singular_values.len())
+            .max_by(|&a, &b| {
+                svd.singular_values[a]
+                    .partial_cmp(&svd.singular_values[b])
+                    .unwrap()
+            })
+            .unwrap();
+        let th = svd.u.as_ref().unwrap().column(i) * svd.v_t.as_ref().unwrap().row(i);
+        let g = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
+        let gn = &g / g.norm();
+        let mut res = Vec::new();
+        let mut last = None;
+        for steps in [1, 5, 20, 100] {
+            let dual = DualAscent {
+                steps,
+                ..DualAscent::default()
+            };
+            let ds = spectral_sphere_direction(
+                &from_dmatrix(&g, DType::F32),
+                &from_dmatrix(&th, DType::F32),
+                &Tensor::new(0f32, &Device::Cpu).unwrap(),
+                &dual,
+                &NewtonSchulz::polar_express(10),
+            )
+            .unwrap();
+            let phi = to_dmatrix(&ds.phi);
+            // The residual is tr(ΘᵀΦ) of the returned Φ (checked in f64).
+            let rr = th.dot(&phi);
+            let reported = ds.residual.to_scalar::<f32>().unwrap() as f64;
+            assert!((rr - reported).abs() < 1e-5);
+            res.push(rr.abs());
+            last = Some(phi);
+        }
+        eprintln!("spectral sphere {m}×{n}: |tr(ΘᵀΦ)| for 1, 5, 20, 100 dual steps: {res:?}");
+        assert!(res[3] < 1e-4, "{m}×{n}: final residual {}", res[3]);
+        assert!(
+            res[1] < res[0] && res[2] < res[1] && res[3] <= res[2] + 1e-6,
+            "{res:?}"
+        );
+        // At the fixed point ⟨Ĝ, Φ⟩ = min_λ ‖Ĝ + λΘ‖_* (strong duality).
+        let dual_value = golden_min(|l| nuclear(&(&gn + &th * l)), 50.0);
+        let primal = gn.dot(&last.unwrap());
+        assert!(
+            (primal - dual_value).abs() < 1e-3 * dual_value,
+            "{m}×{n}: ⟨Ĝ,Φ⟩ = {primal}, min_λ ‖Ĝ+λΘ‖_* = {dual_value}"
+        );
+    }
+}
+
+#[test]
+fn dual_residual_stiefel_goes_to_zero() {
+    let mut r = rng(15);
+    for (n, m) in [(8, 3), (16, 8), (6, 6)] {
+        let w = orthonormal(&mut r, n, m);
+        let g = DMatrix::from_vec(n, m, normal_vec(&mut r, n * m));
+        let mut res = Vec::new();
+        let mut last = None;
+        for steps in [1, 5, 20, 100, 300] {
+            let ds = stiefel_direction(
+                &from_dmatrix(&g, DType::F32),
+                &from_dmatrix(&w, DType::F32),
+                &Tensor::zeros((m, m), DType::F32, &Device::Cpu).unwrap(),
+                &DualAscent {
+                    steps,
+                    ..DualAscent::default()
+                },
+                &NewtonSchulz::polar_express(10),
+            )
+            .unwrap();
+            let phi = to_dmatrix(&ds.phi);
+            let s = w.transpose() * &phi + phi.transpose() * &w;
+            assert!((&s - to_dmatrix(&ds.residual)).norm() < 1e-4);
+            let x = to_dmatrix(&ds.multiplier);
+            assert!((&x - x.transpose()).norm() < 1e-5, "X stays symmetric");
+            res.push(s.norm());
+            last = Some(phi);
+        }
+        eprintln!("stiefel {n}×{m}: ‖WᵀΦ + ΦᵀW‖_F for 1, 5, 20, 100, 300 dual steps: {res:?}");
+        assert!(res[4] < 1e-3, "{n}×{m}: final residual {}", res[4]);
+        assert!(res.windows(2).all(|p| p[1] < p[0]), "{res:?}");
+        // Optimality on the tangent space: ⟨G, Φ⟩ ≥ ⟨G, Ψ⟩ for random tangent
+        // Ψ = W·skew + (I − WWᵀ)Z scaled to ‖Ψ‖₂ = 1.
+        let phi = last.unwrap();
+        let best = g.dot(&phi);
+        let proj = DMatrix::identity(n, n) - &w * w.transpose();
+        for _ in 0..300 {
+            let a = DMatrix::from_vec(m, m, normal_vec(&mut r, m * m));
+            let z = DMatrix::from_vec(n, m, normal_vec(&mut r, n * m));
+            let psi = &w * (&a - a.transpose()) + &proj * z;
+            let psi = &psi / singular_values(&psi)[0];
+            assert!(
+                g.dot(&psi) <= best + 1e-3 * best.abs(),
+                "{} > {best}",
+                g.dot(&psi)
+            );
+        }
+    }
+}
+
+/// `A = Q diag(λ) Qᵀ` with a random orthogonal `Q` and the given spectrum.
+fn symmetric_with_spectrum(r: &mut rand::rngs::StdRng, eig: &[f64]) -> DMatrix<f64> {
+    let n = eig.len();
+    let q = orthonormal(r, n, n);
+    &q * DMatrix::from_diagonal(&DVector::from_row_slice(eig)) * q.transpose()
+}
+
+#[test]
+fn stiefel_trace_minimum_is_the_sum_of_the_smallest_eigenvalues() {
+    let mut r = rng(16);
+    let (n, k) = (8, 3);
+    let eig: Vec<f64> = (0..n)
+        .map(|i| -2.0 + 4.0 * i as f64 / (n - 1) as f64)
+        .collect();
+    let a = symmetric_with_spectrum(&mut r, &eig);
+    let (vals, _) = sym_eig(&a);
+    let target: f64 = vals[..k].iter().sum();
+    let at = from_dmatrix(&a, DType::F32);
+    for dual_steps in [1, 3] {
+        let w = Var::from_tensor(&randn(&mut r, &[n, k], DType::F32)).unwrap();
+        let mut opt = Steepest::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: w.clone(),
+            }],
+            SteepestConfig {
+                lr: 0.1,
+                momentum: 0.0,
+                nesterov: false,
+                manifold: Manifold::Stiefel { transpose: false },
+                dual: DualAscent {
+                    steps: dual_steps,
+                    ..DualAscent::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut f = 0.0;
+        for t in 0..400 {
+            opt.set_learning_rate(0.1 * 0.985f64.powi(t));
+            let x = w.as_tensor();
+            let l = x.t().unwrap().matmul(&at.matmul(x).unwrap()).unwrap();
+            let l = Tensor::eye(k, DType::F32, &Device::Cpu)
+                .unwrap()
+                .mul(&l)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.backward_step(&l).unwrap();
+            let wm = to_dmatrix(w.as_tensor());
+            f = (wm.transpose() * &a * &wm).trace();
+        }
+        assert!(
+            (f - target).abs() < 1e-3,
+            "dual steps {dual_steps}: tr(WᵀAW) = {f}, Σ λ_min = {target}"
+        );
+    }
+}
+
+#[test]
+fn nonsense_combinations_are_refused_at_construction() {
+    let mut r = rng(17);
+    let vars = named(vec![
+        ("tall", randn(&mut r, &[7, 3], DType::F32)),
+        ("wide", randn(&mut r, &[3, 7], DType::F32)),
+        ("bias", randn(&mut r, &[5], DType::F32)),
+    ]);
+    let pick = |names: &[&str]| -> Vec<NamedVar> {
+        vars.iter()
+            .filter(|v| names.contains(&v.name.as_str()))
+            .cloned()
+            .collect()
+    };
+    let err = |vs: Vec<NamedVar>, cfg: SteepestConfig| -> String {
+        Steepest::from_named(vs, cfg).unwrap_err().to_string()
+    };
+    let spectral = SteepestConfig::default();
+    let e = err(pick(&["tall", "bias"]), spectral.clone());
+    assert!(
+        e.contains("bias") && e.contains("Norm::Spectral needs a matrix"),
+        "{e}"
+    );
+    let e = err(pick(&["bias"]), spectral_sphere_cfg(1.0));
+    assert!(e.contains("bias") && e.contains("matrix manifold"), "{e}");
+    let e = err(pick(&["tall", "wide"]), stiefel_cfg(false));
+    assert!(
+        e.contains("wide") && e.contains("rows ≥ cols") && e.contains("transpose: true"),
+        "{e}"
+    );
+    let e = err(pick(&["tall", "wide"]), stiefel_cfg(true));
+    assert!(e.contains("tall") && e.contains("rows ≤ cols"), "{e}");
+    let e = err(
+        pick(&["tall"]),
+        SteepestConfig {
+            norm: Norm::Euclidean,
+            ..spectral_sphere_cfg(1.0)
+        },
+    );
+    assert!(
+        e.contains("SteepestConfig.manifold") && e.contains("Norm::Spectral"),
+        "{e}"
+    );
+    let e = err(
+        pick(&["tall"]),
+        SteepestConfig {
+            manifold: Manifold::Sphere { radius: 1.0 },
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("SpectralSphere"), "{e}");
+    for p in [1.0, 0.5, f64::INFINITY, f64::NAN] {
+        let e = err(
+            pick(&["bias"]),
+            SteepestConfig {
+                norm: Norm::Lp(p),
+                ..Default::default()
+            },
+        );
+        assert!(
+            e.contains("SteepestConfig.norm") && e.contains("p > 1"),
+            "{e}"
+        );
+    }
+    let e = err(pick(&["tall"]), spectral_sphere_cfg(0.0));
+    assert!(e.contains("radius"), "{e}");
+    let e = err(
+        pick(&["tall"]),
+        SteepestConfig {
+            dual: DualAscent {
+                steps: 0,
+                ..DualAscent::default()
+            },
+            ..stiefel_cfg(false)
+        },
+    );
+    assert!(
+        e.contains("SteepestConfig.dual") && e.contains("steps"),
+        "{e}"
+    );
+    // The vector norms take any parameter; Stiefel with the right orientation works.
+    Steepest::from_named(
+        vars.clone(),
+        SteepestConfig {
+            norm: Norm::Lp(3.0),
+            manifold: Manifold::Sphere { radius: 1.0 },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Steepest::from_named(pick(&["wide"]), stiefel_cfg(true)).unwrap();
+}
+
+fn snapshot(vars: &[NamedVar]) -> Vec<Vec<f64>> {
+    vars.iter()
+        .map(|v| {
+            v.var
+                .as_tensor()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<u64>> {
+    // Bit patterns: the checkpoint stores an unset dual lr as NaN.
+    opt.state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let v = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            (k, v.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
+}
+
+/// The configurations and models the plumbing tests run on.
+fn setups() -> Vec<(SteepestConfig, Vec<(&'static str, Vec<usize>)>)> {
+    let mats = vec![("a", vec![8, 5]), ("b", vec![8, 5]), ("c", vec![6, 2, 2])];
+    vec![
+        (
+            SteepestConfig {
+                weight_decay: WeightDecay::spectral(0.1),
+                ..Default::default()
+            },
+            mats.clone(),
+        ),
+        (
+            SteepestConfig {
+                norm: Norm::Lp(3.0),
+                manifold: Manifold::Sphere { radius: 2.0 },
+                ..Default::default()
+            },
+            vec![("a", vec![8, 5]), ("v", vec![7])],
+        ),
+        (spectral_sphere_cfg(1.5), mats.clone()),
+        (
+            SteepestConfig {
+                dual: DualAscent {
+                    steps: 2,
+                    sign: true,
+                    lr: Some(0.01),
+                },
+                ..stiefel_cfg(false)
+            },
+            mats,
+        ),
+    ]
+}
+
+fn build(cfg: &SteepestConfig, shapes: &[(&'static str, Vec<usize>)]) -> (Vec<NamedVar>, Steepest) {
+    let mut r = rng(18);
+    let vars = named(
+        shapes
+            .iter()
+            .map(|(n, s)| (*n, randn(&mut r, s, DType::F32)))
+            .collect(),
+    );
+    let opt = Steepest::from_named(vars.clone(), cfg.clone()).unwrap();
+    (vars, opt)
+}
+
+#[test]
+fn a_nan_gradient_changes_nothing() {
+    for (cfg, shapes) in setups() {
+        let (vars, mut opt) = build(&cfg, &shapes);
+        for t in 0..2 {
+            opt.backward_step(&loss(&vars, t)).unwrap();
+        }
+        let (params, state) = (snapshot(&vars), state_snapshot(&opt));
+        // A NaN in the last parameter's gradient: the others were fine.
+        let last = vars.last().unwrap();
+        let mut bad = vec![1f32; last.var.elem_count()];
+        bad[1] = f32::NAN;
+        let bad = Tensor::from_vec(bad, last.var.shape(), &Device::Cpu).unwrap();
+        let l =
+            (loss(&vars, 2) + (last.var.as_tensor() * bad).unwrap().sum_all().unwrap()).unwrap();
+        let e = opt.backward_step(&l).unwrap_err().to_string();
+        assert!(e.contains(&last.name) && e.contains("NaN"), "{e}");
+        assert_eq!(
+            snapshot(&vars),
+            params,
+            "{:?}: a failed step changed a parameter",
+            cfg.manifold
+        );
+        assert_eq!(
+            state_snapshot(&opt),
+            state,
+            "{:?}: a failed step changed the state",
+            cfg.manifold
+        );
+        opt.backward_step(&loss(&vars, 3)).unwrap();
+    }
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_bit_identical() {
+    let dir = std::env::temp_dir().join(format!("steepest-manifold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (cfg, shapes)) in setups().into_iter().enumerate() {
+        let (vars, mut opt) = build(&cfg, &shapes);
+        for t in 0..6 {
+            opt.backward_step(&loss(&vars, t)).unwrap();
+        }
+        let straight = snapshot(&vars);
+
+        let (vars, mut opt) = build(&cfg, &shapes);
+        for t in 0..3 {
+            opt.backward_step(&loss(&vars, t)).unwrap();
+        }
+        let file = dir.join(format!("opt{i}.safetensors"));
+        opt.save_state(&file).unwrap();
+        let params = snapshot(&vars);
+        let (vars2, mut opt2) = build(&cfg, &shapes);
+        for (v, p) in vars2.iter().zip(&params) {
+            let t = Tensor::from_vec(p.clone(), v.var.shape(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(v.var.dtype())
+                .unwrap();
+            v.var.set(&t).unwrap();
+        }
+        opt2.load_state(&file).unwrap();
+        assert_eq!(opt2.config(), opt.config());
+        for t in 3..6 {
+            opt2.backward_step(&loss(&vars2, t)).unwrap();
+        }
+        assert_eq!(
+            snapshot(&vars2),
+            straight,
+            "{:?}: resumed run differs",
+            cfg.manifold
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn state_holds_the_dual_variables() {
+    let s = setups();
+    let (vars, mut opt) = build(&s[2].0, &s[2].1);
+    opt.backward_step(&loss(&vars, 0)).unwrap();
+    let st = opt.state_dict().unwrap();
+    assert_eq!(st["a.dual_lambda"].dims(), &[] as &[usize]);
+    assert_eq!(st["a.theta_v"].dims(), &[5]);
+    assert_eq!(st["c.theta_v"].dims(), &[4]); // matrix view 6×(2·2)
+    assert_eq!(st["a.momentum"].dims(), &[8, 5]);
+    assert_eq!(
+        st["__steepest__.steepest.manifold"]
+            .to_vec1::<f64>()
+            .unwrap(),
+        vec![2.0, 1.5, 0.0]
+    );
+    // θ_v is v₁ of the current W (f64 SVD), up to sign.
+    let w = view(&vars[0].var);
+    let svd = w.clone().svd(false, true);
+    let i = (0..5)
+        .max_by(|&a, &b| {
+            svd.singular_values[a]
+                .partial_cmp(&svd.singular_values[b])
+                .unwrap()
+        })
+        .unwrap();
+    let v1 = svd.v_t.unwrap().row(i).transpose();
+    let v = DVector::from_vec(
+        st["a.theta_v"]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap(),
+    );
+    assert!(v.dot(&v1).abs() > 1.0 - 1e-4);
+    let (vars, mut opt) = build(&s[3].0, &s[3].1);
+    opt.backward_step(&loss(&vars, 0)).unwrap();
+    let st = opt.state_dict().unwrap();
+    assert_eq!(st["a.dual_x"].dims(), &[5, 5]);
+    assert_eq!(st["c.dual_x"].dims(), &[4, 4]);
+}
+
+#[test]
+fn mismatched_checkpoints_are_refused_and_change_nothing() {
+    let s = setups();
+    let (vars, mut sphere) = build(&s[2].0, &s[2].1);
+    sphere.backward_step(&loss(&vars, 0)).unwrap();
+    let (vars_st, mut stiefel) = build(&s[3].0, &s[3].1);
+    stiefel.backward_step(&loss(&vars_st, 0)).unwrap();
+    let before = state_snapshot(&sphere);
+    let cfg = sphere.config().clone();
+    let good = sphere.state_dict().unwrap();
+    let check = |sphere: &mut Steepest, bad: &HashMap<String, Tensor>, needle: &str| {
+        let e = sphere.load_state_dict(bad).unwrap_err().to_string();
+        assert!(e.contains(needle), "`{e}` should mention `{needle}`");
+        assert_eq!(state_snapshot(sphere), before);
+        assert_eq!(sphere.config(), &cfg);
+    };
+    // A Stiefel checkpoint of the same parameters: its dual_x slots do not fit.
+    check(&mut sphere, &stiefel.state_dict().unwrap(), "dual_x");
+    // The same without slots: the manifold itself is refused.
+    let mut bare = stiefel.state_dict().unwrap();
+    bare.retain(|k, _| k.starts_with("__steepest__"));
+    check(&mut sphere, &bare, "checkpoint: manifold");
+    // A multiplier of the wrong shape.
+    let mut bad = good.clone();
+    bad.insert(
+        "a.dual_lambda".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    check(&mut sphere, &bad, "a.dual_lambda");
+    // Another optimizer's checkpoint.
+    let mut r = rng(19);
+    let mvars = named(vec![("a", randn(&mut r, &[8, 5], DType::F32))]);
+    let muon = Muon::from_named(mvars, MuonConfig::default()).unwrap();
+    check(&mut sphere, &muon.state_dict().unwrap(), "muon");
+    // The good one loads.
+    sphere.load_state_dict(&good).unwrap();
+}

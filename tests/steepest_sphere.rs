@@ -1,0 +1,366 @@
+//! Steepest descent under vector norms, free and on the sphere (SPEC §2),
+//! checked against facts: Hölder equality, optimality among random feasible
+//! tangent directions, the dual value `min_λ ‖g + λa‖_q` found independently,
+//! the constraint after every step, and the Rayleigh quotient's minimum
+//! against an f64 eigendecomposition.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use common::*;
+use nalgebra::{DMatrix, DVector};
+use rand::Rng;
+use steepest::optim::steepest::{dualize, lp_sphere_multiplier, p_norm, sphere_direction};
+use steepest::optim::NamedVar;
+use steepest::{Manifold, NewtonSchulz, Norm, Steepest, SteepestConfig};
+
+fn vec_of(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn tensor(v: &[f64], dtype: DType) -> Tensor {
+    Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The dual exponent `q` of `p` (1 for `p = ∞`).
+fn dual_exp(p: f64) -> f64 {
+    if p.is_infinite() {
+        1.0
+    } else {
+        p / (p - 1.0)
+    }
+}
+
+/// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
+fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut a, mut b) = (-l, l);
+    for _ in 0..400 {
+        let c = b - r * (b - a);
+        let d = a + r * (b - a);
+        if f(c) < f(d) {
+            b = d;
+        } else {
+            a = c;
+        }
+    }
+    f(0.5 * (a + b))
+}
+
+#[test]
+fn free_directions_attain_the_dual_norm() {
+    let mut r = rng(1);
+    let g = normal_vec(&mut r, 40);
+    for dtype in [DType::F32, DType::F64] {
+        let gt = tensor(&g, dtype);
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        // Euclidean: g/‖g‖₂.
+        let phi = vec_of(&dualize(&gt, &Norm::Euclidean).unwrap());
+        let n2 = p_norm(&g, 2.0);
+        for (a, b) in phi.iter().zip(&g) {
+            assert!((a - b / n2).abs() < tol);
+        }
+        // ℓ_p: ‖φ‖_p = 1 and ⟨g, φ⟩ = ‖g‖_q (Hölder's equality case).
+        for p in [1.3, 1.5, 3.0, 6.0] {
+            let phi = vec_of(&dualize(&gt, &Norm::Lp(p)).unwrap());
+            assert!((p_norm(&phi, p) - 1.0).abs() < tol, "p = {p}");
+            let gq = p_norm(&g, dual_exp(p));
+            assert!(
+                (dot(&g, &phi) - gq).abs() < tol * gq * 10.0,
+                "p = {p}: ⟨g,φ⟩ = {} vs ‖g‖_q = {gq}",
+                dot(&g, &phi)
+            );
+        }
+        // Sign: ⟨g, φ⟩ = ‖g‖₁ with ‖φ‖_∞ = 1.
+        let phi = vec_of(&dualize(&gt, &Norm::Sign).unwrap());
+        assert_eq!(p_norm(&phi, f64::INFINITY), 1.0);
+        assert!((dot(&g, &phi) - p_norm(&g, 1.0)).abs() < tol * 100.0);
+    }
+    // Spectral: Φ = U Vᵀ, so ⟨G, Φ⟩ = ‖G‖_* (f64 SVD).
+    let gm = DMatrix::from_vec(12, 7, normal_vec(&mut r, 84));
+    let phi = dualize(
+        &from_dmatrix(&gm, DType::F32),
+        &Norm::Spectral(NewtonSchulz::polar_express(10)),
+    )
+    .unwrap();
+    let phi = to_dmatrix(&phi);
+    assert!(rel_err(&phi, &polar(&gm)) < 1e-3);
+    let nuclear: f64 = singular_values(&gm).iter().sum();
+    assert!((gm.dot(&phi) - nuclear).abs() < 1e-3 * nuclear);
+    // Zero in, zero out.
+    let z = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    for norm in [Norm::Euclidean, Norm::Lp(3.0), Norm::Sign] {
+        assert_eq!(vec_of(&dualize(&z, &norm).unwrap()), vec![0.0; 5]);
+    }
+}
+
+/// The normal `a = ŵ^{[p−1]}` of the sphere `‖w‖_p = r` at `w` (one-hot at the
+/// largest |wᵢ| for `p = ∞`).
+fn normal(w: &[f64], p: f64) -> Vec<f64> {
+    if p.is_infinite() {
+        let k = (0..w.len())
+            .max_by(|&i, &j| w[i].abs().partial_cmp(&w[j].abs()).unwrap())
+            .unwrap();
+        return (0..w.len())
+            .map(|i| if i == k { w[k].signum() } else { 0.0 })
+            .collect();
+    }
+    let n = p_norm(w, p);
+    w.iter()
+        .map(|x| (x / n).signum() * (x / n).abs().powf(p - 1.0))
+        .collect()
+}
+
+/// A random direction of the tangent space `⟨a, ψ⟩ = 0` with `‖ψ‖_p = 1`.
+fn tangent(z: &[f64], a: &[f64], p: f64) -> Vec<f64> {
+    let c = dot(z, a) / dot(a, a);
+    let t: Vec<f64> = z.iter().zip(a).map(|(z, a)| z - c * a).collect();
+    let n = p_norm(&t, p);
+    t.iter().map(|x| x / n).collect()
+}
+
+#[test]
+fn sphere_direction_is_optimal_among_tangent_directions() {
+    let mut r = rng(2);
+    let n = 20;
+    for (norm, p) in [
+        (Norm::Euclidean, 2.0),
+        (Norm::Lp(1.5), 1.5),
+        (Norm::Lp(3.0), 3.0),
+        (Norm::Lp(7.0), 7.0),
+        (Norm::Sign, f64::INFINITY),
+    ] {
+        for trial in 0..3 {
+            let w: Vec<f64> = normal_vec(&mut r, n).iter().map(|x| 2.5 * x).collect();
+            let g = normal_vec(&mut r, n);
+            let phi =
+                sphere_direction(&tensor(&g, DType::F64), &tensor(&w, DType::F64), &norm).unwrap();
+            let phi = vec_of(&phi);
+            let a = normal(&w, p);
+            let who = format!("{norm:?} trial {trial}");
+            assert!((p_norm(&phi, p) - 1.0).abs() < 1e-9, "{who}: ‖φ‖_p ≠ 1");
+            assert!(dot(&a, &phi).abs() < 1e-9, "{who}: φ is not tangent");
+            let best = dot(&g, &phi);
+            // The dual value min_λ ‖g + λa‖_q, found independently.
+            let q = dual_exp(p);
+            let dual = golden_min(
+                |l| {
+                    let x: Vec<f64> = g.iter().zip(&a).map(|(g, a)| g + l * a).collect();
+                    p_norm(&x, q)
+                },
+                1e3,
+            );
+            assert!(
+                (best - dual).abs() < 1e-7 * dual,
+                "{who}: ⟨g,φ⟩ = {best}, min_λ ‖g+λa‖_q = {dual}"
+            );
+            // No feasible tangent direction does better: random ones and
+            // small perturbations of φ itself.
+            for i in 0..2000 {
+                let z = normal_vec(&mut r, n);
+                let z: Vec<f64> = if i % 2 == 0 {
+                    z
+                } else {
+                    phi.iter().zip(&z).map(|(f, z)| f + 1e-2 * z).collect()
+                };
+                let psi = tangent(&z, &a, p);
+                assert!(
+                    dot(&g, &psi) <= best + 1e-12,
+                    "{who}: ψ beats φ: {} > {best}",
+                    dot(&g, &psi)
+                );
+            }
+            if p.is_infinite() {
+                // The extreme points of the ℓ∞ ball in the tangent space.
+                for _ in 0..500 {
+                    let psi: Vec<f64> = a
+                        .iter()
+                        .map(|&ai| {
+                            if ai != 0.0 {
+                                0.0
+                            } else if r.gen::<bool>() {
+                                1.0
+                            } else {
+                                -1.0
+                            }
+                        })
+                        .collect();
+                    assert!(dot(&g, &psi) <= best + 1e-12);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lp_multiplier_makes_the_direction_tangent() {
+    let mut r = rng(3);
+    let g = normal_vec(&mut r, 30);
+    let w = normal_vec(&mut r, 30);
+    // p = 2: the closed form λ = −⟨g, a⟩/⟨a, a⟩.
+    let a = normal(&w, 2.0);
+    let l = lp_sphere_multiplier(&g, &a, 2.0).unwrap();
+    assert!((l + dot(&g, &a) / dot(&a, &a)).abs() < 1e-12);
+    // General p: h(λ) = ⟨a, (g + λa)^{[q−1]}⟩ = 0 at the root, also for
+    // badly scaled inputs (g ~ 1e6, a ~ 1e-6).
+    for p in [1.2, 1.5, 3.0, 10.0] {
+        for (sg, sa) in [(1.0, 1.0), (1e6, 1.0), (1.0, 1e-6)] {
+            let gs: Vec<f64> = g.iter().map(|x| x * sg).collect();
+            let a: Vec<f64> = normal(&w, p).iter().map(|x| x * sa).collect();
+            let l = lp_sphere_multiplier(&gs, &a, p).unwrap();
+            let e = 1.0 / (p - 1.0);
+            let terms: Vec<f64> = gs
+                .iter()
+                .zip(&a)
+                .map(|(g, a)| a * (g + l * a).signum() * (g + l * a).abs().powf(e))
+                .collect();
+            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+            let h: f64 = terms.iter().sum();
+            assert!(
+                h.abs() <= 1e-12 * scale,
+                "p = {p}: h(λ) = {h}, scale {scale}"
+            );
+        }
+    }
+    assert!(lp_sphere_multiplier(&g, &vec![0.0; 30], 3.0)
+        .unwrap_err()
+        .to_string()
+        .contains("zero"));
+    assert!(lp_sphere_multiplier(&g, &a, 1.0).is_err());
+}
+
+fn sphere_model(r: &mut rand::rngs::StdRng) -> Vec<NamedVar> {
+    [("w", vec![24]), ("m", vec![6, 4])]
+        .into_iter()
+        .map(|(name, shape)| NamedVar {
+            name: name.into(),
+            var: Var::from_tensor(&randn(r, &shape, DType::F32)).unwrap(),
+        })
+        .collect()
+}
+
+/// A loss with step-dependent linear and quadratic terms.
+fn sphere_loss(vars: &[NamedVar], step: u64) -> Tensor {
+    let mut r = rng(1000 + step);
+    let mut total = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for v in vars {
+        let c = randn(&mut r, v.var.dims(), DType::F32);
+        let d = randn(&mut r, v.var.dims(), DType::F32).abs().unwrap();
+        let x = v.var.as_tensor();
+        let t = ((x * &c).unwrap().sum_all().unwrap()
+            + (x.sqr().unwrap() * &d).unwrap().sum_all().unwrap())
+        .unwrap();
+        total = (total + t).unwrap();
+    }
+    total
+}
+
+#[test]
+fn sphere_constraint_holds_after_every_step() {
+    let mut r = rng(4);
+    for (norm, p) in [
+        (Norm::Euclidean, 2.0),
+        (Norm::Lp(1.5), 1.5),
+        (Norm::Lp(4.0), 4.0),
+        (Norm::Sign, f64::INFINITY),
+    ] {
+        let radius = 2.0;
+        let vars = sphere_model(&mut r);
+        let mut opt = Steepest::from_named(
+            vars.clone(),
+            SteepestConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                nesterov: true,
+                norm: norm.clone(),
+                manifold: Manifold::Sphere { radius },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for t in 0..40 {
+            opt.backward_step(&sphere_loss(&vars, t)).unwrap();
+            for v in &vars {
+                let n = p_norm(&vec_of(v.var.as_tensor()), p);
+                assert!(
+                    (n - radius).abs() <= 1e-5,
+                    "{norm:?} step {t} {}: ‖w‖_p = {n}",
+                    v.name
+                );
+            }
+        }
+    }
+}
+
+/// `A = Q diag(λ) Qᵀ` with a random orthogonal `Q` and the given spectrum.
+fn symmetric_with_spectrum(r: &mut rand::rngs::StdRng, eig: &[f64]) -> DMatrix<f64> {
+    let n = eig.len();
+    let q = orthonormal(r, n, n);
+    &q * DMatrix::from_diagonal(&DVector::from_row_slice(eig)) * q.transpose()
+}
+
+#[test]
+fn rayleigh_quotient_on_the_sphere_reaches_the_smallest_eigenvalue() {
+    let mut r = rng(5);
+    let n = 16;
+    let eig: Vec<f64> = (0..n)
+        .map(|i| -1.0 + 4.0 * i as f64 / (n - 1) as f64)
+        .collect();
+    let a = symmetric_with_spectrum(&mut r, &eig);
+    let (vals, vecs) = sym_eig(&a);
+    let at = from_dmatrix(&a, DType::F32);
+    for (momentum, nesterov) in [(0.0, false), (0.9, true)] {
+        let w = Var::from_tensor(&randn(&mut r, &[n, 1], DType::F32)).unwrap();
+        let vars = vec![NamedVar {
+            name: "w".into(),
+            var: w.clone(),
+        }];
+        let mut opt = Steepest::from_named(
+            vars,
+            SteepestConfig {
+                lr: 0.2,
+                momentum,
+                nesterov,
+                norm: Norm::Euclidean,
+                manifold: Manifold::Sphere { radius: 1.0 },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for t in 0..400 {
+            opt.set_learning_rate(0.2 * 0.98f64.powi(t));
+            let loss = w
+                .as_tensor()
+                .t()
+                .unwrap()
+                .matmul(&at.matmul(w.as_tensor()).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.backward_step(&loss).unwrap();
+        }
+        let wv = DVector::from_vec(vec_of(w.as_tensor()));
+        assert!((wv.norm() - 1.0).abs() < 1e-5);
+        let rq = (wv.transpose() * &a * &wv)[(0, 0)];
+        assert!(
+            (rq - vals[0]).abs() < 1e-4,
+            "momentum {momentum}: wᵀAw = {rq}, λ_min = {}",
+            vals[0]
+        );
+        let align = wv.dot(&vecs.column(0)).abs();
+        assert!(align > 1.0 - 1e-3, "|⟨w, q_min⟩| = {align}");
+    }
+}
