@@ -201,10 +201,13 @@ impl WeightAverage {
         self.vars
             .iter()
             .map(|nv| {
+                // A copy: `to_dtype` to the same dtype shares the variable's
+                // storage, which the next optimizer step overwrites in place.
                 nv.var
                     .as_tensor()
                     .detach()
-                    .to_dtype(math_dtype(nv.var.dtype()))
+                    .to_dtype(math_dtype(nv.var.dtype()))?
+                    .copy()
             })
             .collect()
     }

@@ -182,6 +182,7 @@ fn sgd_on_lad_stays_below_the_bounds() {
         let last = last_iterate_bound(&lrs, r, g).unwrap();
         let avgb = average_bound(&lrs, r, g).unwrap();
         let (mean, se, avg_mean) = run_lad(&lrs, &theta1, 2000);
+        eprintln!("{name}: last {mean:.4} ± {se:.4} (bound {last:.4}), average {avg_mean:.4} (bound {avgb:.4})");
         assert!(mean >= 0.0 && avg_mean >= 0.0);
         assert!(
             mean + 3.0 * se < last,

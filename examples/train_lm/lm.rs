@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
 use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig};

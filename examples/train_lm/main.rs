@@ -3,9 +3,9 @@
 //! file). Writes a CSV log, an SVG figure (validation loss; σ₁ of every weight
 //! matrix over training) and a results table.
 //!
-//!     cargo run --release --example train_lm                 # all 4 optimizers, 1 seed
-//!     cargo run --release --example train_lm -- --seeds 3    # the README table
-//!     cargo run --release --example train_lm -- --help
+//!     cargo run --example train_lm                 # all 4 optimizers, 1 seed
+//!     cargo run --example train_lm -- --seeds 3    # the README table
+//!     cargo run --example train_lm -- --help
 
 mod lm;
 mod plot;
@@ -22,7 +22,7 @@ const USAGE: &str = "\
 train_lm — train a small char-level GPT and compare optimizers
 
 USAGE:
-    cargo run --release --example train_lm -- [OPTIONS]
+    cargo run --example train_lm -- [OPTIONS]
 
 OPTIONS:
     --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral | all   [all]
