@@ -171,7 +171,7 @@ fn sgd_on_lad_stays_below_the_bounds() {
     let schedules = [
         ("optimal constant", Schedule::last_iterate_optimal(r, g, t).unwrap()),
         ("α/√t", Schedule::inverse_sqrt(r / g).unwrap()),
-        ("cosine", Schedule::cosine(0.3, 0.0, t).unwrap()),
+        ("cosine", Schedule::cosine(0.3, 0.02, t).unwrap()),
         (
             "wsd linear",
             Schedule::wsd(0.2, 0.01, t / 2, t / 2, DecayShape::Linear).unwrap(),

@@ -253,10 +253,10 @@ impl Default for Config {
             d_model: 64,
             heads: 4,
             context: 64,
-            batch: 32,
-            steps: 300,
-            eval_every: 25,
-            eval_batches: 8,
+            batch: 16,
+            steps: 200,
+            eval_every: 20,
+            eval_batches: 4,
             clip: 1.0,
             weight_decay: 0.1,
             lr: None,
@@ -272,32 +272,52 @@ impl Lin {
         Ok(Self(vb.get((d_out, d_in), &format!("{name}.weight"))?))
     }
 
+    /// `x (…, in) → (…, out)`, as one 2-D product (a broadcast product would
+    /// materialise a per-batch copy of the weight gradient).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.0.t()?)
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let y = x.reshape(((), d_in))?.matmul(&self.0.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = self.0.dim(0)?;
+        y.reshape(out)
     }
 }
 
-/// Layer norm from differentiable ops (candle-nn's fused one has no backward).
+/// RMS norm `x·g/√(mean(x²) + ε)` from differentiable ops (candle-nn's fused
+/// norms have no backward on the CPU); cheaper than a layer norm.
 struct Norm {
     weight: Tensor,
-    bias: Tensor,
 }
 
 impl Norm {
     fn new(vb: &VarBuilder, name: &str, d: usize) -> Result<Self> {
         Ok(Self {
             weight: vb.get(d, &format!("{name}.weight"))?,
-            bias: vb.get(d, &format!("{name}.bias"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
     }
+}
+
+/// Softmax over the last dimension; the max it subtracts is detached (the
+/// result does not depend on it), which saves its backward pass.
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean cross-entropy of `logits (n, v)` against `targets (n,)`:
+/// `mean(logsumexp(l) − l[target])`, with a detached max shift.
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&m)?;
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
+    (lse - picked)?.mean_all()
 }
 
 struct Block {
@@ -336,18 +356,18 @@ impl Block {
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+        let att = softmax_last(&att.broadcast_add(mask)?)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + self.proj.forward(&y)?)?;
-        let h = self.fc.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        let h = self.fc.forward(&self.ln2.forward(&x)?)?.relu()?;
         x + self.fc_proj.forward(&h)?
     }
 }
 
-/// A char-level GPT: token + position embeddings, pre-norm blocks, final
-/// norm, untied output head. Parameter names: `tok_emb.weight`,
-/// `pos_emb.weight`, `h.<i>.{ln1,attn.qkv,attn.proj,ln2,mlp.fc,mlp.proj}.*`,
-/// `ln_f.*`, `lm_head.weight`.
+/// A char-level GPT: token + position embeddings, pre-norm blocks (RMS norm,
+/// causal attention, ReLU MLP), final norm, untied output head. Parameter names: `tok_emb.weight`,
+/// `pos_emb.weight`, `h.<i>.{ln1,attn.qkv,attn.proj,ln2,mlp.fc,mlp.proj}.weight`,
+/// `ln_f.weight`, `lm_head.weight`.
 pub struct Gpt {
     tok_emb: Tensor,
     pos_emb: Tensor,
@@ -360,7 +380,7 @@ pub struct Gpt {
 impl Gpt {
     /// Builds the model in `varmap`; weights are then set from `seed`
     /// (candle cannot seed its CPU generator): N(0, 0.02²) embeddings,
-    /// U(±1/√fan_in) matrices, unit/zero norms.
+    /// U(±1/√fan_in) matrices, unit norm gains.
     pub fn new(varmap: &VarMap, cfg: &Config, vocab: usize, seed: u64, device: &Device) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
         let d = cfg.d_model;
@@ -407,7 +427,7 @@ impl Gpt {
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let logits = self.forward(x)?;
         let v = logits.dim(2)?;
-        candle_nn::loss::cross_entropy(&logits.reshape(((), v))?, &y.flatten_all()?)
+        cross_entropy(&logits.reshape(((), v))?, &y.flatten_all()?)
     }
 }
 
@@ -423,10 +443,8 @@ fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
         let n: usize = dims.iter().product();
         let vals: Vec<f32> = if name.ends_with("emb.weight") {
             (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
-        } else if name.contains("ln") && name.ends_with(".weight") {
-            vec![1.0; n]
-        } else if name.ends_with(".bias") {
-            vec![0.0; n]
+        } else if dims.len() == 1 {
+            vec![1.0; n] // norm gains
         } else {
             let bound = 1.0 / (dims[1] as f64).sqrt();
             (0..n)

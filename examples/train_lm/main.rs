@@ -26,7 +26,7 @@ USAGE:
 
 OPTIONS:
     --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral | all   [all]
-    --steps N          optimizer steps per run                               [300]
+    --steps N          optimizer steps per run                               [200]
     --seeds N          seeds per optimizer (mean ± std in the table)         [1]
     --data PATH        train on this text file instead of the built-in corpus
     --out DIR          output directory                                      [runs/train_lm]
@@ -34,8 +34,8 @@ OPTIONS:
     --lr X             peak learning rate for every chosen optimizer
                        (defaults: AdamW 3e-3, Muon 0.02)
     --wd X             weight decay λ (decoupled or spectral)                [0.1]
-    --batch N          sequences per batch                                   [32]
-    --eval-every N     steps between evaluations                             [25]
+    --batch N          sequences of 64 characters per batch                 [16]
+    --eval-every N     steps between evaluations                             [20]
     -h, --help         this text
 
 OUTPUT (in --out):
