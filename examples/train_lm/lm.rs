@@ -254,7 +254,7 @@ impl Default for Config {
             heads: 4,
             context: 64,
             batch: 16,
-            steps: 200,
+            steps: 300,
             eval_every: 20,
             eval_batches: 4,
             clip: 1.0,

@@ -12,6 +12,8 @@ mod plot;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -26,7 +28,7 @@ USAGE:
 
 OPTIONS:
     --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral | all   [all]
-    --steps N          optimizer steps per run                               [200]
+    --steps N          optimizer steps per run                               [300]
     --seeds N          seeds per optimizer (mean ± std in the table)         [1]
     --data PATH        train on this text file instead of the built-in corpus
     --out DIR          output directory                                      [runs/train_lm]
@@ -34,8 +36,10 @@ OPTIONS:
     --lr X             peak learning rate for every chosen optimizer
                        (defaults: AdamW 3e-3, Muon 0.02)
     --wd X             weight decay λ (decoupled or spectral)                [0.1]
-    --batch N          sequences of 64 characters per batch                 [16]
+    --batch N          sequences of 64 characters per batch                  [16]
     --eval-every N     steps between evaluations                             [20]
+    --jobs N           runs trained at once, one thread each                 [CPU cores]
+                       (set RAYON_NUM_THREADS to give each run more threads)
     -h, --help         this text
 
 OUTPUT (in --out):
@@ -50,6 +54,7 @@ struct Args {
     data: Option<PathBuf>,
     out: PathBuf,
     device: String,
+    jobs: usize,
     cfg: Config,
 }
 
@@ -66,6 +71,7 @@ fn parse_args() -> Result<Option<Args>> {
         data: None,
         out: PathBuf::from("runs/train_lm"),
         device: "cpu".into(),
+        jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cfg: Config::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -86,6 +92,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--seeds" => a.seeds = parse_num(&flag, it.next())?,
             "--batch" => a.cfg.batch = parse_num(&flag, it.next())?,
             "--eval-every" => a.cfg.eval_every = parse_num(&flag, it.next())?,
+            "--jobs" => a.jobs = parse_num(&flag, it.next())?,
             "--lr" => a.cfg.lr = Some(parse_num(&flag, it.next())?),
             "--wd" => a.cfg.weight_decay = parse_num(&flag, it.next())?,
             "--data" => a.data = Some(it.next().context("--data needs a path")?.into()),
@@ -100,8 +107,8 @@ fn parse_args() -> Result<Option<Args>> {
     if a.seeds == 0 {
         bail!("--seeds must be ≥ 1");
     }
-    if a.cfg.batch == 0 || a.cfg.eval_every == 0 {
-        bail!("--batch and --eval-every must be ≥ 1");
+    if a.cfg.batch == 0 || a.cfg.eval_every == 0 || a.jobs == 0 {
+        bail!("--batch, --eval-every and --jobs must be ≥ 1");
     }
     if let Some(lr) = a.cfg.lr {
         if !(lr.is_finite() && lr > 0.0) {
@@ -136,7 +143,8 @@ fn cuda_device() -> Result<Device> {
 /// A one-line progress bar on stderr, redrawn at most every 100 ms.
 struct Progress {
     total: usize,
-    done: usize,
+    /// Steps done, per run.
+    done: Vec<usize>,
     start: Instant,
     last_draw: Option<Instant>,
 }
@@ -148,12 +156,13 @@ impl Progress {
             return;
         }
         self.last_draw = Some(now);
-        let frac = self.done as f64 / self.total.max(1) as f64;
+        let done: usize = self.done.iter().sum();
+        let frac = done as f64 / self.total.max(1) as f64;
         let width = 30;
         let filled = (frac * width as f64).round() as usize;
         let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = if self.done > 0 {
-            elapsed / self.done as f64 * (self.total - self.done) as f64
+        let eta = if done > 0 {
+            elapsed / done as f64 * (self.total - done) as f64
         } else {
             0.0
         };
@@ -265,6 +274,11 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
 }
 
 fn main() -> Result<()> {
+    // One thread per run unless the user says otherwise (must precede any
+    // candle / rayon work).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let Some(args) = parse_args()? else {
         print!("{USAGE}");
         return Ok(());
@@ -296,31 +310,55 @@ fn main() -> Result<()> {
         args.seeds,
         args.device
     );
-    let mut progress = Progress {
-        total: args.optimizers.len() * args.seeds as usize * cfg.steps,
-        done: 0,
-        start: Instant::now(),
-        last_draw: None,
-    };
-    let mut runs = Vec::new();
+    // The runs are independent: `jobs` worker threads take them in turn, each
+    // run single-threaded (RAYON_NUM_THREADS=1, set in main), which on a small
+    // shared CPU is much faster than one run with threads contending.
+    let mut queue: Vec<(u64, OptKind)> = Vec::new();
     for seed in 0..args.seeds {
         for &kind in &args.optimizers {
-            let base = progress.done;
-            let mut last_val = None;
-            let mut cb = |step: usize, rec: Option<&Record>| {
-                if let Some(r) = rec {
-                    last_val = Some(r.val_loss);
-                }
-                progress.done = base + step;
-                let what = format!("{} seed {seed} step {step}/{}", kind.name(), cfg.steps);
-                progress.draw(&what, last_val, rec.is_some());
-            };
-            let run = train(kind, seed, &cfg, &data, &device, &mut cb)
-                .with_context(|| format!("training with {} (seed {seed})", kind.name()))?;
-            runs.push(run);
+            queue.push((seed, kind));
         }
     }
+    let jobs = args.jobs.min(queue.len()).max(1);
+    let n_runs = queue.len();
+    let progress = Mutex::new(Progress {
+        total: n_runs * cfg.steps,
+        done: vec![0; n_runs],
+        start: Instant::now(),
+        last_draw: None,
+    });
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<RunResult>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&(seed, kind)) = queue.get(i) else { break };
+                let mut last_val = None;
+                let mut cb = |step: usize, rec: Option<&Record>| {
+                    if let Some(r) = rec {
+                        last_val = Some(r.val_loss);
+                    }
+                    let mut p = progress.lock().expect("progress lock");
+                    p.done[i] = step;
+                    let what = format!("{} seed {seed} step {step}/{}", kind.name(), cfg.steps);
+                    p.draw(&what, last_val, false);
+                };
+                let run = train(kind, seed, &cfg, &data, &device, &mut cb)
+                    .with_context(|| format!("training with {} (seed {seed})", kind.name()));
+                results.lock().expect("results lock").push((i, run));
+            });
+        }
+    });
+    progress.lock().expect("progress lock").draw("done", None, true);
     eprintln!();
+    let mut results = results.into_inner().expect("results lock");
+    results.sort_by_key(|(i, _)| *i);
+    let runs: Vec<RunResult> = results
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect::<Result<_>>()?;
+    let wall = progress.lock().expect("progress lock").start.elapsed().as_secs_f64();
 
     let csv = args.out.join("train_lm.csv");
     write_csv(&csv, &runs)?;
@@ -352,7 +390,7 @@ fn main() -> Result<()> {
         csv.display(),
         svg.display(),
         summary.display(),
-        progress.start.elapsed().as_secs_f64()
+        wall
     );
     Ok(())
 }
