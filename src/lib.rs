@@ -16,6 +16,11 @@
 //! - [`penalty`]: gradient-norm penalties (parameter and input gradients) by
 //!   finite-difference Hessian–vector products, and the input/parameter
 //!   gradient inequality as a diagnostic.
+//! - [`schedule`]: learning-rate schedules (constant, warmup, cosine, WSD,
+//!   `α/√t`, the last-iterate-optimal constant rate) and [`schedule::Scheduled`],
+//!   which drives any `candle_nn::Optimizer`; [`averaging`]: EMA, Polyak and
+//!   WSM checkpoint merging; [`theory`]: SPEC §5's last-iterate and average
+//!   bounds; [`clip`]: gradient clipping by global norm.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -39,11 +44,15 @@
 
 #![warn(missing_docs)]
 
+pub mod averaging;
+pub mod clip;
 pub mod decay;
 mod error;
 pub mod linalg;
 pub mod optim;
 pub mod penalty;
+pub mod schedule;
+pub mod theory;
 
 pub use decay::WeightDecay;
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};

@@ -9,9 +9,9 @@
 mod adamw;
 mod decay_step;
 mod muon;
-mod params;
+pub(crate) mod params;
 mod sgd;
-mod state;
+pub(crate) mod state;
 pub mod steepest;
 
 pub use adamw::{adam_update, AdamW, AdamWConfig};

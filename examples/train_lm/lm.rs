@@ -1,0 +1,729 @@
+//! The core of `train_lm`: a built-in corpus, a char-level GPT built with
+//! candle-nn, and the training loop (schedule, clipping, optimizer step,
+//! evaluation, σ₁ tracking). Included into `tests/train_lm_smoke.rs`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use steepest::clip::clip_grad_norm;
+use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig};
+use steepest::schedule::{DecayShape, Schedule, Scheduled};
+use steepest::{power_iteration, WeightDecay};
+
+// ---------------------------------------------------------------- randomness
+
+/// SplitMix64: a small deterministic generator (the corpus, the batches and
+/// the initial weights depend only on the seed).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A standard normal sample (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.unit().max(1e-300);
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len())]
+    }
+}
+
+// ---------------------------------------------------------------- the corpus
+
+const NAMES: &[&str] = &[
+    "ada", "bruno", "clara", "dmitri", "elena", "farid", "greta", "hugo", "ines", "jonas", "kira",
+    "leon", "maya", "nils", "olga", "pablo",
+];
+const CITIES: &[&str] = &[
+    "paris", "lagos", "lima", "oslo", "kyoto", "cairo", "quito", "perth",
+];
+const PETS: &[&str] = &["cat", "dog", "parrot", "turtle", "rabbit", "goat"];
+const FOODS: &[&str] = &["rice", "soup", "bread", "figs", "plums", "cheese", "noodles"];
+/// Nouns with their plural.
+const NOUNS: &[(&str, &str)] = &[
+    ("dog", "dogs"),
+    ("child", "children"),
+    ("bird", "birds"),
+    ("farmer", "farmers"),
+    ("mouse", "mice"),
+    ("teacher", "teachers"),
+];
+/// Verbs: (singular, plural) present tense.
+const VERBS: &[(&str, &str)] = &[
+    ("runs", "run"),
+    ("sleeps", "sleep"),
+    ("sings", "sing"),
+    ("waits", "wait"),
+    ("eats", "eat"),
+];
+const ADJS: &[&str] = &["small", "old", "happy", "quiet", "tall"];
+const WORDS: &[&str] = &[
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+];
+
+/// A corpus with structure to learn, deterministic from `seed`, about
+/// `n_chars` long. Sentences of four kinds, one per line group:
+///
+/// - facts about recurring named people, fixed per seed (who lives where,
+///   owns which pet, likes which food): predicting the attribute needs the name;
+/// - subject–verb agreement across an intervening phrase
+///   ("the dogs near the farmer sleep."): the verb's number follows the
+///   first noun, not the nearest one;
+/// - arithmetic facts ("12 plus 7 is 19."), exact;
+/// - digits spelled out ("4 is four.").
+pub fn builtin_corpus(seed: u64, n_chars: usize) -> String {
+    let mut rng = Rng::new(seed);
+    // The fixed facts of this "world".
+    let city: Vec<&str> = NAMES.iter().map(|_| rng.pick(CITIES)).collect();
+    let pet: Vec<&str> = NAMES.iter().map(|_| rng.pick(PETS)).collect();
+    let food: Vec<&str> = NAMES.iter().map(|_| rng.pick(FOODS)).collect();
+    let mut out = String::with_capacity(n_chars + 128);
+    let mut in_line = 0;
+    while out.len() < n_chars {
+        let s = match rng.below(10) {
+            0..=3 => {
+                let i = rng.below(NAMES.len());
+                match rng.below(3) {
+                    0 => format!("{} lives in {}.", NAMES[i], city[i]),
+                    1 => format!("{} has a {}.", NAMES[i], pet[i]),
+                    _ => format!("{} likes {}.", NAMES[i], food[i]),
+                }
+            }
+            4..=6 => {
+                let (n1, n1p) = NOUNS[rng.below(NOUNS.len())];
+                let (n2, n2p) = NOUNS[rng.below(NOUNS.len())];
+                let (vs, vp) = VERBS[rng.below(VERBS.len())];
+                let plural = rng.below(2) == 1;
+                let subj = if plural { n1p } else { n1 };
+                let other = if rng.below(2) == 1 { n2p } else { n2 };
+                let verb = if plural { vp } else { vs };
+                let adj = if rng.below(2) == 1 {
+                    format!("{} ", rng.pick(ADJS))
+                } else {
+                    String::new()
+                };
+                if rng.below(2) == 1 {
+                    format!("the {adj}{subj} near the {other} {verb}.")
+                } else {
+                    format!("the {adj}{subj} {verb}.")
+                }
+            }
+            7..=8 => {
+                let (a, b) = (rng.below(20), rng.below(20));
+                format!("{a} plus {b} is {}.", a + b)
+            }
+            _ => {
+                let d = rng.below(10);
+                format!("{d} is {}.", WORDS[d])
+            }
+        };
+        out.push_str(&s);
+        in_line += 1;
+        if in_line == 4 {
+            out.push('\n');
+            in_line = 0;
+        } else {
+            out.push(' ');
+        }
+    }
+    out
+}
+
+/// A tokenised text split into training and validation parts.
+#[derive(Clone, Debug)]
+pub struct Data {
+    /// The characters of the vocabulary, sorted.
+    pub vocab: Vec<char>,
+    /// Training tokens (the first 90 %).
+    pub train: Vec<u32>,
+    /// Validation tokens (the last 10 %).
+    pub val: Vec<u32>,
+}
+
+impl Data {
+    /// Char-level tokenisation of `text`, split 90/10.
+    pub fn from_text(text: &str, context: usize) -> Result<Self> {
+        let mut vocab: Vec<char> = text.chars().collect();
+        vocab.sort_unstable();
+        vocab.dedup();
+        let index: BTreeMap<char, u32> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, i as u32))
+            .collect();
+        let tokens: Vec<u32> = text.chars().map(|c| index[&c]).collect();
+        let split = tokens.len() * 9 / 10;
+        if split <= context + 1 || tokens.len() - split <= context + 1 {
+            candle_core::bail!(
+                "the text has {} characters: too short for context {context} (needs more than {})",
+                tokens.len(),
+                10 * (context + 2)
+            );
+        }
+        Ok(Self {
+            vocab,
+            train: tokens[..split].to_vec(),
+            val: tokens[split..].to_vec(),
+        })
+    }
+
+    /// Decodes tokens back to text.
+    pub fn decode(&self, tokens: &[u32]) -> String {
+        tokens.iter().map(|&t| self.vocab[t as usize]).collect()
+    }
+}
+
+/// `(inputs, targets)` of shape `(batch, context)`: windows starting at `starts`.
+pub fn batch_at(tokens: &[u32], starts: &[usize], context: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(starts.len() * context);
+    let mut y = Vec::with_capacity(starts.len() * context);
+    for &s in starts {
+        x.extend_from_slice(&tokens[s..s + context]);
+        y.extend_from_slice(&tokens[s + 1..s + context + 1]);
+    }
+    let shape = (starts.len(), context);
+    Ok((
+        Tensor::from_vec(x, shape, device)?,
+        Tensor::from_vec(y, shape, device)?,
+    ))
+}
+
+// ---------------------------------------------------------------- the model
+
+/// Model and training configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Model width `d`.
+    pub d_model: usize,
+    /// Attention heads (`d_model` divisible by it).
+    pub heads: usize,
+    /// Context length (tokens).
+    pub context: usize,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Global gradient-norm clip.
+    pub clip: f64,
+    /// Weight decay `λ` (decoupled or spectral).
+    pub weight_decay: f64,
+    /// Learning-rate override (else the optimizer's default).
+    pub lr: Option<f64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            layers: 2,
+            d_model: 64,
+            heads: 4,
+            context: 64,
+            batch: 16,
+            steps: 300,
+            eval_every: 20,
+            eval_batches: 4,
+            clip: 1.0,
+            weight_decay: 0.1,
+            lr: None,
+        }
+    }
+}
+
+/// A plain linear map `x Wᵀ` (weights `(out, in)`), no bias.
+struct Lin(Tensor);
+
+impl Lin {
+    fn new(vb: &VarBuilder, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Self(vb.get((d_out, d_in), &format!("{name}.weight"))?))
+    }
+
+    /// `x (…, in) → (…, out)`, as one 2-D product (a broadcast product would
+    /// materialise a per-batch copy of the weight gradient).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let y = x.reshape(((), d_in))?.matmul(&self.0.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = self.0.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// RMS norm `x·g/√(mean(x²) + ε)` from differentiable ops (candle-nn's fused
+/// norms have no backward on the CPU); cheaper than a layer norm.
+struct Norm {
+    weight: Tensor,
+}
+
+impl Norm {
+    fn new(vb: &VarBuilder, name: &str, d: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(d, &format!("{name}.weight"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Softmax over the last dimension; the max it subtracts is detached (the
+/// result does not depend on it), which saves its backward pass.
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean cross-entropy of `logits (n, v)` against `targets (n,)`:
+/// `mean(logsumexp(l) − l[target])`, with a detached max shift.
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&m)?;
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
+    (lse - picked)?.mean_all()
+}
+
+struct Block {
+    ln1: Norm,
+    qkv: Lin,
+    proj: Lin,
+    ln2: Norm,
+    fc: Lin,
+    fc_proj: Lin,
+    heads: usize,
+}
+
+impl Block {
+    fn new(vb: &VarBuilder, i: usize, d: usize, heads: usize) -> Result<Self> {
+        let p = format!("h.{i}");
+        Ok(Self {
+            ln1: Norm::new(vb, &format!("{p}.ln1"), d)?,
+            qkv: Lin::new(vb, &format!("{p}.attn.qkv"), d, 3 * d)?,
+            proj: Lin::new(vb, &format!("{p}.attn.proj"), d, d)?,
+            ln2: Norm::new(vb, &format!("{p}.ln2"), d)?,
+            fc: Lin::new(vb, &format!("{p}.mlp.fc"), d, 4 * d)?,
+            fc_proj: Lin::new(vb, &format!("{p}.mlp.proj"), 4 * d, d)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = softmax_last(&att.broadcast_add(mask)?)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + self.proj.forward(&y)?)?;
+        let h = self.fc.forward(&self.ln2.forward(&x)?)?.relu()?;
+        x + self.fc_proj.forward(&h)?
+    }
+}
+
+/// A char-level GPT: token + position embeddings, pre-norm blocks (RMS norm,
+/// causal attention, ReLU MLP), final norm, untied output head. Parameter names: `tok_emb.weight`,
+/// `pos_emb.weight`, `h.<i>.{ln1,attn.qkv,attn.proj,ln2,mlp.fc,mlp.proj}.weight`,
+/// `ln_f.weight`, `lm_head.weight`.
+pub struct Gpt {
+    tok_emb: Tensor,
+    pos_emb: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    head: Lin,
+    mask: Tensor,
+}
+
+impl Gpt {
+    /// Builds the model in `varmap`; weights are then set from `seed`
+    /// (candle cannot seed its CPU generator): N(0, 0.02²) embeddings,
+    /// U(±1/√fan_in) matrices, unit norm gains.
+    pub fn new(varmap: &VarMap, cfg: &Config, vocab: usize, seed: u64, device: &Device) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
+        let d = cfg.d_model;
+        if cfg.heads == 0 || d % cfg.heads != 0 {
+            candle_core::bail!("d_model {d} must be divisible by heads {}", cfg.heads);
+        }
+        let tok_emb = vb.get((vocab, d), "tok_emb.weight")?;
+        let pos_emb = vb.get((cfg.context, d), "pos_emb.weight")?;
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(&vb, i, d, cfg.heads))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = Norm::new(&vb, "ln_f", d)?;
+        let head = Lin::new(&vb, "lm_head", d, vocab)?;
+        let t = cfg.context;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), device)?;
+        init_weights(varmap, seed)?;
+        Ok(Self {
+            tok_emb,
+            pos_emb,
+            blocks,
+            ln_f,
+            head,
+            mask,
+        })
+    }
+
+    /// Logits `(batch, time, vocab)` for tokens `(batch, time)`, `time ≤ context`.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (_, t) = tokens.dims2()?;
+        let tok = self.tok_emb.embedding(&tokens.flatten_all()?)?;
+        let tok = tok.reshape((tokens.dim(0)?, t, ()))?;
+        let mut x = tok.broadcast_add(&self.pos_emb.narrow(0, 0, t)?)?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        for b in &self.blocks {
+            x = b.forward(&x, &mask)?;
+        }
+        self.head.forward(&self.ln_f.forward(&x)?)
+    }
+
+    /// Mean cross-entropy (nats per character) of next-token prediction.
+    pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(x)?;
+        let v = logits.dim(2)?;
+        cross_entropy(&logits.reshape(((), v))?, &y.flatten_all()?)
+    }
+}
+
+/// Sets every variable of `varmap` deterministically from `seed`, by name.
+fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().expect("VarMap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = Rng::new(seed.wrapping_mul(7919).wrapping_add(1));
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let vals: Vec<f32> = if name.ends_with("emb.weight") {
+            (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+        } else if dims.len() == 1 {
+            vec![1.0; n] // norm gains
+        } else {
+            let bound = 1.0 / (dims[1] as f64).sqrt();
+            (0..n)
+                .map(|_| (bound * (2.0 * rng.unit() - 1.0)) as f32)
+                .collect()
+        };
+        var.set(&Tensor::from_vec(vals, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- optimizers
+
+/// The optimizers `train_lm` compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptKind {
+    /// AdamW with decoupled decay `W ← (1 − ηλ)W`.
+    AdamW,
+    /// AdamW with spectral decay `W ← W − ηλ·σ₁u₁v₁ᵀ`.
+    AdamWSpectral,
+    /// Muon (matrices) + AdamW (embeddings, head, vectors), decoupled decay.
+    Muon,
+    /// Muon with spectral decay.
+    MuonSpectral,
+}
+
+impl OptKind {
+    /// All of them, in display order.
+    pub const ALL: [OptKind; 4] = [Self::AdamW, Self::AdamWSpectral, Self::Muon, Self::MuonSpectral];
+
+    /// The CLI / CSV name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AdamW => "adamw",
+            Self::AdamWSpectral => "adamw-spectral",
+            Self::Muon => "muon",
+            Self::MuonSpectral => "muon-spectral",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The peak learning rate used unless overridden (from a short sweep,
+    /// see the README).
+    pub fn default_lr(&self) -> f64 {
+        match self {
+            Self::AdamW | Self::AdamWSpectral => 3e-3,
+            Self::Muon | Self::MuonSpectral => 0.02,
+        }
+    }
+
+    fn decay(&self, lambda: f64) -> WeightDecay {
+        match self {
+            Self::AdamW | Self::Muon => WeightDecay::Decoupled(lambda),
+            Self::AdamWSpectral | Self::MuonSpectral => WeightDecay::spectral(lambda),
+        }
+    }
+}
+
+/// AdamW settings shared by the AdamW runs and Muon's internal AdamW.
+fn adamw_config(lr: f64, decay: WeightDecay) -> AdamWConfig {
+    AdamWConfig {
+        lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: decay,
+        decay_vectors: false,
+    }
+}
+
+/// The schedule: 5 % linear warmup, then warmup–stable–decay with the last
+/// 20 % decaying linearly to 0.
+pub fn schedule(peak: f64, steps: usize) -> Result<Schedule> {
+    let warmup = (steps / 20).max(1).min(steps);
+    let rest = steps - warmup;
+    let decay = (rest / 5).max(1);
+    Schedule::wsd(peak, 0.0, rest.saturating_sub(decay), decay, DecayShape::Linear)?.with_warmup(warmup)
+}
+
+// ---------------------------------------------------------------- training
+
+/// One evaluation point.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Steps taken.
+    pub step: usize,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Mean training loss since the previous record.
+    pub train_loss: f64,
+    /// Validation loss (nats/char).
+    pub val_loss: f64,
+    /// σ₁ of each weight matrix, in the order of [`RunResult::matrices`].
+    pub sigmas: Vec<f64>,
+}
+
+/// The outcome of one training run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// Which optimizer.
+    pub kind: OptKind,
+    /// The seed.
+    pub seed: u64,
+    /// Names of the weight matrices whose σ₁ is tracked.
+    pub matrices: Vec<String>,
+    /// The evaluation points.
+    pub records: Vec<Record>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl RunResult {
+    /// The last validation loss.
+    pub fn final_val(&self) -> f64 {
+        self.records.last().map(|r| r.val_loss).unwrap_or(f64::NAN)
+    }
+}
+
+/// Fixed validation windows: `n` batches spread evenly over the split.
+fn val_starts(data: &Data, cfg: &Config) -> Vec<Vec<usize>> {
+    let span = data.val.len() - cfg.context - 1;
+    let total = cfg.eval_batches * cfg.batch;
+    (0..cfg.eval_batches)
+        .map(|b| {
+            (0..cfg.batch)
+                .map(|i| (b * cfg.batch + i) * span / total.max(1))
+                .collect()
+        })
+        .collect()
+}
+
+fn evaluate(model: &Gpt, data: &Data, cfg: &Config, device: &Device) -> Result<f64> {
+    let mut sum = 0.0;
+    let starts = val_starts(data, cfg);
+    for s in &starts {
+        let (x, y) = batch_at(&data.val, s, cfg.context, device)?;
+        sum += model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / starts.len() as f64)
+}
+
+fn sigmas(varmap: &VarMap, names: &[String]) -> Result<Vec<f64>> {
+    let data = varmap.data().lock().expect("VarMap lock");
+    names
+        .iter()
+        .map(|n| {
+            let w = data[n].as_tensor().detach();
+            power_iteration(&w, None, 30)?
+                .sigma
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+        })
+        .collect()
+}
+
+/// Trains one model with one optimizer and seed; `progress(step, record)` is
+/// called after every step (`record` at evaluation points).
+pub fn train(
+    kind: OptKind,
+    seed: u64,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, Option<&Record>),
+) -> Result<RunResult> {
+    let varmap = VarMap::new();
+    let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
+    let lr = cfg.lr.unwrap_or(kind.default_lr());
+    let decay = kind.decay(cfg.weight_decay);
+    let sched = schedule(lr, cfg.steps)?;
+    match kind {
+        OptKind::AdamW | OptKind::AdamWSpectral => {
+            let opt = AdamW::from_varmap(&varmap, adamw_config(lr, decay))?;
+            run(Scheduled::new(opt, sched), kind, seed, &varmap, &model, cfg, data, device, progress)
+        }
+        OptKind::Muon | OptKind::MuonSpectral => {
+            let opt = Muon::from_varmap(
+                &varmap,
+                MuonConfig {
+                    lr,
+                    momentum: 0.95,
+                    weight_decay: decay,
+                    // The embeddings and the head go to AdamW, at AdamW's rate.
+                    adamw: adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
+                    adamw_names: vec!["tok_emb".into(), "pos_emb".into(), "lm_head".into()],
+                    ..MuonConfig::default()
+                },
+            )?;
+            run(Scheduled::new(opt, sched), kind, seed, &varmap, &model, cfg, data, device, progress)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<O: Optimizer>(
+    mut opt: Scheduled<O>,
+    kind: OptKind,
+    seed: u64,
+    varmap: &VarMap,
+    model: &Gpt,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, Option<&Record>),
+) -> Result<RunResult> {
+    let start = std::time::Instant::now();
+    let vars = varmap.all_vars();
+    let mut matrices: Vec<String> = {
+        let d = varmap.data().lock().expect("VarMap lock");
+        d.iter()
+            .filter(|(_, v)| v.rank() == 2)
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    matrices.sort();
+    // Batches depend on the seed only, so every optimizer sees the same data.
+    let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
+    let span = data.train.len() - cfg.context - 1;
+    let mut records = Vec::new();
+    let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+    let record = |step: usize, lr: f64, train_loss: f64| -> Result<Record> {
+        Ok(Record {
+            step,
+            lr,
+            train_loss,
+            val_loss: evaluate(model, data, cfg, device)?,
+            sigmas: sigmas(varmap, &matrices)?,
+        })
+    };
+    let r0 = record(0, 0.0, f64::NAN)?;
+    progress(0, Some(&r0));
+    records.push(r0);
+    for step in 1..=cfg.steps {
+        let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
+        let (x, y) = batch_at(&data.train, &starts, cfg.context, device)?;
+        let loss = model.loss(&x, &y)?;
+        let loss_val = loss.to_scalar::<f32>()? as f64;
+        if !loss_val.is_finite() {
+            candle_core::bail!("{}: training loss is {loss_val} at step {step} (diverged)", kind.name());
+        }
+        let mut grads = loss.backward()?;
+        clip_grad_norm(&mut grads, &vars, cfg.clip)?;
+        let lr = opt.next_lr();
+        opt.step(&grads)?;
+        loss_sum += loss_val;
+        loss_n += 1;
+        if step % cfg.eval_every == 0 || step == cfg.steps {
+            let r = record(step, lr, loss_sum / loss_n as f64)?;
+            (loss_sum, loss_n) = (0.0, 0);
+            progress(step, Some(&r));
+            records.push(r);
+        } else {
+            progress(step, None);
+        }
+    }
+    Ok(RunResult {
+        kind,
+        seed,
+        matrices,
+        records,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Greedy continuation of `prompt` (for a look at what the model learned).
+pub fn sample_greedy(model: &Gpt, data: &Data, cfg: &Config, prompt: &str, n: usize, device: &Device) -> Result<String> {
+    let index: BTreeMap<char, u32> = data.vocab.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+    let mut toks: Vec<u32> = prompt.chars().filter_map(|c| index.get(&c).copied()).collect();
+    for _ in 0..n {
+        let ctx = &toks[toks.len().saturating_sub(cfg.context)..];
+        let x = Tensor::new(ctx, device)?.unsqueeze(0)?;
+        let logits = model.forward(&x)?;
+        let last = logits.get(0)?.get(ctx.len() - 1)?;
+        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        toks.push(next);
+    }
+    Ok(data.decode(&toks))
+}

@@ -1,0 +1,316 @@
+//! Iterate averaging: EMA / Polyak of known sequences (closed forms in f64),
+//! WSM weights and their exact emulation of a decayed-rate run, swapping, and
+//! save → load → continue.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use steepest::averaging::{wsm_weights, wsm_weights_for_shape, AverageKind, WeightAverage};
+use steepest::optim::{NamedVar, OptimizerState, Sgd, SgdConfig};
+use steepest::schedule::{DecayShape, Schedule};
+use steepest::WeightDecay;
+
+fn named(var: &Var, name: &str) -> NamedVar {
+    NamedVar {
+        name: name.into(),
+        var: var.clone(),
+    }
+}
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// A deterministic sequence of parameter values `x_n` (f64, length 3).
+fn seq(n: usize) -> Vec<f64> {
+    let n = n as f64;
+    vec![n.sin(), 0.1 * n * n, -(n * 0.7).cos()]
+}
+
+#[test]
+fn ema_and_polyak_of_a_known_sequence() {
+    let beta = 0.9;
+    let v = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
+    let mut ema = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Ema { decay: beta }).unwrap();
+    let mut pol = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
+    assert!(ema.averaged().is_err(), "no average before the first update");
+    let n = 25;
+    for i in 1..=n {
+        v.set(&Tensor::new(seq(i).as_slice(), &Device::Cpu).unwrap()).unwrap();
+        ema.update().unwrap();
+        pol.update().unwrap();
+    }
+    // closed forms: EMA = β^{n−1} x_1 + Σ_{i≥2} (1−β) β^{n−i} x_i; Polyak = mean
+    for c in 0..3 {
+        let mut e = beta.powi(n as i32 - 1) * seq(1)[c];
+        for i in 2..=n {
+            e += (1.0 - beta) * beta.powi((n - i) as i32) * seq(i)[c];
+        }
+        let m: f64 = (1..=n).map(|i| seq(i)[c]).sum::<f64>() / n as f64;
+        let got_e = vals(&ema.averaged().unwrap()[0].1)[c];
+        let got_m = vals(&pol.averaged().unwrap()[0].1)[c];
+        assert!((got_e - e).abs() < 1e-12, "{got_e} vs {e}");
+        assert!((got_m - m).abs() < 1e-12, "{got_m} vs {m}");
+    }
+    assert_eq!(ema.count(), n as u64);
+}
+
+#[test]
+fn wsm_weights_sum_to_one_and_are_the_decrements() {
+    let c = wsm_weights(&[1.0, 0.5, 0.25]).unwrap();
+    assert_eq!(c, vec![0.0, 0.5, 0.25, 0.25]);
+    for shape in [DecayShape::Linear, DecayShape::Cosine, DecayShape::OneMinusSqrt] {
+        for k in [1, 4, 10] {
+            let c = wsm_weights_for_shape(shape, k).unwrap();
+            assert_eq!(c.len(), k + 1);
+            assert!((c.iter().sum::<f64>() - 1.0).abs() < 1e-15);
+            assert!(c.iter().all(|&x| x >= 0.0));
+            // c_i summed from i+1 reproduces the decay factor f(i/k)
+            for j in 0..k {
+                let tail: f64 = c[j + 1..].iter().sum();
+                assert!((tail - shape.factor(j as f64 / k as f64)).abs() < 1e-14);
+            }
+        }
+    }
+    // linear decay = uniform average of the last k checkpoints
+    let c = wsm_weights_for_shape(DecayShape::Linear, 4).unwrap();
+    for x in &c[1..] {
+        assert!((x - 0.25).abs() < 1e-15);
+    }
+    assert!(wsm_weights(&[]).is_err());
+    assert!(wsm_weights(&[0.5, 0.6]).unwrap_err().to_string().contains("non-increasing"));
+    assert!(wsm_weights(&[1.5]).is_err());
+}
+
+/// On a linear loss `⟨a_t, w⟩` (gradients independent of `w`), merging the last
+/// `k+1` checkpoints of a constant-rate SGD run with the WSM weights equals,
+/// exactly, the iterate of SGD from the oldest checkpoint with the WSD cosine
+/// decay schedule (rate constant within each checkpoint interval).
+#[test]
+fn wsm_merge_equals_the_decayed_run() {
+    for interval in [1usize, 3] {
+        let (d, k, eta, steps) = (5, 6, 0.05, 42); // steps: a multiple of each interval
+        let mut rng = StdRng::seed_from_u64(7 + interval as u64);
+        let grads: Vec<Vec<f64>> = (0..steps)
+            .map(|_| (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect())
+            .collect();
+        let w0: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let w = Var::from_vec(w0.clone(), d, &Device::Cpu).unwrap();
+        let mut opt = Sgd::new(
+            vec![w.clone()],
+            SgdConfig {
+                lr: eta,
+                weight_decay: WeightDecay::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let weights = wsm_weights_for_shape(DecayShape::Cosine, k).unwrap();
+        let mut avg = WeightAverage::from_named(
+            vec![named(&w, "w")],
+            AverageKind::Wsm {
+                weights,
+                interval,
+            },
+        )
+        .unwrap();
+        // the initial weights count as update 0's state only if steps align; we
+        // take checkpoints after steps interval, 2·interval, …
+        for g in &grads {
+            let a = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+            let loss = (w.as_tensor() * &a).unwrap().sum_all().unwrap();
+            opt.backward_step(&loss).unwrap();
+            avg.update().unwrap();
+        }
+        assert_eq!(avg.checkpoints(), k + 1);
+        let merged = vals(&avg.averaged().unwrap()[0].1);
+
+        // independent f64 run: the oldest kept checkpoint is after step
+        // s0 = steps − k·interval; from there the rate in interval j is
+        // η·f(j/k) = Schedule::wsd(η, 0, 0, k, Cosine).lr(j).
+        let s0 = steps - k * interval;
+        let mut theta = w0.clone();
+        for g in &grads[..s0] {
+            for (x, gi) in theta.iter_mut().zip(g) {
+                *x -= eta * gi;
+            }
+        }
+        let decay = Schedule::wsd(eta, 0.0, 0, k, DecayShape::Cosine).unwrap();
+        for (i, g) in grads[s0..].iter().enumerate() {
+            let lr = decay.lr(i / interval);
+            for (x, gi) in theta.iter_mut().zip(g) {
+                *x -= lr * gi;
+            }
+        }
+        for (m, t) in merged.iter().zip(&theta) {
+            assert!((m - t).abs() < 1e-12, "interval {interval}: {m} vs {t}");
+        }
+        // and it differs from the constant-rate last iterate
+        let last = vals(w.as_tensor());
+        assert!(last.iter().zip(&theta).any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
+
+#[test]
+fn swap_in_and_out() {
+    let v = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let mut avg = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
+    assert!(avg.swap_in().is_err(), "nothing to swap in yet");
+    for i in 1..=4 {
+        v.set(&Tensor::new(seq(i).as_slice(), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap())
+            .unwrap();
+        avg.update().unwrap();
+    }
+    let training = vals(v.as_tensor());
+    avg.swap_in().unwrap();
+    assert!(avg.is_swapped_in());
+    let mean: Vec<f64> = (0..3)
+        .map(|c| (1..=4).map(|i| seq(i)[c]).sum::<f64>() / 4.0)
+        .collect();
+    for (a, m) in vals(v.as_tensor()).iter().zip(&mean) {
+        assert!((a - m).abs() < 1e-5, "{a} vs {m}");
+    }
+    assert!(avg.swap_in().is_err());
+    assert!(avg.update().is_err(), "no update while swapped in");
+    avg.swap_out().unwrap();
+    assert_eq!(vals(v.as_tensor()), training);
+    assert!(avg.swap_out().is_err());
+}
+
+fn varmap(seed: u64, names: &[&str]) -> VarMap {
+    let vm = VarMap::new();
+    let mut rng = StdRng::seed_from_u64(seed);
+    {
+        let mut data = vm.data().lock().unwrap();
+        for n in names {
+            let x: Vec<f32> = (0..6).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            data.insert(
+                n.to_string(),
+                Var::from_vec(x, (2, 3), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    vm
+}
+
+/// Moves every var of `vm` deterministically (a stand-in for a training step).
+fn perturb(vm: &VarMap, step: usize) {
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort(); // HashMap order differs between VarMaps
+    for (i, v) in names.iter().map(|n| &data[*n]).enumerate() {
+        let d = Tensor::full(((step * 7 + i) as f32 * 0.37).sin(), (2, 3), &Device::Cpu).unwrap();
+        v.set(&(v.as_tensor() + d).unwrap()).unwrap();
+    }
+}
+
+fn snapshot(state: &HashMap<String, Tensor>) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<_> = state.iter().map(|(k, t)| (k.clone(), vals(t))).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn save_load_continue_is_identical() {
+    let dir = std::env::temp_dir().join(format!("steepest-avg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kinds = [
+        AverageKind::Ema { decay: 0.8 },
+        AverageKind::Polyak,
+        AverageKind::Wsm {
+            weights: wsm_weights_for_shape(DecayShape::OneMinusSqrt, 3).unwrap(),
+            interval: 2,
+        },
+    ];
+    for (ki, kind) in kinds.iter().enumerate() {
+        let names = ["a.weight", "b.weight"];
+        let vm = varmap(1, &names);
+        let mut avg = WeightAverage::from_varmap(&vm, kind.clone()).unwrap();
+        for s in 0..7 {
+            perturb(&vm, s);
+            avg.update().unwrap();
+        }
+        let path = dir.join(format!("avg{ki}.safetensors"));
+        avg.save_state(&path).unwrap();
+        for s in 7..15 {
+            perturb(&vm, s);
+            avg.update().unwrap();
+        }
+        let want = snapshot(&avg.state_dict().unwrap());
+        let want_avg: Vec<Vec<f64>> = avg.averaged().unwrap().iter().map(|(_, t)| vals(t)).collect();
+
+        // resume: same model state at step 7, fresh averager with another
+        // hyperparameter (restored from the checkpoint)
+        let vm2 = varmap(1, &names);
+        for s in 0..7 {
+            perturb(&vm2, s);
+        }
+        let other = match kind {
+            AverageKind::Ema { .. } => AverageKind::Ema { decay: 0.5 },
+            AverageKind::Polyak => AverageKind::Polyak,
+            AverageKind::Wsm { .. } => AverageKind::Wsm {
+                weights: vec![0.5, 0.5],
+                interval: 1,
+            },
+        };
+        let mut avg2 = WeightAverage::from_varmap(&vm2, other).unwrap();
+        avg2.load_state(&path).unwrap();
+        assert_eq!(avg2.kind(), kind);
+        for s in 7..15 {
+            perturb(&vm2, s);
+            avg2.update().unwrap();
+        }
+        assert_eq!(snapshot(&avg2.state_dict().unwrap()), want);
+        let got_avg: Vec<Vec<f64>> = avg2.averaged().unwrap().iter().map(|(_, t)| vals(t)).collect();
+        assert_eq!(got_avg, want_avg);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn mismatched_checkpoints_are_refused_without_change() {
+    let vm = varmap(2, &["a.weight", "b.weight"]);
+    let mut ema = WeightAverage::from_varmap(&vm, AverageKind::Ema { decay: 0.9 }).unwrap();
+    let mut pol = WeightAverage::from_varmap(&vm, AverageKind::Polyak).unwrap();
+    for s in 0..3 {
+        perturb(&vm, s);
+        ema.update().unwrap();
+        pol.update().unwrap();
+    }
+    let ema_state = ema.state_dict().unwrap();
+    let before = snapshot(&pol.state_dict().unwrap());
+    // another kind
+    let e = pol.load_state_dict(&ema_state).unwrap_err().to_string();
+    assert!(e.contains("average_ema"), "{e}");
+    assert_eq!(snapshot(&pol.state_dict().unwrap()), before);
+
+    // another model (different parameter names)
+    let vm_other = varmap(2, &["a.weight", "c.weight"]);
+    let mut other = WeightAverage::from_varmap(&vm_other, AverageKind::Ema { decay: 0.9 }).unwrap();
+    perturb(&vm_other, 0);
+    other.update().unwrap();
+    let before = snapshot(&ema.state_dict().unwrap());
+    let e = ema.load_state_dict(&other.state_dict().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("parameter names"), "{e}");
+    assert_eq!(snapshot(&ema.state_dict().unwrap()), before);
+
+    // a slot of the wrong shape
+    let mut bad = ema_state.clone();
+    bad.insert("a.weight.avg".into(), Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap());
+    let e = ema.load_state_dict(&bad).unwrap_err().to_string();
+    assert!(e.contains("a.weight.avg") && e.contains("shape"), "{e}");
+    assert_eq!(snapshot(&ema.state_dict().unwrap()), before);
+
+    // an optimizer's checkpoint is not an averaging checkpoint
+    let sgd = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    assert!(ema.load_state_dict(&sgd.state_dict().unwrap()).is_err());
+    assert_eq!(snapshot(&ema.state_dict().unwrap()), before);
+}

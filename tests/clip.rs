@@ -1,0 +1,113 @@
+//! Gradient clipping by global norm, against an f64 computation of the norm.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use steepest::clip::{clip_grad_norm, grad_norm};
+
+/// Vars and a gradient store whose gradients are known: the loss
+/// `Σ_p ⟨p, c_p⟩` has gradient `c_p` (values in `cs`, f64).
+fn setup(scale: f64) -> (Vec<Var>, GradStore, Vec<Vec<f64>>) {
+    let mut rng = StdRng::seed_from_u64(11);
+    let shapes: [(&[usize], DType); 3] = [(&[3, 4], DType::F32), (&[5], DType::F64), (&[2, 2, 2], DType::F32)];
+    let mut vars = Vec::new();
+    let mut cs = Vec::new();
+    let mut loss: Option<Tensor> = None;
+    for (shape, dt) in shapes {
+        let n: usize = shape.iter().product();
+        let v = Var::zeros(shape, dt, &Device::Cpu).unwrap();
+        let c: Vec<f64> = (0..n).map(|_| scale * rng.gen_range(-1.0..1.0)).collect();
+        let ct = Tensor::from_vec(c.clone(), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        // what the gradient will hold, rounded to the var's dtype
+        let c_rounded = ct
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let term = (v.as_tensor() * &ct)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        loss = Some(match loss {
+            None => term,
+            Some(l) => (l + term).unwrap(),
+        });
+        vars.push(v);
+        cs.push(c_rounded);
+    }
+    // a var that takes no part in the loss has no gradient and is skipped
+    vars.push(Var::zeros(4, DType::F32, &Device::Cpu).unwrap());
+    let grads = loss.unwrap().backward().unwrap();
+    (vars, grads, cs)
+}
+
+fn grad_values(grads: &GradStore, v: &Var) -> Vec<f64> {
+    grads
+        .get(v)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn norm64(cs: &[Vec<f64>]) -> f64 {
+    cs.iter().flatten().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+#[test]
+fn clips_to_max_norm_and_keeps_direction() {
+    let (vars, mut grads, cs) = setup(3.0);
+    let norm = norm64(&cs);
+    assert!((grad_norm(&grads, &vars).unwrap() - norm).abs() < 1e-6 * norm);
+    let max = norm / 3.0;
+    let before = clip_grad_norm(&mut grads, &vars, max).unwrap();
+    assert!((before - norm).abs() < 1e-6 * norm, "{before} vs {norm}");
+    let after: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
+    let after_norm = norm64(&after);
+    assert!((after_norm - max).abs() < 1e-6 * max, "{after_norm} vs {max}");
+    for (a, c) in after.iter().flatten().zip(cs.iter().flatten()) {
+        assert!((a - c * max / norm).abs() < 1e-6, "{a} vs {}", c * max / norm);
+    }
+    assert!(grads.get(&vars[3]).is_none());
+}
+
+#[test]
+fn below_max_norm_nothing_changes() {
+    let (vars, mut grads, cs) = setup(0.1);
+    let norm = norm64(&cs);
+    let before: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
+    let got = clip_grad_norm(&mut grads, &vars, norm * 1.5).unwrap();
+    assert!((got - norm).abs() < 1e-6 * norm);
+    let after: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
+    let (vars, mut grads, _) = setup(1.0);
+    let before: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let e = clip_grad_norm(&mut grads, &vars, bad).unwrap_err().to_string();
+        assert!(e.contains("max_norm"), "{e}");
+    }
+    // poison one gradient with a NaN
+    let g0 = grads.get(&vars[0]).unwrap().clone();
+    let mut vals = g0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    vals[5] = f32::NAN;
+    grads.insert(&vars[0], Tensor::from_vec(vals, g0.shape(), &Device::Cpu).unwrap());
+    let e = clip_grad_norm(&mut grads, &vars, 1e-3).unwrap_err().to_string();
+    assert!(e.contains("NaN"), "{e}");
+    let after: Vec<Vec<f64>> = vars[1..3].iter().map(|v| grad_values(&grads, v)).collect();
+    assert_eq!(&before[1..3], &after[..]);
+}

@@ -1,0 +1,144 @@
+//! Learning-rate schedules: values at known steps (hand-computed closed
+//! forms), composition with warmup, argument checks, and the driver.
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::Optimizer;
+use steepest::optim::{Sgd, SgdConfig};
+use steepest::schedule::{DecayShape, Schedule, Scheduled};
+use steepest::WeightDecay;
+
+fn close(a: f64, b: f64) {
+    assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+}
+
+#[test]
+fn constant_and_linear_warmup() {
+    let c = Schedule::constant(0.1).unwrap();
+    for s in [0, 1, 7, 100_000] {
+        close(c.lr(s), 0.1);
+    }
+    let w = Schedule::linear_warmup(1.0, 4).unwrap();
+    let expect = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0];
+    for (s, e) in expect.iter().enumerate() {
+        close(w.lr(s), *e);
+    }
+    assert_eq!(w.rates(3), vec![0.25, 0.5, 0.75]);
+}
+
+#[test]
+fn cosine_values() {
+    let c = Schedule::cosine(1.0, 0.1, 4).unwrap();
+    let pi = std::f64::consts::PI;
+    close(c.lr(0), 1.0);
+    close(c.lr(1), 0.1 + 0.9 * (1.0 + (pi / 4.0).cos()) / 2.0);
+    close(c.lr(2), 0.55);
+    close(c.lr(3), 0.1 + 0.9 * (1.0 + (3.0 * pi / 4.0).cos()) / 2.0);
+    close(c.lr(4), 0.1);
+    close(c.lr(40), 0.1);
+}
+
+#[test]
+fn wsd_shapes() {
+    let lin = Schedule::wsd(1.0, 0.0, 10, 4, DecayShape::Linear).unwrap();
+    for s in 0..=10 {
+        close(lin.lr(s), 1.0);
+    }
+    close(lin.lr(11), 0.75);
+    close(lin.lr(12), 0.5);
+    close(lin.lr(13), 0.25);
+    close(lin.lr(14), 0.0);
+    close(lin.lr(99), 0.0);
+
+    let cos = Schedule::wsd(2.0, 0.0, 0, 4, DecayShape::Cosine).unwrap();
+    close(cos.lr(0), 2.0);
+    close(cos.lr(2), 1.0); // (1 + cos(π/2))/2 = 1/2
+    close(cos.lr(1), 1.0 + std::f64::consts::FRAC_1_SQRT_2);
+
+    let sq = Schedule::wsd(1.0, 0.2, 5, 4, DecayShape::OneMinusSqrt).unwrap();
+    close(sq.lr(6), 0.2 + 0.8 * 0.5); // 1 − √(1/4)
+    close(sq.lr(8), 0.2 + 0.8 * (1.0 - 0.75f64.sqrt()));
+    close(sq.lr(9), 0.2);
+
+    // Warmup in front shifts the whole schedule.
+    let wl = Schedule::wsd(1.0, 0.0, 10, 4, DecayShape::Linear)
+        .unwrap()
+        .with_warmup(2)
+        .unwrap();
+    close(wl.lr(0), 0.5);
+    close(wl.lr(1), 1.0);
+    close(wl.lr(12), 1.0);
+    close(wl.lr(13), 0.75);
+    close(wl.lr(16), 0.0);
+    // with_warmup(0) is the identity.
+    let same = Schedule::cosine(1.0, 0.0, 9).unwrap();
+    assert_eq!(same.clone().with_warmup(0).unwrap(), same);
+}
+
+#[test]
+fn inverse_sqrt_and_last_iterate_optimal() {
+    let s = Schedule::inverse_sqrt(2.0).unwrap();
+    close(s.lr(0), 2.0);
+    close(s.lr(3), 1.0);
+    close(s.lr(15), 0.5);
+    let o = Schedule::last_iterate_optimal(2.0, 3.0, 100).unwrap();
+    let expect = 2.0 / (3.0 * (100.0 * (2.0 + 100f64.ln())).sqrt());
+    close(o.lr(0), expect);
+    close(o.lr(99), expect);
+    // warmup to it
+    let ow = o.with_warmup(2).unwrap();
+    close(ow.lr(0), expect / 2.0);
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let e = Schedule::constant(-1.0).unwrap_err().to_string();
+    assert!(e.contains("Schedule::constant: lr"), "{e}");
+    assert!(Schedule::constant(f64::NAN).is_err());
+    let e = Schedule::cosine(1.0, 0.0, 0).unwrap_err().to_string();
+    assert!(e.contains("steps"), "{e}");
+    let e = Schedule::wsd(1.0, 0.0, 3, 0, DecayShape::Linear)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("decay"), "{e}");
+    assert!(Schedule::inverse_sqrt(f64::INFINITY).is_err());
+    assert!(Schedule::last_iterate_optimal(0.0, 1.0, 10).is_err());
+    assert!(Schedule::last_iterate_optimal(1.0, 1.0, 0).is_err());
+}
+
+/// The driver sets each step's rate: on the linear loss `⟨a, w⟩` plain SGD
+/// moves `w` by exactly `−η(s)·a` at step `s`.
+#[test]
+fn scheduled_drives_set_learning_rate() {
+    let w = Var::from_vec(vec![0.0f64, 0.0], 2, &Device::Cpu).unwrap();
+    let a = Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
+    let opt = Sgd::new(
+        vec![w.clone()],
+        SgdConfig {
+            lr: 123.0,
+            weight_decay: WeightDecay::None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sched = Schedule::linear_warmup(0.5, 3).unwrap();
+    let mut drv = Scheduled::new(opt, sched.clone());
+    let mut expect = [0.0f64, 0.0];
+    for s in 0..5 {
+        close(drv.next_lr(), sched.lr(s));
+        let loss = (w.as_tensor() * &a).unwrap().sum_all().unwrap();
+        drv.backward_step(&loss).unwrap();
+        expect[0] -= sched.lr(s);
+        expect[1] += 2.0 * sched.lr(s);
+        let got = w.as_tensor().to_vec1::<f64>().unwrap();
+        close(got[0], expect[0]);
+        close(got[1], expect[1]);
+        assert_eq!(drv.current_step(), s + 1);
+        close(drv.inner().learning_rate(), sched.lr(s));
+    }
+    // A failing step (NaN gradient) changes nothing and does not advance.
+    let before = w.as_tensor().to_vec1::<f64>().unwrap();
+    let nan = (w.as_tensor() * f64::NAN).unwrap().sum_all().unwrap();
+    assert!(drv.backward_step(&nan).is_err());
+    assert_eq!(drv.current_step(), 5);
+    assert_eq!(w.as_tensor().to_vec1::<f64>().unwrap(), before);
+}

@@ -1,0 +1,95 @@
+//! Smoke test of `examples/train_lm`'s core (the corpus, the model and the
+//! training loop itself) on a tiny configuration.
+
+#[path = "../examples/train_lm/lm.rs"]
+mod lm;
+
+use std::collections::HashMap;
+
+use candle_core::Device;
+use lm::{builtin_corpus, train, Config, Data, OptKind};
+
+fn tiny() -> Config {
+    Config {
+        layers: 1,
+        d_model: 16,
+        heads: 2,
+        context: 16,
+        batch: 8,
+        steps: 30,
+        eval_every: 10,
+        eval_batches: 2,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn corpus_is_deterministic_and_consistent() {
+    let a = builtin_corpus(4, 20_000);
+    assert_eq!(a, builtin_corpus(4, 20_000));
+    assert_ne!(a, builtin_corpus(5, 20_000));
+    assert!(a.len() >= 20_000);
+    // each person lives in one city throughout the corpus (a learnable fact)
+    let mut city: HashMap<&str, &str> = HashMap::new();
+    let mut n_facts = 0;
+    let mut n_agree = 0;
+    for sentence in a.split(['.', '\n']) {
+        let words: Vec<&str> = sentence.split_whitespace().collect();
+        if let [name, "lives", "in", place] = words.as_slice() {
+            n_facts += 1;
+            let prev = city.entry(name).or_insert(place);
+            assert_eq!(prev, place, "{name} lives in two cities");
+        }
+        // arithmetic facts are correct
+        if let [x, "plus", y, "is", z] = words.as_slice() {
+            let (x, y, z): (u32, u32, u32) = (x.parse().unwrap(), y.parse().unwrap(), z.parse().unwrap());
+            assert_eq!(x + y, z);
+        }
+        // agreement: a plural subject takes a plural verb
+        if let ["the", rest @ ..] = words.as_slice() {
+            let adjs = ["small", "old", "happy", "quiet", "tall"];
+            let subj = if adjs.contains(&rest[0]) { rest[1] } else { rest[0] };
+            let verb = rest[rest.len() - 1];
+            let plural = ["dogs", "children", "birds", "farmers", "mice", "teachers"].contains(&subj);
+            assert_eq!(plural, !verb.ends_with('s'), "agreement broken in `{sentence}`");
+            n_agree += 1;
+        }
+    }
+    assert!(n_facts > 50 && city.len() > 5 && n_agree > 100);
+    let d = Data::from_text(&a, 16).unwrap();
+    assert_eq!(d.decode(&d.train[..50]), a.chars().take(50).collect::<String>());
+    assert!(Data::from_text("too short", 16).is_err());
+}
+
+#[test]
+fn training_loop_learns_and_is_deterministic() {
+    let cfg = tiny();
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    for kind in OptKind::ALL {
+        let mut calls = 0;
+        let mut cb = |_step: usize, _r: Option<&lm::Record>| calls += 1;
+        let run = train(kind, 0, &cfg, &data, &Device::Cpu, &mut cb).unwrap();
+        assert_eq!(calls, cfg.steps + 1);
+        // evaluations at 0, 10, 20, 30
+        let steps: Vec<usize> = run.records.iter().map(|r| r.step).collect();
+        assert_eq!(steps, vec![0, 10, 20, 30]);
+        let first = run.records[0].val_loss;
+        let last = run.final_val();
+        // starts near the uniform guess ln(vocab), and learns something
+        let uniform = (data.vocab.len() as f64).ln();
+        assert!((first - uniform).abs() < 0.3, "{first} vs ln V = {uniform}");
+        assert!(last < first - 0.3, "{}: val loss {first} → {last}", kind.name());
+        // σ₁ of each weight matrix: embeddings, 4 per block, head
+        assert_eq!(run.matrices.len(), 2 + 4 * cfg.layers + 1);
+        for r in &run.records {
+            assert!(r.sigmas.iter().all(|s| s.is_finite() && *s > 0.0));
+        }
+    }
+    // same seed → identical run; another seed → different
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    let a = train(OptKind::MuonSpectral, 3, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    let b = train(OptKind::MuonSpectral, 3, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    let c = train(OptKind::MuonSpectral, 4, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    assert_eq!(a.final_val(), b.final_val());
+    assert_ne!(a.final_val(), c.final_val());
+}
