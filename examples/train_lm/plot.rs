@@ -76,13 +76,17 @@ fn fmt_tick(v: f64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
-    let pts = p.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| {
-        x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0)
-    });
+    let pts = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
         x0 = x0.min(x);
@@ -208,7 +212,17 @@ fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
             path.join(" ")
         );
     }
-    // legend (top right)
+    // legend (top right), on a translucent white box
+    let n_labels = p.series.iter().filter(|s| s.label.is_some()).count();
+    if n_labels > 0 {
+        let _ = writeln!(
+            out,
+            r##"<rect x="{:.1}" y="{:.1}" width="146" height="{:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+            ox + ML + pw - 156.0,
+            MT + 5.0,
+            17.0 * n_labels as f64 + 6.0
+        );
+    }
     let mut ly = MT + 16.0;
     for s in p.series.iter().filter(|s| s.label.is_some()) {
         let lx = ox + ML + pw - 150.0;
