@@ -291,6 +291,7 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             ylabel: "cross-entropy (nats/char)".into(),
             log_y: false,
             y_range: Some((lo - 0.05, lo + 1.6)),
+            legend_bottom: false,
             series: loss_series,
         },
         plot::Panel {
@@ -299,6 +300,7 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             ylabel: "top singular value σ₁".into(),
             log_y: true,
             y_range: None,
+            legend_bottom: true,
             series: sigma_series,
         },
     ];

@@ -29,6 +29,8 @@ pub struct Panel {
     pub log_y: bool,
     /// Fixed y range (else from the data).
     pub y_range: Option<(f64, f64)>,
+    /// Legend in the bottom-right corner instead of the top-right.
+    pub legend_bottom: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -214,16 +216,20 @@ fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
     }
     // legend (top right), on a translucent white box
     let n_labels = p.series.iter().filter(|s| s.label.is_some()).count();
+    let box_h = 17.0 * n_labels as f64 + 6.0;
+    let top = if p.legend_bottom {
+        MT + ph - box_h - 5.0
+    } else {
+        MT + 5.0
+    };
     if n_labels > 0 {
         let _ = writeln!(
             out,
-            r##"<rect x="{:.1}" y="{:.1}" width="146" height="{:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+            r##"<rect x="{:.1}" y="{top:.1}" width="146" height="{box_h:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
             ox + ML + pw - 156.0,
-            MT + 5.0,
-            17.0 * n_labels as f64 + 6.0
         );
     }
-    let mut ly = MT + 16.0;
+    let mut ly = top + 11.0;
     for s in p.series.iter().filter(|s| s.label.is_some()) {
         let lx = ox + ML + pw - 150.0;
         let _ = writeln!(
