@@ -307,7 +307,18 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
     plot::svg(&panels, caption)
 }
 
-fn main() -> Result<()> {
+/// Errors are printed as one clear message (no backtrace) with exit code 1.
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ntrain_lm: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     // One thread per run unless the user says otherwise (must precede any
     // candle / rayon work).
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
