@@ -45,7 +45,10 @@ use crate::schedule::DecayShape;
 pub fn wsm_weights(decay_factors: &[f64]) -> Result<Vec<f64>> {
     let k = decay_factors.len();
     if k == 0 {
-        fail!("wsm_weights: decay_factors", "is empty (need k ≥ 1 factors)");
+        fail!(
+            "wsm_weights: decay_factors",
+            "is empty (need k ≥ 1 factors)"
+        );
     }
     for (j, &w) in decay_factors.iter().enumerate() {
         if !(0.0..=1.0).contains(&w) {
@@ -118,7 +121,10 @@ impl AverageKind {
                     fail!("AverageKind::Wsm.weights", "is empty");
                 }
                 if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
-                    fail!("AverageKind::Wsm.weights", "must be finite and ≥ 0, got {w}");
+                    fail!(
+                        "AverageKind::Wsm.weights",
+                        "must be finite and ≥ 0, got {w}"
+                    );
                 }
                 let s: f64 = weights.iter().sum();
                 if (s - 1.0).abs() > 1e-9 {
@@ -265,7 +271,10 @@ impl WeightAverage {
         let values: Vec<Tensor> = match &self.kind {
             AverageKind::Ema { .. } | AverageKind::Polyak => {
                 if self.avg.is_empty() {
-                    fail!("WeightAverage::averaged", "no update yet: nothing to average");
+                    fail!(
+                        "WeightAverage::averaged",
+                        "no update yet: nothing to average"
+                    );
                 }
                 self.avg.clone()
             }
@@ -302,7 +311,10 @@ impl WeightAverage {
     /// there is no average yet.
     pub fn swap_in(&mut self) -> Result<()> {
         if self.stash.is_some() {
-            fail!("WeightAverage::swap_in", "the average is already swapped in");
+            fail!(
+                "WeightAverage::swap_in",
+                "the average is already swapped in"
+            );
         }
         let avg = self.averaged()?;
         let stash: Vec<Tensor> = self
@@ -408,7 +420,10 @@ impl OptimizerState for WeightAverage {
         let imp = import(self.kind.tag(), vars, &slot_names, &spec, state)?;
         let count = imp.f64("count")?;
         if !(count >= 0.0 && count.fract() == 0.0) {
-            fail!("checkpoint: count", "must be a whole number ≥ 0, got {count}");
+            fail!(
+                "checkpoint: count",
+                "must be a whole number ≥ 0, got {count}"
+            );
         }
         let count = count as u64;
         let kind = match &self.kind {
@@ -439,7 +454,11 @@ impl OptimizerState for WeightAverage {
             AverageKind::Wsm { weights, .. } => {
                 let held = imp.f64("held")? as usize;
                 if held > weights.len() {
-                    fail!("checkpoint: held", "{held} checkpoints but only {} weights", weights.len());
+                    fail!(
+                        "checkpoint: held",
+                        "{held} checkpoints but only {} weights",
+                        weights.len()
+                    );
                 }
                 if imp.slots.len() != held * vars.len() {
                     fail!(

@@ -42,7 +42,10 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
 /// (a NaN/Inf gradient).
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     if !(max_norm.is_finite() && max_norm > 0.0) {
-        fail!("clip_grad_norm: max_norm", "must be finite and > 0, got {max_norm}");
+        fail!(
+            "clip_grad_norm: max_norm",
+            "must be finite and > 0, got {max_norm}"
+        );
     }
     let norm = grad_norm(grads, vars)?;
     if !norm.is_finite() {

@@ -146,7 +146,13 @@ impl Schedule {
     /// Warmup–stable–decay: `peak` for `s < stable`, then
     /// `min + (peak − min)·f((s − stable)/decay)` for `decay` steps, then `min`.
     /// Put a warmup in front with [`Schedule::with_warmup`].
-    pub fn wsd(peak: f64, min: f64, stable: usize, decay: usize, shape: DecayShape) -> Result<Self> {
+    pub fn wsd(
+        peak: f64,
+        min: f64,
+        stable: usize,
+        decay: usize,
+        shape: DecayShape,
+    ) -> Result<Self> {
         check_rate("Schedule::wsd: peak", peak)?;
         check_rate("Schedule::wsd: min", min)?;
         check_len("Schedule::wsd: decay", decay)?;

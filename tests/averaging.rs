@@ -39,12 +39,17 @@ fn seq(n: usize) -> Vec<f64> {
 fn ema_and_polyak_of_a_known_sequence() {
     let beta = 0.9;
     let v = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
-    let mut ema = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Ema { decay: beta }).unwrap();
+    let mut ema =
+        WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Ema { decay: beta }).unwrap();
     let mut pol = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
-    assert!(ema.averaged().is_err(), "no average before the first update");
+    assert!(
+        ema.averaged().is_err(),
+        "no average before the first update"
+    );
     let n = 25;
     for i in 1..=n {
-        v.set(&Tensor::new(seq(i).as_slice(), &Device::Cpu).unwrap()).unwrap();
+        v.set(&Tensor::new(seq(i).as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
         ema.update().unwrap();
         pol.update().unwrap();
     }
@@ -67,7 +72,11 @@ fn ema_and_polyak_of_a_known_sequence() {
 fn wsm_weights_sum_to_one_and_are_the_decrements() {
     let c = wsm_weights(&[1.0, 0.5, 0.25]).unwrap();
     assert_eq!(c, vec![0.0, 0.5, 0.25, 0.25]);
-    for shape in [DecayShape::Linear, DecayShape::Cosine, DecayShape::OneMinusSqrt] {
+    for shape in [
+        DecayShape::Linear,
+        DecayShape::Cosine,
+        DecayShape::OneMinusSqrt,
+    ] {
         for k in [1, 4, 10] {
             let c = wsm_weights_for_shape(shape, k).unwrap();
             assert_eq!(c.len(), k + 1);
@@ -86,7 +95,10 @@ fn wsm_weights_sum_to_one_and_are_the_decrements() {
         assert!((x - 0.25).abs() < 1e-15);
     }
     assert!(wsm_weights(&[]).is_err());
-    assert!(wsm_weights(&[0.5, 0.6]).unwrap_err().to_string().contains("non-increasing"));
+    assert!(wsm_weights(&[0.5, 0.6])
+        .unwrap_err()
+        .to_string()
+        .contains("non-increasing"));
     assert!(wsm_weights(&[1.5]).is_err());
 }
 
@@ -114,14 +126,9 @@ fn wsm_merge_equals_the_decayed_run() {
         )
         .unwrap();
         let weights = wsm_weights_for_shape(DecayShape::Cosine, k).unwrap();
-        let mut avg = WeightAverage::from_named(
-            vec![named(&w, "w")],
-            AverageKind::Wsm {
-                weights,
-                interval,
-            },
-        )
-        .unwrap();
+        let mut avg =
+            WeightAverage::from_named(vec![named(&w, "w")], AverageKind::Wsm { weights, interval })
+                .unwrap();
         // the initial weights count as update 0's state only if steps align; we
         // take checkpoints after steps interval, 2·interval, …
         for g in &grads {
@@ -165,8 +172,13 @@ fn swap_in_and_out() {
     let mut avg = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
     assert!(avg.swap_in().is_err(), "nothing to swap in yet");
     for i in 1..=4 {
-        v.set(&Tensor::new(seq(i).as_slice(), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap())
-            .unwrap();
+        v.set(
+            &Tensor::new(seq(i).as_slice(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
         avg.update().unwrap();
     }
     let training = vals(v.as_tensor());
@@ -245,7 +257,12 @@ fn save_load_continue_is_identical() {
             avg.update().unwrap();
         }
         let want = snapshot(&avg.state_dict().unwrap());
-        let want_avg: Vec<Vec<f64>> = avg.averaged().unwrap().iter().map(|(_, t)| vals(t)).collect();
+        let want_avg: Vec<Vec<f64>> = avg
+            .averaged()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| vals(t))
+            .collect();
 
         // resume: same model state at step 7, fresh averager with another
         // hyperparameter (restored from the checkpoint)
@@ -269,7 +286,12 @@ fn save_load_continue_is_identical() {
             avg2.update().unwrap();
         }
         assert_eq!(snapshot(&avg2.state_dict().unwrap()), want);
-        let got_avg: Vec<Vec<f64>> = avg2.averaged().unwrap().iter().map(|(_, t)| vals(t)).collect();
+        let got_avg: Vec<Vec<f64>> = avg2
+            .averaged()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| vals(t))
+            .collect();
         assert_eq!(got_avg, want_avg);
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -298,13 +320,19 @@ fn mismatched_checkpoints_are_refused_without_change() {
     perturb(&vm_other, 0);
     other.update().unwrap();
     let before = snapshot(&ema.state_dict().unwrap());
-    let e = ema.load_state_dict(&other.state_dict().unwrap()).unwrap_err().to_string();
+    let e = ema
+        .load_state_dict(&other.state_dict().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("parameter names"), "{e}");
     assert_eq!(snapshot(&ema.state_dict().unwrap()), before);
 
     // a slot of the wrong shape
     let mut bad = ema_state.clone();
-    bad.insert("a.weight.avg".into(), Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap());
+    bad.insert(
+        "a.weight.avg".into(),
+        Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
+    );
     let e = ema.load_state_dict(&bad).unwrap_err().to_string();
     assert!(e.contains("a.weight.avg") && e.contains("shape"), "{e}");
     assert_eq!(snapshot(&ema.state_dict().unwrap()), before);

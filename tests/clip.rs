@@ -10,7 +10,11 @@ use steepest::clip::{clip_grad_norm, grad_norm};
 /// `Σ_p ⟨p, c_p⟩` has gradient `c_p` (values in `cs`, f64).
 fn setup(scale: f64) -> (Vec<Var>, GradStore, Vec<Vec<f64>>) {
     let mut rng = StdRng::seed_from_u64(11);
-    let shapes: [(&[usize], DType); 3] = [(&[3, 4], DType::F32), (&[5], DType::F64), (&[2, 2, 2], DType::F32)];
+    let shapes: [(&[usize], DType); 3] = [
+        (&[3, 4], DType::F32),
+        (&[5], DType::F64),
+        (&[2, 2, 2], DType::F32),
+    ];
     let mut vars = Vec::new();
     let mut cs = Vec::new();
     let mut loss: Option<Tensor> = None;
@@ -75,9 +79,16 @@ fn clips_to_max_norm_and_keeps_direction() {
     assert!((before - norm).abs() < 1e-6 * norm, "{before} vs {norm}");
     let after: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
     let after_norm = norm64(&after);
-    assert!((after_norm - max).abs() < 1e-6 * max, "{after_norm} vs {max}");
+    assert!(
+        (after_norm - max).abs() < 1e-6 * max,
+        "{after_norm} vs {max}"
+    );
     for (a, c) in after.iter().flatten().zip(cs.iter().flatten()) {
-        assert!((a - c * max / norm).abs() < 1e-6, "{a} vs {}", c * max / norm);
+        assert!(
+            (a - c * max / norm).abs() < 1e-6,
+            "{a} vs {}",
+            c * max / norm
+        );
     }
     assert!(grads.get(&vars[3]).is_none());
 }
@@ -98,15 +109,22 @@ fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
     let (vars, mut grads, _) = setup(1.0);
     let before: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        let e = clip_grad_norm(&mut grads, &vars, bad).unwrap_err().to_string();
+        let e = clip_grad_norm(&mut grads, &vars, bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_norm"), "{e}");
     }
     // poison one gradient with a NaN
     let g0 = grads.get(&vars[0]).unwrap().clone();
     let mut vals = g0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     vals[5] = f32::NAN;
-    grads.insert(&vars[0], Tensor::from_vec(vals, g0.shape(), &Device::Cpu).unwrap());
-    let e = clip_grad_norm(&mut grads, &vars, 1e-3).unwrap_err().to_string();
+    grads.insert(
+        &vars[0],
+        Tensor::from_vec(vals, g0.shape(), &Device::Cpu).unwrap(),
+    );
+    let e = clip_grad_norm(&mut grads, &vars, 1e-3)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("NaN"), "{e}");
     let after: Vec<Vec<f64>> = vars[1..3].iter().map(|v| grad_values(&grads, v)).collect();
     assert_eq!(&before[1..3], &after[..]);

@@ -81,11 +81,15 @@ fn constant_rate_closed_form() {
         // Σ_{t<T} 1/(T−t) = H_{T−1}; the t = T term contributes 1.
         let h: f64 = (1..t).map(|k| 1.0 / k as f64).sum();
         let exact = r * r / (2.0 * t as f64 * eta) + 0.5 * g * g * eta * (1.0 + h);
-        assert!((general - exact).abs() <= 1e-12 * exact, "{general} vs {exact}");
+        assert!(
+            (general - exact).abs() <= 1e-12 * exact,
+            "{general} vs {exact}"
+        );
         let closed = constant_lr_last_iterate_bound(eta, r, g, t).unwrap();
         assert!(general <= closed, "closed form must upper-bound the sum");
         // and it is the sum with H_{T−1} replaced by 1 + ln T (difference in [0, 1 + ln T − H_{T−1}])
-        let by_formula = r * r / (2.0 * t as f64 * eta) + 0.5 * g * g * eta * (2.0 + (t as f64).ln());
+        let by_formula =
+            r * r / (2.0 * t as f64 * eta) + 0.5 * g * g * eta * (2.0 + (t as f64).ln());
         assert!((closed - by_formula).abs() <= 1e-12 * closed);
     }
     // the optimal rate minimises the closed form, with value R·G·√((2+ln T)/T)
@@ -169,7 +173,10 @@ fn sgd_on_lad_stays_below_the_bounds() {
     let g = (theta1.len() as f64).sqrt();
     let t = 200;
     let schedules = [
-        ("optimal constant", Schedule::last_iterate_optimal(r, g, t).unwrap()),
+        (
+            "optimal constant",
+            Schedule::last_iterate_optimal(r, g, t).unwrap(),
+        ),
         ("α/√t", Schedule::inverse_sqrt(r / g).unwrap()),
         ("cosine", Schedule::cosine(0.3, 0.02, t).unwrap()),
         (

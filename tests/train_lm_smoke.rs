@@ -42,22 +42,35 @@ fn corpus_is_deterministic_and_consistent() {
         }
         // arithmetic facts are correct
         if let [x, "plus", y, "is", z] = words.as_slice() {
-            let (x, y, z): (u32, u32, u32) = (x.parse().unwrap(), y.parse().unwrap(), z.parse().unwrap());
+            let (x, y, z): (u32, u32, u32) =
+                (x.parse().unwrap(), y.parse().unwrap(), z.parse().unwrap());
             assert_eq!(x + y, z);
         }
         // agreement: a plural subject takes a plural verb
         if let ["the", rest @ ..] = words.as_slice() {
             let adjs = ["small", "old", "happy", "quiet", "tall"];
-            let subj = if adjs.contains(&rest[0]) { rest[1] } else { rest[0] };
+            let subj = if adjs.contains(&rest[0]) {
+                rest[1]
+            } else {
+                rest[0]
+            };
             let verb = rest[rest.len() - 1];
-            let plural = ["dogs", "children", "birds", "farmers", "mice", "teachers"].contains(&subj);
-            assert_eq!(plural, !verb.ends_with('s'), "agreement broken in `{sentence}`");
+            let plural =
+                ["dogs", "children", "birds", "farmers", "mice", "teachers"].contains(&subj);
+            assert_eq!(
+                plural,
+                !verb.ends_with('s'),
+                "agreement broken in `{sentence}`"
+            );
             n_agree += 1;
         }
     }
     assert!(n_facts > 50 && city.len() > 5 && n_agree > 100);
     let d = Data::from_text(&a, 16).unwrap();
-    assert_eq!(d.decode(&d.train[..50]), a.chars().take(50).collect::<String>());
+    assert_eq!(
+        d.decode(&d.train[..50]),
+        a.chars().take(50).collect::<String>()
+    );
     assert!(Data::from_text("too short", 16).is_err());
 }
 
@@ -78,7 +91,11 @@ fn training_loop_learns_and_is_deterministic() {
         // starts near the uniform guess ln(vocab), and learns something
         let uniform = (data.vocab.len() as f64).ln();
         assert!((first - uniform).abs() < 0.3, "{first} vs ln V = {uniform}");
-        assert!(last < first - 0.3, "{}: val loss {first} → {last}", kind.name());
+        assert!(
+            last < first - 0.3,
+            "{}: val loss {first} → {last}",
+            kind.name()
+        );
         // σ₁ of each weight matrix: embeddings, 4 per block, head
         assert_eq!(run.matrices.len(), 2 + 4 * cfg.layers + 1);
         for r in &run.records {
@@ -87,9 +104,33 @@ fn training_loop_learns_and_is_deterministic() {
     }
     // same seed → identical run; another seed → different
     let mut nop = |_: usize, _: Option<&lm::Record>| {};
-    let a = train(OptKind::MuonSpectral, 3, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
-    let b = train(OptKind::MuonSpectral, 3, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
-    let c = train(OptKind::MuonSpectral, 4, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    let a = train(
+        OptKind::MuonSpectral,
+        3,
+        &cfg,
+        &data,
+        &Device::Cpu,
+        &mut nop,
+    )
+    .unwrap();
+    let b = train(
+        OptKind::MuonSpectral,
+        3,
+        &cfg,
+        &data,
+        &Device::Cpu,
+        &mut nop,
+    )
+    .unwrap();
+    let c = train(
+        OptKind::MuonSpectral,
+        4,
+        &cfg,
+        &data,
+        &Device::Cpu,
+        &mut nop,
+    )
+    .unwrap();
     assert_eq!(a.final_val(), b.final_val());
     assert_ne!(a.final_val(), c.final_val());
 }

@@ -67,7 +67,9 @@ const CITIES: &[&str] = &[
     "paris", "lagos", "lima", "oslo", "kyoto", "cairo", "quito", "perth",
 ];
 const PETS: &[&str] = &["cat", "dog", "parrot", "turtle", "rabbit", "goat"];
-const FOODS: &[&str] = &["rice", "soup", "bread", "figs", "plums", "cheese", "noodles"];
+const FOODS: &[&str] = &[
+    "rice", "soup", "bread", "figs", "plums", "cheese", "noodles",
+];
 /// Nouns with their plural.
 const NOUNS: &[(&str, &str)] = &[
     ("dog", "dogs"),
@@ -203,7 +205,12 @@ impl Data {
 }
 
 /// `(inputs, targets)` of shape `(batch, context)`: windows starting at `starts`.
-pub fn batch_at(tokens: &[u32], starts: &[usize], context: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn batch_at(
+    tokens: &[u32],
+    starts: &[usize],
+    context: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let mut x = Vec::with_capacity(starts.len() * context);
     let mut y = Vec::with_capacity(starts.len() * context);
     for &s in starts {
@@ -298,7 +305,9 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+            .sqrt()?
+            .recip()?;
         x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
     }
 }
@@ -315,7 +324,12 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `mean(logsumexp(l) − l[target])`, with a detached max shift.
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let m = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&m)?;
+    let lse = logits
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .add(&m)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
     (lse - picked)?.mean_all()
 }
@@ -381,7 +395,13 @@ impl Gpt {
     /// Builds the model in `varmap`; weights are then set from `seed`
     /// (candle cannot seed its CPU generator): N(0, 0.02²) embeddings,
     /// U(±1/√fan_in) matrices, unit norm gains.
-    pub fn new(varmap: &VarMap, cfg: &Config, vocab: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        varmap: &VarMap,
+        cfg: &Config,
+        vocab: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
         let d = cfg.d_model;
         if cfg.heads == 0 || d % cfg.heads != 0 {
@@ -473,7 +493,12 @@ pub enum OptKind {
 
 impl OptKind {
     /// All of them, in display order.
-    pub const ALL: [OptKind; 4] = [Self::AdamW, Self::AdamWSpectral, Self::Muon, Self::MuonSpectral];
+    pub const ALL: [OptKind; 4] = [
+        Self::AdamW,
+        Self::AdamWSpectral,
+        Self::Muon,
+        Self::MuonSpectral,
+    ];
 
     /// The CLI / CSV name.
     pub fn name(&self) -> &'static str {
@@ -525,7 +550,14 @@ pub fn schedule(peak: f64, steps: usize) -> Result<Schedule> {
     let warmup = (steps / 20).max(1).min(steps);
     let rest = steps - warmup;
     let decay = (rest / 5).max(1);
-    Schedule::wsd(peak, 0.0, rest.saturating_sub(decay), decay, DecayShape::Linear)?.with_warmup(warmup)
+    Schedule::wsd(
+        peak,
+        0.0,
+        rest.saturating_sub(decay),
+        decay,
+        DecayShape::Linear,
+    )?
+    .with_warmup(warmup)
 }
 
 // ---------------------------------------------------------------- training
@@ -622,7 +654,17 @@ pub fn train(
     match kind {
         OptKind::AdamW | OptKind::AdamWSpectral => {
             let opt = AdamW::from_varmap(&varmap, adamw_config(lr, decay))?;
-            run(Scheduled::new(opt, sched), kind, seed, &varmap, &model, cfg, data, device, progress)
+            run(
+                Scheduled::new(opt, sched),
+                kind,
+                seed,
+                &varmap,
+                &model,
+                cfg,
+                data,
+                device,
+                progress,
+            )
         }
         OptKind::Muon | OptKind::MuonSpectral => {
             let opt = Muon::from_varmap(
@@ -632,12 +674,25 @@ pub fn train(
                     momentum: 0.95,
                     weight_decay: decay,
                     // The embeddings and the head go to AdamW, at AdamW's rate.
-                    adamw: adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
+                    adamw: adamw_config(
+                        OptKind::AdamW.default_lr() * lr / kind.default_lr(),
+                        decay,
+                    ),
                     adamw_names: vec!["tok_emb".into(), "pos_emb".into(), "lm_head".into()],
                     ..MuonConfig::default()
                 },
             )?;
-            run(Scheduled::new(opt, sched), kind, seed, &varmap, &model, cfg, data, device, progress)
+            run(
+                Scheduled::new(opt, sched),
+                kind,
+                seed,
+                &varmap,
+                &model,
+                cfg,
+                data,
+                device,
+                progress,
+            )
         }
     }
 }
@@ -687,7 +742,10 @@ fn run<O: Optimizer>(
         let loss = model.loss(&x, &y)?;
         let loss_val = loss.to_scalar::<f32>()? as f64;
         if !loss_val.is_finite() {
-            candle_core::bail!("{}: training loss is {loss_val} at step {step} (diverged)", kind.name());
+            candle_core::bail!(
+                "{}: training loss is {loss_val} at step {step} (diverged)",
+                kind.name()
+            );
         }
         let mut grads = loss.backward()?;
         clip_grad_norm(&mut grads, &vars, cfg.clip)?;
@@ -714,9 +772,24 @@ fn run<O: Optimizer>(
 }
 
 /// Greedy continuation of `prompt` (for a look at what the model learned).
-pub fn sample_greedy(model: &Gpt, data: &Data, cfg: &Config, prompt: &str, n: usize, device: &Device) -> Result<String> {
-    let index: BTreeMap<char, u32> = data.vocab.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
-    let mut toks: Vec<u32> = prompt.chars().filter_map(|c| index.get(&c).copied()).collect();
+pub fn sample_greedy(
+    model: &Gpt,
+    data: &Data,
+    cfg: &Config,
+    prompt: &str,
+    n: usize,
+    device: &Device,
+) -> Result<String> {
+    let index: BTreeMap<char, u32> = data
+        .vocab
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, i as u32))
+        .collect();
+    let mut toks: Vec<u32> = prompt
+        .chars()
+        .filter_map(|c| index.get(&c).copied())
+        .collect();
     for _ in 0..n {
         let ctx = &toks[toks.len().saturating_sub(cfg.context)..];
         let x = Tensor::new(ctx, device)?.unsqueeze(0)?;

@@ -79,7 +79,9 @@ fn parse_args() -> Result<Option<Args>> {
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--optimizer" => {
-                let v = it.next().context("--optimizer needs a value (see --help)")?;
+                let v = it
+                    .next()
+                    .context("--optimizer needs a value (see --help)")?;
                 a.optimizers = if v == "all" {
                     OptKind::ALL.to_vec()
                 } else {
@@ -152,7 +154,11 @@ struct Progress {
 impl Progress {
     fn draw(&mut self, what: &str, val: Option<f64>, force: bool) {
         let now = Instant::now();
-        if !force && self.last_draw.is_some_and(|t| now.duration_since(t).as_millis() < 100) {
+        if !force
+            && self
+                .last_draw
+                .is_some_and(|t| now.duration_since(t).as_millis() < 100)
+        {
             return;
         }
         self.last_draw = Some(now);
@@ -229,7 +235,11 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
         // mean validation loss over seeds at each evaluation point
         let points: Vec<(f64, f64)> = (0..first.records.len())
             .map(|i| {
-                let vals: Vec<f64> = mine.iter().filter_map(|r| r.records.get(i)).map(|r| r.val_loss).collect();
+                let vals: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| r.records.get(i))
+                    .map(|r| r.val_loss)
+                    .collect();
                 (first.records[i].step as f64, mean_std(&vals).0)
             })
             .collect();
@@ -241,16 +251,38 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             width: 2.0,
             opacity: 1.0,
         });
-        // σ₁ of every matrix, first seed
+        // σ₁ of every matrix (thin), and the largest σ₁ among the
+        // transformer-block matrices (thick), first seed
         for (mi, _) in first.matrices.iter().enumerate() {
             sigma_series.push(plot::Series {
-                label: (mi == 0).then(|| kind.name().to_string()),
+                label: None,
                 color,
-                points: first.records.iter().map(|r| (r.step as f64, r.sigmas[mi])).collect(),
-                width: 1.2,
-                opacity: 0.6,
+                points: first
+                    .records
+                    .iter()
+                    .map(|r| (r.step as f64, r.sigmas[mi]))
+                    .collect(),
+                width: 0.8,
+                opacity: 0.35,
             });
         }
+        let blocks: Vec<usize> = (0..first.matrices.len())
+            .filter(|&i| first.matrices[i].starts_with("h."))
+            .collect();
+        sigma_series.push(plot::Series {
+            label: Some(kind.name().to_string()),
+            color,
+            points: first
+                .records
+                .iter()
+                .map(|r| {
+                    let max = blocks.iter().map(|&i| r.sigmas[i]).fold(0.0, f64::max);
+                    (r.step as f64, max)
+                })
+                .collect(),
+            width: 2.2,
+            opacity: 1.0,
+        });
     }
     let panels = [
         plot::Panel {
@@ -259,21 +291,34 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             ylabel: "cross-entropy (nats/char)".into(),
             log_y: false,
             y_range: Some((lo - 0.05, lo + 1.6)),
+            legend_bottom: false,
             series: loss_series,
         },
         plot::Panel {
-            title: "σ₁ of each weight matrix (seed 0)".into(),
+            title: "σ₁: each matrix (thin), max over blocks (thick)".into(),
             xlabel: "step".into(),
             ylabel: "top singular value σ₁".into(),
             log_y: true,
             y_range: None,
+            legend_bottom: true,
             series: sigma_series,
         },
     ];
     plot::svg(&panels, caption)
 }
 
-fn main() -> Result<()> {
+/// Errors are printed as one clear message (no backtrace) with exit code 1.
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ntrain_lm: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     // One thread per run unless the user says otherwise (must precede any
     // candle / rayon work).
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -287,13 +332,15 @@ fn main() -> Result<()> {
     let cfg = args.cfg.clone();
     let (text, source) = match &args.data {
         Some(p) => (
-            std::fs::read_to_string(p).with_context(|| format!("--data: cannot read {}", p.display()))?,
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--data: cannot read {}", p.display()))?,
             p.display().to_string(),
         ),
         None => (builtin_corpus(0, 400_000), "built-in corpus".to_string()),
     };
     let data = Data::from_text(&text, cfg.context).context("--data")?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; model {} layers, d={}, {} heads, context {}; \
          {} steps × batch {}; optimizers {:?}; seeds {}; device {}",
@@ -333,7 +380,9 @@ fn main() -> Result<()> {
         for _ in 0..jobs {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(&(seed, kind)) = queue.get(i) else { break };
+                let Some(&(seed, kind)) = queue.get(i) else {
+                    break;
+                };
                 let mut last_val = None;
                 let mut cb = |step: usize, rec: Option<&Record>| {
                     if let Some(r) = rec {
@@ -350,25 +399,36 @@ fn main() -> Result<()> {
             });
         }
     });
-    progress.lock().expect("progress lock").draw("done", None, true);
+    progress
+        .lock()
+        .expect("progress lock")
+        .draw("done", None, true);
     eprintln!();
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(i, _)| *i);
-    let runs: Vec<RunResult> = results
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect::<Result<_>>()?;
-    let wall = progress.lock().expect("progress lock").start.elapsed().as_secs_f64();
+    let runs: Vec<RunResult> = results.into_iter().map(|(_, r)| r).collect::<Result<_>>()?;
+    let wall = progress
+        .lock()
+        .expect("progress lock")
+        .start
+        .elapsed()
+        .as_secs_f64();
 
     let csv = args.out.join("train_lm.csv");
     write_csv(&csv, &runs)?;
-    let mut table = String::from("| optimizer | peak lr | final val loss (nats/char) | seconds/run |\n|---|---|---|---|\n");
+    let mut table = String::from(
+        "| optimizer | peak lr | final val loss (nats/char) | seconds/run |\n|---|---|---|---|\n",
+    );
     for kind in &args.optimizers {
         let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
         let finals: Vec<f64> = mine.iter().map(|r| r.final_val()).collect();
         let (m, s) = mean_std(&finals);
         let secs = mine.iter().map(|r| r.seconds).sum::<f64>() / mine.len() as f64;
-        let spread = if finals.len() > 1 { format!(" ± {s:.4}") } else { String::new() };
+        let spread = if finals.len() > 1 {
+            format!(" ± {s:.4}")
+        } else {
+            String::new()
+        };
         table.push_str(&format!(
             "| {} | {} | {m:.4}{spread} | {secs:.0} |\n",
             kind.name(),

@@ -29,6 +29,8 @@ pub struct Panel {
     pub log_y: bool,
     /// Fixed y range (else from the data).
     pub y_range: Option<(f64, f64)>,
+    /// Legend in the bottom-right corner instead of the top-right.
+    pub legend_bottom: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -76,13 +78,17 @@ fn fmt_tick(v: f64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
-    let pts = p.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| {
-        x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0)
-    });
+    let pts = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
         x0 = x0.min(x);
@@ -208,8 +214,22 @@ fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
             path.join(" ")
         );
     }
-    // legend (top right)
-    let mut ly = MT + 16.0;
+    // legend (top right), on a translucent white box
+    let n_labels = p.series.iter().filter(|s| s.label.is_some()).count();
+    let box_h = 17.0 * n_labels as f64 + 6.0;
+    let top = if p.legend_bottom {
+        MT + ph - box_h - 5.0
+    } else {
+        MT + 5.0
+    };
+    if n_labels > 0 {
+        let _ = writeln!(
+            out,
+            r##"<rect x="{:.1}" y="{top:.1}" width="146" height="{box_h:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+            ox + ML + pw - 156.0,
+        );
+    }
+    let mut ly = top + 11.0;
     for s in p.series.iter().filter(|s| s.label.is_some()) {
         let lx = ox + ML + pw - 150.0;
         let _ = writeln!(
