@@ -530,8 +530,10 @@ fn top_eigen(a: &[f64], k: usize) -> (f64, Vec<f64>) {
     )
 }
 
-/// Relative tolerance on `σ₁` for the spectral-sphere retraction.
-pub const SPECTRAL_RETRACT_TOL: f64 = 2e-7;
+/// Relative tolerance on the change of `σ₁` between iterations for the
+/// spectral-sphere retraction (above the f32 rounding noise of the estimate;
+/// the remaining error is at most `tol·ρ/(1−ρ)`, `ρ = (σ₅/σ₁)²`).
+pub const SPECTRAL_RETRACT_TOL: f64 = 1e-6;
 /// Iteration cap of the spectral-sphere retraction's power iteration.
 pub const SPECTRAL_RETRACT_MAX_ITERS: usize = 100;
 

@@ -50,7 +50,8 @@ use crate::linalg::{msign, power_iteration, NewtonSchulz};
 /// manifold's default `η₂`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteepestConfig {
-    /// Step length `η`: every step has `ρ(Δw) = η` before the retraction.
+    /// Step length `η`: every step has `ρ(Δw) = η` before the retraction (no
+    /// per-shape adjustment, unlike `Muon`'s `LrAdjust`).
     pub lr: f64,
     /// Momentum `μ` (0 disables the buffer): `buf ← buf + (1−μ)(g − buf)`.
     pub momentum: f64,
