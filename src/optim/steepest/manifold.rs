@@ -343,6 +343,13 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
         DType::F64 => 1e-300,
         _ => 1e-30,
     };
+    // Entries below `flush` are set to 0 before each product: far below the
+    // working precision (‖A‖_F = 1), and their products would be subnormal,
+    // which the CPU computes very slowly.
+    let flush = match dt {
+        DType::F64 => 1e-150,
+        _ => 1e-18,
+    };
     for _ in 0..GRAM_SQUARINGS {
         let f = a
             .sqr()?
@@ -351,6 +358,7 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
             .sqrt()?
             .maximum(tiny)?;
         let an = a.broadcast_div(&f)?;
+        let an = (an.abs()?.ge(flush)?.to_dtype(dt)? * an)?;
         a = an.matmul(&an)?;
     }
     let y = a.matmul(&x)?; // (b, k, 1)
