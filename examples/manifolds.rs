@@ -249,7 +249,7 @@ fn main() -> Result<()> {
             opt,
             0.3,
             0.98,
-            |w| ((w - &bt)?.sqr()?.sum_all()? * 0.5),
+            |w| (w - &bt)?.sqr()?.sum_all()? * 0.5,
             |w| {
                 let s1 = w.clone().svd(false, false).singular_values.max();
                 ((s1 - radius).abs(), 0.5 * (w - &b).norm_squared() - best)

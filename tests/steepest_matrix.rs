@@ -524,7 +524,10 @@ fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<u64>> {
 }
 
 /// The configurations and models the plumbing tests run on.
-fn setups() -> Vec<(SteepestConfig, Vec<(&'static str, Vec<usize>)>)> {
+/// Parameter names and shapes.
+type Shapes = Vec<(&'static str, Vec<usize>)>;
+
+fn setups() -> Vec<(SteepestConfig, Shapes)> {
     let mats = vec![("a", vec![8, 5]), ("b", vec![8, 5]), ("c", vec![6, 2, 2])];
     vec![
         (

@@ -364,3 +364,77 @@ fn rayleigh_quotient_on_the_sphere_reaches_the_smallest_eigenvalue() {
         assert!(align > 1.0 - 1e-3, "|⟨w, q_min⟩| = {align}");
     }
 }
+
+#[test]
+fn free_steps_have_length_lr_and_attain_the_dual_norm() {
+    // Momentum 0: Δw = −η φ, so ρ(Δw) = η and ⟨g, Δw⟩ = −η‖g‖_q (Hölder).
+    let mut r = rng(6);
+    let lr = 0.03;
+    for (norm, p) in [
+        (Norm::Euclidean, 2.0),
+        (Norm::Lp(1.5), 1.5),
+        (Norm::Lp(5.0), 5.0),
+        (Norm::Sign, f64::INFINITY),
+    ] {
+        let vars = sphere_model(&mut r);
+        let before: Vec<Vec<f64>> = vars.iter().map(|v| vec_of(v.var.as_tensor())).collect();
+        let mut opt = Steepest::from_named(
+            vars.clone(),
+            SteepestConfig {
+                lr,
+                momentum: 0.0,
+                nesterov: false,
+                norm: norm.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let loss = sphere_loss(&vars, 0);
+        let grads = loss.backward().unwrap();
+        opt.step(&grads).unwrap();
+        for (v, w0) in vars.iter().zip(&before) {
+            let g = vec_of(grads.get(&v.var).unwrap());
+            let dw: Vec<f64> = vec_of(v.var.as_tensor())
+                .iter()
+                .zip(w0)
+                .map(|(a, b)| a - b)
+                .collect();
+            assert!(
+                (p_norm(&dw, p) - lr).abs() < 1e-6,
+                "{norm:?}: ρ(Δw) = {}",
+                p_norm(&dw, p)
+            );
+            let gq = p_norm(&g, dual_exp(p));
+            assert!((dot(&g, &dw) + lr * gq).abs() < 1e-5 * lr * gq, "{norm:?}");
+        }
+    }
+    // The spectral norm: Δw = −η·UVᵀ of each matrix (f64 SVD), same-shape
+    // matrices batched together.
+    let mats: Vec<NamedVar> = ["a", "b", "c"]
+        .iter()
+        .zip([[7, 4], [7, 4], [3, 5]])
+        .map(|(n, s)| NamedVar {
+            name: n.to_string(),
+            var: Var::from_tensor(&randn(&mut r, &s, DType::F32)).unwrap(),
+        })
+        .collect();
+    let before: Vec<DMatrix<f64>> = mats.iter().map(|v| to_dmatrix(v.var.as_tensor())).collect();
+    let mut opt = Steepest::from_named(
+        mats.clone(),
+        SteepestConfig {
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Spectral(NewtonSchulz::polar_express(10)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let grads = sphere_loss(&mats, 1).backward().unwrap();
+    opt.step(&grads).unwrap();
+    for (v, w0) in mats.iter().zip(&before) {
+        let g = to_dmatrix(grads.get(&v.var).unwrap());
+        let dw = to_dmatrix(v.var.as_tensor()) - w0;
+        assert!(rel_err(&(-dw / lr), &polar(&g)) < 2e-3, "{}", v.name);
+    }
+}

@@ -303,108 +303,70 @@ pub fn stiefel_direction(
     })
 }
 
-/// Width of the block in [`top_singular_converged`].
-pub const RAYLEIGH_RITZ_BLOCK: usize = 4;
+/// Squarings of the Gram matrix in [`top_singular_precise`].
+pub const GRAM_SQUARINGS: usize = 16;
 
-/// The top singular triplet by block subspace iteration with Rayleigh–Ritz,
-/// warm-started from `start` (an estimate of `v₁`, `(n,)` or `(b, n)`), until
-/// the relative change of every `σ₁` estimate is at most `rel_tol` (or
-/// `max_iters` iterations).
+/// The top singular triplet to working precision, also when `σ₁ ≈ σ₂`.
 ///
-/// A block `V` of `k = min(4, short side)` orthonormal vectors (the start and
-/// fixed pseudo-random ones) is iterated as `V ← orth(WᵀW V)`; `σ₁² ` is the
-/// top eigenvalue of the `k × k` matrix `(WV)ᵀ(WV)` (solved on the host in
-/// f64) and `v₁ = V e₁`. The estimate converges at the rate
-/// `(σ_{k+1}/σ₁)²` per iteration, not `(σ₂/σ₁)²` as a single vector does, so
-/// it stays exact when `σ₁ ≈ σ₂` (the case where `v₁` itself is
-/// ill-determined but `σ₁` is not). One host sync of `b·k²` numbers per
-/// iteration. Runs on the short side of a wide matrix.
-pub fn top_singular_converged(
-    w: &Tensor,
-    start: Option<&Tensor>,
-    rel_tol: f64,
-    max_iters: usize,
-) -> Result<TopSingular> {
+/// Forms the Gram matrix of the short side (`A = WᵀW`, or `WWᵀ` for a wide
+/// `W`), squares it `GRAM_SQUARINGS` times (`A ← A²/‖A²‖_F`, so `A ∝ (WᵀW)^N`
+/// with `N = 2¹⁶`), applies it to the start vector (`start`, an estimate of
+/// `v₁`, or a fixed pseudo-random one) and returns the Rayleigh quotient
+/// `σ₁ = ‖W v‖` with `u = W v/σ₁`. Components with `σᵢ² ≤ (1 − g)σ₁²` are
+/// damped by `(1 − g)^N`, and `σ₁`'s error is second order in `v`'s, so the
+/// relative error of `σ₁` is at most about `ln(R)/2^{17}` (`R` the ratio of
+/// start-vector weights off and on the top cluster): ≈ 4e-5 for a random
+/// start, less for a warm one, whatever the gap `σ₁ − σ₂`. Cost: one Gram
+/// product and 16 products of `k × k` matrices (`k` the short side), on the
+/// device; no host sync.
+pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSingular> {
     let (w3, added) = batch3(w)?;
     let dt = crate::linalg::compute_dtype(w3.dtype());
     let w3 = w3.to_dtype(dt)?;
-    let (b, m, n) = w3.dims3()?;
-    // Start vector (b, n), from the caller or a cold power-iteration start.
-    let v0 = match start {
-        Some(s) => {
-            let s = s.to_dtype(dt)?.reshape((b, n))?;
-            let fallback = power_iteration(&w3, None, 0)?.v;
-            let norms = s.sqr()?.sum_keepdim(1)?.sqrt()?;
-            #[allow(clippy::eq_op)]
-            let ok = norms.gt(0.0)?.mul(&(&norms - &norms)?.eq(0.0)?)?;
-            ok.broadcast_as((b, n))?.where_cond(&s, &fallback)?
-        }
-        None => power_iteration(&w3, None, 0)?.v,
-    };
-    // Work on the tall orientation: for a wide W iterate on Wᵀ with u as start.
+    let (_, m, n) = w3.dims3()?;
     let wide = n > m;
-    let (a, start) = if wide {
-        let u = w3.matmul(&v0.unsqueeze(2)?)?.squeeze(2)?;
-        (w3.transpose(1, 2)?.contiguous()?, u)
+    let wt = w3.transpose(1, 2)?;
+    // A start on the short side (power_iteration with 0 iterations handles a
+    // missing, zero or non-finite start), plus a fixed pseudo-random vector so
+    // that no start is orthogonal to the top singular subspace.
+    let p0 = power_iteration(&w3, start.map(|s| s.to_dtype(dt)).transpose()?.as_ref(), 0)?;
+    let x = if wide { p0.u } else { p0.v };
+    let k = x.dim(1)?;
+    let r = pseudo_random(k, 1, dt, w3.device())?;
+    let x = x.broadcast_add(&(r * 1e-3)?)?.unsqueeze(2)?;
+    let mut a = if wide {
+        w3.matmul(&wt)?
     } else {
-        (w3.clone(), v0)
+        wt.matmul(&w3)?
     };
-    let (_, rows, cols) = a.dims3()?;
-    let k = RAYLEIGH_RITZ_BLOCK.min(cols).max(1);
-    let at = a.transpose(1, 2)?;
-    // Block: the start, then fixed pseudo-random columns.
-    let mut cols_v = vec![start.unsqueeze(2)?];
-    for j in 1..k {
-        let r = pseudo_random(cols, j as u64, dt, a.device())?;
-        cols_v.push(
-            r.reshape((1, cols, 1))?
-                .broadcast_as((b, cols, 1))?
-                .contiguous()?,
-        );
+    let tiny = match dt {
+        DType::F64 => 1e-300,
+        _ => 1e-30,
+    };
+    // Entries below `flush` are set to 0 before each product: far below the
+    // working precision (‖A‖_F = 1), and their products would be subnormal,
+    // which the CPU computes very slowly.
+    let flush = match dt {
+        DType::F64 => 1e-150,
+        _ => 1e-18,
+    };
+    for _ in 0..GRAM_SQUARINGS {
+        let f = a
+            .sqr()?
+            .sum_keepdim(2)?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .maximum(tiny)?;
+        let an = a.broadcast_div(&f)?;
+        let an = (an.abs()?.ge(flush)?.to_dtype(dt)? * an)?;
+        a = an.matmul(&an)?;
     }
-    let mut v = orthonormal_columns(&Tensor::cat(&cols_v, 2)?)?;
-    let mut prev: Option<Vec<f64>> = None;
-    let mut best;
-    let mut iter = 0;
-    loop {
-        let z = a.matmul(&v)?; // (b, rows, k)
-        let gram = z.transpose(1, 2)?.matmul(&z)?; // (b, k, k)
-        let g = gram.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let mut sig = Vec::with_capacity(b);
-        let mut evs = Vec::with_capacity(b * k);
-        for i in 0..b {
-            let (lam, e) = top_eigen(&g[i * k * k..(i + 1) * k * k], k);
-            sig.push(lam.max(0.0).sqrt());
-            evs.extend(e);
-        }
-        let e = Tensor::from_vec(evs, (b, k, 1), &candle_core::Device::Cpu)?
-            .to_dtype(dt)?
-            .to_device(a.device())?;
-        best = (sig.clone(), v.matmul(&e)?, z.matmul(&e)?);
-        iter += 1;
-        let done = prev.as_ref().is_some_and(|p| {
-            sig.iter()
-                .zip(p)
-                .all(|(s, q)| (s - q).abs() <= rel_tol * s.abs().max(f64::MIN_POSITIVE))
-        });
-        if done || iter >= max_iters {
-            break;
-        }
-        prev = Some(sig);
-        v = orthonormal_columns(&at.matmul(&z)?)?;
-    }
-    let (sig, v1, z1) = best;
-    let sigma = Tensor::from_vec(sig, b, &candle_core::Device::Cpu)?
-        .to_dtype(dt)?
-        .to_device(a.device())?;
-    let v1 = v1.squeeze(2)?;
-    let u1 = z1
-        .squeeze(2)?
-        .broadcast_div(&sigma.maximum(f32::MIN_POSITIVE as f64)?.unsqueeze(1)?)?;
-    let _ = rows;
-    // Back to W's orientation.
-    let (u, v) = if wide { (v1, u1) } else { (u1, v1) };
-    let top = TopSingular { sigma, u, v };
+    let y = a.matmul(&x)?; // (b, k, 1)
+    let y = y.broadcast_div(&y.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(tiny)?)?;
+    let v = if wide { wt.matmul(&y)? } else { y };
+    let v = v.squeeze(2)?;
+    // σ = ‖W v‖, u = W v/σ (for a wide W, one more half step on the long side).
+    let top = power_iteration(&w3, Some(&v), 0)?;
     if added {
         Ok(TopSingular {
             sigma: top.sigma.squeeze(0)?,
@@ -438,113 +400,15 @@ fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> R
     Tensor::from_vec(vals.iter().map(|x| x / norm).collect::<Vec<_>>(), n, dev)?.to_dtype(dt)
 }
 
-/// Orthonormalises the columns of `(b, n, k)` by Gram–Schmidt, twice (CGS2);
-/// a column in the span of the previous ones becomes zero.
-fn orthonormal_columns(y: &Tensor) -> Result<Tensor> {
-    let k = y.dim(2)?;
-    let mut q: Vec<Tensor> = Vec::with_capacity(k);
-    for j in 0..k {
-        let mut c = y.narrow(2, j, 1)?;
-        for _ in 0..2 {
-            for qi in &q {
-                let proj = (qi * &c)?.sum_keepdim(1)?;
-                c = (&c - qi.broadcast_mul(&proj)?)?;
-            }
-        }
-        let norm = c.sqr()?.sum_keepdim(1)?.sqrt()?;
-        let tiny = match c.dtype() {
-            DType::F64 => 1e-200,
-            _ => 1e-30,
-        };
-        let ok = norm.gt(tiny)?.to_dtype(c.dtype())?;
-        c = c.broadcast_div(&norm.maximum(tiny)?)?.broadcast_mul(&ok)?;
-        q.push(c);
-    }
-    Tensor::cat(&q, 2)
-}
-
-/// The largest eigenvalue of a symmetric `k × k` matrix (row-major) and its
-/// unit eigenvector, by cyclic Jacobi rotations in f64.
-fn top_eigen(a: &[f64], k: usize) -> (f64, Vec<f64>) {
-    let mut a: Vec<f64> = a.to_vec();
-    // Symmetrise (the f32 Gram matrix is symmetric only up to rounding).
-    for i in 0..k {
-        for j in 0..i {
-            let s = 0.5 * (a[i * k + j] + a[j * k + i]);
-            a[i * k + j] = s;
-            a[j * k + i] = s;
-        }
-    }
-    let mut vecs = vec![0.0; k * k];
-    for i in 0..k {
-        vecs[i * k + i] = 1.0;
-    }
-    for _sweep in 0..50 {
-        let off: f64 = (0..k)
-            .flat_map(|i| (0..k).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * k + j] * a[i * k + j])
-            .sum();
-        let diag: f64 = (0..k).map(|i| a[i * k + i] * a[i * k + i]).sum();
-        if off <= 1e-30 * diag.max(f64::MIN_POSITIVE) {
-            break;
-        }
-        for p in 0..k {
-            for q in p + 1..k {
-                let apq = a[p * k + q];
-                if apq == 0.0 {
-                    continue;
-                }
-                let theta = (a[q * k + q] - a[p * k + p]) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for r in 0..k {
-                    let (arp, arq) = (a[r * k + p], a[r * k + q]);
-                    a[r * k + p] = c * arp - s * arq;
-                    a[r * k + q] = s * arp + c * arq;
-                }
-                for r in 0..k {
-                    let (apr, aqr) = (a[p * k + r], a[q * k + r]);
-                    a[p * k + r] = c * apr - s * aqr;
-                    a[q * k + r] = s * apr + c * aqr;
-                }
-                for r in 0..k {
-                    let (vrp, vrq) = (vecs[r * k + p], vecs[r * k + q]);
-                    vecs[r * k + p] = c * vrp - s * vrq;
-                    vecs[r * k + q] = s * vrp + c * vrq;
-                }
-            }
-        }
-    }
-    let top = (0..k)
-        .max_by(|&i, &j| {
-            a[i * k + i]
-                .partial_cmp(&a[j * k + j])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        })
-        .unwrap_or(0);
-    (
-        a[top * k + top],
-        (0..k).map(|r| vecs[r * k + top]).collect(),
-    )
-}
-
-/// Relative tolerance on `σ₁` for the spectral-sphere retraction.
-pub const SPECTRAL_RETRACT_TOL: f64 = 2e-7;
-/// Iteration cap of the spectral-sphere retraction's power iteration.
-pub const SPECTRAL_RETRACT_MAX_ITERS: usize = 100;
-
 /// The spectral-sphere retraction `W ← r·W/‖W‖₂`, with `‖W‖₂` from
-/// [`top_singular_converged`] warm-started at `start` (an estimate of
-/// `v₁`). Returns the retracted matrix and the top singular triplet of the
+/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`). Returns the retracted matrix and the top singular triplet of the
 /// input (whose `u, v` are also those of the output). Errors on `W = 0`.
 pub fn spectral_sphere_retract(
     w: &Tensor,
     radius: f64,
     start: Option<&Tensor>,
 ) -> Result<(Tensor, TopSingular)> {
-    let top = top_singular_converged(w, start, SPECTRAL_RETRACT_TOL, SPECTRAL_RETRACT_MAX_ITERS)?;
+    let top = top_singular_precise(w, start)?;
     let s = top
         .sigma
         .flatten_all()?
@@ -565,18 +429,21 @@ pub fn spectral_sphere_retract(
     Ok((w.broadcast_mul(&scale)?, top))
 }
 
-/// Iteration cap of the Stiefel retraction's cubic Newton–Schulz loop.
-pub const STIEFEL_RETRACT_MAX_ITERS: usize = 30;
+/// Cap on the rounds of the Stiefel retraction (each: cubic Newton–Schulz
+/// steps, then one residual check).
+pub const STIEFEL_RETRACT_MAX_ITERS: usize = 8;
 
 /// The polar retraction `W ← msign(W)` onto `WᵀW = I` (tall `W`, `n ≥ m`), to
 /// working precision.
 ///
 /// `cold = false` assumes `W` is near the manifold (one optimizer step away):
-/// `X₀ = W/rms(σ)` with `rms(σ) = ‖W‖_F/√m`, then cubic Newton–Schulz steps
-/// `X ← X(3I − XᵀX)/2`, which converge quadratically near 1, until
-/// `‖XᵀX − I‖_F ≤ 8·ε·m` or it stops decreasing (the rounding floor; one host
-/// sync per step). `cold = true` first applies Polar Express (8 steps), which
-/// brings any full-rank `W` near the manifold.
+/// cubic Newton–Schulz steps `X ← X(3I − XᵀX)/2` from `X₀ = W/rms(σ)`
+/// (`rms(σ) = ‖W‖_F/√m`; [`msign`] with `NewtonSchulz::cubic`, whose fused
+/// CPU path does the products), 2 at a time, which converge quadratically
+/// near 1, until `‖XᵀX − I‖_F ≤ 4·ε·m·√n` (the rounding floor of that
+/// residual) or it stops decreasing (one host sync per round; with an
+/// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
+/// Polar Express (8 steps), which brings any full-rank `W` near the manifold.
 pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
     let (w3, added) = batch3(w)?;
     let (b, n, m) = w3.dims3()?;
@@ -589,21 +456,29 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
     let mut x = if cold {
         msign(&w3, &NewtonSchulz::polar_express(8))?
     } else {
-        let rms = (w3.sqr()?.sum_keepdim(2)?.sum_keepdim(1)? / m as f64)?.sqrt()?;
-        w3.broadcast_div(&rms)?
+        w3.clone()
     };
     let eps = match w3.dtype() {
         DType::F64 => f64::EPSILON,
         _ => f32::EPSILON as f64,
     };
-    let tol = 8.0 * eps * m as f64;
+    // The rounding floor of ‖XᵀX − I‖_F: m² entries, each a sum of n products.
+    let tol = 4.0 * eps * m as f64 * (n as f64).sqrt();
     let eye = Tensor::eye(m, w3.dtype(), w3.device())?
         .unsqueeze(0)?
         .broadcast_as((b, m, m))?;
+    // X / rms(σ(X)) inside msign: ‖X‖_F·(1/√m).
+    let scale = 1.0 / (m as f64).sqrt();
     let mut best: Option<(f64, Tensor)> = None;
-    for _ in 0..STIEFEL_RETRACT_MAX_ITERS {
-        let a = x.transpose(1, 2)?.matmul(&x)?;
-        let dev = (&a - &eye)?;
+    for round in 0..STIEFEL_RETRACT_MAX_ITERS {
+        let steps = if round == 0 && cold { 1 } else { 2 };
+        x = msign(
+            &x,
+            &NewtonSchulz::cubic(steps)
+                .with_norm_scale(scale)
+                .with_eps(0.0),
+        )?;
+        let dev = (x.transpose(1, 2)?.matmul(&x)? - &eye)?;
         let r = dev
             .sqr()?
             .sum(2)?
@@ -619,18 +494,15 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
                 "the iteration diverged (W rank-deficient?)"
             );
         }
-        match &best {
-            Some((rb, _)) if r >= 0.5 * rb => break, // at the rounding floor
-            _ => {}
+        let stalled = matches!(&best, Some((rb, _)) if r >= 0.5 * rb);
+        if !stalled {
+            best = Some((r, x.clone()));
         }
-        best = Some((r, x.clone()));
-        if r <= tol {
+        if stalled || r <= tol {
             break;
         }
-        // X ← 1.5 X − 0.5 X (XᵀX)
-        x = ((&x * 1.5)? - (x.matmul(&a)? * 0.5)?)?;
     }
-    let (r, x) = best.expect("at least one iteration");
+    let (r, x) = best.expect("at least one round");
     if r > 1e-3 && !cold {
         // Not near the manifold after all (e.g. a huge step): start over cold.
         return stiefel_retract(w, true);

@@ -27,9 +27,8 @@ use candle_nn::{Optimizer, VarMap};
 
 pub use manifold::{
     spectral_sphere_direction, spectral_sphere_retract, stiefel_direction, stiefel_retract, theta,
-    top_singular_converged, DualAscent, DualStep, Manifold, DEFAULT_DUAL_LR_SPECTRAL_SPHERE,
-    DEFAULT_DUAL_LR_STIEFEL, RAYLEIGH_RITZ_BLOCK, SPECTRAL_RETRACT_MAX_ITERS, SPECTRAL_RETRACT_TOL,
-    STIEFEL_RETRACT_MAX_ITERS,
+    top_singular_precise, DualAscent, DualStep, Manifold, DEFAULT_DUAL_LR_SPECTRAL_SPHERE,
+    DEFAULT_DUAL_LR_STIEFEL, GRAM_SQUARINGS, STIEFEL_RETRACT_MAX_ITERS,
 };
 pub use norm::{dualize, lp_sphere_multiplier, p_norm, sphere_direction, sphere_retract, Norm};
 
@@ -50,7 +49,8 @@ use crate::linalg::{msign, power_iteration, NewtonSchulz};
 /// manifold's default `η₂`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteepestConfig {
-    /// Step length `η`: every step has `ρ(Δw) = η` before the retraction.
+    /// Step length `η`: every step has `ρ(Δw) = η` before the retraction (no
+    /// per-shape adjustment, unlike `Muon`'s `LrAdjust`).
     pub lr: f64,
     /// Momentum `μ` (0 disables the buffer): `buf ← buf + (1−μ)(g − buf)`.
     pub momentum: f64,
@@ -358,12 +358,7 @@ impl Steepest {
             // Θ of the current W: the stored v₁ came from the last retraction,
             // one iteration refreshes it; a cold start iterates to convergence.
             let top = if cold {
-                top_singular_converged(
-                    &w,
-                    Some(&start),
-                    SPECTRAL_RETRACT_TOL,
-                    SPECTRAL_RETRACT_MAX_ITERS,
-                )?
+                top_singular_precise(&w, Some(&start))?
             } else {
                 power_iteration(&w, Some(&start), 1)?
             };
