@@ -284,7 +284,12 @@ fn state_tensors_carry_no_autograd_graph() {
     opt.backward_step(&loss(&vm, 0, &[])).unwrap();
     let mut sgd = sgd(&vm);
     sgd.backward_step(&loss(&vm, 0, &[])).unwrap();
-    for (k, t) in opt.state_dict().unwrap().into_iter().chain(sgd.state_dict().unwrap()) {
+    for (k, t) in opt
+        .state_dict()
+        .unwrap()
+        .into_iter()
+        .chain(sgd.state_dict().unwrap())
+    {
         assert!(!t.track_op(), "{k} tracks an autograd op");
     }
 }
