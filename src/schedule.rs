@@ -16,9 +16,13 @@
 //!
 //! with the WSD decay shapes `f` of [`DecayShape`].
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::Optimizer;
+
+use crate::optim::OptimizerState;
 
 use crate::error::fail;
 
@@ -270,5 +274,43 @@ impl<O: Optimizer> Scheduled<O> {
     /// Unwraps the optimizer.
     pub fn into_inner(self) -> O {
         self.opt
+    }
+}
+
+/// The checkpoint key of [`Scheduled`]'s step counter (an `i64` scalar).
+pub const SCHEDULE_STEP_KEY: &str = "__schedule__.step";
+
+/// A scheduled optimizer's checkpoint is the wrapped optimizer's plus the
+/// step counter ([`SCHEDULE_STEP_KEY`]), so a resumed run continues the
+/// schedule where it stopped.
+impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let mut state = self.opt.state_dict()?;
+        let step = Tensor::new(self.step as i64, &Device::Cpu)?;
+        state.insert(SCHEDULE_STEP_KEY.to_string(), step);
+        Ok(state)
+    }
+
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let Some(step) = state.get(SCHEDULE_STEP_KEY) else {
+            fail!(
+                "checkpoint",
+                "no `{SCHEDULE_STEP_KEY}` entry: not written by a Scheduled optimizer"
+            );
+        };
+        let step = match step.to_scalar::<i64>() {
+            Ok(s) if s >= 0 => s as usize,
+            _ => fail!(
+                SCHEDULE_STEP_KEY,
+                "must be a non-negative i64 scalar, got {step:?}"
+            ),
+        };
+        let mut inner = state.clone();
+        inner.remove(SCHEDULE_STEP_KEY);
+        // The inner optimizer validates everything before it changes anything;
+        // the counter is set only after it succeeded.
+        self.opt.load_state_dict(&inner)?;
+        self.step = step;
+        Ok(())
     }
 }
