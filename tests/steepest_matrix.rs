@@ -137,6 +137,26 @@ fn spectral_retraction_is_exact_with_equal_top_singular_values() {
             assert!((s1 - 0.8).abs() <= 1e-4, "{m}×{n} gap {gap}: σ₁ = {s1}");
         }
     }
+    // A cluster: 10 of 12 singular values within 1% (or 0.1%) of the top one,
+    // as after a few Muon steps on the spectral sphere.
+    for spread in [1e-2, 1e-3] {
+        let s: Vec<f64> = (0..12)
+            .map(|i| {
+                if i < 10 {
+                    2.0 * (1.0 - spread * i as f64 / 9.0)
+                } else {
+                    0.5
+                }
+            })
+            .collect();
+        let w = with_singular_values(&mut r, 24, 12, &s);
+        let (out, _) = spectral_sphere_retract(&from_dmatrix(&w, DType::F32), 0.8, None).unwrap();
+        let s1 = singular_values(&to_dmatrix(&out))[0];
+        assert!(
+            (s1 - 0.8).abs() <= 1e-4,
+            "cluster spread {spread}: σ₁ = {s1}"
+        );
+    }
 }
 
 #[test]
