@@ -101,6 +101,19 @@ fn training_loop_learns_and_is_deterministic() {
         for r in &run.records {
             assert!(r.sigmas.iter().all(|s| s.is_finite() && *s > 0.0));
         }
+        // on the spectral sphere, every block matrix ends with σ₁ = r
+        if kind == OptKind::MuonSpectralSphere {
+            let last = run.records.last().unwrap();
+            for (name, s) in run.matrices.iter().zip(&last.sigmas) {
+                if name.starts_with("h.") {
+                    assert!(
+                        (s - cfg.radius).abs() < 0.05 * cfg.radius,
+                        "{name}: σ₁ = {s}, radius {}",
+                        cfg.radius
+                    );
+                }
+            }
+        }
     }
     // same seed → identical run; another seed → different
     let mut nop = |_: usize, _: Option<&lm::Record>| {};

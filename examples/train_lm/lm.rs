@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
-use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig};
+use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig, NamedVar};
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
-use steepest::{power_iteration, WeightDecay};
+use steepest::{power_iteration, Manifold, Steepest, SteepestConfig, WeightDecay};
 
 // ---------------------------------------------------------------- randomness
 
@@ -251,6 +252,8 @@ pub struct Config {
     pub weight_decay: f64,
     /// Learning-rate override (else the optimizer's default).
     pub lr: Option<f64>,
+    /// Radius `r` of the spectral sphere `‖W‖₂ = r` (`muon-spectral-sphere`).
+    pub radius: f64,
 }
 
 impl Default for Config {
@@ -267,6 +270,7 @@ impl Default for Config {
             clip: 1.0,
             weight_decay: 0.1,
             lr: None,
+            radius: DEFAULT_RADIUS,
         }
     }
 }
@@ -478,6 +482,10 @@ fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
 
 // ---------------------------------------------------------------- optimizers
 
+/// Default radius of the spectral sphere for `muon-spectral-sphere` (from a
+/// short sweep, see the README).
+pub const DEFAULT_RADIUS: f64 = 2.0;
+
 /// The optimizers `train_lm` compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptKind {
@@ -489,15 +497,20 @@ pub enum OptKind {
     Muon,
     /// Muon with spectral decay.
     MuonSpectral,
+    /// Muon on the spectral sphere `‖W‖₂ = r` ([`Steepest`] with
+    /// `Manifold::SpectralSphere`, no weight decay) for the block matrices;
+    /// AdamW as in `Muon` for the rest.
+    MuonSpectralSphere,
 }
 
 impl OptKind {
     /// All of them, in display order.
-    pub const ALL: [OptKind; 4] = [
+    pub const ALL: [OptKind; 5] = [
         Self::AdamW,
         Self::AdamWSpectral,
         Self::Muon,
         Self::MuonSpectral,
+        Self::MuonSpectralSphere,
     ];
 
     /// The CLI / CSV name.
@@ -507,6 +520,7 @@ impl OptKind {
             Self::AdamWSpectral => "adamw-spectral",
             Self::Muon => "muon",
             Self::MuonSpectral => "muon-spectral",
+            Self::MuonSpectralSphere => "muon-spectral-sphere",
         }
     }
 
@@ -521,16 +535,23 @@ impl OptKind {
         match self {
             Self::AdamW | Self::AdamWSpectral => 3e-3,
             Self::Muon | Self::MuonSpectral => 0.02,
+            Self::MuonSpectralSphere => DEFAULT_SPHERE_LR,
         }
     }
 
+    /// The weight decay of the AdamW runs, of Muon's matrices and of the
+    /// AdamW part of the Muon runs. `muon-spectral-sphere` uses it for its
+    /// AdamW part only: its matrices get no decay (the sphere fixes their scale).
     fn decay(&self, lambda: f64) -> WeightDecay {
         match self {
-            Self::AdamW | Self::Muon => WeightDecay::Decoupled(lambda),
+            Self::AdamW | Self::Muon | Self::MuonSpectralSphere => WeightDecay::Decoupled(lambda),
             Self::AdamWSpectral | Self::MuonSpectral => WeightDecay::spectral(lambda),
         }
     }
 }
+
+/// Default peak `η` of `muon-spectral-sphere` (the spectral norm of a step).
+pub const DEFAULT_SPHERE_LR: f64 = 0.02;
 
 /// AdamW settings shared by the AdamW runs and Muon's internal AdamW.
 fn adamw_config(lr: f64, decay: WeightDecay) -> AdamWConfig {
@@ -678,7 +699,7 @@ pub fn train(
                         OptKind::AdamW.default_lr() * lr / kind.default_lr(),
                         decay,
                     ),
-                    adamw_names: vec!["tok_emb".into(), "pos_emb".into(), "lm_head".into()],
+                    adamw_names: ADAMW_NAMES.iter().map(|s| s.to_string()).collect(),
                     ..MuonConfig::default()
                 },
             )?;
@@ -694,6 +715,134 @@ pub fn train(
                 progress,
             )
         }
+        OptKind::MuonSpectralSphere => {
+            let opt = Split::from_varmap(
+                &varmap,
+                SteepestConfig {
+                    lr,
+                    manifold: Manifold::SpectralSphere { radius: cfg.radius },
+                    weight_decay: WeightDecay::None,
+                    ..SteepestConfig::default() // Norm::Spectral (msign), momentum 0.95 Nesterov
+                },
+                // As Muon's internal AdamW in the `muon` run: AdamW's rate.
+                adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
+            )?;
+            run(
+                Scheduled::new(opt, sched),
+                kind,
+                seed,
+                &varmap,
+                &model,
+                cfg,
+                data,
+                device,
+                progress,
+            )
+        }
+    }
+}
+
+/// Substrings of the names that the Muon runs route to AdamW (besides the
+/// rank-1 norm gains).
+const ADAMW_NAMES: [&str; 3] = ["tok_emb", "pos_emb", "lm_head"];
+
+/// Whether `Muon` (with `adamw_names = ADAMW_NAMES`) updates this parameter
+/// itself: a matrix that is not an embedding or the head.
+fn is_block_matrix(name: &str, var: &Var) -> bool {
+    var.rank() >= 2 && !ADAMW_NAMES.iter().any(|s| name.contains(s))
+}
+
+/// Two optimizers over disjoint parameters, as one: [`Steepest`] for the
+/// block matrices, [`AdamW`] for the embeddings, the head and the norm gains
+/// (the same split as `Muon`'s internal routing).
+///
+/// Not atomic: `step` steps `matrices` first, then `rest`. Each is atomic on
+/// its own (an error or a NaN gradient leaves its parameters and state
+/// unchanged), and `Steepest` is the one more likely to fail (power
+/// iteration, Newton–Schulz, retraction), so a failure there leaves the whole
+/// model untouched. If `rest` then fails, the matrices have already moved and
+/// the two halves are one step apart. (After a global gradient clip a NaN
+/// anywhere makes every gradient NaN, so it stops `matrices` first.)
+#[derive(Debug)]
+pub struct Split {
+    /// The block matrices.
+    pub matrices: Steepest,
+    /// Everything else.
+    pub rest: AdamW,
+    /// `rest`'s rate over `matrices`' rate, kept by `set_learning_rate`.
+    ratio: f64,
+}
+
+impl Split {
+    /// Splits the float variables of `varmap` by name (see [`is_block_matrix`]).
+    pub fn from_varmap(
+        varmap: &VarMap,
+        matrices: SteepestConfig,
+        rest: AdamWConfig,
+    ) -> Result<Self> {
+        let mut vars: Vec<NamedVar> = {
+            let data = varmap.data().lock().expect("VarMap lock");
+            data.iter()
+                .filter(|(_, v)| v.dtype().is_float())
+                .map(|(name, var)| NamedVar {
+                    name: name.clone(),
+                    var: var.clone(),
+                })
+                .collect()
+        };
+        vars.sort_by(|a, b| a.name.cmp(&b.name));
+        let (m, r): (Vec<NamedVar>, Vec<NamedVar>) = vars
+            .into_iter()
+            .partition(|v| is_block_matrix(&v.name, &v.var));
+        Self::from_named(m, matrices, r, rest)
+    }
+
+    /// From two disjoint lists of named variables.
+    pub fn from_named(
+        matrix_vars: Vec<NamedVar>,
+        matrices: SteepestConfig,
+        rest_vars: Vec<NamedVar>,
+        rest: AdamWConfig,
+    ) -> Result<Self> {
+        let ratio = rest.lr / matrices.lr;
+        Ok(Self {
+            matrices: Steepest::from_named(matrix_vars, matrices)?,
+            rest: AdamW::from_named(rest_vars, rest)?,
+            ratio,
+        })
+    }
+}
+
+impl Optimizer for Split {
+    type Config = (SteepestConfig, AdamWConfig);
+
+    /// Bare variables have no names: matrices (rank ≥ 2) go to `Steepest`,
+    /// the rest to `AdamW` (use [`Split::from_varmap`] to route by name).
+    fn new(vars: Vec<Var>, (matrices, rest): Self::Config) -> Result<Self> {
+        let named = vars
+            .into_iter()
+            .filter(|v| v.dtype().is_float())
+            .enumerate()
+            .map(|(i, var)| NamedVar {
+                name: format!("param.{i}"),
+                var,
+            });
+        let (m, r): (Vec<NamedVar>, Vec<NamedVar>) = named.partition(|v| v.var.rank() >= 2);
+        Self::from_named(m, matrices, r, rest)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.matrices.step(grads)?;
+        self.rest.step(grads)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.matrices.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.matrices.set_learning_rate(lr);
+        self.rest.set_learning_rate(lr * self.ratio);
     }
 }
 

@@ -1,9 +1,9 @@
 //! train_lm: a small char-level GPT trained with AdamW / Muon, each with
-//! decoupled or spectral weight decay, on a built-in corpus (or any text
-//! file). Writes a CSV log, an SVG figure (validation loss; σ₁ of every weight
+//! decoupled or spectral weight decay, and Muon on the spectral sphere, on a
+//! built-in corpus (or any text file). Writes a CSV log, an SVG figure (validation loss; σ₁ of every weight
 //! matrix over training) and a results table.
 //!
-//!     cargo run --example train_lm                 # all 4 optimizers, 1 seed
+//!     cargo run --example train_lm                 # all 5 optimizers, 1 seed
 //!     cargo run --example train_lm -- --seeds 3    # the README table
 //!     cargo run --example train_lm -- --help
 
@@ -20,6 +20,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lm::{builtin_corpus, train, Config, Data, OptKind, Record, RunResult};
 
+/// The CLI names of the optimizers, for error messages.
+fn optimizer_names() -> String {
+    OptKind::ALL.map(|k| k.name()).join(", ")
+}
+
 const USAGE: &str = "\
 train_lm — train a small char-level GPT and compare optimizers
 
@@ -27,15 +32,18 @@ USAGE:
     cargo run --example train_lm -- [OPTIONS]
 
 OPTIONS:
-    --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral | all   [all]
+    --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral |
+                       muon-spectral-sphere | all                            [all]
     --steps N          optimizer steps per run                               [300]
     --seeds N          seeds per optimizer (mean ± std in the table)         [1]
     --data PATH        train on this text file instead of the built-in corpus
     --out DIR          output directory                                      [runs/train_lm]
     --device DEV       cpu | cuda (cuda needs `--features cuda`)             [cpu]
     --lr X             peak learning rate for every chosen optimizer
-                       (defaults: AdamW 3e-3, Muon 0.02)
-    --wd X             weight decay λ (decoupled or spectral)                [0.1]
+                       (defaults: AdamW 3e-3, Muon 0.02, sphere 0.02)
+    --wd X             weight decay λ (decoupled or spectral; muon-spectral-sphere
+                       decays only its AdamW part)                           [0.1]
+    --radius X         spectral-sphere radius r, ‖W‖₂ = r                    [2]
     --batch N          sequences of 64 characters per batch                  [16]
     --eval-every N     steps between evaluations                             [20]
     --jobs N           runs trained at once, one thread each                 [CPU cores]
@@ -86,7 +94,10 @@ fn parse_args() -> Result<Option<Args>> {
                     OptKind::ALL.to_vec()
                 } else {
                     vec![OptKind::parse(&v).with_context(|| {
-                        format!("--optimizer: unknown `{v}`; use adamw, adamw-spectral, muon, muon-spectral or all")
+                        format!(
+                            "--optimizer: unknown `{v}`; use {} or all",
+                            optimizer_names()
+                        )
                     })?]
                 };
             }
@@ -97,6 +108,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--jobs" => a.jobs = parse_num(&flag, it.next())?,
             "--lr" => a.cfg.lr = Some(parse_num(&flag, it.next())?),
             "--wd" => a.cfg.weight_decay = parse_num(&flag, it.next())?,
+            "--radius" => a.cfg.radius = parse_num(&flag, it.next())?,
             "--data" => a.data = Some(it.next().context("--data needs a path")?.into()),
             "--out" => a.out = it.next().context("--out needs a directory")?.into(),
             "--device" => a.device = it.next().context("--device needs cpu or cuda")?,
@@ -116,6 +128,10 @@ fn parse_args() -> Result<Option<Args>> {
         if !(lr.is_finite() && lr > 0.0) {
             bail!("--lr must be a positive number, got {lr}");
         }
+    }
+    let r = a.cfg.radius;
+    if !(r.is_finite() && r > 0.0) {
+        bail!("--radius must be a positive number, got {r}");
     }
     let wd = a.cfg.weight_decay;
     if !(wd.is_finite() && wd >= 0.0) {
@@ -429,14 +445,24 @@ fn real_main() -> Result<()> {
         } else {
             String::new()
         };
+        let radius = if *kind == OptKind::MuonSpectralSphere {
+            format!(" (r = {})", cfg.radius)
+        } else {
+            String::new()
+        };
         table.push_str(&format!(
-            "| {} | {} | {m:.4}{spread} | {secs:.0} |\n",
+            "| {} | {}{radius} | {m:.4}{spread} | {secs:.0} |\n",
             kind.name(),
             cfg.lr.unwrap_or(kind.default_lr())
         ));
     }
+    let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
+        format!(" (sphere: r={}, no decay on its matrices)", cfg.radius)
+    } else {
+        String::new()
+    };
     let caption = format!(
-        "{source}; {} layers, d={}, context {}, {} steps × batch {}, λ={}; {} seed(s)",
+        "{source}; {} layers, d={}, context {}, {} steps × batch {}, λ={}{sphere}; {} seed(s)",
         cfg.layers, cfg.d_model, cfg.context, cfg.steps, cfg.batch, cfg.weight_decay, args.seeds
     );
     let svg = args.out.join("train_lm.svg");

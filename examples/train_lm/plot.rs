@@ -217,6 +217,15 @@ fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
     // legend (top right), on a translucent white box
     let n_labels = p.series.iter().filter(|s| s.label.is_some()).count();
     let box_h = 17.0 * n_labels as f64 + 6.0;
+    // wide enough for the longest label (about 6.7 px per character at 12 px)
+    let longest = p
+        .series
+        .iter()
+        .filter_map(|s| s.label.as_ref())
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let box_w = (36.0 + 6.7 * longest as f64).max(146.0);
     let top = if p.legend_bottom {
         MT + ph - box_h - 5.0
     } else {
@@ -225,13 +234,13 @@ fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
     if n_labels > 0 {
         let _ = writeln!(
             out,
-            r##"<rect x="{:.1}" y="{top:.1}" width="146" height="{box_h:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
-            ox + ML + pw - 156.0,
+            r##"<rect x="{:.1}" y="{top:.1}" width="{box_w:.1}" height="{box_h:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+            ox + ML + pw - box_w - 10.0,
         );
     }
     let mut ly = top + 11.0;
     for s in p.series.iter().filter(|s| s.label.is_some()) {
-        let lx = ox + ML + pw - 150.0;
+        let lx = ox + ML + pw - box_w - 4.0;
         let _ = writeln!(
             out,
             r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
