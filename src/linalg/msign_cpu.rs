@@ -48,9 +48,16 @@ struct Workspace<T> {
     b: Vec<T>,
 }
 
-fn parallelism() -> Parallelism {
+/// Products below this many multiply–adds run on one thread: measured with
+/// `cargo bench --bench msign_share` on 2 cores, threading a 128³ product
+/// made it 3× slower (2.95 ms vs 0.92 ms per msign), a 256³ one broke even
+/// and a 512³ one gained 1.5×.
+const PARALLEL_MIN_MACS: usize = 192 * 192 * 192;
+
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => Parallelism::None,
+        _ if m * n * k < PARALLEL_MIN_MACS => Parallelism::None,
         t => Parallelism::Rayon(t),
     }
 }
@@ -98,7 +105,7 @@ fn gemm_rm<T: WithDType>(
             false,
             false,
             false,
-            parallelism(),
+            parallelism(m, n, k),
         )
     }
 }
