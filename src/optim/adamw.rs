@@ -107,6 +107,14 @@ pub(crate) fn check_lr(who: &str, lr: f64) -> Result<()> {
     Ok(())
 }
 
+/// Errors unless the momentum `m` lies in `[0, 1)`.
+pub(crate) fn check_momentum(who: &str, m: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&m) {
+        fail!(who, "must be in [0, 1), got {m}");
+    }
+    Ok(())
+}
+
 pub(crate) const EXP_AVG: &str = "exp_avg";
 pub(crate) const EXP_AVG_SQ: &str = "exp_avg_sq";
 pub(crate) const STEP: &str = "step";

@@ -8,7 +8,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
-use super::adamw::{adam_group, adam_slot_spec, check_lr, AdamWConfig, EXP_AVG, EXP_AVG_SQ, STEP};
+use super::adamw::{
+    adam_group, adam_slot_spec, check_lr, check_momentum, AdamWConfig, EXP_AVG, EXP_AVG_SQ, STEP,
+};
 use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
 use super::params::{
     check_unique, commit, gather, math_dtype, matrix_view, name_vars, varmap_vars, Item, NamedVar,
@@ -104,13 +106,7 @@ impl MuonConfig {
     /// Errors (naming the field) on a hyperparameter out of range.
     pub fn validate(&self) -> Result<()> {
         check_lr("MuonConfig.lr", self.lr)?;
-        if !(0.0..1.0).contains(&self.momentum) {
-            fail!(
-                "MuonConfig.momentum",
-                "must be in [0, 1), got {}",
-                self.momentum
-            );
-        }
+        check_momentum("MuonConfig.momentum", self.momentum)?;
         self.weight_decay.validate("MuonConfig.weight_decay")?;
         self.adamw.validate()
     }

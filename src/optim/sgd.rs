@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
-use super::adamw::check_lr;
+use super::adamw::{check_lr, check_momentum};
 use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
 use super::params::{check_unique, commit, gather, math_dtype, name_vars, varmap_vars, NamedVar};
 use super::state::{export, import, key, scalar, OptimizerState, Slots};
@@ -44,13 +44,7 @@ impl SgdConfig {
     /// Errors (naming the field) on a hyperparameter out of range.
     pub fn validate(&self) -> Result<()> {
         check_lr("SgdConfig.lr", self.lr)?;
-        if !(0.0..1.0).contains(&self.momentum) {
-            fail!(
-                "SgdConfig.momentum",
-                "must be in [0, 1), got {}",
-                self.momentum
-            );
-        }
+        check_momentum("SgdConfig.momentum", self.momentum)?;
         if self.nesterov && self.momentum == 0.0 {
             fail!("SgdConfig.nesterov", "Nesterov needs momentum > 0");
         }

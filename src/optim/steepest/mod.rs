@@ -32,7 +32,7 @@ pub use manifold::{
 };
 pub use norm::{dualize, lp_sphere_multiplier, p_norm, sphere_direction, sphere_retract, Norm};
 
-use super::adamw::check_lr;
+use super::adamw::{check_lr, check_momentum};
 use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
 use super::muon::muon_momentum;
 use super::params::{
@@ -86,13 +86,7 @@ impl SteepestConfig {
     /// that does not fit the manifold.
     pub fn validate(&self) -> Result<()> {
         check_lr("SteepestConfig.lr", self.lr)?;
-        if !(0.0..1.0).contains(&self.momentum) {
-            fail!(
-                "SteepestConfig.momentum",
-                "must be in [0, 1), got {}",
-                self.momentum
-            );
-        }
+        check_momentum("SteepestConfig.momentum", self.momentum)?;
         if self.nesterov && self.momentum == 0.0 {
             fail!("SteepestConfig.nesterov", "Nesterov needs momentum > 0");
         }
