@@ -137,13 +137,7 @@ fn zero_matrix_gives_zero_not_nan() {
         for shape in [vec![4, 6], vec![6, 4], vec![2, 3, 3]] {
             let z = Tensor::zeros(shape.as_slice(), dt, &Device::Cpu).unwrap();
             let out = msign(&z, &NewtonSchulz::muon()).unwrap();
-            let v = out
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let v = common::to_f64_vec(&out);
             assert!(v.iter().all(|x| *x == 0.0), "{dt:?} {shape:?}: {v:?}");
         }
     }

@@ -70,12 +70,7 @@ fn mlp_from(ws: &[DMatrix<f64>], bs: &[DVector<f64>], acts: &[Activation]) -> Ml
 }
 
 fn vec_of(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+    common::to_f64_vec(t)
 }
 
 fn row(v: &[f64]) -> Tensor {

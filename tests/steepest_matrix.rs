@@ -512,16 +512,7 @@ fn nonsense_combinations_are_refused_at_construction() {
 
 fn snapshot(vars: &[NamedVar]) -> Vec<Vec<f64>> {
     vars.iter()
-        .map(|v| {
-            v.var
-                .as_tensor()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        })
+        .map(|v| common::to_f64_vec(v.var.as_tensor()))
         .collect()
 }
 
@@ -531,13 +522,7 @@ fn state_snapshot(opt: &Steepest) -> HashMap<String, Vec<u64>> {
         .unwrap()
         .into_iter()
         .map(|(k, t)| {
-            let v = t
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let v = common::to_f64_vec(&t);
             (k, v.iter().map(|x| x.to_bits()).collect())
         })
         .collect()

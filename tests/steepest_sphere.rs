@@ -16,12 +16,7 @@ use steepest::optim::NamedVar;
 use steepest::{Manifold, NewtonSchulz, Norm, Steepest, SteepestConfig};
 
 fn vec_of(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+    common::to_f64_vec(t)
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {

@@ -26,16 +26,20 @@ pub fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
-/// A 2-D tensor as an f64 nalgebra matrix.
-pub fn to_dmatrix(t: &Tensor) -> DMatrix<f64> {
-    let (m, n) = t.dims2().unwrap();
-    let v = t
-        .to_dtype(DType::F64)
+/// Any tensor's elements, row-major, as f64.
+pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f64>()
-        .unwrap();
+        .unwrap()
+}
+
+/// A 2-D tensor as an f64 nalgebra matrix.
+pub fn to_dmatrix(t: &Tensor) -> DMatrix<f64> {
+    let (m, n) = t.dims2().unwrap();
+    let v = to_f64_vec(t);
     DMatrix::from_row_slice(m, n, &v)
 }
 
@@ -92,20 +96,8 @@ pub fn rel_err(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
 
 /// Max absolute difference of two tensors (any shape), in f64.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let a = to_f64_vec(a);
+    let b = to_f64_vec(b);
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
