@@ -102,13 +102,13 @@ fn run(
 }
 
 fn steepest(w: &Var, config: SteepestConfig) -> Result<Steepest> {
-    Steepest::from_named(
+    Ok(Steepest::from_named(
         vec![NamedVar {
             name: "w".into(),
             var: w.clone(),
         }],
         config,
-    )
+    )?)
 }
 
 fn main() -> Result<()> {

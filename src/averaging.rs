@@ -27,13 +27,14 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use crate::error::{fail, invalid};
-use crate::optim::params::{check_unique, math_dtype, varmap_vars};
-use crate::optim::state::{export, import, key, scalar, OptimizerState, Slots};
-use crate::optim::NamedVar;
+use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY};
+use crate::device::math_dtype;
+use crate::error::{fail, Error, Result};
+use crate::params::{check_unique, varmap_vars, NamedVar};
 use crate::schedule::DecayShape;
 
 /// WSM merge weights `c_0, …, c_k` (oldest checkpoint first) that emulate the
@@ -46,16 +47,22 @@ pub fn wsm_weights(decay_factors: &[f64]) -> Result<Vec<f64>> {
     let k = decay_factors.len();
     if k == 0 {
         fail!(
+            Config,
             "wsm_weights: decay_factors",
             "is empty (need k ≥ 1 factors)"
         );
     }
     for (j, &w) in decay_factors.iter().enumerate() {
         if !(0.0..=1.0).contains(&w) {
-            fail!("wsm_weights: decay_factors", "[{j}] = {w} is not in [0, 1]");
+            fail!(
+                Config,
+                "wsm_weights: decay_factors",
+                "[{j}] = {w} is not in [0, 1]"
+            );
         }
         if j > 0 && w > decay_factors[j - 1] {
             fail!(
+                Config,
                 "wsm_weights: decay_factors",
                 "must be non-increasing, but [{j}] = {w} > [{}] = {}",
                 j - 1,
@@ -78,14 +85,14 @@ pub fn wsm_weights(decay_factors: &[f64]) -> Result<Vec<f64>> {
 /// average of the last `k` checkpoints.
 pub fn wsm_weights_for_shape(shape: DecayShape, k: usize) -> Result<Vec<f64>> {
     if k == 0 {
-        fail!("wsm_weights_for_shape: k", "must be ≥ 1");
+        fail!(Config, "wsm_weights_for_shape: k", "must be ≥ 1");
     }
     let w: Vec<f64> = (0..k).map(|j| shape.factor(j as f64 / k as f64)).collect();
     wsm_weights(&w)
 }
 
 /// Which average [`WeightAverage`] keeps.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AverageKind {
     /// Exponential moving average with decay `β ∈ [0, 1)`.
     Ema {
@@ -109,26 +116,35 @@ impl AverageKind {
         match self {
             Self::Ema { decay } => {
                 if !(0.0..1.0).contains(decay) {
-                    fail!("AverageKind::Ema.decay", "must be in [0, 1), got {decay}");
+                    fail!(
+                        Config,
+                        "AverageKind::Ema.decay",
+                        "must be in [0, 1), got {decay}"
+                    );
                 }
             }
             Self::Polyak => {}
             Self::Wsm { weights, interval } => {
                 if *interval == 0 {
-                    fail!("AverageKind::Wsm.interval", "must be ≥ 1");
+                    fail!(Config, "AverageKind::Wsm.interval", "must be ≥ 1");
                 }
                 if weights.is_empty() {
-                    fail!("AverageKind::Wsm.weights", "is empty");
+                    fail!(Config, "AverageKind::Wsm.weights", "is empty");
                 }
                 if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
                     fail!(
+                        Config,
                         "AverageKind::Wsm.weights",
                         "must be finite and ≥ 0, got {w}"
                     );
                 }
                 let s: f64 = weights.iter().sum();
                 if (s - 1.0).abs() > 1e-9 {
-                    fail!("AverageKind::Wsm.weights", "must sum to 1, sum to {s}");
+                    fail!(
+                        Config,
+                        "AverageKind::Wsm.weights",
+                        "must sum to 1, sum to {s}"
+                    );
                 }
             }
         }
@@ -215,7 +231,8 @@ impl WeightAverage {
                     .to_dtype(math_dtype(nv.var.dtype()))?
                     .copy()
             })
-            .collect()
+            .collect::<candle_core::Result<_>>()
+            .map_err(Into::into)
     }
 
     /// Folds the current parameters into the average (call after each
@@ -223,6 +240,7 @@ impl WeightAverage {
     pub fn update(&mut self) -> Result<()> {
         if self.stash.is_some() {
             fail!(
+                Config,
                 "WeightAverage::update",
                 "the average is swapped in; call swap_out() before updating"
             );
@@ -238,7 +256,7 @@ impl WeightAverage {
                         .iter()
                         .zip(&cur)
                         .map(|(a, x)| a.affine(*decay, 0.0)? + x.affine(1.0 - decay, 0.0)?)
-                        .collect::<Result<_>>()?
+                        .collect::<candle_core::Result<_>>()?
                 };
             }
             AverageKind::Polyak => {
@@ -249,7 +267,7 @@ impl WeightAverage {
                         .iter()
                         .zip(&cur)
                         .map(|(a, x)| a + (x - a)?.affine(1.0 / n as f64, 0.0)?)
-                        .collect::<Result<_>>()?
+                        .collect::<candle_core::Result<_>>()?
                 };
             }
             AverageKind::Wsm { weights, interval } => {
@@ -272,6 +290,7 @@ impl WeightAverage {
             AverageKind::Ema { .. } | AverageKind::Polyak => {
                 if self.avg.is_empty() {
                     fail!(
+                        Config,
                         "WeightAverage::averaged",
                         "no update yet: nothing to average"
                     );
@@ -281,6 +300,7 @@ impl WeightAverage {
             AverageKind::Wsm { weights, .. } => {
                 if self.ckpts.len() < weights.len() {
                     fail!(
+                        Config,
                         "WeightAverage::averaged",
                         "WSM holds {} of the {} checkpoints it merges",
                         self.ckpts.len(),
@@ -312,6 +332,7 @@ impl WeightAverage {
     pub fn swap_in(&mut self) -> Result<()> {
         if self.stash.is_some() {
             fail!(
+                Config,
                 "WeightAverage::swap_in",
                 "the average is already swapped in"
             );
@@ -321,13 +342,13 @@ impl WeightAverage {
             .vars
             .iter()
             .map(|nv| nv.var.as_tensor().detach().copy())
-            .collect::<Result<_>>()?;
+            .collect::<candle_core::Result<_>>()?;
         let ready: Vec<Tensor> = self
             .vars
             .iter()
             .zip(&avg)
             .map(|(nv, (_, a))| a.to_dtype(nv.var.dtype()))
-            .collect::<Result<_>>()?;
+            .collect::<candle_core::Result<_>>()?;
         for (nv, a) in self.vars.iter().zip(&ready) {
             nv.var.set(a)?;
         }
@@ -339,30 +360,26 @@ impl WeightAverage {
     /// Errors if the average is not swapped in.
     pub fn swap_out(&mut self) -> Result<()> {
         let Some(stash) = self.stash.take() else {
-            fail!("WeightAverage::swap_out", "the average is not swapped in");
+            fail!(
+                Config,
+                "WeightAverage::swap_out",
+                "the average is not swapped in"
+            );
         };
         for (nv, t) in self.vars.iter().zip(&stash) {
             nv.var.set(t)?;
         }
         Ok(())
     }
+}
 
-    fn hparams(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut h = vec![("count".to_string(), scalar(self.count as f64)?)];
-        match &self.kind {
-            AverageKind::Ema { decay } => h.push(("decay".into(), scalar(*decay)?)),
-            AverageKind::Polyak => {}
-            AverageKind::Wsm { weights, interval } => {
-                h.push((
-                    "weights".into(),
-                    Tensor::new(weights.as_slice(), &Device::Cpu)?,
-                ));
-                h.push(("interval".into(), scalar(*interval as f64)?));
-                h.push(("held".into(), scalar(self.ckpts.len() as f64)?));
-            }
-        }
-        Ok(h)
-    }
+/// The header body of a [`WeightAverage`] checkpoint.
+#[derive(Debug, Serialize, Deserialize)]
+struct AverageBody {
+    kind: AverageKind,
+    count: u64,
+    /// WSM checkpoints held.
+    held: usize,
 }
 
 fn ckpt_slot(i: usize) -> String {
@@ -371,18 +388,29 @@ fn ckpt_slot(i: usize) -> String {
 
 impl OptimizerState for WeightAverage {
     /// Keys: `"<param>.avg"` (EMA / Polyak) or `"<param>.ckpt<i>"` (WSM,
-    /// oldest first), plus the kind, count and hyperparameters.
+    /// oldest first), plus the header (kind, count, hyperparameters).
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        let mut slots = Slots::new();
+        let body = AverageBody {
+            kind: self.kind.clone(),
+            count: self.count,
+            held: self.ckpts.len(),
+        };
+        let header = Header::new(
+            self.kind.tag(),
+            self.vars.iter().map(|v| v.name.clone()).collect(),
+            serde_json::to_value(&body).expect("the header body encodes"),
+        );
+        let mut out = HashMap::new();
+        out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
         for (p, nv) in self.vars.iter().enumerate() {
             if let Some(a) = self.avg.get(p) {
-                slots.insert(key(&nv.name, AVG), a.clone());
+                out.insert(format!("{}.{AVG}", nv.name), host_copy(a)?);
             }
             for (i, ck) in self.ckpts.iter().enumerate() {
-                slots.insert(key(&nv.name, &ckpt_slot(i)), ck[p].clone());
+                out.insert(format!("{}.{}", nv.name, ckpt_slot(i)), host_copy(&ck[p])?);
             }
         }
-        export(self.kind.tag(), self.hparams()?, &self.vars, &slots)
+        Ok(out)
     }
 
     /// Validates everything (kind, parameter names, shapes, dtypes, counts)
@@ -392,103 +420,93 @@ impl OptimizerState for WeightAverage {
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         if self.stash.is_some() {
             fail!(
+                Config,
                 "WeightAverage::load_state_dict",
                 "the average is swapped in; call swap_out() first"
             );
         }
-        let n_ckpt = match &self.kind {
-            AverageKind::Wsm { weights, .. } => weights.len().max(
-                state
-                    .get("__steepest__.average_wsm.weights")
-                    .map(|t| t.elem_count())
-                    .unwrap_or(0),
-            ),
-            _ => 0,
+        let header = Header::read(state, self.kind.tag())?;
+        header.check_params(self.vars.iter().map(|v| v.name.as_str()))?;
+        let body: AverageBody = serde_json::from_value(header.body.clone())
+            .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not an average header: {e}")))?;
+        body.kind
+            .validate()
+            .map_err(|e| Error::checkpoint("checkpoint", format!("bad hyperparameters: {e}")))?;
+        let wsm_len = match &body.kind {
+            AverageKind::Wsm { weights, .. } => Some(weights.len()),
+            _ => None,
         };
-        let ckpt_names: Vec<String> = (0..n_ckpt).map(ckpt_slot).collect();
-        let mut slot_names: Vec<&str> = vec![AVG];
-        slot_names.extend(ckpt_names.iter().map(|s| s.as_str()));
-        let vars = &self.vars;
-        let is_wsm = matches!(self.kind, AverageKind::Wsm { .. });
-        let spec = |i: usize, slot: &str| {
-            let ok = if is_wsm { slot != AVG } else { slot == AVG };
-            ok.then(|| {
-                let v = &vars[i].var;
-                (v.dims().to_vec(), math_dtype(v.dtype()))
-            })
-        };
-        let imp = import(self.kind.tag(), vars, &slot_names, &spec, state)?;
-        let count = imp.f64("count")?;
-        if !(count >= 0.0 && count.fract() == 0.0) {
+        if wsm_len.is_some_and(|k| body.held > k) {
             fail!(
-                "checkpoint: count",
-                "must be a whole number ≥ 0, got {count}"
+                Checkpoint,
+                "checkpoint: held",
+                "{} checkpoints but only {} weights",
+                body.held,
+                wsm_len.unwrap_or(0)
             );
         }
-        let count = count as u64;
-        let kind = match &self.kind {
-            AverageKind::Ema { .. } => AverageKind::Ema {
-                decay: imp.f64("decay")?,
-            },
-            AverageKind::Polyak => AverageKind::Polyak,
-            AverageKind::Wsm { .. } => AverageKind::Wsm {
-                weights: imp
-                    .tensor("weights")?
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?,
-                interval: imp.f64("interval")? as usize,
-            },
-        };
-        kind.validate()
-            .map_err(|e| invalid("checkpoint", format!("bad hyperparameters: {e}")))?;
-        let get = |name: &str, slot: &str| -> Result<Tensor> {
-            imp.slots
-                .get(&key(name, slot))
-                .cloned()
-                .ok_or_else(|| invalid("checkpoint", format!("missing `{}`", key(name, slot))))
+        let names: Vec<&str> = self.vars.iter().map(|v| v.name.as_str()).collect();
+        let mut found: HashMap<(usize, String), Tensor> = HashMap::new();
+        for (key, t) in state {
+            if key == HEADER_KEY {
+                continue;
+            }
+            let Some((p, slot)) = split_key(key, &names) else {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "not a `<parameter>.<slot>` key of this average"
+                );
+            };
+            let ok = match wsm_len {
+                Some(_) => (0..body.held).any(|i| slot == ckpt_slot(i)),
+                None => slot == AVG && body.count > 0,
+            };
+            if !ok {
+                fail!(Checkpoint, key, "this average keeps no `{slot}` state");
+            }
+            let v = &self.vars[p].var;
+            let dt = math_dtype(v.dtype());
+            if t.dims() != v.dims() || t.dtype() != dt {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "checkpoint has shape {:?} dtype {:?}, expected shape {:?} dtype {dt:?}",
+                    t.dims(),
+                    t.dtype(),
+                    v.dims()
+                );
+            }
+            found.insert((p, slot.to_string()), t.to_device(v.device())?.copy()?);
+        }
+        let mut take = |p: usize, slot: &str| -> Result<Tensor> {
+            found.remove(&(p, slot.to_string())).ok_or_else(|| {
+                Error::checkpoint(
+                    format!("{}.{slot}", names[p]),
+                    "missing from the checkpoint",
+                )
+            })
         };
         let mut avg = Vec::new();
         let mut ckpts = VecDeque::new();
-        match &kind {
-            AverageKind::Wsm { weights, .. } => {
-                let held = imp.f64("held")? as usize;
-                if held > weights.len() {
-                    fail!(
-                        "checkpoint: held",
-                        "{held} checkpoints but only {} weights",
-                        weights.len()
-                    );
-                }
-                if imp.slots.len() != held * vars.len() {
-                    fail!(
-                        "checkpoint",
-                        "expected {} checkpoint tensors ({held} per parameter), found {}",
-                        held * vars.len(),
-                        imp.slots.len()
-                    );
-                }
-                for i in 0..held {
-                    let ck = vars
-                        .iter()
-                        .map(|nv| get(&nv.name, &ckpt_slot(i)))
+        match wsm_len {
+            Some(_) => {
+                for i in 0..body.held {
+                    let ck = (0..names.len())
+                        .map(|p| take(p, &ckpt_slot(i)))
                         .collect::<Result<Vec<_>>>()?;
                     ckpts.push_back(ck);
                 }
             }
-            _ => {
-                if count > 0 {
-                    avg = vars
-                        .iter()
-                        .map(|nv| get(&nv.name, AVG))
-                        .collect::<Result<Vec<_>>>()?;
-                } else if !imp.slots.is_empty() {
-                    fail!("checkpoint", "count is 0 but averages are present");
-                }
+            None if body.count > 0 => {
+                avg = (0..names.len())
+                    .map(|p| take(p, AVG))
+                    .collect::<Result<_>>()?;
             }
+            None => {}
         }
-        self.kind = kind;
-        self.count = count;
+        self.kind = body.kind;
+        self.count = body.count;
         self.avg = avg;
         self.ckpts = ckpts;
         Ok(())

@@ -6,9 +6,9 @@
 //! `torch.nn.utils.clip_grad_norm_` there is no `+1e-6` in the denominator.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 /// The global norm `√(Σ_p ‖g_p‖_F²)` of the gradients of `vars` in `grads`
 /// (variables without a gradient are skipped; 0 when none has one), summed in
@@ -43,6 +43,7 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     if !(max_norm.is_finite() && max_norm > 0.0) {
         fail!(
+            Config,
             "clip_grad_norm: max_norm",
             "must be finite and > 0, got {max_norm}"
         );
@@ -50,6 +51,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     let norm = grad_norm(grads, vars)?;
     if !norm.is_finite() {
         fail!(
+            Config,
             "clip_grad_norm",
             "the global gradient norm is {norm} (a gradient holds NaN or Inf); nothing was clipped"
         );

@@ -1,13 +1,13 @@
 //! Weight decay: decoupled (`W ← W − ηλW`) and spectral (`W ← W − ηλ·W v₁v₁ᵀ`, SPEC §1).
 
-use candle_core::{Result, Tensor};
+use candle_core::Tensor;
 
-use crate::error::fail;
+use crate::error::{fail, Result};
 use crate::linalg::{matrix_dims, TopSingular};
 
 /// Power iterations used when a parameter has no stored `v₁` yet (first step,
 /// or a parameter that had no gradient before). Later steps warm-start.
-pub const COLD_START_ITERS: usize = 10;
+pub(crate) const COLD_START_ITERS: usize = 10;
 
 /// Which weight decay an optimizer applies to its matrices.
 ///
@@ -15,7 +15,7 @@ pub const COLD_START_ITERS: usize = 10;
 /// uses the optimizer's current learning rate `η`. Vectors (biases, gains) get
 /// no decay unless the optimizer is configured with `decay_vectors`; a vector is
 /// a `1 × n` matrix, whose spectral decay is the decoupled one.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum WeightDecay {
     /// No weight decay.
     #[default]
@@ -25,7 +25,7 @@ pub enum WeightDecay {
     /// `W ← W − ηλ·W v₁v₁ᵀ`: shrinks only the top singular value,
     /// `σ₁ ← (1 − ηλ)σ₁`. `v₁` comes from `iters` power iterations per step,
     /// warm-started from the previous step's `v₁` (kept in the optimizer
-    /// state); a cold start uses `max(iters, COLD_START_ITERS)`.
+    /// state); a cold start uses `max(iters, 10)`.
     Spectral {
         /// The decay coefficient `λ`.
         lambda: f64,
@@ -48,55 +48,31 @@ impl WeightDecay {
         }
     }
 
-    /// Checks that `λ ≥ 0` is finite; `who` names the optimizer field in errors.
-    pub(crate) fn validate(&self, who: &str) -> Result<()> {
+    /// Checks that `λ ≥ 0` is finite and that spectral decay runs at least
+    /// one power iteration; `who` names the optimizer field in errors.
+    pub fn validate(&self, who: &str) -> Result<()> {
         let l = self.lambda();
         if !(l.is_finite() && l >= 0.0) {
-            fail!(who, "weight decay λ must be finite and ≥ 0, got {l}");
+            fail!(
+                Config,
+                who,
+                "weight decay λ must be finite and ≥ 0, got {l}"
+            );
+        }
+        if let Self::Spectral { iters: 0, .. } = self {
+            fail!(
+                Config,
+                who,
+                "spectral decay needs iters ≥ 1 (with 0, v₁ would never be refreshed)"
+            );
         }
         Ok(())
-    }
-
-    /// The variant as a checkpoint tensor `[kind, λ, iters]` (f64).
-    pub(crate) fn to_tensor(self) -> Result<Tensor> {
-        Tensor::new(&self.encode(), &candle_core::Device::Cpu)
-    }
-
-    /// Inverse of [`WeightDecay::to_tensor`].
-    pub(crate) fn from_tensor(t: &Tensor) -> Result<Self> {
-        let code = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-        let code: [f64; 3] = code.try_into().map_err(|_| {
-            crate::error::invalid("checkpoint: weight_decay", "must have 3 entries")
-        })?;
-        Self::decode(code)
-    }
-
-    /// Encodes the variant as numbers for checkpoints: `[kind, λ, iters]`.
-    fn encode(self) -> [f64; 3] {
-        match self {
-            Self::None => [0.0, 0.0, 0.0],
-            Self::Decoupled(l) => [1.0, l, 0.0],
-            Self::Spectral { lambda, iters } => [2.0, lambda, iters as f64],
-        }
-    }
-
-    /// Inverse of [`WeightDecay::encode`].
-    fn decode(code: [f64; 3]) -> Result<Self> {
-        Ok(match code[0] as u32 {
-            0 => Self::None,
-            1 => Self::Decoupled(code[1]),
-            2 => Self::Spectral {
-                lambda: code[1],
-                iters: code[2] as usize,
-            },
-            k => fail!("checkpoint: weight_decay", "unknown kind code {k}"),
-        })
     }
 }
 
 /// `W ← (1 − coeff)·W` with `coeff = ηλ`.
 pub fn decoupled_decay(w: &Tensor, coeff: f64) -> Result<Tensor> {
-    w * (1.0 - coeff)
+    Ok((w * (1.0 - coeff))?)
 }
 
 /// `W ← W − coeff·σ₁u₁v₁ᵀ` with `coeff = ηλ`, for a matrix or a batch, given its
@@ -120,5 +96,5 @@ pub fn spectral_decay(w: &Tensor, top: &TopSingular, coeff: f64) -> Result<Tenso
     } else {
         ucol.matmul(&ucol.t()?.matmul(w)?)?
     };
-    w - (rank_one * coeff)?
+    Ok((w - (rank_one * coeff)?)?)
 }

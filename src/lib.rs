@@ -45,16 +45,20 @@
 #![warn(missing_docs)]
 
 pub mod averaging;
+pub mod checkpoint;
 pub mod clip;
 pub mod decay;
-mod error;
+pub mod device;
+pub mod error;
 pub mod linalg;
 pub mod optim;
+mod params;
 pub mod penalty;
 pub mod schedule;
 pub mod theory;
 
 pub use decay::WeightDecay;
+pub use error::{Error, Result};
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
 pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};

@@ -19,12 +19,12 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 
-use crate::optim::OptimizerState;
+use crate::checkpoint::OptimizerState;
 
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 /// The shape `f: [0, 1] → [0, 1]` of a WSD decay phase, `f(0) = 1`, `f(1) = 0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,14 +114,14 @@ pub struct Schedule(Kind);
 
 fn check_rate(who: &str, x: f64) -> Result<()> {
     if !(x.is_finite() && x >= 0.0) {
-        fail!(who, "must be finite and ≥ 0, got {x}");
+        fail!(Config, who, "must be finite and ≥ 0, got {x}");
     }
     Ok(())
 }
 
 fn check_len(who: &str, n: usize) -> Result<()> {
     if n == 0 {
-        fail!(who, "must be ≥ 1 step");
+        fail!(Config, who, "must be ≥ 1 step");
     }
     Ok(())
 }
@@ -208,8 +208,9 @@ impl Schedule {
 }
 
 /// Drives a [`candle_nn::Optimizer`] with a [`Schedule`]: before step `s` it
-/// calls `set_learning_rate(schedule.lr(s))`. A step that fails does not
-/// advance the step counter.
+/// calls `set_learning_rate(schedule.lr(s))`. A step that fails changes
+/// nothing: the step counter does not advance and the optimizer's learning
+/// rate is put back.
 #[derive(Debug)]
 pub struct Scheduled<O: Optimizer> {
     opt: O,
@@ -229,8 +230,12 @@ impl<O: Optimizer> Scheduled<O> {
 
     /// Sets the learning rate for the current step and steps the optimizer.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let before = self.opt.learning_rate();
         self.opt.set_learning_rate(self.schedule.lr(self.step));
-        self.opt.step(grads)?;
+        if let Err(e) = self.opt.step(grads) {
+            self.opt.set_learning_rate(before);
+            return Err(e.into());
+        }
         self.step += 1;
         Ok(())
     }
@@ -294,6 +299,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let Some(step) = state.get(SCHEDULE_STEP_KEY) else {
             fail!(
+                Config,
                 "checkpoint",
                 "no `{SCHEDULE_STEP_KEY}` entry: not written by a Scheduled optimizer"
             );
@@ -301,6 +307,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
         let step = match step.to_scalar::<i64>() {
             Ok(s) if s >= 0 => s as usize,
             _ => fail!(
+                Config,
                 SCHEDULE_STEP_KEY,
                 "must be a non-negative i64 scalar, got {step:?}"
             ),

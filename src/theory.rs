@@ -13,26 +13,25 @@
 //! Source: F. Orabona, "Last iterate of SGD converges (even in unbounded
 //! domains)", 2020, in the simplified form of Su Jianlin's note (SPEC §5).
 
-use candle_core::Result;
-
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 fn check_inputs(who: &str, lrs: &[f64], r: f64, g: f64) -> Result<()> {
     if lrs.is_empty() {
-        fail!(who, "lrs is empty (need T ≥ 1 learning rates)");
+        fail!(Config, who, "lrs is empty (need T ≥ 1 learning rates)");
     }
     if !(r.is_finite() && r >= 0.0) {
-        fail!(who, "R must be finite and ≥ 0, got {r}");
+        fail!(Config, who, "R must be finite and ≥ 0, got {r}");
     }
     if !(g.is_finite() && g >= 0.0) {
-        fail!(who, "G must be finite and ≥ 0, got {g}");
+        fail!(Config, who, "G must be finite and ≥ 0, got {g}");
     }
     for (i, &eta) in lrs.iter().enumerate() {
         if !(eta.is_finite() && eta > 0.0) {
-            fail!(who, "lrs[{i}] must be finite and > 0, got {eta}");
+            fail!(Config, who, "lrs[{i}] must be finite and > 0, got {eta}");
         }
         if i > 0 && eta > lrs[i - 1] {
             fail!(
+                Config,
                 who,
                 "the bound needs non-increasing rates, but lrs[{i}] = {eta} > lrs[{}] = {}",
                 i - 1,
@@ -83,7 +82,11 @@ pub fn average_bound(lrs: &[f64], r: f64, g: f64) -> Result<f64> {
 pub fn constant_lr_last_iterate_bound(eta: f64, r: f64, g: f64, total_steps: usize) -> Result<f64> {
     check_inputs("constant_lr_last_iterate_bound", &[eta], r, g)?;
     if total_steps == 0 {
-        fail!("constant_lr_last_iterate_bound: total_steps", "must be ≥ 1");
+        fail!(
+            Config,
+            "constant_lr_last_iterate_bound: total_steps",
+            "must be ≥ 1"
+        );
     }
     let t = total_steps as f64;
     Ok(r * r / (2.0 * t * eta) + 0.5 * g * g * eta * (2.0 + t.ln()))
@@ -96,13 +99,21 @@ pub fn constant_lr_last_iterate_bound(eta: f64, r: f64, g: f64, total_steps: usi
 /// Errors unless `R > 0`, `G > 0` are finite and `T ≥ 1`.
 pub fn optimal_constant_lr(r: f64, g: f64, total_steps: usize) -> Result<f64> {
     if !(r.is_finite() && r > 0.0) {
-        fail!("optimal_constant_lr: R", "must be finite and > 0, got {r}");
+        fail!(
+            Config,
+            "optimal_constant_lr: R",
+            "must be finite and > 0, got {r}"
+        );
     }
     if !(g.is_finite() && g > 0.0) {
-        fail!("optimal_constant_lr: G", "must be finite and > 0, got {g}");
+        fail!(
+            Config,
+            "optimal_constant_lr: G",
+            "must be finite and > 0, got {g}"
+        );
     }
     if total_steps == 0 {
-        fail!("optimal_constant_lr: total_steps", "must be ≥ 1");
+        fail!(Config, "optimal_constant_lr: total_steps", "must be ≥ 1");
     }
     let t = total_steps as f64;
     Ok(r / (g * (t * (2.0 + t.ln())).sqrt()))

@@ -189,7 +189,7 @@ fn cold_start_uses_enough_iterations_and_warm_start_tracks_v1() {
         );
     }
     let state = steepest::OptimizerState::state_dict(&opt).unwrap();
-    assert_eq!(state["w.spectral_v"].dims(), &[5]);
+    assert_eq!(state["w.decay.v"].dims(), &[5]);
 }
 
 #[test]

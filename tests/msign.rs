@@ -10,7 +10,7 @@ use nalgebra::DMatrix;
 use steepest::linalg::msign_generic;
 use steepest::{msign, NewtonSchulz};
 
-type MsignFn = fn(&Tensor, &NewtonSchulz) -> candle_core::Result<Tensor>;
+type MsignFn = fn(&Tensor, &NewtonSchulz) -> steepest::Result<Tensor>;
 
 /// The CPU fast path and the device-generic path: both must meet the reference.
 const IMPLS: [(&str, MsignFn); 2] = [("msign", msign), ("msign_generic", msign_generic)];

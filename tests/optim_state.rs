@@ -1,6 +1,7 @@
 //! Saving and loading optimizer state: bit-identical resume, and mismatched
 //! checkpoints refused with a clear error and no change.
 
+mod common;
 mod support;
 
 use std::collections::HashMap;
@@ -123,23 +124,30 @@ fn state_holds_the_documented_slots_and_hyperparameters() {
     let mut opt = muon(&vm);
     opt.backward_step(&loss(&vm, 0, &["gain"])).unwrap();
     let s = opt.state_dict().unwrap();
-    assert_eq!(s["fc1.weight.momentum"].dims(), &[6, 4]);
+    assert_eq!(s["fc1.weight.momentum.buf"].dims(), &[6, 4]);
     assert_eq!(
-        s["fc1.weight.momentum"].dtype(),
+        s["fc1.weight.momentum.buf"].dtype(),
         DType::F32,
         "half params keep f32 state"
     );
-    assert_eq!(s["conv.weight.spectral_v"].dims(), &[6]); // matrix view (4, 2·3)
-    assert_eq!(s["embed.weight.exp_avg"].dims(), &[9, 4]); // routed to AdamW by name
-    assert_eq!(s["fc1.bias.exp_avg_sq"].dims(), &[6]);
-    assert_eq!(s["fc1.bias.step"].to_scalar::<i64>().unwrap(), 1);
+    assert_eq!(s["conv.weight.decay.v"].dims(), &[6]); // matrix view (4, 2·3)
+    assert_eq!(s["embed.weight.adam.exp_avg"].dims(), &[9, 4]); // routed to AdamW by name
+    assert_eq!(s["fc1.bias.adam.exp_avg_sq"].dims(), &[6]);
+    assert_eq!(s["fc1.bias.adam.step"].to_scalar::<i64>().unwrap(), 1);
     assert!(
-        !s.contains_key("gain.exp_avg"),
+        !s.contains_key("gain.adam.exp_avg"),
         "a parameter without a gradient has no state"
     );
-    assert!(!s.contains_key("embed.weight.momentum"));
-    assert_eq!(s["__steepest__.muon.lr"].to_scalar::<f64>().unwrap(), 0.02);
-    assert_eq!(s["__steepest__.muon.ns_coefficients"].dims(), &[6, 3]);
+    assert!(!s.contains_key("embed.weight.momentum.buf"));
+    let h = common::header(&s);
+    assert_eq!(h["body"]["config"]["lr"].as_f64().unwrap(), 0.02);
+    assert_eq!(
+        h["body"]["config"]["newton_schulz"]["coefficients"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
 }
 
 #[test]
@@ -209,15 +217,15 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     // A slot with the wrong shape.
     let mut bad = good.clone();
     bad.insert(
-        "fc1.weight.exp_avg".into(),
+        "fc1.weight.adam.exp_avg".into(),
         Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap(),
     );
-    refused(&mut opt, &bad, "fc1.weight.exp_avg");
+    refused(&mut opt, &bad, "fc1.weight.adam.exp_avg");
 
     // A slot with the wrong dtype.
     let mut bad = good.clone();
     bad.insert(
-        "fc1.weight.exp_avg_sq".into(),
+        "fc1.weight.adam.exp_avg_sq".into(),
         Tensor::zeros((6, 4), DType::F64, &Device::Cpu).unwrap(),
     );
     refused(&mut opt, &bad, "F64");
@@ -225,25 +233,26 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     // A key that is no slot of this optimizer.
     let mut bad = good.clone();
     bad.insert(
-        "fc1.weight.momentum".into(),
+        "fc1.weight.momentum.buf".into(),
         Tensor::zeros((6, 4), DType::F32, &Device::Cpu).unwrap(),
     );
-    refused(&mut opt, &bad, "fc1.weight.momentum");
+    refused(&mut opt, &bad, "fc1.weight.momentum.buf");
 
     // A spectral v₁ on a vector.
     let mut bad = good.clone();
     bad.insert(
-        "fc1.bias.spectral_v".into(),
+        "fc1.bias.decay.v".into(),
         Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     );
-    refused(&mut opt, &bad, "fc1.bias.spectral_v");
+    refused(&mut opt, &bad, "fc1.bias.decay.v");
 
     // Not a steepest checkpoint at all; a missing hyperparameter.
     let mut bad = good.clone();
-    bad.remove("__steepest__.kind");
+    bad.remove("__steepest__");
     refused(&mut opt, &bad, "not a steepest optimizer checkpoint");
-    let mut bad = good.clone();
-    bad.remove("__steepest__.adamw.beta2");
+    let bad = common::with_header(&good, |h| {
+        h["body"]["config"].as_object_mut().unwrap().remove("beta2");
+    });
     refused(&mut opt, &bad, "beta2");
 
     // The good one still loads.

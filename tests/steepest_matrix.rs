@@ -13,9 +13,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::*;
 use nalgebra::{DMatrix, DVector};
-use steepest::optim::steepest::{
-    spectral_sphere_direction, spectral_sphere_retract, stiefel_direction, stiefel_retract,
-};
+use steepest::linalg::{spectral_sphere_retract, stiefel_retract};
+use steepest::optim::steepest::{spectral_sphere_direction, stiefel_direction};
 use steepest::optim::NamedVar;
 use steepest::{
     DualAscent, Manifold, Muon, MuonConfig, NewtonSchulz, Norm, OptimizerState, Steepest,
@@ -657,15 +656,13 @@ fn state_holds_the_dual_variables() {
     let (vars, mut opt) = build(&s[2].0, &s[2].1);
     opt.backward_step(&loss(&vars, 0)).unwrap();
     let st = opt.state_dict().unwrap();
-    assert_eq!(st["a.dual_lambda"].dims(), &[] as &[usize]);
-    assert_eq!(st["a.theta_v"].dims(), &[5]);
-    assert_eq!(st["c.theta_v"].dims(), &[4]); // matrix view 6×(2·2)
-    assert_eq!(st["a.momentum"].dims(), &[8, 5]);
+    assert_eq!(st["a.manifold.lambda"].dims(), &[] as &[usize]);
+    assert_eq!(st["a.manifold.theta_v"].dims(), &[5]);
+    assert_eq!(st["c.manifold.theta_v"].dims(), &[4]); // matrix view 6×(2·2)
+    assert_eq!(st["a.momentum.buf"].dims(), &[8, 5]);
     assert_eq!(
-        st["__steepest__.steepest.manifold"]
-            .to_vec1::<f64>()
-            .unwrap(),
-        vec![2.0, 1.5, 0.0]
+        header(&st)["body"]["config"]["manifold"],
+        serde_json::json!({"SpectralSphere": {"radius": 1.5}})
     );
     // θ_v is v₁ of the current W (f64 SVD), up to sign.
     let w = view(&vars[0].var);
@@ -679,7 +676,7 @@ fn state_holds_the_dual_variables() {
         .unwrap();
     let v1 = svd.v_t.unwrap().row(i).transpose();
     let v = DVector::from_vec(
-        st["a.theta_v"]
+        st["a.manifold.theta_v"]
             .to_dtype(DType::F64)
             .unwrap()
             .to_vec1::<f64>()
@@ -689,8 +686,8 @@ fn state_holds_the_dual_variables() {
     let (vars, mut opt) = build(&s[3].0, &s[3].1);
     opt.backward_step(&loss(&vars, 0)).unwrap();
     let st = opt.state_dict().unwrap();
-    assert_eq!(st["a.dual_x"].dims(), &[5, 5]);
-    assert_eq!(st["c.dual_x"].dims(), &[4, 4]);
+    assert_eq!(st["a.manifold.x"].dims(), &[5, 5]);
+    assert_eq!(st["c.manifold.x"].dims(), &[4, 4]);
 }
 
 #[test]
@@ -709,19 +706,24 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         assert_eq!(state_snapshot(sphere), before);
         assert_eq!(sphere.config(), &cfg);
     };
-    // A Stiefel checkpoint of the same parameters: its dual_x slots do not fit.
-    check(&mut sphere, &stiefel.state_dict().unwrap(), "dual_x");
+    // A Stiefel checkpoint of the same parameters: the manifold is refused
+    // (checked before its `manifold.x` slots).
+    check(
+        &mut sphere,
+        &stiefel.state_dict().unwrap(),
+        "checkpoint: manifold",
+    );
     // The same without slots: the manifold itself is refused.
     let mut bare = stiefel.state_dict().unwrap();
-    bare.retain(|k, _| k.starts_with("__steepest__"));
+    bare.retain(|k, _| k == "__steepest__");
     check(&mut sphere, &bare, "checkpoint: manifold");
     // A multiplier of the wrong shape.
     let mut bad = good.clone();
     bad.insert(
-        "a.dual_lambda".into(),
+        "a.manifold.lambda".into(),
         Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     );
-    check(&mut sphere, &bad, "a.dual_lambda");
+    check(&mut sphere, &bad, "a.manifold.lambda");
     // Another optimizer's checkpoint.
     let mut r = rng(19);
     let mvars = named(vec![("a", randn(&mut r, &[8, 5], DType::F32))]);

@@ -571,14 +571,14 @@ pub fn schedule(peak: f64, steps: usize) -> Result<Schedule> {
     let warmup = (steps / 20).max(1).min(steps);
     let rest = steps - warmup;
     let decay = (rest / 5).max(1);
-    Schedule::wsd(
+    Ok(Schedule::wsd(
         peak,
         0.0,
         rest.saturating_sub(decay),
         decay,
         DecayShape::Linear,
     )?
-    .with_warmup(warmup)
+    .with_warmup(warmup)?)
 }
 
 // ---------------------------------------------------------------- training

@@ -1,17 +1,26 @@
 //! Matrix functions the optimizers are built on.
 //!
 //! Each function takes a matrix `(m, n)` or a batch of same-shape matrices
-//! `(b, m, n)` and runs on any candle device through plain candle ops (this is
-//! the reference path; the CUDA kernels are tested against it).
+//! `(b, m, n)`. The hot ones ([`msign`], [`power_iteration`]) go through the
+//! device seam ([`crate::device`]), which picks the CPU's fused path, a CUDA
+//! kernel, or the generic candle-ops version kept here ([`msign_generic`]),
+//! which runs on every device and is the reference the others are tested
+//! against.
 
-mod msign_cpu;
+pub(crate) mod msign_cpu;
 mod newton_schulz;
 mod power_iteration;
+mod spectral;
 
 pub use newton_schulz::{msign, msign_generic, NewtonSchulz};
+pub(crate) use power_iteration::power_iteration_generic;
 pub use power_iteration::{power_iteration, TopSingular};
+pub(crate) use spectral::{batch3, unbatch};
+pub use spectral::{spectral_sphere_retract, stiefel_retract, theta, top_singular_precise};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
 
 /// The dtype the iterations run in: f64 stays f64, everything else uses f32.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
@@ -24,11 +33,12 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
 /// Checks that `t` is a float matrix or batch of matrices; returns `(m, n)`.
 pub(crate) fn matrix_dims(who: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {
-        crate::error::fail!(who, "expected a float tensor, got {:?}", t.dtype());
+        crate::error::fail!(Config, who, "expected a float tensor, got {:?}", t.dtype());
     }
     match t.dims() {
         [m, n] | [_, m, n] => Ok((*m, *n)),
         d => crate::error::fail!(
+            Config,
             who,
             "expected a matrix (m, n) or a batch (b, m, n), got shape {d:?}"
         ),
@@ -36,13 +46,13 @@ pub(crate) fn matrix_dims(who: &str, t: &Tensor) -> Result<(usize, usize)> {
 }
 
 /// Swaps the last two dimensions (works for both `(m, n)` and `(b, m, n)`).
-pub(crate) fn transpose_last(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn transpose_last(t: &Tensor) -> candle_core::Result<Tensor> {
     let r = t.rank();
     t.transpose(r - 2, r - 1)
 }
 
 /// Frobenius norm of each matrix, kept as `(1, 1)` or `(b, 1, 1)` for broadcasting.
-pub(crate) fn frobenius_keepdim(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn frobenius_keepdim(t: &Tensor) -> candle_core::Result<Tensor> {
     let r = t.rank();
     t.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()
 }

@@ -11,7 +11,7 @@ use super::newton_schulz::NewtonSchulz;
 
 /// `msign` of a contiguous-or-not CPU tensor `(m, n)` / `(b, m, n)` of dtype `T`
 /// (f32 or f64), returning a tensor of the same shape and dtype.
-pub(super) fn msign_cpu<T: WithDType>(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+pub(crate) fn msign_cpu<T: WithDType>(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let g = g.contiguous()?;
     let dims = g.dims().to_vec();
     let (m, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);

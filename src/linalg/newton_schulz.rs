@@ -1,9 +1,10 @@
 //! `msign(G) = U Vᵀ` (the polar factor) by Newton–Schulz iteration (SPEC §4).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::{compute_dtype, frobenius_keepdim, matrix_dims, transpose_last};
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 /// Polar Express coefficients (arXiv 2505.16932, `l = 1e-3`, 8 iterations,
 /// cushion 0.02), before the safety scaling.
@@ -34,12 +35,34 @@ const YOU: [[f64; 3]; 5] = [
 /// singular value is at most 1. The iteration runs in f32 (f64 for f64 input);
 /// [`NewtonSchulz::with_compute_dtype`] can give the matrix products bf16/f16
 /// operands (as `torch.optim.Muon` does with bf16) while the sums stay in f32.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewtonSchulz {
     coefficients: Vec<[f64; 3]>,
     eps: f64,
     norm_scale: f64,
+    #[serde(with = "dtype_name")]
     compute_dtype: Option<DType>,
+}
+
+/// `Option<DType>` as its name (`"bf16"`) or null, for checkpoints.
+mod dtype_name {
+    use std::str::FromStr;
+
+    use candle_core::DType;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<DType>, s: S) -> Result<S::Ok, S::Error> {
+        d.map(|d| d.as_str()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DType>, D::Error> {
+        let name: Option<String> = Option::deserialize(d)?;
+        name.map(|n| {
+            DType::from_str(&n)
+                .map_err(|_| serde::de::Error::custom(format!("unknown dtype `{n}`")))
+        })
+        .transpose()
+    }
 }
 
 impl Default for NewtonSchulz {
@@ -97,20 +120,43 @@ impl NewtonSchulz {
     /// A user-supplied table of `(a, b, c)` per step. Errors on an empty table
     /// or a non-finite coefficient.
     pub fn custom(table: Vec<[f64; 3]>) -> Result<Self> {
-        if table.is_empty() {
-            fail!("NewtonSchulz::custom", "the coefficient table is empty");
+        let ns = Self::from_table(table);
+        ns.validate("NewtonSchulz::custom")?;
+        Ok(ns)
+    }
+
+    /// Errors (naming `who`) on an empty table, a non-finite coefficient, a
+    /// negative or non-finite `eps`, a non-positive `norm_scale`, or a compute
+    /// dtype that is not a float.
+    pub fn validate(&self, who: &str) -> Result<()> {
+        if self.coefficients.is_empty() {
+            fail!(Config, who, "the coefficient table is empty");
         }
-        if let Some((i, c)) = table
+        if let Some((i, c)) = self
+            .coefficients
             .iter()
             .enumerate()
             .find(|(_, c)| c.iter().any(|x| !x.is_finite()))
         {
+            fail!(Config, who, "step {i} has a non-finite coefficient {c:?}");
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            fail!(Config, who, "eps must be finite and ≥ 0, got {}", self.eps);
+        }
+        if !(self.norm_scale.is_finite() && self.norm_scale > 0.0) {
             fail!(
-                "NewtonSchulz::custom",
-                "step {i} has a non-finite coefficient {c:?}"
+                Config,
+                who,
+                "norm_scale must be finite and > 0, got {}",
+                self.norm_scale
             );
         }
-        Ok(Self::from_table(table))
+        if let Some(d) = self.compute_dtype {
+            if !d.is_float() {
+                fail!(Config, who, "compute dtype must be a float type, got {d:?}");
+            }
+        }
+        Ok(())
     }
 
     fn from_table(coefficients: Vec<[f64; 3]>) -> Self {
@@ -180,19 +226,11 @@ impl NewtonSchulz {
 /// on the short side (a tall input is transposed first and back at the end).
 /// The output has the input's shape and dtype. A zero matrix gives zero.
 ///
-/// On the CPU with f32/f64 arithmetic this runs a fused path (the polynomial
-/// folded into the GEMMs); elsewhere it is [`msign_generic`].
+/// Dispatched by [`crate::device::msign`]: on the CPU with f32/f64 arithmetic a
+/// fused path (the polynomial folded into the GEMMs); elsewhere [`msign_generic`].
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     matrix_dims("msign: g", g)?;
-    let acc = compute_dtype(g.dtype());
-    if g.device().is_cpu() && ns.compute_dtype.is_none_or(|d| d == acc) {
-        let out = match acc {
-            DType::F64 => super::msign_cpu::msign_cpu::<f64>(&g.to_dtype(acc)?, ns)?,
-            _ => super::msign_cpu::msign_cpu::<f32>(&g.to_dtype(acc)?, ns)?,
-        };
-        return out.to_dtype(g.dtype());
-    }
-    msign_generic(g, ns)
+    crate::device::msign(g, ns)
 }
 
 /// [`msign`] written with plain candle ops only, so it runs on every device
@@ -203,7 +241,7 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     // a lower `compute_dtype` only rounds the matrix products' operands.
     let acc = compute_dtype(g.dtype());
     let operands = ns.compute_dtype.unwrap_or(acc);
-    let mm = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+    let mm = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
         if operands == acc {
             a.matmul(b)
         } else {
@@ -231,5 +269,5 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     if tall {
         x = transpose_last(&x)?;
     }
-    x.contiguous()?.to_dtype(g.dtype())
+    Ok(x.contiguous()?.to_dtype(g.dtype())?)
 }

@@ -1,9 +1,9 @@
 //! Top singular triplet by power iteration (SPEC §1).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{compute_dtype, matrix_dims};
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 /// The top singular triplet `W ≈ σ₁ u₁ v₁ᵀ + …` of a matrix or of each matrix
 /// of a batch.
@@ -32,6 +32,16 @@ pub struct TopSingular {
 /// deterministic and still finds `σ₁` when `v₁` is orthogonal to the all-ones
 /// vector. The error shrinks like `(σ₂/σ₁)^{2·iters}`.
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    matrix_dims("power_iteration: w", w)?;
+    crate::device::power_iteration(w, start, iters)
+}
+
+/// [`power_iteration`] with plain candle ops (any device): the reference.
+pub(crate) fn power_iteration_generic(
+    w: &Tensor,
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<TopSingular> {
     let (m, n) = matrix_dims("power_iteration: w", w)?;
     let batched = w.rank() == 3;
     let w3 = if batched { w.clone() } else { w.unsqueeze(0)? };
@@ -96,6 +106,7 @@ fn initial_v(
     let expected: &[usize] = if batched { &[b, n] } else { &[n] };
     if s.dims() != expected {
         fail!(
+            Config,
             "power_iteration: start",
             "expected shape {expected:?} (an estimate of v₁), got {:?}",
             s.dims()
@@ -108,12 +119,12 @@ fn initial_v(
     let nonzero = norm_keepdim(&s)?.gt(0.0)?;
     let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;
     let s = usable.broadcast_as(s.shape())?.where_cond(&s, &fallback)?;
-    renormalize(&s, &fallback)
+    Ok(renormalize(&s, &fallback)?)
 }
 
 /// A fixed pseudo-random unit vector per matrix, `(b, n, 1)`: not orthogonal
 /// to any particular structured vector (unlike all-ones), and reproducible.
-fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let vals: Vec<f64> = (0..n)
         .map(|_| {
@@ -139,19 +150,19 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> Result<Te
 }
 
 /// `‖y‖` per batch item as `(b, 1, 1)`.
-fn norm_keepdim(y: &Tensor) -> Result<Tensor> {
+fn norm_keepdim(y: &Tensor) -> candle_core::Result<Tensor> {
     y.sqr()?.sum_keepdim(1)?.sqrt()
 }
 
 /// `y / ‖y‖`, or `keep` where `‖y‖ = 0` (so `W = 0` leaves a unit vector).
-fn renormalize(y: &Tensor, keep: &Tensor) -> Result<Tensor> {
+fn renormalize(y: &Tensor, keep: &Tensor) -> candle_core::Result<Tensor> {
     let norm = norm_keepdim(y)?;
     let ok = norm.gt(0.0)?.broadcast_as(y.shape())?;
     ok.where_cond(&safe_div(y, &norm)?, keep)
 }
 
 /// `y / max(norm, tiny)`: zero stays zero.
-fn safe_div(y: &Tensor, norm: &Tensor) -> Result<Tensor> {
+fn safe_div(y: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
     let tiny = match norm.dtype() {
         DType::F64 => f64::MIN_POSITIVE,
         _ => f32::MIN_POSITIVE as f64,

@@ -1,22 +1,39 @@
 //! Optimizers implementing [`candle_nn::Optimizer`], with saveable state.
 //!
-//! Each optimizer is a thin walker over its parameters; the per-tensor math
-//! lives in plain functions ([`adam_update`], [`sgd_update`],
-//! [`muon_momentum`], [`crate::linalg::msign`], [`crate::decay`]) that can be
-//! reused and tested on their own. A step either applies to every parameter or
-//! — on a NaN/Inf gradient or any other error — to none.
+//! Every optimizer is a [`Chain`] of composable [`transform`]s run by one
+//! [`Driver`], which owns the step protocol (walking named parameters,
+//! gathering gradients, the finite check, grouping same-shape matrices into
+//! batches, the learning rate, in-place updates, checkpoints). A [`Partition`]
+//! routes parameters to chains by a label function. The aliases are short
+//! compositions:
+//!
+//! | optimizer | chain |
+//! |---|---|
+//! | [`AdamW`] | [`Decay`](transform::Decay) → [`Adam`](transform::Adam) |
+//! | [`Sgd`] | `Decay` → [`Momentum`](transform::Momentum) (classic) |
+//! | [`Muon`] | matrices: `Decay` → `Momentum` (EMA) → [`Orthogonalize`](transform::Orthogonalize) → [`ShapeScale`](transform::ShapeScale); the rest: AdamW's chain |
+//! | [`Steepest`] | `Decay` → `Momentum` (EMA) → [`Dualize`](transform::Dualize) or [`ManifoldStep`](transform::ManifoldStep) |
+//!
+//! A step either applies to every parameter or — on a NaN/Inf gradient, a
+//! bad learning rate or any other error — to none.
 
 mod adamw;
-mod decay_step;
+mod chain;
+mod driver;
 mod muon;
-pub(crate) mod params;
+mod partition;
 mod sgd;
-pub(crate) mod state;
 pub mod steepest;
+pub mod transform;
 
-pub use adamw::{adam_update, AdamW, AdamWConfig};
-pub use muon::{muon_momentum, LrAdjust, Muon, MuonConfig};
-pub use params::NamedVar;
-pub use sgd::{sgd_update, Sgd, SgdConfig};
-pub use state::OptimizerState;
+pub use adamw::{AdamW, AdamWConfig};
+pub use chain::Chain;
+pub use driver::{Driver, DriverConfig};
+pub use muon::{Muon, MuonConfig};
+pub use partition::Partition;
+pub use sgd::{Sgd, SgdConfig};
 pub use steepest::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};
+pub use transform::LrAdjust;
+
+pub use crate::checkpoint::OptimizerState;
+pub use crate::params::{NamedVar, ParamInfo};

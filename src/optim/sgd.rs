@@ -1,20 +1,22 @@
-//! SGD with momentum, Nesterov and any weight decay.
+//! SGD: `Chain[Decay, Momentum::classic]` (`torch.optim.SGD`, dampening 0).
 
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
+use serde::{Deserialize, Serialize};
 
-use super::adamw::{check_lr, check_momentum};
-use super::decay_step::{apply_decay, spectral_v_spec, SPECTRAL_V};
-use super::params::{check_unique, commit, gather, math_dtype, name_vars, varmap_vars, NamedVar};
-use super::state::{export, import, key, scalar, OptimizerState, Slots};
+use super::driver::{check_lr, Driver};
+use super::transform::{Decay, Momentum, MomentumKind};
+use super::Chain;
+use crate::checkpoint::OptimizerState;
 use crate::decay::WeightDecay;
-use crate::error::fail;
+use crate::error::{Error, Result};
+use crate::params::{name_vars, varmap_vars, NamedVar};
 
 /// SGD hyperparameters. Defaults: `lr = 1e-2`, no momentum, no decay.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SgdConfig {
     /// Learning rate `η`.
     pub lr: f64,
@@ -44,46 +46,43 @@ impl SgdConfig {
     /// Errors (naming the field) on a hyperparameter out of range.
     pub fn validate(&self) -> Result<()> {
         check_lr("SgdConfig.lr", self.lr)?;
-        check_momentum("SgdConfig.momentum", self.momentum)?;
-        if self.nesterov && self.momentum == 0.0 {
-            fail!("SgdConfig.nesterov", "Nesterov needs momentum > 0");
-        }
+        self.momentum().validate("SgdConfig")?;
         self.weight_decay.validate("SgdConfig.weight_decay")
+    }
+
+    fn momentum(&self) -> Momentum {
+        Momentum {
+            kind: MomentumKind::Classic,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+        }
+    }
+
+    /// The chain this config stands for: decay, then (with `μ > 0`) momentum.
+    pub fn chain(&self) -> Chain {
+        let chain = Chain::new().then(Decay {
+            decay: self.weight_decay,
+            vectors: self.decay_vectors,
+        });
+        if self.momentum > 0.0 {
+            chain.then(self.momentum())
+        } else {
+            chain
+        }
     }
 }
 
-const MOMENTUM: &str = "momentum";
-const KIND: &str = "sgd";
-
-/// One SGD step of a single tensor: `buf ← μ·buf + g`, then
-/// `w ← w − η·(g + μ·buf)` (Nesterov) or `w ← w − η·buf`. `w` is already
-/// decayed. Same as `torch.optim.SGD` with `dampening = 0`. Returns `(w, buf)`.
-pub fn sgd_update(
-    w: &Tensor,
-    g: &Tensor,
-    buf: &Tensor,
-    lr: f64,
-    momentum: f64,
-    nesterov: bool,
-) -> Result<(Tensor, Tensor)> {
-    let buf = ((buf * momentum)? + g)?;
-    let dir = if nesterov {
-        (g + (&buf * momentum)?)?
-    } else {
-        buf.clone()
-    };
-    Ok(((w - (dir * lr)?)?, buf))
-}
-
 /// Stochastic gradient descent with momentum and decoupled (or spectral)
-/// weight decay. With `momentum = 0` and `Decoupled(λ)` this equals
-/// `torch.optim.SGD(weight_decay=λ)`.
+/// weight decay: the chain [`Decay`] → [`Momentum`] (classic), one fused
+/// in-place pass per parameter. With `momentum = 0` and `Decoupled(λ)` this
+/// equals `torch.optim.SGD(weight_decay=λ)`.
 #[derive(Debug)]
 pub struct Sgd {
-    vars: Vec<NamedVar>,
+    driver: Driver,
     config: SgdConfig,
-    slots: Slots,
 }
+
+const KIND: &str = "sgd";
 
 impl Sgd {
     /// SGD over the float variables of `varmap`, keeping their names.
@@ -94,57 +93,35 @@ impl Sgd {
     /// SGD over explicitly named variables.
     pub fn from_named(vars: Vec<NamedVar>, config: SgdConfig) -> Result<Self> {
         config.validate()?;
-        check_unique(&vars)?;
-        Ok(Self {
-            vars,
-            config,
-            slots: HashMap::new(),
-        })
+        let driver = Driver::new(vars, config.chain(), config.lr)?.with_kind(KIND);
+        Ok(Self { driver, config })
     }
 
     /// The current hyperparameters.
     pub fn config(&self) -> &SgdConfig {
         &self.config
     }
+
+    /// The driver (chain, state).
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
+    /// One step, with the crate's typed error.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        self.driver.try_step(grads)
+    }
 }
 
 impl Optimizer for Sgd {
     type Config = SgdConfig;
 
-    fn new(vars: Vec<Var>, config: SgdConfig) -> Result<Self> {
-        Self::from_named(name_vars(vars), config)
+    fn new(vars: Vec<Var>, config: SgdConfig) -> candle_core::Result<Self> {
+        Ok(Self::from_named(name_vars(vars), config)?)
     }
 
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let items = gather(&self.vars, grads)?;
-        let mut staged = self.slots.clone();
-        let cfg = &self.config;
-        let decayed = apply_decay(
-            &self.vars,
-            &items,
-            &cfg.weight_decay,
-            cfg.decay_vectors,
-            cfg.lr,
-            &mut staged,
-        )?;
-        let mut updates = Vec::with_capacity(items.len());
-        for (it, w) in items.iter().zip(decayed) {
-            let k = key(&self.vars[it.index].name, MOMENTUM);
-            if cfg.momentum == 0.0 {
-                updates.push((it.index, (w - (&it.grad * cfg.lr)?)?));
-                continue;
-            }
-            let buf = staged
-                .get(&k)
-                .cloned()
-                .map_or_else(|| it.grad.zeros_like(), Ok)?;
-            let (w, buf) = sgd_update(&w, &it.grad, &buf, cfg.lr, cfg.momentum, cfg.nesterov)?;
-            staged.insert(k, buf);
-            updates.push((it.index, w));
-        }
-        commit(&self.vars, updates)?;
-        self.slots = staged;
-        Ok(())
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        Ok(self.try_step(grads)?)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -153,45 +130,25 @@ impl Optimizer for Sgd {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.config.lr = lr;
+        self.driver.set_lr(lr);
     }
 }
 
 impl OptimizerState for Sgd {
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        let c = &self.config;
-        let hp = vec![
-            ("lr".to_string(), scalar(c.lr)?),
-            ("momentum".to_string(), scalar(c.momentum)?),
-            ("nesterov".to_string(), scalar(c.nesterov as u8 as f64)?),
-            ("weight_decay".to_string(), c.weight_decay.to_tensor()?),
-            (
-                "decay_vectors".to_string(),
-                scalar(c.decay_vectors as u8 as f64)?,
-            ),
-        ];
-        export(KIND, hp, &self.vars, &self.slots)
+        self.driver
+            .state_dict_with(serde_json::to_value(&self.config).expect("config encodes"))
     }
 
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let vars = &self.vars;
-        let spec = |i: usize, slot: &str| -> Option<(Vec<usize>, DType)> {
-            match slot {
-                SPECTRAL_V => spectral_v_spec(&vars[i]),
-                MOMENTUM => Some((vars[i].var.dims().to_vec(), math_dtype(vars[i].var.dtype()))),
-                _ => None,
-            }
-        };
-        let imp = import(KIND, vars, &[MOMENTUM, SPECTRAL_V], &spec, state)?;
-        let config = SgdConfig {
-            lr: imp.f64("lr")?,
-            momentum: imp.f64("momentum")?,
-            nesterov: imp.f64("nesterov")? != 0.0,
-            weight_decay: WeightDecay::from_tensor(imp.tensor("weight_decay")?)?,
-            decay_vectors: imp.f64("decay_vectors")? != 0.0,
-        };
-        config.validate()?;
+        let header = self.driver.read_header(state)?;
+        let config: SgdConfig = header.field("config")?;
+        config
+            .validate()
+            .map_err(|e| Error::checkpoint("config", e.to_string()))?;
+        self.driver.load_with(state, Some(vec![config.chain()]))?;
         self.config = config;
-        self.slots = imp.slots;
+        self.config.lr = self.driver.lr();
         Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! The input/parameter gradient inequality as a diagnostic (SPEC §6).
 
-use candle_core::{DType, Module, Result, Tensor, Var};
+use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::Linear;
 
-use crate::error::fail;
+use crate::error::{fail, Result};
 use crate::linalg::power_iteration;
 
 /// An elementwise activation `g⁽ᵗ⁾`.
@@ -24,15 +24,15 @@ pub enum Activation {
 impl Activation {
     /// Applies the activation elementwise.
     pub fn apply(&self, z: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Tanh => z.tanh(),
-            Activation::Relu => z.relu(),
+        Ok(match self {
+            Activation::Tanh => z.tanh()?,
+            Activation::Relu => z.relu()?,
             Activation::Gelu => {
                 let phi = ((z / std::f64::consts::SQRT_2)?.erf()? + 1.0)?;
-                (z * phi)? * 0.5
+                ((z * phi)? * 0.5)?
             }
-            Activation::Identity => Ok(z.clone()),
-        }
+            Activation::Identity => z.clone(),
+        })
     }
 }
 
@@ -53,13 +53,14 @@ impl Mlp {
     /// layer's input width is not the previous layer's output width.
     pub fn new(layers: Vec<(Linear, Activation)>) -> Result<Self> {
         if layers.is_empty() {
-            fail!("Mlp::new: layers", "expected at least one layer");
+            fail!(Config, "Mlp::new: layers", "expected at least one layer");
         }
         for (t, (lin, _)) in layers.iter().enumerate() {
             let (out, _) = lin.weight().dims2()?;
             if let Some(b) = lin.bias() {
                 if b.dims() != [out] {
                     fail!(
+                        Config,
                         format!("Mlp::new: layers[{t}].bias"),
                         "expected shape [{out}], got {:?}",
                         b.dims()
@@ -70,8 +71,7 @@ impl Mlp {
                 let (prev_out, _) = layers[t - 1].0.weight().dims2()?;
                 let (_, inp) = lin.weight().dims2()?;
                 if inp != prev_out {
-                    fail!(
-                        format!("Mlp::new: layers[{t}].weight"),
+                    fail!(Config, format!("Mlp::new: layers[{t}].weight"),
                         "input width {inp} does not match the previous layer's output width {prev_out}"
                     );
                 }
@@ -119,7 +119,7 @@ impl Mlp {
 
 impl Module for Mlp {
     /// `h⁽ˡ⁺¹⁾` for `x` of shape `(b, d)`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut hs = self.forward_all(x)?;
         Ok(hs.pop().expect("at least one layer"))
     }
@@ -128,6 +128,7 @@ impl Module for Mlp {
 fn forward_all(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     if x.rank() != 2 {
         fail!(
+            Config,
             "Mlp: x",
             "expected a batch (b, d), got shape {:?}",
             x.dims()
@@ -152,6 +153,7 @@ fn single_input(mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         [n] if *n == d => x.unsqueeze(0)?,
         [1, n] if *n == d => x.clone(),
         dims => fail!(
+            Config,
             "gradient_inequality: x",
             "expected one input of shape [{d}] or [1, {d}], got {dims:?}"
         ),
@@ -164,7 +166,7 @@ fn jacobians(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     let widths: Vec<usize> = layers
         .iter()
         .map(|(w, _, _)| w.dim(0))
-        .collect::<Result<_>>()?;
+        .collect::<candle_core::Result<_>>()?;
     let total: usize = widths.iter().sum();
     let xs = Var::from_tensor(&x.detach().broadcast_as((total, d))?.contiguous()?)?;
     let hs = forward_all(layers, xs.as_tensor())?;
@@ -219,7 +221,7 @@ pub struct GradientTerms {
 /// gives NaN/Inf.
 pub fn gradient_terms<F>(mlp: &Mlp, x: &Tensor, f: F) -> Result<GradientTerms>
 where
-    F: Fn(&Tensor) -> Result<Tensor>,
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
     let x = single_input(mlp, x)?;
     let xv = Var::from_tensor(&x.detach())?;
@@ -243,6 +245,7 @@ where
     let fx = f(out)?;
     if fx.elem_count() != 1 {
         fail!(
+            Config,
             "gradient_terms: f",
             "expected a scalar (one element), got shape {:?}",
             fx.dims()
@@ -251,13 +254,13 @@ where
     let fx = fx.flatten_all()?.sum_all()?;
     let value = fx.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if !value.is_finite() {
-        fail!("gradient_terms: f", "f(x) is {value}");
+        fail!(Config, "gradient_terms: f", "f(x) is {value}");
     }
     let grads = fx.backward()?;
     let grad_or_zero = |t: &Tensor| -> Result<Tensor> {
         match grads.get(t) {
             Some(g) => Ok(g.detach()),
-            None => t.zeros_like(),
+            None => Ok(t.zeros_like()?),
         }
     };
     let grad_x = grad_or_zero(xv.as_tensor())?.squeeze(0)?;
@@ -275,7 +278,7 @@ where
     let h = hs[..l]
         .iter()
         .map(|h| h.squeeze(0))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut jacobians = jacobians(&mlp.params(), &x)?;
     jacobians.truncate(l);
     Ok(GradientTerms {
@@ -375,17 +378,20 @@ pub fn gradient_inequality<F>(
     power_iters: usize,
 ) -> Result<InequalityReport>
 where
-    F: Fn(&Tensor) -> Result<Tensor>,
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
     let terms = gradient_terms(mlp, x, f)?;
     let sq = |t: &Tensor| -> Result<f64> {
-        t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+        Ok(t.to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?)
     };
     let sigma = |t: &Tensor| -> Result<f64> {
-        power_iteration(t, None, power_iters)?
+        Ok(power_iteration(t, None, power_iters)?
             .sigma
             .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
+            .to_scalar::<f64>()?)
     };
     let grad_x_sq = sq(&terms.grad_x)?;
     let mut layers = Vec::with_capacity(terms.h.len());

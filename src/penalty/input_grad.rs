@@ -1,12 +1,12 @@
 //! The input-gradient-norm penalty by a finite-difference mixed derivative.
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::param_grad::{
     axpy, check_finite, combine, loss_and_grads, sq_norms, to_store, var_grads,
 };
 use super::{GradPenaltyConfig, PenalizedGrads};
-use crate::error::fail;
+use crate::error::{fail, Result};
 
 /// Gradients w.r.t. `vars` of `L(θ, x) + ρ‖∇_x L‖` ([`Penalty::Norm`]) or
 /// `L(θ, x) + ρ/2 ‖∇_x L‖²` ([`Penalty::HalfSquared`]).
@@ -40,12 +40,13 @@ pub fn input_grad_penalty<F>(
     cfg: &GradPenaltyConfig,
 ) -> Result<PenalizedGrads>
 where
-    F: Fn(&Tensor) -> Result<Tensor>,
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
     const WHO: &str = "input_grad_penalty";
     cfg.validate(WHO)?;
     if !x.dtype().is_float() {
         fail!(
+            Config,
             format!("{WHO}: x"),
             "expected a float input, got {:?}",
             x.dtype()

@@ -2,9 +2,9 @@
 //! product (Zhao et al. 2022).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
-use crate::error::{fail, invalid};
+use crate::error::{fail, Error, Result};
 
 /// Which gradient-norm penalty is added to the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,7 @@ impl GradPenaltyConfig {
     pub(crate) fn validate(&self, who: &str) -> Result<()> {
         if !(self.rho.is_finite() && self.rho >= 0.0) {
             fail!(
+                Config,
                 format!("{who}: GradPenaltyConfig.rho"),
                 "expected a finite ρ ≥ 0, got {}",
                 self.rho
@@ -70,6 +71,7 @@ impl GradPenaltyConfig {
         }
         match self.step {
             FdStep::Relative(d) | FdStep::Absolute(d) if !(d.is_finite() && d > 0.0) => fail!(
+                Config,
                 format!("{who}: GradPenaltyConfig.step"),
                 "expected a finite step > 0, got {d}"
             ),
@@ -157,7 +159,7 @@ pub fn param_grad_penalty<F>(
     cfg: &GradPenaltyConfig,
 ) -> Result<PenalizedGrads>
 where
-    F: Fn() -> Result<Tensor>,
+    F: Fn() -> candle_core::Result<Tensor>,
 {
     const WHO: &str = "param_grad_penalty";
     cfg.validate(WHO)?;
@@ -182,7 +184,7 @@ where
     let theta: Vec<Tensor> = vars
         .iter()
         .map(|v| v.as_tensor().detach().copy())
-        .collect::<Result<_>>()?;
+        .collect::<candle_core::Result<_>>()?;
     let theta_norm = sq_norms(&theta.iter().map(Some).collect::<Vec<_>>(), "vars", WHO)?
         .iter()
         .sum::<f64>()
@@ -239,11 +241,12 @@ where
 /// Runs the loss and its backward; checks the loss is a finite scalar.
 pub(crate) fn loss_and_grads<F>(loss_fn: &F, who: &str) -> Result<(f64, GradStore)>
 where
-    F: Fn() -> Result<Tensor>,
+    F: Fn() -> candle_core::Result<Tensor>,
 {
     let loss = loss_fn()?;
     if loss.elem_count() != 1 {
         fail!(
+            Config,
             format!("{who}: loss"),
             "expected a scalar loss, got shape {:?}",
             loss.dims()
@@ -251,7 +254,7 @@ where
     }
     let value = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
     if !value.is_finite() {
-        fail!(format!("{who}: loss"), "the loss is {value}");
+        fail!(Config, format!("{who}: loss"), "the loss is {value}");
     }
     let grads = loss.backward()?;
     Ok((value, grads))
@@ -264,8 +267,8 @@ pub(crate) fn var_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Te
         .enumerate()
         .map(|(i, v)| match grads.get(v.as_tensor()) {
             None => Ok(None),
-            Some(g) if g.shape() != v.shape() => Err(invalid(
-                &format!("vars[{i}]"),
+            Some(g) if g.shape() != v.shape() => Err(Error::shape(
+                format!("vars[{i}]"),
                 format!(
                     "gradient shape {:?} does not match the variable shape {:?}",
                     g.dims(),
@@ -284,7 +287,7 @@ pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<
         .iter()
         .flatten()
         .map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all())
-        .collect::<Result<_>>()?;
+        .collect::<candle_core::Result<_>>()?;
     let vals = if sums.is_empty() {
         vec![]
     } else {
@@ -299,8 +302,8 @@ pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<
             0.0
         };
         if !v.is_finite() {
-            return Err(invalid(
-                &format!("{who}: {what}[{i}]"),
+            return Err(Error::numerical(
+                format!("{who}: {what}[{i}]"),
                 "gradient contains NaN or Inf",
             ));
         }
@@ -317,8 +320,8 @@ pub(crate) fn check_finite(t: Option<&Tensor>, name: &str, who: &str) -> Result<
             .sum_all()?
             .to_scalar::<f64>()?;
         if !s.is_finite() {
-            return Err(invalid(
-                &format!("{who}: {name}"),
+            return Err(Error::numerical(
+                format!("{who}: {name}"),
                 "gradient contains NaN or Inf",
             ));
         }
@@ -329,7 +332,7 @@ pub(crate) fn check_finite(t: Option<&Tensor>, name: &str, who: &str) -> Result<
 /// `t + a·d` computed in f64 (f64) or f32 (otherwise), cast back to `t`'s dtype.
 pub(crate) fn axpy(t: &Tensor, d: &Tensor, a: f64) -> Result<Tensor> {
     let dt = crate::linalg::compute_dtype(t.dtype());
-    (t.to_dtype(dt)? + (d.to_dtype(dt)? * a)?)?.to_dtype(t.dtype())
+    Ok((t.to_dtype(dt)? + (d.to_dtype(dt)? * a)?)?.to_dtype(t.dtype())?)
 }
 
 fn restore(vars: &[Var], theta: &[Tensor]) -> Result<()> {
@@ -339,7 +342,7 @@ fn restore(vars: &[Var], theta: &[Tensor]) -> Result<()> {
             first_err.get_or_insert(e);
         }
     }
-    first_err.map_or(Ok(()), Err)
+    first_err.map_or(Ok(()), |e| Err(e.into()))
 }
 
 /// `g + c (plus − base)` per variable; a missing gradient counts as zero.

@@ -118,3 +118,26 @@ pub fn sym_eig(a: &DMatrix<f64>) -> (Vec<f64>, DMatrix<f64>) {
     );
     (vals, vecs)
 }
+
+/// The JSON header of a state dict (`__steepest__`).
+pub fn header(state: &std::collections::HashMap<String, Tensor>) -> serde_json::Value {
+    let bytes = state["__steepest__"].to_vec1::<u8>().unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// A state dict whose header was changed by `edit`.
+pub fn with_header(
+    state: &std::collections::HashMap<String, Tensor>,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::collections::HashMap<String, Tensor> {
+    let mut h = header(state);
+    edit(&mut h);
+    let text = serde_json::to_vec(&h).unwrap();
+    let n = text.len();
+    let mut out = state.clone();
+    out.insert(
+        "__steepest__".into(),
+        Tensor::from_vec(text, n, &Device::Cpu).unwrap(),
+    );
+    out
+}

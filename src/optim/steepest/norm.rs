@@ -5,13 +5,14 @@
 //! `ρ(w) = r` the maximum is taken over the tangent space only. The vector
 //! norms treat a parameter of any shape as one flat vector.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::error::fail;
+use crate::error::{fail, Result};
 use crate::linalg::{msign, NewtonSchulz};
 
 /// The norm `ρ` whose unit ball bounds a step.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Norm {
     /// `ρ = ‖·‖₂`: `φ = g/‖g‖₂` (normalized SGD).
     Euclidean,
@@ -38,37 +39,22 @@ impl Norm {
     }
 
     /// Errors (naming `who`) unless `p` is finite and `> 1`.
-    pub(crate) fn validate(&self, who: &str) -> Result<()> {
+    /// Errors (naming `who`) unless an `Lp` exponent is finite and `> 1`,
+    /// or a spectral norm's Newton–Schulz schedule is invalid.
+    pub fn validate(&self, who: &str) -> Result<()> {
+        if let Self::Spectral(ns) = self {
+            ns.validate(who)?;
+        }
         if let Self::Lp(p) = *self {
             if !(p.is_finite() && p > 1.0) {
                 fail!(
+                    Config,
                     who,
                     "Lp needs a finite p > 1 (use Norm::Sign for p = ∞), got {p}"
                 );
             }
         }
         Ok(())
-    }
-
-    /// `[kind, p]` for checkpoints (the Newton–Schulz table is saved apart).
-    pub(crate) fn encode(&self) -> [f64; 2] {
-        match self {
-            Self::Euclidean => [0.0, 2.0],
-            Self::Lp(p) => [1.0, *p],
-            Self::Sign => [2.0, 0.0],
-            Self::Spectral(_) => [3.0, 0.0],
-        }
-    }
-
-    /// Inverse of [`Norm::encode`]; `ns` is used for `Spectral`.
-    pub(crate) fn decode(code: &[f64], ns: Option<NewtonSchulz>) -> Result<Self> {
-        Ok(match (code.first().map(|k| *k as u32), code.get(1), ns) {
-            (Some(0), _, _) => Self::Euclidean,
-            (Some(1), Some(&p), _) => Self::Lp(p),
-            (Some(2), _, _) => Self::Sign,
-            (Some(3), _, Some(ns)) => Self::Spectral(ns),
-            _ => fail!("checkpoint: norm", "bad code {code:?}"),
-        })
     }
 
     /// The vector norm `‖x‖_p` of a whole tensor, as a host `f64`.
@@ -80,7 +66,7 @@ impl Norm {
 
 /// A tensor's values as an f64 vector on the host.
 fn to_host(x: &Tensor) -> Result<Vec<f64>> {
-    x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+    Ok(x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
 /// `‖x‖_p` in f64 (`p = ∞`: max |xᵢ|), scaled by the largest entry first so
@@ -116,22 +102,21 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
             let m = g.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?;
             let m = m.to_scalar::<f64>()?;
             if m == 0.0 {
-                return g.zeros_like();
+                return Ok(g.zeros_like()?);
             }
             let x = ((g / m)?.abs()?.powf(e)? * g.sign()?)?;
             let n = Norm::Lp(*p).vector_norm(&x)?;
-            x / n
+            Ok((x / n)?)
         }
-        Norm::Sign => g.sign(),
+        Norm::Sign => Ok(g.sign()?),
         Norm::Spectral(ns) => {
-            let Some((r, c)) = super::super::params::matrix_view(g.dims()) else {
-                fail!(
-                    "dualize",
+            let Some((r, c)) = crate::params::matrix_view(g.dims()) else {
+                fail!(Config, "dualize",
                     "the spectral norm needs a matrix, got shape {:?} (use Norm::Euclidean for vectors)",
                     g.dims()
                 );
             };
-            msign(&g.reshape((r, c))?, ns)?.reshape(g.shape())
+            Ok(msign(&g.reshape((r, c))?, ns)?.reshape(g.shape())?)
         }
     }
 }
@@ -140,7 +125,7 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
 fn normalize_l2(g: &Tensor) -> Result<Tensor> {
     let n = g.sqr()?.sum_all()?.sqrt()?;
     let tiny = tiny(g.dtype());
-    g.broadcast_div(&n.maximum(tiny)?)
+    Ok(g.broadcast_div(&n.maximum(tiny)?)?)
 }
 
 fn tiny(dtype: DType) -> f64 {
@@ -166,6 +151,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
     norm.validate("sphere_direction: norm")?;
     if g.shape() != w.shape() {
         fail!(
+            Config,
             "sphere_direction",
             "g has shape {:?}, w has shape {:?}",
             g.dims(),
@@ -173,8 +159,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
         );
     }
     match norm {
-        Norm::Spectral(_) => fail!(
-            "sphere_direction",
+        Norm::Spectral(_) => fail!(Config, "sphere_direction",
             "the vector sphere needs a vector norm; use Manifold::SpectralSphere for the spectral norm"
         ),
         Norm::Euclidean => euclidean_tangent(g, w),
@@ -187,13 +172,13 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
                 .ne(k)?
                 .to_dtype(g.dtype())?
                 .reshape(g.shape())?;
-            g.sign()? * keep
+            Ok((g.sign()? * keep)?)
         }
         Norm::Lp(p) => {
             let (gv, wv) = (to_host(g)?, to_host(w)?);
             let wn = p_norm(&wv, *p);
             if wn == 0.0 {
-                fail!("sphere_direction", "w = 0 is not on a sphere");
+                fail!(Config, "sphere_direction", "w = 0 is not on a sphere");
             }
             let a: Vec<f64> = wv.iter().map(|x| signed_pow(x / wn, p - 1.0)).collect();
             let lambda = lp_sphere_multiplier(&gv, &a, *p)?;
@@ -205,9 +190,9 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
                 .collect();
             let n = p_norm(&phi, *p);
             let phi: Vec<f64> = phi.iter().map(|x| if n > 0.0 { x / n } else { 0.0 }).collect();
-            Tensor::from_vec(phi, g.shape(), &Device::Cpu)?
+            Ok(Tensor::from_vec(phi, g.shape(), &Device::Cpu)?
                 .to_dtype(g.dtype())?
-                .to_device(g.device())
+                .to_device(g.device())?)
         }
     }
 }
@@ -229,10 +214,15 @@ fn euclidean_tangent(g: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Errors when `a = 0`.
 pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
     if !(p.is_finite() && p > 1.0) {
-        fail!("lp_sphere_multiplier: p", "needs a finite p > 1, got {p}");
+        fail!(
+            Config,
+            "lp_sphere_multiplier: p",
+            "needs a finite p > 1, got {p}"
+        );
     }
     if g.len() != a.len() {
         fail!(
+            Config,
             "lp_sphere_multiplier",
             "g has {} entries, a has {}",
             g.len(),
@@ -244,6 +234,7 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
     let sa = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     if sa == 0.0 || !sa.is_finite() || !sg.is_finite() {
         fail!(
+            Config,
             "lp_sphere_multiplier: a",
             "the normal vector is zero or not finite (w = 0?)"
         );
@@ -270,7 +261,7 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
         lo = guess - width;
         tries += 1;
         if tries > 200 {
-            fail!("lp_sphere_multiplier", "could not bracket the root");
+            fail!(Config, "lp_sphere_multiplier", "could not bracket the root");
         }
     }
     while h(hi) < 0.0 {
@@ -278,7 +269,7 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
         hi = guess + width;
         tries += 1;
         if tries > 400 {
-            fail!("lp_sphere_multiplier", "could not bracket the root");
+            fail!(Config, "lp_sphere_multiplier", "could not bracket the root");
         }
     }
     for _ in 0..300 {
@@ -301,13 +292,14 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
 pub fn sphere_retract(w: &Tensor, radius: f64, norm: &Norm) -> Result<Tensor> {
     let Some(p) = norm.p() else {
         fail!(
+            Config,
             "sphere_retract",
             "the vector sphere needs a vector norm, got the spectral norm"
         );
     };
     let n = p_norm(&to_host(w)?, p);
     if n == 0.0 || !n.is_finite() {
-        fail!("sphere_retract", "cannot retract w with norm {n}");
+        fail!(Config, "sphere_retract", "cannot retract w with norm {n}");
     }
-    w * (radius / n)
+    Ok((w * (radius / n))?)
 }

@@ -1,0 +1,316 @@
+//! Saving and loading optimizer state.
+//!
+//! A state dict maps names to tensors:
+//! - `__steepest__`: a `u8` tensor holding one JSON header — format name and
+//!   version, the kind of object that wrote it (`adamw`, `muon`, …), the
+//!   parameter names, and the hyperparameters and structure (partitions,
+//!   transforms) as written by the owner;
+//! - `<param>.<transform>.<field>` for each piece of per-parameter state
+//!   (e.g. `fc1.weight.adam.exp_avg`); step counters are `i64` scalars.
+//!
+//! In a file ([`save`], [`OptimizerState::save_state`]) the header travels in
+//! the safetensors metadata (`steepest`), beside a CRC-32 of every tensor's
+//! bytes (`steepest.crc32`), so a truncated or corrupted file is refused; the
+//! file is written to a temporary name and renamed, so a crash mid-write
+//! leaves the old file. Files from before format 2 (`__steepest__.kind`
+//! entries) and files from elsewhere are refused with a clear error.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{fail, Error, Result};
+
+/// The key of the header in a state dict.
+pub const HEADER_KEY: &str = "__steepest__";
+/// The format name in the header.
+pub const FORMAT: &str = "steepest-state";
+/// The current format version (1 was the `__steepest__.kind` layout).
+pub const VERSION: u32 = 2;
+const META_HEADER: &str = "steepest";
+const META_CRC: &str = "steepest.crc32";
+
+/// An object whose state (moments, step counters, `v₁` vectors, dual
+/// variables, hyperparameters) can be saved and restored.
+///
+/// Loading validates the whole checkpoint first (format, kind, parameter
+/// names, structure, each tensor's shape and dtype) and changes nothing if
+/// anything is off. Hyperparameters are restored from the checkpoint; call
+/// `set_learning_rate` afterwards to override the learning rate.
+pub trait OptimizerState {
+    /// The state as named tensors (copies, on the CPU).
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>>;
+
+    /// Restores the state from [`OptimizerState::state_dict`]'s output.
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+
+    /// Writes [`OptimizerState::state_dict`] to a safetensors file, with
+    /// checksums (see [`save`]).
+    fn save_state<P: AsRef<Path>>(&self, path: P) -> Result<()> {
+        save(&self.state_dict()?, path)
+    }
+
+    /// Reads a file written by [`OptimizerState::save_state`] (verifying
+    /// its checksums) and loads it.
+    fn load_state<P: AsRef<Path>>(&mut self, path: P) -> Result<()> {
+        let state = load(path)?;
+        self.load_state_dict(&state)
+    }
+}
+
+/// The header of a state dict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Header {
+    pub format: String,
+    pub version: u32,
+    pub kind: String,
+    pub params: Vec<String>,
+    pub body: serde_json::Value,
+}
+
+impl Header {
+    pub fn new(kind: &str, params: Vec<String>, body: serde_json::Value) -> Self {
+        Self {
+            format: FORMAT.into(),
+            version: VERSION,
+            kind: kind.into(),
+            params,
+            body,
+        }
+    }
+
+    /// The header as the `u8` tensor stored under [`HEADER_KEY`].
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let text = serde_json::to_string(self)
+            .map_err(|e| Error::checkpoint(HEADER_KEY, format!("cannot encode: {e}")))?;
+        let n = text.len();
+        Ok(Tensor::from_vec(text.into_bytes(), n, &Device::Cpu)?)
+    }
+
+    /// Reads and checks the header of `state`: the format, the version and
+    /// that `kind` wrote it.
+    pub fn read(state: &HashMap<String, Tensor>, kind: &str) -> Result<Self> {
+        let Some(t) = state.get(HEADER_KEY) else {
+            if state.keys().any(|k| k.starts_with("__steepest__.")) {
+                fail!(
+                    Checkpoint,
+                    "checkpoint",
+                    "written by steepest 0.1 (format 1, `__steepest__.kind` entries); this \
+                     version reads format {VERSION}: the old state cannot be resumed"
+                );
+            }
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "no `{HEADER_KEY}` header: not a steepest optimizer checkpoint"
+            );
+        };
+        if t.dtype() != DType::U8 || t.rank() != 1 {
+            fail!(Checkpoint, HEADER_KEY, "must be a u8 byte string");
+        }
+        let bytes = t.to_vec1::<u8>()?;
+        let h: Header = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not a valid header: {e}")))?;
+        if h.format != FORMAT {
+            fail!(
+                Checkpoint,
+                HEADER_KEY,
+                "format `{}` is not `{FORMAT}`",
+                h.format
+            );
+        }
+        if h.version != VERSION {
+            fail!(
+                Checkpoint,
+                HEADER_KEY,
+                "format version {} (this version of steepest reads version {VERSION})",
+                h.version
+            );
+        }
+        if h.kind != kind {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "written by a `{}` optimizer, cannot load into `{kind}`",
+                h.kind
+            );
+        }
+        Ok(h)
+    }
+
+    /// Errors unless the header lists exactly `names`.
+    pub fn check_params<'a>(&self, names: impl Iterator<Item = &'a str>) -> Result<()> {
+        let theirs: BTreeSet<&str> = self.params.iter().map(|s| s.as_str()).collect();
+        let ours: BTreeSet<&str> = names.collect();
+        if theirs != ours {
+            let missing: Vec<_> = ours.difference(&theirs).collect();
+            let extra: Vec<_> = theirs.difference(&ours).collect();
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "parameter names do not match this optimizer's: missing from checkpoint \
+                 {missing:?}, not in this optimizer {extra:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A field of the body, decoded.
+    pub fn field<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let v = self
+            .body
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(HEADER_KEY, format!("missing `{name}`")))?;
+        serde_json::from_value(v.clone())
+            .map_err(|e| Error::checkpoint(format!("{HEADER_KEY}: {name}"), e.to_string()))
+    }
+}
+
+/// Splits `key` into `(parameter index, rest)` where `names[index]` is the
+/// parameter and `key = "<name>.<rest>"`; the longest matching name wins
+/// (names may contain dots). `None` when no name matches.
+pub(crate) fn split_key<'k>(key: &'k str, names: &[&str]) -> Option<(usize, &'k str)> {
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((i, key.strip_prefix(n)?.strip_prefix('.')?, n.len())))
+        .max_by_key(|&(_, _, len)| len)
+        .map(|(i, rest, _)| (i, rest))
+}
+
+/// A detached copy of `t` on the CPU (state dicts never share storage with
+/// live state, which later steps overwrite in place).
+pub(crate) fn host_copy(t: &Tensor) -> Result<Tensor> {
+    let t = t.detach();
+    Ok(if t.device().is_cpu() {
+        t.copy()?
+    } else {
+        t.to_device(&Device::Cpu)?
+    })
+}
+
+/// A scalar step counter as a checkpoint tensor.
+pub(crate) fn count_tensor(n: u64) -> Result<Tensor> {
+    Ok(Tensor::new(n as i64, &Device::Cpu)?)
+}
+
+/// Reads a step counter written by [`count_tensor`].
+pub(crate) fn read_count(key: &str, t: &Tensor) -> Result<u64> {
+    if t.dtype() != DType::I64 || t.rank() != 0 {
+        fail!(
+            Checkpoint,
+            key,
+            "must be an i64 scalar (a step counter), got shape {:?} dtype {:?}",
+            t.dims(),
+            t.dtype()
+        );
+    }
+    match t.to_scalar::<i64>()? {
+        n if n >= 0 => Ok(n as u64),
+        n => fail!(Checkpoint, key, "a step counter must be ≥ 0, got {n}"),
+    }
+}
+
+/// Writes a state dict to a safetensors file: the header in the metadata,
+/// a CRC-32 of each tensor's bytes beside it. Written to `<path>.tmp`, then
+/// renamed over `path`.
+pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<()> {
+    let path = path.as_ref();
+    let mut meta = HashMap::new();
+    let mut tensors: BTreeMap<&str, Tensor> = BTreeMap::new();
+    for (k, t) in state {
+        if k == HEADER_KEY {
+            let bytes = t.to_vec1::<u8>()?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| Error::checkpoint(HEADER_KEY, "is not UTF-8"))?;
+            meta.insert(META_HEADER.to_string(), text);
+        } else {
+            tensors.insert(k, t.to_device(&Device::Cpu)?);
+        }
+    }
+    let mut crcs = BTreeMap::new();
+    for (k, t) in &tensors {
+        crcs.insert(k.to_string(), format!("{:08x}", crc32(t)?));
+    }
+    meta.insert(
+        META_CRC.to_string(),
+        serde_json::to_string(&crcs).expect("a string map encodes"),
+    );
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (*k, t)), Some(meta), &tmp)
+        .map_err(|e| Error::checkpoint(path.display().to_string(), format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::checkpoint(path.display().to_string(), format!("cannot write: {e}")))?;
+    Ok(())
+}
+
+/// The CRC-32 of a CPU tensor's little-endian bytes.
+fn crc32(t: &Tensor) -> Result<u32> {
+    use safetensors::View;
+    Ok(crc32fast::hash(&t.data()))
+}
+
+/// Reads a file written by [`save`], verifying every tensor's checksum.
+/// Errors (naming the file and the key) on a truncated file, a checksum
+/// mismatch, a missing or extra checksum, or a file from elsewhere.
+pub fn load<P: AsRef<Path>>(path: P) -> Result<HashMap<String, Tensor>> {
+    let path = path.as_ref();
+    let who = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::checkpoint(&who, format!("cannot read: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::checkpoint(
+            &who,
+            format!("not a readable safetensors file (truncated?): {e}"),
+        )
+    })?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::checkpoint(&who, format!("unreadable metadata: {e}")))?;
+    let meta = metadata.metadata().clone().unwrap_or_default();
+    let Some(header) = meta.get(META_HEADER) else {
+        if st.names().iter().any(|n| n.starts_with("__steepest__.")) {
+            fail!(
+                Checkpoint,
+                who,
+                "written by steepest 0.1 (format 1, no checksums); this version reads format \
+                 {VERSION}: the old state cannot be resumed"
+            );
+        }
+        fail!(
+            Checkpoint,
+            who,
+            "no steepest header in the metadata: not a steepest checkpoint"
+        );
+    };
+    let crcs: BTreeMap<String, String> = meta
+        .get(META_CRC)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| Error::checkpoint(&who, "no checksums in the metadata"))?;
+    let mut seen = BTreeSet::new();
+    for (name, view) in st.iter() {
+        let Some(want) = crcs.get(name) else {
+            fail!(Checkpoint, name, "in {who} without a checksum");
+        };
+        let got = format!("{:08x}", crc32fast::hash(view.data()));
+        if &got != want {
+            fail!(
+                Checkpoint,
+                name,
+                "checksum mismatch in {who} (stored {want}, bytes give {got}): the file is corrupted"
+            );
+        }
+        seen.insert(name.to_string());
+    }
+    if let Some(missing) = crcs.keys().find(|k| !seen.contains(*k)) {
+        fail!(Checkpoint, missing, "listed in {who} but missing from it");
+    }
+    let mut state = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let n = header.len();
+    state.insert(
+        HEADER_KEY.to_string(),
+        Tensor::from_vec(header.as_bytes().to_vec(), n, &Device::Cpu)?,
+    );
+    Ok(state)
+}

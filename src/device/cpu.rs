@@ -1,0 +1,371 @@
+//! The CPU implementation of the seam's hot operations: each optimizer
+//! family's update as one in-place pass over memory, on slices.
+//!
+//! These are the reference the CUDA kernels (`kernels/*.cu`) are tested
+//! against: same formulas, same order of operations, f32 arithmetic for
+//! f32/bf16/f16 parameters (f64 for f64), state in the arithmetic type.
+//! Large tensors are split into spans processed by rayon's thread pool.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The arithmetic type of an update (`f32`, or `f64` for f64 parameters).
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + 'static
+{
+    /// From an f64 hyperparameter.
+    fn of(x: f64) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Zero.
+    fn zero() -> Self;
+    /// Whether finite (not NaN, not ±Inf).
+    fn finite(self) -> bool;
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn zero() -> Self {
+        0.0
+    }
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn zero() -> Self {
+        0.0
+    }
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+/// A parameter element type and its arithmetic type.
+pub trait Elem: Copy + Send + Sync + 'static {
+    /// The arithmetic (and state) type.
+    type A: Real;
+    /// Widen to the arithmetic type.
+    fn get(self) -> Self::A;
+    /// Round from the arithmetic type.
+    fn put(a: Self::A) -> Self;
+}
+
+impl Elem for f32 {
+    type A = f32;
+    fn get(self) -> f32 {
+        self
+    }
+    fn put(a: f32) -> Self {
+        a
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    fn get(self) -> f64 {
+        self
+    }
+    fn put(a: f64) -> Self {
+        a
+    }
+}
+
+impl Elem for bf16 {
+    type A = f32;
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    fn put(a: f32) -> Self {
+        bf16::from_f32(a)
+    }
+}
+
+impl Elem for f16 {
+    type A = f32;
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    fn put(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+/// Decay folded into an update of one parameter: `w ← scale·w − c·a bᵀ`,
+/// elementwise `w[r, c] ← scale·w[r, c] − (coeff·a[r])·b[c]` over the matrix
+/// view `(rows, cols)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Decay<'a, A> {
+    /// The factor on `w` (`1 − ηλ` for decoupled decay, 1 for none).
+    pub scale: A,
+    /// The rank-1 term `(coeff, a (rows), b (cols))`, for spectral decay.
+    pub rank1: Option<(A, &'a [A], &'a [A])>,
+}
+
+impl<A: Real> Decay<'_, A> {
+    /// No decay.
+    pub fn none() -> Self {
+        Self {
+            scale: A::of(1.0),
+            rank1: None,
+        }
+    }
+}
+
+/// Elements per span when a tensor is split across threads.
+const SPAN: usize = 1 << 15;
+/// Below this many elements in a whole call, run on the calling thread.
+const PARALLEL_MIN: usize = 1 << 17;
+
+/// Runs `f(member, start, end)` over `[0, len)` of each member, in spans
+/// aligned to `align` elements (a row, so a span sees whole rows of the
+/// rank-1 term), in parallel when the call is large.
+pub(crate) fn for_spans<F>(lens: &[(usize, usize)], f: F)
+where
+    F: Fn(usize, usize, usize) + Send + Sync,
+{
+    let total: usize = lens.iter().map(|l| l.0).sum();
+    if total < PARALLEL_MIN {
+        for (i, &(len, _)) in lens.iter().enumerate() {
+            f(i, 0, len);
+        }
+        return;
+    }
+    let mut spans = Vec::new();
+    for (i, &(len, align)) in lens.iter().enumerate() {
+        let step = SPAN.div_ceil(align.max(1)) * align.max(1);
+        let mut s = 0;
+        while s < len {
+            spans.push((i, s, (s + step).min(len)));
+            s += step;
+        }
+    }
+    spans.par_iter().for_each(|&(i, s, e)| f(i, s, e));
+}
+
+/// A raw pointer that may cross threads: each span touches a disjoint range.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr<T>(pub *mut T);
+// SAFETY: used only to hand disjoint sub-ranges of one slice to rayon tasks.
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    pub(crate) fn of(s: &mut [T]) -> Self {
+        Self(s.as_mut_ptr())
+    }
+    /// # Safety
+    /// `[start, end)` must lie in the slice and be touched by no other task.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn span(&self, start: usize, end: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), end - start)
+    }
+}
+
+/// Calls `f(row_scale_term, b_segment, start, end)` for each row segment of
+/// `[start, end)` under the rank-1 term, or once without it.
+#[inline(always)]
+fn by_rows<A: Real>(
+    decay: &Decay<'_, A>,
+    start: usize,
+    end: usize,
+    mut f: impl FnMut(Option<(A, &[A])>, usize, usize),
+) {
+    match decay.rank1 {
+        None => f(None, start, end),
+        Some((coeff, a, b)) => {
+            let cols = b.len();
+            let mut s = start;
+            while s < end {
+                let r = s / cols;
+                let c0 = s - r * cols;
+                let e = (s + cols - c0).min(end);
+                f(Some((coeff * a[r], &b[c0..c0 + (e - s)])), s, e);
+                s = e;
+            }
+        }
+    }
+}
+
+/// `scale·w − t·b[j]` (the decayed weight) for one element.
+#[inline(always)]
+fn decayed<A: Real>(w: A, scale: A, r1: Option<(A, &[A])>, j: usize) -> A {
+    match r1 {
+        None => scale * w,
+        Some((t, b)) => scale * w - t * b[j],
+    }
+}
+
+/// AdamW hyperparameters of one step, per parameter (`lr_bc1 = η/(1 − β₁ᵗ)`,
+/// `bc2_sqrt = √(1 − β₂ᵗ)`) and shared.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    /// `η / (1 − β₁ᵗ)`.
+    pub lr_bc1: f64,
+    /// `√(1 − β₂ᵗ)`.
+    pub bc2_sqrt: f64,
+}
+
+/// One AdamW update in place (`torch.optim.AdamW` order of operations):
+/// `m ← m + (g − m)(1 − β₁)`, `v ← v·β₂ + g²(1 − β₂)`,
+/// `w ← decayed(w) − (m / (√v/bc2_sqrt + eps))·lr_bc1`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw<P: Elem>(
+    w: &mut [P],
+    g: &[P],
+    m: &mut [P::A],
+    v: &mut [P::A],
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: AdamStep,
+    decay: Decay<'_, P::A>,
+) {
+    let (wp, mp, vp) = (Ptr::of(w), Ptr::of(m), Ptr::of(v));
+    let align = decay.rank1.map_or(1, |r| r.2.len());
+    let (b1, b2, e) = (P::A::of(1.0 - beta1), P::A::of(beta2), P::A::of(eps));
+    let b2c = P::A::of(1.0 - beta2);
+    let (lr, bc2) = (P::A::of(step.lr_bc1), P::A::of(step.bc2_sqrt));
+    for_spans(&[(g.len(), align)], |_, s, end| {
+        by_rows(&decay, s, end, |r1, s, end| {
+            // SAFETY: spans are disjoint ranges of the slices.
+            let (w, m, v) = unsafe { (wp.span(s, end), mp.span(s, end), vp.span(s, end)) };
+            let g = &g[s..end];
+            for j in 0..g.len() {
+                let gj = g[j].get();
+                let mj = m[j] + (gj - m[j]) * b1;
+                let vj = v[j] * b2 + gj * gj * b2c;
+                let denom = vj.sqrt() / bc2 + e;
+                let wd = decayed(w[j].get(), decay.scale, r1, j);
+                w[j] = P::put(wd - (mj / denom) * lr);
+                m[j] = mj;
+                v[j] = vj;
+            }
+        });
+    });
+}
+
+/// One SGD update in place (`torch.optim.SGD`, dampening 0): with a buffer,
+/// `buf ← buf·μ + g` and `d = g + buf·μ` (Nesterov) or `d = buf`; without,
+/// `d = g`; then `w ← decayed(w) − d·lr`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd<P: Elem>(
+    w: &mut [P],
+    g: &[P],
+    buf: Option<&mut [P::A]>,
+    momentum: f64,
+    nesterov: bool,
+    lr: f64,
+    decay: Decay<'_, P::A>,
+) {
+    let wp = Ptr::of(w);
+    let align = decay.rank1.map_or(1, |r| r.2.len());
+    let (mu, lr) = (P::A::of(momentum), P::A::of(lr));
+    let bp = buf.map(Ptr::of);
+    for_spans(&[(g.len(), align)], |_, s, end| {
+        by_rows(&decay, s, end, |r1, s, end| {
+            // SAFETY: spans are disjoint ranges of the slices.
+            let w = unsafe { wp.span(s, end) };
+            let g = &g[s..end];
+            match bp {
+                None => {
+                    for j in 0..g.len() {
+                        let wd = decayed(w[j].get(), decay.scale, r1, j);
+                        w[j] = P::put(wd - g[j].get() * lr);
+                    }
+                }
+                Some(bp) => {
+                    let b = unsafe { bp.span(s, end) };
+                    for j in 0..g.len() {
+                        let gj = g[j].get();
+                        let bj = b[j] * mu + gj;
+                        let d = if nesterov { gj + bj * mu } else { bj };
+                        let wd = decayed(w[j].get(), decay.scale, r1, j);
+                        w[j] = P::put(wd - d * lr);
+                        b[j] = bj;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// Muon's momentum in place, writing the direction: `buf ← buf + (g − buf)(1 − μ)`,
+/// `out = g + (buf − g)·μ` (Nesterov) or `out = buf`.
+pub fn ema_momentum<P: Elem>(
+    g: &[P],
+    buf: &mut [P::A],
+    out: &mut [P::A],
+    momentum: f64,
+    nesterov: bool,
+) {
+    let (bp, op) = (Ptr::of(buf), Ptr::of(out));
+    let (mu, one_mu) = (P::A::of(momentum), P::A::of(1.0 - momentum));
+    for_spans(&[(g.len(), 1)], |_, s, end| {
+        // SAFETY: spans are disjoint ranges of the slices.
+        let (b, o) = unsafe { (bp.span(s, end), op.span(s, end)) };
+        let g = &g[s..end];
+        for j in 0..g.len() {
+            let gj = g[j].get();
+            let bj = b[j] + (gj - b[j]) * one_mu;
+            b[j] = bj;
+            o[j] = if nesterov { gj + (bj - gj) * mu } else { bj };
+        }
+    });
+}
+
+/// Applies a direction in place: `w ← decayed(w) − d·alpha`.
+pub fn apply<P: Elem>(w: &mut [P], d: &[P::A], alpha: f64, decay: Decay<'_, P::A>) {
+    let wp = Ptr::of(w);
+    let align = decay.rank1.map_or(1, |r| r.2.len());
+    let alpha = P::A::of(alpha);
+    for_spans(&[(d.len(), align)], |_, s, end| {
+        by_rows(&decay, s, end, |r1, s, end| {
+            // SAFETY: spans are disjoint ranges of the slices.
+            let w = unsafe { wp.span(s, end) };
+            let d = &d[s..end];
+            for j in 0..d.len() {
+                let wd = decayed(w[j].get(), decay.scale, r1, j);
+                w[j] = P::put(wd - d[j] * alpha);
+            }
+        });
+    });
+}
+
+/// Whether every element is finite (no NaN, no ±Inf).
+pub fn all_finite<P: Elem>(x: &[P]) -> bool {
+    // `v − v` is 0 for finite v and NaN otherwise; comparing the running sum
+    // to itself keeps the loop branch-free (and vectorisable).
+    let check = |xs: &[P]| {
+        let mut acc = P::A::zero();
+        for &v in xs {
+            let v = v.get();
+            acc = acc + (v - v);
+        }
+        acc.finite()
+    };
+    if x.len() < PARALLEL_MIN {
+        return check(x);
+    }
+    x.par_chunks(SPAN).all(check)
+}

@@ -1,0 +1,497 @@
+//! The device seam: every hot operation of a step goes through here, and is
+//! dispatched to the CPU implementation ([`cpu`], in place, one pass over
+//! memory), a CUDA kernel (feature `cuda`, `kernels/*.cu`), or candle's generic
+//! ops (any other device, e.g. Metal; new values are computed and then written
+//! into the existing storage with `Var::set`).
+//!
+//! The operations:
+//! - the fused multi-tensor updates, in place on parameters and state:
+//!   [`adamw_step`], [`sgd_step`], [`ema_momentum`] (Muon's momentum, writing
+//!   the direction) and [`apply_step`] (`w ← decayed(w) − α·d`); decoupled and
+//!   rank-1 spectral decay are folded into them ([`DecayTerm`]);
+//! - [`first_nonfinite`], the finite check of a whole step's gradients (one
+//!   host sync);
+//! - [`msign`] and [`power_iteration`] on a batch of same-shape matrices;
+//! - [`sum_squares`], squared norms of many tensors (one host sync).
+//!
+//! Every function here assumes its arguments were validated by the caller
+//! (shapes, dtypes, one device); it errors only on what cannot be checked
+//! earlier (a kernel that fails to launch).
+
+pub mod access;
+pub mod cpu;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{fail, Result};
+use crate::linalg::{NewtonSchulz, TopSingular};
+use access::{slice, slice_mut, with_cpu_data, Data, DataMut, Typed};
+pub use cpu::AdamStep;
+
+/// Decay folded into an update: `w ← scale·w − coeff·a bᵀ` on the matrix view.
+#[derive(Clone, Copy, Debug)]
+pub struct DecayTerm<'a> {
+    /// The factor on `w`: `1 − ηλ` (decoupled), 1 (none or spectral).
+    pub scale: f64,
+    /// The spectral decay's rank-1 term.
+    pub rank1: Option<Rank1<'a>>,
+}
+
+/// The rank-1 term `coeff·a bᵀ` of spectral decay: `a` has the matrix view's
+/// rows, `b` its columns, both in the arithmetic dtype (f32, f64 for f64).
+#[derive(Clone, Copy, Debug)]
+pub struct Rank1<'a> {
+    /// The coefficient (`ηλ`).
+    pub coeff: f64,
+    /// Column factor, `(rows,)`.
+    pub a: &'a Tensor,
+    /// Row factor, `(cols,)`.
+    pub b: &'a Tensor,
+}
+
+impl DecayTerm<'_> {
+    /// No decay.
+    pub const NONE: DecayTerm<'static> = DecayTerm {
+        scale: 1.0,
+        rank1: None,
+    };
+}
+
+/// One parameter of a fused AdamW update.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamItem<'a> {
+    /// The parameter, updated in place.
+    pub w: &'a Var,
+    /// Its gradient (the parameter's dtype and shape).
+    pub g: &'a Tensor,
+    /// First moment (arithmetic dtype), updated in place.
+    pub m: &'a Var,
+    /// Second moment, updated in place.
+    pub v: &'a Var,
+    /// This parameter's step factors.
+    pub step: AdamStep,
+    /// Decay folded into the update.
+    pub decay: DecayTerm<'a>,
+}
+
+/// One parameter of a fused SGD update.
+#[derive(Clone, Copy, Debug)]
+pub struct SgdItem<'a> {
+    /// The parameter, updated in place.
+    pub w: &'a Var,
+    /// Its gradient.
+    pub g: &'a Tensor,
+    /// Momentum buffer (arithmetic dtype), `None` without momentum.
+    pub buf: Option<&'a Var>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay folded into the update.
+    pub decay: DecayTerm<'a>,
+}
+
+/// The arithmetic dtype of a parameter dtype: f64 stays f64, the rest use f32.
+pub fn math_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+fn all_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu())
+}
+
+/// A CPU kernel generic over the parameter element type `P` (arithmetic type `P::A`).
+trait ParamKernel {
+    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
+    where
+        P::A: Typed;
+}
+
+/// Runs `k` with the parameter data `w` at its element type.
+fn on_param<K: ParamKernel>(w: &mut DataMut<'_>, k: &mut K) -> Result<()> {
+    match w {
+        DataMut::F32(s) => k.run::<f32>(s),
+        DataMut::F64(s) => k.run::<f64>(s),
+        DataMut::BF16(s) => k.run::<half::bf16>(s),
+        DataMut::F16(s) => k.run::<half::f16>(s),
+    }
+}
+
+/// The decay of one item as CPU slices, reading `a`, `b` from `ins[at..]`.
+fn cpu_decay<'a, A: cpu::Real + Typed>(
+    d: &DecayTerm<'_>,
+    ins: &[Data<'a>],
+    at: usize,
+) -> Result<cpu::Decay<'a, A>> {
+    let rank1 = match d.rank1 {
+        None => None,
+        Some(r) => Some((
+            A::of(r.coeff),
+            slice::<A>(&ins[at], "spectral decay: a")?,
+            slice::<A>(&ins[at + 1], "spectral decay: b")?,
+        )),
+    };
+    Ok(cpu::Decay {
+        scale: A::of(d.scale),
+        rank1,
+    })
+}
+
+fn decay_inputs<'a>(d: &DecayTerm<'a>, ins: &mut Vec<&'a Tensor>) {
+    if let Some(r) = d.rank1 {
+        ins.push(r.a);
+        ins.push(r.b);
+    }
+}
+
+/// `scale·w − coeff·a bᵀ` with candle ops (the generic path), in `w`'s shape.
+fn generic_decayed(w: &Tensor, d: &DecayTerm<'_>) -> Result<Tensor> {
+    let mut out = (w * d.scale)?;
+    if let Some(r) = d.rank1 {
+        let outer = r.a.unsqueeze(1)?.matmul(&r.b.unsqueeze(0)?)?;
+        out = (out - (outer.reshape(w.shape())? * r.coeff)?)?;
+    }
+    Ok(out)
+}
+
+/// AdamW on every item, in place (see [`cpu::adamw`] for the formulas).
+pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    for it in items {
+        if all_cpu(&[it.w.as_tensor(), it.g, it.m.as_tensor()]) {
+            let mut ins = vec![it.g];
+            decay_inputs(&it.decay, &mut ins);
+            let outs = [it.w.as_tensor(), it.m.as_tensor(), it.v.as_tensor()];
+            with_cpu_data(&ins, &outs, |ins, outs| {
+                let [w, m, v] = outs else { unreachable!() };
+                struct K<'x, 'a, 'b> {
+                    ins: &'x [Data<'a>],
+                    m: &'x mut DataMut<'b>,
+                    v: &'x mut DataMut<'b>,
+                    it: &'x AdamItem<'x>,
+                    hp: (f64, f64, f64),
+                }
+                impl ParamKernel for K<'_, '_, '_> {
+                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
+                    where
+                        P::A: Typed,
+                    {
+                        let g = slice::<P>(&self.ins[0], "gradient")?;
+                        let decay = cpu_decay::<P::A>(&self.it.decay, self.ins, 1)?;
+                        let m = slice_mut::<P::A>(self.m, "exp_avg")?;
+                        let v = slice_mut::<P::A>(self.v, "exp_avg_sq")?;
+                        let (b1, b2, eps) = self.hp;
+                        cpu::adamw::<P>(w, g, m, v, b1, b2, eps, self.it.step, decay);
+                        Ok(())
+                    }
+                }
+                on_param(
+                    w,
+                    &mut K {
+                        ins,
+                        m,
+                        v,
+                        it,
+                        hp: (beta1, beta2, eps),
+                    },
+                )
+            })?;
+            continue;
+        }
+        let dt = it.m.dtype();
+        let g = it.g.to_dtype(dt)?;
+        let (m, v) = (it.m.as_tensor(), it.v.as_tensor());
+        let m_new = (m + ((&g - m)? * (1.0 - beta1))?)?;
+        let v_new = ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+        let denom = ((v_new.sqrt()? / it.step.bc2_sqrt)? + eps)?;
+        let w = generic_decayed(&it.w.as_tensor().to_dtype(dt)?, &it.decay)?;
+        let w_new = (w - ((&m_new / &denom)? * it.step.lr_bc1)?)?;
+        it.m.set(&m_new)?;
+        it.v.set(&v_new)?;
+        it.w.set(&w_new.to_dtype(it.w.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// SGD on every item, in place (see [`cpu::sgd`]).
+pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
+    for it in items {
+        if all_cpu(&[it.w.as_tensor(), it.g]) {
+            let mut ins = vec![it.g];
+            decay_inputs(&it.decay, &mut ins);
+            let mut outs = vec![it.w.as_tensor()];
+            if let Some(b) = it.buf {
+                outs.push(b.as_tensor());
+            }
+            with_cpu_data(&ins, &outs, |ins, outs| {
+                let (w, rest) = outs.split_first_mut().expect("w");
+                struct K<'x, 'a, 'b> {
+                    ins: &'x [Data<'a>],
+                    buf: Option<&'x mut DataMut<'b>>,
+                    it: &'x SgdItem<'x>,
+                    hp: (f64, bool),
+                }
+                impl ParamKernel for K<'_, '_, '_> {
+                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
+                    where
+                        P::A: Typed,
+                    {
+                        let g = slice::<P>(&self.ins[0], "gradient")?;
+                        let decay = cpu_decay::<P::A>(&self.it.decay, self.ins, 1)?;
+                        let buf = match self.buf.as_deref_mut() {
+                            Some(b) => Some(slice_mut::<P::A>(b, "momentum")?),
+                            None => None,
+                        };
+                        let (mu, nesterov) = self.hp;
+                        cpu::sgd::<P>(w, g, buf, mu, nesterov, self.it.lr, decay);
+                        Ok(())
+                    }
+                }
+                let buf = rest.first_mut();
+                on_param(
+                    w,
+                    &mut K {
+                        ins,
+                        buf,
+                        it,
+                        hp: (momentum, nesterov),
+                    },
+                )
+            })?;
+            continue;
+        }
+        let dt = math_dtype(it.w.dtype());
+        let g = it.g.to_dtype(dt)?;
+        let w = generic_decayed(&it.w.as_tensor().to_dtype(dt)?, &it.decay)?;
+        let d = match it.buf {
+            None => g,
+            Some(buf) => {
+                let b = ((buf.as_tensor() * momentum)? + &g)?;
+                let d = if nesterov {
+                    (&g + (&b * momentum)?)?
+                } else {
+                    b.clone()
+                };
+                buf.set(&b)?;
+                d
+            }
+        };
+        it.w.set(&(w - (d * it.lr)?)?.to_dtype(it.w.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Muon's momentum for the members of a batch, in place on `bufs`, writing
+/// the directions into `out` (`(b, …)`, arithmetic dtype, member `i` at
+/// `out[i]`); see [`cpu::ema_momentum`].
+pub fn ema_momentum(
+    grads: &[&Tensor],
+    bufs: &[&Var],
+    out: &Var,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<()> {
+    let n = grads.len();
+    if bufs.len() != n || out.dim(0)? != n {
+        fail!(
+            Shape,
+            "ema_momentum",
+            "{n} gradients, {} buffers, {} outputs",
+            bufs.len(),
+            out.dim(0)?
+        );
+    }
+    if all_cpu(grads) && out.device().is_cpu() {
+        let mut outs: Vec<&Tensor> = bufs.iter().map(|b| b.as_tensor()).collect();
+        outs.push(out.as_tensor());
+        return with_cpu_data(grads, &outs, |ins, outs| {
+            let (o, bufs) = outs.split_last_mut().expect("out");
+            let mut start = 0;
+            for (g, b) in ins.iter().zip(bufs.iter_mut()) {
+                let len = g.len();
+                match (g, b, &mut *o) {
+                    (Data::F32(g), DataMut::F32(b), DataMut::F32(o)) => cpu::ema_momentum::<f32>(
+                        g,
+                        b,
+                        &mut o[start..start + len],
+                        momentum,
+                        nesterov,
+                    ),
+                    (Data::BF16(g), DataMut::F32(b), DataMut::F32(o)) => {
+                        cpu::ema_momentum::<half::bf16>(
+                            g,
+                            b,
+                            &mut o[start..start + len],
+                            momentum,
+                            nesterov,
+                        )
+                    }
+                    (Data::F16(g), DataMut::F32(b), DataMut::F32(o)) => {
+                        cpu::ema_momentum::<half::f16>(
+                            g,
+                            b,
+                            &mut o[start..start + len],
+                            momentum,
+                            nesterov,
+                        )
+                    }
+                    (Data::F64(g), DataMut::F64(b), DataMut::F64(o)) => cpu::ema_momentum::<f64>(
+                        g,
+                        b,
+                        &mut o[start..start + len],
+                        momentum,
+                        nesterov,
+                    ),
+                    _ => fail!(Device, "ema_momentum", "unexpected dtype combination"),
+                }
+                start += len;
+            }
+            Ok(())
+        });
+    }
+    let dt = out.dtype();
+    let mut dirs = Vec::with_capacity(n);
+    for (g, buf) in grads.iter().zip(bufs) {
+        let g = g.to_dtype(dt)?;
+        let b = (buf.as_tensor() + ((&g - buf.as_tensor())? * (1.0 - momentum))?)?;
+        let d = if nesterov {
+            (&g + ((&b - &g)? * momentum)?)?
+        } else {
+            b.clone()
+        };
+        buf.set(&b)?;
+        dirs.push(d.reshape(out.dims()[1..].to_vec())?);
+    }
+    out.set(&Tensor::stack(&dirs, 0)?)?;
+    Ok(())
+}
+
+/// `w_i ← decayed(w_i) − alphas[i]·d[i]` for every member `i` of the batch
+/// `d` (`(b, …)`, arithmetic dtype), in place.
+pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'_>]) -> Result<()> {
+    let n = ws.len();
+    if d.dim(0)? != n || alphas.len() != n || decays.len() != n {
+        fail!(
+            Shape,
+            "apply_step",
+            "{n} parameters, {} directions",
+            d.dim(0)?
+        );
+    }
+    let d = d.contiguous()?;
+    for (i, w) in ws.iter().enumerate() {
+        let di = d.get(i)?;
+        if all_cpu(&[w.as_tensor(), &di]) {
+            let mut ins = vec![&di];
+            decay_inputs(&decays[i], &mut ins);
+            with_cpu_data(&ins, &[w.as_tensor()], |ins, outs| {
+                let [w] = outs else { unreachable!() };
+                struct K<'x, 'a> {
+                    ins: &'x [Data<'a>],
+                    alpha: f64,
+                    decay: &'x DecayTerm<'x>,
+                }
+                impl ParamKernel for K<'_, '_> {
+                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
+                    where
+                        P::A: Typed,
+                    {
+                        let d = slice::<P::A>(&self.ins[0], "direction")?;
+                        let decay = cpu_decay::<P::A>(self.decay, self.ins, 1)?;
+                        cpu::apply::<P>(w, d, self.alpha, decay);
+                        Ok(())
+                    }
+                }
+                on_param(
+                    w,
+                    &mut K {
+                        ins,
+                        alpha: alphas[i],
+                        decay: &decays[i],
+                    },
+                )
+            })?;
+            continue;
+        }
+        let dt = d.dtype();
+        let wd = generic_decayed(&w.as_tensor().to_dtype(dt)?, &decays[i])?;
+        let new = (wd - (di.reshape(w.shape())? * alphas[i])?)?;
+        w.set(&new.to_dtype(w.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// The index of the first tensor holding a NaN or ±Inf, if any. One pass
+/// over memory on the CPU; one host sync for all tensors elsewhere.
+pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
+    if ts.is_empty() {
+        return Ok(None);
+    }
+    if all_cpu(ts) {
+        for (i, t) in ts.iter().enumerate() {
+            let t = t.contiguous()?;
+            let finite = with_cpu_data(&[&t], &[], |ins, _| {
+                Ok(match ins[0] {
+                    Data::F32(s) => cpu::all_finite(s),
+                    Data::F64(s) => cpu::all_finite(s),
+                    Data::BF16(s) => cpu::all_finite(s),
+                    Data::F16(s) => cpu::all_finite(s),
+                })
+            })?;
+            if !finite {
+                return Ok(Some(i));
+            }
+        }
+        return Ok(None);
+    }
+    // g − g is 0 for finite g and NaN otherwise; the sum flags any.
+    #[allow(clippy::eq_op)]
+    let flags = ts
+        .iter()
+        .map(|t| (*t - *t)?.sum_all()?.to_dtype(DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let flags = Tensor::stack(&flags, 0)?.to_vec1::<f32>()?;
+    Ok(flags.iter().position(|f| !f.is_finite()))
+}
+
+/// `Σ x²` of each tensor, in f64 on the host (one host sync for all).
+pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sums = ts
+        .iter()
+        .map(|t| {
+            t.to_dtype(math_dtype(t.dtype()))?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
+}
+
+/// `msign` of a matrix or batch: the CPU's fused Newton–Schulz when the
+/// products run in the arithmetic dtype, otherwise candle's generic ops.
+pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    let acc = math_dtype(g.dtype());
+    if g.device().is_cpu() && ns.compute_dtype().is_none_or(|d| d == acc) {
+        let x = g.to_dtype(acc)?;
+        let out = match acc {
+            DType::F64 => crate::linalg::msign_cpu::msign_cpu::<f64>(&x, ns)?,
+            _ => crate::linalg::msign_cpu::msign_cpu::<f32>(&x, ns)?,
+        };
+        return Ok(out.to_dtype(g.dtype())?);
+    }
+    crate::linalg::msign_generic(g, ns)
+}
+
+/// Batched power iteration (see [`crate::linalg::power_iteration`]).
+pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    crate::linalg::power_iteration_generic(w, start, iters)
+}
+
+/// Whether all tensors are on `device`.
+pub fn same_device(ts: &[&Tensor], device: &Device) -> bool {
+    ts.iter().all(|t| t.device().same_device(device))
+}

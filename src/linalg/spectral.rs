@@ -1,0 +1,247 @@
+//! Matrix functions of the manifold optimizers: the top singular triplet to
+//! working precision, `Θ = u₁v₁ᵀ`, and the retractions onto the spectral
+//! sphere and the Stiefel manifold.
+
+use candle_core::{DType, Tensor};
+
+use super::{msign, power_iteration, NewtonSchulz, TopSingular};
+use crate::error::{fail, Result};
+
+/// Up to `(b, m, n)`, with whether a batch dimension was added.
+pub(crate) fn batch3(t: &Tensor) -> Result<(Tensor, bool)> {
+    match t.rank() {
+        2 => Ok((t.unsqueeze(0)?, true)),
+        3 => Ok((t.clone(), false)),
+        _ => fail!(
+            Shape,
+            "linalg",
+            "expected (m, n) or (b, m, n), got {:?}",
+            t.dims()
+        ),
+    }
+}
+
+pub(crate) fn unbatch(t: Tensor, added: bool) -> Result<Tensor> {
+    Ok(if added { t.squeeze(0)? } else { t })
+}
+
+/// `Θ = u₁v₁ᵀ` from a top singular triplet, `(b, m, n)` (or `(m, n)`).
+pub fn theta(top: &TopSingular) -> Result<Tensor> {
+    if top.u.rank() == 1 {
+        return Ok(top.u.unsqueeze(1)?.matmul(&top.v.unsqueeze(0)?)?);
+    }
+    Ok(top.u.unsqueeze(2)?.matmul(&top.v.unsqueeze(1)?)?)
+}
+
+/// Squarings of the Gram matrix in [`top_singular_precise`].
+const GRAM_SQUARINGS: usize = 16;
+
+/// The top singular triplet to working precision, also when `σ₁ ≈ σ₂`.
+///
+/// Forms the Gram matrix of the short side (`A = WᵀW`, or `WWᵀ` for a wide
+/// `W`), squares it `GRAM_SQUARINGS` times (`A ← A²/‖A²‖_F`, so `A ∝ (WᵀW)^N`
+/// with `N = 2¹⁶`), applies it to the start vector (`start`, an estimate of
+/// `v₁`, or a fixed pseudo-random one) and returns the Rayleigh quotient
+/// `σ₁ = ‖W v‖` with `u = W v/σ₁`. Components with `σᵢ² ≤ (1 − g)σ₁²` are
+/// damped by `(1 − g)^N`, and `σ₁`'s error is second order in `v`'s, so the
+/// relative error of `σ₁` is at most about `ln(R)/2^{17}` (`R` the ratio of
+/// start-vector weights off and on the top cluster): ≈ 4e-5 for a random
+/// start, less for a warm one, whatever the gap `σ₁ − σ₂`. Cost: one Gram
+/// product and 16 products of `k × k` matrices (`k` the short side), on the
+/// device; no host sync.
+pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSingular> {
+    let (w3, added) = batch3(w)?;
+    let dt = crate::linalg::compute_dtype(w3.dtype());
+    let w3 = w3.to_dtype(dt)?;
+    let (_, m, n) = w3.dims3()?;
+    let wide = n > m;
+    let wt = w3.transpose(1, 2)?;
+    // A start on the short side (power_iteration with 0 iterations handles a
+    // missing, zero or non-finite start), plus a fixed pseudo-random vector so
+    // that no start is orthogonal to the top singular subspace.
+    let p0 = power_iteration(&w3, start.map(|s| s.to_dtype(dt)).transpose()?.as_ref(), 0)?;
+    let x = if wide { p0.u } else { p0.v };
+    let k = x.dim(1)?;
+    let r = pseudo_random(k, 1, dt, w3.device())?;
+    let x = x.broadcast_add(&(r * 1e-3)?)?.unsqueeze(2)?;
+    let mut a = if wide {
+        w3.matmul(&wt)?
+    } else {
+        wt.matmul(&w3)?
+    };
+    let tiny = match dt {
+        DType::F64 => 1e-300,
+        _ => 1e-30,
+    };
+    // Entries below `flush` are set to 0 before each product: far below the
+    // working precision (‖A‖_F = 1), and their products would be subnormal,
+    // which the CPU computes very slowly.
+    let flush = match dt {
+        DType::F64 => 1e-150,
+        _ => 1e-18,
+    };
+    for _ in 0..GRAM_SQUARINGS {
+        let f = a
+            .sqr()?
+            .sum_keepdim(2)?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .maximum(tiny)?;
+        let an = a.broadcast_div(&f)?;
+        let an = (an.abs()?.ge(flush)?.to_dtype(dt)? * an)?;
+        a = an.matmul(&an)?;
+    }
+    let y = a.matmul(&x)?; // (b, k, 1)
+    let y = y.broadcast_div(&y.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(tiny)?)?;
+    let v = if wide { wt.matmul(&y)? } else { y };
+    let v = v.squeeze(2)?;
+    // σ = ‖W v‖, u = W v/σ (for a wide W, one more half step on the long side).
+    let top = power_iteration(&w3, Some(&v), 0)?;
+    if added {
+        Ok(TopSingular {
+            sigma: top.sigma.squeeze(0)?,
+            u: top.u.squeeze(0)?,
+            v: top.v.squeeze(0)?,
+        })
+    } else {
+        Ok(top)
+    }
+}
+
+/// A fixed pseudo-random unit vector `(n,)` (splitmix64, seeded by `seed`).
+fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64.wrapping_mul(seed + 1);
+    let vals: Vec<f64> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect();
+    let norm = vals
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
+    Ok(
+        Tensor::from_vec(vals.iter().map(|x| x / norm).collect::<Vec<_>>(), n, dev)?
+            .to_dtype(dt)?,
+    )
+}
+
+/// The spectral-sphere retraction `W ← r·W/‖W‖₂`, with `‖W‖₂` from
+/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`). Returns the retracted matrix and the top singular triplet of the
+/// input (whose `u, v` are also those of the output). Errors on `W = 0`.
+pub fn spectral_sphere_retract(
+    w: &Tensor,
+    radius: f64,
+    start: Option<&Tensor>,
+) -> Result<(Tensor, TopSingular)> {
+    let top = top_singular_precise(w, start)?;
+    let s = top
+        .sigma
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    if s.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        fail!(
+            Config,
+            "spectral_sphere_retract",
+            "cannot retract a matrix with spectral norm {s:?}"
+        );
+    }
+    let scale = (radius / top.sigma.to_dtype(w.dtype())?)?;
+    let scale = if w.rank() == 3 {
+        scale.reshape((s.len(), 1, 1))?
+    } else {
+        scale.reshape((1, 1))?
+    };
+    Ok((w.broadcast_mul(&scale)?, top))
+}
+
+/// Cap on the rounds of the Stiefel retraction (each: cubic Newton–Schulz
+/// steps, then one residual check).
+const STIEFEL_RETRACT_MAX_ITERS: usize = 8;
+
+/// The polar retraction `W ← msign(W)` onto `WᵀW = I` (tall `W`, `n ≥ m`), to
+/// working precision.
+///
+/// `cold = false` assumes `W` is near the manifold (one optimizer step away):
+/// cubic Newton–Schulz steps `X ← X(3I − XᵀX)/2` from `X₀ = W/rms(σ)`
+/// (`rms(σ) = ‖W‖_F/√m`; [`msign`] with `NewtonSchulz::cubic`, whose fused
+/// CPU path does the products), 2 at a time, which converge quadratically
+/// near 1, until `‖XᵀX − I‖_F ≤ 4·ε·m·√n` (the rounding floor of that
+/// residual) or it stops decreasing (one host sync per round; with an
+/// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
+/// Polar Express (8 steps), which brings any full-rank `W` near the manifold.
+pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
+    let (w3, added) = batch3(w)?;
+    let (b, n, m) = w3.dims3()?;
+    if n < m {
+        fail!(
+            Config,
+            "stiefel_retract",
+            "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
+        );
+    }
+    let mut x = if cold {
+        msign(&w3, &NewtonSchulz::polar_express(8))?
+    } else {
+        w3.clone()
+    };
+    let eps = match w3.dtype() {
+        DType::F64 => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    };
+    // The rounding floor of ‖XᵀX − I‖_F: m² entries, each a sum of n products.
+    let tol = 4.0 * eps * m as f64 * (n as f64).sqrt();
+    let eye = Tensor::eye(m, w3.dtype(), w3.device())?
+        .unsqueeze(0)?
+        .broadcast_as((b, m, m))?;
+    // X / rms(σ(X)) inside msign: ‖X‖_F·(1/√m).
+    let scale = 1.0 / (m as f64).sqrt();
+    let mut best: Option<(f64, Tensor)> = None;
+    for round in 0..STIEFEL_RETRACT_MAX_ITERS {
+        let steps = if round == 0 && cold { 1 } else { 2 };
+        x = msign(
+            &x,
+            &NewtonSchulz::cubic(steps)
+                .with_norm_scale(scale)
+                .with_eps(0.0),
+        )?;
+        let dev = (x.transpose(1, 2)?.matmul(&x)? - &eye)?;
+        let r = dev
+            .sqr()?
+            .sum(2)?
+            .sum(1)?
+            .sqrt()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .fold(0.0f64, f64::max);
+        if !r.is_finite() {
+            fail!(
+                Config,
+                "stiefel_retract",
+                "the iteration diverged (W rank-deficient?)"
+            );
+        }
+        let stalled = matches!(&best, Some((rb, _)) if r >= 0.5 * rb);
+        if !stalled {
+            best = Some((r, x.clone()));
+        }
+        if stalled || r <= tol {
+            break;
+        }
+    }
+    let (r, x) = best.expect("at least one round");
+    if r > 1e-3 && !cold {
+        // Not near the manifold after all (e.g. a huge step): start over cold.
+        return stiefel_retract(w, true);
+    }
+    unbatch(x, added)
+}

@@ -1,0 +1,697 @@
+//! The step driver: one implementation of the step protocol for every
+//! optimizer.
+//!
+//! A [`Driver`] owns the named parameters, one or more partitions (a label,
+//! a [`Chain`] and a learning-rate ratio), each parameter's state, and the
+//! learning rate. A step:
+//!
+//! 1. picks the parameters that have a gradient (the others are skipped and
+//!    keep their state), checking each gradient's shape;
+//! 2. validates the learning rate of every partition (finite, ≥ 0);
+//! 3. checks every gradient for NaN/Inf in one pass ([`device::first_nonfinite`],
+//!    one host sync on a GPU) and refuses the step naming the parameter;
+//! 4. groups the parameters by partition and by shape, dtype and device, so
+//!    that same-shape matrices run as one `(b, m, n)` batch;
+//! 5. runs each group's chain; the updates happen in place.
+//!
+//! Everything that can fail on valid input is checked before the first
+//! write, so a refused step changes nothing and no copy of the parameters or
+//! state is kept. The exception is a chain with a fallible transform (a
+//! retraction, a root solve): such groups run first, after an undo copy of
+//! their own parameters and state, restored if any of them fails.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::chain::Chain;
+use super::transform::{FieldKind, FieldValue, Fields, GroupStep, Transform, TransformState};
+use crate::checkpoint::{count_tensor, host_copy, read_count, split_key, Header, HEADER_KEY};
+use crate::device;
+use crate::error::{fail, Error, Result};
+use crate::params::{check_unique, name_vars, varmap_vars, NamedVar, ParamInfo};
+
+/// One partition: the parameters labelled `label` run `chain` at
+/// `lr × lr_ratio`.
+#[derive(Clone, Debug)]
+struct Part {
+    label: String,
+    chain: Chain,
+    lr_ratio: f64,
+}
+
+type StateSlot = Option<Box<dyn TransformState>>;
+
+/// Runs chains of transforms over named parameters; implements
+/// `candle_nn::Optimizer` and [`OptimizerState`](crate::OptimizerState).
+/// Build one with [`Driver::new`] (one chain for every parameter) or with
+/// [`Partition`](super::Partition) (a chain per label).
+#[derive(Debug)]
+pub struct Driver {
+    params: Vec<NamedVar>,
+    infos: Vec<ParamInfo>,
+    parts: Vec<Part>,
+    /// Partition index of each parameter.
+    assign: Vec<usize>,
+    /// `states[p][k]`: parameter `p`'s state for transform `k` of its chain.
+    states: Vec<Vec<StateSlot>>,
+    lr: f64,
+    kind: String,
+}
+
+/// Errors unless `lr` is finite and ≥ 0.
+pub(crate) fn check_lr(who: &str, lr: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        fail!(
+            Config,
+            who,
+            "learning rate must be finite and ≥ 0, got {lr}"
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint header's body.
+#[derive(Debug, Serialize, Deserialize)]
+struct Body {
+    lr: f64,
+    partitions: Vec<PartRecord>,
+    /// The partition label of each parameter, in the header's order.
+    assignment: Vec<String>,
+    config: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartRecord {
+    label: String,
+    lr_ratio: f64,
+    transforms: Vec<TransformRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TransformRecord {
+    name: String,
+    kind: String,
+    hparams: serde_json::Value,
+}
+
+impl Driver {
+    /// One chain for every parameter, at learning rate `lr`.
+    pub fn new(vars: Vec<NamedVar>, chain: Chain, lr: f64) -> Result<Self> {
+        let n = vars.len();
+        Self::build(
+            vars,
+            vec![("all".to_string(), chain, 1.0)],
+            vec![0; n],
+            lr,
+            "driver",
+        )
+    }
+
+    /// One chain for the float variables of `varmap`, keeping their names.
+    pub fn from_varmap(varmap: &candle_nn::VarMap, chain: Chain, lr: f64) -> Result<Self> {
+        Self::new(varmap_vars(varmap), chain, lr)
+    }
+
+    /// The general constructor: `parts[k] = (label, chain, lr ratio)`,
+    /// `assign[p]` the partition of parameter `p`.
+    pub(crate) fn build(
+        params: Vec<NamedVar>,
+        parts: Vec<(String, Chain, f64)>,
+        assign: Vec<usize>,
+        lr: f64,
+        kind: &str,
+    ) -> Result<Self> {
+        check_unique(&params)?;
+        check_lr("lr", lr)?;
+        let parts: Vec<Part> = parts
+            .into_iter()
+            .map(|(label, chain, lr_ratio)| Part {
+                label,
+                chain,
+                lr_ratio,
+            })
+            .collect();
+        for p in &parts {
+            p.chain.validate(&format!("partition `{}`", p.label))?;
+            check_lr(&format!("partition `{}`: lr ratio", p.label), p.lr_ratio)?;
+        }
+        let infos: Vec<ParamInfo> = params.iter().map(ParamInfo::of).collect();
+        for (info, &k) in infos.iter().zip(&assign) {
+            for (_, t) in parts[k].chain.iter() {
+                t.check(info)?;
+            }
+        }
+        let states = assign
+            .iter()
+            .map(|&k| (0..parts[k].chain.len()).map(|_| None).collect())
+            .collect();
+        Ok(Self {
+            params,
+            infos,
+            parts,
+            assign,
+            states,
+            lr,
+            kind: kind.to_string(),
+        })
+    }
+
+    /// Sets the kind recorded in checkpoints (aliases set theirs).
+    pub(crate) fn with_kind(mut self, kind: &str) -> Self {
+        self.kind = kind.to_string();
+        self
+    }
+
+    /// The parameters, with their names.
+    pub fn params(&self) -> &[NamedVar] {
+        &self.params
+    }
+
+    /// The learning rate (partitions run at this times their ratio).
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Sets the learning rate. Not validated here (`candle_nn::Optimizer`
+    /// cannot return an error): a step with a non-finite or negative rate is
+    /// refused and changes nothing.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// The partition labels, in order.
+    pub fn labels(&self) -> Vec<&str> {
+        self.parts.iter().map(|p| p.label.as_str()).collect()
+    }
+
+    /// The partition label of parameter `name`.
+    pub fn label_of(&self, name: &str) -> Option<&str> {
+        let p = self.params.iter().position(|v| v.name == name)?;
+        Some(&self.parts[self.assign[p]].label)
+    }
+
+    /// The learning-rate ratio of partition `label` to [`Driver::lr`].
+    pub fn lr_ratio(&self, label: &str) -> Option<f64> {
+        self.parts
+            .iter()
+            .find(|p| p.label == label)
+            .map(|p| p.lr_ratio)
+    }
+
+    /// The chain of partition `label`.
+    pub fn chain(&self, label: &str) -> Option<&Chain> {
+        self.parts
+            .iter()
+            .find(|p| p.label == label)
+            .map(|p| &p.chain)
+    }
+
+    /// The state parameter `name` keeps for its transform `transform`
+    /// (`None` before its first step).
+    pub fn state(&self, name: &str, transform: &str) -> Option<&dyn TransformState> {
+        let p = self.params.iter().position(|v| v.name == name)?;
+        let (k, _) = self.parts[self.assign[p]].chain.get(transform)?;
+        self.states[p][k].as_deref()
+    }
+
+    /// One step with the gradients of `grads` (see the [module docs](self)).
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        let mut picked = Vec::new();
+        for (p, nv) in self.params.iter().enumerate() {
+            if let Some(g) = grads.get(&nv.var) {
+                picked.push((p, g.clone()));
+            }
+        }
+        self.step_subset(&picked)
+    }
+
+    /// One step of the parameters at `grads[..].0` (indices into
+    /// [`Driver::params`]) with the given gradients; the others are untouched.
+    /// This is the step a data-parallel owner runs on its share.
+    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        // 1. shapes.
+        let mut seen = vec![false; self.params.len()];
+        for (p, g) in grads {
+            let Some(nv) = self.params.get(*p) else {
+                fail!(Shape, "step_subset", "no parameter at index {p}");
+            };
+            if std::mem::replace(&mut seen[*p], true) {
+                fail!(Shape, nv.name, "two gradients given for this parameter");
+            }
+            if g.shape() != nv.var.shape() {
+                fail!(
+                    Shape,
+                    nv.name,
+                    "gradient shape {:?} does not match the parameter shape {:?}",
+                    g.dims(),
+                    nv.var.dims()
+                );
+            }
+            if !g.device().same_device(nv.var.device()) {
+                fail!(
+                    Device,
+                    nv.name,
+                    "gradient on {:?}, parameter on {:?}",
+                    g.device(),
+                    nv.var.device()
+                );
+            }
+        }
+        // 2. learning rates.
+        for p in &self.parts {
+            check_lr(
+                &format!("lr (partition `{}`)", p.label),
+                self.lr * p.lr_ratio,
+            )
+            .map_err(|e| {
+                Error::config(
+                    e.who().unwrap_or("lr"),
+                    format!("{}; the step was not applied", strip(&e)),
+                )
+            })?;
+        }
+        // 3. finite check, one pass.
+        let grads: Vec<(usize, Tensor)> = grads
+            .iter()
+            .map(|(p, g)| {
+                let g = g.detach();
+                let dt = self.params[*p].var.dtype();
+                Ok((*p, if g.dtype() == dt { g } else { g.to_dtype(dt)? }))
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = grads.iter().map(|(_, g)| g).collect();
+        if let Some(i) = device::first_nonfinite(&refs)? {
+            return Err(Error::NonFiniteGradient {
+                param: self.params[grads[i].0].name.clone(),
+            });
+        }
+        // 4. groups.
+        let mut groups: BTreeMap<(bool, usize, Vec<usize>, &str, String), Vec<(usize, Tensor)>> =
+            BTreeMap::new();
+        for (p, g) in grads {
+            let info = &self.infos[p];
+            let k = self.assign[p];
+            let dims = match info.matrix() {
+                Some((r, c)) => vec![r, c],
+                None => vec![info.elem_count()],
+            };
+            let key = (
+                !self.parts[k].chain.fallible(),
+                k,
+                dims,
+                info.dtype.as_str(),
+                format!("{:?}", info.device.location()),
+            );
+            groups.entry(key).or_default().push((p, g));
+        }
+        // 5. fallible groups first, under an undo copy.
+        let mut undo = Vec::new();
+        for ((infallible, k, ..), members) in &groups {
+            if *infallible {
+                continue;
+            }
+            let snapshot = self.snapshot(members.iter().map(|m| m.0));
+            let snapshot = match snapshot {
+                Ok(s) => s,
+                Err(e) => {
+                    self.restore(undo);
+                    return Err(e);
+                }
+            };
+            undo.push(snapshot);
+            if let Err(e) = self.run_group(*k, members) {
+                self.restore(undo);
+                return Err(e);
+            }
+        }
+        for ((infallible, k, ..), members) in &groups {
+            if *infallible {
+                self.run_group(*k, members)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_group(&mut self, k: usize, members: &[(usize, Tensor)]) -> Result<()> {
+        let Self {
+            params,
+            infos,
+            parts,
+            states,
+            lr,
+            ..
+        } = self;
+        let part = &parts[k];
+        let mut step = GroupStep::new(
+            members.iter().map(|(p, _)| &infos[*p]).collect(),
+            members.iter().map(|(p, _)| &params[*p].var).collect(),
+            members.iter().map(|(_, g)| g).collect(),
+            *lr * part.lr_ratio,
+        );
+        for (t_idx, (_, t)) in part.chain.iter().enumerate() {
+            if t.stage() == super::transform::Stage::Post {
+                step.apply_update()?;
+            }
+            let fuse = part.chain.only_post_after(t_idx);
+            let mut slots: Vec<StateSlot> = members
+                .iter()
+                .map(|(p, _)| states[*p][t_idx].take())
+                .collect();
+            let r = t.apply(&mut step, &mut slots, fuse);
+            for ((p, _), s) in members.iter().zip(slots) {
+                states[*p][t_idx] = s;
+            }
+            r?;
+        }
+        step.apply_update()
+    }
+
+    /// Copies of the parameters `ps` and of their state.
+    fn snapshot(
+        &self,
+        ps: impl Iterator<Item = usize>,
+    ) -> Result<Vec<(usize, Tensor, Vec<StateSlot>)>> {
+        ps.map(|p| {
+            let w = self.params[p].var.as_tensor().detach().copy()?;
+            let chain = &self.parts[self.assign[p]].chain;
+            let states = chain
+                .iter()
+                .zip(&self.states[p])
+                .map(|((_, t), s)| copy_state(t, &self.infos[p], s.as_deref()))
+                .collect::<Result<_>>()?;
+            Ok((p, w, states))
+        })
+        .collect()
+    }
+
+    fn restore(&mut self, undo: Vec<Vec<(usize, Tensor, Vec<StateSlot>)>>) {
+        for (p, w, states) in undo.into_iter().flatten() {
+            // Writing back a copy of the same shape and dtype cannot fail.
+            let _ = self.params[p].var.set(&w);
+            self.states[p] = states;
+        }
+    }
+
+    /// The state dict (see [`crate::checkpoint`]) with `config` in the header.
+    pub(crate) fn state_dict_with(
+        &self,
+        config: serde_json::Value,
+    ) -> Result<HashMap<String, Tensor>> {
+        let body = Body {
+            lr: self.lr,
+            partitions: self
+                .parts
+                .iter()
+                .map(|p| PartRecord {
+                    label: p.label.clone(),
+                    lr_ratio: p.lr_ratio,
+                    transforms: p
+                        .chain
+                        .iter()
+                        .map(|(name, t)| TransformRecord {
+                            name: name.to_string(),
+                            kind: t.kind().to_string(),
+                            hparams: t.hparams(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            assignment: self
+                .assign
+                .iter()
+                .map(|&k| self.parts[k].label.clone())
+                .collect(),
+            config,
+        };
+        let header = Header::new(
+            &self.kind,
+            self.params.iter().map(|v| v.name.clone()).collect(),
+            serde_json::to_value(&body).expect("the header body encodes"),
+        );
+        let mut out = HashMap::new();
+        out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
+        for (p, nv) in self.params.iter().enumerate() {
+            let chain = &self.parts[self.assign[p]].chain;
+            for ((tname, _), slot) in chain.iter().zip(&self.states[p]) {
+                let Some(s) = slot else { continue };
+                for (field, v) in s.fields() {
+                    let key = format!("{}.{tname}.{field}", nv.name);
+                    let t = match v {
+                        FieldValue::Tensor(t) => host_copy(t)?,
+                        FieldValue::Count(n) => count_tensor(n)?,
+                    };
+                    out.insert(key, t);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The header of `state`, checked against this driver's kind and
+    /// parameter names (for aliases, which read their config from it first).
+    pub(crate) fn read_header(&self, state: &HashMap<String, Tensor>) -> Result<Header> {
+        let h = Header::read(state, &self.kind)?;
+        h.check_params(self.params.iter().map(|v| v.name.as_str()))?;
+        Ok(h)
+    }
+
+    /// Loads a state dict. `chains` (one per partition, for aliases that
+    /// rebuild theirs from their config) replace the current chains; without,
+    /// the current chains take the checkpoint's hyperparameters. Everything
+    /// is validated before anything changes.
+    pub(crate) fn load_with(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        chains: Option<Vec<Chain>>,
+    ) -> Result<()> {
+        let header = self.read_header(state)?;
+        let body: Body = serde_json::from_value(header.body.clone())
+            .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not a driver header: {e}")))?;
+        check_lr("checkpoint: lr", body.lr).map_err(|e| Error::checkpoint("lr", strip(&e)))?;
+        // Partitions and routing.
+        let ours: Vec<&str> = self.labels();
+        let theirs: Vec<&str> = body.partitions.iter().map(|p| p.label.as_str()).collect();
+        if ours != theirs {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "partitions {theirs:?}, this optimizer has {ours:?}"
+            );
+        }
+        for (name, label) in header.params.iter().zip(&body.assignment) {
+            let mine = self.label_of(name).expect("names checked");
+            if mine != label {
+                fail!(
+                    Checkpoint,
+                    name,
+                    "the checkpoint routes this parameter to `{label}`, this optimizer to `{mine}`"
+                );
+            }
+        }
+        // Chains: rebuilt by the owner, or ours with the stored hyperparameters.
+        let mut new_chains: Vec<Chain> = match chains {
+            Some(c) => c,
+            None => self.parts.iter().map(|p| p.chain.clone()).collect(),
+        };
+        for ((chain, rec), part) in new_chains.iter_mut().zip(&body.partitions).zip(&self.parts) {
+            let names: Vec<&str> = chain.names();
+            let stored: Vec<&str> = rec.transforms.iter().map(|t| t.name.as_str()).collect();
+            if names != stored {
+                fail!(
+                    Checkpoint,
+                    format!("partition `{}`", rec.label),
+                    "transforms {stored:?}, this optimizer has {names:?}"
+                );
+            }
+            for (k, tr) in rec.transforms.iter().enumerate() {
+                let t = chain.get_mut(k);
+                if t.kind() != tr.kind {
+                    fail!(
+                        Checkpoint,
+                        format!("partition `{}`: {}", rec.label, tr.name),
+                        "a `{}` transform, this optimizer has `{}`",
+                        tr.kind,
+                        t.kind()
+                    );
+                }
+                t.set_hparams(&tr.hparams).map_err(|e| {
+                    Error::checkpoint(format!("partition `{}`: {}", rec.label, tr.name), strip(&e))
+                })?;
+            }
+            check_lr(
+                &format!("checkpoint: partition `{}`: lr ratio", rec.label),
+                rec.lr_ratio,
+            )?;
+            chain.validate(&format!("partition `{}`", part.label))?;
+        }
+        for (info, &k) in self.infos.iter().zip(&self.assign) {
+            for (_, t) in new_chains[k].iter() {
+                t.check(info)?;
+            }
+        }
+        // State tensors.
+        let names: Vec<&str> = self.params.iter().map(|v| v.name.as_str()).collect();
+        let mut fields: HashMap<(usize, usize), Fields> = HashMap::new();
+        for (key, t) in state {
+            if key == HEADER_KEY {
+                continue;
+            }
+            let Some((p, rest)) = split_key(key, &names) else {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "not a `<parameter>.<transform>.<field>` key of this optimizer"
+                );
+            };
+            let chain = &new_chains[self.assign[p]];
+            let Some((tname, field)) = rest.split_once('.') else {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "not a `<parameter>.<transform>.<field>` key"
+                );
+            };
+            let Some((k, tr)) = chain.get(tname) else {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "no transform `{tname}` for this parameter (its chain: {:?})",
+                    chain.names()
+                );
+            };
+            let info = &self.infos[p];
+            let Some(spec) = tr.fields(info).into_iter().find(|f| f.name == field) else {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "`{tname}` keeps no `{field}` state for this parameter"
+                );
+            };
+            let entry = fields.entry((p, k)).or_default();
+            match spec.kind {
+                FieldKind::Count => entry.insert_count(spec.name, read_count(key, t)?),
+                FieldKind::Tensor { dims, dtype } => {
+                    if t.dims() != dims.as_slice() || t.dtype() != dtype {
+                        fail!(
+                            Checkpoint,
+                            key,
+                            "checkpoint has shape {:?} dtype {:?}, expected shape {dims:?} dtype {dtype:?}",
+                            t.dims(),
+                            t.dtype()
+                        );
+                    }
+                    entry.insert_tensor(spec.name, t.to_device(&info.device)?);
+                }
+            }
+        }
+        let mut new_states: Vec<Vec<StateSlot>> = self
+            .assign
+            .iter()
+            .map(|&k| (0..new_chains[k].len()).map(|_| None).collect())
+            .collect();
+        for ((p, k), f) in fields {
+            let info = &self.infos[p];
+            let (tname, tr) = new_chains[self.assign[p]]
+                .iter()
+                .nth(k)
+                .expect("index from get");
+            for spec in tr.fields(info) {
+                let have = match spec.kind {
+                    FieldKind::Count => f.count(spec.name).is_ok(),
+                    FieldKind::Tensor { .. } => f.var(spec.name).is_ok(),
+                };
+                if !have {
+                    fail!(
+                        Checkpoint,
+                        format!("{}.{tname}.{}", info.name, spec.name),
+                        "missing from the checkpoint"
+                    );
+                }
+            }
+            new_states[p][k] = Some(tr.load(info, &f)?);
+        }
+        // Commit.
+        for (part, (chain, rec)) in self
+            .parts
+            .iter_mut()
+            .zip(new_chains.into_iter().zip(&body.partitions))
+        {
+            part.chain = chain;
+            part.lr_ratio = rec.lr_ratio;
+        }
+        self.states = new_states;
+        self.lr = body.lr;
+        Ok(())
+    }
+}
+
+/// The message of an error without its `steepest: who: ` prefix.
+fn strip(e: &Error) -> String {
+    match e {
+        Error::Shape { what, .. }
+        | Error::Config { what, .. }
+        | Error::Checkpoint { what, .. }
+        | Error::Device { what, .. }
+        | Error::Numerical { what, .. } => what.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// A deep copy of one state (through its fields and the transform's `load`).
+fn copy_state(
+    t: &dyn Transform,
+    info: &ParamInfo,
+    s: Option<&dyn TransformState>,
+) -> Result<StateSlot> {
+    let Some(s) = s else { return Ok(None) };
+    let mut f = Fields::default();
+    for (name, v) in s.fields() {
+        match v {
+            FieldValue::Tensor(t) => f.insert_tensor(name, t.detach()),
+            FieldValue::Count(n) => f.insert_count(name, n),
+        }
+    }
+    Ok(Some(t.load(info, &f)?))
+}
+
+impl crate::checkpoint::OptimizerState for Driver {
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.state_dict_with(serde_json::Value::Null)
+    }
+
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.load_with(state, None)
+    }
+}
+
+/// What [`Driver`]'s `candle_nn::Optimizer::new` takes.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The chain for every parameter.
+    pub chain: Chain,
+    /// The learning rate.
+    pub lr: f64,
+}
+
+impl candle_nn::Optimizer for Driver {
+    type Config = DriverConfig;
+
+    fn new(vars: Vec<Var>, config: DriverConfig) -> candle_core::Result<Self> {
+        Ok(Self::new(name_vars(vars), config.chain, config.lr)?)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        Ok(self.try_step(grads)?)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}

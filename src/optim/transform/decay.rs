@@ -1,0 +1,154 @@
+//! Weight decay as a transform: decoupled `w ← (1 − ηλ)w` or spectral
+//! `W ← W − ηλ·σ₁u₁v₁ᵀ`, folded into the update.
+
+use std::any::Any;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    from_json, state_mut, to_json, FieldSpec, FieldValue, Fields, GroupStep, Stage, Transform,
+    TransformState,
+};
+use crate::decay::{WeightDecay, COLD_START_ITERS};
+use crate::device;
+use crate::error::Result;
+use crate::params::ParamInfo;
+
+/// Decoupled or spectral weight decay with coefficient `η·λ` (`η` the
+/// chain's learning rate), applied to the weights before the step.
+///
+/// Matrices (rank ≥ 2, by their matrix view) get `decay`; vectors get the
+/// decoupled form when `vectors` is set (a vector is a `1 × n` matrix, whose
+/// spectral decay is the decoupled one), nothing otherwise. Spectral decay
+/// keeps `v₁` per matrix (field `v`) and warm-starts the batched power
+/// iteration from it; a cold start uses `max(iters, COLD_START_ITERS)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decay {
+    /// The decay of matrices.
+    pub decay: WeightDecay,
+    /// Also decay rank-0/1 parameters (decoupled).
+    pub vectors: bool,
+}
+
+impl Decay {
+    /// Decay matrices (and vectors if `vectors`) with `decay`.
+    pub fn new(decay: WeightDecay, vectors: bool) -> Result<Self> {
+        decay.validate("Decay.decay")?;
+        Ok(Self { decay, vectors })
+    }
+}
+
+/// The `v₁` estimate of a matrix under spectral decay.
+#[derive(Debug)]
+pub struct SpectralDecayState {
+    /// `v₁`, shape `(cols,)` of the matrix view.
+    pub v: Var,
+}
+
+impl TransformState for SpectralDecayState {
+    fn fields(&self) -> Vec<(&'static str, FieldValue<'_>)> {
+        vec![("v", FieldValue::Tensor(self.v.as_tensor()))]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Transform for Decay {
+    fn kind(&self) -> &'static str {
+        "decay"
+    }
+
+    fn stage(&self) -> Stage {
+        Stage::Pre
+    }
+
+    fn hparams(&self) -> serde_json::Value {
+        to_json(self)
+    }
+
+    fn set_hparams(&mut self, v: &serde_json::Value) -> Result<()> {
+        let new: Self = from_json(self.kind(), v)?;
+        new.decay.validate("Decay.decay")?;
+        *self = new;
+        Ok(())
+    }
+
+    fn fields(&self, p: &ParamInfo) -> Vec<FieldSpec> {
+        match (self.decay, p.matrix()) {
+            (WeightDecay::Spectral { .. }, Some((_, cols))) => {
+                vec![FieldSpec::tensor("v", vec![cols], p.math_dtype())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn load(&self, _p: &ParamInfo, f: &Fields) -> Result<Box<dyn TransformState>> {
+        Ok(Box::new(SpectralDecayState { v: f.var("v")? }))
+    }
+
+    fn apply(
+        &self,
+        step: &mut GroupStep<'_>,
+        states: &mut [Option<Box<dyn TransformState>>],
+        _fuse: bool,
+    ) -> Result<()> {
+        let coeff = step.lr() * self.decay.lambda();
+        if coeff == 0.0 {
+            return Ok(());
+        }
+        let (WeightDecay::Spectral { iters, .. }, Some((_, cols))) = (self.decay, step.matrix())
+        else {
+            if step.matrix().is_some() || self.vectors {
+                for i in 0..step.len() {
+                    step.decay_scale(i, 1.0 - coeff);
+                }
+            }
+            return Ok(());
+        };
+        let w = step.params_batch()?;
+        let dt = w.dtype();
+        let mut cold = false;
+        let starts = states
+            .iter_mut()
+            .map(|s| match state_mut::<SpectralDecayState>(s) {
+                Some(st) => Ok(st.v.as_tensor().clone()),
+                None => {
+                    cold = true;
+                    Ok(Tensor::zeros(cols, dt, w.device())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let start = Tensor::stack(&starts, 0)?;
+        let iters = if cold {
+            iters.max(COLD_START_ITERS)
+        } else {
+            iters
+        };
+        let top = device::power_iteration(&w, Some(&start), iters)?;
+        // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
+        let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
+        for (i, slot) in states.iter_mut().enumerate() {
+            let v = top.v.get(i)?;
+            let a = a_all.get(i)?;
+            step.decay_rank1(i, coeff, a, v.clone());
+            match state_mut::<SpectralDecayState>(slot) {
+                Some(st) => st.v.set(&v)?,
+                None => {
+                    *slot = Some(Box::new(SpectralDecayState {
+                        v: Var::from_tensor(&v.detach())?,
+                    }))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn boxed(&self) -> Box<dyn Transform> {
+        Box::new(self.clone())
+    }
+}
