@@ -1,4 +1,4 @@
-//! Gradient-norm penalties on a small MLP classifier (SPEC §6).
+//! Gradient-norm penalties on a small MLP classifier (docs/math.md §6).
 //!
 //! Trains the same MLP (2 → 32 → 32 → 2, tanh) on two noisy interleaved
 //! spirals three times: without a penalty, with the parameter-gradient penalty

@@ -1,4 +1,4 @@
-//! Learning-rate schedules (SPEC §5) and a driver that applies one to any
+//! Learning-rate schedules (docs/math.md §5) and a driver that applies one to any
 //! [`candle_nn::Optimizer`] through `set_learning_rate`.
 //!
 //! A [`Schedule`] maps the step index `s = 0, 1, 2, …` (the number of optimizer
@@ -11,8 +11,8 @@
 //! | [`Schedule::linear_warmup`] | `η·(s+1)/W` for `s < W`, then `η` |
 //! | [`Schedule::cosine`] | `η_min + (η − η_min)(1 + cos(π·min(s, S)/S))/2` |
 //! | [`Schedule::wsd`] | `η` for `s < S`, then `η_min + (η − η_min)·f((s−S)/D)` for `S ≤ s < S+D`, then `η_min` |
-//! | [`Schedule::inverse_sqrt`] | `α/√(s+1)` (SPEC §5's `η_t = α/√t` with `t = s+1`) |
-//! | [`Schedule::last_iterate_optimal`] | `R / (G·√(T(2 + ln T)))` (SPEC §5) |
+//! | [`Schedule::inverse_sqrt`] | `α/√(s+1)` (docs/math.md §5's `η_t = α/√t` with `t = s+1`) |
+//! | [`Schedule::last_iterate_optimal`] | `R / (G·√(T(2 + ln T)))` (docs/math.md §5) |
 //!
 //! with the WSD decay shapes `f` of [`DecayShape`].
 
@@ -175,7 +175,7 @@ impl Schedule {
         Ok(Self(Kind::InverseSqrt(alpha)))
     }
 
-    /// The constant rate minimising SPEC §5's constant-rate last-iterate bound
+    /// The constant rate minimising docs/math.md §5's constant-rate last-iterate bound
     /// `R²/(2Tη) + (G²η/2)(2 + ln T)`: `η = R / (G·√(T(2 + ln T)))`
     /// (see [`crate::theory::optimal_constant_lr`]).
     pub fn last_iterate_optimal(r: f64, g: f64, total_steps: usize) -> Result<Self> {

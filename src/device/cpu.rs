@@ -360,7 +360,9 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
         let mut acc = P::A::zero();
         for &v in xs {
             let v = v.get();
-            acc = acc + (v - v);
+            #[allow(clippy::eq_op)]
+            let d = v - v;
+            acc = acc + d;
         }
         acc.finite()
     };

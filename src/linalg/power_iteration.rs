@@ -1,4 +1,4 @@
-//! Top singular triplet by power iteration (SPEC §1).
+//! Top singular triplet by power iteration (docs/math.md §1).
 
 use candle_core::{DType, Device, Tensor};
 

@@ -1,4 +1,4 @@
-//! The input/parameter gradient inequality as a diagnostic (SPEC §6).
+//! The input/parameter gradient inequality as a diagnostic (docs/math.md §6).
 
 use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::Linear;

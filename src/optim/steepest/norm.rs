@@ -1,4 +1,4 @@
-//! Dualized gradients under a norm, free and on the sphere (SPEC §2).
+//! Dualized gradients under a norm, free and on the sphere (docs/math.md §2).
 //!
 //! The steepest-descent direction under a norm `ρ` is
 //! `φ = argmax_{ρ(φ)=1} ⟨g, φ⟩`, and the step is `w ← w − η φ`. On the sphere
