@@ -2,10 +2,12 @@
 //! Each failed on the code before the rebuild (commit 7804977): the
 //! comment on each test says what that code did, confirmed by running an
 //! equivalent of the test (the same assertions through the old API) against
-//! a checkout of 7804977. Cases that need no test of their own are covered
-//! elsewhere: Muon's step and Steepest's free spectral step written twice
-//! (`compositions.rs`: `muon_matrices_step_like_steepest_free_spectral`),
-//! routing by name substring and the non-atomic `Split` (`partition.rs`).
+//! a checkout of 7804977. Not here: the duplicated step protocol and
+//! Muon's step written twice (code shape, not behaviour; `compositions.rs`
+//! checks that the aliases are their chains and that Muon's matrix step
+//! equals Steepest's free spectral one, which held before too), routing by
+//! name substring and the non-atomic `Split` (`partition.rs`; `Partition`
+//! did not exist), the allocation figures (a bench).
 
 mod common;
 mod support;
