@@ -61,4 +61,4 @@ pub use decay::WeightDecay;
 pub use error::{Error, Result};
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
-pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};
+pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig, TryStep};

@@ -285,6 +285,28 @@ impl<O: Optimizer> Scheduled<O> {
 /// The checkpoint key of [`Scheduled`]'s step counter (an `i64` scalar).
 pub const SCHEDULE_STEP_KEY: &str = "__schedule__.step";
 
+impl<O: Optimizer + crate::optim::TryStep> Scheduled<O> {
+    /// [`Scheduled::step`] keeping the crate's typed error (e.g.
+    /// [`Error::NonFiniteGradient`](crate::Error::NonFiniteGradient)); a
+    /// refused step changes nothing, as there.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        let before = self.opt.learning_rate();
+        self.opt.set_learning_rate(self.schedule.lr(self.step));
+        if let Err(e) = self.opt.try_step(grads) {
+            self.opt.set_learning_rate(before);
+            return Err(e);
+        }
+        self.step += 1;
+        Ok(())
+    }
+}
+
+impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O> {
+    fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        Scheduled::try_step(self, grads)
+    }
+}
+
 /// A scheduled optimizer's checkpoint is the wrapped optimizer's plus the
 /// step counter ([`SCHEDULE_STEP_KEY`]), so a resumed run continues the
 /// schedule where it stopped.
