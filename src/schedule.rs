@@ -321,7 +321,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let Some(step) = state.get(SCHEDULE_STEP_KEY) else {
             fail!(
-                Config,
+                Checkpoint,
                 "checkpoint",
                 "no `{SCHEDULE_STEP_KEY}` entry: not written by a Scheduled optimizer"
             );
@@ -329,7 +329,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
         let step = match step.to_scalar::<i64>() {
             Ok(s) if s >= 0 => s as usize,
             _ => fail!(
-                Config,
+                Checkpoint,
                 SCHEDULE_STEP_KEY,
                 "must be a non-negative i64 scalar, got {step:?}"
             ),

@@ -106,7 +106,7 @@ fn initial_v(
     let expected: &[usize] = if batched { &[b, n] } else { &[n] };
     if s.dims() != expected {
         fail!(
-            Config,
+            Shape,
             "power_iteration: start",
             "expected shape {expected:?} (an estimate of v₁), got {:?}",
             s.dims()

@@ -157,7 +157,7 @@ pub fn spectral_sphere_direction(
     let (t3, _) = batch3(theta)?;
     if g3.dims() != t3.dims() {
         fail!(
-            Config,
+            Shape,
             "spectral_sphere_direction",
             "g {:?} and theta {:?} differ in shape",
             g.dims(),
@@ -202,7 +202,7 @@ pub fn stiefel_direction(
     let (b, n, m) = w3.dims3()?;
     if g3.dims() != w3.dims() || x3.dims() != [b, m, m] {
         fail!(
-            Config,
+            Shape,
             "stiefel_direction",
             "shapes g {:?}, w {:?}, x {:?} do not fit (x must be m×m for w n×m)",
             g.dims(),
@@ -212,7 +212,7 @@ pub fn stiefel_direction(
     }
     if n < m {
         fail!(
-            Config,
+            Shape,
             "stiefel_direction",
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );
