@@ -47,6 +47,7 @@
 pub mod averaging;
 pub mod clip;
 pub mod decay;
+pub mod distributed;
 mod error;
 pub mod linalg;
 pub mod optim;
