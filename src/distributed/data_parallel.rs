@@ -388,14 +388,17 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         // 2. One reduce-scatter: the averaged gradients of the owned parameters.
         let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
 
-        // 3. The owner's step.
-        let mut owned = Vec::new();
-        for (i, g) in self.plan.unpack_owned(rank, &chunk)? {
-            if status[2 * world + i] > 0.0 {
-                owned.push((i, g.to_dtype(self.vars[i].dtype())?));
+        // 3. The owner's step. Any error here is reported through the
+        // all-gather's status element, so the other ranks never wait in vain.
+        let step_result = (|| -> Result<()> {
+            let mut owned = Vec::new();
+            for (i, g) in self.plan.unpack_owned(rank, &chunk)? {
+                if status[2 * world + i] > 0.0 {
+                    owned.push((i, g.to_dtype(self.vars[i].dtype())?));
+                }
             }
-        }
-        let step_result = self.opt.step_subset(&owned);
+            self.opt.step_subset(&owned)
+        })();
 
         // 4. One all-gather of the owners' parameters and their status.
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
