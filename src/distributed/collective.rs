@@ -4,10 +4,13 @@
 //! [`Collective`] is **object-safe** on purpose: the element type travels in
 //! the tensor (`DType`), not in a type parameter, so one value of type
 //! `Box<dyn Collective>` can stand for in-process ranks in a CPU test and for
-//! NCCL in a GPU run, chosen at run time (`train_lm --ranks N` picks one
-//! from the command line). The algorithms ([`DataParallel`]) are
-//! still generic over `C: Collective`, so a concrete communicator costs no
-//! dynamic dispatch; `Box<dyn Collective>` and `&C` implement the trait too.
+//! NCCL in a GPU run, chosen at run time (e.g. from a command-line flag).
+//! The algorithms ([`DataParallel`]) are still generic over `C: Collective`,
+//! so a concrete communicator costs no dynamic dispatch; `Box<dyn
+//! Collective>` and `&C` implement the trait too. A generic-over-element-type
+//! design (`fn all_reduce<T: WithDType>`) would not be object-safe and would
+//! buy nothing: candle tensors already carry their dtype, and the backends
+//! dispatch on it once per call.
 //!
 //! # Semantics (every implementation)
 //!

@@ -255,6 +255,11 @@ impl NcclComm {
                 ))
             }
         };
+        // NCCL picks the device from the calling thread's current context.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dist_err(who, format!("binding the CUDA context: {e:?}")))?;
         let comm = Comm::from_rank(stream, rank, world, id.0).map_err(|e| {
             dist_err(
                 who,
@@ -389,6 +394,10 @@ impl NcclOp<'_> {
         let dev = &s.device;
         let src = s.as_cuda_slice::<T>()?.slice(o1..o2);
         let nccl_err = |e: nccl::result::NcclError| dist_err(&who, format!("NCCL error: {e:?}"));
+        self.comm
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dist_err(&who, format!("binding the CUDA context: {e:?}")))?;
         let (out, shape) = match self.kind {
             Kind::AllReduce(op) => {
                 // SAFETY: fully written by the collective before any read (same stream).
