@@ -42,7 +42,11 @@ fn collectives_at_world_size_1_are_identities() {
     let comm = NcclComm::new(&dev, 0, 1, &NcclId::new().unwrap()).unwrap();
     assert_eq!((comm.rank(), comm.world_size()), (0, 1));
     for dtype in [DType::F32, DType::BF16] {
-        let x = grad(0, 0, 0, &[3, 4]).to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let x = grad(0, 0, 0, &[3, 4])
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
         let want = host(&x);
         for op in [ReduceOp::Sum, ReduceOp::Avg] {
             let y = comm.all_reduce(&x, op).unwrap();
@@ -50,23 +54,36 @@ fn collectives_at_world_size_1_are_identities() {
             assert_eq!(bits(&host(&y)), bits(&want), "all_reduce {op:?} {dtype:?}");
             let y = comm.reduce_scatter(&x, op).unwrap();
             assert_eq!(y.dims(), &[12]);
-            assert_eq!(bits(&host(&y)), bits(&want), "reduce_scatter {op:?} {dtype:?}");
+            assert_eq!(
+                bits(&host(&y)),
+                bits(&want),
+                "reduce_scatter {op:?} {dtype:?}"
+            );
         }
         let y = comm.all_gather(&x).unwrap();
         assert_eq!(y.dims(), &[12]);
         assert_eq!(bits(&host(&y)), bits(&want));
         // A non-contiguous input is read in logical order.
         let xt = x.t().unwrap();
-        assert_eq!(bits(&host(&comm.all_gather(&xt).unwrap())), bits(&host(&xt)));
+        assert_eq!(
+            bits(&host(&comm.all_gather(&xt).unwrap())),
+            bits(&host(&xt))
+        );
         let y = comm.broadcast(&x, 0).unwrap();
         assert_eq!(bits(&host(&y)), bits(&want));
     }
     comm.barrier().unwrap();
-    let e = comm.all_reduce_sum(&Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    let e = comm
+        .all_reduce_sum(&Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())
+        .unwrap_err();
     assert!(e.to_string().contains("NcclComm::all_reduce"), "{e}");
-    let e = comm.all_reduce_sum(&Tensor::zeros(2, DType::F64, &dev).unwrap()).unwrap_err();
+    let e = comm
+        .all_reduce_sum(&Tensor::zeros(2, DType::F64, &dev).unwrap())
+        .unwrap_err();
     assert!(e.to_string().contains("F64 is not supported"), "{e}");
-    let e = comm.broadcast(&Tensor::zeros(2, DType::F32, &dev).unwrap(), 1).unwrap_err();
+    let e = comm
+        .broadcast(&Tensor::zeros(2, DType::F32, &dev).unwrap(), 1)
+        .unwrap_err();
     assert!(e.to_string().contains("root 1 is out of range"), "{e}");
 }
 
@@ -79,7 +96,9 @@ fn from_env_with_an_id_file() {
     std::env::set_var("STEEPEST_NCCL_ID_FILE", &path);
     let comm = NcclComm::from_env(&gpu()).unwrap();
     assert!(path.exists());
-    let s = comm.all_reduce_sum(&Tensor::new(&[2f32], &gpu()).unwrap()).unwrap();
+    let s = comm
+        .all_reduce_sum(&Tensor::new(&[2f32], &gpu()).unwrap())
+        .unwrap();
     assert_eq!(host(&s), vec![2.0]);
     std::fs::remove_file(&path).unwrap();
 }
@@ -92,14 +111,24 @@ fn data_parallel_on_one_gpu_equals_the_single_process_optimizer() {
         shapes
             .iter()
             .enumerate()
-            .map(|(i, d)| Var::from_tensor(&(grad(99, 0, i, d) * 0.01).unwrap().to_device(&dev).unwrap()).unwrap())
+            .map(|(i, d)| {
+                Var::from_tensor(&(grad(99, 0, i, d) * 0.01).unwrap().to_device(&dev).unwrap())
+                    .unwrap()
+            })
             .collect()
     };
     for grad_dtype in [DType::F32, DType::BF16] {
         let vars = make();
         let comm = NcclComm::new(&dev, 0, 1, &NcclId::new().unwrap()).unwrap();
-        let named = vars.iter().enumerate().map(|(i, v)| (format!("p{i}"), v.clone())).collect();
-        let cfg = DataParallelConfig { grad_dtype, ..Default::default() };
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let cfg = DataParallelConfig {
+            grad_dtype,
+            ..Default::default()
+        };
         let mut dp = DataParallel::new(comm, named, MomentumSgd::new(vars.clone()), cfg).unwrap();
         let ref_vars = make();
         let mut reference = MomentumSgd::new(ref_vars.clone());
@@ -122,12 +151,18 @@ fn data_parallel_on_one_gpu_equals_the_single_process_optimizer() {
             reference.step_subset(&list).unwrap();
         }
         for (i, (a, b)) in vars.iter().zip(&ref_vars).enumerate() {
-            assert_eq!(bits(&host(a.as_tensor())), bits(&host(b.as_tensor())), "{grad_dtype:?} param {i}");
+            assert_eq!(
+                bits(&host(a.as_tensor())),
+                bits(&host(b.as_tensor())),
+                "{grad_dtype:?} param {i}"
+            );
         }
         // A NaN is refused and changes nothing.
         let before: Vec<Vec<f32>> = vars.iter().map(|v| host(v.as_tensor())).collect();
-        let mut g: Vec<Option<Tensor>> =
-            shapes.iter().map(|d| Some(Tensor::zeros(d.as_slice(), DType::F32, &dev).unwrap())).collect();
+        let mut g: Vec<Option<Tensor>> = shapes
+            .iter()
+            .map(|d| Some(Tensor::zeros(d.as_slice(), DType::F32, &dev).unwrap()))
+            .collect();
         g[2] = Some((Tensor::ones((3, 7), DType::F32, &dev).unwrap() * f64::NAN).unwrap());
         let e = dp.step_grads(&g).unwrap_err().to_string();
         assert!(e.contains("NaN/Inf in p2"), "{e}");
