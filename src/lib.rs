@@ -49,6 +49,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod decay;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod linalg;
 pub mod optim;

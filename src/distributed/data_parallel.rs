@@ -1,0 +1,542 @@
+//! The reference data-parallel step: reduce-scatter the gradients to their
+//! owners, step the owned parameters, all-gather the updated parameters.
+//!
+//! [`DataParallel`] works over any [`Collective`] and any optimizer that can
+//! update a subset of its parameters ([`ShardedStep`]). Each call of
+//! [`step_grads`](DataParallel::step_grads) (or [`step`](DataParallel::step)
+//! with a `GradStore`) on every rank, with that rank's own micro-batch
+//! gradients, does:
+//!
+//! 1. **Check and agree.** Pack the local gradients into the flat buffer of the
+//!    [`Plan`] (in [`DataParallelConfig::grad_dtype`]) and check it is finite
+//!    (one host sync); check the gradient list (count, shapes). One all-reduce
+//!    of a small f32 status vector (`2N + P` elements: a non-finite flag and an
+//!    error flag per rank, and per parameter the number of ranks that have a
+//!    gradient for it) tells every rank whether any rank found a problem. If
+//!    one did, **every rank refuses the step** with an error naming the ranks
+//!    (and, on the rank that found it, the parameter): no parameter, no
+//!    optimizer state and nothing else changes anywhere. No rank returns
+//!    before this all-reduce, so a local problem never leaves the others
+//!    waiting.
+//! 2. **One reduce-scatter** ([`ReduceOp::Avg`]) of the flat buffer: this rank
+//!    receives the averaged gradients of exactly the parameters it owns.
+//! 3. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
+//!    (cast to each parameter's dtype), called on every rank at every step,
+//!    with an empty list on a rank that owns nothing.
+//! 4. **One all-gather** of the owners' parameters (in the parameters' dtype:
+//!    bf16 when every parameter is bf16, f32 otherwise, so nothing is rounded)
+//!    plus one status element per rank; every rank writes the parameters it
+//!    does not own into its `Var`s. Afterwards every rank holds bit-identical
+//!    parameters.
+//!
+//! Gradients: a parameter without a gradient on some ranks (unused in their
+//! micro-batch) contributes zeros from those ranks to the average, as in
+//! PyTorch's DDP; a parameter without a gradient on **every** rank is not
+//! passed to `step_subset` at all, as a single-process optimizer skips it.
+//!
+//! A failure inside `step_subset` (which, by the contract of [`ShardedStep`],
+//! leaves that rank's parameters and state unchanged) is reported on every
+//! rank through the status elements of the all-gather; the other owners have
+//! then stepped their parameters, so the step is not atomic across ranks, but
+//! the parameters stay identical on every rank. It should not happen: the
+//! gradients are finite and of the right shapes by step 1.
+
+use super::collective::{Collective, ReduceOp};
+use super::dist_err;
+use super::plan::{ParamSpec, Plan};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// What the distributed layer needs from an optimizer.
+pub trait ShardedStep {
+    /// Update the parameters at these indices (into the optimizer's parameter
+    /// list), with these gradients (already averaged across ranks); other
+    /// parameters are untouched and keep no state on this rank.
+    ///
+    /// Called on every rank at every step, with an empty slice on a rank that
+    /// owns no parameter with a gradient. Each gradient has its parameter's
+    /// shape and dtype. On error, the implementation must change no parameter
+    /// and no state (the crate's step protocol).
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()>;
+}
+
+impl<O: ShardedStep + ?Sized> ShardedStep for &mut O {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        (**self).step_subset(grads)
+    }
+}
+
+impl<O: ShardedStep + ?Sized> ShardedStep for Box<O> {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        (**self).step_subset(grads)
+    }
+}
+
+/// Options of [`DataParallel`].
+#[derive(Clone, Debug)]
+pub struct DataParallelConfig {
+    /// The dtype gradients travel in: `F32` (default) or `BF16` (half the
+    /// bytes; each rank's gradient is rounded to bf16 before the reduction,
+    /// and the averaged gradient once more after it).
+    pub grad_dtype: DType,
+    /// Parameters whose name contains one of these strings are planned as
+    /// element-wise ([`ParamKind::Elementwise`](super::ParamKind::Elementwise), cost = element count) even
+    /// when they are matrices: pass the names the optimizer gives to AdamW.
+    pub elementwise_names: Vec<String>,
+    /// In [`DataParallel::new`], broadcast rank 0's parameters to every rank
+    /// (default `true`), so all ranks start from the same values.
+    pub broadcast_initial: bool,
+}
+
+impl Default for DataParallelConfig {
+    fn default() -> Self {
+        Self {
+            grad_dtype: DType::F32,
+            elementwise_names: Vec::new(),
+            broadcast_initial: true,
+        }
+    }
+}
+
+/// Data-parallel training of one optimizer over the ranks of a
+/// [`Collective`] (see the [module docs](self) for the step).
+pub struct DataParallel<C: Collective, O: ShardedStep> {
+    comm: C,
+    opt: O,
+    vars: Vec<Var>,
+    plan: Plan,
+    config: DataParallelConfig,
+    param_dtype: DType,
+    device: Device,
+    steps: u64,
+}
+
+impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataParallel")
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("params", &self.vars.len())
+            .field("owned", &self.plan.owned(self.comm.rank()))
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
+    /// Plans `params` (named `Var`s, **in the optimizer's parameter order**:
+    /// index `i` here is index `i` of [`ShardedStep::step_subset`]) over the
+    /// ranks of `comm` and checks, with one all-gather, that every rank has the
+    /// same parameter list (names, shapes, dtypes) and options; then, if
+    /// `config.broadcast_initial`, broadcasts rank 0's parameters. Every rank
+    /// must call it (it is collective).
+    pub fn new(
+        comm: C,
+        params: Vec<(String, Var)>,
+        opt: O,
+        config: DataParallelConfig,
+    ) -> Result<Self> {
+        let specs = params
+            .iter()
+            .map(|(name, v)| {
+                if config
+                    .elementwise_names
+                    .iter()
+                    .any(|s| name.contains(s.as_str()))
+                {
+                    ParamSpec::elementwise(name.clone(), v.dims())
+                } else {
+                    ParamSpec::new(name.clone(), v.dims())
+                }
+            })
+            .collect();
+        let plan = Plan::new(specs, comm.world_size())?;
+        let vars = params.into_iter().map(|(_, v)| v).collect();
+        Self::with_plan(comm, vars, plan, opt, config)
+    }
+
+    /// As [`new`](Self::new) with a plan made by the caller (it must list
+    /// `vars`' shapes in order, for `comm`'s world size);
+    /// `config.elementwise_names` is not used.
+    pub fn with_plan(
+        comm: C,
+        vars: Vec<Var>,
+        plan: Plan,
+        opt: O,
+        config: DataParallelConfig,
+    ) -> Result<Self> {
+        let who = format!("DataParallel::new (rank {})", comm.rank());
+        if plan.world_size() != comm.world_size() {
+            return Err(dist_err(
+                &who,
+                format!(
+                    "the plan is for {} ranks, the communicator has {}",
+                    plan.world_size(),
+                    comm.world_size()
+                ),
+            ));
+        }
+        if plan.len() != vars.len() {
+            return Err(dist_err(
+                &who,
+                format!(
+                    "the plan has {} parameters, got {} vars",
+                    plan.len(),
+                    vars.len()
+                ),
+            ));
+        }
+        if !matches!(config.grad_dtype, DType::F32 | DType::BF16) {
+            return Err(dist_err(
+                &who,
+                format!(
+                    "grad_dtype must be F32 or BF16, got {:?}",
+                    config.grad_dtype
+                ),
+            ));
+        }
+        for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
+            if v.dims() != s.dims.as_slice() {
+                return Err(dist_err(
+                    &who,
+                    format!(
+                        "var {i} ({}) has shape {:?}, the plan says {:?}",
+                        s.name,
+                        v.dims(),
+                        s.dims
+                    ),
+                ));
+            }
+            if !matches!(v.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                return Err(dist_err(
+                    &who,
+                    format!(
+                        "var {i} ({}) has dtype {:?}; f32, bf16 and f16 are supported",
+                        s.name,
+                        v.dtype()
+                    ),
+                ));
+            }
+            if !v.device().same_device(vars[0].device()) {
+                return Err(dist_err(
+                    &who,
+                    format!("var {i} ({}) is on another device than var 0", s.name),
+                ));
+            }
+        }
+        let device = vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let param_dtype = if !vars.is_empty() && vars.iter().all(|v| v.dtype() == DType::BF16) {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let this = Self {
+            comm,
+            opt,
+            vars,
+            plan,
+            config,
+            param_dtype,
+            device,
+            steps: 0,
+        };
+        this.check_agreement()?;
+        if this.config.broadcast_initial {
+            this.sync_parameters()?;
+        }
+        Ok(this)
+    }
+
+    fn who(&self, op: &str) -> String {
+        format!("DataParallel::{op} (rank {})", self.comm.rank())
+    }
+
+    /// One all-gather of a fingerprint (plan, var dtypes, grad dtype) in three
+    /// f32-exact 22-bit pieces.
+    fn check_agreement(&self) -> Result<()> {
+        let mut h = self.plan.fingerprint();
+        for v in &self.vars {
+            h = (h ^ dtype_code(v.dtype())).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h = (h ^ dtype_code(self.config.grad_dtype)).wrapping_mul(0x0000_0100_0000_01b3);
+        let pieces = [
+            (h & 0x3f_ffff) as f32,
+            ((h >> 22) & 0x3f_ffff) as f32,
+            (h >> 44) as f32,
+        ];
+        let t = Tensor::new(&pieces, &self.device)?;
+        let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
+        let differ: Vec<usize> = (0..self.comm.world_size())
+            .filter(|&r| all[3 * r..3 * r + 3] != pieces)
+            .collect();
+        if !differ.is_empty() {
+            return Err(dist_err(
+                &self.who("new"),
+                format!(
+                    "the parameter list (names, shapes, dtypes) or grad_dtype differs from this rank's on rank(s) {differ:?}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Broadcasts rank 0's parameters to every rank (one broadcast of the flat
+    /// buffer in the parameters' dtype). Collective.
+    pub fn sync_parameters(&self) -> Result<()> {
+        let values: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|v| Some(v.as_tensor().clone()))
+            .collect();
+        let flat = self.plan.pack(&values, self.param_dtype, &self.device)?;
+        let flat = self.comm.broadcast(&flat, 0)?;
+        if self.comm.rank() != 0 {
+            for (v, t) in self.vars.iter().zip(self.plan.unpack(&flat)?) {
+                v.set(&t.to_dtype(v.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `loss.backward()` then [`step`](Self::step).
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        self.step(&grads)
+    }
+
+    /// One data-parallel step with this rank's gradients from a `GradStore`
+    /// (looked up by each `Var`). Collective.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let g: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.step_grads(&g)
+    }
+
+    /// One data-parallel step with this rank's gradients, one entry per
+    /// parameter in parameter order (`None`: no gradient). Collective: every
+    /// rank must call it (see the [module docs](self)).
+    pub fn step_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        let world = self.comm.world_size();
+        let rank = self.comm.rank();
+        let p = self.plan.len();
+        let who = self.who("step");
+
+        // 1. Local checks; nothing returns before the status all-reduce.
+        let mut local_error: Option<String> = None;
+        let mut nonfinite: Vec<String> = Vec::new();
+        let mut flat = None;
+        if grads.len() != p {
+            local_error = Some(format!(
+                "expected {p} gradients (one per parameter), got {}",
+                grads.len()
+            ));
+        } else {
+            match self.plan.pack(grads, self.config.grad_dtype, &self.device) {
+                Err(e) => local_error = Some(e.to_string()),
+                Ok(f) => match all_finite(&f) {
+                    Err(e) => local_error = Some(e.to_string()),
+                    Ok(true) => flat = Some(f),
+                    Ok(false) => nonfinite = self.nonfinite_names(grads),
+                },
+            }
+        }
+        let mut status = vec![0f32; 2 * world + p];
+        if !nonfinite.is_empty() {
+            status[rank] = 1.0;
+        }
+        if local_error.is_some() {
+            status[world + rank] = 1.0;
+        }
+        if grads.len() == p {
+            for (i, g) in grads.iter().enumerate() {
+                if g.is_some() {
+                    status[2 * world + i] = 1.0;
+                }
+            }
+        }
+        let status = Tensor::from_vec(status, 2 * world + p, &self.device)?;
+        let status = self
+            .comm
+            .all_reduce(&status, ReduceOp::Sum)?
+            .to_vec1::<f32>()?;
+        let bad_ranks: Vec<usize> = (0..world).filter(|&r| status[r] != 0.0).collect();
+        let err_ranks: Vec<usize> = (0..world).filter(|&r| status[world + r] != 0.0).collect();
+        if !bad_ranks.is_empty() || !err_ranks.is_empty() {
+            let mut msg = String::from("step refused on every rank, nothing changed:");
+            if !bad_ranks.is_empty() {
+                msg += &format!(" non-finite gradient on rank(s) {bad_ranks:?};");
+            }
+            if !err_ranks.is_empty() {
+                msg += &format!(" invalid gradients on rank(s) {err_ranks:?};");
+            }
+            if !nonfinite.is_empty() {
+                msg += &format!(" here: NaN/Inf in {}", nonfinite.join(", "));
+            }
+            if let Some(e) = local_error {
+                msg += &format!(" here: {e}");
+            }
+            return Err(dist_err(&who, msg));
+        }
+        let flat = flat.expect("checked above");
+
+        // 2. One reduce-scatter: the averaged gradients of the owned parameters.
+        let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
+
+        // 3. The owner's step. Any error here is reported through the
+        // all-gather's status element, so the other ranks never wait in vain.
+        let step_result = (|| -> Result<()> {
+            let mut owned = Vec::new();
+            for (i, g) in self.plan.unpack_owned(rank, &chunk)? {
+                if status[2 * world + i] > 0.0 {
+                    owned.push((i, g.to_dtype(self.vars[i].dtype())?));
+                }
+            }
+            self.opt.step_subset(&owned)
+        })();
+
+        // 4. One all-gather of the owners' parameters and their status.
+        let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let cl = self.plan.chunk_len();
+        let (send, pack_error) =
+            match self
+                .plan
+                .pack_owned(rank, &values, self.param_dtype, &self.device)
+            {
+                Ok(c) => {
+                    let flag = if step_result.is_ok() { 0.0 } else { 1.0 };
+                    let flag =
+                        Tensor::new(&[flag as f32], &self.device)?.to_dtype(self.param_dtype)?;
+                    (Tensor::cat(&[&c, &flag], 0)?, None)
+                }
+                Err(e) => {
+                    let mut v = vec![0f32; cl + 1];
+                    v[cl] = 2.0;
+                    (
+                        Tensor::from_vec(v, cl + 1, &self.device)?.to_dtype(self.param_dtype)?,
+                        Some(e),
+                    )
+                }
+            };
+        let gathered = self.comm.all_gather(&send)?.reshape((world, cl + 1))?;
+        let flags: Vec<f32> = gathered
+            .narrow(1, cl, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let params = gathered.narrow(1, 0, cl)?.contiguous()?;
+        for (i, t) in self.plan.unpack(&params)?.into_iter().enumerate() {
+            let o = self.plan.owner(i);
+            if o != rank && flags[o] != 2.0 {
+                let v = &self.vars[i];
+                v.set(&t.to_dtype(v.dtype())?)?;
+            }
+        }
+        let failed: Vec<usize> = (0..world).filter(|&r| flags[r] != 0.0).collect();
+        if !failed.is_empty() {
+            let mut msg = format!(
+                "the optimizer step failed on rank(s) {failed:?}; the other owners' parameters were stepped \
+                 (parameters agree across ranks except those of ranks whose packing failed)"
+            );
+            if let Err(e) = step_result {
+                msg += &format!("; here: {e}");
+            }
+            if let Some(e) = pack_error {
+                msg += &format!("; here (packing): {e}");
+            }
+            return Err(dist_err(&who, msg));
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// Names of the parameters whose local gradient is not finite (slow path,
+    /// only after the packed check failed).
+    fn nonfinite_names(&self, grads: &[Option<Tensor>]) -> Vec<String> {
+        let mut names = Vec::new();
+        for (i, g) in grads.iter().enumerate() {
+            if let Some(g) = g {
+                let finite = g
+                    .to_dtype(self.config.grad_dtype)
+                    .and_then(|g| all_finite(&g))
+                    .unwrap_or(false);
+                if !finite {
+                    names.push(self.plan.specs()[i].name.clone());
+                }
+            }
+        }
+        if names.is_empty() {
+            names.push("(the packed gradient buffer)".into());
+        }
+        names
+    }
+
+    /// This rank's communicator.
+    pub fn comm(&self) -> &C {
+        &self.comm
+    }
+
+    /// The optimizer (holding state only for this rank's parameters).
+    pub fn optimizer(&self) -> &O {
+        &self.opt
+    }
+
+    /// The optimizer, mutably (e.g. to set the learning rate; every rank must
+    /// make the same change).
+    pub fn optimizer_mut(&mut self) -> &mut O {
+        &mut self.opt
+    }
+
+    /// The ownership plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The parameters, in parameter order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The parameters this rank owns, in chunk order.
+    pub fn owned(&self) -> &[usize] {
+        self.plan.owned(self.comm.rank())
+    }
+
+    /// Number of steps taken (refused steps are not counted).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The communicator and the optimizer.
+    pub fn into_parts(self) -> (C, O) {
+        (self.comm, self.opt)
+    }
+}
+
+/// `true` iff every element is finite: `sum(x · 0)` is 0 unless some `x` is
+/// NaN or ±Inf (then NaN). One host sync.
+fn all_finite(x: &Tensor) -> Result<bool> {
+    if x.elem_count() == 0 {
+        return Ok(true);
+    }
+    let s = x
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(s == 0.0)
+}
+
+fn dtype_code(d: DType) -> u64 {
+    match d {
+        DType::F32 => 1,
+        DType::BF16 => 2,
+        DType::F16 => 3,
+        _ => 4,
+    }
+}

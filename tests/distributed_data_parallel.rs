@@ -1,0 +1,547 @@
+//! `DataParallel` over in-process ranks against a single process fed the
+//! averaged gradient.
+//!
+//! Exactness: the in-process ranks average by summing in rank order in f32
+//! and dividing by N once; the single-process reference computes the averaged
+//! gradient with the same arithmetic (`rank_order_avg`), and the stand-in
+//! optimizer then does the same candle ops on the same values. Packing,
+//! unpacking and the all-gather only copy. So parameters and momentum are
+//! compared **bit for bit**. (Against a reference that averaged in another
+//! order, e.g. pairwise, the difference would be rounding only: ≤ (N−1)·2⁻²⁴
+//! relative per averaged element.)
+
+mod distributed_support;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use distributed_support::{bits, grad, host, make_vars, rank_order_avg, MomentumSgd};
+use steepest::distributed::{
+    Collective, DataParallel, DataParallelConfig, LocalGroup, ShardedStep,
+};
+
+type GradFn = dyn Fn(usize, usize, usize) -> Option<Tensor> + Sync;
+/// Parameters after each step, and the momentum by parameter index.
+type Trajectory = (Vec<Vec<Vec<f32>>>, BTreeMap<usize, Vec<f32>>);
+
+#[derive(Debug)]
+struct RankOut {
+    /// Parameters after each step (index 0: after construction).
+    history: Vec<Vec<Vec<f32>>>,
+    state: BTreeMap<usize, Vec<f32>>,
+    owned: Vec<usize>,
+    calls: Vec<Vec<usize>>,
+    results: Vec<std::result::Result<(), String>>,
+}
+
+fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
+    vars.iter().map(|v| host(v.as_tensor())).collect()
+}
+
+/// Runs `steps` data-parallel steps on `world` in-process ranks; rank r starts
+/// from its own random values (seed 1 + r), so the initial broadcast matters.
+fn run_distributed(
+    world: usize,
+    shapes: &[Vec<usize>],
+    cfg: &DataParallelConfig,
+    steps: usize,
+    grads: &GradFn,
+    fail_on_call: Option<(usize, usize)>,
+) -> Vec<RankOut> {
+    LocalGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let vars = make_vars(shapes, 1 + rank as u64);
+        let mut opt = MomentumSgd::new(vars.clone());
+        if let Some((r, call)) = fail_on_call {
+            if r == rank {
+                opt.fail_on_call = Some(call);
+            }
+        }
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let mut dp = DataParallel::new(comm, named, opt, cfg.clone())?;
+        let mut history = vec![params_host(&vars)];
+        let mut results = Vec::new();
+        for step in 0..steps {
+            let g: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| grads(step, rank, i)).collect();
+            results.push(dp.step_grads(&g).map_err(|e| e.to_string()));
+            history.push(params_host(&vars));
+        }
+        let owned = dp.owned().to_vec();
+        let (_, opt) = dp.into_parts();
+        Ok(RankOut {
+            history,
+            state: opt.state_host(),
+            owned,
+            calls: opt.calls.clone(),
+            results,
+        })
+    })
+    .unwrap()
+    .into_iter()
+    .map(|r| r.expect("rank failed"))
+    .collect()
+}
+
+/// The single-process reference: rank 0's initial values, each step fed the
+/// rank-order average; a step with a non-finite gradient anywhere is skipped.
+fn run_reference(
+    world: usize,
+    shapes: &[Vec<usize>],
+    bf16_comm: bool,
+    steps: usize,
+    grads: &GradFn,
+) -> Trajectory {
+    let vars = make_vars(shapes, 1);
+    let mut opt = MomentumSgd::new(vars.clone());
+    let mut history = vec![params_host(&vars)];
+    for step in 0..steps {
+        let per: Vec<Vec<Option<Tensor>>> = (0..shapes.len())
+            .map(|i| (0..world).map(|r| grads(step, r, i)).collect())
+            .collect();
+        let finite = per
+            .iter()
+            .flatten()
+            .flatten()
+            .all(|g| host(g).iter().all(|x| x.is_finite()));
+        if finite {
+            let mut list = Vec::new();
+            for (i, per_rank) in per.iter().enumerate() {
+                if per_rank.iter().any(|g| g.is_some()) {
+                    list.push((i, rank_order_avg(per_rank, &shapes[i], bf16_comm)));
+                }
+            }
+            opt.step_subset(&list).unwrap();
+        }
+        history.push(params_host(&vars));
+    }
+    (history, opt.state_host())
+}
+
+/// Every rank's parameters after every step, and the union of the ranks'
+/// momentum (each kept only by the owner), equal the reference bit for bit.
+fn assert_matches_reference(outs: &[RankOut], reference: &Trajectory, what: &str) {
+    let (ref_hist, ref_state) = reference;
+    let mut union = BTreeMap::new();
+    for (r, o) in outs.iter().enumerate() {
+        for (s, (got, want)) in o.history.iter().zip(ref_hist).enumerate() {
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert_eq!(
+                    bits(g),
+                    bits(w),
+                    "{what}: rank {r}, after step {s}, param {i}"
+                );
+            }
+        }
+        for (i, m) in &o.state {
+            assert!(
+                o.owned.contains(i),
+                "{what}: rank {r} keeps state for param {i} it does not own"
+            );
+            assert!(
+                union.insert(*i, m.clone()).is_none(),
+                "{what}: two ranks keep state for param {i}"
+            );
+        }
+        for call in &o.calls {
+            assert!(
+                call.iter().all(|i| o.owned.contains(i)),
+                "{what}: rank {r} stepped a param it does not own"
+            );
+        }
+    }
+    assert_eq!(
+        union.keys().collect::<Vec<_>>(),
+        ref_state.keys().collect::<Vec<_>>(),
+        "{what}: state keys"
+    );
+    for (i, m) in ref_state {
+        assert_eq!(bits(&union[i]), bits(m), "{what}: momentum of param {i}");
+    }
+}
+
+fn mixed_shapes() -> Vec<Vec<usize>> {
+    vec![
+        vec![6, 4],
+        vec![6, 4],
+        vec![3, 7],
+        vec![4, 2, 3],
+        vec![6],
+        vec![],
+        vec![5, 5],
+        vec![6, 4],
+    ]
+}
+
+fn seeded(shapes: Vec<Vec<usize>>) -> impl Fn(usize, usize, usize) -> Option<Tensor> + Sync {
+    move |step, rank, i| Some(grad(step, rank, i, &shapes[i]))
+}
+
+#[test]
+fn one_to_four_ranks_equal_single_process_sgd_bit_for_bit() {
+    let shapes = mixed_shapes();
+    let g = seeded(shapes.clone());
+    for world in 1..=4 {
+        let outs = run_distributed(world, &shapes, &DataParallelConfig::default(), 10, &g, None);
+        for o in &outs {
+            assert!(o.results.iter().all(|r| r.is_ok()), "{:?}", o.results);
+            assert_eq!(o.calls.len(), 10);
+        }
+        let reference = run_reference(world, &shapes, false, 10, &g);
+        assert_matches_reference(&outs, &reference, &format!("{world} ranks"));
+        // The parameters moved.
+        assert_ne!(reference.0[0], reference.0[10]);
+    }
+}
+
+#[test]
+fn bf16_gradients_match_the_bf16_reference_and_differ_from_f32() {
+    let shapes = mixed_shapes();
+    let g = seeded(shapes.clone());
+    let cfg = DataParallelConfig {
+        grad_dtype: DType::BF16,
+        ..Default::default()
+    };
+    let outs = run_distributed(3, &shapes, &cfg, 10, &g, None);
+    assert_matches_reference(
+        &outs,
+        &run_reference(3, &shapes, true, 10, &g),
+        "bf16, 3 ranks",
+    );
+    let f32_ref = run_reference(3, &shapes, false, 10, &g);
+    assert_ne!(
+        outs[0].history[10], f32_ref.0[10],
+        "bf16 communication must round"
+    );
+    // …by rounding only: each averaged gradient element is off by at most
+    // about 2⁻⁸ of the largest |g| over ranks (the input rounding and the
+    // output rounding, 2⁻⁹ each), and SGD with momentum is linear in the
+    // gradients, so the parameters are off by at most 2⁻⁷ · η Σₜ Σ_{s≤t} μ^{t−s}
+    // max_r |g_{r,s}| (2⁻⁷: a factor 2 of slack), element by element.
+    let (lr, mu) = (0.05f32, 0.9f32);
+    for (i, dims) in shapes.iter().enumerate() {
+        let n: usize = dims.iter().product();
+        let mut m_abs = vec![0f32; n];
+        let mut bound = vec![0f32; n];
+        for step in 0..10 {
+            let gmax: Vec<f32> = (0..n)
+                .map(|j| {
+                    (0..3)
+                        .map(|r| host(&g(step, r, i).unwrap())[j].abs())
+                        .fold(0f32, f32::max)
+                })
+                .collect();
+            for ((m, b), g) in m_abs.iter_mut().zip(bound.iter_mut()).zip(&gmax) {
+                *m = mu * *m + g;
+                *b += lr * *m;
+            }
+        }
+        let got = &outs[0].history[10][i];
+        let f32_run = &f32_ref.0[10][i];
+        for (j, ((a, b), bound)) in got.iter().zip(f32_run).zip(&bound).enumerate() {
+            let bound = bound / 128.0 + 1e-6;
+            assert!(
+                (a - b).abs() <= bound,
+                "param {i}[{j}]: {a} vs {b}, bound {bound}"
+            );
+        }
+    }
+}
+
+#[test]
+fn uneven_groups_fewer_matrices_than_ranks_and_one_huge_matrix() {
+    let cases: Vec<(Vec<Vec<usize>>, usize)> = vec![
+        (vec![vec![8, 8], vec![3]], 4),
+        (
+            vec![vec![48, 48], vec![4, 4], vec![4, 4], vec![4, 4], vec![5]],
+            3,
+        ),
+        (
+            vec![vec![48, 48], vec![4, 4], vec![4, 4], vec![4, 4], vec![5]],
+            4,
+        ),
+    ];
+    for (shapes, world) in cases {
+        let g = seeded(shapes.clone());
+        let outs = run_distributed(world, &shapes, &DataParallelConfig::default(), 10, &g, None);
+        let idle = outs.iter().filter(|o| o.owned.is_empty()).count();
+        if shapes.len() < world {
+            assert_eq!(idle, world - shapes.len());
+            // An idle rank is still called every step, with nothing.
+            let o = outs.iter().find(|o| o.owned.is_empty()).unwrap();
+            assert_eq!(o.calls, vec![Vec::<usize>::new(); 10]);
+        } else {
+            let huge_owner = outs.iter().find(|o| o.owned.contains(&0)).unwrap();
+            assert_eq!(huge_owner.owned, vec![0]);
+        }
+        let reference = run_reference(world, &shapes, false, 10, &g);
+        assert_matches_reference(&outs, &reference, &format!("{shapes:?} on {world} ranks"));
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_refuses_the_step_everywhere_and_changes_nothing() {
+    let shapes = mixed_shapes();
+    let base = seeded(shapes.clone());
+    let g = move |step: usize, rank: usize, i: usize| {
+        let t = base(step, rank, i)?;
+        if (step, rank, i) == (4, 1, 2) {
+            let mut v = host(&t);
+            v[5] = f32::NAN;
+            return Some(Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
+        }
+        if (step, rank, i) == (7, 2, 4) {
+            let mut v = host(&t);
+            v[0] = f32::INFINITY;
+            return Some(Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
+        }
+        Some(t)
+    };
+    let outs = run_distributed(3, &shapes, &DataParallelConfig::default(), 10, &g, None);
+    for (r, o) in outs.iter().enumerate() {
+        for (step, res) in o.results.iter().enumerate() {
+            match step {
+                4 | 7 => {
+                    let e = res.as_ref().unwrap_err();
+                    let bad = if step == 4 { 1 } else { 2 };
+                    assert!(e.contains("refused on every rank"), "rank {r}: {e}");
+                    assert!(
+                        e.contains(&format!("non-finite gradient on rank(s) [{bad}]")),
+                        "rank {r}: {e}"
+                    );
+                    if r == bad {
+                        let name = if step == 4 { "p2" } else { "p4" };
+                        assert!(e.contains(&format!("NaN/Inf in {name}")), "rank {r}: {e}");
+                    }
+                    // Nothing changed on this rank.
+                    assert_eq!(o.history[step + 1], o.history[step], "rank {r} step {step}");
+                }
+                _ => assert!(res.is_ok(), "rank {r} step {step}: {res:?}"),
+            }
+        }
+        // The optimizer was not called for the refused steps.
+        assert_eq!(o.calls.len(), 8);
+    }
+    // And the run equals the reference that skips those two steps.
+    assert_matches_reference(&outs, &run_reference(3, &shapes, false, 10, &g), "NaN run");
+}
+
+#[test]
+fn missing_gradients_average_zeros_and_never_seen_parameters_are_skipped() {
+    let shapes = mixed_shapes();
+    let base = seeded(shapes.clone());
+    let g = move |step: usize, rank: usize, i: usize| match i {
+        1 if rank != 0 => None, // only rank 0 has a gradient for p1
+        3 => None,              // nobody has one for p3
+        _ => base(step, rank, i),
+    };
+    let outs = run_distributed(3, &shapes, &DataParallelConfig::default(), 10, &g, None);
+    let reference = run_reference(3, &shapes, false, 10, &g);
+    assert_matches_reference(&outs, &reference, "missing gradients");
+    assert_eq!(reference.0[10][3], reference.0[0][3], "p3 never moves");
+    assert!(!reference.1.contains_key(&3), "and has no state");
+    assert_ne!(reference.0[10][1], reference.0[0][1], "p1 moves");
+}
+
+#[test]
+fn a_bad_gradient_shape_on_one_rank_refuses_everywhere() {
+    let shapes = mixed_shapes();
+    let base = seeded(shapes.clone());
+    let g = move |step: usize, rank: usize, i: usize| {
+        if (step, rank, i) == (2, 0, 0) {
+            return Some(Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap());
+        }
+        base(step, rank, i)
+    };
+    let outs = run_distributed(2, &shapes, &DataParallelConfig::default(), 3, &g, None);
+    for (r, o) in outs.iter().enumerate() {
+        let e = o.results[2].as_ref().unwrap_err();
+        assert!(
+            e.contains("invalid gradients on rank(s) [0]"),
+            "rank {r}: {e}"
+        );
+        if r == 0 {
+            assert!(
+                e.contains("parameter 0 (p0): expected shape [6, 4], got [4, 6]"),
+                "{e}"
+            );
+        }
+        assert_eq!(o.history[3], o.history[2]);
+    }
+}
+
+#[test]
+fn a_failing_owner_step_is_reported_everywhere_and_parameters_stay_identical() {
+    let shapes = mixed_shapes();
+    let g = seeded(shapes.clone());
+    // Rank 1's optimizer fails on its third call (step 2).
+    let outs = run_distributed(
+        3,
+        &shapes,
+        &DataParallelConfig::default(),
+        4,
+        &g,
+        Some((1, 2)),
+    );
+    for (r, o) in outs.iter().enumerate() {
+        let e = o.results[2].as_ref().unwrap_err();
+        assert!(
+            e.contains("optimizer step failed on rank(s) [1]"),
+            "rank {r}: {e}"
+        );
+        if r == 1 {
+            assert!(e.contains("planned failure"), "{e}");
+        }
+        assert!(o.results[3].is_ok());
+        for s in 0..=4 {
+            assert_eq!(
+                o.history[s], outs[0].history[s],
+                "rank {r} vs rank 0 after step {s}"
+            );
+        }
+    }
+    // Rank 1's parameters did not move at step 2; the others' did.
+    let owned1 = &outs[1].owned;
+    for i in 0..shapes.len() {
+        let moved = outs[0].history[3][i] != outs[0].history[2][i];
+        assert_eq!(moved, !owned1.contains(&i), "param {i}");
+    }
+}
+
+#[test]
+fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
+    let out = LocalGroup::run(3, |comm| {
+        let mut shapes = mixed_shapes();
+        if comm.rank() == 2 {
+            shapes[4] = vec![7];
+        }
+        let vars = make_vars(&shapes, 1);
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        DataParallel::new(
+            comm,
+            named,
+            MomentumSgd::new(vars),
+            DataParallelConfig::default(),
+        )
+        .map(|_| ())
+    })
+    .unwrap();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("DataParallel::new") && e.contains("differs from this rank's"),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+/// y = W₂ relu(W₁ x + b₁), squared error; each rank's micro-batch from its seed.
+fn mlp_loss(vars: &[Var], step: usize, rank: usize) -> Result<Tensor> {
+    // Inputs and targets of magnitude ≤ 1, so plain SGD does not diverge.
+    let x = (grad(1000 + step, rank, 0, &[5, 4]) * 0.01)?;
+    let y = (grad(2000 + step, rank, 0, &[5, 2]) * 0.01)?;
+    let h = x
+        .matmul(&vars[0].as_tensor().t()?)?
+        .broadcast_add(vars[1].as_tensor())?
+        .relu()?;
+    let out = h.matmul(&vars[2].as_tensor().t()?)?;
+    (out - y)?.sqr()?.mean_all()
+}
+
+#[test]
+fn gradients_from_backward_on_micro_batches_match_the_averaged_single_process_run() {
+    let shapes = vec![vec![8, 4], vec![8], vec![2, 8]];
+    for world in [2, 3] {
+        let outs = LocalGroup::run(world, |comm| {
+            let rank = comm.rank();
+            let vars = make_vars(&shapes, 1 + rank as u64);
+            let named = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v.clone()))
+                .collect();
+            let mut dp = DataParallel::new(
+                comm,
+                named,
+                MomentumSgd::new(vars.clone()),
+                DataParallelConfig::default(),
+            )?;
+            for step in 0..10 {
+                dp.backward_step(&mlp_loss(&vars, step, rank)?)?;
+            }
+            Ok(params_host(&vars))
+        })
+        .unwrap();
+        // Reference: one process, the micro-batches' gradients averaged in rank order.
+        let vars = make_vars(&shapes, 1);
+        let mut opt = MomentumSgd::new(vars.clone());
+        for step in 0..10 {
+            let per_rank: Vec<Vec<Option<Tensor>>> = (0..world)
+                .map(|r| {
+                    let gs = mlp_loss(&vars, step, r).unwrap().backward().unwrap();
+                    vars.iter()
+                        .map(|v| gs.get(v.as_tensor()).cloned())
+                        .collect()
+                })
+                .collect();
+            let list: Vec<(usize, Tensor)> = (0..shapes.len())
+                .map(|i| {
+                    let col: Vec<Option<Tensor>> = per_rank.iter().map(|g| g[i].clone()).collect();
+                    (i, rank_order_avg(&col, &shapes[i], false))
+                })
+                .collect();
+            opt.step_subset(&list).unwrap();
+        }
+        let want = params_host(&vars);
+        for (r, got) in outs.into_iter().enumerate() {
+            let got = got.expect("rank failed");
+            for i in 0..shapes.len() {
+                assert_eq!(
+                    bits(&got[i]),
+                    bits(&want[i]),
+                    "{world} ranks, rank {r}, param {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_box_dyn_collective_drives_data_parallel() {
+    let shapes = mixed_shapes();
+    let g = seeded(shapes.clone());
+    let outs = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let comm: Box<dyn Collective> = Box::new(comm);
+        let vars = make_vars(&shapes, 1 + rank as u64);
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let mut dp = DataParallel::new(
+            comm,
+            named,
+            MomentumSgd::new(vars.clone()),
+            DataParallelConfig::default(),
+        )?;
+        for step in 0..3 {
+            let gs: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| g(step, rank, i)).collect();
+            dp.step_grads(&gs)?;
+        }
+        assert_eq!(dp.steps(), 3);
+        Ok(params_host(&vars))
+    })
+    .unwrap();
+    let want = run_reference(2, &shapes, false, 3, &g).0.pop().unwrap();
+    for o in outs {
+        assert_eq!(o.unwrap(), want);
+    }
+}
