@@ -207,13 +207,27 @@ fn by_rows<A: Real>(
     }
 }
 
-/// `scale·w − t·b[j]` (the decayed weight) for one element.
-#[inline(always)]
-fn decayed<A: Real>(w: A, scale: A, r1: Option<(A, &[A])>, j: usize) -> A {
-    match r1 {
-        None => scale * w,
-        Some((t, b)) => scale * w - t * b[j],
-    }
+/// Runs `$body` for `$j in 0..$n` with `$wd` the decayed weight
+/// `scale·w[j] − t·b[j]` (`− t·b[j]` only under a rank-1 term), one loop per
+/// case so that the loop has no branch and vectorises.
+macro_rules! for_decayed {
+    ($n:expr, $w:expr, $scale:expr, $r1:expr, |$j:ident, $wd:ident| $body:block) => {
+        match $r1 {
+            None => {
+                for $j in 0..$n {
+                    let $wd = $scale * $w[$j].get();
+                    $body
+                }
+            }
+            Some((t, b)) => {
+                let b = &b[..$n];
+                for $j in 0..$n {
+                    let $wd = $scale * $w[$j].get() - t * b[$j];
+                    $body
+                }
+            }
+        }
+    };
 }
 
 /// AdamW hyperparameters of one step, per parameter (`lr_bc1 = η/(1 − β₁ᵗ)`,
@@ -302,17 +316,17 @@ pub fn adamw_multi<P: Elem>(jobs: &mut [AdamJob<'_, P>], beta1: f64, beta2: f64,
             // SAFETY: spans are disjoint ranges of the slices.
             let (w, m, v) = unsafe { (raw.w.span(s, end), raw.m.span(s, end), raw.v.span(s, end)) };
             let g = &job.g[s..end];
-            let scale = job.decay.scale;
-            for j in 0..g.len() {
+            let (scale, n) = (job.decay.scale, g.len());
+            let (m, v) = (&mut m[..n], &mut v[..n]);
+            for_decayed!(n, w, scale, r1, |j, wd| {
                 let gj = g[j].get();
                 let mj = m[j] + (gj - m[j]) * b1;
                 let vj = v[j] * b2 + gj * gj * b2c;
                 let denom = vj.sqrt() / bc2 + e;
-                let wd = decayed(w[j].get(), scale, r1, j);
                 w[j] = P::put(wd - (mj / denom) * lr);
                 m[j] = mj;
                 v[j] = vj;
-            }
+            });
         });
     });
 }
@@ -384,24 +398,23 @@ pub fn sgd_multi<P: Elem>(jobs: &mut [SgdJob<'_, P>], momentum: f64, nesterov: b
             // SAFETY: spans are disjoint ranges of the slices.
             let w = unsafe { raw.w.span(s, end) };
             let g = &job.g[s..end];
-            let scale = job.decay.scale;
+            let (scale, n) = (job.decay.scale, g.len());
             match raw.b {
                 None => {
-                    for j in 0..g.len() {
-                        let wd = decayed(w[j].get(), scale, r1, j);
+                    for_decayed!(n, w, scale, r1, |j, wd| {
                         w[j] = P::put(wd - g[j].get() * lr);
-                    }
+                    });
                 }
                 Some(bp) => {
-                    let b = unsafe { bp.span(s, end) };
-                    for j in 0..g.len() {
+                    // SAFETY: as above.
+                    let buf = unsafe { bp.span(s, end) };
+                    for_decayed!(n, w, scale, r1, |j, wd| {
                         let gj = g[j].get();
-                        let bj = b[j] * mu + gj;
+                        let bj = buf[j] * mu + gj;
                         let d = if nesterov { gj + bj * mu } else { bj };
-                        let wd = decayed(w[j].get(), scale, r1, j);
                         w[j] = P::put(wd - d * lr);
-                        b[j] = bj;
-                    }
+                        buf[j] = bj;
+                    });
                 }
             }
         });
@@ -488,11 +501,10 @@ pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
             // SAFETY: spans are disjoint ranges of the slices.
             let w = unsafe { raws[i].span(s, end) };
             let d = &job.d[s..end];
-            let scale = job.decay.scale;
-            for j in 0..d.len() {
-                let wd = decayed(w[j].get(), scale, r1, j);
+            let (scale, n) = (job.decay.scale, d.len());
+            for_decayed!(n, w, scale, r1, |j, wd| {
                 w[j] = P::put(wd - d[j] * alpha);
-            }
+            });
         });
     });
 }
