@@ -17,9 +17,17 @@
 //! Every function here assumes its arguments were validated by the caller
 //! (shapes, dtypes, one device); it errors only on what cannot be checked
 //! earlier (a kernel that fails to launch).
+//!
+//! The CUDA kernels are also compiled for the host and run on the CPU by the
+//! crate's kernel emulator ([`emu`]), which the tests compare with [`cpu`];
+//! the launch code (`launch.rs`) is shared by both. See `docs/kernels.md`.
 
 pub mod access;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod emu;
+pub(crate) mod launch;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -157,6 +165,10 @@ fn generic_decayed(w: &Tensor, d: &DecayTerm<'_>) -> Result<Tensor> {
 
 /// AdamW on every item, in place (see [`cpu::adamw`] for the formulas).
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if cuda::adamw_step(items, beta1, beta2, eps)? {
+        return Ok(());
+    }
     for it in items {
         if all_cpu(&[it.w.as_tensor(), it.g, it.m.as_tensor()]) {
             let mut ins = vec![it.g];
@@ -215,6 +227,10 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
 
 /// SGD on every item, in place (see [`cpu::sgd`]).
 pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if cuda::sgd_step(items, momentum, nesterov)? {
+        return Ok(());
+    }
     for it in items {
         if all_cpu(&[it.w.as_tensor(), it.g]) {
             let mut ins = vec![it.g];
@@ -301,6 +317,10 @@ pub fn ema_momentum(
             out.dim(0)?
         );
     }
+    #[cfg(feature = "cuda")]
+    if cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
+        return Ok(());
+    }
     if all_cpu(grads) && out.device().is_cpu() {
         let mut outs: Vec<&Tensor> = bufs.iter().map(|b| b.as_tensor()).collect();
         outs.push(out.as_tensor());
@@ -378,6 +398,10 @@ pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'
             d.dim(0)?
         );
     }
+    #[cfg(feature = "cuda")]
+    if cuda::apply_step(ws, d, alphas, decays)? {
+        return Ok(());
+    }
     let d = d.contiguous()?;
     for (i, w) in ws.iter().enumerate() {
         let di = d.get(i)?;
@@ -427,6 +451,10 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
     if ts.is_empty() {
         return Ok(None);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(r) = cuda::first_nonfinite(ts)? {
+        return Ok(r);
+    }
     if all_cpu(ts) {
         for (i, t) in ts.iter().enumerate() {
             let t = t.contiguous()?;
@@ -459,6 +487,10 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     if ts.is_empty() {
         return Ok(Vec::new());
     }
+    #[cfg(feature = "cuda")]
+    if let Some(r) = cuda::sum_squares(ts)? {
+        return Ok(r);
+    }
     let sums = ts
         .iter()
         .map(|t| {
@@ -483,11 +515,19 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
         };
         return Ok(out.to_dtype(g.dtype())?);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(x) = cuda::msign(g, ns)? {
+        return Ok(x);
+    }
     crate::linalg::msign_generic(g, ns)
 }
 
 /// Batched power iteration (see [`crate::linalg::power_iteration`]).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    #[cfg(feature = "cuda")]
+    if let Some(top) = cuda::power_iteration(w, start, iters)? {
+        return Ok(top);
+    }
     crate::linalg::power_iteration_generic(w, start, iters)
 }
 
