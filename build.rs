@@ -56,11 +56,11 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out: &Path) {
             b.flag("-fsanitize=address")
                 .flag("-fno-omit-frame-pointer")
                 .opt_level(1);
-            println!("cargo::rustc-link-arg=-fsanitize=address");
+            link_sanitizer_runtime(&b, "asan");
         }
         Ok("thread") => {
             b.flag("-fsanitize=thread").opt_level(1);
-            println!("cargo::rustc-link-arg=-fsanitize=thread");
+            link_sanitizer_runtime(&b, "tsan");
         }
         Ok("") | Err(_) => {
             b.opt_level(2);
@@ -90,6 +90,37 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out: &Path) {
     b.file(&runtime);
     // `compile` panics (a build error) when no C++ compiler is found.
     b.compile("steepest_emu");
+}
+
+/// Links GCC's static sanitizer runtime `lib<name>.a` into this package's
+/// tests, examples and benches. `-fsanitize=` on the link line would not do:
+/// rustc links with `-nodefaultlibs`, under which GCC adds no sanitizer
+/// library; and the runtime must precede libc in symbol lookup (its
+/// `malloc` must win), which a static, whole-archive runtime in the
+/// executable does wherever it sits on the command line (`-static-libasan`).
+fn link_sanitizer_runtime(b: &cc::Build, name: &str) {
+    let cc = b.get_compiler().path().to_path_buf();
+    let find = |file: &str| -> String {
+        let out = Command::new(&cc)
+            .arg(format!("-print-file-name={file}"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cc.display()));
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            Path::new(&p).is_absolute(),
+            "STEEPEST_EMU_SANITIZE needs GCC's {file} (not found by {})",
+            cc.display()
+        );
+        p
+    };
+    println!("cargo::rustc-link-arg={}", find(&format!("lib{name}_preinit.o")));
+    println!("cargo::rustc-link-arg=-Wl,--whole-archive");
+    println!("cargo::rustc-link-arg={}", find(&format!("lib{name}.a")));
+    println!("cargo::rustc-link-arg=-Wl,--no-whole-archive");
+    // what GCC's libsanitizer.spec adds for the static runtimes
+    for lib in ["rt", "dl", "pthread", "m", "stdc++"] {
+        println!("cargo::rustc-link-arg=-l{lib}");
+    }
 }
 
 /// `nvcc --ptx` for each `.cu`; writes `steepest_ptx.rs` with the modules and
