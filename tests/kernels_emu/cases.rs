@@ -120,19 +120,31 @@ pub fn f64s(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// Largest `|a − b|`.
+/// Largest `|a − b|`; infinite where one is NaN (or ±Inf) and the other is
+/// not the same value (`f64::max` alone would skip a NaN and pass).
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (f64s(a), f64s(b));
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            if x == y {
+                0.0
+            } else if (x - y).is_finite() {
+                (x - y).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
         .fold(0.0, f64::max)
 }
 
-/// Largest `|x|`.
+/// Largest `|x|`; infinite if any element is NaN or ±Inf.
 pub fn max_abs(a: &Tensor) -> f64 {
-    f64s(a).iter().map(|x| x.abs()).fold(0.0, f64::max)
+    f64s(a)
+        .iter()
+        .map(|x| if x.is_finite() { x.abs() } else { f64::INFINITY })
+        .fold(0.0, f64::max)
 }
 
 /// Asserts equal bits, naming the first differing element.
