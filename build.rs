@@ -113,7 +113,10 @@ fn link_sanitizer_runtime(b: &cc::Build, name: &str) {
         );
         p
     };
-    println!("cargo::rustc-link-arg={}", find(&format!("lib{name}_preinit.o")));
+    println!(
+        "cargo::rustc-link-arg={}",
+        find(&format!("lib{name}_preinit.o"))
+    );
     println!("cargo::rustc-link-arg=-Wl,--whole-archive");
     println!("cargo::rustc-link-arg={}", find(&format!("lib{name}.a")));
     println!("cargo::rustc-link-arg=-Wl,--no-whole-archive");

@@ -69,9 +69,15 @@ fn main() -> Result<()> {
         let (mut t_msign, mut t_prod, mut t_gen, mut ratios) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let a = seconds(|| msign(&g, &ns).map(|t| drop(std::hint::black_box(t))))?;
+            let a = seconds(|| {
+                std::hint::black_box(msign(&g, &ns)?);
+                Ok(())
+            })?;
             let b = seconds(|| products(&x, &xt, steps))?;
-            let c = seconds(|| msign_generic(&g, &ns).map(|t| drop(std::hint::black_box(t))))?;
+            let c = seconds(|| {
+                std::hint::black_box(msign_generic(&g, &ns)?);
+                Ok(())
+            })?;
             t_msign.push(a);
             t_prod.push(b);
             t_gen.push(c);

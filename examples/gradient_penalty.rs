@@ -1,4 +1,4 @@
-//! Gradient-norm penalties on a small MLP classifier (SPEC §6).
+//! Gradient-norm penalties on a small MLP classifier (docs/math.md §6).
 //!
 //! Trains the same MLP (2 → 32 → 32 → 2, tanh) on two noisy interleaved
 //! spirals three times: without a penalty, with the parameter-gradient penalty
@@ -6,17 +6,22 @@
 //! (both by finite-difference Hessian–vector products). Every few steps it
 //! prints the test accuracy and both sides of the inequality
 //! `‖∇_x f‖² Σ_t (1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖J_t‖₂²) ≤ ‖∇_θ f‖²`, averaged over
-//! test points with `f` the per-sample cross-entropy, and writes a CSV.
+//! test points with `f` the per-sample cross-entropy, and writes them as CSV
+//! to `runs/gradient_penalty/gradient_penalty.csv` (`--out DIR` for another
+//! directory).
 //!
 //! ```text
-//! cargo run --example gradient_penalty [-- out.csv]
+//! cargo run --example gradient_penalty [-- --out DIR]
 //! ```
+
+use std::fs::File;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::io::Write;
 use steepest::penalty::{
     gradient_inequality, input_grad_penalty, param_grad_penalty, Activation, GradPenaltyConfig,
     Mlp, Penalty,
@@ -27,6 +32,15 @@ const TEST: usize = 1000;
 const STEPS: usize = 600;
 const EVERY: usize = 50;
 const DIAG_POINTS: usize = 24;
+
+/// gradient_penalty — gradient-norm penalties on a small MLP classifier
+#[derive(Parser, Debug)]
+#[command(name = "gradient_penalty")]
+struct Cli {
+    /// Output directory (gets gradient_penalty.csv)
+    #[arg(long, value_name = "DIR", default_value = "runs/gradient_penalty")]
+    out: PathBuf,
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Run {
@@ -94,7 +108,11 @@ fn inequality_sides(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<(f64, f64, f64)
     Ok((lhs / n, rhs / n, gx / n))
 }
 
-fn train(run: Run, data: &(Tensor, Tensor, Tensor, Tensor), csv: &mut impl Write) -> Result<()> {
+fn train(
+    run: Run,
+    data: &(Tensor, Tensor, Tensor, Tensor),
+    csv: &mut csv::Writer<File>,
+) -> Result<()> {
     let (xtr, ytr, xte, yte) = data;
     // The same seeded initialisation for every run: U(−1/√in, 1/√in).
     let mut init = StdRng::seed_from_u64(0);
@@ -161,11 +179,17 @@ fn train(run: Run, data: &(Tensor, Tensor, Tensor, Tensor), csv: &mut impl Write
                 run.name(),
                 lhs / rhs
             );
-            writeln!(
-                csv,
-                "{},{step},{loss},{penalty},{train_acc},{acc},{gx},{lhs},{rhs}",
-                run.name()
-            )
+            csv.write_record([
+                run.name().to_string(),
+                step.to_string(),
+                loss.to_string(),
+                penalty.to_string(),
+                train_acc.to_string(),
+                acc.to_string(),
+                gx.to_string(),
+                lhs.to_string(),
+                rhs.to_string(),
+            ])
             .map_err(candle_core::Error::wrap)?;
         }
         if step < STEPS {
@@ -176,19 +200,25 @@ fn train(run: Run, data: &(Tensor, Tensor, Tensor, Tensor), csv: &mut impl Write
 }
 
 fn main() -> Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("gradient_penalty.csv"));
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.out).map_err(candle_core::Error::wrap)?;
+    let path = cli.out.join("gradient_penalty.csv");
     let mut rng = StdRng::seed_from_u64(6);
     let (xtr, ytr) = spirals(&mut rng, TRAIN, 0.25)?;
     let (xte, yte) = spirals(&mut rng, TEST, 0.25)?;
     let data = (xtr, ytr, xte, yte);
-    let mut csv = std::fs::File::create(&path).map_err(candle_core::Error::wrap)?;
-    writeln!(
-        csv,
-        "run,step,loss,penalty,train_acc,test_acc,grad_x_sq,lhs,rhs"
-    )
+    let mut csv = csv::Writer::from_path(&path).map_err(candle_core::Error::wrap)?;
+    csv.write_record([
+        "run",
+        "step",
+        "loss",
+        "penalty",
+        "train_acc",
+        "test_acc",
+        "grad_x_sq",
+        "lhs",
+        "rhs",
+    ])
     .map_err(candle_core::Error::wrap)?;
     // ‖∇_x L‖² of a mean over N samples is (1/N²) Σ‖∇_{x_i} ℓ_i‖², so the input
     // penalty's ρ is scaled by N to weigh the per-sample input gradients.
@@ -202,6 +232,7 @@ fn main() -> Result<()> {
     for run in runs {
         train(run, &data, &mut csv)?;
     }
+    csv.flush().map_err(candle_core::Error::wrap)?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -7,7 +7,7 @@
 //!
 //! - EMA (decay `β`): `θ̄_1 = θ_1`, `θ̄_n = β·θ̄_{n−1} + (1−β)·θ_n`.
 //! - Polyak: `θ̄_n = θ̄_{n−1} + (θ_n − θ̄_{n−1})/n = (1/n) Σ_{i≤n} θ_i`
-//!   (SPEC §5: the averaged iterate enjoys the averaged-loss bound).
+//!   (docs/math.md §5: the averaged iterate enjoys the averaged-loss bound).
 //! - WSM (Warmup–Stable–Merge, arXiv 2507.17634): every `interval` updates a
 //!   checkpoint is kept, the last `k+1` of them `θ^{(0)}, …, θ^{(k)}` (oldest
 //!   first), and the merged model is `Σ_i c_i θ^{(i)}` with the weights of

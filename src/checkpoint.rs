@@ -9,8 +9,9 @@
 //!   (e.g. `fc1.weight.adam.exp_avg`); step counters are `i64` scalars.
 //!
 //! In a file ([`save`], [`OptimizerState::save_state`]) the header travels in
-//! the safetensors metadata (`steepest`), beside a CRC-32 of every tensor's
-//! bytes (`steepest.crc32`), so a truncated or corrupted file is refused; the
+//! the safetensors metadata (`steepest`, with its CRC-32 in
+//! `steepest.header.crc32`), beside a CRC-32 of every tensor's bytes
+//! (`steepest.crc32`), so a truncated or corrupted file is refused; the
 //! file is written to a temporary name and renamed, so a crash mid-write
 //! leaves the old file. Files from before format 2 (`__steepest__.kind`
 //! entries) and files from elsewhere are refused with a clear error.
@@ -31,6 +32,7 @@ pub const FORMAT: &str = "steepest-state";
 pub const VERSION: u32 = 2;
 const META_HEADER: &str = "steepest";
 const META_CRC: &str = "steepest.crc32";
+const META_HEADER_CRC: &str = "steepest.header.crc32";
 
 /// An object whose state (moments, step counters, `v₁` vectors, dual
 /// variables, hyperparameters) can be saved and restored.
@@ -225,6 +227,10 @@ pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<
             let bytes = t.to_vec1::<u8>()?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::checkpoint(HEADER_KEY, "is not UTF-8"))?;
+            meta.insert(
+                META_HEADER_CRC.to_string(),
+                format!("{:08x}", crc32fast::hash(text.as_bytes())),
+            );
             meta.insert(META_HEADER.to_string(), text);
         } else {
             tensors.insert(k, t.to_device(&Device::Cpu)?);
@@ -284,6 +290,16 @@ pub fn load<P: AsRef<Path>>(path: P) -> Result<HashMap<String, Tensor>> {
             "no steepest header in the metadata: not a steepest checkpoint"
         );
     };
+    let header_crc = format!("{:08x}", crc32fast::hash(header.as_bytes()));
+    match meta.get(META_HEADER_CRC) {
+        Some(want) if *want == header_crc => {}
+        Some(want) => fail!(
+            Checkpoint,
+            HEADER_KEY,
+            "checksum mismatch in {who} (stored {want}, header gives {header_crc}): the file is corrupted"
+        ),
+        None => fail!(Checkpoint, HEADER_KEY, "no header checksum in {who}"),
+    }
     let crcs: BTreeMap<String, String> = meta
         .get(META_CRC)
         .and_then(|s| serde_json::from_str(s).ok())

@@ -51,7 +51,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     let norm = grad_norm(grads, vars)?;
     if !norm.is_finite() {
         fail!(
-            Config,
+            Numerical,
             "clip_grad_norm",
             "the global gradient norm is {norm} (a gradient holds NaN or Inf); nothing was clipped"
         );

@@ -1,4 +1,4 @@
-//! Weight decay: decoupled (`W ← W − ηλW`) and spectral (`W ← W − ηλ·W v₁v₁ᵀ`, SPEC §1).
+//! Weight decay: decoupled (`W ← W − ηλW`) and spectral (`W ← W − ηλ·W v₁v₁ᵀ`, docs/math.md §1).
 
 use candle_core::Tensor;
 

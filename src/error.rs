@@ -124,15 +124,31 @@ impl Error {
         }
     }
 
-    /// The same error about `who` instead (used where a generic routine's
-    /// error is reported for the parameter it ran on).
+    /// The same error reported for `new_who` (the parameter a generic
+    /// routine ran on), keeping the routine's name in the message.
     pub(crate) fn about(self, new_who: &str) -> Self {
+        let re = |who: String, what: String| (new_who.to_string(), format!("{who}: {what}"));
         match self {
-            Self::Shape { what, .. } => Self::shape(new_who, what),
-            Self::Config { what, .. } => Self::config(new_who, what),
-            Self::Checkpoint { what, .. } => Self::checkpoint(new_who, what),
-            Self::Device { what, .. } => Self::device(new_who, what),
-            Self::Numerical { who, what } => Self::numerical(new_who, format!("{who}: {what}")),
+            Self::Shape { who, what } => {
+                let (who, what) = re(who, what);
+                Self::Shape { who, what }
+            }
+            Self::Config { who, what } => {
+                let (who, what) = re(who, what);
+                Self::Config { who, what }
+            }
+            Self::Checkpoint { who, what } => {
+                let (who, what) = re(who, what);
+                Self::Checkpoint { who, what }
+            }
+            Self::Device { who, what } => {
+                let (who, what) = re(who, what);
+                Self::Device { who, what }
+            }
+            Self::Numerical { who, what } => {
+                let (who, what) = re(who, what);
+                Self::Numerical { who, what }
+            }
             e => e,
         }
     }

@@ -19,7 +19,7 @@
 //! - [`schedule`]: learning-rate schedules (constant, warmup, cosine, WSD,
 //!   `α/√t`, the last-iterate-optimal constant rate) and [`schedule::Scheduled`],
 //!   which drives any `candle_nn::Optimizer`; [`averaging`]: EMA, Polyak and
-//!   WSM checkpoint merging; [`theory`]: SPEC §5's last-iterate and average
+//!   WSM checkpoint merging; [`theory`]: docs/math.md §5's last-iterate and average
 //!   bounds; [`clip`]: gradient clipping by global norm.
 //!
 //! ```no_run
@@ -61,4 +61,4 @@ pub use decay::WeightDecay;
 pub use error::{Error, Result};
 pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
-pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig};
+pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig, TryStep};

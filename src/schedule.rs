@@ -1,4 +1,4 @@
-//! Learning-rate schedules (SPEC §5) and a driver that applies one to any
+//! Learning-rate schedules (docs/math.md §5) and a driver that applies one to any
 //! [`candle_nn::Optimizer`] through `set_learning_rate`.
 //!
 //! A [`Schedule`] maps the step index `s = 0, 1, 2, …` (the number of optimizer
@@ -11,8 +11,8 @@
 //! | [`Schedule::linear_warmup`] | `η·(s+1)/W` for `s < W`, then `η` |
 //! | [`Schedule::cosine`] | `η_min + (η − η_min)(1 + cos(π·min(s, S)/S))/2` |
 //! | [`Schedule::wsd`] | `η` for `s < S`, then `η_min + (η − η_min)·f((s−S)/D)` for `S ≤ s < S+D`, then `η_min` |
-//! | [`Schedule::inverse_sqrt`] | `α/√(s+1)` (SPEC §5's `η_t = α/√t` with `t = s+1`) |
-//! | [`Schedule::last_iterate_optimal`] | `R / (G·√(T(2 + ln T)))` (SPEC §5) |
+//! | [`Schedule::inverse_sqrt`] | `α/√(s+1)` (docs/math.md §5's `η_t = α/√t` with `t = s+1`) |
+//! | [`Schedule::last_iterate_optimal`] | `R / (G·√(T(2 + ln T)))` (docs/math.md §5) |
 //!
 //! with the WSD decay shapes `f` of [`DecayShape`].
 
@@ -175,7 +175,7 @@ impl Schedule {
         Ok(Self(Kind::InverseSqrt(alpha)))
     }
 
-    /// The constant rate minimising SPEC §5's constant-rate last-iterate bound
+    /// The constant rate minimising docs/math.md §5's constant-rate last-iterate bound
     /// `R²/(2Tη) + (G²η/2)(2 + ln T)`: `η = R / (G·√(T(2 + ln T)))`
     /// (see [`crate::theory::optimal_constant_lr`]).
     pub fn last_iterate_optimal(r: f64, g: f64, total_steps: usize) -> Result<Self> {
@@ -285,6 +285,28 @@ impl<O: Optimizer> Scheduled<O> {
 /// The checkpoint key of [`Scheduled`]'s step counter (an `i64` scalar).
 pub const SCHEDULE_STEP_KEY: &str = "__schedule__.step";
 
+impl<O: Optimizer + crate::optim::TryStep> Scheduled<O> {
+    /// [`Scheduled::step`] keeping the crate's typed error (e.g.
+    /// [`Error::NonFiniteGradient`](crate::Error::NonFiniteGradient)); a
+    /// refused step changes nothing, as there.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        let before = self.opt.learning_rate();
+        self.opt.set_learning_rate(self.schedule.lr(self.step));
+        if let Err(e) = self.opt.try_step(grads) {
+            self.opt.set_learning_rate(before);
+            return Err(e);
+        }
+        self.step += 1;
+        Ok(())
+    }
+}
+
+impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O> {
+    fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        Scheduled::try_step(self, grads)
+    }
+}
+
 /// A scheduled optimizer's checkpoint is the wrapped optimizer's plus the
 /// step counter ([`SCHEDULE_STEP_KEY`]), so a resumed run continues the
 /// schedule where it stopped.
@@ -299,7 +321,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let Some(step) = state.get(SCHEDULE_STEP_KEY) else {
             fail!(
-                Config,
+                Checkpoint,
                 "checkpoint",
                 "no `{SCHEDULE_STEP_KEY}` entry: not written by a Scheduled optimizer"
             );
@@ -307,7 +329,7 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
         let step = match step.to_scalar::<i64>() {
             Ok(s) if s >= 0 => s as usize,
             _ => fail!(
-                Config,
+                Checkpoint,
                 SCHEDULE_STEP_KEY,
                 "must be a non-negative i64 scalar, got {step:?}"
             ),

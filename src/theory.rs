@@ -1,4 +1,4 @@
-//! Convergence bounds of SGD for convex losses (SPEC §5), as functions.
+//! Convergence bounds of SGD for convex losses (docs/math.md §5), as functions.
 //!
 //! Setting: convex `L`, stochastic gradients with `E‖g‖² ≤ G²`, learning
 //! rates `η_1 ≥ η_2 ≥ … ≥ η_T > 0` (non-increasing), `R = ‖θ_1 − θ*‖`,
@@ -11,7 +11,7 @@
 //!   `E[L(θ_T) − L*] ≤ R²/(2Tη_T) + (G²/2) Σ_{t=1}^{T} (η_t²/η_T) / max(1, T−t)`.
 //!
 //! Source: F. Orabona, "Last iterate of SGD converges (even in unbounded
-//! domains)", 2020, in the simplified form of Su Jianlin's note (SPEC §5).
+//! domains)", 2020, in the simplified form of Su Jianlin's note (docs/math.md §5).
 
 use crate::error::{fail, Result};
 
@@ -42,7 +42,7 @@ fn check_inputs(who: &str, lrs: &[f64], r: f64, g: f64) -> Result<()> {
     Ok(())
 }
 
-/// SPEC §5's last-iterate bound:
+/// docs/math.md §5's last-iterate bound:
 /// `E[L(θ_T) − L*] ≤ R²/(2Tη_T) + (G²/2) Σ_{t=1}^{T} (η_t²/η_T) / max(1, T−t)`.
 ///
 /// Errors on an empty `lrs`, a rate that is not finite and positive, rates
@@ -62,7 +62,7 @@ pub fn last_iterate_bound(lrs: &[f64], r: f64, g: f64) -> Result<f64> {
     Ok(r * r / (2.0 * t_total as f64 * eta_t) + 0.5 * g * g * sum)
 }
 
-/// SPEC §5's averaged-loss bound, which also bounds the averaged iterate:
+/// docs/math.md §5's averaged-loss bound, which also bounds the averaged iterate:
 /// `E[L(θ̄_T) − L*] ≤ (1/T) Σ_t E[L(θ_t) − L*] ≤ R²/(2Tη_T) + (G²/(2T)) Σ_t η_t²/η_T`.
 ///
 /// Same input checks as [`last_iterate_bound`].
@@ -74,7 +74,7 @@ pub fn average_bound(lrs: &[f64], r: f64, g: f64) -> Result<f64> {
     Ok(r * r / (2.0 * t_total * eta_t) + g * g * sum / (2.0 * t_total))
 }
 
-/// The closed-form constant-rate last-iterate bound of SPEC §5:
+/// The closed-form constant-rate last-iterate bound of docs/math.md §5:
 /// `R²/(2Tη) + (G²η/2)(2 + ln T)`. It is an upper bound of
 /// [`last_iterate_bound`] on `[η; T]`, whose exact value is
 /// `R²/(2Tη) + (G²η/2)(1 + H_{T−1})` (`H_n` the harmonic number), since
@@ -119,7 +119,7 @@ pub fn optimal_constant_lr(r: f64, g: f64, total_steps: usize) -> Result<f64> {
     Ok(r / (g * (t * (2.0 + t.ln())).sqrt()))
 }
 
-/// The right-hand side of SPEC §5's identity, which equals `q_T` for any
+/// The right-hand side of docs/math.md §5's identity, which equals `q_T` for any
 /// sequence `q = [q_1, …, q_T]`:
 /// `q_T = (1/T) Σ_{t=1}^T q_t + Σ_{k=1}^{T−1} 1/(k(k+1)) Σ_{t=T−k}^{T} (q_t − q_{T−k})`.
 /// Computed literally, in `O(T²)`. Returns 0 for an empty `q`.

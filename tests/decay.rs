@@ -1,4 +1,4 @@
-//! Spectral weight decay (SPEC §1): σ₁ ← (1 − ηλ)σ₁, every other singular
+//! Spectral weight decay (docs/math.md §1): σ₁ ← (1 − ηλ)σ₁, every other singular
 //! triplet unchanged — checked with an f64 SVD, for the pure function and
 //! through each optimizer.
 

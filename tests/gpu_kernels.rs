@@ -68,6 +68,11 @@ fn decay(p: &P, i: usize) -> DecayTerm<'_> {
     }
 }
 
+/// The index of `p` in `ps` (its case number, which sets its decay).
+fn idx(ps: &[P], p: &P) -> usize {
+    ps.iter().position(|q| std::ptr::eq(q, p)).expect("member")
+}
+
 #[test]
 fn gpu_fused_updates_match_cpu() {
     let dev = gpu();
@@ -81,12 +86,17 @@ fn gpu_fused_updates_match_cpu() {
             .map(|i| make(i, DTYPES[i % 3], &Device::Cpu))
             .collect();
         let gpu: Vec<P> = (0..n * 3).map(|i| make(i, DTYPES[i % 3], &dev)).collect();
-        for ps in [&cpu, &gpu] {
+        // The CPU reference one parameter per call (the seam's CPU path takes
+        // one dtype per group); the GPU gets the whole mixed set at once.
+        let cpu_calls: Vec<&[P]> = cpu.chunks(1).collect();
+        let calls: Vec<&[P]> = cpu_calls.into_iter().chain([gpu.as_slice()]).collect();
+        for ps in calls {
             match fam {
                 "adamw" => {
                     let items: Vec<AdamItem<'_>> = ps
                         .iter()
                         .enumerate()
+                        .map(|(i, p)| (if ps.len() == 1 { idx(&cpu, p) } else { i }, p))
                         .map(|(i, p)| AdamItem {
                             w: &p.w,
                             g: &p.g,
@@ -105,6 +115,7 @@ fn gpu_fused_updates_match_cpu() {
                     let items: Vec<SgdItem<'_>> = ps
                         .iter()
                         .enumerate()
+                        .map(|(i, p)| (if ps.len() == 1 { idx(&cpu, p) } else { i }, p))
                         .map(|(i, p)| SgdItem {
                             w: &p.w,
                             g: &p.g,
@@ -136,23 +147,35 @@ fn gpu_ema_and_apply_match_cpu() {
         dims.extend_from_slice(cpu[0].w.dims());
         let d = randn(&mut rng(7), &dims, DType::F32, &Device::Cpu);
         let mut outs = Vec::new();
-        for (ps, dv) in [(&cpu, Device::Cpu), (&gpu, dev.clone())] {
-            let out = Var::zeros(dims.as_slice(), DType::F32, &dv).unwrap();
-            let gs: Vec<&Tensor> = ps.iter().map(|p| &p.g).collect();
-            let bs: Vec<&Var> = ps.iter().map(|p| &p.s1).collect();
+        // CPU: one member per call (one dtype per call); GPU: the batch at once.
+        let mut one = dims.clone();
+        one[0] = 1;
+        let mut rows = Vec::new();
+        for (k, p) in cpu.iter().enumerate() {
+            let out = Var::zeros(one.as_slice(), DType::F32, &Device::Cpu).unwrap();
+            device::ema_momentum(&[&p.g], &[&p.s1], &out, 0.95, i % 2 == 0).unwrap();
+            rows.push(out.as_tensor().clone());
+            let dk = d.narrow(0, k, 1).unwrap();
+            device::apply_step(&[&p.w], &dk, &[0.01 * (k + 1) as f64], &[decay(p, i)]).unwrap();
+        }
+        outs.push(Tensor::cat(&rows, 0).unwrap());
+        {
+            let out = Var::zeros(dims.as_slice(), DType::F32, &dev).unwrap();
+            let gs: Vec<&Tensor> = gpu.iter().map(|p| &p.g).collect();
+            let bs: Vec<&Var> = gpu.iter().map(|p| &p.s1).collect();
             device::ema_momentum(&gs, &bs, &out, 0.95, i % 2 == 0).unwrap();
-            let ws: Vec<&Var> = ps.iter().map(|p| &p.w).collect();
-            let decays: Vec<DecayTerm<'_>> = ps.iter().map(|p| decay(p, i)).collect();
+            let ws: Vec<&Var> = gpu.iter().map(|p| &p.w).collect();
+            let decays: Vec<DecayTerm<'_>> = gpu.iter().map(|p| decay(p, i)).collect();
             device::apply_step(
                 &ws,
-                &d.to_device(&dv).unwrap(),
+                &d.to_device(&dev).unwrap(),
                 &[0.01, 0.02, 0.03],
                 &decays,
             )
             .unwrap();
-            outs.push(out);
+            outs.push(out.as_tensor().clone());
         }
-        assert_close_ulp("ema out", outs[0].as_tensor(), outs[1].as_tensor());
+        assert_close_ulp("ema out", &outs[0], &outs[1]);
         for (c, g) in cpu.iter().zip(&gpu) {
             assert_close_ulp("apply w", c.w.as_tensor(), g.w.as_tensor());
             assert_close_ulp("ema buf", c.s1.as_tensor(), g.s1.as_tensor());

@@ -1,4 +1,4 @@
-//! Gradient-norm penalties and the input/parameter gradient inequality (SPEC §6).
+//! Gradient-norm penalties and the input/parameter gradient inequality (docs/math.md §6).
 
 mod common;
 

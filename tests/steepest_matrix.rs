@@ -1,4 +1,4 @@
-//! Muon on the spectral sphere and the Stiefel manifold (SPEC §3), checked
+//! Muon on the spectral sphere and the Stiefel manifold (docs/math.md §3), checked
 //! against facts: the constraint after every step (f64 SVD), the tangent
 //! residual of dual descent going to 0, the dual value `min_λ ‖G + λΘ‖_*`,
 //! the Stiefel minimum of `tr(WᵀAW)` against an f64 eigendecomposition;

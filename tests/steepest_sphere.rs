@@ -1,4 +1,4 @@
-//! Steepest descent under vector norms, free and on the sphere (SPEC §2),
+//! Steepest descent under vector norms, free and on the sphere (docs/math.md §2),
 //! checked against facts: Hölder equality, optimality among random feasible
 //! tangent directions, the dual value `min_λ ‖g + λa‖_q` found independently,
 //! the constraint after every step, and the Rayleigh quotient's minimum

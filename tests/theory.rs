@@ -1,4 +1,4 @@
-//! SPEC §5: the identity, the bounds against their unsimplified sums, the
+//! docs/math.md §5: the identity, the bounds against their unsimplified sums, the
 //! constant-rate closed form, and a Monte-Carlo check that SGD on a convex
 //! stochastic problem (least absolute deviations) stays below the bounds.
 
@@ -39,7 +39,7 @@ fn identity_holds_to_rounding() {
     }
 }
 
-/// The last-iterate bound before the swap of sums (SPEC §5 derivation, eq. 12):
+/// The last-iterate bound before the swap of sums (docs/math.md §5 derivation, eq. 12):
 /// `R²/(2Tη_T) + (G²/(2T))Σ_t η_t²/η_T + (G²/2)Σ_{k=1}^{T−1} 1/(k(k+1)) Σ_{t=T−k}^{T} η_t²/η_T`.
 fn unsimplified_last_bound(lrs: &[f64], r: f64, g: f64) -> f64 {
     let t = lrs.len();

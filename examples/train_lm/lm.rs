@@ -6,13 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
-use steepest::optim::{AdamW, AdamWConfig, Muon, MuonConfig, NamedVar};
+use steepest::optim::{AdamW, AdamWConfig, Driver, Muon, MuonConfig, ParamInfo, Partition};
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
-use steepest::{power_iteration, Manifold, Steepest, SteepestConfig, WeightDecay};
+use steepest::{power_iteration, Manifold, SteepestConfig, WeightDecay};
 
 // ---------------------------------------------------------------- randomness
 
@@ -716,7 +715,7 @@ pub fn train(
             )
         }
         OptKind::MuonSpectralSphere => {
-            let opt = Split::from_varmap(
+            let opt = sphere_partition(
                 &varmap,
                 SteepestConfig {
                     lr,
@@ -748,102 +747,31 @@ const ADAMW_NAMES: [&str; 3] = ["tok_emb", "pos_emb", "lm_head"];
 
 /// Whether `Muon` (with `adamw_names = ADAMW_NAMES`) updates this parameter
 /// itself: a matrix that is not an embedding or the head.
-fn is_block_matrix(name: &str, var: &Var) -> bool {
-    var.rank() >= 2 && !ADAMW_NAMES.iter().any(|s| name.contains(s))
+fn is_block_matrix(p: &ParamInfo) -> bool {
+    p.is_matrix() && !ADAMW_NAMES.iter().any(|s| p.name.contains(s))
 }
 
-/// Two optimizers over disjoint parameters, as one: [`Steepest`] for the
-/// block matrices, [`AdamW`] for the embeddings, the head and the norm gains
-/// (the same split as `Muon`'s internal routing).
-///
-/// Not atomic: `step` steps `matrices` first, then `rest`. Each is atomic on
-/// its own (an error or a NaN gradient leaves its parameters and state
-/// unchanged), and `Steepest` is the one more likely to fail (power
-/// iteration, Newton–Schulz, retraction), so a failure there leaves the whole
-/// model untouched. If `rest` then fails, the matrices have already moved and
-/// the two halves are one step apart. (After a global gradient clip a NaN
-/// anywhere makes every gradient NaN, so it stops `matrices` first.)
-#[derive(Debug)]
-pub struct Split {
-    /// The block matrices.
-    pub matrices: Steepest,
-    /// Everything else.
-    pub rest: AdamW,
-    /// `rest`'s rate over `matrices`' rate, kept by `set_learning_rate`.
-    ratio: f64,
-}
-
-impl Split {
-    /// Splits the float variables of `varmap` by name (see [`is_block_matrix`]).
-    pub fn from_varmap(
-        varmap: &VarMap,
-        matrices: SteepestConfig,
-        rest: AdamWConfig,
-    ) -> Result<Self> {
-        let mut vars: Vec<NamedVar> = {
-            let data = varmap.data().lock().expect("VarMap lock");
-            data.iter()
-                .filter(|(_, v)| v.dtype().is_float())
-                .map(|(name, var)| NamedVar {
-                    name: name.clone(),
-                    var: var.clone(),
-                })
-                .collect()
-        };
-        vars.sort_by(|a, b| a.name.cmp(&b.name));
-        let (m, r): (Vec<NamedVar>, Vec<NamedVar>) = vars
-            .into_iter()
-            .partition(|v| is_block_matrix(&v.name, &v.var));
-        Self::from_named(m, matrices, r, rest)
-    }
-
-    /// From two disjoint lists of named variables.
-    pub fn from_named(
-        matrix_vars: Vec<NamedVar>,
-        matrices: SteepestConfig,
-        rest_vars: Vec<NamedVar>,
-        rest: AdamWConfig,
-    ) -> Result<Self> {
-        let ratio = rest.lr / matrices.lr;
-        Ok(Self {
-            matrices: Steepest::from_named(matrix_vars, matrices)?,
-            rest: AdamW::from_named(rest_vars, rest)?,
-            ratio,
-        })
-    }
-}
-
-impl Optimizer for Split {
-    type Config = (SteepestConfig, AdamWConfig);
-
-    /// Bare variables have no names: matrices (rank ≥ 2) go to `Steepest`,
-    /// the rest to `AdamW` (use [`Split::from_varmap`] to route by name).
-    fn new(vars: Vec<Var>, (matrices, rest): Self::Config) -> Result<Self> {
-        let named = vars
-            .into_iter()
-            .filter(|v| v.dtype().is_float())
-            .enumerate()
-            .map(|(i, var)| NamedVar {
-                name: format!("param.{i}"),
-                var,
-            });
-        let (m, r): (Vec<NamedVar>, Vec<NamedVar>) = named.partition(|v| v.var.rank() >= 2);
-        Self::from_named(m, matrices, r, rest)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.matrices.step(grads)?;
-        self.rest.step(grads)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.matrices.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.matrices.set_learning_rate(lr);
-        self.rest.set_learning_rate(lr * self.ratio);
-    }
+/// Steepest on the spectral sphere for the block matrices and AdamW for the
+/// embeddings, the head and the norm gains (the same split as `Muon`'s
+/// internal routing), as one [`Partition`]: one atomic step, one checkpoint,
+/// and `set_learning_rate` keeps AdamW's rate ratio.
+fn sphere_partition(
+    varmap: &VarMap,
+    matrices: SteepestConfig,
+    rest: AdamWConfig,
+) -> Result<Driver> {
+    matrices.validate()?;
+    rest.validate()?;
+    Ok(Partition::by(|p: &ParamInfo| {
+        if is_block_matrix(p) {
+            "sphere"
+        } else {
+            "adamw"
+        }
+    })
+    .group("sphere", matrices.chain(), matrices.lr)
+    .group("adamw", rest.chain(), rest.lr)
+    .build_from_varmap(varmap)?)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,7 +1,8 @@
 //! train_lm: a small char-level GPT trained with AdamW / Muon, each with
 //! decoupled or spectral weight decay, and Muon on the spectral sphere, on a
-//! built-in corpus (or any text file). Writes a CSV log, an SVG figure (validation loss; σ₁ of every weight
-//! matrix over training) and a results table.
+//! built-in corpus (or any text file). Writes a CSV log, a figure (validation
+//! loss; σ₁ of every weight matrix over training) as SVG and PNG, and a
+//! results table.
 //!
 //!     cargo run --example train_lm                 # all 5 optimizers, 1 seed
 //!     cargo run --example train_lm -- --seeds 3    # the README table
@@ -10,52 +11,108 @@
 mod lm;
 mod plot;
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lm::{builtin_corpus, train, Config, Data, OptKind, Record, RunResult};
 
-/// The CLI names of the optimizers, for error messages.
-fn optimizer_names() -> String {
-    OptKind::ALL.map(|k| k.name()).join(", ")
+const OUTPUT_HELP: &str = "\
+OUTPUT (in --out):
+  train_lm.csv   step, optimizer, seed, lr, train_loss, val_loss, sigma1 of each weight matrix
+  train_lm.svg   validation loss per optimizer; σ₁ of each weight matrix over training
+  train_lm.png   the same figure as a bitmap
+  summary.md     final validation loss per optimizer (mean ± std over seeds)";
+
+/// train_lm — train a small char-level GPT and compare optimizers
+#[derive(Parser, Debug)]
+#[command(name = "train_lm", after_help = OUTPUT_HELP)]
+struct Cli {
+    /// Which optimizer to train, or all of them
+    #[arg(long, value_name = "NAME", default_value = "all", value_parser = optimizer_parser())]
+    optimizer: Choice,
+    /// Optimizer steps per run
+    #[arg(long, value_name = "N", default_value_t = Config::default().steps, value_parser = at_least_one::<usize>)]
+    steps: usize,
+    /// Seeds per optimizer (mean ± std in the table)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<u64>)]
+    seeds: u64,
+    /// Train on this text file instead of the built-in corpus
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// Output directory
+    #[arg(long, value_name = "DIR", default_value = "runs/train_lm")]
+    out: PathBuf,
+    /// Device (cuda needs `--features cuda`)
+    #[arg(long, value_name = "DEV", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// Peak learning rate for every chosen optimizer [default: AdamW 3e-3, Muon 0.02, sphere 0.02]
+    #[arg(long, value_name = "X", value_parser = positive, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// Weight decay λ (decoupled or spectral; muon-spectral-sphere decays only its AdamW part)
+    #[arg(long, value_name = "X", default_value_t = Config::default().weight_decay, value_parser = non_negative, allow_negative_numbers = true)]
+    wd: f64,
+    /// Spectral-sphere radius r, ‖W‖₂ = r
+    #[arg(long, value_name = "X", default_value_t = Config::default().radius, value_parser = positive, allow_negative_numbers = true)]
+    radius: f64,
+    /// Sequences of 64 characters per batch
+    #[arg(long, value_name = "N", default_value_t = Config::default().batch, value_parser = at_least_one::<usize>)]
+    batch: usize,
+    /// Steps between evaluations
+    #[arg(long, value_name = "N", default_value_t = Config::default().eval_every, value_parser = at_least_one::<usize>)]
+    eval_every: usize,
+    /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+    jobs: Option<usize>,
 }
 
-const USAGE: &str = "\
-train_lm — train a small char-level GPT and compare optimizers
+/// `--optimizer`: one of them, or all.
+#[derive(Clone, Copy, Debug)]
+enum Choice {
+    /// `all`: every optimizer, in display order.
+    All,
+    /// One optimizer, by its CLI name.
+    One(OptKind),
+}
 
-USAGE:
-    cargo run --example train_lm -- [OPTIONS]
+/// The names of the optimizers and `all` (listed in `--help`, suggested on a typo).
+fn optimizer_parser() -> impl TypedValueParser<Value = Choice> {
+    let names = OptKind::ALL.map(|k| k.name());
+    PossibleValuesParser::new(names.into_iter().chain(["all"]))
+        .map(|s| OptKind::parse(&s).map_or(Choice::All, Choice::One))
+}
 
-OPTIONS:
-    --optimizer NAME   adamw | adamw-spectral | muon | muon-spectral |
-                       muon-spectral-sphere | all                            [all]
-    --steps N          optimizer steps per run                               [300]
-    --seeds N          seeds per optimizer (mean ± std in the table)         [1]
-    --data PATH        train on this text file instead of the built-in corpus
-    --out DIR          output directory                                      [runs/train_lm]
-    --device DEV       cpu | cuda (cuda needs `--features cuda`)             [cpu]
-    --lr X             peak learning rate for every chosen optimizer
-                       (defaults: AdamW 3e-3, Muon 0.02, sphere 0.02)
-    --wd X             weight decay λ (decoupled or spectral; muon-spectral-sphere
-                       decays only its AdamW part)                           [0.1]
-    --radius X         spectral-sphere radius r, ‖W‖₂ = r                    [2]
-    --batch N          sequences of 64 characters per batch                  [16]
-    --eval-every N     steps between evaluations                             [20]
-    --jobs N           runs trained at once, one thread each                 [CPU cores]
-                       (set RAYON_NUM_THREADS to give each run more threads)
-    -h, --help         this text
+/// An integer ≥ 1.
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err("must be an integer ≥ 1".into()),
+    }
+}
 
-OUTPUT (in --out):
-    train_lm.csv   step, optimizer, seed, lr, train_loss, val_loss, sigma1 of each weight matrix
-    train_lm.svg   validation loss per optimizer; σ₁ of each weight matrix over training
-    summary.md     final validation loss per optimizer (mean ± std over seeds)
-";
+/// A finite number > 0.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err("must be a positive number".into()),
+    }
+}
 
+/// A finite number ≥ 0.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err("must be a number ≥ 0".into()),
+    }
+}
+
+/// The parsed command line, with the defaults filled in.
 struct Args {
     optimizers: Vec<OptKind>,
     seeds: u64,
@@ -66,78 +123,55 @@ struct Args {
     cfg: Config,
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T> {
-    let v = v.with_context(|| format!("{flag} needs a value (see --help)"))?;
-    v.parse::<T>()
-        .map_err(|_| anyhow::anyhow!("{flag}: cannot parse `{v}` as a number (see --help)"))
+impl From<Cli> for Args {
+    fn from(c: Cli) -> Self {
+        Args {
+            optimizers: match c.optimizer {
+                Choice::All => OptKind::ALL.to_vec(),
+                Choice::One(k) => vec![k],
+            },
+            seeds: c.seeds,
+            data: c.data,
+            out: c.out,
+            device: c.device,
+            jobs: c
+                .jobs
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            cfg: Config {
+                steps: c.steps,
+                batch: c.batch,
+                eval_every: c.eval_every,
+                lr: c.lr,
+                weight_decay: c.wd,
+                radius: c.radius,
+                ..Config::default()
+            },
+        }
+    }
 }
 
+/// The arguments, or `None` after `--help` was printed. A usage error is
+/// returned as one line: clap's message and hints, without its usage block.
 fn parse_args() -> Result<Option<Args>> {
-    let mut a = Args {
-        optimizers: OptKind::ALL.to_vec(),
-        seeds: 1,
-        data: None,
-        out: PathBuf::from("runs/train_lm"),
-        device: "cpu".into(),
-        jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cfg: Config::default(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--optimizer" => {
-                let v = it
-                    .next()
-                    .context("--optimizer needs a value (see --help)")?;
-                a.optimizers = if v == "all" {
-                    OptKind::ALL.to_vec()
-                } else {
-                    vec![OptKind::parse(&v).with_context(|| {
-                        format!(
-                            "--optimizer: unknown `{v}`; use {} or all",
-                            optimizer_names()
-                        )
-                    })?]
-                };
-            }
-            "--steps" => a.cfg.steps = parse_num(&flag, it.next())?,
-            "--seeds" => a.seeds = parse_num(&flag, it.next())?,
-            "--batch" => a.cfg.batch = parse_num(&flag, it.next())?,
-            "--eval-every" => a.cfg.eval_every = parse_num(&flag, it.next())?,
-            "--jobs" => a.jobs = parse_num(&flag, it.next())?,
-            "--lr" => a.cfg.lr = Some(parse_num(&flag, it.next())?),
-            "--wd" => a.cfg.weight_decay = parse_num(&flag, it.next())?,
-            "--radius" => a.cfg.radius = parse_num(&flag, it.next())?,
-            "--data" => a.data = Some(it.next().context("--data needs a path")?.into()),
-            "--out" => a.out = it.next().context("--out needs a directory")?.into(),
-            "--device" => a.device = it.next().context("--device needs cpu or cuda")?,
-            other => bail!("unknown argument `{other}` (see --help)"),
+    match Cli::try_parse() {
+        Ok(cli) => Ok(Some(cli.into())),
+        Err(e) if !e.use_stderr() => {
+            // --help
+            e.print()?;
+            Ok(None)
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let msg = msg.join("; ");
+            bail!("{} (see --help)", msg.trim_start_matches("error: "))
         }
     }
-    if a.cfg.steps == 0 {
-        bail!("--steps must be ≥ 1");
-    }
-    if a.seeds == 0 {
-        bail!("--seeds must be ≥ 1");
-    }
-    if a.cfg.batch == 0 || a.cfg.eval_every == 0 || a.jobs == 0 {
-        bail!("--batch, --eval-every and --jobs must be ≥ 1");
-    }
-    if let Some(lr) = a.cfg.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            bail!("--lr must be a positive number, got {lr}");
-        }
-    }
-    let r = a.cfg.radius;
-    if !(r.is_finite() && r > 0.0) {
-        bail!("--radius must be a positive number, got {r}");
-    }
-    let wd = a.cfg.weight_decay;
-    if !(wd.is_finite() && wd >= 0.0) {
-        bail!("--wd must be ≥ 0, got {wd}");
-    }
-    Ok(Some(a))
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -158,49 +192,6 @@ fn cuda_device() -> Result<Device> {
     bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`")
 }
 
-/// A one-line progress bar on stderr, redrawn at most every 100 ms.
-struct Progress {
-    total: usize,
-    /// Steps done, per run.
-    done: Vec<usize>,
-    start: Instant,
-    last_draw: Option<Instant>,
-}
-
-impl Progress {
-    fn draw(&mut self, what: &str, val: Option<f64>, force: bool) {
-        let now = Instant::now();
-        if !force
-            && self
-                .last_draw
-                .is_some_and(|t| now.duration_since(t).as_millis() < 100)
-        {
-            return;
-        }
-        self.last_draw = Some(now);
-        let done: usize = self.done.iter().sum();
-        let frac = done as f64 / self.total.max(1) as f64;
-        let width = 30;
-        let filled = (frac * width as f64).round() as usize;
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = if done > 0 {
-            elapsed / done as f64 * (self.total - done) as f64
-        } else {
-            0.0
-        };
-        let val = val.map(|v| format!(" val {v:.3}")).unwrap_or_default();
-        eprint!(
-            "\r[{}{}] {:3.0}% {what}{val}  {:.0}s elapsed, ~{:.0}s left   ",
-            "#".repeat(filled),
-            ".".repeat(width - filled),
-            100.0 * frac,
-            elapsed,
-            eta
-        );
-        let _ = std::io::stderr().flush();
-    }
-}
-
 fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
@@ -212,35 +203,37 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn write_csv(path: &PathBuf, runs: &[RunResult]) -> Result<()> {
-    let mut s = String::from("step,optimizer,seed,lr,train_loss,val_loss");
+/// The log: one row per run and evaluation point.
+fn write_csv(path: &Path, runs: &[RunResult]) -> Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    let mut header: Vec<String> = ["step", "optimizer", "seed", "lr", "train_loss", "val_loss"]
+        .map(String::from)
+        .to_vec();
     if let Some(r) = runs.first() {
-        for m in &r.matrices {
-            s.push_str(&format!(",sigma1:{m}"));
-        }
+        header.extend(r.matrices.iter().map(|m| format!("sigma1:{m}")));
     }
-    s.push('\n');
+    w.write_record(&header)?;
     for r in runs {
         for rec in &r.records {
-            s.push_str(&format!(
-                "{},{},{},{:.6e},{:.6},{:.6}",
-                rec.step,
-                r.kind.name(),
-                r.seed,
-                rec.lr,
-                rec.train_loss,
-                rec.val_loss
-            ));
-            for sg in &rec.sigmas {
-                s.push_str(&format!(",{sg:.6}"));
-            }
-            s.push('\n');
+            let mut row = vec![
+                rec.step.to_string(),
+                r.kind.name().to_string(),
+                r.seed.to_string(),
+                format!("{:.6e}", rec.lr),
+                format!("{:.6}", rec.train_loss),
+                format!("{:.6}", rec.val_loss),
+            ];
+            row.extend(rec.sigmas.iter().map(|sg| format!("{sg:.6}")));
+            w.write_record(&row)?;
         }
     }
-    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+    w.flush()?;
+    Ok(())
 }
 
-fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
+/// The figure's two panels: validation loss (mean over seeds) per optimizer,
+/// and σ₁ of every weight matrix over training (first seed).
+fn figure(runs: &[RunResult], kinds: &[OptKind]) -> [plot::Panel; 2] {
     let mut loss_series = Vec::new();
     let mut sigma_series = Vec::new();
     let mut lo = f64::MAX;
@@ -300,7 +293,7 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             opacity: 1.0,
         });
     }
-    let panels = [
+    [
         plot::Panel {
             title: "Validation loss (mean over seeds)".into(),
             xlabel: "step".into(),
@@ -319,8 +312,7 @@ fn figure(runs: &[RunResult], kinds: &[OptKind], caption: &str) -> String {
             legend_bottom: true,
             series: sigma_series,
         },
-    ];
-    plot::svg(&panels, caption)
+    ]
 }
 
 /// Errors are printed as one clear message (no backtrace) with exit code 1.
@@ -328,7 +320,7 @@ fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("\ntrain_lm: error: {e:#}");
+            eprintln!("train_lm: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -341,7 +333,6 @@ fn real_main() -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     let Some(args) = parse_args()? else {
-        print!("{USAGE}");
         return Ok(());
     };
     let device = device(&args.device)?;
@@ -384,51 +375,60 @@ fn real_main() -> Result<()> {
     }
     let jobs = args.jobs.min(queue.len()).max(1);
     let n_runs = queue.len();
-    let progress = Mutex::new(Progress {
-        total: n_runs * cfg.steps,
-        done: vec![0; n_runs],
-        start: Instant::now(),
-        last_draw: None,
-    });
+    // Progress: a total bar, and one bar per worker for the run it trains.
+    // (indicatif draws nothing when stderr is not a terminal.)
+    let start = Instant::now();
+    let bars = MultiProgress::new();
+    let total = bars.add(ProgressBar::new((n_runs * cfg.steps) as u64));
+    total.set_style(
+        ProgressStyle::with_template(
+            "[{bar:30}] {percent:>3}% {msg}  {elapsed} elapsed, ~{eta} left",
+        )?
+        .progress_chars("#>."),
+    );
+    total.set_message(format!("{n_runs} runs"));
+    let run_style = ProgressStyle::with_template("  {prefix:<32} [{bar:20}] {pos:>4}/{len} {msg}")?
+        .progress_chars("#>.");
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, Result<RunResult>)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..jobs {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(&(seed, kind)) = queue.get(i) else {
-                    break;
-                };
-                let mut last_val = None;
-                let mut cb = |step: usize, rec: Option<&Record>| {
-                    if let Some(r) = rec {
-                        last_val = Some(r.val_loss);
-                    }
-                    let mut p = progress.lock().expect("progress lock");
-                    p.done[i] = step;
-                    let what = format!("{} seed {seed} step {step}/{}", kind.name(), cfg.steps);
-                    p.draw(&what, last_val, false);
-                };
-                let run = train(kind, seed, &cfg, &data, &device, &mut cb)
-                    .with_context(|| format!("training with {} (seed {seed})", kind.name()));
-                results.lock().expect("results lock").push((i, run));
+            let bar = bars.add(ProgressBar::new(cfg.steps as u64));
+            bar.set_style(run_style.clone());
+            let (bar, total) = (bar, total.clone());
+            let (next, queue, results, cfg, data, device) =
+                (&next, &queue, &results, &cfg, &data, &device);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&(seed, kind)) = queue.get(i) else {
+                        break;
+                    };
+                    bar.reset();
+                    bar.set_prefix(format!("{} seed {seed}", kind.name()));
+                    bar.set_message("");
+                    let mut done = 0;
+                    let mut cb = |step: usize, rec: Option<&Record>| {
+                        if let Some(r) = rec {
+                            bar.set_message(format!("val {:.3}", r.val_loss));
+                        }
+                        bar.set_position(step as u64);
+                        total.inc((step - done) as u64);
+                        done = step;
+                    };
+                    let run = train(kind, seed, cfg, data, device, &mut cb)
+                        .with_context(|| format!("training with {} (seed {seed})", kind.name()));
+                    results.lock().expect("results lock").push((i, run));
+                }
+                bar.finish_and_clear();
             });
         }
     });
-    progress
-        .lock()
-        .expect("progress lock")
-        .draw("done", None, true);
-    eprintln!();
+    total.finish_with_message("done");
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(i, _)| *i);
     let runs: Vec<RunResult> = results.into_iter().map(|(_, r)| r).collect::<Result<_>>()?;
-    let wall = progress
-        .lock()
-        .expect("progress lock")
-        .start
-        .elapsed()
-        .as_secs_f64();
+    let wall = start.elapsed().as_secs_f64();
 
     let csv = args.out.join("train_lm.csv");
     write_csv(&csv, &runs)?;
@@ -466,15 +466,16 @@ fn real_main() -> Result<()> {
         cfg.layers, cfg.d_model, cfg.context, cfg.steps, cfg.batch, cfg.weight_decay, args.seeds
     );
     let svg = args.out.join("train_lm.svg");
-    std::fs::write(&svg, figure(&runs, &args.optimizers, &caption))
-        .with_context(|| format!("writing {}", svg.display()))?;
+    let png = args.out.join("train_lm.png");
+    plot::write(&svg, &png, &figure(&runs, &args.optimizers), &caption)?;
     let summary = args.out.join("summary.md");
     std::fs::write(&summary, format!("{caption}\n\n{table}"))?;
     println!("{table}");
     println!(
-        "wrote {}, {}, {} ({:.0} s)",
+        "wrote {}, {}, {}, {} ({:.0} s)",
         csv.display(),
         svg.display(),
+        png.display(),
         summary.display(),
         wall
     );

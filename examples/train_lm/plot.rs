@@ -1,17 +1,36 @@
-//! A hand-written SVG line chart (no plotting dependency): panels side by side,
-//! each with axes, ticks, a title and a legend.
+//! train_lm's figure, drawn with plotters: line charts side by side, each
+//! with axes, a title and a legend, and a caption under them; written as SVG
+//! and as PNG.
+//!
+//! The PNG's text is drawn by plotters' `ab_glyph` backend with the committed
+//! DejaVu Sans (`fonts/DejaVuSans.ttf`, licence in `fonts/LICENSE`), so no
+//! system font library is needed. The SVG names the `sans-serif` family and
+//! leaves the glyphs to the viewer.
 
-use std::fmt::Write;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{register_font, FontStyle, RGBColor};
+
+/// DejaVu Sans 2.37, unmodified (see `fonts/LICENSE`).
+const FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
+/// The family the figure's text asks for.
+const FAMILY: &str = "sans-serif";
 
 /// One line.
 pub struct Series {
     /// Legend label (`None`: not in the legend).
     pub label: Option<String>,
-    /// CSS colour.
-    pub color: &'static str,
+    /// Colour.
+    pub color: RGBColor,
     /// Points `(x, y)`.
     pub points: Vec<(f64, f64)>,
-    /// Stroke width.
+    /// Stroke width in SVG pixels.
     pub width: f64,
     /// Stroke opacity.
     pub opacity: f64,
@@ -27,7 +46,7 @@ pub struct Panel {
     pub ylabel: String,
     /// Logarithmic y axis.
     pub log_y: bool,
-    /// Fixed y range (else from the data).
+    /// Fixed y range (else from the data); lines are clipped to it.
     pub y_range: Option<(f64, f64)>,
     /// Legend in the bottom-right corner instead of the top-right.
     pub legend_bottom: bool,
@@ -35,32 +54,283 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-/// Colours for up to eight series.
-pub const COLORS: [&str; 8] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+/// Colours for up to eight series (matplotlib's "tab10").
+pub const COLORS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
+/// Size of one panel, in SVG pixels.
 const W: f64 = 520.0;
 const H: f64 = 380.0;
-const ML: f64 = 62.0;
-const MR: f64 = 16.0;
-const MT: f64 = 34.0;
-const MB: f64 = 48.0;
+/// Height of the caption line under the panels.
+const CAPTION_H: f64 = 22.0;
+/// The PNG is drawn at this multiple of the SVG's size.
+const PNG_SCALE: f64 = 2.0;
 
-fn nice_step(span: f64, target: usize) -> f64 {
-    let raw = span / target as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let r = raw / mag;
-    let m = if r < 1.5 {
-        1.0
-    } else if r < 3.5 {
-        2.0
-    } else if r < 7.5 {
-        5.0
-    } else {
-        10.0
+/// Writes the panels side by side, with `caption` under them, as an SVG file
+/// and as a PNG file.
+pub fn write(svg: &Path, png: &Path, panels: &[Panel], caption: &str) -> Result<()> {
+    register_font(FAMILY, FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the bundled font fonts/DejaVuSans.ttf is not a valid font"))?;
+
+    let size = |s: f64| {
+        (
+            (s * W * panels.len().max(1) as f64).round() as u32,
+            (s * (H + CAPTION_H)).round() as u32,
+        )
     };
-    m * mag
+
+    let mut text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut text, size(1.0)).into_drawing_area();
+        draw(&root, panels, caption, 1.0).context("drawing the SVG figure")?;
+        root.present().context("drawing the SVG figure")?;
+    }
+    std::fs::write(svg, text).with_context(|| format!("writing {}", svg.display()))?;
+
+    let (w, h) = size(PNG_SCALE);
+    let mut rgb = vec![0u8; 3 * w as usize * h as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        draw(&root, panels, caption, PNG_SCALE).context("drawing the PNG figure")?;
+        root.present().context("drawing the PNG figure")?;
+    }
+    write_png(png, w, h, &rgb).with_context(|| format!("writing {}", png.display()))
+}
+
+fn write_png(path: &Path, w: u32, h: u32, rgb: &[u8]) -> Result<()> {
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut encoder = png::Encoder::new(file, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// The whole figure at `s` times the SVG size.
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[Panel],
+    caption: &str,
+    s: f64,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (charts, bottom) = root.split_vertically((s * H).round() as u32);
+    for (area, panel) in charts
+        .split_evenly((1, panels.len().max(1)))
+        .iter()
+        .zip(panels)
+    {
+        draw_panel(area, panel, s)?;
+    }
+    let (w, h) = bottom.dim_in_pixel();
+    let style = (FAMILY, 12.5 * s)
+        .into_font()
+        .color(&RGBColor(0x55, 0x55, 0x55))
+        .pos(Pos::new(HPos::Center, VPos::Center));
+    bottom.draw(&Text::new(
+        caption.to_string(),
+        (w as i32 / 2, h as i32 / 2),
+        style,
+    ))?;
+    Ok(())
+}
+
+/// Data range of a panel: `(x0, x1, y0, y1)`, y padded by 4 % (of its
+/// logarithm on a log axis).
+fn ranges(p: &Panel) -> (f64, f64, f64, f64) {
+    let usable = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!p.log_y || y > 0.0);
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in p
+        .series
+        .iter()
+        .flat_map(|s| &s.points)
+        .filter(|q| usable(q))
+    {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.1, 1.0);
+    }
+    if let Some(r) = p.y_range {
+        (y0, y1) = r;
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let fwd = |v: f64| if p.log_y { v.log10() } else { v };
+    let back = |v: f64| if p.log_y { 10f64.powf(v) } else { v };
+    let (ly0, mut ly1) = (fwd(y0), fwd(y1));
+    if ly1 <= ly0 {
+        ly1 = ly0 + 1.0;
+    }
+    let pad = 0.04 * (ly1 - ly0);
+    (x0, x1, back(ly0 - pad), back(ly1 + pad))
+}
+
+fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel, s: f64) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let px = |v: f64| (s * v).round() as u32;
+    let (x0, x1, y0, y1) = ranges(p);
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(&p.title, (FAMILY, 16.0 * s, FontStyle::Bold))
+        .margin_top(px(8.0))
+        .margin_left(px(8.0))
+        .margin_right(px(16.0))
+        .margin_bottom(px(6.0))
+        .x_label_area_size(px(44.0))
+        .y_label_area_size(px(60.0));
+    if p.log_y {
+        let y = (y0..y1).log_scale().with_key_points(log_ticks(y0, y1));
+        let mut chart = builder.build_cartesian_2d(x0..x1, y)?;
+        fill_chart(&mut chart, p, (x0, x1, y0, y1), s)
+    } else {
+        let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1)?;
+        fill_chart(&mut chart, p, (x0, x1, y0, y1), s)
+    }
+}
+
+/// Mesh, lines, frame and legend of one chart.
+fn fill_chart<'a, DB, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    p: &Panel,
+    (x0, x1, y0, y1): (f64, f64, f64, f64),
+    s: f64,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let px = move |v: f64| (s * v).round() as u32;
+    let grid = RGBColor(0xe4, 0xe4, 0xe4);
+    let frame = RGBColor(0x44, 0x44, 0x44);
+    chart
+        .configure_mesh()
+        .x_desc(p.xlabel.as_str())
+        .y_desc(p.ylabel.as_str())
+        .axis_desc_style((FAMILY, 14.0 * s))
+        .label_style((FAMILY, 12.5 * s))
+        .x_labels(7)
+        .y_labels(10)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .bold_line_style(grid.stroke_width(px(1.0)))
+        .light_line_style(TRANSPARENT)
+        .axis_style(frame.stroke_width(px(1.0)))
+        .set_all_tick_mark_size(px(4.0))
+        .draw()?;
+    for series in &p.series {
+        let style = series
+            .color
+            .mix(series.opacity)
+            .stroke_width(px(series.width).max(1));
+        let mut drawn = false;
+        for piece in clip_y(&series.points, y0, y1, p.log_y) {
+            let anno = chart.draw_series(LineSeries::new(piece, style))?;
+            if let (Some(label), false) = (&series.label, drawn) {
+                let color = series.color;
+                anno.label(label.as_str()).legend(move |(x, y)| {
+                    PathElement::new(
+                        vec![(x, y), (x + px(22.0) as i32, y)],
+                        color.stroke_width(px(3.0)),
+                    )
+                });
+            }
+            drawn = true;
+        }
+    }
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(x0, y0), (x1, y1)],
+        frame.stroke_width(px(1.0)),
+    )))?;
+    chart
+        .configure_series_labels()
+        .position(if p.legend_bottom {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        })
+        .margin(px(8.0))
+        .legend_area_size(px(30.0))
+        .label_font((FAMILY, 13.5 * s))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(0xcc, 0xcc, 0xcc))
+        .draw()?;
+    Ok(())
+}
+
+/// The parts of a line inside `y0 ≤ y ≤ y1` (non-finite points, and points
+/// ≤ 0 on a log axis, dropped): each segment is cut where it crosses a bound
+/// (linearly in the axis' coordinate), and consecutive kept segments joined.
+fn clip_y(points: &[(f64, f64)], y0: f64, y1: f64, log: bool) -> Vec<Vec<(f64, f64)>> {
+    let t = |y: f64| if log { y.log10() } else { y };
+    let (lo, hi) = (t(y0), t(y1));
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log || *y > 0.0))
+        .map(|&(x, y)| (x, t(y)))
+        .collect();
+    let mut pieces: Vec<Vec<(f64, f64)>> = Vec::new();
+    // whether the last kept segment ended at its end point (so the next one,
+    // if it starts at its start point, continues the same piece)
+    let mut open = false;
+    for w in pts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let (f_in, f_out) = if a.1 == b.1 {
+            if (lo..=hi).contains(&a.1) {
+                (0.0, 1.0)
+            } else {
+                (1.0, 0.0)
+            }
+        } else {
+            let fl = (lo - a.1) / (b.1 - a.1);
+            let fh = (hi - a.1) / (b.1 - a.1);
+            (fl.min(fh).max(0.0), fl.max(fh).min(1.0))
+        };
+        if f_in > f_out {
+            open = false;
+            continue;
+        }
+        let at = |f: f64| (a.0 + f * (b.0 - a.0), a.1 + f * (b.1 - a.1));
+        match pieces.last_mut() {
+            Some(piece) if open && f_in == 0.0 => piece.push(at(f_out)),
+            _ => pieces.push(vec![at(f_in), at(f_out)]),
+        }
+        open = f_out == 1.0;
+    }
+    let inv = |v: f64| if log { 10f64.powf(v) } else { v };
+    pieces
+        .into_iter()
+        .map(|p| p.into_iter().map(|(x, v)| (x, inv(v))).collect())
+        .collect()
+}
+
+/// Ticks at 1, 2 and 5 times the powers of ten in `[y0, y1]`.
+fn log_ticks(y0: f64, y1: f64) -> Vec<f64> {
+    let (a, b) = (y0.log10().floor() as i32, y1.log10().ceil() as i32);
+    (a..=b)
+        .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
+        .filter(|y| (y0..=y1).contains(y))
+        .collect()
 }
 
 fn fmt_tick(v: f64) -> String {
@@ -75,205 +345,4 @@ fn fmt_tick(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-fn draw_panel(out: &mut String, p: &Panel, ox: f64, id: usize) {
-    let pts = p
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter())
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0));
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.1, 1.0);
-    }
-    if let Some((a, b)) = p.y_range {
-        (y0, y1) = (a, b);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    let ty = |y: f64| if p.log_y { y.max(1e-300).log10() } else { y };
-    let (mut ly0, mut ly1) = (ty(y0), ty(y1));
-    if ly1 <= ly0 {
-        ly1 = ly0 + 1.0;
-    }
-    let pad = 0.04 * (ly1 - ly0);
-    ly0 -= pad;
-    ly1 += pad;
-    let (pw, ph) = (W - ML - MR, H - MT - MB);
-    let sx = |x: f64| ox + ML + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| MT + (1.0 - (ty(y) - ly0) / (ly1 - ly0)) * ph;
-    let _ = writeln!(
-        out,
-        r#"<clipPath id="c{id}"><rect x="{:.1}" y="{MT}" width="{pw}" height="{ph}"/></clipPath>"#,
-        ox + ML
-    );
-    let _ = writeln!(
-        out,
-        r##"<rect x="{:.1}" y="{MT}" width="{pw}" height="{ph}" fill="white" stroke="#444"/>"##,
-        ox + ML
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{:.1}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"#,
-        ox + ML + pw / 2.0,
-        esc(&p.title)
-    );
-    // x ticks
-    let step = nice_step(x1 - x0, 6);
-    let mut t = (x0 / step).ceil() * step;
-    while t <= x1 + 1e-9 {
-        let x = sx(t);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{x:.1}" y1="{MT}" x2="{x:.1}" y2="{:.1}" stroke="#e4e4e4"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>"##,
-            MT + ph,
-            MT + ph + 15.0,
-            fmt_tick(t)
-        );
-        t += step;
-    }
-    // y ticks
-    let ticks: Vec<f64> = if p.log_y {
-        let (a, b) = (ly0.floor() as i32, ly1.ceil() as i32);
-        let mut v = Vec::new();
-        for e in a..=b {
-            for m in [1.0, 2.0, 5.0] {
-                let y = m * 10f64.powi(e);
-                if ty(y) >= ly0 && ty(y) <= ly1 {
-                    v.push(y);
-                }
-            }
-        }
-        v
-    } else {
-        let step = nice_step(ly1 - ly0, 6);
-        let mut v = Vec::new();
-        let mut t = (ly0 / step).ceil() * step;
-        while t <= ly1 + 1e-12 {
-            v.push(t);
-            t += step;
-        }
-        v
-    };
-    for y in ticks {
-        let py = sy(y);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{:.1}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11">{}</text>"##,
-            ox + ML,
-            ox + ML + pw,
-            ox + ML - 5.0,
-            py + 4.0,
-            fmt_tick(y)
-        );
-    }
-    let _ = writeln!(
-        out,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"#,
-        ox + ML + pw / 2.0,
-        H - 10.0,
-        esc(&p.xlabel)
-    );
-    let _ = writeln!(
-        out,
-        r#"<text transform="translate({:.1},{:.1}) rotate(-90)" text-anchor="middle" font-size="12">{}</text>"#,
-        ox + 16.0,
-        MT + ph / 2.0,
-        esc(&p.ylabel)
-    );
-    for s in &p.series {
-        let path: Vec<String> = s
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0))
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        if path.len() < 2 {
-            continue;
-        }
-        let _ = writeln!(
-            out,
-            r#"<polyline clip-path="url(#c{id})" fill="none" stroke="{}" stroke-width="{}" stroke-opacity="{}" points="{}"/>"#,
-            s.color,
-            s.width,
-            s.opacity,
-            path.join(" ")
-        );
-    }
-    // legend (top right), on a translucent white box
-    let n_labels = p.series.iter().filter(|s| s.label.is_some()).count();
-    let box_h = 17.0 * n_labels as f64 + 6.0;
-    // wide enough for the longest label (about 6.7 px per character at 12 px)
-    let longest = p
-        .series
-        .iter()
-        .filter_map(|s| s.label.as_ref())
-        .map(|l| l.chars().count())
-        .max()
-        .unwrap_or(0);
-    let box_w = (36.0 + 6.7 * longest as f64).max(146.0);
-    let top = if p.legend_bottom {
-        MT + ph - box_h - 5.0
-    } else {
-        MT + 5.0
-    };
-    if n_labels > 0 {
-        let _ = writeln!(
-            out,
-            r##"<rect x="{:.1}" y="{top:.1}" width="{box_w:.1}" height="{box_h:.1}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
-            ox + ML + pw - box_w - 10.0,
-        );
-    }
-    let mut ly = top + 11.0;
-    for s in p.series.iter().filter(|s| s.label.is_some()) {
-        let lx = ox + ML + pw - box_w - 4.0;
-        let _ = writeln!(
-            out,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
-            lx + 22.0,
-            s.color,
-            lx + 28.0,
-            ly + 4.0,
-            esc(s.label.as_deref().unwrap_or(""))
-        );
-        ly += 17.0;
-    }
-}
-
-/// The panels side by side, with a caption line under them.
-pub fn svg(panels: &[Panel], caption: &str) -> String {
-    let width = W * panels.len() as f64;
-    let height = H + 22.0;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for (i, p) in panels.iter().enumerate() {
-        draw_panel(&mut out, p, i as f64 * W, i);
-    }
-    let _ = writeln!(
-        out,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11" fill="#555">{}</text>"##,
-        width / 2.0,
-        H + 14.0,
-        esc(caption)
-    );
-    out.push_str("</svg>\n");
-    out
 }

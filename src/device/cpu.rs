@@ -226,6 +226,23 @@ pub struct AdamStep {
     pub bc2_sqrt: f64,
 }
 
+/// One parameter of a multi-tensor AdamW update (slices of one tensor each).
+#[derive(Debug)]
+pub struct AdamJob<'a, P: Elem> {
+    /// The parameter, updated in place.
+    pub w: &'a mut [P],
+    /// Its gradient.
+    pub g: &'a [P],
+    /// First moment, updated in place.
+    pub m: &'a mut [P::A],
+    /// Second moment, updated in place.
+    pub v: &'a mut [P::A],
+    /// This parameter's step factors.
+    pub step: AdamStep,
+    /// Decay folded into the update.
+    pub decay: Decay<'a, P::A>,
+}
+
 /// One AdamW update in place (`torch.optim.AdamW` order of operations):
 /// `m ← m + (g − m)(1 − β₁)`, `v ← v·β₂ + g²(1 − β₂)`,
 /// `w ← decayed(w) − (m / (√v/bc2_sqrt + eps))·lr_bc1`.
@@ -241,28 +258,78 @@ pub fn adamw<P: Elem>(
     step: AdamStep,
     decay: Decay<'_, P::A>,
 ) {
-    let (wp, mp, vp) = (Ptr::of(w), Ptr::of(m), Ptr::of(v));
-    let align = decay.rank1.map_or(1, |r| r.2.len());
+    let job = AdamJob {
+        w,
+        g,
+        m,
+        v,
+        step,
+        decay,
+    };
+    adamw_multi(&mut [job], beta1, beta2, eps);
+}
+
+/// [`adamw`] over many parameters in one pass: their spans are spread over
+/// the thread pool together (the multi-tensor update).
+pub fn adamw_multi<P: Elem>(jobs: &mut [AdamJob<'_, P>], beta1: f64, beta2: f64, eps: f64) {
+    struct Raw<P: Elem> {
+        w: Ptr<P>,
+        m: Ptr<P::A>,
+        v: Ptr<P::A>,
+    }
+    // SAFETY: each task touches a disjoint span of one job's slices.
+    unsafe impl<P: Elem> Sync for Raw<P> {}
+    let raws: Vec<Raw<P>> = jobs
+        .iter_mut()
+        .map(|j| Raw {
+            w: Ptr::of(j.w),
+            m: Ptr::of(j.m),
+            v: Ptr::of(j.v),
+        })
+        .collect();
+    let lens: Vec<(usize, usize)> = jobs
+        .iter()
+        .map(|j| (j.g.len(), j.decay.rank1.map_or(1, |r| r.2.len())))
+        .collect();
     let (b1, b2, e) = (P::A::of(1.0 - beta1), P::A::of(beta2), P::A::of(eps));
     let b2c = P::A::of(1.0 - beta2);
-    let (lr, bc2) = (P::A::of(step.lr_bc1), P::A::of(step.bc2_sqrt));
-    for_spans(&[(g.len(), align)], |_, s, end| {
-        by_rows(&decay, s, end, |r1, s, end| {
+    let jobs = &*jobs;
+    for_spans(&lens, |i, s, end| {
+        let job = &jobs[i];
+        let raw = &raws[i];
+        let (lr, bc2) = (P::A::of(job.step.lr_bc1), P::A::of(job.step.bc2_sqrt));
+        by_rows(&job.decay, s, end, |r1, s, end| {
             // SAFETY: spans are disjoint ranges of the slices.
-            let (w, m, v) = unsafe { (wp.span(s, end), mp.span(s, end), vp.span(s, end)) };
-            let g = &g[s..end];
+            let (w, m, v) = unsafe { (raw.w.span(s, end), raw.m.span(s, end), raw.v.span(s, end)) };
+            let g = &job.g[s..end];
+            let scale = job.decay.scale;
             for j in 0..g.len() {
                 let gj = g[j].get();
                 let mj = m[j] + (gj - m[j]) * b1;
                 let vj = v[j] * b2 + gj * gj * b2c;
                 let denom = vj.sqrt() / bc2 + e;
-                let wd = decayed(w[j].get(), decay.scale, r1, j);
+                let wd = decayed(w[j].get(), scale, r1, j);
                 w[j] = P::put(wd - (mj / denom) * lr);
                 m[j] = mj;
                 v[j] = vj;
             }
         });
     });
+}
+
+/// One parameter of a multi-tensor SGD update.
+#[derive(Debug)]
+pub struct SgdJob<'a, P: Elem> {
+    /// The parameter, updated in place.
+    pub w: &'a mut [P],
+    /// Its gradient.
+    pub g: &'a [P],
+    /// Momentum buffer (none without momentum), updated in place.
+    pub buf: Option<&'a mut [P::A]>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay folded into the update.
+    pub decay: Decay<'a, P::A>,
 }
 
 /// One SGD update in place (`torch.optim.SGD`, dampening 0): with a buffer,
@@ -278,19 +345,50 @@ pub fn sgd<P: Elem>(
     lr: f64,
     decay: Decay<'_, P::A>,
 ) {
-    let wp = Ptr::of(w);
-    let align = decay.rank1.map_or(1, |r| r.2.len());
-    let (mu, lr) = (P::A::of(momentum), P::A::of(lr));
-    let bp = buf.map(Ptr::of);
-    for_spans(&[(g.len(), align)], |_, s, end| {
-        by_rows(&decay, s, end, |r1, s, end| {
+    let job = SgdJob {
+        w,
+        g,
+        buf,
+        lr,
+        decay,
+    };
+    sgd_multi(&mut [job], momentum, nesterov);
+}
+
+/// [`sgd`] over many parameters in one pass.
+pub fn sgd_multi<P: Elem>(jobs: &mut [SgdJob<'_, P>], momentum: f64, nesterov: bool) {
+    struct Raw<P: Elem> {
+        w: Ptr<P>,
+        b: Option<Ptr<P::A>>,
+    }
+    // SAFETY: each task touches a disjoint span of one job's slices.
+    unsafe impl<P: Elem> Sync for Raw<P> {}
+    let raws: Vec<Raw<P>> = jobs
+        .iter_mut()
+        .map(|j| Raw {
+            w: Ptr::of(j.w),
+            b: j.buf.as_deref_mut().map(Ptr::of),
+        })
+        .collect();
+    let lens: Vec<(usize, usize)> = jobs
+        .iter()
+        .map(|j| (j.g.len(), j.decay.rank1.map_or(1, |r| r.2.len())))
+        .collect();
+    let mu = P::A::of(momentum);
+    let jobs = &*jobs;
+    for_spans(&lens, |i, s, end| {
+        let job = &jobs[i];
+        let raw = &raws[i];
+        let lr = P::A::of(job.lr);
+        by_rows(&job.decay, s, end, |r1, s, end| {
             // SAFETY: spans are disjoint ranges of the slices.
-            let w = unsafe { wp.span(s, end) };
-            let g = &g[s..end];
-            match bp {
+            let w = unsafe { raw.w.span(s, end) };
+            let g = &job.g[s..end];
+            let scale = job.decay.scale;
+            match raw.b {
                 None => {
                     for j in 0..g.len() {
-                        let wd = decayed(w[j].get(), decay.scale, r1, j);
+                        let wd = decayed(w[j].get(), scale, r1, j);
                         w[j] = P::put(wd - g[j].get() * lr);
                     }
                 }
@@ -300,7 +398,7 @@ pub fn sgd<P: Elem>(
                         let gj = g[j].get();
                         let bj = b[j] * mu + gj;
                         let d = if nesterov { gj + bj * mu } else { bj };
-                        let wd = decayed(w[j].get(), decay.scale, r1, j);
+                        let wd = decayed(w[j].get(), scale, r1, j);
                         w[j] = P::put(wd - d * lr);
                         b[j] = bj;
                     }
@@ -308,6 +406,18 @@ pub fn sgd<P: Elem>(
             }
         });
     });
+}
+
+/// One parameter of Muon's momentum: its gradient (or direction), its
+/// buffer, and where its new direction goes.
+#[derive(Debug)]
+pub struct EmaJob<'a, P: Elem> {
+    /// The incoming direction (the gradient).
+    pub g: &'a [P],
+    /// Momentum buffer, updated in place.
+    pub buf: &'a mut [P::A],
+    /// The new direction, written.
+    pub out: &'a mut [P::A],
 }
 
 /// Muon's momentum in place, writing the direction: `buf ← buf + (g − buf)(1 − μ)`,
@@ -319,12 +429,23 @@ pub fn ema_momentum<P: Elem>(
     momentum: f64,
     nesterov: bool,
 ) {
-    let (bp, op) = (Ptr::of(buf), Ptr::of(out));
+    ema_momentum_multi(&mut [EmaJob { g, buf, out }], momentum, nesterov);
+}
+
+/// [`ema_momentum`] over many parameters in one pass.
+pub fn ema_momentum_multi<P: Elem>(jobs: &mut [EmaJob<'_, P>], momentum: f64, nesterov: bool) {
+    let raws: Vec<(Ptr<P::A>, Ptr<P::A>)> = jobs
+        .iter_mut()
+        .map(|j| (Ptr::of(j.buf), Ptr::of(j.out)))
+        .collect();
+    let lens: Vec<(usize, usize)> = jobs.iter().map(|j| (j.g.len(), 1)).collect();
     let (mu, one_mu) = (P::A::of(momentum), P::A::of(1.0 - momentum));
-    for_spans(&[(g.len(), 1)], |_, s, end| {
+    let jobs = &*jobs;
+    for_spans(&lens, |i, s, end| {
+        let (bp, op) = raws[i];
         // SAFETY: spans are disjoint ranges of the slices.
         let (b, o) = unsafe { (bp.span(s, end), op.span(s, end)) };
-        let g = &g[s..end];
+        let g = &jobs[i].g[s..end];
         for j in 0..g.len() {
             let gj = g[j].get();
             let bj = b[j] + (gj - b[j]) * one_mu;
@@ -334,18 +455,42 @@ pub fn ema_momentum<P: Elem>(
     });
 }
 
+/// One parameter of a multi-tensor apply.
+#[derive(Debug)]
+pub struct ApplyJob<'a, P: Elem> {
+    /// The parameter, updated in place.
+    pub w: &'a mut [P],
+    /// Its direction.
+    pub d: &'a [P::A],
+    /// The step length.
+    pub alpha: f64,
+    /// Decay folded into the update.
+    pub decay: Decay<'a, P::A>,
+}
+
 /// Applies a direction in place: `w ← decayed(w) − d·alpha`.
 pub fn apply<P: Elem>(w: &mut [P], d: &[P::A], alpha: f64, decay: Decay<'_, P::A>) {
-    let wp = Ptr::of(w);
-    let align = decay.rank1.map_or(1, |r| r.2.len());
-    let alpha = P::A::of(alpha);
-    for_spans(&[(d.len(), align)], |_, s, end| {
-        by_rows(&decay, s, end, |r1, s, end| {
+    apply_multi(&mut [ApplyJob { w, d, alpha, decay }]);
+}
+
+/// [`apply`] over many parameters in one pass.
+pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
+    let raws: Vec<Ptr<P>> = jobs.iter_mut().map(|j| Ptr::of(j.w)).collect();
+    let lens: Vec<(usize, usize)> = jobs
+        .iter()
+        .map(|j| (j.d.len(), j.decay.rank1.map_or(1, |r| r.2.len())))
+        .collect();
+    let jobs = &*jobs;
+    for_spans(&lens, |i, s, end| {
+        let job = &jobs[i];
+        let alpha = P::A::of(job.alpha);
+        by_rows(&job.decay, s, end, |r1, s, end| {
             // SAFETY: spans are disjoint ranges of the slices.
-            let w = unsafe { wp.span(s, end) };
-            let d = &d[s..end];
+            let w = unsafe { raws[i].span(s, end) };
+            let d = &job.d[s..end];
+            let scale = job.decay.scale;
             for j in 0..d.len() {
-                let wd = decayed(w[j].get(), decay.scale, r1, j);
+                let wd = decayed(w[j].get(), scale, r1, j);
                 w[j] = P::put(wd - d[j] * alpha);
             }
         });
@@ -360,7 +505,9 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
         let mut acc = P::A::zero();
         for &v in xs {
             let v = v.get();
-            acc = acc + (v - v);
+            #[allow(clippy::eq_op)]
+            let d = v - v;
+            acc = acc + d;
         }
         acc.finite()
     };

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::{
     result as drv, sys::CUfunction_attribute_enum, CudaFunction, CudaSlice, CudaStream, DevicePtr,
@@ -108,7 +109,7 @@ impl Backend for Cuda {
     fn upload(&self, bytes: &[u8]) -> Result<CudaBuf> {
         let slice = self
             .stream
-            .memcpy_stod(bytes)
+            .clone_htod(bytes)
             .map_err(|e| derr("cuda upload", e))?;
         let addr = slice.device_ptr(&self.stream).0;
         Ok(CudaBuf {

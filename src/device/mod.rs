@@ -109,21 +109,35 @@ fn all_cpu(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu())
 }
 
-/// A CPU kernel generic over the parameter element type `P` (arithmetic type `P::A`).
-trait ParamKernel {
-    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
+/// A CPU kernel over a group, generic over the parameter element type `P`
+/// (arithmetic type `P::A`).
+trait GroupKernel {
+    fn run<P: cpu::Elem + Typed>(&mut self) -> Result<()>
     where
         P::A: Typed;
 }
 
-/// Runs `k` with the parameter data `w` at its element type.
-fn on_param<K: ParamKernel>(w: &mut DataMut<'_>, k: &mut K) -> Result<()> {
-    match w {
-        DataMut::F32(s) => k.run::<f32>(s),
-        DataMut::F64(s) => k.run::<f64>(s),
-        DataMut::BF16(s) => k.run::<half::bf16>(s),
-        DataMut::F16(s) => k.run::<half::f16>(s),
+/// Runs `k` at the element type of `dtype`.
+fn on_dtype<K: GroupKernel>(dtype: DType, k: &mut K) -> Result<()> {
+    match dtype {
+        DType::F32 => k.run::<f32>(),
+        DType::F64 => k.run::<f64>(),
+        DType::BF16 => k.run::<half::bf16>(),
+        DType::F16 => k.run::<half::f16>(),
+        d => fail!(
+            Device,
+            "cpu kernel",
+            "parameters of dtype {d:?} are not supported"
+        ),
     }
+}
+
+/// Whether the CPU path applies: every tensor on the CPU, one parameter dtype.
+fn cpu_group(ws: &[&Var], others: &[&Tensor]) -> bool {
+    let dt = ws.first().map(|w| w.dtype());
+    ws.iter()
+        .all(|w| w.device().is_cpu() && Some(w.dtype()) == dt)
+        && all_cpu(others)
 }
 
 /// The decay of one item as CPU slices, reading `a`, `b` from `ins[at..]`.
@@ -169,47 +183,61 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
     if cuda::adamw_step(items, beta1, beta2, eps)? {
         return Ok(());
     }
-    for it in items {
-        if all_cpu(&[it.w.as_tensor(), it.g, it.m.as_tensor()]) {
-            let mut ins = vec![it.g];
+    let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
+    let gs: Vec<&Tensor> = items.iter().map(|it| it.g).collect();
+    if !items.is_empty() && cpu_group(&ws, &gs) {
+        let (mut ins, mut at, mut outs) = (Vec::new(), Vec::new(), Vec::new());
+        for it in items {
+            at.push(ins.len());
+            ins.push(it.g);
             decay_inputs(&it.decay, &mut ins);
-            let outs = [it.w.as_tensor(), it.m.as_tensor(), it.v.as_tensor()];
-            with_cpu_data(&ins, &outs, |ins, outs| {
-                let [w, m, v] = outs else { unreachable!() };
-                struct K<'x, 'a, 'b> {
-                    ins: &'x [Data<'a>],
-                    m: &'x mut DataMut<'b>,
-                    v: &'x mut DataMut<'b>,
-                    it: &'x AdamItem<'x>,
-                    hp: (f64, f64, f64),
-                }
-                impl ParamKernel for K<'_, '_, '_> {
-                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
-                    where
-                        P::A: Typed,
-                    {
-                        let g = slice::<P>(&self.ins[0], "gradient")?;
-                        let decay = cpu_decay::<P::A>(&self.it.decay, self.ins, 1)?;
-                        let m = slice_mut::<P::A>(self.m, "exp_avg")?;
-                        let v = slice_mut::<P::A>(self.v, "exp_avg_sq")?;
-                        let (b1, b2, eps) = self.hp;
-                        cpu::adamw::<P>(w, g, m, v, b1, b2, eps, self.it.step, decay);
-                        Ok(())
-                    }
-                }
-                on_param(
-                    w,
-                    &mut K {
-                        ins,
-                        m,
-                        v,
-                        it,
-                        hp: (beta1, beta2, eps),
-                    },
-                )
-            })?;
-            continue;
+            outs.extend([it.w.as_tensor(), it.m.as_tensor(), it.v.as_tensor()]);
         }
+        return with_cpu_data(&ins, &outs, |ins, outs| {
+            struct K<'x, 'a, 'b> {
+                ins: &'x [Data<'a>],
+                at: &'x [usize],
+                outs: &'x mut [DataMut<'b>],
+                items: &'x [AdamItem<'x>],
+                hp: (f64, f64, f64),
+            }
+            impl GroupKernel for K<'_, '_, '_> {
+                fn run<P: cpu::Elem + Typed>(&mut self) -> Result<()>
+                where
+                    P::A: Typed,
+                {
+                    let mut jobs = Vec::with_capacity(self.items.len());
+                    for (k, chunk) in self.outs.chunks_mut(3).enumerate() {
+                        let [w, m, v] = chunk else { unreachable!() };
+                        let at = self.at[k];
+                        jobs.push(cpu::AdamJob {
+                            w: slice_mut::<P>(w, "parameter")?,
+                            g: slice::<P>(&self.ins[at], "gradient")?,
+                            m: slice_mut::<P::A>(m, "exp_avg")?,
+                            v: slice_mut::<P::A>(v, "exp_avg_sq")?,
+                            step: self.items[k].step,
+                            decay: cpu_decay::<P::A>(&self.items[k].decay, self.ins, at + 1)?,
+                        });
+                    }
+                    let (b1, b2, eps) = self.hp;
+                    cpu::adamw_multi(&mut jobs, b1, b2, eps);
+                    Ok(())
+                }
+            }
+            let dtype = items[0].w.dtype();
+            on_dtype(
+                dtype,
+                &mut K {
+                    ins,
+                    at: &at,
+                    outs,
+                    items,
+                    hp: (beta1, beta2, eps),
+                },
+            )
+        });
+    }
+    for it in items {
         let dt = it.m.dtype();
         let g = it.g.to_dtype(dt)?;
         let (m, v) = (it.m.as_tensor(), it.v.as_tensor());
@@ -231,51 +259,70 @@ pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<
     if cuda::sgd_step(items, momentum, nesterov)? {
         return Ok(());
     }
-    for it in items {
-        if all_cpu(&[it.w.as_tensor(), it.g]) {
-            let mut ins = vec![it.g];
+    let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
+    let gs: Vec<&Tensor> = items.iter().map(|it| it.g).collect();
+    if !items.is_empty() && cpu_group(&ws, &gs) {
+        let (mut ins, mut at, mut outs) = (Vec::new(), Vec::new(), Vec::new());
+        for it in items {
+            at.push(ins.len());
+            ins.push(it.g);
             decay_inputs(&it.decay, &mut ins);
-            let mut outs = vec![it.w.as_tensor()];
+            outs.push(it.w.as_tensor());
             if let Some(b) = it.buf {
                 outs.push(b.as_tensor());
             }
-            with_cpu_data(&ins, &outs, |ins, outs| {
-                let (w, rest) = outs.split_first_mut().expect("w");
-                struct K<'x, 'a, 'b> {
-                    ins: &'x [Data<'a>],
-                    buf: Option<&'x mut DataMut<'b>>,
-                    it: &'x SgdItem<'x>,
-                    hp: (f64, bool),
-                }
-                impl ParamKernel for K<'_, '_, '_> {
-                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
-                    where
-                        P::A: Typed,
-                    {
-                        let g = slice::<P>(&self.ins[0], "gradient")?;
-                        let decay = cpu_decay::<P::A>(&self.it.decay, self.ins, 1)?;
-                        let buf = match self.buf.as_deref_mut() {
-                            Some(b) => Some(slice_mut::<P::A>(b, "momentum")?),
-                            None => None,
-                        };
-                        let (mu, nesterov) = self.hp;
-                        cpu::sgd::<P>(w, g, buf, mu, nesterov, self.it.lr, decay);
-                        Ok(())
-                    }
-                }
-                let buf = rest.first_mut();
-                on_param(
-                    w,
-                    &mut K {
-                        ins,
-                        buf,
-                        it,
-                        hp: (momentum, nesterov),
-                    },
-                )
-            })?;
-            continue;
         }
+        return with_cpu_data(&ins, &outs, |ins, outs| {
+            struct K<'x, 'a, 'b> {
+                ins: &'x [Data<'a>],
+                at: &'x [usize],
+                outs: &'x mut [DataMut<'b>],
+                items: &'x [SgdItem<'x>],
+                hp: (f64, bool),
+            }
+            impl GroupKernel for K<'_, '_, '_> {
+                fn run<P: cpu::Elem + Typed>(&mut self) -> Result<()>
+                where
+                    P::A: Typed,
+                {
+                    let mut jobs = Vec::with_capacity(self.items.len());
+                    let mut rest: &mut [DataMut<'_>] = self.outs;
+                    for (k, it) in self.items.iter().enumerate() {
+                        let n = if it.buf.is_some() { 2 } else { 1 };
+                        let (mine, tail) = rest.split_at_mut(n);
+                        rest = tail;
+                        let (w, buf) = mine.split_first_mut().expect("w");
+                        let at = self.at[k];
+                        jobs.push(cpu::SgdJob {
+                            w: slice_mut::<P>(w, "parameter")?,
+                            g: slice::<P>(&self.ins[at], "gradient")?,
+                            buf: match buf.first_mut() {
+                                Some(b) => Some(slice_mut::<P::A>(b, "momentum")?),
+                                None => None,
+                            },
+                            lr: it.lr,
+                            decay: cpu_decay::<P::A>(&it.decay, self.ins, at + 1)?,
+                        });
+                    }
+                    let (mu, nesterov) = self.hp;
+                    cpu::sgd_multi(&mut jobs, mu, nesterov);
+                    Ok(())
+                }
+            }
+            let dtype = items[0].w.dtype();
+            on_dtype(
+                dtype,
+                &mut K {
+                    ins,
+                    at: &at,
+                    outs,
+                    items,
+                    hp: (momentum, nesterov),
+                },
+            )
+        });
+    }
+    for it in items {
         let dt = math_dtype(it.w.dtype());
         let g = it.g.to_dtype(dt)?;
         let w = generic_decayed(&it.w.as_tensor().to_dtype(dt)?, &it.decay)?;
@@ -321,52 +368,49 @@ pub fn ema_momentum(
     if cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
         return Ok(());
     }
-    if all_cpu(grads) && out.device().is_cpu() {
+    if all_cpu(grads)
+        && out.device().is_cpu()
+        && grads.iter().all(|g| g.dtype() == grads[0].dtype())
+    {
         let mut outs: Vec<&Tensor> = bufs.iter().map(|b| b.as_tensor()).collect();
         outs.push(out.as_tensor());
         return with_cpu_data(grads, &outs, |ins, outs| {
-            let (o, bufs) = outs.split_last_mut().expect("out");
-            let mut start = 0;
-            for (g, b) in ins.iter().zip(bufs.iter_mut()) {
-                let len = g.len();
-                match (g, b, &mut *o) {
-                    (Data::F32(g), DataMut::F32(b), DataMut::F32(o)) => cpu::ema_momentum::<f32>(
-                        g,
-                        b,
-                        &mut o[start..start + len],
-                        momentum,
-                        nesterov,
-                    ),
-                    (Data::BF16(g), DataMut::F32(b), DataMut::F32(o)) => {
-                        cpu::ema_momentum::<half::bf16>(
-                            g,
-                            b,
-                            &mut o[start..start + len],
-                            momentum,
-                            nesterov,
-                        )
-                    }
-                    (Data::F16(g), DataMut::F32(b), DataMut::F32(o)) => {
-                        cpu::ema_momentum::<half::f16>(
-                            g,
-                            b,
-                            &mut o[start..start + len],
-                            momentum,
-                            nesterov,
-                        )
-                    }
-                    (Data::F64(g), DataMut::F64(b), DataMut::F64(o)) => cpu::ema_momentum::<f64>(
-                        g,
-                        b,
-                        &mut o[start..start + len],
-                        momentum,
-                        nesterov,
-                    ),
-                    _ => fail!(Device, "ema_momentum", "unexpected dtype combination"),
-                }
-                start += len;
+            struct K<'x, 'a, 'b> {
+                ins: &'x [Data<'a>],
+                outs: &'x mut [DataMut<'b>],
+                hp: (f64, bool),
             }
-            Ok(())
+            impl GroupKernel for K<'_, '_, '_> {
+                fn run<P: cpu::Elem + Typed>(&mut self) -> Result<()>
+                where
+                    P::A: Typed,
+                {
+                    let (o, bufs) = self.outs.split_last_mut().expect("out");
+                    let mut o = slice_mut::<P::A>(o, "direction")?;
+                    let mut jobs = Vec::with_capacity(bufs.len());
+                    for (g, b) in self.ins.iter().zip(bufs.iter_mut()) {
+                        let g = slice::<P>(g, "gradient")?;
+                        let (mine, tail) = std::mem::take(&mut o).split_at_mut(g.len());
+                        o = tail;
+                        jobs.push(cpu::EmaJob {
+                            g,
+                            buf: slice_mut::<P::A>(b, "momentum")?,
+                            out: mine,
+                        });
+                    }
+                    let (mu, nesterov) = self.hp;
+                    cpu::ema_momentum_multi(&mut jobs, mu, nesterov);
+                    Ok(())
+                }
+            }
+            on_dtype(
+                grads[0].dtype(),
+                &mut K {
+                    ins,
+                    outs,
+                    hp: (momentum, nesterov),
+                },
+            )
         });
     }
     let dt = out.dtype();
@@ -403,40 +447,57 @@ pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'
         return Ok(());
     }
     let d = d.contiguous()?;
+    if n > 0 && cpu_group(ws, &[&d]) {
+        let (mut ins, mut at) = (vec![&d], Vec::new());
+        for dec in decays {
+            at.push(ins.len());
+            decay_inputs(dec, &mut ins);
+        }
+        let outs: Vec<&Tensor> = ws.iter().map(|w| w.as_tensor()).collect();
+        return with_cpu_data(&ins, &outs, |ins, outs| {
+            struct K<'x, 'a, 'b> {
+                ins: &'x [Data<'a>],
+                at: &'x [usize],
+                outs: &'x mut [DataMut<'b>],
+                alphas: &'x [f64],
+                decays: &'x [DecayTerm<'x>],
+            }
+            impl GroupKernel for K<'_, '_, '_> {
+                fn run<P: cpu::Elem + Typed>(&mut self) -> Result<()>
+                where
+                    P::A: Typed,
+                {
+                    let mut d = slice::<P::A>(&self.ins[0], "direction")?;
+                    let mut jobs = Vec::with_capacity(self.outs.len());
+                    for (k, w) in self.outs.iter_mut().enumerate() {
+                        let w = slice_mut::<P>(w, "parameter")?;
+                        let (mine, tail) = d.split_at(w.len());
+                        d = tail;
+                        jobs.push(cpu::ApplyJob {
+                            w,
+                            d: mine,
+                            alpha: self.alphas[k],
+                            decay: cpu_decay::<P::A>(&self.decays[k], self.ins, self.at[k])?,
+                        });
+                    }
+                    cpu::apply_multi(&mut jobs);
+                    Ok(())
+                }
+            }
+            on_dtype(
+                ws[0].dtype(),
+                &mut K {
+                    ins,
+                    at: &at,
+                    outs,
+                    alphas,
+                    decays,
+                },
+            )
+        });
+    }
     for (i, w) in ws.iter().enumerate() {
         let di = d.get(i)?;
-        if all_cpu(&[w.as_tensor(), &di]) {
-            let mut ins = vec![&di];
-            decay_inputs(&decays[i], &mut ins);
-            with_cpu_data(&ins, &[w.as_tensor()], |ins, outs| {
-                let [w] = outs else { unreachable!() };
-                struct K<'x, 'a> {
-                    ins: &'x [Data<'a>],
-                    alpha: f64,
-                    decay: &'x DecayTerm<'x>,
-                }
-                impl ParamKernel for K<'_, '_> {
-                    fn run<P: cpu::Elem + Typed>(&mut self, w: &mut [P]) -> Result<()>
-                    where
-                        P::A: Typed,
-                    {
-                        let d = slice::<P::A>(&self.ins[0], "direction")?;
-                        let decay = cpu_decay::<P::A>(self.decay, self.ins, 1)?;
-                        cpu::apply::<P>(w, d, self.alpha, decay);
-                        Ok(())
-                    }
-                }
-                on_param(
-                    w,
-                    &mut K {
-                        ins,
-                        alpha: alphas[i],
-                        decay: &decays[i],
-                    },
-                )
-            })?;
-            continue;
-        }
         let dt = d.dtype();
         let wd = generic_decayed(&w.as_tensor().to_dtype(dt)?, &decays[i])?;
         let new = (wd - (di.reshape(w.shape())? * alphas[i])?)?;

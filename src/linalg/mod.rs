@@ -33,12 +33,12 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
 /// Checks that `t` is a float matrix or batch of matrices; returns `(m, n)`.
 pub(crate) fn matrix_dims(who: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {
-        crate::error::fail!(Config, who, "expected a float tensor, got {:?}", t.dtype());
+        crate::error::fail!(Shape, who, "expected a float tensor, got {:?}", t.dtype());
     }
     match t.dims() {
         [m, n] | [_, m, n] => Ok((*m, *n)),
         d => crate::error::fail!(
-            Config,
+            Shape,
             who,
             "expected a matrix (m, n) or a batch (b, m, n), got shape {d:?}"
         ),

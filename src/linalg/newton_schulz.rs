@@ -1,4 +1,4 @@
-//! `msign(G) = U Vᵀ` (the polar factor) by Newton–Schulz iteration (SPEC §4).
+//! `msign(G) = U Vᵀ` (the polar factor) by Newton–Schulz iteration (docs/math.md §4).
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! Top singular triplet by power iteration (SPEC §1).
+//! Top singular triplet by power iteration (docs/math.md §1).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -106,7 +106,7 @@ fn initial_v(
     let expected: &[usize] = if batched { &[b, n] } else { &[n] };
     if s.dims() != expected {
         fail!(
-            Config,
+            Shape,
             "power_iteration: start",
             "expected shape {expected:?} (an estimate of v₁), got {:?}",
             s.dims()

@@ -149,7 +149,7 @@ pub fn spectral_sphere_retract(
         .to_vec1::<f64>()?;
     if s.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         fail!(
-            Config,
+            Numerical,
             "spectral_sphere_retract",
             "cannot retract a matrix with spectral norm {s:?}"
         );
@@ -183,7 +183,7 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
     let (b, n, m) = w3.dims3()?;
     if n < m {
         fail!(
-            Config,
+            Shape,
             "stiefel_retract",
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );
@@ -225,7 +225,7 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
             .fold(0.0f64, f64::max);
         if !r.is_finite() {
             fail!(
-                Config,
+                Numerical,
                 "stiefel_retract",
                 "the iteration diverged (W rank-deficient?)"
             );

@@ -217,7 +217,7 @@ impl Driver {
         self.states[p][k].as_deref()
     }
 
-    /// One step with the gradients of `grads` (see the [module docs](self)).
+    /// One step with the gradients of `grads` (see [`Driver`]: pick, validate, check, group, run).
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
         let mut picked = Vec::new();
         for (p, nv) in self.params.iter().enumerate() {
@@ -289,8 +289,9 @@ impl Driver {
             });
         }
         // 4. groups.
-        let mut groups: BTreeMap<(bool, usize, Vec<usize>, &str, String), Vec<(usize, Tensor)>> =
-            BTreeMap::new();
+        // (infallible, partition, member shape, dtype, device) → members.
+        type GroupKey<'a> = (bool, usize, Vec<usize>, &'a str, String);
+        let mut groups: BTreeMap<GroupKey<'_>, Vec<(usize, Tensor)>> = BTreeMap::new();
         for (p, g) in grads {
             let info = &self.infos[p];
             let k = self.assign[p];

@@ -37,3 +37,31 @@ pub use transform::LrAdjust;
 
 pub use crate::checkpoint::OptimizerState;
 pub use crate::params::{NamedVar, ParamInfo};
+
+/// A step that keeps the crate's typed [`Error`](crate::Error).
+/// `candle_nn::Optimizer::step` has to return a `candle_core::Error`, which
+/// can only carry the message; `try_step` keeps the enum (e.g.
+/// [`Error::NonFiniteGradient`](crate::Error::NonFiniteGradient), to skip a
+/// batch). Implemented by every optimizer of the crate and by
+/// [`Scheduled`](crate::schedule::Scheduled) around one.
+pub trait TryStep {
+    /// One step with these gradients.
+    fn try_step(&mut self, grads: &candle_core::backprop::GradStore) -> crate::Result<()>;
+
+    /// `loss.backward()`, then [`TryStep::try_step`].
+    fn try_backward_step(&mut self, loss: &candle_core::Tensor) -> crate::Result<()> {
+        let grads = loss.backward()?;
+        self.try_step(&grads)
+    }
+}
+
+macro_rules! try_step_by_inherent {
+    ($($t:ty),*) => {$(
+        impl TryStep for $t {
+            fn try_step(&mut self, grads: &candle_core::backprop::GradStore) -> crate::Result<()> {
+                <$t>::try_step(self, grads)
+            }
+        }
+    )*};
+}
+try_step_by_inherent!(AdamW, Sgd, Muon, Steepest, Driver);

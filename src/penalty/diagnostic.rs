@@ -1,4 +1,4 @@
-//! The input/parameter gradient inequality as a diagnostic (SPEC §6).
+//! The input/parameter gradient inequality as a diagnostic (docs/math.md §6).
 
 use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::Linear;
@@ -60,7 +60,7 @@ impl Mlp {
             if let Some(b) = lin.bias() {
                 if b.dims() != [out] {
                     fail!(
-                        Config,
+                        Shape,
                         format!("Mlp::new: layers[{t}].bias"),
                         "expected shape [{out}], got {:?}",
                         b.dims()
@@ -71,7 +71,7 @@ impl Mlp {
                 let (prev_out, _) = layers[t - 1].0.weight().dims2()?;
                 let (_, inp) = lin.weight().dims2()?;
                 if inp != prev_out {
-                    fail!(Config, format!("Mlp::new: layers[{t}].weight"),
+                    fail!(Shape, format!("Mlp::new: layers[{t}].weight"),
                         "input width {inp} does not match the previous layer's output width {prev_out}"
                     );
                 }
@@ -128,7 +128,7 @@ impl Module for Mlp {
 fn forward_all(layers: &[Layer], x: &Tensor) -> Result<Vec<Tensor>> {
     if x.rank() != 2 {
         fail!(
-            Config,
+            Shape,
             "Mlp: x",
             "expected a batch (b, d), got shape {:?}",
             x.dims()
@@ -153,7 +153,7 @@ fn single_input(mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         [n] if *n == d => x.unsqueeze(0)?,
         [1, n] if *n == d => x.clone(),
         dims => fail!(
-            Config,
+            Shape,
             "gradient_inequality: x",
             "expected one input of shape [{d}] or [1, {d}], got {dims:?}"
         ),
@@ -245,7 +245,7 @@ where
     let fx = f(out)?;
     if fx.elem_count() != 1 {
         fail!(
-            Config,
+            Shape,
             "gradient_terms: f",
             "expected a scalar (one element), got shape {:?}",
             fx.dims()
@@ -254,7 +254,7 @@ where
     let fx = fx.flatten_all()?.sum_all()?;
     let value = fx.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if !value.is_finite() {
-        fail!(Config, "gradient_terms: f", "f(x) is {value}");
+        fail!(Numerical, "gradient_terms: f", "f(x) is {value}");
     }
     let grads = fx.backward()?;
     let grad_or_zero = |t: &Tensor| -> Result<Tensor> {

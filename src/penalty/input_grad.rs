@@ -46,7 +46,7 @@ where
     cfg.validate(WHO)?;
     if !x.dtype().is_float() {
         fail!(
-            Config,
+            Shape,
             format!("{WHO}: x"),
             "expected a float input, got {:?}",
             x.dtype()

@@ -1,4 +1,4 @@
-//! Gradient-norm penalties and the input/parameter gradient inequality (SPEC §6).
+//! Gradient-norm penalties and the input/parameter gradient inequality (docs/math.md §6).
 //!
 //! **Penalties.** Candle's autograd has no reliable double backward, so the
 //! gradient of a penalised objective is computed with a finite-difference

@@ -246,7 +246,7 @@ where
     let loss = loss_fn()?;
     if loss.elem_count() != 1 {
         fail!(
-            Config,
+            Shape,
             format!("{who}: loss"),
             "expected a scalar loss, got shape {:?}",
             loss.dims()
@@ -254,7 +254,7 @@ where
     }
     let value = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
     if !value.is_finite() {
-        fail!(Config, format!("{who}: loss"), "the loss is {value}");
+        fail!(Numerical, format!("{who}: loss"), "the loss is {value}");
     }
     let grads = loss.backward()?;
     Ok((value, grads))

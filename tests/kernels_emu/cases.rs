@@ -143,7 +143,13 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn max_abs(a: &Tensor) -> f64 {
     f64s(a)
         .iter()
-        .map(|x| if x.is_finite() { x.abs() } else { f64::INFINITY })
+        .map(|x| {
+            if x.is_finite() {
+                x.abs()
+            } else {
+                f64::INFINITY
+            }
+        })
         .fold(0.0, f64::max)
 }
 

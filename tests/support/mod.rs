@@ -127,3 +127,103 @@ pub fn state_snapshot(
         })
         .collect()
 }
+
+/// A fresh `VarMap` holding `params` (name, shape) in `dtype`, with fixed
+/// pseudo-random initial values (`values(seed + i, ..)` for the `i`-th).
+pub fn model_of(params: &[(&str, &[usize])], dtype: DType, seed: u64) -> VarMap {
+    let vm = VarMap::new();
+    {
+        let mut data = vm.data().lock().unwrap();
+        for (i, (name, shape)) in params.iter().enumerate() {
+            let n = shape.iter().product::<usize>();
+            let t = Tensor::from_vec(values(seed + i as u64, n), *shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            data.insert(name.to_string(), Var::from_tensor(&t).unwrap());
+        }
+    }
+    vm
+}
+
+/// [`loss`] over an arbitrary parameter list: `Σ_p mean((p ⊙ p − t_p)²) +
+/// mean(p ⊙ s_p)`, the targets `t_p` fixed and the tilts `s_p` changing
+/// with `step`.
+pub fn loss_of(vm: &VarMap, params: &[(&str, &[usize])], step: u64) -> Tensor {
+    let mut total = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for (i, (name, shape)) in params.iter().enumerate() {
+        let p = var(vm, name).as_tensor().to_dtype(DType::F32).unwrap();
+        let n = shape.iter().product::<usize>();
+        let t = Tensor::from_vec(values(100 + i as u64, n), *shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = Tensor::from_vec(values(1000 * step + i as u64, n), *shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let term = ((&p * &p).unwrap() - t)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let lin = (&p * s).unwrap().mean_all().unwrap();
+        total = ((total + term).unwrap() + lin).unwrap();
+    }
+    total
+}
+
+/// A state dict without its header (`__steepest__`), as f64 snapshots: the
+/// per-parameter state only, comparable between optimizers of other kinds.
+pub fn state_tensors(
+    state: &HashMap<String, Tensor>,
+) -> HashMap<String, (Vec<usize>, DType, Vec<f64>)> {
+    let mut s = state_snapshot(state);
+    s.remove("__steepest__");
+    s
+}
+
+/// The gradients of [`loss_of`] at `step`, with the middle entry of `name`'s
+/// gradient replaced by `bad` (NaN or ±Inf).
+pub fn grads_with(
+    vm: &VarMap,
+    params: &[(&str, &[usize])],
+    step: u64,
+    name: &str,
+    bad: f64,
+) -> candle_core::backprop::GradStore {
+    let mut grads = loss_of(vm, params, step).backward().unwrap();
+    let v = var(vm, name);
+    let g = grads.get(v.as_tensor()).unwrap();
+    let mut vals = g
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let mid = vals.len() / 2;
+    vals[mid] = bad;
+    let g = Tensor::from_vec(vals, v.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(v.dtype())
+        .unwrap();
+    grads.insert(v.as_tensor(), g);
+    grads
+}
+
+/// A fresh, empty directory under the system temp dir, unique per call
+/// (tests run in parallel threads of one process).
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "steepest-{tag}-{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,4 +1,4 @@
-//! Muon on matrix manifolds by dual gradient descent (SPEC §3): the
+//! Muon on matrix manifolds by dual gradient descent (docs/math.md §3): the
 //! spectral sphere `‖W‖₂ = r` and the Stiefel manifold `WᵀW = I`.
 //!
 //! Each function takes one matrix `(m, n)` or a batch `(b, m, n)`; the
@@ -38,7 +38,7 @@ pub enum Manifold {
     },
     /// The Stiefel manifold, with the spectral norm: `Φ = msign(G + WX)`,
     /// `X` symmetric by dual descent ([`stiefel_direction`]), then
-    /// `W ← msign(W − ηΦ)` ([`stiefel_retract`]). `transpose: false` keeps
+    /// `W ← msign(W − ηΦ)` ([`crate::linalg::stiefel_retract`]). `transpose: false` keeps
     /// `WᵀW = I` and needs a tall matrix view (rows ≥ cols); `transpose: true`
     /// keeps `WWᵀ = I` and needs a wide one (rows ≤ cols).
     Stiefel {
@@ -56,7 +56,7 @@ pub struct DualAscent {
     /// source).
     pub lr: Option<f64>,
     /// Dual steps (one `msign` each) per training step; 1 is the amortised
-    /// scheme of SPEC §3 (the multiplier carries over between steps).
+    /// scheme of docs/math.md §3 (the multiplier carries over between steps).
     pub steps: usize,
     /// Step along `sign(∇)` instead of `∇` (`λ ← λ − η₂·sign(tr(ΘᵀΦ))`).
     pub sign: bool,
@@ -137,7 +137,7 @@ fn normalise(g: &Tensor) -> Result<Tensor> {
     Ok(g.broadcast_div(&n.maximum(tiny)?)?)
 }
 
-/// Spectral-sphere direction by dual descent (SPEC §3):
+/// Spectral-sphere direction by dual descent (docs/math.md §3):
 /// repeat `steps` times `Φ = msign(Ĝ + λΘ); λ ← λ − η₂·tr(ΘᵀΦ)`, with
 /// `Ĝ = G/rms(σ(G))`. Returns the last `Φ`, the updated `λ` and `tr(ΘᵀΦ)` of that
 /// `Φ`. At the fixed point `tr(ΘᵀΦ) = 0` and `Φ` maximises `tr(GᵀΦ)` over
@@ -157,7 +157,7 @@ pub fn spectral_sphere_direction(
     let (t3, _) = batch3(theta)?;
     if g3.dims() != t3.dims() {
         fail!(
-            Config,
+            Shape,
             "spectral_sphere_direction",
             "g {:?} and theta {:?} differ in shape",
             g.dims(),
@@ -183,7 +183,7 @@ pub fn spectral_sphere_direction(
     })
 }
 
-/// Stiefel direction by dual descent (SPEC §3), for tall `W` (`n ≥ m`,
+/// Stiefel direction by dual descent (docs/math.md §3), for tall `W` (`n ≥ m`,
 /// `WᵀW = I`): repeat `steps` times `Φ = msign(Ĝ + W X);
 /// X ← X − η₂ (WᵀΦ + ΦᵀW)`, with `Ĝ = G/rms(σ(G))` and `X` symmetric `m × m`.
 /// Returns the last `Φ`, the updated `X` and `WᵀΦ + ΦᵀW` of that `Φ`.
@@ -202,7 +202,7 @@ pub fn stiefel_direction(
     let (b, n, m) = w3.dims3()?;
     if g3.dims() != w3.dims() || x3.dims() != [b, m, m] {
         fail!(
-            Config,
+            Shape,
             "stiefel_direction",
             "shapes g {:?}, w {:?}, x {:?} do not fit (x must be m×m for w n×m)",
             g.dims(),
@@ -212,7 +212,7 @@ pub fn stiefel_direction(
     }
     if n < m {
         fail!(
-            Config,
+            Shape,
             "stiefel_direction",
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );

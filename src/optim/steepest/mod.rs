@@ -1,4 +1,4 @@
-//! Steepest descent under a norm and on a manifold (SPEC §2, §3).
+//! Steepest descent under a norm and on a manifold (docs/math.md §2, §3).
 //!
 //! One optimizer, [`Steepest`], configured by a [`Norm`] (the geometry of a
 //! step) and a [`Manifold`] (where the parameters live):

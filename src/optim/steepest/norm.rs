@@ -1,4 +1,4 @@
-//! Dualized gradients under a norm, free and on the sphere (SPEC §2).
+//! Dualized gradients under a norm, free and on the sphere (docs/math.md §2).
 //!
 //! The steepest-descent direction under a norm `ρ` is
 //! `φ = argmax_{ρ(φ)=1} ⟨g, φ⟩`, and the step is `w ← w − η φ`. On the sphere
@@ -111,7 +111,7 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
         Norm::Sign => Ok(g.sign()?),
         Norm::Spectral(ns) => {
             let Some((r, c)) = crate::params::matrix_view(g.dims()) else {
-                fail!(Config, "dualize",
+                fail!(Shape, "dualize",
                     "the spectral norm needs a matrix, got shape {:?} (use Norm::Euclidean for vectors)",
                     g.dims()
                 );
@@ -151,7 +151,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
     norm.validate("sphere_direction: norm")?;
     if g.shape() != w.shape() {
         fail!(
-            Config,
+            Shape,
             "sphere_direction",
             "g has shape {:?}, w has shape {:?}",
             g.dims(),
@@ -178,7 +178,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
             let (gv, wv) = (to_host(g)?, to_host(w)?);
             let wn = p_norm(&wv, *p);
             if wn == 0.0 {
-                fail!(Config, "sphere_direction", "w = 0 is not on a sphere");
+                fail!(Numerical, "sphere_direction", "w = 0 is not on a sphere");
             }
             let a: Vec<f64> = wv.iter().map(|x| signed_pow(x / wn, p - 1.0)).collect();
             let lambda = lp_sphere_multiplier(&gv, &a, *p)?;
@@ -222,7 +222,7 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
     }
     if g.len() != a.len() {
         fail!(
-            Config,
+            Shape,
             "lp_sphere_multiplier",
             "g has {} entries, a has {}",
             g.len(),
@@ -234,7 +234,7 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
     let sa = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     if sa == 0.0 || !sa.is_finite() || !sg.is_finite() {
         fail!(
-            Config,
+            Numerical,
             "lp_sphere_multiplier: a",
             "the normal vector is zero or not finite (w = 0?)"
         );
@@ -261,7 +261,11 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
         lo = guess - width;
         tries += 1;
         if tries > 200 {
-            fail!(Config, "lp_sphere_multiplier", "could not bracket the root");
+            fail!(
+                Numerical,
+                "lp_sphere_multiplier",
+                "could not bracket the root"
+            );
         }
     }
     while h(hi) < 0.0 {
@@ -269,7 +273,11 @@ pub fn lp_sphere_multiplier(g: &[f64], a: &[f64], p: f64) -> Result<f64> {
         hi = guess + width;
         tries += 1;
         if tries > 400 {
-            fail!(Config, "lp_sphere_multiplier", "could not bracket the root");
+            fail!(
+                Numerical,
+                "lp_sphere_multiplier",
+                "could not bracket the root"
+            );
         }
     }
     for _ in 0..300 {
@@ -299,7 +307,11 @@ pub fn sphere_retract(w: &Tensor, radius: f64, norm: &Norm) -> Result<Tensor> {
     };
     let n = p_norm(&to_host(w)?, p);
     if n == 0.0 || !n.is_finite() {
-        fail!(Config, "sphere_retract", "cannot retract w with norm {n}");
+        fail!(
+            Numerical,
+            "sphere_retract",
+            "cannot retract w with norm {n}"
+        );
     }
     Ok((w * (radius / n))?)
 }

@@ -22,7 +22,7 @@ use crate::optim::steepest::{
 };
 use crate::params::ParamInfo;
 
-/// One step on a manifold (SPEC §3): with `d` the direction so far,
+/// One step on a manifold (docs/math.md §3): with `d` the direction so far,
 /// - `Sphere{r}`: `φ = sphere_direction(d, w)` under `norm`, then
 ///   `w ← r·(w − ηφ)/ρ(w − ηφ)`;
 /// - `SpectralSphere{r}`: `Φ = msign(D̂ + λΘ)`, `λ ← λ − η₂ tr(ΘᵀΦ)`, then

@@ -1,0 +1,671 @@
+//! Checkpoint files: bit-identical resume for every alias, a partition and
+//! a plain driver; corrupted, truncated, old-format, foreign, other-kind and
+//! future-version files refused with a clear error and no change; and a
+//! fallible chain that fails mid-step restores every group.
+
+mod common;
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarMap};
+use steepest::optim::transform::{
+    Adam, Decay, GroupStep, Momentum, Orthogonalize, Retract, Stage, Transform, TransformState,
+};
+use steepest::optim::{
+    AdamW, AdamWConfig, Chain, Driver, Manifold, Muon, MuonConfig, OptimizerState, ParamInfo,
+    Partition, Sgd, SgdConfig, Steepest, SteepestConfig,
+};
+use steepest::{Error, NewtonSchulz, WeightDecay};
+use support::*;
+
+type Shapes = [(&'static str, &'static [usize])];
+
+const MIXED: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("wide.weight", &[3, 5]),
+    ("conv.weight", &[4, 2, 2, 2]),
+    ("embed.weight", &[9, 4]),
+    ("a.bias", &[6]),
+    ("gain", &[]),
+];
+
+const TALL: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("c.weight", &[8, 3]),
+    ("conv.weight", &[8, 1, 2, 2]),
+];
+
+fn adamw(vm: &VarMap) -> AdamW {
+    AdamW::from_varmap(
+        vm,
+        AdamWConfig {
+            lr: 0.01,
+            weight_decay: WeightDecay::spectral(0.1),
+            decay_vectors: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn sgd(vm: &VarMap) -> Sgd {
+    Sgd::from_varmap(
+        vm,
+        SgdConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: WeightDecay::spectral(0.1),
+            decay_vectors: true,
+        },
+    )
+    .unwrap()
+}
+
+fn muon(vm: &VarMap) -> Muon {
+    Muon::from_varmap(
+        vm,
+        MuonConfig {
+            lr: 0.02,
+            weight_decay: WeightDecay::spectral(0.1),
+            adamw: AdamWConfig {
+                lr: 0.004,
+                ..Default::default()
+            },
+            adamw_names: vec!["embed".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn steepest_free(vm: &VarMap) -> Steepest {
+    Steepest::from_varmap(
+        vm,
+        SteepestConfig {
+            lr: 0.02,
+            weight_decay: WeightDecay::spectral(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn steepest_sphere(vm: &VarMap) -> Steepest {
+    Steepest::from_varmap(
+        vm,
+        SteepestConfig {
+            lr: 0.05,
+            manifold: Manifold::SpectralSphere { radius: 1.5 },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn steepest_stiefel(vm: &VarMap) -> Steepest {
+    Steepest::from_varmap(
+        vm,
+        SteepestConfig {
+            lr: 0.05,
+            manifold: Manifold::Stiefel { transpose: false },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn muon_chain() -> Chain {
+    Chain::new()
+        .then(Decay::new(WeightDecay::spectral(0.1), false).unwrap())
+        .then(Momentum::ema(0.9, true).unwrap())
+        .then(Orthogonalize {
+            ns: NewtonSchulz::muon(),
+        })
+}
+
+fn adamw_chain() -> Chain {
+    Chain::new()
+        .then(Decay::new(WeightDecay::Decoupled(0.1), true).unwrap())
+        .then(Adam::default())
+}
+
+/// Three groups, one of them fallible (Adam then a spectral-sphere
+/// retraction).
+fn partition(vm: &VarMap) -> Driver {
+    Partition::by(|p: &ParamInfo| {
+        if p.name.starts_with("embed") {
+            "sphere"
+        } else if p.is_matrix() {
+            "muon"
+        } else {
+            "adamw"
+        }
+    })
+    .group("muon", muon_chain(), 0.02)
+    .group("adamw", adamw_chain(), 0.005)
+    .group(
+        "sphere",
+        Chain::new()
+            .then(Adam::default())
+            .then(Retract::new(Manifold::SpectralSphere { radius: 2.0 }).unwrap()),
+        0.01,
+    )
+    .build_from_varmap(vm)
+    .unwrap()
+}
+
+fn driver(vm: &VarMap) -> Driver {
+    Driver::from_varmap(
+        vm,
+        Chain::new()
+            .then(Decay::new(WeightDecay::Decoupled(0.1), true).unwrap())
+            .then(Momentum::classic(0.9, false).unwrap()),
+        0.05,
+    )
+    .unwrap()
+}
+
+/// 6 uninterrupted steps against 3 steps, parameters and optimizer state
+/// saved to files, everything rebuilt from the files, 3 more steps: the
+/// same bits, parameters and state.
+fn resume<O: Optimizer + OptimizerState>(
+    what: &str,
+    shapes: &Shapes,
+    dtype: DType,
+    make: fn(&VarMap) -> O,
+) {
+    let vm = model_of(shapes, dtype, 21);
+    let mut opt = make(&vm);
+    for t in 0..6 {
+        opt.backward_step(&loss_of(&vm, shapes, t)).unwrap();
+    }
+    let straight = (snapshot(&vm), state_tensors(&opt.state_dict().unwrap()));
+
+    let dir = temp_dir("resume");
+    let vm = model_of(shapes, dtype, 21);
+    let mut opt = make(&vm);
+    for t in 0..3 {
+        opt.backward_step(&loss_of(&vm, shapes, t)).unwrap();
+    }
+    vm.save(dir.join("params.safetensors")).unwrap();
+    opt.save_state(dir.join("opt.safetensors")).unwrap();
+    drop((opt, vm));
+
+    let mut vm = model_of(shapes, dtype, 21);
+    vm.load(dir.join("params.safetensors")).unwrap();
+    let mut opt = make(&vm);
+    opt.load_state(dir.join("opt.safetensors")).unwrap();
+    for t in 3..6 {
+        opt.backward_step(&loss_of(&vm, shapes, t)).unwrap();
+    }
+    let resumed = (snapshot(&vm), state_tensors(&opt.state_dict().unwrap()));
+    assert!(
+        resumed == straight,
+        "{what} {dtype:?}: the resumed run differs"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_alias_a_partition_and_a_driver_resume_bit_identically() {
+    for dtype in [DType::F32, DType::BF16] {
+        resume("AdamW", MIXED, dtype, adamw);
+        resume("Sgd", MIXED, dtype, sgd);
+        resume("Muon", MIXED, dtype, muon);
+        resume("Steepest free", TALL, dtype, steepest_free);
+        resume("Steepest spectral sphere", TALL, dtype, steepest_sphere);
+        resume("Steepest Stiefel", TALL, dtype, steepest_stiefel);
+        resume("Partition", MIXED, dtype, partition);
+        resume("Driver", MIXED, dtype, driver);
+    }
+}
+
+/// An optimizer, its model and a checkpoint file of it after 2 steps; the
+/// optimizer has then taken a third step (so the file is not its state).
+struct Saved {
+    vm: VarMap,
+    opt: AdamW,
+    dir: std::path::PathBuf,
+    bytes: Vec<u8>,
+}
+
+fn saved() -> Saved {
+    let vm = model_of(MIXED, DType::F32, 21);
+    let mut opt = adamw(&vm);
+    for t in 0..2 {
+        opt.backward_step(&loss_of(&vm, MIXED, t)).unwrap();
+    }
+    let dir = temp_dir("ckpt");
+    opt.save_state(dir.join("good.safetensors")).unwrap();
+    let bytes = std::fs::read(dir.join("good.safetensors")).unwrap();
+    opt.backward_step(&loss_of(&vm, MIXED, 2)).unwrap();
+    opt.set_learning_rate(0.007);
+    Saved {
+        vm,
+        opt,
+        dir,
+        bytes,
+    }
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// Loads `bytes` (written to a file) into `opt`: must be refused with an
+/// `Error::Checkpoint` that passes `check`, and change no state, no rate
+/// and no parameter. Returns the error's text.
+fn refused<O: Optimizer + OptimizerState>(
+    opt: &mut O,
+    vm: &VarMap,
+    dir: &Path,
+    bytes: &[u8],
+    check: impl Fn(&str, &str),
+) -> String {
+    let path = dir.join("bad.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let state = state_snapshot(&opt.state_dict().unwrap());
+    let (lr, params) = (opt.learning_rate(), snapshot(vm));
+    let err = opt.load_state(&path).unwrap_err();
+    match &err {
+        Error::Checkpoint { who, what } => check(who, what),
+        e => panic!("expected Error::Checkpoint, got {e:?}"),
+    }
+    assert_eq!(
+        state_snapshot(&opt.state_dict().unwrap()),
+        state,
+        "a refused load changed the state ({err})"
+    );
+    assert_eq!(opt.learning_rate(), lr, "a refused load changed the rate");
+    assert_eq!(snapshot(vm), params);
+    err.to_string()
+}
+
+/// Each tensor's name and the byte range of its data in a safetensors file,
+/// and the end of the JSON header.
+fn layout(bytes: &[u8]) -> (Vec<(String, std::ops::Range<usize>)>, usize) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let tensors = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            (k.clone(), 8 + n + a..8 + n + b)
+        })
+        .collect();
+    (tensors, 8 + n)
+}
+
+#[test]
+fn a_corrupted_byte_anywhere_in_the_tensor_data_is_refused_naming_the_key() {
+    let mut s = saved();
+    let (tensors, _) = layout(&s.bytes);
+    // Moments, spectral v₁ and step counters of every parameter.
+    assert!(tensors.len() > 15, "{tensors:?}");
+    assert!(tensors.iter().any(|(k, _)| k == "a.weight.decay.v"));
+    assert!(tensors.iter().any(|(k, _)| k == "gain.adam.step"));
+    let mut tried = 0;
+    for (key, range) in &tensors {
+        let mut positions = vec![range.start, range.start + range.len() / 2, range.end - 1];
+        positions.dedup();
+        for pos in positions {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = s.bytes.clone();
+                bad[pos] ^= bit;
+                let dir = s.dir.clone();
+                refused(&mut s.opt, &s.vm, &dir, &bad, |who, what| {
+                    assert_eq!(who, key, "byte {pos}: {what}");
+                    assert!(what.contains("checksum"), "{what}");
+                });
+                tried += 1;
+            }
+        }
+    }
+    assert!(tried >= 6 * tensors.len() - 6);
+    // The intact file loads and brings back the saved rate.
+    std::fs::write(s.dir.join("good.safetensors"), &s.bytes).unwrap();
+    s.opt.load_state(s.dir.join("good.safetensors")).unwrap();
+    assert_eq!(s.opt.learning_rate(), 0.01);
+}
+
+/// The hyperparameters travel as JSON in the safetensors metadata, outside
+/// the tensors' checksums: a flipped bit there must be refused too, not
+/// loaded as another hyperparameter.
+#[test]
+fn a_corrupted_byte_in_the_header_is_refused() {
+    let mut s = saved();
+    let (_, header_end) = layout(&s.bytes);
+    // `"beta2":0.999` inside the escaped JSON of the metadata.
+    let needle = b"beta2\\\":0.999";
+    let at = s.bytes[..header_end]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("β₂ in the header")
+        + needle.len()
+        - 1;
+    assert_eq!(s.bytes[at], b'9');
+    let mut bad = s.bytes.clone();
+    bad[at] = b'8'; // 0x39 → 0x38: one bit, still valid JSON (β₂ = 0.998)
+    let probe_path = s.dir.join("probe.safetensors");
+    std::fs::write(&probe_path, &bad).unwrap();
+    let mut probe = adamw(&model_of(MIXED, DType::F32, 21));
+    if probe.load_state(&probe_path).is_ok() {
+        panic!(
+            "a header with one flipped bit loaded: β₂ is now {} (saved: 0.999)",
+            probe.config().beta2
+        );
+    }
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, &bad, |_, _| {});
+}
+
+#[test]
+fn a_truncated_file_is_refused() {
+    let mut s = saved();
+    let (tensors, header_end) = layout(&s.bytes);
+    let len = s.bytes.len();
+    let last = tensors.iter().map(|(_, r)| r.start).max().unwrap();
+    for cut in [0, 5, 8, header_end / 2, header_end, last + 1, len - 1] {
+        let dir = s.dir.clone();
+        let msg = refused(&mut s.opt, &s.vm, &dir, &s.bytes[..cut], |_, _| {});
+        assert!(msg.contains("bad.safetensors"), "cut at {cut}: {msg}");
+    }
+}
+
+/// A file as commit 7804977 wrote it (`src/optim/state.rs` there): no
+/// safetensors metadata, the optimizer kind and parameter names as `u8`
+/// tensors `__steepest__.kind` / `__steepest__.params`, hyperparameters as
+/// f64 scalars `__steepest__.<kind>.<name>`, slots `<param>.<slot>`.
+fn old_format(vm: &VarMap) -> std::collections::HashMap<String, Tensor> {
+    let text = |s: &str| Tensor::from_vec(s.as_bytes().to_vec(), s.len(), &Device::Cpu).unwrap();
+    let scalar = |x: f64| Tensor::new(x, &Device::Cpu).unwrap();
+    let mut names: Vec<&str> = MIXED.iter().map(|(n, _)| *n).collect();
+    names.sort();
+    let mut s = std::collections::HashMap::new();
+    s.insert("__steepest__.kind".to_string(), text("adamw"));
+    s.insert("__steepest__.params".to_string(), text(&names.join("\n")));
+    for (k, x) in [
+        ("lr", 0.01),
+        ("beta1", 0.9),
+        ("beta2", 0.999),
+        ("eps", 1e-8),
+        ("decay_vectors", 1.0),
+    ] {
+        s.insert(format!("__steepest__.adamw.{k}"), scalar(x));
+    }
+    s.insert(
+        "__steepest__.adamw.weight_decay".to_string(),
+        Tensor::new(&[2.0f64, 0.1, 1.0], &Device::Cpu).unwrap(),
+    );
+    for n in names {
+        let v = var(vm, n);
+        for slot in ["exp_avg", "exp_avg_sq"] {
+            s.insert(
+                format!("{n}.{slot}"),
+                v.as_tensor()
+                    .ones_like()
+                    .unwrap()
+                    .affine(0.01, 0.0)
+                    .unwrap(),
+            );
+        }
+        s.insert(
+            format!("{n}.step"),
+            Tensor::new(2i64, &Device::Cpu).unwrap(),
+        );
+    }
+    s
+}
+
+#[test]
+fn an_old_format_file_is_refused_as_the_old_format() {
+    let mut s = saved();
+    let old = old_format(&s.vm);
+    let path = s.dir.join("old.safetensors");
+    // What 7804977's `save_state` did.
+    candle_core::safetensors::save(&old, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = s.dir.clone();
+    let msg = refused(&mut s.opt, &s.vm, &dir, &bytes, |_, what| {
+        assert!(what.contains("format 1"), "{what}");
+        assert!(what.contains("cannot be resumed"), "{what}");
+    });
+    assert!(msg.contains("steepest 0.1"), "{msg}");
+    // As a state dict (e.g. read by hand) too.
+    let before = state_snapshot(&s.opt.state_dict().unwrap());
+    match s.opt.load_state_dict(&old) {
+        Err(Error::Checkpoint { what, .. }) => {
+            assert!(what.contains("format 1"), "{what}")
+        }
+        r => panic!("expected Error::Checkpoint, got {r:?}"),
+    }
+    assert_eq!(state_snapshot(&s.opt.state_dict().unwrap()), before);
+}
+
+#[test]
+fn a_foreign_safetensors_file_is_refused() {
+    let mut s = saved();
+    // A model's weights, not an optimizer's state.
+    s.vm.save(s.dir.join("params.safetensors")).unwrap();
+    let bytes = std::fs::read(s.dir.join("params.safetensors")).unwrap();
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, &bytes, |_, what| {
+        assert!(what.contains("not a steepest checkpoint"), "{what}")
+    });
+    // Not safetensors at all.
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, b"{\"lr\": 0.01}\n", |_, what| {
+        assert!(what.contains("safetensors"), "{what}")
+    });
+}
+
+#[test]
+fn a_checkpoint_of_another_kind_is_refused() {
+    let mut s = saved();
+    let vm = model_of(MIXED, DType::F32, 21);
+    let (mut other, mut part) = (sgd(&vm), partition(&vm));
+    other.backward_step(&loss_of(&vm, MIXED, 0)).unwrap();
+    part.backward_step(&loss_of(&vm, MIXED, 0)).unwrap();
+    for (kind, path) in [
+        ("sgd", "sgd.safetensors"),
+        ("partition", "part.safetensors"),
+    ] {
+        let p = s.dir.join(path);
+        match kind {
+            "sgd" => other.save_state(&p).unwrap(),
+            _ => part.save_state(&p).unwrap(),
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let dir = s.dir.clone();
+        refused(&mut s.opt, &s.vm, &dir, &bytes, |_, what| {
+            assert!(
+                what.contains(&format!("`{kind}`")) && what.contains("`adamw`"),
+                "{what}"
+            )
+        });
+    }
+    // And the other way round: an AdamW file into a partition.
+    let p = s.dir.join("adamw.safetensors");
+    std::fs::write(&p, &s.bytes).unwrap();
+    let dir = s.dir.clone();
+    refused(&mut part, &vm, &dir, &s.bytes, |_, what| {
+        assert!(what.contains("`adamw`"), "{what}")
+    });
+}
+
+#[test]
+fn a_newer_format_version_is_refused() {
+    let mut s = saved();
+    let state = steepest::checkpoint::load(s.dir.join("good.safetensors")).unwrap();
+    for (field, value, needle) in [
+        ("version", serde_json::json!(3), "version 3"),
+        ("format", serde_json::json!("other-state"), "other-state"),
+    ] {
+        let bumped = common::with_header(&state, |h| h[field] = value.clone());
+        let p = s.dir.join("bumped.safetensors");
+        // A well-formed file with valid checksums: only the header differs.
+        steepest::checkpoint::save(&bumped, &p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let dir = s.dir.clone();
+        refused(&mut s.opt, &s.vm, &dir, &bytes, |_, what| {
+            assert!(what.contains(needle), "{what}")
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A fallible chain that fails mid-step.
+
+/// A user-written transform (through the public trait): does nothing but
+/// count its calls, and fails on call number `fail_at` (0-based, over all
+/// groups and steps), after recording the first member's values, which the
+/// update before it has already changed.
+#[derive(Clone, Debug)]
+struct FailOn {
+    fail_at: usize,
+    calls: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Option<Seen>>>,
+}
+
+/// A parameter's name and values.
+type Seen = (String, Vec<f64>);
+
+impl FailOn {
+    fn new(fail_at: usize) -> Self {
+        Self {
+            fail_at,
+            calls: Arc::new(AtomicUsize::new(0)),
+            seen: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl Transform for FailOn {
+    fn kind(&self) -> &'static str {
+        "fail_on"
+    }
+    fn stage(&self) -> Stage {
+        Stage::Post
+    }
+    fn hparams(&self) -> serde_json::Value {
+        serde_json::json!({ "fail_at": self.fail_at })
+    }
+    fn set_hparams(&mut self, _v: &serde_json::Value) -> steepest::Result<()> {
+        Ok(())
+    }
+    fn fallible(&self) -> bool {
+        true
+    }
+    fn apply(
+        &self,
+        step: &mut GroupStep<'_>,
+        _states: &mut [Option<Box<dyn TransformState>>],
+        _fuse: bool,
+    ) -> steepest::Result<()> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at {
+            let name = step.info(0).name.clone();
+            let now = common::to_f64_vec(step.var(0).as_tensor());
+            *self.seen.lock().unwrap() = Some((name.clone(), now));
+            return Err(Error::numerical(name, "planned failure"));
+        }
+        Ok(())
+    }
+    fn boxed(&self) -> Box<dyn Transform> {
+        Box::new(self.clone())
+    }
+}
+
+/// Matrices: decay, momentum, `msign`, then `FailOn` (after the update);
+/// the rest: AdamW.
+fn failing_partition(vm: &VarMap, fail: &FailOn) -> Driver {
+    let chain = muon_chain().then(fail.clone());
+    Partition::by(|p: &ParamInfo| {
+        if p.is_matrix() && !p.name.starts_with("embed") {
+            "fallible"
+        } else {
+            "adamw"
+        }
+    })
+    .group("fallible", chain, 0.02)
+    .group("adamw", adamw_chain(), 0.005)
+    .build_from_varmap(vm)
+    .unwrap()
+}
+
+#[test]
+fn a_fallible_chain_failing_mid_step_restores_every_group() {
+    // The fallible group has three shape groups per step: 3×5, 4×8 (the
+    // conv view), 6×4 (two matrices, one batch). Steps 0 and 1 make calls
+    // 0–5; step 2 fails on its first, second or third group.
+    for fail_at in [6, 7, 8] {
+        let fail = FailOn::new(fail_at);
+        let vm = model_of(MIXED, DType::F32, 21);
+        let mut opt = failing_partition(&vm, &fail);
+        let never = FailOn::new(usize::MAX);
+        let rv = model_of(MIXED, DType::F32, 21);
+        let mut reference = failing_partition(&rv, &never);
+        for t in 0..2 {
+            opt.backward_step(&loss_of(&vm, MIXED, t)).unwrap();
+            reference.backward_step(&loss_of(&rv, MIXED, t)).unwrap();
+        }
+        assert_eq!(fail.calls.load(Ordering::SeqCst), 6);
+        let params = snapshot(&vm);
+        let state = state_snapshot(&opt.state_dict().unwrap());
+        assert!(state.contains_key("a.weight.momentum.buf"));
+        assert!(state.contains_key("a.bias.adam.exp_avg"));
+
+        let err = opt.try_step(&loss_of(&vm, MIXED, 2).backward().unwrap());
+        let (name, seen) = fail.seen.lock().unwrap().clone().expect("it failed");
+        match err {
+            Err(Error::Numerical { who, what }) => {
+                assert_eq!(who, name);
+                assert!(what.contains("planned failure"), "{what}");
+            }
+            r => panic!("expected the planned Error::Numerical, got {r:?}"),
+        }
+        // The failing group had been updated when it failed (the restore
+        // below is not vacuous) ...
+        assert_ne!(
+            seen, params[&name],
+            "fail_at {fail_at}: {name} had not moved"
+        );
+        // ... and after the step nothing in any group changed.
+        assert_eq!(
+            snapshot(&vm),
+            params,
+            "fail_at {fail_at}: a parameter changed"
+        );
+        assert_eq!(
+            state_snapshot(&opt.state_dict().unwrap()),
+            state,
+            "fail_at {fail_at}: the state changed"
+        );
+        // The next steps run as if the failed one had never been tried.
+        for t in 2..4 {
+            opt.backward_step(&loss_of(&vm, MIXED, t)).unwrap();
+            reference.backward_step(&loss_of(&rv, MIXED, t)).unwrap();
+        }
+        assert_eq!(snapshot(&vm), snapshot(&rv), "fail_at {fail_at}");
+        assert_eq!(
+            state_tensors(&opt.state_dict().unwrap()),
+            state_tensors(&reference.state_dict().unwrap()),
+            "fail_at {fail_at}"
+        );
+    }
+}

@@ -1,0 +1,515 @@
+//! Each alias is a short composition of transforms: `AdamW`, `Sgd`, `Muon`
+//! and `Steepest` equal their hand-written chains (built from the public
+//! transforms, not from the configs' `chain()`) step for step, bit for bit on
+//! the CPU; and the generic (non-fused) path of Adam and SGD's momentum
+//! equals the fused one within f32 rounding.
+
+mod common;
+mod support;
+
+use candle_core::DType;
+use candle_nn::{Optimizer, VarMap};
+use steepest::optim::transform::{
+    Adam, Decay, Dualize, ManifoldStep, Momentum, Orthogonalize, ShapeScale,
+};
+use steepest::optim::{
+    AdamW, AdamWConfig, Chain, Driver, DualAscent, LrAdjust, Manifold, Muon, MuonConfig, Norm,
+    OptimizerState, Partition, Sgd, SgdConfig, Steepest, SteepestConfig,
+};
+use steepest::{NewtonSchulz, WeightDecay};
+use support::*;
+
+type Shapes = [(&'static str, &'static [usize])];
+
+/// Matrices of two shapes (two of one, so they batch), a wide one, a
+/// conv-shaped rank-4 kernel (matrix view 4×8), an "embed" matrix, a bias
+/// and a scalar.
+const MIXED: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("wide.weight", &[3, 5]),
+    ("conv.weight", &[4, 2, 2, 2]),
+    ("embed.weight", &[9, 4]),
+    ("a.bias", &[6]),
+    ("gain", &[]),
+];
+
+/// Tall matrices only (the Stiefel manifold needs rows ≥ cols): two 6×4, an
+/// 8×3 and a conv kernel whose matrix view is 8×4.
+const TALL: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("c.weight", &[8, 3]),
+    ("conv.weight", &[8, 1, 2, 2]),
+];
+
+/// Matrices and vectors of at least 4 entries (for the vector norms and the
+/// vector sphere).
+const VECTORS: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("conv.weight", &[4, 2, 2, 2]),
+    ("a.bias", &[6]),
+    ("b.bias", &[4]),
+];
+
+const STEPS: u64 = 5;
+
+/// Runs `alias` and `composed` side by side over two copies of the same
+/// model for [`STEPS`] steps (the rate halved before step 3, through
+/// `set_learning_rate`): parameters and per-parameter state must agree bit
+/// for bit after every step.
+fn same_steps<A, B>(
+    what: &str,
+    shapes: &Shapes,
+    dtype: DType,
+    alias: impl Fn(&VarMap) -> A,
+    composed: impl Fn(&VarMap) -> B,
+) where
+    A: Optimizer + OptimizerState,
+    B: Optimizer + OptimizerState,
+{
+    let (va, vb) = (model_of(shapes, dtype, 7), model_of(shapes, dtype, 7));
+    let start = snapshot(&va);
+    let (mut a, mut b) = (alias(&va), composed(&vb));
+    for t in 0..STEPS {
+        if t == 3 {
+            a.set_learning_rate(a.learning_rate() * 0.5);
+            b.set_learning_rate(b.learning_rate() * 0.5);
+        }
+        a.backward_step(&loss_of(&va, shapes, t)).unwrap();
+        b.backward_step(&loss_of(&vb, shapes, t)).unwrap();
+        assert_eq!(
+            snapshot(&va),
+            snapshot(&vb),
+            "{what} {dtype:?}: parameters differ after step {t}"
+        );
+        let (sa, sb) = (
+            state_tensors(&a.state_dict().unwrap()),
+            state_tensors(&b.state_dict().unwrap()),
+        );
+        assert_eq!(
+            sa.keys().collect::<std::collections::BTreeSet<_>>(),
+            sb.keys().collect::<std::collections::BTreeSet<_>>(),
+            "{what} {dtype:?}: state keys differ after step {t}"
+        );
+        assert_eq!(sa, sb, "{what} {dtype:?}: state differs after step {t}");
+    }
+    // The comparison is not vacuous: every parameter moved.
+    let end = snapshot(&va);
+    for (name, _) in shapes {
+        assert_ne!(end[*name], start[*name], "{what}: {name} never moved");
+    }
+}
+
+fn decay(wd: WeightDecay, vectors: bool) -> Decay {
+    Decay::new(wd, vectors).unwrap()
+}
+
+const DECAYS: [WeightDecay; 2] = [
+    WeightDecay::Decoupled(0.05),
+    WeightDecay::Spectral {
+        lambda: 0.1,
+        iters: 2,
+    },
+];
+
+#[test]
+fn adamw_is_decay_then_adam() {
+    for dtype in [DType::F32, DType::BF16] {
+        for wd in DECAYS {
+            for decay_vectors in [false, true] {
+                let cfg = AdamWConfig {
+                    lr: 0.01,
+                    beta1: 0.8,
+                    beta2: 0.99,
+                    eps: 1e-7,
+                    weight_decay: wd,
+                    decay_vectors,
+                };
+                same_steps(
+                    &format!("AdamW {wd:?} vectors {decay_vectors}"),
+                    MIXED,
+                    dtype,
+                    |vm| AdamW::from_varmap(vm, cfg.clone()).unwrap(),
+                    |vm| {
+                        let chain = Chain::new()
+                            .then(decay(wd, decay_vectors))
+                            .then(Adam::new(0.8, 0.99, 1e-7).unwrap());
+                        Driver::from_varmap(vm, chain, 0.01).unwrap()
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sgd_is_decay_then_classic_momentum() {
+    for dtype in [DType::F32, DType::BF16] {
+        for wd in DECAYS {
+            for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
+                let cfg = SgdConfig {
+                    lr: 0.05,
+                    momentum,
+                    nesterov,
+                    weight_decay: wd,
+                    decay_vectors: true,
+                };
+                same_steps(
+                    &format!("Sgd {wd:?} μ {momentum} nesterov {nesterov}"),
+                    MIXED,
+                    dtype,
+                    |vm| Sgd::from_varmap(vm, cfg.clone()).unwrap(),
+                    |vm| {
+                        let mut chain = Chain::new().then(decay(wd, true));
+                        if momentum > 0.0 {
+                            chain = chain.then(Momentum::classic(momentum, nesterov).unwrap());
+                        }
+                        Driver::from_varmap(vm, chain, 0.05).unwrap()
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn muon_is_a_partition_of_a_muon_chain_and_an_adamw_chain() {
+    let cases = [
+        (
+            WeightDecay::spectral(0.1),
+            true,
+            LrAdjust::Original,
+            NewtonSchulz::muon(),
+        ),
+        (
+            WeightDecay::Decoupled(0.1),
+            false,
+            LrAdjust::MatchAdamWRms(0.2),
+            NewtonSchulz::polar_express(6),
+        ),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (wd, nesterov, adjust, ns) in cases.clone() {
+            let adamw = AdamWConfig {
+                lr: 0.004,
+                weight_decay: WeightDecay::Decoupled(0.01),
+                decay_vectors: true,
+                ..Default::default()
+            };
+            let cfg = MuonConfig {
+                lr: 0.02,
+                momentum: 0.9,
+                nesterov,
+                newton_schulz: ns.clone(),
+                lr_adjust: adjust,
+                weight_decay: wd,
+                adamw: adamw.clone(),
+                adamw_names: vec!["embed".into()],
+            };
+            same_steps(
+                &format!("Muon {wd:?} nesterov {nesterov} {adjust:?}"),
+                MIXED,
+                dtype,
+                |vm| Muon::from_varmap(vm, cfg.clone()).unwrap(),
+                |vm| {
+                    let muon = Chain::new()
+                        .then(decay(wd, false))
+                        .then(Momentum::ema(0.9, nesterov).unwrap())
+                        .then(Orthogonalize { ns: ns.clone() })
+                        .then(ShapeScale { adjust });
+                    let adam = Chain::new()
+                        .then(decay(WeightDecay::Decoupled(0.01), true))
+                        .then(Adam::default());
+                    Partition::by(|p| {
+                        if p.is_matrix() && !p.name.contains("embed") {
+                            "muon"
+                        } else {
+                            "adamw"
+                        }
+                    })
+                    .group("muon", muon, 0.02)
+                    .group("adamw", adam, 0.004)
+                    .build_from_varmap(vm)
+                    .unwrap()
+                },
+            );
+        }
+    }
+}
+
+/// Steepest's chain: decay of every parameter, EMA momentum (if μ > 0),
+/// then `Dualize` (free) or `ManifoldStep`.
+fn steepest_case(what: &str, shapes: &Shapes, cfg: SteepestConfig, last: Chain, dtype: DType) {
+    let (wd, mu, nesterov, lr) = (cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr);
+    same_steps(
+        what,
+        shapes,
+        dtype,
+        |vm| Steepest::from_varmap(vm, cfg.clone()).unwrap(),
+        |vm| {
+            let mut chain = Chain::new().then(decay(wd, true));
+            if mu > 0.0 {
+                chain = chain.then(Momentum::ema(mu, nesterov).unwrap());
+            }
+            for (name, t) in last.iter() {
+                chain.push(name, t.boxed());
+            }
+            Driver::from_varmap(vm, chain, lr).unwrap()
+        },
+    );
+}
+
+fn manifold_step(manifold: Manifold, norm: Norm, dual: DualAscent) -> Chain {
+    let m = ManifoldStep {
+        manifold,
+        norm,
+        dual,
+    };
+    m.validate("test").unwrap();
+    Chain::new().then(m)
+}
+
+#[test]
+fn steepest_free_is_momentum_then_dualize() {
+    let spectral = Norm::Spectral(NewtonSchulz::muon());
+    for dtype in [DType::F32, DType::BF16] {
+        for (norm, shapes, wd, mu) in [
+            (spectral.clone(), TALL, WeightDecay::spectral(0.1), 0.9),
+            (spectral.clone(), TALL, WeightDecay::Decoupled(0.1), 0.0),
+            (Norm::Lp(3.0), VECTORS, WeightDecay::Decoupled(0.1), 0.9),
+            (Norm::Sign, VECTORS, WeightDecay::spectral(0.1), 0.9),
+            (Norm::Euclidean, VECTORS, WeightDecay::None, 0.5),
+        ] {
+            let cfg = SteepestConfig {
+                lr: 0.02,
+                momentum: mu,
+                nesterov: mu > 0.0,
+                norm: norm.clone(),
+                manifold: Manifold::Free,
+                weight_decay: wd,
+                dual: DualAscent::default(),
+            };
+            steepest_case(
+                &format!("Steepest free {norm:?} {wd:?} μ {mu}"),
+                shapes,
+                cfg,
+                Chain::new().then(Dualize { norm }),
+                dtype,
+            );
+        }
+    }
+}
+
+#[test]
+fn steepest_on_a_manifold_is_momentum_then_manifold_step() {
+    let spectral = Norm::Spectral(NewtonSchulz::muon());
+    let dual = DualAscent {
+        lr: None,
+        steps: 2,
+        sign: false,
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (manifold, norm, shapes, wd) in [
+            (
+                Manifold::Sphere { radius: 2.0 },
+                Norm::Euclidean,
+                VECTORS,
+                WeightDecay::Decoupled(0.1),
+            ),
+            (
+                Manifold::Sphere { radius: 2.0 },
+                Norm::Lp(3.0),
+                VECTORS,
+                WeightDecay::spectral(0.1),
+            ),
+            (
+                Manifold::SpectralSphere { radius: 1.5 },
+                spectral.clone(),
+                TALL,
+                WeightDecay::spectral(0.1),
+            ),
+            (
+                Manifold::Stiefel { transpose: false },
+                spectral.clone(),
+                TALL,
+                WeightDecay::Decoupled(0.1),
+            ),
+        ] {
+            let cfg = SteepestConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                nesterov: true,
+                norm: norm.clone(),
+                manifold,
+                weight_decay: wd,
+                dual,
+            };
+            steepest_case(
+                &format!("Steepest {manifold:?} {norm:?} {wd:?}"),
+                shapes,
+                cfg,
+                manifold_step(manifold, norm, dual),
+                dtype,
+            );
+        }
+    }
+}
+
+/// Muon's matrix step and Steepest's free spectral step are one algorithm
+/// (EMA momentum, then `msign`): without decay and shape scaling they agree
+/// bit for bit.
+#[test]
+fn muon_matrices_step_like_steepest_free_spectral() {
+    let ns = NewtonSchulz::muon();
+    let muon = MuonConfig {
+        lr: 0.02,
+        momentum: 0.9,
+        nesterov: true,
+        newton_schulz: ns.clone(),
+        lr_adjust: LrAdjust::None,
+        weight_decay: WeightDecay::None,
+        ..Default::default()
+    };
+    let steepest = SteepestConfig {
+        lr: 0.02,
+        momentum: 0.9,
+        nesterov: true,
+        norm: Norm::Spectral(ns),
+        manifold: Manifold::Free,
+        weight_decay: WeightDecay::None,
+        dual: DualAscent::default(),
+    };
+    let (va, vb) = (model_of(TALL, DType::F32, 3), model_of(TALL, DType::F32, 3));
+    let mut a = Muon::from_varmap(&va, muon).unwrap();
+    let mut b = Steepest::from_varmap(&vb, steepest).unwrap();
+    assert_eq!(a.muon_params().len(), TALL.len());
+    for t in 0..STEPS {
+        a.backward_step(&loss_of(&va, TALL, t)).unwrap();
+        b.backward_step(&loss_of(&vb, TALL, t)).unwrap();
+        assert_eq!(snapshot(&va), snapshot(&vb), "step {t}");
+    }
+}
+
+/// Largest |a − b| over all parameters, and the largest |a|.
+fn max_diff(a: &VarMap, b: &VarMap) -> (f64, f64) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let mut d: f64 = 0.0;
+    let mut m: f64 = 0.0;
+    for (k, va) in &sa {
+        for (x, y) in va.iter().zip(&sb[k]) {
+            d = d.max((x - y).abs());
+            m = m.max(x.abs());
+        }
+    }
+    (d, m)
+}
+
+/// Runs two chains over copies of `MIXED` (f32) for `steps` steps; returns
+/// the largest parameter difference and the largest |w|.
+fn fused_vs_generic(fused: Chain, generic: Chain, lr: f64, steps: u64) -> (f64, f64) {
+    let (va, vb) = (
+        model_of(MIXED, DType::F32, 11),
+        model_of(MIXED, DType::F32, 11),
+    );
+    let mut a = Driver::from_varmap(&va, fused, lr).unwrap();
+    let mut b = Driver::from_varmap(&vb, generic, lr).unwrap();
+    let start = snapshot(&va);
+    for t in 0..steps {
+        a.backward_step(&loss_of(&va, MIXED, t)).unwrap();
+        b.backward_step(&loss_of(&vb, MIXED, t)).unwrap();
+    }
+    assert_ne!(snapshot(&va), start);
+    max_diff(&va, &vb)
+}
+
+/// Adam followed by another direction transform does not fuse: it writes its
+/// scaled moment as the direction (candle ops), and the update runs after.
+/// With a transform that changes nothing (`ShapeScale { None }`) the result
+/// equals the fused pass up to f32 rounding.
+///
+/// Tolerance: the two paths compute the same moments with the same f32
+/// operations, but the update differs in rounding order (fused:
+/// `(m/(√v/√bc₂ + ε))·f32(η/bc₁)`; generic: `((m/(√v·f32(1/√bc₂) + ε))·f32(1/bc₁))·f32(η)`),
+/// a few ulps of the update, and `w − u` may then round to the neighbouring
+/// f32. Per step that is at most ~1 ulp of |w| plus ~8 ulps of η·|m̂/√v̂|
+/// (≤ η·3 in these steps); the differences feed back through the gradients
+/// (Lipschitz constant O(1) here) but do not grow faster than linearly over
+/// a few steps. So after `N` steps: `|Δw| ≤ N·(2·ulp(max|w|) + 8·ulp(3η))`,
+/// with a further factor 4 of headroom (≈ 6e-6 here; measured: 6e-8, one
+/// ulp). A wrong generic path (a missing bias correction, β applied twice,
+/// the decay lost) is off by ≥ 1e-3 here (β₁ = 0.5 instead of 0.9: 2e-2).
+#[test]
+fn unfused_adam_equals_fused_adam_within_f32_rounding() {
+    let lr = 0.01;
+    let steps = 6;
+    let wd = WeightDecay::Decoupled(0.05);
+    let fused = Chain::new().then(decay(wd, true)).then(Adam::default());
+    let generic = Chain::new()
+        .then(decay(wd, true))
+        .then(Adam::default())
+        .then(ShapeScale {
+            adjust: LrAdjust::None,
+        });
+    let (d, wmax) = fused_vs_generic(fused, generic, lr, steps);
+    let ulp = |x: f64| x * f32::EPSILON as f64;
+    let tol = 4.0 * steps as f64 * (2.0 * ulp(wmax) + 8.0 * ulp(3.0 * lr));
+    assert!(
+        d <= tol,
+        "generic Adam path differs from the fused one by {d:e} (tolerance {tol:e})"
+    );
+    // The check can see a real error: a generic path that got one
+    // hyperparameter wrong (β₁ = 0.5 instead of 0.9) is far outside it.
+    let other = Chain::new()
+        .then(decay(wd, true))
+        .then(Adam::new(0.5, 0.999, 1e-8).unwrap())
+        .then(ShapeScale {
+            adjust: LrAdjust::None,
+        });
+    let fused = Chain::new().then(decay(wd, true)).then(Adam::default());
+    let (d_other, _) = fused_vs_generic(fused, other, lr, steps);
+    assert!(d_other > 100.0 * tol, "{d_other:e} vs tolerance {tol:e}");
+}
+
+/// The same for SGD's classic momentum (fused as the last direction
+/// transform, candle ops when another follows). Tolerance as above with the
+/// update `η·|buf| ≤ η·Σμᵏ|g| ≤ 10η` here (|g| ≤ 1): Nesterov's
+/// `g + μ·buf` and the product with η could round in another order
+/// (measured: both paths run the same f32 operations and agree bit for bit).
+#[test]
+fn unfused_sgd_momentum_equals_fused_within_f32_rounding() {
+    let lr = 0.05;
+    let steps = 6;
+    for nesterov in [false, true] {
+        let wd = WeightDecay::spectral(0.1);
+        let fused = Chain::new()
+            .then(decay(wd, true))
+            .then(Momentum::classic(0.9, nesterov).unwrap());
+        let generic = Chain::new()
+            .then(decay(wd, true))
+            .then(Momentum::classic(0.9, nesterov).unwrap())
+            .then(ShapeScale {
+                adjust: LrAdjust::None,
+            });
+        let (d, wmax) = fused_vs_generic(fused, generic, lr, steps);
+        let ulp = |x: f64| x * f32::EPSILON as f64;
+        let tol = 4.0 * steps as f64 * (2.0 * ulp(wmax) + 8.0 * ulp(10.0 * lr));
+        assert!(
+            d <= tol,
+            "nesterov {nesterov}: generic momentum differs from the fused one by {d:e} (tolerance {tol:e})"
+        );
+        // Another momentum is far outside the tolerance.
+        let fused = Chain::new()
+            .then(decay(wd, true))
+            .then(Momentum::classic(0.9, nesterov).unwrap());
+        let other = Chain::new()
+            .then(decay(wd, true))
+            .then(Momentum::classic(0.8, nesterov).unwrap())
+            .then(ShapeScale {
+                adjust: LrAdjust::None,
+            });
+        let (d_other, _) = fused_vs_generic(fused, other, lr, steps);
+        assert!(d_other > 100.0 * tol, "{d_other:e} vs tolerance {tol:e}");
+    }
+}

@@ -1,0 +1,410 @@
+//! `Partition`: routing parameters to chains by a label function, the checks
+//! at construction, learning-rate ratios, atomic steps across groups, and one
+//! checkpoint for all groups.
+
+mod common;
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::DType;
+use candle_nn::{Optimizer, VarMap};
+use steepest::optim::transform::{Adam, Decay, Momentum, Orthogonalize, Retract, ShapeScale};
+use steepest::optim::{
+    Chain, Driver, LrAdjust, Manifold, NamedVar, OptimizerState, ParamInfo, Partition,
+};
+use steepest::{Error, NewtonSchulz, WeightDecay};
+use support::*;
+
+type Shapes = [(&'static str, &'static [usize])];
+
+const SHAPES: &Shapes = &[
+    ("a.weight", &[6, 4]),
+    ("b.weight", &[6, 4]),
+    ("wide.weight", &[3, 5]),
+    ("conv.weight", &[4, 2, 2, 2]),
+    ("embed.weight", &[9, 4]),
+    ("a.bias", &[6]),
+    ("gain", &[]),
+];
+
+/// Muon's matrix chain.
+fn muon_chain() -> Chain {
+    Chain::new()
+        .then(Decay::new(WeightDecay::spectral(0.1), false).unwrap())
+        .then(Momentum::ema(0.9, true).unwrap())
+        .then(Orthogonalize {
+            ns: NewtonSchulz::muon(),
+        })
+        .then(ShapeScale {
+            adjust: LrAdjust::Original,
+        })
+}
+
+fn adamw_chain() -> Chain {
+    Chain::new()
+        .then(Decay::new(WeightDecay::Decoupled(0.1), true).unwrap())
+        .then(Adam::default())
+}
+
+/// Adam, then back onto the spectral sphere ‖W‖₂ = 2 (a fallible chain: the
+/// driver runs it first, under an undo copy).
+fn sphere_chain() -> Chain {
+    Chain::new()
+        .then(Adam::default())
+        .then(Retract::new(Manifold::SpectralSphere { radius: 2.0 }).unwrap())
+}
+
+/// Matrices (but the embedding) to `muon`, the rest to `adamw`.
+fn muon_label(p: &ParamInfo) -> &'static str {
+    if p.is_matrix() && !p.name.starts_with("embed") {
+        "muon"
+    } else {
+        "adamw"
+    }
+}
+
+/// Powers of two, so that `lr × ratio` is exact and a reference driver at
+/// the product runs bit for bit like the group.
+const LR_MUON: f64 = 0.0625;
+const LR_ADAMW: f64 = 0.015625;
+
+fn muon_partition(vm: &VarMap) -> Driver {
+    Partition::by(muon_label)
+        .group("muon", muon_chain(), LR_MUON)
+        .group("adamw", adamw_chain(), LR_ADAMW)
+        .build_from_varmap(vm)
+        .unwrap()
+}
+
+fn named(vm: &VarMap, names: &[&str]) -> Vec<NamedVar> {
+    names
+        .iter()
+        .map(|n| NamedVar {
+            name: n.to_string(),
+            var: var(vm, n),
+        })
+        .collect()
+}
+
+const MUON_NAMES: [&str; 4] = ["a.weight", "b.weight", "conv.weight", "wide.weight"];
+const ADAMW_NAMES: [&str; 3] = ["a.bias", "embed.weight", "gain"];
+
+/// The partition against one plain driver per group over a copy of the
+/// model, at the rates `lrs` (set before each step): parameters and state
+/// must agree bit for bit after every step.
+fn partition_equals_separate_drivers(lrs: &[f64]) {
+    let (vp, vr) = (
+        model_of(SHAPES, DType::F32, 5),
+        model_of(SHAPES, DType::F32, 5),
+    );
+    let mut part = muon_partition(&vp);
+    let mut muon = Driver::new(named(&vr, &MUON_NAMES), muon_chain(), LR_MUON).unwrap();
+    let mut adamw = Driver::new(named(&vr, &ADAMW_NAMES), adamw_chain(), LR_ADAMW).unwrap();
+    for (t, &lr) in lrs.iter().enumerate() {
+        part.set_learning_rate(lr);
+        assert_eq!(part.learning_rate(), lr);
+        assert_eq!(part.lr_ratio("muon"), Some(1.0));
+        assert_eq!(part.lr_ratio("adamw"), Some(LR_ADAMW / LR_MUON));
+        muon.set_learning_rate(lr);
+        adamw.set_learning_rate(lr * LR_ADAMW / LR_MUON);
+        let before = snapshot(&vp);
+        part.backward_step(&loss_of(&vp, SHAPES, t as u64)).unwrap();
+        let grads = loss_of(&vr, SHAPES, t as u64).backward().unwrap();
+        muon.step(&grads).unwrap();
+        adamw.step(&grads).unwrap();
+        assert_eq!(snapshot(&vp), snapshot(&vr), "step {t} at lr {lr}");
+        if lr == 0.0 {
+            assert_eq!(snapshot(&vp), before, "a step at rate 0 moved a parameter");
+        } else {
+            assert_ne!(snapshot(&vp), before);
+        }
+        let mut reference = state_tensors(&muon.state_dict().unwrap());
+        reference.extend(state_tensors(&adamw.state_dict().unwrap()));
+        assert_eq!(
+            state_tensors(&part.state_dict().unwrap()),
+            reference,
+            "state after step {t}"
+        );
+    }
+}
+
+#[test]
+fn parameters_are_routed_by_the_label_function() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let part = muon_partition(&vm);
+    assert_eq!(part.labels(), ["muon", "adamw"]);
+    for n in MUON_NAMES {
+        assert_eq!(part.label_of(n), Some("muon"), "{n}");
+    }
+    for n in ADAMW_NAMES {
+        assert_eq!(part.label_of(n), Some("adamw"), "{n}");
+    }
+    assert_eq!(part.label_of("nonexistent"), None);
+    // Each group runs its own chain: state keys by transform.
+    let mut part = part;
+    part.backward_step(&loss_of(&vm, SHAPES, 0)).unwrap();
+    let keys: BTreeSet<String> = part.state_dict().unwrap().into_keys().collect();
+    for k in [
+        "a.weight.momentum.buf",
+        "a.weight.decay.v",
+        "conv.weight.momentum.buf",
+        "embed.weight.adam.exp_avg",
+        "gain.adam.step",
+    ] {
+        assert!(keys.contains(k), "{k} missing from {keys:?}");
+    }
+    assert!(!keys.contains("a.weight.adam.exp_avg"));
+    assert!(!keys.contains("embed.weight.momentum.buf"));
+    // And steps exactly like one driver per group.
+    partition_equals_separate_drivers(&[LR_MUON; 3]);
+}
+
+#[test]
+fn a_label_without_a_group_is_refused_naming_the_parameter() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let err = Partition::by(|p: &ParamInfo| {
+        if p.dims.is_empty() {
+            "scalars".to_string()
+        } else {
+            muon_label(p).to_string()
+        }
+    })
+    .group("muon", muon_chain(), 0.02)
+    .group("adamw", adamw_chain(), 0.01)
+    .build_from_varmap(&vm)
+    .unwrap_err();
+    match &err {
+        Error::Config { who, what } => {
+            assert_eq!(who, "gain", "{err}");
+            assert!(what.contains("scalars"), "{err}");
+        }
+        e => panic!("expected Error::Config, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_group_defined_twice_is_refused() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let err = Partition::by(muon_label)
+        .group("muon", muon_chain(), 0.02)
+        .group("adamw", adamw_chain(), 0.01)
+        .group("muon", adamw_chain(), 0.01)
+        .build_from_varmap(&vm)
+        .unwrap_err();
+    match &err {
+        Error::Config { who, what } => {
+            assert!(who.contains("muon"), "{err}");
+            assert!(what.contains("twice"), "{err}");
+        }
+        e => panic!("expected Error::Config, got {e:?}"),
+    }
+    // No groups at all.
+    assert!(matches!(
+        Partition::by(muon_label).build_from_varmap(&vm),
+        Err(Error::Config { .. })
+    ));
+}
+
+#[test]
+fn group_rates_are_checked() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let build = |muon: f64, adamw: f64| {
+        Partition::by(muon_label)
+            .group("muon", muon_chain(), muon)
+            .group("adamw", adamw_chain(), adamw)
+            .build_from_varmap(&vm)
+    };
+    // The first group at 0, another not: the ratio would be undefined.
+    match build(0.0, 0.01).unwrap_err() {
+        Error::Config { who, what } => {
+            assert!(who.contains("adamw"), "{who}: {what}");
+            assert!(what.contains("undefined"), "{who}: {what}");
+        }
+        e => panic!("expected Error::Config, got {e:?}"),
+    }
+    // Both at 0 (e.g. before a warmup): accepted, ratio 1.
+    let d = build(0.0, 0.0).unwrap();
+    assert_eq!(d.lr_ratio("adamw"), Some(1.0));
+    // Another group at 0 behind a non-zero first: ratio 0.
+    assert_eq!(build(0.02, 0.0).unwrap().lr_ratio("adamw"), Some(0.0));
+    // Not finite, negative.
+    for bad in [f64::NAN, f64::INFINITY, -0.01] {
+        assert!(
+            matches!(build(bad, 0.01), Err(Error::Config { .. })),
+            "first group at {bad}"
+        );
+        assert!(
+            matches!(build(0.01, bad), Err(Error::Config { .. })),
+            "second group at {bad}"
+        );
+    }
+}
+
+#[test]
+fn set_learning_rate_keeps_each_groups_ratio() {
+    // Halve, stop (rate 0: nothing moves), and come back above the start:
+    // the second group runs at a quarter of the first throughout.
+    partition_equals_separate_drivers(&[LR_MUON, LR_MUON / 2.0, 0.0, LR_MUON * 2.0, LR_MUON]);
+}
+
+#[test]
+fn a_step_is_atomic_across_partitions() {
+    // A fallible group (Adam then a retraction, run first under an undo
+    // copy) and an infallible one.
+    let make = |vm: &VarMap| {
+        Partition::by(|p: &ParamInfo| if p.is_matrix() { "sphere" } else { "adamw" })
+            .group("sphere", sphere_chain(), 0.01)
+            .group("adamw", adamw_chain(), 0.01)
+            .build_from_varmap(vm)
+            .unwrap()
+    };
+    for poisoned in ["a.bias", "conv.weight"] {
+        for bad in [f64::NAN, f64::INFINITY] {
+            let vm = model_of(SHAPES, DType::F32, 5);
+            let mut opt = make(&vm);
+            let reference = model_of(SHAPES, DType::F32, 5);
+            let mut ref_opt = make(&reference);
+            for t in 0..2 {
+                opt.backward_step(&loss_of(&vm, SHAPES, t)).unwrap();
+                ref_opt
+                    .backward_step(&loss_of(&reference, SHAPES, t))
+                    .unwrap();
+            }
+            let params = snapshot(&vm);
+            let state = state_snapshot(&opt.state_dict().unwrap());
+            let err = opt
+                .try_step(&grads_with(&vm, SHAPES, 2, poisoned, bad))
+                .unwrap_err();
+            match &err {
+                Error::NonFiniteGradient { param } => assert_eq!(param, poisoned),
+                e => panic!("expected NonFiniteGradient, got {e:?}"),
+            }
+            assert_eq!(
+                snapshot(&vm),
+                params,
+                "{poisoned} {bad}: a parameter changed"
+            );
+            assert_eq!(
+                state_snapshot(&opt.state_dict().unwrap()),
+                state,
+                "{poisoned} {bad}: the state changed"
+            );
+            // The next good step is the one the reference takes.
+            for t in 2..4 {
+                opt.backward_step(&loss_of(&vm, SHAPES, t)).unwrap();
+                ref_opt
+                    .backward_step(&loss_of(&reference, SHAPES, t))
+                    .unwrap();
+            }
+            assert_eq!(snapshot(&vm), snapshot(&reference));
+        }
+    }
+}
+
+fn sphere_partition(vm: &VarMap) -> Driver {
+    Partition::by(|p: &ParamInfo| {
+        if p.name.starts_with("embed") {
+            "sphere"
+        } else {
+            muon_label(p)
+        }
+    })
+    .group("muon", muon_chain(), LR_MUON)
+    .group("adamw", adamw_chain(), LR_ADAMW)
+    .group("sphere", sphere_chain(), 0.01)
+    .build_from_varmap(vm)
+    .unwrap()
+}
+
+#[test]
+fn one_checkpoint_for_all_groups_round_trips_through_a_file() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let mut opt = sphere_partition(&vm);
+    for t in 0..6 {
+        opt.backward_step(&loss_of(&vm, SHAPES, t)).unwrap();
+    }
+    let straight = snapshot(&vm);
+
+    let dir = temp_dir("partition");
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let mut opt = sphere_partition(&vm);
+    for t in 0..3 {
+        opt.backward_step(&loss_of(&vm, SHAPES, t)).unwrap();
+    }
+    opt.set_learning_rate(LR_MUON / 2.0);
+    let s = opt.state_dict().unwrap();
+    // One header with every group, one key per (parameter, transform, field).
+    let h = common::header(&s);
+    assert_eq!(h["kind"], "partition");
+    let labels: Vec<&str> = h["body"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["muon", "adamw", "sphere"]);
+    for k in [
+        "a.weight.momentum.buf",
+        "gain.adam.exp_avg",
+        "embed.weight.adam.exp_avg",
+        "embed.weight.retract.v",
+    ] {
+        assert!(s.contains_key(k), "{k}");
+    }
+    vm.save(dir.join("params.safetensors")).unwrap();
+    opt.save_state(dir.join("opt.safetensors")).unwrap();
+    drop(opt);
+
+    let mut vm = model_of(SHAPES, DType::F32, 5);
+    vm.load(dir.join("params.safetensors")).unwrap();
+    let mut opt = sphere_partition(&vm);
+    opt.load_state(dir.join("opt.safetensors")).unwrap();
+    assert_eq!(opt.learning_rate(), LR_MUON / 2.0, "the rate is restored");
+    assert_eq!(opt.lr_ratio("adamw"), Some(LR_ADAMW / LR_MUON));
+    opt.set_learning_rate(LR_MUON);
+    for t in 3..6 {
+        opt.backward_step(&loss_of(&vm, SHAPES, t)).unwrap();
+    }
+    assert_eq!(snapshot(&vm), straight, "resumed run differs");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_checkpoint_with_other_routing_is_refused_naming_the_parameter() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    // Same groups; `embed.weight` goes to `muon` here, to `adamw` there.
+    let mut other = Partition::by(|p: &ParamInfo| if p.is_matrix() { "muon" } else { "adamw" })
+        .group("muon", muon_chain(), LR_MUON)
+        .group("adamw", adamw_chain(), LR_ADAMW)
+        .build_from_varmap(&vm)
+        .unwrap();
+    other.backward_step(&loss_of(&vm, SHAPES, 0)).unwrap();
+    let theirs = other.state_dict().unwrap();
+
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let mut opt = muon_partition(&vm);
+    opt.backward_step(&loss_of(&vm, SHAPES, 0)).unwrap();
+    opt.set_learning_rate(0.03);
+    let before: HashMap<_, _> = state_snapshot(&opt.state_dict().unwrap());
+    let err = opt.load_state_dict(&theirs).unwrap_err();
+    match &err {
+        Error::Checkpoint { who, what } => {
+            assert_eq!(who, "embed.weight", "{err}");
+            assert!(what.contains("muon") && what.contains("adamw"), "{err}");
+        }
+        e => panic!("expected Error::Checkpoint, got {e:?}"),
+    }
+    assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
+    assert_eq!(opt.learning_rate(), 0.03);
+    // Through a file the same.
+    let dir = temp_dir("partition-routing");
+    other.save_state(dir.join("opt.safetensors")).unwrap();
+    let err = opt.load_state(dir.join("opt.safetensors")).unwrap_err();
+    assert!(
+        matches!(&err, Error::Checkpoint { who, .. } if who == "embed.weight"),
+        "{err}"
+    );
+    assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
+    std::fs::remove_dir_all(&dir).ok();
+}
