@@ -22,8 +22,9 @@ done
 [[ -n "$SHARED" ]] || { echo "device-run.sh not found (../shared/cuda)" >&2; exit 1; }
 
 echo "== building (release, --features cuda) into $CARGO_TARGET_DIR"
-exe() { # the executable cargo reports for target kind $1 named $2
-  cargo "$1" --release --features cuda "--$3" "$2" --no-run --message-format=json 2>/dev/null |
+exe() { # the executable of `cargo $1 --$1 $2` (test: --release; bench: its own profile)
+  local rel=(); [[ "$1" == test ]] && rel=(--release)
+  cargo "$1" "${rel[@]}" --features cuda "--$1" "$2" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -31,9 +32,9 @@ for l in sys.stdin:
         print(m["executable"])' "$2" | tail -1
 }
 cargo test --release --features cuda --test gpu_kernels --no-run
-cargo bench --release --features cuda --bench gpu_kernels --no-run
-TEST="$(exe test gpu_kernels test)"
-BENCH="$(exe bench gpu_kernels bench)"
+cargo bench --features cuda --bench gpu_kernels --no-run
+TEST="$(exe test gpu_kernels)"
+BENCH="$(exe bench gpu_kernels)"
 [[ -x "$TEST" && -x "$BENCH" ]] || { echo "binaries not found" >&2; exit 1; }
 
 rm -rf .gpu && mkdir -p .gpu

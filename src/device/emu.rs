@@ -156,7 +156,8 @@ impl Emu {
     }
 
     /// Uploads the table cache has made (for tests).
-    pub(crate) fn uploads(&self) -> u64 {
+    #[cfg(test)]
+    fn uploads(&self) -> u64 {
         self.cache.lock().expect("cache lock").uploads
     }
 }
@@ -521,13 +522,106 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz, tile: Option<usize>) -> Result<Tenso
     Ok(call.out)
 }
 
-/// Number of table uploads the emulator's cache has made so far: a second
-/// identical step must not add any.
-pub fn table_uploads() -> u64 {
-    emu().uploads()
-}
-
 /// Every kernel entry point the launch code may name.
 pub fn kernel_names() -> &'static [&'static str] {
     KERNELS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use launch::Arg;
+
+    fn adamw_launch(args: Vec<Arg>, block: u32) -> Launch {
+        Launch {
+            kernel: "adamw_f32".into(),
+            grid: [1, 1, 1],
+            block,
+            shared: 0,
+            args,
+        }
+    }
+
+    #[test]
+    fn every_kernel_is_exported() {
+        for k in KERNELS {
+            assert!(kernel_fn(k).is_some(), "{k}");
+        }
+        assert!(kernel_fn("no_such_kernel").is_none());
+    }
+
+    /// A launch whose arguments do not match the kernel's parameter types is
+    /// refused before anything runs (the same packing goes to the GPU).
+    #[test]
+    fn signature_mismatch_is_an_error() {
+        // adamw_f32 takes (p, p, u, U, u, f, f, f, f): give it 8 arguments
+        let args = vec![
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::U32(0),
+            Arg::U64(0),
+            Arg::U32(4096),
+            Arg::F32(0.1),
+            Arg::F32(0.9),
+            Arg::F32(0.1),
+        ];
+        assert!(emu().launch(&adamw_launch(args.clone(), 256)).is_err());
+        // a u32 where the kernel takes a u64
+        let mut wrong = args.clone();
+        wrong[3] = Arg::U32(0);
+        wrong.push(Arg::F32(1e-8));
+        assert!(emu().launch(&adamw_launch(wrong, 256)).is_err());
+        // the right arguments with no tensors (0 chunks): runs, does nothing
+        let mut right = args;
+        right.push(Arg::F32(1e-8));
+        emu().launch(&adamw_launch(right.clone(), 256)).unwrap();
+        // a block that is not whole warps is refused
+        assert!(emu().launch(&adamw_launch(right, 100)).is_err());
+    }
+
+    #[test]
+    fn gemm_extents_are_checked() {
+        let e = emu();
+        let a = e.alloc_zeroed(4 * 4 * 4).unwrap();
+        let c = e.alloc_zeroed(4 * 4 * 4).unwrap();
+        let g = Gemm {
+            transa: false,
+            transb: false,
+            m: 4,
+            n: 4,
+            k: 4,
+            alpha: 1.0,
+            a: Emu::addr(&a),
+            lda: 4,
+            stride_a: 16,
+            b: Emu::addr(&a),
+            ldb: 4,
+            stride_b: 16,
+            beta: 0.0,
+            c: Emu::addr(&c),
+            ldc: 4,
+            stride_c: 16,
+            batch: 1,
+            op: Elt::F32,
+        };
+        e.gemm(&g).unwrap();
+        // a second batch member would read and write past both buffers
+        assert!(e.gemm(&Gemm { batch: 2, ..g }).is_err());
+        assert!(e.gemm(&Gemm { lda: 5, ..g }).is_err());
+    }
+
+    /// The same table uploads once; a different one uploads again.
+    #[test]
+    fn tables_are_cached_by_content() {
+        let e = Emu {
+            cache: Mutex::new(TableCache::default()),
+            regions: Mutex::new(BTreeMap::new()),
+        };
+        let t1 = launch::cached_upload(&e, &[1, 2, 3]).unwrap();
+        let t2 = launch::cached_upload(&e, &[1, 2, 3]).unwrap();
+        assert_eq!(Emu::addr(&t1), Emu::addr(&t2));
+        assert_eq!(e.uploads(), 1);
+        let _t3 = launch::cached_upload(&e, &[1, 2, 4]).unwrap();
+        assert_eq!(e.uploads(), 2);
+    }
 }
