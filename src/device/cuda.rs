@@ -178,6 +178,10 @@ impl Backend for Cuda {
             Elt::F16 => cudaDataType_t::CUDA_R_16F,
         };
         let (alpha, beta) = (g.alpha, g.beta);
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| derr("cuda", e))?;
         // SAFETY: the addresses and extents come from `launch.rs` (checked by
         // the emulator's GEMM stand-in); the handle is candle's, bound to the
         // device's stream, in host pointer mode (α, β on the host).
