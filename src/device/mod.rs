@@ -17,9 +17,17 @@
 //! Every function here assumes its arguments were validated by the caller
 //! (shapes, dtypes, one device); it errors only on what cannot be checked
 //! earlier (a kernel that fails to launch).
+//!
+//! The CUDA kernels are also compiled for the host and run on the CPU by the
+//! crate's kernel emulator ([`emu`]), which the tests compare with [`cpu`];
+//! the launch code (`launch.rs`) is shared by both. See `docs/kernels.md`.
 
 pub mod access;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod emu;
+pub(crate) mod launch;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -171,6 +179,10 @@ fn generic_decayed(w: &Tensor, d: &DecayTerm<'_>) -> Result<Tensor> {
 
 /// AdamW on every item, in place (see [`cpu::adamw`] for the formulas).
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if cuda::adamw_step(items, beta1, beta2, eps)? {
+        return Ok(());
+    }
     let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
     let gs: Vec<&Tensor> = items.iter().map(|it| it.g).collect();
     if !items.is_empty() && cpu_group(&ws, &gs) {
@@ -243,6 +255,10 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
 
 /// SGD on every item, in place (see [`cpu::sgd`]).
 pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if cuda::sgd_step(items, momentum, nesterov)? {
+        return Ok(());
+    }
     let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
     let gs: Vec<&Tensor> = items.iter().map(|it| it.g).collect();
     if !items.is_empty() && cpu_group(&ws, &gs) {
@@ -348,6 +364,10 @@ pub fn ema_momentum(
             out.dim(0)?
         );
     }
+    #[cfg(feature = "cuda")]
+    if cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
+        return Ok(());
+    }
     if all_cpu(grads)
         && out.device().is_cpu()
         && grads.iter().all(|g| g.dtype() == grads[0].dtype())
@@ -422,6 +442,10 @@ pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'
             d.dim(0)?
         );
     }
+    #[cfg(feature = "cuda")]
+    if cuda::apply_step(ws, d, alphas, decays)? {
+        return Ok(());
+    }
     let d = d.contiguous()?;
     if n > 0 && cpu_group(ws, &[&d]) {
         let (mut ins, mut at) = (vec![&d], Vec::new());
@@ -488,6 +512,10 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
     if ts.is_empty() {
         return Ok(None);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(r) = cuda::first_nonfinite(ts)? {
+        return Ok(r);
+    }
     if all_cpu(ts) {
         for (i, t) in ts.iter().enumerate() {
             let t = t.contiguous()?;
@@ -520,6 +548,10 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     if ts.is_empty() {
         return Ok(Vec::new());
     }
+    #[cfg(feature = "cuda")]
+    if let Some(r) = cuda::sum_squares(ts)? {
+        return Ok(r);
+    }
     let sums = ts
         .iter()
         .map(|t| {
@@ -544,11 +576,19 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
         };
         return Ok(out.to_dtype(g.dtype())?);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(x) = cuda::msign(g, ns)? {
+        return Ok(x);
+    }
     crate::linalg::msign_generic(g, ns)
 }
 
 /// Batched power iteration (see [`crate::linalg::power_iteration`]).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    #[cfg(feature = "cuda")]
+    if let Some(top) = cuda::power_iteration(w, start, iters)? {
+        return Ok(top);
+    }
     crate::linalg::power_iteration_generic(w, start, iters)
 }
 

@@ -1,0 +1,450 @@
+//! The CUDA backend (feature `cuda`): the kernels of `kernels/*.cu` as PTX
+//! embedded by `build.rs`, launched on candle's stream, with candle's cuBLAS
+//! handle for the GEMMs. What to launch is decided by `launch.rs`, shared
+//! with the emulator; this file only provides memory, launches and GEMMs, and
+//! the device addresses of candle tensors.
+//!
+//! Invariant (see `launch.rs`): kernels write parameters and state through
+//! raw device addresses, outside candle's storage locks. Every launch, copy
+//! and GEMM here goes on the device's single candle stream, so they are
+//! ordered with candle's own ops; nothing here runs on another stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::{
+    result as drv, sys::CUfunction_attribute_enum, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+};
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::{DType, Storage, Tensor, Var};
+
+use super::launch::{self, Backend, Elt, Gemm, Launch, Resolve, TableCache};
+use super::{AdamItem, DecayTerm, SgdItem};
+use crate::error::{fail, Error, Result};
+use crate::linalg::{NewtonSchulz, TopSingular};
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/steepest_ptx.rs"));
+}
+
+fn derr(who: &str, e: impl std::fmt::Debug) -> Error {
+    Error::device(who, format!("{e:?}"))
+}
+
+/// A device buffer and its address on the stream.
+pub(crate) struct CudaBuf {
+    _slice: CudaSlice<u8>,
+    addr: u64,
+}
+
+/// One CUDA device's backend state.
+pub(crate) struct Cuda {
+    dev: CudaDevice,
+    stream: Arc<CudaStream>,
+    funcs: Mutex<HashMap<String, CudaFunction>>,
+    cache: Mutex<TableCache<CudaBuf>>,
+}
+
+/// The backend of `dev` (one per device, created on first use).
+fn backend(dev: &CudaDevice) -> Arc<Cuda> {
+    static ALL: OnceLock<Mutex<HashMap<DeviceId, Arc<Cuda>>>> = OnceLock::new();
+    let mut all = ALL
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .expect("backends lock");
+    all.entry(dev.id())
+        .or_insert_with(|| {
+            Arc::new(Cuda {
+                dev: dev.clone(),
+                stream: dev.cuda_stream(),
+                funcs: Mutex::new(HashMap::new()),
+                cache: Mutex::new(TableCache::default()),
+            })
+        })
+        .clone()
+}
+
+impl Cuda {
+    /// The loaded kernel `name` (loaded once per device, under the module
+    /// name that carries its PTX's hash).
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        let mut funcs = self.funcs.lock().expect("funcs lock");
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
+        }
+        let Some(&(_, module)) = ptx::ENTRIES.iter().find(|(e, _)| *e == name) else {
+            fail!(Device, "cuda", "no kernel `{name}` in the embedded PTX");
+        };
+        let (module_name, text) = ptx::MODULES[module];
+        let f = self
+            .dev
+            .get_or_load_custom_func(name, module_name, text)?
+            .into_cuda_function();
+        funcs.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+
+    fn addr(buf: &CudaBuf) -> u64 {
+        buf.addr
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<CudaBuf> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| derr("cuda alloc", e))?;
+        let addr = slice.device_ptr(&self.stream).0;
+        Ok(CudaBuf {
+            _slice: slice,
+            addr,
+        })
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaBuf> {
+        let slice = self
+            .stream
+            .clone_htod(bytes)
+            .map_err(|e| derr("cuda upload", e))?;
+        let addr = slice.device_ptr(&self.stream).0;
+        Ok(CudaBuf {
+            _slice: slice,
+            addr,
+        })
+    }
+
+    fn download(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| derr("cuda", e))?;
+        // SAFETY: `addr` holds `out.len()` bytes; the stream sync below
+        // completes the copy before `out` is read.
+        unsafe { drv::memcpy_dtoh_async(out, addr, self.stream.cu_stream()) }
+            .map_err(|e| derr("cuda download", e))?;
+        self.stream.synchronize().map_err(|e| derr("cuda sync", e))
+    }
+
+    fn launch(&self, l: &Launch) -> Result<()> {
+        let f = self.func(&l.kernel)?;
+        if l.shared > launch::SHARED_DEFAULT {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                l.shared as i32,
+            )
+            .map_err(|e| derr(&l.kernel, e))?;
+        }
+        let (mut params, _sig) = launch::pack(&l.args);
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| derr("cuda", e))?;
+        // SAFETY: `params` points into `l.args` (alive for the call; the
+        // driver copies the values at launch); the argument list is the one
+        // the emulator checks against the kernel's parameter types.
+        unsafe {
+            drv::launch_kernel(
+                f.cu_function(),
+                (l.grid[0], l.grid[1], l.grid[2]),
+                (l.block, 1, 1),
+                l.shared,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| derr(&l.kernel, e))
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+        };
+        let blas = self.dev.cublas_handle();
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let ty = match g.op {
+            Elt::F32 => cudaDataType_t::CUDA_R_32F,
+            Elt::BF16 => cudaDataType_t::CUDA_R_16BF,
+            Elt::F16 => cudaDataType_t::CUDA_R_16F,
+        };
+        let (alpha, beta) = (g.alpha, g.beta);
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| derr("cuda", e))?;
+        // SAFETY: the addresses and extents come from `launch.rs` (checked by
+        // the emulator's GEMM stand-in); the handle is candle's, bound to the
+        // device's stream, in host pointer mode (α, β on the host).
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                op(g.transa),
+                op(g.transb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                (&alpha) as *const f32 as *const _,
+                g.a as *const _,
+                ty,
+                g.lda as i32,
+                g.stride_a as i64,
+                g.b as *const _,
+                ty,
+                g.ldb as i32,
+                g.stride_b as i64,
+                (&beta) as *const f32 as *const _,
+                g.c as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                g.ldc as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| derr("cublas gemm", e))
+    }
+
+    fn cache(&self) -> &Mutex<TableCache<CudaBuf>> {
+        &self.cache
+    }
+}
+
+/// Device addresses of CUDA tensors (inputs made contiguous and kept alive).
+struct Addrs<'a> {
+    be: &'a Cuda,
+    keep: Vec<Tensor>,
+}
+
+impl Resolve for Addrs<'_> {
+    fn addr(&mut self, t: &Tensor, write: bool) -> Result<u64> {
+        let t = if write || t.is_contiguous() {
+            t.clone()
+        } else {
+            t.contiguous()?
+        };
+        let addr = {
+            let (s, l) = t.storage_and_layout();
+            let Storage::Cuda(cs) = &*s else {
+                fail!(Device, "cuda", "tensor is not on a CUDA device");
+            };
+            if !cs.device.same_device(&self.be.dev) {
+                fail!(Device, "cuda", "tensors on different CUDA devices");
+            }
+            let Some((o, _)) = l.contiguous_offsets() else {
+                fail!(Device, "cuda", "kernels write contiguous tensors only");
+            };
+            let stream = &self.be.stream;
+            let (base, size) = match cs.dtype() {
+                DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(stream).0, 4),
+                DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0, 2),
+                DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0, 2),
+                other => fail!(Device, "cuda", "no kernel for dtype {other:?}"),
+            };
+            base + (o * size) as u64
+        };
+        self.keep.push(t);
+        Ok(addr)
+    }
+}
+
+/// The CUDA device of `ts`, if they are all on one CUDA device and every
+/// dtype has a kernel (otherwise the caller takes the generic path).
+fn cuda_of(ts: &[&Tensor]) -> Option<CudaDevice> {
+    let first = ts.first()?;
+    let candle_core::Device::Cuda(dev) = first.device() else {
+        return None;
+    };
+    ts.iter()
+        .all(|t| t.device().same_device(first.device()) && Elt::of(t.dtype()).is_some())
+        .then(|| dev.clone())
+}
+
+fn decay_tensors<'a>(d: &DecayTerm<'a>, out: &mut Vec<&'a Tensor>) {
+    if let Some(r) = d.rank1 {
+        out.push(r.a);
+        out.push(r.b);
+    }
+}
+
+/// [`super::adamw_step`] as one `adamw_*` launch per parameter dtype;
+/// `Ok(false)` when the items are not all on one CUDA device in f32/bf16/f16.
+pub(crate) fn adamw_step(items: &[AdamItem<'_>], b1: f64, b2: f64, eps: f64) -> Result<bool> {
+    let mut ts = Vec::new();
+    for it in items {
+        ts.extend([it.w.as_tensor(), it.g, it.m.as_tensor(), it.v.as_tensor()]);
+        decay_tensors(&it.decay, &mut ts);
+    }
+    let Some(dev) = cuda_of(&ts) else {
+        return Ok(false);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::adam_tensors(items, &mut r)?;
+    launch::adamw(&*be, &tabs, b1, b2, eps)?;
+    Ok(true)
+}
+
+/// [`super::sgd_step`] as one `sgd_*` launch per parameter dtype.
+pub(crate) fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<bool> {
+    let mut ts = Vec::new();
+    for it in items {
+        ts.extend([it.w.as_tensor(), it.g]);
+        if let Some(b) = it.buf {
+            ts.push(b.as_tensor());
+        }
+        decay_tensors(&it.decay, &mut ts);
+    }
+    let Some(dev) = cuda_of(&ts) else {
+        return Ok(false);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::sgd_tensors(items, &mut r)?;
+    launch::sgd(&*be, &tabs, momentum, nesterov)?;
+    Ok(true)
+}
+
+/// [`super::ema_momentum`] as one `ema_*` launch per gradient dtype.
+pub(crate) fn ema_momentum(
+    grads: &[&Tensor],
+    bufs: &[&Var],
+    out: &Var,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<bool> {
+    let mut ts: Vec<&Tensor> = grads.to_vec();
+    ts.extend(bufs.iter().map(|b| b.as_tensor()));
+    ts.push(out.as_tensor());
+    let Some(dev) = cuda_of(&ts) else {
+        return Ok(false);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::ema_tensors(grads, bufs, out.as_tensor(), &mut r)?;
+    launch::ema(&*be, &tabs, momentum, nesterov)?;
+    Ok(true)
+}
+
+/// [`super::apply_step`] as one `apply_*` launch per parameter dtype.
+pub(crate) fn apply_step(
+    ws: &[&Var],
+    d: &Tensor,
+    alphas: &[f64],
+    decays: &[DecayTerm<'_>],
+) -> Result<bool> {
+    let mut ts: Vec<&Tensor> = ws.iter().map(|w| w.as_tensor()).collect();
+    ts.push(d);
+    for dec in decays {
+        decay_tensors(dec, &mut ts);
+    }
+    let Some(dev) = cuda_of(&ts) else {
+        return Ok(false);
+    };
+    let be = backend(&dev);
+    let d = d.contiguous()?;
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::apply_tensors(ws, &d, alphas, decays, &mut r)?;
+    launch::apply(&*be, &tabs)?;
+    Ok(true)
+}
+
+/// [`super::first_nonfinite`]: one `finite_*` launch per dtype, one host sync.
+pub(crate) fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<Option<usize>>> {
+    let Some(dev) = cuda_of(ts) else {
+        return Ok(None);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::reduce_tensors(ts, &mut r)?;
+    let flags = launch::nonfinite(&*be, &tabs)?;
+    Ok(Some(flags.iter().position(|&f| f)))
+}
+
+/// [`super::sum_squares`]: `sumsq_*` then `sumsq_finish`, one host sync.
+pub(crate) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Vec<f64>>> {
+    let Some(dev) = cuda_of(ts) else {
+        return Ok(None);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let tabs = launch::reduce_tensors(ts, &mut r)?;
+    Ok(Some(launch::sum_squares(&*be, &tabs)?))
+}
+
+/// [`super::power_iteration`] on the device (no host sync); `None` when no
+/// kernel takes it.
+pub(crate) fn power_iteration(
+    w: &Tensor,
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<Option<TopSingular>> {
+    let candle_core::Device::Cuda(dev) = w.device() else {
+        return Ok(None);
+    };
+    let Some(call) = launch::power_prepare(w, start)? else {
+        return Ok(None);
+    };
+    let be = backend(dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let job = call.job(iters, &mut r)?;
+    launch::power_iteration(&*be, &job)?;
+    drop(r);
+    Ok(Some(call.finish()?))
+}
+
+/// [`super::msign`] on the device: kernels plus cuBLAS strided-batched
+/// GEMMs (no host sync); `None` when no kernel takes it.
+pub(crate) fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Option<Tensor>> {
+    let candle_core::Device::Cuda(dev) = g.device() else {
+        return Ok(None);
+    };
+    let Some(call) = launch::msign_prepare(g, ns)? else {
+        return Ok(None);
+    };
+    let be = backend(dev);
+    let mut r = Addrs {
+        be: &be,
+        keep: Vec::new(),
+    };
+    let job = call.job(ns, None, &mut r)?;
+    launch::msign(&*be, &job)?;
+    drop(r);
+    Ok(Some(call.out))
+}
+
+/// The kernel entry points in the embedded PTX (for the GPU tests).
+pub fn ptx_entries() -> Vec<&'static str> {
+    ptx::ENTRIES.iter().map(|(e, _)| *e).collect()
+}

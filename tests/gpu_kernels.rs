@@ -1,0 +1,268 @@
+//! The same comparisons as `kernels_emu.rs`, on a real GPU: the device seam
+//! (`steepest::device::*`) on CUDA tensors dispatches to the kernels of
+//! `kernels/*.cu`; the CPU path on copies of the same data is the reference.
+//!
+//! Tolerances: the elementwise kernels are built without FMA contraction
+//! and with IEEE division and square root (nvcc's defaults), so they should
+//! match the CPU bit for bit; the assertion allows 1 ulp in case a driver
+//! JIT contracts anyway. Reductions, power iteration and msign use the
+//! tolerances of the emulator tests, plus TF32-free cuBLAS (compute type
+//! 32F), so the same bounds apply.
+#![cfg(feature = "cuda")]
+
+#[path = "kernels_emu/cases.rs"]
+mod cases;
+
+use candle_core::{DType, Device, Tensor, Var};
+use cases::*;
+use steepest::device::{self, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
+use steepest::linalg::{msign, power_iteration, NewtonSchulz};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+/// `|a − b| ≤ 1 ulp` of f32 (after widening), elementwise.
+fn assert_close_ulp(what: &str, a: &Tensor, b: &Tensor) {
+    let (x, y) = (f64s(a), f64s(b));
+    assert_eq!(x.len(), y.len());
+    for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+        let ulp = (p.abs().max(q.abs()) as f32 * f32::EPSILON) as f64;
+        assert!(
+            (p - q).abs() <= ulp || (p.is_nan() && q.is_nan()),
+            "{what}: element {i}: {p} vs {q}"
+        );
+    }
+}
+
+struct P {
+    w: Var,
+    g: Tensor,
+    s1: Var,
+    s2: Var,
+    r1: Option<(Tensor, Tensor)>,
+}
+
+fn make(i: usize, dt: DType, dev: &Device) -> P {
+    let shape = UPDATE_SHAPES[i % UPDATE_SHAPES.len()];
+    let mut r = rng(100 + i as u64);
+    let cpu = Device::Cpu;
+    let w = randn(&mut r, shape, dt, &cpu);
+    let g = randn(&mut r, shape, dt, &cpu);
+    let s1 = (randn(&mut r, shape, DType::F32, &cpu) * 0.1).unwrap();
+    let s2 = rand_pos(&mut r, shape, 0.01, &cpu);
+    let r1 = (i % 3 == 2).then(|| rank1_factors(&mut r, shape, &cpu));
+    P {
+        w: var_on(&w, dev),
+        g: g.to_device(dev).unwrap(),
+        s1: var_on(&s1, dev),
+        s2: var_on(&s2, dev),
+        r1: r1.map(|(a, b)| (a.to_device(dev).unwrap(), b.to_device(dev).unwrap())),
+    }
+}
+
+fn decay(p: &P, i: usize) -> DecayTerm<'_> {
+    DecayTerm {
+        scale: if i % 3 == 0 { 1.0 } else { 0.999 },
+        rank1: p.r1.as_ref().map(|(a, b)| Rank1 { coeff: 0.03, a, b }),
+    }
+}
+
+/// The index of `p` in `ps` (its case number, which sets its decay).
+fn idx(ps: &[P], p: &P) -> usize {
+    ps.iter().position(|q| std::ptr::eq(q, p)).expect("member")
+}
+
+#[test]
+fn gpu_fused_updates_match_cpu() {
+    let dev = gpu();
+    let n = UPDATE_SHAPES.len();
+    for (fam, mu, nesterov) in [
+        ("adamw", 0.0, false),
+        ("sgd", 0.9, true),
+        ("sgd0", 0.0, false),
+    ] {
+        let cpu: Vec<P> = (0..n * 3)
+            .map(|i| make(i, DTYPES[i % 3], &Device::Cpu))
+            .collect();
+        let gpu: Vec<P> = (0..n * 3).map(|i| make(i, DTYPES[i % 3], &dev)).collect();
+        // The CPU reference one parameter per call (the seam's CPU path takes
+        // one dtype per group); the GPU gets the whole mixed set at once.
+        let cpu_calls: Vec<&[P]> = cpu.chunks(1).collect();
+        let calls: Vec<&[P]> = cpu_calls.into_iter().chain([gpu.as_slice()]).collect();
+        for ps in calls {
+            match fam {
+                "adamw" => {
+                    let items: Vec<AdamItem<'_>> = ps
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (if ps.len() == 1 { idx(&cpu, p) } else { i }, p))
+                        .map(|(i, p)| AdamItem {
+                            w: &p.w,
+                            g: &p.g,
+                            m: &p.s1,
+                            v: &p.s2,
+                            step: AdamStep {
+                                lr_bc1: 0.01 / (1.0 - 0.9f64.powi(3)),
+                                bc2_sqrt: (1.0 - 0.999f64.powi(3)).sqrt(),
+                            },
+                            decay: decay(p, i),
+                        })
+                        .collect();
+                    device::adamw_step(&items, 0.9, 0.999, 1e-8).unwrap();
+                }
+                _ => {
+                    let items: Vec<SgdItem<'_>> = ps
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (if ps.len() == 1 { idx(&cpu, p) } else { i }, p))
+                        .map(|(i, p)| SgdItem {
+                            w: &p.w,
+                            g: &p.g,
+                            buf: (mu > 0.0).then_some(&p.s1),
+                            lr: 0.01,
+                            decay: decay(p, i),
+                        })
+                        .collect();
+                    device::sgd_step(&items, mu, nesterov).unwrap();
+                }
+            }
+        }
+        for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+            let what = format!("{fam} [{i}] {:?} {:?}", c.w.dtype(), c.w.dims());
+            assert_close_ulp(&what, c.w.as_tensor(), g.w.as_tensor());
+            assert_close_ulp(&what, c.s1.as_tensor(), g.s1.as_tensor());
+            assert_close_ulp(&what, c.s2.as_tensor(), g.s2.as_tensor());
+        }
+    }
+}
+
+#[test]
+fn gpu_ema_and_apply_match_cpu() {
+    let dev = gpu();
+    for i in 0..UPDATE_SHAPES.len() {
+        let cpu: Vec<P> = DTYPES.iter().map(|&dt| make(i, dt, &Device::Cpu)).collect();
+        let gpu: Vec<P> = DTYPES.iter().map(|&dt| make(i, dt, &dev)).collect();
+        let mut dims = vec![3];
+        dims.extend_from_slice(cpu[0].w.dims());
+        let d = randn(&mut rng(7), &dims, DType::F32, &Device::Cpu);
+        let mut outs = Vec::new();
+        // CPU: one member per call (one dtype per call); GPU: the batch at once.
+        let mut one = dims.clone();
+        one[0] = 1;
+        let mut rows = Vec::new();
+        for (k, p) in cpu.iter().enumerate() {
+            let out = Var::zeros(one.as_slice(), DType::F32, &Device::Cpu).unwrap();
+            device::ema_momentum(&[&p.g], &[&p.s1], &out, 0.95, i % 2 == 0).unwrap();
+            rows.push(out.as_tensor().clone());
+            let dk = d.narrow(0, k, 1).unwrap();
+            device::apply_step(&[&p.w], &dk, &[0.01 * (k + 1) as f64], &[decay(p, i)]).unwrap();
+        }
+        outs.push(Tensor::cat(&rows, 0).unwrap());
+        {
+            let out = Var::zeros(dims.as_slice(), DType::F32, &dev).unwrap();
+            let gs: Vec<&Tensor> = gpu.iter().map(|p| &p.g).collect();
+            let bs: Vec<&Var> = gpu.iter().map(|p| &p.s1).collect();
+            device::ema_momentum(&gs, &bs, &out, 0.95, i % 2 == 0).unwrap();
+            let ws: Vec<&Var> = gpu.iter().map(|p| &p.w).collect();
+            let decays: Vec<DecayTerm<'_>> = gpu.iter().map(|p| decay(p, i)).collect();
+            device::apply_step(
+                &ws,
+                &d.to_device(&dev).unwrap(),
+                &[0.01, 0.02, 0.03],
+                &decays,
+            )
+            .unwrap();
+            outs.push(out.as_tensor().clone());
+        }
+        assert_close_ulp("ema out", &outs[0], &outs[1]);
+        for (c, g) in cpu.iter().zip(&gpu) {
+            assert_close_ulp("apply w", c.w.as_tensor(), g.w.as_tensor());
+            assert_close_ulp("ema buf", c.s1.as_tensor(), g.s1.as_tensor());
+        }
+    }
+}
+
+#[test]
+fn gpu_reductions_match_cpu() {
+    let dev = gpu();
+    let mut r = rng(3);
+    let ts: Vec<Tensor> = UPDATE_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(&mut r, s, DTYPES[i % 3], &Device::Cpu))
+        .collect();
+    let on_gpu: Vec<Tensor> = ts.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+    let refs: Vec<&Tensor> = on_gpu.iter().collect();
+    assert_eq!(device::first_nonfinite(&refs).unwrap(), None);
+    let got = device::sum_squares(&refs).unwrap();
+    for (t, s) in ts.iter().zip(&got) {
+        let want: f64 = f64s(t).iter().map(|x| x * x).sum();
+        assert!(
+            (s - want).abs() <= 1e-5 * want,
+            "{:?}: {s} vs {want}",
+            t.dims()
+        );
+    }
+    let mut bad = f64s(&ts[5]);
+    *bad.last_mut().unwrap() = f64::NAN;
+    let bad = Tensor::from_vec(bad, ts[5].dims(), &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let mut refs = refs.clone();
+    refs[5] = &bad;
+    assert_eq!(device::first_nonfinite(&refs).unwrap(), Some(5));
+}
+
+#[test]
+fn gpu_power_iteration_matches_cpu() {
+    let dev = gpu();
+    for (i, &(b, m, n)) in POWER_SHAPES.iter().enumerate() {
+        let dt = [DType::F32, DType::BF16, DType::F16][i % 3];
+        let mut r = rng(200 + i as u64);
+        let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
+        let start = start_vec(&mut r, b, n, &Device::Cpu);
+        let want = power_iteration(&w, Some(&start), 6).unwrap();
+        let got = power_iteration(
+            &w.to_device(&dev).unwrap(),
+            Some(&start.to_device(&dev).unwrap()),
+            6,
+        )
+        .unwrap();
+        let (s1, s2) = (f64s(&want.sigma), f64s(&got.sigma));
+        for (a, c) in s1.iter().zip(&s2) {
+            assert!(
+                (a - c).abs() <= 1e-4 * a.abs().max(1e-30),
+                "({b},{m},{n}): σ {a} vs {c}"
+            );
+        }
+        assert!(max_diff(&want.u, &got.u) < 1e-3 && max_diff(&want.v, &got.v) < 1e-3);
+    }
+}
+
+#[test]
+fn gpu_msign_matches_cpu() {
+    let dev = gpu();
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
+        let mut r = rng(300 + i as u64);
+        let g = randn(&mut r, &[b, m, n], DType::F32, &Device::Cpu);
+        let ns = NewtonSchulz::muon();
+        let want = msign(&g, &ns).unwrap();
+        let got = msign(&g.to_device(&dev).unwrap(), &ns).unwrap();
+        let d = max_diff(&want, &got);
+        assert!(d <= 2e-3 * max_abs(&want).max(1.0), "({b},{m},{n}): {d:e}");
+        let ns16 = ns.clone().with_compute_dtype(DType::BF16);
+        let got16 = msign(&g.to_device(&dev).unwrap(), &ns16).unwrap();
+        assert!(max_diff(&want, &got16) <= 0.1 * max_abs(&want).max(1.0));
+    }
+}
+
+/// Every kernel the launch code names is in the embedded PTX.
+#[test]
+fn gpu_ptx_has_every_kernel() {
+    let entries = steepest::device::cuda::ptx_entries();
+    for k in steepest::device::emu::kernel_names() {
+        assert!(entries.contains(k), "{k} missing from the PTX");
+    }
+}

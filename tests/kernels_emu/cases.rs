@@ -1,0 +1,243 @@
+//! Test cases shared by the emulator tests (`kernels_emu.rs`) and the GPU
+//! tests (`gpu_kernels.rs`): shapes, dtypes, decays, and seeded data.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+/// A seeded RNG.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// A standard-normal tensor of `shape` in `dtype` on `dev`.
+pub fn randn(r: &mut StdRng, shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(r)).collect();
+    Tensor::from_vec(v, shape, dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A tensor of `|N(0, 1)|·scale` (second moments must be ≥ 0).
+pub fn rand_pos(r: &mut StdRng, shape: &[usize], scale: f32, dev: &Device) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let x: f32 = StandardNormal.sample(r);
+            x.abs() * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+/// Shapes of the elementwise tests: lengths around the block (256) and the
+/// chunk (4096), 1×n and n×1, rank 3, and tensors of several chunks.
+pub const UPDATE_SHAPES: &[&[usize]] = &[
+    &[1],
+    &[3],
+    &[255],
+    &[256],
+    &[257],
+    &[1000],
+    &[4095],
+    &[4096],
+    &[4097],
+    &[1, 1],
+    &[1, 777],
+    &[777, 1],
+    &[7, 13],
+    &[33, 65],
+    &[64, 64],
+    &[3, 5, 7],
+    &[2, 4097],
+    &[4097, 2],
+    &[100, 301],
+    &[9, 1031],
+    &[300, 300],
+];
+
+/// The parameter dtypes with kernels.
+pub const DTYPES: &[DType] = &[DType::F32, DType::BF16, DType::F16];
+
+/// Decay of a test case: none, decoupled, or decoupled plus rank-1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecayKind {
+    None,
+    Decoupled,
+    Rank1,
+}
+
+pub const DECAYS: &[DecayKind] = &[DecayKind::None, DecayKind::Decoupled, DecayKind::Rank1];
+
+/// `(rows, cols)` of the matrix view (`cols` the last dimension).
+pub fn matrix_view(shape: &[usize]) -> (usize, usize) {
+    let cols = *shape.last().unwrap();
+    (shape.iter().product::<usize>() / cols, cols)
+}
+
+/// The rank-1 factors `a (rows)`, `b (cols)` of a case, f32.
+pub fn rank1_factors(r: &mut StdRng, shape: &[usize], dev: &Device) -> (Tensor, Tensor) {
+    let (rows, cols) = matrix_view(shape);
+    (
+        randn(r, &[rows], DType::F32, dev),
+        randn(r, &[cols], DType::F32, dev),
+    )
+}
+
+/// A deep copy of a tensor as a new `Var` on `dev`.
+pub fn var_on(t: &Tensor, dev: &Device) -> Var {
+    Var::from_tensor(&t.to_device(dev).unwrap().copy().unwrap()).unwrap()
+}
+
+/// Bits of every element (f32/bf16/f16 widened losslessly to f32 bits).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// Elements as f64.
+pub fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Largest `|a − b|`; infinite where one is NaN (or ±Inf) and the other is
+/// not the same value (`f64::max` alone would skip a NaN and pass).
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (f64s(a), f64s(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x == y {
+                0.0
+            } else if (x - y).is_finite() {
+                (x - y).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Largest `|x|`; infinite if any element is NaN or ±Inf.
+pub fn max_abs(a: &Tensor) -> f64 {
+    f64s(a)
+        .iter()
+        .map(|x| {
+            if x.is_finite() {
+                x.abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Asserts equal bits, naming the first differing element.
+pub fn assert_same_bits(what: &str, a: &Tensor, b: &Tensor) {
+    let (x, y) = (bits(a), bits(b));
+    assert_eq!(x.len(), y.len(), "{what}: lengths");
+    if let Some(i) = (0..x.len()).find(|&i| x[i] != y[i]) {
+        let diff = (0..x.len()).filter(|&i| x[i] != y[i]).count();
+        panic!(
+            "{what}: {diff} of {} elements differ, first at {i}: {} vs {}",
+            x.len(),
+            f32::from_bits(x[i]),
+            f32::from_bits(y[i])
+        );
+    }
+}
+
+/// Shapes `(b, m, n)` of the power-iteration tests: 1×n, n×1, square, tall,
+/// wide (so both the row and the column layouts of the Gram kernel), batch
+/// 1 and many, lengths off the warp and block sizes.
+pub const POWER_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 1, 17),
+    (1, 17, 1),
+    (1, 1, 300),
+    (1, 300, 1),
+    (1, 8, 8),
+    (1, 33, 31),
+    (1, 31, 33),
+    (1, 64, 16),
+    (1, 16, 64),
+    (1, 100, 257),
+    (1, 257, 100),
+    (1, 40, 40),
+    (4, 20, 30),
+    (4, 30, 20),
+    (17, 5, 9),
+    (17, 9, 5),
+    (3, 1, 50),
+    (3, 50, 1),
+    (2, 129, 65),
+    (2, 65, 129),
+    (1, 200, 520),
+];
+
+/// Shapes `(b, m, n)` of the msign tests.
+pub const MSIGN_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 1, 17),
+    (1, 17, 1),
+    (1, 8, 8),
+    (1, 32, 32),
+    (1, 33, 33),
+    (1, 40, 10),
+    (1, 10, 40),
+    (1, 50, 130),
+    (1, 130, 50),
+    (3, 20, 12),
+    (3, 12, 20),
+    (7, 5, 9),
+    (2, 64, 64),
+    (1, 3, 100),
+    (1, 100, 3),
+    (5, 16, 48),
+    (1, 129, 140),
+    (2, 37, 23),
+    (1, 64, 200),
+];
+
+/// A matrix `(b, m, n)` with a clear top singular value: Gaussian plus a
+/// rank-1 spike (so a few power iterations agree to tight tolerances).
+pub fn spiked(r: &mut StdRng, b: usize, m: usize, n: usize, dtype: DType, dev: &Device) -> Tensor {
+    let g = randn(r, &[b, m, n], DType::F32, &Device::Cpu);
+    let u = randn(r, &[b, m, 1], DType::F32, &Device::Cpu);
+    let v = randn(r, &[b, 1, n], DType::F32, &Device::Cpu);
+    let s = (m.max(n) as f64).sqrt() * 0.5;
+    let spike = (u.matmul(&v).unwrap() * s).unwrap();
+    (g + spike)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+/// A random unit-ish start vector batch `(b, n)`.
+pub fn start_vec(r: &mut StdRng, b: usize, n: usize, dev: &Device) -> Tensor {
+    let v: Vec<f32> = (0..b * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, (b, n), dev).unwrap()
+}

@@ -1,0 +1,131 @@
+//! Newton–Schulz msign (`kernels/msign.cu` + the GEMM sequence of
+//! `launch.rs`, with the emulator's cuBLAS stand-in) against the CPU path.
+//!
+//! Tolerance: both compute the same polynomial steps in f32 but sum the
+//! products in different orders (~1e-6 relative). A step maps a singular
+//! value s to a·s + b·s³ + c·s⁵ with slope up to a ≈ 3.4 (Muon) or 8.3
+//! (Polar Express) near 0, so over 5–8 steps a rounding difference in the
+//! smallest singular directions grows by up to ~10³: entries (of size
+//! ~1/√n) may differ by ~1e-3 absolute. 2e-3·max(1, max|x|) bounds that;
+//! a wrong coefficient, offset or transpose gives differences of order 1.
+//! bf16 operands are compared with the generic path using bf16 operands,
+//! at bf16's precision (2⁻⁸ relative per product, same amplification).
+
+use candle_core::{DType, Device, Tensor};
+use steepest::device::emu;
+use steepest::linalg::{msign, msign_generic, NewtonSchulz};
+
+use super::cases::*;
+
+fn check(what: &str, want: &Tensor, got: &Tensor, tol: f64) {
+    assert_eq!(want.dims(), got.dims(), "{what}: shape");
+    assert_eq!(want.dtype(), got.dtype(), "{what}: dtype");
+    let d = max_diff(want, got);
+    let scale = max_abs(want).max(1.0);
+    assert!(
+        d <= tol * scale,
+        "{what}: max |Δ| = {d:e} (tolerance {:e})",
+        tol * scale
+    );
+}
+
+fn input(i: usize, b: usize, m: usize, n: usize, dt: DType) -> Tensor {
+    let mut r = rng(300 + i as u64);
+    let g = randn(&mut r, &[b, m, n], dt, &Device::Cpu);
+    if b == 1 && i % 2 == 0 {
+        g.squeeze(0).unwrap()
+    } else {
+        g
+    }
+}
+
+#[test]
+fn msign_matches_cpu_on_every_shape() {
+    let schedules = [
+        NewtonSchulz::muon(),
+        NewtonSchulz::polar_express(8),
+        NewtonSchulz::you(),
+        NewtonSchulz::cubic(6),
+    ];
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
+        let ns = &schedules[i % schedules.len()];
+        let g = input(i, b, m, n, DType::F32);
+        let want = msign(&g, ns).unwrap();
+        let got = emu::msign(&g, ns, None).unwrap();
+        check(
+            &format!("({b}, {m}, {n}) schedule {}", i % 4),
+            &want,
+            &got,
+            2e-3,
+        );
+    }
+}
+
+/// bf16 and f16 inputs: f32 arithmetic inside, output rounded to the input
+/// dtype (one rounding: ≤ 2⁻⁸ relative for bf16, 2⁻¹¹ for f16).
+#[test]
+fn msign_half_inputs() {
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate().step_by(3) {
+        for dt in [DType::BF16, DType::F16] {
+            let g = input(i, b, m, n, dt);
+            let want = msign(&g, &NewtonSchulz::muon()).unwrap();
+            let got = emu::msign(&g, &NewtonSchulz::muon(), None).unwrap();
+            check(&format!("({b}, {m}, {n}) {dt:?}"), &want, &got, 1e-2);
+        }
+    }
+}
+
+/// The Gram product as several tiles (only one triangle computed, then
+/// mirrored): tiles of 8, 5 and 7 on matrices with 12 to 40 rows.
+#[test]
+fn msign_tiled_gram() {
+    for (i, &(b, m, n, tile)) in [
+        (1, 20, 33, 8),
+        (3, 12, 40, 5),
+        (2, 40, 17, 7),
+        (1, 64, 64, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let g = input(i, b, m, n, DType::F32);
+        let ns = NewtonSchulz::polar_express(6);
+        let want = msign(&g, &ns).unwrap();
+        let got = emu::msign(&g, &ns, Some(tile)).unwrap();
+        check(&format!("({b}, {m}, {n}) tile {tile}"), &want, &got, 2e-3);
+    }
+}
+
+/// A zero matrix stays zero (X₀ = 0/(0 + eps) = 0).
+#[test]
+fn msign_zero_matrix() {
+    for (b, m, n) in [(1, 5, 9), (2, 9, 5), (1, 1, 1)] {
+        let g = Tensor::zeros((b, m, n), DType::F32, &Device::Cpu).unwrap();
+        let got = emu::msign(&g, &NewtonSchulz::muon(), None).unwrap();
+        assert_eq!(max_abs(&got), 0.0);
+    }
+}
+
+/// bf16 operands (`with_compute_dtype(BF16)`), f32 accumulation, against the
+/// generic path with bf16 operands (which also rounds each product to bf16);
+/// and f16 operands likewise.
+#[test]
+fn msign_low_precision_operands() {
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate().skip(3).step_by(2) {
+        for op in [DType::BF16, DType::F16] {
+            let ns = NewtonSchulz::muon().with_compute_dtype(op);
+            let g = input(i, b, m, n, DType::F32);
+            let want = msign_generic(&g, &ns).unwrap();
+            let got = emu::msign(&g, &ns, Some(7)).unwrap();
+            check(
+                &format!("({b}, {m}, {n}) operands {op:?}"),
+                &want,
+                &got,
+                0.1,
+            );
+            // and close to the f32 result: bf16 operands are a perturbation
+            let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
+            check(&format!("({b}, {m}, {n}) {op:?} vs f32"), &exact, &got, 0.1);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Batched power iteration (`kernels/power.cu` + the launch sequence) under
+//! the emulator against the generic path (`power_iteration` on the CPU).
+//!
+//! Both run the same recurrence in f32; only the summation orders differ
+//! (warp/block trees and atomics here, candle's sequential sums there), so
+//! they differ by rounding, which a power iteration does not amplify
+//! (normalisation keeps every vector at unit length). With ≤ 520-term dot
+//! products in f32 the rounding is ~1e-6 relative; the tolerances (σ: 1e-4
+//! relative, vectors: 1e-3 absolute on unit vectors) leave a wide margin and
+//! still catch any wrong coefficient, index or missing term.
+
+use candle_core::{DType, Device, Tensor};
+use steepest::device::emu;
+use steepest::linalg::{power_iteration, TopSingular};
+
+use super::cases::*;
+
+fn compare(what: &str, want: &TopSingular, got: &TopSingular) {
+    assert_eq!(want.sigma.dims(), got.sigma.dims(), "{what}: σ shape");
+    assert_eq!(want.u.dims(), got.u.dims(), "{what}: u shape");
+    assert_eq!(want.v.dims(), got.v.dims(), "{what}: v shape");
+    assert_eq!(got.sigma.dtype(), DType::F32);
+    let (s1, s2) = (f64s(&want.sigma), f64s(&got.sigma));
+    for (a, b) in s1.iter().zip(&s2) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1e-30),
+            "{what}: σ {a} vs {b}"
+        );
+    }
+    let du = max_diff(&want.u, &got.u);
+    let dv = max_diff(&want.v, &got.v);
+    assert!(du < 1e-3 && dv < 1e-3, "{what}: |Δu| {du:e}, |Δv| {dv:e}");
+}
+
+fn unbatch(t: &Tensor, b: usize) -> Tensor {
+    if b == 1 {
+        t.squeeze(0).unwrap()
+    } else {
+        t.clone()
+    }
+}
+
+#[test]
+fn power_iteration_matches_generic_on_every_shape() {
+    for (i, &(b, m, n)) in POWER_SHAPES.iter().enumerate() {
+        let dt = [DType::F32, DType::BF16, DType::F16][i % 3];
+        let mut r = rng(200 + i as u64);
+        let w = unbatch(&spiked(&mut r, b, m, n, dt, &Device::Cpu), b);
+        let start = unbatch(&start_vec(&mut r, b, n, &Device::Cpu), b);
+        for (iters, s) in [(0, None), (1, Some(&start)), (6, Some(&start)), (4, None)] {
+            let want = power_iteration(&w, s, iters).unwrap();
+            let got = emu::power_iteration(&w, s, iters).unwrap();
+            compare(
+                &format!("({b}, {m}, {n}) {dt:?} iters {iters}"),
+                &want,
+                &got,
+            );
+        }
+    }
+}
+
+/// W = 0: σ = 0; tall: v is the (unit) start, u = 0; wide: u and v are the
+/// default unit vectors — whatever the generic path gives.
+#[test]
+fn zero_matrix() {
+    for &(b, m, n) in &[(1, 9, 4), (1, 4, 9), (3, 6, 6), (2, 1, 5), (2, 5, 1)] {
+        for dt in [DType::F32, DType::BF16] {
+            let w = Tensor::zeros((b, m, n), dt, &Device::Cpu).unwrap();
+            let mut r = rng(5);
+            let start = start_vec(&mut r, b, n, &Device::Cpu);
+            for s in [None, Some(&start)] {
+                let want = power_iteration(&w, s, 3).unwrap();
+                let got = emu::power_iteration(&w, s, 3).unwrap();
+                compare(&format!("zero ({b}, {m}, {n}) {dt:?}"), &want, &got);
+                assert!(f64s(&got.sigma).iter().all(|&x| x == 0.0));
+                let vn: f64 = f64s(&got.v).iter().map(|x| x * x).sum::<f64>() / b as f64;
+                assert!((vn - 1.0).abs() < 1e-5, "v stays unit");
+            }
+        }
+    }
+}
+
+/// A start orthogonal to v₁: W = diag(3, 2, 1) (padded), start = e₂. In
+/// exact arithmetic (and here, where every product is exact) the iteration
+/// never leaves e₂: both paths report σ = 2, v = e₂ — the documented limit
+/// of a warm start, reproduced by the kernels.
+#[test]
+fn start_orthogonal_to_v1() {
+    for (m, n) in [(5, 3), (3, 5)] {
+        let mut w = vec![0f32; m * n];
+        for (k, s) in [3.0f32, 2.0, 1.0].iter().enumerate() {
+            w[k * n + k] = *s;
+        }
+        let w = Tensor::from_vec(w, (m, n), &Device::Cpu).unwrap();
+        let mut e2 = vec![0f32; n];
+        e2[1] = 1.0;
+        let e2 = Tensor::from_vec(e2, n, &Device::Cpu).unwrap();
+        let want = power_iteration(&w, Some(&e2), 10).unwrap();
+        let got = emu::power_iteration(&w, Some(&e2), 10).unwrap();
+        compare(&format!("orthogonal start {m}×{n}"), &want, &got);
+        assert_eq!(got.sigma.to_scalar::<f32>().unwrap(), 2.0);
+        // a generic start finds σ₁ = 3
+        let got = emu::power_iteration(&w, None, 30).unwrap();
+        assert!((got.sigma.to_scalar::<f32>().unwrap() - 3.0).abs() < 1e-3);
+    }
+}
+
+/// Unusable starts (zero, NaN, Inf) fall back to the default vector, per
+/// matrix of the batch.
+#[test]
+fn unusable_start_falls_back_per_matrix() {
+    let mut r = rng(9);
+    let w = spiked(&mut r, 4, 12, 7, DType::F32, &Device::Cpu);
+    let mut s = start_vec(&mut r, 4, 7, &Device::Cpu)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    s[7..14].iter_mut().for_each(|x| *x = 0.0);
+    s[14] = f32::NAN;
+    s[27] = f32::INFINITY;
+    let start = Tensor::from_vec(s, (4, 7), &Device::Cpu).unwrap();
+    for iters in [0, 2] {
+        let want = power_iteration(&w, Some(&start), iters).unwrap();
+        let got = emu::power_iteration(&w, Some(&start), iters).unwrap();
+        compare(&format!("unusable starts, iters {iters}"), &want, &got);
+    }
+}
+
+/// Converged on a matrix with a known spectrum: σ₁ to f32 precision.
+#[test]
+fn converges_to_sigma1() {
+    let (m, n) = (60, 40);
+    let mut r = rng(13);
+    // W = U diag(s) Vᵀ with orthonormal U, V from a QR of Gaussians (nalgebra)
+    let qu = nalgebra::DMatrix::<f64>::from_fn(m, n, |_, _| {
+        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r)
+    })
+    .qr()
+    .q();
+    let qv = nalgebra::DMatrix::<f64>::from_fn(n, n, |_, _| {
+        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r)
+    })
+    .qr()
+    .q();
+    let s = nalgebra::DVector::<f64>::from_fn(n, |i, _| 10.0 / (1.0 + i as f64));
+    let wm = &qu * nalgebra::DMatrix::from_diagonal(&s) * qv.transpose();
+    let w: Vec<f32> = (0..m)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .map(|(i, j)| wm[(i, j)] as f32)
+        .collect();
+    let w = Tensor::from_vec(w, (m, n), &Device::Cpu).unwrap();
+    for w in [w.clone(), w.t().unwrap().contiguous().unwrap()] {
+        let got = emu::power_iteration(&w, None, 60).unwrap();
+        let sigma = got.sigma.to_scalar::<f32>().unwrap();
+        assert!((sigma - 10.0).abs() < 1e-4, "σ₁ = {sigma}");
+    }
+}

@@ -1,0 +1,107 @@
+//! The reduction kernels (`kernels/reduce.cu`) under the emulator: the
+//! finite check against the CPU path (exact: a flag), the sums of squares
+//! against an f64 reference.
+
+use candle_core::{DType, Device, Tensor};
+use steepest::device::{self, emu};
+
+use super::cases::*;
+
+/// A tensor of `shape` with `bad` written at flat index `at` (if any).
+fn with_value(seed: u64, shape: &[usize], dtype: DType, at: Option<(usize, f32)>) -> Tensor {
+    let mut r = rng(seed);
+    let t = randn(&mut r, shape, DType::F32, &Device::Cpu);
+    let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    if let Some((i, x)) = at {
+        v[i] = x;
+    }
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+#[test]
+fn finite_check_matches_cpu() {
+    let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for (i, shape) in UPDATE_SHAPES.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        for (k, &dt) in DTYPES.iter().enumerate() {
+            // the bad value in the first, the last (tail) or a middle element, or nowhere
+            let at = match (i + k) % 4 {
+                0 => None,
+                1 => Some((n - 1, bad[i % 3])),
+                2 => Some((0, bad[(i + 1) % 3])),
+                _ => Some((n / 2, bad[(i + 2) % 3])),
+            };
+            let ts = [
+                with_value(1, &[300], dt, None),
+                with_value(2 + i as u64, shape, dt, at),
+                with_value(3, &[5000], dt, None),
+            ];
+            let refs: Vec<&Tensor> = ts.iter().collect();
+            let want = device::first_nonfinite(&refs).unwrap();
+            assert_eq!(want, at.map(|_| 1), "cpu, {shape:?} {dt:?}");
+            assert_eq!(
+                emu::first_nonfinite(&refs).unwrap(),
+                want,
+                "{shape:?} {dt:?} {at:?}"
+            );
+        }
+    }
+}
+
+/// Several flagged tensors of mixed dtypes in one call: the first is reported.
+#[test]
+fn finite_check_mixed_dtypes_reports_the_first() {
+    let ts = [
+        with_value(1, &[4097], DType::BF16, None),
+        with_value(2, &[7, 9], DType::F32, None),
+        with_value(3, &[4097], DType::F16, Some((4096, f32::INFINITY))),
+        with_value(4, &[10], DType::F32, Some((3, f32::NAN))),
+        with_value(5, &[1], DType::BF16, Some((0, f32::NAN))),
+    ];
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    assert_eq!(emu::first_nonfinite(&refs).unwrap(), Some(2));
+    assert_eq!(emu::first_nonfinite(&refs[..2]).unwrap(), None);
+    assert_eq!(emu::first_nonfinite(&refs[3..]).unwrap(), Some(0));
+}
+
+/// Sums of squares of all shapes and dtypes in one call (one launch per
+/// dtype, one host copy) against an f64 sum of the same (rounded) values.
+/// The kernel sums each 4096-element chunk in f32 (16 terms per thread, then
+/// a tree of 256): relative error ≤ (16 + 8)·2⁻²⁴ ≈ 1.5e-6 per chunk, and the
+/// chunks are combined in f64; 1e-5 leaves margin. The CPU path sums in f32
+/// sequentially (error up to n·2⁻²⁴ ≈ 5e-3 for 90 000 elements), so it is
+/// compared more loosely.
+#[test]
+fn sum_squares_matches_f64_reference() {
+    let ts: Vec<Tensor> = UPDATE_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| with_value(50 + i as u64, s, DTYPES[i % 3], None))
+        .collect();
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let got = emu::sum_squares(&refs).unwrap();
+    let cpu = device::sum_squares(&refs).unwrap();
+    for (i, t) in ts.iter().enumerate() {
+        let want: f64 = f64s(t).iter().map(|x| x * x).sum();
+        let rel = (got[i] - want).abs() / want;
+        assert!(
+            rel < 1e-5,
+            "{:?} {:?}: {} vs {want} ({rel:e})",
+            t.dims(),
+            t.dtype(),
+            got[i]
+        );
+        assert!(
+            (cpu[i] - got[i]).abs() / want < 1e-2,
+            "cpu {} vs {}",
+            cpu[i],
+            got[i]
+        );
+    }
+    // zero tensors sum to zero exactly
+    let z = Tensor::zeros((3, 4097), DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(emu::sum_squares(&[&z]).unwrap(), vec![0.0]);
+}

@@ -1,0 +1,382 @@
+//! The fused multi-tensor update kernels (`kernels/update.cu`) under the
+//! emulator against the CPU path (`steepest::device::*` on CPU tensors,
+//! i.e. `src/device/cpu.rs`). Both do the same f32 operations in the same
+//! order without FMA contraction, so parameters and state must agree bit
+//! for bit — any difference is a bug, no tolerance.
+//!
+//! The reference runs one parameter per call: the seam takes the CPU path
+//! for a group of one dtype only (mixed groups go through candle's generic
+//! ops, which round differently), while the kernels get the whole mixed set
+//! in one call.
+
+use candle_core::{DType, Device, Tensor, Var};
+use steepest::device::{self, emu, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
+
+use super::cases::*;
+
+/// One parameter with everything any family needs.
+struct P {
+    w: Var,
+    g: Tensor,
+    /// AdamW's m, SGD's / EMA's buffer.
+    s1: Var,
+    /// AdamW's v.
+    s2: Var,
+    r1: Option<(Tensor, Tensor)>,
+    scale: f64,
+    coeff: f64,
+    lr: f64,
+}
+
+impl P {
+    fn new(seed: u64, shape: &[usize], dtype: DType, decay: DecayKind) -> Self {
+        let dev = Device::Cpu;
+        let mut r = rng(seed);
+        let w = var_on(&randn(&mut r, shape, dtype, &dev), &dev);
+        let g = randn(&mut r, shape, dtype, &dev);
+        let s1 = var_on(
+            &(randn(&mut r, shape, DType::F32, &dev) * 0.1).unwrap(),
+            &dev,
+        );
+        let s2 = var_on(&rand_pos(&mut r, shape, 0.01, &dev), &dev);
+        let r1 = (decay == DecayKind::Rank1).then(|| rank1_factors(&mut r, shape, &dev));
+        Self {
+            w,
+            g,
+            s1,
+            s2,
+            r1,
+            scale: if decay == DecayKind::None {
+                1.0
+            } else {
+                1.0 - 0.01 * 0.1
+            },
+            coeff: 0.03,
+            lr: 0.01 + seed as f64 * 1e-4,
+        }
+    }
+
+    /// Deep copies (the other path's operands).
+    fn copy(&self) -> Self {
+        let dev = Device::Cpu;
+        Self {
+            w: var_on(self.w.as_tensor(), &dev),
+            g: self.g.copy().unwrap(),
+            s1: var_on(self.s1.as_tensor(), &dev),
+            s2: var_on(self.s2.as_tensor(), &dev),
+            r1: self.r1.clone(),
+            ..*self
+        }
+    }
+
+    fn decay(&self) -> DecayTerm<'_> {
+        DecayTerm {
+            scale: self.scale,
+            rank1: self.r1.as_ref().map(|(a, b)| Rank1 {
+                coeff: self.coeff,
+                a,
+                b,
+            }),
+        }
+    }
+
+    fn adam(&self, t: i32) -> AdamItem<'_> {
+        AdamItem {
+            w: &self.w,
+            g: &self.g,
+            m: &self.s1,
+            v: &self.s2,
+            step: AdamStep {
+                lr_bc1: self.lr / (1.0 - 0.9f64.powi(t)),
+                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
+            },
+            decay: self.decay(),
+        }
+    }
+
+    fn sgd(&self, momentum: bool) -> SgdItem<'_> {
+        SgdItem {
+            w: &self.w,
+            g: &self.g,
+            buf: momentum.then_some(&self.s1),
+            lr: self.lr,
+            decay: self.decay(),
+        }
+    }
+
+    fn assert_same(&self, other: &Self, what: &str) {
+        assert_same_bits(
+            &format!("{what}: w"),
+            self.w.as_tensor(),
+            other.w.as_tensor(),
+        );
+        assert_same_bits(
+            &format!("{what}: state 1"),
+            self.s1.as_tensor(),
+            other.s1.as_tensor(),
+        );
+        assert_same_bits(
+            &format!("{what}: state 2"),
+            self.s2.as_tensor(),
+            other.s2.as_tensor(),
+        );
+    }
+}
+
+/// The parameter of case `i`: shape `i`, dtype and decay cycling.
+fn case(i: usize, dtype: DType) -> P {
+    let shape = UPDATE_SHAPES[i % UPDATE_SHAPES.len()];
+    P::new(100 + i as u64, shape, dtype, DECAYS[i % DECAYS.len()])
+}
+
+fn check_adamw(ps: &[P], what: &str) {
+    let qs: Vec<P> = ps.iter().map(P::copy).collect();
+    for p in ps {
+        device::adamw_step(&[p.adam(3)], 0.9, 0.999, 1e-8).unwrap();
+    }
+    let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(3)).collect();
+    emu::adamw_step(&kern, 0.9, 0.999, 1e-8).unwrap();
+    for (i, (p, q)) in ps.iter().zip(&qs).enumerate() {
+        p.assert_same(
+            q,
+            &format!("{what} [{i}] {:?} {:?}", p.w.dtype(), p.w.dims()),
+        );
+    }
+}
+
+fn check_sgd(ps: &[P], momentum: bool, mu: f64, nesterov: bool, what: &str) {
+    let qs: Vec<P> = ps.iter().map(P::copy).collect();
+    let cpu: Vec<SgdItem<'_>> = ps.iter().map(|p| p.sgd(momentum)).collect();
+    let kern: Vec<SgdItem<'_>> = qs.iter().map(|p| p.sgd(momentum)).collect();
+    for it in &cpu {
+        device::sgd_step(std::slice::from_ref(it), mu, nesterov).unwrap();
+    }
+    emu::sgd_step(&kern, mu, nesterov).unwrap();
+    for (i, (p, q)) in ps.iter().zip(&qs).enumerate() {
+        p.assert_same(
+            q,
+            &format!("{what} [{i}] {:?} {:?}", p.w.dtype(), p.w.dims()),
+        );
+    }
+}
+
+/// A batch of same-shape members (one per dtype) for the batched families.
+fn batch(i: usize) -> Vec<P> {
+    DTYPES.iter().map(|&dt| case(i, dt)).collect()
+}
+
+fn check_ema(ps: &[P], mu: f64, nesterov: bool, what: &str) {
+    let qs: Vec<P> = ps.iter().map(P::copy).collect();
+    let mut dims = vec![ps.len()];
+    dims.extend_from_slice(ps[0].w.dims());
+    let (o1, o2) = (
+        Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap(),
+        Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let g1: Vec<&Tensor> = ps.iter().map(|p| &p.g).collect();
+    let g2: Vec<&Tensor> = qs.iter().map(|p| &p.g).collect();
+    let b1: Vec<&Var> = ps.iter().map(|p| &p.s1).collect();
+    let b2: Vec<&Var> = qs.iter().map(|p| &p.s1).collect();
+    device::ema_momentum(&g1, &b1, &o1, mu, nesterov).unwrap();
+    emu::ema_momentum(&g2, &b2, &o2, mu, nesterov).unwrap();
+    assert_same_bits(
+        &format!("{what}: direction"),
+        o1.as_tensor(),
+        o2.as_tensor(),
+    );
+    for (p, q) in ps.iter().zip(&qs) {
+        p.assert_same(q, what);
+    }
+}
+
+fn check_apply(ps: &[P], what: &str) {
+    let qs: Vec<P> = ps.iter().map(P::copy).collect();
+    let mut r = rng(7);
+    let mut dims = vec![ps.len()];
+    dims.extend_from_slice(ps[0].w.dims());
+    let d = randn(&mut r, &dims, DType::F32, &Device::Cpu);
+    let alphas: Vec<f64> = (0..ps.len()).map(|i| 0.02 * (i + 1) as f64).collect();
+    let w2: Vec<&Var> = qs.iter().map(|p| &p.w).collect();
+    let d2: Vec<DecayTerm<'_>> = qs.iter().map(P::decay).collect();
+    for (i, p) in ps.iter().enumerate() {
+        let di = d.narrow(0, i, 1).unwrap();
+        device::apply_step(&[&p.w], &di, &alphas[i..=i], &[p.decay()]).unwrap();
+    }
+    emu::apply_step(&w2, &d, &alphas, &d2).unwrap();
+    for (p, q) in ps.iter().zip(&qs) {
+        p.assert_same(q, what);
+    }
+}
+
+#[test]
+fn adamw_matches_cpu_on_every_shape_and_dtype() {
+    for i in 0..UPDATE_SHAPES.len() {
+        for &dt in DTYPES {
+            check_adamw(&[case(i, dt)], "adamw");
+        }
+    }
+}
+
+#[test]
+fn sgd_matches_cpu_on_every_shape_and_dtype() {
+    for i in 0..UPDATE_SHAPES.len() {
+        for &dt in DTYPES {
+            // plain, heavy-ball and Nesterov, cycling with the case
+            let (momentum, nesterov) = [(false, false), (true, false), (true, true)][i % 3];
+            check_sgd(&[case(i, dt)], momentum, 0.9, nesterov, "sgd");
+        }
+    }
+}
+
+#[test]
+fn ema_momentum_matches_cpu_on_every_shape() {
+    for i in 0..UPDATE_SHAPES.len() {
+        check_ema(&batch(i), 0.95, i % 2 == 0, "ema");
+    }
+}
+
+#[test]
+fn apply_matches_cpu_on_every_shape() {
+    for i in 0..UPDATE_SHAPES.len() {
+        check_apply(&batch(i), "apply");
+    }
+}
+
+/// All shapes, the three dtypes and the three decays in one call: one
+/// launch per dtype over a table of 63 tensors.
+#[test]
+fn multi_tensor_update_over_a_mixed_set() {
+    let ps: Vec<P> = (0..UPDATE_SHAPES.len() * 3)
+        .map(|i| case(i % UPDATE_SHAPES.len(), DTYPES[(i / 7) % 3]))
+        .collect();
+    check_adamw(&ps, "adamw mixed");
+    let ps: Vec<P> = (0..UPDATE_SHAPES.len() * 3)
+        .map(|i| case(i % UPDATE_SHAPES.len(), DTYPES[(i / 5) % 3]))
+        .collect();
+    check_sgd(&ps, true, 0.9, true, "sgd mixed");
+}
+
+/// A second step on the same state (moments no longer what the first step
+/// found): still the CPU's bits.
+#[test]
+fn adamw_two_steps() {
+    let ps: Vec<P> = (0..6).map(|i| case(i * 3 + 1, DTYPES[i % 3])).collect();
+    let qs: Vec<P> = ps.iter().map(P::copy).collect();
+    for t in 1..=2 {
+        for p in &ps {
+            device::adamw_step(&[p.adam(t)], 0.9, 0.999, 1e-8).unwrap();
+        }
+        let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(t)).collect();
+        emu::adamw_step(&kern, 0.9, 0.999, 1e-8).unwrap();
+    }
+    for (p, q) in ps.iter().zip(&qs) {
+        p.assert_same(q, "adamw step 2");
+    }
+}
+
+/// bf16 and f16 conversions of the emulator against `half`: every 16-bit
+/// pattern widened (through `ema_*` with μ = 0, out = g exactly), and f32
+/// values rounded (through `apply_*` on a zero parameter with α = −1, w = d).
+#[test]
+fn emulator_16_bit_conversions_match_half() {
+    let dev = Device::Cpu;
+    for dt in [DType::BF16, DType::F16] {
+        let pats: Vec<u16> = (0..=u16::MAX).collect();
+        let g = match dt {
+            DType::BF16 => Tensor::from_vec(
+                pats.iter()
+                    .map(|&b| half::bf16::from_bits(b))
+                    .collect::<Vec<_>>(),
+                pats.len(),
+                &dev,
+            ),
+            _ => Tensor::from_vec(
+                pats.iter()
+                    .map(|&b| half::f16::from_bits(b))
+                    .collect::<Vec<_>>(),
+                pats.len(),
+                &dev,
+            ),
+        }
+        .unwrap();
+        let buf = Var::zeros(pats.len(), DType::F32, &dev).unwrap();
+        let out = Var::zeros((1, pats.len()), DType::F32, &dev).unwrap();
+        emu::ema_momentum(&[&g], &[&buf], &out, 0.0, false).unwrap();
+        let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (&b, &x) in pats.iter().zip(&got) {
+            // out = 0 + (g − 0)·1 = g exactly, except −0 → +0
+            let want = match dt {
+                DType::BF16 => half::bf16::from_bits(b).to_f32(),
+                _ => half::f16::from_bits(b).to_f32(),
+            } + 0.0;
+            assert!(
+                x.to_bits() == want.to_bits() || (x.is_nan() && want.is_nan()),
+                "{dt:?} {b:#06x}: {x} vs {want}"
+            );
+        }
+        // f32 → 16 bits: edges, every rounding boundary region, random bits.
+        let mut r = rng(11);
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65519.99,
+            65520.0,
+            -65520.0,
+            6.1035156e-5,
+            5.9604645e-8,
+            2.9802322e-8,
+            2.9802326e-8,
+            1.0e-40,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3.3895314e38,
+            3.4028235e38,
+        ];
+        for b in 0..=u16::MAX as u32 {
+            // the exact midpoints between consecutive bf16 values, and around them
+            let mid = (b << 16) | 0x8000;
+            vals.extend([
+                f32::from_bits(mid),
+                f32::from_bits(mid + 1),
+                f32::from_bits(mid - 1),
+            ]);
+        }
+        vals.extend((0..200_000).map(|_| f32::from_bits(rand::Rng::gen::<u32>(&mut r))));
+        let vals: Vec<f32> = vals.into_iter().filter(|v| !v.is_nan()).collect();
+        let n = vals.len();
+        let w = Var::zeros((1, n), dt, &dev).unwrap();
+        let d = Tensor::from_vec(vals.clone(), (1, n), &dev).unwrap();
+        emu::apply_step(&[&w], &d, &[-1.0], &[DecayTerm::NONE]).unwrap();
+        let got: Vec<u16> = match dt {
+            DType::BF16 => w
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect(),
+            _ => w
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::f16>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect(),
+        };
+        for (v, g) in vals.iter().zip(&got) {
+            // w = 0·1 − d·(−1) = d exactly, except −0 → +0
+            let v = if *v == 0.0 { 0.0 } else { *v };
+            let want = match dt {
+                DType::BF16 => half::bf16::from_f32(v).to_bits(),
+                _ => half::f16::from_f32(v).to_bits(),
+            };
+            assert_eq!(*g, want, "{dt:?} from {v:e} ({:#010x})", v.to_bits());
+        }
+    }
+}
