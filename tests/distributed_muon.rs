@@ -326,7 +326,7 @@ impl<O: OptimizerState + TryStep> Reference<O> {
                 store.remove(self.vars[0].var.as_tensor());
                 for (i, per_rank) in per.iter().enumerate() {
                     if per_rank.iter().any(|g| g.is_some()) {
-                        let avg = rank_order_avg(per_rank, &self.vars[i].var.dims().to_vec(), bf16);
+                        let avg = rank_order_avg(per_rank, self.vars[i].var.dims(), bf16);
                         store.insert(self.vars[i].var.as_tensor(), avg);
                     }
                 }
