@@ -498,11 +498,28 @@ fn scheduled_muon_steps_its_schedule_on_every_rank() {
             .unwrap()
     };
     let build = |vars| Scheduled::new(muon(vars), sched());
-    let outs = run_distributed(2, &shapes, build, &clip_cfg(), 10, &g, Start::Fresh, None);
+    let dir = scratch("scheduled");
+    let outs = run_distributed(
+        2,
+        &shapes,
+        build,
+        &clip_cfg(),
+        10,
+        &g,
+        Start::Fresh,
+        Some(&dir),
+    );
     let mut reference = Reference::new(&shapes, build);
     reference.run(2, 0..10, &g, false, Some(1.0));
     assert_matches(&outs, &reference, "Scheduled<Muon>, 2 ranks");
     assert_eq!(reference.opt.current_step(), 10);
+    // The schedule's counter, written by both ranks, merges into one and
+    // resumes the schedule in one process.
+    let mut single = build(make_named(&shapes, 1));
+    single.load_state_dict(&load_union(&dir).unwrap()).unwrap();
+    assert_eq!(single.current_step(), 10);
+    assert!(host_state(&single.state_dict().unwrap()) == reference.states[10]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -628,6 +645,16 @@ fn a_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1_and_continues_identically()
     let manifest = steepest::distributed::checkpoint::read_manifest(&ckpt).unwrap();
     assert_eq!(manifest.world_size, 4);
     assert_eq!(manifest.files.len(), 4);
+    // Its files' owners partition the parameters.
+    let mut listed: Vec<&str> = manifest
+        .files
+        .iter()
+        .flat_map(|f| f.params.iter().map(|p| p.as_str()))
+        .collect();
+    listed.sort();
+    let mut all: Vec<&str> = shapes.iter().map(|(n, _)| *n).collect();
+    all.sort();
+    assert_eq!(listed, all);
     let params5 = first[0].history[5].clone();
 
     // The uninterrupted single-process run, fed the averages of 4 micro-batches

@@ -372,7 +372,10 @@ fn real_main() -> Result<()> {
     let data = Data::from_text(&text, cfg.context).context("--data")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    eprintln!(
+    // Over NCCL, rank 0 speaks for all.
+    let quiet = role == Role::NcclRank && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
+    if !quiet {
+        eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; model {} layers, d={}, {} heads, context {}; \
          {} steps × batch {}; optimizers {:?}; seeds {}; device {}{}",
         data.train.len(),
@@ -393,6 +396,7 @@ fn real_main() -> Result<()> {
             (_, n) => format!("; {n} in-process ranks per run"),
         }
     );
+    }
     // The runs are independent: `jobs` worker threads take them in turn, each
     // run single-threaded (RAYON_NUM_THREADS=1, set in main), which on a small
     // shared CPU is much faster than one run with threads contending.
