@@ -94,6 +94,21 @@ impl Header {
     /// Reads and checks the header of `state`: the format, the version and
     /// that `kind` wrote it.
     pub fn read(state: &HashMap<String, Tensor>, kind: &str) -> Result<Self> {
+        let h = Self::decode(state)?;
+        if h.kind != kind {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "written by a `{}` optimizer, cannot load into `{kind}`",
+                h.kind
+            );
+        }
+        Ok(h)
+    }
+
+    /// Reads and checks the header of `state` (format and version), whoever
+    /// wrote it.
+    pub fn decode(state: &HashMap<String, Tensor>) -> Result<Self> {
         let Some(t) = state.get(HEADER_KEY) else {
             if state.keys().any(|k| k.starts_with("__steepest__.")) {
                 fail!(
@@ -129,14 +144,6 @@ impl Header {
                 HEADER_KEY,
                 "format version {} (this version of steepest reads version {VERSION})",
                 h.version
-            );
-        }
-        if h.kind != kind {
-            fail!(
-                Checkpoint,
-                "checkpoint",
-                "written by a `{}` optimizer, cannot load into `{kind}`",
-                h.kind
             );
         }
         Ok(h)
@@ -180,6 +187,95 @@ pub(crate) fn split_key<'k>(key: &'k str, names: &[&str]) -> Option<(usize, &'k 
         .filter_map(|(i, n)| Some((i, key.strip_prefix(n)?.strip_prefix('.')?, n.len())))
         .max_by_key(|&(_, _, len)| len)
         .map(|(i, rest, _)| (i, rest))
+}
+
+/// Merges state dicts that share one header into one: e.g. the per-rank
+/// files of a data-parallel optimizer, each holding the state of the
+/// parameters its rank owns ([`crate::distributed::DataParallel::save_state`]).
+///
+/// Every dict must have a header, and the headers must be identical (the
+/// same optimizer, hyperparameters and parameter list). A key present in
+/// several dicts must hold the same tensor in each (dtype, shape and bytes:
+/// e.g. a schedule's step counter, which every rank writes); two different
+/// values for one key are refused. Errors name the key.
+pub fn merge(dicts: &[HashMap<String, Tensor>]) -> Result<HashMap<String, Tensor>> {
+    let Some(first) = dicts.first() else {
+        fail!(Checkpoint, "checkpoint::merge", "no state dicts to merge");
+    };
+    let header = Header::decode(first)?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (i, d) in dicts.iter().enumerate() {
+        let h = Header::decode(d)?;
+        if h != header {
+            fail!(
+                Checkpoint,
+                HEADER_KEY,
+                "state dict {i} has another header than state dict 0 (written by another \
+                 optimizer, with other hyperparameters or at another time)"
+            );
+        }
+        for (k, t) in d {
+            match out.get(k) {
+                None => {
+                    out.insert(k.clone(), t.clone());
+                }
+                Some(prev) => {
+                    if !same_tensor(prev, t)? {
+                        fail!(
+                            Checkpoint,
+                            k,
+                            "state dicts 0..{i} and {i} hold different values for this key"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether two tensors have the same dtype, shape and bytes.
+fn same_tensor(a: &Tensor, b: &Tensor) -> Result<bool> {
+    use safetensors::View;
+    if a.dtype() != b.dtype() || a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let (a, b) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
+    Ok(a.data() == b.data())
+}
+
+/// The part of a state dict that concerns the parameters `keep`: the header,
+/// every `<param>.<transform>.<field>` entry of a parameter in `keep` (names
+/// matched against the header's parameter list, the longest matching name
+/// first, as loading does), and every entry that belongs to no parameter of
+/// the header (e.g. a schedule's step counter). Loading the result into an
+/// optimizer leaves the parameters outside `keep` without state, as if they
+/// had never been stepped — how a data-parallel rank keeps only the state of
+/// the parameters it owns. Errors on a name in `keep` that the header does
+/// not list.
+pub fn restrict(state: &HashMap<String, Tensor>, keep: &[&str]) -> Result<HashMap<String, Tensor>> {
+    let header = Header::decode(state)?;
+    let names: Vec<&str> = header.params.iter().map(|s| s.as_str()).collect();
+    let mut wanted = vec![false; names.len()];
+    for k in keep {
+        match names.iter().position(|n| n == k) {
+            Some(i) => wanted[i] = true,
+            None => fail!(
+                Checkpoint,
+                k,
+                "not a parameter of this checkpoint (it lists {} parameters)",
+                names.len()
+            ),
+        }
+    }
+    Ok(state
+        .iter()
+        .filter(|(k, _)| match split_key(k, &names) {
+            Some((p, _)) => wanted[p],
+            None => true,
+        })
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect())
 }
 
 /// A detached copy of `t` on the CPU (state dicts never share storage with

@@ -147,3 +147,74 @@ fn training_loop_learns_and_is_deterministic() {
     assert_eq!(a.final_val(), b.final_val());
     assert_ne!(a.final_val(), c.final_val());
 }
+
+/// `train` with `ranks: 2` (two in-process ranks, each on half of every
+/// batch, DataParallel with clipping across ranks) follows the one-process
+/// run: the first steps agree up to the reduction order of the batch sums
+/// (about 1e-7 relative per step), far below what a wrong split or a missing
+/// average would give. (Over hundreds of steps training amplifies rounding,
+/// so only a short run is compared.)
+#[test]
+fn two_in_process_ranks_follow_the_one_process_run() {
+    let cfg = Config {
+        steps: 6,
+        eval_every: 3,
+        ..tiny()
+    };
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    for kind in [OptKind::Muon, OptKind::AdamW, OptKind::MuonSpectralSphere] {
+        let one = train(kind, 2, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+        let two = train(
+            kind,
+            2,
+            &Config {
+                ranks: 2,
+                ..cfg.clone()
+            },
+            &data,
+            &Device::Cpu,
+            &mut nop,
+        )
+        .unwrap();
+        let steps: Vec<usize> = two.records.iter().map(|r| r.step).collect();
+        assert_eq!(steps, vec![0, 3, 6]);
+        for (a, b) in one.records.iter().zip(&two.records) {
+            let rel = (a.val_loss - b.val_loss).abs() / a.val_loss;
+            assert!(
+                rel < 1e-5,
+                "{}: step {}: {} vs {}",
+                kind.name(),
+                a.step,
+                a.val_loss,
+                b.val_loss
+            );
+            if a.step > 0 {
+                let rel = (a.train_loss - b.train_loss).abs() / a.train_loss;
+                assert!(
+                    rel < 1e-5,
+                    "{}: train loss {} vs {}",
+                    kind.name(),
+                    a.train_loss,
+                    b.train_loss
+                );
+            }
+        }
+        assert!(one.final_val() < one.records[0].val_loss - 0.1);
+    }
+    // An odd split is refused with a clear error.
+    let e = train(
+        OptKind::Muon,
+        2,
+        &Config {
+            ranks: 3,
+            ..cfg.clone()
+        },
+        &data,
+        &Device::Cpu,
+        &mut nop,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("divisible by the number of ranks"), "{e}");
+}

@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
+use steepest::distributed::{
+    Collective, DataParallel, DataParallelConfig, LocalGroup, ReduceOp, ShardedOptimizer,
+};
 use steepest::optim::{AdamW, AdamWConfig, Driver, Muon, MuonConfig, ParamInfo, Partition};
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
 use steepest::{power_iteration, Manifold, SteepestConfig, WeightDecay};
@@ -253,6 +256,9 @@ pub struct Config {
     pub lr: Option<f64>,
     /// Radius `r` of the spectral sphere `‖W‖₂ = r` (`muon-spectral-sphere`).
     pub radius: f64,
+    /// Data-parallel ranks for [`train`] (1: one process, no communication;
+    /// N > 1: N in-process ranks, each on `batch / N` sequences).
+    pub ranks: usize,
 }
 
 impl Default for Config {
@@ -270,6 +276,7 @@ impl Default for Config {
             weight_decay: 0.1,
             lr: None,
             radius: DEFAULT_RADIUS,
+            ranks: 1,
         }
     }
 }
@@ -656,8 +663,67 @@ fn sigmas(varmap: &VarMap, names: &[String]) -> Result<Vec<f64>> {
         .collect()
 }
 
+/// What a run reports after every step: `progress(step, record)`.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, Option<&Record>);
+
+/// The optimizer of one run: the three types `train_lm` builds.
+enum Opt {
+    AdamW(AdamW),
+    Muon(Muon),
+    /// The sphere run's `Partition`.
+    Driver(Driver),
+}
+
+/// Runs `$body` with `$o` bound to the optimizer inside an [`Opt`], whatever
+/// its type (the training loops are generic over it).
+macro_rules! with_opt {
+    ($opt:expr, $o:ident => $body:expr) => {
+        match $opt {
+            Opt::AdamW($o) => $body,
+            Opt::Muon($o) => $body,
+            Opt::Driver($o) => $body,
+        }
+    };
+}
+
+/// The optimizer of `kind` over `varmap`, at the configured (or default) peak rate.
+fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> {
+    let lr = cfg.lr.unwrap_or(kind.default_lr());
+    let decay = kind.decay(cfg.weight_decay);
+    Ok(match kind {
+        OptKind::AdamW | OptKind::AdamWSpectral => {
+            Opt::AdamW(AdamW::from_varmap(varmap, adamw_config(lr, decay))?)
+        }
+        OptKind::Muon | OptKind::MuonSpectral => Opt::Muon(Muon::from_varmap(
+            varmap,
+            MuonConfig {
+                lr,
+                momentum: 0.95,
+                weight_decay: decay,
+                // The embeddings and the head go to AdamW, at AdamW's rate.
+                adamw: adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
+                adamw_names: ADAMW_NAMES.iter().map(|s| s.to_string()).collect(),
+                ..MuonConfig::default()
+            },
+        )?),
+        OptKind::MuonSpectralSphere => Opt::Driver(sphere_partition(
+            varmap,
+            SteepestConfig {
+                lr,
+                manifold: Manifold::SpectralSphere { radius: cfg.radius },
+                weight_decay: WeightDecay::None,
+                ..SteepestConfig::default() // Norm::Spectral (msign), momentum 0.95 Nesterov
+            },
+            // As Muon's internal AdamW in the `muon` run: AdamW's rate.
+            adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
+        )?),
+    })
+}
+
 /// Trains one model with one optimizer and seed; `progress(step, record)` is
-/// called after every step (`record` at evaluation points).
+/// called after every step (`record` at evaluation points). With
+/// `cfg.ranks > 1`, data-parallel over that many in-process ranks (threads,
+/// see [`train_local_ranks`]).
 pub fn train(
     kind: OptKind,
     seed: u64,
@@ -666,79 +732,106 @@ pub fn train(
     device: &Device,
     progress: &mut dyn FnMut(usize, Option<&Record>),
 ) -> Result<RunResult> {
+    if cfg.ranks > 1 {
+        return train_local_ranks(kind, seed, cfg, data, device, progress);
+    }
     let varmap = VarMap::new();
     let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
     let lr = cfg.lr.unwrap_or(kind.default_lr());
-    let decay = kind.decay(cfg.weight_decay);
     let sched = schedule(lr, cfg.steps)?;
-    match kind {
-        OptKind::AdamW | OptKind::AdamWSpectral => {
-            let opt = AdamW::from_varmap(&varmap, adamw_config(lr, decay))?;
-            run(
-                Scheduled::new(opt, sched),
-                kind,
-                seed,
-                &varmap,
-                &model,
-                cfg,
-                data,
-                device,
-                progress,
-            )
+    with_opt!(build_optimizer(kind, cfg, &varmap)?, opt => run(
+        Scheduled::new(opt, sched),
+        kind,
+        seed,
+        &varmap,
+        &model,
+        cfg,
+        data,
+        device,
+        progress,
+    ))
+}
+
+/// [`train`] on `cfg.ranks` in-process ranks ([`LocalGroup`]: one thread
+/// each, rank 0 on the calling thread, which reports `progress`): the same
+/// algorithm as `cfg.ranks` processes over NCCL ([`train_rank`]), run on the
+/// CPU as a check.
+pub fn train_local_ranks(
+    kind: OptKind,
+    seed: u64,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, Option<&Record>),
+) -> Result<RunResult> {
+    let mut comms = LocalGroup::new(cfg.ranks)?.into_iter();
+    let first = comms.next().expect("ranks ≥ 1");
+    std::thread::scope(|s| {
+        let others: Vec<_> = comms
+            .map(|c| s.spawn(move || train_rank(c, kind, seed, cfg, data, device, None)))
+            .collect();
+        // Rank 0's communicator is dropped when it returns, so an error
+        // there fails the others' collectives instead of leaving them waiting.
+        let mine = train_rank(first, kind, seed, cfg, data, device, Some(progress));
+        let mut first_error = None;
+        for (i, h) in others.into_iter().enumerate() {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| candle_core::bail!("rank {} panicked", i + 1));
+            if let (Err(e), None) = (r, &first_error) {
+                first_error = Some(candle_core::Error::Msg(format!("rank {}: {e}", i + 1)));
+            }
         }
-        OptKind::Muon | OptKind::MuonSpectral => {
-            let opt = Muon::from_varmap(
-                &varmap,
-                MuonConfig {
-                    lr,
-                    momentum: 0.95,
-                    weight_decay: decay,
-                    // The embeddings and the head go to AdamW, at AdamW's rate.
-                    adamw: adamw_config(
-                        OptKind::AdamW.default_lr() * lr / kind.default_lr(),
-                        decay,
-                    ),
-                    adamw_names: ADAMW_NAMES.iter().map(|s| s.to_string()).collect(),
-                    ..MuonConfig::default()
-                },
-            )?;
-            run(
-                Scheduled::new(opt, sched),
-                kind,
-                seed,
-                &varmap,
-                &model,
-                cfg,
-                data,
-                device,
-                progress,
-            )
+        match (mine, first_error) {
+            (Ok(Some(r)), None) => Ok(r),
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(e)) => Err(e),
+            (Ok(None), None) => unreachable!("rank 0 returns the run"),
         }
-        OptKind::MuonSpectralSphere => {
-            let opt = sphere_partition(
-                &varmap,
-                SteepestConfig {
-                    lr,
-                    manifold: Manifold::SpectralSphere { radius: cfg.radius },
-                    weight_decay: WeightDecay::None,
-                    ..SteepestConfig::default() // Norm::Spectral (msign), momentum 0.95 Nesterov
-                },
-                // As Muon's internal AdamW in the `muon` run: AdamW's rate.
-                adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
-            )?;
-            run(
-                Scheduled::new(opt, sched),
-                kind,
-                seed,
-                &varmap,
-                &model,
-                cfg,
-                data,
-                device,
-                progress,
-            )
-        }
+    })
+}
+
+/// One rank's part of a data-parallel run over `comm` (in-process ranks or
+/// NCCL): every rank builds the same model and optimizer (same seed), draws
+/// the same global batch of `cfg.batch` windows and trains on its slice of
+/// `cfg.batch / N` of them; [`DataParallel`] averages the gradients, clips
+/// them at global norm `cfg.clip` across ranks, runs each owner's share of
+/// the optimizer step (schedule included) and gathers the parameters. Rank 0
+/// evaluates, calls `progress` and returns the [`RunResult`]; the other ranks
+/// return `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_rank<C: Collective>(
+    comm: C,
+    kind: OptKind,
+    seed: u64,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    progress: Option<Progress<'_>>,
+) -> Result<Option<RunResult>> {
+    let world = comm.world_size();
+    if cfg.batch % world != 0 {
+        candle_core::bail!(
+            "the batch ({}) must be divisible by the number of ranks ({world})",
+            cfg.batch
+        );
     }
+    let varmap = VarMap::new();
+    let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
+    let lr = cfg.lr.unwrap_or(kind.default_lr());
+    let sched = schedule(lr, cfg.steps)?;
+    with_opt!(build_optimizer(kind, cfg, &varmap)?, opt => run_ranked(
+        comm,
+        Scheduled::new(opt, sched),
+        kind,
+        seed,
+        &varmap,
+        &model,
+        cfg,
+        data,
+        device,
+        progress,
+    ))
 }
 
 /// Substrings of the names that the Muon runs route to AdamW (besides the
@@ -846,6 +939,100 @@ fn run<O: Optimizer>(
         records,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// [`run`]'s loop, data-parallel (see [`train_rank`]).
+#[allow(clippy::too_many_arguments)]
+fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
+    comm: C,
+    opt: Scheduled<O>,
+    kind: OptKind,
+    seed: u64,
+    varmap: &VarMap,
+    model: &Gpt,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    mut progress: Option<Progress<'_>>,
+) -> Result<Option<RunResult>> {
+    let start = std::time::Instant::now();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let micro = cfg.batch / world;
+    // Clipping at the global norm of the averaged gradient, as clip_grad_norm
+    // does on the whole batch's gradient in one process.
+    let dp_config = DataParallelConfig {
+        clip_grad_norm: Some(cfg.clip),
+        ..DataParallelConfig::default()
+    };
+    let mut dp = DataParallel::for_optimizer(comm, opt, dp_config)?;
+    let mut matrices: Vec<String> = {
+        let d = varmap.data().lock().expect("VarMap lock");
+        d.iter()
+            .filter(|(_, v)| v.rank() == 2)
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    matrices.sort();
+    // Every rank draws the whole batch (same seed, same sequence as one
+    // process) and keeps its slice.
+    let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
+    let span = data.train.len() - cfg.context - 1;
+    let mut records = Vec::new();
+    let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+    let record = |step: usize, lr: f64, train_loss: f64| -> Result<Record> {
+        Ok(Record {
+            step,
+            lr,
+            train_loss,
+            val_loss: evaluate(model, data, cfg, device)?,
+            sigmas: sigmas(varmap, &matrices)?,
+        })
+    };
+    if let Some(p) = progress.as_mut() {
+        let r0 = record(0, 0.0, f64::NAN)?;
+        p(0, Some(&r0));
+        records.push(r0);
+    }
+    for step in 1..=cfg.steps {
+        let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
+        let mine = &starts[rank * micro..(rank + 1) * micro];
+        let (x, y) = batch_at(&data.train, mine, cfg.context, device)?;
+        let loss = model.loss(&x, &y)?;
+        // The batch's mean loss: the mean of the equal-size micro-batches'
+        // means. The same value on every rank, so all stop together.
+        let mean = dp
+            .comm()
+            .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg)?;
+        let loss_val = mean.to_vec1::<f32>()?[0] as f64;
+        if !loss_val.is_finite() {
+            candle_core::bail!(
+                "{}: training loss is {loss_val} at step {step} (diverged)",
+                kind.name()
+            );
+        }
+        let grads = loss.backward()?;
+        let lr = dp.optimizer().next_lr();
+        dp.step(&grads)?;
+        loss_sum += loss_val;
+        loss_n += 1;
+        if let Some(p) = progress.as_mut() {
+            if step % cfg.eval_every == 0 || step == cfg.steps {
+                let r = record(step, lr, loss_sum / loss_n as f64)?;
+                (loss_sum, loss_n) = (0.0, 0);
+                p(step, Some(&r));
+                records.push(r);
+            } else {
+                p(step, None);
+            }
+        }
+    }
+    Ok(progress.map(|_| RunResult {
+        kind,
+        seed,
+        matrices,
+        records,
+        seconds: start.elapsed().as_secs_f64(),
+    }))
 }
 
 /// Greedy continuation of `prompt` (for a look at what the model learned).

@@ -7,6 +7,13 @@
 //!     cargo run --example train_lm                 # all 5 optimizers, 1 seed
 //!     cargo run --example train_lm -- --seeds 3    # the README table
 //!     cargo run --example train_lm -- --help
+//!
+//! Data-parallel (`--ranks N`, each rank on `batch / N` sequences of every
+//! batch, gradients averaged, optimizer state sharded across ranks):
+//!
+//!     cargo run --example train_lm -- --ranks 2    # 2 in-process ranks per run (CPU check)
+//!     cargo run --release --features nccl --example train_lm -- --device cuda --ranks 4
+//!                                                  # 4 processes over NCCL, one GPU each
 
 mod lm;
 mod plot;
@@ -67,9 +74,12 @@ struct Cli {
     /// Steps between evaluations
     #[arg(long, value_name = "N", default_value_t = Config::default().eval_every, value_parser = at_least_one::<usize>)]
     eval_every: usize,
-    /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores]
+    /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores / ranks]
     #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
     jobs: Option<usize>,
+    /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>)]
+    ranks: usize,
 }
 
 /// `--optimizer`: one of them, or all.
@@ -134,9 +144,10 @@ impl From<Cli> for Args {
             data: c.data,
             out: c.out,
             device: c.device,
-            jobs: c
-                .jobs
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            jobs: c.jobs.unwrap_or_else(|| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / c.ranks).max(1)
+            }),
             cfg: Config {
                 steps: c.steps,
                 batch: c.batch,
@@ -144,6 +155,7 @@ impl From<Cli> for Args {
                 lr: c.lr,
                 weight_decay: c.wd,
                 radius: c.radius,
+                ranks: c.ranks,
                 ..Config::default()
             },
         }
@@ -335,7 +347,19 @@ fn real_main() -> Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
     };
-    let device = device(&args.device)?;
+    if args.cfg.batch % args.cfg.ranks != 0 {
+        bail!(
+            "--batch {} must be divisible by --ranks {} (each rank trains on batch/ranks sequences)",
+            args.cfg.batch,
+            args.cfg.ranks
+        );
+    }
+    let role = role(&args);
+    let device = match role {
+        Role::Local => device(&args.device)?,
+        Role::Launcher => return launch_nccl(args.cfg.ranks),
+        Role::NcclRank => nccl_device(args.cfg.ranks)?,
+    };
     let cfg = args.cfg.clone();
     let (text, source) = match &args.data {
         Some(p) => (
@@ -348,9 +372,12 @@ fn real_main() -> Result<()> {
     let data = Data::from_text(&text, cfg.context).context("--data")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    eprintln!(
+    // Over NCCL, rank 0 speaks for all.
+    let quiet = role == Role::NcclRank && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
+    if !quiet {
+        eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; model {} layers, d={}, {} heads, context {}; \
-         {} steps × batch {}; optimizers {:?}; seeds {}; device {}",
+         {} steps × batch {}; optimizers {:?}; seeds {}; device {}{}",
         data.train.len(),
         data.val.len(),
         data.vocab.len(),
@@ -362,8 +389,14 @@ fn real_main() -> Result<()> {
         cfg.batch,
         args.optimizers.iter().map(|k| k.name()).collect::<Vec<_>>(),
         args.seeds,
-        args.device
+        args.device,
+        match (role, cfg.ranks) {
+            (_, 1) => String::new(),
+            (Role::NcclRank, n) => format!("; {n} ranks over NCCL"),
+            (_, n) => format!("; {n} in-process ranks per run"),
+        }
     );
+    }
     // The runs are independent: `jobs` worker threads take them in turn, each
     // run single-threaded (RAYON_NUM_THREADS=1, set in main), which on a small
     // shared CPU is much faster than one run with threads contending.
@@ -373,11 +406,33 @@ fn real_main() -> Result<()> {
             queue.push((seed, kind));
         }
     }
-    let jobs = args.jobs.min(queue.len()).max(1);
+    let start = Instant::now();
+    let runs = if role == Role::NcclRank {
+        // Every process runs the whole queue in lockstep; rank 0 reports.
+        match train_nccl(&queue, &cfg, &data, &device)? {
+            Some(runs) => runs,
+            None => return Ok(()),
+        }
+    } else {
+        train_queue(&queue, args.jobs, &cfg, &data, &device)?
+    };
+    let wall = start.elapsed().as_secs_f64();
+    report(&args, &cfg, &source, &runs, wall)
+}
+
+/// Trains the runs of `queue` in this process: `jobs` worker threads take
+/// them in turn (each run with `cfg.ranks` in-process ranks).
+fn train_queue(
+    queue: &[(u64, OptKind)],
+    jobs: usize,
+    cfg: &lm::Config,
+    data: &Data,
+    device: &Device,
+) -> Result<Vec<RunResult>> {
+    let jobs = jobs.min(queue.len()).max(1);
     let n_runs = queue.len();
     // Progress: a total bar, and one bar per worker for the run it trains.
     // (indicatif draws nothing when stderr is not a terminal.)
-    let start = Instant::now();
     let bars = MultiProgress::new();
     let total = bars.add(ProgressBar::new((n_runs * cfg.steps) as u64));
     total.set_style(
@@ -396,8 +451,7 @@ fn real_main() -> Result<()> {
             let bar = bars.add(ProgressBar::new(cfg.steps as u64));
             bar.set_style(run_style.clone());
             let (bar, total) = (bar, total.clone());
-            let (next, queue, results, cfg, data, device) =
-                (&next, &queue, &results, &cfg, &data, &device);
+            let (next, results) = (&next, &results);
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
@@ -427,11 +481,19 @@ fn real_main() -> Result<()> {
     total.finish_with_message("done");
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(i, _)| *i);
-    let runs: Vec<RunResult> = results.into_iter().map(|(_, r)| r).collect::<Result<_>>()?;
-    let wall = start.elapsed().as_secs_f64();
+    results.into_iter().map(|(_, r)| r).collect()
+}
 
+/// The CSV log, the figure, the summary table (see `OUTPUT_HELP`).
+fn report(
+    args: &Args,
+    cfg: &lm::Config,
+    source: &str,
+    runs: &[RunResult],
+    wall: f64,
+) -> Result<()> {
     let csv = args.out.join("train_lm.csv");
-    write_csv(&csv, &runs)?;
+    write_csv(&csv, runs)?;
     let mut table = String::from(
         "| optimizer | peak lr | final val loss (nats/char) | seconds/run |\n|---|---|---|---|\n",
     );
@@ -467,7 +529,7 @@ fn real_main() -> Result<()> {
     );
     let svg = args.out.join("train_lm.svg");
     let png = args.out.join("train_lm.png");
-    plot::write(&svg, &png, &figure(&runs, &args.optimizers), &caption)?;
+    plot::write(&svg, &png, &figure(runs, &args.optimizers), &caption)?;
     let summary = args.out.join("summary.md");
     std::fs::write(&summary, format!("{caption}\n\n{table}"))?;
     println!("{table}");
@@ -480,4 +542,169 @@ fn real_main() -> Result<()> {
         wall
     );
     Ok(())
+}
+
+/// How this process takes part in the runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Trains the runs itself: one process (`--ranks N` on the CPU: N
+    /// in-process ranks per run).
+    Local,
+    /// `--ranks N --device cuda`: starts N copies of itself, one per GPU, and
+    /// waits for them.
+    Launcher,
+    /// One of those copies (or a process started by another launcher): rank
+    /// `RANK` of `WORLD_SIZE` over NCCL.
+    NcclRank,
+}
+
+/// A process with `RANK` and an NCCL id (`STEEPEST_NCCL_ID` or
+/// `STEEPEST_NCCL_ID_FILE`) in its environment is a rank; otherwise
+/// `--device cuda --ranks N > 1` launches N of them.
+fn role(args: &Args) -> Role {
+    let env = |k: &str| std::env::var_os(k).is_some();
+    let rank_env = env("RANK") && (env("STEEPEST_NCCL_ID") || env("STEEPEST_NCCL_ID_FILE"));
+    match (args.device.as_str(), args.cfg.ranks, rank_env) {
+        ("cuda", _, true) => Role::NcclRank,
+        ("cuda", n, false) if n > 1 => Role::Launcher,
+        _ => Role::Local,
+    }
+}
+
+#[cfg(not(feature = "nccl"))]
+const NO_NCCL: &str = "--device cuda --ranks N runs N processes over NCCL: rebuild with \
+                       `--features nccl` (see the README, \"Data-parallel training\")";
+
+#[cfg(not(feature = "nccl"))]
+fn launch_nccl(_ranks: usize) -> Result<()> {
+    bail!("{NO_NCCL}")
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_device(_ranks: usize) -> Result<Device> {
+    bail!("{NO_NCCL}")
+}
+
+#[cfg(not(feature = "nccl"))]
+fn train_nccl(
+    _queue: &[(u64, OptKind)],
+    _cfg: &lm::Config,
+    _data: &Data,
+    _device: &Device,
+) -> Result<Option<Vec<RunResult>>> {
+    bail!("{NO_NCCL}")
+}
+
+/// Starts `ranks` copies of this program with the same arguments, rank `r`
+/// on GPU `r` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, and the NCCL id in
+/// `STEEPEST_NCCL_ID`), and waits for them. This process creates the id, so
+/// it hosts NCCL's bootstrap root and must outlive the ranks' set-up. When a
+/// rank fails, the others are stopped: they would wait for it forever inside
+/// NCCL.
+#[cfg(feature = "nccl")]
+fn launch_nccl(ranks: usize) -> Result<()> {
+    use std::process::{Child, Command};
+    let id = steepest::distributed::NcclId::new()?;
+    let exe = std::env::current_exe().context("finding this program to start the ranks")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    eprintln!("train_lm: starting {ranks} ranks over NCCL, one GPU each");
+    let mut children: Vec<Option<Child>> = Vec::new();
+    let stop = |children: &mut Vec<Option<Child>>| {
+        for c in children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    };
+    for r in 0..ranks {
+        let spawned = Command::new(&exe)
+            .args(&args)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", ranks.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("STEEPEST_NCCL_ID", id.to_hex())
+            .spawn();
+        match spawned {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                stop(&mut children);
+                bail!("starting rank {r}: {e}");
+            }
+        }
+    }
+    loop {
+        let mut running = 0;
+        let mut failed = None;
+        for (r, slot) in children.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            match c.try_wait()? {
+                None => running += 1,
+                Some(status) => {
+                    if !status.success() && failed.is_none() {
+                        failed = Some((r, status));
+                    }
+                    *slot = None;
+                }
+            }
+        }
+        if let Some((r, status)) = failed {
+            stop(&mut children);
+            bail!("rank {r} failed ({status}); the other ranks were stopped");
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// This rank's GPU (`LOCAL_RANK`), after checking `WORLD_SIZE` = `--ranks`.
+#[cfg(feature = "nccl")]
+fn nccl_device(ranks: usize) -> Result<Device> {
+    let env = steepest::distributed::LaunchEnv::from_env()?;
+    if env.world_size != ranks {
+        bail!(
+            "WORLD_SIZE={} but --ranks {ranks}: pass the same number",
+            env.world_size
+        );
+    }
+    Ok(Device::new_cuda(env.local_rank)?)
+}
+
+/// Every run of `queue`, in order, as this process's rank over NCCL (one
+/// communicator for all runs); rank 0 shows progress and returns the
+/// results, the other ranks `None`.
+#[cfg(feature = "nccl")]
+fn train_nccl(
+    queue: &[(u64, OptKind)],
+    cfg: &lm::Config,
+    data: &Data,
+    device: &Device,
+) -> Result<Option<Vec<RunResult>>> {
+    let comm = steepest::distributed::NcclComm::from_env(device)?;
+    let rank0 = steepest::distributed::Collective::rank(&comm) == 0;
+    let mut runs = Vec::new();
+    for &(seed, kind) in queue {
+        let bar = if rank0 {
+            ProgressBar::new(cfg.steps as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("  {prefix:<32} [{bar:20}] {pos:>4}/{len} {msg}")?
+                .progress_chars("#>."),
+        );
+        bar.set_prefix(format!("{} seed {seed}", kind.name()));
+        let mut cb = |step: usize, rec: Option<&Record>| {
+            if let Some(r) = rec {
+                bar.set_message(format!("val {:.3}", r.val_loss));
+            }
+            bar.set_position(step as u64);
+        };
+        let progress: Option<lm::Progress<'_>> = if rank0 { Some(&mut cb) } else { None };
+        let run = lm::train_rank(&comm, kind, seed, cfg, data, device, progress)
+            .with_context(|| format!("training with {} (seed {seed})", kind.name()))?;
+        bar.finish_and_clear();
+        runs.extend(run);
+    }
+    Ok(rank0.then_some(runs))
 }

@@ -1,29 +1,39 @@
-//! The reference data-parallel step: reduce-scatter the gradients to their
-//! owners, step the owned parameters, all-gather the updated parameters.
+//! The data-parallel step: reduce-scatter the gradients to their owners,
+//! step the owned parameters, all-gather the updated parameters.
 //!
 //! [`DataParallel`] works over any [`Collective`] and any optimizer that can
-//! update a subset of its parameters ([`ShardedStep`]). Each call of
-//! [`step_grads`](DataParallel::step_grads) (or [`step`](DataParallel::step)
-//! with a `GradStore`) on every rank, with that rank's own micro-batch
-//! gradients, does:
+//! update a subset of its parameters ([`ShardedStep`]: every optimizer of
+//! the crate, through [`Driver::step_subset`](crate::optim::Driver::step_subset)).
+//! Each call of [`step_grads`](DataParallel::step_grads) (or
+//! [`step`](DataParallel::step) with a `GradStore`) on every rank, with that
+//! rank's own micro-batch gradients, does:
 //!
 //! 1. **Check and agree.** Pack the local gradients into the flat buffer of the
 //!    [`Plan`] (in [`DataParallelConfig::grad_dtype`]) and check it is finite
 //!    (one host sync); check the gradient list (count, shapes). One all-reduce
-//!    of a small f32 status vector (`2N + P` elements: a non-finite flag and an
-//!    error flag per rank, and per parameter the number of ranks that have a
-//!    gradient for it) tells every rank whether any rank found a problem. If
-//!    one did, **every rank refuses the step** with an error naming the ranks
-//!    (and, on the rank that found it, the parameter): no parameter, no
+//!    of a small f32 status vector (`2N + 2P` elements: a non-finite flag and
+//!    an error flag per rank; per parameter the number of ranks that have a
+//!    gradient for it and the number whose gradient for it is not finite)
+//!    tells every rank whether any rank found a problem. If one did, **every
+//!    rank refuses the step** — with [`Error::NonFiniteGradient`] naming the
+//!    first such parameter (the same on every rank), or [`Error::Shape`]
+//!    naming the ranks with invalid gradients — and no parameter, no
 //!    optimizer state and nothing else changes anywhere. No rank returns
 //!    before this all-reduce, so a local problem never leaves the others
 //!    waiting.
 //! 2. **One reduce-scatter** ([`ReduceOp::Avg`]) of the flat buffer: this rank
 //!    receives the averaged gradients of exactly the parameters it owns.
-//! 3. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
+//! 3. **Clipping** (optional, [`DataParallelConfig::clip_grad_norm`]): each
+//!    rank computes `Σ g²` of each parameter it owns, one all-reduce of the
+//!    `P` values gives every rank all of them, every rank sums them in
+//!    parameter order in f64 and scales its gradients by `max/‖g‖` when
+//!    `‖g‖ > max`: [`crate::clip::clip_grad_norm`]'s arithmetic on the averaged
+//!    gradient, so the same norm and the same scaled gradients (see
+//!    [`DataParallel::last_grad_norm`]).
+//! 4. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
 //!    (cast to each parameter's dtype), called on every rank at every step,
 //!    with an empty list on a rank that owns nothing.
-//! 4. **One all-gather** of the owners' parameters (in the parameters' dtype:
+//! 5. **One all-gather** of the owners' parameters (in the parameters' dtype:
 //!    bf16 when every parameter is bf16, f32 otherwise, so nothing is rounded)
 //!    plus one status element per rank; every rank writes the parameters it
 //!    does not own into its `Var`s. Afterwards every rank holds bit-identical
@@ -39,15 +49,30 @@
 //! rank through the status elements of the all-gather; the other owners have
 //! then stepped their parameters, so the step is not atomic across ranks, but
 //! the parameters stay identical on every rank. It should not happen: the
-//! gradients are finite and of the right shapes by step 1.
+//! gradients are finite and of the right shapes by step 1 (a fallible chain,
+//! such as a retraction, can still fail at its owner).
+//!
+//! Checkpoints: [`save_state`](DataParallel::save_state) writes one file per
+//! rank (that rank's optimizer state: the parameters it owns) and a manifest;
+//! [`load_state`](DataParallel::load_state) reads the union of any such
+//! checkpoint (or of a single-process optimizer's file) and keeps the state of
+//! the parameters this rank owns under the current plan, whatever the world
+//! size that wrote it. See [`super::checkpoint`].
 
+use std::path::Path;
+
+use super::checkpoint::{load_union, save_sharded};
 use super::collective::{Collective, ReduceOp};
-use super::dist_err;
 use super::plan::{ParamSpec, Plan};
+use super::sharded::{param_specs, ShardedOptimizer};
+use crate::checkpoint::{restrict, OptimizerState};
+use crate::error::{Error, Result};
+use crate::optim::{Muon, MuonConfig};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
-/// What the distributed layer needs from an optimizer.
+/// What the distributed layer needs from an optimizer: the step of a subset
+/// of its parameters.
 pub trait ShardedStep {
     /// Update the parameters at these indices (into the optimizer's parameter
     /// list), with these gradients (already averaged across ranks); other
@@ -72,7 +97,8 @@ impl<O: ShardedStep + ?Sized> ShardedStep for Box<O> {
     }
 }
 
-/// Options of [`DataParallel`].
+/// Options of [`DataParallel`]. Every rank must pass the same options (checked
+/// at construction).
 #[derive(Clone, Debug)]
 pub struct DataParallelConfig {
     /// The dtype gradients travel in: `F32` (default) or `BF16` (half the
@@ -81,11 +107,18 @@ pub struct DataParallelConfig {
     pub grad_dtype: DType,
     /// Parameters whose name contains one of these strings are planned as
     /// element-wise ([`ParamKind::Elementwise`](super::ParamKind::Elementwise), cost = element count) even
-    /// when they are matrices: pass the names the optimizer gives to AdamW.
+    /// when they are matrices. [`DataParallel::for_optimizer`] finds them by
+    /// itself (from the optimizer's chains); for [`DataParallel::new`], pass
+    /// the names the optimizer gives to AdamW.
     pub elementwise_names: Vec<String>,
     /// In [`DataParallel::new`], broadcast rank 0's parameters to every rank
     /// (default `true`), so all ranks start from the same values.
     pub broadcast_initial: bool,
+    /// Clip the averaged gradients to this global norm before the owners'
+    /// step (`None`, the default: no clipping), as
+    /// [`crate::clip::clip_grad_norm`] does in one process. Must be finite
+    /// and > 0.
+    pub clip_grad_norm: Option<f64>,
 }
 
 impl Default for DataParallelConfig {
@@ -94,12 +127,38 @@ impl Default for DataParallelConfig {
             grad_dtype: DType::F32,
             elementwise_names: Vec::new(),
             broadcast_initial: true,
+            clip_grad_norm: None,
         }
     }
 }
 
 /// Data-parallel training of one optimizer over the ranks of a
 /// [`Collective`] (see the [module docs](self) for the step).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use steepest::distributed::{DataParallel, DataParallelConfig, LocalGroup};
+/// use steepest::MuonConfig;
+/// # fn main() -> steepest::Result<()> {
+/// // Two in-process ranks (threads); with NCCL, one process per GPU runs the
+/// // same code with `NcclComm::from_env(&device)?`.
+/// let out = LocalGroup::run(2, |comm| {
+///     let varmap = VarMap::new();
+///     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+///     let fc = candle_nn::linear(8, 4, vb.pp("fc"))?;
+///     let mut dp = DataParallel::muon(comm, &varmap, MuonConfig::default(), DataParallelConfig {
+///         clip_grad_norm: Some(1.0),
+///         ..Default::default()
+///     })?;
+///     let x = candle_core::Tensor::ones((3, 8), DType::F32, &Device::Cpu)?;
+///     let loss = candle_core::Module::forward(&fc, &x)?.sqr()?.mean_all()?;
+///     dp.backward_step(&loss)?; // this rank's micro-batch
+///     Ok(dp.owned().len())
+/// })?;
+/// assert_eq!(out.len(), 2);
+/// # Ok(()) }
+/// ```
 pub struct DataParallel<C: Collective, O: ShardedStep> {
     comm: C,
     opt: O,
@@ -109,6 +168,7 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     param_dtype: DType,
     device: Device,
     steps: u64,
+    last_norm: Option<f64>,
 }
 
 impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
@@ -123,11 +183,60 @@ impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
     }
 }
 
+impl<C: Collective, O: ShardedOptimizer> DataParallel<C, O> {
+    /// Data-parallel training of one of the crate's optimizers (anything run
+    /// by a [`Driver`](crate::optim::Driver): [`Muon`], `AdamW`, `Sgd`,
+    /// `Steepest`, a [`Partition`](crate::optim::Partition), and
+    /// [`Scheduled`](crate::schedule::Scheduled) around any of them): its
+    /// parameters in its order, planned with the cost model of
+    /// [`param_specs`] (matrices whose chain orthogonalises cost
+    /// `m·n·min(m, n)`, everything else its element count), plus
+    /// `config.elementwise_names`. Collective, as [`new`](Self::new).
+    pub fn for_optimizer(comm: C, opt: O, config: DataParallelConfig) -> Result<Self> {
+        let driver = opt.driver();
+        let specs = param_specs(driver)
+            .into_iter()
+            .map(|s| {
+                if config
+                    .elementwise_names
+                    .iter()
+                    .any(|n| s.name.contains(n.as_str()))
+                {
+                    ParamSpec::elementwise(s.name, &s.dims)
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let vars = driver.params().iter().map(|v| v.var.clone()).collect();
+        let plan = Plan::new(specs, comm.world_size())?;
+        Self::with_plan(comm, vars, plan, opt, config)
+    }
+}
+
+impl<C: Collective> DataParallel<C, Muon> {
+    /// Distributed Muon over the float variables of `varmap` in one line:
+    /// [`Muon::from_varmap`] then [`for_optimizer`](Self::for_optimizer). Each
+    /// rank runs momentum, spectral decay and Newton–Schulz only on the
+    /// matrices it owns (same-shape ones batched), and the Adam moments of the
+    /// AdamW-routed parameters are sharded the same way (ZeRO-1). Collective.
+    pub fn muon(
+        comm: C,
+        varmap: &candle_nn::VarMap,
+        muon: MuonConfig,
+        config: DataParallelConfig,
+    ) -> Result<Self> {
+        Self::for_optimizer(comm, Muon::from_varmap(varmap, muon)?, config)
+    }
+}
+
 impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// Plans `params` (named `Var`s, **in the optimizer's parameter order**:
-    /// index `i` here is index `i` of [`ShardedStep::step_subset`]) over the
-    /// ranks of `comm` and checks, with one all-gather, that every rank has the
-    /// same parameter list (names, shapes, dtypes) and options; then, if
+    /// index `i` here is index `i` of [`ShardedStep::step_subset`]; use the
+    /// optimizer's names, which [`save_state`](Self::save_state) and
+    /// [`load_state`](Self::load_state) rely on) over the ranks of `comm` and
+    /// checks, with one all-gather, that every rank has the same parameter
+    /// list (names, shapes, dtypes) and options; then, if
     /// `config.broadcast_initial`, broadcasts rank 0's parameters. Every rank
     /// must call it (it is collective).
     pub fn new(
@@ -167,7 +276,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     ) -> Result<Self> {
         let who = format!("DataParallel::new (rank {})", comm.rank());
         if plan.world_size() != comm.world_size() {
-            return Err(dist_err(
+            return Err(Error::config(
                 &who,
                 format!(
                     "the plan is for {} ranks, the communicator has {}",
@@ -177,7 +286,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             ));
         }
         if plan.len() != vars.len() {
-            return Err(dist_err(
+            return Err(Error::config(
                 &who,
                 format!(
                     "the plan has {} parameters, got {} vars",
@@ -187,7 +296,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             ));
         }
         if !matches!(config.grad_dtype, DType::F32 | DType::BF16) {
-            return Err(dist_err(
+            return Err(Error::config(
                 &who,
                 format!(
                     "grad_dtype must be F32 or BF16, got {:?}",
@@ -195,9 +304,17 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 ),
             ));
         }
+        if let Some(c) = config.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::config(
+                    &who,
+                    format!("clip_grad_norm must be finite and > 0, got {c}"),
+                ));
+            }
+        }
         for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
             if v.dims() != s.dims.as_slice() {
-                return Err(dist_err(
+                return Err(Error::shape(
                     &who,
                     format!(
                         "var {i} ({}) has shape {:?}, the plan says {:?}",
@@ -208,7 +325,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 ));
             }
             if !matches!(v.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                return Err(dist_err(
+                return Err(Error::config(
                     &who,
                     format!(
                         "var {i} ({}) has dtype {:?}; f32, bf16 and f16 are supported",
@@ -218,7 +335,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 ));
             }
             if !v.device().same_device(vars[0].device()) {
-                return Err(dist_err(
+                return Err(Error::device(
                     &who,
                     format!("var {i} ({}) is on another device than var 0", s.name),
                 ));
@@ -242,6 +359,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             param_dtype,
             device,
             steps: 0,
+            last_norm: None,
         };
         this.check_agreement()?;
         if this.config.broadcast_initial {
@@ -254,14 +372,17 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         format!("DataParallel::{op} (rank {})", self.comm.rank())
     }
 
-    /// One all-gather of a fingerprint (plan, var dtypes, grad dtype) in three
-    /// f32-exact 22-bit pieces.
+    /// One all-gather of a fingerprint (plan, var dtypes, grad dtype,
+    /// clipping: everything that decides which collectives a step issues and
+    /// their sizes) in three f32-exact 22-bit pieces.
     fn check_agreement(&self) -> Result<()> {
+        let mix = |h: u64, x: u64| (h ^ x).wrapping_mul(0x0000_0100_0000_01b3);
         let mut h = self.plan.fingerprint();
         for v in &self.vars {
-            h = (h ^ dtype_code(v.dtype())).wrapping_mul(0x0000_0100_0000_01b3);
+            h = mix(h, dtype_code(v.dtype()));
         }
-        h = (h ^ dtype_code(self.config.grad_dtype)).wrapping_mul(0x0000_0100_0000_01b3);
+        h = mix(h, dtype_code(self.config.grad_dtype));
+        h = mix(h, self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1));
         let pieces = [
             (h & 0x3f_ffff) as f32,
             ((h >> 22) & 0x3f_ffff) as f32,
@@ -273,10 +394,11 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             .filter(|&r| all[3 * r..3 * r + 3] != pieces)
             .collect();
         if !differ.is_empty() {
-            return Err(dist_err(
-                &self.who("new"),
+            return Err(Error::config(
+                self.who("new"),
                 format!(
-                    "the parameter list (names, shapes, dtypes) or grad_dtype differs from this rank's on rank(s) {differ:?}"
+                    "the parameter list (names, shapes, dtypes), grad_dtype or clip_grad_norm differs \
+                     from this rank's on rank(s) {differ:?}"
                 ),
             ));
         }
@@ -329,7 +451,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
 
         // 1. Local checks; nothing returns before the status all-reduce.
         let mut local_error: Option<String> = None;
-        let mut nonfinite: Vec<String> = Vec::new();
+        let mut nonfinite: Vec<usize> = Vec::new();
         let mut flat = None;
         if grads.len() != p {
             local_error = Some(format!(
@@ -342,13 +464,18 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 Ok(f) => match all_finite(&f) {
                     Err(e) => local_error = Some(e.to_string()),
                     Ok(true) => flat = Some(f),
-                    Ok(false) => nonfinite = self.nonfinite_names(grads),
+                    Ok(false) => nonfinite = self.nonfinite_params(grads),
                 },
             }
         }
-        let mut status = vec![0f32; 2 * world + p];
+        // [non-finite flag per rank | error flag per rank | ranks with a
+        // gradient, per parameter | ranks with a non-finite one, per parameter]
+        let mut status = vec![0f32; 2 * world + 2 * p];
         if !nonfinite.is_empty() {
             status[rank] = 1.0;
+            for &i in &nonfinite {
+                status[2 * world + p + i] = 1.0;
+            }
         }
         if local_error.is_some() {
             status[world + rank] = 1.0;
@@ -360,47 +487,61 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 }
             }
         }
-        let status = Tensor::from_vec(status, 2 * world + p, &self.device)?;
+        let status = Tensor::from_vec(status, 2 * world + 2 * p, &self.device)?;
         let status = self
             .comm
             .all_reduce(&status, ReduceOp::Sum)?
             .to_vec1::<f32>()?;
         let bad_ranks: Vec<usize> = (0..world).filter(|&r| status[r] != 0.0).collect();
         let err_ranks: Vec<usize> = (0..world).filter(|&r| status[world + r] != 0.0).collect();
-        if !bad_ranks.is_empty() || !err_ranks.is_empty() {
-            let mut msg = String::from("step refused on every rank, nothing changed:");
+        if !err_ranks.is_empty() {
+            let mut msg = format!(
+                "step refused on every rank, nothing changed: invalid gradients on rank(s) {err_ranks:?}"
+            );
             if !bad_ranks.is_empty() {
-                msg += &format!(" non-finite gradient on rank(s) {bad_ranks:?};");
-            }
-            if !err_ranks.is_empty() {
-                msg += &format!(" invalid gradients on rank(s) {err_ranks:?};");
-            }
-            if !nonfinite.is_empty() {
-                msg += &format!(" here: NaN/Inf in {}", nonfinite.join(", "));
+                msg += &format!("; non-finite gradient on rank(s) {bad_ranks:?}");
             }
             if let Some(e) = local_error {
-                msg += &format!(" here: {e}");
+                msg += &format!("; here: {e}");
             }
-            return Err(dist_err(&who, msg));
+            return Err(Error::shape(who, msg));
+        }
+        if !bad_ranks.is_empty() {
+            // The same parameter on every rank: the first one any rank flagged
+            // (or, if only the packed buffer was flagged, the first parameter).
+            let first = (0..p).find(|&i| status[2 * world + p + i] != 0.0);
+            let param = match first {
+                Some(i) => self.plan.specs()[i].name.clone(),
+                None => format!("(a gradient on rank(s) {bad_ranks:?})"),
+            };
+            return Err(Error::NonFiniteGradient { param });
         }
         let flat = flat.expect("checked above");
 
         // 2. One reduce-scatter: the averaged gradients of the owned parameters.
         let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
-
-        // 3. The owner's step. Any error here is reported through the
-        // all-gather's status element, so the other ranks never wait in vain.
-        let step_result = (|| -> Result<()> {
+        let owned: Result<Vec<(usize, Tensor)>> = (|| {
             let mut owned = Vec::new();
             for (i, g) in self.plan.unpack_owned(rank, &chunk)? {
                 if status[2 * world + i] > 0.0 {
                     owned.push((i, g.to_dtype(self.vars[i].dtype())?));
                 }
             }
-            self.opt.step_subset(&owned)
+            Ok(owned)
         })();
 
-        // 4. One all-gather of the owners' parameters and their status.
+        // 3. Clipping (collective when configured): refuses on every rank or
+        // on none, before anything changed.
+        let owned = match self.config.clip_grad_norm {
+            None => owned,
+            Some(max) => Ok(self.clip(owned, max, &status[2 * world..2 * world + p])?),
+        };
+
+        // 4. The owner's step. Any error here is reported through the
+        // all-gather's status element, so the other ranks never wait in vain.
+        let step_result = owned.and_then(|owned| self.opt.step_subset(&owned));
+
+        // 5. One all-gather of the owners' parameters and their status.
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let cl = self.plan.chunk_len();
         let (send, pack_error) =
@@ -449,31 +590,108 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             if let Some(e) = pack_error {
                 msg += &format!("; here (packing): {e}");
             }
-            return Err(dist_err(&who, msg));
+            return Err(candle_core::Error::Msg(format!("steepest: {who}: {msg}")).into());
         }
         self.steps += 1;
         Ok(())
     }
 
-    /// Names of the parameters whose local gradient is not finite (slow path,
-    /// only after the packed check failed).
-    fn nonfinite_names(&self, grads: &[Option<Tensor>]) -> Vec<String> {
-        let mut names = Vec::new();
+    /// Step 3 of the [module docs](self): one all-reduce of the owned
+    /// parameters' `Σ g²` (f32, one slot per parameter, zeros elsewhere, so
+    /// the sum over ranks is exact in any order) plus an error count; every
+    /// rank then computes the same norm, in [`crate::clip::grad_norm`]'s
+    /// arithmetic, and scales its own gradients. `has_grad[i]`: how many ranks
+    /// have a gradient for parameter `i`.
+    fn clip(
+        &mut self,
+        owned: Result<Vec<(usize, Tensor)>>,
+        max: f64,
+        has_grad: &[f32],
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let p = self.plan.len();
+        let mut sq = vec![0f32; p + 1];
+        let local = owned.and_then(|owned| {
+            // As clip::grad_norm: Σ g² in f32 (this layer supports no f64
+            // parameters), one host sync for all.
+            let sums = owned
+                .iter()
+                .map(|(_, g)| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            if !sums.is_empty() {
+                let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+                for ((i, _), s) in owned.iter().zip(sums) {
+                    sq[*i] = s;
+                }
+            }
+            Ok(owned)
+        });
+        if local.is_err() {
+            sq = vec![0f32; p + 1];
+            sq[p] = 1.0;
+        }
+        let sq = Tensor::from_vec(sq, p + 1, &self.device)?;
+        let sq = self.comm.all_reduce(&sq, ReduceOp::Sum)?.to_vec1::<f32>()?;
+        let who = self.who("step");
+        if sq[p] != 0.0 {
+            let mut msg = format!(
+                "step refused on every rank, nothing changed: preparing the gradients failed on {} rank(s)",
+                sq[p]
+            );
+            if let Err(e) = local {
+                msg += &format!("; here: {e}");
+            }
+            return Err(candle_core::Error::Msg(format!("steepest: {who}: {msg}")).into());
+        }
+        let owned = local?;
+        // Parameter order, f64: the single-process sum over the parameters.
+        let total: f64 = (0..p)
+            .filter(|&i| has_grad[i] > 0.0)
+            .map(|i| sq[i] as f64)
+            .sum();
+        let norm = total.sqrt();
+        self.last_norm = Some(norm);
+        if !norm.is_finite() {
+            return Err(Error::numerical(
+                who,
+                format!(
+                    "the global gradient norm is {norm}; step refused on every rank, nothing changed"
+                ),
+            ));
+        }
+        if norm <= max {
+            return Ok(owned);
+        }
+        let scale = max / norm;
+        owned
+            .into_iter()
+            .map(|(i, g)| Ok((i, g.affine(scale, 0.0)?)))
+            .collect()
+    }
+
+    /// Indices of the parameters whose local gradient is not finite (slow
+    /// path, only after the packed check failed).
+    fn nonfinite_params(&self, grads: &[Option<Tensor>]) -> Vec<usize> {
+        let mut out = Vec::new();
         for (i, g) in grads.iter().enumerate() {
             if let Some(g) = g {
                 let finite = g
                     .to_dtype(self.config.grad_dtype)
+                    .map_err(Error::from)
                     .and_then(|g| all_finite(&g))
                     .unwrap_or(false);
                 if !finite {
-                    names.push(self.plan.specs()[i].name.clone());
+                    out.push(i);
                 }
             }
         }
-        if names.is_empty() {
-            names.push("(the packed gradient buffer)".into());
-        }
-        names
+        out
+    }
+
+    /// The global norm of the averaged gradient before clipping, at the last
+    /// step that got as far as clipping (`None` without
+    /// [`DataParallelConfig::clip_grad_norm`]). The same on every rank.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_norm
     }
 
     /// This rank's communicator.
@@ -497,6 +715,11 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         &self.plan
     }
 
+    /// The options.
+    pub fn config(&self) -> &DataParallelConfig {
+        &self.config
+    }
+
     /// The parameters, in parameter order.
     pub fn vars(&self) -> &[Var] {
         &self.vars
@@ -515,6 +738,76 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// The communicator and the optimizer.
     pub fn into_parts(self) -> (C, O) {
         (self.comm, self.opt)
+    }
+}
+
+impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
+    /// Saves the optimizer state as one checkpoint in the directory `dir`
+    /// (created if needed; shared by all ranks, e.g. a network file system
+    /// for several hosts): each rank writes its own state — the parameters
+    /// it owns — to `rank-<r>-of-<N>.safetensors` (with the usual CRC-32
+    /// checks), then rank 0 writes `manifest.json` listing the files and
+    /// their whole-file CRC-32s. Collective; an error on any rank is an error
+    /// on every rank, and then no manifest is written. The model's parameters
+    /// are not included (they are identical on every rank: save them from
+    /// rank 0).
+    pub fn save_state(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_sharded(
+            &self.comm,
+            &self.device,
+            &self.plan,
+            self.opt.state_dict(),
+            dir.as_ref(),
+        )
+    }
+
+    /// Loads a checkpoint written by [`save_state`](Self::save_state) at any
+    /// world size (a directory), or by a single-process optimizer
+    /// (`OptimizerState::save_state`, one file): reads the union of its
+    /// state ([`load_union`]) and keeps only the entries of the parameters
+    /// this rank owns under the current plan
+    /// ([`checkpoint::restrict`](crate::checkpoint::restrict)), so optimizer
+    /// memory stays sharded. Collective and all-or-nothing: if loading fails
+    /// on any rank, every rank keeps (or gets back) its previous state and
+    /// returns an error. The parameters' values are not part of it.
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let who = self.who("load_state");
+        let names: Vec<&str> = self
+            .owned()
+            .iter()
+            .map(|&i| self.plan.specs()[i].name.as_str())
+            .collect();
+        let mut previous = None;
+        let local = (|| -> Result<()> {
+            let union = load_union(path)?;
+            let mine = restrict(&union, &names)?;
+            previous = Some(self.opt.state_dict()?);
+            self.opt.load_state_dict(&mine)
+        })();
+        let flag = Tensor::new(&[if local.is_ok() { 0f32 } else { 1f32 }], &self.device)?;
+        let failed = self
+            .comm
+            .all_reduce(&flag, ReduceOp::Sum)?
+            .to_vec1::<f32>()?[0];
+        if failed == 0.0 {
+            return Ok(());
+        }
+        // Roll back a rank whose own load succeeded.
+        let mut msg = format!(
+            "loading {} failed on {failed} rank(s); every rank kept its previous state",
+            path.display()
+        );
+        match local {
+            Err(e) => msg += &format!("; here: {e}"),
+            Ok(()) => {
+                let prev = previous.expect("set before a successful load");
+                if let Err(e) = self.opt.load_state_dict(&prev) {
+                    msg += &format!("; here, restoring the previous state failed too: {e}");
+                }
+            }
+        }
+        Err(Error::checkpoint(who, msg))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Data-parallel training across ranks: collectives, parameter ownership and a
-//! reference distributed step (issue 12, phase 1).
+//! Data-parallel training across ranks: collectives, parameter ownership, the
+//! distributed step of the crate's optimizers (distributed Muon with sharded
+//! optimizer state) and sharded checkpoints (issue 12).
 //!
 //! The design (nanochat's `DistMuonAdamW`, generalised): every rank computes
 //! the gradients of its own micro-batch; **one reduce-scatter** of a flat
@@ -22,22 +23,34 @@
 //! - [`plan`]: [`Plan`], which rank owns which parameter (balanced by
 //!   Newton–Schulz cost) and the flat packing for the reduce-scatter and the
 //!   all-gather.
-//! - [`data_parallel`]: [`DataParallel`], the reference step over any
-//!   [`Collective`] and any optimizer implementing [`ShardedStep`].
+//! - [`data_parallel`]: [`DataParallel`], the step over any [`Collective`] and
+//!   any optimizer implementing [`ShardedStep`], with optional gradient
+//!   clipping across ranks; [`DataParallel::muon`] is distributed Muon in
+//!   one line.
+//! - [`sharded`]: [`ShardedStep`] for every optimizer of the crate (through
+//!   [`Driver::step_subset`](crate::optim::Driver::step_subset)) and for
+//!   [`Scheduled`](crate::schedule::Scheduled); [`param_specs`], the cost
+//!   model read from an optimizer's chains.
+//! - [`checkpoint`]: one checkpoint (a file per rank and a manifest) that
+//!   loads at any world size and into the single-process optimizer.
 
+pub mod checkpoint;
 pub mod collective;
 pub mod data_parallel;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod plan;
+pub mod sharded;
 
+pub use checkpoint::{load_union, Manifest};
 pub use collective::{Collective, ReduceOp};
 pub use data_parallel::{DataParallel, DataParallelConfig, ShardedStep};
 pub use local::{LocalComm, LocalGroup};
 #[cfg(feature = "nccl")]
 pub use nccl::{LaunchEnv, NcclComm, NcclId};
 pub use plan::{ParamKind, ParamSpec, Plan, Stack};
+pub use sharded::{param_specs, ShardedOptimizer};
 
 /// `candle_core::Error::Msg("steepest: <who>: <what>")`, the crate's error
 /// format, built here so this module does not depend on `crate::error`.

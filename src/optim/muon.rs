@@ -181,6 +181,14 @@ impl Muon {
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
         self.driver.try_step(grads)
     }
+
+    /// One step of only the parameters at `grads[..].0` (indices into
+    /// [`Driver::params`], i.e. this optimizer's parameter order), with
+    /// these gradients; the others are untouched and get no state. What a
+    /// data-parallel owner runs on its share (see [`Driver::step_subset`]).
+    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        self.driver.step_subset(grads)
+    }
 }
 
 impl Optimizer for Muon {

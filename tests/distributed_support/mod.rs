@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use steepest::distributed::ShardedStep;
 
@@ -42,13 +42,11 @@ impl MomentumSgd {
 }
 
 impl ShardedStep for MomentumSgd {
-    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> steepest::Result<()> {
         let call = self.calls.len();
         self.calls.push(grads.iter().map(|(i, _)| *i).collect());
         if self.fail_on_call == Some(call) {
-            return Err(candle_core::Error::Msg(
-                "MomentumSgd: planned failure".into(),
-            ));
+            return Err(steepest::Error::numerical("MomentumSgd", "planned failure"));
         }
         let mut staged = self.state.clone();
         let mut updates = Vec::new();

@@ -186,6 +186,14 @@ impl Steepest {
         self.driver.try_step(grads)
     }
 
+    /// One step of only the parameters at `grads[..].0` (indices into
+    /// [`Driver::params`], i.e. this optimizer's parameter order), with
+    /// these gradients; the others are untouched and get no state. What a
+    /// data-parallel owner runs on its share (see [`Driver::step_subset`]).
+    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        self.driver.step_subset(grads)
+    }
+
     /// The tangent residual of the direction each parameter took in its last
     /// step, by name: `|tr(ΘᵀΦ)|` on the spectral sphere, `‖WᵀΦ + ΦᵀW‖_F` on
     /// the Stiefel manifold (`Φ` for the normalised gradient, so 0 means

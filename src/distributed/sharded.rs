@@ -1,0 +1,118 @@
+//! The crate's optimizers as owners of a data-parallel step: [`ShardedStep`]
+//! for every optimizer run by a [`Driver`], and what the planner needs to know
+//! about their parameters ([`ShardedOptimizer`], [`param_specs`]).
+//!
+//! Every optimizer of the crate is a [`Driver`], whose
+//! [`step_subset`](Driver::step_subset) steps a subset of the parameters
+//! with the full step protocol (validate, then mutate; state only for the
+//! parameters it has stepped; same-shape matrices batched). An owner's share
+//! is such a subset, so distributed Muon is Muon's own step on the matrices
+//! (and AdamW-routed parameters) a rank owns: momentum, spectral decay and
+//! Newton–Schulz run there, and nowhere else.
+
+use super::data_parallel::ShardedStep;
+use super::plan::ParamSpec;
+use crate::error::Result;
+use crate::optim::{AdamW, Driver, Muon, Sgd, Steepest};
+use crate::schedule::Scheduled;
+use candle_core::Tensor;
+use candle_nn::Optimizer;
+
+/// An optimizer run by a [`Driver`], which
+/// [`DataParallel::for_optimizer`](super::DataParallel::for_optimizer) can
+/// plan by itself: the parameters (names, order) and each one's chain come
+/// from the driver.
+pub trait ShardedOptimizer: ShardedStep {
+    /// The driver: parameters in the order of
+    /// [`ShardedStep::step_subset`]'s indices, partitions and chains.
+    fn driver(&self) -> &Driver;
+}
+
+macro_rules! sharded_by_inherent {
+    ($($t:ty),*) => {$(
+        impl ShardedStep for $t {
+            fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+                <$t>::step_subset(self, grads)
+            }
+        }
+
+        impl ShardedOptimizer for $t {
+            fn driver(&self) -> &Driver {
+                <$t>::driver(self)
+            }
+        }
+    )*};
+}
+sharded_by_inherent!(Muon, AdamW, Sgd, Steepest);
+
+impl ShardedStep for Driver {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        Driver::step_subset(self, grads)
+    }
+}
+
+impl ShardedOptimizer for Driver {
+    fn driver(&self) -> &Driver {
+        self
+    }
+}
+
+/// The scheduled step of a subset: sets the schedule's rate for the current
+/// step, steps the subset and advances the counter; a failed step puts the
+/// rate back and does not advance ([`Scheduled::try_step`]'s protocol). A
+/// data-parallel step calls it on every rank at every step that is not
+/// refused, so the counters stay equal across ranks.
+impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        let before = self.inner().learning_rate();
+        let lr = self.next_lr();
+        self.inner_mut().set_learning_rate(lr);
+        if let Err(e) = self.inner_mut().step_subset(grads) {
+            self.inner_mut().set_learning_rate(before);
+            return Err(e);
+        }
+        let next = self.current_step() + 1;
+        self.set_step(next);
+        Ok(())
+    }
+}
+
+impl<O: Optimizer + ShardedOptimizer> ShardedOptimizer for Scheduled<O> {
+    fn driver(&self) -> &Driver {
+        self.inner().driver()
+    }
+}
+
+/// Transform kinds whose cost is Newton–Schulz-like (`m·n·min(m, n)` per
+/// step): `msign` ([`Orthogonalize`](crate::optim::transform::Orthogonalize)),
+/// dualisation under a norm ([`Dualize`](crate::optim::transform::Dualize),
+/// `msign` for the spectral norm) and manifold steps
+/// ([`ManifoldStep`](crate::optim::transform::ManifoldStep)).
+const MATRIX_KINDS: [&str; 3] = ["orthogonalize", "dualize", "manifold"];
+
+/// The planner's view of a driver's parameters, in its order: a parameter of
+/// rank ≥ 2 whose partition's chain has a matrix transform (`orthogonalize`,
+/// `dualize` or `manifold`) is a [`Matrix`](super::ParamKind::Matrix) (cost
+/// `m·n·min(m, n)` of its matrix view); every other parameter — vectors,
+/// and matrices under an element-wise chain such as Muon's `adamw`
+/// partition (embeddings, heads) — is
+/// [`Elementwise`](super::ParamKind::Elementwise) (cost = element count). So
+/// Muon's Newton–Schulz work is balanced across ranks, and the Adam moments
+/// of the rest fill the gaps (ZeRO-1).
+pub fn param_specs(driver: &Driver) -> Vec<ParamSpec> {
+    driver
+        .params()
+        .iter()
+        .map(|v| {
+            let matrix_chain = driver
+                .label_of(&v.name)
+                .and_then(|l| driver.chain(l))
+                .is_some_and(|c| c.iter().any(|(_, t)| MATRIX_KINDS.contains(&t.kind())));
+            if matrix_chain {
+                ParamSpec::new(v.name.clone(), v.var.dims())
+            } else {
+                ParamSpec::elementwise(v.name.clone(), v.var.dims())
+            }
+        })
+        .collect()
+}
