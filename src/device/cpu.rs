@@ -211,7 +211,10 @@ fn by_rows<A: Real>(
 /// `scale·w[j] − t·b[j]` (`− t·b[j]` only under a rank-1 term), one loop per
 /// case so that the loop has no branch and vectorises.
 macro_rules! for_decayed {
-    ($n:expr, $w:expr, $scale:expr, $r1:expr, |$j:ident, $wd:ident| $body:block) => {
+    ($n:expr, $w:ident, $scale:expr, $r1:expr, |$j:ident, $wd:ident| $body:block) => {
+        // Slices cut to `n` up front, so the loop has no bounds checks and
+        // vectorises.
+        let $w = &mut $w[..$n];
         match $r1 {
             None => {
                 for $j in 0..$n {
@@ -447,7 +450,9 @@ pub fn ema_momentum<P: Elem>(
 
 /// [`ema_momentum`] over many parameters in one pass.
 pub fn ema_momentum_multi<P: Elem>(jobs: &mut [EmaJob<'_, P>], momentum: f64, nesterov: bool) {
-    let raws: Vec<(Ptr<P::A>, Ptr<P::A>)> = jobs
+    // (momentum buffer, direction) of each job, raw so that spans can split them.
+    type BufOut<A> = (Ptr<A>, Ptr<A>);
+    let raws: Vec<BufOut<P::A>> = jobs
         .iter_mut()
         .map(|j| (Ptr::of(j.buf), Ptr::of(j.out)))
         .collect();
@@ -513,18 +518,69 @@ pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
 pub fn all_finite<P: Elem>(x: &[P]) -> bool {
     // `v − v` is 0 for finite v and NaN otherwise; comparing the running sum
     // to itself keeps the loop branch-free (and vectorisable).
+    // Eight independent running sums: one sum would chain every add on the
+    // last (latency-bound, not vectorised); lanes let the loop run at
+    // memory speed.
     let check = |xs: &[P]| {
-        let mut acc = P::A::zero();
-        for &v in xs {
+        const LANES: usize = 8;
+        let mut acc = [P::A::zero(); LANES];
+        let mut chunks = xs.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                let v = v.get();
+                #[allow(clippy::eq_op)]
+                let d = v - v;
+                *a = *a + d;
+            }
+        }
+        let mut tail = P::A::zero();
+        for &v in chunks.remainder() {
             let v = v.get();
             #[allow(clippy::eq_op)]
             let d = v - v;
-            acc = acc + d;
+            tail = tail + d;
         }
-        acc.finite()
+        acc.iter().fold(tail, |s, &a| s + a).finite()
     };
     if x.len() < PARALLEL_MIN {
         return check(x);
     }
     x.par_chunks(SPAN).all(check)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every position of a NaN, +∞ or −∞ is found, in the eight lanes, the
+    /// tail and across parallel spans, in every parameter dtype.
+    #[test]
+    fn all_finite_finds_every_position() {
+        fn check<P: Elem>(of: impl Fn(f32) -> P) {
+            for n in [0usize, 1, 7, 8, 9, 17, 64, 67] {
+                let xs: Vec<P> = (0..n).map(|i| of(i as f32 * 0.5 - 3.0)).collect();
+                assert!(all_finite(&xs), "finite input of length {n}");
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    for at in 0..n {
+                        let mut ys = xs.clone();
+                        ys[at] = of(bad);
+                        assert!(!all_finite(&ys), "{bad} at {at} of {n} missed");
+                    }
+                }
+            }
+            // Large enough to be split across the thread pool.
+            let n = PARALLEL_MIN * 3 + 5;
+            let mut xs: Vec<P> = (0..n).map(|i| of((i % 97) as f32)).collect();
+            assert!(all_finite(&xs));
+            for at in [0, SPAN - 1, SPAN, n / 2, n - 1] {
+                xs[at] = of(f32::NAN);
+                assert!(!all_finite(&xs), "NaN at {at} of {n} missed");
+                xs[at] = of(1.0);
+            }
+        }
+        check(|x: f32| x);
+        check(|x: f32| x as f64);
+        check(half::bf16::from_f32);
+        check(half::f16::from_f32);
+    }
 }
