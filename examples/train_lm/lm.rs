@@ -881,14 +881,7 @@ fn run<O: Optimizer>(
 ) -> Result<RunResult> {
     let start = std::time::Instant::now();
     let vars = varmap.all_vars();
-    let mut matrices: Vec<String> = {
-        let d = varmap.data().lock().expect("VarMap lock");
-        d.iter()
-            .filter(|(_, v)| v.rank() == 2)
-            .map(|(n, _)| n.clone())
-            .collect()
-    };
-    matrices.sort();
+    let matrices = matrix_names(varmap);
     // Batches depend on the seed only, so every optimizer sees the same data.
     let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
     let span = data.train.len() - cfg.context - 1;
@@ -941,6 +934,18 @@ fn run<O: Optimizer>(
     })
 }
 
+/// The names of the model's matrices, sorted (their σ₁ are recorded).
+fn matrix_names(varmap: &VarMap) -> Vec<String> {
+    let d = varmap.data().lock().expect("VarMap lock");
+    let mut names: Vec<String> = d
+        .iter()
+        .filter(|(_, v)| v.rank() == 2)
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.sort();
+    names
+}
+
 /// [`run`]'s loop, data-parallel (see [`train_rank`]).
 #[allow(clippy::too_many_arguments)]
 fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
@@ -965,14 +970,7 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
         ..DataParallelConfig::default()
     };
     let mut dp = DataParallel::for_optimizer(comm, opt, dp_config)?;
-    let mut matrices: Vec<String> = {
-        let d = varmap.data().lock().expect("VarMap lock");
-        d.iter()
-            .filter(|(_, v)| v.rank() == 2)
-            .map(|(n, _)| n.clone())
-            .collect()
-    };
-    matrices.sort();
+    let matrices = matrix_names(varmap);
     // Every rank draws the whole batch (same seed, same sequence as one
     // process) and keeps its slice.
     let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
