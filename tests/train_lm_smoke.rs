@@ -218,3 +218,128 @@ fn two_in_process_ranks_follow_the_one_process_run() {
     .to_string();
     assert!(e.contains("divisible by the number of ranks"), "{e}");
 }
+
+/// The presets: `small` is the default configuration (and its 400 000-char
+/// corpus), `gpu` has ≥ 10 M parameters; `param_count` counts what the
+/// model builds; a longer built-in corpus starts with the shorter one.
+#[test]
+fn presets_parameter_count_and_grown_corpus() {
+    let small = Config::preset("small").unwrap();
+    let d = Config::default();
+    assert_eq!(
+        (small.layers, small.d_model, small.heads, small.context),
+        (d.layers, d.d_model, d.heads, d.context)
+    );
+    assert_eq!((small.batch, small.steps, small.eval_every), (16, 300, 20));
+    assert_eq!(small.corpus_chars, 400_000);
+    assert!(!small.timing && small.stop_after.is_none());
+    assert!(Config::preset("huge").is_none());
+    for name in Config::PRESETS {
+        assert!(Config::preset(name).is_some(), "{name}");
+    }
+
+    let gpu = Config::gpu();
+    assert_eq!(
+        (gpu.layers, gpu.d_model, gpu.heads, gpu.context),
+        (6, 384, 6, 256)
+    );
+    assert_eq!(gpu.d_model % gpu.heads, 0);
+    // the built-in corpus has 39 characters
+    assert_eq!(gpu.param_count(39), 10_750_080);
+    assert!(gpu.param_count(39) >= 10_000_000);
+    // enough text that a run sees each training character about once or twice
+    let tokens = gpu.steps * gpu.batch * gpu.context;
+    let train_chars = gpu.corpus_chars * 9 / 10;
+    assert!(train_chars <= tokens && tokens <= 2 * train_chars);
+
+    // the count matches the model that is built
+    let cfg = tiny();
+    let data = Data::from_text(&builtin_corpus(0, 20_000), cfg.context).unwrap();
+    let varmap = candle_nn::VarMap::new();
+    lm::Gpt::new(&varmap, &cfg, data.vocab.len(), 0, &Device::Cpu).unwrap();
+    let built: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    assert_eq!(built, cfg.param_count(data.vocab.len()));
+
+    // grown corpus: the small one is its beginning, byte for byte
+    let grown = builtin_corpus(0, 1_000_000);
+    let small_corpus = builtin_corpus(0, small.corpus_chars);
+    assert!(grown.len() >= 1_000_000);
+    assert!(grown.starts_with(&small_corpus));
+    assert_eq!(
+        Data::from_text(&grown, 16).unwrap().vocab.len(),
+        Data::from_text(&small_corpus, 16).unwrap().vocab.len()
+    );
+}
+
+/// Every step's training loss is kept; `stop_after` runs the first steps of
+/// the full schedule (the same losses as the full run); the timing counts
+/// every step but the first, and fencing it does not change the results;
+/// the data-parallel loop keeps them too.
+#[test]
+fn per_step_losses_stop_after_and_timing() {
+    let cfg = Config {
+        steps: 30,
+        eval_every: 5,
+        ..tiny()
+    };
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    let full = train(OptKind::Muon, 0, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    assert_eq!(full.losses.len(), 30);
+    assert!(full.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    // a record's train loss is the mean of the steps since the last one
+    let mean: f64 = full.losses[5..10].iter().sum::<f64>() / 5.0;
+    assert!((full.records[2].train_loss - mean).abs() < 1e-9);
+
+    let short_cfg = Config {
+        stop_after: Some(12),
+        timing: true,
+        ..cfg.clone()
+    };
+    assert_eq!(short_cfg.steps_run(), 12);
+    let mut calls = 0;
+    let mut count = |_: usize, _: Option<&lm::Record>| calls += 1;
+    let short = train(
+        OptKind::Muon,
+        0,
+        &short_cfg,
+        &data,
+        &Device::Cpu,
+        &mut count,
+    )
+    .unwrap();
+    assert_eq!(calls, 13);
+    assert_eq!(short.losses, full.losses[..12].to_vec());
+    let steps: Vec<usize> = short.records.iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![0, 5, 10, 12]);
+    assert_eq!(short.records[2].val_loss, full.records[2].val_loss);
+
+    let t = &short.timing;
+    assert!(t.synchronized && !full.timing.synchronized);
+    assert_eq!(t.steps, 11);
+    assert_eq!(t.tokens, 11 * cfg.batch * cfg.context);
+    for s in [t.forward_s, t.backward_s, t.clip_s, t.optimizer_s] {
+        assert!(s >= 0.0 && s.is_finite());
+    }
+    assert!(t.forward_s > 0.0 && t.backward_s > 0.0 && t.optimizer_s > 0.0);
+    assert!(t.optimizer_share() > 0.0 && t.optimizer_share() < 1.0);
+    assert!(t.tokens_per_s() > 0.0);
+    assert!((t.step_s() - (t.forward_s + t.backward_s + t.clip_s + t.optimizer_s)).abs() < 1e-12);
+
+    let ranked = train(
+        OptKind::AdamW,
+        0,
+        &Config {
+            ranks: 2,
+            ..short_cfg.clone()
+        },
+        &data,
+        &Device::Cpu,
+        &mut nop,
+    )
+    .unwrap();
+    assert_eq!(ranked.losses.len(), 12);
+    assert_eq!(ranked.timing.steps, 11);
+    assert_eq!(ranked.timing.clip_s, 0.0);
+    assert!(ranked.timing.optimizer_s > 0.0);
+}

@@ -259,6 +259,17 @@ pub struct Config {
     /// Data-parallel ranks for [`train`] (1: one process, no communication;
     /// N > 1: N in-process ranks, each on `batch / N` sequences).
     pub ranks: usize,
+    /// Length in characters of the built-in corpus `builtin_corpus(0, n)`
+    /// (a longer corpus from the same generator starts with the shorter one).
+    pub corpus_chars: usize,
+    /// Stop after this many steps of the `steps`-step schedule (a check of
+    /// the first steps of a configuration; `None`: train all of them).
+    pub stop_after: Option<usize>,
+    /// Fence every timed phase with `device.synchronize()`, so that work the
+    /// GPU runs asynchronously is charged to the phase that queued it (see
+    /// [`Timing`]). The phases are always timed; on the CPU, whose ops are
+    /// synchronous, fencing changes nothing.
+    pub timing: bool,
 }
 
 impl Default for Config {
@@ -277,7 +288,65 @@ impl Default for Config {
             lr: None,
             radius: DEFAULT_RADIUS,
             ranks: 1,
+            corpus_chars: 400_000,
+            stop_after: None,
+            timing: false,
         }
+    }
+}
+
+impl Config {
+    /// The presets of `train_lm --preset`: `small` (the default) and `gpu`.
+    pub const PRESETS: [&'static str; 2] = ["small", "gpu"];
+
+    /// A preset by name.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "small" => Some(Self::default()),
+            "gpu" => Some(Self::gpu()),
+            _ => None,
+        }
+    }
+
+    /// The `gpu` preset: 6 layers, d = 384, 6 heads, context 256 (10.75 M
+    /// parameters with the built-in corpus's 39 characters), 600 steps × 64
+    /// sequences (16 384 tokens a step, 9.8 M a run), on an 8 M-character
+    /// built-in corpus (7.2 M training characters: each is seen about 1.4
+    /// times a run).
+    ///
+    /// Sized for one H200 from FLOPs: a step is ≈ 6·N·tokens = 1.06 TFLOP for
+    /// the weights plus 12·layers·context·d·tokens = 0.12 TFLOP for the
+    /// attention scores, ≈ 1.17 TFLOP; at a pessimistic 20 TFLOP/s for
+    /// candle's f32 path (plain FP32 cuBLAS, unfused element-wise ops) that is
+    /// ≈ 60 ms a step, 35 s a run, ≈ 2 min for AdamW, Muon and Muon with
+    /// spectral decay together (evaluations: 13 × 4 forward passes a run,
+    /// ≈ 1 s); ≈ 3.6 min at 10 TFLOP/s. Not measured on a GPU yet.
+    pub fn gpu() -> Self {
+        Self {
+            layers: 6,
+            d_model: 384,
+            heads: 6,
+            context: 256,
+            batch: 64,
+            steps: 600,
+            eval_every: 50,
+            eval_batches: 4,
+            corpus_chars: 8_000_000,
+            ..Self::default()
+        }
+    }
+
+    /// Parameters of the model for a vocabulary of `vocab` characters:
+    /// token and position embeddings, 12d² + 2d per block (qkv, proj, MLP,
+    /// two norm gains), the final norm and the head.
+    pub fn param_count(&self, vocab: usize) -> usize {
+        let d = self.d_model;
+        2 * vocab * d + self.context * d + self.layers * (12 * d * d + 2 * d) + d
+    }
+
+    /// The steps a run takes: `steps`, or fewer with `stop_after`.
+    pub fn steps_run(&self) -> usize {
+        self.stop_after.map_or(self.steps, |n| n.min(self.steps))
     }
 }
 
@@ -617,6 +686,96 @@ pub struct RunResult {
     pub records: Vec<Record>,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// The training loss of every step (`losses[i]`: step `i + 1`; over
+    /// data-parallel ranks, the mean over the whole batch).
+    pub losses: Vec<f64>,
+    /// Where the time of the training steps went.
+    pub timing: Timing,
+}
+
+/// The time of a run's training steps by phase, summed over the timed steps:
+/// every step but the first (which loads kernels and warms the allocator),
+/// evaluations excluded. With [`Config::timing`], each phase ends with
+/// `device.synchronize()`; reading the loss back ends the forward phase in
+/// any case.
+#[derive(Clone, Debug, Default)]
+pub struct Timing {
+    /// Steps timed.
+    pub steps: usize,
+    /// Tokens trained on in those steps (`steps · batch · context`).
+    pub tokens: usize,
+    /// Batch upload, forward pass, loss read back (over ranks: and averaged).
+    pub forward_s: f64,
+    /// `loss.backward()`.
+    pub backward_s: f64,
+    /// `clip_grad_norm` (over ranks: 0, the clipping is inside the step).
+    pub clip_s: f64,
+    /// `opt.step` (over ranks: `DataParallel::step`, with the gradient
+    /// averaging, clipping and parameter gathering).
+    pub optimizer_s: f64,
+    /// Whether the phases were fenced with `device.synchronize()`.
+    pub synchronized: bool,
+}
+
+impl Timing {
+    /// Seconds of the timed steps, all phases.
+    pub fn step_s(&self) -> f64 {
+        self.forward_s + self.backward_s + self.clip_s + self.optimizer_s
+    }
+
+    /// Training throughput over the timed steps.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.step_s()
+    }
+
+    /// The optimizer's share of step time, in [0, 1].
+    pub fn optimizer_share(&self) -> f64 {
+        self.optimizer_s / self.step_s()
+    }
+
+    /// Adds one step's phases (step 1 is not counted).
+    fn add(&mut self, step: usize, tokens: usize, phases: [f64; 4]) {
+        if step == 1 {
+            return;
+        }
+        self.steps += 1;
+        self.tokens += tokens;
+        self.forward_s += phases[0];
+        self.backward_s += phases[1];
+        self.clip_s += phases[2];
+        self.optimizer_s += phases[3];
+    }
+}
+
+/// Phase clock for [`Timing`]: `lap()` gives the seconds since the last lap,
+/// after `device.synchronize()` when fencing.
+struct Lap<'a> {
+    device: &'a Device,
+    fence: bool,
+    last: std::time::Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn new(device: &'a Device, fence: bool) -> Result<Self> {
+        if fence {
+            device.synchronize()?;
+        }
+        Ok(Self {
+            device,
+            fence,
+            last: std::time::Instant::now(),
+        })
+    }
+
+    fn lap(&mut self) -> Result<f64> {
+        if self.fence {
+            self.device.synchronize()?;
+        }
+        let now = std::time::Instant::now();
+        let s = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        Ok(s)
+    }
 }
 
 impl RunResult {
@@ -899,11 +1058,19 @@ fn run<O: Optimizer>(
     let r0 = record(0, 0.0, f64::NAN)?;
     progress(0, Some(&r0));
     records.push(r0);
-    for step in 1..=cfg.steps {
+    let last = cfg.steps_run();
+    let mut losses = Vec::with_capacity(last);
+    let mut timing = Timing {
+        synchronized: cfg.timing,
+        ..Timing::default()
+    };
+    for step in 1..=last {
+        let mut clock = Lap::new(device, cfg.timing)?;
         let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
         let (x, y) = batch_at(&data.train, &starts, cfg.context, device)?;
         let loss = model.loss(&x, &y)?;
         let loss_val = loss.to_scalar::<f32>()? as f64;
+        let t_forward = clock.lap()?;
         if !loss_val.is_finite() {
             candle_core::bail!(
                 "{}: training loss is {loss_val} at step {step} (diverged)",
@@ -911,12 +1078,21 @@ fn run<O: Optimizer>(
             );
         }
         let mut grads = loss.backward()?;
+        let t_backward = clock.lap()?;
         clip_grad_norm(&mut grads, &vars, cfg.clip)?;
+        let t_clip = clock.lap()?;
         let lr = opt.next_lr();
         opt.step(&grads)?;
+        let t_opt = clock.lap()?;
+        timing.add(
+            step,
+            cfg.batch * cfg.context,
+            [t_forward, t_backward, t_clip, t_opt],
+        );
+        losses.push(loss_val);
         loss_sum += loss_val;
         loss_n += 1;
-        if step % cfg.eval_every == 0 || step == cfg.steps {
+        if step % cfg.eval_every == 0 || step == last {
             let r = record(step, lr, loss_sum / loss_n as f64)?;
             (loss_sum, loss_n) = (0.0, 0);
             progress(step, Some(&r));
@@ -931,6 +1107,8 @@ fn run<O: Optimizer>(
         matrices,
         records,
         seconds: start.elapsed().as_secs_f64(),
+        losses,
+        timing,
     })
 }
 
@@ -991,7 +1169,14 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
         p(0, Some(&r0));
         records.push(r0);
     }
-    for step in 1..=cfg.steps {
+    let last = cfg.steps_run();
+    let mut losses = Vec::with_capacity(last);
+    let mut timing = Timing {
+        synchronized: cfg.timing,
+        ..Timing::default()
+    };
+    for step in 1..=last {
+        let mut clock = Lap::new(device, cfg.timing)?;
         let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
         let mine = &starts[rank * micro..(rank + 1) * micro];
         let (x, y) = batch_at(&data.train, mine, cfg.context, device)?;
@@ -1002,6 +1187,7 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
             .comm()
             .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg)?;
         let loss_val = mean.to_vec1::<f32>()?[0] as f64;
+        let t_forward = clock.lap()?;
         if !loss_val.is_finite() {
             candle_core::bail!(
                 "{}: training loss is {loss_val} at step {step} (diverged)",
@@ -1009,12 +1195,20 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
             );
         }
         let grads = loss.backward()?;
+        let t_backward = clock.lap()?;
         let lr = dp.optimizer().next_lr();
         dp.step(&grads)?;
+        let t_opt = clock.lap()?;
+        timing.add(
+            step,
+            cfg.batch * cfg.context,
+            [t_forward, t_backward, 0.0, t_opt],
+        );
+        losses.push(loss_val);
         loss_sum += loss_val;
         loss_n += 1;
         if let Some(p) = progress.as_mut() {
-            if step % cfg.eval_every == 0 || step == cfg.steps {
+            if step % cfg.eval_every == 0 || step == last {
                 let r = record(step, lr, loss_sum / loss_n as f64)?;
                 (loss_sum, loss_n) = (0.0, 0);
                 p(step, Some(&r));
@@ -1030,6 +1224,8 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
         matrices,
         records,
         seconds: start.elapsed().as_secs_f64(),
+        losses,
+        timing,
     }))
 }
 

@@ -8,6 +8,17 @@
 //!     cargo run --example train_lm -- --seeds 3    # the README table
 //!     cargo run --example train_lm -- --help
 //!
+//! The `gpu` preset (6 layers, d = 384, context 256, 10.75 M parameters;
+//! AdamW, Muon, Muon with spectral decay; tokens/s and the optimizer's share
+//! of step time in summary.md and timing.csv):
+//!
+//!     cargo run --release --features cuda --example train_lm -- --device cuda --preset gpu
+//!
+//! On a GPU machine without Rust, `examples/train_lm/gpu_run.sh` runs it with
+//! a binary built elsewhere, after checking that the first 20 losses of the
+//! small default configuration agree on the CPU and the GPU
+//! (`--stop-after 20 --loss-log PATH`, `scripts/compare_losses.py`).
+//!
 //! Data-parallel (`--ranks N`, each rank on `batch / N` sequences of every
 //! batch, gradients averaged, optimizer state sharded across ranks):
 //!
@@ -35,21 +46,40 @@ OUTPUT (in --out):
   train_lm.csv   step, optimizer, seed, lr, train_loss, val_loss, sigma1 of each weight matrix
   train_lm.svg   validation loss per optimizer; σ₁ of each weight matrix over training
   train_lm.png   the same figure as a bitmap
-  summary.md     final validation loss per optimizer (mean ± std over seeds)";
+  summary.md     final validation loss per optimizer (mean ± std over seeds);
+                 with --timing, also tokens/s and the optimizer's share of step time
+  timing.csv     with --timing: per run, seconds per phase (forward, backward, clip,
+  timing.json    optimizer), tokens/s, the optimizer's share (step 1 not timed)
+--loss-log PATH: optimizer, seed, step, train_loss for every step (compare two
+  runs with scripts/compare_losses.py)
+
+PRESETS:
+  small  2 layers, d=64, 4 heads, context 64; 300 steps × 16; 400 k-char corpus; all optimizers
+  gpu    6 layers, d=384, 6 heads, context 256 (10.75 M parameters); 600 steps × 64;
+         8 M-char corpus; adamw, muon, muon-spectral (sized for one H200: ~2 min at 20 TFLOP/s)";
 
 /// train_lm — train a small char-level GPT and compare optimizers
 #[derive(Parser, Debug)]
 #[command(name = "train_lm", after_help = OUTPUT_HELP)]
 struct Cli {
-    /// Which optimizer to train, or all of them
-    #[arg(long, value_name = "NAME", default_value = "all", value_parser = optimizer_parser())]
-    optimizer: Choice,
-    /// Optimizer steps per run
-    #[arg(long, value_name = "N", default_value_t = Config::default().steps, value_parser = at_least_one::<usize>)]
-    steps: usize,
+    /// Model, data and run sizes (see PRESETS below)
+    #[arg(long, value_name = "NAME", default_value = "small", value_parser = Config::PRESETS)]
+    preset: String,
+    /// Which optimizers to train, comma-separated, or all of them [default: all; --preset gpu: adamw,muon,muon-spectral]
+    #[arg(long, value_name = "NAME,…", value_delimiter = ',', value_parser = optimizer_parser())]
+    optimizer: Vec<Choice>,
+    /// Optimizer steps per run (the schedule's length) [default: 300; --preset gpu: 600]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+    steps: Option<usize>,
+    /// Stop each run after N steps of its schedule (to compare the first steps of two runs)
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+    stop_after: Option<usize>,
     /// Seeds per optimizer (mean ± std in the table)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<u64>)]
     seeds: u64,
+    /// The first seed (runs use seeds S, S+1, …)
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    first_seed: u64,
     /// Train on this text file instead of the built-in corpus
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
@@ -68,15 +98,21 @@ struct Cli {
     /// Spectral-sphere radius r, ‖W‖₂ = r
     #[arg(long, value_name = "X", default_value_t = Config::default().radius, value_parser = positive, allow_negative_numbers = true)]
     radius: f64,
-    /// Sequences of 64 characters per batch
-    #[arg(long, value_name = "N", default_value_t = Config::default().batch, value_parser = at_least_one::<usize>)]
-    batch: usize,
-    /// Steps between evaluations
-    #[arg(long, value_name = "N", default_value_t = Config::default().eval_every, value_parser = at_least_one::<usize>)]
-    eval_every: usize,
-    /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores / ranks]
+    /// Sequences (of the preset's context length) per batch [default: 16; --preset gpu: 64]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+    batch: Option<usize>,
+    /// Steps between evaluations [default: 20; --preset gpu: 50]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+    eval_every: Option<usize>,
+    /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores / ranks; with --device cuda: 1]
     #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
     jobs: Option<usize>,
+    /// Time each step's phases with device.synchronize() between them; tokens/s and the optimizer's share of step time in summary.md, timing.csv, timing.json [default: on with --device cuda]
+    #[arg(long)]
+    timing: bool,
+    /// Write every step's training loss to this CSV (optimizer, seed, step, train_loss)
+    #[arg(long, value_name = "PATH")]
+    loss_log: Option<PathBuf>,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>)]
     ranks: usize,
@@ -124,39 +160,73 @@ fn non_negative(s: &str) -> Result<f64, String> {
 
 /// The parsed command line, with the defaults filled in.
 struct Args {
+    preset: String,
     optimizers: Vec<OptKind>,
     seeds: u64,
+    first_seed: u64,
     data: Option<PathBuf>,
     out: PathBuf,
     device: String,
     jobs: usize,
+    loss_log: Option<PathBuf>,
     cfg: Config,
 }
 
 impl From<Cli> for Args {
     fn from(c: Cli) -> Self {
-        Args {
-            optimizers: match c.optimizer {
+        let preset = Config::preset(&c.preset).expect("clap checks the preset name");
+        let choices = if c.optimizer.is_empty() {
+            match c.preset.as_str() {
+                "gpu" => [OptKind::AdamW, OptKind::Muon, OptKind::MuonSpectral]
+                    .map(Choice::One)
+                    .to_vec(),
+                _ => vec![Choice::All],
+            }
+        } else {
+            c.optimizer
+        };
+        // in the order given, each once; `all` stands for every one
+        let mut optimizers: Vec<OptKind> = Vec::new();
+        for choice in choices {
+            let kinds = match choice {
                 Choice::All => OptKind::ALL.to_vec(),
                 Choice::One(k) => vec![k],
-            },
+            };
+            for k in kinds {
+                if !optimizers.contains(&k) {
+                    optimizers.push(k);
+                }
+            }
+        }
+        let cuda = c.device == "cuda";
+        Args {
+            preset: c.preset,
+            optimizers,
             seeds: c.seeds,
+            first_seed: c.first_seed,
             data: c.data,
             out: c.out,
             device: c.device,
+            // Runs at once on one GPU would share it (and its timings).
             jobs: c.jobs.unwrap_or_else(|| {
+                if cuda {
+                    return 1;
+                }
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 (cores / c.ranks).max(1)
             }),
+            loss_log: c.loss_log,
             cfg: Config {
-                steps: c.steps,
-                batch: c.batch,
-                eval_every: c.eval_every,
+                steps: c.steps.unwrap_or(preset.steps),
+                batch: c.batch.unwrap_or(preset.batch),
+                eval_every: c.eval_every.unwrap_or(preset.eval_every),
                 lr: c.lr,
                 weight_decay: c.wd,
                 radius: c.radius,
                 ranks: c.ranks,
-                ..Config::default()
+                stop_after: c.stop_after,
+                timing: c.timing || cuda,
+                ..preset
             },
         }
     }
@@ -367,7 +437,10 @@ fn real_main() -> Result<()> {
                 .with_context(|| format!("--data: cannot read {}", p.display()))?,
             p.display().to_string(),
         ),
-        None => (builtin_corpus(0, 400_000), "built-in corpus".to_string()),
+        None => (
+            builtin_corpus(0, cfg.corpus_chars),
+            "built-in corpus".to_string(),
+        ),
     };
     let data = Data::from_text(&text, cfg.context).context("--data")?;
     std::fs::create_dir_all(&args.out)
@@ -376,17 +449,23 @@ fn real_main() -> Result<()> {
     let quiet = role == Role::NcclRank && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
     if !quiet {
         eprintln!(
-        "train_lm: {source}, {} train / {} val chars, vocab {}; model {} layers, d={}, {} heads, context {}; \
-         {} steps × batch {}; optimizers {:?}; seeds {}; device {}{}",
+        "train_lm: {source}, {} train / {} val chars, vocab {}; preset {}: model {} layers, d={}, {} heads, context {}, {} parameters; \
+         {} steps × batch {}{}; optimizers {:?}; seeds {}; device {}{}",
         data.train.len(),
         data.val.len(),
         data.vocab.len(),
+        args.preset,
         cfg.layers,
         cfg.d_model,
         cfg.heads,
         cfg.context,
+        cfg.param_count(data.vocab.len()),
         cfg.steps,
         cfg.batch,
+        match cfg.stop_after {
+            Some(n) if n < cfg.steps => format!(" (stopping after {n})"),
+            _ => String::new(),
+        },
         args.optimizers.iter().map(|k| k.name()).collect::<Vec<_>>(),
         args.seeds,
         args.device,
@@ -401,7 +480,7 @@ fn real_main() -> Result<()> {
     // run single-threaded (RAYON_NUM_THREADS=1, set in main), which on a small
     // shared CPU is much faster than one run with threads contending.
     let mut queue: Vec<(u64, OptKind)> = Vec::new();
-    for seed in 0..args.seeds {
+    for seed in args.first_seed..args.first_seed + args.seeds {
         for &kind in &args.optimizers {
             queue.push((seed, kind));
         }
@@ -417,7 +496,7 @@ fn real_main() -> Result<()> {
         train_queue(&queue, args.jobs, &cfg, &data, &device)?
     };
     let wall = start.elapsed().as_secs_f64();
-    report(&args, &cfg, &source, &runs, wall)
+    report(&args, &cfg, &source, &runs, data.vocab.len(), wall)
 }
 
 /// Trains the runs of `queue` in this process: `jobs` worker threads take
@@ -434,7 +513,7 @@ fn train_queue(
     // Progress: a total bar, and one bar per worker for the run it trains.
     // (indicatif draws nothing when stderr is not a terminal.)
     let bars = MultiProgress::new();
-    let total = bars.add(ProgressBar::new((n_runs * cfg.steps) as u64));
+    let total = bars.add(ProgressBar::new((n_runs * cfg.steps_run()) as u64));
     total.set_style(
         ProgressStyle::with_template(
             "[{bar:30}] {percent:>3}% {msg}  {elapsed} elapsed, ~{eta} left",
@@ -448,10 +527,10 @@ fn train_queue(
     let results: Mutex<Vec<(usize, Result<RunResult>)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..jobs {
-            let bar = bars.add(ProgressBar::new(cfg.steps as u64));
+            let bar = bars.add(ProgressBar::new(cfg.steps_run() as u64));
             bar.set_style(run_style.clone());
             let (bar, total) = (bar, total.clone());
-            let (next, results) = (&next, &results);
+            let (next, results, bars) = (&next, &results, &bars);
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
@@ -472,6 +551,15 @@ fn train_queue(
                     };
                     let run = train(kind, seed, cfg, data, device, &mut cb)
                         .with_context(|| format!("training with {} (seed {seed})", kind.name()));
+                    if let (Ok(r), true) = (&run, cfg.timing) {
+                        // one line per run as it ends (kept in a captured log)
+                        let line = run_line(r);
+                        if bars.is_hidden() {
+                            eprintln!("{line}");
+                        } else {
+                            let _ = bars.println(line);
+                        }
+                    }
                     results.lock().expect("results lock").push((i, run));
                 }
                 bar.finish_and_clear();
@@ -490,13 +578,22 @@ fn report(
     cfg: &lm::Config,
     source: &str,
     runs: &[RunResult],
+    vocab: usize,
     wall: f64,
 ) -> Result<()> {
     let csv = args.out.join("train_lm.csv");
     write_csv(&csv, runs)?;
-    let mut table = String::from(
-        "| optimizer | peak lr | final val loss (nats/char) | seconds/run |\n|---|---|---|---|\n",
-    );
+    let mut written = vec![csv.display().to_string()];
+    if let Some(path) = &args.loss_log {
+        write_loss_log(path, runs)?;
+        written.push(path.display().to_string());
+    }
+    let timing = cfg.timing;
+    let mut table = String::from(if timing {
+        "| optimizer | peak lr | final val loss (nats/char) | seconds/run | tokens/s | optimizer share of step time |\n|---|---|---|---|---|---|\n"
+    } else {
+        "| optimizer | peak lr | final val loss (nats/char) | seconds/run |\n|---|---|---|---|\n"
+    });
     for kind in &args.optimizers {
         let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
         let finals: Vec<f64> = mine.iter().map(|r| r.final_val()).collect();
@@ -512,21 +609,52 @@ fn report(
         } else {
             String::new()
         };
+        let timed = if timing {
+            let tps: Vec<f64> = mine.iter().map(|r| r.timing.tokens_per_s()).collect();
+            let share: Vec<f64> = mine.iter().map(|r| r.timing.optimizer_share()).collect();
+            format!(
+                " {:.0} | {:.1} % |",
+                mean_std(&tps).0,
+                100.0 * mean_std(&share).0
+            )
+        } else {
+            String::new()
+        };
         table.push_str(&format!(
-            "| {} | {}{radius} | {m:.4}{spread} | {secs:.0} |\n",
+            "| {} | {}{radius} | {m:.4}{spread} | {secs:.0} |{timed}\n",
             kind.name(),
             cfg.lr.unwrap_or(kind.default_lr())
         ));
+    }
+    if timing {
+        table.push_str(&phase_table(&args.optimizers, runs));
+        let (tcsv, tjson) = (args.out.join("timing.csv"), args.out.join("timing.json"));
+        write_timing(&tcsv, &tjson, args, cfg, runs)?;
+        written.push(tcsv.display().to_string());
+        written.push(tjson.display().to_string());
     }
     let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
         format!(" (sphere: r={}, no decay on its matrices)", cfg.radius)
     } else {
         String::new()
     };
+    let stopped = match cfg.stop_after {
+        Some(n) if n < cfg.steps => format!(" (stopped after {n})"),
+        _ => String::new(),
+    };
     let caption = format!(
-        "{source}; {} layers, d={}, context {}, {} steps × batch {}, λ={}{sphere}; {} seed(s)",
+        "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}; {} seed(s)",
         cfg.layers, cfg.d_model, cfg.context, cfg.steps, cfg.batch, cfg.weight_decay, args.seeds
     );
+    let caption = if timing {
+        format!(
+            "{caption}; {} parameters; device {}",
+            cfg.param_count(vocab),
+            args.device
+        )
+    } else {
+        caption
+    };
     let svg = args.out.join("train_lm.svg");
     let png = args.out.join("train_lm.png");
     plot::write(&svg, &png, &figure(runs, &args.optimizers), &caption)?;
@@ -541,6 +669,148 @@ fn report(
         summary.display(),
         wall
     );
+    if written.len() > 1 {
+        println!("wrote {}", written[1..].join(", "));
+    }
+    Ok(())
+}
+
+/// One line per finished run: throughput and the optimizer's share.
+fn run_line(r: &RunResult) -> String {
+    let t = &r.timing;
+    format!(
+        "train_lm: {} seed {}: {} steps in {:.1} s, {:.0} tokens/s, {:.1} ms/step (optimizer {:.1} % of it), final val loss {:.4}",
+        r.kind.name(),
+        r.seed,
+        r.losses.len(),
+        r.seconds,
+        t.tokens_per_s(),
+        1e3 * t.step_s() / t.steps.max(1) as f64,
+        100.0 * t.optimizer_share(),
+        r.final_val()
+    )
+}
+
+/// Milliseconds per step by phase (mean over seeds), for summary.md.
+fn phase_table(kinds: &[OptKind], runs: &[RunResult]) -> String {
+    let mut t = String::from(
+        "\nms per timed step (step 1 excluded; phases fenced with device.synchronize()):\n\n\
+         | optimizer | forward | backward | clip | optimizer step | total |\n|---|---|---|---|---|---|\n",
+    );
+    for kind in kinds {
+        let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
+        let ms = |f: &dyn Fn(&lm::Timing) -> f64| -> f64 {
+            let xs: Vec<f64> = mine
+                .iter()
+                .map(|r| 1e3 * f(&r.timing) / r.timing.steps.max(1) as f64)
+                .collect();
+            mean_std(&xs).0
+        };
+        t.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            kind.name(),
+            ms(&|t| t.forward_s),
+            ms(&|t| t.backward_s),
+            ms(&|t| t.clip_s),
+            ms(&|t| t.optimizer_s),
+            ms(&|t| t.step_s()),
+        ));
+    }
+    t
+}
+
+/// `timing.csv` and `timing.json`: one row / object per run.
+fn write_timing(
+    csv_path: &Path,
+    json_path: &Path,
+    args: &Args,
+    cfg: &lm::Config,
+    runs: &[RunResult],
+) -> Result<()> {
+    let mut w = csv::Writer::from_path(csv_path)?;
+    w.write_record([
+        "optimizer",
+        "seed",
+        "device",
+        "steps_timed",
+        "tokens",
+        "forward_s",
+        "backward_s",
+        "clip_s",
+        "optimizer_s",
+        "step_ms",
+        "tokens_per_s",
+        "optimizer_share",
+        "run_s",
+    ])?;
+    let mut objs = Vec::new();
+    for r in runs {
+        let t = &r.timing;
+        let step_ms = 1e3 * t.step_s() / t.steps.max(1) as f64;
+        w.write_record([
+            r.kind.name().to_string(),
+            r.seed.to_string(),
+            args.device.clone(),
+            t.steps.to_string(),
+            t.tokens.to_string(),
+            format!("{:.6}", t.forward_s),
+            format!("{:.6}", t.backward_s),
+            format!("{:.6}", t.clip_s),
+            format!("{:.6}", t.optimizer_s),
+            format!("{step_ms:.4}"),
+            format!("{:.1}", t.tokens_per_s()),
+            format!("{:.5}", t.optimizer_share()),
+            format!("{:.3}", r.seconds),
+        ])?;
+        objs.push(serde_json::json!({
+            "optimizer": r.kind.name(),
+            "seed": r.seed,
+            "device": args.device,
+            "preset": args.preset,
+            "layers": cfg.layers,
+            "d_model": cfg.d_model,
+            "heads": cfg.heads,
+            "context": cfg.context,
+            "batch": cfg.batch,
+            "steps": r.losses.len(),
+            "steps_timed": t.steps,
+            "tokens": t.tokens,
+            "synchronized": t.synchronized,
+            "forward_s": t.forward_s,
+            "backward_s": t.backward_s,
+            "clip_s": t.clip_s,
+            "optimizer_s": t.optimizer_s,
+            "step_ms": step_ms,
+            "tokens_per_s": t.tokens_per_s(),
+            "optimizer_share": t.optimizer_share(),
+            "run_s": r.seconds,
+            "final_val_loss": r.final_val(),
+        }));
+    }
+    w.flush()?;
+    std::fs::write(json_path, serde_json::to_string_pretty(&objs)? + "\n")?;
+    Ok(())
+}
+
+/// `--loss-log`: every step's training loss (f32, written exactly).
+fn write_loss_log(path: &Path, runs: &[RunResult]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut w = csv::Writer::from_path(path)
+        .with_context(|| format!("--loss-log: cannot write {}", path.display()))?;
+    w.write_record(["optimizer", "seed", "step", "train_loss"])?;
+    for r in runs {
+        for (i, l) in r.losses.iter().enumerate() {
+            w.write_record([
+                r.kind.name().to_string(),
+                r.seed.to_string(),
+                (i + 1).to_string(),
+                format!("{}", *l as f32),
+            ])?;
+        }
+    }
+    w.flush()?;
     Ok(())
 }
 
@@ -685,7 +955,7 @@ fn train_nccl(
     let mut runs = Vec::new();
     for &(seed, kind) in queue {
         let bar = if rank0 {
-            ProgressBar::new(cfg.steps as u64)
+            ProgressBar::new(cfg.steps_run() as u64)
         } else {
             ProgressBar::hidden()
         };
@@ -704,6 +974,9 @@ fn train_nccl(
         let run = lm::train_rank(&comm, kind, seed, cfg, data, device, progress)
             .with_context(|| format!("training with {} (seed {seed})", kind.name()))?;
         bar.finish_and_clear();
+        if let (Some(r), true) = (&run, cfg.timing) {
+            eprintln!("{}", run_line(r));
+        }
         runs.extend(run);
     }
     Ok(rank0.then_some(runs))
