@@ -43,15 +43,17 @@ for l in sys.stdin:
 cargo test --release --features cuda --test gpu_kernels --no-run
 cargo bench --features cuda --bench gpu_kernels --no-run
 cargo build --release --features cuda --example gpu_bench
+cargo build --release --features cuda --example train_lm
 TEST="$(exe test gpu_kernels)"
 BENCH="$(exe bench gpu_kernels)"
 EXAMPLE="$CARGO_TARGET_DIR/release/examples/gpu_bench"
-[[ -x "$TEST" && -x "$BENCH" && -x "$EXAMPLE" ]] || { echo "binaries not found" >&2; exit 1; }
+TRAIN="$CARGO_TARGET_DIR/release/examples/train_lm"
+[[ -x "$TEST" && -x "$BENCH" && -x "$EXAMPLE" && -x "$TRAIN" ]] || { echo "binaries not found" >&2; exit 1; }
 
 rm -rf .gpu && mkdir -p .gpu
 cp "$SHARED/device-run.sh" .gpu/
 cp bench/torch_reference.py scripts/gpu_bench_table.py .gpu/
-for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_bench"; do
+for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_bench" "$TRAIN:train_lm"; do
   src="${pair%%:*}"; dst=".gpu/${pair##*:}"
   cp "$src" "$dst"; strip "$dst"
   xz -T2 -6 -f "$dst"
@@ -110,3 +112,5 @@ echo "Device command (the device tool's run; .gpu is git-ignored, so carry it):"
 echo "  run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=420)"
 echo "Only issue #11's benchmark (steepest + PyTorch + table; each step time-limited to 150 s):"
 echo "  run(command=\"RUN=bench bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=360)"
+echo "Training on the GPU (issue #11 part 4: first-20 losses CPU vs GPU, then the gpu preset):"
+echo "  run(command=\"OUT=\$OUT bash examples/train_lm/gpu_run.sh .gpu/train_lm\", carry=[\".gpu\"], timeout_s=480)"
