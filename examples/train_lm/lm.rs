@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
 use steepest::distributed::{
@@ -1026,9 +1027,84 @@ fn sphere_partition(
     .build_from_varmap(varmap)?)
 }
 
+/// What differs between one process and one rank of a data-parallel run:
+/// the share of the batch, the loss reported, clipping and the step.
+trait Stepper {
+    /// This process's share of the batch's windows.
+    fn share<'a>(&self, starts: &'a [usize]) -> &'a [usize];
+    /// The whole batch's mean loss, from this share's.
+    fn batch_loss(&self, loss: &Tensor) -> Result<f64>;
+    /// The learning rate of the coming step.
+    fn next_lr(&self) -> f64;
+    /// Clips and steps; the seconds of clipping and of the optimizer step.
+    fn step(&mut self, grads: GradStore, clock: &mut Lap<'_>) -> Result<[f64; 2]>;
+}
+
+/// One process: clip the batch's gradient, then step.
+struct Local<O: Optimizer> {
+    opt: Scheduled<O>,
+    vars: Vec<Var>,
+    clip: f64,
+}
+
+impl<O: Optimizer> Stepper for Local<O> {
+    fn share<'a>(&self, starts: &'a [usize]) -> &'a [usize] {
+        starts
+    }
+
+    fn batch_loss(&self, loss: &Tensor) -> Result<f64> {
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+
+    fn next_lr(&self) -> f64 {
+        self.opt.next_lr()
+    }
+
+    fn step(&mut self, mut grads: GradStore, clock: &mut Lap<'_>) -> Result<[f64; 2]> {
+        clip_grad_norm(&mut grads, &self.vars, self.clip)?;
+        let t_clip = clock.lap()?;
+        self.opt.step(&grads)?;
+        Ok([t_clip, clock.lap()?])
+    }
+}
+
+/// One rank of `N`: its `batch / N` windows; [`DataParallel`] averages,
+/// clips across ranks and steps.
+struct Ranked<C: Collective, O: Optimizer + ShardedOptimizer> {
+    dp: DataParallel<C, Scheduled<O>>,
+    rank: usize,
+    micro: usize,
+}
+
+impl<C: Collective, O: Optimizer + ShardedOptimizer> Stepper for Ranked<C, O> {
+    fn share<'a>(&self, starts: &'a [usize]) -> &'a [usize] {
+        &starts[self.rank * self.micro..(self.rank + 1) * self.micro]
+    }
+
+    fn batch_loss(&self, loss: &Tensor) -> Result<f64> {
+        // The mean of the equal-size micro-batches' means. The same value on
+        // every rank, so all stop together.
+        let mean = self
+            .dp
+            .comm()
+            .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg)?;
+        Ok(mean.to_vec1::<f32>()?[0] as f64)
+    }
+
+    fn next_lr(&self) -> f64 {
+        self.dp.optimizer().next_lr()
+    }
+
+    fn step(&mut self, grads: GradStore, clock: &mut Lap<'_>) -> Result<[f64; 2]> {
+        self.dp.step(&grads)?;
+        Ok([0.0, clock.lap()?])
+    }
+}
+
+/// One run in one process.
 #[allow(clippy::too_many_arguments)]
 fn run<O: Optimizer>(
-    mut opt: Scheduled<O>,
+    opt: Scheduled<O>,
     kind: OptKind,
     seed: u64,
     varmap: &VarMap,
@@ -1036,80 +1112,25 @@ fn run<O: Optimizer>(
     cfg: &Config,
     data: &Data,
     device: &Device,
-    progress: &mut dyn FnMut(usize, Option<&Record>),
+    progress: Progress<'_>,
 ) -> Result<RunResult> {
-    let start = std::time::Instant::now();
-    let vars = varmap.all_vars();
-    let matrices = matrix_names(varmap);
-    // Batches depend on the seed only, so every optimizer sees the same data.
-    let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
-    let span = data.train.len() - cfg.context - 1;
-    let mut records = Vec::new();
-    let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-    let record = |step: usize, lr: f64, train_loss: f64| -> Result<Record> {
-        Ok(Record {
-            step,
-            lr,
-            train_loss,
-            val_loss: evaluate(model, data, cfg, device)?,
-            sigmas: sigmas(varmap, &matrices)?,
-        })
+    let mut local = Local {
+        opt,
+        vars: varmap.all_vars(),
+        clip: cfg.clip,
     };
-    let r0 = record(0, 0.0, f64::NAN)?;
-    progress(0, Some(&r0));
-    records.push(r0);
-    let last = cfg.steps_run();
-    let mut losses = Vec::with_capacity(last);
-    let mut timing = Timing {
-        synchronized: cfg.timing,
-        ..Timing::default()
-    };
-    for step in 1..=last {
-        let mut clock = Lap::new(device, cfg.timing)?;
-        let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
-        let (x, y) = batch_at(&data.train, &starts, cfg.context, device)?;
-        let loss = model.loss(&x, &y)?;
-        let loss_val = loss.to_scalar::<f32>()? as f64;
-        let t_forward = clock.lap()?;
-        if !loss_val.is_finite() {
-            candle_core::bail!(
-                "{}: training loss is {loss_val} at step {step} (diverged)",
-                kind.name()
-            );
-        }
-        let mut grads = loss.backward()?;
-        let t_backward = clock.lap()?;
-        clip_grad_norm(&mut grads, &vars, cfg.clip)?;
-        let t_clip = clock.lap()?;
-        let lr = opt.next_lr();
-        opt.step(&grads)?;
-        let t_opt = clock.lap()?;
-        timing.add(
-            step,
-            cfg.batch * cfg.context,
-            [t_forward, t_backward, t_clip, t_opt],
-        );
-        losses.push(loss_val);
-        loss_sum += loss_val;
-        loss_n += 1;
-        if step % cfg.eval_every == 0 || step == last {
-            let r = record(step, lr, loss_sum / loss_n as f64)?;
-            (loss_sum, loss_n) = (0.0, 0);
-            progress(step, Some(&r));
-            records.push(r);
-        } else {
-            progress(step, None);
-        }
-    }
-    Ok(RunResult {
+    let r = train_loop(
+        &mut local,
         kind,
         seed,
-        matrices,
-        records,
-        seconds: start.elapsed().as_secs_f64(),
-        losses,
-        timing,
-    })
+        varmap,
+        model,
+        cfg,
+        data,
+        device,
+        Some(progress),
+    )?;
+    Ok(r.expect("a run with progress returns its result"))
 }
 
 /// The names of the model's matrices, sorted (their σ₁ are recorded).
@@ -1124,7 +1145,7 @@ fn matrix_names(varmap: &VarMap) -> Vec<String> {
     names
 }
 
-/// [`run`]'s loop, data-parallel (see [`train_rank`]).
+/// [`run`], data-parallel (see [`train_rank`]).
 #[allow(clippy::too_many_arguments)]
 fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
     comm: C,
@@ -1136,21 +1157,51 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
     cfg: &Config,
     data: &Data,
     device: &Device,
-    mut progress: Option<Progress<'_>>,
+    progress: Option<Progress<'_>>,
 ) -> Result<Option<RunResult>> {
-    let start = std::time::Instant::now();
     let (rank, world) = (comm.rank(), comm.world_size());
-    let micro = cfg.batch / world;
     // Clipping at the global norm of the averaged gradient, as clip_grad_norm
     // does on the whole batch's gradient in one process.
     let dp_config = DataParallelConfig {
         clip_grad_norm: Some(cfg.clip),
         ..DataParallelConfig::default()
     };
-    let mut dp = DataParallel::for_optimizer(comm, opt, dp_config)?;
+    let mut ranked = Ranked {
+        dp: DataParallel::for_optimizer(comm, opt, dp_config)?,
+        rank,
+        micro: cfg.batch / world,
+    };
+    train_loop(
+        &mut ranked,
+        kind,
+        seed,
+        varmap,
+        model,
+        cfg,
+        data,
+        device,
+        progress,
+    )
+}
+
+/// The training loop. Every process draws the whole batch (the seed alone
+/// fixes the sequence, so every optimizer and every rank count sees the same
+/// data) and trains on its share. With `progress`, evaluates, reports and
+/// returns the [`RunResult`]; without (ranks other than 0), `None`.
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    stepper: &mut impl Stepper,
+    kind: OptKind,
+    seed: u64,
+    varmap: &VarMap,
+    model: &Gpt,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+    mut progress: Option<Progress<'_>>,
+) -> Result<Option<RunResult>> {
+    let start = std::time::Instant::now();
     let matrices = matrix_names(varmap);
-    // Every rank draws the whole batch (same seed, same sequence as one
-    // process) and keeps its slice.
     let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
     let span = data.train.len() - cfg.context - 1;
     let mut records = Vec::new();
@@ -1178,15 +1229,9 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
     for step in 1..=last {
         let mut clock = Lap::new(device, cfg.timing)?;
         let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
-        let mine = &starts[rank * micro..(rank + 1) * micro];
-        let (x, y) = batch_at(&data.train, mine, cfg.context, device)?;
+        let (x, y) = batch_at(&data.train, stepper.share(&starts), cfg.context, device)?;
         let loss = model.loss(&x, &y)?;
-        // The batch's mean loss: the mean of the equal-size micro-batches'
-        // means. The same value on every rank, so all stop together.
-        let mean = dp
-            .comm()
-            .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg)?;
-        let loss_val = mean.to_vec1::<f32>()?[0] as f64;
+        let loss_val = stepper.batch_loss(&loss)?;
         let t_forward = clock.lap()?;
         if !loss_val.is_finite() {
             candle_core::bail!(
@@ -1196,13 +1241,12 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
         }
         let grads = loss.backward()?;
         let t_backward = clock.lap()?;
-        let lr = dp.optimizer().next_lr();
-        dp.step(&grads)?;
-        let t_opt = clock.lap()?;
+        let lr = stepper.next_lr();
+        let [t_clip, t_opt] = stepper.step(grads, &mut clock)?;
         timing.add(
             step,
             cfg.batch * cfg.context,
-            [t_forward, t_backward, 0.0, t_opt],
+            [t_forward, t_backward, t_clip, t_opt],
         );
         losses.push(loss_val);
         loss_sum += loss_val;
