@@ -846,6 +846,21 @@ macro_rules! with_opt {
     };
 }
 
+/// One run's seeded model, its optimizer and the learning-rate schedule.
+fn model_and_optimizer(
+    kind: OptKind,
+    seed: u64,
+    cfg: &Config,
+    data: &Data,
+    device: &Device,
+) -> Result<(VarMap, Gpt, Opt, Schedule)> {
+    let varmap = VarMap::new();
+    let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
+    let sched = schedule(cfg.lr.unwrap_or(kind.default_lr()), cfg.steps)?;
+    let opt = build_optimizer(kind, cfg, &varmap)?;
+    Ok((varmap, model, opt, sched))
+}
+
 /// The optimizer of `kind` over `varmap`, at the configured (or default) peak rate.
 fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> {
     let lr = cfg.lr.unwrap_or(kind.default_lr());
@@ -895,11 +910,8 @@ pub fn train(
     if cfg.ranks > 1 {
         return train_local_ranks(kind, seed, cfg, data, device, progress);
     }
-    let varmap = VarMap::new();
-    let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
-    let lr = cfg.lr.unwrap_or(kind.default_lr());
-    let sched = schedule(lr, cfg.steps)?;
-    with_opt!(build_optimizer(kind, cfg, &varmap)?, opt => run(
+    let (varmap, model, opt, sched) = model_and_optimizer(kind, seed, cfg, data, device)?;
+    with_opt!(opt, opt => run(
         Scheduled::new(opt, sched),
         kind,
         seed,
@@ -976,11 +988,8 @@ pub fn train_rank<C: Collective>(
             cfg.batch
         );
     }
-    let varmap = VarMap::new();
-    let model = Gpt::new(&varmap, cfg, data.vocab.len(), seed, device)?;
-    let lr = cfg.lr.unwrap_or(kind.default_lr());
-    let sched = schedule(lr, cfg.steps)?;
-    with_opt!(build_optimizer(kind, cfg, &varmap)?, opt => run_ranked(
+    let (varmap, model, opt, sched) = model_and_optimizer(kind, seed, cfg, data, device)?;
+    with_opt!(opt, opt => run_ranked(
         comm,
         Scheduled::new(opt, sched),
         kind,

@@ -226,6 +226,15 @@ struct Addrs<'a> {
     keep: Vec<Tensor>,
 }
 
+impl<'a> Addrs<'a> {
+    fn new(be: &'a Cuda) -> Self {
+        Self {
+            be,
+            keep: Vec::new(),
+        }
+    }
+}
+
 impl Resolve for Addrs<'_> {
     fn addr(&mut self, t: &Tensor, write: bool) -> Result<u64> {
         let t = if write || t.is_contiguous() {
@@ -289,10 +298,7 @@ pub(crate) fn adamw_step(items: &[AdamItem<'_>], b1: f64, b2: f64, eps: f64) -> 
         return Ok(false);
     };
     let be = backend(&dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::adam_tensors(items, &mut r)?;
     launch::adamw(&*be, &tabs, b1, b2, eps)?;
     Ok(true)
@@ -312,10 +318,7 @@ pub(crate) fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> 
         return Ok(false);
     };
     let be = backend(&dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::sgd_tensors(items, &mut r)?;
     launch::sgd(&*be, &tabs, momentum, nesterov)?;
     Ok(true)
@@ -336,10 +339,7 @@ pub(crate) fn ema_momentum(
         return Ok(false);
     };
     let be = backend(&dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::ema_tensors(grads, bufs, out.as_tensor(), &mut r)?;
     launch::ema(&*be, &tabs, momentum, nesterov)?;
     Ok(true)
@@ -362,10 +362,7 @@ pub(crate) fn apply_step(
     };
     let be = backend(&dev);
     let d = d.contiguous()?;
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::apply_tensors(ws, &d, alphas, decays, &mut r)?;
     launch::apply(&*be, &tabs)?;
     Ok(true)
@@ -377,10 +374,7 @@ pub(crate) fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<Option<usize>>> {
         return Ok(None);
     };
     let be = backend(&dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::reduce_tensors(ts, &mut r)?;
     let flags = launch::nonfinite(&*be, &tabs)?;
     Ok(Some(flags.iter().position(|&f| f)))
@@ -392,10 +386,7 @@ pub(crate) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Vec<f64>>> {
         return Ok(None);
     };
     let be = backend(&dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let tabs = launch::reduce_tensors(ts, &mut r)?;
     Ok(Some(launch::sum_squares(&*be, &tabs)?))
 }
@@ -414,10 +405,7 @@ pub(crate) fn power_iteration(
         return Ok(None);
     };
     let be = backend(dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let job = call.job(iters, &mut r)?;
     launch::power_iteration(&*be, &job)?;
     drop(r);
@@ -434,10 +422,7 @@ pub(crate) fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let be = backend(dev);
-    let mut r = Addrs {
-        be: &be,
-        keep: Vec::new(),
-    };
+    let mut r = Addrs::new(&be);
     let job = call.job(ns, None, &mut r)?;
     launch::msign(&*be, &job)?;
     drop(r);
