@@ -11,6 +11,9 @@
 //! - `muon_step/<set>`: one full [`Muon`] step (momentum, Newton–Schulz with
 //!   bf16 operands, decoupled decay 0.1, update) through
 //!   `candle_nn::Optimizer::step` with a fixed `GradStore`;
+//! - `ns_set_gram/<set>`, `muon_step_gram/<set>`: the same in the Gram form
+//!   of Newton–Schulz (`NewtonSchulz::gram_form`; the square matrices keep
+//!   the standard form), with the standard form's FLOPs as the floor;
 //! - `power_iteration_x10/<set>`: [`power_iteration`] with 10 iterations on
 //!   each same-shape batch `(b, m, n)`, started from a fixed random vector;
 //! - `adamw/<set>`, `adamw_spectral/<set>`: one [`AdamW`] step with decoupled
@@ -374,6 +377,12 @@ fn batches(set: &MatSet, dev: &Device, std: f32) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// What the `_gram` workloads change (their `flops` stay the standard form's,
+/// so "× floor" compares both forms with the same floor).
+const GRAM_NOTE: &str =
+    "; Gram form (NewtonSchulz::gram_form: aspect >= 2, restart every 2 steps; \
+                         square matrices keep the standard form); flops: the standard form's";
+
 fn muon_ns() -> NewtonSchulz {
     NewtonSchulz::muon().with_compute_dtype(DType::BF16)
 }
@@ -439,44 +448,56 @@ fn main() -> Result<()> {
         let ns_total: f64 = shapes.iter().map(ns_flops).sum();
         let layers = set.layers;
 
-        bench.run(
-            Rec::new(format!("ns_set/{}", set.name), shapes.clone(), "f32 in/out, bf16 operands, f32 accumulate")
-                .notes("msign on each same-shape batch (b, m, n) of the set: the Newton-Schulz part of a Muon step")
-                .flops(ns_total),
-            |dev| Ok((batches(&set, dev, 1.0)?, muon_ns())),
-            |(gs, ns)| {
-                for g in gs.iter() {
-                    msign(g, ns)?;
-                }
-                Ok(())
-            },
-        );
+        for (form, ns, note) in [
+            ("ns_set", muon_ns(), ""),
+            ("ns_set_gram", muon_ns().gram_form(), GRAM_NOTE),
+        ] {
+            bench.run(
+                Rec::new(format!("{form}/{}", set.name), shapes.clone(), "f32 in/out, bf16 operands, f32 accumulate")
+                    .notes(&format!(
+                        "msign on each same-shape batch (b, m, n) of the set: the Newton-Schulz part of a Muon step{note}"
+                    ))
+                    .flops(ns_total),
+                |dev| Ok((batches(&set, dev, 1.0)?, ns.clone())),
+                |(gs, ns)| {
+                    for g in gs.iter() {
+                        msign(g, ns)?;
+                    }
+                    Ok(())
+                },
+            );
+        }
 
-        bench.run(
-            Rec::new(format!("muon_step/{}", set.name), shapes.clone(), "f32 params/grads/momentum, bf16 NS operands")
-                .notes(&format!(
-                    "Muon::step over {} matrices: momentum 0.95 nesterov, NewtonSchulz::muon() bf16 operands, \
-                     lr 0.02, LrAdjust::Original, decoupled decay 0.1; same-shape matrices batched",
-                    4 * layers
-                ))
-                .flops(ns_total),
-            |dev| {
-                let (vars, grads) = vars_and_grads(&set, dev)?;
-                let opt = Muon::from_named(
-                    vars,
-                    MuonConfig {
-                        lr: 0.02,
-                        momentum: 0.95,
-                        nesterov: true,
-                        newton_schulz: muon_ns(),
-                        weight_decay: WeightDecay::Decoupled(0.1),
-                        ..MuonConfig::default()
-                    },
-                )?;
-                Ok((opt, grads))
-            },
-            |(opt, grads)| Ok(opt.step(grads)?),
-        );
+        for (form, ns, note) in [
+            ("muon_step", muon_ns(), ""),
+            ("muon_step_gram", muon_ns().gram_form(), GRAM_NOTE),
+        ] {
+            bench.run(
+                Rec::new(format!("{form}/{}", set.name), shapes.clone(), "f32 params/grads/momentum, bf16 NS operands")
+                    .notes(&format!(
+                        "Muon::step over {} matrices: momentum 0.95 nesterov, NewtonSchulz::muon() bf16 operands, \
+                         lr 0.02, LrAdjust::Original, decoupled decay 0.1; same-shape matrices batched{note}",
+                        4 * layers
+                    ))
+                    .flops(ns_total),
+                |dev| {
+                    let (vars, grads) = vars_and_grads(&set, dev)?;
+                    let opt = Muon::from_named(
+                        vars,
+                        MuonConfig {
+                            lr: 0.02,
+                            momentum: 0.95,
+                            nesterov: true,
+                            newton_schulz: ns.clone(),
+                            weight_decay: WeightDecay::Decoupled(0.1),
+                            ..MuonConfig::default()
+                        },
+                    )?;
+                    Ok((opt, grads))
+                },
+                |(opt, grads)| Ok(opt.step(grads)?),
+            );
+        }
 
         const PI_ITERS: usize = 10;
         bench.run(

@@ -81,23 +81,58 @@ STEEPEST_NS_KERNELS(f32, float)
 STEEPEST_NS_KERNELS(bf16, bf16)
 STEEPEST_NS_KERNELS(f16, f16)
 
-// Completes the Gram matrix A (b, s, s) of which only the tiles with row
-// tile ≥ column tile were computed (tile size `tile`), by mirroring; writes
-// B = bscale·A and A's operand copy. Grid: (⌈s²/256⌉ chunks, b), grid-stride.
-STEEPEST_KERNEL void ns_symmetrize(float* a, float* bcopy, void* aop, int op_kind, unsigned s, unsigned tile,
-                                   float bscale) {
-    const u64 ss = u64(s) * s, base = u64(blockIdx.y) * ss;
-    for (u64 i = u64(blockIdx.x) * blockDim.x + threadIdx.x; i < ss; i += u64(gridDim.x) * blockDim.x) {
-        unsigned r = unsigned(i / s), c = unsigned(i % s);
-        // The mirrored half reads only computed entries, which nobody writes.
-        bool mirror = r / tile < c / tile;
-        float v = mirror ? a[base + u64(c) * s + r] : a[base + i];
-        if (mirror) a[base + i] = v;
-        bcopy[base + i] = v * bscale;
-        put_op(aop, op_kind, base + i, v);
+// Completes the symmetric matrix A (b, s, s) of which only the tiles with
+// row tile ≥ column tile were computed, by copying its lower triangle into
+// the upper one — inside the diagonal tiles too, so that the result is
+// exactly symmetric (the Gram form amplifies asymmetry by up to ~20× per
+// step). Writes bcopy = bscale·A (when bcopy is given) and A's operand copy.
+// Each block owns one 32×32 tile (rows r0.., columns c0..): an upper tile is
+// read transposed from its lower mirror image through shared memory, so
+// reads and writes are both coalesced. Nobody writes the lower triangle.
+// Grid: (⌈s/32⌉, ⌈s/32⌉, b); block 256 = 32 × 8.
+STEEPEST_KERNEL void ns_symmetrize(float* a, float* bcopy, void* aop, int op_kind, unsigned s, float bscale) {
+    __shared__ float tile[32][33];
+    const unsigned tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    const unsigned r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+    const u64 base = u64(blockIdx.z) * s * s;
+    const bool upper = r0 < c0, diagonal = r0 == c0;
+    if (upper || diagonal) {
+        // The mirror image: rows c0.., columns r0.. (the tile itself on the diagonal).
+        for (unsigned i = ty; i < 32; i += 8) {
+            unsigned r = c0 + i, c = r0 + tx;
+            if (r < s && c < s) tile[i][tx] = a[base + u64(r) * s + c];
+        }
+        __syncthreads();
+    }
+    for (unsigned i = ty; i < 32; i += 8) {
+        unsigned r = r0 + i, c = c0 + tx;
+        if (r >= s || c >= s) continue;
+        u64 k = base + u64(r) * s + c;
+        float v;
+        if (upper || (diagonal && r < c)) {
+            v = tile[tx][i];  // a[c][r]
+            a[k] = v;
+        } else {
+            v = a[k];
+        }
+        if (bcopy) bcopy[k] = v * bscale;
+        put_op(aop, op_kind, k, v);
     }
 }
 STEEPEST_EMU_EXPORT(ns_symmetrize)
+
+// Gram Newton–Schulz, first step of a segment: Q = Z + shift·I (b, s, s)
+// and its operand copy. Grid: (⌈s²/256⌉ chunks, b), grid-stride.
+STEEPEST_KERNEL void ns_shift_diag(const float* z, float* q, void* qop, int op_kind, unsigned s, float shift) {
+    const u64 ss = u64(s) * s, base = u64(blockIdx.y) * ss;
+    for (u64 i = u64(blockIdx.x) * blockDim.x + threadIdx.x; i < ss; i += u64(gridDim.x) * blockDim.x) {
+        float v = z[base + i];
+        if (i / s == i % s) v += shift;
+        q[base + i] = v;
+        put_op(qop, op_kind, base + i, v);
+    }
+}
+STEEPEST_EMU_EXPORT(ns_shift_diag)
 
 // dst ← src (when dst is given) and its operand rounding (when op_kind ≥ 0),
 // over `len` elements. Grid-stride.

@@ -60,6 +60,6 @@ pub mod theory;
 
 pub use decay::WeightDecay;
 pub use error::{Error, Result};
-pub use linalg::{msign, power_iteration, NewtonSchulz, TopSingular};
+pub use linalg::{msign, power_iteration, GramNewtonSchulz, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
 pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig, TryStep};

@@ -16,7 +16,7 @@ mod cases;
 use candle_core::{DType, Device, Tensor, Var};
 use cases::*;
 use steepest::device::{self, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
-use steepest::linalg::{msign, power_iteration, NewtonSchulz};
+use steepest::linalg::{msign, power_iteration, GramNewtonSchulz, NewtonSchulz};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
@@ -255,6 +255,32 @@ fn gpu_msign_matches_cpu() {
         let ns16 = ns.clone().with_compute_dtype(DType::BF16);
         let got16 = msign(&g.to_device(&dev).unwrap(), &ns16).unwrap();
         assert!(max_diff(&want, &got16) <= 0.1 * max_abs(&want).max(1.0));
+    }
+}
+
+/// The Gram form on the GPU against the CPU's Gram form (`min_aspect = 1`:
+/// every shape), f32 and bf16 operands, restarting every two steps.
+#[test]
+fn gpu_msign_gram_form_matches_cpu() {
+    let dev = gpu();
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
+        let mut r = rng(400 + i as u64);
+        let g = randn(&mut r, &[b, m, n], DType::F32, &Device::Cpu);
+        let ns = NewtonSchulz::you().with_gram(GramNewtonSchulz {
+            min_aspect: 1.0,
+            restarts: vec![2, 4],
+        });
+        let want = msign(&g, &ns).unwrap();
+        let got = msign(&g.to_device(&dev).unwrap(), &ns).unwrap();
+        let d = max_diff(&want, &got);
+        assert!(d <= 2e-3 * max_abs(&want).max(1.0), "({b},{m},{n}): {d:e}");
+        let ns16 = ns.clone().with_compute_dtype(DType::BF16);
+        let got16 = msign(&g.to_device(&dev).unwrap(), &ns16).unwrap();
+        let d16 = max_diff(&want, &got16);
+        assert!(
+            d16 <= 0.1 * max_abs(&want).max(1.0),
+            "({b},{m},{n}) bf16: {d16:e}"
+        );
     }
 }
 

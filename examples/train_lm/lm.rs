@@ -15,7 +15,7 @@ use steepest::distributed::{
 };
 use steepest::optim::{AdamW, AdamWConfig, Driver, Muon, MuonConfig, ParamInfo, Partition};
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
-use steepest::{power_iteration, Manifold, SteepestConfig, WeightDecay};
+use steepest::{power_iteration, Manifold, NewtonSchulz, SteepestConfig, WeightDecay};
 
 // ---------------------------------------------------------------- randomness
 
@@ -271,6 +271,9 @@ pub struct Config {
     /// [`Timing`]). The phases are always timed; on the CPU, whose ops are
     /// synchronous, fencing changes nothing.
     pub timing: bool,
+    /// Muon's (and the sphere's) Newton–Schulz in the Gram form
+    /// ([`NewtonSchulz::gram_form`]) instead of the standard one.
+    pub gram_ns: bool,
 }
 
 impl Default for Config {
@@ -292,11 +295,22 @@ impl Default for Config {
             corpus_chars: 400_000,
             stop_after: None,
             timing: false,
+            gram_ns: false,
         }
     }
 }
 
 impl Config {
+    /// The Newton–Schulz schedule of the Muon runs: Muon's quintic, in the
+    /// Gram form when [`Config::gram_ns`] is set.
+    pub fn newton_schulz(&self) -> NewtonSchulz {
+        if self.gram_ns {
+            NewtonSchulz::muon().gram_form()
+        } else {
+            NewtonSchulz::muon()
+        }
+    }
+
     /// The presets of `train_lm --preset`: `small` (the default) and `gpu`.
     pub const PRESETS: [&'static str; 2] = ["small", "gpu"];
 
@@ -878,6 +892,7 @@ fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> 
                 // The embeddings and the head go to AdamW, at AdamW's rate.
                 adamw: adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),
                 adamw_names: ADAMW_NAMES.iter().map(|s| s.to_string()).collect(),
+                newton_schulz: cfg.newton_schulz(),
                 ..MuonConfig::default()
             },
         )?),
@@ -887,7 +902,8 @@ fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> 
                 lr,
                 manifold: Manifold::SpectralSphere { radius: cfg.radius },
                 weight_decay: WeightDecay::None,
-                ..SteepestConfig::default() // Norm::Spectral (msign), momentum 0.95 Nesterov
+                norm: steepest::Norm::Spectral(cfg.newton_schulz()),
+                ..SteepestConfig::default() // momentum 0.95 Nesterov
             },
             // As Muon's internal AdamW in the `muon` run: AdamW's rate.
             adamw_config(OptKind::AdamW.default_lr() * lr / kind.default_lr(), decay),

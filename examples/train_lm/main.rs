@@ -113,6 +113,9 @@ struct Cli {
     /// Write every step's training loss to this CSV (optimizer, seed, step, train_loss)
     #[arg(long, value_name = "PATH")]
     loss_log: Option<PathBuf>,
+    /// Muon's Newton–Schulz in the Gram form on matrices with aspect ratio ≥ 2 (restart every two steps; NewtonSchulz::gram_form)
+    #[arg(long)]
+    gram_ns: bool,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>)]
     ranks: usize,
@@ -226,6 +229,7 @@ impl From<Cli> for Args {
                 ranks: c.ranks,
                 stop_after: c.stop_after,
                 timing: c.timing || cuda,
+                gram_ns: c.gram_ns,
                 ..preset
             },
         }
@@ -655,12 +659,17 @@ fn report(
     } else {
         String::new()
     };
+    let gram = if cfg.gram_ns {
+        ", Gram Newton–Schulz"
+    } else {
+        ""
+    };
     let stopped = match cfg.stop_after {
         Some(n) if n < cfg.steps => format!(" (stopped after {n})"),
         _ => String::new(),
     };
     let caption = format!(
-        "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}; {} seed(s)",
+        "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}{gram}; {} seed(s)",
         cfg.layers, cfg.d_model, cfg.context, cfg.steps, cfg.batch, cfg.weight_decay, args.seeds
     );
     let caption = if timing {

@@ -99,6 +99,7 @@ emu_kernels!(
     ns_store_bf16,
     ns_store_f16,
     ns_symmetrize,
+    ns_shift_diag,
     ns_copy_cast,
 );
 

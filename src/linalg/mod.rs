@@ -12,7 +12,7 @@ mod newton_schulz;
 mod power_iteration;
 mod spectral;
 
-pub use newton_schulz::{msign, msign_generic, NewtonSchulz};
+pub use newton_schulz::{msign, msign_generic, GramNewtonSchulz, NewtonSchulz};
 pub(crate) use power_iteration::power_iteration_generic;
 pub use power_iteration::{power_iteration, TopSingular};
 pub(crate) use spectral::{batch3, unbatch};

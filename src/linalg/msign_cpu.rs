@@ -28,17 +28,23 @@ pub(crate) fn msign_cpu<T: WithDType>(g: &Tensor, ns: &NewtonSchulz) -> Result<T
             candle_core::Error::Msg("steepest: msign_cpu: non-contiguous input".into())
         })?;
         let data = &cpu.as_slice::<T>()?[start..end];
-        let mut work = Workspace::<T>::new(short, long);
+        let restarts = ns.gram_restarts(m, n);
+        let mut work = Workspace::<T>::new(short, long, restarts.is_some());
         for (src, dst) in data.chunks_exact(m * n).zip(out.chunks_exact_mut(m * n)) {
             work.load(src, m, n, tall, ns);
-            work.iterate(ns);
+            match restarts {
+                None => work.iterate(ns),
+                Some(restarts) => work.iterate_gram(ns, restarts),
+            }
             work.store(dst, m, n, tall);
         }
     }
     Tensor::from_vec(out, dims, g.device())
 }
 
-/// Buffers for one matrix on the short side: `X (s × l)`, `A, B (s × s)`.
+/// Buffers for one matrix on the short side: `X (s × l)`, `A, B (s × s)`;
+/// for the Gram form also `Q`, its next value and `RZ` (`s × s`), with `A`
+/// holding `R` and `B` holding `Z`.
 struct Workspace<T> {
     s: usize,
     l: usize,
@@ -46,6 +52,9 @@ struct Workspace<T> {
     x_next: Vec<T>,
     a: Vec<T>,
     b: Vec<T>,
+    q: Vec<T>,
+    q_next: Vec<T>,
+    rz: Vec<T>,
 }
 
 /// Products below this many multiply–adds run on one thread: measured with
@@ -111,14 +120,18 @@ fn gemm_rm<T: WithDType>(
 }
 
 impl<T: WithDType> Workspace<T> {
-    fn new(s: usize, l: usize) -> Self {
+    fn new(s: usize, l: usize, gram: bool) -> Self {
+        let square = |on: bool| vec![T::zero(); if on { s * s } else { 0 }];
         Self {
             s,
             l,
             x: vec![T::zero(); s * l],
             x_next: vec![T::zero(); s * l],
-            a: vec![T::zero(); s * s],
-            b: vec![T::zero(); s * s],
+            a: square(true),
+            b: square(true),
+            q: square(gram),
+            q_next: square(gram),
+            rz: square(gram),
         }
     }
 
@@ -179,6 +192,127 @@ impl<T: WithDType> Workspace<T> {
             );
             std::mem::swap(&mut self.x, &mut self.x_next);
         }
+    }
+
+    /// The Gram form (see `GramNewtonSchulz`): `R` in `a`, `Z` in `b`.
+    fn iterate_gram(&mut self, ns: &NewtonSchulz, restarts: &[usize]) {
+        let (s, l) = (self.s, self.l);
+        let table = ns.coefficients();
+        // R = X Xᵀ
+        gemm_rm(
+            s,
+            s,
+            l,
+            &mut self.a,
+            false,
+            &self.x,
+            &self.x,
+            true,
+            T::zero(),
+            T::one(),
+        );
+        let mut have_q = false;
+        for (k, &[ca, cb, cc]) in table.iter().enumerate() {
+            if have_q && restarts.contains(&k) {
+                self.apply_q();
+                gemm_rm(
+                    s,
+                    s,
+                    l,
+                    &mut self.a,
+                    false,
+                    &self.x,
+                    &self.x,
+                    true,
+                    T::zero(),
+                    T::one(),
+                );
+                have_q = false;
+            }
+            let (ca, cb, cc) = (T::from_f64(ca), T::from_f64(cb), T::from_f64(cc));
+            // Z = b·R + c·R·R
+            if cc == T::zero() {
+                for (z, r) in self.b.iter_mut().zip(&self.a) {
+                    *z = *r * cb;
+                }
+            } else {
+                self.b.copy_from_slice(&self.a);
+                gemm_rm(s, s, s, &mut self.b, true, &self.a, &self.a, false, cb, cc);
+            }
+            // Q = Z + a·I on a segment's first step, else Q ← a·Q + Q·Z
+            if have_q {
+                self.q_next.copy_from_slice(&self.q);
+                gemm_rm(
+                    s,
+                    s,
+                    s,
+                    &mut self.q_next,
+                    true,
+                    &self.q,
+                    &self.b,
+                    false,
+                    ca,
+                    T::one(),
+                );
+                std::mem::swap(&mut self.q, &mut self.q_next);
+            } else {
+                self.q.copy_from_slice(&self.b);
+                for i in 0..s {
+                    self.q[i * s + i] += ca;
+                }
+                have_q = true;
+            }
+            // R ← (Z + aI)·R·(Z + aI), unless the segment ends here
+            if k + 1 < table.len() && !restarts.contains(&(k + 1)) {
+                self.rz.copy_from_slice(&self.a);
+                gemm_rm(
+                    s,
+                    s,
+                    s,
+                    &mut self.rz,
+                    true,
+                    &self.a,
+                    &self.b,
+                    false,
+                    ca,
+                    T::one(),
+                );
+                self.a.copy_from_slice(&self.rz);
+                gemm_rm(
+                    s,
+                    s,
+                    s,
+                    &mut self.a,
+                    true,
+                    &self.b,
+                    &self.rz,
+                    false,
+                    ca,
+                    T::one(),
+                );
+            }
+        }
+        if have_q {
+            self.apply_q();
+        }
+    }
+
+    /// `X ← Q·X`.
+    fn apply_q(&mut self) {
+        let (s, l) = (self.s, self.l);
+        gemm_rm(
+            s,
+            l,
+            s,
+            &mut self.x_next,
+            false,
+            &self.q,
+            &self.x,
+            false,
+            T::zero(),
+            T::one(),
+        );
+        std::mem::swap(&mut self.x, &mut self.x_next);
     }
 
     fn store(&self, dst: &mut [T], m: usize, n: usize, tall: bool) {

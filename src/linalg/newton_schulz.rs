@@ -42,6 +42,49 @@ pub struct NewtonSchulz {
     norm_scale: f64,
     #[serde(with = "dtype_name")]
     compute_dtype: Option<DType>,
+    /// Absent in checkpoints written before the Gram form existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gram: Option<GramNewtonSchulz>,
+}
+
+/// When and how [`msign`] iterates on the Gram matrix instead of `X`
+/// (Gram Newton–Schulz; Zhang, Amsel, Chen and Dao, 2026).
+///
+/// For `X` on its short side (`s × l`, `s ≤ l`) every iterate is
+/// `X_k = Q_k X_0` with `Q_k` a polynomial in `R_0 = X_0 X_0ᵀ`, so the steps
+/// can run on `s × s` matrices only: with `p(R) = a I + b R + c R²`,
+/// `Q ← Q p(R)` and `R ← p(R) R p(R)`, and `X = Q X_0` at the end. That costs
+/// `2s²l` for `R_0` and for the final product plus about `8s³` per step,
+/// against `4s²l + 2s³` per step for the standard form: fewer operations
+/// once `l` is about twice `s` or more.
+///
+/// Rounding makes `R` drift from `X Xᵀ` (it can acquire small negative
+/// eigenvalues that the polynomial then amplifies); a *restart* before a
+/// given step forms `X = Q X_0` and recomputes `R = X Xᵀ` from it. Measured
+/// on low-rank and ill-conditioned inputs (`tests/msign.rs`), a restart every
+/// two steps keeps the error at that of the standard form, within about 2×
+/// with bf16/f16 operands; fewer restarts diverge there (the authors' one
+/// restart for five steps is tuned for f16 operands and their coefficients).
+/// [`NewtonSchulz::gram_form`] restarts every two steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GramNewtonSchulz {
+    /// Use the Gram form when `long side ≥ min_aspect · short side`; other
+    /// shapes take the standard form. Must be ≥ 1.
+    pub min_aspect: f64,
+    /// Steps (0-based, each in `1..steps`) before which `X` and `R` are
+    /// recomputed.
+    pub restarts: Vec<usize>,
+}
+
+impl GramNewtonSchulz {
+    /// Gram form for aspect ratios ≥ 2, restarting before steps
+    /// `period, 2·period, …` below `steps`.
+    pub fn restart_every(period: usize, steps: usize) -> Self {
+        Self {
+            min_aspect: 2.0,
+            restarts: (period.max(1)..steps).step_by(period.max(1)).collect(),
+        }
+    }
 }
 
 /// `Option<DType>` as its name (`"bf16"`) or null, for checkpoints.
@@ -156,6 +199,24 @@ impl NewtonSchulz {
                 fail!(Config, who, "compute dtype must be a float type, got {d:?}");
             }
         }
+        if let Some(g) = &self.gram {
+            if !(g.min_aspect.is_finite() && g.min_aspect >= 1.0) {
+                fail!(
+                    Config,
+                    who,
+                    "gram.min_aspect must be finite and ≥ 1, got {}",
+                    g.min_aspect
+                );
+            }
+            let steps = self.coefficients.len();
+            if let Some(r) = g.restarts.iter().find(|&&r| r == 0 || r >= steps) {
+                fail!(
+                    Config,
+                    who,
+                    "gram.restarts: step {r} is not in 1..{steps} (a restart goes before a step other than the first)"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -165,6 +226,7 @@ impl NewtonSchulz {
             eps: 1e-7,
             norm_scale: 1.0,
             compute_dtype: None,
+            gram: None,
         }
     }
 
@@ -180,6 +242,36 @@ impl NewtonSchulz {
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = Some(dtype);
         self
+    }
+
+    /// The same schedule in the Gram form ([`GramNewtonSchulz`]) for shapes
+    /// with aspect ratio ≥ 2, restarting every two steps: the same
+    /// polynomial of `G` up to rounding, with fewer operations on
+    /// rectangular matrices.
+    pub fn gram_form(self) -> Self {
+        let steps = self.coefficients.len();
+        self.with_gram(GramNewtonSchulz::restart_every(2, steps))
+    }
+
+    /// Iterates on the Gram matrix for shapes with aspect ratio at least
+    /// `gram.min_aspect` (see [`GramNewtonSchulz`]); validated with the rest
+    /// of the schedule ([`NewtonSchulz::validate`]).
+    pub fn with_gram(mut self, gram: GramNewtonSchulz) -> Self {
+        self.gram = Some(gram);
+        self
+    }
+
+    /// The Gram settings, if [`NewtonSchulz::with_gram`] set them.
+    pub fn gram(&self) -> Option<&GramNewtonSchulz> {
+        self.gram.as_ref()
+    }
+
+    /// The restart steps when an `(m, n)` matrix takes the Gram form, `None`
+    /// when it takes the standard form (no Gram settings, or too square).
+    pub fn gram_restarts(&self, m: usize, n: usize) -> Option<&[usize]> {
+        let g = self.gram.as_ref()?;
+        let (s, l) = (m.min(n) as f64, m.max(n) as f64);
+        (l >= g.min_aspect * s).then_some(g.restarts.as_slice())
     }
 
     /// Sets the factor on `‖G‖_F` in the input normalisation.
@@ -230,6 +322,7 @@ impl NewtonSchulz {
 /// fused path (the polynomial folded into the GEMMs); elsewhere [`msign_generic`].
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     matrix_dims("msign: g", g)?;
+    ns.validate("msign")?;
     crate::device::msign(g, ns)
 }
 
@@ -237,6 +330,7 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
 /// (CUDA, Metal, CPU): the reference the fused paths are tested against.
 pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let (m, n) = matrix_dims("msign: g", g)?;
+    ns.validate("msign")?;
     // X and the polynomial's combinations stay in f32 (f64 for f64 input);
     // a lower `compute_dtype` only rounds the matrix products' operands.
     let acc = compute_dtype(g.dtype());
@@ -257,7 +351,21 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     }
     let norm = frobenius_keepdim(&x)?;
     x = x.broadcast_div(&((norm * ns.norm_scale)? + ns.eps)?)?;
-    for &[a, b, c] in &ns.coefficients {
+    x = match ns.gram_restarts(m, n) {
+        None => standard_steps(x, &ns.coefficients, &mm)?,
+        Some(restarts) => gram_steps(x, &ns.coefficients, restarts, &mm)?,
+    };
+    if tall {
+        x = transpose_last(&x)?;
+    }
+    Ok(x.contiguous()?.to_dtype(g.dtype())?)
+}
+
+type Product<'a> = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + 'a;
+
+/// The standard form: per step `A = X Xᵀ; X ← a X + (b A + c A²) X`.
+fn standard_steps(mut x: Tensor, table: &[[f64; 3]], mm: &Product<'_>) -> Result<Tensor> {
+    for &[a, b, c] in table {
         let gram = mm(&x, &transpose_last(&x)?)?;
         let poly = if c == 0.0 {
             (&gram * b)?
@@ -266,8 +374,48 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
         };
         x = ((&x * a)? + mm(&poly, &x)?)?;
     }
-    if tall {
-        x = transpose_last(&x)?;
+    Ok(x)
+}
+
+/// The Gram form ([`GramNewtonSchulz`]): `R = X Xᵀ`, per step
+/// `Z = b R + c R²`, `Q ← Q Z + a Q` (`Q = Z + a I` on a segment's first
+/// step), and, unless the segment ends, `R ← (Z + aI) R (Z + aI)` as
+/// `RZ = R Z + a R`, `R = Z·RZ + a RZ`. A restart before step `k` sets
+/// `X ← Q X`, `R ← X Xᵀ` and starts a new segment; the result is `Q X`.
+fn gram_steps(
+    mut x: Tensor,
+    table: &[[f64; 3]],
+    restarts: &[usize],
+    mm: &Product<'_>,
+) -> Result<Tensor> {
+    let s = x.dim(x.rank() - 2)?;
+    let eye = Tensor::eye(s, x.dtype(), x.device())?;
+    let mut r = mm(&x, &transpose_last(&x)?)?;
+    let mut q: Option<Tensor> = None;
+    for (k, &[a, b, c]) in table.iter().enumerate() {
+        if restarts.contains(&k) {
+            if let Some(q) = q.take() {
+                x = mm(&q, &x)?;
+                r = mm(&x, &transpose_last(&x)?)?;
+            }
+        }
+        let z = if c == 0.0 {
+            (&r * b)?
+        } else {
+            ((&r * b)? + (mm(&r, &r)? * c)?)?
+        };
+        q = Some(match q {
+            None => z.broadcast_add(&(&eye * a)?)?,
+            Some(q) => ((&q * a)? + mm(&q, &z)?)?,
+        });
+        let segment_ends = k + 1 == table.len() || restarts.contains(&(k + 1));
+        if !segment_ends {
+            let rz = ((&r * a)? + mm(&r, &z)?)?;
+            r = ((&rz * a)? + mm(&z, &rz)?)?;
+        }
     }
-    Ok(x.contiguous()?.to_dtype(g.dtype())?)
+    match q {
+        Some(q) => Ok(mm(&q, &x)?),
+        None => Ok(x),
+    }
 }

@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use steepest::device::emu;
-use steepest::linalg::{msign, msign_generic, NewtonSchulz};
+use steepest::linalg::{msign, msign_generic, GramNewtonSchulz, NewtonSchulz};
 
 use super::cases::*;
 
@@ -127,5 +127,107 @@ fn msign_low_precision_operands() {
             let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
             check(&format!("({b}, {m}, {n}) {op:?} vs f32"), &exact, &got, 0.1);
         }
+    }
+}
+
+/// The Gram form on the emulator against the CPU path's Gram form, on every
+/// shape (`min_aspect = 1`: squares too), four schedules and restart lists
+/// from none to every step, with the default and small tiles (so that each
+/// symmetric product is several mirrored GEMMs).
+#[test]
+fn msign_gram_form_matches_cpu_on_every_shape() {
+    let schedules = [
+        NewtonSchulz::muon(),
+        NewtonSchulz::polar_express(8),
+        NewtonSchulz::you(),
+        NewtonSchulz::cubic(6),
+    ];
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
+        let base = &schedules[i % schedules.len()];
+        let steps = base.coefficients().len();
+        // No restarts is unstable with Polar Express's first step (a ≈ 8.3):
+        // rounding differences between two correct paths grow to ~0.1 there
+        // (the CPU path's own error against the SVD is ~3e-2), so that
+        // schedule always restarts.
+        let restarts: Vec<usize> = match (i % 3, i % 4) {
+            (0, 1) | (1, _) => (2..steps).step_by(2).collect(),
+            (0, _) => vec![],
+            _ => (1..steps).collect(),
+        };
+        let ns = base.clone().with_gram(GramNewtonSchulz {
+            min_aspect: 1.0,
+            restarts: restarts.clone(),
+        });
+        let g = input(i, b, m, n, DType::F32);
+        let want = msign(&g, &ns).unwrap();
+        for tile in [None, Some(7)] {
+            let got = emu::msign(&g, &ns, tile).unwrap();
+            check(
+                &format!(
+                    "({b}, {m}, {n}) schedule {} restarts {restarts:?} tile {tile:?}",
+                    i % 4
+                ),
+                &want,
+                &got,
+                2e-3,
+            );
+        }
+    }
+}
+
+/// The Gram form is the same map as the standard form: on the emulator the
+/// two agree on rectangular shapes (default `gram_form`: aspect ≥ 2, restart
+/// every two steps), and a square matrix is left to the standard form.
+#[test]
+fn msign_gram_form_matches_the_standard_form() {
+    for (i, &(b, m, n)) in [(1, 10, 40), (3, 12, 30), (1, 130, 50), (2, 16, 64)]
+        .iter()
+        .enumerate()
+    {
+        let g = input(40 + i, b, m, n, DType::F32);
+        let ns = NewtonSchulz::you();
+        let standard = emu::msign(&g, &ns, None).unwrap();
+        let gram = emu::msign(&g, &ns.clone().gram_form(), Some(8)).unwrap();
+        check(&format!("({b}, {m}, {n})"), &standard, &gram, 2e-3);
+    }
+    let ns = NewtonSchulz::muon().gram_form();
+    assert!(ns.gram_restarts(8, 8).is_none() && ns.gram_restarts(8, 16).is_some());
+}
+
+/// bf16 and f16 operands in the Gram form against the generic path's Gram
+/// form with the same operand rounding; bf16 inputs and a zero matrix.
+#[test]
+fn msign_gram_form_low_precision() {
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate().skip(1).step_by(3) {
+        for op in [DType::BF16, DType::F16] {
+            let ns = NewtonSchulz::muon()
+                .with_compute_dtype(op)
+                .with_gram(GramNewtonSchulz {
+                    min_aspect: 1.0,
+                    restarts: vec![2, 4],
+                });
+            let g = input(i, b, m, n, DType::F32);
+            let want = msign_generic(&g, &ns).unwrap();
+            let got = emu::msign(&g, &ns, Some(7)).unwrap();
+            check(
+                &format!("({b}, {m}, {n}) operands {op:?}"),
+                &want,
+                &got,
+                0.1,
+            );
+            // and close to the f32 result (as tests/gpu_kernels.rs asks on a GPU)
+            let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
+            check(&format!("({b}, {m}, {n}) {op:?} vs f32"), &exact, &got, 0.1);
+        }
+        let ns = NewtonSchulz::muon().gram_form();
+        let g = input(i, b, m, n, DType::BF16);
+        let want = msign(&g, &ns).unwrap();
+        let got = emu::msign(&g, &ns, None).unwrap();
+        check(&format!("({b}, {m}, {n}) bf16 input"), &want, &got, 1e-2);
+    }
+    let ns = NewtonSchulz::muon().gram_form();
+    for (b, m, n) in [(1, 5, 19), (2, 30, 6)] {
+        let g = Tensor::zeros((b, m, n), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(max_abs(&emu::msign(&g, &ns, None).unwrap()), 0.0);
     }
 }
