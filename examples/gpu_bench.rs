@@ -45,6 +45,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use clap::Parser;
 use serde_json::{json, Value};
+use steepest::device::msign_device_work;
 use steepest::linalg::{msign, power_iteration, NewtonSchulz};
 use steepest::optim::NamedVar;
 use steepest::{AdamW, AdamWConfig, Muon, MuonConfig, WeightDecay};
@@ -61,6 +62,12 @@ const CONVENTIONS: &[(&str, &str)] = &[
         "standard FLOPs of Newton-Schulz: per step and per m x n matrix with s = min(m,n), \
          l = max(m,n): X X^T 2 s^2 l + A A 2 s^3 + (bA + cA^2) X 2 s^2 l = 4 s^2 l + 2 s^3; \
          times steps (5) and batch; elementwise work not counted",
+    ),
+    (
+        "flops_issued",
+        "GEMM FLOPs the CUDA path actually issues for the msign part (steepest::device::\
+         msign_device_work: symmetric products on one triangle of tiles, the Gram form's \
+         products); tflops_issued = flops_issued / median, the rate the GEMMs ran at",
     ),
     (
         "pi_bytes",
@@ -167,6 +174,8 @@ struct Rec {
     dtype: &'static str,
     notes: String,
     flops: Option<f64>,
+    /// GEMM FLOPs the CUDA path issues (`steepest::device::msign_device_work`).
+    flops_issued: Option<f64>,
     bytes: Option<f64>,
     times: Vec<f64>,
     error: Option<String>,
@@ -180,6 +189,7 @@ impl Rec {
             dtype,
             notes: String::new(),
             flops: None,
+            flops_issued: None,
             bytes: None,
             times: Vec::new(),
             error: None,
@@ -193,6 +203,21 @@ impl Rec {
 
     fn flops(mut self, f: f64) -> Self {
         self.flops = Some(f);
+        self
+    }
+
+    /// The GEMM FLOPs the CUDA path issues for msign under `ns` on `shapes`
+    /// (only when the bench runs on CUDA: the CPU path runs other products).
+    fn issued(mut self, ns: &NewtonSchulz, cuda: bool) -> Self {
+        if !cuda {
+            return self;
+        }
+        self.flops_issued = self
+            .shapes
+            .iter()
+            .map(|&[b, m, n]| msign_device_work(b, m, n, ns).map(|w| w.gemm_flops))
+            .sum::<steepest::Result<f64>>()
+            .ok();
         self
     }
 
@@ -228,6 +253,8 @@ impl Rec {
             "mean_s": mean,
             "times_s": self.times,
             "flops": self.flops,
+            "flops_issued": self.flops_issued,
+            "tflops_issued": match (self.flops_issued, median) { (Some(f), Some(t)) => Some(f / t / 1e12), _ => None },
             "bytes": self.bytes,
             "tflops": match (self.flops, median) { (Some(f), Some(t)) => Some(f / t / 1e12), _ => None },
             "gbps": match (self.bytes, median) { (Some(b), Some(t)) => Some(b / t / 1e9), _ => None },
@@ -391,6 +418,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let dev = device(&cli.device)?;
     let quick = cli.quick;
+    let cuda = dev.is_cuda();
     let mut bench = Bench {
         device_name: match &dev {
             Device::Cpu => "cpu".to_string(),
@@ -430,7 +458,8 @@ fn main() -> Result<()> {
             .notes(
                 "msign(G) of one n x n bf16 matrix, NewtonSchulz::muon() with bf16 compute dtype",
             )
-            .flops(ns_flops(&shape)),
+            .flops(ns_flops(&shape))
+            .issued(&muon_ns(), cuda),
             |dev| {
                 let g = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
                 Ok((g, muon_ns()))
@@ -457,7 +486,8 @@ fn main() -> Result<()> {
                     .notes(&format!(
                         "msign on each same-shape batch (b, m, n) of the set: the Newton-Schulz part of a Muon step{note}"
                     ))
-                    .flops(ns_total),
+                    .flops(ns_total)
+                    .issued(&ns, cuda),
                 |dev| Ok((batches(&set, dev, 1.0)?, ns.clone())),
                 |(gs, ns)| {
                     for g in gs.iter() {
@@ -479,7 +509,8 @@ fn main() -> Result<()> {
                          lr 0.02, LrAdjust::Original, decoupled decay 0.1; same-shape matrices batched{note}",
                         4 * layers
                     ))
-                    .flops(ns_total),
+                    .flops(ns_total)
+                    .issued(&ns, cuda),
                 |dev| {
                     let (vars, grads) = vars_and_grads(&set, dev)?;
                     let opt = Muon::from_named(

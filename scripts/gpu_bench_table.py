@@ -111,10 +111,12 @@ def main():
         + (f"measured bf16 GEMM rate ({gemm[0]:.4g} TFLOP/s, {gemm[1]})" if gemm else "bf16 GEMM rate (not measured)")
         + "; bandwidth: one read of W per power iteration, 28 B/parameter for AdamW, against the "
         + (f"measured copy ({copy[0]:.4g} GB/s read + write, {copy[1]})." if copy else "copy bandwidth (not measured).")
+        + " Issued TFLOP/s: the GEMM FLOPs steepest's device path actually issues for Newton–Schulz"
+        " (symmetric products on one triangle of tiles; the Gram form) over its median time."
     )
     p("")
-    p("| workload | shapes (b×m×n) | steepest ms | PyTorch | PyTorch ms | speedup | floor ms | ×floor | % copy BW |")
-    p("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    p("| workload | shapes (b×m×n) | steepest ms | PyTorch | PyTorch ms | speedup | floor ms | ×floor | % copy BW | issued TFLOP/s |")
+    p("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in ours.get("records", []):
         name = r.get("name", "?")
         if name.startswith("ceiling/"):
@@ -138,7 +140,8 @@ def main():
             else:
                 timpl, tms, sp = t.get("impl", "?"), f"error: {t.get('error')}", "—"
             label = name if tname == name else f"{name} (vs {tname})"
-            p(f"| {label} | {shapes_str(r)} | {mine_s} | {timpl} | {tms} | {sp} | {ms(floor)} | {xfloor} | {bw} |")
+            issued = f"{r['tflops_issued']:.4g}" if r.get("tflops_issued") else "—"
+            p(f"| {label} | {shapes_str(r)} | {mine_s} | {timpl} | {tms} | {sp} | {ms(floor)} | {xfloor} | {bw} | {issued} |")
 
     # Targets of the issue.
     def speed(name, impl, ours_name=None):

@@ -23,6 +23,7 @@
 //! the launch code (`launch.rs`) is shared by both. See `docs/kernels.md`.
 
 pub mod access;
+mod count;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -34,6 +35,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::error::{fail, Result};
 use crate::linalg::{NewtonSchulz, TopSingular};
 use access::{slice, slice_mut, with_cpu_data, Data, DataMut, Typed};
+pub use count::{msign_device_work, MsignWork};
 pub use cpu::AdamStep;
 
 /// Decay folded into an update: `w ← scale·w − coeff·a bᵀ` on the matrix view.
