@@ -9,21 +9,12 @@
 //!
 //!     cargo bench --bench msign_gram
 
-use std::time::Instant;
+#[path = "support/interleaved.rs"]
+mod interleaved;
 
 use candle_core::{Device, Result, Tensor};
+use interleaved::{median, seconds};
 use steepest::{msign, GramNewtonSchulz, NewtonSchulz};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn seconds(f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    let start = Instant::now();
-    f()?;
-    Ok(start.elapsed().as_secs_f64())
-}
 
 /// FLOPs (2 per multiply–add) of the matrix products of one msign of an
 /// `(m, n)` matrix under `ns`, as the CPU path runs them: the standard form

@@ -9,9 +9,11 @@
 //!
 //!     cargo bench --bench msign_share
 
-use std::time::Instant;
+#[path = "support/interleaved.rs"]
+mod interleaved;
 
 use candle_core::{Device, Result, Tensor};
+use interleaved::{median, seconds};
 use steepest::linalg::msign_generic;
 use steepest::{msign, NewtonSchulz};
 
@@ -24,17 +26,6 @@ fn products(x: &Tensor, xt: &Tensor, steps: usize) -> Result<()> {
         std::hint::black_box(b.matmul(x)?);
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn seconds(f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    let start = Instant::now();
-    f()?;
-    Ok(start.elapsed().as_secs_f64())
 }
 
 fn main() -> Result<()> {

@@ -159,25 +159,11 @@ impl<T: WithDType> Workspace<T> {
     fn iterate(&mut self, ns: &NewtonSchulz) {
         let (s, l) = (self.s, self.l);
         for &[ca, cb, cc] in ns.coefficients() {
-            let (ca, cb, cc) = (T::from_f64(ca), T::from_f64(cb), T::from_f64(cc));
-            // A = X Xᵀ
-            gemm_rm(
-                s,
-                s,
-                l,
-                &mut self.a,
-                false,
-                &self.x,
-                &self.x,
-                true,
-                T::zero(),
-                T::one(),
-            );
-            // B = b·A + c·A·A
-            self.b.copy_from_slice(&self.a);
-            gemm_rm(s, s, s, &mut self.b, true, &self.a, &self.a, false, cb, cc);
+            self.gram_of_x();
+            self.poly_of_a(cb, cc);
             // X' = a·X + B·X
             self.x_next.copy_from_slice(&self.x);
+            let (one, ca) = (T::one(), T::from_f64(ca));
             gemm_rm(
                 s,
                 l,
@@ -188,17 +174,15 @@ impl<T: WithDType> Workspace<T> {
                 &self.x,
                 false,
                 ca,
-                T::one(),
+                one,
             );
             std::mem::swap(&mut self.x, &mut self.x_next);
         }
     }
 
-    /// The Gram form (see `GramNewtonSchulz`): `R` in `a`, `Z` in `b`.
-    fn iterate_gram(&mut self, ns: &NewtonSchulz, restarts: &[usize]) {
+    /// `A = X Xᵀ`.
+    fn gram_of_x(&mut self) {
         let (s, l) = (self.s, self.l);
-        let table = ns.coefficients();
-        // R = X Xᵀ
         gemm_rm(
             s,
             s,
@@ -211,34 +195,38 @@ impl<T: WithDType> Workspace<T> {
             T::zero(),
             T::one(),
         );
+    }
+
+    /// `B = b·A + c·A·A`.
+    fn poly_of_a(&mut self, cb: f64, cc: f64) {
+        let s = self.s;
+        let cb = T::from_f64(cb);
+        if cc == 0.0 {
+            for (b, a) in self.b.iter_mut().zip(&self.a) {
+                *b = *a * cb;
+            }
+        } else {
+            self.b.copy_from_slice(&self.a);
+            let cc = T::from_f64(cc);
+            gemm_rm(s, s, s, &mut self.b, true, &self.a, &self.a, false, cb, cc);
+        }
+    }
+
+    /// The Gram form (see `GramNewtonSchulz`): `R` in `a`, `Z` in `b`.
+    fn iterate_gram(&mut self, ns: &NewtonSchulz, restarts: &[usize]) {
+        let s = self.s;
+        let table = ns.coefficients();
+        let one = T::one();
+        self.gram_of_x();
         let mut have_q = false;
         for (k, &[ca, cb, cc]) in table.iter().enumerate() {
             if have_q && restarts.contains(&k) {
                 self.apply_q();
-                gemm_rm(
-                    s,
-                    s,
-                    l,
-                    &mut self.a,
-                    false,
-                    &self.x,
-                    &self.x,
-                    true,
-                    T::zero(),
-                    T::one(),
-                );
+                self.gram_of_x();
                 have_q = false;
             }
-            let (ca, cb, cc) = (T::from_f64(ca), T::from_f64(cb), T::from_f64(cc));
-            // Z = b·R + c·R·R
-            if cc == T::zero() {
-                for (z, r) in self.b.iter_mut().zip(&self.a) {
-                    *z = *r * cb;
-                }
-            } else {
-                self.b.copy_from_slice(&self.a);
-                gemm_rm(s, s, s, &mut self.b, true, &self.a, &self.a, false, cb, cc);
-            }
+            self.poly_of_a(cb, cc);
+            let ca = T::from_f64(ca);
             // Q = Z + a·I on a segment's first step, else Q ← a·Q + Q·Z
             if have_q {
                 self.q_next.copy_from_slice(&self.q);
@@ -252,7 +240,7 @@ impl<T: WithDType> Workspace<T> {
                     &self.b,
                     false,
                     ca,
-                    T::one(),
+                    one,
                 );
                 std::mem::swap(&mut self.q, &mut self.q_next);
             } else {
@@ -275,7 +263,7 @@ impl<T: WithDType> Workspace<T> {
                     &self.b,
                     false,
                     ca,
-                    T::one(),
+                    one,
                 );
                 self.a.copy_from_slice(&self.rz);
                 gemm_rm(
@@ -288,7 +276,7 @@ impl<T: WithDType> Workspace<T> {
                     &self.rz,
                     false,
                     ca,
-                    T::one(),
+                    one,
                 );
             }
         }
