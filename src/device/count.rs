@@ -139,7 +139,7 @@ mod tests {
         let w = msign_device_work(1, 3072, 768, &NewtonSchulz::muon()).unwrap();
         let standard = k * (f * 2.0 * s * s * l + 2.0 * s * s * l + f * 2.0 * s * s * s);
         assert_eq!(w.gemm_flops, standard);
-        assert_eq!(w.gemms, 5 * (10 + 10 + 1));
+        assert_eq!(w.gemms, 5 * (4 + 4 + 1));
         // Gram form, restarts [2, 4]: three R = X Xᵀ (tiled), three X ← Q X
         // (full), 11 symmetric s × s products (tiled).
         let gram_ns = NewtonSchulz::muon().gram_form();

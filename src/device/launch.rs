@@ -910,10 +910,12 @@ pub(crate) struct MsignJob<'a> {
 /// The GEMMs of a symmetric product `C ← α·L·Rᵀ + β·C` over the tile pairs
 /// `I ≤ J` only, `L` and `R` row-major `(s, k)`, `C` row-major `(s, s)`:
 /// `X Xᵀ` (`L = R = X`), and the products of commuting symmetric matrices
-/// (`R·Z = R·Zᵀ`), which are symmetric too. cuBLAS (column-major) sees the
-/// row-major operands transposed; each GEMM writes the column-major block
-/// `(I, J)`, i.e. the row-major block `(J, I)` with row tile ≥ column tile,
-/// which `ns_symmetrize` then mirrors into the rest.
+/// (`R·Z = R·Zᵀ`), which are symmetric too. One GEMM per tile `I` covers
+/// the tiles `J ≥ I` at once (they are contiguous): with `T` tiles, `T`
+/// GEMMs computing `(T + 1)/2T` of the product. cuBLAS (column-major) sees
+/// the row-major operands transposed; each GEMM writes the column-major
+/// blocks `(I, J ≥ I)`, i.e. the row-major blocks `(J, I)` on and below the
+/// diagonal, which `ns_symmetrize` then mirrors into the rest.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sym_gemms(
     l: u64,
@@ -927,37 +929,30 @@ pub(crate) fn sym_gemms(
     alpha: f32,
     beta: f32,
 ) -> Vec<Gemm> {
-    let tiles: Vec<(usize, usize)> = (0..s)
+    (0..s)
         .step_by(tile.max(1))
-        .map(|t0| (t0, tile.min(s - t0)))
-        .collect();
-    let mut out = Vec::new();
-    for (ii, &(i0, ni)) in tiles.iter().enumerate() {
-        for &(j0, nj) in &tiles[ii..] {
-            // column-major C(i, j) = Σ R[i0+i][·]·L[j0+j][·] = (L Rᵀ)[j0+j][i0+i]
-            out.push(Gemm {
-                transa: true,
-                transb: false,
-                m: ni,
-                n: nj,
-                k,
-                alpha,
-                a: r + (i0 * k) as u64 * op.size(),
-                lda: k,
-                stride_a: s * k,
-                b: l + (j0 * k) as u64 * op.size(),
-                ldb: k,
-                stride_b: s * k,
-                beta,
-                c: c + (i0 + j0 * s) as u64 * 4,
-                ldc: s,
-                stride_c: s * s,
-                batch: b,
-                op,
-            });
-        }
-    }
-    out
+        .map(|i0| Gemm {
+            // column-major C(i, j) = Σ R[i0+i][·]·L[i0+j][·] = (L Rᵀ)[i0+j][i0+i]
+            transa: true,
+            transb: false,
+            m: tile.min(s - i0),
+            n: s - i0,
+            k,
+            alpha,
+            a: r + (i0 * k) as u64 * op.size(),
+            lda: k,
+            stride_a: s * k,
+            b: l + (i0 * k) as u64 * op.size(),
+            ldb: k,
+            stride_b: s * k,
+            beta,
+            c: c + (i0 + i0 * s) as u64 * 4,
+            ldc: s,
+            stride_c: s * s,
+            batch: b,
+            op,
+        })
+        .collect()
 }
 
 /// An `s × s` f32 matrix per batch member and the address of its operand copy.
@@ -1424,12 +1419,13 @@ mod tests {
 
     #[test]
     fn gram_tiles_cover_one_triangle() {
-        // s = 300, tile 128: tiles at 0, 128, 256 → 6 pairs.
+        // s = 300, tile 128: tiles at 0, 128, 256 → one GEMM per tile row.
         let g = sym_gemms(0, 0, 0, Elt::F32, 1, 300, 10, 128, 1.0, 0.0);
-        assert_eq!(g.len(), 6);
+        assert_eq!(g.len(), 3);
         let mut covered = vec![0u8; 300 * 300];
         for x in &g {
             let (i0, j0) = ((x.c / 4) as usize % 300, (x.c / 4) as usize / 300);
+            assert_eq!((x.a, x.b), (i0 as u64 * 10 * 4, j0 as u64 * 10 * 4));
             for i in 0..x.m {
                 for j in 0..x.n {
                     covered[(i0 + i) + (j0 + j) * 300] += 1;
