@@ -286,11 +286,19 @@ impl Backend for Emu {
                 extent(br, bc, g.ldb, g.stride_b, g.batch) as u64 * os,
             )?;
         }
-        self.check_extent(
-            "C",
-            g.c,
-            extent(g.m, g.n, g.ldc, g.stride_c, g.batch) as u64 * 4,
-        )?;
+        let c_bytes = extent(g.m, g.n, g.ldc, g.stride_c, g.batch) as u64 * 4;
+        self.check_extent("C", g.c, c_bytes)?;
+        // cuBLAS leaves a C that overlaps an operand undefined (this stand-in
+        // would compute it right): refuse it here, where the tests can see it.
+        if g.k > 0 {
+            let a_bytes = extent(ar, ac, g.lda, g.stride_a, g.batch) as u64 * os;
+            let b_bytes = extent(br, bc, g.ldb, g.stride_b, g.batch) as u64 * os;
+            for (name, at, bytes) in [("A", g.a, a_bytes), ("B", g.b, b_bytes)] {
+                if at < g.c + c_bytes && g.c < at + bytes {
+                    fail!(Device, "emulated GEMM", "C overlaps operand {name}");
+                }
+            }
+        }
         let kind = match g.op {
             Elt::F32 => 0,
             Elt::BF16 => 1,
@@ -609,6 +617,25 @@ mod tests {
         // a second batch member would read and write past both buffers
         assert!(e.gemm(&Gemm { batch: 2, ..g }).is_err());
         assert!(e.gemm(&Gemm { lda: 5, ..g }).is_err());
+        // C may not overlap an operand (undefined in cuBLAS)
+        let err = e
+            .gemm(&Gemm {
+                c: Emu::addr(&a),
+                ..g
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("C overlaps operand A"), "{err}");
+        let big = e.alloc_zeroed(4 * 32 * 4).unwrap();
+        let (c2, b2) = (Emu::addr(&big), Emu::addr(&big) + 16);
+        let err = e.gemm(&Gemm { c: c2, b: b2, ..g }).unwrap_err();
+        assert!(err.to_string().contains("C overlaps operand B"), "{err}");
+        // adjacent, not overlapping: fine
+        e.gemm(&Gemm {
+            c: c2,
+            b: c2 + 64,
+            ..g
+        })
+        .unwrap();
     }
 
     /// The same table uploads once; a different one uploads again.
