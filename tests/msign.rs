@@ -131,6 +131,27 @@ fn batch_equals_each_matrix_alone() {
     }
 }
 
+/// The fused CPU path spreads a batch of small matrices over threads (one
+/// matrix each): every member's result must be bit-identical to the matrix
+/// alone, in both forms.
+#[test]
+fn batched_small_matrices_are_bit_identical_to_each_alone() {
+    let mut r = rng(11);
+    for dt in [DType::F32, DType::F64] {
+        for (b, m, n) in [(5, 16, 40), (7, 30, 12), (3, 9, 9)] {
+            let g = randn(&mut r, &[b, m, n], dt);
+            for ns in [NewtonSchulz::muon(), NewtonSchulz::you().gram_form()] {
+                let batched = msign(&g, &ns).unwrap();
+                for i in 0..b {
+                    let alone = msign(&g.get(i).unwrap(), &ns).unwrap();
+                    let (x, y) = (to_f64_vec(&batched.get(i).unwrap()), to_f64_vec(&alone));
+                    assert!(x == y, "{dt:?} ({b}, {m}, {n}) member {i} differs");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn zero_matrix_gives_zero_not_nan() {
     for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {

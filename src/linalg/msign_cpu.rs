@@ -3,9 +3,12 @@
 //! `A = X Xᵀ`, `B = b·A + c·A·A`, `X ← a·X + B·X` — so the only passes outside
 //! the products are two copies (`B ← A`, `X' ← X`), not five elementwise ops.
 //! Same arithmetic as the generic path; tested against it and an f64 SVD.
+//! Large products are threaded inside the GEMM; a batch of small matrices
+//! (whose products run on one thread) is spread over the threads instead.
 
 use candle_core::{Result, Storage, Tensor, WithDType};
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 use super::newton_schulz::NewtonSchulz;
 
@@ -29,14 +32,28 @@ pub(crate) fn msign_cpu<T: WithDType>(g: &Tensor, ns: &NewtonSchulz) -> Result<T
         })?;
         let data = &cpu.as_slice::<T>()?[start..end];
         let restarts = ns.gram_restarts(m, n);
-        let mut work = Workspace::<T>::new(short, long, restarts.is_some());
-        for (src, dst) in data.chunks_exact(m * n).zip(out.chunks_exact_mut(m * n)) {
+        let new_work = || Workspace::<T>::new(short, long, restarts.is_some());
+        let one = |work: &mut Workspace<T>, (src, dst): (&[T], &mut [T])| {
             work.load(src, m, n, tall, ns);
             match restarts {
                 None => work.iterate(ns),
                 Some(restarts) => work.iterate_gram(ns, restarts),
             }
             work.store(dst, m, n, tall);
+        };
+        // Products this small run on one thread each (see `parallelism`):
+        // then the batch members go to the threads instead. Each member's
+        // arithmetic is the same either way.
+        let threads = candle_core::utils::get_num_threads();
+        if batch > 1 && threads > 1 && short * short * long < PARALLEL_MIN_MACS {
+            let pairs = data
+                .par_chunks_exact(m * n)
+                .zip(out.par_chunks_exact_mut(m * n));
+            pairs.for_each_init(new_work, one);
+        } else {
+            let mut work = new_work();
+            let pairs = data.chunks_exact(m * n).zip(out.chunks_exact_mut(m * n));
+            pairs.for_each(|p| one(&mut work, p));
         }
     }
     Tensor::from_vec(out, dims, g.device())
