@@ -162,6 +162,33 @@ fn loading_restores_hyperparameters() {
     assert_eq!(b.config(), a.config());
 }
 
+/// The Newton–Schulz form is a hyperparameter like the others: a checkpoint
+/// written in the Gram form brings it back, and resuming from it is exact.
+#[test]
+fn gram_form_is_saved_and_restored() {
+    fn muon_gram(vm: &VarMap) -> Muon {
+        let mut opt = muon(vm);
+        let mut cfg = opt.config().clone();
+        cfg.newton_schulz = cfg.newton_schulz.gram_form();
+        opt = Muon::from_varmap(vm, cfg).unwrap();
+        opt
+    }
+    let vm = model(DType::F32);
+    let mut a = muon_gram(&vm);
+    a.backward_step(&loss(&vm, 0, &[])).unwrap();
+    let state = a.state_dict().unwrap();
+    let h = common::header(&state);
+    assert_eq!(
+        h["body"]["config"]["newton_schulz"]["gram"]["restarts"],
+        serde_json::json!([2, 4])
+    );
+    let mut b = muon(&vm);
+    assert!(b.config().newton_schulz.gram().is_none());
+    b.load_state_dict(&state).unwrap();
+    assert_eq!(b.config().newton_schulz, a.config().newton_schulz);
+    resume_is_bit_identical(muon_gram, DType::F32);
+}
+
 /// Loads `bad` into a stepped optimizer: must fail with `needle` in the message
 /// and leave state and config exactly as they were.
 fn refused<O: Optimizer + OptimizerState>(
