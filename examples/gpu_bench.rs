@@ -14,6 +14,9 @@
 //! - `ns_set_gram/<set>`, `muon_step_gram/<set>`: the same in the Gram form
 //!   of Newton–Schulz (`NewtonSchulz::gram_form`; the square matrices keep
 //!   the standard form), with the standard form's FLOPs as the floor;
+//! - `ns_set_tiles{1,2,8}/<set>` (CUDA only): `ns_set` with the symmetric
+//!   products cut into 1, 2 or 8 tile rows instead of the default (about
+//!   4), to choose the default on the GPU at hand;
 //! - `power_iteration_x10/<set>`: [`power_iteration`] with 10 iterations on
 //!   each same-shape batch `(b, m, n)`, started from a fixed random vector;
 //! - `adamw/<set>`, `adamw_spectral/<set>`: one [`AdamW`] step with decoupled
@@ -207,15 +210,19 @@ impl Rec {
     }
 
     /// The GEMM FLOPs the CUDA path issues for msign under `ns` on `shapes`
-    /// (only when the bench runs on CUDA: the CPU path runs other products).
-    fn issued(mut self, ns: &NewtonSchulz, cuda: bool) -> Self {
+    /// (only when the bench runs on CUDA: the CPU path runs other products),
+    /// with `tiles` tile rows per symmetric product (`None`: the default).
+    fn issued(mut self, ns: &NewtonSchulz, cuda: bool, tiles: Option<usize>) -> Self {
         if !cuda {
             return self;
         }
         self.flops_issued = self
             .shapes
             .iter()
-            .map(|&[b, m, n]| msign_device_work(b, m, n, ns).map(|w| w.gemm_flops))
+            .map(|&[b, m, n]| {
+                let tile = tiles.map(|t| tile_rows(m.min(n), t));
+                msign_device_work(b, m, n, ns, tile).map(|w| w.gemm_flops)
+            })
             .sum::<steepest::Result<f64>>()
             .ok();
         self
@@ -410,6 +417,12 @@ const GRAM_NOTE: &str =
     "; Gram form (NewtonSchulz::gram_form: aspect >= 2, restart every 2 steps; \
                          square matrices keep the standard form); flops: the standard form's";
 
+/// Rows per tile when a short side `s` is cut into `tiles` tile rows
+/// (multiples of 32; one tile: the whole product in one GEMM).
+fn tile_rows(s: usize, tiles: usize) -> usize {
+    s.div_ceil(tiles.max(1)).next_multiple_of(32).min(s)
+}
+
 fn muon_ns() -> NewtonSchulz {
     NewtonSchulz::muon().with_compute_dtype(DType::BF16)
 }
@@ -459,7 +472,7 @@ fn main() -> Result<()> {
                 "msign(G) of one n x n bf16 matrix, NewtonSchulz::muon() with bf16 compute dtype",
             )
             .flops(ns_flops(&shape))
-            .issued(&muon_ns(), cuda),
+            .issued(&muon_ns(), cuda, None),
             |dev| {
                 let g = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
                 Ok((g, muon_ns()))
@@ -487,7 +500,7 @@ fn main() -> Result<()> {
                         "msign on each same-shape batch (b, m, n) of the set: the Newton-Schulz part of a Muon step{note}"
                     ))
                     .flops(ns_total)
-                    .issued(&ns, cuda),
+                    .issued(&ns, cuda, None),
                 |dev| Ok((batches(&set, dev, 1.0)?, ns.clone())),
                 |(gs, ns)| {
                     for g in gs.iter() {
@@ -496,6 +509,36 @@ fn main() -> Result<()> {
                     Ok(())
                 },
             );
+        }
+
+        // The tile size of the symmetric products (X Xᵀ, A²), CUDA only: one
+        // GEMM per product, 2 and 8 tile rows, against the default (ns_set).
+        #[cfg(feature = "cuda")]
+        if cuda {
+            for tiles in [1, 2, 8] {
+                bench.run(
+                    Rec::new(
+                        format!("ns_set_tiles{tiles}/{}", set.name),
+                        shapes.clone(),
+                        "f32 in/out, bf16 operands, f32 accumulate",
+                    )
+                    .notes(&format!(
+                        "as ns_set, the symmetric products cut into {tiles} tile row(s) \
+                         (steepest::device::cuda::msign_tiled; the default is about 4)"
+                    ))
+                    .flops(ns_total)
+                    .issued(&muon_ns(), cuda, Some(tiles)),
+                    |dev| Ok((batches(&set, dev, 1.0)?, muon_ns())),
+                    |(gs, ns)| {
+                        for g in gs.iter() {
+                            let (_, m, n) = g.dims3()?;
+                            let tile = tile_rows(m.min(n), tiles);
+                            steepest::device::cuda::msign_tiled(g, ns, tile)?;
+                        }
+                        Ok(())
+                    },
+                );
+            }
         }
 
         for (form, ns, note) in [
@@ -510,7 +553,7 @@ fn main() -> Result<()> {
                         4 * layers
                     ))
                     .flops(ns_total)
-                    .issued(&ns, cuda),
+                    .issued(&ns, cuda, None),
                 |dev| {
                     let (vars, grads) = vars_and_grads(&set, dev)?;
                     let opt = Muon::from_named(

@@ -122,7 +122,9 @@ def main():
         if name.startswith("ceiling/"):
             continue
         wl, _, st = name.partition("/")
-        tname = f"{COMPARE.get(wl, wl)}/{st}" if st else name
+        # ns_set_gram, ns_set_tiles1, … are all compared with PyTorch's ns_set
+        base = COMPARE.get(wl) or ("ns_set" if wl.startswith("ns_set") else wl)
+        tname = f"{base}/{st}" if st else name
         others = [t for t in torch.get("records", []) if t.get("name") == tname]
         mine = r.get("median_s") if ok(r) else None
         floor = (r["flops"] / (gemm[0] * 1e12)) if (gemm and r.get("flops")) else None

@@ -74,9 +74,16 @@ impl Backend for Counter {
 
 /// The GEMM FLOPs, GEMM calls and other launches of the CUDA path's `msign`
 /// of a `(b, m, n)` f32 input under `ns` (operands in its compute dtype, the
-/// standard or the Gram form as `ns` picks for the shape). Nothing runs;
-/// no GPU is needed.
-pub fn msign_device_work(b: usize, m: usize, n: usize, ns: &NewtonSchulz) -> Result<MsignWork> {
+/// standard or the Gram form as `ns` picks for the shape), with the
+/// symmetric products cut into tiles of `tile` rows (`None`: the default the
+/// CUDA path uses). Nothing runs; no GPU is needed.
+pub fn msign_device_work(
+    b: usize,
+    m: usize,
+    n: usize,
+    ns: &NewtonSchulz,
+    tile: Option<usize>,
+) -> Result<MsignWork> {
     ns.validate("msign_device_work")?;
     let op = ns.compute_dtype().map_or(Some(Elt::F32), Elt::of);
     let Some(op) = op else {
@@ -112,7 +119,7 @@ pub fn msign_device_work(b: usize, m: usize, n: usize, ns: &NewtonSchulz) -> Res
         eps: ns.eps(),
         norm_scale: ns.norm_scale(),
         op,
-        tile: None,
+        tile,
         gram: ns.gram_restarts(m, n),
     };
     launch::msign(&counter, &job)?;
@@ -132,18 +139,18 @@ mod tests {
         let k = 5.0;
         // s = 128: one tile (f = 1), every product in full.
         let (s, l) = (128.0, 384.0);
-        let w = msign_device_work(2, 128, 384, &NewtonSchulz::muon()).unwrap();
+        let w = msign_device_work(2, 128, 384, &NewtonSchulz::muon(), None).unwrap();
         assert_eq!(w.gemm_flops, 2.0 * k * (4.0 * s * s * l + 2.0 * s * s * s));
         // s = 768: four tiles of 192, f = 10/16 for X Xᵀ and A².
         let (s, l, f) = (768.0, 3072.0, 10.0 / 16.0);
-        let w = msign_device_work(1, 3072, 768, &NewtonSchulz::muon()).unwrap();
+        let w = msign_device_work(1, 3072, 768, &NewtonSchulz::muon(), None).unwrap();
         let standard = k * (f * 2.0 * s * s * l + 2.0 * s * s * l + f * 2.0 * s * s * s);
         assert_eq!(w.gemm_flops, standard);
         assert_eq!(w.gemms, 5 * (4 + 4 + 1));
         // Gram form, restarts [2, 4]: three R = X Xᵀ (tiled), three X ← Q X
         // (full), 11 symmetric s × s products (tiled).
         let gram_ns = NewtonSchulz::muon().gram_form();
-        let w = msign_device_work(1, 768, 3072, &gram_ns).unwrap();
+        let w = msign_device_work(1, 768, 3072, &gram_ns, None).unwrap();
         let gram = 3.0 * f * 2.0 * s * s * l + 3.0 * 2.0 * s * s * l + 11.0 * f * 2.0 * s * s * s;
         assert_eq!(w.gemm_flops, gram);
         assert!(gram < standard / 1.3, "{gram} vs {standard}");
@@ -152,22 +159,26 @@ mod tests {
             min_aspect: 2.0,
             restarts: vec![],
         });
-        let w = msign_device_work(1, 768, 3072, &none).unwrap();
+        let w = msign_device_work(1, 768, 3072, &none, None).unwrap();
         let expect = f * 2.0 * s * s * l + 2.0 * s * s * l + 17.0 * f * 2.0 * s * s * s;
         assert_eq!(w.gemm_flops, expect);
+        // One tile: every symmetric product in full.
+        let full = msign_device_work(1, 768, 3072, &NewtonSchulz::muon(), Some(768)).unwrap();
+        assert_eq!(full.gemm_flops, k * (4.0 * s * s * l + 2.0 * s * s * s));
+        assert_eq!(full.gemms, 5 * 3);
         // Batched: b times one.
-        let one = msign_device_work(1, 64, 200, &gram_ns).unwrap();
-        let six = msign_device_work(6, 64, 200, &gram_ns).unwrap();
+        let one = msign_device_work(1, 64, 200, &gram_ns, None).unwrap();
+        let six = msign_device_work(6, 64, 200, &gram_ns, None).unwrap();
         assert_eq!(six.gemm_flops, 6.0 * one.gemm_flops);
         assert_eq!((six.gemms, six.launches), (one.gemms, one.launches));
     }
 
     #[test]
     fn bad_requests_are_errors() {
-        let e = msign_device_work(1, 0, 5, &NewtonSchulz::muon()).unwrap_err();
+        let e = msign_device_work(1, 0, 5, &NewtonSchulz::muon(), None).unwrap_err();
         assert!(e.to_string().contains("(1, 0, 5)"), "{e}");
         let f64_ops = NewtonSchulz::muon().with_compute_dtype(candle_core::DType::F64);
-        let e = msign_device_work(1, 4, 5, &f64_ops).unwrap_err();
+        let e = msign_device_work(1, 4, 5, &f64_ops, None).unwrap_err();
         assert!(e.to_string().contains("F64"), "{e}");
     }
 }

@@ -415,6 +415,10 @@ pub(crate) fn power_iteration(
 /// [`super::msign`] on the device: kernels plus cuBLAS strided-batched
 /// GEMMs (no host sync); `None` when no kernel takes it.
 pub(crate) fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Option<Tensor>> {
+    msign_with_tile(g, ns, None)
+}
+
+fn msign_with_tile(g: &Tensor, ns: &NewtonSchulz, tile: Option<usize>) -> Result<Option<Tensor>> {
     let candle_core::Device::Cuda(dev) = g.device() else {
         return Ok(None);
     };
@@ -423,10 +427,29 @@ pub(crate) fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Option<Tensor>> {
     };
     let be = backend(dev);
     let mut r = Addrs::new(&be);
-    let job = call.job(ns, None, &mut r)?;
+    let job = call.job(ns, tile, &mut r)?;
     launch::msign(&*be, &job)?;
     drop(r);
     Ok(Some(call.out))
+}
+
+/// `msign` of a CUDA tensor with the symmetric products cut into tiles of
+/// `tile` rows (`tile ≥ short side`: one GEMM each), for benchmarks that
+/// choose the tile size; [`super::msign`] uses the default. Errors when the
+/// tensor is not on a CUDA device or no kernel takes it.
+pub fn msign_tiled(g: &Tensor, ns: &NewtonSchulz, tile: usize) -> Result<Tensor> {
+    ns.validate("msign_tiled")?;
+    match msign_with_tile(g, ns, Some(tile))? {
+        Some(out) => Ok(out),
+        None => fail!(
+            Device,
+            "msign_tiled",
+            "no CUDA kernel for {:?} {:?} on {:?}",
+            g.dtype(),
+            g.dims(),
+            g.device().location()
+        ),
+    }
 }
 
 /// The kernel entry points in the embedded PTX (for the GPU tests).
