@@ -6,7 +6,9 @@ workload and implementation:
 - msign_bf16/<n>: a bf16 Newton-Schulz (Keller Jordan's quintic
   3.4445, -4.7750, 2.0315 x 5) on one n x n matrix (torch_bmm);
 - ns_set/<set>: the same Newton-Schulz on each same-shape batch (b, m, n) of
-  the set (f32 input, bf16 iteration, as in a Muon step) (torch_bmm);
+  the set (f32 input, bf16 iteration, as in a Muon step) (torch_bmm), and in
+  the Gram form with restarts before steps 2 and 4, as steepest's
+  NewtonSchulz::gram_form() (torch_bmm_gram);
 - muon_step/<set>: one step of torch.optim.Muon, and one step of a
   shape-batched Muon (foreach momentum, stacked bf16 Newton-Schulz with
   torch.baddbmm, decoupled decay, update) (torch_bmm);
@@ -224,6 +226,40 @@ def ns_batched(torch, g):
     return x
 
 
+def ns_gram_batched(torch, g, restarts=(2, 4), min_aspect=2.0):
+    """Newton-Schulz in the Gram form (Zhang, Amsel, Chen, Dao 2026), as steepest's
+    NewtonSchulz::muon().gram_form(): on the short side, R = X X^T (s x s); per step
+    Z = bR + cR^2, Q <- QZ + aQ (Q = Z + aI first), R <- (Z + aI) R (Z + aI) unless the
+    segment ends; before each step in `restarts`, X <- QX and R <- X X^T; X <- QX at
+    the end. bf16 operands (bmm/baddbmm). Aspect ratio < min_aspect: the standard form."""
+    m, n = g.shape[-2], g.shape[-1]
+    if max(m, n) < min_aspect * min(m, n):
+        return ns_batched(torch, g)
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    tall = m > n
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    eye = torch.eye(x.size(-2), device=x.device, dtype=x.dtype).expand(x.size(0), -1, -1)
+    r = torch.bmm(x, x.mT)
+    q = None
+    for k in range(NS_STEPS):
+        if k in restarts and q is not None:
+            x = torch.bmm(q, x)
+            r = torch.bmm(x, x.mT)
+            q = None
+        z = torch.baddbmm(r, r, r, beta=b, alpha=c)
+        q = z + a * eye if q is None else torch.baddbmm(q, q, z, beta=a)
+        if k + 1 < NS_STEPS and (k + 1) not in restarts:
+            rz = torch.baddbmm(r, r, z, beta=a)
+            r = torch.baddbmm(rz, z, rz, beta=a)
+    x = torch.bmm(q, x)
+    if tall:
+        x = x.mT
+    return x
+
+
 def make_params(torch, s, dev):
     """The set's matrices as f32 Parameters N(0, 0.02^2) with fixed N(0, 1) grads, in set order."""
     ps = []
@@ -365,6 +401,15 @@ def main():
             "Newton-Schulz (bmm/baddbmm, bf16) on each same-shape batch (b, m, n) of the set",
             lambda shapes=shapes: [torch.randn(b, m, n, device=dev) for b, m, n in shapes],
             lambda gs: [ns_batched(torch, g) for g in gs],
+            flops=ns_total,
+        )
+
+        bench.run(
+            f"ns_set/{set_name}", "torch_bmm_gram", shapes, "f32 in, bf16 operands",
+            "Newton-Schulz in the Gram form (bmm/baddbmm, bf16; restarts before steps 2 and 4; "
+            "aspect ratio < 2: the standard form) on each same-shape batch (b, m, n) of the set",
+            lambda shapes=shapes: [torch.randn(b, m, n, device=dev) for b, m, n in shapes],
+            lambda gs: [ns_gram_batched(torch, g) for g in gs],
             flops=ns_total,
         )
 
