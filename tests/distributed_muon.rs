@@ -450,6 +450,53 @@ fn one_to_four_ranks_equal_single_process_muon_bit_for_bit() {
     }
 }
 
+/// Newton–Schulz in the Gram form (the qkv, fc and proj matrices have aspect
+/// ratio ≥ 2): split across ranks, still bit-identical to one process.
+#[test]
+fn gram_form_muon_on_two_and_three_ranks_equals_single_process() {
+    fn muon_gram(vars: Vec<NamedVar>) -> Muon {
+        let mut cfg = muon_config();
+        cfg.newton_schulz = cfg.newton_schulz.gram_form();
+        Muon::from_named(vars, cfg).unwrap()
+    }
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    for world in [2, 3] {
+        let outs = run_distributed(
+            world,
+            &shapes,
+            muon_gram,
+            &clip_cfg(),
+            6,
+            &g,
+            Start::Fresh,
+            None,
+        );
+        let mut reference = Reference::new(&shapes, muon_gram);
+        reference.run(world, 0..6, &g, false, Some(1.0));
+        assert_matches(
+            &outs,
+            &reference,
+            &format!("muon (Gram form), {world} ranks"),
+        );
+        // and the Gram form moved the parameters differently from the standard
+        // form only by rounding
+        let mut standard = Reference::new(&shapes, muon);
+        standard.run(world, 0..6, &g, false, Some(1.0));
+        let (a, b) = (&reference.history[6], &standard.history[6]);
+        let diff = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff > 0.0 && diff < 1e-4,
+            "{world} ranks: Gram vs standard {diff}"
+        );
+    }
+}
+
 #[test]
 fn adamw_moments_are_sharded_and_equal_single_process_adamw() {
     let shapes = model();
