@@ -7,11 +7,14 @@
 //! match the CPU bit for bit; the assertion allows 1 ulp in case a driver
 //! JIT contracts anyway. Reductions, power iteration and msign use the
 //! tolerances of the emulator tests, plus TF32-free cuBLAS (compute type
-//! 32F), so the same bounds apply.
+//! 32F), so the same bounds apply. Whole optimizer steps are compared too
+//! (`kernels_emu/whole_steps.rs`).
 #![cfg(feature = "cuda")]
 
 #[path = "kernels_emu/cases.rs"]
 mod cases;
+#[path = "kernels_emu/whole_steps.rs"]
+mod whole_steps;
 
 use candle_core::{DType, Device, Tensor, Var};
 use cases::*;
@@ -282,6 +285,15 @@ fn gpu_msign_gram_form_matches_cpu() {
             "({b},{m},{n}) bf16: {d16:e}"
         );
     }
+}
+
+/// Whole optimizer steps (AdamW, SGD, Muon; decoupled and spectral decay;
+/// the Gram form) on the GPU against the CPU, 5 steps from the same
+/// parameters and gradients: parameters and state within the tolerances of
+/// `kernels_emu/whole_steps.rs`.
+#[test]
+fn gpu_whole_optimizer_steps_match_cpu() {
+    whole_steps::compare(&Device::Cpu, &gpu(), false);
 }
 
 /// Every kernel the launch code names is in the embedded PTX.
