@@ -61,10 +61,10 @@ pub struct NewtonSchulz {
 /// Rounding makes `R` drift from `X Xᵀ` (it can acquire small negative
 /// eigenvalues that the polynomial then amplifies); a *restart* before a
 /// given step forms `X = Q X_0` and recomputes `R = X Xᵀ` from it. Measured
-/// on low-rank and ill-conditioned inputs (`tests/msign.rs`), a restart every
-/// two steps keeps the error at that of the standard form, within about 2×
-/// with bf16/f16 operands; fewer restarts diverge there (the authors' one
-/// restart for five steps is tuned for f16 operands and their coefficients).
+/// on ill-conditioned inputs with bf16/f16 operands (docs/math.md §4), a
+/// restart every two steps keeps the error within 2× of the standard
+/// form's; one restart in five steps is 5× worse with bf16 operands, and
+/// none diverges. In f32 both forms stay at rounding level.
 /// [`NewtonSchulz::gram_form`] restarts every two steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GramNewtonSchulz {
