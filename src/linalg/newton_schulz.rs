@@ -64,7 +64,8 @@ pub struct NewtonSchulz {
 /// on ill-conditioned inputs with bf16/f16 operands (docs/math.md §4), a
 /// restart every two steps keeps the error within 2× of the standard
 /// form's; one restart in five steps is 5× worse with bf16 operands, and
-/// none diverges. In f32 both forms stay at rounding level.
+/// none diverges. In f32, restarting every two steps, both forms stay at
+/// rounding level (Polar Express without restarts does not).
 /// [`NewtonSchulz::gram_form`] restarts every two steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GramNewtonSchulz {
