@@ -112,21 +112,23 @@ fn msign_zero_matrix() {
 #[test]
 fn msign_low_precision_operands() {
     for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate().skip(3).step_by(2) {
-        for op in [DType::BF16, DType::F16] {
-            let ns = NewtonSchulz::muon().with_compute_dtype(op);
-            let g = input(i, b, m, n, DType::F32);
-            let want = msign_generic(&g, &ns).unwrap();
-            let got = emu::msign(&g, &ns, Some(7)).unwrap();
-            check(
-                &format!("({b}, {m}, {n}) operands {op:?}"),
-                &want,
-                &got,
-                0.1,
-            );
-            // and close to the f32 result: bf16 operands are a perturbation
-            let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
-            check(&format!("({b}, {m}, {n}) {op:?} vs f32"), &exact, &got, 0.1);
-        }
+        low_precision_operands(i, (b, m, n), &NewtonSchulz::muon());
+    }
+}
+
+/// `base` with bf16 and f16 operands on the emulator: against the generic
+/// path with the same operand rounding, and close to the f32 result (bf16
+/// operands are a perturbation; tests/gpu_kernels.rs asks the same on a GPU).
+fn low_precision_operands(i: usize, (b, m, n): (usize, usize, usize), base: &NewtonSchulz) {
+    let g = input(i, b, m, n, DType::F32);
+    let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
+    for op in [DType::BF16, DType::F16] {
+        let ns = base.clone().with_compute_dtype(op);
+        let want = msign_generic(&g, &ns).unwrap();
+        let got = emu::msign(&g, &ns, Some(7)).unwrap();
+        let what = format!("({b}, {m}, {n}) operands {op:?}");
+        check(&what, &want, &got, 0.1);
+        check(&format!("{what} vs f32"), &exact, &got, 0.1);
     }
 }
 
@@ -198,27 +200,12 @@ fn msign_gram_form_matches_the_standard_form() {
 /// form with the same operand rounding; bf16 inputs and a zero matrix.
 #[test]
 fn msign_gram_form_low_precision() {
+    let gram = NewtonSchulz::muon().with_gram(GramNewtonSchulz {
+        min_aspect: 1.0,
+        restarts: vec![2, 4],
+    });
     for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate().skip(1).step_by(3) {
-        for op in [DType::BF16, DType::F16] {
-            let ns = NewtonSchulz::muon()
-                .with_compute_dtype(op)
-                .with_gram(GramNewtonSchulz {
-                    min_aspect: 1.0,
-                    restarts: vec![2, 4],
-                });
-            let g = input(i, b, m, n, DType::F32);
-            let want = msign_generic(&g, &ns).unwrap();
-            let got = emu::msign(&g, &ns, Some(7)).unwrap();
-            check(
-                &format!("({b}, {m}, {n}) operands {op:?}"),
-                &want,
-                &got,
-                0.1,
-            );
-            // and close to the f32 result (as tests/gpu_kernels.rs asks on a GPU)
-            let exact = msign(&g, &NewtonSchulz::muon()).unwrap();
-            check(&format!("({b}, {m}, {n}) {op:?} vs f32"), &exact, &got, 0.1);
-        }
+        low_precision_operands(i, (b, m, n), &gram);
         let ns = NewtonSchulz::muon().gram_form();
         let g = input(i, b, m, n, DType::BF16);
         let want = msign(&g, &ns).unwrap();
