@@ -39,14 +39,19 @@ fn input(i: usize, b: usize, m: usize, n: usize, dt: DType) -> Tensor {
     }
 }
 
-#[test]
-fn msign_matches_cpu_on_every_shape() {
-    let schedules = [
+/// The schedules the every-shape tests cycle through.
+fn schedules() -> [NewtonSchulz; 4] {
+    [
         NewtonSchulz::muon(),
         NewtonSchulz::polar_express(8),
         NewtonSchulz::you(),
         NewtonSchulz::cubic(6),
-    ];
+    ]
+}
+
+#[test]
+fn msign_matches_cpu_on_every_shape() {
+    let schedules = schedules();
     for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
         let ns = &schedules[i % schedules.len()];
         let g = input(i, b, m, n, DType::F32);
@@ -138,12 +143,7 @@ fn low_precision_operands(i: usize, (b, m, n): (usize, usize, usize), base: &New
 /// symmetric product is several mirrored GEMMs).
 #[test]
 fn msign_gram_form_matches_cpu_on_every_shape() {
-    let schedules = [
-        NewtonSchulz::muon(),
-        NewtonSchulz::polar_express(8),
-        NewtonSchulz::you(),
-        NewtonSchulz::cubic(6),
-    ];
+    let schedules = schedules();
     for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
         let base = &schedules[i % schedules.len()];
         let steps = base.coefficients().len();
