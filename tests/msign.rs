@@ -458,3 +458,43 @@ fn gram_settings_are_validated_and_saved() {
     let loaded: NewtonSchulz = serde_json::from_str(&plain).unwrap();
     assert!(loaded.gram().is_none());
 }
+
+/// The singular-value ranges README's "Which Newton–Schulz" table states,
+/// from the composed polynomials evaluated here (not by the crate) on a
+/// log-spaced grid of `s = σ/(‖G‖_F·scale)`.
+#[test]
+fn readme_singular_value_ranges_hold() {
+    let range = |ns: &NewtonSchulz, lo: f64| {
+        let (mut a, mut b) = (f64::MAX, f64::MIN);
+        for i in 0..=20_000 {
+            let mut x = lo * (1.0 / lo).powf(i as f64 / 20_000.0) / ns.norm_scale();
+            for &[p, q, r] in ns.coefficients() {
+                x = p * x + q * x.powi(3) + r * x.powi(5);
+            }
+            (a, b) = (a.min(x), b.max(x));
+        }
+        (a, b)
+    };
+    let rows: [(NewtonSchulz, [f64; 4], f64); 5] = [
+        (NewtonSchulz::muon(), [0.68, 1.13, 0.47, 1.20], 5e-3),
+        (NewtonSchulz::you(), [0.98, 1.03, 0.47, 1.15], 5e-3),
+        (
+            NewtonSchulz::polar_express(5),
+            [0.87, 1.12, 0.84, 1.12],
+            5e-3,
+        ),
+        (NewtonSchulz::polar_express(8), [1.0; 4], 5e-5),
+        (NewtonSchulz::cubic(30), [1.0; 4], 5e-5),
+    ];
+    for (ns, [a2, b2, a3, b3], tol) in rows {
+        for ((lo, hi), (want_lo, want_hi)) in
+            [(range(&ns, 1e-2), (a2, b2)), (range(&ns, 1e-3), (a3, b3))]
+        {
+            assert!(
+                (lo - want_lo).abs() <= tol && (hi - want_hi).abs() <= tol,
+                "{:?}: [{lo}, {hi}] vs README [{want_lo}, {want_hi}]",
+                ns.coefficients()[0]
+            );
+        }
+    }
+}
