@@ -498,3 +498,41 @@ fn readme_singular_value_ranges_hold() {
         }
     }
 }
+
+/// Larger matrices (short side 128 to 192, where the CPU path threads its
+/// products or, for a small batch, spreads the batch over the threads):
+/// against the generic path in f64 and f32, both forms, and the f64 SVD.
+#[test]
+fn larger_matrices_match_the_generic_path_and_the_svd() {
+    let mut r = rng(12);
+    let forms = [NewtonSchulz::muon(), NewtonSchulz::you().gram_form()];
+    // (192, 576): threaded products; (2, 130, 260): a batch; (300, 140): tall.
+    let shapes: [&[usize]; 4] = [&[128, 200], &[192, 576], &[2, 130, 260], &[300, 140]];
+    for shape in shapes {
+        for dt in [DType::F64, DType::F32] {
+            let g = randn(&mut r, shape, dt);
+            for ns in &forms {
+                let fused = msign(&g, ns).unwrap();
+                let generic = msign_generic(&g, ns).unwrap();
+                let scale = max_abs_diff(&generic, &generic.zeros_like().unwrap());
+                let d = max_abs_diff(&fused, &generic) / scale;
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-4 };
+                assert!(
+                    d < tol,
+                    "{shape:?} {dt:?} gram {}: fused vs generic {d}",
+                    ns.gram().is_some()
+                );
+            }
+        }
+    }
+    let g = randn(&mut r, &[130, 300], DType::F64);
+    let gd = to_dmatrix(&g);
+    for ns in &forms {
+        let err = rel_err(&to_dmatrix(&msign(&g, ns).unwrap()), &expected(&gd, ns));
+        assert!(
+            err < 1e-9,
+            "gram {}: relative error {err}",
+            ns.gram().is_some()
+        );
+    }
+}
