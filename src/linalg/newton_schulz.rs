@@ -54,9 +54,9 @@ pub struct NewtonSchulz {
 /// `X_k = Q_k X_0` with `Q_k` a polynomial in `R_0 = X_0 X_0ᵀ`, so the steps
 /// can run on `s × s` matrices only: with `p(R) = a I + b R + c R²`,
 /// `Q ← Q p(R)` and `R ← p(R) R p(R)`, and `X = Q X_0` at the end. That costs
-/// `2s²l` for `R_0` and for the final product plus about `8s³` per step,
+/// `2s²l` for `R_0` and for the final product plus at most `8s³` per step,
 /// against `4s²l + 2s³` per step for the standard form: fewer operations
-/// once `l` is about twice `s` or more.
+/// from `l ≈ 1.5·s` on (docs/math.md §4 counts them).
 ///
 /// Rounding makes `R` drift from `X Xᵀ` (it can acquire small negative
 /// eigenvalues that the polynomial then amplifies); a *restart* before a
