@@ -713,24 +713,8 @@ const POWER_ACC: i32 = 4;
 /// (`power_iteration.rs`'s `default_start`), rounded as it is there: the f64
 /// values cast to f32, then multiplied by `1/‖·‖` (candle's affine).
 pub(crate) fn default_start(n: usize) -> Vec<f32> {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let vals: Vec<f64> = (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let mag = 0.5 + (z >> 11) as f64 / (1u64 << 53) as f64;
-            if z & 1 == 0 {
-                mag
-            } else {
-                -mag
-            }
-        })
-        .collect();
-    let norm = vals.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mul = (1.0 / norm.max(f64::MIN_POSITIVE)) as f32;
+    let (vals, norm) = crate::linalg::default_start_values(n);
+    let mul = (1.0 / norm) as f32;
     vals.iter().map(|&v| v as f32 * mul).collect()
 }
 

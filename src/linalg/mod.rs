@@ -13,7 +13,7 @@ mod power_iteration;
 mod spectral;
 
 pub use newton_schulz::{msign, msign_generic, GramNewtonSchulz, NewtonSchulz};
-pub(crate) use power_iteration::power_iteration_generic;
+pub(crate) use power_iteration::{default_start_values, power_iteration_generic, splitmix64};
 pub use power_iteration::{power_iteration, TopSingular};
 pub(crate) use spectral::{batch3, unbatch};
 pub use spectral::{spectral_sphere_retract, stiefel_retract, theta, top_singular_precise};

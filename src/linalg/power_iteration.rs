@@ -122,18 +122,24 @@ fn initial_v(
     Ok(renormalize(&s, &fallback)?)
 }
 
-/// A fixed pseudo-random unit vector per matrix, `(b, n, 1)`: not orthogonal
-/// to any particular structured vector (unlike all-ones), and reproducible.
-fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+/// One step of splitmix64 (the generator of the crate's fixed start vectors).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The entries of the default start vector (not normalised) and their norm:
+/// splitmix64 mapped to `[0.5, 1.5)` with a random sign, so the vector is
+/// not orthogonal to any particular structured vector (unlike all-ones).
+/// The device path builds its copy from the same values.
+pub(crate) fn default_start_values(n: usize) -> (Vec<f64>, f64) {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let vals: Vec<f64> = (0..n)
         .map(|_| {
-            // splitmix64, mapped to [0.5, 1.5) with a random sign.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = splitmix64(&mut state);
             let mag = 0.5 + (z >> 11) as f64 / (1u64 << 53) as f64;
             if z & 1 == 0 {
                 mag
@@ -143,10 +149,14 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_co
         })
         .collect();
     let norm = vals.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (vals, norm.max(f64::MIN_POSITIVE))
+}
+
+/// A fixed pseudo-random unit vector per matrix, `(b, n, 1)`, reproducible.
+fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let (vals, norm) = default_start_values(n);
     let v = Tensor::from_vec(vals, (1, n, 1), device)?.to_dtype(dtype)?;
-    (v / norm.max(f64::MIN_POSITIVE))?
-        .broadcast_as((b, n, 1))?
-        .contiguous()
+    (v / norm)?.broadcast_as((b, n, 1))?.contiguous()
 }
 
 /// `‖y‖` per batch item as `(b, 1, 1)`.

@@ -112,14 +112,7 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
 fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
     let mut state = 0x2545_F491_4F6C_DD1Du64.wrapping_mul(seed + 1);
     let vals: Vec<f64> = (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
+        .map(|_| (super::splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
         .collect();
     let norm = vals
         .iter()
