@@ -125,22 +125,18 @@ struct MatSet {
 impl MatSet {
     fn gpt2_small(quick: bool) -> Self {
         let (layers, d) = if quick { (2, 32) } else { (12, 768) };
-        Self {
-            name: "gpt2_small",
-            layers,
-            kinds: [
-                ("qkv", (d, 3 * d)),
-                ("proj", (d, d)),
-                ("fc", (d, 4 * d)),
-                ("fc_proj", (4 * d, d)),
-            ],
-        }
+        Self::transformer("gpt2_small", layers, d)
     }
 
     fn one_b(quick: bool) -> Self {
         let (layers, d) = if quick { (2, 64) } else { (16, 2048) };
+        Self::transformer("1b", layers, d)
+    }
+
+    /// A transformer block's four matrix kinds at width `d` (MLP 4d), `layers` times.
+    fn transformer(name: &'static str, layers: usize, d: usize) -> Self {
         Self {
-            name: "1b",
+            name,
             layers,
             kinds: [
                 ("qkv", (d, 3 * d)),

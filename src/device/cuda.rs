@@ -20,7 +20,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{DType, Storage, Tensor, Var};
 
-use super::launch::{self, Backend, Elt, Gemm, Launch, Resolve, TableCache};
+use super::launch::{self, Backend, Elt, Gemm, Launch, MtTensor, Resolve, TableCache};
 use super::{AdamItem, DecayTerm, SgdItem};
 use crate::error::{fail, Error, Result};
 use crate::linalg::{NewtonSchulz, TopSingular};
@@ -286,6 +286,24 @@ fn decay_tensors<'a>(d: &DecayTerm<'a>, out: &mut Vec<&'a Tensor>) {
     }
 }
 
+/// The multi-tensor protocol on CUDA: when `ts` are all on one CUDA device
+/// with kernel dtypes, resolve the table rows with `tables`, then `run`
+/// them; `None` otherwise (the caller takes another path). The resolved
+/// tensors are kept alive until `run` returns.
+fn on_cuda<T>(
+    ts: &[&Tensor],
+    tables: impl FnOnce(&mut dyn Resolve) -> Result<Vec<MtTensor>>,
+    run: impl FnOnce(&Cuda, &[MtTensor]) -> Result<T>,
+) -> Result<Option<T>> {
+    let Some(dev) = cuda_of(ts) else {
+        return Ok(None);
+    };
+    let be = backend(&dev);
+    let mut r = Addrs::new(&be);
+    let tabs = tables(&mut r)?;
+    Ok(Some(run(&be, &tabs)?))
+}
+
 /// [`super::adamw_step`] as one `adamw_*` launch per parameter dtype;
 /// `Ok(false)` when the items are not all on one CUDA device in f32/bf16/f16.
 pub(crate) fn adamw_step(items: &[AdamItem<'_>], b1: f64, b2: f64, eps: f64) -> Result<bool> {
@@ -294,14 +312,12 @@ pub(crate) fn adamw_step(items: &[AdamItem<'_>], b1: f64, b2: f64, eps: f64) -> 
         ts.extend([it.w.as_tensor(), it.g, it.m.as_tensor(), it.v.as_tensor()]);
         decay_tensors(&it.decay, &mut ts);
     }
-    let Some(dev) = cuda_of(&ts) else {
-        return Ok(false);
-    };
-    let be = backend(&dev);
-    let mut r = Addrs::new(&be);
-    let tabs = launch::adam_tensors(items, &mut r)?;
-    launch::adamw(&*be, &tabs, b1, b2, eps)?;
-    Ok(true)
+    let done = on_cuda(
+        &ts,
+        |r| launch::adam_tensors(items, r),
+        |be, tabs| launch::adamw(be, tabs, b1, b2, eps),
+    )?;
+    Ok(done.is_some())
 }
 
 /// [`super::sgd_step`] as one `sgd_*` launch per parameter dtype.
@@ -314,14 +330,12 @@ pub(crate) fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> 
         }
         decay_tensors(&it.decay, &mut ts);
     }
-    let Some(dev) = cuda_of(&ts) else {
-        return Ok(false);
-    };
-    let be = backend(&dev);
-    let mut r = Addrs::new(&be);
-    let tabs = launch::sgd_tensors(items, &mut r)?;
-    launch::sgd(&*be, &tabs, momentum, nesterov)?;
-    Ok(true)
+    let done = on_cuda(
+        &ts,
+        |r| launch::sgd_tensors(items, r),
+        |be, tabs| launch::sgd(be, tabs, momentum, nesterov),
+    )?;
+    Ok(done.is_some())
 }
 
 /// [`super::ema_momentum`] as one `ema_*` launch per gradient dtype.
@@ -335,14 +349,12 @@ pub(crate) fn ema_momentum(
     let mut ts: Vec<&Tensor> = grads.to_vec();
     ts.extend(bufs.iter().map(|b| b.as_tensor()));
     ts.push(out.as_tensor());
-    let Some(dev) = cuda_of(&ts) else {
-        return Ok(false);
-    };
-    let be = backend(&dev);
-    let mut r = Addrs::new(&be);
-    let tabs = launch::ema_tensors(grads, bufs, out.as_tensor(), &mut r)?;
-    launch::ema(&*be, &tabs, momentum, nesterov)?;
-    Ok(true)
+    let done = on_cuda(
+        &ts,
+        |r| launch::ema_tensors(grads, bufs, out.as_tensor(), r),
+        |be, tabs| launch::ema(be, tabs, momentum, nesterov),
+    )?;
+    Ok(done.is_some())
 }
 
 /// [`super::apply_step`] as one `apply_*` launch per parameter dtype.
@@ -357,38 +369,27 @@ pub(crate) fn apply_step(
     for dec in decays {
         decay_tensors(dec, &mut ts);
     }
-    let Some(dev) = cuda_of(&ts) else {
-        return Ok(false);
-    };
-    let be = backend(&dev);
-    let d = d.contiguous()?;
-    let mut r = Addrs::new(&be);
-    let tabs = launch::apply_tensors(ws, &d, alphas, decays, &mut r)?;
-    launch::apply(&*be, &tabs)?;
-    Ok(true)
+    // `Addrs` keeps the contiguous copy alive until the launch.
+    let done = on_cuda(
+        &ts,
+        |r| launch::apply_tensors(ws, &d.contiguous()?, alphas, decays, r),
+        launch::apply,
+    )?;
+    Ok(done.is_some())
 }
 
 /// [`super::first_nonfinite`]: one `finite_*` launch per dtype, one host sync.
 pub(crate) fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<Option<usize>>> {
-    let Some(dev) = cuda_of(ts) else {
-        return Ok(None);
-    };
-    let be = backend(&dev);
-    let mut r = Addrs::new(&be);
-    let tabs = launch::reduce_tensors(ts, &mut r)?;
-    let flags = launch::nonfinite(&*be, &tabs)?;
-    Ok(Some(flags.iter().position(|&f| f)))
+    on_cuda(
+        ts,
+        |r| launch::reduce_tensors(ts, r),
+        |be, tabs| Ok(launch::nonfinite(be, tabs)?.iter().position(|&f| f)),
+    )
 }
 
 /// [`super::sum_squares`]: `sumsq_*` then `sumsq_finish`, one host sync.
 pub(crate) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Vec<f64>>> {
-    let Some(dev) = cuda_of(ts) else {
-        return Ok(None);
-    };
-    let be = backend(&dev);
-    let mut r = Addrs::new(&be);
-    let tabs = launch::reduce_tensors(ts, &mut r)?;
-    Ok(Some(launch::sum_squares(&*be, &tabs)?))
+    on_cuda(ts, |r| launch::reduce_tensors(ts, r), launch::sum_squares)
 }
 
 /// [`super::power_iteration`] on the device (no host sync); `None` when no

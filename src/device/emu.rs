@@ -444,15 +444,7 @@ pub fn ema_momentum(
     momentum: f64,
     nesterov: bool,
 ) -> Result<()> {
-    if bufs.len() != grads.len() || out.dim(0)? != grads.len() {
-        fail!(
-            Shape,
-            "ema_momentum",
-            "{} gradients, {} buffers",
-            grads.len(),
-            bufs.len()
-        );
-    }
+    super::check_ema_counts(grads, bufs, out)?;
     run_locked(
         |r| launch::ema_tensors(grads, bufs, out.as_tensor(), r),
         |ts| launch::ema(emu(), &ts, momentum, nesterov),
@@ -461,15 +453,7 @@ pub fn ema_momentum(
 
 /// [`super::apply_step`] through the emulated `apply_*` kernels.
 pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'_>]) -> Result<()> {
-    if d.dim(0)? != ws.len() || alphas.len() != ws.len() || decays.len() != ws.len() {
-        fail!(
-            Shape,
-            "apply_step",
-            "{} parameters, {} directions",
-            ws.len(),
-            d.dim(0)?
-        );
-    }
+    super::check_apply_counts(ws, d, alphas, decays)?;
     let d = d.contiguous()?;
     run_locked(
         |r| launch::apply_tensors(ws, &d, alphas, decays, r),

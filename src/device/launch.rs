@@ -610,6 +610,28 @@ pub(crate) fn sgd_tensors(items: &[SgdItem<'_>], r: &mut dyn Resolve) -> Result<
         .collect()
 }
 
+/// The address of `t`, an f32 buffer holding the members of a batch one after
+/// another (`total` elements in all); resolved once, as its members share
+/// its storage.
+fn packed_f32(
+    who: &str,
+    t: &Tensor,
+    total: usize,
+    write: bool,
+    r: &mut dyn Resolve,
+) -> Result<u64> {
+    need_f32(t, who)?;
+    if t.elem_count() != total {
+        fail!(
+            Shape,
+            who,
+            "{} elements for members of {total} elements in all",
+            t.elem_count()
+        );
+    }
+    r.addr(t, write)
+}
+
 /// The table rows of Muon's momentum: member `i` writes `out[i]` (`out` is
 /// resolved once: its members share its storage).
 pub(crate) fn ema_tensors(
@@ -618,17 +640,8 @@ pub(crate) fn ema_tensors(
     out: &Tensor,
     r: &mut dyn Resolve,
 ) -> Result<Vec<MtTensor>> {
-    need_f32(out, "ema_momentum: out")?;
-    let total: usize = grads.iter().map(|g| g.elem_count()).sum();
-    if out.elem_count() != total {
-        fail!(
-            Shape,
-            "ema_momentum",
-            "{} outputs for {total} elements",
-            out.elem_count()
-        );
-    }
-    let base = r.addr(out, true)?;
+    let total = grads.iter().map(|g| g.elem_count()).sum();
+    let base = packed_f32("ema_momentum: out", out, total, true, r)?;
     let mut at = 0u64;
     let mut ts = Vec::with_capacity(grads.len());
     for (g, b) in grads.iter().zip(bufs) {
@@ -660,17 +673,8 @@ pub(crate) fn apply_tensors(
     decays: &[DecayTerm<'_>],
     r: &mut dyn Resolve,
 ) -> Result<Vec<MtTensor>> {
-    need_f32(d, "apply_step: direction")?;
-    let total: usize = ws.iter().map(|w| w.elem_count()).sum();
-    if d.elem_count() != total {
-        fail!(
-            Shape,
-            "apply_step",
-            "{} directions for {total} elements",
-            d.elem_count()
-        );
-    }
-    let base = r.addr(d, false)?;
+    let total = ws.iter().map(|w| w.elem_count()).sum();
+    let base = packed_f32("apply_step: direction", d, total, false, r)?;
     let mut at = 0u64;
     let mut ts = Vec::with_capacity(ws.len());
     for (i, w) in ws.iter().enumerate() {

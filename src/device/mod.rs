@@ -346,16 +346,9 @@ pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<
     Ok(())
 }
 
-/// Muon's momentum for the members of a batch, in place on `bufs`, writing
-/// the directions into `out` (`(b, …)`, arithmetic dtype, member `i` at
-/// `out[i]`); see [`cpu::ema_momentum`].
-pub fn ema_momentum(
-    grads: &[&Tensor],
-    bufs: &[&Var],
-    out: &Var,
-    momentum: f64,
-    nesterov: bool,
-) -> Result<()> {
+/// One buffer and one output row per gradient (shared by every
+/// implementation of [`ema_momentum`]).
+pub(crate) fn check_ema_counts(grads: &[&Tensor], bufs: &[&Var], out: &Var) -> Result<()> {
     let n = grads.len();
     if bufs.len() != n || out.dim(0)? != n {
         fail!(
@@ -366,6 +359,42 @@ pub fn ema_momentum(
             out.dim(0)?
         );
     }
+    Ok(())
+}
+
+/// One direction row, step factor and decay per parameter (shared by every
+/// implementation of [`apply_step`]).
+pub(crate) fn check_apply_counts(
+    ws: &[&Var],
+    d: &Tensor,
+    alphas: &[f64],
+    decays: &[DecayTerm<'_>],
+) -> Result<()> {
+    let n = ws.len();
+    if d.dim(0)? != n || alphas.len() != n || decays.len() != n {
+        fail!(
+            Shape,
+            "apply_step",
+            "{n} parameters, {} directions, {} step factors, {} decays",
+            d.dim(0)?,
+            alphas.len(),
+            decays.len()
+        );
+    }
+    Ok(())
+}
+
+/// Muon's momentum for the members of a batch, in place on `bufs`, writing
+/// the directions into `out` (`(b, …)`, arithmetic dtype, member `i` at
+/// `out[i]`); see [`cpu::ema_momentum`].
+pub fn ema_momentum(
+    grads: &[&Tensor],
+    bufs: &[&Var],
+    out: &Var,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<()> {
+    check_ema_counts(grads, bufs, out)?;
     #[cfg(feature = "cuda")]
     if cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
         return Ok(());
@@ -416,7 +445,7 @@ pub fn ema_momentum(
         });
     }
     let dt = out.dtype();
-    let mut dirs = Vec::with_capacity(n);
+    let mut dirs = Vec::with_capacity(grads.len());
     for (g, buf) in grads.iter().zip(bufs) {
         let g = g.to_dtype(dt)?;
         let b = (buf.as_tensor() + ((&g - buf.as_tensor())? * (1.0 - momentum))?)?;
@@ -435,15 +464,8 @@ pub fn ema_momentum(
 /// `w_i ← decayed(w_i) − alphas[i]·d[i]` for every member `i` of the batch
 /// `d` (`(b, …)`, arithmetic dtype), in place.
 pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'_>]) -> Result<()> {
+    check_apply_counts(ws, d, alphas, decays)?;
     let n = ws.len();
-    if d.dim(0)? != n || alphas.len() != n || decays.len() != n {
-        fail!(
-            Shape,
-            "apply_step",
-            "{n} parameters, {} directions",
-            d.dim(0)?
-        );
-    }
     #[cfg(feature = "cuda")]
     if cuda::apply_step(ws, d, alphas, decays)? {
         return Ok(());
