@@ -1,8 +1,9 @@
 //! Builds the kernels in `kernels/*.cu` twice over:
 //!
-//! - always, with the host C++ compiler (through `cc`) against
-//!   `kernels/emu.h`: the kernel emulator, so `cargo test` runs the same
-//!   sources on the CPU. A missing C++ compiler is a build error.
+//! - with feature `emu` (on for this crate's own tests, examples and benches,
+//!   off for crates that depend on it), with the host C++ compiler (through
+//!   `cc`) against `kernels/emu.h`: the kernel emulator, so `cargo test` runs
+//!   the same sources on the CPU. A missing C++ compiler is then a build error.
 //!   `STEEPEST_EMU_SANITIZE=address|thread` builds the emulator with that
 //!   sanitizer and links its runtime into this package's tests (CI);
 //! - with feature `cuda`, with `nvcc --ptx` for `sm_$CUDA_COMPUTE_CAP`: the
@@ -35,6 +36,7 @@ fn main() {
     for h in ["emu.h", "common.cuh"] {
         println!("cargo::rerun-if-changed={}", kernels.join(h).display());
     }
+    #[cfg(feature = "emu")]
     build_emulator(&sources, &kernels, &out);
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_ptx(&sources, &kernels, &out);
@@ -42,6 +44,7 @@ fn main() {
 }
 
 /// Compiles each `.cu` as C++20 against `emu.h` into `libsteepest_emu.a`.
+#[cfg(feature = "emu")]
 fn build_emulator(sources: &[PathBuf], kernels: &Path, out: &Path) {
     let mut b = cc::Build::new();
     b.cpp(true)
@@ -98,6 +101,7 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out: &Path) {
 /// library; and the runtime must precede libc in symbol lookup (its
 /// `malloc` must win), which a static, whole-archive runtime in the
 /// executable does wherever it sits on the command line (`-static-libasan`).
+#[cfg(feature = "emu")]
 fn link_sanitizer_runtime(b: &cc::Build, name: &str) {
     let cc = b.get_compiler().path().to_path_buf();
     let find = |file: &str| -> String {

@@ -113,6 +113,11 @@ struct Cli {
     /// Only the workloads whose name contains one of these (comma-separated)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Vec<String>,
+    /// Leave the CUDA memory pool as candle sets it (freed memory goes back to
+    /// the driver at every synchronisation) instead of
+    /// `steepest::device::cuda::retain_freed_memory`
+    #[arg(long)]
+    release_freed_memory: bool,
 }
 
 /// A set of weight matrices: `layers` copies of each `(rows, cols)`.
@@ -275,6 +280,8 @@ struct Bench {
     only: Vec<String>,
     out: Option<PathBuf>,
     device_name: String,
+    /// Whether `retain_freed_memory` was called (CUDA, no --release-freed-memory).
+    pool_keeps_freed_memory: bool,
     records: Vec<Value>,
 }
 
@@ -347,6 +354,7 @@ impl Bench {
             "tool": "steepest",
             "version": env!("CARGO_PKG_VERSION"),
             "device": self.device_name,
+            "pool_keeps_freed_memory": self.pool_keeps_freed_memory,
             "quick": self.quick,
             "reps": self.reps,
             "warmup": self.warmup,
@@ -360,6 +368,17 @@ impl Bench {
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(())
     }
+}
+
+/// `steepest::device::cuda::retain_freed_memory` (feature `cuda`).
+#[cfg(feature = "cuda")]
+fn retain_freed_memory(dev: &Device) -> Result<()> {
+    Ok(steepest::device::cuda::retain_freed_memory(dev)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn retain_freed_memory(_dev: &Device) -> Result<()> {
+    Ok(())
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -428,7 +447,12 @@ fn main() -> Result<()> {
     let dev = device(&cli.device)?;
     let quick = cli.quick;
     let cuda = dev.is_cuda();
+    let pool_keeps_freed_memory = cuda && !cli.release_freed_memory;
+    if pool_keeps_freed_memory {
+        retain_freed_memory(&dev)?;
+    }
     let mut bench = Bench {
+        pool_keeps_freed_memory,
         device_name: match &dev {
             Device::Cpu => "cpu".to_string(),
             _ => format!("{} (ordinal 0)", cli.device),
@@ -442,12 +466,17 @@ fn main() -> Result<()> {
         records: Vec::new(),
     };
     println!(
-        "gpu_bench (steepest {}): device {}, {} warm-up + {} timed reps each{}",
+        "gpu_bench (steepest {}): device {}, {} warm-up + {} timed reps each{}{}",
         env!("CARGO_PKG_VERSION"),
         bench.device_name,
         bench.warmup,
         bench.reps,
-        if quick { ", --quick shapes" } else { "" }
+        if quick { ", --quick shapes" } else { "" },
+        if pool_keeps_freed_memory {
+            "; CUDA pool keeps freed memory"
+        } else {
+            ""
+        }
     );
 
     // msign alone: bf16 squares.

@@ -8,12 +8,17 @@
 #
 #   bash scripts/gpu-check.sh
 #
-# On the device, .gpu/run.sh runs: the GPU tests, the kernel bench,
-# nvidia-smi, gpu_bench (-> $OUT/gpu_bench_steepest.json), the PyTorch
-# reference (-> $OUT/gpu_bench_torch.json) and the table
-# (-> $OUT/gpu_bench_table.md); each step's failure is logged and the next
-# step still runs. `RUN="bench" bash .gpu/run.sh` runs only the benchmark
-# (the steps: tests, kernels, bench).
+# On the device, .gpu/run.sh runs all of issue #11 in one call, most
+# important first, under one deadline (DEADLINE_S, default 510 s): the
+# machine and its libraries, the GPU tests, gpu_bench and the PyTorch
+# reference with the table, then training on the GPU (examples/train_lm/
+# gpu_run.sh: first 20 losses CPU vs GPU, then --preset gpu in the time
+# left), and the kernel bench if time remains. Each step's failure or
+# timeout is logged and the next step still runs. The device tool returns at
+# most 8 files from $OUT, so everything goes into $OUT/results.tgz
+# (repacked after every step: a kill keeps what finished), with
+# $OUT/report.md (the summary) and the two benchmark JSONs beside it.
+# `STEPS="bench torch table" bash .gpu/run.sh` runs only those steps.
 #
 # Uses CARGO_TARGET_DIR (default: target-cuda/, kept apart from the CPU build).
 set -euo pipefail
@@ -53,6 +58,11 @@ TRAIN="$CARGO_TARGET_DIR/release/examples/train_lm"
 rm -rf .gpu && mkdir -p .gpu
 cp "$SHARED/device-run.sh" .gpu/
 cp bench/torch_reference.py scripts/gpu_bench_table.py .gpu/
+# The first 20 losses of the small configuration on this machine's CPU, with
+# the same binary, for gpu_run.sh's build-host comparison (runs/ does not travel).
+echo "== first 20 losses on the build host's CPU"
+"$TRAIN" --device cpu --stop-after 20 --loss-log .gpu/losses_cpu_build_host.csv \
+  --out "$(mktemp -d)" >/dev/null 2>&1 || echo "(build-host losses failed; skipped)" >&2
 for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_bench" "$TRAIN:train_lm"; do
   src="${pair%%:*}"; dst=".gpu/${pair##*:}"
   cp "$src" "$dst"; strip "$dst"
@@ -60,57 +70,108 @@ for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_be
 done
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root: unpack, test, bench, and issue
-# #11's benchmark (steepest and PyTorch, then the table); logs and JSON in $OUT.
-# A failing or timed-out step is logged and the next one still runs; the exit
-# code is the GPU tests'. RUN picks the steps (default: all three); BENCH_ARGS
-# adds flags to both benchmark programs; PY is the Python with PyTorch.
+# On the GPU machine, from the repository root (written by scripts/gpu-check.sh):
+# issue #11 in one call, most important first, under one deadline. Logs and
+# results go to $WORK; after every step $OUT/results.tgz (all of $WORK),
+# $OUT/report.md and the benchmark JSONs are rewritten, so a kill keeps what
+# finished. Exit code: the GPU tests'.
+#   STEPS   which steps (default: all, in this order)
+#   DEADLINE_S   seconds from start for the whole run (default 510)
+#   BENCH_ARGS   extra flags for both benchmark programs (e.g. "--reps 30")
+#   PY      the Python with PyTorch (default python3)
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+DEADLINE_EPOCH=$((T0 + ${DEADLINE_S:-510}))
 OUT="${OUT:-/tmp/steepest-gpu-out}"; mkdir -p "$OUT"
-RUN="${RUN:-tests kernels bench}"
-BENCH_ARGS="${BENCH_ARGS:-}"   # e.g. "--reps 30", "--only muon_step"; both bench programs take the same flags
-PY="${PY:-python3}"            # the Python with PyTorch
-has() { [[ " $RUN " == *" $1 "* ]]; }
-for f in *.xz; do
+WORK="${WORK:-/tmp/steepest-gpu-work}"; rm -rf "$WORK"; mkdir -p "$WORK"
+STEPS="${STEPS:-machine tests bench torch table train kernels}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+PY="${PY:-python3}"
+G=.gpu
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+left() { echo $((DEADLINE_EPOCH - $(date +%s))); }
+echo -e "step\texit\tseconds\tlimit" > "$WORK/steps.tsv"
+
+pack() { # results.tgz (all of $WORK), report.md, the JSONs: at most 4 files in $OUT
+  {
+    echo "# steepest on the GPU: $(date -u +%FT%TZ), $(( $(date +%s) - T0 )) s after the start"
+    echo; echo '```'; head -3 "$WORK/machine.log" 2>/dev/null; echo '```'
+    echo; echo "## Steps"; echo; echo '```'; cat "$WORK/steps.tsv"; echo '```'
+    if [[ -f "$WORK/tests.log" ]]; then
+      echo; echo "## GPU tests"; echo; echo '```'
+      grep -E '^test .*(ok|FAILED|ignored)$|^test result|panicked|^failures' "$WORK/tests.log" | tail -40
+      echo '```'
+    fi
+    for f in gpu_bench_table.md train/first20/compare.txt train/gpu/summary.md; do
+      [[ -f "$WORK/$f" ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
+    done
+  } > "$OUT/report.md.tmp" 2>&1
+  mv "$OUT/report.md.tmp" "$OUT/report.md"
+  for j in gpu_bench_steepest.json gpu_bench_torch.json; do
+    [[ -f "$WORK/$j" ]] && cp "$WORK/$j" "$OUT/$j"
+  done
+  python3 -c 'import sys, tarfile
+with tarfile.open(sys.argv[2] + ".tmp", "w:gz") as t:
+    t.add(sys.argv[1], arcname="steepest-gpu")' "$WORK" "$OUT/results.tgz" &&
+    mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+}
+
+step() { # step NAME CAP_SECONDS CMD...: under min(CAP, time left − 5), output to $WORK/NAME.log
+  local name="$1" cap="$2"; shift 2
+  has "$name" || return 0
+  local t; t=$(( $(left) - 5 )); (( t > cap )) && t=$cap
+  if (( t < 15 )); then
+    echo -e "$name\tskipped\t0\t$t" >> "$WORK/steps.tsv"; echo "== $name: skipped ($(left) s left)"; pack; return 0
+  fi
+  echo "== $name (limit ${t} s, $(left) s left)"
+  local s0; s0=$(date +%s)
+  timeout -k 5 "$t" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo -e "$name\t$rc\t$(( $(date +%s) - s0 ))\t$t" >> "$WORK/steps.tsv"
+  tail -5 "$WORK/$name.log"; echo "== $name: exit $rc (124: timed out)"
+  pack
+  return $rc
+}
+
+for f in $G/*.xz; do
+  [[ -e "$f" ]] || continue
   python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"
   chmod +x "${f%.xz}"
 done
+machine() {
+  nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
+  nvidia-smi
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+  # the libraries, and that the test binary loads them (lists its tests only)
+  bash $G/device-run.sh $G/gpu_kernels_test -- --list
+}
+export -f machine; export G PY
+step machine 40 bash -c machine
 rc=0
-if has tests; then
-  timeout -k 10 150 bash device-run.sh --diag ./gpu_kernels_test -- --test-threads=1 2>&1 | tee "$OUT/gpu_tests.log"
-  rc=${PIPESTATUS[0]}
-  echo "tests exit code: $rc" | tee -a "$OUT/gpu_tests.log"
+# shellcheck disable=SC2086 # BENCH_ARGS: extra flags, split on spaces
+{
+step tests 150 bash $G/device-run.sh $G/gpu_kernels_test -- --test-threads=1 || rc=$?
+step bench 120 bash $G/device-run.sh $G/gpu_bench -- --out "$WORK/gpu_bench_steepest.json" $BENCH_ARGS
+step torch 120 "$PY" $G/torch_reference.py --out "$WORK/gpu_bench_torch.json" $BENCH_ARGS
+step table 20 python3 $G/gpu_bench_table.py "$WORK/gpu_bench_steepest.json" "$WORK/gpu_bench_torch.json" \
+  --out "$WORK/gpu_bench_table.md"
+}
+if has train; then
+  mkdir -p runs/first20
+  [[ -f $G/losses_cpu_build_host.csv ]] && cp $G/losses_cpu_build_host.csv runs/first20/
 fi
-if has kernels; then
-  timeout -k 10 90 bash device-run.sh ./gpu_kernels_bench 2>&1 | tee "$OUT/gpu_bench.log"
-  echo "gpu_kernels bench exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_bench.log"
-fi
-if has bench; then
-  SECONDS=0
-  { nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
-    nvidia-smi; } > "$OUT/nvidia_smi.txt" 2>&1 || echo "nvidia-smi failed (see $OUT/nvidia_smi.txt)"
-  head -2 "$OUT/nvidia_smi.txt"
-  # shellcheck disable=SC2086 # BENCH_ARGS: extra flags for both, split on spaces
-  timeout -k 10 150 bash device-run.sh ./gpu_bench -- --out "$OUT/gpu_bench_steepest.json" $BENCH_ARGS 2>&1 |
-    tee "$OUT/gpu_bench_steepest.log"
-  echo "gpu_bench exit code: ${PIPESTATUS[0]} (${SECONDS}s so far)" | tee -a "$OUT/gpu_bench_steepest.log"
-  # shellcheck disable=SC2086
-  timeout -k 10 150 "$PY" torch_reference.py --out "$OUT/gpu_bench_torch.json" $BENCH_ARGS 2>&1 |
-    tee "$OUT/gpu_bench_torch.log"
-  echo "torch_reference exit code: ${PIPESTATUS[0]} (${SECONDS}s so far)" | tee -a "$OUT/gpu_bench_torch.log"
-  python3 gpu_bench_table.py "$OUT/gpu_bench_steepest.json" "$OUT/gpu_bench_torch.json" \
-    --out "$OUT/gpu_bench_table.md" 2>&1 | tee "$OUT/gpu_bench_table.log"
-  echo "table exit code: ${PIPESTATUS[0]}"
-fi
+step train 600 env OUT="$WORK/train" DEADLINE_EPOCH=$((DEADLINE_EPOCH - 20)) \
+  bash examples/train_lm/gpu_run.sh $G/train_lm
+step kernels 60 bash $G/device-run.sh $G/gpu_kernels_bench
+pack
+echo "== done in $(( $(date +%s) - T0 )) s; tests exit $rc; $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$rc"
 RUN
 chmod +x .gpu/run.sh
 ls -la .gpu
 echo
 echo "Device command (the device tool's run; .gpu is git-ignored, so carry it):"
-echo "  run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=420)"
-echo "Only issue #11's benchmark (steepest + PyTorch + table; each step time-limited to 150 s):"
-echo "  run(command=\"RUN=bench bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=360)"
-echo "Training on the GPU (issue #11 part 4: first-20 losses CPU vs GPU, then the gpu preset):"
-echo "  run(command=\"OUT=\$OUT bash examples/train_lm/gpu_run.sh .gpu/train_lm\", carry=[\".gpu\"], timeout_s=480)"
+echo "  run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=540)"
+echo "It stops by itself after DEADLINE_S=510 s; \$OUT gets results.tgz, report.md and the two JSONs."
+echo "A rerun of some steps only: run(command=\"STEPS='bench torch table' DEADLINE_S=280 bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=300)"

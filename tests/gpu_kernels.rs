@@ -244,6 +244,59 @@ fn gpu_power_iteration_matches_cpu() {
     }
 }
 
+/// Short sides of 2048 and 4096: the power iteration's static tiles plus its
+/// 2·4·k B of dynamic shared memory exceed 48 KiB, so the launch needs the
+/// opt-in (which the dynamic part alone would not ask for).
+#[test]
+fn gpu_power_iteration_large_short_side() {
+    let dev = gpu();
+    let shapes = [
+        (1, 2048, 2100, DType::F32),
+        (2, 2100, 2048, DType::BF16),
+        (1, 4096, 4096, DType::F16),
+    ];
+    for (i, &(b, m, n, dt)) in shapes.iter().enumerate() {
+        let mut r = rng(250 + i as u64);
+        let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
+        let want = power_iteration(&w, None, 4).unwrap();
+        let got = power_iteration(&w.to_device(&dev).unwrap(), None, 4).unwrap();
+        let (s1, s2) = (f64s(&want.sigma), f64s(&got.sigma));
+        for (a, c) in s1.iter().zip(&s2) {
+            assert!(
+                (a - c).abs() <= 1e-4 * a.abs().max(1e-30),
+                "({b},{m},{n}): σ {a} vs {c}"
+            );
+        }
+    }
+}
+
+/// What the driver reports for every kernel: the static shared memory the
+/// launch code assumes (the emulator checks launches with it), and no local
+/// memory (ptxas reports no spills and no stack for sm_90).
+#[test]
+fn gpu_kernel_resources_match_the_launch_code() {
+    let dev = gpu();
+    for k in steepest::device::emu::kernel_names() {
+        let r = steepest::device::cuda::kernel_resources(&dev, k).unwrap();
+        println!(
+            "{k}: {} registers, {} B static shared, {} B local",
+            r.registers, r.static_shared, r.local
+        );
+        assert_eq!(
+            r.static_shared, r.assumed_static_shared,
+            "{k}: static shared memory"
+        );
+        assert_eq!(r.local, 0, "{k}: local memory (spills)");
+    }
+}
+
+/// Aliased operands are refused on the GPU as on the CPU, nothing changed.
+#[test]
+fn gpu_aliased_operands_are_refused() {
+    let dev = gpu();
+    aliased_operands_are_refused_by(&dev, |items| device::adamw_step(items, 0.9, 0.999, 1e-8));
+}
+
 #[test]
 fn gpu_msign_matches_cpu() {
     msign_on_every_shape(&NewtonSchulz::muon(), 300);

@@ -43,6 +43,10 @@ impl Backend for Counter {
         Ok(at)
     }
 
+    fn alloc_uninit(&self, bytes: usize) -> Result<u64> {
+        self.alloc_zeroed(bytes)
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<u64> {
         self.alloc_zeroed(bytes.len())
     }
@@ -67,8 +71,8 @@ impl Backend for Counter {
         Ok(())
     }
 
-    fn cache(&self) -> &Mutex<TableCache<u64>> {
-        &self.cache
+    fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<u64>) -> R) -> R {
+        f(&mut self.cache.lock().expect("table cache lock"))
     }
 }
 

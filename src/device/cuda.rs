@@ -6,8 +6,13 @@
 //!
 //! Invariant (see `launch.rs`): kernels write parameters and state through
 //! raw device addresses, outside candle's storage locks. Every launch, copy
-//! and GEMM here goes on the device's single candle stream, so they are
-//! ordered with candle's own ops; nothing here runs on another stream.
+//! and GEMM here goes on the stream candle's own ops use in the calling
+//! thread (candle's `CudaDevice` runs on CUDA's per-thread default stream),
+//! so they are ordered with those ops; nothing here runs on another stream.
+//! Host threads sharing a device each have their own stream: what one thread
+//! frees (stream-ordered) must not be something another thread's pending
+//! kernels read, hence the per-thread table cache. An output that shares
+//! memory with another operand is refused, as on the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -39,12 +44,29 @@ pub(crate) struct CudaBuf {
     addr: u64,
 }
 
+/// A loaded kernel, its static shared memory (from the driver) and the
+/// dynamic shared memory it has been opted in to so far.
+#[derive(Clone)]
+struct Kernel {
+    f: CudaFunction,
+    static_shared: u32,
+    opted_in: u32,
+}
+
 /// One CUDA device's backend state.
 pub(crate) struct Cuda {
     dev: CudaDevice,
     stream: Arc<CudaStream>,
-    funcs: Mutex<HashMap<String, CudaFunction>>,
-    cache: Mutex<TableCache<CudaBuf>>,
+    funcs: Mutex<HashMap<String, Kernel>>,
+}
+
+thread_local! {
+    /// Each host thread's uploaded tables, per device. candle's stream is
+    /// CUDA's per-thread default stream, so a table evicted (and freed,
+    /// stream-ordered) by one thread must not be one another thread's
+    /// pending kernels still read: each thread keeps its own.
+    static TABLES: std::cell::RefCell<HashMap<DeviceId, TableCache<CudaBuf>>> =
+        std::cell::RefCell::new(HashMap::new());
 }
 
 /// The backend of `dev` (one per device, created on first use).
@@ -60,7 +82,6 @@ fn backend(dev: &CudaDevice) -> Arc<Cuda> {
                 dev: dev.clone(),
                 stream: dev.cuda_stream(),
                 funcs: Mutex::new(HashMap::new()),
-                cache: Mutex::new(TableCache::default()),
             })
         })
         .clone()
@@ -69,10 +90,10 @@ fn backend(dev: &CudaDevice) -> Arc<Cuda> {
 impl Cuda {
     /// The loaded kernel `name` (loaded once per device, under the module
     /// name that carries its PTX's hash).
-    fn func(&self, name: &str) -> Result<CudaFunction> {
+    fn func(&self, name: &str) -> Result<Kernel> {
         let mut funcs = self.funcs.lock().expect("funcs lock");
-        if let Some(f) = funcs.get(name) {
-            return Ok(f.clone());
+        if let Some(k) = funcs.get(name) {
+            return Ok(k.clone());
         }
         let Some(&(_, module)) = ptx::ENTRIES.iter().find(|(e, _)| *e == name) else {
             fail!(Device, "cuda", "no kernel `{name}` in the embedded PTX");
@@ -82,8 +103,32 @@ impl Cuda {
             .dev
             .get_or_load_custom_func(name, module_name, text)?
             .into_cuda_function();
-        funcs.insert(name.to_string(), f.clone());
-        Ok(f)
+        let static_shared = f.shared_size_bytes().map_err(|e| derr(name, e))? as u32;
+        let k = Kernel {
+            f,
+            static_shared,
+            opted_in: 0,
+        };
+        funcs.insert(name.to_string(), k.clone());
+        Ok(k)
+    }
+
+    /// Raises `name`'s dynamic shared memory limit to `bytes` (once per
+    /// kernel and size).
+    fn opt_in(&self, name: &str, k: &Kernel, bytes: u32) -> Result<()> {
+        if bytes <= k.opted_in {
+            return Ok(());
+        }
+        k.f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| derr(name, e))?;
+        let mut funcs = self.funcs.lock().expect("funcs lock");
+        if let Some(entry) = funcs.get_mut(name) {
+            entry.opted_in = entry.opted_in.max(bytes);
+        }
+        Ok(())
     }
 }
 
@@ -99,6 +144,18 @@ impl Backend for Cuda {
             .stream
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| derr("cuda alloc", e))?;
+        let addr = slice.device_ptr(&self.stream).0;
+        Ok(CudaBuf {
+            _slice: slice,
+            addr,
+        })
+    }
+
+    fn alloc_uninit(&self, bytes: usize) -> Result<CudaBuf> {
+        // SAFETY: the launch code writes every byte before reading it (the
+        // emulator fills such buffers with NaN to check that).
+        let slice =
+            unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| derr("cuda alloc", e))?;
         let addr = slice.device_ptr(&self.stream).0;
         Ok(CudaBuf {
             _slice: slice,
@@ -131,25 +188,23 @@ impl Backend for Cuda {
     }
 
     fn launch(&self, l: &Launch) -> Result<()> {
-        let f = self.func(&l.kernel)?;
-        if l.shared > launch::SHARED_DEFAULT {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                l.shared as i32,
-            )
-            .map_err(|e| derr(&l.kernel, e))?;
-        }
-        let (mut params, _sig) = launch::pack(&l.args);
         self.stream
             .context()
             .bind_to_thread()
             .map_err(|e| derr("cuda", e))?;
+        let k = self.func(&l.kernel)?;
+        // Static and dynamic shared memory together above 48 KiB need the
+        // opt-in, whatever the dynamic part alone is.
+        if let Some(bytes) = launch::shared_opt_in(&l.kernel, k.static_shared, l.shared)? {
+            self.opt_in(&l.kernel, &k, bytes)?;
+        }
+        let (mut params, _sig) = launch::pack(&l.args);
         // SAFETY: `params` points into `l.args` (alive for the call; the
         // driver copies the values at launch); the argument list is the one
         // the emulator checks against the kernel's parameter types.
         unsafe {
             drv::launch_kernel(
-                f.cu_function(),
+                k.f.cu_function(),
                 (l.grid[0], l.grid[1], l.grid[2]),
                 (l.block, 1, 1),
                 l.shared,
@@ -215,15 +270,18 @@ impl Backend for Cuda {
         .map_err(|e| derr("cublas gemm", e))
     }
 
-    fn cache(&self) -> &Mutex<TableCache<CudaBuf>> {
-        &self.cache
+    fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<CudaBuf>) -> R) -> R {
+        TABLES.with(|t| f(t.borrow_mut().entry(self.dev.id()).or_default()))
     }
 }
 
-/// Device addresses of CUDA tensors (inputs made contiguous and kept alive).
+/// Device addresses of CUDA tensors (inputs made contiguous and kept alive),
+/// with the byte span and direction of each, to refuse an output that shares
+/// memory with another operand (as the CPU path and the emulator do).
 struct Addrs<'a> {
     be: &'a Cuda,
     keep: Vec<Tensor>,
+    spans: Vec<(u64, u64, bool)>,
 }
 
 impl<'a> Addrs<'a> {
@@ -231,7 +289,26 @@ impl<'a> Addrs<'a> {
         Self {
             be,
             keep: Vec::new(),
+            spans: Vec::new(),
         }
+    }
+
+    /// Records `[start, end)`; errors when it is written and overlaps any
+    /// operand, or overlaps an operand that is written.
+    fn claim(&mut self, start: u64, end: u64, write: bool) -> Result<()> {
+        let clash = self
+            .spans
+            .iter()
+            .any(|&(s, e, w)| (write || w) && start < e && s < end);
+        if clash {
+            fail!(
+                Device,
+                "in-place kernel",
+                "an output tensor shares its storage with another operand"
+            );
+        }
+        self.spans.push((start, end, write));
+        Ok(())
     }
 }
 
@@ -262,6 +339,8 @@ impl Resolve for Addrs<'_> {
             };
             base + (o * size) as u64
         };
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.claim(addr, addr + bytes, write)?;
         self.keep.push(t);
         Ok(addr)
     }
@@ -451,6 +530,89 @@ pub fn msign_tiled(g: &Tensor, ns: &NewtonSchulz, tile: usize) -> Result<Tensor>
             g.device().location()
         ),
     }
+}
+
+/// Keeps the device memory that candle frees in the CUDA memory pool of
+/// `device` instead of returning it to the driver.
+///
+/// candle allocates with `cuMemAllocAsync` from the device's memory pool,
+/// whose release threshold is 0 by default: at every synchronisation (a
+/// loss read back, a finite check) the pool hands its free memory back, and
+/// the next step's allocations map it again. PyTorch's caching allocator
+/// keeps freed blocks instead. This sets the pool's release threshold to
+/// `u64::MAX`, so freed memory stays reserved by this process for reuse
+/// (other processes on the GPU cannot use it). It changes the device's
+/// current pool for the whole process; the training example and the GPU
+/// benchmark call it once at start-up. Errors when `device` is not CUDA.
+pub fn retain_freed_memory(device: &candle_core::Device) -> Result<()> {
+    use cudarc::driver::sys::CUmemPool_attribute;
+    let candle_core::Device::Cuda(dev) = device else {
+        fail!(
+            Device,
+            "retain_freed_memory",
+            "not a CUDA device: {:?}",
+            device.location()
+        );
+    };
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(|e| derr("cuda", e))?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the device comes from a live context; the attribute takes a
+    // `u64` (cuMemPoolSetAttribute, RELEASE_THRESHOLD).
+    unsafe {
+        let pool = drv::device::get_mem_pool(ctx.cu_device())
+            .map_err(|e| derr("retain_freed_memory", e))?;
+        drv::mem_pool::set_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(|e| derr("retain_freed_memory", e))
+    }
+}
+
+/// What the driver reports for a kernel of `kernels/` once loaded on a
+/// device (the ptxas figures of the JIT-compiled code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory per block, bytes.
+    pub static_shared: u32,
+    /// Local memory per thread (spills, stack), bytes.
+    pub local: u32,
+    /// The static shared memory `launch.rs` assumes for it (what the
+    /// emulator checks launches with).
+    pub assumed_static_shared: u32,
+}
+
+/// Loads kernel `name` on `device` and reports its resources.
+pub fn kernel_resources(device: &candle_core::Device, name: &str) -> Result<KernelResources> {
+    let candle_core::Device::Cuda(dev) = device else {
+        fail!(
+            Device,
+            "kernel_resources",
+            "not a CUDA device: {:?}",
+            device.location()
+        );
+    };
+    let be = backend(dev);
+    be.stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| derr("cuda", e))?;
+    let k = be.func(name)?;
+    let get = |a| {
+        k.f.get_attribute(a)
+            .map(|v| v as u32)
+            .map_err(|e| derr(name, e))
+    };
+    Ok(KernelResources {
+        registers: get(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+        static_shared: k.static_shared,
+        local: get(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?,
+        assumed_static_shared: launch::static_shared(name),
+    })
 }
 
 /// The kernel entry points in the embedded PTX (for the GPU tests).

@@ -215,6 +215,13 @@ impl Backend for Emu {
         Ok(EmuBuf { ptr, layout })
     }
 
+    fn alloc_uninit(&self, bytes: usize) -> Result<EmuBuf> {
+        let b = self.alloc_zeroed(bytes)?;
+        // SAFETY: `b` holds `bytes` bytes.
+        unsafe { std::ptr::write_bytes(b.ptr, 0xFF, bytes) };
+        Ok(b)
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<EmuBuf> {
         let b = self.alloc_zeroed(bytes.len())?;
         // SAFETY: `b` holds `bytes.len()` bytes.
@@ -232,14 +239,8 @@ impl Backend for Emu {
         let Some(f) = kernel_fn(&l.kernel) else {
             fail!(Device, "emulator", "no kernel `{}`", l.kernel);
         };
-        if l.shared > launch::SHARED_MAX {
-            fail!(
-                Device,
-                l.kernel.as_str(),
-                "{} bytes of shared memory requested",
-                l.shared
-            );
-        }
+        // The CUDA backend opts in where this says so; beyond it, it fails.
+        launch::shared_opt_in(&l.kernel, launch::static_shared(&l.kernel), l.shared)?;
         let (mut params, sig) = launch::pack(&l.args);
         let sig = CString::new(sig).expect("no NUL in a signature");
         let dims = LaunchDims {
@@ -330,8 +331,8 @@ impl Backend for Emu {
         Ok(())
     }
 
-    fn cache(&self) -> &Mutex<TableCache<EmuBuf>> {
-        &self.cache
+    fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<EmuBuf>) -> R) -> R {
+        f(&mut self.cache.lock().expect("table cache lock"))
     }
 }
 

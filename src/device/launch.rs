@@ -1,5 +1,5 @@
 //! Launch code shared by the CUDA backend (`cuda.rs`, feature `cuda`) and
-//! the kernel emulator ([`super::emu`]): what to launch, with which grid,
+//! the kernel emulator (`super::emu`, feature `emu`): what to launch, with which grid,
 //! block, shared memory and arguments, and in which order.
 //!
 //! A [`Backend`] only moves bytes, launches a named kernel with a packed
@@ -13,13 +13,18 @@
 //! Device memory is addressed by `u64` (a `CUdeviceptr` on the GPU, a host
 //! address under the emulator). Kernels write parameters and optimizer state
 //! through these addresses, bypassing candle's storage locks: this is sound
-//! because every launch goes on candle's single stream of the device (the
-//! same stream candle's own ops use), so a kernel is ordered after the ops
-//! that produced its inputs and before any later op that reads its outputs.
+//! because every launch goes on the stream candle's own ops use in the
+//! calling thread (CUDA's per-thread default stream), so a kernel is ordered
+//! after the ops that produced its inputs and before any later op that reads
+//! its outputs.
+//!
+//! Without `cuda` and `emu` only the GEMM counting of `count.rs` uses this
+//! module (a dependent crate's CPU build); the rest is then unused.
+#![cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
@@ -32,11 +37,44 @@ pub(crate) const BLOCK: u32 = 256;
 pub(crate) const CHUNK: u32 = 4096;
 /// Cap on the grid of grid-stride kernels (enough to fill any current GPU).
 pub(crate) const MAX_BLOCKS: u64 = 4096;
-/// Dynamic shared memory a block may use without opting in.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// Shared memory (static and dynamic together) a block gets without opting
+/// in: a launch beyond it fails unless the function's
+/// `MAX_DYNAMIC_SHARED_SIZE_BYTES` was raised first.
 pub(crate) const SHARED_DEFAULT: u32 = 48 * 1024;
-/// Dynamic shared memory a block may opt in to on sm_90 (227 KiB).
+/// Shared memory (static and dynamic together) a block may opt in to on
+/// sm_90 (227 KiB).
 pub(crate) const SHARED_MAX: u32 = 227 * 1024;
+
+/// The dynamic shared memory `kernel` must opt in to, given its static shared
+/// memory: `Some(dynamic)` when the two together exceed [`SHARED_DEFAULT`],
+/// `None` when they fit without; an error beyond [`SHARED_MAX`].
+pub(crate) fn shared_opt_in(kernel: &str, static_bytes: u32, dynamic: u32) -> Result<Option<u32>> {
+    let total = u64::from(static_bytes) + u64::from(dynamic);
+    if total > u64::from(SHARED_MAX) {
+        fail!(
+            Device,
+            kernel,
+            "{static_bytes} B of static and {dynamic} B of dynamic shared memory exceed the {SHARED_MAX} B a block can have"
+        );
+    }
+    Ok((total > u64::from(SHARED_DEFAULT)).then_some(dynamic))
+}
+
+/// Static shared memory of each kernel, as `ptxas -v` reports it for sm_90
+/// (`scripts/ptxas-report.sh`; the GPU tests compare it with the driver's
+/// figure). The emulator, which cannot measure it, checks launches with it;
+/// the CUDA backend asks the driver.
+pub(crate) fn static_shared(kernel: &str) -> u32 {
+    match kernel {
+        k if k.starts_with("power_gram_") => POWER_STATIC_SHARED,
+        k if k.starts_with("ns_load_") || k.starts_with("ns_store_") => 32 * 33 * 4,
+        "ns_symmetrize" => 32 * 33 * 4,
+        "power_normalize" | "power_start" => (BLOCK + 4) * 4,
+        "sumsq_finish" => (BLOCK + 1) * 8,
+        k if k.starts_with("sumsq_") => (BLOCK + 1) * 4,
+        _ => 0,
+    }
+}
 /// Largest grid `y`/`z` dimension (the batch of power iteration and msign).
 pub(crate) const MAX_GRID_YZ: usize = 65_535;
 /// Table entries kept uploaded per backend (by content, least recently used out).
@@ -188,6 +226,10 @@ pub(crate) trait Backend {
     fn addr(buf: &Self::Buf) -> u64;
     /// Allocates `bytes` zeroed bytes.
     fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buf>;
+    /// Allocates `bytes` bytes the caller writes before reading (no fill on
+    /// the GPU; the emulator fills them with `0xFF`, NaN as floats, so a read
+    /// before the write shows in the results).
+    fn alloc_uninit(&self, bytes: usize) -> Result<Self::Buf>;
     /// Allocates and fills a buffer from the host.
     fn upload(&self, bytes: &[u8]) -> Result<Self::Buf>;
     /// Copies device memory to the host (a host sync on the GPU).
@@ -196,8 +238,9 @@ pub(crate) trait Backend {
     fn launch(&self, l: &Launch) -> Result<()>;
     /// A strided-batched GEMM (asynchronously on the GPU).
     fn gemm(&self, g: &Gemm) -> Result<()>;
-    /// The backend's cache of uploaded tables.
-    fn cache(&self) -> &Mutex<TableCache<Self::Buf>>;
+    /// Runs `f` on the cache of uploaded tables of the calling thread (on
+    /// the GPU each host thread has its own stream, hence its own cache).
+    fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<Self::Buf>) -> R) -> R;
 }
 
 /// Uploaded tables by content: a `Var`'s storage does not move, so a group's
@@ -221,18 +264,19 @@ impl<B> Default for TableCache<B> {
 
 /// The device copy of `bytes`, from the cache or uploaded now.
 pub(crate) fn cached_upload<B: Backend>(be: &B, bytes: &[u8]) -> Result<Arc<B::Buf>> {
-    let mut c = be.cache().lock().expect("table cache lock");
-    if let Some(i) = c.entries.iter().position(|(k, _)| k.as_slice() == bytes) {
-        let e = c.entries.remove(i).expect("present");
-        let buf = e.1.clone();
-        c.entries.push_front(e);
-        return Ok(buf);
-    }
-    let buf = Arc::new(be.upload(bytes)?);
-    c.uploads += 1;
-    c.entries.push_front((bytes.to_vec(), buf.clone()));
-    c.entries.truncate(TABLE_CACHE);
-    Ok(buf)
+    be.with_cache(|c| {
+        if let Some(i) = c.entries.iter().position(|(k, _)| k.as_slice() == bytes) {
+            let e = c.entries.remove(i).expect("present");
+            let buf = e.1.clone();
+            c.entries.push_front(e);
+            return Ok(buf);
+        }
+        let buf = Arc::new(be.upload(bytes)?);
+        c.uploads += 1;
+        c.entries.push_front((bytes.to_vec(), buf.clone()));
+        c.entries.truncate(TABLE_CACHE);
+        Ok(buf)
+    })
 }
 
 /// One tensor of a multi-tensor launch (`MtEntry` in `common.cuh`).
@@ -860,9 +904,15 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
 
 // ------------------------------------------------------------ Newton–Schulz
 
-/// Whether the kernels take a `(b, m, n)` msign.
+/// Whether the kernels take a `(b, m, n)` msign: `ns_load`/`ns_store` put
+/// the 32-row tiles of the long side on the grid's `y`.
 pub(crate) fn msign_supported(b: usize, m: usize, n: usize) -> bool {
-    b >= 1 && m >= 1 && n >= 1 && b <= MAX_GRID_YZ && m.max(n) < i32::MAX as usize / 64
+    b >= 1
+        && m >= 1
+        && n >= 1
+        && b <= MAX_GRID_YZ
+        && m.max(n).div_ceil(32) <= MAX_GRID_YZ
+        && m.max(n) < i32::MAX as usize / 64
 }
 
 /// The Gram tile size: `X Xᵀ` is computed as the GEMMs of the tile pairs
@@ -960,9 +1010,11 @@ struct Ns<'j, 'a, B: Backend> {
 }
 
 impl<B: Backend> Ns<'_, '_, B> {
-    /// A zeroed buffer of `elems` elements of `bytes` each, kept until the end.
+    /// A buffer of `elems` elements of `bytes` each, kept until the end;
+    /// uninitialised: every one is written (by a kernel, or a GEMM with
+    /// β = 0, which does not read C) before it is read.
     fn buf(&mut self, elems: usize, bytes: usize) -> Result<u64> {
-        let buf = self.be.alloc_zeroed(elems * bytes)?;
+        let buf = self.be.alloc_uninit(elems * bytes)?;
         let addr = B::addr(&buf);
         self.bufs.push(buf);
         Ok(addr)
@@ -1448,5 +1500,45 @@ mod tests {
             assert_eq!(*(ptrs[3] as *const f64), 4.0);
             assert_eq!(*(ptrs[4] as *const i32), -1);
         }
+    }
+
+    /// Static and dynamic shared memory together decide the opt-in: the
+    /// power iteration's 34 816 B of tiles plus 2·4·k B for k = 2048 need it
+    /// (16 KiB of dynamic memory alone would not), k = 1792 does not, and no
+    /// supported shape exceeds what a block can opt in to.
+    #[test]
+    fn shared_memory_opt_in_counts_static_memory() {
+        let gram = static_shared("power_gram_f32");
+        assert_eq!(gram, 34_816);
+        let dynamic = |k: u32| 2 * k * 4;
+        assert_eq!(shared_opt_in("g", gram, dynamic(1792)).unwrap(), None);
+        assert_eq!(
+            shared_opt_in("g", gram, dynamic(1793)).unwrap(),
+            Some(dynamic(1793))
+        );
+        assert_eq!(
+            shared_opt_in("g", gram, dynamic(2048)).unwrap(),
+            Some(dynamic(2048))
+        );
+        assert_eq!(shared_opt_in("g", 0, SHARED_DEFAULT).unwrap(), None);
+        assert_eq!(
+            shared_opt_in("g", 0, SHARED_DEFAULT + 1).unwrap(),
+            Some(SHARED_DEFAULT + 1)
+        );
+        let kmax = (SHARED_MAX - gram) / 8;
+        assert!(power_supported(1, kmax as usize, kmax as usize + 1));
+        assert!(shared_opt_in("g", gram, dynamic(kmax)).unwrap().is_some());
+        assert!(!power_supported(1, kmax as usize + 1, kmax as usize + 1));
+        let e = shared_opt_in("power_gram_f32", gram, dynamic(kmax + 1)).unwrap_err();
+        assert!(e.to_string().contains("power_gram_f32"), "{e}");
+    }
+
+    /// The 32-row tiles of the long side must fit the grid's `y`.
+    #[test]
+    fn msign_shapes_fit_the_grid() {
+        let most = 65_535 * 32;
+        assert!(msign_supported(1, most, 8) && msign_supported(1, 8, most));
+        assert!(!msign_supported(1, most + 1, 8) && !msign_supported(1, 8, most + 1));
+        assert!(!msign_supported(65_536, 8, 8) && msign_supported(65_535, 8, 8));
     }
 }

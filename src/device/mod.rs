@@ -19,14 +19,16 @@
 //! earlier (a kernel that fails to launch).
 //!
 //! The CUDA kernels are also compiled for the host and run on the CPU by the
-//! crate's kernel emulator ([`emu`]), which the tests compare with [`cpu`];
-//! the launch code (`launch.rs`) is shared by both. See `docs/kernels.md`.
+//! crate's kernel emulator (`emu`, feature `emu`: on for this crate's own
+//! tests), which the tests compare with [`cpu`]; the launch code (`launch.rs`)
+//! is shared by both. See `docs/kernels.md`.
 
 pub mod access;
 mod count;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "emu")]
 pub mod emu;
 pub(crate) mod launch;
 

@@ -241,3 +241,54 @@ pub fn start_vec(r: &mut StdRng, b: usize, n: usize, dev: &Device) -> Tensor {
     let v: Vec<f32> = (0..b * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
     Tensor::from_vec(v, (b, n), dev).unwrap()
 }
+
+/// An AdamW step whose item aliases its moments (`m` and `v` are one `Var`)
+/// or whose gradient is its own parameter: `step` (the CPU path, the
+/// emulator or the GPU, on `dev`) must refuse both with the seam's
+/// "shares its storage" error and change nothing.
+pub fn aliased_operands_are_refused_by(
+    dev: &Device,
+    step: impl Fn(&[steepest::device::AdamItem<'_>]) -> steepest::Result<()>,
+) {
+    use steepest::device::{AdamItem, AdamStep, DecayTerm};
+    let mut r = rng(77);
+    let w = var_on(&randn(&mut r, &[6, 5], DType::F32, &Device::Cpu), dev);
+    let g = randn(&mut r, &[6, 5], DType::F32, &Device::Cpu)
+        .to_device(dev)
+        .unwrap();
+    let m = var_on(&rand_pos(&mut r, &[6, 5], 0.1, &Device::Cpu), dev);
+    let before = (f64s(w.as_tensor()), f64s(m.as_tensor()));
+    let step_of = |w: &Var, g: &Tensor, m: &Var, v: &Var| {
+        step(&[AdamItem {
+            w,
+            g,
+            m,
+            v,
+            step: AdamStep {
+                lr_bc1: 0.01,
+                bc2_sqrt: 0.1,
+            },
+            decay: DecayTerm {
+                scale: 1.0,
+                rank1: None,
+            },
+        }])
+    };
+    for (what, res) in [
+        ("m = v", step_of(&w, &g, &m, &m)),
+        (
+            "g = w",
+            step_of(
+                &w,
+                w.as_tensor(),
+                &m,
+                &var_on(&m.as_tensor().copy().unwrap(), dev),
+            ),
+        ),
+    ] {
+        let e = res.expect_err(what).to_string();
+        assert!(e.contains("shares its storage"), "{what}: {e}");
+        assert_eq!(f64s(w.as_tensor()), before.0, "{what}: w changed");
+        assert_eq!(f64s(m.as_tensor()), before.1, "{what}: m changed");
+    }
+}

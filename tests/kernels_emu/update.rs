@@ -380,3 +380,13 @@ fn emulator_16_bit_conversions_match_half() {
         }
     }
 }
+
+/// An output that shares storage with another operand is refused, with
+/// nothing changed, by the CPU path and by the kernels (the GPU test does the
+/// same on CUDA tensors).
+#[test]
+fn aliased_operands_are_refused() {
+    let cpu = Device::Cpu;
+    aliased_operands_are_refused_by(&cpu, |items| device::adamw_step(items, 0.9, 0.999, 1e-8));
+    aliased_operands_are_refused_by(&cpu, |items| emu::adamw_step(items, 0.9, 0.999, 1e-8));
+}
