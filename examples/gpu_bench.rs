@@ -77,6 +77,12 @@ const CONVENTIONS: &[(&str, &str)] = &[
         "power iteration: one read of W per iteration: iters * sum(b m n) * bytes per element",
     ),
     (
+        "pi_bytes_read",
+        "power iteration: every pass over W the kernels make: iters + 1 (the final sigma/u pass) \
+         per tall or square matrix, iters + 2 (the first u = W v too) per wide one; \
+         gbps_read = bytes_read / median",
+    ),
+    (
         "adamw_bytes",
         "AdamW, f32: read w, g, m, v and write w, m, v: 28 bytes per parameter",
     ),
@@ -180,6 +186,7 @@ struct Rec {
     flops: Option<f64>,
     /// GEMM FLOPs the CUDA path issues (`steepest::device::msign_device_work`).
     flops_issued: Option<f64>,
+    bytes_read: Option<f64>,
     bytes: Option<f64>,
     times: Vec<f64>,
     error: Option<String>,
@@ -194,6 +201,7 @@ impl Rec {
             notes: String::new(),
             flops: None,
             flops_issued: None,
+            bytes_read: None,
             bytes: None,
             times: Vec::new(),
             error: None,
@@ -234,6 +242,17 @@ impl Rec {
         self
     }
 
+    /// Bytes of W the power-iteration kernels read for `iters` iterations
+    /// of f32 matrices (see `pi_bytes_read`).
+    fn power_bytes_read(mut self, iters: usize) -> Self {
+        let read = |&[b, m, n]: &[usize; 3]| {
+            let passes = iters + 1 + usize::from(n > m);
+            (passes * b * m * n * 4) as f64
+        };
+        self.bytes_read = Some(self.shapes.iter().map(read).sum());
+        self
+    }
+
     fn to_json(&self) -> Value {
         let mut sorted = self.times.clone();
         sorted.sort_by(f64::total_cmp);
@@ -264,6 +283,8 @@ impl Rec {
             "flops_issued": self.flops_issued,
             "tflops_issued": match (self.flops_issued, median) { (Some(f), Some(t)) => Some(f / t / 1e12), _ => None },
             "bytes": self.bytes,
+            "bytes_read": self.bytes_read,
+            "gbps_read": match (self.bytes_read, median) { (Some(b), Some(t)) => Some(b / t / 1e9), _ => None },
             "tflops": match (self.flops, median) { (Some(f), Some(t)) => Some(f / t / 1e12), _ => None },
             "gbps": match (self.bytes, median) { (Some(b), Some(t)) => Some(b / t / 1e9), _ => None },
             "error": self.error,
@@ -603,7 +624,8 @@ fn main() -> Result<()> {
             Rec::new(format!("power_iteration_x10/{}", set.name), shapes.clone(), "f32")
                 .notes("power_iteration(W, Some(start), 10) on each same-shape batch (b, m, n); start: a fixed \
                         random (b, n); includes the final sigma/u (one more pass)")
-                .bytes(PI_ITERS as f64 * n_params * 4.0),
+                .bytes(PI_ITERS as f64 * n_params * 4.0)
+                .power_bytes_read(PI_ITERS),
             |dev| {
                 let ws = batches(&set, dev, 0.02)?;
                 let starts = shapes
