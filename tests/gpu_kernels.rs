@@ -9,7 +9,7 @@
 //! tolerances of the emulator tests, plus TF32-free cuBLAS (compute type
 //! 32F), so the same bounds apply. Whole optimizer steps are compared too
 //! (`kernels_emu/whole_steps.rs`).
-#![cfg(feature = "cuda")]
+#![cfg(all(feature = "cuda", feature = "emu"))]
 
 #[path = "kernels_emu/cases.rs"]
 mod cases;

@@ -3,6 +3,8 @@
 //! updates bit for bit, the reductions, power iteration and msign within
 //! stated rounding tolerances. No GPU needed; part of every `cargo test`.
 //! (One test binary, so that CI's sanitizer runs rebuild only this one.)
+//! Needs feature `emu`, which the crate's dev-dependency on itself turns on.
+#![cfg(feature = "emu")]
 
 #[path = "kernels_emu/cases.rs"]
 mod cases;
