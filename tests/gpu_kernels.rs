@@ -349,3 +349,11 @@ fn gpu_ptx_has_every_kernel() {
         assert!(entries.contains(k), "{k} missing from the PTX");
     }
 }
+
+/// The pool setting takes on a CUDA device and is refused, by name, on the CPU.
+#[test]
+fn gpu_retain_freed_memory() {
+    steepest::device::cuda::retain_freed_memory(&gpu()).unwrap();
+    let e = steepest::device::cuda::retain_freed_memory(&Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("retain_freed_memory"), "{e}");
+}
