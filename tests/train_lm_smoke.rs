@@ -7,7 +7,7 @@ mod lm;
 use std::collections::HashMap;
 
 use candle_core::Device;
-use lm::{builtin_corpus, train, Config, Data, OptKind};
+use lm::{builtin_corpus, train, Config, Data, Finished, OptKind, RunResult};
 
 fn tiny() -> Config {
     Config {
@@ -325,6 +325,12 @@ fn per_step_losses_stop_after_and_timing() {
     assert!(t.optimizer_share() > 0.0 && t.optimizer_share() < 1.0);
     assert!(t.tokens_per_s() > 0.0);
     assert!((t.step_s() - (t.forward_s + t.backward_s + t.clip_s + t.optimizer_s)).abs() < 1e-12);
+    // step 1 and the evaluations (steps 0, 5, 10, 12) are timed apart
+    assert!(t.first_step_s > 0.0 && t.first_step_s.is_finite());
+    assert_eq!(t.evals, short.records.len());
+    assert_eq!(full.timing.evals, full.records.len());
+    assert!(t.first_eval_s > 0.0 && t.eval_s > t.first_eval_s);
+    assert!(short.seconds > t.step_s() + t.first_step_s + t.eval_s - 1e-9);
 
     let ranked = train(
         OptKind::AdamW,
@@ -342,4 +348,40 @@ fn per_step_losses_stop_after_and_timing() {
     assert_eq!(ranked.timing.steps, 11);
     assert_eq!(ranked.timing.clip_s, 0.0);
     assert!(ranked.timing.optimizer_s > 0.0);
+}
+
+/// `Finished` collects runs as they end, in any order: the finished ones in
+/// queue order (kept when others fail), the failed ones named with their
+/// errors.
+#[test]
+fn finished_runs_are_kept_when_others_fail() {
+    let run = |kind: OptKind, seed: u64| RunResult {
+        kind,
+        seed,
+        matrices: Vec::new(),
+        records: Vec::new(),
+        seconds: 0.0,
+        losses: Vec::new(),
+        timing: lm::Timing::default(),
+    };
+    let mut f = Finished::default();
+    assert_eq!((f.ended(), f.error(4, "")), (0, None));
+    f.push(2, OptKind::Muon, 1, Ok(run(OptKind::Muon, 1)));
+    f.push(3, OptKind::AdamW, 1, Err("out of memory".into()));
+    f.push(0, OptKind::AdamW, 0, Ok(run(OptKind::AdamW, 0)));
+    assert_eq!(f.ended(), 3);
+    assert_eq!(
+        f.error(4, ""),
+        Some("1 of 4 runs failed: adamw seed 1: out of memory".into())
+    );
+    f.push(1, OptKind::Muon, 0, Err("panicked: boom".into()));
+    let order: Vec<(OptKind, u64)> = f.runs().iter().map(|r| (r.kind, r.seed)).collect();
+    assert_eq!(order, [(OptKind::AdamW, 0), (OptKind::Muon, 1)]);
+    assert_eq!(f.failed_runs(), ["muon seed 0", "adamw seed 1"]);
+    assert_eq!(
+        f.error(4, " (2 kept)").unwrap(),
+        "2 of 4 runs failed (2 kept): muon seed 0: panicked: boom; adamw seed 1: out of memory"
+    );
+    assert_eq!(f.ended(), 4);
+    assert_eq!(f.into_runs().len(), 2);
 }

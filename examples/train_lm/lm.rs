@@ -710,9 +710,9 @@ pub struct RunResult {
 
 /// The time of a run's training steps by phase, summed over the timed steps:
 /// every step but the first (which loads kernels and warms the allocator),
-/// evaluations excluded. With [`Config::timing`], each phase ends with
-/// `device.synchronize()`; reading the loss back ends the forward phase in
-/// any case.
+/// evaluations excluded; step 1 and the evaluations are timed apart. With
+/// [`Config::timing`], each phase ends with `device.synchronize()`; reading
+/// the loss back ends the forward phase in any case.
 #[derive(Clone, Debug, Default)]
 pub struct Timing {
     /// Steps timed.
@@ -730,6 +730,16 @@ pub struct Timing {
     pub optimizer_s: f64,
     /// Whether the phases were fenced with `device.synchronize()`.
     pub synchronized: bool,
+    /// Wall time of step 1, all phases (not in the sums above).
+    pub first_step_s: f64,
+    /// Seconds in evaluations (validation loss and the σ₁ of every matrix),
+    /// the one before step 1 included.
+    pub eval_s: f64,
+    /// Evaluations done.
+    pub evals: usize,
+    /// Seconds of the first evaluation (before step 1: it loads the forward
+    /// pass's kernels), included in `eval_s`.
+    pub first_eval_s: f64,
 }
 
 impl Timing {
@@ -748,9 +758,10 @@ impl Timing {
         self.optimizer_s / self.step_s()
     }
 
-    /// Adds one step's phases (step 1 is not counted).
+    /// Adds one step's phases (step 1 is kept apart, in `first_step_s`).
     fn add(&mut self, step: usize, tokens: usize, phases: [f64; 4]) {
         if step == 1 {
+            self.first_step_s = phases.iter().sum();
             return;
         }
         self.steps += 1;
@@ -759,6 +770,15 @@ impl Timing {
         self.backward_s += phases[1];
         self.clip_s += phases[2];
         self.optimizer_s += phases[3];
+    }
+
+    /// Adds one evaluation's seconds.
+    fn add_eval(&mut self, seconds: f64) {
+        if self.evals == 0 {
+            self.first_eval_s = seconds;
+        }
+        self.evals += 1;
+        self.eval_s += seconds;
     }
 }
 
@@ -797,6 +817,83 @@ impl RunResult {
     /// The last validation loss.
     pub fn final_val(&self) -> f64 {
         self.records.last().map(|r| r.val_loss).unwrap_or(f64::NAN)
+    }
+}
+
+/// The runs of a queue as they end, in any order (several threads train
+/// them): the finished ones in queue order, and the failed ones. A failure
+/// does not lose the other runs: they are reported, then the failures.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// Queue index of each of `runs`, ascending.
+    order: Vec<usize>,
+    runs: Vec<RunResult>,
+    /// Queue index, `"optimizer seed S"`, the error; by index.
+    failed: Vec<(usize, String, String)>,
+}
+
+impl Finished {
+    /// Run `index` of the queue (`kind`, `seed`) ended with `outcome`.
+    pub fn push(
+        &mut self,
+        index: usize,
+        kind: OptKind,
+        seed: u64,
+        outcome: std::result::Result<RunResult, String>,
+    ) {
+        match outcome {
+            Ok(run) => {
+                let at = self.order.partition_point(|&i| i < index);
+                self.order.insert(at, index);
+                self.runs.insert(at, run);
+            }
+            Err(e) => {
+                let at = self.failed.partition_point(|(i, ..)| *i < index);
+                let name = format!("{} seed {seed}", kind.name());
+                self.failed.insert(at, (index, name, e));
+            }
+        }
+    }
+
+    /// How many runs have ended (finished or failed).
+    pub fn ended(&self) -> usize {
+        self.runs.len() + self.failed.len()
+    }
+
+    /// The finished runs, in queue order.
+    pub fn runs(&self) -> &[RunResult] {
+        &self.runs
+    }
+
+    /// The failed runs, in queue order: `"optimizer seed S"`.
+    pub fn failed_runs(&self) -> Vec<&str> {
+        self.failed
+            .iter()
+            .map(|(_, name, _)| name.as_str())
+            .collect()
+    }
+
+    /// One line naming every failed run and its error, `None` if none
+    /// failed; `total`: the runs in the queue; `aside` follows "failed".
+    pub fn error(&self, total: usize, aside: &str) -> Option<String> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let each: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(_, name, e)| format!("{name}: {e}"))
+            .collect();
+        Some(format!(
+            "{} of {total} runs failed{aside}: {}",
+            self.failed.len(),
+            each.join("; ")
+        ))
+    }
+
+    /// The finished runs, in queue order.
+    pub fn into_runs(self) -> Vec<RunResult> {
+        self.runs
     }
 }
 
@@ -1240,17 +1337,19 @@ fn train_loop(
             sigmas: sigmas(varmap, &matrices)?,
         })
     };
+    let mut timing = Timing {
+        synchronized: cfg.timing,
+        ..Timing::default()
+    };
     if let Some(p) = progress.as_mut() {
+        let t = std::time::Instant::now();
         let r0 = record(0, 0.0, f64::NAN)?;
+        timing.add_eval(t.elapsed().as_secs_f64());
         p(0, Some(&r0));
         records.push(r0);
     }
     let last = cfg.steps_run();
     let mut losses = Vec::with_capacity(last);
-    let mut timing = Timing {
-        synchronized: cfg.timing,
-        ..Timing::default()
-    };
     for step in 1..=last {
         let mut clock = Lap::new(device, cfg.timing)?;
         let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
@@ -1278,7 +1377,9 @@ fn train_loop(
         loss_n += 1;
         if let Some(p) = progress.as_mut() {
             if step % cfg.eval_every == 0 || step == last {
+                let t = std::time::Instant::now();
                 let r = record(step, lr, loss_sum / loss_n as f64)?;
+                timing.add_eval(t.elapsed().as_secs_f64());
                 (loss_sum, loss_n) = (0.0, 0);
                 p(step, Some(&r));
                 records.push(r);

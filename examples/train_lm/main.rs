@@ -39,7 +39,7 @@ use candle_core::Device;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lm::{builtin_corpus, train, Config, Data, OptKind, Record, RunResult};
+use lm::{builtin_corpus, train, Config, Data, Finished, OptKind, Record, RunResult};
 
 const OUTPUT_HELP: &str = "\
 OUTPUT (in --out):
@@ -49,7 +49,11 @@ OUTPUT (in --out):
   summary.md     final validation loss per optimizer (mean ± std over seeds);
                  with --timing, also tokens/s and the optimizer's share of step time
   timing.csv     with --timing: per run, seconds per phase (forward, backward, clip,
-  timing.json    optimizer), tokens/s, the optimizer's share (step 1 not timed)
+  timing.json    optimizer), tokens/s, the optimizer's share (step 1 not timed); then
+                 step 1's seconds, the evaluations' seconds and count, the first one's
+These are rewritten as each run ends (with the runs finished so far). When runs
+fail, the others are still written and train_lm then exits with an error naming
+each failed run.
 --loss-log PATH: optimizer, seed, step, train_loss for every step (compare two
   runs with scripts/compare_losses.py)
 
@@ -119,6 +123,9 @@ struct Cli {
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>)]
     ranks: usize,
+    /// With --device cuda: leave the CUDA memory pool's release threshold at 0, so freed memory goes back to the driver at every synchronisation (by default the pool keeps it for reuse; for comparison)
+    #[arg(long)]
+    release_freed_memory: bool,
 }
 
 /// `--optimizer`: one of them, or all.
@@ -172,6 +179,7 @@ struct Args {
     device: String,
     jobs: usize,
     loss_log: Option<PathBuf>,
+    release_freed_memory: bool,
     cfg: Config,
 }
 
@@ -219,6 +227,7 @@ impl From<Cli> for Args {
                 (cores / c.ranks).max(1)
             }),
             loss_log: c.loss_log,
+            release_freed_memory: c.release_freed_memory,
             cfg: Config {
                 steps: c.steps.unwrap_or(preset.steps),
                 batch: c.batch.unwrap_or(preset.batch),
@@ -276,6 +285,34 @@ fn cuda_device() -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device() -> Result<Device> {
     bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`")
+}
+
+/// On a CUDA device, unless `release`: the memory pool keeps freed memory
+/// for reuse instead of returning it to the driver at every synchronisation
+/// (`steepest::device::cuda::retain_freed_memory`). The note for the header
+/// line.
+#[cfg(feature = "cuda")]
+fn memory_pool(device: &Device, release: bool) -> String {
+    if !device.is_cuda() {
+        return String::new();
+    }
+    if release {
+        return "; CUDA pool releases freed memory (--release-freed-memory)".into();
+    }
+    match steepest::device::cuda::retain_freed_memory(device) {
+        Ok(()) => "; CUDA pool keeps freed memory".into(),
+        Err(e) => {
+            eprintln!(
+                "train_lm: warning: could not make the CUDA memory pool keep freed memory: {e}"
+            );
+            String::new()
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn memory_pool(_device: &Device, _release: bool) -> String {
+    String::new()
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
@@ -451,6 +488,7 @@ fn real_main() -> Result<()> {
         Role::Launcher => return launch_nccl(args.cfg.ranks),
         Role::NcclRank => nccl_device(args.cfg.ranks)?,
     };
+    let pool = memory_pool(&device, args.release_freed_memory);
     let cfg = args.cfg.clone();
     let (text, source) = match &args.data {
         Some(p) => (
@@ -471,7 +509,7 @@ fn real_main() -> Result<()> {
     if !quiet {
         eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; preset {}: model {} layers, d={}, {} heads, context {}, {} parameters; \
-         {} steps × batch {}{}; optimizers {:?}; seeds {}; device {}{}",
+         {} steps × batch {}{}; optimizers {:?}; seeds {}; device {}{}{pool}",
         data.train.len(),
         data.val.len(),
         data.vocab.len(),
@@ -506,29 +544,75 @@ fn real_main() -> Result<()> {
             queue.push((seed, kind));
         }
     }
+    // As each run ends, the outputs are rewritten with the runs finished so
+    // far (silently), so a process stopped part-way keeps them; after the
+    // last, `report` writes them once more and prints the table.
+    let vocab = data.vocab.len();
+    let n_runs = queue.len();
+    let failed_note = |f: &Finished| match f.failed_runs() {
+        failed if failed.is_empty() => String::new(),
+        failed => format!("; failed: {}", failed.join(", ")),
+    };
+    let on_end = |f: &Finished| {
+        if f.ended() == n_runs || f.runs().is_empty() {
+            return;
+        }
+        let note = format!(
+            "; {} of {n_runs} runs so far{}",
+            f.runs().len(),
+            failed_note(f)
+        );
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_outputs(&args, &cfg, &source, f.runs(), vocab, &note)
+        }));
+        let error = match written {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(panic) => panic_message(panic.as_ref()),
+        };
+        eprintln!("train_lm: warning: writing the runs finished so far: {error}");
+    };
     let start = Instant::now();
-    let runs = if role == Role::NcclRank {
+    let finished = if role == Role::NcclRank {
         // Every process runs the whole queue in lockstep; rank 0 reports.
-        match train_nccl(&queue, &cfg, &data, &device)? {
-            Some(runs) => runs,
+        match train_nccl(&queue, &cfg, &data, &device, &on_end)? {
+            Some(finished) => finished,
             None => return Ok(()),
         }
     } else {
-        train_queue(&queue, args.jobs, &cfg, &data, &device)?
+        train_queue(&queue, args.jobs, &cfg, &data, &device, &on_end)?
     };
     let wall = start.elapsed().as_secs_f64();
-    report(&args, &cfg, &source, &runs, data.vocab.len(), wall)
+    let kept = match finished.runs().len() {
+        0 => String::new(),
+        1 => format!(" (the finished run is in {})", args.out.display()),
+        k => format!(" (the {k} finished runs are in {})", args.out.display()),
+    };
+    let failed = finished.error(n_runs, &kept);
+    let note = failed_note(&finished);
+    let runs = finished.into_runs();
+    if !runs.is_empty() {
+        report(&args, &cfg, &source, &runs, &note, vocab, wall)?;
+    }
+    match failed {
+        None => Ok(()),
+        Some(e) => bail!("{e}"),
+    }
 }
 
 /// Trains the runs of `queue` in this process: `jobs` worker threads take
-/// them in turn (each run with `cfg.ranks` in-process ranks).
+/// them in turn (each run with `cfg.ranks` in-process ranks). A run that
+/// fails (or panics) is recorded as failed and the others go on;
+/// `on_end(&finished)` is called as each run ends, under the lock that
+/// collects them (so its calls see ever more runs, one at a time).
 fn train_queue(
     queue: &[(u64, OptKind)],
     jobs: usize,
     cfg: &lm::Config,
     data: &Data,
     device: &Device,
-) -> Result<Vec<RunResult>> {
+    on_end: &(dyn Fn(&Finished) + Sync),
+) -> Result<Finished> {
     let jobs = jobs.min(queue.len()).max(1);
     let n_runs = queue.len();
     // Progress: a total bar, and one bar per worker for the run it trains.
@@ -545,13 +629,13 @@ fn train_queue(
     let run_style = ProgressStyle::with_template("  {prefix:<32} [{bar:20}] {pos:>4}/{len} {msg}")?
         .progress_chars("#>.");
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<RunResult>)>> = Mutex::new(Vec::new());
+    let finished: Mutex<Finished> = Mutex::new(Finished::default());
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             let bar = bars.add(ProgressBar::new(cfg.steps_run() as u64));
             bar.set_style(run_style.clone());
             let (bar, total) = (bar, total.clone());
-            let (next, results, bars) = (&next, &results, &bars);
+            let (next, finished, bars) = (&next, &finished, &bars);
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
@@ -570,8 +654,14 @@ fn train_queue(
                         total.inc((step - done) as u64);
                         done = step;
                     };
-                    let run = train(kind, seed, cfg, data, device, &mut cb)
-                        .with_context(|| format!("training with {} (seed {seed})", kind.name()));
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        train(kind, seed, cfg, data, device, &mut cb)
+                    }));
+                    let run = match run {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(format!("{e:#}")),
+                        Err(panic) => Err(panic_message(panic.as_ref())),
+                    };
                     if let (Ok(r), true) = (&run, cfg.timing) {
                         // one line per run as it ends (kept in a captured log)
                         let line = run_line(r);
@@ -581,33 +671,76 @@ fn train_queue(
                             let _ = bars.println(line);
                         }
                     }
-                    results.lock().expect("results lock").push((i, run));
+                    let mut ended = finished.lock().unwrap_or_else(|e| e.into_inner());
+                    ended.push(i, kind, seed, run);
+                    on_end(&ended);
                 }
                 bar.finish_and_clear();
             });
         }
     });
     total.finish_with_message("done");
-    let mut results = results.into_inner().expect("results lock");
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    Ok(finished.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// The CSV log, the figure, the summary table (see `OUTPUT_HELP`).
-fn report(
+/// A panic's message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("panicked: {msg}")
+}
+
+/// Writes `path` through `write` on a temporary file beside it, then renames
+/// that over `path`: a process killed while writing leaves the previous
+/// version, never half a file. (A path that exists and is not a regular
+/// file, such as /dev/stdout, is written directly.)
+fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let direct = path.exists() && !path.is_file();
+    let Some(name) = path.file_name().filter(|_| !direct) else {
+        return write(path);
+    };
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    write(&tmp)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// What [`write_outputs`] wrote: the results table (also in summary.md) and
+/// the paths.
+struct Written {
+    table: String,
+    csv: PathBuf,
+    svg: PathBuf,
+    png: PathBuf,
+    summary: PathBuf,
+    /// The loss log and the timing files, if written.
+    others: Vec<PathBuf>,
+}
+
+/// The CSV log, the loss log, the timing files, the figure and summary.md
+/// for `runs` (see `OUTPUT_HELP`), each replaced whole. `note` ends the
+/// caption (which runs are missing, if any).
+fn write_outputs(
     args: &Args,
     cfg: &lm::Config,
     source: &str,
     runs: &[RunResult],
     vocab: usize,
-    wall: f64,
-) -> Result<()> {
+    note: &str,
+) -> Result<Written> {
     let csv = args.out.join("train_lm.csv");
-    write_csv(&csv, runs)?;
-    let mut written = vec![csv.display().to_string()];
+    replace_file(&csv, |p| write_csv(p, runs))?;
+    let mut others = Vec::new();
     if let Some(path) = &args.loss_log {
-        write_loss_log(path, runs)?;
-        written.push(path.display().to_string());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        replace_file(path, |p| write_loss_log(p, runs))
+            .with_context(|| format!("--loss-log: cannot write {}", path.display()))?;
+        others.push(path.clone());
     }
     let timing = cfg.timing;
     let mut table = String::from(if timing {
@@ -617,6 +750,9 @@ fn report(
     });
     for kind in &args.optimizers {
         let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
+        if mine.is_empty() {
+            continue;
+        }
         let finals: Vec<f64> = mine.iter().map(|r| r.final_val()).collect();
         let (m, s) = mean_std(&finals);
         let secs = mine.iter().map(|r| r.seconds).sum::<f64>() / mine.len() as f64;
@@ -651,8 +787,8 @@ fn report(
         table.push_str(&phase_table(&args.optimizers, runs));
         let (tcsv, tjson) = (args.out.join("timing.csv"), args.out.join("timing.json"));
         write_timing(&tcsv, &tjson, args, cfg, runs)?;
-        written.push(tcsv.display().to_string());
-        written.push(tjson.display().to_string());
+        others.push(tcsv);
+        others.push(tjson);
     }
     let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
         format!(" (sphere: r={}, no decay on its matrices)", cfg.radius)
@@ -681,22 +817,53 @@ fn report(
     } else {
         caption
     };
+    let caption = format!("{caption}{note}");
     let svg = args.out.join("train_lm.svg");
     let png = args.out.join("train_lm.png");
-    plot::write(&svg, &png, &figure(runs, &args.optimizers), &caption)?;
+    replace_file(&svg, |svg_tmp| {
+        replace_file(&png, |png_tmp| {
+            plot::write(svg_tmp, png_tmp, &figure(runs, &args.optimizers), &caption)
+        })
+    })?;
     let summary = args.out.join("summary.md");
-    std::fs::write(&summary, format!("{caption}\n\n{table}"))?;
-    println!("{table}");
+    replace_file(&summary, |p| {
+        std::fs::write(p, format!("{caption}\n\n{table}"))
+            .with_context(|| format!("writing {}", p.display()))
+    })?;
+    Ok(Written {
+        table,
+        csv,
+        svg,
+        png,
+        summary,
+        others,
+    })
+}
+
+/// The outputs of the finished runs (see `OUTPUT_HELP`), and the results
+/// table and the paths on stdout; `note` ends the caption.
+fn report(
+    args: &Args,
+    cfg: &lm::Config,
+    source: &str,
+    runs: &[RunResult],
+    note: &str,
+    vocab: usize,
+    wall: f64,
+) -> Result<()> {
+    let w = write_outputs(args, cfg, source, runs, vocab, note)?;
+    println!("{}", w.table);
     println!(
         "wrote {}, {}, {}, {} ({:.0} s)",
-        csv.display(),
-        svg.display(),
-        png.display(),
-        summary.display(),
+        w.csv.display(),
+        w.svg.display(),
+        w.png.display(),
+        w.summary.display(),
         wall
     );
-    if written.len() > 1 {
-        println!("wrote {}", written[1..].join(", "));
+    if !w.others.is_empty() {
+        let others: Vec<String> = w.others.iter().map(|p| p.display().to_string()).collect();
+        println!("wrote {}", others.join(", "));
     }
     Ok(())
 }
@@ -725,6 +892,9 @@ fn phase_table(kinds: &[OptKind], runs: &[RunResult]) -> String {
     );
     for kind in kinds {
         let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
+        if mine.is_empty() {
+            continue;
+        }
         let ms = |f: &dyn Fn(&lm::Timing) -> f64| -> f64 {
             let xs: Vec<f64> = mine
                 .iter()
@@ -753,7 +923,51 @@ fn write_timing(
     cfg: &lm::Config,
     runs: &[RunResult],
 ) -> Result<()> {
-    let mut w = csv::Writer::from_path(csv_path)?;
+    replace_file(csv_path, |p| write_timing_csv(p, &args.device, runs))?;
+    let objs: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            let t = &r.timing;
+            serde_json::json!({
+                "optimizer": r.kind.name(),
+                "seed": r.seed,
+                "device": args.device,
+                "preset": args.preset,
+                "layers": cfg.layers,
+                "d_model": cfg.d_model,
+                "heads": cfg.heads,
+                "context": cfg.context,
+                "batch": cfg.batch,
+                "steps": r.losses.len(),
+                "steps_timed": t.steps,
+                "tokens": t.tokens,
+                "synchronized": t.synchronized,
+                "forward_s": t.forward_s,
+                "backward_s": t.backward_s,
+                "clip_s": t.clip_s,
+                "optimizer_s": t.optimizer_s,
+                "step_ms": 1e3 * t.step_s() / t.steps.max(1) as f64,
+                "tokens_per_s": t.tokens_per_s(),
+                "optimizer_share": t.optimizer_share(),
+                "run_s": r.seconds,
+                "final_val_loss": r.final_val(),
+                "eval_every": cfg.eval_every,
+                "first_step_s": t.first_step_s,
+                "eval_s": t.eval_s,
+                "evals": t.evals,
+                "first_eval_s": t.first_eval_s,
+            })
+        })
+        .collect();
+    replace_file(json_path, |p| {
+        let text = serde_json::to_string_pretty(&objs)? + "\n";
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
+    })
+}
+
+/// `timing.csv`: one row per run.
+fn write_timing_csv(path: &Path, device: &str, runs: &[RunResult]) -> Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
     w.write_record([
         "optimizer",
         "seed",
@@ -768,15 +982,18 @@ fn write_timing(
         "tokens_per_s",
         "optimizer_share",
         "run_s",
+        "first_step_s",
+        "eval_s",
+        "evals",
+        "first_eval_s",
     ])?;
-    let mut objs = Vec::new();
     for r in runs {
         let t = &r.timing;
         let step_ms = 1e3 * t.step_s() / t.steps.max(1) as f64;
         w.write_record([
             r.kind.name().to_string(),
             r.seed.to_string(),
-            args.device.clone(),
+            device.to_string(),
             t.steps.to_string(),
             t.tokens.to_string(),
             format!("{:.6}", t.forward_s),
@@ -787,44 +1004,19 @@ fn write_timing(
             format!("{:.1}", t.tokens_per_s()),
             format!("{:.5}", t.optimizer_share()),
             format!("{:.3}", r.seconds),
+            format!("{:.6}", t.first_step_s),
+            format!("{:.6}", t.eval_s),
+            t.evals.to_string(),
+            format!("{:.6}", t.first_eval_s),
         ])?;
-        objs.push(serde_json::json!({
-            "optimizer": r.kind.name(),
-            "seed": r.seed,
-            "device": args.device,
-            "preset": args.preset,
-            "layers": cfg.layers,
-            "d_model": cfg.d_model,
-            "heads": cfg.heads,
-            "context": cfg.context,
-            "batch": cfg.batch,
-            "steps": r.losses.len(),
-            "steps_timed": t.steps,
-            "tokens": t.tokens,
-            "synchronized": t.synchronized,
-            "forward_s": t.forward_s,
-            "backward_s": t.backward_s,
-            "clip_s": t.clip_s,
-            "optimizer_s": t.optimizer_s,
-            "step_ms": step_ms,
-            "tokens_per_s": t.tokens_per_s(),
-            "optimizer_share": t.optimizer_share(),
-            "run_s": r.seconds,
-            "final_val_loss": r.final_val(),
-        }));
     }
     w.flush()?;
-    std::fs::write(json_path, serde_json::to_string_pretty(&objs)? + "\n")?;
     Ok(())
 }
 
 /// `--loss-log`: every step's training loss (f32, written exactly).
 fn write_loss_log(path: &Path, runs: &[RunResult]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut w = csv::Writer::from_path(path)
-        .with_context(|| format!("--loss-log: cannot write {}", path.display()))?;
+    let mut w = csv::Writer::from_path(path)?;
     w.write_record(["optimizer", "seed", "step", "train_loss"])?;
     for r in runs {
         for (i, l) in r.losses.iter().enumerate() {
@@ -887,7 +1079,8 @@ fn train_nccl(
     _cfg: &lm::Config,
     _data: &Data,
     _device: &Device,
-) -> Result<Option<Vec<RunResult>>> {
+    _on_end: &(dyn Fn(&Finished) + Sync),
+) -> Result<Option<Finished>> {
     bail!("{NO_NCCL}")
 }
 
@@ -967,19 +1160,22 @@ fn nccl_device(ranks: usize) -> Result<Device> {
 }
 
 /// Every run of `queue`, in order, as this process's rank over NCCL (one
-/// communicator for all runs); rank 0 shows progress and returns the
-/// results, the other ranks `None`.
+/// communicator for all runs); rank 0 shows progress, calls `on_end` as
+/// each run ends and returns the results, the other ranks `None`. A failed
+/// run ends the queue (the ranks may be out of step): rank 0 returns the
+/// runs finished before it and the failure, the other ranks the error.
 #[cfg(feature = "nccl")]
 fn train_nccl(
     queue: &[(u64, OptKind)],
     cfg: &lm::Config,
     data: &Data,
     device: &Device,
-) -> Result<Option<Vec<RunResult>>> {
+    on_end: &(dyn Fn(&Finished) + Sync),
+) -> Result<Option<Finished>> {
     let comm = steepest::distributed::NcclComm::from_env(device)?;
     let rank0 = steepest::distributed::Collective::rank(&comm) == 0;
-    let mut runs = Vec::new();
-    for &(seed, kind) in queue {
+    let mut finished = Finished::default();
+    for (i, &(seed, kind)) in queue.iter().enumerate() {
         let bar = if rank0 {
             ProgressBar::new(cfg.steps_run() as u64)
         } else {
@@ -997,13 +1193,26 @@ fn train_nccl(
             bar.set_position(step as u64);
         };
         let progress: Option<lm::Progress<'_>> = if rank0 { Some(&mut cb) } else { None };
-        let run = lm::train_rank(&comm, kind, seed, cfg, data, device, progress)
-            .with_context(|| format!("training with {} (seed {seed})", kind.name()))?;
+        let run = lm::train_rank(&comm, kind, seed, cfg, data, device, progress);
         bar.finish_and_clear();
-        if let (Some(r), true) = (&run, cfg.timing) {
-            eprintln!("{}", run_line(r));
+        match run {
+            Ok(Some(r)) => {
+                if cfg.timing {
+                    eprintln!("{}", run_line(&r));
+                }
+                finished.push(i, kind, seed, Ok(r));
+                on_end(&finished);
+            }
+            Ok(None) => {}
+            Err(e) if rank0 => {
+                finished.push(i, kind, seed, Err(format!("{e:#}")));
+                break;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("training with {} (seed {seed})", kind.name()))
+            }
         }
-        runs.extend(run);
     }
-    Ok(rank0.then_some(runs))
+    Ok(rank0.then_some(finished))
 }
