@@ -58,11 +58,15 @@ TRAIN="$CARGO_TARGET_DIR/release/examples/train_lm"
 rm -rf .gpu && mkdir -p .gpu
 cp "$SHARED/device-run.sh" .gpu/
 cp bench/torch_reference.py scripts/gpu_bench_table.py .gpu/
-# The first 20 losses of the small configuration on this machine's CPU, with
-# the same binary, for gpu_run.sh's build-host comparison (runs/ does not travel).
+# The first 20 losses of the small configuration on this machine's CPU, for
+# gpu_run.sh's build-host comparison (runs/ does not travel). The CUDA binary
+# needs libcuda.so.1, which a machine without a GPU lacks, so the CPU build
+# (default target dir, dev profile) runs them: the same CPU code, and no
+# fast-math, so the optimisation level does not change the results.
 echo "== first 20 losses on the build host's CPU"
-"$TRAIN" --device cpu --stop-after 20 --loss-log .gpu/losses_cpu_build_host.csv \
-  --out "$(mktemp -d)" >/dev/null 2>&1 || echo "(build-host losses failed; skipped)" >&2
+CARGO_TARGET_DIR="$ROOT/target" cargo run -q --example train_lm -- --device cpu --stop-after 20 \
+  --loss-log .gpu/losses_cpu_build_host.csv --out "$(mktemp -d)" >/dev/null 2>&1 ||
+  echo "(build-host losses failed; skipped)" >&2
 for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_bench" "$TRAIN:train_lm"; do
   src="${pair%%:*}"; dst=".gpu/${pair##*:}"
   cp "$src" "$dst"; strip "$dst"
