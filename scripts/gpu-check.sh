@@ -147,8 +147,9 @@ machine() {
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
   nvidia-smi
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
-  # the libraries, and that the test binary loads them (lists its tests only)
-  bash $G/device-run.sh $G/gpu_kernels_test -- --list
+  # the libraries (--diag: where they are, ldd), and that the test binary
+  # loads them (lists its tests only)
+  bash $G/device-run.sh --diag $G/gpu_kernels_test -- --list
 }
 export -f machine; export G PY
 step machine 40 bash -c machine
