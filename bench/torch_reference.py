@@ -209,10 +209,12 @@ class Bench:
         os.replace(tmp, self.out)
 
 
-def ns_batched(torch, g):
-    """Keller Jordan's Newton-Schulz on a batch (b, m, n) in bf16, with baddbmm."""
+def ns_batched(torch, g, dtype=None):
+    """Keller Jordan's Newton-Schulz on a batch (b, m, n) in bf16 (or `dtype`), with
+    baddbmm. scripts/torch_bench_ns_fixture.py checks, in f64, that this is the
+    function steepest's msign computes (tests/torch_reference.rs)."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype or torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -226,17 +228,18 @@ def ns_batched(torch, g):
     return x
 
 
-def ns_gram_batched(torch, g, restarts=(2, 4), min_aspect=2.0):
+def ns_gram_batched(torch, g, restarts=(2, 4), min_aspect=2.0, dtype=None):
     """Newton-Schulz in the Gram form (Zhang, Amsel, Chen, Dao 2026), as steepest's
     NewtonSchulz::muon().gram_form(): on the short side, R = X X^T (s x s); per step
     Z = bR + cR^2, Q <- QZ + aQ (Q = Z + aI first), R <- (Z + aI) R (Z + aI) unless the
     segment ends; before each step in `restarts`, X <- QX and R <- X X^T; X <- QX at
-    the end. bf16 operands (bmm/baddbmm). Aspect ratio < min_aspect: the standard form."""
+    the end. bf16 operands (bmm/baddbmm; or `dtype`). Aspect ratio < min_aspect: the
+    standard form."""
     m, n = g.shape[-2], g.shape[-1]
     if max(m, n) < min_aspect * min(m, n):
-        return ns_batched(torch, g)
+        return ns_batched(torch, g, dtype)
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype or torch.bfloat16)
     tall = m > n
     if tall:
         x = x.mT

@@ -194,3 +194,60 @@ fn muon_bf16_newton_schulz_tracks_torch_bf16() {
         "f32 NS should not reproduce the bf16 trajectory exactly ({f32_err})"
     );
 }
+
+/// The PyTorch side of the GPU benchmark (`bench/torch_reference.py`'s
+/// `ns_batched` and `ns_gram_batched`, run in f64 by
+/// `scripts/torch_bench_ns_fixture.py`) computes the same function as
+/// `msign` under `NewtonSchulz::muon()` and its `gram_form()`: the
+/// benchmark compares two implementations of one computation. In f64 the
+/// two agree to rounding (≤ 1e-12 of the largest entry), on wide, tall,
+/// square and aspect-3/4/1.5 batches (1.5: both fall back to the standard
+/// form).
+#[test]
+fn gpu_bench_newton_schulz_is_msign() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/torch_bench_ns.json"
+    ))
+    .unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let f64s = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let cases = doc["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let x = Tensor::from_vec(f64s(&case["input"]), shape.as_slice(), &Device::Cpu).unwrap();
+        for (form, ns) in [
+            ("standard", NewtonSchulz::muon()),
+            ("gram", NewtonSchulz::muon().gram_form()),
+        ] {
+            let want = f64s(&case[form]);
+            let got: Vec<f64> = steepest::linalg::msign(&x, &ns)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0f64, |a, (w, g)| a.max((w - g).abs()));
+            assert!(
+                err <= 1e-12 * scale,
+                "{shape:?} {form}: {err:e} (scale {scale})"
+            );
+        }
+    }
+}
