@@ -18,12 +18,14 @@
 # most 8 files from $OUT, so everything goes into $OUT/results.tgz
 # (repacked after every step: a kill keeps what finished), with
 # $OUT/report.md (the summary) and the two benchmark JSONs beside it.
-# `STEPS="bench torch table" bash .gpu/run.sh` runs only those steps.
+# `RUN_STEPS="bench torch table" bash .gpu/run.sh` runs only those steps.
 #
 # Uses CARGO_TARGET_DIR (default: target-cuda/, kept apart from the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
 if ! command -v nvcc >/dev/null; then
   # shellcheck disable=SC1091
   source /opt/cuda-13.0/env.sh
@@ -65,7 +67,7 @@ cp bench/torch_reference.py scripts/gpu_bench_table.py .gpu/
 # fast-math, so the optimisation level does not change the results.
 echo "== first 20 losses on the build host's CPU"
 CARGO_TARGET_DIR="$ROOT/target" cargo run -q --example train_lm -- --device cpu --stop-after 20 \
-  --loss-log .gpu/losses_cpu_build_host.csv --out "$(mktemp -d)" >/dev/null 2>&1 ||
+  --loss-log .gpu/losses_cpu_build_host.csv --out "$SCRATCH" >/dev/null 2>&1 ||
   echo "(build-host losses failed; skipped)" >&2
 for pair in "$TEST:gpu_kernels_test" "$BENCH:gpu_kernels_bench" "$EXAMPLE:gpu_bench" "$TRAIN:train_lm"; do
   src="${pair%%:*}"; dst=".gpu/${pair##*:}"
@@ -78,22 +80,24 @@ cat > .gpu/run.sh <<'RUN'
 # issue #11 in one call, most important first, under one deadline. Logs and
 # results go to $WORK; after every step $OUT/results.tgz (all of $WORK),
 # $OUT/report.md and the benchmark JSONs are rewritten, so a kill keeps what
-# finished. Exit code: the GPU tests'.
-#   STEPS   which steps (default: all, in this order)
+# finished. Exit code: the GPU tests' (3: skipped for lack of time).
+#   RUN_STEPS    which steps (default: all, in this order)
 #   DEADLINE_S   seconds from start for the whole run (default 510)
 #   BENCH_ARGS   extra flags for both benchmark programs (e.g. "--reps 30")
 #   PY      the Python with PyTorch (default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-DEADLINE_EPOCH=$((T0 + ${DEADLINE_S:-510}))
+DEADLINE_S="${DEADLINE_S:-510}"
+[[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || { echo "DEADLINE_S must be whole seconds, got '$DEADLINE_S'" >&2; exit 2; }
+DEADLINE_EPOCH=$((T0 + DEADLINE_S))
 OUT="${OUT:-/tmp/steepest-gpu-out}"; mkdir -p "$OUT"
 WORK="${WORK:-/tmp/steepest-gpu-work}"; rm -rf "$WORK"; mkdir -p "$WORK"
-STEPS="${STEPS:-machine tests bench torch table train kernels}"
+RUN_STEPS="${RUN_STEPS:-machine tests bench torch table train kernels}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 PY="${PY:-python3}"
 G=.gpu
-has() { [[ " $STEPS " == *" $1 "* ]]; }
+has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 left() { echo $((DEADLINE_EPOCH - $(date +%s))); }
 echo -e "step\texit\tseconds\tlimit" > "$WORK/steps.tsv"
 
@@ -125,8 +129,8 @@ step() { # step NAME CAP_SECONDS CMD...: under min(CAP, time left − 5), output
   local name="$1" cap="$2"; shift 2
   has "$name" || return 0
   local t; t=$(( $(left) - 5 )); (( t > cap )) && t=$cap
-  if (( t < 15 )); then
-    echo -e "$name\tskipped\t0\t$t" >> "$WORK/steps.tsv"; echo "== $name: skipped ($(left) s left)"; pack; return 0
+  if (( t < 15 )); then # a skipped step returns 3 (the exit code reports skipped tests)
+    echo -e "$name\tskipped\t0\t$t" >> "$WORK/steps.tsv"; echo "== $name: skipped ($(left) s left)"; pack; return 3
   fi
   echo "== $name (limit ${t} s, $(left) s left)"
   local s0; s0=$(date +%s)
@@ -166,7 +170,7 @@ if has train; then
   mkdir -p runs/first20
   [[ -f $G/losses_cpu_build_host.csv ]] && cp $G/losses_cpu_build_host.csv runs/first20/
 fi
-step train 600 env OUT="$WORK/train" DEADLINE_EPOCH=$((DEADLINE_EPOCH - 20)) \
+step train 600 env -u STEPS OUT="$WORK/train" DEADLINE_EPOCH=$((DEADLINE_EPOCH - 20)) \
   bash examples/train_lm/gpu_run.sh $G/train_lm
 step kernels 60 bash $G/device-run.sh $G/gpu_kernels_bench
 pack
@@ -179,4 +183,4 @@ echo
 echo "Device command (the device tool's run; .gpu is git-ignored, so carry it):"
 echo "  run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=540)"
 echo "It stops by itself after DEADLINE_S=510 s; \$OUT gets results.tgz, report.md and the two JSONs."
-echo "A rerun of some steps only: run(command=\"STEPS='bench torch table' DEADLINE_S=280 bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=300)"
+echo "A rerun of some steps only: run(command=\"RUN_STEPS='bench torch table' DEADLINE_S=280 bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=300)"

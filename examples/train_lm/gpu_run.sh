@@ -89,9 +89,9 @@ tl() { # tl LOG SECONDS ARGS...: the binary with ARGS, under a timeout, output t
   fi
   shift
   if [[ ${#RUNNER[@]} -gt 0 ]]; then
-    timeout -k 10 "$secs" "${RUNNER[@]}" "$BIN" -- "$@" 2>&1 | tee "$log"; st=${PIPESTATUS[0]}
+    timeout -k 4 "$secs" "${RUNNER[@]}" "$BIN" -- "$@" 2>&1 | tee "$log"; st=${PIPESTATUS[0]}
   else
-    timeout -k 10 "$secs" "$BIN" "$@" 2>&1 | tee "$log"; st=${PIPESTATUS[0]}
+    timeout -k 4 "$secs" "$BIN" "$@" 2>&1 | tee "$log"; st=${PIPESTATUS[0]}
   fi
   [[ $st == 0 ]] || echo "gpu_run: exit status $st (124: timed out after $secs s) of $BIN $*" >&2
   return "$st"

@@ -50,10 +50,12 @@ OUTPUT (in --out):
                  with --timing, also tokens/s and the optimizer's share of step time
   timing.csv     with --timing: per run, seconds per phase (forward, backward, clip,
   timing.json    optimizer), tokens/s, the optimizer's share (step 1 not timed); then
-                 step 1's seconds, the evaluations' seconds and count, the first one's
+                 step 1's seconds, the evaluations' seconds and count, the first
+                 evaluation's seconds
 These are rewritten as each run ends (with the runs finished so far). When runs
 fail, the others are still written and train_lm then exits with an error naming
-each failed run.
+each failed run (over NCCL, a failure ends the queue: the runs before it are
+written).
 --loss-log PATH: optimizer, seed, step, train_loss for every step (compare two
   runs with scripts/compare_losses.py)
 

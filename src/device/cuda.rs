@@ -113,20 +113,26 @@ impl Cuda {
         Ok(k)
     }
 
-    /// Raises `name`'s dynamic shared memory limit to `bytes` (once per
-    /// kernel and size).
+    /// Raises `name`'s dynamic shared memory limit to at least `bytes`
+    /// (never lowers it: under the lock, so that two threads opting in to
+    /// different sizes leave the larger one set).
     fn opt_in(&self, name: &str, k: &Kernel, bytes: u32) -> Result<()> {
         if bytes <= k.opted_in {
             return Ok(());
         }
-        k.f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| derr(name, e))?;
         let mut funcs = self.funcs.lock().expect("funcs lock");
-        if let Some(entry) = funcs.get_mut(name) {
-            entry.opted_in = entry.opted_in.max(bytes);
+        let Some(entry) = funcs.get_mut(name) else {
+            fail!(Device, "cuda", "kernel `{name}` not loaded");
+        };
+        if bytes > entry.opted_in {
+            entry
+                .f
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| derr(name, e))?;
+            entry.opted_in = bytes;
         }
         Ok(())
     }

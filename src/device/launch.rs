@@ -904,14 +904,15 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
 
 // ------------------------------------------------------------ Newton–Schulz
 
-/// Whether the kernels take a `(b, m, n)` msign: `ns_load`/`ns_store` put
-/// the 32-row tiles of the long side on the grid's `y`.
+/// Whether the kernels take a `(b, m, n)` msign: `ns_load` puts the input's
+/// 32-row tiles (`m`) on the grid's `y`; `ns_store` and `ns_symmetrize` put
+/// the short side's there (at most `m`).
 pub(crate) fn msign_supported(b: usize, m: usize, n: usize) -> bool {
     b >= 1
         && m >= 1
         && n >= 1
         && b <= MAX_GRID_YZ
-        && m.max(n).div_ceil(32) <= MAX_GRID_YZ
+        && m.div_ceil(32) <= MAX_GRID_YZ
         && m.max(n) < i32::MAX as usize / 64
 }
 
@@ -1533,12 +1534,13 @@ mod tests {
         assert!(e.to_string().contains("power_gram_f32"), "{e}");
     }
 
-    /// The 32-row tiles of the long side must fit the grid's `y`.
+    /// The input's 32-row tiles must fit the grid's `y` (a wide matrix's
+    /// long side is on `x`, which is not limited here).
     #[test]
     fn msign_shapes_fit_the_grid() {
         let most = 65_535 * 32;
         assert!(msign_supported(1, most, 8) && msign_supported(1, 8, most));
-        assert!(!msign_supported(1, most + 1, 8) && !msign_supported(1, 8, most + 1));
+        assert!(!msign_supported(1, most + 1, 8) && msign_supported(1, 8, most + 1));
         assert!(!msign_supported(65_536, 8, 8) && msign_supported(65_535, 8, 8));
     }
 }
