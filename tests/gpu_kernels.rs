@@ -233,14 +233,18 @@ fn gpu_power_iteration_matches_cpu() {
             6,
         )
         .unwrap();
-        let (s1, s2) = (f64s(&want.sigma), f64s(&got.sigma));
-        for (a, c) in s1.iter().zip(&s2) {
-            assert!(
-                (a - c).abs() <= 1e-4 * a.abs().max(1e-30),
-                "({b},{m},{n}): σ {a} vs {c}"
-            );
-        }
+        assert_sigma_close((b, m, n), &want.sigma, &got.sigma);
         assert!(max_diff(&want.u, &got.u) < 1e-3 && max_diff(&want.v, &got.v) < 1e-3);
+    }
+}
+
+/// σ₁ of every member within 1e-4 (relative) of the CPU's.
+fn assert_sigma_close((b, m, n): (usize, usize, usize), want: &Tensor, got: &Tensor) {
+    for (a, c) in f64s(want).iter().zip(&f64s(got)) {
+        assert!(
+            (a - c).abs() <= 1e-4 * a.abs().max(1e-30),
+            "({b},{m},{n}): σ {a} vs {c}"
+        );
     }
 }
 
@@ -260,13 +264,7 @@ fn gpu_power_iteration_large_short_side() {
         let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
         let want = power_iteration(&w, None, 4).unwrap();
         let got = power_iteration(&w.to_device(&dev).unwrap(), None, 4).unwrap();
-        let (s1, s2) = (f64s(&want.sigma), f64s(&got.sigma));
-        for (a, c) in s1.iter().zip(&s2) {
-            assert!(
-                (a - c).abs() <= 1e-4 * a.abs().max(1e-30),
-                "({b},{m},{n}): σ {a} vs {c}"
-            );
-        }
+        assert_sigma_close((b, m, n), &want.sigma, &got.sigma);
     }
 }
 

@@ -564,15 +564,9 @@ fn real_main() -> Result<()> {
             f.runs().len(),
             failed_note(f)
         );
-        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            write_outputs(&args, &cfg, &source, f.runs(), vocab, &note)
-        }));
-        let error = match written {
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => format!("{e:#}"),
-            Err(panic) => panic_message(panic.as_ref()),
-        };
-        eprintln!("train_lm: warning: writing the runs finished so far: {error}");
+        if let Err(e) = caught(|| write_outputs(&args, &cfg, &source, f.runs(), vocab, &note)) {
+            eprintln!("train_lm: warning: writing the runs finished so far: {e}");
+        }
     };
     let start = Instant::now();
     let finished = if role == Role::NcclRank {
@@ -656,14 +650,7 @@ fn train_queue(
                         total.inc((step - done) as u64);
                         done = step;
                     };
-                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        train(kind, seed, cfg, data, device, &mut cb)
-                    }));
-                    let run = match run {
-                        Ok(Ok(r)) => Ok(r),
-                        Ok(Err(e)) => Err(format!("{e:#}")),
-                        Err(panic) => Err(panic_message(panic.as_ref())),
-                    };
+                    let run = caught(|| train(kind, seed, cfg, data, device, &mut cb));
                     if let (Ok(r), true) = (&run, cfg.timing) {
                         // one line per run as it ends (kept in a captured log)
                         let line = run_line(r);
@@ -685,14 +672,22 @@ fn train_queue(
     Ok(finished.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// A panic's message.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let msg = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)");
-    format!("panicked: {msg}")
+/// Runs `f`; an error or a panic becomes its message.
+fn caught<T, E: std::fmt::Display>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            Err(format!("panicked: {msg}"))
+        }
+    }
 }
 
 /// Writes `path` through `write` on a temporary file beside it, then renames

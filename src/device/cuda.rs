@@ -538,6 +538,14 @@ pub fn msign_tiled(g: &Tensor, ns: &NewtonSchulz, tile: usize) -> Result<Tensor>
     }
 }
 
+/// The CUDA device of `device`; an error naming `who` otherwise.
+fn cuda_device<'d>(device: &'d candle_core::Device, who: &str) -> Result<&'d CudaDevice> {
+    match device {
+        candle_core::Device::Cuda(dev) => Ok(dev),
+        other => fail!(Device, who, "not a CUDA device: {:?}", other.location()),
+    }
+}
+
 /// Keeps the device memory that candle frees in the CUDA memory pool of
 /// `device` instead of returning it to the driver.
 ///
@@ -552,14 +560,7 @@ pub fn msign_tiled(g: &Tensor, ns: &NewtonSchulz, tile: usize) -> Result<Tensor>
 /// benchmark call it once at start-up. Errors when `device` is not CUDA.
 pub fn retain_freed_memory(device: &candle_core::Device) -> Result<()> {
     use cudarc::driver::sys::CUmemPool_attribute;
-    let candle_core::Device::Cuda(dev) = device else {
-        fail!(
-            Device,
-            "retain_freed_memory",
-            "not a CUDA device: {:?}",
-            device.location()
-        );
-    };
+    let dev = cuda_device(device, "retain_freed_memory")?;
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().map_err(|e| derr("cuda", e))?;
     let mut threshold = u64::MAX;
@@ -594,14 +595,7 @@ pub struct KernelResources {
 
 /// Loads kernel `name` on `device` and reports its resources.
 pub fn kernel_resources(device: &candle_core::Device, name: &str) -> Result<KernelResources> {
-    let candle_core::Device::Cuda(dev) = device else {
-        fail!(
-            Device,
-            "kernel_resources",
-            "not a CUDA device: {:?}",
-            device.location()
-        );
-    };
+    let dev = cuda_device(device, "kernel_resources")?;
     let be = backend(dev);
     be.stream
         .context()

@@ -193,6 +193,27 @@ fn extent(rows: usize, cols: usize, ld: usize, stride: usize, batch: usize) -> u
     (rows - 1) + (cols - 1) * ld + (batch - 1) * stride + 1
 }
 
+impl Emu {
+    /// A registered host allocation of `bytes` bytes (16-aligned), every
+    /// byte `fill`.
+    fn alloc_filled(&self, bytes: usize, fill: u8) -> Result<EmuBuf> {
+        let layout = Layout::from_size_align(bytes.max(1), 16)
+            .map_err(|e| crate::error::Error::device("emulator", e))?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `ptr` holds `layout.size()` bytes.
+        unsafe { std::ptr::write_bytes(ptr, fill, layout.size()) };
+        self.regions
+            .lock()
+            .expect("regions lock")
+            .insert(ptr as u64, bytes);
+        Ok(EmuBuf { ptr, layout })
+    }
+}
+
 impl Backend for Emu {
     type Buf = EmuBuf;
 
@@ -201,25 +222,11 @@ impl Backend for Emu {
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuf> {
-        let layout = Layout::from_size_align(bytes.max(1), 16)
-            .map_err(|e| crate::error::Error::device("emulator", e))?;
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        self.regions
-            .lock()
-            .expect("regions lock")
-            .insert(ptr as u64, bytes);
-        Ok(EmuBuf { ptr, layout })
+        self.alloc_filled(bytes, 0)
     }
 
     fn alloc_uninit(&self, bytes: usize) -> Result<EmuBuf> {
-        let b = self.alloc_zeroed(bytes)?;
-        // SAFETY: `b` holds `bytes` bytes.
-        unsafe { std::ptr::write_bytes(b.ptr, 0xFF, bytes) };
-        Ok(b)
+        self.alloc_filled(bytes, 0xFF)
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<EmuBuf> {
