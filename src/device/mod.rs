@@ -110,7 +110,70 @@ pub fn math_dtype(dtype: DType) -> DType {
 }
 
 fn all_cpu(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu())
+    !generic_only() && ts.iter().all(|t| t.device().is_cpu())
+}
+
+thread_local! {
+    static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside [`with_generic_ops`].
+fn generic_only() -> bool {
+    GENERIC_ONLY.with(|g| g.get())
+}
+
+/// Runs `f` with every operation of this module on candle's generic ops, on
+/// this thread: the path that Metal and any other device without its own
+/// kernels take. Tensors stay where they are; only the dispatch changes.
+///
+/// This is how that path is tested on the CPU (`tests/generic_path.rs`: whole
+/// optimizer steps against the CPU kernels) and how the CUDA kernels can be
+/// compared with candle's ops on the same GPU. The previous setting is
+/// restored when `f` returns or unwinds, so calls nest.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use steepest::device::{first_nonfinite, with_generic_ops};
+///
+/// let g = Tensor::new(&[1f32, f32::NAN], &Device::Cpu)?;
+/// let found = with_generic_ops(|| first_nonfinite(&[&g]))?;
+/// assert_eq!(found, Some(0));
+/// # Ok::<(), steepest::Error>(())
+/// ```
+pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_ONLY.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC_ONLY.with(|g| g.replace(true)));
+    f()
+}
+
+/// The generic path's aliasing rule, the same as the CPU path's and the
+/// kernels': an output may not share its storage with another operand (the
+/// generic path writes each output after computing it, so a shared output
+/// would be overwritten by a later one).
+fn refuse_shared_storage(ins: &[&Tensor], outs: &[&Tensor]) -> Result<()> {
+    let id = |t: &Tensor| {
+        let (s, _) = t.storage_and_layout();
+        &*s as *const candle_core::Storage as usize
+    };
+    let (ins, outs): (Vec<usize>, Vec<usize>) = (
+        ins.iter().map(|t| id(t)).collect(),
+        outs.iter().map(|t| id(t)).collect(),
+    );
+    for (i, o) in outs.iter().enumerate() {
+        if outs[..i].contains(o) || ins.contains(o) {
+            fail!(
+                Device,
+                "generic update",
+                "an output tensor shares its storage with another operand"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A CPU kernel over a group, generic over the parameter element type `P`
@@ -139,8 +202,10 @@ fn on_dtype<K: GroupKernel>(dtype: DType, k: &mut K) -> Result<()> {
 /// Whether the CPU path applies: every tensor on the CPU, one parameter dtype.
 fn cpu_group(ws: &[&Var], others: &[&Tensor]) -> bool {
     let dt = ws.first().map(|w| w.dtype());
-    ws.iter()
-        .all(|w| w.device().is_cpu() && Some(w.dtype()) == dt)
+    !generic_only()
+        && ws
+            .iter()
+            .all(|w| w.device().is_cpu() && Some(w.dtype()) == dt)
         && all_cpu(others)
 }
 
@@ -184,7 +249,7 @@ fn generic_decayed(w: &Tensor, d: &DecayTerm<'_>) -> Result<Tensor> {
 /// AdamW on every item, in place (see [`cpu::adamw`] for the formulas).
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if cuda::adamw_step(items, beta1, beta2, eps)? {
+    if !generic_only() && cuda::adamw_step(items, beta1, beta2, eps)? {
         return Ok(());
     }
     let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
@@ -241,6 +306,16 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
             )
         });
     }
+    let mut ins = Vec::new();
+    for it in items {
+        ins.push(it.g);
+        decay_inputs(&it.decay, &mut ins);
+    }
+    let outs: Vec<&Tensor> = items
+        .iter()
+        .flat_map(|it| [it.w.as_tensor(), it.m.as_tensor(), it.v.as_tensor()])
+        .collect();
+    refuse_shared_storage(&ins, &outs)?;
     for it in items {
         let dt = it.m.dtype();
         let g = it.g.to_dtype(dt)?;
@@ -260,7 +335,7 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
 /// SGD on every item, in place (see [`cpu::sgd`]).
 pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if cuda::sgd_step(items, momentum, nesterov)? {
+    if !generic_only() && cuda::sgd_step(items, momentum, nesterov)? {
         return Ok(());
     }
     let ws: Vec<&Var> = items.iter().map(|it| it.w).collect();
@@ -326,6 +401,15 @@ pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<
             )
         });
     }
+    let mut ins = Vec::new();
+    let mut outs = Vec::new();
+    for it in items {
+        ins.push(it.g);
+        decay_inputs(&it.decay, &mut ins);
+        outs.push(it.w.as_tensor());
+        outs.extend(it.buf.map(|b| b.as_tensor()));
+    }
+    refuse_shared_storage(&ins, &outs)?;
     for it in items {
         let dt = math_dtype(it.w.dtype());
         let g = it.g.to_dtype(dt)?;
@@ -398,7 +482,7 @@ pub fn ema_momentum(
 ) -> Result<()> {
     check_ema_counts(grads, bufs, out)?;
     #[cfg(feature = "cuda")]
-    if cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
+    if !generic_only() && cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
         return Ok(());
     }
     if all_cpu(grads)
@@ -446,6 +530,9 @@ pub fn ema_momentum(
             )
         });
     }
+    let mut outs: Vec<&Tensor> = bufs.iter().map(|b| b.as_tensor()).collect();
+    outs.push(out.as_tensor());
+    refuse_shared_storage(grads, &outs)?;
     let dt = out.dtype();
     let mut dirs = Vec::with_capacity(grads.len());
     for (g, buf) in grads.iter().zip(bufs) {
@@ -469,7 +556,7 @@ pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'
     check_apply_counts(ws, d, alphas, decays)?;
     let n = ws.len();
     #[cfg(feature = "cuda")]
-    if cuda::apply_step(ws, d, alphas, decays)? {
+    if !generic_only() && cuda::apply_step(ws, d, alphas, decays)? {
         return Ok(());
     }
     let d = d.contiguous()?;
@@ -522,6 +609,12 @@ pub fn apply_step(ws: &[&Var], d: &Tensor, alphas: &[f64], decays: &[DecayTerm<'
             )
         });
     }
+    let mut ins = vec![&d];
+    for dec in decays {
+        decay_inputs(dec, &mut ins);
+    }
+    let outs: Vec<&Tensor> = ws.iter().map(|w| w.as_tensor()).collect();
+    refuse_shared_storage(&ins, &outs)?;
     for (i, w) in ws.iter().enumerate() {
         let di = d.get(i)?;
         let dt = d.dtype();
@@ -539,8 +632,10 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
-    if let Some(r) = cuda::first_nonfinite(ts)? {
-        return Ok(r);
+    if !generic_only() {
+        if let Some(r) = cuda::first_nonfinite(ts)? {
+            return Ok(r);
+        }
     }
     if all_cpu(ts) {
         for (i, t) in ts.iter().enumerate() {
@@ -575,8 +670,10 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
         return Ok(Vec::new());
     }
     #[cfg(feature = "cuda")]
-    if let Some(r) = cuda::sum_squares(ts)? {
-        return Ok(r);
+    if !generic_only() {
+        if let Some(r) = cuda::sum_squares(ts)? {
+            return Ok(r);
+        }
     }
     let sums = ts
         .iter()
@@ -594,7 +691,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// products run in the arithmetic dtype, otherwise candle's generic ops.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let acc = math_dtype(g.dtype());
-    if g.device().is_cpu() && ns.compute_dtype().is_none_or(|d| d == acc) {
+    if !generic_only() && g.device().is_cpu() && ns.compute_dtype().is_none_or(|d| d == acc) {
         let x = g.to_dtype(acc)?;
         let out = match acc {
             DType::F64 => crate::linalg::msign_cpu::msign_cpu::<f64>(&x, ns)?,
@@ -603,8 +700,10 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
         return Ok(out.to_dtype(g.dtype())?);
     }
     #[cfg(feature = "cuda")]
-    if let Some(x) = cuda::msign(g, ns)? {
-        return Ok(x);
+    if !generic_only() {
+        if let Some(x) = cuda::msign(g, ns)? {
+            return Ok(x);
+        }
     }
     crate::linalg::msign_generic(g, ns)
 }
@@ -612,8 +711,10 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
 /// Batched power iteration (see [`crate::linalg::power_iteration`]).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
     #[cfg(feature = "cuda")]
-    if let Some(top) = cuda::power_iteration(w, start, iters)? {
-        return Ok(top);
+    if !generic_only() {
+        if let Some(top) = cuda::power_iteration(w, start, iters)? {
+            return Ok(top);
+        }
     }
     crate::linalg::power_iteration_generic(w, start, iters)
 }

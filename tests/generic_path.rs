@@ -1,0 +1,620 @@
+//! The generic path: what Metal (and any device without this crate's kernels)
+//! runs. Every operation of `steepest::device` has three implementations —
+//! the CPU kernels, the CUDA kernels and candle's generic ops — and the third
+//! never runs on a CPU or CUDA tensor by itself. `device::with_generic_ops`
+//! forces it, so here it runs on the CPU against the CPU kernels (which the
+//! other tests check against closed forms and f64 references): each fused
+//! update on every shape, dtype and decay; the finite check; whole optimizer
+//! steps; the refusals (NaN gradients, aliased outputs) that must change
+//! nothing.
+//!
+//! The two paths do the same arithmetic in a different order (candle's ops,
+//! one tensor at a time), so they agree to rounding, not bit for bit: within
+//! a few f32 ulps for f32/f64 arithmetic, and within one ulp of the stored
+//! type for bf16/f16 parameters (both round the same f32 value once).
+
+#[path = "kernels_emu/cases.rs"]
+mod cases;
+mod support;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
+use cases::*;
+use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
+use steepest::optim::{
+    AdamW, AdamWConfig, Manifold, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig, Steepest,
+    SteepestConfig,
+};
+use steepest::WeightDecay;
+
+/// The largest relative gap `|a − b| / max(|b|, floor)` a value of `dtype`
+/// may show between the two paths: a few f32 ulps for f32 arithmetic, one
+/// ulp of the stored 16-bit type (both paths round the same f32 value once,
+/// so they differ by at most one rounding step of it). f64 parameters run
+/// in f64 on both paths.
+fn rel_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-12,
+        DType::F32 => 4.0 * f32::EPSILON as f64,
+        DType::BF16 => 2f64.powi(-7),
+        DType::F16 => 2f64.powi(-10),
+        d => panic!("no tolerance for {d:?}"),
+    }
+}
+
+/// Asserts `a ≈ b` elementwise at `dtype`'s tolerance. Near zero the gap is
+/// measured against `floor` (the scale of the values compared), where f32
+/// cancellation leaves absolute errors of that scale's ulps.
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, dtype: DType, floor: f64) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let (x, y) = (f64s(a), f64s(b));
+    let tol = rel_tol(dtype);
+    for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+        let gap = (p - q).abs() / q.abs().max(floor);
+        assert!(
+            gap <= tol,
+            "{what}: element {i}: generic {p} vs cpu {q} (relative gap {gap:e} > {tol:e})"
+        );
+    }
+}
+
+/// One parameter with everything any update family needs, its state in f32
+/// (f64 for f64 parameters).
+struct P {
+    w: Var,
+    g: Tensor,
+    s1: Var,
+    s2: Var,
+    r1: Option<(Tensor, Tensor)>,
+    scale: f64,
+    lr: f64,
+}
+
+impl P {
+    fn new(seed: u64, shape: &[usize], dtype: DType, decay: DecayKind) -> Self {
+        let dev = Device::Cpu;
+        let acc = device::math_dtype(dtype);
+        let mut r = rng(seed);
+        let w = var_on(&randn(&mut r, shape, dtype, &dev), &dev);
+        let g = randn(&mut r, shape, dtype, &dev);
+        let s1 = (randn(&mut r, shape, DType::F32, &dev) * 0.1).unwrap();
+        let s2 = rand_pos(&mut r, shape, 0.01, &dev);
+        let r1 = (decay == DecayKind::Rank1).then(|| {
+            let (a, b) = rank1_factors(&mut r, shape, &dev);
+            (a.to_dtype(acc).unwrap(), b.to_dtype(acc).unwrap())
+        });
+        Self {
+            w,
+            g,
+            s1: var_on(&s1.to_dtype(acc).unwrap(), &dev),
+            s2: var_on(&s2.to_dtype(acc).unwrap(), &dev),
+            r1,
+            scale: if decay == DecayKind::None {
+                1.0
+            } else {
+                1.0 - 0.01 * 0.1
+            },
+            lr: 0.01 + seed as f64 * 1e-4,
+        }
+    }
+
+    fn copy(&self) -> Self {
+        let dev = Device::Cpu;
+        Self {
+            w: var_on(self.w.as_tensor(), &dev),
+            g: self.g.copy().unwrap(),
+            s1: var_on(self.s1.as_tensor(), &dev),
+            s2: var_on(self.s2.as_tensor(), &dev),
+            r1: self.r1.clone(),
+            ..*self
+        }
+    }
+
+    fn decay(&self) -> DecayTerm<'_> {
+        DecayTerm {
+            scale: self.scale,
+            rank1: self.r1.as_ref().map(|(a, b)| Rank1 { coeff: 0.03, a, b }),
+        }
+    }
+
+    fn adam(&self, t: i32, beta1: f64) -> AdamItem<'_> {
+        AdamItem {
+            w: &self.w,
+            g: &self.g,
+            m: &self.s1,
+            v: &self.s2,
+            step: AdamStep {
+                lr_bc1: self.lr / (1.0 - beta1.powi(t)),
+                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
+            },
+            decay: self.decay(),
+        }
+    }
+
+    fn sgd(&self, momentum: bool) -> SgdItem<'_> {
+        SgdItem {
+            w: &self.w,
+            g: &self.g,
+            buf: momentum.then_some(&self.s1),
+            lr: self.lr,
+            decay: self.decay(),
+        }
+    }
+
+    /// Parameter and both state tensors close to `cpu`'s.
+    fn assert_close_to(&self, cpu: &Self, what: &str) {
+        let dt = self.w.dtype();
+        let what = format!("{what} {dt:?} {:?}", self.w.dims());
+        // the scale of the values: parameters and gradients are N(0, 1)
+        assert_close(
+            &format!("{what}: w"),
+            self.w.as_tensor(),
+            cpu.w.as_tensor(),
+            dt,
+            1.0,
+        );
+        for (k, (a, b)) in [(&self.s1, &cpu.s1), (&self.s2, &cpu.s2)]
+            .into_iter()
+            .enumerate()
+        {
+            let floor = max_abs(b.as_tensor()).max(1e-30);
+            assert_close(
+                &format!("{what}: state {}", k + 1),
+                a.as_tensor(),
+                b.as_tensor(),
+                b.dtype(),
+                floor,
+            );
+        }
+    }
+}
+
+const ALL_DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
+
+/// Every update shape × dtype × decay (decay cycling with the shape).
+fn cases() -> Vec<P> {
+    let mut out = Vec::new();
+    for (i, shape) in UPDATE_SHAPES.iter().enumerate() {
+        for (j, &dt) in ALL_DTYPES.iter().enumerate() {
+            out.push(P::new(
+                (100 + 10 * i + j) as u64,
+                shape,
+                dt,
+                DECAYS[(i + j) % DECAYS.len()],
+            ));
+        }
+    }
+    out
+}
+
+/// Runs `step` on copies of `ps` by the CPU path and by the generic path;
+/// returns (cpu, generic), after checking that the step moved every
+/// parameter (a path that silently did nothing would otherwise agree with a
+/// path that did nothing either).
+fn both_paths(ps: &[P], step: impl Fn(&P)) -> (Vec<P>, Vec<P>) {
+    let cpu: Vec<P> = ps.iter().map(P::copy).collect();
+    let gen: Vec<P> = ps.iter().map(P::copy).collect();
+    cpu.iter().for_each(&step);
+    with_generic_ops(|| gen.iter().for_each(&step));
+    for (p, c) in ps.iter().zip(&cpu) {
+        assert_ne!(
+            f64s(p.w.as_tensor()),
+            f64s(c.w.as_tensor()),
+            "the step left {:?} {:?} unchanged",
+            p.w.dtype(),
+            p.w.dims()
+        );
+    }
+    (cpu, gen)
+}
+
+#[test]
+fn adamw_generic_matches_cpu_on_every_shape_dtype_and_decay() {
+    let ps = cases();
+    for t in [1, 3] {
+        let (cpu, gen) = both_paths(&ps, |p| {
+            device::adamw_step(&[p.adam(t, 0.9)], 0.9, 0.999, 1e-8).unwrap()
+        });
+        for (g, c) in gen.iter().zip(&cpu) {
+            g.assert_close_to(c, &format!("adamw step {t}"));
+        }
+    }
+}
+
+/// The comparison can fail: a generic step with another β₁ (a 10 % change
+/// of the first moment's update) is far outside the tolerance.
+#[test]
+fn the_comparison_sees_a_wrong_first_moment() {
+    let p = P::new(5, &[6, 4], DType::F32, DecayKind::Rank1);
+    let (cpu, gen) = (p.copy(), p.copy());
+    device::adamw_step(&[cpu.adam(2, 0.9)], 0.9, 0.999, 1e-8).unwrap();
+    with_generic_ops(|| device::adamw_step(&[gen.adam(2, 0.9)], 0.89, 0.999, 1e-8)).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gen.assert_close_to(&cpu, "wrong β₁")
+    }));
+    assert!(caught.is_err(), "a wrong β₁ passed the comparison");
+}
+
+#[test]
+fn sgd_generic_matches_cpu_on_every_shape_dtype_and_decay() {
+    let ps = cases();
+    for (momentum, nesterov) in [(false, false), (true, false), (true, true)] {
+        let (cpu, gen) = both_paths(&ps, |p| {
+            device::sgd_step(&[p.sgd(momentum)], 0.9, nesterov).unwrap()
+        });
+        for (g, c) in gen.iter().zip(&cpu) {
+            g.assert_close_to(c, &format!("sgd momentum {momentum} nesterov {nesterov}"));
+        }
+    }
+}
+
+/// Muon's momentum over a batch of same-shape members (one per dtype), and
+/// the direction it writes.
+#[test]
+fn ema_momentum_generic_matches_cpu_on_every_shape() {
+    for (i, shape) in UPDATE_SHAPES.iter().enumerate() {
+        for dt in ALL_DTYPES {
+            let ps: Vec<P> = (0..3)
+                .map(|k| P::new((300 + 10 * i + k) as u64, shape, dt, DecayKind::None))
+                .collect();
+            let acc = device::math_dtype(dt);
+            let mut dims = vec![ps.len()];
+            dims.extend_from_slice(shape);
+            let run = |ps: &[P]| {
+                let out = Var::zeros(dims.as_slice(), acc, &Device::Cpu).unwrap();
+                let gs: Vec<&Tensor> = ps.iter().map(|p| &p.g).collect();
+                let bs: Vec<&Var> = ps.iter().map(|p| &p.s1).collect();
+                device::ema_momentum(&gs, &bs, &out, 0.95, i % 2 == 0).unwrap();
+                out
+            };
+            let (cpu, gen): (Vec<P>, Vec<P>) = (
+                ps.iter().map(P::copy).collect(),
+                ps.iter().map(P::copy).collect(),
+            );
+            let (d_cpu, d_gen) = (run(&cpu), with_generic_ops(|| run(&gen)));
+            let what = format!("ema {dt:?} {shape:?}");
+            let floor = max_abs(d_cpu.as_tensor());
+            assert_close(
+                &format!("{what}: direction"),
+                d_gen.as_tensor(),
+                d_cpu.as_tensor(),
+                acc,
+                floor,
+            );
+            for (g, c) in gen.iter().zip(&cpu) {
+                let floor = max_abs(c.s1.as_tensor());
+                assert_close(
+                    &format!("{what}: buffer"),
+                    g.s1.as_tensor(),
+                    c.s1.as_tensor(),
+                    acc,
+                    floor,
+                );
+            }
+        }
+    }
+}
+
+/// `w ← decayed(w) − α·d` over a batch, every decay.
+#[test]
+fn apply_step_generic_matches_cpu_on_every_shape_and_decay() {
+    for (i, shape) in UPDATE_SHAPES.iter().enumerate() {
+        for dt in ALL_DTYPES {
+            let ps: Vec<P> = DECAYS
+                .iter()
+                .enumerate()
+                .map(|(k, &dk)| P::new((500 + 10 * i + k) as u64, shape, dt, dk))
+                .collect();
+            let mut dims = vec![ps.len()];
+            dims.extend_from_slice(shape);
+            let d = randn(
+                &mut rng(i as u64),
+                &dims,
+                device::math_dtype(dt),
+                &Device::Cpu,
+            );
+            let alphas: Vec<f64> = (0..ps.len()).map(|k| 0.02 * (k + 1) as f64).collect();
+            let run = |ps: &[P]| {
+                let ws: Vec<&Var> = ps.iter().map(|p| &p.w).collect();
+                let decays: Vec<DecayTerm<'_>> = ps.iter().map(P::decay).collect();
+                device::apply_step(&ws, &d, &alphas, &decays).unwrap();
+            };
+            let (cpu, gen): (Vec<P>, Vec<P>) = (
+                ps.iter().map(P::copy).collect(),
+                ps.iter().map(P::copy).collect(),
+            );
+            run(&cpu);
+            with_generic_ops(|| run(&gen));
+            for (g, c) in gen.iter().zip(&cpu) {
+                assert_close(
+                    &format!("apply {dt:?} {shape:?}: w"),
+                    g.w.as_tensor(),
+                    c.w.as_tensor(),
+                    dt,
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+/// The finite check finds the same first non-finite tensor on both paths,
+/// for NaN, ±Inf and the largest finite values of each dtype.
+#[test]
+fn first_nonfinite_generic_matches_cpu() {
+    for dt in ALL_DTYPES {
+        let big = match dt {
+            DType::F16 => 65504.0,
+            DType::BF16 => 3.3e38,
+            DType::F32 => f32::MAX as f64,
+            _ => f64::MAX,
+        };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, big] {
+            for at in 0..3 {
+                let ts: Vec<Tensor> = (0..3)
+                    .map(|k| {
+                        let mut v = vec![big, -big, 0.5, -0.0, 1e-3];
+                        if k == at {
+                            v[k + 1] = bad;
+                        }
+                        Tensor::from_vec(v, 5, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dt)
+                            .unwrap()
+                    })
+                    .collect();
+                let refs: Vec<&Tensor> = ts.iter().collect();
+                let cpu = device::first_nonfinite(&refs).unwrap();
+                let gen = with_generic_ops(|| device::first_nonfinite(&refs)).unwrap();
+                let expect = (!bad.is_finite()).then_some(at);
+                assert_eq!(cpu, expect, "cpu {dt:?} bad {bad} at {at}");
+                assert_eq!(gen, expect, "generic {dt:?} bad {bad} at {at}");
+            }
+        }
+    }
+}
+
+/// The generic path refuses an output that shares its storage with another
+/// operand, as the CPU path and the kernels do, and changes nothing.
+#[test]
+fn generic_path_refuses_aliased_operands() {
+    aliased_operands_are_refused_by(&Device::Cpu, |items| {
+        with_generic_ops(|| device::adamw_step(items, 0.9, 0.999, 1e-8))
+    });
+}
+
+/// `with_generic_ops` restores the dispatch when its closure returns or
+/// panics, and nests.
+#[test]
+fn generic_dispatch_is_scoped() {
+    let p = P::new(9, &[4, 3], DType::F32, DecayKind::None);
+    let step = |p: &P| device::sgd_step(&[p.sgd(false)], 0.0, false).unwrap();
+    let (a, b, c) = (p.copy(), p.copy(), p.copy());
+    step(&a);
+    let _ = std::panic::catch_unwind(|| with_generic_ops(|| panic!("inside")));
+    with_generic_ops(|| with_generic_ops(|| ()));
+    step(&b);
+    with_generic_ops(|| step(&c));
+    // after the panic and the nested scope, b ran on the CPU path: a's bits
+    assert_eq!(bits(a.w.as_tensor()), bits(b.w.as_tensor()));
+    // the generic step rounds differently somewhere on this matrix
+    assert_close(
+        "generic sgd",
+        c.w.as_tensor(),
+        a.w.as_tensor(),
+        DType::F32,
+        1.0,
+    );
+}
+
+type Build = fn(&VarMap) -> Box<dyn Stepper>;
+type Params = &'static [(&'static str, &'static [usize])];
+
+/// An optimizer under test: a step and its state dict.
+trait Stepper {
+    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()>;
+    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()>;
+    fn state(&self) -> std::collections::HashMap<String, Tensor>;
+}
+
+impl<O: Optimizer + OptimizerState> Stepper for O {
+    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        self.backward_step(loss)
+    }
+    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.step(grads)
+    }
+    fn state(&self) -> std::collections::HashMap<String, Tensor> {
+        self.state_dict().unwrap()
+    }
+}
+
+/// The optimizers whose steps run through the seam, each with spectral
+/// decay (power iteration, the rank-1 term) where it has one.
+fn optimizers() -> Vec<(&'static str, Build, Params)> {
+    const MATRICES: &[(&str, &[usize])] = &[
+        ("fc1.weight", &[6, 4]),
+        ("fc2.weight", &[6, 4]),
+        ("wide.weight", &[3, 7]),
+        ("row.weight", &[1, 5]),
+    ];
+    vec![
+        (
+            "adamw",
+            |vm| {
+                Box::new(
+                    AdamW::from_varmap(
+                        vm,
+                        AdamWConfig {
+                            weight_decay: WeightDecay::spectral(0.1),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            },
+            &support::PARAMS,
+        ),
+        (
+            "sgd nesterov",
+            |vm| {
+                Box::new(
+                    Sgd::from_varmap(
+                        vm,
+                        SgdConfig {
+                            lr: 0.05,
+                            momentum: 0.9,
+                            nesterov: true,
+                            weight_decay: WeightDecay::spectral(0.1),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            },
+            &support::PARAMS,
+        ),
+        (
+            "sgd plain",
+            |vm| {
+                Box::new(
+                    Sgd::from_varmap(
+                        vm,
+                        SgdConfig {
+                            lr: 0.05,
+                            weight_decay: WeightDecay::Decoupled(0.1),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            },
+            &support::PARAMS,
+        ),
+        (
+            "muon",
+            |vm| {
+                Box::new(
+                    Muon::from_varmap(
+                        vm,
+                        MuonConfig {
+                            weight_decay: WeightDecay::spectral(0.1),
+                            adamw_names: vec!["embed".into()],
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            },
+            &support::PARAMS,
+        ),
+        (
+            "steepest on the spectral sphere",
+            |vm| {
+                Box::new(
+                    Steepest::from_varmap(
+                        vm,
+                        SteepestConfig {
+                            lr: 0.05,
+                            manifold: Manifold::SpectralSphere { radius: 2.0 },
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            },
+            MATRICES,
+        ),
+    ]
+}
+
+/// Five steps of each optimizer on the generic path and on the CPU path:
+/// parameters and every state tensor agree to f32 rounding, grown over the
+/// steps (`msign` and the power iteration amplify a rounding difference by
+/// a modest factor; a formula difference shows at the learning rate's
+/// scale, 1e-3 or more).
+#[test]
+fn whole_optimizer_steps_generic_match_cpu() {
+    for (name, build, params) in optimizers() {
+        for dt in [DType::F32, DType::F64] {
+            let run = |generic: bool| {
+                let vm = support::model_of(params, dt, 0);
+                let mut opt = build(&vm);
+                for step in 0..5 {
+                    let loss = support::loss_of(&vm, params, step);
+                    if generic {
+                        with_generic_ops(|| opt.step_loss(&loss)).unwrap();
+                    } else {
+                        opt.step_loss(&loss).unwrap();
+                    }
+                }
+                (support::snapshot(&vm), support::state_tensors(&opt.state()))
+            };
+            let (w_cpu, s_cpu) = run(false);
+            let (w_gen, s_gen) = run(true);
+            let start = support::snapshot(&support::model_of(params, dt, 0));
+            let tol = if dt == DType::F64 { 1e-10 } else { 1e-5 };
+            for (k, c) in &w_cpu {
+                assert_ne!(c, &start[k], "{name} {dt:?}: {k} never moved");
+                let gap = max_gap(&w_gen[k], c);
+                assert!(
+                    gap <= tol,
+                    "{name} {dt:?}: parameter {k}: gap {gap:e} > {tol:e}"
+                );
+            }
+            assert_eq!(
+                s_cpu.keys().collect::<std::collections::BTreeSet<_>>(),
+                s_gen.keys().collect(),
+                "{name} {dt:?}: state keys"
+            );
+            for (k, (dims, dtype, c)) in &s_cpu {
+                let (gdims, gdtype, g) = &s_gen[k];
+                assert_eq!((dims, dtype), (gdims, gdtype), "{name} {dt:?}: state {k}");
+                let gap = max_gap(g, c);
+                assert!(
+                    gap <= tol,
+                    "{name} {dt:?}: state {k}: gap {gap:e} > {tol:e}"
+                );
+            }
+        }
+    }
+}
+
+/// `max |a − b| / max(1, max |b|)`.
+fn max_gap(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// A NaN gradient on the generic path (its finite check: `g − g` summed) is
+/// refused with the parameter's name and changes no parameter and no state.
+#[test]
+fn a_nan_gradient_on_the_generic_path_changes_nothing() {
+    for (name, build, params) in optimizers() {
+        let vm = support::model_of(params, DType::F32, 0);
+        let mut opt = build(&vm);
+        for step in 0..2 {
+            let loss = support::loss_of(&vm, params, step);
+            with_generic_ops(|| opt.step_loss(&loss)).unwrap();
+        }
+        let (w0, s0) = (support::snapshot(&vm), support::state_tensors(&opt.state()));
+        let bad = params[1].0;
+        let grads = support::grads_with(&vm, params, 2, bad, f64::NAN);
+        let err = with_generic_ops(|| opt.step_grads(&grads));
+        let err = err.expect_err(name).to_string();
+        assert!(
+            err.contains(bad),
+            "{name}: the error does not name {bad}: {err}"
+        );
+        assert_eq!(support::snapshot(&vm), w0, "{name}: a parameter changed");
+        assert_eq!(
+            support::state_tensors(&opt.state()),
+            s0,
+            "{name}: state changed"
+        );
+    }
+}
