@@ -10,7 +10,8 @@ use crate::error::{fail, Result};
 /// A trainable variable and the name its state is saved under.
 #[derive(Clone, Debug)]
 pub struct NamedVar {
-    /// Checkpoint key prefix: the `VarMap` name, or `param.<i>` for bare vars.
+    /// Checkpoint key prefix: the `VarMap` name, or `param.<i>` for bare vars
+    /// (`Optimizer::new`), numbered in the order the vars were created.
     pub name: String,
     /// The variable itself.
     pub var: Var,
@@ -69,17 +70,43 @@ impl PartialEq for NamedVar {
     }
 }
 
-/// Names bare variables `param.0`, `param.1`, … (non-float vars are dropped,
-/// as in candle-nn's optimizers).
+/// Names bare variables `param.0`, `param.1`, … in the order they were
+/// created, not the order given (non-float vars are dropped, as in
+/// candle-nn's optimizers).
+///
+/// The names key the checkpoint, so they must mean the same variables in the
+/// next process. The order given does not: `VarMap::all_vars()`, the usual
+/// argument of `Optimizer::new`, lists a `HashMap`'s values, whose order
+/// changes from one run to the next, and a checkpoint would load into the
+/// wrong same-shape parameters without an error. The creation order is the
+/// order the model's code made its variables in, the same in every run.
 pub(crate) fn name_vars(vars: Vec<Var>) -> Vec<NamedVar> {
-    vars.into_iter()
+    let mut vars: Vec<(usize, Var)> = vars
+        .into_iter()
         .filter(|v| v.dtype().is_float())
         .enumerate()
-        .map(|(i, var)| NamedVar {
+        .collect();
+    // stable: vars without a readable counter keep the order given
+    vars.sort_by_key(|(i, v)| creation_index(v).map_or((1, *i), |c| (0, c)));
+    vars.into_iter()
+        .enumerate()
+        .map(|(i, (_, var))| NamedVar {
             name: format!("param.{i}"),
             var,
         })
         .collect()
+}
+
+/// The creation counter of a variable's tensor. candle numbers tensors from
+/// one process-wide counter, in creation order; `TensorId` keeps it private
+/// and has no `Ord`, but its `Debug` form is `TensorId(n)` (candle 0.11; a
+/// unit test checks the form, so a change shows as a test failure).
+fn creation_index(v: &Var) -> Option<usize> {
+    format!("{:?}", v.id())
+        .strip_prefix("TensorId(")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()
 }
 
 /// The float variables of a `VarMap`, with their names, sorted by name.
@@ -123,5 +150,44 @@ pub fn matrix_view(dims: &[usize]) -> Option<(usize, usize)> {
     match dims {
         [] | [_] => None,
         [r, rest @ ..] => Some((*r, rest.iter().product())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+
+    #[test]
+    fn creation_index_reads_candles_counter_in_creation_order() {
+        let first = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let second = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let (a, b) = (creation_index(&first), creation_index(&second));
+        assert!(
+            a.is_some(),
+            "TensorId's Debug form changed: {:?}",
+            first.id()
+        );
+        assert!(a < b, "{a:?} then {b:?}");
+        // a clone is the same variable, with the same index
+        assert_eq!(creation_index(&first.clone()), a);
+    }
+
+    #[test]
+    fn bare_vars_are_named_by_creation_not_by_the_order_given() {
+        let vars: Vec<Var> = (0..4)
+            .map(|i| Var::from_tensor(&Tensor::new(&[i as f32; 2], &Device::Cpu).unwrap()).unwrap())
+            .collect();
+        let index = Var::new(&[1u32], &Device::Cpu).unwrap();
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+            let mut given: Vec<Var> = order.iter().map(|&i| vars[i].clone()).collect();
+            given.insert(2, index.clone());
+            let named = name_vars(given);
+            assert_eq!(named.len(), 4, "the u32 var is dropped");
+            for (k, nv) in named.iter().enumerate() {
+                assert_eq!(nv.name, format!("param.{k}"));
+                assert_eq!(nv.var.id(), vars[k].id(), "order {order:?}: param.{k}");
+            }
+        }
     }
 }

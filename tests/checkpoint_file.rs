@@ -669,3 +669,68 @@ fn a_fallible_chain_failing_mid_step_restores_every_group() {
         );
     }
 }
+
+/// The candle idiom `AdamW::new(varmap.all_vars(), …)`: `all_vars` lists a
+/// `HashMap`'s values, in an order that changes from one process to the
+/// next. Three same-shape layers, each trained a different number of steps
+/// (its Adam step count tells them apart), saved from one order and loaded
+/// into an optimizer given the layers in every other order: each layer gets
+/// its own state back (the bare-var names follow the variables' creation
+/// order, not the order given), so the next step is the uninterrupted one.
+#[test]
+fn bare_var_checkpoints_follow_the_variables_not_the_order_given() {
+    use candle_nn::{Init, VarBuilder};
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: 1.0,
+    };
+    let layers: Vec<Tensor> = ["a", "b", "c"]
+        .iter()
+        .map(|n| vb.get_with_hints((4, 4), n, init).unwrap())
+        .collect();
+    let vars = |order: [usize; 3]| -> Vec<candle_core::Var> {
+        let data = vm.data().lock().unwrap();
+        order
+            .iter()
+            .map(|&i| data[["a", "b", "c"][i]].clone())
+            .collect()
+    };
+    // layer i is trained in steps ≥ i: 3, 2 and 1 Adam steps
+    let loss = |step: usize| {
+        let mut total = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (i, w) in layers.iter().enumerate().filter(|(i, _)| step >= *i) {
+            let term = (w.sqr().unwrap().sum_all().unwrap() * (i + 1) as f64).unwrap();
+            total = (total + term).unwrap();
+        }
+        total
+    };
+    let cfg = AdamWConfig {
+        lr: 0.01,
+        ..Default::default()
+    };
+    let mut saved = AdamW::new(vars([2, 0, 1]), cfg.clone()).unwrap();
+    for step in 0..3 {
+        saved.backward_step(&loss(step)).unwrap();
+    }
+    let path = temp_dir("bare-order").join("opt.safetensors");
+    saved.save_state(&path).unwrap();
+    let before = snapshot(&vm);
+    // the uninterrupted run's next step
+    saved.backward_step(&loss(3)).unwrap();
+    let expected = snapshot(&vm);
+    for order in [[0, 1, 2], [1, 2, 0], [2, 1, 0], [0, 2, 1]] {
+        {
+            let data = vm.data().lock().unwrap();
+            for (k, w) in &before {
+                let t = Tensor::from_vec(w.clone(), data[k].shape(), &Device::Cpu).unwrap();
+                data[k].set(&t.to_dtype(DType::F32).unwrap()).unwrap();
+            }
+        }
+        let mut resumed = AdamW::new(vars(order), cfg.clone()).unwrap();
+        resumed.load_state(&path).unwrap();
+        resumed.backward_step(&loss(3)).unwrap();
+        assert_eq!(snapshot(&vm), expected, "order {order:?}");
+    }
+}

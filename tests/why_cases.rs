@@ -129,9 +129,19 @@ fn bad_rate_is_refused<O: Optimizer + OptimizerState>(
             reference.backward_step(&loss_of(&rv, shapes, t)).unwrap();
         }
         let good = opt.learning_rate();
+        let state = state_snapshot(&opt.state_dict().unwrap());
         opt.set_learning_rate(bad);
         let params = snapshot(&vm);
-        let state = state_snapshot(&opt.state_dict().unwrap());
+        // A checkpoint cannot hold a NaN or infinite rate (JSON has none):
+        // saving is refused, naming the rate, rather than writing a file
+        // that no load accepts.
+        if !bad.is_finite() {
+            let e = opt.state_dict().unwrap_err().to_string();
+            assert!(
+                e.contains("lr") && e.contains("nothing was saved"),
+                "{what} {bad}: {e}"
+            );
+        }
         let grads = loss_of(&vm, shapes, 2).backward().unwrap();
         let err = try_step(&mut opt, &grads).unwrap_err();
         match &err {
@@ -142,17 +152,19 @@ fn bad_rate_is_refused<O: Optimizer + OptimizerState>(
             e => panic!("{what} {bad}: expected Error::Config, got {e:?}"),
         }
         assert_eq!(snapshot(&vm), params, "{what} {bad}: a parameter changed");
+        // Through candle_nn::Optimizer: the same message, as a candle error.
+        let candle_err = opt.step(&grads).unwrap_err();
+        assert_eq!(candle_err.to_string(), err.to_string(), "{what} {bad}");
+        assert_eq!(snapshot(&vm), params, "{what} {bad}: a parameter changed");
+        // Back at the valid rate, the whole state dict (header included) is
+        // the one before the bad rate: the refused steps changed no state.
+        opt.set_learning_rate(good);
         assert_eq!(
             state_snapshot(&opt.state_dict().unwrap()),
             state,
             "{what} {bad}: the state changed"
         );
-        // Through candle_nn::Optimizer: the same message, as a candle error.
-        let candle_err = opt.step(&grads).unwrap_err();
-        assert_eq!(candle_err.to_string(), err.to_string(), "{what} {bad}");
-        assert_eq!(snapshot(&vm), params, "{what} {bad}: a parameter changed");
         // A valid rate: steps as if the bad one had never been set.
-        opt.set_learning_rate(good);
         reference.set_learning_rate(good);
         for t in 2..4 {
             opt.backward_step(&loss_of(&vm, shapes, t)).unwrap();
@@ -766,4 +778,64 @@ fn no_claim_of_cuda_kernels_that_do_not_exist() {
         !build_rs_claim || root.join("build.rs").exists(),
         "the docs mention build.rs, which does not exist"
     );
+}
+
+/// `lr·λ > 1` makes the decay factor `1 − lr·λ` negative: the step is
+/// refused naming the weight decay, with nothing changed, for decoupled and
+/// spectral decay alike; `lr·λ = 1` exactly is allowed (it zeroes the
+/// decayed part), and the run goes on once the rate is back in range.
+#[test]
+fn a_rate_that_makes_the_decay_factor_negative_refuses_the_step() {
+    fn check<O: Optimizer + OptimizerState>(what: &str, shapes: &Shapes, mut opt: O, vm: &VarMap) {
+        opt.backward_step(&loss_of(vm, shapes, 0)).unwrap();
+        let good = opt.learning_rate();
+        let (params, state) = (snapshot(vm), state_snapshot(&opt.state_dict().unwrap()));
+        // λ = 0.1: lr 10.5 gives lr·λ = 1.05
+        opt.set_learning_rate(10.5);
+        let e = opt
+            .backward_step(&loss_of(vm, shapes, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("weight_decay")
+                && e.contains("would be negative")
+                && e.contains("not applied"),
+            "{what}: {e}"
+        );
+        assert_eq!(snapshot(vm), params, "{what}: a parameter changed");
+        opt.set_learning_rate(good);
+        assert_eq!(
+            state_snapshot(&opt.state_dict().unwrap()),
+            state,
+            "{what}: state changed"
+        );
+        // lr·λ = 1 is a valid (if drastic) step
+        opt.set_learning_rate(10.0);
+        opt.backward_step(&loss_of(vm, shapes, 1)).unwrap();
+        assert_ne!(snapshot(vm), params, "{what}: lr·λ = 1 did not step");
+    }
+    let vm = model_of(MIXED, DType::F32, 3);
+    check("AdamW, spectral", MIXED, adamw(&vm), &vm);
+    let vm = model_of(MIXED, DType::F32, 3);
+    let opt = Sgd::from_varmap(
+        &vm,
+        SgdConfig {
+            lr: 0.01,
+            weight_decay: WeightDecay::Decoupled(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    check("Sgd, decoupled", MIXED, opt, &vm);
+    let vm = model_of(MIXED, DType::F32, 3);
+    let opt = Muon::from_varmap(
+        &vm,
+        MuonConfig {
+            lr: 0.02,
+            weight_decay: WeightDecay::spectral(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    check("Muon, spectral", MIXED, opt, &vm);
 }

@@ -167,7 +167,9 @@ fn storage_span(t: &Tensor) -> Result<(usize, usize)> {
             other.dtype()
         ),
     };
-    Ok((p, p + bytes.max(1)))
+    // An empty tensor's span is empty: it overlaps nothing (empty vectors
+    // share one dangling pointer, which is not shared storage).
+    Ok((p, p + bytes))
 }
 
 /// A pointer, its length and dtype, kept while its write lock is held.

@@ -260,12 +260,17 @@ impl Driver {
                 );
             }
         }
-        // 2. learning rates.
+        // 2. learning rates, and what each transform allows of them.
         for p in &self.parts {
             check_lr(
                 &format!("lr (partition `{}`)", p.label),
                 self.lr * p.lr_ratio,
             )
+            .and_then(|()| {
+                p.chain
+                    .iter()
+                    .try_for_each(|(_, t)| t.check_lr(self.lr * p.lr_ratio))
+            })
             .map_err(|e| {
                 Error::config(
                     e.who().unwrap_or("lr"),
@@ -273,11 +278,14 @@ impl Driver {
                 )
             })?;
         }
-        // 3. finite check, one pass.
+        // 3. finite check, one pass. The kernels read contiguous gradients
+        // (a hand-made GradStore may hold a transposed view); parameters
+        // with no elements have nothing to update and are skipped.
         let grads: Vec<(usize, Tensor)> = grads
             .iter()
+            .filter(|(p, _)| self.infos[*p].elem_count() > 0)
             .map(|(p, g)| {
-                let g = g.detach();
+                let g = g.detach().contiguous()?;
                 let dt = self.params[*p].var.dtype();
                 Ok((*p, if g.dtype() == dt { g } else { g.to_dtype(dt)? }))
             })
@@ -325,15 +333,29 @@ impl Driver {
             undo.push(snapshot);
             if let Err(e) = self.run_group(*k, members) {
                 self.restore(undo);
-                return Err(e);
+                return Err(self.named(e, members));
             }
         }
         for ((infallible, k, ..), members) in &groups {
             if *infallible {
-                self.run_group(*k, members)?;
+                // Cannot fail on input that passed 1–3; if it does anyway
+                // (a device error), the error names the group's first member.
+                self.run_group(*k, members)
+                    .map_err(|e| self.named(e, members))?;
             }
         }
         Ok(())
+    }
+
+    /// `e` as an error about a parameter of the group `members`: kept when it
+    /// already names one of them, otherwise reported for the first member
+    /// (a seam routine's error names the routine, not the parameter).
+    fn named(&self, e: Error, members: &[(usize, Tensor)]) -> Error {
+        let names = members.iter().map(|(p, _)| self.params[*p].name.as_str());
+        match e.who() {
+            Some(who) if names.clone().any(|n| n == who) => e,
+            _ => e.about(&self.params[members[0].0].name),
+        }
     }
 
     fn run_group(&mut self, k: usize, members: &[(usize, Tensor)]) -> Result<()> {
@@ -401,6 +423,16 @@ impl Driver {
         &self,
         config: serde_json::Value,
     ) -> Result<HashMap<String, Tensor>> {
+        // JSON has no NaN or ±Inf (serde writes `null`, which no load
+        // accepts): refuse here rather than write a file that cannot be read.
+        if !self.lr.is_finite() {
+            fail!(
+                Config,
+                "lr",
+                "the learning rate is {}; a checkpoint cannot hold it (set a finite rate                  with set_learning_rate first); nothing was saved",
+                self.lr
+            );
+        }
         let body = Body {
             lr: self.lr,
             partitions: self

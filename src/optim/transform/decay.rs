@@ -12,7 +12,7 @@ use super::{
 };
 use crate::decay::{WeightDecay, COLD_START_ITERS};
 use crate::device;
-use crate::error::Result;
+use crate::error::{fail, Result};
 use crate::params::ParamInfo;
 
 /// Decoupled or spectral weight decay with coefficient `η·λ` (`η` the
@@ -85,6 +85,22 @@ impl Transform for Decay {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// `ηλ ≤ 1`: beyond it the decay factor `1 − ηλ` is negative (decoupled
+    /// decay would flip every weight's sign, spectral decay the top singular
+    /// direction's), which no schedule means.
+    fn check_lr(&self, lr: f64) -> Result<()> {
+        let coeff = lr * self.decay.lambda();
+        if coeff > 1.0 {
+            fail!(
+                Config,
+                "weight_decay",
+                "lr·λ = {lr}·{} = {coeff} > 1: the decay factor 1 − lr·λ would be negative",
+                self.decay.lambda()
+            );
+        }
+        Ok(())
     }
 
     fn load(&self, _p: &ParamInfo, f: &Fields) -> Result<Box<dyn TransformState>> {

@@ -187,6 +187,13 @@ pub trait Transform: Send + Sync + Debug {
     fn check(&self, _p: &ParamInfo) -> Result<()> {
         Ok(())
     }
+    /// Checks the step's learning rate `lr` (the partition's) against the
+    /// transform's settings. Runs before anything is written, so an error
+    /// refuses the step with no change; `set_learning_rate` cannot fail, so
+    /// this is where a rate that a transform cannot take is caught.
+    fn check_lr(&self, _lr: f64) -> Result<()> {
+        Ok(())
+    }
     /// The state it keeps for a parameter (empty: stateless).
     fn fields(&self, _p: &ParamInfo) -> Vec<FieldSpec> {
         Vec::new()
