@@ -429,7 +429,8 @@ impl Driver {
             fail!(
                 Config,
                 "lr",
-                "the learning rate is {}; a checkpoint cannot hold it (set a finite rate                  with set_learning_rate first); nothing was saved",
+                "the learning rate is {}; a checkpoint cannot hold it (set a finite rate with \
+                 set_learning_rate first); nothing was saved",
                 self.lr
             );
         }
@@ -573,6 +574,17 @@ impl Driver {
                 continue;
             }
             let Some((p, rest)) = split_key(key, &names) else {
+                if key == crate::schedule::SCHEDULE_STEP_KEY {
+                    fail!(
+                        Checkpoint,
+                        key,
+                        "this checkpoint was saved by a `Scheduled` optimizer (this key is the \
+                         schedule's step): load it with `Scheduled::load_state` (or \
+                         `load_state_dict`) into `Scheduled::new(<this optimizer>, schedule)`, \
+                         or remove this key from the state (`checkpoint::load`, then \
+                         `state.remove(SCHEDULE_STEP_KEY)`) to load only the optimizer's state"
+                    );
+                }
                 fail!(
                     Checkpoint,
                     key,
