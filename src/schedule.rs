@@ -310,6 +310,14 @@ impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O
 /// A scheduled optimizer's checkpoint is the wrapped optimizer's plus the
 /// step counter ([`SCHEDULE_STEP_KEY`]), so a resumed run continues the
 /// schedule where it stopped.
+///
+/// The two kinds do not mix: a plain optimizer's checkpoint (no counter) is
+/// refused here, and a `Scheduled` one is refused by the plain optimizer (the
+/// counter is not one of its keys). Either refusal changes nothing. To resume a
+/// schedule from a plain checkpoint, load it through
+/// [`Scheduled::inner_mut`] and set the step with [`Scheduled::set_step`];
+/// to load a `Scheduled` checkpoint into the plain optimizer, remove
+/// [`SCHEDULE_STEP_KEY`] from the state first.
 impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let mut state = self.opt.state_dict()?;
@@ -323,7 +331,11 @@ impl<O: Optimizer + OptimizerState> OptimizerState for Scheduled<O> {
             fail!(
                 Checkpoint,
                 "checkpoint",
-                "no `{SCHEDULE_STEP_KEY}` entry: not written by a Scheduled optimizer"
+                "no `{SCHEDULE_STEP_KEY}` entry, so it was not saved by a `Scheduled` optimizer \
+                 (that key is the schedule's step; a plain optimizer's checkpoint has none). \
+                 To resume a schedule from a plain optimizer's checkpoint, load it with \
+                 `scheduled.inner_mut().load_state(..)` (or `load_state_dict`) and set the \
+                 schedule's step with `scheduled.set_step(..)`"
             );
         };
         let step = match step.to_scalar::<i64>() {

@@ -210,3 +210,214 @@ fn scheduled_state_resumes_the_schedule() {
     }
     assert_eq!(w2.as_tensor().to_vec1::<f64>().unwrap(), straight);
 }
+
+/// Two parameters (a weight and a bias) and an AdamW over them, with a
+/// quadratic loss `1.5·Σ w²` (state that depends on the steps).
+mod mixing {
+    use std::collections::BTreeMap;
+
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::Optimizer;
+    use steepest::optim::{AdamW, AdamWConfig, NamedVar, OptimizerState};
+
+    pub fn vars(shift: f64) -> Vec<NamedVar> {
+        let w: Vec<f64> = (0..6).map(|i| 0.3 * i as f64 - 0.7 + shift).collect();
+        vec![
+            NamedVar {
+                name: "fc.weight".into(),
+                var: Var::from_slice(&w, (3, 2), &Device::Cpu).unwrap(),
+            },
+            NamedVar {
+                name: "fc.bias".into(),
+                var: Var::from_slice(&[0.5 + shift, -0.25], 2, &Device::Cpu).unwrap(),
+            },
+        ]
+    }
+
+    pub fn adamw(vars: &[NamedVar]) -> AdamW {
+        AdamW::from_named(
+            vars.to_vec(),
+            AdamWConfig {
+                lr: 0.05,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    pub fn loss(vars: &[NamedVar]) -> Tensor {
+        let mut total = Tensor::new(0f64, &Device::Cpu).unwrap();
+        for v in vars {
+            let t = v.var.as_tensor();
+            let l = (t.sqr().unwrap().sum_all().unwrap() * 1.5).unwrap();
+            total = (total + l).unwrap();
+        }
+        total
+    }
+
+    /// Parameters and state as bit patterns (NaNs compare equal).
+    pub fn snapshot<O: OptimizerState>(
+        vars: &[NamedVar],
+        opt: &O,
+    ) -> (Vec<Vec<u64>>, BTreeMap<String, Vec<u8>>) {
+        let params = vars
+            .iter()
+            .map(|v| {
+                let t = v.var.as_tensor().flatten_all().unwrap();
+                t.to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect();
+        let state = opt
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                let bytes = t
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_bits().to_le_bytes())
+                    .collect();
+                (k, bytes)
+            })
+            .collect();
+        (params, state)
+    }
+
+    pub fn step<O: Optimizer>(opt: &mut O, vars: &[NamedVar], n: usize) {
+        for _ in 0..n {
+            opt.backward_step(&loss(vars)).unwrap();
+        }
+    }
+
+    pub fn temp_file(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("steepest-schedule-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+}
+
+/// A `Scheduled` optimizer's checkpoint file loaded into the plain optimizer
+/// is refused at the schedule's key, as a checkpoint error naming
+/// `__schedule__.step`, and changes neither the parameters nor the state nor
+/// the rate; without that key the same state loads into the plain optimizer
+/// and equals the wrapped optimizer's.
+#[test]
+fn scheduled_checkpoint_into_the_plain_optimizer_is_refused() {
+    use mixing::*;
+    use steepest::optim::OptimizerState;
+    use steepest::schedule::SCHEDULE_STEP_KEY;
+    use steepest::Error;
+
+    let sched_vars = vars(0.0);
+    let mut scheduled = Scheduled::new(adamw(&sched_vars), Schedule::constant(0.02).unwrap());
+    for _ in 0..3 {
+        scheduled.backward_step(&loss(&sched_vars)).unwrap();
+    }
+    let path = temp_file("scheduled.safetensors");
+    scheduled.save_state(&path).unwrap();
+
+    let plain_vars = vars(0.1);
+    let mut plain = adamw(&plain_vars);
+    step(&mut plain, &plain_vars, 2);
+    let before = snapshot(&plain_vars, &plain);
+    let lr = plain.learning_rate();
+
+    // (So a load that changed anything would show.)
+    assert_ne!(before.1, snapshot(&sched_vars, scheduled.inner()).1);
+    let e = plain.load_state(&path).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+    assert_eq!(e.who(), Some(SCHEDULE_STEP_KEY), "{e}");
+    let msg = e.to_string();
+    for part in [
+        SCHEDULE_STEP_KEY,
+        "saved by a `Scheduled` optimizer",
+        "Scheduled::load_state",
+        "state.remove(SCHEDULE_STEP_KEY)",
+    ] {
+        assert!(msg.contains(part), "missing {part:?}: {msg}");
+    }
+    assert_eq!(
+        snapshot(&plain_vars, &plain),
+        before,
+        "a refused load changes nothing"
+    );
+    assert_eq!(plain.learning_rate(), lr);
+
+    // The way out: drop the schedule's key.
+    let mut state = steepest::checkpoint::load(&path).unwrap();
+    assert!(state.remove(SCHEDULE_STEP_KEY).is_some());
+    plain.load_state_dict(&state).unwrap();
+    assert_eq!(
+        snapshot(&plain_vars, &plain).1,
+        snapshot(&sched_vars, scheduled.inner()).1
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// A plain optimizer's checkpoint file loaded into a `Scheduled` one is
+/// refused with a message saying it was not saved by a `Scheduled` optimizer
+/// and how to load it (`inner_mut`, `set_step`), and changes neither the
+/// parameters, the state, the step counter nor the rate; the way the message
+/// gives then works.
+#[test]
+fn plain_checkpoint_into_a_scheduled_optimizer_is_refused() {
+    use mixing::*;
+    use steepest::optim::OptimizerState;
+    use steepest::schedule::SCHEDULE_STEP_KEY;
+    use steepest::Error;
+
+    let plain_vars = vars(0.0);
+    let mut plain = adamw(&plain_vars);
+    step(&mut plain, &plain_vars, 2);
+    let path = temp_file("plain.safetensors");
+    plain.save_state(&path).unwrap();
+
+    let sched_vars = vars(0.1);
+    let mut scheduled = Scheduled::new(adamw(&sched_vars), Schedule::constant(0.02).unwrap());
+    for _ in 0..3 {
+        scheduled.backward_step(&loss(&sched_vars)).unwrap();
+    }
+    let before = snapshot(&sched_vars, &scheduled);
+    let lr = scheduled.inner().learning_rate();
+
+    assert_ne!(before.1, snapshot(&plain_vars, &plain).1);
+    let e = scheduled.load_state(&path).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+    let msg = e.to_string();
+    for part in [
+        SCHEDULE_STEP_KEY,
+        "not saved by a `Scheduled` optimizer",
+        "plain optimizer",
+        "inner_mut()",
+        "set_step",
+    ] {
+        assert!(msg.contains(part), "missing {part:?}: {msg}");
+    }
+    assert_eq!(
+        snapshot(&sched_vars, &scheduled),
+        before,
+        "a refused load changes nothing"
+    );
+    assert_eq!(scheduled.current_step(), 3);
+    assert_eq!(scheduled.inner().learning_rate(), lr);
+
+    // The way the message gives.
+    scheduled.inner_mut().load_state(&path).unwrap();
+    scheduled.set_step(2);
+    let state = scheduled.state_dict().unwrap();
+    assert_eq!(state[SCHEDULE_STEP_KEY].to_scalar::<i64>().unwrap(), 2);
+    assert_eq!(
+        snapshot(&sched_vars, scheduled.inner()).1,
+        snapshot(&plain_vars, &plain).1
+    );
+    std::fs::remove_file(&path).unwrap();
+}

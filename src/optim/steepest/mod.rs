@@ -110,7 +110,12 @@ impl SteepestConfig {
     }
 
     /// The chain this config stands for: decay (of every parameter), momentum
-    /// (if `μ > 0`), then [`Dualize`] (free) or [`ManifoldStep`].
+    /// (if `μ > 0`), then [`Dualize`] (free) or [`ManifoldStep`]. For a
+    /// [`Partition`](crate::optim::Partition) group, e.g. the matrices of a
+    /// model whose vectors go to AdamW (see [`Steepest`]). Not validated:
+    /// call [`SteepestConfig::validate`] first, as [`Steepest`]'s
+    /// constructors do (a norm that does not fit the manifold is refused
+    /// when the driver is built either way).
     pub fn chain(&self) -> Chain {
         let mut chain = Chain::new().then(Decay {
             decay: self.weight_decay,
@@ -150,6 +155,14 @@ impl SteepestConfig {
 /// parameter: the spectral norm or a matrix manifold on a vector, a wide
 /// matrix on `Stiefel { transpose: false }`, a vector norm on a matrix
 /// manifold, etc.
+///
+/// So on a model with biases or norm gains, `Steepest` under `Norm::Spectral`
+/// or on a matrix manifold cannot take every parameter: route the matrices
+/// to [`SteepestConfig::chain`] and the rest to
+/// [`AdamWConfig::chain`](crate::AdamWConfig::chain) with a
+/// [`Partition`](crate::optim::Partition), one driver for both (the README's
+/// "Steepest descent under norms and on manifolds" shows it for the Stiefel
+/// manifold, `tests/readme_snippets.rs` runs it).
 #[derive(Debug)]
 pub struct Steepest {
     driver: Driver,

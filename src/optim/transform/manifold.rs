@@ -198,6 +198,10 @@ impl Transform for ManifoldStep {
     }
 
     fn check(&self, p: &ParamInfo) -> Result<()> {
+        // The fields are public and `SteepestConfig::chain` does not validate:
+        // refuse a norm that does not fit the manifold here, at construction,
+        // rather than at the first step.
+        self.validate("ManifoldStep")?;
         let mv = p.matrix();
         match (self.manifold, mv) {
             (Manifold::SpectralSphere { .. } | Manifold::Stiefel { .. }, None) => fail!(
