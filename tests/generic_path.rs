@@ -384,27 +384,101 @@ fn generic_path_refuses_aliased_operands() {
 }
 
 /// `with_generic_ops` restores the dispatch when its closure returns or
-/// panics, and nests.
+/// panics, and nests. Observed through an AdamW step with rank-1 decay,
+/// whose two paths round differently on this matrix (so the bits tell which
+/// path ran).
 #[test]
 fn generic_dispatch_is_scoped() {
-    let p = P::new(9, &[4, 3], DType::F32, DecayKind::None);
-    let step = |p: &P| device::sgd_step(&[p.sgd(false)], 0.0, false).unwrap();
-    let (a, b, c) = (p.copy(), p.copy(), p.copy());
-    step(&a);
-    let _ = std::panic::catch_unwind(|| with_generic_ops(|| panic!("inside")));
-    with_generic_ops(|| with_generic_ops(|| ()));
-    step(&b);
-    with_generic_ops(|| step(&c));
-    // after the panic and the nested scope, b ran on the CPU path: a's bits
-    assert_eq!(bits(a.w.as_tensor()), bits(b.w.as_tensor()));
-    // the generic step rounds differently somewhere on this matrix
+    let p = P::new(9, &[16, 16], DType::F32, DecayKind::Rank1);
+    let step = |p: &P| device::adamw_step(&[p.adam(2, 0.9)], 0.9, 0.999, 1e-8).unwrap();
+    let (cpu, after, generic, inner) = (p.copy(), p.copy(), p.copy(), p.copy());
+    step(&cpu);
+    with_generic_ops(|| step(&generic));
+    assert_ne!(
+        bits(cpu.w.as_tensor()),
+        bits(generic.w.as_tensor()),
+        "the two paths gave the same bits: this test cannot tell them apart"
+    );
     assert_close(
-        "generic sgd",
-        c.w.as_tensor(),
-        a.w.as_tensor(),
+        "generic adamw",
+        generic.w.as_tensor(),
+        cpu.w.as_tensor(),
         DType::F32,
         1.0,
     );
+    // a panic inside, then a nested scope: afterwards the CPU path again
+    let _ = std::panic::catch_unwind(|| with_generic_ops(|| panic!("inside")));
+    with_generic_ops(|| {
+        // leaving the inner scope keeps the outer one's setting
+        with_generic_ops(|| ());
+        step(&inner);
+    });
+    step(&after);
+    assert_eq!(bits(after.w.as_tensor()), bits(cpu.w.as_tensor()));
+    assert_eq!(bits(inner.w.as_tensor()), bits(generic.w.as_tensor()));
+}
+
+/// Every generic update refuses an output that shares storage with another
+/// operand (here the parameter given again as momentum, gradient or
+/// direction), before writing anything.
+#[test]
+fn every_generic_update_refuses_aliased_outputs() {
+    let p = P::new(11, &[5, 4], DType::F32, DecayKind::None);
+    let before = f64s(p.w.as_tensor());
+    let refused = |what: &str, r: steepest::Result<()>| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("shares its storage"), "{what}: {e}");
+        assert_eq!(f64s(p.w.as_tensor()), before, "{what}: w changed");
+    };
+    with_generic_ops(|| {
+        let sgd = SgdItem {
+            buf: Some(&p.w),
+            ..p.sgd(true)
+        };
+        refused("sgd: buf = w", device::sgd_step(&[sgd], 0.9, false));
+        let out = Var::zeros((1, 5, 4), DType::F32, &Device::Cpu).unwrap();
+        refused(
+            "ema: the gradient is the momentum buffer",
+            device::ema_momentum(&[p.w.as_tensor()], &[&p.w], &out, 0.9, false),
+        );
+        let d = p.w.as_tensor().unsqueeze(0).unwrap();
+        refused(
+            "apply: d is a view of w",
+            device::apply_step(&[&p.w], &d, &[0.1], &[DecayTerm::NONE]),
+        );
+    });
+}
+
+/// The CPU path's aliasing check also sees views of one empty storage
+/// (whose address ranges are empty) and refuses them instead of locking
+/// the storage twice; distinct empty tensors do not alias.
+#[test]
+fn cpu_path_refuses_aliased_empty_tensors_and_takes_distinct_ones() {
+    let w = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    let g = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    let m = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    let v = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    let step = |m: &Var, v: &Var| {
+        device::adamw_step(
+            &[AdamItem {
+                w: &w,
+                g: &g,
+                m,
+                v,
+                step: AdamStep {
+                    lr_bc1: 0.1,
+                    bc2_sqrt: 0.1,
+                },
+                decay: DecayTerm::NONE,
+            }],
+            0.9,
+            0.999,
+            1e-8,
+        )
+    };
+    step(&m, &v).expect("distinct empty tensors");
+    let e = step(&m, &m).expect_err("m = v").to_string();
+    assert!(e.contains("shares its storage"), "{e}");
 }
 
 type Build = fn(&VarMap) -> Box<dyn Stepper>;

@@ -132,16 +132,14 @@ fn bad_rate_is_refused<O: Optimizer + OptimizerState>(
         let state = state_snapshot(&opt.state_dict().unwrap());
         opt.set_learning_rate(bad);
         let params = snapshot(&vm);
-        // A checkpoint cannot hold a NaN or infinite rate (JSON has none):
-        // saving is refused, naming the rate, rather than writing a file
-        // that no load accepts.
-        if !bad.is_finite() {
-            let e = opt.state_dict().unwrap_err().to_string();
-            assert!(
-                e.contains("lr") && e.contains("nothing was saved"),
-                "{what} {bad}: {e}"
-            );
-        }
+        // A checkpoint cannot hold a NaN or infinite rate (JSON has none)
+        // and no load accepts a negative one: saving is refused, naming the
+        // rate, rather than writing a file that no load accepts.
+        let e = opt.state_dict().unwrap_err().to_string();
+        assert!(
+            e.contains("lr") && e.contains("nothing was saved"),
+            "{what} {bad}: {e}"
+        );
         let grads = loss_of(&vm, shapes, 2).backward().unwrap();
         let err = try_step(&mut opt, &grads).unwrap_err();
         match &err {

@@ -149,9 +149,12 @@ fn cpu_range_mut<'a>(s: &'a mut CpuStorage, l: &Layout, who: &str) -> Result<Dat
     })
 }
 
-/// The address range of a CPU tensor's whole storage, to detect sharing.
-fn storage_span(t: &Tensor) -> Result<(usize, usize)> {
+/// The address range of a CPU tensor's whole storage and the storage's own
+/// address, to detect sharing: two tensors share when they are views of one
+/// storage (also when it is empty) or when their ranges overlap.
+fn storage_span(t: &Tensor) -> Result<(usize, usize, usize)> {
     let (s, _) = t.storage_and_layout();
+    let id = &*s as *const Storage as usize;
     let Storage::Cpu(c) = &*s else {
         fail!(Device, "cpu kernel", "tensor is not on the CPU");
     };
@@ -167,9 +170,10 @@ fn storage_span(t: &Tensor) -> Result<(usize, usize)> {
             other.dtype()
         ),
     };
-    // An empty tensor's span is empty: it overlaps nothing (empty vectors
-    // share one dangling pointer, which is not shared storage).
-    Ok((p, p + bytes))
+    // An empty storage's range is empty and overlaps no range (empty vectors
+    // share one dangling pointer); the storage address still tells views of
+    // one empty storage apart from other empty storages.
+    Ok((p, p + bytes, id))
 }
 
 /// A pointer, its length and dtype, kept while its write lock is held.
@@ -277,7 +281,7 @@ pub fn with_cpu_data<R>(
         .map(|t| storage_span(t))
         .collect::<Result<Vec<_>>>()?;
     for (i, a) in out_spans.iter().enumerate() {
-        let overlaps = |b: &(usize, usize)| a.0 < b.1 && b.0 < a.1;
+        let overlaps = |b: &(usize, usize, usize)| a.2 == b.2 || (a.0 < b.1 && b.0 < a.1);
         if out_spans[..i].iter().any(overlaps) || in_spans.iter().any(overlaps) {
             fail!(
                 Device,

@@ -137,6 +137,9 @@ impl AdamW {
 impl Optimizer for AdamW {
     type Config = AdamWConfig;
 
+    /// Bare variables are named `param.0`, `param.1`, … in the order they
+    /// were created (not the order given), which is also their order in
+    /// the driver (`driver().params()`) and for `step_subset`'s indices.
     fn new(vars: Vec<Var>, config: AdamWConfig) -> candle_core::Result<Self> {
         Ok(Self::from_named(name_vars(vars), config)?)
     }

@@ -7,9 +7,11 @@
 //!
 //! 1. picks the parameters that have a gradient (the others are skipped and
 //!    keep their state), checking each gradient's shape;
-//! 2. validates the learning rate of every partition (finite, ≥ 0);
-//! 3. checks every gradient for NaN/Inf in one pass ([`device::first_nonfinite`],
-//!    one host sync on a GPU) and refuses the step naming the parameter;
+//! 2. validates the learning rate of every partition (finite, ≥ 0, and each
+//!    transform's rule, [`Transform::check_lr`]: decay needs `lr·λ ≤ 1`);
+//! 3. makes the gradients contiguous, skips parameters with no elements, and
+//!    checks every gradient for NaN/Inf in one pass ([`device::first_nonfinite`],
+//!    one host sync on a GPU), refusing the step naming the parameter;
 //! 4. groups the parameters by partition and by shape, dtype and device, so
 //!    that same-shape matrices run as one `(b, m, n)` batch;
 //! 5. runs each group's chain; the updates happen in place.
@@ -267,9 +269,10 @@ impl Driver {
                 self.lr * p.lr_ratio,
             )
             .and_then(|()| {
-                p.chain
-                    .iter()
-                    .try_for_each(|(_, t)| t.check_lr(self.lr * p.lr_ratio))
+                p.chain.iter().try_for_each(|(_, t)| {
+                    t.check_lr(self.lr * p.lr_ratio)
+                        .map_err(|e| e.about(&format!("partition `{}`", p.label)))
+                })
             })
             .map_err(|e| {
                 Error::config(
@@ -352,9 +355,13 @@ impl Driver {
     /// (a seam routine's error names the routine, not the parameter).
     fn named(&self, e: Error, members: &[(usize, Tensor)]) -> Error {
         let names = members.iter().map(|(p, _)| self.params[*p].name.as_str());
-        match e.who() {
-            Some(who) if names.clone().any(|n| n == who) => e,
-            _ => e.about(&self.params[members[0].0].name),
+        let first = &self.params[members[0].0].name;
+        match e {
+            Error::Candle(c) => Error::device(first, c),
+            e => match e.who() {
+                Some(who) if names.clone().any(|n| n == who) => e,
+                _ => e.about(first),
+            },
         }
     }
 
@@ -423,17 +430,18 @@ impl Driver {
         &self,
         config: serde_json::Value,
     ) -> Result<HashMap<String, Tensor>> {
-        // JSON has no NaN or ±Inf (serde writes `null`, which no load
-        // accepts): refuse here rather than write a file that cannot be read.
-        if !self.lr.is_finite() {
-            fail!(
-                Config,
+        // JSON has no NaN or ±Inf (serde writes `null`) and a load refuses a
+        // negative rate: refuse here rather than write a file no load takes.
+        check_lr("lr", self.lr).map_err(|e| {
+            Error::config(
                 "lr",
-                "the learning rate is {}; a checkpoint cannot hold it (set a finite rate with \
-                 set_learning_rate first); nothing was saved",
-                self.lr
-            );
-        }
+                format!(
+                    "{}; a checkpoint cannot hold it (set a valid rate with \
+                     set_learning_rate first); nothing was saved",
+                    strip(&e)
+                ),
+            )
+        })?;
         let body = Body {
             lr: self.lr,
             partitions: self

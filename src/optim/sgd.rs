@@ -124,6 +124,9 @@ impl Sgd {
 impl Optimizer for Sgd {
     type Config = SgdConfig;
 
+    /// Bare variables are named `param.0`, `param.1`, … in the order they
+    /// were created (not the order given), which is also their order in
+    /// the driver (`driver().params()`) and for `step_subset`'s indices.
     fn new(vars: Vec<Var>, config: SgdConfig) -> candle_core::Result<Self> {
         Ok(Self::from_named(name_vars(vars), config)?)
     }

@@ -233,6 +233,9 @@ impl Steepest {
 impl Optimizer for Steepest {
     type Config = SteepestConfig;
 
+    /// Bare variables are named `param.0`, `param.1`, … in the order they
+    /// were created (not the order given), which is also their order in
+    /// the driver (`driver().params()`).
     fn new(vars: Vec<Var>, config: SteepestConfig) -> candle_core::Result<Self> {
         Ok(Self::from_named(name_vars(vars), config)?)
     }

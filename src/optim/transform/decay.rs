@@ -92,7 +92,7 @@ impl Transform for Decay {
     /// direction's), which no schedule means.
     fn check_lr(&self, lr: f64) -> Result<()> {
         let coeff = lr * self.decay.lambda();
-        if coeff > 1.0 {
+        if coeff.is_nan() || coeff > 1.0 {
             fail!(
                 Config,
                 "weight_decay",
