@@ -70,6 +70,20 @@ pub(crate) struct Header {
     pub kind: String,
     pub params: Vec<String>,
     pub body: serde_json::Value,
+    /// How bare variables (`param.<i>`) were numbered: `"creation"` (their
+    /// creation order). Absent in files written before that rule, which
+    /// numbered them in the order given (see [`Header::check_params`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bare_names: Option<String>,
+}
+
+/// The numbering rule of bare variables' names recorded in new headers.
+const BARE_NAMES: &str = "creation";
+
+/// Whether `name` is a bare variable's name, `param.<i>`.
+fn is_bare_name(name: &str) -> bool {
+    name.strip_prefix("param.")
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl Header {
@@ -78,6 +92,10 @@ impl Header {
             format: FORMAT.into(),
             version: VERSION,
             kind: kind.into(),
+            bare_names: params
+                .iter()
+                .any(|p| is_bare_name(p))
+                .then(|| BARE_NAMES.to_string()),
             params,
             body,
         }
@@ -149,8 +167,23 @@ impl Header {
         Ok(h)
     }
 
-    /// Errors unless the header lists exactly `names`.
+    /// Errors unless the header lists exactly `names`, and, for bare
+    /// variables, unless they were numbered by the current rule.
     pub fn check_params<'a>(&self, names: impl Iterator<Item = &'a str>) -> Result<()> {
+        if self.bare_names.as_deref() != Some(BARE_NAMES)
+            && self.params.iter().any(|p| is_bare_name(p))
+        {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "its bare variables (`param.<i>`, from `Optimizer::new`) were numbered in the \
+                 order given, by an earlier steepest; this version numbers them in creation \
+                 order, and `VarMap::all_vars()` gives a different order in every run, so the \
+                 state cannot be matched to the variables reliably. Start the optimizer state \
+                 afresh (the model's weights are not in this file), and build the optimizer \
+                 with `from_varmap` to key it by name"
+            );
+        }
         let theirs: BTreeSet<&str> = self.params.iter().map(|s| s.as_str()).collect();
         let ours: BTreeSet<&str> = names.collect();
         if theirs != ours {

@@ -734,3 +734,40 @@ fn bare_var_checkpoints_follow_the_variables_not_the_order_given() {
         assert_eq!(snapshot(&vm), expected, "order {order:?}");
     }
 }
+
+/// A checkpoint of bare variables written before they were numbered in
+/// creation order (its header has no `bare_names`) cannot be matched to the
+/// variables: it is refused with a message that says why and what to do,
+/// and nothing changes. Checkpoints keyed by `VarMap` names carry no such
+/// marker and are unaffected.
+#[test]
+fn bare_var_checkpoints_of_the_old_numbering_are_refused() {
+    let vm = model_of(MIXED, DType::F32, 0);
+    let vars = |vm: &VarMap| -> Vec<candle_core::Var> {
+        let data = vm.data().lock().unwrap();
+        MIXED.iter().map(|(n, _)| data[*n].clone()).collect()
+    };
+    let mut opt = AdamW::new(vars(&vm), AdamWConfig::default()).unwrap();
+    opt.backward_step(&loss_of(&vm, MIXED, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    assert_eq!(common::header(&state)["bare_names"], "creation");
+    let old = common::with_header(&state, |h| {
+        h.as_object_mut().unwrap().remove("bare_names");
+    });
+    opt.backward_step(&loss_of(&vm, MIXED, 1)).unwrap();
+    let (params, before) = (snapshot(&vm), state_snapshot(&opt.state_dict().unwrap()));
+    let e = opt.load_state_dict(&old).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+    let msg = e.to_string();
+    for part in ["param.<i>", "creation order", "from_varmap"] {
+        assert!(msg.contains(part), "missing {part:?}: {msg}");
+    }
+    assert_eq!(snapshot(&vm), params);
+    assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
+    // the same state with its marker loads
+    opt.load_state_dict(&state).unwrap();
+    // named parameters: no marker, and none needed
+    let named = adamw(&vm);
+    let h = common::header(&named.state_dict().unwrap());
+    assert!(h.get("bare_names").is_none(), "{h}");
+}
