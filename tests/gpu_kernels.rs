@@ -339,6 +339,16 @@ fn gpu_whole_optimizer_steps_match_cpu() {
     whole_steps::compare(&Device::Cpu, &gpu(), false);
 }
 
+/// candle's generic ops on the GPU (the path of Metal and of f64 on CUDA,
+/// forced by `device::with_generic_ops`) against the CPU, whole steps, same
+/// tolerances as the kernels.
+#[test]
+fn gpu_generic_ops_match_the_kernels() {
+    let cpu = |name: &str| whole_steps::run(name, &Device::Cpu);
+    let generic = |name: &str| device::with_generic_ops(|| whole_steps::run(name, &gpu()));
+    whole_steps::compare_runs(cpu, generic, false);
+}
+
 /// Every kernel the launch code names is in the embedded PTX.
 #[test]
 fn gpu_ptx_has_every_kernel() {

@@ -189,9 +189,19 @@ pub fn run(name: &str, dev: &Device) -> (Named, Named) {
 /// tolerance of the case) and float state (the same tolerance, relative to
 /// the entry's size where larger than 1). `exact`: every bit equal.
 pub fn compare(a: &Device, b: &Device, exact: bool) {
+    compare_runs(|name| run(name, a), |name| run(name, b), exact);
+}
+
+/// [`compare`] over two ways of running a case (e.g. one of them inside
+/// `device::with_generic_ops`).
+pub fn compare_runs(
+    run_a: impl Fn(&str) -> (Named, Named),
+    run_b: impl Fn(&str) -> (Named, Named),
+    exact: bool,
+) {
     for (name, tol) in cases() {
-        let (pa, sa) = run(name, a);
-        let (pb, sb) = run(name, b);
+        let (pa, sa) = run_a(name);
+        let (pb, sb) = run_b(name);
         for ((n, x), (_, y)) in pa.iter().zip(&pb) {
             if exact {
                 assert_same_bits(&format!("{name}: {n}"), x, y);
