@@ -875,3 +875,62 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
         assert!(e.contains("clip_grad_norm differs"), "{e}");
     }
 }
+
+/// Ranks whose optimizers differ only in their settings (a learning rate, a
+/// weight decay, a schedule) would each step their share differently, with
+/// every collective still matching: refused at construction on every rank,
+/// naming the settings, as the layout mismatches are.
+#[test]
+fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
+    use steepest::distributed::ShardedStep;
+    type Build = fn(usize) -> Box<dyn ShardedStep + Send>;
+    let cases: [(&str, Build); 4] = [
+        ("lr", |rank| {
+            let cfg = MuonConfig {
+                lr: if rank == 0 { 0.02 } else { 0.5 },
+                ..muon_config()
+            };
+            Box::new(Muon::from_named(make_named(&model(), 1), cfg).unwrap())
+        }),
+        ("adamw weight decay", |rank| {
+            let mut cfg = muon_config();
+            if rank == 1 {
+                cfg.adamw.weight_decay = WeightDecay::Decoupled(0.1);
+            }
+            Box::new(Muon::from_named(make_named(&model(), 1), cfg).unwrap())
+        }),
+        ("schedule", |rank| {
+            let steps = if rank == 0 { 100 } else { 200 };
+            Box::new(Scheduled::new(
+                muon(make_named(&model(), 1)),
+                Schedule::cosine(0.02, 0.0, steps).unwrap(),
+            ))
+        }),
+        ("same settings", |_| Box::new(muon(make_named(&model(), 1)))),
+    ];
+    for (what, build) in cases {
+        let out = LocalGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let named = make_named(&model(), 1);
+            let params = named
+                .iter()
+                .map(|v| (v.name.clone(), v.var.clone()))
+                .collect();
+            DataParallel::new(comm, params, build(rank), DataParallelConfig::default())
+                .map(|_| ())
+                .map_err(candle_core::Error::from)
+        })
+        .unwrap();
+        for res in out {
+            if what == "same settings" {
+                res.unwrap();
+                continue;
+            }
+            let e = res.expect_err(what).to_string();
+            assert!(
+                e.contains("optimizer's settings") && e.contains("rank(s) ["),
+                "{what}: {e}"
+            );
+        }
+    }
+}

@@ -83,17 +83,31 @@ pub trait ShardedStep {
     /// shape and dtype. On error, the implementation must change no parameter
     /// and no state (the crate's step protocol).
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()>;
+
+    /// The settings every rank must share (learning rate, hyperparameters),
+    /// compared across ranks by [`DataParallel`] at construction: ranks that
+    /// step their shares with different settings would train a model no
+    /// single process trains. `None` (the default) skips the comparison.
+    fn settings(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl<O: ShardedStep + ?Sized> ShardedStep for &mut O {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         (**self).step_subset(grads)
     }
+    fn settings(&self) -> Option<serde_json::Value> {
+        (**self).settings()
+    }
 }
 
 impl<O: ShardedStep + ?Sized> ShardedStep for Box<O> {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         (**self).step_subset(grads)
+    }
+    fn settings(&self) -> Option<serde_json::Value> {
+        (**self).settings()
     }
 }
 
@@ -236,7 +250,9 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// optimizer's names, which [`save_state`](Self::save_state) and
     /// [`load_state`](Self::load_state) rely on) over the ranks of `comm` and
     /// checks, with one all-gather, that every rank has the same parameter
-    /// list (names, shapes, dtypes) and options; then, if
+    /// list (names, shapes, dtypes), options and optimizer settings
+    /// ([`ShardedStep::settings`]: learning rate, hyperparameters, schedule);
+    /// then, if
     /// `config.broadcast_initial`, broadcasts rank 0's parameters. Every rank
     /// must call it (it is collective).
     pub fn new(
@@ -372,33 +388,58 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         format!("DataParallel::{op} (rank {})", self.comm.rank())
     }
 
-    /// One all-gather of a fingerprint (plan, var dtypes, grad dtype,
-    /// clipping: everything that decides which collectives a step issues and
-    /// their sizes) in three f32-exact 22-bit pieces.
+    /// One all-gather of two fingerprints, each in three f32-exact 22-bit
+    /// pieces: the layout (plan, var dtypes, grad dtype, clipping:
+    /// everything that decides which collectives a step issues and their
+    /// sizes) and the optimizer's settings ([`ShardedStep::settings`]).
     fn check_agreement(&self) -> Result<()> {
         let mix = |h: u64, x: u64| (h ^ x).wrapping_mul(0x0000_0100_0000_01b3);
-        let mut h = self.plan.fingerprint();
+        let mut layout = self.plan.fingerprint();
         for v in &self.vars {
-            h = mix(h, dtype_code(v.dtype()));
+            layout = mix(layout, dtype_code(v.dtype()));
         }
-        h = mix(h, dtype_code(self.config.grad_dtype));
-        h = mix(h, self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1));
-        let pieces = [
-            (h & 0x3f_ffff) as f32,
-            ((h >> 22) & 0x3f_ffff) as f32,
-            (h >> 44) as f32,
-        ];
-        let t = Tensor::new(&pieces, &self.device)?;
+        layout = mix(layout, dtype_code(self.config.grad_dtype));
+        layout = mix(
+            layout,
+            self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1),
+        );
+        let settings = self.opt.settings().map_or(0, |s| {
+            s.to_string()
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h, b as u64))
+        });
+        let pieces = |h: u64| {
+            [
+                (h & 0x3f_ffff) as f32,
+                ((h >> 22) & 0x3f_ffff) as f32,
+                (h >> 44) as f32,
+            ]
+        };
+        let ours: Vec<f32> = [pieces(layout), pieces(settings)].concat();
+        let t = Tensor::new(ours.as_slice(), &self.device)?;
         let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
-        let differ: Vec<usize> = (0..self.comm.world_size())
-            .filter(|&r| all[3 * r..3 * r + 3] != pieces)
-            .collect();
-        if !differ.is_empty() {
+        let differ = |part: std::ops::Range<usize>| -> Vec<usize> {
+            (0..self.comm.world_size())
+                .filter(|&r| all[6 * r + part.start..6 * r + part.end] != ours[part.clone()])
+                .collect()
+        };
+        let (layout_differs, settings_differ) = (differ(0..3), differ(3..6));
+        if !layout_differs.is_empty() {
             return Err(Error::config(
                 self.who("new"),
                 format!(
                     "the parameter list (names, shapes, dtypes), grad_dtype or clip_grad_norm differs \
-                     from this rank's on rank(s) {differ:?}"
+                     from this rank's on rank(s) {layout_differs:?}"
+                ),
+            ));
+        }
+        if !settings_differ.is_empty() {
+            return Err(Error::config(
+                self.who("new"),
+                format!(
+                    "the optimizer's settings (learning rate, hyperparameters, partitions) differ \
+                     from this rank's on rank(s) {settings_differ:?}: every rank must build the \
+                     same optimizer"
                 ),
             ));
         }

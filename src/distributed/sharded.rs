@@ -34,6 +34,9 @@ macro_rules! sharded_by_inherent {
             fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
                 <$t>::step_subset(self, grads)
             }
+            fn settings(&self) -> Option<serde_json::Value> {
+                Some(<$t>::driver(self).settings())
+            }
         }
 
         impl ShardedOptimizer for $t {
@@ -48,6 +51,9 @@ sharded_by_inherent!(Muon, AdamW, Sgd, Steepest);
 impl ShardedStep for Driver {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         Driver::step_subset(self, grads)
+    }
+    fn settings(&self) -> Option<serde_json::Value> {
+        Some(Driver::settings(self))
     }
 }
 
@@ -74,6 +80,14 @@ impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
         let next = self.current_step() + 1;
         self.set_step(next);
         Ok(())
+    }
+    /// The inner optimizer's settings, the schedule and the step counter.
+    fn settings(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "optimizer": self.inner().settings(),
+            "schedule": format!("{:?}", self.schedule()),
+            "step": self.current_step(),
+        }))
     }
 }
 

@@ -442,7 +442,42 @@ impl Driver {
                 ),
             )
         })?;
-        let body = Body {
+        let body = self.body(config);
+        let header = Header::new(
+            &self.kind,
+            self.params.iter().map(|v| v.name.clone()).collect(),
+            serde_json::to_value(&body).expect("the header body encodes"),
+        );
+        let mut out = HashMap::new();
+        out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
+        for (p, nv) in self.params.iter().enumerate() {
+            let chain = &self.parts[self.assign[p]].chain;
+            for ((tname, _), slot) in chain.iter().zip(&self.states[p]) {
+                let Some(s) = slot else { continue };
+                for (field, v) in s.fields() {
+                    let key = format!("{}.{tname}.{field}", nv.name);
+                    let t = match v {
+                        FieldValue::Tensor(t) => host_copy(t)?,
+                        FieldValue::Count(n) => count_tensor(n)?,
+                    };
+                    out.insert(key, t);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The settings of this optimizer as JSON: the learning rate, each
+    /// partition's label, rate ratio and transforms (kinds and
+    /// hyperparameters), and each parameter's partition — the checkpoint
+    /// header's body. Data-parallel ranks compare it at construction
+    /// (every rank must step with the same settings).
+    pub fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(self.body(serde_json::Value::Null)).expect("the settings encode")
+    }
+
+    fn body(&self, config: serde_json::Value) -> Body {
+        Body {
             lr: self.lr,
             partitions: self
                 .parts
@@ -467,29 +502,7 @@ impl Driver {
                 .map(|&k| self.parts[k].label.clone())
                 .collect(),
             config,
-        };
-        let header = Header::new(
-            &self.kind,
-            self.params.iter().map(|v| v.name.clone()).collect(),
-            serde_json::to_value(&body).expect("the header body encodes"),
-        );
-        let mut out = HashMap::new();
-        out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
-        for (p, nv) in self.params.iter().enumerate() {
-            let chain = &self.parts[self.assign[p]].chain;
-            for ((tname, _), slot) in chain.iter().zip(&self.states[p]) {
-                let Some(s) = slot else { continue };
-                for (field, v) in s.fields() {
-                    let key = format!("{}.{tname}.{field}", nv.name);
-                    let t = match v {
-                        FieldValue::Tensor(t) => host_copy(t)?,
-                        FieldValue::Count(n) => count_tensor(n)?,
-                    };
-                    out.insert(key, t);
-                }
-            }
         }
-        Ok(out)
     }
 
     /// The header of `state`, checked against this driver's kind and
