@@ -1,8 +1,11 @@
 //! Smoke test of `examples/train_lm`'s core (the corpus, the model and the
-//! training loop itself) on a tiny configuration.
+//! training loop itself) on a tiny configuration, and of its plumbing
+//! (output files, seeds, error messages).
 
 #[path = "../examples/train_lm/lm.rs"]
 mod lm;
+#[path = "../examples/train_lm/support.rs"]
+mod support;
 
 use std::collections::HashMap;
 
@@ -384,4 +387,212 @@ fn finished_runs_are_kept_when_others_fail() {
     );
     assert_eq!(f.ended(), 4);
     assert_eq!(f.into_runs().len(), 2);
+}
+
+/// The shortest text `Data::from_text` accepts is the one its message
+/// names (the split is 90/10, and each part needs `context + 2` tokens).
+#[test]
+fn shortest_text_is_the_stated_minimum() {
+    // the small preset's context: 650 characters fail, 651 train (the
+    // validation part of 651 is 66 = context + 2 tokens)
+    assert_eq!(Data::min_chars(64), 651);
+    for context in [1, 16, 64, 256] {
+        let min = Data::min_chars(context);
+        // characters, not bytes
+        let text: String = "aé,b".chars().cycle().take(min).collect();
+        let d = Data::from_text(&text, context).unwrap();
+        assert_eq!(d.train.len() + d.val.len(), min);
+        assert!(d.train.len().min(d.val.len()) > context + 1);
+        let short: String = text.chars().take(min - 1).collect();
+        let e = Data::from_text(&short, context).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("has {} characters", min - 1))
+                && e.contains(&format!("needs at least {min}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn shortest_text_trains() {
+    let cfg = Config {
+        steps: 2,
+        stop_after: None,
+        ..tiny()
+    };
+    let text: String = builtin_corpus(2, 2_000)
+        .chars()
+        .take(Data::min_chars(cfg.context))
+        .collect();
+    let data = Data::from_text(&text, cfg.context).unwrap();
+    let r = train(OptKind::AdamW, 0, &cfg, &data, &Device::Cpu, &mut |_, _| {}).unwrap();
+    assert!(r.final_val().is_finite());
+}
+
+/// A fresh empty directory for one test.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("steepest-train-lm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Nothing but `names` in `dir` (no temporary file left behind).
+fn assert_only(dir: &std::path::Path, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(found, want);
+}
+
+#[test]
+fn replace_file_replaces_whole_files_and_keeps_them_on_failure() {
+    use std::fs;
+    let dir = scratch("replace");
+    let path = dir.join("a.csv");
+    // a new file, then an existing one replaced
+    support::replace_file(&path, |p| Ok(fs::write(p, "one")?)).unwrap();
+    support::replace_file(&path, |p| {
+        assert_ne!(p, path, "written through a temporary file");
+        Ok(fs::write(p, "two")?)
+    })
+    .unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "two");
+    assert_only(&dir, &["a.csv"]);
+    // a failed write leaves the previous version, and its error names the path
+    let e = support::replace_file(&path, |p| {
+        fs::write(p, "half")?;
+        anyhow::bail!("disk full")
+    })
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("disk full"),
+        "{msg}"
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), "two");
+    assert_only(&dir, &["a.csv"]);
+    // two files at once
+    let b = dir.join("b.txt");
+    support::replace_files(&[&path, &b], |p| {
+        fs::write(&p[0], "three")?;
+        Ok(fs::write(&p[1], "four")?)
+    })
+    .unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "three");
+    assert_eq!(fs::read_to_string(&b).unwrap(), "four");
+    assert_only(&dir, &["a.csv", "b.txt"]);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// A symbolic link (such as /dev/stdout, a link to /proc/self/fd/1) is
+/// written through, not replaced by a regular file.
+#[cfg(unix)]
+#[test]
+fn replace_file_writes_through_a_symlink() {
+    use std::fs;
+    let dir = scratch("symlink");
+    let target = dir.join("target.csv");
+    let link = dir.join("link.csv");
+    fs::write(&target, "old").unwrap();
+    std::os::unix::fs::symlink("target.csv", &link).unwrap();
+    support::check_writable(&link).unwrap();
+    assert_eq!(fs::read_to_string(&target).unwrap(), "old");
+    support::replace_file(&link, |p| Ok(fs::write(p, "new")?)).unwrap();
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+    assert_only(&dir, &["link.csv", "target.csv"]);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// `check_writable` (before training): creates the parent directories,
+/// leaves an existing file as it is and no new one, and names the path of
+/// one it cannot write.
+#[test]
+fn check_writable_fails_early_and_changes_nothing() {
+    use std::fs;
+    let dir = scratch("check");
+    // a new file in new directories: they are made, the file is not
+    let new = dir.join("x/y/loss.csv");
+    support::check_writable(&new).unwrap();
+    assert!(dir.join("x/y").is_dir() && !new.exists());
+    assert_only(&dir.join("x/y"), &[]);
+    // an existing file keeps its content
+    let old = dir.join("old.csv");
+    fs::write(&old, "kept").unwrap();
+    support::check_writable(&old).unwrap();
+    assert_eq!(fs::read_to_string(&old).unwrap(), "kept");
+    // a directory
+    let e = format!("{:#}", support::check_writable(&dir.join("x")).unwrap_err());
+    assert!(
+        e.contains(&dir.join("x").display().to_string()) && e.contains("directory"),
+        "{e}"
+    );
+    // under a regular file
+    let bad = old.join("loss.csv");
+    let e = format!("{:#}", support::check_writable(&bad).unwrap_err());
+    assert!(
+        e.starts_with(&format!("cannot write {}", bad.display())),
+        "{e}"
+    );
+    assert_only(&dir, &["old.csv", "x"]);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn seed_range_does_not_overflow() {
+    assert_eq!(support::seed_range(0, 3).unwrap(), 0..=2);
+    assert_eq!(
+        support::seed_range(u64::MAX, 1).unwrap(),
+        u64::MAX..=u64::MAX
+    );
+    assert_eq!(support::seed_range(u64::MAX - 2, 3).unwrap().count(), 3);
+    let e = support::seed_range(u64::MAX, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("--first-seed 18446744073709551615 --seeds 2"),
+        "{e}"
+    );
+    assert!(support::seed_range(u64::MAX - 1, 3).is_err());
+}
+
+#[test]
+fn numbers_in_the_table_stay_short() {
+    // the defaults as before
+    assert_eq!(support::fmt_num(0.003), "0.003");
+    assert_eq!(support::fmt_num(0.02), "0.02");
+    assert_eq!(support::fmt_num(2.0), "2");
+    assert_eq!(support::fmt_num(0.0), "0");
+    assert_eq!(support::fmt_num(1e-300), "1e-300");
+    assert_eq!(support::fmt_num(2.5e-7), "2.5e-7");
+    assert_eq!(support::fmt_num(1e300), "1e300");
+}
+
+/// A candle error made with backtraces on (RUST_BACKTRACE=1) prints as its
+/// message alone, on one line.
+#[test]
+fn error_line_leaves_out_candle_backtraces() {
+    let inner = candle_core::Error::Msg("the text has 12 characters".into());
+    let traced = candle_core::Error::WithBacktrace {
+        inner: Box::new(inner),
+        backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+    };
+    assert!(
+        traced.to_string().lines().count() > 1,
+        "the backtrace is in its Display"
+    );
+    let e = anyhow::Error::from(traced).context("--data");
+    assert_eq!(
+        support::error_line(&e),
+        "--data: the text has 12 characters"
+    );
+    let ctx = candle_core::Error::Msg("bad shape".into()).context("in layer 2");
+    let e = anyhow::Error::from(ctx).context("training");
+    assert_eq!(support::error_line(&e), "training: in layer 2: bad shape");
 }

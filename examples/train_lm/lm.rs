@@ -187,19 +187,41 @@ impl Data {
             .map(|(i, c)| (*c, i as u32))
             .collect();
         let tokens: Vec<u32> = text.chars().map(|c| index[&c]).collect();
-        let split = tokens.len() * 9 / 10;
-        if split <= context + 1 || tokens.len() - split <= context + 1 {
+        if !Self::long_enough(tokens.len(), context) {
             candle_core::bail!(
-                "the text has {} characters: too short for context {context} (needs more than {})",
+                "the text has {} characters: too short for context {context} (needs at least {})",
                 tokens.len(),
-                10 * (context + 2)
+                Self::min_chars(context)
             );
         }
+        let split = Self::split(tokens.len());
         Ok(Self {
             vocab,
             train: tokens[..split].to_vec(),
             val: tokens[split..].to_vec(),
         })
+    }
+
+    /// Where a text of `n` tokens splits: the first 90 % train.
+    fn split(n: usize) -> usize {
+        n * 9 / 10
+    }
+
+    /// Whether both parts of a text of `n` characters hold a window of
+    /// `context + 1` tokens and one more start (the batches' and the
+    /// evaluation's windows start at `0..len - context - 1`).
+    fn long_enough(n: usize, context: usize) -> bool {
+        let split = Self::split(n);
+        split > context + 1 && n - split > context + 1
+    }
+
+    /// The fewest characters [`Data::from_text`] accepts for `context` (it
+    /// decides with the same test).
+    pub fn min_chars(context: usize) -> usize {
+        // `long_enough` grows with `n`: the first `n` that passes
+        (0..)
+            .find(|&n| Self::long_enough(n, context))
+            .expect("a long enough text exists")
     }
 
     /// Decodes tokens back to text.

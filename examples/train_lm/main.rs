@@ -28,6 +28,7 @@
 
 mod lm;
 mod plot;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lm::{builtin_corpus, train, Config, Data, Finished, OptKind, Record, RunResult};
+use support::{check_writable, error_line, fmt_num, replace_file, replace_files, seed_range};
 
 const OUTPUT_HELP: &str = "\
 OUTPUT (in --out):
@@ -456,12 +458,19 @@ fn keep_freed_memory() {
     }
 }
 
-/// Errors are printed as one clear message (no backtrace) with exit code 1.
+/// Errors are printed as one line (no backtrace) with exit code 1.
 fn main() -> std::process::ExitCode {
+    // candle captures a backtrace into each error it makes when backtraces
+    // are on (RUST_BACKTRACE=1); they would end up in the messages, also in
+    // those of failed runs. RUST_LIB_BACKTRACE=0 turns that off (panics
+    // still follow RUST_BACKTRACE). Before any thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("train_lm: error: {e:#}");
+            eprintln!("train_lm: error: {}", error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -504,10 +513,20 @@ fn real_main() -> Result<()> {
         ),
     };
     let data = Data::from_text(&text, cfg.context).context("--data")?;
+    let seeds = seed_range(args.first_seed, args.seeds)?;
     std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    // Over NCCL, rank 0 speaks for all.
+        .with_context(|| format!("--out: creating {}", args.out.display()))?;
+    // Over NCCL, rank 0 speaks for all (and alone writes the outputs).
     let quiet = role == Role::NcclRank && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
+    if !quiet {
+        // A path that cannot be written fails now, not after the runs.
+        for path in output_paths(&args.out, cfg.timing) {
+            check_writable(&path).context("--out")?;
+        }
+        if let Some(path) = &args.loss_log {
+            check_writable(path).context("--loss-log")?;
+        }
+    }
     if !quiet {
         eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; preset {}: model {} layers, d={}, {} heads, context {}, {} parameters; \
@@ -541,7 +560,7 @@ fn real_main() -> Result<()> {
     // run single-threaded (RAYON_NUM_THREADS=1, set in main), which on a small
     // shared CPU is much faster than one run with threads contending.
     let mut queue: Vec<(u64, OptKind)> = Vec::new();
-    for seed in args.first_seed..args.first_seed + args.seeds {
+    for seed in seeds {
         for &kind in &args.optimizers {
             queue.push((seed, kind));
         }
@@ -672,13 +691,13 @@ fn train_queue(
     Ok(finished.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Runs `f`; an error or a panic becomes its message.
-fn caught<T, E: std::fmt::Display>(
+/// Runs `f`; an error or a panic becomes its message (one line).
+fn caught<T, E: Into<anyhow::Error>>(
     f: impl FnOnce() -> std::result::Result<T, E>,
 ) -> std::result::Result<T, String> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{e:#}")),
+        Ok(Err(e)) => Err(error_line(&e.into())),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -690,19 +709,13 @@ fn caught<T, E: std::fmt::Display>(
     }
 }
 
-/// Writes `path` through `write` on a temporary file beside it, then renames
-/// that over `path`: a process killed while writing leaves the previous
-/// version, never half a file. (A path that exists and is not a regular
-/// file, such as /dev/stdout, is written directly.)
-fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let direct = path.exists() && !path.is_file();
-    let Some(name) = path.file_name().filter(|_| !direct) else {
-        return write(path);
-    };
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+/// The files [`write_outputs`] writes in `out` (without the loss log).
+fn output_paths(out: &Path, timing: bool) -> Vec<PathBuf> {
+    let mut names = vec!["train_lm.csv", "train_lm.svg", "train_lm.png", "summary.md"];
+    if timing {
+        names.extend(["timing.csv", "timing.json"]);
+    }
+    names.into_iter().map(|n| out.join(n)).collect()
 }
 
 /// What [`write_outputs`] wrote: the results table (also in summary.md) and
@@ -717,8 +730,9 @@ struct Written {
     others: Vec<PathBuf>,
 }
 
-/// The CSV log, the loss log, the timing files, the figure and summary.md
-/// for `runs` (see `OUTPUT_HELP`), each replaced whole. `note` ends the
+/// The CSV log, the timing files, the figure, summary.md and the loss log
+/// for `runs` (see `OUTPUT_HELP`), each replaced whole (the loss log last:
+/// a path given apart from --out, the likeliest to fail). `note` ends the
 /// caption (which runs are missing, if any).
 fn write_outputs(
     args: &Args,
@@ -731,14 +745,6 @@ fn write_outputs(
     let csv = args.out.join("train_lm.csv");
     replace_file(&csv, |p| write_csv(p, runs))?;
     let mut others = Vec::new();
-    if let Some(path) = &args.loss_log {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        replace_file(path, |p| write_loss_log(p, runs))
-            .with_context(|| format!("--loss-log: cannot write {}", path.display()))?;
-        others.push(path.clone());
-    }
     let timing = cfg.timing;
     let mut table = String::from(if timing {
         "| optimizer | peak lr | final val loss (nats/char) | seconds/run | tokens/s | optimizer share of step time |\n|---|---|---|---|---|---|\n"
@@ -759,7 +765,7 @@ fn write_outputs(
             String::new()
         };
         let radius = if *kind == OptKind::MuonSpectralSphere {
-            format!(" (r = {})", cfg.radius)
+            format!(" (r = {})", fmt_num(cfg.radius))
         } else {
             String::new()
         };
@@ -777,7 +783,7 @@ fn write_outputs(
         table.push_str(&format!(
             "| {} | {}{radius} | {m:.4}{spread} | {secs:.0} |{timed}\n",
             kind.name(),
-            cfg.lr.unwrap_or(kind.default_lr())
+            fmt_num(cfg.lr.unwrap_or(kind.default_lr()))
         ));
     }
     if timing {
@@ -788,7 +794,10 @@ fn write_outputs(
         others.push(tjson);
     }
     let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
-        format!(" (sphere: r={}, no decay on its matrices)", cfg.radius)
+        format!(
+            " (sphere: r={}, no decay on its matrices)",
+            fmt_num(cfg.radius)
+        )
     } else {
         String::new()
     };
@@ -803,7 +812,13 @@ fn write_outputs(
     };
     let caption = format!(
         "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}{gram}; {} seed(s)",
-        cfg.layers, cfg.d_model, cfg.context, cfg.steps, cfg.batch, cfg.weight_decay, args.seeds
+        cfg.layers,
+        cfg.d_model,
+        cfg.context,
+        cfg.steps,
+        cfg.batch,
+        fmt_num(cfg.weight_decay),
+        args.seeds
     );
     let caption = if timing {
         format!(
@@ -817,16 +832,20 @@ fn write_outputs(
     let caption = format!("{caption}{note}");
     let svg = args.out.join("train_lm.svg");
     let png = args.out.join("train_lm.png");
-    replace_file(&svg, |svg_tmp| {
-        replace_file(&png, |png_tmp| {
-            plot::write(svg_tmp, png_tmp, &figure(runs, &args.optimizers), &caption)
-        })
+    replace_files(&[&svg, &png], |p| {
+        plot::write(&p[0], &p[1], &figure(runs, &args.optimizers), &caption)
     })?;
     let summary = args.out.join("summary.md");
     replace_file(&summary, |p| {
-        std::fs::write(p, format!("{caption}\n\n{table}"))
-            .with_context(|| format!("writing {}", p.display()))
+        Ok(std::fs::write(p, format!("{caption}\n\n{table}"))?)
     })?;
+    if let Some(path) = &args.loss_log {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        replace_file(path, |p| write_loss_log(p, runs)).context("--loss-log")?;
+        others.push(path.clone());
+    }
     Ok(Written {
         table,
         csv,
@@ -958,7 +977,7 @@ fn write_timing(
         .collect();
     replace_file(json_path, |p| {
         let text = serde_json::to_string_pretty(&objs)? + "\n";
-        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
+        Ok(std::fs::write(p, text)?)
     })
 }
 
@@ -1202,7 +1221,7 @@ fn train_nccl(
             }
             Ok(None) => {}
             Err(e) if rank0 => {
-                finished.push(i, kind, seed, Err(format!("{e:#}")));
+                finished.push(i, kind, seed, Err(error_line(&e.into())));
                 break;
             }
             Err(e) => {

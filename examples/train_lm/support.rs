@@ -1,0 +1,166 @@
+//! train_lm's plumbing, apart from main.rs so that `tests/train_lm_smoke.rs`
+//! can include and test it: output files replaced whole (and checked before
+//! training), the seeds, numbers in the results table, errors on one line.
+
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// How [`replace_files`] writes a path.
+enum Target {
+    /// Through a temporary file beside it, renamed over it (a missing path,
+    /// or a regular file).
+    Temp(PathBuf),
+    /// Directly: the path exists and is not a regular file (a symbolic link,
+    /// which stays a link to its target; a device such as /dev/stdout; a
+    /// directory, which fails with its name).
+    Direct,
+}
+
+fn target(path: &Path) -> Target {
+    // not `path.is_file()`, which follows links: a renamed temporary would
+    // replace the link itself
+    let direct = std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file());
+    match path.file_name() {
+        Some(name) if !direct => {
+            Target::Temp(path.with_file_name(format!(".{}.tmp", name.to_string_lossy())))
+        }
+        _ => Target::Direct,
+    }
+}
+
+/// Writes `paths` through `write`, given where to write each: a temporary
+/// file beside a missing or regular file, renamed over it once all are
+/// written (a process killed while writing leaves the previous version,
+/// never half a file); a path that exists and is not a regular file (a
+/// symbolic link, /dev/stdout) itself. An error names the paths.
+pub fn replace_files(paths: &[&Path], write: impl FnOnce(&[PathBuf]) -> Result<()>) -> Result<()> {
+    let targets: Vec<Target> = paths.iter().map(|p| target(p)).collect();
+    let written: Vec<PathBuf> = paths
+        .iter()
+        .zip(&targets)
+        .map(|(p, t)| match t {
+            Target::Temp(tmp) => tmp.clone(),
+            Target::Direct => p.to_path_buf(),
+        })
+        .collect();
+    let temps = || {
+        targets.iter().filter_map(|t| match t {
+            Target::Temp(tmp) => Some(tmp),
+            Target::Direct => None,
+        })
+    };
+    if let Err(e) = write(&written) {
+        for tmp in temps() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(e.context(format!("writing {}", names.join(", "))));
+    }
+    for (path, t) in paths.iter().zip(&targets) {
+        if let Target::Temp(tmp) = t {
+            std::fs::rename(tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`replace_files`] for one path.
+pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    replace_files(&[path], |p| write(&p[0]))
+}
+
+/// Checks, before training, that [`replace_file`] will be able to write
+/// `path`, so that a bad path fails at once rather than after the runs:
+/// creates its parent directories, refuses a directory, and tries what
+/// the write will do without changing `path` itself: creates (and removes)
+/// the temporary file beside a missing or regular file; opens a link to a
+/// regular file for writing without truncating it. Other paths that exist
+/// (a device such as /dev/stdout, a FIFO: opening one would wait for or
+/// signal its reader) are left to the write.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let check = || -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the directory {}", dir.display()))?;
+        }
+        match target(path) {
+            Target::Temp(tmp) => {
+                File::create(&tmp).with_context(|| {
+                    let dir = tmp.parent().unwrap_or(Path::new("."));
+                    format!("creating a file in {}", dir.display())
+                })?;
+                std::fs::remove_file(&tmp)
+                    .with_context(|| format!("removing {}", tmp.display()))?;
+            }
+            Target::Direct => match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => bail!("it is a directory"),
+                Ok(m) if m.is_file() => {
+                    OpenOptions::new().append(true).open(path)?;
+                }
+                _ => {}
+            },
+        }
+        Ok(())
+    };
+    check().with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The seeds `first, first + 1, …`, `n` of them; an error if the last would
+/// pass `u64::MAX`.
+pub fn seed_range(first: u64, n: u64) -> Result<RangeInclusive<u64>> {
+    match n.checked_sub(1).and_then(|k| first.checked_add(k)) {
+        Some(last) => Ok(first..=last),
+        None if n == 0 => bail!("--seeds must be at least 1"),
+        None => bail!(
+            "--first-seed {first} --seeds {n}: the seeds would pass {}, the largest",
+            u64::MAX
+        ),
+    }
+}
+
+/// `x` as `{}` writes it, or as `{:e}` when tiny or huge (`1e-300`, not 300
+/// zeros).
+pub fn fmt_num(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e6) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// `e` and its causes on one line (as `{e:#}`), without the backtrace that
+/// candle attaches to its errors when backtraces are on (RUST_BACKTRACE=1)
+/// and with any line breaks (candle's context) joined by ": ".
+pub fn error_line(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| match c.downcast_ref::<candle_core::Error>() {
+            Some(ce) => candle_message(ce),
+            None => c.to_string(),
+        })
+        .collect();
+    let text = parts.join(": ");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join(": ")
+}
+
+/// A candle error's message without its backtraces.
+fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string(),
+    }
+}
