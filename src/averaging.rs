@@ -182,12 +182,19 @@ pub struct WeightAverage {
 impl WeightAverage {
     /// An average over the float variables of `varmap`, keeping their names.
     pub fn from_varmap(varmap: &VarMap, kind: AverageKind) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap), kind)
+        Self::from_named(varmap_vars(varmap)?, kind)
     }
 
-    /// An average over explicitly named variables.
+    /// An average over explicitly named variables (at least one).
     pub fn from_named(vars: Vec<NamedVar>, kind: AverageKind) -> Result<Self> {
         kind.validate()?;
+        if vars.is_empty() {
+            fail!(
+                Config,
+                "WeightAverage",
+                "no variables to average (build the average after the model)"
+            );
+        }
         check_unique(&vars)?;
         Ok(Self {
             vars,

@@ -110,7 +110,10 @@ fn creation_index(v: &Var) -> Option<usize> {
 }
 
 /// The float variables of a `VarMap`, with their names, sorted by name.
-pub(crate) fn varmap_vars(varmap: &VarMap) -> Vec<NamedVar> {
+/// Errors when there are none: a `VarBuilder` creates the variables as the
+/// model is built, so an optimizer (or average) made from the `VarMap`
+/// before the model would hold nothing and silently train nothing.
+pub(crate) fn varmap_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
     let data = varmap.data().lock().expect("VarMap lock poisoned");
     let mut vars: Vec<NamedVar> = data
         .iter()
@@ -121,7 +124,15 @@ pub(crate) fn varmap_vars(varmap: &VarMap) -> Vec<NamedVar> {
         })
         .collect();
     vars.sort_by(|a, b| a.name.cmp(&b.name));
-    vars
+    if vars.is_empty() {
+        fail!(
+            Config,
+            "varmap",
+            "the VarMap holds no float variables: build the model first (a VarBuilder \
+             creates its variables as the model is built), then the optimizer"
+        );
+    }
+    Ok(vars)
 }
 
 /// Checks names are unique (they key the checkpoint) and that no variable is

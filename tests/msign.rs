@@ -536,3 +536,22 @@ fn larger_matrices_match_the_generic_path_and_the_svd() {
         );
     }
 }
+
+/// A matrix with a zero dimension (and a batch of them) has nothing to
+/// orthogonalise: both implementations return an empty tensor of the same
+/// shape and dtype (the CPU path used to panic on a zero chunk size).
+#[test]
+fn msign_of_an_empty_matrix_is_empty() {
+    for dims in [vec![0usize, 5], vec![5, 0], vec![2, 0, 3], vec![2, 3, 0]] {
+        for dt in [DType::F32, DType::BF16] {
+            let g = Tensor::zeros(dims.as_slice(), dt, &Device::Cpu).unwrap();
+            for (name, f) in IMPLS {
+                for ns in [NewtonSchulz::muon(), NewtonSchulz::muon().gram_form()] {
+                    let out = f(&g, &ns).unwrap_or_else(|e| panic!("{name} {dims:?}: {e}"));
+                    assert_eq!(out.dims(), dims.as_slice(), "{name}");
+                    assert_eq!(out.dtype(), dt, "{name}");
+                }
+            }
+        }
+    }
+}

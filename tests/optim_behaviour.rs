@@ -691,3 +691,32 @@ fn empty_parameters_are_skipped_and_the_rest_steps_normally() {
         state_snapshot(&opt.state_dict().unwrap())
     );
 }
+
+/// An optimizer or a weight average made from a `VarMap` before the model
+/// exists (a `VarBuilder` creates the variables as the model is built)
+/// would hold nothing and silently train nothing: refused, saying so.
+#[test]
+fn an_empty_varmap_is_refused_saying_to_build_the_model_first() {
+    use steepest::averaging::{AverageKind, WeightAverage};
+    use steepest::optim::{Partition, Steepest, SteepestConfig};
+    let vm = VarMap::new();
+    let errors = [
+        AdamW::from_varmap(&vm, AdamWConfig::default()).map(|_| ()),
+        Sgd::from_varmap(&vm, SgdConfig::default()).map(|_| ()),
+        Muon::from_varmap(&vm, MuonConfig::default()).map(|_| ()),
+        Steepest::from_varmap(&vm, SteepestConfig::default()).map(|_| ()),
+        Partition::by(|_| "all")
+            .group("all", AdamWConfig::default().chain(), 1e-3)
+            .build_from_varmap(&vm)
+            .map(|_| ()),
+        WeightAverage::from_varmap(&vm, AverageKind::Ema { decay: 0.9 }).map(|_| ()),
+        WeightAverage::from_named(Vec::new(), AverageKind::Ema { decay: 0.9 }).map(|_| ()),
+    ];
+    for (i, r) in errors.into_iter().enumerate() {
+        let e = r.expect_err(&format!("case {i}")).to_string();
+        assert!(
+            e.contains("build the model first") || e.contains("after the model"),
+            "case {i}: {e}"
+        );
+    }
+}

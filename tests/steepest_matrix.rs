@@ -732,3 +732,67 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     // The good one loads.
     sphere.load_state_dict(&good).unwrap();
 }
+
+/// The polar retraction has no answer on a rank-deficient `W` (Newton–Schulz
+/// keeps a zero singular value at zero): `W = 0` (whose residual is NaN)
+/// and a rank-2 4×3 matrix are errors, not a NaN or off-manifold result;
+/// a matrix with no columns is already on the manifold.
+#[test]
+fn stiefel_retraction_refuses_rank_deficient_matrices() {
+    let zero = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+    let rank2 = Tensor::new(
+        &[[1f32, 0., 0.], [0., 1., 0.], [0., 0., 0.], [0., 0., 0.]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (what, w) in [("zero", &zero), ("rank 2", &rank2)] {
+        for cold in [false, true] {
+            let e = stiefel_retract(w, cold).expect_err(what);
+            assert!(
+                matches!(e, steepest::Error::Numerical { .. }),
+                "{what} cold {cold}: {e}"
+            );
+        }
+    }
+    let no_cols = Tensor::zeros((5, 0), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(stiefel_retract(&no_cols, true).unwrap().dims(), &[5, 0]);
+}
+
+/// A Stiefel step from a zero-initialised matrix (an output layer, LoRA's
+/// B) is refused naming the parameter, and no parameter or state changes
+/// (it used to return `Ok` with the matrix filled with NaN: the NaN
+/// residual of the zero member was dropped by the batch's max). The zero
+/// matrix is batched with a good one, and comes first.
+#[test]
+fn a_stiefel_step_on_a_zero_matrix_is_refused_and_changes_nothing() {
+    let vars = named(vec![
+        (
+            "w.zero",
+            Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "w.good",
+            from_dmatrix(&orthonormal(&mut rng(3), 4, 3), DType::F32),
+        ),
+    ]);
+    let mut opt = Steepest::from_named(vars.clone(), stiefel_cfg(false)).unwrap();
+    let before = snapshot(&vars);
+    // ‖W‖² has a zero gradient at W = 0: the step leaves w.zero at 0, where
+    // the retraction has no answer
+    let sq = |vars: &[NamedVar]| {
+        vars.iter()
+            .map(|v| v.var.as_tensor().sqr().unwrap().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap()
+    };
+    let e = opt.backward_step(&sq(&vars)).unwrap_err().to_string();
+    assert!(e.contains("w.zero") && e.contains("rank-deficient"), "{e}");
+    assert_eq!(snapshot(&vars), before, "a parameter changed");
+    assert!(
+        OptimizerState::state_dict(&opt)
+            .unwrap()
+            .keys()
+            .all(|k| k.starts_with("__")),
+        "state was created by the refused step"
+    );
+}

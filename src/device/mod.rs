@@ -690,6 +690,10 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// `msign` of a matrix or batch: the CPU's fused Newton–Schulz when the
 /// products run in the arithmetic dtype, otherwise candle's generic ops.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    if g.elem_count() == 0 {
+        // An empty matrix (a zero dimension) has nothing to orthogonalise.
+        return Ok(g.zeros_like()?);
+    }
     let acc = math_dtype(g.dtype());
     if !generic_only() && g.device().is_cpu() && ns.compute_dtype().is_none_or(|d| d == acc) {
         let x = g.to_dtype(acc)?;

@@ -332,6 +332,9 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
 pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let (m, n) = matrix_dims("msign: g", g)?;
     ns.validate("msign")?;
+    if g.elem_count() == 0 {
+        return Ok(g.zeros_like()?);
+    }
     // X and the polynomial's combinations stay in f32 (f64 for f64 input);
     // a lower `compute_dtype` only rounds the matrix products' operands.
     let acc = compute_dtype(g.dtype());

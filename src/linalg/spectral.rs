@@ -181,6 +181,10 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );
     }
+    if m == 0 {
+        // No columns: WᵀW is the empty identity already.
+        return Ok(w.clone());
+    }
     let mut x = if cold {
         msign(&w3, &NewtonSchulz::polar_express(8))?
     } else {
@@ -215,7 +219,15 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?
             .into_iter()
-            .fold(0.0f64, f64::max);
+            // f64::max drops NaN (max(0, NaN) = 0): a NaN residual (W = 0)
+            // must not read as converged.
+            .fold(0.0f64, |a, r| {
+                if a.is_nan() || r.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(r)
+                }
+            });
         if !r.is_finite() {
             fail!(
                 Numerical,
@@ -232,9 +244,19 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
         }
     }
     let (r, x) = best.expect("at least one round");
-    if r > 1e-3 && !cold {
-        // Not near the manifold after all (e.g. a huge step): start over cold.
-        return stiefel_retract(w, true);
+    if r > 1e-3 {
+        if !cold {
+            // Not near the manifold after all (e.g. a huge step): start over cold.
+            return stiefel_retract(w, true);
+        }
+        // Newton–Schulz keeps a zero singular value at zero: a rank-deficient
+        // W has no polar factor on the manifold.
+        fail!(
+            Numerical,
+            "stiefel_retract",
+            "W is rank-deficient (or too ill-conditioned): the polar retraction \
+             stops at ‖WᵀW − I‖_F = {r:.3e}, not on the manifold"
+        );
     }
     unbatch(x, added)
 }

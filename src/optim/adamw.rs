@@ -95,7 +95,7 @@ const KIND: &str = "adamw";
 impl AdamW {
     /// AdamW over the float variables of `varmap`, keeping their names.
     pub fn from_varmap(varmap: &VarMap, config: AdamWConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap), config)
+        Self::from_named(varmap_vars(varmap)?, config)
     }
 
     /// AdamW over explicitly named variables.

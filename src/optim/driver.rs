@@ -114,7 +114,7 @@ impl Driver {
 
     /// One chain for the float variables of `varmap`, keeping their names.
     pub fn from_varmap(varmap: &candle_nn::VarMap, chain: Chain, lr: f64) -> Result<Self> {
-        Self::new(varmap_vars(varmap), chain, lr)
+        Self::new(varmap_vars(varmap)?, chain, lr)
     }
 
     /// The general constructor: `parts[k] = (label, chain, lr ratio)`,

@@ -145,7 +145,7 @@ impl Muon {
     /// Muon over the float variables of `varmap`, keeping their names (so
     /// `adamw_names` can route embeddings and heads to AdamW).
     pub fn from_varmap(varmap: &VarMap, config: MuonConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap), config)
+        Self::from_named(varmap_vars(varmap)?, config)
     }
 
     /// Muon over explicitly named variables.

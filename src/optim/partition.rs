@@ -74,7 +74,7 @@ impl Partition {
 
     /// The driver over the float variables of `varmap`, keeping their names.
     pub fn build_from_varmap(self, varmap: &VarMap) -> Result<Driver> {
-        self.build(varmap_vars(varmap))
+        self.build(varmap_vars(varmap)?)
     }
 
     /// The driver over named variables. Errors on a label without a group, a

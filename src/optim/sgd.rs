@@ -87,7 +87,7 @@ const KIND: &str = "sgd";
 impl Sgd {
     /// SGD over the float variables of `varmap`, keeping their names.
     pub fn from_varmap(varmap: &VarMap, config: SgdConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap), config)
+        Self::from_named(varmap_vars(varmap)?, config)
     }
 
     /// SGD over explicitly named variables.

@@ -174,7 +174,7 @@ const KIND: &str = "steepest";
 impl Steepest {
     /// Steepest over the float variables of `varmap`, keeping their names.
     pub fn from_varmap(varmap: &VarMap, config: SteepestConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap), config)
+        Self::from_named(varmap_vars(varmap)?, config)
     }
 
     /// Steepest over explicitly named variables.
