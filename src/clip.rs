@@ -11,26 +11,68 @@ use candle_core::{DType, Tensor, Var};
 use crate::error::{fail, Result};
 
 /// The global norm `√(Σ_p ‖g_p‖_F²)` of the gradients of `vars` in `grads`
-/// (variables without a gradient are skipped; 0 when none has one), summed in
-/// f64 for f64 gradients and f32 otherwise.
+/// (variables without a gradient are skipped, a variable listed twice counts
+/// once; 0 when none has one), summed in f64 for f64 gradients and f32
+/// otherwise. Finite gradients too large for an f32 sum of squares (entries
+/// beyond ~1e19) are measured again scaled by their largest entry, so the
+/// norm is infinite only when a gradient is.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut squares = Vec::new();
-    for v in vars {
-        if let Some(g) = grads.get(v) {
+    let mut seen = std::collections::HashSet::new();
+    let gs: Vec<&Tensor> = vars
+        .iter()
+        .filter(|v| seen.insert(v.id()))
+        .filter_map(|v| grads.get(v))
+        .collect();
+    if gs.is_empty() {
+        return Ok(0.0);
+    }
+    let total = sum_of_squares(&gs, 1.0)?;
+    if total.is_finite() {
+        return Ok(total.sqrt());
+    }
+    // Overflow or a NaN/Inf entry: scale by the largest magnitude (finite
+    // only if every entry is) and sum again.
+    let maxima = gs
+        .iter()
+        .map(|g| g.abs()?.max_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let m = Tensor::stack(&maxima, 0)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .fold(0.0f64, |a, x| {
+            if a.is_nan() || x.is_nan() {
+                f64::NAN
+            } else {
+                a.max(x)
+            }
+        });
+    if !(m.is_finite() && m > 0.0) {
+        return Ok(total.sqrt());
+    }
+    Ok(m * sum_of_squares(&gs, 1.0 / m)?.sqrt())
+}
+
+/// `Σ_p ‖scale·g_p‖_F²`, each term in f64 for f64 gradients and f32
+/// otherwise, summed in f64 (one device-to-host transfer for all).
+fn sum_of_squares(gs: &[&Tensor], scale: f64) -> Result<f64> {
+    let squares = gs
+        .iter()
+        .map(|g| {
             let dt = if g.dtype() == DType::F64 {
                 DType::F64
             } else {
                 DType::F32
             };
-            squares.push(g.to_dtype(dt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?);
-        }
-    }
-    if squares.is_empty() {
-        return Ok(0.0);
-    }
-    // One device-to-host transfer for all parameters.
-    let total: f64 = Tensor::stack(&squares, 0)?.to_vec1::<f64>()?.iter().sum();
-    Ok(total.sqrt())
+            let g = g.to_dtype(dt)?;
+            let g = if scale == 1.0 {
+                g
+            } else {
+                g.affine(scale, 0.0)?
+            };
+            g.sqr()?.sum_all()?.to_dtype(DType::F64)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&squares, 0)?.to_vec1::<f64>()?.iter().sum())
 }
 
 /// Clips the gradients of `vars` in place to global norm `max_norm`; returns

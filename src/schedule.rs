@@ -112,6 +112,21 @@ impl Kind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule(Kind);
 
+/// A decay goes down: `min ≤ peak` (a larger `min` would make the
+/// "decay" an increase, which no caller means; a warmup is
+/// [`Schedule::with_warmup`]).
+fn check_decay(who: &str, peak: f64, min: f64) -> Result<()> {
+    if min > peak {
+        fail!(
+            Config,
+            format!("{who}: min"),
+            "min = {min} is above peak = {peak}: the schedule would increase (put a warmup \
+             in front with Schedule::with_warmup instead)"
+        );
+    }
+    Ok(())
+}
+
 fn check_rate(who: &str, x: f64) -> Result<()> {
     if !(x.is_finite() && x >= 0.0) {
         fail!(Config, who, "must be finite and ≥ 0, got {x}");
@@ -143,6 +158,7 @@ impl Schedule {
     pub fn cosine(peak: f64, min: f64, steps: usize) -> Result<Self> {
         check_rate("Schedule::cosine: peak", peak)?;
         check_rate("Schedule::cosine: min", min)?;
+        check_decay("Schedule::cosine", peak, min)?;
         check_len("Schedule::cosine: steps", steps)?;
         Ok(Self(Kind::Cosine { peak, min, steps }))
     }
@@ -159,6 +175,7 @@ impl Schedule {
     ) -> Result<Self> {
         check_rate("Schedule::wsd: peak", peak)?;
         check_rate("Schedule::wsd: min", min)?;
+        check_decay("Schedule::wsd", peak, min)?;
         check_len("Schedule::wsd: decay", decay)?;
         Ok(Self(Kind::Wsd {
             peak,

@@ -80,6 +80,13 @@ pub fn average_bound(lrs: &[f64], r: f64, g: f64) -> Result<f64> {
 /// `R²/(2Tη) + (G²η/2)(1 + H_{T−1})` (`H_n` the harmonic number), since
 /// `H_{T−1} ≤ 1 + ln T`.
 pub fn constant_lr_last_iterate_bound(eta: f64, r: f64, g: f64, total_steps: usize) -> Result<f64> {
+    if !(eta.is_finite() && eta > 0.0) {
+        fail!(
+            Config,
+            "constant_lr_last_iterate_bound: eta",
+            "must be finite and > 0, got {eta}"
+        );
+    }
     check_inputs("constant_lr_last_iterate_bound", &[eta], r, g)?;
     if total_steps == 0 {
         fail!(

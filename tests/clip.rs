@@ -129,3 +129,39 @@ fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
     let after: Vec<Vec<f64>> = vars[1..3].iter().map(|v| grad_values(&grads, v)).collect();
     assert_eq!(&before[1..3], &after[..]);
 }
+
+/// Finite gradients whose squares overflow f32 (entries of 1e20: the sum
+/// of squares is 1e40 > f32::MAX) still have a finite norm, measured
+/// scaled by the largest entry, and are clipped; a variable listed twice
+/// counts once; a NaN is still refused.
+#[test]
+fn huge_finite_gradients_are_measured_and_clipped() {
+    let a = Var::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+    let b = Var::new(&[[1f32, 1.], [1., 1.]], &Device::Cpu).unwrap();
+    let loss = |ga: &[f32], gb: f32| {
+        let ga = Tensor::new(ga, &Device::Cpu).unwrap();
+        ((a.as_tensor() * &ga).unwrap().sum_all().unwrap()
+            + (b.as_tensor() * gb as f64).unwrap().sum_all().unwrap())
+        .unwrap()
+    };
+    let mut grads = loss(&[1e20, -2e20, 3e19], 4e19).backward().unwrap();
+    let want = (1e40f64 + 4e40 + 9e38 + 4.0 * 1.6e39).sqrt();
+    let vars = [a.clone(), b.clone()];
+    let norm = grad_norm(&grads, &vars).unwrap();
+    assert!((norm - want).abs() <= 1e-6 * want, "{norm:e} vs {want:e}");
+    let before = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+    assert!((before - want).abs() <= 1e-6 * want);
+    let after = grad_norm(&grads, &vars).unwrap();
+    assert!((after - 1.0).abs() < 1e-5, "{after}");
+    // a variable listed twice counts once
+    let small = loss(&[3., 4., 0.], 0.).backward().unwrap();
+    let once = grad_norm(&small, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(grad_norm(&small, &[a.clone(), a.clone()]).unwrap(), once);
+    assert!((once - 5.0).abs() < 1e-6);
+    // NaN is still an error, and nothing is clipped
+    let mut bad = loss(&[1e20, f32::NAN, 1.], 1.).backward().unwrap();
+    let e = clip_grad_norm(&mut bad, &vars, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN or Inf"), "{e}");
+}

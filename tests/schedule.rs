@@ -421,3 +421,23 @@ fn plain_checkpoint_into_a_scheduled_optimizer_is_refused() {
     );
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A decay whose `min` is above its `peak` would increase: refused naming
+/// `min`; `min = peak` (a constant) is fine. The constant-rate bound names
+/// its own argument `eta` when it is bad.
+#[test]
+fn a_decay_that_would_increase_is_refused_and_bounds_name_eta() {
+    let e = Schedule::cosine(0.01, 0.02, 100).unwrap_err().to_string();
+    assert!(e.contains("min") && e.contains("above peak"), "{e}");
+    let e = Schedule::wsd(0.01, 0.02, 10, 10, DecayShape::Linear)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("min") && e.contains("above peak"), "{e}");
+    assert!(Schedule::cosine(0.02, 0.02, 100).is_ok());
+    for eta in [-0.1, 0.0, f64::NAN] {
+        let e = steepest::theory::constant_lr_last_iterate_bound(eta, 1.0, 1.0, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eta") && !e.contains("lrs[0]"), "{eta}: {e}");
+    }
+}

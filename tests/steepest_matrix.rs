@@ -796,3 +796,22 @@ fn a_stiefel_step_on_a_zero_matrix_is_refused_and_changes_nothing() {
         "state was created by the refused step"
     );
 }
+
+/// The spectral-sphere retraction needs a finite radius > 0 (a negative one
+/// flipped W's sign, NaN filled it with NaN, 0 zeroed it, all with `Ok`).
+#[test]
+fn spectral_sphere_retraction_refuses_a_bad_radius() {
+    let w = from_dmatrix(
+        &with_singular_values(&mut rng(5), 5, 3, &[3.0, 1.0, 0.5]),
+        DType::F32,
+    );
+    for r in [-2.0, 0.0, f64::NAN, f64::INFINITY] {
+        let e = spectral_sphere_retract(&w, r, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("radius"), "{r}: {e}");
+    }
+    let (out, _) = spectral_sphere_retract(&w, 2.0, None).unwrap();
+    let s = singular_values(&to_dmatrix(&out));
+    assert!((s[0] - 2.0).abs() < 1e-5, "{s:?}");
+}

@@ -10,13 +10,22 @@ use crate::error::{fail, Result};
 ///
 /// For `W` of shape `(m, n)`: `sigma` is a scalar, `u` has shape `(m,)`, `v`
 /// has shape `(n,)`. For a batch `(b, m, n)`: `(b,)`, `(b, m)`, `(b, n)`. The
-/// dtype is f32 (f64 for an f64 `W`). For `W = 0`, `sigma` is 0, `v` is a unit
-/// vector and `u` is zero.
+/// dtype is f32 (f64 for an f64 `W`).
+///
+/// The iterate is the vector of the shorter side, and the other vector is
+/// derived from it: for tall or square `W` (`n ≤ m`), `v` is the iterate and
+/// `u = W v/σ`, `σ = ‖W v‖`; for wide `W` (`n > m`), `u` is the iterate and
+/// `v = Wᵀu/‖Wᵀu‖`, `σ = ‖Wᵀu‖`. Both are exact singular vectors only at
+/// convergence; before it, `W v = σ u` holds exactly for tall `W` and
+/// `Wᵀu = σ v` for wide `W`. For `W = 0`, `sigma` is 0, the iterate's vector
+/// is a unit vector and the derived one is zero (tall) or a unit default
+/// (wide).
 #[derive(Clone, Debug)]
 pub struct TopSingular {
-    /// Estimate of the largest singular value `σ₁ = ‖W v‖`.
+    /// Estimate of the largest singular value (`‖W v‖` for tall `W`,
+    /// `‖Wᵀu‖` for wide `W`).
     pub sigma: Tensor,
-    /// Left singular vector `u₁ = W v₁ / σ₁` (unit, or zero when `σ₁ = 0`).
+    /// Left singular vector `u₁` (unit; zero for a tall `W = 0`).
     pub u: Tensor,
     /// Right singular vector `v₁` (unit): the top eigenvector of `WᵀW`.
     pub v: Tensor,

@@ -134,6 +134,13 @@ pub fn spectral_sphere_retract(
     radius: f64,
     start: Option<&Tensor>,
 ) -> Result<(Tensor, TopSingular)> {
+    if !(radius.is_finite() && radius > 0.0) {
+        fail!(
+            Config,
+            "spectral_sphere_retract: radius",
+            "must be finite and > 0, got {radius}"
+        );
+    }
     let top = top_singular_precise(w, start)?;
     let s = top
         .sigma
