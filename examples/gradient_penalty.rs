@@ -3,8 +3,9 @@
 //! Trains the same MLP (2 → 32 → 32 → 2, tanh) on two noisy interleaved
 //! spirals three times: without a penalty, with the parameter-gradient penalty
 //! `L + ρ‖∇_θ L‖`, and with the input-gradient penalty `L + ρ/2 ‖∇_x L‖²`
-//! (both by finite-difference Hessian–vector products). Every few steps it
-//! prints the test accuracy and both sides of the inequality
+//! (both by finite-difference Hessian–vector products). Every 50 steps it
+//! prints a row of a table (a legend of its columns first): the loss, the
+//! penalty, train and test accuracy and both sides of the inequality
 //! `‖∇_x f‖² Σ_t (1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖J_t‖₂²) ≤ ‖∇_θ f‖²`, averaged over
 //! test points with `f` the per-sample cross-entropy, and writes them as CSV
 //! to `runs/gradient_penalty/gradient_penalty.csv` (`--out DIR` for another
@@ -174,8 +175,8 @@ fn train(
             let train_acc = accuracy(&mlp, xtr, ytr)?;
             let (lhs, rhs, gx) = inequality_sides(&mlp, xte, yte)?;
             println!(
-                "{:>5} {step:>4}  loss {loss:.4}  pen {penalty:.4}  train {train_acc:.3}  test {acc:.3}  \
-                 ‖∇ₓf‖² {gx:.3e}  lhs {lhs:.3e}  ≤ rhs {rhs:.3e}  ({:.3})",
+                "{:>5} {step:>4}  {loss:>7.4} {penalty:>7.4} {train_acc:>6.3} {acc:>6.3}  \
+                 {gx:>9.3e} {lhs:>9.3e} {rhs:>9.3e} {:>7.3}",
                 run.name(),
                 lhs / rhs
             );
@@ -200,6 +201,7 @@ fn train(
 }
 
 fn main() -> Result<()> {
+    quiet_broken_pipe();
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.out).map_err(candle_core::Error::wrap)?;
     let path = cli.out.join("gradient_penalty.csv");
@@ -229,10 +231,33 @@ fn main() -> Result<()> {
             rho: 0.05 * TRAIN as f64,
         },
     ];
+    println!(
+        "run: none, param (L + ρ‖∇_θ L‖) or input (L + ρ/2 ‖∇ₓL‖²); row `step`: the weights \
+         after that many steps\n\
+         loss, penalty: L and the penalty term on the training set; train, test: accuracy\n\
+         ‖∇ₓf‖², lhs, rhs: means over the first {DIAG_POINTS} test points (f: the point's \
+         cross-entropy) of ‖∇ₓf‖²\n  and of the two sides of \
+         ‖∇ₓf‖² Σ_t (1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖J_t‖₂²) ≤ ‖∇_θ f‖² (so lhs/rhs ≤ 1)\n"
+    );
+    println!(
+        "{:>5} {:>4}  {:>7} {:>7} {:>6} {:>6}  {:>9} {:>9} {:>9} {:>7}",
+        "run", "step", "loss", "penalty", "train", "test", "‖∇ₓf‖²", "lhs", "rhs", "lhs/rhs"
+    );
     for run in runs {
         train(run, &data, &mut csv)?;
     }
     csv.flush().map_err(candle_core::Error::wrap)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Piped into `head`, the example ends quietly when the pipe closes (killed by
+/// SIGPIPE, like other Unix tools) instead of panicking in `println!`.
+fn quiet_broken_pipe() {
+    // SAFETY: sets one signal back to its default action at the start of
+    // `main`, before any other thread exists.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
