@@ -172,6 +172,61 @@ pub fn zeros_var(p: &ParamInfo, dims: &[usize]) -> Result<Var> {
 
 /// One gradient transformation. Implement it to add a transform; compose
 /// transforms with [`Chain`](super::Chain).
+///
+/// A stateless transform needs five methods: its kind (its name in the
+/// chain and the checkpoint), its hyperparameters as JSON (`Null` when it
+/// has none) and back, what it does to a group's direction, and a boxed
+/// copy. A stateful one also lists its state's fields ([`Transform::fields`],
+/// [`Transform::load`]) and keeps a [`TransformState`] per parameter;
+/// `Momentum` and `Adam` in this module are the models to follow.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_nn::Optimizer;
+/// use steepest::optim::transform::{GroupStep, Transform, TransformState};
+/// use steepest::optim::{Chain, Driver, NamedVar};
+///
+/// /// SignSGD's direction, `sign(d)` elementwise.
+/// #[derive(Clone, Debug)]
+/// struct Sign;
+///
+/// impl Transform for Sign {
+///     fn kind(&self) -> &'static str {
+///         "sign"
+///     }
+///     fn hparams(&self) -> serde_json::Value {
+///         serde_json::Value::Null
+///     }
+///     fn set_hparams(&mut self, _: &serde_json::Value) -> steepest::Result<()> {
+///         Ok(())
+///     }
+///     fn apply(
+///         &self,
+///         step: &mut GroupStep<'_>,
+///         _states: &mut [Option<Box<dyn TransformState>>],
+///         _fuse: bool,
+///     ) -> steepest::Result<()> {
+///         // the group's direction as one (members, …) batch
+///         let d = step.dir_batch()?;
+///         step.set_dir(d.sign()?)
+///     }
+///     fn boxed(&self) -> Box<dyn Transform> {
+///         Box::new(self.clone())
+///     }
+/// }
+///
+/// let w = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu)?;
+/// let vars = vec![NamedVar { name: "w".into(), var: w.clone() }];
+/// let mut opt = Driver::new(vars, Chain::new().then(Sign), 0.1)?;
+/// // gradient (0.5, −4, 0): the step is −0.1·(1, −1, 0)
+/// let g = Tensor::new(&[0.5f32, -4.0, 0.0], &Device::Cpu)?;
+/// opt.backward_step(&(w.as_tensor() * g)?.sum_all()?)?;
+/// let got = w.as_tensor().to_vec1::<f32>()?;
+/// for (x, want) in got.iter().zip([0.9f32, -1.9, 3.0]) {
+///     assert!((x - want).abs() < 1e-6, "{got:?}");
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Transform: Send + Sync + Debug {
     /// The kind, e.g. `"adam"` (also the default name in a chain).
     fn kind(&self) -> &'static str;
