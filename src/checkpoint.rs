@@ -80,10 +80,24 @@ pub(crate) struct Header {
 /// The numbering rule of bare variables' names recorded in new headers.
 const BARE_NAMES: &str = "creation";
 
-/// Whether `name` is a bare variable's name, `param.<i>`.
-fn is_bare_name(name: &str) -> bool {
-    name.strip_prefix("param.")
-        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+/// Whether `params` are the names `Optimizer::new` gives bare variables:
+/// exactly `param.0`, …, `param.{n−1}` (a user's own name that merely looks
+/// like one does not make a checkpoint a bare-variable one).
+fn are_bare_names(params: &[String]) -> bool {
+    let mut seen = vec![false; params.len()];
+    !params.is_empty()
+        && params.iter().all(|p| {
+            match p
+                .strip_prefix("param.")
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                Some(i) if i < seen.len() && !seen[i] && p == &format!("param.{i}") => {
+                    seen[i] = true;
+                    true
+                }
+                _ => false,
+            }
+        })
 }
 
 impl Header {
@@ -92,10 +106,7 @@ impl Header {
             format: FORMAT.into(),
             version: VERSION,
             kind: kind.into(),
-            bare_names: params
-                .iter()
-                .any(|p| is_bare_name(p))
-                .then(|| BARE_NAMES.to_string()),
+            bare_names: are_bare_names(&params).then(|| BARE_NAMES.to_string()),
             params,
             body,
         }
@@ -170,9 +181,7 @@ impl Header {
     /// Errors unless the header lists exactly `names`, and, for bare
     /// variables, unless they were numbered by the current rule.
     pub fn check_params<'a>(&self, names: impl Iterator<Item = &'a str>) -> Result<()> {
-        if self.bare_names.as_deref() != Some(BARE_NAMES)
-            && self.params.iter().any(|p| is_bare_name(p))
-        {
+        if self.bare_names.as_deref() != Some(BARE_NAMES) && are_bare_names(&self.params) {
             fail!(
                 Checkpoint,
                 "checkpoint",

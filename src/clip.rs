@@ -22,6 +22,8 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
         .iter()
         .filter(|v| seen.insert(v.id()))
         .filter_map(|v| grads.get(v))
+        // an empty gradient adds nothing (and has no largest entry)
+        .filter(|g| g.elem_count() > 0)
         .collect();
     if gs.is_empty() {
         return Ok(0.0);

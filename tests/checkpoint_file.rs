@@ -771,3 +771,18 @@ fn bare_var_checkpoints_of_the_old_numbering_are_refused() {
     let h = common::header(&named.state_dict().unwrap());
     assert!(h.get("bare_names").is_none(), "{h}");
 }
+
+/// Only the names `Optimizer::new` gives (exactly `param.0`, …,
+/// `param.{n−1}`) make a checkpoint a bare-variable one: a user's own
+/// parameter that happens to be called `param.7` gets no marker and is not
+/// refused as an old bare-variable checkpoint.
+#[test]
+fn a_name_that_merely_looks_bare_is_not_a_bare_variable_checkpoint() {
+    let shapes: &Shapes = &[("param.7", &[3, 2]), ("w", &[2, 2])];
+    let vm = model_of(shapes, DType::F32, 1);
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    opt.backward_step(&loss_of(&vm, shapes, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    assert!(common::header(&state).get("bare_names").is_none());
+    opt.load_state_dict(&state).unwrap();
+}

@@ -165,3 +165,25 @@ fn huge_finite_gradients_are_measured_and_clipped() {
         .to_string();
     assert!(e.contains("NaN or Inf"), "{e}");
 }
+
+/// An empty parameter's gradient adds nothing to the norm, also on the
+/// rescaling path (it has no largest entry).
+#[test]
+fn an_empty_gradient_is_skipped_on_every_path() {
+    let a = Var::new(&[1f32, 2.], &Device::Cpu).unwrap();
+    let e = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    for scale in [1f32, 1e20] {
+        let g = Tensor::new(&[3f32 * scale, 4. * scale], &Device::Cpu).unwrap();
+        let loss = ((a.as_tensor() * &g).unwrap().sum_all().unwrap()
+            + e.as_tensor().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(e.as_tensor()).is_some(),
+            "candle gives the empty var a gradient"
+        );
+        let norm = grad_norm(&grads, &[a.clone(), e.clone()]).unwrap();
+        let want = 5.0 * scale as f64;
+        assert!((norm - want).abs() <= 1e-6 * want, "{scale}: {norm:e}");
+    }
+}

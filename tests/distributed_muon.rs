@@ -884,7 +884,7 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
 fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
     use steepest::distributed::ShardedStep;
     type Build = fn(usize) -> Box<dyn ShardedStep + Send>;
-    let cases: [(&str, Build); 4] = [
+    let cases: [(&str, Build); 5] = [
         ("lr", |rank| {
             let cfg = MuonConfig {
                 lr: if rank == 0 { 0.02 } else { 0.5 },
@@ -907,6 +907,19 @@ fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
             ))
         }),
         ("same settings", |_| Box::new(muon(make_named(&model(), 1)))),
+        // the schedule sets the rate at every step: the base rate an AdamW
+        // was built with does not matter (for Muon it would: it sets the
+        // AdamW group's ratio to the Muon rate, which the check sees)
+        ("same schedule, other base rates", |rank| {
+            let cfg = AdamWConfig {
+                lr: if rank == 0 { 0.02 } else { 0.5 },
+                ..AdamWConfig::default()
+            };
+            Box::new(Scheduled::new(
+                AdamW::from_named(make_named(&model(), 1), cfg).unwrap(),
+                Schedule::cosine(0.02, 0.0, 100).unwrap(),
+            ))
+        }),
     ];
     for (what, build) in cases {
         let out = LocalGroup::run(2, |comm| {
@@ -922,7 +935,7 @@ fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
         })
         .unwrap();
         for res in out {
-            if what == "same settings" {
+            if what.starts_with("same") {
                 res.unwrap();
                 continue;
             }

@@ -79,7 +79,8 @@ pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 /// `path`, so that a bad path fails at once rather than after the runs:
 /// creates its parent directories, refuses a directory, and tries what
 /// the write will do without changing `path` itself: creates (and removes)
-/// the temporary file beside a missing or regular file; opens a link to a
+/// a temporary file beside a missing or regular file (named for this
+/// process, so another run's temporary file is left alone); opens a link to a
 /// regular file for writing without truncating it. Other paths that exist
 /// (a device such as /dev/stdout, a FIFO: opening one would wait for or
 /// signal its reader) are left to the write.
@@ -91,6 +92,10 @@ pub fn check_writable(path: &Path) -> Result<()> {
         }
         match target(path) {
             Target::Temp(tmp) => {
+                // A name of its own (another run may be writing `tmp` now).
+                let mut name = tmp.file_name().unwrap_or_default().to_os_string();
+                name.push(format!(".check.{}", std::process::id()));
+                let tmp = tmp.with_file_name(name);
                 File::create(&tmp).with_context(|| {
                     let dir = tmp.parent().unwrap_or(Path::new("."));
                     format!("creating a file in {}", dir.display())

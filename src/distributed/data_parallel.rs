@@ -29,7 +29,10 @@
 //!    parameter order in f64 and scales its gradients by `max/‖g‖` when
 //!    `‖g‖ > max`: [`crate::clip::clip_grad_norm`]'s arithmetic on the averaged
 //!    gradient, so the same norm and the same scaled gradients (see
-//!    [`DataParallel::last_grad_norm`]).
+//!    [`DataParallel::last_grad_norm`]) as long as each parameter's `Σ g²`
+//!    fits in f32 (entries below ~1e19). Beyond, `clip::grad_norm` measures
+//!    the gradients again scaled by their largest entry, while this step is
+//!    refused with an infinite norm.
 //! 4. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
 //!    (cast to each parameter's dtype), called on every rank at every step,
 //!    with an empty list on a rank that owns nothing.

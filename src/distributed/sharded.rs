@@ -81,10 +81,15 @@ impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
         self.set_step(next);
         Ok(())
     }
-    /// The inner optimizer's settings, the schedule and the step counter.
+    /// The inner optimizer's settings without its learning rate (the
+    /// schedule sets it at every step), the schedule and the step counter.
     fn settings(&self) -> Option<serde_json::Value> {
+        let mut inner = self.inner().settings();
+        if let Some(serde_json::Value::Object(m)) = inner.as_mut() {
+            m.remove("lr");
+        }
         Some(serde_json::json!({
-            "optimizer": self.inner().settings(),
+            "optimizer": inner,
             "schedule": format!("{:?}", self.schedule()),
             "step": self.current_step(),
         }))
