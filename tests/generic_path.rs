@@ -20,7 +20,7 @@ mod support;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use cases::*;
-use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
+use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, SgdItem};
 use steepest::optim::{
     AdamW, AdamWConfig, Manifold, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig, Steepest,
     SteepestConfig,
@@ -58,114 +58,31 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor, dtype: DType, floor: f64) {
     }
 }
 
-/// One parameter with everything any update family needs, its state in f32
-/// (f64 for f64 parameters).
-struct P {
-    w: Var,
-    g: Tensor,
-    s1: Var,
-    s2: Var,
-    r1: Option<(Tensor, Tensor)>,
-    scale: f64,
-    lr: f64,
-}
+/// One parameter with everything any update family needs, its state in
+/// the arithmetic dtype (`cases::Member`).
+type P = Member;
 
-impl P {
-    fn new(seed: u64, shape: &[usize], dtype: DType, decay: DecayKind) -> Self {
-        let dev = Device::Cpu;
-        let acc = device::math_dtype(dtype);
-        let mut r = rng(seed);
-        let w = var_on(&randn(&mut r, shape, dtype, &dev), &dev);
-        let g = randn(&mut r, shape, dtype, &dev);
-        let s1 = (randn(&mut r, shape, DType::F32, &dev) * 0.1).unwrap();
-        let s2 = rand_pos(&mut r, shape, 0.01, &dev);
-        let r1 = (decay == DecayKind::Rank1).then(|| {
-            let (a, b) = rank1_factors(&mut r, shape, &dev);
-            (a.to_dtype(acc).unwrap(), b.to_dtype(acc).unwrap())
-        });
-        Self {
-            w,
-            g,
-            s1: var_on(&s1.to_dtype(acc).unwrap(), &dev),
-            s2: var_on(&s2.to_dtype(acc).unwrap(), &dev),
-            r1,
-            scale: if decay == DecayKind::None {
-                1.0
-            } else {
-                1.0 - 0.01 * 0.1
-            },
-            lr: 0.01 + seed as f64 * 1e-4,
-        }
-    }
-
-    fn copy(&self) -> Self {
-        let dev = Device::Cpu;
-        Self {
-            w: var_on(self.w.as_tensor(), &dev),
-            g: self.g.copy().unwrap(),
-            s1: var_on(self.s1.as_tensor(), &dev),
-            s2: var_on(self.s2.as_tensor(), &dev),
-            r1: self.r1.clone(),
-            ..*self
-        }
-    }
-
-    fn decay(&self) -> DecayTerm<'_> {
-        DecayTerm {
-            scale: self.scale,
-            rank1: self.r1.as_ref().map(|(a, b)| Rank1 { coeff: 0.03, a, b }),
-        }
-    }
-
-    fn adam(&self, t: i32, beta1: f64) -> AdamItem<'_> {
-        AdamItem {
-            w: &self.w,
-            g: &self.g,
-            m: &self.s1,
-            v: &self.s2,
-            step: AdamStep {
-                lr_bc1: self.lr / (1.0 - beta1.powi(t)),
-                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
-            },
-            decay: self.decay(),
-        }
-    }
-
-    fn sgd(&self, momentum: bool) -> SgdItem<'_> {
-        SgdItem {
-            w: &self.w,
-            g: &self.g,
-            buf: momentum.then_some(&self.s1),
-            lr: self.lr,
-            decay: self.decay(),
-        }
-    }
-
-    /// Parameter and both state tensors close to `cpu`'s.
-    fn assert_close_to(&self, cpu: &Self, what: &str) {
-        let dt = self.w.dtype();
-        let what = format!("{what} {dt:?} {:?}", self.w.dims());
-        // the scale of the values: parameters and gradients are N(0, 1)
+/// Parameter and both state tensors of `p` close to `cpu`'s.
+fn assert_close_to(p: &P, cpu: &P, what: &str) {
+    let dt = p.w.dtype();
+    let what = format!("{what} {dt:?} {:?}", p.w.dims());
+    // the scale of the values: parameters and gradients are N(0, 1)
+    assert_close(
+        &format!("{what}: w"),
+        p.w.as_tensor(),
+        cpu.w.as_tensor(),
+        dt,
+        1.0,
+    );
+    for (k, (a, b)) in [(&p.s1, &cpu.s1), (&p.s2, &cpu.s2)].into_iter().enumerate() {
+        let floor = max_abs(b.as_tensor()).max(1e-30);
         assert_close(
-            &format!("{what}: w"),
-            self.w.as_tensor(),
-            cpu.w.as_tensor(),
-            dt,
-            1.0,
+            &format!("{what}: state {}", k + 1),
+            a.as_tensor(),
+            b.as_tensor(),
+            b.dtype(),
+            floor,
         );
-        for (k, (a, b)) in [(&self.s1, &cpu.s1), (&self.s2, &cpu.s2)]
-            .into_iter()
-            .enumerate()
-        {
-            let floor = max_abs(b.as_tensor()).max(1e-30);
-            assert_close(
-                &format!("{what}: state {}", k + 1),
-                a.as_tensor(),
-                b.as_tensor(),
-                b.dtype(),
-                floor,
-            );
-        }
     }
 }
 
@@ -187,15 +104,22 @@ fn cases() -> Vec<P> {
     out
 }
 
-/// Runs `step` on copies of `ps` by the CPU path and by the generic path;
-/// returns (cpu, generic), after checking that the step moved every
-/// parameter (a path that silently did nothing would otherwise agree with a
-/// path that did nothing either).
-fn both_paths(ps: &[P], step: impl Fn(&P)) -> (Vec<P>, Vec<P>) {
+/// Runs `run` on copies of `ps` by the CPU path and by the generic path;
+/// returns each path's copies and result.
+fn on_both_paths<R>(ps: &[P], run: impl Fn(&[P]) -> R) -> ((Vec<P>, R), (Vec<P>, R)) {
     let cpu: Vec<P> = ps.iter().map(P::copy).collect();
     let gen: Vec<P> = ps.iter().map(P::copy).collect();
-    cpu.iter().for_each(&step);
-    with_generic_ops(|| gen.iter().for_each(&step));
+    let r_cpu = run(&cpu);
+    let r_gen = with_generic_ops(|| run(&gen));
+    ((cpu, r_cpu), (gen, r_gen))
+}
+
+/// Runs `step` on each member of copies of `ps` by both paths; returns
+/// (cpu, generic), after checking that the step moved every parameter (a
+/// path that silently did nothing would otherwise agree with a path that
+/// did nothing either).
+fn both_paths(ps: &[P], step: impl Fn(&P)) -> (Vec<P>, Vec<P>) {
+    let ((cpu, ()), (gen, ())) = on_both_paths(ps, |ps| ps.iter().for_each(&step));
     for (p, c) in ps.iter().zip(&cpu) {
         assert_ne!(
             f64s(p.w.as_tensor()),
@@ -216,7 +140,7 @@ fn adamw_generic_matches_cpu_on_every_shape_dtype_and_decay() {
             device::adamw_step(&[p.adam(t, 0.9)], 0.9, 0.999, 1e-8).unwrap()
         });
         for (g, c) in gen.iter().zip(&cpu) {
-            g.assert_close_to(c, &format!("adamw step {t}"));
+            assert_close_to(g, c, &format!("adamw step {t}"));
         }
     }
 }
@@ -230,7 +154,7 @@ fn the_comparison_sees_a_wrong_first_moment() {
     device::adamw_step(&[cpu.adam(2, 0.9)], 0.9, 0.999, 1e-8).unwrap();
     with_generic_ops(|| device::adamw_step(&[gen.adam(2, 0.9)], 0.89, 0.999, 1e-8)).unwrap();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        gen.assert_close_to(&cpu, "wrong β₁")
+        assert_close_to(&gen, &cpu, "wrong β₁")
     }));
     assert!(caught.is_err(), "a wrong β₁ passed the comparison");
 }
@@ -243,7 +167,11 @@ fn sgd_generic_matches_cpu_on_every_shape_dtype_and_decay() {
             device::sgd_step(&[p.sgd(momentum)], 0.9, nesterov).unwrap()
         });
         for (g, c) in gen.iter().zip(&cpu) {
-            g.assert_close_to(c, &format!("sgd momentum {momentum} nesterov {nesterov}"));
+            assert_close_to(
+                g,
+                c,
+                &format!("sgd momentum {momentum} nesterov {nesterov}"),
+            );
         }
     }
 }
@@ -267,11 +195,7 @@ fn ema_momentum_generic_matches_cpu_on_every_shape() {
                 device::ema_momentum(&gs, &bs, &out, 0.95, i % 2 == 0).unwrap();
                 out
             };
-            let (cpu, gen): (Vec<P>, Vec<P>) = (
-                ps.iter().map(P::copy).collect(),
-                ps.iter().map(P::copy).collect(),
-            );
-            let (d_cpu, d_gen) = (run(&cpu), with_generic_ops(|| run(&gen)));
+            let ((cpu, d_cpu), (gen, d_gen)) = on_both_paths(&ps, run);
             let what = format!("ema {dt:?} {shape:?}");
             let floor = max_abs(d_cpu.as_tensor());
             assert_close(
@@ -319,12 +243,7 @@ fn apply_step_generic_matches_cpu_on_every_shape_and_decay() {
                 let decays: Vec<DecayTerm<'_>> = ps.iter().map(P::decay).collect();
                 device::apply_step(&ws, &d, &alphas, &decays).unwrap();
             };
-            let (cpu, gen): (Vec<P>, Vec<P>) = (
-                ps.iter().map(P::copy).collect(),
-                ps.iter().map(P::copy).collect(),
-            );
-            run(&cpu);
-            with_generic_ops(|| run(&gen));
+            let ((cpu, ()), (gen, ())) = on_both_paths(&ps, run);
             for (g, c) in gen.iter().zip(&cpu) {
                 assert_close(
                     &format!("apply {dt:?} {shape:?}: w"),

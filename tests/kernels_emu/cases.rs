@@ -88,6 +88,103 @@ pub fn rank1_factors(r: &mut StdRng, shape: &[usize], dev: &Device) -> (Tensor, 
     )
 }
 
+/// One CPU parameter with everything any fused update family needs: its
+/// gradient, two state tensors in the arithmetic dtype (AdamW's `m`, `v`;
+/// SGD's or EMA's buffer is `s1`) and, for a rank-1 decay, its factors.
+/// Shared by the emulator tests (`update.rs`, bit for bit) and the generic
+/// path's tests (`generic_path.rs`, to rounding).
+pub struct Member {
+    pub w: Var,
+    pub g: Tensor,
+    pub s1: Var,
+    pub s2: Var,
+    pub r1: Option<(Tensor, Tensor)>,
+    pub scale: f64,
+    pub coeff: f64,
+    pub lr: f64,
+}
+
+impl Member {
+    /// Seeded values of `shape` in `dtype`, with `decay`.
+    pub fn new(seed: u64, shape: &[usize], dtype: DType, decay: DecayKind) -> Self {
+        let dev = Device::Cpu;
+        let acc = steepest::device::math_dtype(dtype);
+        let mut r = rng(seed);
+        let w = var_on(&randn(&mut r, shape, dtype, &dev), &dev);
+        let g = randn(&mut r, shape, dtype, &dev);
+        let s1 = (randn(&mut r, shape, DType::F32, &dev) * 0.1).unwrap();
+        let s2 = rand_pos(&mut r, shape, 0.01, &dev);
+        let r1 = (decay == DecayKind::Rank1).then(|| {
+            let (a, b) = rank1_factors(&mut r, shape, &dev);
+            (a.to_dtype(acc).unwrap(), b.to_dtype(acc).unwrap())
+        });
+        Self {
+            w,
+            g,
+            s1: var_on(&s1.to_dtype(acc).unwrap(), &dev),
+            s2: var_on(&s2.to_dtype(acc).unwrap(), &dev),
+            r1,
+            scale: if decay == DecayKind::None {
+                1.0
+            } else {
+                1.0 - 0.01 * 0.1
+            },
+            coeff: 0.03,
+            lr: 0.01 + seed as f64 * 1e-4,
+        }
+    }
+
+    /// Deep copies (another path's operands).
+    pub fn copy(&self) -> Self {
+        let dev = Device::Cpu;
+        Self {
+            w: var_on(self.w.as_tensor(), &dev),
+            g: self.g.copy().unwrap(),
+            s1: var_on(self.s1.as_tensor(), &dev),
+            s2: var_on(self.s2.as_tensor(), &dev),
+            r1: self.r1.clone(),
+            ..*self
+        }
+    }
+
+    pub fn decay(&self) -> steepest::device::DecayTerm<'_> {
+        steepest::device::DecayTerm {
+            scale: self.scale,
+            rank1: self.r1.as_ref().map(|(a, b)| steepest::device::Rank1 {
+                coeff: self.coeff,
+                a,
+                b,
+            }),
+        }
+    }
+
+    /// The AdamW item of step `t` with first-moment decay `beta1`.
+    pub fn adam(&self, t: i32, beta1: f64) -> steepest::device::AdamItem<'_> {
+        steepest::device::AdamItem {
+            w: &self.w,
+            g: &self.g,
+            m: &self.s1,
+            v: &self.s2,
+            step: steepest::device::AdamStep {
+                lr_bc1: self.lr / (1.0 - beta1.powi(t)),
+                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
+            },
+            decay: self.decay(),
+        }
+    }
+
+    /// The SGD item, with or without momentum (`s1`).
+    pub fn sgd(&self, momentum: bool) -> steepest::device::SgdItem<'_> {
+        steepest::device::SgdItem {
+            w: &self.w,
+            g: &self.g,
+            buf: momentum.then_some(&self.s1),
+            lr: self.lr,
+            decay: self.decay(),
+        }
+    }
+}
+
 /// A deep copy of a tensor as a new `Var` on `dev`.
 pub fn var_on(t: &Tensor, dev: &Device) -> Var {
     Var::from_tensor(&t.to_device(dev).unwrap().copy().unwrap()).unwrap()

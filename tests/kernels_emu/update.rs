@@ -10,117 +10,26 @@
 //! in one call.
 
 use candle_core::{DType, Device, Tensor, Var};
-use steepest::device::{self, emu, AdamItem, AdamStep, DecayTerm, Rank1, SgdItem};
+use steepest::device::{self, emu, AdamItem, DecayTerm, SgdItem};
 
 use super::cases::*;
 
-/// One parameter with everything any family needs.
-struct P {
-    w: Var,
-    g: Tensor,
-    /// AdamW's m, SGD's / EMA's buffer.
-    s1: Var,
-    /// AdamW's v.
-    s2: Var,
-    r1: Option<(Tensor, Tensor)>,
-    scale: f64,
-    coeff: f64,
-    lr: f64,
-}
+/// One parameter with everything any family needs (`cases::Member`).
+type P = Member;
 
-impl P {
-    fn new(seed: u64, shape: &[usize], dtype: DType, decay: DecayKind) -> Self {
-        let dev = Device::Cpu;
-        let mut r = rng(seed);
-        let w = var_on(&randn(&mut r, shape, dtype, &dev), &dev);
-        let g = randn(&mut r, shape, dtype, &dev);
-        let s1 = var_on(
-            &(randn(&mut r, shape, DType::F32, &dev) * 0.1).unwrap(),
-            &dev,
-        );
-        let s2 = var_on(&rand_pos(&mut r, shape, 0.01, &dev), &dev);
-        let r1 = (decay == DecayKind::Rank1).then(|| rank1_factors(&mut r, shape, &dev));
-        Self {
-            w,
-            g,
-            s1,
-            s2,
-            r1,
-            scale: if decay == DecayKind::None {
-                1.0
-            } else {
-                1.0 - 0.01 * 0.1
-            },
-            coeff: 0.03,
-            lr: 0.01 + seed as f64 * 1e-4,
-        }
-    }
-
-    /// Deep copies (the other path's operands).
-    fn copy(&self) -> Self {
-        let dev = Device::Cpu;
-        Self {
-            w: var_on(self.w.as_tensor(), &dev),
-            g: self.g.copy().unwrap(),
-            s1: var_on(self.s1.as_tensor(), &dev),
-            s2: var_on(self.s2.as_tensor(), &dev),
-            r1: self.r1.clone(),
-            ..*self
-        }
-    }
-
-    fn decay(&self) -> DecayTerm<'_> {
-        DecayTerm {
-            scale: self.scale,
-            rank1: self.r1.as_ref().map(|(a, b)| Rank1 {
-                coeff: self.coeff,
-                a,
-                b,
-            }),
-        }
-    }
-
-    fn adam(&self, t: i32) -> AdamItem<'_> {
-        AdamItem {
-            w: &self.w,
-            g: &self.g,
-            m: &self.s1,
-            v: &self.s2,
-            step: AdamStep {
-                lr_bc1: self.lr / (1.0 - 0.9f64.powi(t)),
-                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
-            },
-            decay: self.decay(),
-        }
-    }
-
-    fn sgd(&self, momentum: bool) -> SgdItem<'_> {
-        SgdItem {
-            w: &self.w,
-            g: &self.g,
-            buf: momentum.then_some(&self.s1),
-            lr: self.lr,
-            decay: self.decay(),
-        }
-    }
-
-    fn assert_same(&self, other: &Self, what: &str) {
-        assert_same_bits(
-            &format!("{what}: w"),
-            self.w.as_tensor(),
-            other.w.as_tensor(),
-        );
-        assert_same_bits(
-            &format!("{what}: state 1"),
-            self.s1.as_tensor(),
-            other.s1.as_tensor(),
-        );
-        assert_same_bits(
-            &format!("{what}: state 2"),
-            self.s2.as_tensor(),
-            other.s2.as_tensor(),
-        );
-    }
+/// Parameter and both state tensors bit for bit equal.
+fn assert_same(p: &P, other: &P, what: &str) {
+    assert_same_bits(&format!("{what}: w"), p.w.as_tensor(), other.w.as_tensor());
+    assert_same_bits(
+        &format!("{what}: state 1"),
+        p.s1.as_tensor(),
+        other.s1.as_tensor(),
+    );
+    assert_same_bits(
+        &format!("{what}: state 2"),
+        p.s2.as_tensor(),
+        other.s2.as_tensor(),
+    );
 }
 
 /// The parameter of case `i`: shape `i`, dtype and decay cycling.
@@ -132,12 +41,13 @@ fn case(i: usize, dtype: DType) -> P {
 fn check_adamw(ps: &[P], what: &str) {
     let qs: Vec<P> = ps.iter().map(P::copy).collect();
     for p in ps {
-        device::adamw_step(&[p.adam(3)], 0.9, 0.999, 1e-8).unwrap();
+        device::adamw_step(&[p.adam(3, 0.9)], 0.9, 0.999, 1e-8).unwrap();
     }
-    let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(3)).collect();
+    let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(3, 0.9)).collect();
     emu::adamw_step(&kern, 0.9, 0.999, 1e-8).unwrap();
     for (i, (p, q)) in ps.iter().zip(&qs).enumerate() {
-        p.assert_same(
+        assert_same(
+            p,
             q,
             &format!("{what} [{i}] {:?} {:?}", p.w.dtype(), p.w.dims()),
         );
@@ -153,7 +63,8 @@ fn check_sgd(ps: &[P], momentum: bool, mu: f64, nesterov: bool, what: &str) {
     }
     emu::sgd_step(&kern, mu, nesterov).unwrap();
     for (i, (p, q)) in ps.iter().zip(&qs).enumerate() {
-        p.assert_same(
+        assert_same(
+            p,
             q,
             &format!("{what} [{i}] {:?} {:?}", p.w.dtype(), p.w.dims()),
         );
@@ -185,7 +96,7 @@ fn check_ema(ps: &[P], mu: f64, nesterov: bool, what: &str) {
         o2.as_tensor(),
     );
     for (p, q) in ps.iter().zip(&qs) {
-        p.assert_same(q, what);
+        assert_same(p, q, what);
     }
 }
 
@@ -204,7 +115,7 @@ fn check_apply(ps: &[P], what: &str) {
     }
     emu::apply_step(&w2, &d, &alphas, &d2).unwrap();
     for (p, q) in ps.iter().zip(&qs) {
-        p.assert_same(q, what);
+        assert_same(p, q, what);
     }
 }
 
@@ -264,13 +175,13 @@ fn adamw_two_steps() {
     let qs: Vec<P> = ps.iter().map(P::copy).collect();
     for t in 1..=2 {
         for p in &ps {
-            device::adamw_step(&[p.adam(t)], 0.9, 0.999, 1e-8).unwrap();
+            device::adamw_step(&[p.adam(t, 0.9)], 0.9, 0.999, 1e-8).unwrap();
         }
-        let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(t)).collect();
+        let kern: Vec<AdamItem<'_>> = qs.iter().map(|p| p.adam(t, 0.9)).collect();
         emu::adamw_step(&kern, 0.9, 0.999, 1e-8).unwrap();
     }
     for (p, q) in ps.iter().zip(&qs) {
-        p.assert_same(q, "adamw step 2");
+        assert_same(p, q, "adamw step 2");
     }
 }
 
