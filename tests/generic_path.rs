@@ -18,12 +18,11 @@ mod cases;
 mod support;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
+use candle_nn::VarMap;
 use cases::*;
 use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, SgdItem};
 use steepest::optim::{
-    AdamW, AdamWConfig, Manifold, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig, Steepest,
-    SteepestConfig,
+    AdamW, AdamWConfig, Manifold, Muon, MuonConfig, Sgd, SgdConfig, Steepest, SteepestConfig,
 };
 use steepest::WeightDecay;
 
@@ -400,27 +399,8 @@ fn cpu_path_refuses_aliased_empty_tensors_and_takes_distinct_ones() {
     assert!(e.contains("shares its storage"), "{e}");
 }
 
-type Build = fn(&VarMap) -> Box<dyn Stepper>;
+type Build = fn(&VarMap) -> Box<dyn support::Stepper>;
 type Params = &'static [(&'static str, &'static [usize])];
-
-/// An optimizer under test: a step and its state dict.
-trait Stepper {
-    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()>;
-    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()>;
-    fn state(&self) -> std::collections::HashMap<String, Tensor>;
-}
-
-impl<O: Optimizer + OptimizerState> Stepper for O {
-    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()> {
-        self.backward_step(loss)
-    }
-    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
-        self.step(grads)
-    }
-    fn state(&self) -> std::collections::HashMap<String, Tensor> {
-        self.state_dict().unwrap()
-    }
-}
 
 /// The optimizers whose steps run through the seam, each with spectral
 /// decay (power iteration, the rank-1 term) where it has one.

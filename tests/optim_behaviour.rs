@@ -12,63 +12,83 @@ use steepest::optim::{
 use steepest::{NewtonSchulz, WeightDecay};
 use support::*;
 
-type StepFn = Box<dyn FnMut(&Tensor) -> candle_core::Result<()>>;
+type StepFn = SharedStep<Tensor>;
 type StateFn = Box<dyn Fn() -> std::collections::HashMap<String, Tensor>>;
 
-/// The three optimizers (spectral decay on) over `vm`: a name, a step
-/// function and a state-dict function sharing one optimizer each.
+/// The three optimizers (spectral decay on) over `vm`.
+fn optimizers(vm: &VarMap) -> Vec<(&'static str, Box<dyn Stepper>)> {
+    vec![
+        (
+            "adamw",
+            Box::new(
+                AdamW::from_varmap(
+                    vm,
+                    AdamWConfig {
+                        weight_decay: WeightDecay::spectral(0.1),
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            "sgd",
+            Box::new(
+                Sgd::from_varmap(
+                    vm,
+                    SgdConfig {
+                        momentum: 0.9,
+                        weight_decay: WeightDecay::spectral(0.1),
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            "muon",
+            Box::new(
+                Muon::from_varmap(
+                    vm,
+                    MuonConfig {
+                        weight_decay: WeightDecay::spectral(0.1),
+                        adamw_names: vec!["embed".into()],
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+        ),
+    ]
+}
+
+/// [`optimizers`] as a name, a step function (from a loss) and a
+/// state-dict function sharing one optimizer each.
 fn all_optimizers(vm: &VarMap) -> Vec<(&'static str, StepFn, StateFn)> {
+    shared(vm, |o, l: &Tensor| o.step_loss(l))
+}
+
+/// Each of [`optimizers`] as a name, `step` (`s` on the optimizer) and a
+/// state-dict function, sharing one optimizer.
+fn shared<A: ?Sized + 'static>(
+    vm: &VarMap,
+    s: fn(&mut dyn Stepper, &A) -> candle_core::Result<()>,
+) -> Vec<(&'static str, SharedStep<A>, StateFn)> {
     use std::cell::RefCell;
     use std::rc::Rc;
-    let mut out: Vec<(&'static str, StepFn, StateFn)> = Vec::new();
-    macro_rules! push {
-        ($name:expr, $opt:expr) => {{
-            let o = Rc::new(RefCell::new($opt));
+    optimizers(vm)
+        .into_iter()
+        .map(|(name, o)| {
+            let o = Rc::new(RefCell::new(o));
             let o2 = o.clone();
-            out.push((
-                $name,
-                Box::new(move |l: &Tensor| o.borrow_mut().backward_step(l)),
-                Box::new(move || o2.borrow().state_dict().unwrap()),
-            ));
-        }};
-    }
-    push!(
-        "adamw",
-        AdamW::from_varmap(
-            vm,
-            AdamWConfig {
-                weight_decay: WeightDecay::spectral(0.1),
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    push!(
-        "sgd",
-        Sgd::from_varmap(
-            vm,
-            SgdConfig {
-                momentum: 0.9,
-                weight_decay: WeightDecay::spectral(0.1),
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    push!(
-        "muon",
-        Muon::from_varmap(
-            vm,
-            MuonConfig {
-                weight_decay: WeightDecay::spectral(0.1),
-                adamw_names: vec!["embed".into()],
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    out
+            let step: SharedStep<A> = Box::new(move |a: &A| s(&mut **o.borrow_mut(), a));
+            let state: StateFn = Box::new(move || o2.borrow().state());
+            (name, step, state)
+        })
+        .collect()
 }
+
+type SharedStep<A> = Box<dyn FnMut(&A) -> candle_core::Result<()>>;
 
 /// `Σ_p loss + Σ w⊙g_bad` for one parameter: its gradient picks up `bad`.
 fn poisoned_loss(vm: &VarMap, name: &str, bad: f32) -> Tensor {
@@ -497,61 +517,14 @@ fn plain_candle_optimizer_api_works() {
     assert_eq!(keys, vec!["param.0.momentum.buf".to_string()]);
 }
 
-type GradStepFn = Box<dyn FnMut(&candle_core::backprop::GradStore) -> candle_core::Result<()>>;
+type GradStepFn = SharedStep<candle_core::backprop::GradStore>;
 
-/// The three optimizers over `vm`, stepped with a given `GradStore` (the
-/// route of hand-made gradients).
+/// [`optimizers`], stepped with a given `GradStore` (the route of hand-made
+/// gradients).
 fn grad_optimizers(vm: &VarMap) -> Vec<(&'static str, GradStepFn, StateFn)> {
-    use std::cell::RefCell;
-    use std::rc::Rc;
-    let mut out: Vec<(&'static str, GradStepFn, StateFn)> = Vec::new();
-    macro_rules! push {
-        ($name:expr, $opt:expr) => {{
-            let o = Rc::new(RefCell::new($opt));
-            let o2 = o.clone();
-            out.push((
-                $name,
-                Box::new(move |g: &candle_core::backprop::GradStore| o.borrow_mut().step(g)),
-                Box::new(move || o2.borrow().state_dict().unwrap()),
-            ));
-        }};
-    }
-    let spectral = WeightDecay::spectral(0.1);
-    push!(
-        "adamw",
-        AdamW::from_varmap(
-            vm,
-            AdamWConfig {
-                weight_decay: spectral,
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    push!(
-        "sgd",
-        Sgd::from_varmap(
-            vm,
-            SgdConfig {
-                momentum: 0.9,
-                weight_decay: spectral,
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    push!(
-        "muon",
-        Muon::from_varmap(
-            vm,
-            MuonConfig {
-                weight_decay: spectral,
-                ..Default::default()
-            }
-        )
-        .unwrap()
-    );
-    out
+    shared(vm, |o, g: &candle_core::backprop::GradStore| {
+        o.step_grads(g)
+    })
 }
 
 /// An empty `GradStore` to fill by hand (candle's constructor is private).

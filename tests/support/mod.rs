@@ -227,3 +227,23 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// An optimizer under test, behind one object type: a step from a loss or
+/// from given gradients, and its state dict.
+pub trait Stepper {
+    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()>;
+    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()>;
+    fn state(&self) -> HashMap<String, Tensor>;
+}
+
+impl<O: candle_nn::Optimizer + steepest::optim::OptimizerState> Stepper for O {
+    fn step_loss(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        self.backward_step(loss)
+    }
+    fn step_grads(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.step(grads)
+    }
+    fn state(&self) -> HashMap<String, Tensor> {
+        self.state_dict().unwrap()
+    }
+}
