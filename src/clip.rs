@@ -38,16 +38,7 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
         .iter()
         .map(|g| g.abs()?.max_all()?.to_dtype(DType::F64))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let m = Tensor::stack(&maxima, 0)?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .fold(0.0f64, |a, x| {
-            if a.is_nan() || x.is_nan() {
-                f64::NAN
-            } else {
-                a.max(x)
-            }
-        });
+    let m = crate::linalg::max_or_nan(Tensor::stack(&maxima, 0)?.to_vec1::<f64>()?);
     if !(m.is_finite() && m > 0.0) {
         return Ok(total.sqrt());
     }

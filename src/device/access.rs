@@ -149,12 +149,19 @@ fn cpu_range_mut<'a>(s: &'a mut CpuStorage, l: &Layout, who: &str) -> Result<Dat
     })
 }
 
-/// The address range of a CPU tensor's whole storage and the storage's own
-/// address, to detect sharing: two tensors share when they are views of one
-/// storage (also when it is empty) or when their ranges overlap.
-fn storage_span(t: &Tensor) -> Result<(usize, usize, usize)> {
+/// The address of a tensor's storage object (any device): equal for views
+/// of one storage, empty ones included.
+pub(crate) fn storage_id(t: &Tensor) -> usize {
     let (s, _) = t.storage_and_layout();
-    let id = &*s as *const Storage as usize;
+    &*s as *const Storage as usize
+}
+
+/// The address range of a CPU tensor's whole storage and its
+/// [`storage_id`], to detect sharing: two tensors share when they are views
+/// of one storage (also when it is empty) or when their ranges overlap.
+fn storage_span(t: &Tensor) -> Result<(usize, usize, usize)> {
+    let id = storage_id(t);
+    let (s, _) = t.storage_and_layout();
     let Storage::Cpu(c) = &*s else {
         fail!(Device, "cpu kernel", "tensor is not on the CPU");
     };

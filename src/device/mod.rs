@@ -156,14 +156,9 @@ pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
 /// generic path writes each output after computing it, so a shared output
 /// would be overwritten by a later one).
 fn refuse_shared_storage(ins: &[&Tensor], outs: &[&Tensor]) -> Result<()> {
-    let id = |t: &Tensor| {
-        let (s, _) = t.storage_and_layout();
-        &*s as *const candle_core::Storage as usize
-    };
-    let (ins, outs): (Vec<usize>, Vec<usize>) = (
-        ins.iter().map(|t| id(t)).collect(),
-        outs.iter().map(|t| id(t)).collect(),
-    );
+    let id = |t: &&Tensor| access::storage_id(t);
+    let (ins, outs): (Vec<usize>, Vec<usize>) =
+        (ins.iter().map(id).collect(), outs.iter().map(id).collect());
     for (i, o) in outs.iter().enumerate() {
         if outs[..i].contains(o) || ins.contains(o) {
             fail!(

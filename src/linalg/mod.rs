@@ -22,6 +22,19 @@ use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 
+/// The largest of `xs` (0 when empty), NaN if any is NaN (`f64::max`
+/// drops a NaN: `max(0, NaN) = 0`, which would read a NaN residual or
+/// magnitude as small).
+pub(crate) fn max_or_nan(xs: impl IntoIterator<Item = f64>) -> f64 {
+    xs.into_iter().fold(0.0, |a, x| {
+        if a.is_nan() || x.is_nan() {
+            f64::NAN
+        } else {
+            a.max(x)
+        }
+    })
+}
+
 /// The dtype the iterations run in: f64 stays f64, everything else uses f32.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {

@@ -244,17 +244,9 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
             .sum(1)?
             .sqrt()?
             .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            // f64::max drops NaN (max(0, NaN) = 0): a NaN residual (W = 0)
-            // must not read as converged.
-            .fold(0.0f64, |a, r| {
-                if a.is_nan() || r.is_nan() {
-                    f64::NAN
-                } else {
-                    a.max(r)
-                }
-            });
+            .to_vec1::<f64>()?;
+        // a NaN residual (W = 0) must not read as converged
+        let r = super::max_or_nan(r);
         if !r.is_finite() {
             fail!(
                 Numerical,
