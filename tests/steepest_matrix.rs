@@ -18,7 +18,7 @@ use steepest::optim::steepest::{spectral_sphere_direction, stiefel_direction};
 use steepest::optim::NamedVar;
 use steepest::{
     DualAscent, Manifold, Muon, MuonConfig, NewtonSchulz, Norm, OptimizerState, Steepest,
-    SteepestConfig, WeightDecay,
+    SteepestConfig, TryStep, WeightDecay,
 };
 
 fn named(items: Vec<(&str, Tensor)>) -> Vec<NamedVar> {
@@ -754,47 +754,78 @@ fn stiefel_retraction_refuses_rank_deficient_matrices() {
             );
         }
     }
+    // In a batch, the error names the member.
+    let batch = Tensor::stack(&[&rank2.ones_like().unwrap(), &zero], 0).unwrap();
+    let batch = (batch
+        + Tensor::stack(
+            &[
+                &Tensor::eye(4, DType::F32, &Device::Cpu)
+                    .unwrap()
+                    .narrow(1, 0, 3)
+                    .unwrap(),
+                &zero,
+            ],
+            0,
+        )
+        .unwrap())
+    .unwrap();
+    for cold in [false, true] {
+        let e = stiefel_retract(&batch, cold).unwrap_err().to_string();
+        assert!(e.contains("batch member 1"), "cold {cold}: {e}");
+    }
     let no_cols = Tensor::zeros((5, 0), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(stiefel_retract(&no_cols, true).unwrap().dims(), &[5, 0]);
 }
 
-/// A Stiefel step from a zero-initialised matrix (an output layer, LoRA's
-/// B) is refused naming the parameter, and no parameter or state changes
-/// (it used to return `Ok` with the matrix filled with NaN: the NaN
-/// residual of the zero member was dropped by the batch's max). The zero
-/// matrix is batched with a good one, and comes first.
+/// A Stiefel or spectral-sphere step from a zero-initialised matrix (an
+/// output layer, LoRA's B) is refused naming the parameter, and no
+/// parameter or state changes (a Stiefel step used to return `Ok` with the
+/// matrix filled with NaN: the NaN residual of the zero member was dropped
+/// by the batch's max). The zero matrix is batched with a good one, first
+/// and then second (the error named the batch's first member once).
 #[test]
-fn a_stiefel_step_on_a_zero_matrix_is_refused_and_changes_nothing() {
-    let vars = named(vec![
-        (
-            "w.zero",
-            Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap(),
-        ),
-        (
-            "w.good",
-            from_dmatrix(&orthonormal(&mut rng(3), 4, 3), DType::F32),
-        ),
-    ]);
-    let mut opt = Steepest::from_named(vars.clone(), stiefel_cfg(false)).unwrap();
-    let before = snapshot(&vars);
-    // ‖W‖² has a zero gradient at W = 0: the step leaves w.zero at 0, where
-    // the retraction has no answer
-    let sq = |vars: &[NamedVar]| {
-        vars.iter()
-            .map(|v| v.var.as_tensor().sqr().unwrap().sum_all().unwrap())
-            .reduce(|a, b| (a + b).unwrap())
-            .unwrap()
+fn a_manifold_step_on_a_zero_matrix_is_refused_naming_it_and_changes_nothing() {
+    let zero = || Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+    let good = || from_dmatrix(&orthonormal(&mut rng(3), 4, 3), DType::F32);
+    let spectral = SteepestConfig {
+        lr: 0.1,
+        manifold: Manifold::SpectralSphere { radius: 1.0 },
+        ..Default::default()
     };
-    let e = opt.backward_step(&sq(&vars)).unwrap_err().to_string();
-    assert!(e.contains("w.zero") && e.contains("rank-deficient"), "{e}");
-    assert_eq!(snapshot(&vars), before, "a parameter changed");
-    assert!(
-        OptimizerState::state_dict(&opt)
-            .unwrap()
-            .keys()
-            .all(|k| k.starts_with("__")),
-        "state was created by the refused step"
-    );
+    for (cfg, why) in [
+        (stiefel_cfg(false), "rank-deficient"),
+        (spectral, "spectral norm 0"),
+    ] {
+        for zero_first in [true, false] {
+            let vars = if zero_first {
+                named(vec![("w.zero", zero()), ("w.good", good())])
+            } else {
+                named(vec![("w.good", good()), ("w.zero", zero())])
+            };
+            let mut opt = Steepest::from_named(vars.clone(), cfg.clone()).unwrap();
+            let before = snapshot(&vars);
+            // ‖W‖² has a zero gradient at W = 0: the step leaves w.zero at
+            // 0, where the retraction has no answer
+            let sq = |vars: &[NamedVar]| {
+                vars.iter()
+                    .map(|v| v.var.as_tensor().sqr().unwrap().sum_all().unwrap())
+                    .reduce(|a, b| (a + b).unwrap())
+                    .unwrap()
+            };
+            let e = opt.try_backward_step(&sq(&vars)).unwrap_err();
+            let case = format!("{:?}, zero first: {zero_first}: {e}", cfg.manifold);
+            assert_eq!(e.who(), Some("w.zero"), "{case}");
+            assert!(e.to_string().contains(why), "{case}");
+            assert_eq!(snapshot(&vars), before, "a parameter changed: {case}");
+            assert!(
+                OptimizerState::state_dict(&opt)
+                    .unwrap()
+                    .keys()
+                    .all(|k| k.starts_with("__")),
+                "state was created by the refused step: {case}"
+            );
+        }
+    }
 }
 
 /// The spectral-sphere retraction needs a finite radius > 0 (a negative one

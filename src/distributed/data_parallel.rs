@@ -35,7 +35,10 @@
 //!    refused with an infinite norm.
 //! 4. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
 //!    (cast to each parameter's dtype), called on every rank at every step,
-//!    with an empty list on a rank that owns nothing.
+//!    with an empty list on a rank that owns nothing. For an optimizer whose
+//!    step can fail on valid gradients (a retraction), its two-phase form
+//!    [`ShardedStep::step_subset_agreed`], with one all-reduce of a small
+//!    status vector between the phases (see below).
 //! 5. **One all-gather** of the owners' parameters (in the parameters' dtype:
 //!    bf16 when every parameter is bf16, f32 otherwise, so nothing is rounded)
 //!    plus one status element per rank; every rank writes the parameters it
@@ -47,13 +50,20 @@
 //! PyTorch's DDP; a parameter without a gradient on **every** rank is not
 //! passed to `step_subset` at all, as a single-process optimizer skips it.
 //!
-//! A failure inside `step_subset` (which, by the contract of [`ShardedStep`],
-//! leaves that rank's parameters and state unchanged) is reported on every
-//! rank through the status elements of the all-gather; the other owners have
-//! then stepped their parameters, so the step is not atomic across ranks, but
-//! the parameters stay identical on every rank. It should not happen: the
-//! gradients are finite and of the right shapes by step 1 (a fallible chain,
-//! such as a retraction, can still fail at its owner).
+//! A failure of the owner's step on valid gradients can come only from a
+//! fallible transform (a retraction of a rank-deficient matrix, a root
+//! solve). The crate's optimizers with such a chain step in two phases
+//! ([`ShardedStep::agrees_before_commit`]): the fallible groups run first,
+//! undoably, then one all-reduce of a small status vector tells every rank
+//! whether any owner failed; if one did, **every rank undoes its share and
+//! refuses the step** (the same error on every rank, naming the parameter),
+//! so no parameter, state or schedule counter changed anywhere. Any other
+//! failure inside `step_subset` (which, by the contract of [`ShardedStep`],
+//! leaves that rank's parameters and state unchanged; e.g. a device error,
+//! or a third-party optimizer without the two phases) is reported on every
+//! rank through the status elements of the all-gather; the other owners
+//! have then stepped their parameters, so that step is not atomic across
+//! ranks, but the parameters stay identical on every rank.
 //!
 //! Checkpoints: [`save_state`](DataParallel::save_state) writes one file per
 //! rank (that rank's optimizer state: the parameters it owns) and a manifest;
@@ -87,6 +97,36 @@ pub trait ShardedStep {
     /// and no state (the crate's step protocol).
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()>;
 
+    /// Whether a step of valid gradients can fail (a retraction, a root
+    /// solve) and the optimizer can still undo it after the part that can
+    /// fail: then [`DataParallel`] calls
+    /// [`step_subset_agreed`](Self::step_subset_agreed) instead of
+    /// `step_subset`, so that a failure at one owner is undone on every rank.
+    /// Must be the same on every rank (it is checked at construction). The
+    /// default, `false`, skips that agreement (one small all-reduce and one
+    /// host sync per step).
+    fn agrees_before_commit(&self) -> bool {
+        false
+    }
+
+    /// The step of [`step_subset`](Self::step_subset) in two phases around
+    /// `agree`, which the implementation calls **exactly once** per call,
+    /// with its error so far (`None`: fine so far): everything that can fail
+    /// runs before, undoably; if `agree` returns an error (some rank
+    /// failed), undo and return it; else finish the step. The default runs
+    /// `step_subset` and then `agree`, undoing nothing;
+    /// [`Driver::step_subset_agreed`](crate::optim::Driver::step_subset_agreed)
+    /// is the real one.
+    fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        let result = self.step_subset(grads);
+        let verdict = agree(result.as_ref().err());
+        result.and(verdict)
+    }
+
     /// The settings every rank must share (learning rate, hyperparameters),
     /// compared across ranks by [`DataParallel`] at construction: ranks that
     /// step their shares with different settings would train a model no
@@ -100,6 +140,16 @@ impl<O: ShardedStep + ?Sized> ShardedStep for &mut O {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         (**self).step_subset(grads)
     }
+    fn agrees_before_commit(&self) -> bool {
+        (**self).agrees_before_commit()
+    }
+    fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        (**self).step_subset_agreed(grads, agree)
+    }
     fn settings(&self) -> Option<serde_json::Value> {
         (**self).settings()
     }
@@ -108,6 +158,16 @@ impl<O: ShardedStep + ?Sized> ShardedStep for &mut O {
 impl<O: ShardedStep + ?Sized> ShardedStep for Box<O> {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         (**self).step_subset(grads)
+    }
+    fn agrees_before_commit(&self) -> bool {
+        (**self).agrees_before_commit()
+    }
+    fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        (**self).step_subset_agreed(grads, agree)
     }
     fn settings(&self) -> Option<serde_json::Value> {
         (**self).settings()
@@ -186,6 +246,8 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     device: Device,
     steps: u64,
     last_norm: Option<f64>,
+    /// [`ShardedStep::agrees_before_commit`], read once at construction.
+    two_phase: bool,
 }
 
 impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
@@ -369,6 +431,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         } else {
             DType::F32
         };
+        let two_phase = opt.agrees_before_commit();
         let this = Self {
             comm,
             opt,
@@ -379,6 +442,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             device,
             steps: 0,
             last_norm: None,
+            two_phase,
         };
         this.check_agreement()?;
         if this.config.broadcast_initial {
@@ -406,6 +470,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             layout,
             self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1),
         );
+        layout = mix(layout, self.two_phase as u64);
         let settings = self.opt.settings().map_or(0, |s| {
             s.to_string()
                 .bytes()
@@ -581,9 +646,31 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             Some(max) => Ok(self.clip(owned, max, &status[2 * world..2 * world + p])?),
         };
 
-        // 4. The owner's step. Any error here is reported through the
-        // all-gather's status element, so the other ranks never wait in vain.
-        let step_result = owned.and_then(|owned| self.opt.step_subset(&owned));
+        // 4. The owner's step. With a two-phase optimizer, every rank agrees
+        // (one all-reduce) after the part that can fail: a failure anywhere
+        // is undone everywhere and the step refused on every rank. Any other
+        // error is reported through the all-gather's status element, so the
+        // other ranks never wait in vain.
+        let step_result = if self.two_phase {
+            let (comm, plan, device) = (&self.comm, &self.plan, &self.device);
+            let mut refused = false;
+            let mut agree = |e: Option<&Error>| {
+                let verdict = agree_on_shares(comm, plan, device, e);
+                refused = verdict.is_err();
+                verdict
+            };
+            let result = match owned {
+                Ok(owned) => self.opt.step_subset_agreed(&owned, &mut agree),
+                Err(e) => Err(agree(Some(&e)).err().unwrap_or(e)),
+            };
+            if refused {
+                // The same on every rank, and nothing changed: no all-gather.
+                return result;
+            }
+            result
+        } else {
+            owned.and_then(|owned| self.opt.step_subset(&owned))
+        };
 
         // 5. One all-gather of the owners' parameters and their status.
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -853,6 +940,59 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         }
         Err(Error::checkpoint(who, msg))
     }
+}
+
+/// The agreement of a two-phase step ([`ShardedStep::step_subset_agreed`]):
+/// one all-reduce of what each rank's first phase found (`e`: its error, if
+/// any). `Ok` when no rank failed; otherwise the same error on every rank —
+/// of the kind of the first failed rank's error, about the parameter it
+/// names (when it names one of the plan's) — saying that the step was
+/// refused everywhere, plus, on a failed rank, its own error.
+fn agree_on_shares<C: Collective>(
+    comm: &C,
+    plan: &Plan,
+    device: &Device,
+    e: Option<&Error>,
+) -> Result<()> {
+    let (world, rank) = (comm.world_size(), comm.rank());
+    // Per rank: [failed | index of the parameter its error names, + 1 | kind].
+    let mut status = vec![0f32; 3 * world];
+    if let Some(e) = e {
+        status[rank] = 1.0;
+        let named = e
+            .who()
+            .and_then(|w| plan.specs().iter().position(|s| s.name == w));
+        status[world + rank] = named.map_or(0.0, |i| (i + 1) as f32);
+        status[2 * world + rank] = match e {
+            Error::Numerical { .. } => 1.0,
+            Error::Device { .. } | Error::Candle(_) => 2.0,
+            Error::Shape { .. } => 3.0,
+            _ => 4.0,
+        };
+    }
+    let status = Tensor::from_vec(status, 3 * world, device)?;
+    let status = comm.all_reduce(&status, ReduceOp::Sum)?.to_vec1::<f32>()?;
+    let failed: Vec<usize> = (0..world).filter(|&r| status[r] != 0.0).collect();
+    let Some(&first) = failed.first() else {
+        return Ok(());
+    };
+    let who = match status[world + first] as usize {
+        0 => format!("DataParallel::step (rank {rank})"),
+        i => plan.specs()[i - 1].name.clone(),
+    };
+    let mut what = format!(
+        "the optimizer step failed on rank(s) {failed:?}; every rank undid its share: the \
+         step was refused on every rank, nothing changed"
+    );
+    if let Some(e) = e {
+        what += &format!("; here: {e}");
+    }
+    Err(match status[2 * world + first] as u32 {
+        1 => Error::numerical(who, what),
+        2 => Error::device(who, what),
+        3 => Error::shape(who, what),
+        _ => Error::config(who, what),
+    })
 }
 
 /// `true` iff every element is finite: `sum(x · 0)` is 0 unless some `x` is

@@ -12,7 +12,7 @@
 
 use super::data_parallel::ShardedStep;
 use super::plan::ParamSpec;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::optim::{AdamW, Driver, Muon, Sgd, Steepest};
 use crate::schedule::Scheduled;
 use candle_core::Tensor;
@@ -34,6 +34,16 @@ macro_rules! sharded_by_inherent {
             fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
                 <$t>::step_subset(self, grads)
             }
+            fn agrees_before_commit(&self) -> bool {
+                <$t>::driver(self).has_fallible_chain()
+            }
+            fn step_subset_agreed(
+                &mut self,
+                grads: &[(usize, Tensor)],
+                agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+            ) -> Result<()> {
+                <$t>::driver_mut(self).step_subset_agreed(grads, agree)
+            }
             fn settings(&self) -> Option<serde_json::Value> {
                 Some(<$t>::driver(self).settings())
             }
@@ -51,6 +61,16 @@ sharded_by_inherent!(Muon, AdamW, Sgd, Steepest);
 impl ShardedStep for Driver {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         Driver::step_subset(self, grads)
+    }
+    fn agrees_before_commit(&self) -> bool {
+        self.has_fallible_chain()
+    }
+    fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        Driver::step_subset_agreed(self, grads, agree)
     }
     fn settings(&self) -> Option<serde_json::Value> {
         Some(Driver::settings(self))
@@ -70,16 +90,17 @@ impl ShardedOptimizer for Driver {
 /// refused, so the counters stay equal across ranks.
 impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        let before = self.inner().learning_rate();
-        let lr = self.next_lr();
-        self.inner_mut().set_learning_rate(lr);
-        if let Err(e) = self.inner_mut().step_subset(grads) {
-            self.inner_mut().set_learning_rate(before);
-            return Err(e);
-        }
-        let next = self.current_step() + 1;
-        self.set_step(next);
-        Ok(())
+        scheduled(self, |o| o.step_subset(grads))
+    }
+    fn agrees_before_commit(&self) -> bool {
+        self.inner().agrees_before_commit()
+    }
+    fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        scheduled(self, |o| o.step_subset_agreed(grads, agree))
     }
     /// The inner optimizer's settings without its learning rate (the
     /// schedule sets it at every step), the schedule and the step counter.
@@ -94,6 +115,25 @@ impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
             "step": self.current_step(),
         }))
     }
+}
+
+/// `step` (a subset's step of the inner optimizer) at the schedule's rate
+/// for the current step; the counter advances only if it succeeds, and a
+/// failure puts the old rate back.
+fn scheduled<O: Optimizer + ShardedStep>(
+    s: &mut Scheduled<O>,
+    step: impl FnOnce(&mut O) -> Result<()>,
+) -> Result<()> {
+    let before = s.inner().learning_rate();
+    let lr = s.next_lr();
+    s.inner_mut().set_learning_rate(lr);
+    if let Err(e) = step(s.inner_mut()) {
+        s.inner_mut().set_learning_rate(before);
+        return Err(e);
+    }
+    let next = s.current_step() + 1;
+    s.set_step(next);
+    Ok(())
 }
 
 impl<O: Optimizer + ShardedOptimizer> ShardedOptimizer for Scheduled<O> {

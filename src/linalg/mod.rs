@@ -17,6 +17,7 @@ pub(crate) use power_iteration::{default_start_values, power_iteration_generic, 
 pub use power_iteration::{power_iteration, TopSingular};
 pub(crate) use spectral::{batch3, unbatch};
 pub use spectral::{spectral_sphere_retract, stiefel_retract, theta, top_singular_precise};
+pub(crate) use spectral::{spectral_sphere_retract_members, stiefel_retract_members, MemberError};
 
 use candle_core::{DType, Tensor};
 

@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{msign, power_iteration, NewtonSchulz, TopSingular};
-use crate::error::{fail, Result};
+use crate::error::{fail, Error, Result};
 
 /// Up to `(b, m, n)`, with whether a batch dimension was added.
 pub(crate) fn batch3(t: &Tensor) -> Result<(Tensor, bool)> {
@@ -127,19 +127,32 @@ fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> R
 }
 
 /// The spectral-sphere retraction `W ← r·W/‖W‖₂`, with `‖W‖₂` from
-/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`). Returns the retracted matrix and the top singular triplet of the
-/// input (whose `u, v` are also those of the output). Errors on `W = 0`.
+/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`).
+/// Returns the retracted matrix and the top singular triplet of the input
+/// (whose `u, v` are also those of the output). Errors on `W = 0` (for a
+/// batch, naming the first such member).
 pub fn spectral_sphere_retract(
     w: &Tensor,
     radius: f64,
     start: Option<&Tensor>,
 ) -> Result<(Tensor, TopSingular)> {
+    spectral_sphere_retract_members(w, radius, start)
+        .map_err(|e| e.for_batch(w, "spectral_sphere_retract"))
+}
+
+/// [`spectral_sphere_retract`], whose failure says which member of the
+/// batch failed.
+pub(crate) fn spectral_sphere_retract_members(
+    w: &Tensor,
+    radius: f64,
+    start: Option<&Tensor>,
+) -> std::result::Result<(Tensor, TopSingular), MemberError> {
     if !(radius.is_finite() && radius > 0.0) {
-        fail!(
-            Config,
+        return Err(Error::config(
             "spectral_sphere_retract: radius",
-            "must be finite and > 0, got {radius}"
-        );
+            format!("must be finite and > 0, got {radius}"),
+        )
+        .into());
     }
     let top = top_singular_precise(w, start)?;
     let s = top
@@ -147,12 +160,14 @@ pub fn spectral_sphere_retract(
         .flatten_all()?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
-    if s.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        fail!(
-            Numerical,
-            "spectral_sphere_retract",
-            "cannot retract a matrix with spectral norm {s:?}"
-        );
+    if let Some(i) = s.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(MemberError {
+            member: Some(i),
+            error: Error::numerical(
+                "spectral_sphere_retract",
+                format!("cannot retract a matrix with spectral norm {}", s[i]),
+            ),
+        });
     }
     let scale = (radius / top.sigma.to_dtype(w.dtype())?)?;
     let scale = if w.rank() == 3 {
@@ -191,16 +206,59 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// still falls (up to 48 steps: small singular values grow by 1.5× a step
 /// before the quadratic phase), which brings any full-rank `W` onto the
 /// manifold. A `W` whose residual stays above `max(1e-3, 2·floor)`
-/// (rank-deficient, or a condition number beyond ~10⁸) is an error.
+/// (rank-deficient, or a condition number beyond ~10⁸) is an error; for a
+/// batch `(b, n, m)`, it names the first such member.
 pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
+    stiefel_retract_members(w, cold).map_err(|e| e.for_batch(w, "stiefel_retract"))
+}
+
+/// An error about one member of a batch (`member`: its index, when the
+/// error is about one).
+pub(crate) struct MemberError {
+    pub member: Option<usize>,
+    pub error: Error,
+}
+
+impl MemberError {
+    /// The error of the public routine `routine` on `w`: on a batch, about
+    /// `routine (batch member i)`.
+    fn for_batch(self, w: &Tensor, routine: &str) -> Error {
+        match self.member {
+            Some(i) if w.rank() == 3 => self.error.about(&format!("{routine} (batch member {i})")),
+            _ => self.error,
+        }
+    }
+}
+
+impl From<Error> for MemberError {
+    fn from(error: Error) -> Self {
+        Self {
+            member: None,
+            error,
+        }
+    }
+}
+
+impl From<candle_core::Error> for MemberError {
+    fn from(e: candle_core::Error) -> Self {
+        Error::from(e).into()
+    }
+}
+
+/// [`stiefel_retract`], whose failure says which member of the batch failed
+/// (an optimizer names that member's parameter).
+pub(crate) fn stiefel_retract_members(
+    w: &Tensor,
+    cold: bool,
+) -> std::result::Result<Tensor, MemberError> {
     let (w3, added) = batch3(w)?;
     let (b, n, m) = w3.dims3()?;
     if n < m {
-        fail!(
-            Shape,
+        return Err(Error::shape(
             "stiefel_retract",
-            "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
-        );
+            format!("w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"),
+        )
+        .into());
     }
     if m == 0 {
         // No columns: WᵀW is the empty identity already.
@@ -222,7 +280,8 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
         .broadcast_as((b, m, m))?;
     // X / rms(σ(X)) inside msign: ‖X‖_F·(1/√m).
     let scale = 1.0 / (m as f64).sqrt();
-    let mut best: Option<(f64, Tensor)> = None;
+    // (largest residual, its member, X)
+    let mut best: Option<(f64, usize, Tensor)> = None;
     let mut flat_rounds = 0;
     let max_rounds = if cold {
         STIEFEL_COLD_MAX_ROUNDS
@@ -246,19 +305,25 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
         // a NaN residual (W = 0) must not read as converged
-        let r = super::max_or_nan(r);
-        if !r.is_finite() {
-            fail!(
-                Numerical,
-                "stiefel_retract",
-                "the iteration diverged (W rank-deficient?)"
-            );
+        if let Some(i) = r.iter().position(|r| !r.is_finite()) {
+            return Err(MemberError {
+                member: Some(i),
+                error: Error::numerical(
+                    "stiefel_retract",
+                    "the iteration diverged (W rank-deficient?)",
+                ),
+            });
         }
+        let (worst, r) =
+            r.iter()
+                .copied()
+                .enumerate()
+                .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
         // Warm: quadratic convergence is expected, so a round that does not
         // halve the residual ends the rounds (then a cold start if still far).
         // Cold: small singular values grow slowly at first, so go on while
         // the residual still falls at all, and stop on a plateau.
-        let rb = best.as_ref().map_or(f64::INFINITY, |(rb, _)| *rb);
+        let rb = best.as_ref().map_or(f64::INFINITY, |(rb, ..)| *rb);
         let stalled = if cold {
             flat_rounds = if r < rb { 0 } else { flat_rounds + 1 };
             flat_rounds >= STIEFEL_COLD_PATIENCE
@@ -267,28 +332,32 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
         };
         // (a warm round that did not halve the residual is not kept)
         if r < rb && (cold || !stalled) {
-            best = Some((r, x.clone()));
+            best = Some((r, worst, x.clone()));
         }
         if stalled || r <= tol {
             break;
         }
     }
-    let (r, x) = best.expect("at least one round");
+    let (r, worst, x) = best.expect("at least one round");
     // Off the manifold: beyond 1e-3, or beyond twice the rounding floor
     // (which exceeds 1e-3 in f32 from about 300×300 on).
     if r > (2.0 * tol).max(1e-3) {
         if !cold {
             // Not near the manifold after all (e.g. a huge step): start over cold.
-            return stiefel_retract(w, true);
+            return stiefel_retract_members(w, true);
         }
         // Newton–Schulz keeps a zero singular value at zero: a rank-deficient
         // W has no polar factor on the manifold.
-        fail!(
-            Numerical,
-            "stiefel_retract",
-            "W is rank-deficient (or too ill-conditioned): the polar retraction \
-             stops at ‖WᵀW − I‖_F = {r:.3e}, not on the manifold"
-        );
+        return Err(MemberError {
+            member: Some(worst),
+            error: Error::numerical(
+                "stiefel_retract",
+                format!(
+                    "W is rank-deficient (or too ill-conditioned): the polar retraction \
+                     stops at ‖WᵀW − I‖_F = {r:.3e}, not on the manifold"
+                ),
+            ),
+        });
     }
-    unbatch(x, added)
+    Ok(unbatch(x, added)?)
 }

@@ -46,6 +46,18 @@ struct Part {
 
 type StateSlot = Option<Box<dyn TransformState>>;
 
+/// A step's groups: (infallible, partition, member shape, dtype, device) →
+/// members (parameter index, gradient).
+type Groups = BTreeMap<(bool, usize, Vec<usize>, &'static str, String), Vec<(usize, Tensor)>>;
+
+/// The verdict between the two phases of
+/// [`Driver::step_subset_agreed`].
+type Agree<'a> = dyn FnMut(Option<&Error>) -> Result<()> + 'a;
+
+/// Undo copies of the fallible groups: per group, per member, the
+/// parameter's index, value and state.
+type Undo = Vec<Vec<(usize, Tensor, Vec<StateSlot>)>>;
+
 /// Runs chains of transforms over named parameters; implements
 /// `candle_nn::Optimizer` and [`OptimizerState`](crate::OptimizerState).
 /// Build one with [`Driver::new`] (one chain for every parameter) or with
@@ -234,6 +246,75 @@ impl Driver {
     /// [`Driver::params`]) with the given gradients; the others are untouched.
     /// This is the step a data-parallel owner runs on its share.
     pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+        self.step_in_two_phases(grads, None)
+    }
+
+    /// [`step_subset`](Self::step_subset) with a verdict between its two
+    /// phases, so that a failure anywhere can still be undone everywhere:
+    /// steps 1–4 and the fallible groups run (under their undo copy), then
+    /// `agree` is called **exactly once** — with the error so far, if any —
+    /// and only if it returns `Ok` do the infallible groups run. If it
+    /// returns an error, the fallible groups are undone and that error is
+    /// returned: nothing changed. A data-parallel step passes a collective
+    /// `agree` (every rank's success, all-reduced), so a retraction that
+    /// fails at one owner leaves every rank's parameters and state as they
+    /// were ([`crate::distributed`]). Costs nothing more than `step_subset`
+    /// besides `agree` itself.
+    pub fn step_subset_agreed(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+    ) -> Result<()> {
+        self.step_in_two_phases(grads, Some(agree))
+    }
+
+    /// Whether any partition's chain has a fallible transform (a
+    /// retraction, a root solve): the groups whose step can fail on valid
+    /// input, run first under an undo copy.
+    pub fn has_fallible_chain(&self) -> bool {
+        self.parts.iter().any(|p| p.chain.fallible())
+    }
+
+    fn step_in_two_phases(
+        &mut self,
+        grads: &[(usize, Tensor)],
+        agree: Option<&mut Agree<'_>>,
+    ) -> Result<()> {
+        let first = self
+            .checked_groups(grads)
+            .and_then(|groups| Ok((self.run_fallible_groups(&groups)?, groups)));
+        let (undo, groups) = match agree {
+            None => first?,
+            Some(agree) => {
+                let verdict = agree(first.as_ref().err());
+                match first {
+                    // Already undone; the verdict's error says more (which
+                    // ranks failed) when there is one.
+                    Err(e) => return Err(verdict.err().unwrap_or(e)),
+                    Ok((undo, groups)) => match verdict {
+                        Ok(()) => (undo, groups),
+                        Err(e) => {
+                            self.restore(undo);
+                            return Err(e);
+                        }
+                    },
+                }
+            }
+        };
+        drop(undo);
+        for ((infallible, k, ..), members) in &groups {
+            if *infallible {
+                // Cannot fail on input that passed 1–3; if it does anyway
+                // (a device error), the error names the group's first member.
+                self.run_group(*k, members)
+                    .map_err(|e| self.named(e, members))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 1–4 of the protocol: nothing is written.
+    fn checked_groups(&self, grads: &[(usize, Tensor)]) -> Result<Groups> {
         // 1. shapes.
         let mut seen = vec![false; self.params.len()];
         for (p, g) in grads {
@@ -300,9 +381,7 @@ impl Driver {
             });
         }
         // 4. groups.
-        // (infallible, partition, member shape, dtype, device) → members.
-        type GroupKey<'a> = (bool, usize, Vec<usize>, &'a str, String);
-        let mut groups: BTreeMap<GroupKey<'_>, Vec<(usize, Tensor)>> = BTreeMap::new();
+        let mut groups = Groups::new();
         for (p, g) in grads {
             let info = &self.infos[p];
             let k = self.assign[p];
@@ -319,9 +398,15 @@ impl Driver {
             );
             groups.entry(key).or_default().push((p, g));
         }
-        // 5. fallible groups first, under an undo copy.
+        Ok(groups)
+    }
+
+    /// Step 5's first phase: the fallible groups, each after an undo copy
+    /// of its parameters and state; on error everything is restored, else
+    /// the copies are returned (to restore if the step is refused later).
+    fn run_fallible_groups(&mut self, groups: &Groups) -> Result<Undo> {
         let mut undo = Vec::new();
-        for ((infallible, k, ..), members) in &groups {
+        for ((infallible, k, ..), members) in groups {
             if *infallible {
                 continue;
             }
@@ -339,15 +424,7 @@ impl Driver {
                 return Err(self.named(e, members));
             }
         }
-        for ((infallible, k, ..), members) in &groups {
-            if *infallible {
-                // Cannot fail on input that passed 1–3; if it does anyway
-                // (a device error), the error names the group's first member.
-                self.run_group(*k, members)
-                    .map_err(|e| self.named(e, members))?;
-            }
-        }
-        Ok(())
+        Ok(undo)
     }
 
     /// `e` as an error about a parameter of the group `members`: kept when it
@@ -417,7 +494,7 @@ impl Driver {
         .collect()
     }
 
-    fn restore(&mut self, undo: Vec<Vec<(usize, Tensor, Vec<StateSlot>)>>) {
+    fn restore(&mut self, undo: Undo) {
         for (p, w, states) in undo.into_iter().flatten() {
             // Writing back a copy of the same shape and dtype cannot fail.
             let _ = self.params[p].var.set(&w);

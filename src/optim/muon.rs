@@ -177,6 +177,11 @@ impl Muon {
         &self.driver
     }
 
+    /// The driver, mutably (the data-parallel step runs its two-phase step).
+    pub(crate) fn driver_mut(&mut self) -> &mut Driver {
+        &mut self.driver
+    }
+
     /// One step, with the crate's typed error.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
         self.driver.try_step(grads)

@@ -12,9 +12,10 @@ use super::{
     TransformState,
 };
 use crate::device;
-use crate::error::{fail, Error, Result};
+use crate::error::{fail, Result};
 use crate::linalg::{
-    spectral_sphere_retract, stiefel_retract, theta, top_singular_precise, NewtonSchulz,
+    spectral_sphere_retract_members, stiefel_retract_members, theta, top_singular_precise,
+    NewtonSchulz,
 };
 use crate::optim::steepest::{
     spectral_sphere_direction, sphere_direction, sphere_retract, stiefel_direction, DualAscent,
@@ -267,7 +268,6 @@ impl Transform for ManifoldStep {
         _fuse: bool,
     ) -> Result<()> {
         let who = step.info(0).name.clone();
-        let tag = |e: Error| e.about(&who);
         let w = step.params_batch()?;
         let g = step.dir_batch()?;
         let base = decayed_batch(step, &w)?;
@@ -319,7 +319,8 @@ impl Transform for ManifoldStep {
                 let ds = spectral_sphere_direction(&g, &th, &lam, &self.dual, self.ns())?;
                 let stepped = (&base - ds.phi.broadcast_mul(&lrs)?)?;
                 let (new_w, new_top) =
-                    spectral_sphere_retract(&stepped, radius, Some(&top.v)).map_err(tag)?;
+                    spectral_sphere_retract_members(&stepped, radius, Some(&top.v))
+                        .map_err(|e| step.member_error(e))?;
                 write_back(step, &new_w)?;
                 for (i, s) in states.iter_mut().enumerate() {
                     let (v, l) = (new_top.v.get(i)?, ds.multiplier.get(i)?);
@@ -370,8 +371,8 @@ impl Transform for ManifoldStep {
                 // First step: project the starting point onto the manifold.
                 let (w, base) = if cold {
                     (
-                        stiefel_retract(&w, true).map_err(tag)?,
-                        stiefel_retract(&base, true).map_err(tag)?,
+                        stiefel_retract_members(&w, true).map_err(|e| step.member_error(e))?,
+                        stiefel_retract_members(&base, true).map_err(|e| step.member_error(e))?,
                     )
                 } else {
                     (w, base)
@@ -379,7 +380,9 @@ impl Transform for ManifoldStep {
                 let x = Tensor::stack(&xs, 0)?;
                 let ds = stiefel_direction(&g, &w, &x, &self.dual, self.ns())?;
                 let stepped = (&base - ds.phi.broadcast_mul(&lrs)?)?;
-                let new_w = tall(stiefel_retract(&stepped, false).map_err(tag)?)?;
+                let new_w = tall(
+                    stiefel_retract_members(&stepped, false).map_err(|e| step.member_error(e))?,
+                )?;
                 write_back(step, &new_w)?;
                 for (i, s) in states.iter_mut().enumerate() {
                     let xi = ds.multiplier.get(i)?;

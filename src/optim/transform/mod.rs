@@ -372,6 +372,12 @@ impl<'a> GroupStep<'a> {
         self.infos[i]
     }
 
+    /// A batched routine's error as an error about the member it names (the
+    /// first member when it names none).
+    pub(crate) fn member_error(&self, e: crate::linalg::MemberError) -> crate::error::Error {
+        e.error.about(&self.infos[e.member.unwrap_or(0)].name)
+    }
+
     /// Member `i`'s variable.
     pub fn var(&self, i: usize) -> &Var {
         self.vars[i]

@@ -10,7 +10,7 @@ use super::{
     TransformState,
 };
 use crate::error::{fail, Result};
-use crate::linalg::{spectral_sphere_retract, stiefel_retract};
+use crate::linalg::{spectral_sphere_retract_members, stiefel_retract_members};
 use crate::optim::steepest::{sphere_retract, Manifold, Norm};
 use crate::params::ParamInfo;
 
@@ -141,15 +141,16 @@ impl Transform for Retract {
         states: &mut [Option<Box<dyn TransformState>>],
         _fuse: bool,
     ) -> Result<()> {
-        let who = step.info(0).name.clone();
         let w = step.params_batch()?;
         let new_w = match self.manifold {
             Manifold::Free => return Ok(()),
             Manifold::Sphere { radius } => {
                 let out = (0..step.len())
-                    .map(|i| sphere_retract(&w.get(i)?, radius, &self.norm))
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(|e| e.about(&who))?;
+                    .map(|i| {
+                        sphere_retract(&w.get(i)?, radius, &self.norm)
+                            .map_err(|e| e.about(&step.info(i).name))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&out, 0)?
             }
             Manifold::SpectralSphere { radius } => {
@@ -161,8 +162,8 @@ impl Transform for Retract {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let (new_w, top) =
-                    spectral_sphere_retract(&w, radius, Some(&Tensor::stack(&starts, 0)?))
-                        .map_err(|e| e.about(&who))?;
+                    spectral_sphere_retract_members(&w, radius, Some(&Tensor::stack(&starts, 0)?))
+                        .map_err(|e| step.member_error(e))?;
                 for (i, s) in states.iter_mut().enumerate() {
                     let v = top.v.get(i)?;
                     match state_mut::<RetractState>(s) {
@@ -182,7 +183,7 @@ impl Transform for Retract {
                 } else {
                     w
                 };
-                let r = stiefel_retract(&tall, false).map_err(|e| e.about(&who))?;
+                let r = stiefel_retract_members(&tall, false).map_err(|e| step.member_error(e))?;
                 if transpose {
                     r.transpose(1, 2)?.contiguous()?
                 } else {

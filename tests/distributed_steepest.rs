@@ -1,0 +1,323 @@
+//! Data-parallel steps of an optimizer whose step can fail on valid
+//! gradients: `Steepest` on the Stiefel manifold, whose retraction refuses a
+//! rank-deficient matrix. A failure at one owner must be undone on every
+//! rank (the two-phase step: `ShardedStep::step_subset_agreed`), so the
+//! refused step changes no parameter, no state and no schedule counter on
+//! any rank, as in one process.
+
+mod distributed_support;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use distributed_support::{bits, host, make_vars, rank_order_avg};
+use steepest::distributed::{DataParallel, DataParallelConfig, LocalGroup, ShardedStep};
+use steepest::optim::NamedVar;
+use steepest::schedule::{Schedule, Scheduled};
+use steepest::{Error, Manifold, OptimizerState, Steepest, SteepestConfig};
+
+const WORLD: usize = 3;
+const STEPS: usize = 5;
+/// The step at which `w.3` (zero from the start, and without a gradient
+/// until then) gets a zero gradient: its retraction has no answer.
+const BAD_STEP: usize = 2;
+const ZERO: usize = 3;
+
+fn shapes() -> Vec<Vec<usize>> {
+    vec![vec![8, 4]; 6]
+}
+
+/// Six tall matrices; `w.3` is zero.
+fn named_vars() -> Vec<NamedVar> {
+    make_vars(&shapes(), 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, var)| {
+            let var = if i == ZERO {
+                Var::zeros((8, 4), DType::F32, &Device::Cpu).unwrap()
+            } else {
+                var
+            };
+            NamedVar {
+                name: format!("w.{i}"),
+                var,
+            }
+        })
+        .collect()
+}
+
+fn optimizer(vars: Vec<NamedVar>) -> Scheduled<Steepest> {
+    let cfg = SteepestConfig {
+        lr: 0.05,
+        manifold: Manifold::Stiefel { transpose: false },
+        ..Default::default()
+    };
+    let schedule = Schedule::cosine(0.05, 0.005, STEPS).unwrap();
+    Scheduled::new(Steepest::from_named(vars, cfg).unwrap(), schedule)
+}
+
+/// Rank `rank`'s gradient of parameter `i` at `step` (`None`: no gradient).
+fn grad(step: usize, rank: usize, i: usize) -> Option<Tensor> {
+    if i == ZERO {
+        return (step == BAD_STEP)
+            .then(|| Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap());
+    }
+    Some((distributed_support::grad(step, rank, i, &[8, 4]) * 0.01).unwrap())
+}
+
+type HostState = BTreeMap<String, Vec<u8>>;
+
+fn host_state<O: OptimizerState>(opt: &O) -> HostState {
+    opt.state_dict()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k != "__steepest__")
+        .map(|(k, t)| {
+            let v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            let b = bits(&host(&v))
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            (k, b)
+        })
+        .collect()
+}
+
+fn params(vars: &[NamedVar]) -> Vec<Vec<u32>> {
+    vars.iter()
+        .map(|v| bits(&host(v.var.as_tensor())))
+        .collect()
+}
+
+/// Per step: the result, then the parameters, state and schedule counter.
+struct Trace {
+    errors: Vec<Option<Error>>,
+    params: Vec<Vec<Vec<u32>>>,
+    states: Vec<HostState>,
+    counters: Vec<usize>,
+}
+
+fn run_distributed() -> Vec<Trace> {
+    LocalGroup::run(WORLD, |comm| {
+        let rank = steepest::distributed::Collective::rank(&comm);
+        let vars = named_vars();
+        let opt = optimizer(vars.clone());
+        let mut dp = DataParallel::for_optimizer(comm, opt, DataParallelConfig::default())?;
+        assert!(dp.optimizer().agrees_before_commit());
+        let mut t = Trace {
+            errors: vec![],
+            params: vec![params(&vars)],
+            states: vec![host_state(dp.optimizer())],
+            counters: vec![dp.optimizer().current_step()],
+        };
+        for step in 0..STEPS {
+            let g: Vec<Option<Tensor>> = (0..vars.len()).map(|i| grad(step, rank, i)).collect();
+            t.errors.push(dp.step_grads(&g).err());
+            t.params.push(params(&vars));
+            t.states.push(host_state(dp.optimizer()));
+            t.counters.push(dp.optimizer().current_step());
+        }
+        Ok(t)
+    })
+    .unwrap()
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+/// One process fed the averaged gradients.
+fn run_reference() -> (Vec<Option<Error>>, Vec<Vec<Vec<u32>>>) {
+    let vars = named_vars();
+    let mut opt = optimizer(vars.clone());
+    let (mut errors, mut trace) = (vec![], vec![params(&vars)]);
+    for step in 0..STEPS {
+        let g: Vec<(usize, Tensor)> = (0..vars.len())
+            .filter_map(|i| {
+                let per_rank: Vec<_> = (0..WORLD).map(|r| grad(step, r, i)).collect();
+                per_rank
+                    .iter()
+                    .any(Option::is_some)
+                    .then(|| (i, rank_order_avg(&per_rank, &[8, 4], false)))
+            })
+            .collect();
+        errors.push(ShardedStep::step_subset(&mut opt, &g).err());
+        trace.push(params(&vars));
+    }
+    (errors, trace)
+}
+
+#[test]
+fn a_retraction_failing_at_one_owner_is_undone_on_every_rank() {
+    let traces = run_distributed();
+    let (ref_errors, ref_params) = run_reference();
+    assert!(
+        matches!(&ref_errors[BAD_STEP], Some(Error::Numerical { who, .. }) if who == "w.3"),
+        "one process refuses the step too: {:?}",
+        ref_errors[BAD_STEP]
+    );
+    for (rank, t) in traces.iter().enumerate() {
+        for (step, e) in t.errors.iter().enumerate() {
+            if step != BAD_STEP {
+                assert!(e.is_none(), "rank {rank}, step {step}: {e:?}");
+                continue;
+            }
+            // The same kind and parameter on every rank, though only w.3's
+            // owner failed.
+            match e {
+                Some(Error::Numerical { who, what }) => {
+                    assert_eq!(who, "w.3", "rank {rank}");
+                    assert!(
+                        what.contains("refused on every rank, nothing changed"),
+                        "{what}"
+                    );
+                }
+                other => panic!("rank {rank}: {other:?}"),
+            }
+        }
+        // Nothing changed at the refused step: parameters, state, counter.
+        assert_eq!(
+            t.params[BAD_STEP + 1],
+            t.params[BAD_STEP],
+            "rank {rank}: parameters"
+        );
+        assert_eq!(
+            t.states[BAD_STEP + 1],
+            t.states[BAD_STEP],
+            "rank {rank}: state"
+        );
+        assert_eq!(
+            t.counters,
+            [0, 1, 2, 2, 3, 4],
+            "rank {rank}: schedule counter"
+        );
+        // Every other step moved the parameters that have gradients.
+        for step in [0, 1, 3, 4] {
+            for i in (0..6).filter(|&i| i != ZERO) {
+                assert_ne!(
+                    t.params[step + 1][i],
+                    t.params[step][i],
+                    "rank {rank}, step {step}, w.{i}"
+                );
+            }
+        }
+        // The ranks agree bit for bit.
+        assert_eq!(t.params, traces[0].params, "rank {rank} vs rank 0");
+    }
+    // Some ranks had stepped their shares before the agreement undid them:
+    // the owners of the good matrices hold state from steps 0–1.
+    let with_state = traces
+        .iter()
+        .filter(|t| !t.states[BAD_STEP].is_empty())
+        .count();
+    assert!(with_state >= 2, "{with_state} ranks hold state");
+    // And the run is the one-process run (a smaller batch at an owner may
+    // end the cold retraction at another round, hence the tolerance).
+    assert_eq!(
+        (traces[0].params.len(), ref_params.len()),
+        (STEPS + 1, STEPS + 1)
+    );
+    for (step, (ours, theirs)) in traces[0].params.iter().zip(&ref_params).enumerate() {
+        for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-6, "step {step}, w.{i}: max |Δ| = {d:e}");
+        }
+    }
+}
+
+/// The driver's two-phase step on its own: `agree` is called exactly once
+/// on every path, with the error so far; an `Err` from it undoes the
+/// fallible groups (Stiefel) and leaves the infallible ones (AdamW) unrun.
+#[test]
+fn step_subset_agreed_asks_once_and_undoes_on_a_refusal() {
+    use steepest::optim::{Driver, Partition};
+    use steepest::AdamWConfig;
+    let build = |zero: bool| -> (Driver, Vec<NamedVar>) {
+        let mut vars = named_vars();
+        if !zero {
+            vars.remove(ZERO);
+        }
+        vars.push(NamedVar {
+            name: "bias".into(),
+            var: Var::new(&[0.5f32, -0.5, 0.25], &Device::Cpu).unwrap(),
+        });
+        let stiefel = SteepestConfig {
+            lr: 0.05,
+            manifold: Manifold::Stiefel { transpose: false },
+            ..Default::default()
+        }
+        .chain();
+        let d = Partition::by(|p| if p.is_matrix() { "stiefel" } else { "adamw" })
+            .group("stiefel", stiefel, 0.05)
+            .group("adamw", AdamWConfig::default().chain(), 1e-2)
+            .build(vars.clone())
+            .unwrap();
+        assert!(d.has_fallible_chain());
+        (d, vars)
+    };
+    let grads = |vars: &[NamedVar], zero_grad: bool| -> Vec<(usize, Tensor)> {
+        vars.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let g = if v.name == "w.3" && zero_grad {
+                    v.var.zeros_like().unwrap()
+                } else {
+                    (distributed_support::grad(0, 0, i, v.var.dims()) * 0.01).unwrap()
+                };
+                (i, g)
+            })
+            .collect()
+    };
+    let snapshot = |d: &Driver, vars: &[NamedVar]| (params(vars), host_state(d));
+    // (a zero matrix with a zero gradient, agree refuses, a bad gradient shape)
+    for (zero, refuse, bad_shape) in [
+        (false, false, false),
+        (false, true, false),
+        (true, false, false),
+        (false, false, true),
+    ] {
+        let case = format!("zero {zero}, refuse {refuse}, bad shape {bad_shape}");
+        let (mut d, vars) = build(zero);
+        let mut g = grads(&vars, true);
+        if bad_shape {
+            g[0].1 = g[0].1.t().unwrap();
+        }
+        let before = snapshot(&d, &vars);
+        let mut asked = Vec::new();
+        let r = d.step_subset_agreed(&g, &mut |e| {
+            asked.push(e.map(|e| e.to_string()));
+            // Nothing of the infallible groups has run yet.
+            assert_eq!(
+                bits(&host(vars.last().unwrap().var.as_tensor())),
+                before.0.last().unwrap().clone()
+            );
+            if refuse {
+                Err(Error::numerical("agreement", "another rank failed"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(asked.len(), 1, "{case}: asked {asked:?}");
+        let expect_err = zero || refuse || bad_shape;
+        assert_eq!(asked[0].is_some(), zero || bad_shape, "{case}: {asked:?}");
+        assert_eq!(r.is_err(), expect_err, "{case}: {r:?}");
+        if refuse {
+            assert!(
+                r.unwrap_err().to_string().contains("another rank failed"),
+                "{case}"
+            );
+        }
+        let after = snapshot(&d, &vars);
+        if expect_err {
+            assert_eq!(after, before, "{case}: something changed");
+        } else {
+            assert!(
+                after.0.iter().zip(&before.0).all(|(a, b)| a != b),
+                "{case}: all move"
+            );
+        }
+    }
+}
