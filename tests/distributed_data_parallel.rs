@@ -437,6 +437,57 @@ fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
             e.contains("DataParallel::new") && e.contains("differs from this rank's"),
             "rank {r}: {e}"
         );
+        // Which parameter: p4, shape [7] on rank 2, [6] elsewhere.
+        let (shape, others) = if r == 2 {
+            ("[7]", "[0, 1]")
+        } else {
+            ("[6]", "[2]")
+        };
+        assert!(
+            e.contains(&format!(
+                "the first difference is parameter 4 (`p4` here, shape {shape}, F32) on rank(s) {others}"
+            )),
+            "rank {r}: {e}"
+        );
+    }
+    // A parameter list longer on one rank: the first extra parameter.
+    let out = LocalGroup::run(2, |comm| {
+        let mut shapes = mixed_shapes();
+        if comm.rank() == 1 {
+            shapes.push(vec![2]);
+        }
+        let vars = make_vars(&shapes, 1);
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        DataParallel::new(
+            comm,
+            named,
+            MomentumSgd::new(vars),
+            DataParallelConfig::default(),
+        )
+        .map(|_| ())
+        .map_err(candle_core::Error::from)
+    })
+    .unwrap();
+    let n = mixed_shapes().len();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        let here = if r == 1 {
+            format!("`p{n}` here, shape [2], F32")
+        } else {
+            "none here".into()
+        };
+        assert!(
+            e.contains(&format!(
+                "parameter {n} ({here}) on rank(s) [{}]; parameter counts per rank: [{n}, {}]",
+                1 - r,
+                n + 1
+            )),
+            "rank {r}: {e}"
+        );
     }
 }
 

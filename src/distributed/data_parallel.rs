@@ -493,13 +493,14 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         };
         let (layout_differs, settings_differ) = (differ(0..3), differ(3..6));
         if !layout_differs.is_empty() {
-            return Err(Error::config(
-                self.who("new"),
-                format!(
-                    "the parameter list (names, shapes, dtypes), grad_dtype or clip_grad_norm differs \
-                     from this rank's on rank(s) {layout_differs:?}"
-                ),
-            ));
+            let mut msg = format!(
+                "the parameter list (names, shapes, dtypes), grad_dtype or clip_grad_norm differs \
+                 from this rank's on rank(s) {layout_differs:?}"
+            );
+            if let Some(first) = self.first_param_difference()? {
+                msg += &format!("; {first}");
+            }
+            return Err(Error::config(self.who("new"), msg));
         }
         if !settings_differ.is_empty() {
             return Err(Error::config(
@@ -512,6 +513,67 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             ));
         }
         Ok(())
+    }
+
+    /// After a layout mismatch, which parameter differs (collective: one
+    /// all-gather of the parameter counts, one of a hash per parameter).
+    fn first_param_difference(&self) -> Result<Option<String>> {
+        let world = self.comm.world_size();
+        let p = self.plan.len();
+        let counts = Tensor::new(&[p as f32], &self.device)?;
+        let counts: Vec<usize> = self
+            .comm
+            .all_gather(&counts)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
+        let longest = counts.iter().copied().max().unwrap_or(0);
+        // Three f32-exact 22-bit pieces of each parameter's hash, padded
+        // with -1 to the longest list.
+        let mut ours = vec![-1f32; 3 * longest];
+        for (i, (spec, v)) in self.plan.specs().iter().zip(&self.vars).enumerate() {
+            let h = [
+                spec.name.as_bytes(),
+                format!("{:?}|{:?}|{:?}", spec.dims, spec.kind, v.dtype()).as_bytes(),
+            ]
+            .concat()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            ours[3 * i..3 * i + 3].copy_from_slice(&[
+                (h & 0x3f_ffff) as f32,
+                ((h >> 22) & 0x3f_ffff) as f32,
+                (h >> 44) as f32,
+            ]);
+        }
+        let t = Tensor::from_vec(ours.clone(), 3 * longest, &self.device)?;
+        let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
+        let row = |r: usize| &all[3 * longest * r..3 * longest * (r + 1)];
+        let first = (0..longest)
+            .find(|&i| (0..world).any(|r| row(r)[3 * i..3 * i + 3] != ours[3 * i..3 * i + 3]));
+        let Some(i) = first else {
+            return Ok(None);
+        };
+        let ranks: Vec<usize> = (0..world)
+            .filter(|&r| row(r)[3 * i..3 * i + 3] != ours[3 * i..3 * i + 3])
+            .collect();
+        let here = match self.plan.specs().get(i) {
+            Some(s) => format!(
+                "`{}` here, shape {:?}, {:?}",
+                s.name,
+                s.dims,
+                self.vars[i].dtype()
+            ),
+            None => "none here".to_string(),
+        };
+        let mut msg =
+            format!("the first difference is parameter {i} ({here}) on rank(s) {ranks:?}");
+        if counts.iter().any(|&c| c != p) {
+            msg += &format!("; parameter counts per rank: {counts:?}");
+        }
+        Ok(Some(msg))
     }
 
     /// Broadcasts rank 0's parameters to every rank (one broadcast of the flat
