@@ -512,6 +512,39 @@ fn replace_file_writes_through_a_symlink() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A stream — here a link to /proc/self/fd/N, as /dev/stdout is a link to
+/// /proc/self/fd/1 — is appended to, not truncated: with `--loss-log
+/// /dev/stdout > run.txt`, truncating would erase what the run had printed
+/// to run.txt. A plain file is still replaced whole.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stream_is_appended_to_and_a_file_replaced() {
+    use std::fs;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = scratch("stream");
+    let out = dir.join("run.txt");
+    // The shell's redirect: a file open for writing, with output already in it.
+    let mut redirected = fs::File::create(&out).unwrap();
+    redirected.write_all(b"printed\n").unwrap();
+    let link = dir.join("stdout");
+    std::os::unix::fs::symlink(format!("/proc/self/fd/{}", redirected.as_raw_fd()), &link).unwrap();
+    support::check_writable(&link).unwrap();
+    support::replace_file(&link, |p| Ok(support::create(p)?.write_all(b"log\n")?)).unwrap();
+    assert_eq!(fs::read_to_string(&out).unwrap(), "printed\nlog\n");
+    // A plain file (and a link to one) is replaced whole.
+    let plain = dir.join("plain.csv");
+    fs::write(&plain, "old, longer content\n").unwrap();
+    let to_plain = dir.join("to_plain.csv");
+    std::os::unix::fs::symlink("plain.csv", &to_plain).unwrap();
+    support::replace_file(&plain, |p| Ok(support::create(p)?.write_all(b"new\n")?)).unwrap();
+    assert_eq!(fs::read_to_string(&plain).unwrap(), "new\n");
+    support::replace_file(&to_plain, |p| Ok(support::create(p)?.write_all(b"x\n")?)).unwrap();
+    assert_eq!(fs::read_to_string(&plain).unwrap(), "x\n");
+    drop(redirected);
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// `check_writable` (before training): creates the parent directories,
 /// leaves an existing file as it is and no new one, and names the path of
 /// one it cannot write.

@@ -30,6 +30,7 @@ mod lm;
 mod plot;
 mod support;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -332,7 +333,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 
 /// The log: one row per run and evaluation point.
 fn write_csv(path: &Path, runs: &[RunResult]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path)?;
+    let mut w = csv::Writer::from_writer(support::create(path)?);
     let mut header: Vec<String> = ["step", "optimizer", "seed", "lr", "train_loss", "val_loss"]
         .map(String::from)
         .to_vec();
@@ -837,7 +838,7 @@ fn write_outputs(
     })?;
     let summary = args.out.join("summary.md");
     replace_file(&summary, |p| {
-        Ok(std::fs::write(p, format!("{caption}\n\n{table}"))?)
+        Ok(support::create(p)?.write_all(format!("{caption}\n\n{table}").as_bytes())?)
     })?;
     if let Some(path) = &args.loss_log {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -977,13 +978,13 @@ fn write_timing(
         .collect();
     replace_file(json_path, |p| {
         let text = serde_json::to_string_pretty(&objs)? + "\n";
-        Ok(std::fs::write(p, text)?)
+        Ok(support::create(p)?.write_all(text.as_bytes())?)
     })
 }
 
 /// `timing.csv`: one row per run.
 fn write_timing_csv(path: &Path, device: &str, runs: &[RunResult]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path)?;
+    let mut w = csv::Writer::from_writer(support::create(path)?);
     w.write_record([
         "optimizer",
         "seed",
@@ -1032,7 +1033,7 @@ fn write_timing_csv(path: &Path, device: &str, runs: &[RunResult]) -> Result<()>
 
 /// `--loss-log`: every step's training loss (f32, written exactly).
 fn write_loss_log(path: &Path, runs: &[RunResult]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path)?;
+    let mut w = csv::Writer::from_writer(support::create(path)?);
     w.write_record(["optimizer", "seed", "step", "train_loss"])?;
     for r in runs {
         for (i, l) in r.losses.iter().enumerate() {

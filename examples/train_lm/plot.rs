@@ -93,7 +93,9 @@ pub fn write(svg: &Path, png: &Path, panels: &[Panel], caption: &str) -> Result<
         draw(&root, panels, caption, 1.0).context("drawing the SVG figure")?;
         root.present().context("drawing the SVG figure")?;
     }
-    std::fs::write(svg, text).with_context(|| format!("writing {}", svg.display()))?;
+    crate::support::create(svg)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .with_context(|| format!("writing {}", svg.display()))?;
 
     let (w, h) = size(PNG_SCALE);
     let mut rgb = vec![0u8; 3 * w as usize * h as usize];
@@ -106,7 +108,7 @@ pub fn write(svg: &Path, png: &Path, panels: &[Panel], caption: &str) -> Result<
 }
 
 fn write_png(path: &Path, w: u32, h: u32, rgb: &[u8]) -> Result<()> {
-    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let file = std::io::BufWriter::new(crate::support::create(path)?);
     let mut encoder = png::Encoder::new(file, w, h);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);

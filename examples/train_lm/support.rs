@@ -116,6 +116,28 @@ pub fn check_writable(path: &Path) -> Result<()> {
     check().with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Opens `path` for [`replace_files`]'s writer to write it whole: created or
+/// truncated, except a stream — a path under /dev or /proc, or a link that
+/// leads there, such as /dev/stdout (→ /proc/self/fd/1) — which is appended
+/// to: truncating the file a shell redirected stdout to would erase what
+/// the program has already printed there.
+pub fn create(path: &Path) -> std::io::Result<File> {
+    let mut hop = path.to_path_buf();
+    let mut stream = false;
+    for _ in 0..40 {
+        stream |= hop.starts_with("/dev") || hop.starts_with("/proc");
+        match std::fs::read_link(&hop) {
+            Ok(next) => hop = hop.parent().unwrap_or(Path::new("/")).join(next),
+            Err(_) => break,
+        }
+    }
+    if stream {
+        OpenOptions::new().append(true).open(path)
+    } else {
+        File::create(path)
+    }
+}
+
 /// The seeds `first, first + 1, …`, `n` of them; an error if the last would
 /// pass `u64::MAX`.
 pub fn seed_range(first: u64, n: u64) -> Result<RangeInclusive<u64>> {
