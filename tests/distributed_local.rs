@@ -26,7 +26,10 @@ fn fold(world: usize, n: usize, avg: bool) -> Vec<f32> {
     acc
 }
 
-fn all_ok<T: std::fmt::Debug>(results: Vec<Result<T>>) -> Vec<T> {
+/// The ranks' results of `LocalGroup::run` (the crate's error type).
+type RankResults<T> = Vec<steepest::Result<T>>;
+
+fn all_ok<T: std::fmt::Debug>(results: RankResults<T>) -> Vec<T> {
     results
         .into_iter()
         .map(|r| r.expect("rank failed"))
@@ -150,7 +153,7 @@ fn bf16_reduces_with_f32_accumulation_and_one_rounding() {
     }
 }
 
-fn expect_all_err(results: Vec<Result<()>>, needles: &[&str]) {
+fn expect_all_err(results: RankResults<()>, needles: &[&str]) {
     for (r, res) in results.into_iter().enumerate() {
         let e = res
             .expect_err(&format!("rank {r} should have failed"))
@@ -250,11 +253,11 @@ fn mismatches_fail_on_every_rank_and_the_group_stays_usable() {
     .unwrap();
     let per_rank = all_ok(out);
     for (k, (_, needles)) in cases.iter().enumerate() {
-        let results: Vec<Result<()>> = per_rank
+        let results: RankResults<()> = per_rank
             .iter()
             .map(|errs| match &errs[k] {
                 Ok(()) => Ok(()),
-                Err(e) => Err(candle_core::Error::Msg(e.to_string())),
+                Err(e) => Err(candle_core::Error::Msg(e.to_string()).into()),
             })
             .collect();
         expect_all_err(results, needles);
@@ -290,7 +293,7 @@ fn a_rank_that_returns_early_fails_the_others() {
         let x = Tensor::new(&[1f32], &Device::Cpu)?;
         comm.all_reduce_sum(&x)?; // all four take part once
         if comm.rank() == 2 {
-            return Err(candle_core::Error::Msg("rank 2 gives up".into()));
+            return Err(candle_core::Error::Msg("rank 2 gives up".into()).into());
         }
         comm.barrier()?;
         Ok(())
@@ -317,7 +320,7 @@ fn abort_fails_waiting_and_later_collectives_on_every_rank() {
         if comm.rank() == 0 {
             comm.abort("corrupt batch");
         }
-        comm.barrier()
+        Ok(comm.barrier()?)
     })
     .unwrap();
     for (r, res) in out.iter().enumerate() {

@@ -865,9 +865,7 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
         } else {
             DataParallelConfig::default()
         };
-        DataParallel::for_optimizer(comm, muon(make_named(&model(), 1)), cfg)
-            .map(|_| ())
-            .map_err(candle_core::Error::from)
+        DataParallel::for_optimizer(comm, muon(make_named(&model(), 1)), cfg).map(|_| ())
     })
     .unwrap();
     for res in out {
@@ -929,9 +927,7 @@ fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
                 .iter()
                 .map(|v| (v.name.clone(), v.var.clone()))
                 .collect();
-            DataParallel::new(comm, params, build(rank), DataParallelConfig::default())
-                .map(|_| ())
-                .map_err(candle_core::Error::from)
+            DataParallel::new(comm, params, build(rank), DataParallelConfig::default()).map(|_| ())
         })
         .unwrap();
         for res in out {

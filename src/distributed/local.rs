@@ -85,11 +85,13 @@ impl LocalGroup {
     /// [`LocalComm`], and returns the ranks' results in rank order. A rank
     /// that panics yields `Err("… rank r panicked: <message>")` (its
     /// communicator is dropped while unwinding, so the other ranks' pending
-    /// collectives fail instead of waiting for it).
-    pub fn run<T, F>(n: usize, f: F) -> Result<Vec<Result<T>>>
+    /// collectives fail instead of waiting for it). The crate's error type,
+    /// so a rank's [`Error`](crate::Error) stays typed (a candle error
+    /// converts with `?`).
+    pub fn run<T, F>(n: usize, f: F) -> crate::Result<Vec<crate::Result<T>>>
     where
         T: Send,
-        F: Fn(LocalComm) -> Result<T> + Sync,
+        F: Fn(LocalComm) -> crate::Result<T> + Sync,
     {
         let comms = Self::new(n)?;
         let f = &f;
@@ -108,7 +110,8 @@ impl LocalGroup {
                     Err(payload) => Err(dist_err(
                         "LocalGroup::run",
                         format!("rank {rank} panicked: {}", panic_message(&payload)),
-                    )),
+                    )
+                    .into()),
                 })
                 .collect()
         }))
