@@ -69,6 +69,7 @@ fn run_distributed(
             let g: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| grads(step, rank, i)).collect();
             results.push(dp.step_grads(&g).map_err(|e| match e {
                 steepest::Error::NonFiniteGradient { param } => format!("nonfinite {param}"),
+                e @ steepest::Error::Numerical { .. } => format!("numerical: {e}"),
                 e => e.to_string(),
             }));
             history.push(params_host(&vars));
@@ -389,6 +390,8 @@ fn a_failing_owner_step_is_reported_everywhere_and_parameters_stay_identical() {
             e.contains("optimizer step failed on rank(s) [1]"),
             "rank {r}: {e}"
         );
+        // The failed rank's kind of error, on every rank.
+        assert!(e.starts_with("numerical: "), "rank {r}: {e}");
         if r == 1 {
             assert!(e.contains("planned failure"), "{e}");
         }

@@ -743,14 +743,13 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 .pack_owned(rank, &values, self.param_dtype, &self.device)
             {
                 Ok(c) => {
-                    let flag = if step_result.is_ok() { 0.0 } else { 1.0 };
-                    let flag =
-                        Tensor::new(&[flag as f32], &self.device)?.to_dtype(self.param_dtype)?;
+                    let flag = step_result.as_ref().err().map_or(0.0, kind_code);
+                    let flag = Tensor::new(&[flag], &self.device)?.to_dtype(self.param_dtype)?;
                     (Tensor::cat(&[&c, &flag], 0)?, None)
                 }
                 Err(e) => {
                     let mut v = vec![0f32; cl + 1];
-                    v[cl] = 2.0;
+                    v[cl] = PACK_FAILED;
                     (
                         Tensor::from_vec(v, cl + 1, &self.device)?.to_dtype(self.param_dtype)?,
                         Some(e),
@@ -766,7 +765,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let params = gathered.narrow(1, 0, cl)?.contiguous()?;
         for (i, t) in self.plan.unpack(&params)?.into_iter().enumerate() {
             let o = self.plan.owner(i);
-            if o != rank && flags[o] != 2.0 {
+            if o != rank && flags[o] != PACK_FAILED {
                 let v = &self.vars[i];
                 v.set(&t.to_dtype(v.dtype())?)?;
             }
@@ -783,7 +782,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             if let Some(e) = pack_error {
                 msg += &format!("; here (packing): {e}");
             }
-            return Err(candle_core::Error::Msg(format!("steepest: {who}: {msg}")).into());
+            return Err(error_of_kind(flags[failed[0]], who, msg));
         }
         self.steps += 1;
         Ok(())
@@ -1025,12 +1024,7 @@ fn agree_on_shares<C: Collective>(
             .who()
             .and_then(|w| plan.specs().iter().position(|s| s.name == w));
         status[world + rank] = named.map_or(0.0, |i| (i + 1) as f32);
-        status[2 * world + rank] = match e {
-            Error::Numerical { .. } => 1.0,
-            Error::Device { .. } | Error::Candle(_) => 2.0,
-            Error::Shape { .. } => 3.0,
-            _ => 4.0,
-        };
+        status[2 * world + rank] = kind_code(e);
     }
     let status = Tensor::from_vec(status, 3 * world, device)?;
     let status = comm.all_reduce(&status, ReduceOp::Sum)?.to_vec1::<f32>()?;
@@ -1049,12 +1043,31 @@ fn agree_on_shares<C: Collective>(
     if let Some(e) = e {
         what += &format!("; here: {e}");
     }
-    Err(match status[2 * world + first] as u32 {
+    Err(error_of_kind(status[2 * world + first], who, what))
+}
+
+/// The status code of a rank whose packing of its parameters failed (step 5).
+const PACK_FAILED: f32 = 8.0;
+
+/// An error's kind as a small status code (exact in bf16), so that every
+/// rank can report a failure of one rank as an error of the same kind.
+fn kind_code(e: &Error) -> f32 {
+    match e {
+        Error::Numerical { .. } => 1.0,
+        Error::Device { .. } | Error::Candle(_) => 2.0,
+        Error::Shape { .. } => 3.0,
+        _ => 4.0,
+    }
+}
+
+/// The error of kind [`kind_code`] `code` (a device error for any other code).
+fn error_of_kind(code: f32, who: String, what: String) -> Error {
+    match code as u32 {
         1 => Error::numerical(who, what),
-        2 => Error::device(who, what),
         3 => Error::shape(who, what),
-        _ => Error::config(who, what),
-    })
+        4 => Error::config(who, what),
+        _ => Error::device(who, what),
+    }
 }
 
 /// `true` iff every element is finite: `sum(x · 0)` is 0 unless some `x` is
