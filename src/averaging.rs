@@ -103,6 +103,9 @@ pub enum AverageKind {
     Polyak,
     /// WSM: merge the last `weights.len()` checkpoints, taken every
     /// `interval` updates, with `weights` (oldest first; see [`wsm_weights`]).
+    /// Checkpoints whose weight is 0 are not kept: leading zeros (e.g. the
+    /// first of [`wsm_weights_for_shape`]`(Linear, k)`, whose `k + 1`
+    /// weights start with `1 − f(0) = 0`) shorten the window.
     Wsm {
         /// Merge weights, oldest checkpoint first; `≥ 0`, sum 1.
         weights: Vec<f64>,
@@ -280,7 +283,7 @@ impl WeightAverage {
             AverageKind::Wsm { weights, interval } => {
                 if n % *interval as u64 == 0 {
                     self.ckpts.push_back(cur);
-                    while self.ckpts.len() > weights.len() {
+                    while self.ckpts.len() > merged(weights).len() {
                         self.ckpts.pop_front();
                     }
                 }
@@ -291,7 +294,8 @@ impl WeightAverage {
     }
 
     /// The averaged parameters, by name (math dtype). Errors before the first
-    /// update, and for WSM until all `weights.len()` checkpoints are held.
+    /// update, and for WSM until every checkpoint of non-zero weight is held
+    /// (`weights.len()` less the leading zeros).
     pub fn averaged(&self) -> Result<Vec<(String, Tensor)>> {
         let values: Vec<Tensor> = match &self.kind {
             AverageKind::Ema { .. } | AverageKind::Polyak => {
@@ -305,6 +309,7 @@ impl WeightAverage {
                 self.avg.clone()
             }
             AverageKind::Wsm { weights, .. } => {
+                let weights = merged(weights);
                 if self.ckpts.len() < weights.len() {
                     fail!(
                         Config,
@@ -336,6 +341,12 @@ impl WeightAverage {
     /// Replaces the model's parameters by the average (keeping the training
     /// weights aside). Errors, changing nothing, if already swapped in or if
     /// there is no average yet.
+    ///
+    /// For evaluation only: until [`swap_out`](Self::swap_out), the model's
+    /// variables hold the average, and an optimizer step taken meanwhile
+    /// would update the average's copy, which `swap_out` then discards (the
+    /// optimizer cannot tell). [`update`](Self::update) refuses to run while
+    /// swapped in.
     pub fn swap_in(&mut self) -> Result<()> {
         if self.stash.is_some() {
             fail!(
@@ -512,10 +523,23 @@ impl OptimizerState for WeightAverage {
             }
             None => {}
         }
+        // (a checkpoint may hold a zero-weight checkpoint, which is not kept)
+        if let AverageKind::Wsm { weights, .. } = &body.kind {
+            while ckpts.len() > merged(weights).len() {
+                ckpts.pop_front();
+            }
+        }
         self.kind = body.kind;
         self.count = body.count;
         self.avg = avg;
         self.ckpts = ckpts;
         Ok(())
     }
+}
+
+/// The WSM weights of the checkpoints kept: `weights` without its leading
+/// zeros (never empty: the weights sum to 1).
+fn merged(weights: &[f64]) -> &[f64] {
+    let zeros = weights.iter().take_while(|w| **w == 0.0).count();
+    &weights[zeros.min(weights.len() - 1)..]
 }

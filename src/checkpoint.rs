@@ -128,7 +128,7 @@ impl Header {
             fail!(
                 Checkpoint,
                 "checkpoint",
-                "written by a `{}` optimizer, cannot load into `{kind}`",
+                "written by `{}`, cannot load into `{kind}`",
                 h.kind
             );
         }

@@ -8,7 +8,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::error::{fail, Result};
+use crate::error::{fail, Error, Result};
 
 /// The global norm `√(Σ_p ‖g_p‖_F²)` of the gradients of `vars` in `grads`
 /// (variables without a gradient are skipped, a variable listed twice counts
@@ -73,8 +73,11 @@ fn sum_of_squares(gs: &[&Tensor], scale: f64) -> Result<f64> {
 ///
 /// If `‖g‖ > max_norm`, each `g_p ← g_p·(max_norm/‖g‖)` (in the gradient's
 /// dtype); otherwise nothing changes. Errors — changing no gradient — when
-/// `max_norm` is not finite and `> 0`, or when the norm is NaN or infinite
-/// (a NaN/Inf gradient).
+/// `max_norm` is not finite and `> 0` ([`Error::Config`]), or when a
+/// gradient holds NaN or ±Inf: [`Error::NonFiniteGradient`], the error an
+/// optimizer's step gives, so one `match` arm skips such a batch whether or
+/// not you clip first. Its `param` is `clip_grad_norm: vars[i] (shape …)`,
+/// the first such variable (`vars` carry no names).
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     if !(max_norm.is_finite() && max_norm > 0.0) {
         fail!(
@@ -85,11 +88,24 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     }
     let norm = grad_norm(grads, vars)?;
     if !norm.is_finite() {
-        fail!(
-            Numerical,
-            "clip_grad_norm",
-            "the global gradient norm is {norm} (a gradient holds NaN or Inf); nothing was clipped"
-        );
+        // grad_norm is finite unless an entry is NaN or ±Inf: find it
+        let listed: Vec<(usize, Tensor)> = vars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| grads.get(v).map(|g| (i, g)))
+            .filter(|(_, g)| g.elem_count() > 0)
+            .map(|(i, g)| Ok((i, g.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = listed.iter().map(|(_, g)| g).collect();
+        let param = match crate::device::first_nonfinite(&refs)? {
+            Some(k) => format!(
+                "clip_grad_norm: vars[{}] (shape {:?})",
+                listed[k].0,
+                listed[k].1.dims()
+            ),
+            None => format!("clip_grad_norm (global norm {norm})"),
+        };
+        return Err(Error::NonFiniteGradient { param });
     }
     if norm > max_norm {
         let scale = max_norm / norm;

@@ -181,18 +181,86 @@ impl std::error::Error for Error {
     }
 }
 
+/// A candle error becomes [`Error::Candle`] — except one that carries a
+/// steepest error (made by the conversion below, e.g. by
+/// `candle_nn::Optimizer::step` of one of the crate's optimizers), which
+/// comes back as that error, with its kind: a round trip through candle
+/// keeps the variant you match on.
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Self::Candle(e)
+        match e {
+            candle_core::Error::Wrapped(payload) => Carried::decode(&*payload)
+                .unwrap_or(Self::Candle(candle_core::Error::Wrapped(payload))),
+            candle_core::Error::WithBacktrace { inner, backtrace } => match *inner {
+                candle_core::Error::Wrapped(payload) => Carried::decode(&*payload).unwrap_or(
+                    Self::Candle(candle_core::Error::WithBacktrace {
+                        inner: Box::new(candle_core::Error::Wrapped(payload)),
+                        backtrace,
+                    }),
+                ),
+                inner => Self::Candle(candle_core::Error::WithBacktrace {
+                    inner: Box::new(inner),
+                    backtrace,
+                }),
+            },
+            e => Self::Candle(e),
+        }
     }
 }
 
+/// A steepest error becomes `candle_core::Error::Wrapped`, displayed as
+/// itself; converting it back gives the same error (see above).
 impl From<Error> for candle_core::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Candle(e) => e,
-            e => candle_core::Error::Wrapped(Box::new(e)),
+            e => candle_core::Error::Wrapped(Box::new(Carried(e))),
         }
+    }
+}
+
+/// A steepest error inside `candle_core::Error::Wrapped`, whose box holds a
+/// `dyn Display` only (no downcast): `{}` displays the error, and the
+/// alternate form `{:#}`, which only [`Carried::decode`] asks for, writes
+/// its variant and fields after a marker, to rebuild it on the way back.
+struct Carried(Error);
+
+/// Starts `{:#}` of a [`Carried`]; no other type writes it.
+const CARRIED: &str = "\u{0}steepest::Error\u{0}";
+
+impl fmt::Display for Carried {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !f.alternate() {
+            return self.0.fmt(f);
+        }
+        let (kind, who, what) = match &self.0 {
+            Error::NonFiniteGradient { param } => ("NonFiniteGradient", param.as_str(), ""),
+            Error::Shape { who, what } => ("Shape", who.as_str(), what.as_str()),
+            Error::Config { who, what } => ("Config", who.as_str(), what.as_str()),
+            Error::Checkpoint { who, what } => ("Checkpoint", who.as_str(), what.as_str()),
+            Error::Device { who, what } => ("Device", who.as_str(), what.as_str()),
+            Error::Numerical { who, what } => ("Numerical", who.as_str(), what.as_str()),
+            Error::Candle(e) => return e.fmt(f),
+        };
+        write!(f, "{CARRIED}{}", serde_json::json!([kind, who, what]))
+    }
+}
+
+impl Carried {
+    /// The steepest error `payload` carries, if it is a [`Carried`].
+    fn decode(payload: &(dyn fmt::Display + Send + Sync)) -> Option<Error> {
+        let text = format!("{payload:#}");
+        let json = text.strip_prefix(CARRIED)?;
+        let (kind, who, what): (String, String, String) = serde_json::from_str(json).ok()?;
+        Some(match kind.as_str() {
+            "NonFiniteGradient" => Error::NonFiniteGradient { param: who },
+            "Shape" => Error::Shape { who, what },
+            "Config" => Error::Config { who, what },
+            "Checkpoint" => Error::Checkpoint { who, what },
+            "Device" => Error::Device { who, what },
+            "Numerical" => Error::Numerical { who, what },
+            _ => return None,
+        })
     }
 }
 
@@ -206,3 +274,63 @@ macro_rules! fail {
     };
 }
 pub(crate) use fail;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_kinds() -> Vec<Error> {
+        vec![
+            Error::NonFiniteGradient {
+                param: "h.0.w \"q\"".into(),
+            },
+            Error::shape("a", "b: ü\n{}"),
+            Error::config("lr", "must be ≥ 0"),
+            Error::checkpoint("k", "crc"),
+            Error::device("d", "cuda"),
+            Error::numerical("w", "rank-deficient"),
+        ]
+    }
+
+    /// Every kind survives a round trip through `candle_core::Error`, plain
+    /// or with a backtrace, and displays the same on the candle side.
+    #[test]
+    fn a_round_trip_through_candle_keeps_the_kind_and_fields() {
+        for e in all_kinds() {
+            let (debug, shown) = (format!("{e:?}"), e.to_string());
+            let c = candle_core::Error::from(e);
+            assert_eq!(c.to_string(), shown);
+            assert_eq!(format!("{:?}", Error::from(c)), debug);
+            let c = candle_core::Error::WithBacktrace {
+                inner: Box::new(candle_core::Error::from(
+                    all_kinds()
+                        .into_iter()
+                        .find(|k| format!("{k:?}") == debug)
+                        .unwrap(),
+                )),
+                backtrace: Box::new(std::backtrace::Backtrace::disabled()),
+            };
+            assert_eq!(format!("{:?}", Error::from(c)), debug);
+        }
+    }
+
+    /// Other candle errors, wrapped ones included, stay `Error::Candle`;
+    /// the alternate form of a steepest error itself has no marker.
+    #[test]
+    fn other_candle_errors_stay_candle_errors() {
+        for c in [
+            candle_core::Error::Msg("x".into()),
+            candle_core::Error::Wrapped(Box::new("plain text")),
+            candle_core::Error::Wrapped(Box::new(format!("{CARRIED}not json"))),
+        ] {
+            let shown = c.to_string();
+            match Error::from(c) {
+                Error::Candle(c) => assert_eq!(c.to_string(), shown),
+                e => panic!("{e:?}"),
+            }
+        }
+        for e in all_kinds() {
+            assert!(!format!("{e:#}").contains(CARRIED));
+        }
+    }
+}

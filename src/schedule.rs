@@ -228,6 +228,11 @@ impl Schedule {
 /// calls `set_learning_rate(schedule.lr(s))`. A step that fails changes
 /// nothing: the step counter does not advance and the optimizer's learning
 /// rate is put back.
+///
+/// The schedule owns the rate: one set by hand on the inner optimizer
+/// (`inner_mut().set_learning_rate`) is overwritten at the next step. To
+/// change the course, build a new `Scheduled` with another [`Schedule`] and
+/// [`set_step`](Self::set_step).
 #[derive(Debug)]
 pub struct Scheduled<O: Optimizer> {
     opt: O,

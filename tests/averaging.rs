@@ -137,7 +137,8 @@ fn wsm_merge_equals_the_decayed_run() {
             opt.backward_step(&loss).unwrap();
             avg.update().unwrap();
         }
-        assert_eq!(avg.checkpoints(), k + 1);
+        // k + 1 weights, the oldest 1 − f(0) = 0: that checkpoint is not kept
+        assert_eq!(avg.checkpoints(), k);
         let merged = vals(&avg.averaged().unwrap()[0].1);
 
         // independent f64 run: the oldest kept checkpoint is after step
@@ -164,6 +165,57 @@ fn wsm_merge_equals_the_decayed_run() {
         let last = vals(w.as_tensor());
         assert!(last.iter().zip(&theta).any(|(a, b)| (a - b).abs() > 1e-3));
     }
+}
+
+/// Checkpoints of weight 0 are not kept: `wsm_weights_for_shape(Linear, 3)`
+/// is `[0, ⅓, ⅓, ⅓]`, so the average is ready after 3 checkpoints (not 4)
+/// and holds 3; a saved state holding the zero-weight one too (as written
+/// before) loads, drops it, and averages the same.
+#[test]
+fn wsm_keeps_no_zero_weight_checkpoint() {
+    let w = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let weights = wsm_weights_for_shape(DecayShape::Linear, 3).unwrap();
+    assert_eq!(weights[0], 0.0);
+    let kind = AverageKind::Wsm {
+        weights,
+        interval: 1,
+    };
+    let mut avg = WeightAverage::from_named(vec![named(&w, "w")], kind.clone()).unwrap();
+    for i in 1..=5 {
+        w.set(&Tensor::new(&[i as f32, -(i as f32)], &Device::Cpu).unwrap())
+            .unwrap();
+        avg.update().unwrap();
+        assert_eq!(avg.averaged().is_ok(), i >= 3, "after {i} updates");
+    }
+    assert_eq!(avg.checkpoints(), 3);
+    let want = vals(&avg.averaged().unwrap()[0].1);
+    assert_eq!(want, vec![4.0, -4.0], "the mean of checkpoints 3, 4, 5");
+
+    // The same state with a fourth, oldest checkpoint (weight 0) in front.
+    let mut state = avg.state_dict().unwrap();
+    let header_key = state.keys().find(|k| k.starts_with("__")).unwrap().clone();
+    let text = state[&header_key].to_vec1::<u8>().unwrap();
+    let mut header: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(header["body"]["held"], 3);
+    header["body"]["held"] = 4.into();
+    let bytes = serde_json::to_vec(&header).unwrap();
+    let n = bytes.len();
+    state.insert(
+        header_key,
+        Tensor::from_vec(bytes, n, &Device::Cpu).unwrap(),
+    );
+    for i in (0..3).rev() {
+        let t = state.remove(&format!("w.ckpt{i}")).unwrap();
+        state.insert(format!("w.ckpt{}", i + 1), t);
+    }
+    state.insert(
+        "w.ckpt0".into(),
+        Tensor::new(&[1e6f32, 1e6], &Device::Cpu).unwrap(),
+    );
+    let mut resumed = WeightAverage::from_named(vec![named(&w, "w")], kind).unwrap();
+    resumed.load_state_dict(&state).unwrap();
+    assert_eq!(resumed.checkpoints(), 3);
+    assert_eq!(vals(&resumed.averaged().unwrap()[0].1), want);
 }
 
 #[test]

@@ -122,10 +122,24 @@ fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
         &vars[0],
         Tensor::from_vec(vals, g0.shape(), &Device::Cpu).unwrap(),
     );
-    let e = clip_grad_norm(&mut grads, &vars, 1e-3)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("NaN"), "{e}");
+    // the same error as an optimizer's step, naming the variable
+    match clip_grad_norm(&mut grads, &vars, 1e-3).unwrap_err() {
+        steepest::Error::NonFiniteGradient { param } => {
+            let want = format!("clip_grad_norm: vars[0] (shape {:?})", g0.dims());
+            assert_eq!(param, want);
+        }
+        e => panic!("expected NonFiniteGradient, got {e:?}"),
+    }
+    // the first such variable: vars[1] poisoned with +Inf, vars[0] fixed
+    grads.insert(&vars[0], g0.clone());
+    let g1 = grads.get(&vars[1]).unwrap().clone();
+    grads.insert(&vars[1], (g1.ones_like().unwrap() * f64::INFINITY).unwrap());
+    let e = clip_grad_norm(&mut grads, &vars, 1e-3).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::NonFiniteGradient { param } if param.contains("vars[1]")),
+        "{e:?}"
+    );
+    grads.insert(&vars[1], g1);
     let after: Vec<Vec<f64>> = vars[1..3].iter().map(|v| grad_values(&grads, v)).collect();
     assert_eq!(&before[1..3], &after[..]);
 }

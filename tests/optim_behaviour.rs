@@ -163,6 +163,61 @@ fn missing_gradients_skip_the_parameter() {
     }
 }
 
+/// `Driver::never_stepped` lists the parameters no gradient has reached in
+/// a successful step: all before the first step, those left out of the loss
+/// after it; a refused step marks nothing.
+#[test]
+fn never_stepped_lists_the_parameters_no_gradient_reached() {
+    use std::collections::BTreeSet;
+    let vm = model(DType::F32);
+    let mut opt = Muon::from_varmap(&vm, MuonConfig::default()).unwrap();
+    let names = |o: &Muon| -> BTreeSet<String> {
+        o.driver()
+            .never_stepped()
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
+    let all: BTreeSet<String> = PARAMS.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(names(&opt), all);
+    opt.backward_step(&loss(&vm, 0, &["fc1.weight", "gain"]))
+        .unwrap();
+    let left: BTreeSet<String> = ["fc1.weight", "gain"].map(String::from).into();
+    assert_eq!(names(&opt), left);
+    // A refused step (NaN in another parameter) marks nothing.
+    assert!(opt
+        .step(&grads_with(&vm, &PARAMS, 1, "fc2.weight", f64::NAN))
+        .is_err());
+    assert_eq!(names(&opt), left);
+    opt.backward_step(&loss(&vm, 2, &[])).unwrap();
+    assert!(names(&opt).is_empty());
+}
+
+/// Why `never_stepped` exists: candle-nn 0.11's `LayerNorm` forward runs a
+/// fused op without a backward pass (`apply_op3_no_bwd`) on a contiguous
+/// input, so no gradient reaches its weight, its bias, or anything before
+/// it — silently. (If candle adds the backward pass, this test fails: then
+/// update the README's note.)
+#[test]
+fn candle_layer_norm_blocks_gradients_and_never_stepped_shows_it() {
+    use candle_core::Module;
+    let vm = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let fc = candle_nn::linear(4, 8, vb.pp("fc")).unwrap();
+    let ln = candle_nn::layer_norm(8, 1e-5, vb.pp("ln")).unwrap();
+    let head = candle_nn::linear(8, 2, vb.pp("head")).unwrap();
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+    let y = head
+        .forward(&ln.forward(&fc.forward(&x).unwrap()).unwrap())
+        .unwrap();
+    opt.backward_step(&y.sqr().unwrap().mean_all().unwrap())
+        .unwrap();
+    let mut left = opt.driver().never_stepped();
+    left.sort();
+    assert_eq!(left, ["fc.bias", "fc.weight", "ln.bias", "ln.weight"]);
+}
+
 #[test]
 fn gradient_of_the_wrong_shape_is_an_error() {
     let vm = model(DType::F32);

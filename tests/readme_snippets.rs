@@ -195,27 +195,86 @@ fn steepest_alone_refuses_the_biases() {
     }
 }
 
-/// The README contains the lines between the markers of
-/// `readme_stiefel_recipe_trains_an_mlp_with_biases` verbatim (less the indentation), so the
-/// snippet users copy is the one tested above.
-#[test]
-fn readme_holds_the_stiefel_snippet() {
+/// The lines between `// README: begin {name}` and `// README: end {name}`
+/// in this file, less the indentation.
+fn snippet(name: &str) -> String {
     let source = include_str!("readme_snippets.rs");
-    let begin = source.find("// README: begin stiefel\n").unwrap();
-    let end = source.find("    // README: end stiefel\n").unwrap();
+    let begin = source.find(&format!("// README: begin {name}\n")).unwrap();
+    let end = source
+        .find(&format!("    // README: end {name}\n"))
+        .unwrap();
     let body = &source[begin..end];
     let body = &body[body.find('\n').unwrap() + 1..];
-    let snippet: String = body
-        .lines()
+    body.lines()
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(snippet.lines().count() > 20, "{snippet}");
+        .collect()
+}
+
+/// The README contains the snippets run above verbatim (less the
+/// indentation), so the snippets users copy are the ones tested.
+#[test]
+fn readme_holds_the_tested_snippets() {
     let readme = include_str!("../README.md");
-    assert!(
-        readme.contains(&format!("```rust\n{snippet}```")),
-        "README.md's Stiefel snippet differs from tests/readme_snippets.rs:\n{snippet}"
+    for (name, min_lines) in [("stiefel", 20), ("compose", 10)] {
+        let snippet = snippet(name);
+        assert!(snippet.lines().count() > min_lines, "{snippet}");
+        assert!(
+            readme.contains(&format!("```rust\n{snippet}```")),
+            "README.md's {name} snippet differs from tests/readme_snippets.rs:\n{snippet}"
+        );
+    }
+}
+
+/// The README's "compose your own" snippet (Adam's preconditioning, then
+/// back onto the spectral sphere `‖W‖₂ = 2`; AdamW for the rest), as
+/// written: every weight matrix has σ₁ = 2 after each step (f64 SVD), the
+/// biases move, the loss falls.
+#[test]
+fn readme_compose_snippet_keeps_the_matrices_on_the_spectral_sphere() -> steepest::Result<()> {
+    let varmap = VarMap::new();
+    let model = Mlp::new(&varmap);
+    Mlp::seed(&varmap, 5);
+    // README: begin compose
+    use steepest::optim::transform::{Adam, Decay, Retract};
+    use steepest::optim::{Chain, Manifold, Partition};
+    use steepest::{AdamWConfig, WeightDecay};
+
+    let sphere = Chain::new()
+        .then(Decay::new(WeightDecay::None, false)?)
+        .then(Adam::default())
+        .then(Retract::new(Manifold::SpectralSphere { radius: 2.0 })?);
+    let adamw = AdamWConfig::default().chain();
+    // a Driver: candle_nn::Optimizer + OptimizerState
+    let mut opt = Partition::by(|p| if p.is_matrix() { "sphere" } else { "adamw" })
+        .group("sphere", sphere, 1e-3)
+        .group("adamw", adamw, 1e-3)
+        .build_from_varmap(&varmap)?;
+    // README: end compose
+
+    let bias0 = to_f64_vec(model.fc1.bias().unwrap());
+    let (x, y) = data();
+    let loss0 = mse(&model.forward(&x), &y).to_scalar::<f32>()?;
+    let mut last = loss0;
+    for step in 0..50 {
+        let loss = mse(&model.forward(&x), &y);
+        last = loss.to_scalar::<f32>()?;
+        opt.backward_step(&loss)?;
+        for (name, w) in weights(&model) {
+            let s1 = singular_values(&to_dmatrix(&w))[0];
+            assert!(
+                (s1 - 2.0).abs() <= 1e-4,
+                "step {step}: {name} has σ₁ = {s1}"
+            );
+        }
+    }
+    assert!(last.is_finite() && last < loss0, "loss {loss0} → {last}");
+    assert_ne!(
+        to_f64_vec(model.fc1.bias().unwrap()),
+        bias0,
+        "AdamW moved the biases"
     );
+    Ok(())
 }
 
 /// `SteepestConfig::chain` does not validate, but a chain whose manifold step

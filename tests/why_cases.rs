@@ -529,21 +529,48 @@ fn errors_are_typed_and_keep_their_message_through_candle() {
 
 /// Not a "Why" case but its point (callers match the kind to skip a batch):
 /// `Scheduled::step` returns the crate's `Result`, yet a NaN gradient
-/// arrives as `Error::Candle` (the typed error went through
+/// arrived as `Error::Candle` (the typed error went through
 /// `candle_nn::Optimizer::step`, whose `candle_core::Error::Wrapped` keeps
-/// only its `Display`), so `Error::NonFiniteGradient` cannot be matched.
+/// only a `Display`), so `Error::NonFiniteGradient` could not be matched.
+/// Now the conversion back from candle's error rebuilds it: `step`,
+/// `backward_step`, `try_step` and a plain `candle_nn::Optimizer::step` with
+/// `?` all give the typed error.
 #[test]
 fn scheduled_step_keeps_the_typed_error() {
+    use candle_nn::Optimizer;
     let vm = model_of(MIXED, DType::F32, 9);
     let mut opt = Scheduled::new(adamw(&vm), Schedule::constant(0.01).unwrap());
-    // `Scheduled::step` drives any candle optimizer, whose errors can only be
-    // candle errors; `try_step` keeps the typed one.
-    let err = opt
-        .try_step(&grads_with(&vm, MIXED, 0, "a.weight", f64::NAN))
-        .unwrap_err();
+    let nan = || grads_with(&vm, MIXED, 0, "a.weight", f64::NAN);
+    let is_typed =
+        |err: &Error| matches!(err, Error::NonFiniteGradient { param } if param == "a.weight");
+    let err = opt.try_step(&nan()).unwrap_err();
+    assert!(is_typed(&err), "try_step: {err:?}");
+    let err = opt.step(&nan()).unwrap_err();
+    assert!(is_typed(&err), "step: {err:?}");
+    let loss = vm
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let err = opt.backward_step(&(loss * f64::NAN).unwrap()).unwrap_err();
     assert!(
-        matches!(&err, Error::NonFiniteGradient { param } if param == "a.weight"),
-        "expected Error::NonFiniteGradient {{ param: \"a.weight\" }}, got {err:?}"
+        matches!(err, Error::NonFiniteGradient { .. }),
+        "backward_step: {err:?}"
+    );
+    assert_eq!(opt.current_step(), 0, "refused steps do not count");
+    // candle's trait, then `?` (or `.into()`) into the crate's error.
+    let candle_err = opt.inner_mut().step(&nan()).unwrap_err();
+    assert!(
+        candle_err
+            .to_string()
+            .contains("a.weight: gradient contains NaN or Inf"),
+        "{candle_err}"
+    );
+    let err = Error::from(candle_err);
+    assert!(
+        is_typed(&err),
+        "candle_nn::Optimizer::step, converted: {err:?}"
     );
 }
 

@@ -68,6 +68,8 @@ impl AdamWConfig {
     }
 
     /// The chain this config stands for: decay, then Adam.
+    /// The chain carries no rate: in a [`Partition`](crate::optim::Partition)
+    /// group, the group's rate is the one used, not this config's `lr`.
     pub fn chain(&self) -> Chain {
         Chain::new()
             .then(Decay {

@@ -73,6 +73,9 @@ pub struct Driver {
     states: Vec<Vec<StateSlot>>,
     lr: f64,
     kind: String,
+    /// Whether parameter `p` has had a gradient in a step that succeeded
+    /// (since construction; see [`Driver::never_stepped`]).
+    stepped: Vec<bool>,
 }
 
 /// Errors unless `lr` is finite and ≥ 0.
@@ -163,6 +166,7 @@ impl Driver {
             .map(|&k| (0..parts[k].chain.len()).map(|_| None).collect())
             .collect();
         Ok(Self {
+            stepped: vec![false; params.len()],
             params,
             infos,
             parts,
@@ -310,7 +314,26 @@ impl Driver {
                     .map_err(|e| self.named(e, members))?;
             }
         }
+        for (p, _) in grads {
+            self.stepped[*p] = true;
+        }
         Ok(())
+    }
+
+    /// The parameters that have not had a gradient in any successful step
+    /// of this driver (since it was built, in this process), in order: a
+    /// diagnostic for a model whose parameters never train because no
+    /// gradient reaches them — e.g. through candle-nn 0.11's fused
+    /// `LayerNorm`/`RmsNorm` forward or `ops::softmax_last_dim`, which have
+    /// no backward pass. Steps skip parameters without a gradient silently,
+    /// as PyTorch's optimizers do.
+    pub fn never_stepped(&self) -> Vec<&str> {
+        self.params
+            .iter()
+            .zip(&self.stepped)
+            .filter(|(_, &s)| !s)
+            .map(|(v, _)| v.name.as_str())
+            .collect()
     }
 
     /// Steps 1–4 of the protocol: nothing is written.

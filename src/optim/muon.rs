@@ -91,6 +91,8 @@ impl MuonConfig {
     }
 
     /// The chain of the Muon matrices: decay, momentum, `msign`, shape scaling.
+    /// The chain carries no rate: in a [`Partition`](crate::optim::Partition)
+    /// group, the group's rate is the one used, not this config's `lr`.
     pub fn chain(&self) -> Chain {
         Chain::new()
             .then(Decay {

@@ -59,6 +59,8 @@ impl SgdConfig {
     }
 
     /// The chain this config stands for: decay, then (with `μ > 0`) momentum.
+    /// The chain carries no rate: in a [`Partition`](crate::optim::Partition)
+    /// group, the group's rate is the one used, not this config's `lr`.
     pub fn chain(&self) -> Chain {
         let chain = Chain::new().then(Decay {
             decay: self.weight_decay,

@@ -115,7 +115,8 @@ impl SteepestConfig {
     /// model whose vectors go to AdamW (see [`Steepest`]). Not validated:
     /// call [`SteepestConfig::validate`] first, as [`Steepest`]'s
     /// constructors do (a norm that does not fit the manifold is refused
-    /// when the driver is built either way).
+    /// when the driver is built either way). The chain carries no rate: in a
+    /// `Partition` group, the group's rate is the one used, not `lr`.
     pub fn chain(&self) -> Chain {
         let mut chain = Chain::new().then(Decay {
             decay: self.weight_decay,
