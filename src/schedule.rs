@@ -232,7 +232,11 @@ impl Schedule {
 /// The schedule owns the rate: one set by hand on the inner optimizer
 /// (`inner_mut().set_learning_rate`) is overwritten at the next step. To
 /// change the course, build a new `Scheduled` with another [`Schedule`] and
-/// [`set_step`](Self::set_step).
+/// [`set_step`](Self::set_step). For the same reason `Scheduled` is not a
+/// `candle_nn::Optimizer` (whose `set_learning_rate` it would have to
+/// ignore): code generic over optimizers can take `impl TryStep +
+/// OptimizerState`, which the crate's optimizers and `Scheduled` around one
+/// all implement.
 #[derive(Debug)]
 pub struct Scheduled<O: Optimizer> {
     opt: O,
