@@ -9,6 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{fail, Error, Result};
+use crate::params::NamedVar;
 
 /// The global norm `√(Σ_p ‖g_p‖_F²)` of the gradients of `vars` in `grads`
 /// (variables without a gradient are skipped, a variable listed twice counts
@@ -17,6 +18,10 @@ use crate::error::{fail, Error, Result};
 /// beyond ~1e19) are measured again scaled by their largest entry, so the
 /// norm is infinite only when a gradient is.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    grad_norm_of(grads, &vars.iter().collect::<Vec<_>>())
+}
+
+fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     let mut seen = std::collections::HashSet::new();
     let gs: Vec<&Tensor> = vars
         .iter()
@@ -77,8 +82,33 @@ fn sum_of_squares(gs: &[&Tensor], scale: f64) -> Result<f64> {
 /// gradient holds NaN or ±Inf: [`Error::NonFiniteGradient`], the error an
 /// optimizer's step gives, so one `match` arm skips such a batch whether or
 /// not you clip first. Its `param` is `clip_grad_norm: vars[i] (shape …)`,
-/// the first such variable (`vars` carry no names).
+/// the first such variable (`vars` carry no names; [`clip_grad_norm_named`]
+/// names it).
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let refs: Vec<&Var> = vars.iter().collect();
+    clip(grads, &refs, max_norm, |i, dims| {
+        format!("clip_grad_norm: vars[{i}] (shape {dims:?})")
+    })
+}
+
+/// [`clip_grad_norm`] over named variables — e.g. an optimizer's own,
+/// `opt.driver().params()` — so that a NaN/Inf gradient's
+/// [`Error::NonFiniteGradient`] names the parameter, as a step does.
+pub fn clip_grad_norm_named(
+    grads: &mut GradStore,
+    vars: &[NamedVar],
+    max_norm: f64,
+) -> Result<f64> {
+    let refs: Vec<&Var> = vars.iter().map(|v| &v.var).collect();
+    clip(grads, &refs, max_norm, |i, _| vars[i].name.clone())
+}
+
+fn clip(
+    grads: &mut GradStore,
+    vars: &[&Var],
+    max_norm: f64,
+    name: impl Fn(usize, &[usize]) -> String,
+) -> Result<f64> {
     if !(max_norm.is_finite() && max_norm > 0.0) {
         fail!(
             Config,
@@ -86,7 +116,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
             "must be finite and > 0, got {max_norm}"
         );
     }
-    let norm = grad_norm(grads, vars)?;
+    let norm = grad_norm_of(grads, vars)?;
     if !norm.is_finite() {
         // grad_norm is finite unless an entry is NaN or ±Inf: find it
         let listed: Vec<(usize, Tensor)> = vars
@@ -98,11 +128,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
             .collect::<Result<_>>()?;
         let refs: Vec<&Tensor> = listed.iter().map(|(_, g)| g).collect();
         let param = match crate::device::first_nonfinite(&refs)? {
-            Some(k) => format!(
-                "clip_grad_norm: vars[{}] (shape {:?})",
-                listed[k].0,
-                listed[k].1.dims()
-            ),
+            Some(k) => name(listed[k].0, listed[k].1.dims()),
             None => format!("clip_grad_norm (global norm {norm})"),
         };
         return Err(Error::NonFiniteGradient { param });

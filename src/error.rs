@@ -124,6 +124,41 @@ impl Error {
         }
     }
 
+    /// The same error with `note` appended to what is wrong (a candle
+    /// error becomes a [`Error::Device`] error).
+    pub(crate) fn noted(self, note: &str) -> Self {
+        match self {
+            Self::NonFiniteGradient { param } => Self::Numerical {
+                who: param,
+                what: format!("gradient contains NaN or Inf; {note}"),
+            },
+            Self::Shape { who, what } => Self::Shape {
+                who,
+                what: format!("{what}; {note}"),
+            },
+            Self::Config { who, what } => Self::Config {
+                who,
+                what: format!("{what}; {note}"),
+            },
+            Self::Checkpoint { who, what } => Self::Checkpoint {
+                who,
+                what: format!("{what}; {note}"),
+            },
+            Self::Device { who, what } => Self::Device {
+                who,
+                what: format!("{what}; {note}"),
+            },
+            Self::Numerical { who, what } => Self::Numerical {
+                who,
+                what: format!("{what}; {note}"),
+            },
+            Self::Candle(e) => Self::Device {
+                who: "candle".into(),
+                what: format!("{e}; {note}"),
+            },
+        }
+    }
+
     /// The same error reported for `new_who` (the parameter a generic
     /// routine ran on), keeping the routine's name in the message.
     pub(crate) fn about(self, new_who: &str) -> Self {

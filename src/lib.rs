@@ -63,3 +63,5 @@ pub use error::{Error, Result};
 pub use linalg::{msign, power_iteration, GramNewtonSchulz, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
 pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig, TryStep};
+/// The JSON crate of [`optim::transform::Transform::hparams`]'s signature.
+pub use serde_json;

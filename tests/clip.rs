@@ -139,6 +139,20 @@ fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
         matches!(&e, steepest::Error::NonFiniteGradient { param } if param.contains("vars[1]")),
         "{e:?}"
     );
+    // named variables: the error names the parameter
+    let named: Vec<steepest::optim::NamedVar> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| steepest::optim::NamedVar {
+            name: format!("layer{i}.weight"),
+            var: v.clone(),
+        })
+        .collect();
+    let e = steepest::clip::clip_grad_norm_named(&mut grads, &named, 1e-3).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::NonFiniteGradient { param } if param == "layer1.weight"),
+        "{e:?}"
+    );
     grads.insert(&vars[1], g1);
     let after: Vec<Vec<f64>> = vars[1..3].iter().map(|v| grad_values(&grads, v)).collect();
     assert_eq!(&before[1..3], &after[..]);

@@ -408,3 +408,121 @@ fn a_checkpoint_with_other_routing_is_refused_naming_the_parameter() {
     assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A user transform that fails on the member named `target` when told to;
+/// declares `fallible()` or not.
+#[derive(Clone, Debug)]
+struct FailOn {
+    target: &'static str,
+    now: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    declared: bool,
+}
+
+impl steepest::optim::transform::Transform for FailOn {
+    fn kind(&self) -> &'static str {
+        "fail_on"
+    }
+    fn hparams(&self) -> steepest::serde_json::Value {
+        steepest::serde_json::Value::Null
+    }
+    fn set_hparams(&mut self, _: &steepest::serde_json::Value) -> steepest::Result<()> {
+        Ok(())
+    }
+    fn fallible(&self) -> bool {
+        self.declared
+    }
+    fn apply(
+        &self,
+        step: &mut steepest::optim::transform::GroupStep<'_>,
+        _: &mut [Option<Box<dyn steepest::optim::transform::TransformState>>],
+        _: bool,
+    ) -> steepest::Result<()> {
+        let hit = (0..step.len()).any(|i| step.info(i).name == self.target);
+        if hit && self.now.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::numerical(self.target, "told to fail"));
+        }
+        Ok(())
+    }
+    fn boxed(&self) -> Box<dyn steepest::optim::transform::Transform> {
+        Box::new(self.clone())
+    }
+}
+
+/// A transform that fails without declaring `fallible()` runs after the
+/// first write: the step is partly applied, and the error says which
+/// parameters were updated and which may be inconsistent. Declared
+/// fallible, the same failure changes nothing.
+#[test]
+fn an_undeclared_failure_says_the_step_was_partly_applied() {
+    for declared in [false, true] {
+        let vm = model_of(SHAPES, DType::F32, 5);
+        let now = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Momentum (state) before the failing transform: its state moves
+        // before the failure.
+        let failing = Chain::new()
+            .then(Momentum::ema(0.9, false).unwrap())
+            .then(FailOn {
+                target: "wide.weight",
+                now: now.clone(),
+                declared,
+            });
+        let mut opt = Partition::by(|p: &ParamInfo| match p.name.as_str() {
+            "wide.weight" => "failing",
+            _ => "adamw",
+        })
+        .group("adamw", adamw_chain(), 0.01)
+        .group("failing", failing, 0.01)
+        .build_from_varmap(&vm)
+        .unwrap();
+        opt.backward_step(&loss_of(&vm, SHAPES, 0)).unwrap();
+        now.store(true, std::sync::atomic::Ordering::SeqCst);
+        let params = snapshot(&vm);
+        let state = state_snapshot(&opt.state_dict().unwrap());
+        let err = opt
+            .try_step(&grads_with(&vm, SHAPES, 1, "gain", 1.0))
+            .unwrap_err();
+        assert_eq!(err.who(), Some("wide.weight"), "{err}");
+        let after = snapshot(&vm);
+        if declared {
+            assert!(!err.to_string().contains("partly applied"), "{err}");
+            assert_eq!(after, params, "declared fallible: nothing changes");
+            assert_eq!(state_snapshot(&opt.state_dict().unwrap()), state);
+        } else {
+            let e = err.to_string();
+            assert!(
+                e.contains("told to fail; the step was partly applied"),
+                "{e}"
+            );
+            // Groups run by partition (in the order defined) and shape: the
+            // adamw groups ran before wide.weight's.
+            let moved: BTreeSet<&str> = SHAPES
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| after[*n] != params[*n])
+                .collect();
+            assert!(
+                !moved.is_empty() && !moved.contains("wide.weight"),
+                "{moved:?}"
+            );
+            // The first three updated are named, and the count is right.
+            let listed = e
+                .split("updated: ")
+                .nth(1)
+                .unwrap()
+                .split(", …")
+                .next()
+                .unwrap();
+            for n in listed.split(", ") {
+                assert!(moved.contains(n), "{n} listed but did not move: {e}");
+            }
+            assert!(
+                e.contains(&format!("({} in all)", moved.len())),
+                "{moved:?}: {e}"
+            );
+            assert!(
+                e.contains("possibly inconsistent (state advanced, parameters not): wide.weight"),
+                "{e}"
+            );
+        }
+    }
+}

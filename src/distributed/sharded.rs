@@ -142,16 +142,11 @@ impl<O: Optimizer + ShardedOptimizer> ShardedOptimizer for Scheduled<O> {
     }
 }
 
-/// Transform kinds whose cost is Newton–Schulz-like (`m·n·min(m, n)` per
-/// step): `msign` ([`Orthogonalize`](crate::optim::transform::Orthogonalize)),
-/// dualisation under a norm ([`Dualize`](crate::optim::transform::Dualize),
-/// `msign` for the spectral norm) and manifold steps
-/// ([`ManifoldStep`](crate::optim::transform::ManifoldStep)).
-const MATRIX_KINDS: [&str; 3] = ["orthogonalize", "dualize", "manifold"];
-
 /// The planner's view of a driver's parameters, in its order: a parameter of
-/// rank ≥ 2 whose partition's chain has a matrix transform (`orthogonalize`,
-/// `dualize` or `manifold`) is a [`Matrix`](super::ParamKind::Matrix) (cost
+/// rank ≥ 2 whose partition's chain has a transform of matrix cost
+/// ([`Transform::matrix_cost`](crate::optim::transform::Transform::matrix_cost):
+/// `orthogonalize`, `dualize`, `manifold`, or a user's own) is a
+/// [`Matrix`](super::ParamKind::Matrix) (cost
 /// `m·n·min(m, n)` of its matrix view); every other parameter — vectors,
 /// and matrices under an element-wise chain such as Muon's `adamw`
 /// partition (embeddings, heads) — is
@@ -166,7 +161,7 @@ pub fn param_specs(driver: &Driver) -> Vec<ParamSpec> {
             let matrix_chain = driver
                 .label_of(&v.name)
                 .and_then(|l| driver.chain(l))
-                .is_some_and(|c| c.iter().any(|(_, t)| MATRIX_KINDS.contains(&t.kind())));
+                .is_some_and(|c| c.iter().any(|(_, t)| t.matrix_cost()));
             if matrix_chain {
                 ParamSpec::new(v.name.clone(), v.var.dims())
             } else {

@@ -306,12 +306,22 @@ impl Driver {
             }
         };
         drop(undo);
+        let mut done: Vec<usize> = groups
+            .iter()
+            .filter(|((infallible, ..), _)| !*infallible)
+            .flat_map(|(_, members)| members.iter().map(|m| m.0))
+            .collect();
         for ((infallible, k, ..), members) in &groups {
             if *infallible {
-                // Cannot fail on input that passed 1–3; if it does anyway
-                // (a device error), the error names the group's first member.
-                self.run_group(*k, members)
-                    .map_err(|e| self.named(e, members))?;
+                // Cannot fail on input that passed 1–3; if it does anyway (a
+                // device error, or a transform that fails without declaring
+                // `fallible`), the step is partly applied: say so.
+                if let Err(e) = self.run_group(*k, members) {
+                    return Err(self
+                        .named(e, members)
+                        .noted(&self.partial_step(&done, members)));
+                }
+                done.extend(members.iter().map(|m| m.0));
             }
         }
         for (p, _) in grads {
@@ -448,6 +458,27 @@ impl Driver {
             }
         }
         Ok(undo)
+    }
+
+    /// What an error after the first write leaves: the parameters `done`
+    /// were updated, the group `failed` may be half updated (its state
+    /// advanced, its parameters not), the rest were not.
+    fn partial_step(&self, done: &[usize], failed: &[(usize, Tensor)]) -> String {
+        let names = |ps: &mut dyn Iterator<Item = usize>| {
+            let all: Vec<&str> = ps.map(|p| self.params[p].name.as_str()).collect();
+            match all.len() {
+                0 => "none".to_string(),
+                n if n <= 3 => all.join(", "),
+                n => format!("{}, … ({n} in all)", all[..3].join(", ")),
+            }
+        };
+        format!(
+            "the step was partly applied: an infallible transform failed after the first \
+             write; updated: {}; possibly inconsistent (state advanced, parameters not): {}; \
+             restore from a checkpoint (a transform that can fail must declare `fallible()`)",
+            names(&mut done.iter().copied()),
+            names(&mut failed.iter().map(|m| m.0)),
+        )
     }
 
     /// `e` as an error about a parameter of the group `members`: kept when it

@@ -15,7 +15,12 @@
 //! | [`Steepest`] | `Decay` → `Momentum` (EMA) → [`Dualize`](transform::Dualize) or [`ManifoldStep`](transform::ManifoldStep) |
 //!
 //! A step either applies to every parameter or — on a NaN/Inf gradient, a
-//! bad learning rate or any other error — to none.
+//! bad learning rate, a shape or device mismatch, or the failure of a
+//! transform that declares it can fail (a retraction) — to none. The one
+//! exception is an error no check can foresee (a device fault, or a
+//! transform that fails without declaring
+//! [`fallible`](transform::Transform::fallible)): the step is then partly
+//! applied, and the error says so and names what was updated.
 
 mod adamw;
 mod chain;

@@ -24,6 +24,10 @@ impl Transform for Dualize {
         "dualize"
     }
 
+    fn matrix_cost(&self) -> bool {
+        true
+    }
+
     fn hparams(&self) -> serde_json::Value {
         to_json(self)
     }

@@ -178,6 +178,10 @@ impl Transform for ManifoldStep {
         "manifold"
     }
 
+    fn matrix_cost(&self) -> bool {
+        true
+    }
+
     fn hparams(&self) -> serde_json::Value {
         to_json(self)
     }

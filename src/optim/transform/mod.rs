@@ -117,11 +117,20 @@ pub struct Fields {
 }
 
 impl Fields {
-    pub(crate) fn insert_tensor(&mut self, name: &'static str, t: Tensor) {
+    /// No fields (then add them with [`insert_tensor`](Self::insert_tensor)
+    /// and [`insert_count`](Self::insert_count), e.g. to test a
+    /// [`Transform::load`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tensor field.
+    pub fn insert_tensor(&mut self, name: &'static str, t: Tensor) {
         self.tensors.insert(name, t);
     }
 
-    pub(crate) fn insert_count(&mut self, name: &'static str, n: u64) {
+    /// Adds a counter field.
+    pub fn insert_count(&mut self, name: &'static str, n: u64) {
         self.counts.insert(name, n);
     }
 
@@ -178,7 +187,39 @@ pub fn zeros_var(p: &ParamInfo, dims: &[usize]) -> Result<Var> {
 /// has none) and back, what it does to a group's direction, and a boxed
 /// copy. A stateful one also lists its state's fields ([`Transform::fields`],
 /// [`Transform::load`]) and keeps a [`TransformState`] per parameter;
-/// `Momentum` and `Adam` in this module are the models to follow.
+/// `Momentum` and `Adam` in this module are the models to follow
+/// ([`to_json`] and [`from_json`] write and read hyperparameters as they
+/// do; `steepest::serde_json` is re-exported).
+///
+/// The contract the driver relies on:
+/// - **Members are independent.** A group is the same-shape parameters of
+///   one partition that have a gradient in this step (on a data-parallel
+///   rank: those it owns), batched for speed. Which parameters share a group
+///   is an implementation detail, so `apply` must compute each member's
+///   result from its own gradient, state and parameter only; a group-wide
+///   statistic (a norm over all members) would change with the grouping and
+///   with the number of ranks.
+/// - **Errors mean "refuse".** The driver validates the gradients, the
+///   rate ([`Transform::check_lr`]) and shapes before anything is written;
+///   after that, an infallible transform must not fail. A transform whose
+///   `apply` can fail on valid input (a retraction, a root solve) declares
+///   [`Transform::fallible`] and runs under an undo copy, so its error
+///   changes nothing. An error from an infallible transform (a bug, a
+///   device error) leaves the step partly applied, and the driver's error
+///   says so.
+/// - **The update is not checked.** Gradients are checked for NaN/Inf;
+///   what a transform makes of them is not.
+/// - **`fuse`.** Ignoring it is always correct: set the direction
+///   ([`GroupStep::set_dir`]) and the driver runs the update
+///   `w ← decayed(w) − η·αᵢ·dᵢ`. When `fuse` is true (nothing after this
+///   transform changes the direction), a transform may run that update
+///   itself in one pass, including the pending decay
+///   ([`GroupStep::decay_term`]), and call [`GroupStep::mark_applied`].
+/// - **State fields are a checkpoint format.** A checkpoint must hold every
+///   field [`Transform::fields`] lists, so one written before a field was
+///   added is refused naming the key. To migrate, add the key to the loaded
+///   state dict ([`checkpoint::load`](crate::checkpoint::load)) before
+///   `load_state_dict`.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -236,7 +277,9 @@ pub trait Transform: Send + Sync + Debug {
     }
     /// The hyperparameters, for the checkpoint header.
     fn hparams(&self) -> serde_json::Value;
-    /// Restores hyperparameters written by [`Transform::hparams`] (validated).
+    /// Restores hyperparameters written by [`Transform::hparams`] (validated);
+    /// `load_state` calls it with the checkpoint's. Settings that `hparams`
+    /// does not write must be kept as they are.
     fn set_hparams(&mut self, v: &serde_json::Value) -> Result<()>;
     /// Checks that the transform applies to a parameter (at construction).
     fn check(&self, _p: &ParamInfo) -> Result<()> {
@@ -264,6 +307,14 @@ pub trait Transform: Send + Sync + Debug {
     fn fallible(&self) -> bool {
         false
     }
+    /// Whether its cost on an `m×n` matrix grows like a matrix product,
+    /// `m·n·min(m, n)` (`msign`, a dualisation, a manifold step), rather
+    /// than with the element count: the data-parallel planner
+    /// ([`distributed::param_specs`](crate::distributed::param_specs))
+    /// balances such matrices across ranks by that cost.
+    fn matrix_cost(&self) -> bool {
+        false
+    }
     /// Runs on one group of same-shape parameters. `states[i]` is member
     /// `i`'s state (`None` before its first step). `fuse` is true when no
     /// further transform changes the direction, so the transform may run the
@@ -285,15 +336,13 @@ impl Clone for Box<dyn Transform> {
 }
 
 /// Serialises hyperparameters (for [`Transform::hparams`]).
-pub(crate) fn to_json<T: serde::Serialize>(t: &T) -> serde_json::Value {
+pub fn to_json<T: serde::Serialize>(t: &T) -> serde_json::Value {
     serde_json::to_value(t).expect("hyperparameters serialise")
 }
 
-/// Deserialises hyperparameters (for [`Transform::set_hparams`]).
-pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    v: &serde_json::Value,
-) -> Result<T> {
+/// Deserialises hyperparameters (for [`Transform::set_hparams`]); an error
+/// names `kind`.
+pub fn from_json<T: serde::de::DeserializeOwned>(kind: &str, v: &serde_json::Value) -> Result<T> {
     serde_json::from_value(v.clone())
         .map_err(|e| Error::checkpoint(kind, format!("bad hyperparameters: {e}")))
 }
@@ -496,8 +545,9 @@ impl<'a> GroupStep<'a> {
         &self.decay[i]
     }
 
-    /// The pending decay of member `i` in the seam's form.
-    pub(crate) fn decay_term(&self, i: usize) -> DecayTerm<'_> {
+    /// The pending decay of member `i` in the form the fused updates of
+    /// [`crate::device`] take (for a transform that runs the update itself).
+    pub fn decay_term(&self, i: usize) -> DecayTerm<'_> {
         let d = &self.decay[i];
         DecayTerm {
             scale: d.scale,

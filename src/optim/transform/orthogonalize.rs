@@ -22,6 +22,10 @@ impl Transform for Orthogonalize {
         "orthogonalize"
     }
 
+    fn matrix_cost(&self) -> bool {
+        true
+    }
+
     fn hparams(&self) -> serde_json::Value {
         to_json(self)
     }
