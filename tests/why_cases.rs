@@ -623,15 +623,13 @@ fn state_is_typed_and_keyed_by_the_chain() {
     for t in 0..3 {
         d.backward_step(&loss_of(&vm, MATRICES, t)).unwrap();
     }
-    let s = d.state("a.weight", "adam").unwrap();
-    let adam = s.as_any().downcast_ref::<AdamState>().unwrap();
+    let adam = d.state_as::<AdamState>("a.weight", "adam").unwrap();
     assert_eq!(adam.step, 3);
-    let slow = d.state("a.weight", "slow").unwrap();
-    let fast = d.state("a.weight", "fast").unwrap();
-    let (slow, fast) = (
-        slow.as_any().downcast_ref::<MomentumState>().unwrap(),
-        fast.as_any().downcast_ref::<MomentumState>().unwrap(),
-    );
+    // the wrong type, or no such transform: None
+    assert!(d.state_as::<MomentumState>("a.weight", "adam").is_none());
+    assert!(d.state_as::<AdamState>("a.weight", "nope").is_none());
+    let slow = d.state_as::<MomentumState>("a.weight", "slow").unwrap();
+    let fast = d.state_as::<MomentumState>("a.weight", "fast").unwrap();
     assert_ne!(
         common::to_f64_vec(slow.buf.as_tensor()),
         common::to_f64_vec(fast.buf.as_tensor())

@@ -235,6 +235,13 @@ impl Driver {
         self.states[p][k].as_deref()
     }
 
+    /// [`Driver::state`] downcast to its type, e.g.
+    /// `driver.state_as::<MyState>("fc.weight", "my_transform")` (`None`
+    /// before the first step, or for another type).
+    pub fn state_as<T: TransformState>(&self, name: &str, transform: &str) -> Option<&T> {
+        self.state(name, transform)?.as_any().downcast_ref::<T>()
+    }
+
     /// One step with the gradients of `grads` (see [`Driver`]: pick, validate, check, group, run).
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
         let mut picked = Vec::new();
