@@ -103,9 +103,9 @@ pub enum AverageKind {
     Polyak,
     /// WSM: merge the last `weights.len()` checkpoints, taken every
     /// `interval` updates, with `weights` (oldest first; see [`wsm_weights`]).
-    /// Checkpoints whose weight is 0 are not kept: leading zeros (e.g. the
-    /// first of [`wsm_weights_for_shape`]`(Linear, k)`, whose `k + 1`
-    /// weights start with `1 − f(0) = 0`) shorten the window.
+    /// The oldest checkpoints are not kept while their weight is 0: leading
+    /// zeros (e.g. the first of [`wsm_weights_for_shape`]`(Linear, k)`,
+    /// whose `k + 1` weights start with `1 − f(0) = 0`) shorten the window.
     Wsm {
         /// Merge weights, oldest checkpoint first; `≥ 0`, sum 1.
         weights: Vec<f64>,

@@ -125,7 +125,8 @@ impl Error {
     }
 
     /// The same error with `note` appended to what is wrong (a candle
-    /// error becomes a [`Error::Device`] error).
+    /// error becomes a [`Error::Device`] error, a non-finite gradient a
+    /// [`Error::Numerical`] one: neither has room for a note).
     pub(crate) fn noted(self, note: &str) -> Self {
         match self {
             Self::NonFiniteGradient { param } => Self::Numerical {
@@ -220,7 +221,8 @@ impl std::error::Error for Error {
 /// steepest error (made by the conversion below, e.g. by
 /// `candle_nn::Optimizer::step` of one of the crate's optimizers), which
 /// comes back as that error, with its kind: a round trip through candle
-/// keeps the variant you match on.
+/// keeps the variant you match on. (Not through candle's `.context(…)` or
+/// `with_path`, which wrap it further: that stays [`Error::Candle`].)
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         match e {

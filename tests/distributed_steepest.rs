@@ -321,3 +321,178 @@ fn step_subset_agreed_asks_once_and_undoes_on_a_refusal() {
         }
     }
 }
+
+/// A user transform that fails on the member `target` when told to,
+/// without declaring `fallible()`: its failure comes after the first write.
+#[derive(Clone, Debug)]
+struct FailOn {
+    target: &'static str,
+    now: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl steepest::optim::transform::Transform for FailOn {
+    fn kind(&self) -> &'static str {
+        "fail_on"
+    }
+    fn hparams(&self) -> steepest::serde_json::Value {
+        steepest::serde_json::Value::Null
+    }
+    fn set_hparams(&mut self, _: &steepest::serde_json::Value) -> steepest::Result<()> {
+        Ok(())
+    }
+    fn apply(
+        &self,
+        step: &mut steepest::optim::transform::GroupStep<'_>,
+        _: &mut [Option<Box<dyn steepest::optim::transform::TransformState>>],
+        _: bool,
+    ) -> steepest::Result<()> {
+        let hit = (0..step.len()).any(|i| step.info(i).name == self.target);
+        if hit && self.now.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::numerical(self.target, "told to fail"));
+        }
+        Ok(())
+    }
+    fn boxed(&self) -> Box<dyn steepest::optim::transform::Transform> {
+        Box::new(self.clone())
+    }
+}
+
+/// A failure the agreement cannot undo (an infallible transform that fails
+/// after the first write, at one owner) is reported on every rank, and
+/// every rank refuses further steps — the failed rank's schedule counter
+/// and state are behind the others' — until `load_state` brings back a
+/// consistent state; then steps go on with equal counters.
+#[test]
+fn a_failure_after_the_agreement_refuses_further_steps_until_load_state() {
+    use steepest::optim::transform::Momentum;
+    use steepest::optim::{Chain, Partition};
+    let dir = std::env::temp_dir().join(format!("steepest_dp_broken_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = LocalGroup::run(2, |comm| {
+        let rank = steepest::distributed::Collective::rank(&comm);
+        let now = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let chain = Chain::new()
+            .then(Momentum::ema(0.9, false).unwrap())
+            .then(FailOn {
+                target: "w.1",
+                now: now.clone(),
+            });
+        let vars: Vec<NamedVar> = named_vars()
+            .into_iter()
+            .filter(|v| v.name != "w.3")
+            .collect();
+        let driver = Partition::by(|_| "m")
+            .group("m", chain, 0.01)
+            .build(vars.clone())?;
+        let opt = Scheduled::new(driver, Schedule::cosine(0.01, 0.001, 10).unwrap());
+        let mut dp = DataParallel::for_optimizer(comm, opt, DataParallelConfig::default())?;
+        let grads = |step: usize| -> Vec<Option<Tensor>> {
+            (0..vars.len()).map(|i| grad(step, rank, i)).collect()
+        };
+        dp.step_grads(&grads(0))?;
+        dp.save_state(&dir)?;
+        now.store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed = dp.step_grads(&grads(1)).unwrap_err().to_string();
+        let refused = dp.step_grads(&grads(2)).unwrap_err().to_string();
+        let counter_after_failure = dp.optimizer().current_step();
+        now.store(false, std::sync::atomic::Ordering::SeqCst);
+        dp.load_state(&dir)?;
+        let counter_after_load = dp.optimizer().current_step();
+        dp.step_grads(&grads(2))?;
+        Ok((
+            failed,
+            refused,
+            counter_after_failure,
+            counter_after_load,
+            dp.optimizer().current_step(),
+        ))
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out: Vec<_> = out.into_iter().map(|r| r.unwrap()).collect();
+    for (rank, (failed, refused, ..)) in out.iter().enumerate() {
+        assert!(
+            failed.contains("further steps are refused until load_state"),
+            "rank {rank}: {failed}"
+        );
+        assert!(
+            refused.contains("refused: an earlier step failed"),
+            "rank {rank}: {refused}"
+        );
+    }
+    // The owner of w.1 failed partway: its counter stayed, the other's moved.
+    let mut after_failure: Vec<usize> = out.iter().map(|o| o.2).collect();
+    after_failure.sort();
+    assert_eq!(after_failure, [1, 2]);
+    assert!(
+        out.iter().any(|o| o.0.contains("partly applied")),
+        "{:?}",
+        out[0].0
+    );
+    for (rank, o) in out.iter().enumerate() {
+        assert_eq!(
+            (o.3, o.4),
+            (1, 2),
+            "rank {rank}: counters after load, after a step"
+        );
+    }
+}
+
+/// A third-party `ShardedStep` that claims the two phases but breaks the
+/// `agree` contract (never calls it, or calls it twice) gets an error on
+/// every rank, not a deadlock.
+#[test]
+fn an_agree_contract_violation_is_an_error_not_a_hang() {
+    use distributed_support::MomentumSgd;
+    struct Broken {
+        inner: MomentumSgd,
+        calls: usize,
+    }
+    impl ShardedStep for Broken {
+        fn step_subset(&mut self, g: &[(usize, Tensor)]) -> steepest::Result<()> {
+            self.inner.step_subset(g)
+        }
+        fn agrees_before_commit(&self) -> bool {
+            true
+        }
+        fn step_subset_agreed(
+            &mut self,
+            g: &[(usize, Tensor)],
+            agree: &mut dyn FnMut(Option<&Error>) -> steepest::Result<()>,
+        ) -> steepest::Result<()> {
+            self.inner.step_subset(g)?;
+            for _ in 0..self.calls {
+                agree(None)?;
+            }
+            Ok(())
+        }
+    }
+    for calls in [0, 2] {
+        let out = LocalGroup::run(2, |comm| {
+            let rank = steepest::distributed::Collective::rank(&comm);
+            let vars = make_vars(&shapes(), 1);
+            let named = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v.clone()))
+                .collect();
+            let opt = Broken {
+                inner: MomentumSgd::new(vars),
+                calls,
+            };
+            let mut dp = DataParallel::new(comm, named, opt, DataParallelConfig::default())?;
+            let g: Vec<Option<Tensor>> = (0..6).map(|i| grad(0, rank, i)).collect();
+            Ok(dp.step_grads(&g).unwrap_err().to_string())
+        })
+        .unwrap();
+        for (rank, e) in out.into_iter().enumerate() {
+            let e = e.unwrap();
+            let want = if calls == 0 {
+                "returned without calling `agree`"
+            } else {
+                "called `agree` twice"
+            };
+            assert!(e.contains(want), "calls {calls}, rank {rank}: {e}");
+        }
+    }
+}

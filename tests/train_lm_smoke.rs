@@ -513,9 +513,11 @@ fn replace_file_writes_through_a_symlink() {
 }
 
 /// A stream — here a link to /proc/self/fd/N, as /dev/stdout is a link to
-/// /proc/self/fd/1 — is appended to, not truncated: with `--loss-log
-/// /dev/stdout > run.txt`, truncating would erase what the run had printed
-/// to run.txt. A plain file is still replaced whole.
+/// /proc/self/fd/1 — is not truncated, and is written at the descriptor's
+/// own offset: with `--loss-log /dev/stdout > run.txt`, truncating would
+/// erase what the run had printed to run.txt, and a file offset of its own
+/// would let the next print overwrite the log. A plain file is still
+/// replaced whole.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_stream_is_appended_to_and_a_file_replaced() {
@@ -532,6 +534,9 @@ fn a_stream_is_appended_to_and_a_file_replaced() {
     support::check_writable(&link).unwrap();
     support::replace_file(&link, |p| Ok(support::create(p)?.write_all(b"log\n")?)).unwrap();
     assert_eq!(fs::read_to_string(&out).unwrap(), "printed\nlog\n");
+    // and what the program prints next goes after the log, not over it
+    redirected.write_all(b"after\n").unwrap();
+    assert_eq!(fs::read_to_string(&out).unwrap(), "printed\nlog\nafter\n");
     // A plain file (and a link to one) is replaced whole.
     let plain = dir.join("plain.csv");
     fs::write(&plain, "old, longer content\n").unwrap();

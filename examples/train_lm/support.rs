@@ -118,14 +118,21 @@ pub fn check_writable(path: &Path) -> Result<()> {
 
 /// Opens `path` for [`replace_files`]'s writer to write it whole: created or
 /// truncated, except a stream — a path under /dev or /proc, or a link that
-/// leads there, such as /dev/stdout (→ /proc/self/fd/1) — which is appended
-/// to: truncating the file a shell redirected stdout to would erase what
-/// the program has already printed there.
+/// leads there — which is never truncated: truncating the file a shell
+/// redirected stdout to would erase what the program has already printed
+/// there. A link to one of this process's descriptors (/dev/stdout →
+/// /proc/self/fd/1, /dev/fd/N) is written through a duplicate of that
+/// descriptor, which shares its file offset, so later prints go after the
+/// written text instead of over it; another stream is appended to.
 pub fn create(path: &Path) -> std::io::Result<File> {
     let mut hop = path.to_path_buf();
     let mut stream = false;
     for _ in 0..40 {
         stream |= hop.starts_with("/dev") || hop.starts_with("/proc");
+        #[cfg(unix)]
+        if let Some(fd) = own_descriptor(&hop) {
+            return duplicate(fd);
+        }
         match std::fs::read_link(&hop) {
             Ok(next) => hop = hop.parent().unwrap_or(Path::new("/")).join(next),
             Err(_) => break,
@@ -136,6 +143,28 @@ pub fn create(path: &Path) -> std::io::Result<File> {
     } else {
         File::create(path)
     }
+}
+
+/// `N` of /proc/self/fd/N or /dev/fd/N.
+#[cfg(unix)]
+fn own_descriptor(p: &Path) -> Option<i32> {
+    let rest = p
+        .strip_prefix("/proc/self/fd")
+        .or_else(|_| p.strip_prefix("/dev/fd"))
+        .ok()?;
+    rest.to_str()?.parse().ok()
+}
+
+/// A new descriptor for the open file `fd` (the same file offset).
+#[cfg(unix)]
+fn duplicate(fd: i32) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor this process owns.
+    Ok(unsafe { File::from_raw_fd(new) })
 }
 
 /// The seeds `first, first + 1, …`, `n` of them; an error if the last would

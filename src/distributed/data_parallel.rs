@@ -58,12 +58,19 @@
 //! whether any owner failed; if one did, **every rank undoes its share and
 //! refuses the step** (the same error on every rank, naming the parameter),
 //! so no parameter, state or schedule counter changed anywhere. Any other
-//! failure inside `step_subset` (which, by the contract of [`ShardedStep`],
-//! leaves that rank's parameters and state unchanged; e.g. a device error,
-//! or a third-party optimizer without the two phases) is reported on every
-//! rank through the status elements of the all-gather; the other owners
-//! have then stepped their parameters, so that step is not atomic across
-//! ranks, but the parameters stay identical on every rank.
+//! failure of an owner's step (a device error, a transform that fails
+//! without declaring it can — the step is then partly applied on that
+//! rank —, or a third-party optimizer without the two phases) is reported
+//! on every rank through the status elements of the all-gather; the other
+//! owners have then stepped their shares, so the parameters stay identical
+//! on every rank but the optimizer states (and `Scheduled` counters) may
+//! not agree. **Every rank then refuses further steps** until
+//! [`load_state`](DataParallel::load_state) restores a consistent state
+//! (or, when the failed step changed nothing on its rank and no counter
+//! is involved, [`clear_failure`](DataParallel::clear_failure)). The
+//! agreement itself is one collective that every rank must reach: a rank
+//! whose own all-reduce call fails (a device or communicator fault) cannot
+//! tell the others, as with any collective.
 //!
 //! Checkpoints: [`save_state`](DataParallel::save_state) writes one file per
 //! rank (that rank's optimizer state: the parameters it owns) and a manifest;
@@ -114,9 +121,12 @@ pub trait ShardedStep {
     /// with its error so far (`None`: fine so far): everything that can fail
     /// runs before, undoably; if `agree` returns an error (some rank
     /// failed), undo and return it; else finish the step. The default runs
-    /// `step_subset` and then `agree`, undoing nothing;
-    /// [`Driver::step_subset_agreed`](crate::optim::Driver::step_subset_agreed)
-    /// is the real one.
+    /// `step_subset` and then `agree`, undoing nothing, so an implementation
+    /// that returns `true` from
+    /// [`agrees_before_commit`](Self::agrees_before_commit) must override
+    /// both; [`Driver::step_subset_agreed`](crate::optim::Driver::step_subset_agreed)
+    /// is the real one. (An implementation that skips `agree` or calls it
+    /// twice gets an error, on every rank, rather than a hang.)
     fn step_subset_agreed(
         &mut self,
         grads: &[(usize, Tensor)],
@@ -248,6 +258,11 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     last_norm: Option<f64>,
     /// [`ShardedStep::agrees_before_commit`], read once at construction.
     two_phase: bool,
+    /// Set (on every rank alike) when a step failed after some owners had
+    /// stepped: the ranks' optimizer states (or schedule counters) may
+    /// disagree, so steps are refused until [`DataParallel::load_state`]
+    /// (or [`DataParallel::clear_failure`]).
+    broken: Option<String>,
 }
 
 impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
@@ -443,6 +458,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             steps: 0,
             last_norm: None,
             two_phase,
+            broken: None,
         };
         this.check_agreement()?;
         if this.config.broadcast_initial {
@@ -494,8 +510,9 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let (layout_differs, settings_differ) = (differ(0..3), differ(3..6));
         if !layout_differs.is_empty() {
             let mut msg = format!(
-                "the parameter list (names, shapes, dtypes), grad_dtype or clip_grad_norm differs \
-                 from this rank's on rank(s) {layout_differs:?}"
+                "the parameter list (names, shapes, dtypes), grad_dtype, clip_grad_norm or the \
+                 optimizer's two-phase step (ShardedStep::agrees_before_commit) differs from \
+                 this rank's on rank(s) {layout_differs:?}"
             );
             if let Some(first) = self.first_param_difference()? {
                 msg += &format!("; {first}");
@@ -619,6 +636,17 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let rank = self.comm.rank();
         let p = self.plan.len();
         let who = self.who("step");
+        // Every rank holds the same `broken`, so all return here alike.
+        if let Some(why) = &self.broken {
+            return Err(Error::config(
+                who,
+                format!(
+                    "refused: an earlier step failed after some owners had stepped ({why}); the \
+                     ranks' optimizer states or schedule counters may disagree: load a \
+                     checkpoint (load_state) on every rank to go on"
+                ),
+            ));
+        }
 
         // 1. Local checks; nothing returns before the status all-reduce.
         let mut local_error: Option<String> = None;
@@ -715,17 +743,38 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         // other ranks never wait in vain.
         let step_result = if self.two_phase {
             let (comm, plan, device) = (&self.comm, &self.plan, &self.device);
-            let mut refused = false;
+            let (calls, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
             let mut agree = |e: Option<&Error>| {
+                calls.set(calls.get() + 1);
+                if calls.get() > 1 {
+                    // (a second all-reduce would pair with another collective)
+                    return Err(Error::config(
+                        "ShardedStep::step_subset_agreed",
+                        "called `agree` twice; it must be called exactly once",
+                    ));
+                }
                 let verdict = agree_on_shares(comm, plan, device, e);
-                refused = verdict.is_err();
+                refused.set(verdict.is_err());
                 verdict
             };
-            let result = match owned {
+            let mut result = match owned {
                 Ok(owned) => self.opt.step_subset_agreed(&owned, &mut agree),
                 Err(e) => Err(agree(Some(&e)).err().unwrap_or(e)),
             };
-            if refused {
+            if calls.get() == 0 {
+                // An implementation that never asked: ask now, so that every
+                // rank issues the same collectives; it undid nothing.
+                let verdict = agree(result.as_ref().err());
+                result = Err(Error::config(
+                    "ShardedStep::step_subset_agreed",
+                    format!(
+                        "returned without calling `agree` (it must call it exactly once; \
+                         result {result:?}, verdict {verdict:?}); this rank's share may \
+                         disagree with the other ranks: sync_parameters and load a checkpoint"
+                    ),
+                ));
+            }
+            if refused.get() {
                 // The same on every rank, and nothing changed: no all-gather.
                 return result;
             }
@@ -782,10 +831,23 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             if let Some(e) = pack_error {
                 msg += &format!("; here (packing): {e}");
             }
+            // Every rank saw the same flags: all are marked alike.
+            self.broken = Some(format!("the owners' step failed on rank(s) {failed:?}"));
+            msg += "; further steps are refused until load_state";
             return Err(error_of_kind(flags[failed[0]], who, msg));
         }
         self.steps += 1;
         Ok(())
+    }
+
+    /// Lets steps run again after a step that failed partway (see the
+    /// [module docs](self)) without loading a checkpoint. Call it on every
+    /// rank, and only when the optimizer's failure changed nothing on its
+    /// rank and its state holds no step counter that the others advanced
+    /// (e.g. not under [`Scheduled`](crate::schedule::Scheduled)): the
+    /// failed rank's share then simply skipped that step.
+    pub fn clear_failure(&mut self) {
+        self.broken = None;
     }
 
     /// Step 3 of the [module docs](self): one all-reduce of the owned
@@ -983,6 +1045,8 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             .all_reduce(&flag, ReduceOp::Sum)?
             .to_vec1::<f32>()?[0];
         if failed == 0.0 {
+            // A consistent state on every rank again.
+            self.broken = None;
             return Ok(());
         }
         // Roll back a rank whose own load succeeded.
@@ -1033,7 +1097,7 @@ fn agree_on_shares<C: Collective>(
         return Ok(());
     };
     let who = match status[world + first] as usize {
-        0 => format!("DataParallel::step (rank {rank})"),
+        0 => format!("DataParallel::step (rank {first})"),
         i => plan.specs()[i - 1].name.clone(),
     };
     let mut what = format!(
@@ -1056,16 +1120,21 @@ fn kind_code(e: &Error) -> f32 {
         Error::Numerical { .. } => 1.0,
         Error::Device { .. } | Error::Candle(_) => 2.0,
         Error::Shape { .. } => 3.0,
-        _ => 4.0,
+        Error::Config { .. } => 4.0,
+        Error::NonFiniteGradient { .. } => 5.0,
+        Error::Checkpoint { .. } => 6.0,
     }
 }
 
-/// The error of kind [`kind_code`] `code` (a device error for any other code).
+/// The error of kind [`kind_code`] `code` (a device error for any other
+/// code); a non-finite gradient's `param` is `who`, and `what` is dropped.
 fn error_of_kind(code: f32, who: String, what: String) -> Error {
     match code as u32 {
         1 => Error::numerical(who, what),
         3 => Error::shape(who, what),
         4 => Error::config(who, what),
+        5 => Error::NonFiniteGradient { param: who },
+        6 => Error::checkpoint(who, what),
         _ => Error::device(who, what),
     }
 }
@@ -1090,5 +1159,34 @@ fn dtype_code(d: DType) -> u64 {
         DType::BF16 => 2,
         DType::F16 => 3,
         _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind survives the status code that carries it to the other ranks.
+    #[test]
+    fn every_error_kind_round_trips_through_its_code() {
+        let kinds = [
+            Error::numerical("w", "x"),
+            Error::device("w", "x"),
+            Error::shape("w", "x"),
+            Error::config("w", "x"),
+            Error::NonFiniteGradient { param: "w".into() },
+            Error::checkpoint("w", "x"),
+        ];
+        for e in kinds {
+            let code = kind_code(&e);
+            assert_eq!(code, half::bf16::from_f32(code).to_f32(), "exact in bf16");
+            assert_ne!(code, PACK_FAILED);
+            let back = error_of_kind(code, "w".into(), "x".into());
+            assert_eq!(
+                std::mem::discriminant(&back),
+                std::mem::discriminant(&e),
+                "{e:?} → {back:?}"
+            );
+        }
     }
 }

@@ -87,7 +87,9 @@ impl ShardedOptimizer for Driver {
 /// step, steps the subset and advances the counter; a failed step puts the
 /// rate back and does not advance ([`Scheduled::try_step`]'s protocol). A
 /// data-parallel step calls it on every rank at every step that is not
-/// refused, so the counters stay equal across ranks.
+/// refused, so the counters stay equal across ranks (after a failure at one
+/// owner that the agreement cannot undo they may not, and the
+/// `DataParallel` refuses further steps until `load_state`).
 impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
         scheduled(self, |o| o.step_subset(grads))

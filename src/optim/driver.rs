@@ -343,7 +343,9 @@ impl Driver {
     /// gradient reaches them — e.g. through candle-nn 0.11's fused
     /// `LayerNorm`/`RmsNorm` forward or `ops::softmax_last_dim`, which have
     /// no backward pass. Steps skip parameters without a gradient silently,
-    /// as PyTorch's optimizers do.
+    /// as PyTorch's optimizers do. Under data-parallel training, each
+    /// rank's driver steps only the parameters it owns, so there it lists
+    /// the others' too.
     pub fn never_stepped(&self) -> Vec<&str> {
         self.params
             .iter()
