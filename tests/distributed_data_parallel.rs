@@ -434,26 +434,27 @@ fn a_failing_owner_step_is_reported_everywhere_and_parameters_stay_identical() {
 
 #[test]
 fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
-    let out = LocalGroup::run(3, |comm| {
+    // Each rank builds a DataParallel over parameters `p{i}` of its shapes.
+    let construct = |world: usize, shapes_of: &(dyn Fn(usize) -> Vec<Vec<usize>> + Sync)| {
+        LocalGroup::run(world, |comm| {
+            let vars = make_vars(&shapes_of(comm.rank()), 1);
+            let named = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v.clone()))
+                .collect();
+            let cfg = DataParallelConfig::default();
+            DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
+        })
+        .unwrap()
+    };
+    let out = construct(3, &|rank| {
         let mut shapes = mixed_shapes();
-        if comm.rank() == 2 {
+        if rank == 2 {
             shapes[4] = vec![7];
         }
-        let vars = make_vars(&shapes, 1);
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
-        DataParallel::new(
-            comm,
-            named,
-            MomentumSgd::new(vars),
-            DataParallelConfig::default(),
-        )
-        .map(|_| ())
-    })
-    .unwrap();
+        shapes
+    });
     for (r, res) in out.iter().enumerate() {
         let e = res.as_ref().unwrap_err().to_string();
         assert!(
@@ -474,26 +475,13 @@ fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
         );
     }
     // A parameter list longer on one rank: the first extra parameter.
-    let out = LocalGroup::run(2, |comm| {
+    let out = construct(2, &|rank| {
         let mut shapes = mixed_shapes();
-        if comm.rank() == 1 {
+        if rank == 1 {
             shapes.push(vec![2]);
         }
-        let vars = make_vars(&shapes, 1);
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
-        DataParallel::new(
-            comm,
-            named,
-            MomentumSgd::new(vars),
-            DataParallelConfig::default(),
-        )
-        .map(|_| ())
-    })
-    .unwrap();
+        shapes
+    });
     let n = mixed_shapes().len();
     for (r, res) in out.iter().enumerate() {
         let e = res.as_ref().unwrap_err().to_string();

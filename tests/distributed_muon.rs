@@ -870,7 +870,10 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
     .unwrap();
     for res in out {
         let e = res.unwrap_err().to_string();
-        assert!(e.contains("clip_grad_norm or the optimizer's two-phase step"), "{e}");
+        assert!(
+            e.contains("clip_grad_norm or the optimizer's two-phase step"),
+            "{e}"
+        );
     }
 }
 

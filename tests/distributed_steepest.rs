@@ -6,6 +6,7 @@
 //! any rank, as in one process.
 
 mod distributed_support;
+mod support;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,7 @@ use steepest::distributed::{DataParallel, DataParallelConfig, LocalGroup, Sharde
 use steepest::optim::NamedVar;
 use steepest::schedule::{Schedule, Scheduled};
 use steepest::{Error, Manifold, OptimizerState, Steepest, SteepestConfig};
+use support::FailOn;
 
 const WORLD: usize = 3;
 const STEPS: usize = 5;
@@ -322,41 +324,6 @@ fn step_subset_agreed_asks_once_and_undoes_on_a_refusal() {
     }
 }
 
-/// A user transform that fails on the member `target` when told to,
-/// without declaring `fallible()`: its failure comes after the first write.
-#[derive(Clone, Debug)]
-struct FailOn {
-    target: &'static str,
-    now: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl steepest::optim::transform::Transform for FailOn {
-    fn kind(&self) -> &'static str {
-        "fail_on"
-    }
-    fn hparams(&self) -> steepest::serde_json::Value {
-        steepest::serde_json::Value::Null
-    }
-    fn set_hparams(&mut self, _: &steepest::serde_json::Value) -> steepest::Result<()> {
-        Ok(())
-    }
-    fn apply(
-        &self,
-        step: &mut steepest::optim::transform::GroupStep<'_>,
-        _: &mut [Option<Box<dyn steepest::optim::transform::TransformState>>],
-        _: bool,
-    ) -> steepest::Result<()> {
-        let hit = (0..step.len()).any(|i| step.info(i).name == self.target);
-        if hit && self.now.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::numerical(self.target, "told to fail"));
-        }
-        Ok(())
-    }
-    fn boxed(&self) -> Box<dyn steepest::optim::transform::Transform> {
-        Box::new(self.clone())
-    }
-}
-
 /// A failure the agreement cannot undo (an infallible transform that fails
 /// after the first write, at one owner) is reported on every rank, and
 /// every rank refuses further steps — the failed rank's schedule counter
@@ -376,6 +343,7 @@ fn a_failure_after_the_agreement_refuses_further_steps_until_load_state() {
             .then(FailOn {
                 target: "w.1",
                 now: now.clone(),
+                declared: false,
             });
         let vars: Vec<NamedVar> = named_vars()
             .into_iter()

@@ -409,45 +409,6 @@ fn a_checkpoint_with_other_routing_is_refused_naming_the_parameter() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A user transform that fails on the member named `target` when told to;
-/// declares `fallible()` or not.
-#[derive(Clone, Debug)]
-struct FailOn {
-    target: &'static str,
-    now: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    declared: bool,
-}
-
-impl steepest::optim::transform::Transform for FailOn {
-    fn kind(&self) -> &'static str {
-        "fail_on"
-    }
-    fn hparams(&self) -> steepest::serde_json::Value {
-        steepest::serde_json::Value::Null
-    }
-    fn set_hparams(&mut self, _: &steepest::serde_json::Value) -> steepest::Result<()> {
-        Ok(())
-    }
-    fn fallible(&self) -> bool {
-        self.declared
-    }
-    fn apply(
-        &self,
-        step: &mut steepest::optim::transform::GroupStep<'_>,
-        _: &mut [Option<Box<dyn steepest::optim::transform::TransformState>>],
-        _: bool,
-    ) -> steepest::Result<()> {
-        let hit = (0..step.len()).any(|i| step.info(i).name == self.target);
-        if hit && self.now.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::numerical(self.target, "told to fail"));
-        }
-        Ok(())
-    }
-    fn boxed(&self) -> Box<dyn steepest::optim::transform::Transform> {
-        Box::new(self.clone())
-    }
-}
-
 /// A transform that fails without declaring `fallible()` runs after the
 /// first write: the step is partly applied, and the error says which
 /// parameters were updated and which may be inconsistent. Declared

@@ -146,43 +146,31 @@ pub trait ShardedStep {
     }
 }
 
-impl<O: ShardedStep + ?Sized> ShardedStep for &mut O {
-    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        (**self).step_subset(grads)
-    }
-    fn agrees_before_commit(&self) -> bool {
-        (**self).agrees_before_commit()
-    }
-    fn step_subset_agreed(
-        &mut self,
-        grads: &[(usize, Tensor)],
-        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
-    ) -> Result<()> {
-        (**self).step_subset_agreed(grads, agree)
-    }
-    fn settings(&self) -> Option<serde_json::Value> {
-        (**self).settings()
-    }
+/// `ShardedStep` for a pointer to one (`&mut O`, `Box<O>`): every method
+/// forwarded.
+macro_rules! forward_sharded_step {
+    ($($ptr:ty),*) => {$(
+        impl<O: ShardedStep + ?Sized> ShardedStep for $ptr {
+            fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
+                (**self).step_subset(grads)
+            }
+            fn agrees_before_commit(&self) -> bool {
+                (**self).agrees_before_commit()
+            }
+            fn step_subset_agreed(
+                &mut self,
+                grads: &[(usize, Tensor)],
+                agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
+            ) -> Result<()> {
+                (**self).step_subset_agreed(grads, agree)
+            }
+            fn settings(&self) -> Option<serde_json::Value> {
+                (**self).settings()
+            }
+        }
+    )*};
 }
-
-impl<O: ShardedStep + ?Sized> ShardedStep for Box<O> {
-    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        (**self).step_subset(grads)
-    }
-    fn agrees_before_commit(&self) -> bool {
-        (**self).agrees_before_commit()
-    }
-    fn step_subset_agreed(
-        &mut self,
-        grads: &[(usize, Tensor)],
-        agree: &mut dyn FnMut(Option<&Error>) -> Result<()>,
-    ) -> Result<()> {
-        (**self).step_subset_agreed(grads, agree)
-    }
-    fn settings(&self) -> Option<serde_json::Value> {
-        (**self).settings()
-    }
-}
+forward_sharded_step!(&mut O, Box<O>);
 
 /// Options of [`DataParallel`]. Every rank must pass the same options (checked
 /// at construction).

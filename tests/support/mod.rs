@@ -247,3 +247,43 @@ impl<O: candle_nn::Optimizer + steepest::optim::OptimizerState> Stepper for O {
         self.state_dict().unwrap()
     }
 }
+
+/// A user transform that fails on the member named `target` while `now` is
+/// set, declaring `fallible()` or not (an undeclared failure comes after
+/// the step's first write).
+#[derive(Clone, Debug)]
+pub struct FailOn {
+    pub target: &'static str,
+    pub now: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub declared: bool,
+}
+
+impl steepest::optim::transform::Transform for FailOn {
+    fn kind(&self) -> &'static str {
+        "fail_on"
+    }
+    fn hparams(&self) -> steepest::serde_json::Value {
+        steepest::serde_json::Value::Null
+    }
+    fn set_hparams(&mut self, _: &steepest::serde_json::Value) -> steepest::Result<()> {
+        Ok(())
+    }
+    fn fallible(&self) -> bool {
+        self.declared
+    }
+    fn apply(
+        &self,
+        step: &mut steepest::optim::transform::GroupStep<'_>,
+        _: &mut [Option<Box<dyn steepest::optim::transform::TransformState>>],
+        _: bool,
+    ) -> steepest::Result<()> {
+        let hit = (0..step.len()).any(|i| step.info(i).name == self.target);
+        if hit && self.now.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(steepest::Error::numerical(self.target, "told to fail"));
+        }
+        Ok(())
+    }
+    fn boxed(&self) -> Box<dyn steepest::optim::transform::Transform> {
+        Box::new(self.clone())
+    }
+}
