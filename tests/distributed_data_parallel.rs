@@ -32,6 +32,7 @@ struct RankOut {
     owned: Vec<usize>,
     calls: Vec<Vec<usize>>,
     results: Vec<std::result::Result<(), String>>,
+    never_stepped: Vec<String>,
 }
 
 fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
@@ -83,6 +84,7 @@ fn run_distributed(
             }
         }
         let owned = dp.owned().to_vec();
+        let never_stepped = dp.never_stepped().into_iter().map(String::from).collect();
         let (_, opt) = dp.into_parts();
         Ok(RankOut {
             history,
@@ -90,6 +92,7 @@ fn run_distributed(
             owned,
             calls: opt.calls.clone(),
             results,
+            never_stepped,
         })
     })
     .unwrap()
@@ -350,6 +353,11 @@ fn missing_gradients_average_zeros_and_never_seen_parameters_are_skipped() {
     assert_eq!(reference.0[10][3], reference.0[0][3], "p3 never moves");
     assert!(!reference.1.contains_key(&3), "and has no state");
     assert_ne!(reference.0[10][1], reference.0[0][1], "p1 moves");
+    // On every rank: p3 (no rank has a gradient) was never stepped, p1
+    // (rank 0 has one) was.
+    for o in &outs {
+        assert_eq!(o.never_stepped, ["p3"]);
+    }
 }
 
 #[test]

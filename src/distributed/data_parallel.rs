@@ -251,6 +251,9 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     /// disagree, so steps are refused until [`DataParallel::load_state`]
     /// (or [`DataParallel::clear_failure`]).
     broken: Option<String>,
+    /// Whether parameter `i` had a gradient on some rank in a step that
+    /// succeeded ([`DataParallel::never_stepped`]).
+    stepped: Vec<bool>,
 }
 
 impl<C: Collective, O: ShardedStep> std::fmt::Debug for DataParallel<C, O> {
@@ -435,6 +438,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             DType::F32
         };
         let two_phase = opt.agrees_before_commit();
+        let plan_len = plan.len();
         let this = Self {
             comm,
             opt,
@@ -447,6 +451,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             last_norm: None,
             two_phase,
             broken: None,
+            stepped: vec![false; plan_len],
         };
         this.check_agreement()?;
         if this.config.broadcast_initial {
@@ -824,6 +829,9 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             msg += "; further steps are refused until load_state";
             return Err(error_of_kind(flags[failed[0]], who, msg));
         }
+        for (i, s) in self.stepped.iter_mut().enumerate() {
+            *s |= status[2 * world + i] > 0.0;
+        }
         self.steps += 1;
         Ok(())
     }
@@ -975,6 +983,20 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// Number of steps taken (refused steps are not counted).
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The parameters that no rank has had a gradient for in any successful
+    /// step (the same on every rank), in order: what
+    /// [`Driver::never_stepped`](crate::optim::Driver::never_stepped) is in
+    /// one process (each rank's driver steps only its share).
+    pub fn never_stepped(&self) -> Vec<&str> {
+        self.plan
+            .specs()
+            .iter()
+            .zip(&self.stepped)
+            .filter(|(_, &s)| !s)
+            .map(|(spec, _)| spec.name.as_str())
+            .collect()
     }
 
     /// The communicator and the optimizer.

@@ -345,7 +345,8 @@ impl Driver {
     /// no backward pass. Steps skip parameters without a gradient silently,
     /// as PyTorch's optimizers do. Under data-parallel training, each
     /// rank's driver steps only the parameters it owns, so there it lists
-    /// the others' too.
+    /// the others' too: ask the
+    /// [`DataParallel`](crate::distributed::DataParallel) instead.
     pub fn never_stepped(&self) -> Vec<&str> {
         self.params
             .iter()
