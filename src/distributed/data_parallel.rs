@@ -24,8 +24,9 @@
 //! 2. **One reduce-scatter** ([`ReduceOp::Avg`]) of the flat buffer: this rank
 //!    receives the averaged gradients of exactly the parameters it owns.
 //! 3. **Clipping** (optional, [`DataParallelConfig::clip_grad_norm`]): each
-//!    rank computes `Σ g²` of each parameter it owns, one all-reduce of the
-//!    `P` values gives every rank all of them, every rank sums them in
+//!    rank computes `Σ g²` of each parameter it owns, one all-reduce of
+//!    `P + 1` values (the last flags a rank whose gradients could not be
+//!    prepared) gives every rank all of them, every rank sums them in
 //!    parameter order in f64 and scales its gradients by `max/‖g‖` when
 //!    `‖g‖ > max`: [`crate::clip::clip_grad_norm`]'s arithmetic on the averaged
 //!    gradient, so the same norm and the same scaled gradients (see
