@@ -343,10 +343,10 @@ impl WeightAverage {
     /// there is no average yet.
     ///
     /// For evaluation only: until [`swap_out`](Self::swap_out), the model's
-    /// variables hold the average, and an optimizer step taken meanwhile
-    /// would update the average's copy, which `swap_out` then discards (the
-    /// optimizer cannot tell). [`update`](Self::update) refuses to run while
-    /// swapped in.
+    /// variables hold the average. An optimizer step taken meanwhile would
+    /// update the average's copy: `swap_out` then refuses (it would discard
+    /// the step), and [`update`](Self::update) refuses to run while swapped
+    /// in.
     pub fn swap_in(&mut self) -> Result<()> {
         if self.stash.is_some() {
             fail!(
@@ -355,17 +355,11 @@ impl WeightAverage {
                 "the average is already swapped in"
             );
         }
-        let avg = self.averaged()?;
+        let ready = self.in_var_dtypes()?;
         let stash: Vec<Tensor> = self
             .vars
             .iter()
             .map(|nv| nv.var.as_tensor().detach().copy())
-            .collect::<candle_core::Result<_>>()?;
-        let ready: Vec<Tensor> = self
-            .vars
-            .iter()
-            .zip(&avg)
-            .map(|(nv, (_, a))| a.to_dtype(nv.var.dtype()))
             .collect::<candle_core::Result<_>>()?;
         for (nv, a) in self.vars.iter().zip(&ready) {
             nv.var.set(a)?;
@@ -374,13 +368,86 @@ impl WeightAverage {
         Ok(())
     }
 
+    /// The average in the variables' dtypes: what [`swap_in`](Self::swap_in)
+    /// writes into them.
+    fn in_var_dtypes(&self) -> Result<Vec<Tensor>> {
+        let avg = self.averaged()?;
+        Ok(self
+            .vars
+            .iter()
+            .zip(&avg)
+            .map(|(nv, (_, a))| a.to_dtype(nv.var.dtype()))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
     /// Puts the training weights back after [`WeightAverage::swap_in`].
-    /// Errors if the average is not swapped in.
+    /// Errors, changing nothing, if the average is not swapped in, or if a
+    /// variable no longer holds the average — an optimizer step taken while
+    /// swapped in, which swapping out would silently discard (the
+    /// optimizer's state has moved with it: restore from a checkpoint, or
+    /// call [`swap_out_discarding`](Self::swap_out_discarding) to put the
+    /// training weights back anyway). The check compares every variable with
+    /// the average, exactly (one host sync).
     pub fn swap_out(&mut self) -> Result<()> {
-        let Some(stash) = self.stash.take() else {
+        if self.stash.is_none() {
             fail!(
                 Config,
                 "WeightAverage::swap_out",
+                "the average is not swapped in"
+            );
+        }
+        let ready = self.in_var_dtypes()?;
+        // Per variable, the number of entries that differ (NaN = NaN here).
+        let differing = self
+            .vars
+            .iter()
+            .zip(&ready)
+            .map(|(nv, a)| {
+                let w = nv.var.as_tensor();
+                let same = w.eq(a)?.maximum(&w.ne(w)?.mul(&a.ne(a)?)?)?;
+                (same.to_dtype(candle_core::DType::F32)?.sum_all()? - w.elem_count() as f64)?.abs()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let differing = if differing.is_empty() {
+            Vec::new()
+        } else {
+            Tensor::stack(&differing, 0)?.to_vec1::<f32>()?
+        };
+        let changed: Vec<&str> = self
+            .vars
+            .iter()
+            .zip(&differing)
+            .filter(|(_, d)| **d != 0.0)
+            .map(|(nv, _)| nv.name.as_str())
+            .collect();
+        if !changed.is_empty() {
+            let shown = changed
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            fail!(
+                Config,
+                "WeightAverage::swap_out",
+                "{} variable(s) ({shown}{}) changed while the average was swapped in (an optimizer \
+                 step?); swapping out would discard that change silently. Nothing was changed: \
+                 call swap_out_discarding() to put the training weights back anyway",
+                changed.len(),
+                if changed.len() > 3 { ", …" } else { "" }
+            );
+        }
+        self.swap_out_discarding()
+    }
+
+    /// Puts the training weights back after [`WeightAverage::swap_in`],
+    /// discarding whatever the variables hold now. Errors if the average is
+    /// not swapped in.
+    pub fn swap_out_discarding(&mut self) -> Result<()> {
+        let Some(stash) = self.stash.take() else {
+            fail!(
+                Config,
+                "WeightAverage::swap_out_discarding",
                 "the average is not swapped in"
             );
         };

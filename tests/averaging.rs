@@ -249,6 +249,78 @@ fn swap_in_and_out() {
     assert!(avg.swap_out().is_err());
 }
 
+/// An optimizer step taken while the average is swapped in would be lost at
+/// `swap_out`: it is refused, changing nothing (the stepped weights stay,
+/// still swapped in), and `swap_out_discarding` puts the training weights
+/// back. The check is exact, per variable, in the variables' dtype (bf16
+/// here), and a NaN in the average does not read as a change.
+#[test]
+fn a_step_while_swapped_in_is_caught_at_swap_out() {
+    for dtype in [DType::F32, DType::BF16] {
+        let a = Var::zeros(3, dtype, &Device::Cpu).unwrap();
+        let b = Var::zeros(2, dtype, &Device::Cpu).unwrap();
+        let mut avg = WeightAverage::from_named(
+            vec![named(&a, "a"), named(&b, "b")],
+            AverageKind::Ema { decay: 0.9 },
+        )
+        .unwrap();
+        for i in 1..=3 {
+            let x = Tensor::new(&[i as f32, -0.3, 1e-3], &Device::Cpu).unwrap();
+            a.set(&x.to_dtype(dtype).unwrap()).unwrap();
+            b.set(
+                &Tensor::new(&[0.7f32 * i as f32, f32::NAN], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            avg.update().unwrap();
+        }
+        // (as bits: NaN = NaN)
+        let both = || -> Vec<u64> {
+            [vals(a.as_tensor()), vals(b.as_tensor())]
+                .concat()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let training = both();
+        // No change: swap_out works (b's average holds a NaN).
+        avg.swap_in().unwrap();
+        avg.swap_out().unwrap();
+        assert_eq!(both(), training);
+        // A step on `a` while swapped in.
+        let mut opt = Sgd::new(
+            vec![a.clone()],
+            SgdConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        avg.swap_in().unwrap();
+        opt.backward_step(
+            &a.as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )
+        .unwrap();
+        let stepped = vals(a.as_tensor());
+        let e = avg.swap_out().unwrap_err().to_string();
+        assert!(
+            e.contains("1 variable(s) (a) changed while the average was swapped in"),
+            "{e}"
+        );
+        assert!(avg.is_swapped_in(), "{dtype:?}: still swapped in");
+        assert_eq!(vals(a.as_tensor()), stepped, "{dtype:?}: nothing changed");
+        avg.swap_out_discarding().unwrap();
+        assert_eq!(both(), training);
+        assert!(avg.swap_out_discarding().is_err());
+    }
+}
+
 fn varmap(seed: u64, names: &[&str]) -> VarMap {
     let vm = VarMap::new();
     let mut rng = StdRng::seed_from_u64(seed);
