@@ -109,6 +109,12 @@ fn creation_index(v: &Var) -> Option<usize> {
         .ok()
 }
 
+/// Whether this candle's tensors show their creation counter
+/// ([`creation_index`]): bare-variable checkpoints rely on it.
+pub(crate) fn creation_order_readable() -> bool {
+    Var::new(&[0f32], &candle_core::Device::Cpu).is_ok_and(|v| creation_index(&v).is_some())
+}
+
 /// The float variables of a `VarMap`, with their names, sorted by name.
 /// Errors when there are none: a `VarBuilder` creates the variables as the
 /// model is built, so an optimizer (or average) made from the `VarMap`
@@ -173,6 +179,7 @@ mod tests {
     fn creation_index_reads_candles_counter_in_creation_order() {
         let first = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
         let second = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(creation_order_readable());
         let (a, b) = (creation_index(&first), creation_index(&second));
         assert!(
             a.is_some(),

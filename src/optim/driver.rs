@@ -589,6 +589,18 @@ impl Driver {
             self.params.iter().map(|v| v.name.clone()).collect(),
             serde_json::to_value(&body).expect("the header body encodes"),
         );
+        // Bare variables are named by creation order, read from candle's
+        // TensorId; if a candle release made it unreadable, they fell back
+        // to the order given, which another process does not reproduce.
+        if header.bare_names.is_some() && !crate::params::creation_order_readable() {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "cannot name bare variables (param.<i>) across processes with this candle \
+                 version (the creation order, read from TensorId, is unreadable); build the \
+                 optimizer with from_varmap or from_named; nothing was saved"
+            );
+        }
         let mut out = HashMap::new();
         out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
         for (p, nv) in self.params.iter().enumerate() {
