@@ -21,9 +21,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use cases::*;
 use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, SgdItem};
-use steepest::optim::{
-    AdamW, AdamWConfig, Manifold, Muon, MuonConfig, Sgd, SgdConfig, Steepest, SteepestConfig,
-};
+use steepest::optim::{AdamW, AdamWConfig, Manifold, Sgd, SgdConfig, Steepest, SteepestConfig};
 use steepest::WeightDecay;
 
 /// The largest relative gap `|a − b| / max(|b|, floor)` a value of `dtype`
@@ -466,19 +464,7 @@ fn optimizers() -> Vec<(&'static str, Build, Params)> {
         ),
         (
             "muon",
-            |vm| {
-                Box::new(
-                    Muon::from_varmap(
-                        vm,
-                        MuonConfig {
-                            weight_decay: WeightDecay::spectral(0.1),
-                            adamw_names: vec!["embed".into()],
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap(),
-                )
-            },
+            |vm| Box::new(support::spectral_muon(vm)),
             &support::PARAMS,
         ),
         (

@@ -45,20 +45,7 @@ fn optimizers(vm: &VarMap) -> Vec<(&'static str, Box<dyn Stepper>)> {
                 .unwrap(),
             ),
         ),
-        (
-            "muon",
-            Box::new(
-                Muon::from_varmap(
-                    vm,
-                    MuonConfig {
-                        weight_decay: WeightDecay::spectral(0.1),
-                        adamw_names: vec!["embed".into()],
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
-            ),
-        ),
+        ("muon", Box::new(spectral_muon(vm))),
     ]
 }
 

@@ -84,7 +84,7 @@ use std::path::Path;
 
 use super::checkpoint::{load_union, save_sharded};
 use super::collective::{Collective, ReduceOp};
-use super::plan::{ParamSpec, Plan};
+use super::plan::{fnv1a, ParamSpec, Plan, FNV_OFFSET, FNV_PRIME};
 use super::sharded::{param_specs, ShardedOptimizer};
 use crate::checkpoint::{restrict, OptimizerState};
 use crate::error::{Error, Result};
@@ -470,7 +470,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// everything that decides which collectives a step issues and their
     /// sizes) and the optimizer's settings ([`ShardedStep::settings`]).
     fn check_agreement(&self) -> Result<()> {
-        let mix = |h: u64, x: u64| (h ^ x).wrapping_mul(0x0000_0100_0000_01b3);
+        let mix = |h: u64, x: u64| (h ^ x).wrapping_mul(FNV_PRIME);
         let mut layout = self.plan.fingerprint();
         for v in &self.vars {
             layout = mix(layout, dtype_code(v.dtype()));
@@ -481,19 +481,11 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1),
         );
         layout = mix(layout, self.two_phase as u64);
-        let settings = self.opt.settings().map_or(0, |s| {
-            s.to_string()
-                .bytes()
-                .fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h, b as u64))
-        });
-        let pieces = |h: u64| {
-            [
-                (h & 0x3f_ffff) as f32,
-                ((h >> 22) & 0x3f_ffff) as f32,
-                (h >> 44) as f32,
-            ]
-        };
-        let ours: Vec<f32> = [pieces(layout), pieces(settings)].concat();
+        let settings = self
+            .opt
+            .settings()
+            .map_or(0, |s| fnv1a(FNV_OFFSET, s.to_string().as_bytes()));
+        let ours: Vec<f32> = [f32_pieces(layout), f32_pieces(settings)].concat();
         let t = Tensor::new(ours.as_slice(), &self.device)?;
         let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
         let differ = |part: std::ops::Range<usize>| -> Vec<usize> {
@@ -544,20 +536,12 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         // with -1 to the longest list.
         let mut ours = vec![-1f32; 3 * longest];
         for (i, (spec, v)) in self.plan.specs().iter().zip(&self.vars).enumerate() {
-            let h = [
-                spec.name.as_bytes(),
+            let h = fnv1a(FNV_OFFSET, spec.name.as_bytes());
+            let h = fnv1a(
+                h,
                 format!("{:?}|{:?}|{:?}", spec.dims, spec.kind, v.dtype()).as_bytes(),
-            ]
-            .concat()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-            ours[3 * i..3 * i + 3].copy_from_slice(&[
-                (h & 0x3f_ffff) as f32,
-                ((h >> 22) & 0x3f_ffff) as f32,
-                (h >> 44) as f32,
-            ]);
+            );
+            ours[3 * i..3 * i + 3].copy_from_slice(&f32_pieces(h));
         }
         let t = Tensor::from_vec(ours.clone(), 3 * longest, &self.device)?;
         let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
@@ -1119,6 +1103,16 @@ fn agree_on_shares<C: Collective>(
         what += &format!("; here: {e}");
     }
     Err(error_of_kind(status[2 * world + first], who, what))
+}
+
+/// A 64-bit hash as three 22-bit pieces, each exact in f32 (for a
+/// collective of f32 tensors).
+fn f32_pieces(h: u64) -> [f32; 3] {
+    [
+        (h & 0x3f_ffff) as f32,
+        ((h >> 22) & 0x3f_ffff) as f32,
+        (h >> 44) as f32,
+    ]
 }
 
 /// The status code of a rank whose packing of its parameters failed (step 5).

@@ -312,13 +312,8 @@ impl Plan {
     /// A 64-bit FNV-1a hash of the world size and every spec (name, dims,
     /// kind), to check that all ranks planned the same parameter list.
     pub fn fingerprint(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for b in bytes {
-                h ^= *b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
+        let mut h = FNV_OFFSET;
+        let mut eat = |bytes: &[u8]| h = fnv1a(h, bytes);
         eat(&(self.world as u64).to_le_bytes());
         for s in &self.specs {
             eat(s.name.as_bytes());
@@ -481,4 +476,17 @@ impl Plan {
             })
             .collect()
     }
+}
+
+/// FNV-1a's offset basis: the hash of nothing.
+pub(super) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a's prime.
+pub(super) const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// The 64-bit FNV-1a hash `h` continued over `bytes`.
+pub(super) fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(FNV_PRIME))
 }

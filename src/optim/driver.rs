@@ -313,22 +313,18 @@ impl Driver {
             }
         };
         drop(undo);
-        let mut done: Vec<usize> = groups
-            .iter()
-            .filter(|((infallible, ..), _)| !*infallible)
-            .flat_map(|(_, members)| members.iter().map(|m| m.0))
-            .collect();
-        for ((infallible, k, ..), members) in &groups {
+        for (g, ((infallible, k, ..), members)) in groups.iter().enumerate() {
             if *infallible {
                 // Cannot fail on input that passed 1–3; if it does anyway (a
                 // device error, or a transform that fails without declaring
-                // `fallible`), the step is partly applied: say so.
+                // `fallible`), the step is partly applied: say so. The groups
+                // before this one (fallible ones sort first) were applied.
                 if let Err(e) = self.run_group(*k, members) {
+                    let done: Vec<usize> = groups.values().take(g).flatten().map(|m| m.0).collect();
                     return Err(self
                         .named(e, members)
                         .noted(&self.partial_step(&done, members)));
                 }
-                done.extend(members.iter().map(|m| m.0));
             }
         }
         for (p, _) in grads {
@@ -474,8 +470,8 @@ impl Driver {
     /// were updated, the group `failed` may be half updated (its state
     /// advanced, its parameters not), the rest were not.
     fn partial_step(&self, done: &[usize], failed: &[(usize, Tensor)]) -> String {
-        let names = |ps: &mut dyn Iterator<Item = usize>| {
-            let all: Vec<&str> = ps.map(|p| self.params[p].name.as_str()).collect();
+        let names = |ps: Vec<usize>| {
+            let all: Vec<&str> = ps.iter().map(|&p| self.params[p].name.as_str()).collect();
             match all.len() {
                 0 => "none".to_string(),
                 n if n <= 3 => all.join(", "),
@@ -486,8 +482,8 @@ impl Driver {
             "the step was partly applied: an infallible transform failed after the first \
              write; updated: {}; possibly inconsistent (state advanced, parameters not): {}; \
              restore from a checkpoint (a transform that can fail must declare `fallible()`)",
-            names(&mut done.iter().copied()),
-            names(&mut failed.iter().map(|m| m.0)),
+            names(done.to_vec()),
+            names(failed.iter().map(|m| m.0).collect()),
         )
     }
 

@@ -287,3 +287,16 @@ impl steepest::optim::transform::Transform for FailOn {
         Box::new(self.clone())
     }
 }
+
+/// Muon with spectral decay (λ = 0.1) on `vm`, "embed" routed to AdamW.
+pub fn spectral_muon(vm: &VarMap) -> steepest::Muon {
+    steepest::Muon::from_varmap(
+        vm,
+        steepest::MuonConfig {
+            weight_decay: steepest::WeightDecay::spectral(0.1),
+            adamw_names: vec!["embed".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
