@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use cases::*;
 use steepest::device::{self, with_generic_ops, AdamItem, AdamStep, DecayTerm, SgdItem};
-use steepest::optim::{AdamW, AdamWConfig, Manifold, Sgd, SgdConfig, Steepest, SteepestConfig};
+use steepest::optim::{Manifold, Sgd, SgdConfig, Steepest, SteepestConfig};
 use steepest::WeightDecay;
 
 /// The largest relative gap `|a − b| / max(|b|, floor)` a value of `dtype`
@@ -412,18 +412,7 @@ fn optimizers() -> Vec<(&'static str, Build, Params)> {
     vec![
         (
             "adamw",
-            |vm| {
-                Box::new(
-                    AdamW::from_varmap(
-                        vm,
-                        AdamWConfig {
-                            weight_decay: WeightDecay::spectral(0.1),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap(),
-                )
-            },
+            |vm| Box::new(support::spectral_adamw(vm)),
             &support::PARAMS,
         ),
         (

@@ -18,19 +18,7 @@ type StateFn = Box<dyn Fn() -> std::collections::HashMap<String, Tensor>>;
 /// The three optimizers (spectral decay on) over `vm`.
 fn optimizers(vm: &VarMap) -> Vec<(&'static str, Box<dyn Stepper>)> {
     vec![
-        (
-            "adamw",
-            Box::new(
-                AdamW::from_varmap(
-                    vm,
-                    AdamWConfig {
-                        weight_decay: WeightDecay::spectral(0.1),
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
-            ),
-        ),
+        ("adamw", Box::new(spectral_adamw(vm))),
         (
             "sgd",
             Box::new(

@@ -300,3 +300,15 @@ pub fn spectral_muon(vm: &VarMap) -> steepest::Muon {
     )
     .unwrap()
 }
+
+/// AdamW with spectral decay (λ = 0.1) on `vm`.
+pub fn spectral_adamw(vm: &VarMap) -> steepest::AdamW {
+    steepest::AdamW::from_varmap(
+        vm,
+        steepest::AdamWConfig {
+            weight_decay: steepest::WeightDecay::spectral(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
