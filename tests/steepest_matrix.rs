@@ -792,9 +792,16 @@ fn a_manifold_step_on_a_zero_matrix_is_refused_naming_it_and_changes_nothing() {
         manifold: Manifold::SpectralSphere { radius: 1.0 },
         ..Default::default()
     };
+    let sphere = SteepestConfig {
+        lr: 0.1,
+        manifold: Manifold::Sphere { radius: 1.0 },
+        norm: Norm::Euclidean,
+        ..Default::default()
+    };
     for (cfg, why) in [
         (stiefel_cfg(false), "rank-deficient"),
         (spectral, "spectral norm 0"),
+        (sphere, "norm 0"),
     ] {
         for zero_first in [true, false] {
             let vars = if zero_first {
