@@ -407,14 +407,22 @@ fn a_failure_after_the_agreement_refuses_further_steps_until_load_state() {
 }
 
 /// A third-party `ShardedStep` that claims the two phases but breaks the
-/// `agree` contract (never calls it, or calls it twice) gets an error on
-/// every rank, not a deadlock.
+/// `agree` contract (never calls it, calls it twice, or returns `Ok` after
+/// `agree` refused the step) gets an error on every rank, not a deadlock
+/// or a silent success.
 #[test]
 fn an_agree_contract_violation_is_an_error_not_a_hang() {
     use distributed_support::MomentumSgd;
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Violation {
+        NeverAsks,
+        AsksTwice,
+        IgnoresRefusal,
+    }
     struct Broken {
         inner: MomentumSgd,
-        calls: usize,
+        violation: Violation,
+        rank: usize,
     }
     impl ShardedStep for Broken {
         fn step_subset(&mut self, g: &[(usize, Tensor)]) -> steepest::Result<()> {
@@ -429,13 +437,26 @@ fn an_agree_contract_violation_is_an_error_not_a_hang() {
             agree: &mut dyn FnMut(Option<&Error>) -> steepest::Result<()>,
         ) -> steepest::Result<()> {
             self.inner.step_subset(g)?;
-            for _ in 0..self.calls {
-                agree(None)?;
+            match self.violation {
+                Violation::NeverAsks => {}
+                Violation::AsksTwice => {
+                    agree(None)?;
+                    agree(None)?;
+                }
+                Violation::IgnoresRefusal => {
+                    // Rank 0 reports a failure; every rank ignores the verdict.
+                    let failure = Error::numerical("p0", "a failing first phase");
+                    let _ = agree((self.rank == 0).then_some(&failure));
+                }
             }
             Ok(())
         }
     }
-    for calls in [0, 2] {
+    for violation in [
+        Violation::NeverAsks,
+        Violation::AsksTwice,
+        Violation::IgnoresRefusal,
+    ] {
         let out = LocalGroup::run(2, |comm| {
             let rank = steepest::distributed::Collective::rank(&comm);
             let vars = make_vars(&shapes(), 1);
@@ -446,7 +467,8 @@ fn an_agree_contract_violation_is_an_error_not_a_hang() {
                 .collect();
             let opt = Broken {
                 inner: MomentumSgd::new(vars),
-                calls,
+                violation,
+                rank,
             };
             let mut dp = DataParallel::new(comm, named, opt, DataParallelConfig::default())?;
             let g: Vec<Option<Tensor>> = (0..6).map(|i| grad(0, rank, i)).collect();
@@ -455,12 +477,12 @@ fn an_agree_contract_violation_is_an_error_not_a_hang() {
         .unwrap();
         for (rank, e) in out.into_iter().enumerate() {
             let e = e.unwrap();
-            let want = if calls == 0 {
-                "returned without calling `agree`"
-            } else {
-                "called `agree` twice"
+            let want = match violation {
+                Violation::NeverAsks => "returned without calling `agree`",
+                Violation::AsksTwice => "called `agree` twice",
+                Violation::IgnoresRefusal => "returned Ok after `agree` refused the step",
             };
-            assert!(e.contains(want), "calls {calls}, rank {rank}: {e}");
+            assert!(e.contains(want), "{violation:?}, rank {rank}: {e}");
         }
     }
 }

@@ -610,9 +610,6 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// parameter in parameter order (`None`: no gradient). Collective: every
     /// rank must call it (see the [module docs](self)).
     pub fn step_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        let world = self.comm.world_size();
-        let rank = self.comm.rank();
-        let p = self.plan.len();
         let who = self.who("step");
         // Every rank holds the same `broken`, so all return here alike.
         if let Some(why) = &self.broken {
@@ -625,8 +622,39 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 ),
             ));
         }
+        // 1. Check the gradients; a problem on any rank refuses the step on all.
+        let (flat, has_grad) = self.check_gradients(grads, &who)?;
+        // 2. One reduce-scatter: the averaged gradients of the owned parameters.
+        let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
+        let owned = self.owned_grads(&chunk, &has_grad);
+        // 3. Clipping (collective when configured): refuses on every rank or
+        // on none, before anything changed.
+        let owned = match self.config.clip_grad_norm {
+            None => owned,
+            Some(max) => Ok(self.clip(owned, max, &has_grad)?),
+        };
+        // 4. The owner's step (two-phase optimizers: agreed by every rank).
+        let step_result = match self.owner_step(owned) {
+            OwnerStep::Refused(e) => return Err(e),
+            OwnerStep::Ran(result) => result,
+        };
+        // 5. One all-gather of the owners' parameters and their status.
+        self.all_gather(step_result, who)?;
+        for (s, &n) in self.stepped.iter_mut().zip(&has_grad) {
+            *s |= n > 0.0;
+        }
+        self.steps += 1;
+        Ok(())
+    }
 
-        // 1. Local checks; nothing returns before the status all-reduce.
+    /// Step 1 of the [module docs](self): local checks, then one all-reduce
+    /// of the status vector, so that no rank returns before the others know.
+    /// Returns the packed gradients and, per parameter, the number of ranks
+    /// that have a gradient for it.
+    fn check_gradients(&self, grads: &[Option<Tensor>], who: &str) -> Result<(Tensor, Vec<f32>)> {
+        let world = self.comm.world_size();
+        let rank = self.comm.rank();
+        let p = self.plan.len();
         let mut local_error: Option<String> = None;
         let mut nonfinite: Vec<usize> = Vec::new();
         let mut flat = None;
@@ -693,75 +721,85 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             };
             return Err(Error::NonFiniteGradient { param });
         }
-        let flat = flat.expect("checked above");
+        let has_grad = status[2 * world..2 * world + p].to_vec();
+        Ok((flat.expect("checked above"), has_grad))
+    }
 
-        // 2. One reduce-scatter: the averaged gradients of the owned parameters.
-        let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
-        let owned: Result<Vec<(usize, Tensor)>> = (|| {
-            let mut owned = Vec::new();
-            for (i, g) in self.plan.unpack_owned(rank, &chunk)? {
-                if status[2 * world + i] > 0.0 {
-                    owned.push((i, g.to_dtype(self.vars[i].dtype())?));
-                }
+    /// This rank's share of the reduce-scatter, as the gradients of the
+    /// parameters it owns and some rank has a gradient for, in their dtypes.
+    /// An error here is reported by the next collective (clipping or the
+    /// owner's step), so no rank waits in vain.
+    fn owned_grads(&self, chunk: &Tensor, has_grad: &[f32]) -> Result<Vec<(usize, Tensor)>> {
+        let mut owned = Vec::new();
+        for (i, g) in self.plan.unpack_owned(self.comm.rank(), chunk)? {
+            if has_grad[i] > 0.0 {
+                owned.push((i, g.to_dtype(self.vars[i].dtype())?));
             }
-            Ok(owned)
-        })();
+        }
+        Ok(owned)
+    }
 
-        // 3. Clipping (collective when configured): refuses on every rank or
-        // on none, before anything changed.
-        let owned = match self.config.clip_grad_norm {
-            None => owned,
-            Some(max) => Ok(self.clip(owned, max, &status[2 * world..2 * world + p])?),
-        };
-
-        // 4. The owner's step. With a two-phase optimizer, every rank agrees
-        // (one all-reduce) after the part that can fail: a failure anywhere
-        // is undone everywhere and the step refused on every rank. Any other
-        // error is reported through the all-gather's status element, so the
-        // other ranks never wait in vain.
-        let step_result = if self.two_phase {
-            let (comm, plan, device) = (&self.comm, &self.plan, &self.device);
-            let (calls, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
-            let mut agree = |e: Option<&Error>| {
-                calls.set(calls.get() + 1);
-                if calls.get() > 1 {
-                    // (a second all-reduce would pair with another collective)
-                    return Err(Error::config(
-                        "ShardedStep::step_subset_agreed",
-                        "called `agree` twice; it must be called exactly once",
-                    ));
-                }
-                let verdict = agree_on_shares(comm, plan, device, e);
-                refused.set(verdict.is_err());
-                verdict
-            };
-            let mut result = match owned {
-                Ok(owned) => self.opt.step_subset_agreed(&owned, &mut agree),
-                Err(e) => Err(agree(Some(&e)).err().unwrap_or(e)),
-            };
-            if calls.get() == 0 {
-                // An implementation that never asked: ask now, so that every
-                // rank issues the same collectives; it undid nothing.
-                let verdict = agree(result.as_ref().err());
-                result = Err(Error::config(
+    /// Step 4: the owner's step. With a two-phase optimizer, every rank
+    /// agrees (one all-reduce) after the part that can fail: a failure
+    /// anywhere is undone everywhere and the step refused on every rank
+    /// ([`OwnerStep::Refused`]). Any other error is left for the
+    /// all-gather's status element, so the other ranks never wait in vain.
+    fn owner_step(&mut self, owned: Result<Vec<(usize, Tensor)>>) -> OwnerStep {
+        if !self.two_phase {
+            return OwnerStep::Ran(owned.and_then(|owned| self.opt.step_subset(&owned)));
+        }
+        let (comm, plan, device) = (&self.comm, &self.plan, &self.device);
+        let (calls, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
+        let mut agree = |e: Option<&Error>| {
+            calls.set(calls.get() + 1);
+            if calls.get() > 1 {
+                // (a second all-reduce would pair with another collective)
+                return Err(Error::config(
                     "ShardedStep::step_subset_agreed",
-                    format!(
-                        "returned without calling `agree` (it must call it exactly once; \
-                         result {result:?}, verdict {verdict:?}); this rank's share may \
-                         disagree with the other ranks: sync_parameters and load a checkpoint"
-                    ),
+                    "called `agree` twice; it must be called exactly once",
                 ));
             }
-            if refused.get() {
-                // The same on every rank, and nothing changed: no all-gather.
-                return result;
-            }
-            result
-        } else {
-            owned.and_then(|owned| self.opt.step_subset(&owned))
+            let verdict = agree_on_shares(comm, plan, device, e);
+            refused.set(verdict.is_err());
+            verdict
         };
+        let mut result = match owned {
+            Ok(owned) => self.opt.step_subset_agreed(&owned, &mut agree),
+            Err(e) => Err(agree(Some(&e)).err().unwrap_or(e)),
+        };
+        if calls.get() == 0 {
+            // An implementation that never asked: ask now, so that every
+            // rank issues the same collectives; it undid nothing.
+            let verdict = agree(result.as_ref().err());
+            result = Err(Error::config(
+                "ShardedStep::step_subset_agreed",
+                format!(
+                    "returned without calling `agree` (it must call it exactly once; \
+                     result {result:?}, verdict {verdict:?}); this rank's share may \
+                     disagree with the other ranks: sync_parameters and load a checkpoint"
+                ),
+            ));
+        }
+        if refused.get() {
+            // The same on every rank, and nothing changed: no all-gather.
+            return OwnerStep::Refused(result.err().unwrap_or_else(|| {
+                Error::config(
+                    "ShardedStep::step_subset_agreed",
+                    "returned Ok after `agree` refused the step (it must undo its first phase \
+                     and return that error); this rank's share may disagree with the other \
+                     ranks: sync_parameters and load a checkpoint",
+                )
+            }));
+        }
+        OwnerStep::Ran(result)
+    }
 
-        // 5. One all-gather of the owners' parameters and their status.
+    /// Step 5: one all-gather of the owners' parameters, each rank's with a
+    /// status element (its step's error kind, or [`PACK_FAILED`]); every
+    /// rank writes the parameters it does not own. A failure anywhere is
+    /// the same error on every rank, and marks every rank broken.
+    fn all_gather(&mut self, step_result: Result<()>, who: String) -> Result<()> {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let cl = self.plan.chunk_len();
         let (send, pack_error) =
@@ -798,27 +836,23 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             }
         }
         let failed: Vec<usize> = (0..world).filter(|&r| flags[r] != 0.0).collect();
-        if !failed.is_empty() {
-            let mut msg = format!(
-                "the optimizer step failed on rank(s) {failed:?}; the other owners' parameters were stepped \
-                 (parameters agree across ranks except those of ranks whose packing failed)"
-            );
-            if let Err(e) = step_result {
-                msg += &format!("; here: {e}");
-            }
-            if let Some(e) = pack_error {
-                msg += &format!("; here (packing): {e}");
-            }
-            // Every rank saw the same flags: all are marked alike.
-            self.broken = Some(format!("the owners' step failed on rank(s) {failed:?}"));
-            msg += "; further steps are refused until load_state";
-            return Err(error_of_kind(flags[failed[0]], who, msg));
+        if failed.is_empty() {
+            return Ok(());
         }
-        for (i, s) in self.stepped.iter_mut().enumerate() {
-            *s |= status[2 * world + i] > 0.0;
+        let mut msg = format!(
+            "the optimizer step failed on rank(s) {failed:?}; the other owners' parameters were stepped \
+             (parameters agree across ranks except those of ranks whose packing failed)"
+        );
+        if let Err(e) = step_result {
+            msg += &format!("; here: {e}");
         }
-        self.steps += 1;
-        Ok(())
+        if let Some(e) = pack_error {
+            msg += &format!("; here (packing): {e}");
+        }
+        // Every rank saw the same flags: all are marked alike.
+        self.broken = Some(format!("the owners' step failed on rank(s) {failed:?}"));
+        msg += "; further steps are refused until load_state";
+        Err(error_of_kind(flags[failed[0]], who, msg))
     }
 
     /// Lets steps run again after a step that failed partway (see the
@@ -1060,6 +1094,17 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         }
         Err(Error::checkpoint(who, msg))
     }
+}
+
+/// What the owner's step ([`DataParallel::owner_step`]) leaves for the
+/// all-gather.
+enum OwnerStep {
+    /// Every rank refused the step in the two-phase agreement and undid its
+    /// share: the same error everywhere, and no all-gather follows.
+    Refused(Error),
+    /// The step ran (or failed outside any agreement): the result goes to
+    /// the other ranks in the all-gather's status element.
+    Ran(Result<()>),
 }
 
 /// The agreement of a two-phase step ([`ShardedStep::step_subset_agreed`]):
