@@ -4,7 +4,7 @@
 // The same source is compiled by nvcc (PTX, feature `cuda`) and by the host
 // C++ compiler against emu.h (every build; the tests run it on the CPU).
 // Layouts shared with Rust (`MtEntry`, `MtScalars`) are mirrored in
-// src/device/launch.rs; static_asserts here and const asserts there keep
+// src/device/launch/multi_tensor.rs; static_asserts here and const asserts there keep
 // the two in step.
 
 #pragma once

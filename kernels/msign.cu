@@ -1,6 +1,6 @@
 // The elementwise parts of Newton–Schulz msign; the products are strided-
 // batched GEMMs (cuBLAS on the GPU, a CPU stand-in under the emulator)
-// issued by src/device/launch.rs `msign`.
+// issued by src/device/launch/msign.rs `msign`.
 //
 // X (b, s, l) is the iterate on the short side (s = min(m, n)), f32, row-
 // major. `Xop`, `Aop`, `Bop` are the GEMM operands: f32 copies, or bf16/f16

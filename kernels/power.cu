@@ -9,7 +9,7 @@
 // for its dot products and, right after, for its contributions (from the
 // cache the first read filled), so W comes from memory once per iteration.
 //
-// Launch sequence (src/device/launch.rs `power_iteration`): `power_start`
+// Launch sequence (src/device/launch/power.rs `power_iteration`): `power_start`
 // (the start vector, or the default one), then per iteration `power_gram`
 // (accumulate G x into y) and `power_normalize` (x ← y/‖y‖, or keep x when
 // y = 0; clears y), and a last `power_gram` in DOT mode for W v (or Wᵀ u)
@@ -53,7 +53,7 @@ STEEPEST_KERNEL void power_start(const float* start, const float* dflt, float* x
 STEEPEST_EMU_EXPORT(power_start)
 
 // Static shared memory of `power_gram_*` (the per-warp tiles and
-// coefficients), mirrored by POWER_STATIC_SHARED in launch.rs.
+// coefficients), mirrored by POWER_STATIC_SHARED in launch/power.rs.
 #define POWER_TILE_PAD 33
 
 // One pass over W (grid (gx, b), dynamic shared memory: x̂ and the block's

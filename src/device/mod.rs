@@ -20,7 +20,7 @@
 //!
 //! The CUDA kernels are also compiled for the host and run on the CPU by the
 //! crate's kernel emulator (`emu`, feature `emu`: on for this crate's own
-//! tests), which the tests compare with [`cpu`]; the launch code (`launch.rs`)
+//! tests), which the tests compare with [`cpu`]; the launch code (`launch/`)
 //! is shared by both. See `docs/kernels.md`.
 
 pub mod access;

@@ -1,5 +1,5 @@
 //! Newton–Schulz msign (`kernels/msign.cu` + the GEMM sequence of
-//! `launch.rs`, with the emulator's cuBLAS stand-in) against the CPU path.
+//! `launch/msign.rs`, with the emulator's cuBLAS stand-in) against the CPU path.
 //!
 //! Tolerance: both compute the same polynomial steps in f32 but sum the
 //! products in different orders (~1e-6 relative). A step maps a singular

@@ -1,0 +1,241 @@
+//! The batched power iteration's launch sequence, and its call on tensors.
+#![cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
+
+use super::*;
+
+/// Modes of `power_gram` (`POWER_*` in `power.cu`).
+const POWER_DOT: i32 = 1;
+const POWER_GRAM: i32 = 2;
+const POWER_ACC: i32 = 4;
+
+/// The fixed pseudo-random unit start vector of the generic path
+/// (`power_iteration.rs`'s `default_start`), rounded as it is there: the f64
+/// values cast to f32, then multiplied by `1/‖·‖` (candle's affine).
+pub(crate) fn default_start(n: usize) -> Vec<f32> {
+    let (vals, norm) = crate::linalg::default_start_values(n);
+    let mul = (1.0 / norm) as f32;
+    vals.iter().map(|&v| v as f32 * mul).collect()
+}
+
+/// Static shared memory of `power_gram_*`: per warp a 32×33 f32 tile and 32
+/// coefficients (the ptxas report shows the same figure).
+pub(crate) const POWER_STATIC_SHARED: u32 = (BLOCK / 32) * (32 * 33 + 32) * 4;
+
+/// Whether the kernels take a `(b, m, n)` power iteration: the short side's
+/// two shared vectors must fit a block's shared memory beside the tiles
+/// (up to k = 24 576).
+pub(crate) fn power_supported(b: usize, m: usize, n: usize) -> bool {
+    let k = m.min(n) as u64;
+    b >= 1
+        && m >= 1
+        && n >= 1
+        && b <= MAX_GRID_YZ
+        && k * 8 + u64::from(POWER_STATIC_SHARED) <= u64::from(SHARED_MAX)
+        && m.max(n) < u32::MAX as usize
+}
+
+/// A batched power iteration on the device: `w` `(b, m, n)` of `elt`,
+/// `start` `(b, n)` f32 or none, outputs `sigma` `(b,)`, `u` `(b, m)`, `v`
+/// `(b, n)` (f32), all device addresses. No host sync.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PowerJob {
+    pub w: u64,
+    pub elt: Elt,
+    pub b: usize,
+    pub m: usize,
+    pub n: usize,
+    pub start: Option<u64>,
+    pub iters: usize,
+    pub sigma: u64,
+    pub u: u64,
+    pub v: u64,
+}
+
+/// The grid `x` of `power_gram`: about 4 vectors (rows, or 32-column tiles)
+/// per warp, at most 256 blocks per matrix.
+pub(crate) fn power_gram_blocks(m: usize, n: usize) -> u32 {
+    let wide = n > m;
+    let units = if wide { n.div_ceil(32) } else { m } as u64;
+    let per_block = u64::from(BLOCK / 32) * 4;
+    units.div_ceil(per_block).clamp(1, 256) as u32
+}
+
+/// Runs [`PowerJob`]; the launch sequence is described in `power.cu`.
+pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
+    let (b, m, n) = (j.b, j.m, j.n);
+    if !power_supported(b, m, n) {
+        fail!(
+            Device,
+            "power_iteration",
+            "no kernel for shape ({b}, {m}, {n})"
+        );
+    }
+    let wide = n > m;
+    let k = m.min(n);
+    // The accumulator of the Gram products; alive until the end (the launches
+    // are asynchronous on the GPU, and its free is stream-ordered after them).
+    let y_buf = be.alloc_zeroed(b * k * 4)?;
+    let y = B::addr(&y_buf);
+    let dflt_n = cached_upload(be, &bytes_of(&default_start(n)))?;
+    let dflt_m = cached_upload(be, &bytes_of(&default_start(m)))?;
+    let gram = |mode: i32, x: u64, z: u64, out: u64| -> Result<()> {
+        be.launch(&Launch {
+            kernel: format!("power_gram_{}", j.elt.suffix()),
+            grid: [power_gram_blocks(m, n), b as u32, 1],
+            block: BLOCK,
+            shared: (2 * k * 4) as u32,
+            args: vec![
+                Arg::Ptr(j.w),
+                Arg::U32(m as u32),
+                Arg::U32(n as u32),
+                Arg::I32(wide as i32),
+                Arg::I32(mode),
+                Arg::Ptr(x),
+                Arg::Ptr(z),
+                Arg::Ptr(y),
+                Arg::Ptr(out),
+            ],
+        })
+    };
+    let normalize =
+        |src: u64, dst: u64, keep: u64, keep_stride: usize, sigma: u64, zero: bool, len: usize| {
+            be.launch(&Launch {
+                kernel: "power_normalize".into(),
+                grid: [b as u32, 1, 1],
+                block: BLOCK,
+                shared: 0,
+                args: vec![
+                    Arg::Ptr(src),
+                    Arg::Ptr(dst),
+                    Arg::Ptr(keep),
+                    Arg::U32(keep_stride as u32),
+                    Arg::Ptr(sigma),
+                    Arg::I32(zero as i32),
+                    Arg::U32(len as u32),
+                ],
+            })
+        };
+    // v ← the start vector (the caller's where usable, else the default).
+    be.launch(&Launch {
+        kernel: "power_start".into(),
+        grid: [b as u32, 1, 1],
+        block: BLOCK,
+        shared: 0,
+        args: vec![
+            Arg::Ptr(j.start.unwrap_or(0)),
+            Arg::Ptr(B::addr(&dflt_n)),
+            Arg::Ptr(j.v),
+            Arg::U32(n as u32),
+        ],
+    })?;
+    // The iterate x lives in the output it ends up as: u when wide, v when tall.
+    let x = if wide {
+        // x ← W v / ‖W v‖ (the default m-vector where W v = 0).
+        gram(POWER_ACC, 0, j.v, 0)?;
+        normalize(y, j.u, B::addr(&dflt_m), 0, 0, true, m)?;
+        j.u
+    } else {
+        j.v
+    };
+    for _ in 0..j.iters {
+        gram(POWER_GRAM, x, 0, 0)?;
+        normalize(y, x, x, k, 0, true, k)?;
+    }
+    if wide {
+        // v ← Wᵀu / ‖Wᵀu‖ (default where 0), σ = ‖Wᵀu‖.
+        gram(POWER_DOT, x, 0, j.v)?;
+        normalize(j.v, j.v, B::addr(&dflt_n), 0, j.sigma, false, n)?;
+    } else {
+        // u ← W v / max(‖W v‖, tiny), σ = ‖W v‖.
+        gram(POWER_DOT, x, 0, j.u)?;
+        normalize(j.u, j.u, 0, 0, j.sigma, false, m)?;
+    }
+    Ok(())
+}
+
+/// A power iteration on tensors, checked and with its outputs allocated on
+/// `w`'s device; `None` from [`power_prepare`] when no kernel takes it.
+pub(crate) struct PowerCall {
+    pub w: Tensor,
+    pub start: Option<Tensor>,
+    pub elt: Elt,
+    pub b: usize,
+    pub m: usize,
+    pub n: usize,
+    pub batched: bool,
+    pub sigma: Tensor,
+    pub u: Tensor,
+    pub v: Tensor,
+}
+
+/// Validates like `power_iteration_generic` (same errors for a bad start)
+/// and allocates σ, u, v (f32).
+pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option<PowerCall>> {
+    let (m, n) = crate::linalg::matrix_dims("power_iteration: w", w)?;
+    let batched = w.rank() == 3;
+    let b = if batched { w.dim(0)? } else { 1 };
+    if let Some(s) = start {
+        let expected: &[usize] = if batched { &[b, n] } else { &[n] };
+        if s.dims() != expected {
+            fail!(
+                Config,
+                "power_iteration: start",
+                "expected shape {expected:?} (an estimate of v₁), got {:?}",
+                s.dims()
+            );
+        }
+    }
+    let Some(elt) = Elt::of(w.dtype()) else {
+        return Ok(None);
+    };
+    if !power_supported(b, m, n) {
+        return Ok(None);
+    }
+    let dev = w.device();
+    Ok(Some(PowerCall {
+        w: w.contiguous()?,
+        start: start
+            .map(|s| s.to_dtype(DType::F32)?.contiguous())
+            .transpose()?,
+        elt,
+        b,
+        m,
+        n,
+        batched,
+        sigma: Tensor::zeros(b, DType::F32, dev)?,
+        u: Tensor::zeros((b, m), DType::F32, dev)?,
+        v: Tensor::zeros((b, n), DType::F32, dev)?,
+    }))
+}
+
+impl PowerCall {
+    /// The device job, with addresses from `r`.
+    pub(crate) fn job(&self, iters: usize, r: &mut dyn Resolve) -> Result<PowerJob> {
+        Ok(PowerJob {
+            w: r.addr(&self.w, false)?,
+            elt: self.elt,
+            b: self.b,
+            m: self.m,
+            n: self.n,
+            start: self.start.as_ref().map(|s| r.addr(s, false)).transpose()?,
+            iters,
+            sigma: r.addr(&self.sigma, true)?,
+            u: r.addr(&self.u, true)?,
+            v: r.addr(&self.v, true)?,
+        })
+    }
+
+    /// The result in `power_iteration`'s shapes.
+    pub(crate) fn finish(self) -> Result<crate::linalg::TopSingular> {
+        let (sigma, u, v) = if self.batched {
+            (self.sigma, self.u, self.v)
+        } else {
+            (
+                self.sigma.squeeze(0)?,
+                self.u.squeeze(0)?,
+                self.v.squeeze(0)?,
+            )
+        };
+        Ok(crate::linalg::TopSingular { sigma, u, v })
+    }
+}
