@@ -1,10 +1,10 @@
 //! The CUDA backend (feature `cuda`): the kernels of `kernels/*.cu` as PTX
 //! embedded by `build.rs`, launched on candle's stream, with candle's cuBLAS
-//! handle for the GEMMs. What to launch is decided by `launch.rs`, shared
+//! handle for the GEMMs. What to launch is decided by `launch/`, shared
 //! with the emulator; this file only provides memory, launches and GEMMs, and
 //! the device addresses of candle tensors.
 //!
-//! Invariant (see `launch.rs`): kernels write parameters and state through
+//! Invariant (see `launch/mod.rs`): kernels write parameters and state through
 //! raw device addresses, outside candle's storage locks. Every launch, copy
 //! and GEMM here goes on the stream candle's own ops use in the calling
 //! thread (candle's `CudaDevice` runs on CUDA's per-thread default stream),
@@ -243,7 +243,7 @@ impl Backend for Cuda {
             .context()
             .bind_to_thread()
             .map_err(|e| derr("cuda", e))?;
-        // SAFETY: the addresses and extents come from `launch.rs` (checked by
+        // SAFETY: the addresses and extents come from `launch/` (checked by
         // the emulator's GEMM stand-in); the handle is candle's, bound to the
         // device's stream, in host pointer mode (α, β on the host).
         unsafe {
@@ -588,7 +588,7 @@ pub struct KernelResources {
     pub static_shared: u32,
     /// Local memory per thread (spills, stack), bytes.
     pub local: u32,
-    /// The static shared memory `launch.rs` assumes for it (what the
+    /// The static shared memory `launch/` assumes for it (what the
     /// emulator checks launches with).
     pub assumed_static_shared: u32,
 }

@@ -6,7 +6,7 @@
 //! `std::barrier` for `__syncthreads`, warp shuffles as an exchange among
 //! 32 lanes, blocks one after another). The functions here have the
 //! signatures of the device seam ([`super::adamw_step`], …) and run the same
-//! launch code as the CUDA backend (`launch.rs`: tables, grids, argument
+//! launch code as the CUDA backend (`launch/`: tables, grids, argument
 //! packing, the power-iteration and Newton–Schulz sequences); only the
 //! backend differs: host memory stands for device memory, and a CPU GEMM with
 //! cuBLAS's column-major `C ← α·op(A)·op(B) + β·C` semantics stands for
