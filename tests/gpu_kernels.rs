@@ -46,6 +46,15 @@ struct P {
     r1: Option<(Tensor, Tensor)>,
 }
 
+/// The decay of case `i` (0: none, 1: decoupled, 2: decoupled plus rank-1),
+/// turning with the dtype too, so that every shape meets each decay and
+/// every dtype meets each decay on a third of the shapes.
+fn variant(i: usize) -> usize {
+    let n = UPDATE_SHAPES.len();
+    (i % n + i / n) % 3
+}
+
+/// Case `i`: shape `i mod n` (`n` shapes), in `dt`.
 fn make(i: usize, dt: DType, dev: &Device) -> P {
     let shape = UPDATE_SHAPES[i % UPDATE_SHAPES.len()];
     let mut r = rng(100 + i as u64);
@@ -54,7 +63,7 @@ fn make(i: usize, dt: DType, dev: &Device) -> P {
     let g = randn(&mut r, shape, dt, &cpu);
     let s1 = (randn(&mut r, shape, DType::F32, &cpu) * 0.1).unwrap();
     let s2 = rand_pos(&mut r, shape, 0.01, &cpu);
-    let r1 = (i % 3 == 2).then(|| rank1_factors(&mut r, shape, &cpu));
+    let r1 = (variant(i) == 2).then(|| rank1_factors(&mut r, shape, &cpu));
     P {
         w: var_on(&w, dev),
         g: g.to_device(dev).unwrap(),
@@ -66,7 +75,7 @@ fn make(i: usize, dt: DType, dev: &Device) -> P {
 
 fn decay(p: &P, i: usize) -> DecayTerm<'_> {
     DecayTerm {
-        scale: if i % 3 == 0 { 1.0 } else { 0.999 },
+        scale: if variant(i) == 0 { 1.0 } else { 0.999 },
         rank1: p.r1.as_ref().map(|(a, b)| Rank1 { coeff: 0.03, a, b }),
     }
 }
@@ -76,19 +85,22 @@ fn idx(ps: &[P], p: &P) -> usize {
     ps.iter().position(|q| std::ptr::eq(q, p)).expect("member")
 }
 
+/// Every shape in every dtype (`3n` cases, case `i` in `DTYPES[i / n]`),
+/// the three decays turning over them, in one mixed launch on the GPU.
 #[test]
 fn gpu_fused_updates_match_cpu() {
     let dev = gpu();
     let n = UPDATE_SHAPES.len();
+    let dtype = |i: usize| DTYPES[(i / n) % 3];
     for (fam, mu, nesterov) in [
         ("adamw", 0.0, false),
         ("sgd", 0.9, true),
         ("sgd0", 0.0, false),
     ] {
         let cpu: Vec<P> = (0..n * 3)
-            .map(|i| make(i, DTYPES[i % 3], &Device::Cpu))
+            .map(|i| make(i, dtype(i), &Device::Cpu))
             .collect();
-        let gpu: Vec<P> = (0..n * 3).map(|i| make(i, DTYPES[i % 3], &dev)).collect();
+        let gpu: Vec<P> = (0..n * 3).map(|i| make(i, dtype(i), &dev)).collect();
         // The CPU reference one parameter per call (the seam's CPU path takes
         // one dtype per group); the GPU gets the whole mixed set at once.
         let cpu_calls: Vec<&[P]> = cpu.chunks(1).collect();
@@ -186,14 +198,15 @@ fn gpu_ema_and_apply_match_cpu() {
     }
 }
 
+/// Every shape in every dtype, in one call.
 #[test]
 fn gpu_reductions_match_cpu() {
     let dev = gpu();
     let mut r = rng(3);
-    let ts: Vec<Tensor> = UPDATE_SHAPES
+    let ts: Vec<Tensor> = DTYPES
         .iter()
-        .enumerate()
-        .map(|(i, s)| randn(&mut r, s, DTYPES[i % 3], &Device::Cpu))
+        .flat_map(|&dt| UPDATE_SHAPES.iter().map(move |s| (s, dt)))
+        .map(|(s, dt)| randn(&mut r, s, dt, &Device::Cpu))
         .collect();
     let on_gpu: Vec<Tensor> = ts.iter().map(|t| t.to_device(&dev).unwrap()).collect();
     let refs: Vec<&Tensor> = on_gpu.iter().collect();
@@ -218,11 +231,15 @@ fn gpu_reductions_match_cpu() {
     assert_eq!(device::first_nonfinite(&refs).unwrap(), Some(5));
 }
 
+/// Every shape in every dtype.
 #[test]
 fn gpu_power_iteration_matches_cpu() {
     let dev = gpu();
-    for (i, &(b, m, n)) in POWER_SHAPES.iter().enumerate() {
-        let dt = [DType::F32, DType::BF16, DType::F16][i % 3];
+    let cases = POWER_SHAPES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &bmn)| DTYPES.iter().map(move |&dt| (i, bmn, dt)));
+    for (i, (b, m, n), dt) in cases {
         let mut r = rng(200 + i as u64);
         let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
         let start = start_vec(&mut r, b, n, &Device::Cpu);
