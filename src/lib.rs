@@ -20,7 +20,8 @@
 //!   `α/√t`, the last-iterate-optimal constant rate) and [`schedule::Scheduled`],
 //!   which drives any `candle_nn::Optimizer`; [`averaging`]: EMA, Polyak and
 //!   WSM checkpoint merging; [`theory`]: docs/math.md §5's last-iterate and average
-//!   bounds; [`clip`]: gradient clipping by global norm.
+//!   bounds; [`clip`]: gradient clipping by global norm; [`accumulate`]:
+//!   gradient accumulation over micro-batches.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -44,6 +45,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accumulate;
 pub mod averaging;
 pub mod checkpoint;
 pub mod clip;
@@ -62,6 +64,6 @@ pub use decay::WeightDecay;
 pub use error::{Error, Result};
 pub use linalg::{msign, power_iteration, GramNewtonSchulz, NewtonSchulz, TopSingular};
 pub use optim::{AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, OptimizerState, Sgd, SgdConfig};
-pub use optim::{DualAscent, Manifold, Norm, Steepest, SteepestConfig, TryStep};
+pub use optim::{DualAscent, HasParams, Manifold, Norm, Steepest, SteepestConfig, TryStep};
 /// The JSON crate of [`optim::transform::Transform::hparams`]'s signature.
 pub use serde_json;

@@ -327,6 +327,12 @@ impl<O: Optimizer + crate::optim::TryStep> Scheduled<O> {
     }
 }
 
+impl<O: Optimizer + crate::optim::HasParams> crate::optim::HasParams for Scheduled<O> {
+    fn params(&self) -> &[crate::optim::NamedVar] {
+        self.opt.params()
+    }
+}
+
 impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O> {
     fn try_step(&mut self, grads: &GradStore) -> Result<()> {
         Scheduled::try_step(self, grads)

@@ -70,3 +70,29 @@ macro_rules! try_step_by_inherent {
     )*};
 }
 try_step_by_inherent!(AdamW, Sgd, Muon, Steepest, Driver);
+
+/// An optimizer that knows its parameters: names and variables, in the
+/// order it steps them. Implemented by every optimizer of the crate and by
+/// [`Scheduled`](crate::schedule::Scheduled) around one; used by wrappers
+/// such as [`Accumulate`](crate::accumulate::Accumulate).
+pub trait HasParams {
+    /// The parameters, with their (checkpoint) names.
+    fn params(&self) -> &[NamedVar];
+}
+
+macro_rules! has_params_by_driver {
+    ($($t:ty),*) => {$(
+        impl HasParams for $t {
+            fn params(&self) -> &[NamedVar] {
+                self.driver().params()
+            }
+        }
+    )*};
+}
+has_params_by_driver!(AdamW, Sgd, Muon, Steepest);
+
+impl HasParams for Driver {
+    fn params(&self) -> &[NamedVar] {
+        Driver::params(self)
+    }
+}

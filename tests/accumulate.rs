@@ -1,0 +1,382 @@
+//! Gradient accumulation (`steepest::accumulate::Accumulate`): the step is
+//! the wrapped optimizer's on the mean gradient, checked against the f64
+//! closed-form gradient of the whole batch; `every = 1` is the wrapped
+//! optimizer bit for bit; refusals change nothing; a checkpoint between
+//! optimizer steps resumes bit for bit.
+
+mod support;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarMap};
+use nalgebra::DMatrix;
+use steepest::accumulate::{Accumulate, ACCUMULATE_COUNT_KEY, ACCUMULATE_SUM_PREFIX};
+use steepest::schedule::{Schedule, Scheduled};
+use steepest::{Error, OptimizerState, Sgd, SgdConfig, TryStep};
+use support::*;
+
+/// A linear least-squares model `Y ≈ X W + b`, `W` 6×3, `b` 3, and
+/// `N = 4·8` rows of data, split into micro-batches of 8 rows.
+const PARAMS: &[(&str, &[usize])] = &[("lin.weight", &[6, 3]), ("lin.bias", &[3])];
+const ROWS: usize = 32;
+const MICRO: usize = 8;
+
+fn data() -> (Tensor, Tensor) {
+    let x = Tensor::from_vec(values(11, ROWS * 6), (ROWS, 6), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(values(12, ROWS * 3), (ROWS, 3), &Device::Cpu).unwrap();
+    (
+        x.to_dtype(DType::F32).unwrap(),
+        y.to_dtype(DType::F32).unwrap(),
+    )
+}
+
+/// `mean((X W + b − Y)²)` over rows `[from, from + n)` (mean over rows and
+/// outputs), in `vm`'s dtype cast to f32.
+fn loss(vm: &VarMap, from: usize, n: usize) -> Tensor {
+    let (x, y) = data();
+    let w = var(vm, "lin.weight")
+        .as_tensor()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = var(vm, "lin.bias")
+        .as_tensor()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let pred = x
+        .narrow(0, from, n)
+        .unwrap()
+        .matmul(&w)
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    (pred - y.narrow(0, from, n).unwrap())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
+fn sgd(vm: &VarMap, lr: f64) -> Sgd {
+    Sgd::from_varmap(
+        vm,
+        SgdConfig {
+            lr,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn mat(t: &Tensor) -> DMatrix<f64> {
+    let t = t.to_dtype(DType::F64).unwrap();
+    let (r, c) = match t.dims() {
+        [r, c] => (*r, *c),
+        [c] => (1, *c),
+        d => panic!("{d:?}"),
+    };
+    DMatrix::from_row_slice(r, c, &t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+}
+
+/// Four micro-batches of 8 rows make one SGD step equal to the f64 step on
+/// the whole batch's gradient, `∇_W = (2/(N·3)) Xᵀ R`, `∇_b = (2/(N·3)) 1ᵀ R`
+/// with `R = X W + b − Y` (the mean of the four micro-batch means is the
+/// mean over all rows); the first three calls change nothing.
+#[test]
+fn four_micro_batches_make_one_step_on_the_whole_batch_gradient() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let (w0, b0) = (
+        mat(var(&vm, "lin.weight").as_tensor()),
+        mat(var(&vm, "lin.bias").as_tensor()),
+    );
+    let lr = 0.1;
+    let mut opt = Accumulate::new(sgd(&vm, lr), 4).unwrap();
+    let start = snapshot(&vm);
+    for j in 0..4 {
+        let stepped = opt.backward_step(&loss(&vm, j * MICRO, MICRO)).unwrap();
+        assert_eq!(stepped, j == 3, "call {j}");
+        assert_eq!(opt.pending(), (j + 1) % 4, "call {j}");
+        if j < 3 {
+            assert_eq!(snapshot(&vm), start, "a parameter moved at call {j}");
+        }
+    }
+    let (x, y) = data();
+    let (x, y) = (mat(&x), mat(&y));
+    let ones = DMatrix::<f64>::from_element(ROWS, 1, 1.0);
+    let r = &x * &w0 + &ones * &b0 - y;
+    let scale = 2.0 / (ROWS * 3) as f64;
+    let w1 = &w0 - lr * scale * (x.transpose() * &r);
+    let b1 = &b0 - lr * scale * (ones.transpose() * &r);
+    let (w, b) = (
+        mat(var(&vm, "lin.weight").as_tensor()),
+        mat(var(&vm, "lin.bias").as_tensor()),
+    );
+    let err = (w - &w1).amax().max((b - &b1).amax());
+    assert!(err < 1e-6, "max |Δ| = {err:e}");
+    assert!((&w1 - &w0).amax() > 1e-3, "the step is not vacuous");
+}
+
+/// `every = 1` is the wrapped optimizer, bit for bit (f32 and bf16,
+/// Muon with spectral decay, three steps).
+#[test]
+fn every_one_is_the_wrapped_optimizer_bit_for_bit() {
+    for dtype in [DType::F32, DType::BF16] {
+        let (va, vb) = (model_of(PARAMS, dtype, 5), model_of(PARAMS, dtype, 5));
+        let mut plain = spectral_muon(&va);
+        let mut acc = Accumulate::new(spectral_muon(&vb), 1).unwrap();
+        for t in 0..3 {
+            plain.backward_step(&loss(&va, t * MICRO, MICRO)).unwrap();
+            assert!(acc.backward_step(&loss(&vb, t * MICRO, MICRO)).unwrap());
+            assert_eq!(snapshot(&va), snapshot(&vb), "{dtype:?} step {t}");
+        }
+        assert_eq!(
+            state_tensors(&plain.state_dict().unwrap()),
+            state_tensors(&acc.inner().state_dict().unwrap())
+        );
+    }
+}
+
+/// A parameter without a gradient in a micro-batch counts zero there: the
+/// mean is still over `every`.
+#[test]
+fn a_missing_gradient_counts_zero_in_the_mean() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let b0 = mat(var(&vm, "lin.bias").as_tensor());
+    let mut opt = Accumulate::new(sgd(&vm, 0.5), 2).unwrap();
+    // Micro-batch 1: a loss of the bias alone, Σ b (gradient 1 per entry);
+    // micro-batch 2: of the weight alone.
+    let bias_only = var(&vm, "lin.bias").as_tensor().sum_all().unwrap();
+    assert!(!opt.backward_step(&bias_only).unwrap());
+    let weight_only = var(&vm, "lin.weight").as_tensor().sum_all().unwrap();
+    assert!(opt.backward_step(&weight_only).unwrap());
+    let b = mat(var(&vm, "lin.bias").as_tensor());
+    // b − η·(1 + 0)/2
+    let err = (b - b0.add_scalar(-0.25)).amax();
+    assert!(err < 1e-7, "{err:e}");
+}
+
+/// A micro-batch with a NaN gradient is refused naming the parameter, and
+/// nothing is added: skipping it gives the run without it, bit for bit.
+#[test]
+fn a_non_finite_micro_batch_is_refused_and_adds_nothing() {
+    let (va, vb) = (
+        model_of(PARAMS, DType::F32, 3),
+        model_of(PARAMS, DType::F32, 3),
+    );
+    let mut clean = Accumulate::new(sgd(&va, 0.1), 2).unwrap();
+    let mut dirty = Accumulate::new(sgd(&vb, 0.1), 2).unwrap();
+    clean.backward_step(&loss(&va, 0, MICRO)).unwrap();
+    dirty.backward_step(&loss(&vb, 0, MICRO)).unwrap();
+    let before = dirty.state_dict().unwrap();
+    let nan = (var(&vb, "lin.weight").as_tensor().sum_all().unwrap() * f64::NAN).unwrap();
+    let e = dirty.try_step(&nan.backward().unwrap()).unwrap_err();
+    assert!(
+        matches!(&e, Error::NonFiniteGradient { param } if param == "lin.weight"),
+        "{e}"
+    );
+    assert_eq!(dirty.pending(), 1);
+    assert_eq!(
+        state_snapshot(&dirty.state_dict().unwrap()),
+        state_snapshot(&before)
+    );
+    clean.backward_step(&loss(&va, MICRO, MICRO)).unwrap();
+    dirty.backward_step(&loss(&vb, MICRO, MICRO)).unwrap();
+    assert_eq!(snapshot(&va), snapshot(&vb));
+}
+
+/// When the wrapped optimizer refuses its step (a NaN learning rate), the
+/// micro-batch of that call is not added and the sums are kept: after the
+/// rate is mended, the next micro-batch completes the same step as a run
+/// that never saw the refused one.
+#[test]
+fn a_refused_optimizer_step_keeps_the_sums() {
+    let (va, vb) = (
+        model_of(PARAMS, DType::F32, 3),
+        model_of(PARAMS, DType::F32, 3),
+    );
+    let mut good = Accumulate::new(sgd(&va, 0.1), 2).unwrap();
+    let mut bad = Accumulate::new(sgd(&vb, 0.1), 2).unwrap();
+    good.backward_step(&loss(&va, 0, MICRO)).unwrap();
+    bad.backward_step(&loss(&vb, 0, MICRO)).unwrap();
+    bad.inner_mut().set_learning_rate(f64::NAN);
+    let before = snapshot(&vb);
+    let e = bad.backward_step(&loss(&vb, 16, MICRO)).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    assert_eq!(snapshot(&vb), before);
+    assert_eq!(bad.pending(), 1);
+    bad.inner_mut().set_learning_rate(0.1);
+    assert!(good.backward_step(&loss(&va, MICRO, MICRO)).unwrap());
+    assert!(bad.backward_step(&loss(&vb, MICRO, MICRO)).unwrap());
+    assert_eq!(snapshot(&va), snapshot(&vb));
+}
+
+/// A schedule inside counts optimizer steps, not micro-batches.
+#[test]
+fn a_schedule_inside_counts_optimizer_steps() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let schedule = Schedule::cosine(0.1, 0.0, 10).unwrap();
+    let mut opt = Accumulate::new(Scheduled::new(sgd(&vm, 0.1), schedule), 3).unwrap();
+    for j in 0..7 {
+        opt.backward_step(&loss(&vm, (j % 4) * MICRO, MICRO))
+            .unwrap();
+    }
+    assert_eq!(opt.inner().current_step(), 2);
+    assert_eq!(opt.pending(), 1);
+}
+
+/// Saved between optimizer steps (2 of 4 micro-batches pending, bf16
+/// parameters, Muon with spectral decay under a schedule) and resumed into
+/// a fresh model and optimizer, the run continues bit for bit.
+#[test]
+fn a_checkpoint_between_steps_resumes_bit_for_bit() {
+    let dir = std::env::temp_dir().join(format!("steepest-accumulate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("acc.safetensors");
+    let build = |vm: &VarMap| {
+        let s = Schedule::cosine(0.02, 0.0, 20).unwrap();
+        Accumulate::new(Scheduled::new(spectral_muon(vm), s), 4).unwrap()
+    };
+    let (va, vb) = (
+        model_of(PARAMS, DType::BF16, 9),
+        model_of(PARAMS, DType::BF16, 9),
+    );
+    let mut a = build(&va);
+    for j in 0..6 {
+        a.backward_step(&loss(&va, (j % 4) * MICRO, MICRO)).unwrap();
+    }
+    assert_eq!(a.pending(), 2);
+    a.save_state(&path).unwrap();
+    // The other process: the model from the same saved values, a fresh optimizer.
+    for (name, _) in PARAMS {
+        var(&vb, name).set(var(&va, name).as_tensor()).unwrap();
+    }
+    let mut b = build(&vb);
+    b.load_state(&path).unwrap();
+    assert_eq!(b.pending(), 2);
+    for j in 6..14 {
+        a.backward_step(&loss(&va, (j % 4) * MICRO, MICRO)).unwrap();
+        b.backward_step(&loss(&vb, (j % 4) * MICRO, MICRO)).unwrap();
+        assert_eq!(snapshot(&va), snapshot(&vb), "call {j}");
+    }
+    assert_eq!(
+        state_snapshot(&a.state_dict().unwrap()),
+        state_snapshot(&b.state_dict().unwrap())
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Mismatched checkpoints are refused naming what is wrong, and change
+/// nothing: a plain optimizer's, a sum of the wrong shape, a sum of an
+/// unknown parameter, a count not below `every`.
+#[test]
+fn mismatched_checkpoints_are_refused_and_change_nothing() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let mut opt = Accumulate::new(sgd(&vm, 0.1), 4).unwrap();
+    opt.backward_step(&loss(&vm, 0, MICRO)).unwrap();
+    let good = opt.state_dict().unwrap();
+    let plain = opt.inner().state_dict().unwrap();
+    let sum_key = format!("{ACCUMULATE_SUM_PREFIX}lin.bias");
+    let mut wrong_shape = good.clone();
+    wrong_shape.insert(
+        sum_key.clone(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut unknown = good.clone();
+    unknown.insert(
+        format!("{ACCUMULATE_SUM_PREFIX}lin.gain"),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut too_many = good.clone();
+    too_many.insert(
+        ACCUMULATE_COUNT_KEY.into(),
+        Tensor::new(4i64, &Device::Cpu).unwrap(),
+    );
+    // Another optimizer to load into, one micro-batch ahead of `good`.
+    opt.backward_step(&loss(&vm, MICRO, MICRO)).unwrap();
+    let before = state_snapshot(&opt.state_dict().unwrap());
+    for (state, want) in [
+        (&plain, ACCUMULATE_COUNT_KEY),
+        (&wrong_shape, sum_key.as_str()),
+        (&unknown, "lin.gain"),
+        (&too_many, ACCUMULATE_COUNT_KEY),
+    ] {
+        let e = opt.load_state_dict(state).unwrap_err();
+        assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+        assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before, "{want}");
+    }
+    opt.load_state_dict(&good).unwrap();
+    assert_eq!(opt.pending(), 1);
+}
+
+/// `every = 0` is refused, and so is changing `every` while micro-batches
+/// are pending (their mean would be over the wrong count).
+#[test]
+fn bad_every_is_refused() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let e = Accumulate::new(sgd(&vm, 0.1), 0).unwrap_err();
+    assert!(
+        matches!(e, Error::Config { .. }) && e.to_string().contains("every"),
+        "{e}"
+    );
+    let mut opt = Accumulate::new(sgd(&vm, 0.1), 2).unwrap();
+    opt.backward_step(&loss(&vm, 0, MICRO)).unwrap();
+    let e = opt.set_every(3).unwrap_err();
+    assert!(e.to_string().contains("pending"), "{e}");
+    assert_eq!(opt.every(), 2);
+    opt.reset();
+    opt.set_every(3).unwrap();
+    assert_eq!((opt.every(), opt.pending()), (3, 0));
+    // Through the generic trait too.
+    fn generic(o: &mut impl TryStep, l: &Tensor) {
+        o.try_backward_step(l).unwrap();
+    }
+    generic(&mut opt, &loss(&vm, 0, MICRO));
+    assert_eq!(opt.pending(), 1);
+}
+
+/// Clipping applies to the mean gradient: the step equals the f64 step on
+/// the whole batch's gradient scaled to norm `max` (its norm before
+/// clipping reported by `last_grad_norm`).
+#[test]
+fn clipping_applies_to_the_mean_gradient() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let (w0, b0) = (
+        mat(var(&vm, "lin.weight").as_tensor()),
+        mat(var(&vm, "lin.bias").as_tensor()),
+    );
+    let (lr, max) = (0.1, 0.05);
+    let mut opt = Accumulate::new(sgd(&vm, lr), 4)
+        .unwrap()
+        .with_clip_grad_norm(max)
+        .unwrap();
+    assert_eq!(opt.last_grad_norm(), None);
+    for j in 0..4 {
+        opt.backward_step(&loss(&vm, j * MICRO, MICRO)).unwrap();
+    }
+    let (x, y) = data();
+    let (x, y) = (mat(&x), mat(&y));
+    let ones = DMatrix::<f64>::from_element(ROWS, 1, 1.0);
+    let r = &x * &w0 + &ones * &b0 - y;
+    let scale = 2.0 / (ROWS * 3) as f64;
+    let (gw, gb) = (
+        scale * (x.transpose() * &r),
+        scale * (ones.transpose() * &r),
+    );
+    let norm = (gw.norm_squared() + gb.norm_squared()).sqrt();
+    assert!(norm > 2.0 * max, "clipping is not vacuous: ‖g‖ = {norm}");
+    let got = opt.last_grad_norm().unwrap();
+    assert!((got - norm).abs() < 1e-5 * norm, "{got} vs {norm}");
+    let k = max / norm;
+    let (w, b) = (
+        mat(var(&vm, "lin.weight").as_tensor()),
+        mat(var(&vm, "lin.bias").as_tensor()),
+    );
+    let err = (w - (&w0 - lr * k * gw))
+        .amax()
+        .max((b - (&b0 - lr * k * gb)).amax());
+    assert!(err < 1e-7, "max |Δ| = {err:e}");
+    assert!(Accumulate::new(sgd(&vm, lr), 2)
+        .unwrap()
+        .with_clip_grad_norm(0.0)
+        .is_err());
+}
