@@ -659,3 +659,52 @@ fn retract_after_adam_refuses_a_zero_matrix_naming_it_and_changes_nothing() {
         }
     }
 }
+
+/// `ShapeScale` before a fused update (Adam, classic momentum: the last
+/// direction transform, run by one kernel) scales each matrix's step by its
+/// factor: `ShapeScale{Original} → Adam` at rate η on a tall 8×2 matrix
+/// (factor √(8/2) = 2) is Adam at 2η, bit for bit, over 3 steps; likewise
+/// SGD with Nesterov momentum. A square matrix (factor 1) is the control.
+#[test]
+fn shape_scale_before_a_fused_update_scales_its_step() {
+    let adam = || Adam::new(0.9, 0.999, 1e-8).unwrap();
+    let sgd = || Momentum::classic(0.9, true).unwrap();
+    let (lr, steps) = (0.01, 3);
+    const TALL_8X2: &Shapes = &[("m.weight", &[8, 2])];
+    const SQUARE_4: &Shapes = &[("m.weight", &[4, 4])];
+    for (shapes, factor) in [(TALL_8X2, 2.0), (SQUARE_4, 1.0)] {
+        let shape = shapes[0].1;
+        for (what, scaled, plain) in [
+            (
+                "adam",
+                Chain::new()
+                    .then(ShapeScale {
+                        adjust: LrAdjust::Original,
+                    })
+                    .then(adam()),
+                Chain::new().then(adam()),
+            ),
+            (
+                "sgd",
+                Chain::new()
+                    .then(ShapeScale {
+                        adjust: LrAdjust::Original,
+                    })
+                    .then(sgd()),
+                Chain::new().then(sgd()),
+            ),
+        ] {
+            let (va, vb) = (
+                model_of(shapes, DType::F32, 4),
+                model_of(shapes, DType::F32, 4),
+            );
+            let mut a = Driver::from_varmap(&va, scaled, lr).unwrap();
+            let mut b = Driver::from_varmap(&vb, plain, lr * factor).unwrap();
+            for t in 0..steps {
+                a.backward_step(&loss_of(&va, shapes, t)).unwrap();
+                b.backward_step(&loss_of(&vb, shapes, t)).unwrap();
+            }
+            assert_eq!(snapshot(&va), snapshot(&vb), "{what} {shape:?}");
+        }
+    }
+}

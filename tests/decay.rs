@@ -71,6 +71,83 @@ fn spectral_decay_batched() {
     }
 }
 
+/// Before convergence the two sides differ: `spectral_decay` uses the
+/// vector the power iteration ran on (its docs), `W − c·(Wv)vᵀ` for
+/// `n ≤ m` and `W − c·u(uᵀW)` for `n > m` — checked in f64 against those
+/// products from one iteration's `u`, `v` (square included).
+#[test]
+fn spectral_decay_uses_the_iterated_side_before_convergence() {
+    let mut r = rng(25);
+    for (m, n) in [(5, 5), (7, 4), (4, 7)] {
+        let w = DMatrix::<f64>::from_fn(m, n, |_, _| normal_vec(&mut r, 1)[0]);
+        let t = from_dmatrix(&w, DType::F64);
+        let top = power_iteration(&t, None, 1).unwrap();
+        let (u, v) = (to_dvector(&top.u), to_dvector(&top.v));
+        let want = if n <= m {
+            &w - (&w * &v) * v.transpose() * 0.3
+        } else {
+            &w - &u * (u.transpose() * &w) * 0.3
+        };
+        let got = to_dmatrix(&spectral_decay(&t, &top, 0.3).unwrap());
+        assert!((&got - &want).amax() < 1e-12, "({m}, {n})");
+        // Not converged: the other side's product is another matrix.
+        let other = if n <= m {
+            &w - &u * (u.transpose() * &w) * 0.3
+        } else {
+            &w - (&w * &v) * v.transpose() * 0.3
+        };
+        assert!(
+            (&got - &other).amax() > 1e-6,
+            "({m}, {n}): converged already"
+        );
+    }
+}
+
+/// Warm steps run the configured number of power iterations: with
+/// `Spectral { iters: 3 }` and a zero gradient, AdamW's second step is
+/// `W − ηλ(Wx)xᵀ` with `x = (WᵀW)³v/‖·‖` from the stored `v` (f64, closed
+/// form), on a matrix with σ₂/σ₁ = 0.9 (so `v` is far from converged and
+/// one iteration is not three).
+#[test]
+fn warm_steps_run_the_configured_iterations() {
+    let (lr, lambda) = (0.5, 0.2);
+    let mut r = rng(26);
+    let w0 = with_singular_values(&mut r, 6, 4, &[4.0, 3.6, 1.0, 0.5]);
+    let var = Var::from_tensor(&from_dmatrix(&w0, DType::F64)).unwrap();
+    let mut opt = AdamW::from_named(
+        vec![NamedVar {
+            name: "w".into(),
+            var: var.clone(),
+        }],
+        AdamWConfig {
+            lr,
+            weight_decay: WeightDecay::Spectral { lambda, iters: 3 },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.backward_step(&zero_loss(&var)).unwrap();
+    let w1 = to_dmatrix(var.as_tensor());
+    let state = steepest::OptimizerState::state_dict(&opt).unwrap();
+    let v = to_dvector(&state["w.decay.v"]);
+    opt.backward_step(&zero_loss(&var)).unwrap();
+    let got = to_dmatrix(var.as_tensor());
+    let iterate = |k: usize| {
+        let mut x = v.clone();
+        for _ in 0..k {
+            x = w1.transpose() * (&w1 * &x);
+            x /= x.norm();
+        }
+        &w1 - (&w1 * &x) * x.transpose() * (lr * lambda)
+    };
+    let err = (&got - iterate(3)).amax();
+    assert!(err < 1e-10, "{err:e}");
+    assert!(
+        (&got - iterate(1)).amax() > 1e-6,
+        "1 iteration gives the same"
+    );
+}
+
 #[test]
 fn decoupled_decay_shrinks_every_singular_value() {
     let mut r = rng(22);

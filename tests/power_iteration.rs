@@ -7,10 +7,6 @@ use common::*;
 use nalgebra::{DMatrix, DVector};
 use steepest::power_iteration;
 
-fn vec_of(t: &Tensor) -> DVector<f64> {
-    DVector::from_vec(t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap())
-}
-
 fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
@@ -52,10 +48,56 @@ fn finds_the_top_triplet_tall_wide_square() {
         check_against_svd(
             &w,
             scalar(&top.sigma),
-            &vec_of(&top.u),
-            &vec_of(&top.v),
+            &to_dvector(&top.u),
+            &to_dvector(&top.v),
             1e-10,
         );
+    }
+}
+
+/// `iters` means `iters` products with `WᵀW` (or `W Wᵀ` on the short side
+/// of a wide matrix), checked in f64 for 0–3 iterations from a given start
+/// against the closed form: tall or square, `v = (WᵀW)ᵏx₀/‖·‖`, `σ = ‖Wv‖`,
+/// `u = Wv/σ`; wide, `u = (W Wᵀ)ᵏ y₀/‖·‖` with `y₀ = W x₀/‖·‖`, `σ = ‖Wᵀu‖`,
+/// `v = Wᵀu/σ`. (Converged results cannot tell one iteration more or less.)
+#[test]
+fn k_iterations_are_k_products_with_the_gram_matrix() {
+    let mut r = rng(17);
+    for (m, n) in [(7, 4), (5, 5), (4, 7)] {
+        let w = DMatrix::<f64>::from_fn(m, n, |_, _| normal_vec(&mut r, 1)[0]);
+        let x0 = DVector::from_vec(normal_vec(&mut r, n));
+        let start = Tensor::from_vec(x0.as_slice().to_vec(), n, &Device::Cpu).unwrap();
+        let t = from_dmatrix(&w, DType::F64);
+        let mut seen: Vec<DVector<f64>> = Vec::new();
+        for k in 0..4 {
+            let top = power_iteration(&t, Some(&start), k).unwrap();
+            let (sigma, u, v) = if n <= m {
+                let mut v = x0.normalize();
+                for _ in 0..k {
+                    v = (w.transpose() * (&w * &v)).normalize();
+                }
+                let wv = &w * &v;
+                (wv.norm(), &wv / wv.norm(), v)
+            } else {
+                let mut u = (&w * &x0).normalize();
+                for _ in 0..k {
+                    u = (&w * (w.transpose() * &u)).normalize();
+                }
+                let wtu = w.transpose() * &u;
+                (wtu.norm(), u, &wtu / wtu.norm())
+            };
+            let what = format!("({m}, {n}), {k} iterations");
+            assert!(
+                (scalar(&top.sigma) - sigma).abs() < 1e-12 * sigma,
+                "{what}: σ"
+            );
+            assert!((to_dvector(&top.u) - &u).amax() < 1e-12, "{what}: u");
+            assert!((to_dvector(&top.v) - &v).amax() < 1e-12, "{what}: v");
+            // Each iteration moves the iterate (the check is not vacuous).
+            let iterate = if n <= m { v } else { u };
+            assert!(seen.iter().all(|s| (s - &iterate).amax() > 1e-6), "{what}");
+            seen.push(iterate);
+        }
     }
 }
 
@@ -99,8 +141,8 @@ fn batch_matches_each_matrix_and_warm_start_shapes() {
             check_against_svd(
                 w,
                 scalar(&top.sigma.get(i).unwrap()),
-                &vec_of(&top.u.get(i).unwrap()),
-                &vec_of(&top.v.get(i).unwrap()),
+                &to_dvector(&top.u.get(i).unwrap()),
+                &to_dvector(&top.v.get(i).unwrap()),
                 1e-10,
             );
         }
@@ -137,8 +179,8 @@ fn zero_matrix_gives_zero_sigma_and_finite_vectors() {
             let z = Tensor::zeros((m, n), dt, &Device::Cpu).unwrap();
             let top = power_iteration(&z, None, 5).unwrap();
             assert_eq!(scalar(&top.sigma), 0.0);
-            let v = vec_of(&top.v);
-            let u = vec_of(&top.u);
+            let v = to_dvector(&top.v);
+            let u = to_dvector(&top.u);
             assert!(v.iter().chain(u.iter()).all(|x| x.is_finite()));
             assert!(
                 (v.norm() - 1.0).abs() < 1e-6,
@@ -154,7 +196,7 @@ fn equal_top_singular_values() {
     let mut r = rng(14);
     let w = with_singular_values(&mut r, 7, 5, &[2.0, 2.0, 1.0, 0.5, 0.1]);
     let top = power_iteration(&from_dmatrix(&w, DType::F64), None, 60).unwrap();
-    let v = vec_of(&top.v);
+    let v = to_dvector(&top.v);
     assert!((scalar(&top.sigma) - 2.0).abs() < 1e-10);
     // v lies in the top-2 right singular subspace: ‖W v‖ = σ₁.
     assert!(((&w * &v).norm() - 2.0).abs() < 1e-10);

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use nalgebra::DMatrix;
+use nalgebra::{DMatrix, DVector};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -41,6 +41,11 @@ pub fn to_dmatrix(t: &Tensor) -> DMatrix<f64> {
     let (m, n) = t.dims2().unwrap();
     let v = to_f64_vec(t);
     DMatrix::from_row_slice(m, n, &v)
+}
+
+/// A 1-D tensor as an f64 nalgebra vector.
+pub fn to_dvector(t: &Tensor) -> DVector<f64> {
+    DVector::from_vec(to_f64_vec(t))
 }
 
 /// An f64 nalgebra matrix as an `(m, n)` tensor of `dtype`.

@@ -66,6 +66,37 @@ fn msign_matches_cpu_on_every_shape() {
     }
 }
 
+/// A factor on `‖G‖_F` in the normalisation (`with_norm_scale`: Polar
+/// Express's 1.01, the Stiefel retraction's `1/√m` with `eps = 0`) reaches
+/// the kernel: the emulator matches the CPU path with factor 2 (Muon, cubic)
+/// and `1/√s` (cubic, `s` the short side),
+/// and both differ from the result without the factor by far more than the
+/// tolerance. (The every-shape tests use factors 1 and 1.01, which a lost
+/// factor would hardly change.) Tolerance: these schedules are short (4–5
+/// steps), so f32 rounding grows little: measured ≤ 8e-7; 1e-5 here,
+/// against differences of 6e-2 to 0.8 without the factor.
+#[test]
+fn msign_norm_scale_reaches_the_kernel() {
+    for (i, &(b, m, n)) in [(1, 24, 8), (3, 8, 24), (2, 16, 16)].iter().enumerate() {
+        let g = input(40 + i, b, m, n, DType::F32);
+        let cubic = NewtonSchulz::cubic(4).with_eps(0.0);
+        let stiefel = 1.0 / (m.min(n) as f64).sqrt();
+        for (base, scale) in [
+            (NewtonSchulz::muon(), 2.0),
+            (cubic.clone(), 2.0),
+            (cubic, stiefel),
+        ] {
+            let ns = base.clone().with_norm_scale(scale);
+            let want = msign(&g, &ns).unwrap();
+            let got = emu::msign(&g, &ns, None).unwrap();
+            let what = format!("({b}, {m}, {n}) scale {scale}");
+            check(&what, &want, &got, 1e-5);
+            let unscaled = msign(&g, &base).unwrap();
+            assert!(max_diff(&want, &unscaled) > 1e-2, "{what}: vacuous");
+        }
+    }
+}
+
 /// bf16 and f16 inputs: f32 arithmetic inside, output rounded to the input
 /// dtype (one rounding: ≤ 2⁻⁸ relative for bf16, 2⁻¹¹ for f16).
 #[test]
