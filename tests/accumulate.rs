@@ -380,3 +380,80 @@ fn clipping_applies_to_the_mean_gradient() {
         .with_clip_grad_norm(0.0)
         .is_err());
 }
+
+/// The NaN error names the parameter whose gradient holds it, also when it
+/// is not the first parameter with a gradient (`lin.weight` after
+/// `lin.bias`, the parameters being in name order).
+#[test]
+fn a_non_finite_gradient_is_named_by_its_parameter() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let mut opt = Accumulate::new(sgd(&vm, 0.1), 2).unwrap();
+    let b = var(&vm, "lin.bias").as_tensor().sum_all().unwrap();
+    let w = (var(&vm, "lin.weight").as_tensor().sum_all().unwrap() * f64::NAN).unwrap();
+    let e = opt.backward_step(&(b + w).unwrap()).unwrap_err();
+    assert!(
+        matches!(&e, Error::NonFiniteGradient { param } if param == "lin.weight"),
+        "{e}"
+    );
+}
+
+/// bf16 parameters' gradients are summed in f32: micro-batch gradients 1,
+/// 2⁻⁹, 2⁻⁹, 2⁻⁹ (each exact in bf16) have the mean (1 + 3·2⁻⁹)/4 =
+/// 0.25 + 0.75·2⁻⁹, which rounds once to bf16's 0.25 + 2⁻⁹; summed in bf16,
+/// 1 + 2⁻⁹ would round back to 1 at every addition and the mean be 0.25.
+/// SGD at rate 1 from W = 0 makes the applied mean −W. The pending sums are
+/// f32 in the checkpoint.
+#[test]
+fn bf16_gradients_are_summed_in_f32() {
+    let vm = model_of(&[("w", &[2, 3])], DType::BF16, 3);
+    let w = var(&vm, "w");
+    w.set(&w.as_tensor().zeros_like().unwrap()).unwrap();
+    let mut opt = Accumulate::new(sgd(&vm, 1.0), 4).unwrap();
+    let small = 2f64.powi(-9);
+    for (j, c) in [1.0, small, small, small].into_iter().enumerate() {
+        // Σ c·w: the gradient is c everywhere.
+        let loss = (w.as_tensor().to_dtype(DType::F32).unwrap() * c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.backward_step(&loss).unwrap();
+        if j == 1 {
+            let state = opt.state_dict().unwrap();
+            assert_eq!(
+                state[&format!("{ACCUMULATE_SUM_PREFIX}w")].dtype(),
+                DType::F32
+            );
+        }
+    }
+    let want = 0.25 + small;
+    for x in f64_values(w.as_tensor()) {
+        assert_eq!(-x, want, "applied mean {}", -x);
+    }
+}
+
+fn f64_values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Loading restores the checkpoint's `every`, as optimizers restore their
+/// hyperparameters: saved with `every = 4` and 3 micro-batches pending, an
+/// accumulator built with `every = 2` then has `every = 4`, 3 pending, and
+/// steps at the next call.
+#[test]
+fn loading_restores_every() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let mut a = Accumulate::new(sgd(&vm, 0.1), 4).unwrap();
+    for j in 0..3 {
+        a.backward_step(&loss(&vm, j * MICRO, MICRO)).unwrap();
+    }
+    let state = a.state_dict().unwrap();
+    let mut b = Accumulate::new(sgd(&vm, 0.1), 2).unwrap();
+    b.load_state_dict(&state).unwrap();
+    assert_eq!((b.every(), b.pending()), (4, 3));
+    assert!(b.backward_step(&loss(&vm, 3 * MICRO, MICRO)).unwrap());
+}

@@ -215,3 +215,55 @@ fn an_empty_gradient_is_skipped_on_every_path() {
         assert!((norm - want).abs() <= 1e-6 * want, "{scale}: {norm:e}");
     }
 }
+
+/// The scale is exactly `max/‖g‖` at any norm: a gradient of norm ~1e-3
+/// clipped to 1e-4 ends at norm 1e-4 within f32 rounding (a scale with an
+/// additive guard, `max/(‖g‖ + ε)`, would be off by ~ε/‖g‖ ≈ 1e-3).
+#[test]
+fn small_gradients_are_clipped_to_exactly_max_norm() {
+    let (vars, mut grads, cs) = setup(3e-4);
+    let norm = norm64(&cs);
+    assert!(norm > 5e-4 && norm < 5e-3, "{norm}");
+    let max = 1e-4;
+    let before = clip_grad_norm(&mut grads, &vars, max).unwrap();
+    assert!((before - norm).abs() < 1e-6 * norm, "{before} vs {norm}");
+    let after: Vec<Vec<f64>> = vars[..3].iter().map(|v| grad_values(&grads, v)).collect();
+    let got = norm64(&after);
+    assert!(
+        (got - max).abs() < 1e-6 * max,
+        "clipped norm {got:e}, not {max:e}"
+    );
+}
+
+/// A NaN gradient is named by its place among the variables given, also
+/// when a variable before it has no gradient: `vars[1]` here (and its name
+/// through `clip_grad_norm_named`).
+#[test]
+fn a_nan_after_a_variable_without_gradient_names_the_right_one() {
+    let (vars, _, _) = setup(1.0);
+    // vars[3] takes no part in the loss; put it first.
+    let unused = vars[3].clone();
+    let poisoned = vars[0].clone();
+    let loss = (poisoned.as_tensor().sum_all().unwrap() * f64::NAN).unwrap();
+    let mut grads = loss.backward().unwrap();
+    let e = clip_grad_norm(&mut grads, &[unused.clone(), poisoned.clone()], 1.0).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::NonFiniteGradient { param } if param.contains("vars[1]")),
+        "{e}"
+    );
+    let named = [
+        steepest::optim::NamedVar {
+            name: "unused".into(),
+            var: unused,
+        },
+        steepest::optim::NamedVar {
+            name: "poisoned".into(),
+            var: poisoned,
+        },
+    ];
+    let e = steepest::clip::clip_grad_norm_named(&mut grads, &named, 1.0).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::NonFiniteGradient { param } if param == "poisoned"),
+        "{e}"
+    );
+}

@@ -13,7 +13,7 @@ use steepest::optim::transform::{Adam, Decay, Momentum, Orthogonalize, Retract, 
 use steepest::optim::{
     Chain, Driver, LrAdjust, Manifold, NamedVar, OptimizerState, ParamInfo, Partition,
 };
-use steepest::{Error, NewtonSchulz, WeightDecay};
+use steepest::{Error, NewtonSchulz, TryStep, WeightDecay};
 use support::*;
 
 type Shapes = [(&'static str, &'static [usize])];
@@ -486,4 +486,70 @@ fn an_undeclared_failure_says_the_step_was_partly_applied() {
             );
         }
     }
+}
+
+/// The transforms' own rate checks see each group's rate, not the base
+/// rate: groups at 0.1 (plain Adam) and 0.2 (decay λ = 0.1, then Adam);
+/// after `set_lr(6)` the second runs at 12, where `1 − lr·λ = −0.2` would
+/// flip the weights' sign, so the step is refused naming the decay and the
+/// group, and nothing changes (the base rate alone, 6, would pass: 0.6).
+#[test]
+fn a_group_rate_too_large_for_its_decay_is_refused() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let decayed = Chain::new()
+        .then(Decay::new(WeightDecay::Decoupled(0.1), true).unwrap())
+        .then(Adam::default());
+    let mut opt = Partition::by(|p: &ParamInfo| if p.is_matrix() { "decayed" } else { "plain" })
+        .group("plain", Chain::new().then(Adam::default()), 0.1)
+        .group("decayed", decayed, 0.2)
+        .build_from_varmap(&vm)
+        .unwrap();
+    opt.backward_step(&loss_of(&vm, SHAPES, 0)).unwrap();
+    opt.set_learning_rate(6.0);
+    let before = snapshot(&vm);
+    let state = state_snapshot(&opt.state_dict().unwrap());
+    let e = opt.try_backward_step(&loss_of(&vm, SHAPES, 1)).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("weight_decay") && msg.contains("decayed"),
+        "{msg}"
+    );
+    assert_eq!(snapshot(&vm), before, "a parameter changed");
+    assert_eq!(state_snapshot(&opt.state_dict().unwrap()), state);
+    // At 5 the group runs at 10: lr·λ = 1, allowed.
+    opt.set_learning_rate(5.0);
+    opt.backward_step(&loss_of(&vm, SHAPES, 1)).unwrap();
+}
+
+/// The same label twice in a row is refused too.
+#[test]
+fn a_group_defined_twice_in_a_row_is_refused() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let err = Partition::by(muon_label)
+        .group("muon", muon_chain(), 0.02)
+        .group("muon", muon_chain(), 0.02)
+        .group("adamw", adamw_chain(), 0.01)
+        .build_from_varmap(&vm)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { who, what } if who.contains("muon") && what.contains("twice")),
+        "{err}"
+    );
+}
+
+/// A chain that changes the direction after a transform acting after the
+/// update (`Retract`, stage Post) is refused when the optimizer is built:
+/// the later transform would act on a direction already applied.
+#[test]
+fn a_direction_transform_after_a_retraction_is_refused() {
+    let vm = model_of(&[("w", &[6, 4])], DType::F32, 5);
+    let chain = Chain::new()
+        .then(Retract::new(Manifold::Sphere { radius: 1.0 }).unwrap())
+        .then(Momentum::ema(0.9, true).unwrap());
+    let e = Driver::from_varmap(&vm, chain, 0.1).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { what, .. } if what.contains("acts after the update")),
+        "{e}"
+    );
 }
