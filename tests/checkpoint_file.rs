@@ -786,3 +786,179 @@ fn a_name_that_merely_looks_bare_is_not_a_bare_variable_checkpoint() {
     assert!(common::header(&state).get("bare_names").is_none());
     opt.load_state_dict(&state).unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// The header's checksum list, older versions, merge and nested names.
+
+/// `bytes` (a safetensors file) with its `__metadata__` changed by `edit`:
+/// the JSON header re-encoded (padded with spaces to a multiple of 8 bytes,
+/// as the writer does) and its length prefix updated; the tensor data is
+/// left as it is.
+fn with_metadata(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(header["__metadata__"].as_object_mut().unwrap());
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+/// The metadata's `steepest.crc32` lists a checksum per tensor; a key it
+/// lists that the file does not hold (a tensor dropped from the file, the
+/// list otherwise intact) must be refused naming that key — not loaded as
+/// a checkpoint without that state — and nothing changes.
+#[test]
+fn a_checksum_listed_for_a_tensor_the_file_lacks_is_refused_naming_the_key() {
+    let mut s = saved();
+    let ghost = "a.weight.adam.ghost";
+    let edit = |add: bool| {
+        with_metadata(&s.bytes, |m| {
+            let mut crcs: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(m["steepest.crc32"].as_str().unwrap()).unwrap();
+            assert!(crcs.contains_key("a.weight.adam.exp_avg"), "{crcs:?}");
+            if add {
+                crcs.insert(ghost.into(), "00000000".into());
+            }
+            m["steepest.crc32"] = serde_json::to_string(&crcs).unwrap().into();
+        })
+    };
+    // The rewriting alone keeps a loadable file (the refusal below is about
+    // the extra key, not about the rewrite).
+    let intact = s.dir.join("rewritten.safetensors");
+    std::fs::write(&intact, edit(false)).unwrap();
+    assert!(steepest::checkpoint::load(&intact).is_ok());
+
+    let bad = edit(true);
+    let path = s.dir.join("ghost.safetensors");
+    std::fs::write(&path, &bad).unwrap();
+    match steepest::checkpoint::load(&path) {
+        Err(Error::Checkpoint { who, what }) => {
+            assert_eq!(who, ghost, "{what}");
+            assert!(what.contains("missing"), "{what}");
+        }
+        r => panic!("expected Error::Checkpoint naming {ghost}, got {r:?}"),
+    }
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, &bad, |who, what| {
+        assert_eq!(who, ghost, "{what}");
+        assert!(what.contains("missing"), "{what}");
+    });
+}
+
+/// The reader accepts exactly its own format version: an older one
+/// (`VERSION − 1`, a format this version no longer reads) is refused like
+/// a newer one, naming the version, and nothing changes.
+#[test]
+fn an_older_format_version_is_refused() {
+    use steepest::checkpoint::VERSION;
+    let mut s = saved();
+    let state = steepest::checkpoint::load(s.dir.join("good.safetensors")).unwrap();
+    assert_eq!(common::header(&state)["version"], VERSION);
+    let older = VERSION - 1;
+    let bumped = common::with_header(&state, |h| h["version"] = older.into());
+    let p = s.dir.join("older.safetensors");
+    // A well-formed file with valid checksums: only the version differs.
+    steepest::checkpoint::save(&bumped, &p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let dir = s.dir.clone();
+    let needle = format!("version {older}");
+    refused(&mut s.opt, &s.vm, &dir, &bytes, |_, what| {
+        assert!(what.contains(&needle), "{what}");
+        assert!(what.contains(&format!("reads version {VERSION}")), "{what}");
+    });
+}
+
+/// `merge` takes a key present in several dicts only when it holds the same
+/// tensor in each: dtype, shape and bytes. The same four f32 values shaped
+/// (4,) in one dict and (2, 2) in the other have identical bytes but are
+/// different tensors: refused, naming the key.
+#[test]
+fn merge_refuses_one_key_with_the_same_bytes_in_another_shape() {
+    let shapes: &Shapes = &[("w", &[3, 2]), ("v", &[4])];
+    let vm = model_of(shapes, DType::F32, 3);
+    let mut opt = adamw(&vm);
+    opt.backward_step(&loss_of(&vm, shapes, 0)).unwrap();
+    let base = opt.state_dict().unwrap();
+    let key = "v.adam.exp_avg";
+    assert_eq!(base[key].dims(), [4]);
+    let flat = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap();
+    let square = flat.reshape((2, 2)).unwrap();
+    let with = |t: &Tensor| {
+        let mut d = base.clone();
+        d.insert(key.to_string(), t.clone());
+        d
+    };
+    // The same tensor in both: merged, and the key keeps it.
+    let merged = steepest::checkpoint::merge(&[with(&flat), with(&flat)]).unwrap();
+    assert_eq!(merged[key].dims(), [4]);
+    // Another shape, the same bytes.
+    for pair in [[with(&flat), with(&square)], [with(&square), with(&flat)]] {
+        match steepest::checkpoint::merge(&pair) {
+            Err(Error::Checkpoint { who, what }) => {
+                assert_eq!(who, key, "{what}");
+                assert!(what.contains("different values"), "{what}");
+            }
+            r => panic!("expected Error::Checkpoint naming {key}, got {r:?}"),
+        }
+    }
+}
+
+/// Parameters whose names prefix one another (`a`, `a.b`, `a.b.c`): a state
+/// key `<name>.<transform>.<field>` belongs to the longest name that
+/// prefixes it, so each parameter's state comes back to it on a resume
+/// (bit-identical to the uninterrupted run), and `checkpoint::restrict`
+/// keeps exactly the named parameter's entries. Which keys those are is
+/// read off the key format: `<name>.` followed by exactly
+/// `<transform>.<field>` (one dot; field names have none).
+#[test]
+fn nested_parameter_names_resume_and_restrict_to_their_own_state() {
+    const NESTED: &Shapes = &[("a", &[4, 3]), ("a.b", &[3, 5]), ("a.b.c", &[6])];
+    let vm = model_of(NESTED, DType::F32, 5);
+    let mut opt = adamw(&vm);
+    for t in 0..2 {
+        opt.backward_step(&loss_of(&vm, NESTED, t)).unwrap();
+    }
+    let state = opt.state_dict().unwrap();
+    let own = |name: &str, key: &str| {
+        key.strip_prefix(name)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|rest| rest.matches('.').count() == 1)
+    };
+    let mut covered = 0;
+    for (name, _) in NESTED {
+        let mut want: Vec<&str> = state
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| own(name, k))
+            .collect();
+        // Adam's moments and step count at least, for every parameter.
+        assert!(
+            want.contains(&format!("{name}.adam.exp_avg").as_str()),
+            "{name}: {want:?}"
+        );
+        covered += want.len();
+        want.push("__steepest__");
+        want.sort();
+        let kept = steepest::checkpoint::restrict(&state, &[name]).unwrap();
+        let mut got: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
+        got.sort();
+        assert_eq!(got, want, "restrict to {name}");
+        // The entries kept are the state's own.
+        let mine: std::collections::HashMap<String, Tensor> = want
+            .iter()
+            .map(|k| (k.to_string(), state[*k].clone()))
+            .collect();
+        assert_eq!(state_snapshot(&kept), state_snapshot(&mine), "{name}");
+    }
+    // Every entry but the header belongs to exactly one parameter.
+    assert_eq!(covered, state.len() - 1);
+    resume("AdamW nested names", NESTED, DType::F32, adamw);
+}

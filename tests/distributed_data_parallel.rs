@@ -612,3 +612,27 @@ fn a_box_dyn_collective_drives_data_parallel() {
         assert_eq!(o.unwrap(), want);
     }
 }
+
+/// `never_stepped` lists the parameters no rank had a gradient for in *any*
+/// successful step: a gradient once is enough, later steps without one do
+/// not undo it. p1 has a gradient only at step 0 and only on rank 1; p3
+/// never has one; after 3 steps every rank lists p3 and only p3.
+#[test]
+fn a_parameter_stepped_once_is_never_listed_as_never_stepped() {
+    let shapes = mixed_shapes();
+    let base = seeded(shapes.clone());
+    let g = move |step: usize, rank: usize, i: usize| match i {
+        1 if (step, rank) != (0, 1) => None,
+        3 => None,
+        _ => base(step, rank, i),
+    };
+    let outs = run_distributed(3, &shapes, &DataParallelConfig::default(), 3, &g, None);
+    let reference = run_reference(3, &shapes, false, 3, &g);
+    assert_matches_reference(&outs, &reference, "p1 at step 0 only");
+    // p1 did take a step (at step 0).
+    assert_ne!(reference.0[1][1], reference.0[0][1], "p1 moves at step 0");
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.results.iter().all(|r| r.is_ok()), "{:?}", o.results);
+        assert_eq!(o.never_stepped, ["p3"], "rank {r}");
+    }
+}

@@ -946,3 +946,88 @@ fn different_optimizer_settings_across_ranks_are_refused_at_construction() {
         }
     }
 }
+
+/// The manifest must list one file per rank, ranks 0..N−1 in order. A
+/// manifest of a 3-rank save that drops rank 2's file, or lists rank 1's
+/// twice in its place, would load without rank 2's state (its parameters
+/// silently fresh): `read_manifest` and `load_union` refuse it as a
+/// checkpoint error naming the manifest and the ranks it lists, and
+/// `DataParallel::load_state` refuses it on every rank without changing
+/// the state.
+#[test]
+fn a_manifest_that_does_not_list_every_rank_once_is_refused() {
+    use steepest::distributed::checkpoint::{read_manifest, MANIFEST};
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    let dir = scratch("manifest-ranks");
+    let ckpt = dir.join("three");
+    run_distributed(
+        3,
+        &shapes,
+        muon,
+        &clip_cfg(),
+        2,
+        &g,
+        Start::Fresh,
+        Some(&ckpt),
+    );
+    // The intact checkpoint loads; rank 2 owns something (so dropping its
+    // file would lose state).
+    load_union(&ckpt).unwrap();
+    let manifest = read_manifest(&ckpt).unwrap();
+    assert_eq!(manifest.world_size, 3);
+    assert!(!manifest.files[2].params.is_empty(), "{manifest:?}");
+    let text = std::fs::read_to_string(ckpt.join(MANIFEST)).unwrap();
+    let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    type Edit = fn(&mut Vec<serde_json::Value>);
+    let cases: [(&str, Edit, &str); 2] = [
+        ("rank 2 dropped", |f| drop(f.remove(2)), "[0, 1]"),
+        ("rank 1 twice", |f| f[2] = f[1].clone(), "[0, 1, 1]"),
+    ];
+    for (what, edit, ranks) in cases {
+        let mut m = original.clone();
+        edit(m["files"].as_array_mut().unwrap());
+        std::fs::write(
+            ckpt.join(MANIFEST),
+            serde_json::to_string_pretty(&m).unwrap(),
+        )
+        .unwrap();
+        let check = |e: steepest::Error| match e {
+            steepest::Error::Checkpoint { who, what: msg } => {
+                assert!(who.ends_with(MANIFEST), "{what}: {who}");
+                assert!(msg.contains(ranks), "{what}: {msg}");
+                assert!(msg.contains("world size of 3"), "{what}: {msg}");
+            }
+            e => panic!("{what}: expected Error::Checkpoint, got {e:?}"),
+        };
+        check(read_manifest(&ckpt).unwrap_err());
+        check(load_union(&ckpt).unwrap_err());
+        let out = LocalGroup::run(3, |comm| {
+            let vars = make_named(&shapes, 1);
+            let mut dp = DataParallel::for_optimizer(comm, muon(vars), clip_cfg())?;
+            let gs: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| g(0, 0, i)).collect();
+            dp.step_grads(&gs)?;
+            let before = host_state(&dp.optimizer().state_dict()?);
+            let res = dp.load_state(&ckpt);
+            let after = host_state(&dp.optimizer().state_dict()?);
+            Ok((res, before == after))
+        })
+        .unwrap();
+        for (r, o) in out.into_iter().enumerate() {
+            let (res, unchanged) = o.unwrap();
+            match res {
+                Err(steepest::Error::Checkpoint { what: msg, .. }) => {
+                    assert!(
+                        msg.contains("kept its previous state"),
+                        "{what}, rank {r}: {msg}"
+                    );
+                    assert!(msg.contains(MANIFEST), "{what}, rank {r}: {msg}");
+                }
+                other => panic!("{what}, rank {r}: expected Error::Checkpoint, got {other:?}"),
+            }
+            assert!(unchanged, "{what}, rank {r}: state changed");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -312,3 +312,39 @@ fn wrong_inputs_are_errors() {
     assert_eq!(empty.flat_len(), 0);
     assert_eq!(empty.load_ratio(), 1.0);
 }
+
+/// The assignment rule of `plan.rs`: parameters by cost, largest first
+/// (ties: lower index first), each to the rank with the smallest load so
+/// far, **ties to the lower rank**. Worked by hand:
+///
+/// - four equal costs on 2 ranks: p0 → 0 (loads 0, 0), p1 → 1 (c, 0),
+///   p2 → 0 (c, c), p3 → 1 (2c, c): owners [0, 1, 0, 1];
+/// - six equal costs on 3 ranks: round robin, [0, 1, 2, 0, 1, 2];
+/// - costs 8, 4, 4, 4 on 2 ranks (a 2×2 matrix, cost 2·2·2, then three
+///   4-vectors): p0 → 0 (0, 0), p1 → 1 (8, 0), p2 → 1 (8, 4), p3 → 0 (8, 8).
+#[test]
+fn load_ties_go_to_the_lower_rank() {
+    let vectors = |n: usize| -> Vec<ParamSpec> {
+        (0..n)
+            .map(|i| ParamSpec::new(format!("v{i}"), &[4]))
+            .collect()
+    };
+    let mixed = vec![
+        ParamSpec::new("m", &[2, 2]),
+        ParamSpec::new("v0", &[4]),
+        ParamSpec::new("v1", &[4]),
+        ParamSpec::new("v2", &[4]),
+    ];
+    assert_eq!(mixed[0].cost(), 8);
+    let cases: [(Vec<ParamSpec>, usize, Vec<usize>); 3] = [
+        (vectors(4), 2, vec![0, 1, 0, 1]),
+        (vectors(6), 3, vec![0, 1, 2, 0, 1, 2]),
+        (mixed, 2, vec![0, 1, 1, 0]),
+    ];
+    for (specs, world, want) in cases {
+        let plan = Plan::new(specs, world).unwrap();
+        check_partition(&plan);
+        let owners: Vec<usize> = (0..plan.len()).map(|i| plan.owner(i)).collect();
+        assert_eq!(owners, want, "{world} ranks, loads {:?}", plan.loads());
+    }
+}

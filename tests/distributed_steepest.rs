@@ -486,3 +486,45 @@ fn an_agree_contract_violation_is_an_error_not_a_hang() {
         }
     }
 }
+
+/// A refused step of `Scheduled` puts the inner optimizer's learning rate
+/// back as well as its counter: the rate is the schedule's value at the
+/// counter of the last successful step. Rule: the rate starts at the
+/// configured 0.05; step k that succeeds runs at `schedule.lr(counter)` and
+/// advances the counter; a refused step leaves both. With the refusal at
+/// step 2 the rates after each step are lr(0), lr(1), lr(1), lr(2), lr(3),
+/// on every rank.
+#[test]
+fn a_refused_scheduled_step_restores_the_learning_rate_on_every_rank() {
+    use candle_nn::Optimizer;
+    let schedule = Schedule::cosine(0.05, 0.005, STEPS).unwrap();
+    let lr = |s: usize| schedule.lr(s);
+    let want = [0.05, lr(0), lr(1), lr(1), lr(2), lr(3)];
+    // Not vacuous: the refused step's own rate differs from the one kept.
+    assert_ne!(lr(BAD_STEP), lr(BAD_STEP - 1));
+    let rates = LocalGroup::run(WORLD, |comm| {
+        let rank = steepest::distributed::Collective::rank(&comm);
+        let vars = named_vars();
+        let mut dp = DataParallel::for_optimizer(
+            comm,
+            optimizer(vars.clone()),
+            DataParallelConfig::default(),
+        )?;
+        let mut rates = vec![dp.optimizer().inner().learning_rate()];
+        let mut refused = vec![];
+        for step in 0..STEPS {
+            let g: Vec<Option<Tensor>> = (0..vars.len()).map(|i| grad(step, rank, i)).collect();
+            refused.push(dp.step_grads(&g).is_err());
+            rates.push(dp.optimizer().inner().learning_rate());
+        }
+        Ok((rates, refused, dp.optimizer().current_step()))
+    })
+    .unwrap();
+    for (rank, out) in rates.into_iter().enumerate() {
+        let (rates, refused, counter) = out.unwrap();
+        let expect_refused: Vec<bool> = (0..STEPS).map(|s| s == BAD_STEP).collect();
+        assert_eq!(refused, expect_refused, "rank {rank}");
+        assert_eq!(counter, STEPS - 1, "rank {rank}: schedule counter");
+        assert_eq!(rates, want, "rank {rank}: learning rate after each step");
+    }
+}

@@ -809,3 +809,66 @@ fn input_penalty_matches_central_differences() {
         }
     }
 }
+
+/// The input penalty's finite-difference step is relative to the input:
+/// `FdStep::Relative(δ)` is `h = δ(1 + ‖x‖)` (`FdStep`'s docs, "‖θ‖: the
+/// global norm of all the perturbed tensors", here `x`; `input_grad_penalty`:
+/// "relative to ‖x‖"), and `FdStep::Auto` is the same with `δ = √ε` forward,
+/// `∛ε` central (f64 here). Checked against the reported `step` on the
+/// MLP problem at two inputs: `x` with entries 3, 4, 12 and zeros, whose
+/// `‖x‖ = 13` exactly, so `h = 14δ` bit for bit; and the problem's random
+/// `x`, whose `‖x‖` is summed here in f64 (to 1e-15 relative: the order of
+/// the sum may differ). `‖∇ₓL‖` is asserted to differ from `‖x‖` by more
+/// than 10% at both points, so a step computed from the gradient's norm
+/// fails.
+#[test]
+fn input_penalty_step_is_relative_to_the_input_norm() {
+    let p = problem(70, Activation::Tanh);
+    let exact = Tensor::from_vec(
+        vec![
+            3.0f64, 4.0, 0.0, 0.0, 0.0, 12.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ],
+        (4, 3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let eps = f64::EPSILON;
+    for (what, x) in [("‖x‖ = 13", exact), ("random x", p.x.clone())] {
+        let x_norm = norm(&vec_of(&x));
+        let cases = [
+            (FdStep::Relative(1e-4), false, 1e-4),
+            (FdStep::Relative(3e-3), true, 3e-3),
+            (FdStep::Auto, false, eps.sqrt()),
+            (FdStep::Auto, true, eps.cbrt()),
+        ];
+        for (step, central, delta) in cases {
+            let cfg = GradPenaltyConfig {
+                rho: 1.0,
+                penalty: Penalty::Norm,
+                step,
+                central,
+            };
+            let out = input_grad_penalty(|x| p.loss_at(x), &x, &p.vars, &cfg).unwrap();
+            let want = delta * (1.0 + x_norm);
+            println!(
+                "{what} {step:?} central={central}: h = {:e}, δ(1 + ‖x‖) = {want:e}, ‖∇ₓL‖ = {}",
+                out.step, out.grad_norm
+            );
+            assert!(
+                (out.grad_norm - x_norm).abs() > 0.1 * x_norm,
+                "{what}: ‖∇ₓL‖ = {} too close to ‖x‖ = {x_norm}",
+                out.grad_norm
+            );
+            if what == "‖x‖ = 13" {
+                assert_eq!(x_norm, 13.0);
+                assert_eq!(out.step, delta * 14.0, "{what} {step:?} central={central}");
+            } else {
+                assert!(
+                    (out.step - want).abs() <= 1e-15 * want,
+                    "{what} {step:?} central={central}: h = {}, δ(1 + ‖x‖) = {want}",
+                    out.step
+                );
+            }
+        }
+    }
+}

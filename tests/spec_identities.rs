@@ -476,3 +476,154 @@ fn sphere_step_of_radius_r_closed_form() {
     let unit = (&w0 / radius - &t * (eta / radius)) / (1.0 + (eta / radius).powi(2)).sqrt();
     assert!((&got - unit * radius).amax() < 1e-12);
 }
+
+/// `v₁` of `a` (f64 SVD), with its singular values sorted descending and the
+/// right singular vectors in that order.
+fn right_singular_vectors(a: &DMatrix<f64>) -> (Vec<f64>, Vec<DVector<f64>>) {
+    let svd = a.clone().svd(false, true);
+    let mut idx: Vec<usize> = (0..svd.singular_values.len()).collect();
+    idx.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
+    let vt = svd.v_t.unwrap();
+    (
+        idx.iter().map(|&i| svd.singular_values[i]).collect(),
+        idx.iter().map(|&i| vt.row(i).transpose()).collect(),
+    )
+}
+
+/// `min(‖v − v₁‖, ‖v + v₁‖)`: the distance to `v₁` up to sign.
+fn dist_up_to_sign(v: &DVector<f64>, v1: &DVector<f64>) -> f64 {
+    (v - v1).norm().min((v + v1).norm())
+}
+
+/// §1, [`top_singular_precise`] with a start exactly orthogonal to `v₁`: its
+/// docs promise that a fixed pseudo-random vector is added to the start "so
+/// that no start is orthogonal to the top singular subspace". Powers of the
+/// Gram matrix never create a component the start lacks, so without it the
+/// result is the top triplet of the subspace the start spans (or, when that
+/// component is flushed to zero, the zero-start fallback): `W = [[1, 0],
+/// [0, 2], [0, 0]]` from `v = e₁` gives `σ = 1.3138` instead of 2 (a probe of
+/// that mutant). Here: that `W` (whose `A = WᵀW = diag(1, 4)` stays exactly
+/// diagonal through the squarings) from `e₁`, and random tall 9×5 and wide
+/// 5×9 matrices (singular values 3, 2.4, 1.5, 1, 0.5) started at their `v₂`
+/// (f64 SVD), in f64 and f32. Expected: `σ₁` and `±v₁` of the f64 SVD,
+/// `σ` to 1e-5 relative in both dtypes, `v` to 1e-5 in f64 and 1e-3 in f32.
+/// Why the f32 bound on `v` is wider: the start's weight on `v₁` is only the
+/// added `1e-3·r` (`c₁ ~ 4e-4`), and the f32 rounding of the squared Gram
+/// matrix (`A ≈ v₁v₁ᵀ + E`, `|E| ~ 1e-7`) adds `E x` to `c₁v₁`: a relative
+/// error of `v` of order `1e-7/c₁ ≈ 2.5e-4` (measured 1.2e-4 on 9×5), while
+/// `σ`'s error is second order in `v`'s (measured ≤ 8e-8 relative). A start
+/// without any `v₁` weight leaves `A x = E x`, a direction unrelated to `v₁`
+/// (and exactly 0 for the diagonal `W`, whose fallback gives `σ = 1.31`).
+#[test]
+fn top_singular_precise_finds_v1_from_a_start_orthogonal_to_it() {
+    let exact = DMatrix::from_row_slice(3, 2, &[1.0, 0.0, 0.0, 2.0, 0.0, 0.0]);
+    let mut r = rng(108);
+    let s = [3.0, 2.4, 1.5, 1.0, 0.5];
+    let cases = [
+        ("diag 3x2", exact),
+        ("9x5", with_singular_values(&mut r, 9, 5, &s)),
+        ("5x9", with_singular_values(&mut r, 5, 9, &s)),
+    ];
+    for (what, w) in &cases {
+        let (sv, vs) = right_singular_vectors(w);
+        let (s1, v1, v2) = (sv[0], &vs[0], &vs[1]);
+        assert!(
+            v1.dot(v2).abs() < 1e-14,
+            "{what}: the start is orthogonal to v₁"
+        );
+        for dt in [DType::F64, DType::F32] {
+            let start = Tensor::from_vec(v2.as_slice().to_vec(), v2.len(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let top = top_singular_precise(&from_dmatrix(w, dt), Some(&start)).unwrap();
+            let sigma = scalar(&top.sigma);
+            let v = to_dvector(&top.v);
+            let dv = dist_up_to_sign(&v, v1);
+            println!("{what} {dt:?}: σ = {sigma} (SVD {s1}), |v ∓ v₁| = {dv:e}");
+            assert!(
+                (sigma - s1).abs() <= 1e-5 * s1,
+                "{what} {dt:?}: σ = {sigma}, SVD σ₁ = {s1}"
+            );
+            let tol = if dt == DType::F64 { 1e-5 } else { 1e-3 };
+            assert!(dv <= tol, "{what} {dt:?}: v is {dv:e} from ±v₁");
+        }
+    }
+}
+
+/// [`top_singular_precise`]'s `start` has the shape of `v₁`, as in
+/// [`power_iteration`]: `(n,)` for an `(m, n)` matrix, `(b, n)` for a batch
+/// `(b, m, n)` (a regression: an `(n,)` start with a 2-D `W` was refused with
+/// "expected shape [1, n]", because the matrix was batched and the start was
+/// not). Checked on a tall 7×4 and a wide 4×7 f64 matrix (singular values
+/// 2, 1.2, 0.7, 0.3): with an `(n,)` start, `σ` and `±v₁` match the f64 SVD
+/// (1e-9 relative: f64, warm start), and the result is bit for bit that of
+/// the same matrix as a batch of one with the `(1, n)` start (same
+/// computation). A batch of two 7×4 matrices with a `(2, 4)` start matches
+/// each member's SVD. `spectral_sphere_retract` takes the same `(n,)` start
+/// (same code path; `‖W‖₂` after it is the radius by SVD). A start of the
+/// wrong length is still refused as a shape error.
+#[test]
+fn top_singular_precise_takes_a_start_shaped_like_v1() {
+    let mut r = rng(109);
+    let s = [2.0, 1.2, 0.7, 0.3];
+    for (m, n) in [(7usize, 4usize), (4, 7)] {
+        let w = with_singular_values(&mut r, m, n, &s);
+        let (sv, vs) = right_singular_vectors(&w);
+        let x0 = DVector::from_vec(normal_vec(&mut r, n));
+        let start = Tensor::from_vec(x0.as_slice().to_vec(), n, &Device::Cpu).unwrap();
+        let top = top_singular_precise(&t64(&w), Some(&start)).unwrap();
+        assert_eq!(top.v.dims(), &[n]);
+        assert_eq!(top.u.dims(), &[m]);
+        let sigma = scalar(&top.sigma);
+        let dv = dist_up_to_sign(&to_dvector(&top.v), &vs[0]);
+        println!(
+            "{m}x{n}, (n,) start: σ = {sigma} (SVD {}), |v ∓ v₁| = {dv:e}",
+            sv[0]
+        );
+        assert!(
+            (sigma - sv[0]).abs() <= 1e-9 * sv[0],
+            "{m}x{n}: σ = {sigma}"
+        );
+        assert!(dv <= 1e-9, "{m}x{n}: v is {dv:e} from ±v₁");
+        // The same as a batch of one with a (1, n) start, bit for bit.
+        let one = top_singular_precise(
+            &t64(&w).unsqueeze(0).unwrap(),
+            Some(&start.unsqueeze(0).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(to_f64_vec(&one.sigma), vec![sigma]);
+        assert_eq!(to_f64_vec(&one.v), to_f64_vec(&top.v));
+        assert_eq!(to_f64_vec(&one.u), to_f64_vec(&top.u));
+        // The retraction on the spectral sphere takes it too.
+        let (out, _) =
+            steepest::linalg::spectral_sphere_retract(&t64(&w), 1.5, Some(&start)).unwrap();
+        let s_out = singular_values(&to_dmatrix(&out))[0];
+        assert!(
+            (s_out - 1.5).abs() <= 1e-9,
+            "{m}x{n}: retracted to ‖W‖₂ = {s_out}"
+        );
+        // A start of another length is refused.
+        let bad = Tensor::zeros(n + 1, DType::F64, &Device::Cpu).unwrap();
+        let e = top_singular_precise(&t64(&w), Some(&bad)).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Shape { .. }),
+            "{m}x{n}: (n + 1,) start: {e}"
+        );
+    }
+    // A batch (b, m, n) with a (b, n) start.
+    let ws: Vec<DMatrix<f64>> = (0..2)
+        .map(|_| with_singular_values(&mut r, 7, 4, &s))
+        .collect();
+    let batch = Tensor::stack(&[t64(&ws[0]), t64(&ws[1])], 0).unwrap();
+    let start = Tensor::from_vec(normal_vec(&mut r, 8), (2, 4), &Device::Cpu).unwrap();
+    let top = top_singular_precise(&batch, Some(&start)).unwrap();
+    assert_eq!(top.v.dims(), &[2, 4]);
+    let sigmas = to_f64_vec(&top.sigma);
+    for (i, w) in ws.iter().enumerate() {
+        let (sv, vs) = right_singular_vectors(w);
+        let v = to_dvector(&top.v.get(i).unwrap());
+        assert!((sigmas[i] - sv[0]).abs() <= 1e-9 * sv[0], "member {i}");
+        assert!(dist_up_to_sign(&v, &vs[0]) <= 1e-9, "member {i}");
+    }
+}

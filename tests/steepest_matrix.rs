@@ -900,3 +900,146 @@ fn cold_stiefel_retraction_reaches_the_manifold_on_random_square_matrices() {
     let err = stiefel_error(&w);
     assert!(err < floor(384), "after one step: ‖WᵀW − I‖ = {err:e}");
 }
+
+/// `Θ = u₁v₁ᵀ` of `w` by f64 SVD.
+fn theta_of(w: &DMatrix<f64>) -> DMatrix<f64> {
+    let svd = w.clone().svd(true, true);
+    let i = svd.singular_values.imax();
+    svd.u.as_ref().unwrap().column(i) * svd.v_t.as_ref().unwrap().row(i)
+}
+
+/// One spectral-sphere step of `Steepest` (f64 parameter `w`, 8×5, radius
+/// 1.5, η = 0.1, no momentum, `msign` by 30 cubic Newton–Schulz steps, which
+/// is the polar factor to ~1e-15 in f64 on the gradient below) from `λ₀ = 0`
+/// with the given dual schedule, on a gradient `G` (singular values 1 to 0.5)
+/// whose `τ = tr(Θᵀ polar(G))` is negative (`G` is negated when it is not):
+/// so that `|τ| ≠ τ`. Returns the optimizer and `τ`, computed here in f64
+/// (`Θ = u₁v₁ᵀ` of `W₀` by SVD; `polar(Ĝ) = polar(G)`, the normalisation
+/// `Ĝ = G/rms(σ(G))` being a positive scale).
+fn one_spectral_sphere_step(dual: DualAscent) -> (Steepest, f64) {
+    let mut r = rng(19);
+    let w0 = DMatrix::from_vec(8, 5, normal_vec(&mut r, 40));
+    let mut g = with_singular_values(&mut r, 8, 5, &[1.0, 0.9, 0.8, 0.6, 0.5]);
+    let th = theta_of(&w0);
+    if th.dot(&polar(&g)) > 0.0 {
+        g = -g;
+    }
+    let tau = th.dot(&polar(&g));
+    assert!(tau < -0.05, "τ = {tau}: must be clearly negative");
+    let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+    let mut opt = Steepest::from_named(
+        vars,
+        SteepestConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Spectral(NewtonSchulz::cubic(30)),
+            manifold: Manifold::SpectralSphere { radius: 1.5 },
+            dual,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step_subset(&[(0, from_dmatrix(&g, DType::F64))])
+        .unwrap();
+    (opt, tau)
+}
+
+/// `DualAscent::default()` leaves `η₂` unset, and its docs (and
+/// docs/math.md §3) take 0.5 on the spectral sphere. Checked two ways. (1)
+/// The first multiplier update `λ₁ = λ₀ − η₂·tr(ΘᵀΦ)`, `Φ = msign(Ĝ + λ₀Θ)`,
+/// from `λ₀ = 0`: `λ₁ = −0.5·τ`, `τ = tr(Θᵀ polar(G))` in f64 (see
+/// [`one_spectral_sphere_step`]; `τ ≈ −0.086`), against the state's
+/// `manifold.lambda`, to 1e-9 (f64 throughout; measured 2e-16). Another
+/// default, e.g. 0.25, is off by `0.25·|τ|`. (2) Three steps of the default
+/// `Steepest` (Muon's table, momentum) on the spectral sphere of an f32 8×5
+/// and 6×2×2 parameter equal, bit for bit (parameters and `λ`), the same
+/// with `lr: Some(0.5)` written out.
+#[test]
+fn default_dual_rate_on_the_spectral_sphere_is_one_half() {
+    let (opt, tau) = one_spectral_sphere_step(DualAscent::default());
+    let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
+        .to_scalar::<f64>()
+        .unwrap();
+    println!("τ = {tau}, λ₁ = {lambda}, −0.5τ = {}", -0.5 * tau);
+    assert!(
+        (lambda - (-0.5 * tau)).abs() < 1e-9,
+        "λ₁ = {lambda}, λ₀ − 0.5·tr(ΘᵀΦ) = {}",
+        -0.5 * tau
+    );
+
+    let explicit = DualAscent {
+        lr: Some(0.5),
+        ..DualAscent::default()
+    };
+    let shapes: Shapes = vec![("a", vec![8, 5]), ("c", vec![6, 2, 2])];
+    let runs: Vec<(Vec<Vec<f64>>, Vec<u64>)> = [DualAscent::default(), explicit]
+        .into_iter()
+        .map(|dual| {
+            let cfg = SteepestConfig {
+                dual,
+                ..spectral_sphere_cfg(1.5)
+            };
+            let (vars, mut opt) = build(&cfg, &shapes);
+            for t in 0..3 {
+                opt.backward_step(&loss(&vars, t)).unwrap();
+            }
+            let st = opt.state_dict().unwrap();
+            let lambdas = ["a", "c"]
+                .iter()
+                .map(|n| {
+                    st[&format!("{n}.manifold.lambda")]
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        .to_bits()
+                })
+                .collect();
+            (snapshot(&vars), lambdas)
+        })
+        .collect();
+    assert_eq!(runs[0].0, runs[1].0, "parameters: default vs η₂ = 0.5");
+    assert_eq!(runs[0].1, runs[1].1, "λ: default vs η₂ = 0.5");
+}
+
+/// The tangent residual a spectral-sphere step records is `|tr(ΘᵀΦ)|`
+/// (`ManifoldState::residual`'s docs; `Steepest::tangent_residuals` reports
+/// it by name) of the direction taken: ≥ 0 also when `tr(ΘᵀΦ)` is negative.
+/// One step from `λ₀ = 0` (see [`one_spectral_sphere_step`]) takes `Φ =
+/// polar(G)`, so the residual is `|τ|`, `τ = tr(Θᵀ polar(G)) < 0` computed
+/// in f64 (`τ ≈ −0.086`); checked to 1e-9 (f64; measured 3e-16) through both
+/// the driver's `ManifoldState` and `tangent_residuals`. A residual stored
+/// without the absolute value is `τ`, off by `2|τ|`.
+#[test]
+fn spectral_sphere_residual_is_the_absolute_trace() {
+    use steepest::optim::transform::ManifoldState;
+    let (opt, tau) = one_spectral_sphere_step(DualAscent::default());
+    let st = opt
+        .driver()
+        .state_as::<ManifoldState>("w", "manifold")
+        .expect("the manifold state after a step");
+    let res = st
+        .residual()
+        .expect("a residual after a step")
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    println!("τ = {tau}, recorded residual {res}");
+    assert!(res >= 0.0, "residual {res} < 0");
+    assert!(
+        (res - tau.abs()).abs() < 1e-9,
+        "residual {res}, |τ| = {}",
+        tau.abs()
+    );
+    let by_name = opt.tangent_residuals().unwrap();
+    assert_eq!(by_name.len(), 1);
+    assert_eq!(by_name[0].0, "w");
+    assert!(
+        (by_name[0].1 - tau.abs()).abs() < 1e-9,
+        "tangent_residuals {:?}, |τ| = {}",
+        by_name,
+        tau.abs()
+    );
+}

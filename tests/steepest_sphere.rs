@@ -433,3 +433,63 @@ fn free_steps_have_length_lr_and_attain_the_dual_norm() {
         assert!(rel_err(&(-dw / lr), &polar(&g)) < 2e-3, "{}", v.name);
     }
 }
+
+/// `ShapeScale` before a `ManifoldStep` on `Manifold::Sphere` scales each
+/// matrix's step length by its factor (the transform's docs: "Multiplies
+/// each matrix's step length by `LrAdjust::factor`"; `ManifoldStep` steps by
+/// `η·αᵢ`): `ShapeScale { MatchAdamWRms(0.2) } → ManifoldStep { Sphere }` at
+/// rate η on a 4×6 matrix is the bare `ManifoldStep` at `η·0.2·√max(4, 6)`
+/// (Moonlight's rule, `k·√max(rows, cols)`, ≈ 0.49 here), bit for bit over 3
+/// steps, for the Euclidean and the ℓ₃ sphere (radius 2, f32). A control:
+/// the bare step at η itself differs, so the factor is not 1 by accident.
+/// A sphere step that ignores the factor moves by η instead of 0.49η.
+#[test]
+fn shape_scale_before_a_sphere_step_scales_its_step() {
+    use steepest::optim::transform::{ManifoldStep, ShapeScale};
+    use steepest::optim::{Chain, Driver};
+    use steepest::{DualAscent, LrAdjust};
+    let (lr, steps) = (0.05, 3);
+    let factor = 0.2 * 6f64.sqrt();
+    for norm in [Norm::Euclidean, Norm::Lp(3.0)] {
+        let step = ManifoldStep {
+            manifold: Manifold::Sphere { radius: 2.0 },
+            norm: norm.clone(),
+            dual: DualAscent::default(),
+        };
+        step.validate("test").unwrap();
+        let model = || {
+            vec![NamedVar {
+                name: "m".into(),
+                var: Var::from_tensor(&randn(&mut rng(20), &[4, 6], DType::F32)).unwrap(),
+            }]
+        };
+        let run = |chain: Chain, lr: f64| {
+            let vars = model();
+            let mut opt = Driver::new(vars.clone(), chain, lr).unwrap();
+            for t in 0..steps {
+                opt.backward_step(&sphere_loss(&vars, t)).unwrap();
+            }
+            vec_of(vars[0].var.as_tensor())
+        };
+        let scaled = run(
+            Chain::new()
+                .then(ShapeScale {
+                    adjust: LrAdjust::MatchAdamWRms(0.2),
+                })
+                .then(step.clone()),
+            lr,
+        );
+        let plain = run(Chain::new().then(step.clone()), lr * factor);
+        let unscaled = run(Chain::new().then(step.clone()), lr);
+        assert_eq!(
+            scaled, plain,
+            "{norm:?}: ShapeScale → sphere step vs η·0.2·√6"
+        );
+        let d = scaled
+            .iter()
+            .zip(&unscaled)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d > 1e-3, "{norm:?}: the factor made no difference ({d:e})");
+    }
+}

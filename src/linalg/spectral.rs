@@ -49,8 +49,19 @@ const GRAM_SQUARINGS: usize = 16;
 /// start, less for a warm one, whatever the gap `σ₁ − σ₂`. Cost: one Gram
 /// product and 16 products of `k × k` matrices (`k` the short side), on the
 /// device; no host sync.
+///
+/// `w` is `(m, n)` or a batch `(b, m, n)`; `start`, when given, has the shape
+/// of `v₁`: `(n,)` for an `(m, n)` `w` (as in [`power_iteration`]), `(b, n)`
+/// for a batch (a `(1, n)` start is also accepted for an `(m, n)` `w`). A zero
+/// or non-finite start is ignored.
 pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSingular> {
     let (w3, added) = batch3(w)?;
+    // `w` was given one batch dimension: give an `(n,)` start one too.
+    let start = match start {
+        Some(s) if added && s.rank() == 1 => Some(s.unsqueeze(0)?),
+        s => s.cloned(),
+    };
+    let start = start.as_ref();
     let dt = crate::linalg::compute_dtype(w3.dtype());
     let w3 = w3.to_dtype(dt)?;
     let (_, m, n) = w3.dims3()?;
@@ -127,7 +138,8 @@ fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> R
 }
 
 /// The spectral-sphere retraction `W ← r·W/‖W‖₂`, with `‖W‖₂` from
-/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`).
+/// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`,
+/// `(n,)` for an `(m, n)` `w`, `(b, n)` for a batch).
 /// Returns the retracted matrix and the top singular triplet of the input
 /// (whose `u, v` are also those of the output). Errors on `W = 0` (for a
 /// batch, naming the first such member).
