@@ -4,6 +4,7 @@
 //! optimizer bit for bit; refusals change nothing; a checkpoint between
 //! optimizer steps resumes bit for bit.
 
+mod common;
 mod support;
 
 use candle_core::{DType, Device, Tensor};
@@ -426,18 +427,9 @@ fn bf16_gradients_are_summed_in_f32() {
         }
     }
     let want = 0.25 + small;
-    for x in f64_values(w.as_tensor()) {
+    for x in common::to_f64_vec(w.as_tensor()) {
         assert_eq!(-x, want, "applied mean {}", -x);
     }
-}
-
-fn f64_values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
 }
 
 /// Loading restores the checkpoint's `every`, as optimizers restore their
