@@ -21,17 +21,18 @@
 //! skip the micro-batch and go on. If the wrapped optimizer refuses its step
 //! (its own checks), the micro-batch of that call is not added either and
 //! the sums are kept, so the next call tries again; [`Accumulate::reset`]
-//! drops the sums.
+//! drops the sums. (Under data-parallel training,
+//! [`Accumulate::data_parallel`], a refused step drops them on every rank.)
 //!
 //! Gradient clipping belongs on the mean, not on each micro-batch:
 //! [`Accumulate::with_clip_grad_norm`].
 //!
 //! A schedule counts optimizer steps, not micro-batches: put
 //! [`Scheduled`](crate::schedule::Scheduled) inside, `Accumulate::new(
-//! Scheduled::new(opt, schedule), k)`. Under data-parallel training
-//! ([`crate::distributed`]) accumulate on each rank before
-//! `DataParallel::step_grads` instead: a micro-batch refused on one rank
-//! only would leave the ranks' counts apart.
+//! Scheduled::new(opt, schedule), k)`. Under data-parallel training wrap
+//! the [`DataParallel`] with [`Accumulate::data_parallel`], which refuses
+//! nothing on one rank alone (a refusal there would leave the ranks'
+//! counts apart).
 //!
 //! ```no_run
 //! # fn main() -> steepest::Result<()> {
@@ -55,6 +56,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::OptimizerState;
+use crate::distributed::{Collective, DataParallel, ShardedStep};
 use crate::error::{fail, Error, Result};
 use crate::optim::{HasParams, NamedVar, TryStep};
 
@@ -79,6 +81,9 @@ pub struct Accumulate<O> {
     count: usize,
     clip: Option<f64>,
     last_norm: Option<f64>,
+    /// Data-parallel: no local finite check, and a refused step drops the
+    /// pending micro-batches (see [`Accumulate::data_parallel`]).
+    collective: bool,
 }
 
 /// The dtype of a parameter's running sum.
@@ -121,6 +126,7 @@ impl<O: TryStep + HasParams> Accumulate<O> {
             count: 0,
             clip: None,
             last_norm: None,
+            collective: false,
         })
     }
 
@@ -139,6 +145,30 @@ impl<O: TryStep + HasParams> Accumulate<O> {
         }
         self.clip = Some(max_norm);
         Ok(self)
+    }
+}
+
+impl<C: Collective, S: ShardedStep> Accumulate<DataParallel<C, S>> {
+    /// Gradient accumulation under data-parallel training: each rank adds
+    /// its own micro-batches, and every `every`-th call (on every rank, as
+    /// the step is collective) runs one [`DataParallel`] step with each
+    /// rank's mean, which the step averages over the ranks: the mean over
+    /// all `every × world` micro-batches.
+    ///
+    /// So that the ranks' counts never part, nothing here is refused on one
+    /// rank alone: a micro-batch's NaN/Inf is added like any value, and the
+    /// data-parallel step refuses it on every rank alike
+    /// ([`Error::NonFiniteGradient`]); after any refused step every rank
+    /// drops its pending micro-batches (the step was refused everywhere, so
+    /// all drop the same batch) and the next call starts a new one. A
+    /// gradient of the wrong shape is still an error on its own rank: a
+    /// programming error, which leaves the ranks apart. Checkpoints: save
+    /// with `inner().save_state(dir)` when [`pending`](Accumulate::pending)
+    /// is 0 (the pending sums are not in a data-parallel checkpoint).
+    pub fn data_parallel(dp: DataParallel<C, S>, every: usize) -> Result<Self> {
+        let mut acc = Self::new(dp, every)?;
+        acc.collective = true;
+        Ok(acc)
     }
 }
 
@@ -164,10 +194,12 @@ impl<O: TryStep> Accumulate<O> {
             }
         }
         let refs: Vec<&Tensor> = found.iter().map(|(_, g)| g).collect();
-        if let Some(k) = crate::device::first_nonfinite(&refs)? {
-            return Err(Error::NonFiniteGradient {
-                param: self.params[found[k].0].name.clone(),
-            });
+        if !self.collective {
+            if let Some(k) = crate::device::first_nonfinite(&refs)? {
+                return Err(Error::NonFiniteGradient {
+                    param: self.params[found[k].0].name.clone(),
+                });
+            }
         }
         // 2. The new sums, beside the old ones.
         let mut sums = self.sums.clone();
@@ -203,7 +235,13 @@ impl<O: TryStep> Accumulate<O> {
             )?),
             None => None,
         };
-        self.opt.try_step(&mean)?;
+        if let Err(e) = self.opt.try_step(&mean) {
+            if self.collective {
+                // Refused on every rank alike: every rank drops its batch.
+                self.reset();
+            }
+            return Err(e);
+        }
         self.reset();
         if norm.is_some() {
             self.last_norm = norm;

@@ -636,3 +636,118 @@ fn a_parameter_stepped_once_is_never_listed_as_never_stepped() {
         assert_eq!(o.never_stepped, ["p3"], "rank {r}");
     }
 }
+
+/// `Accumulate::data_parallel` on 2 ranks, 2 micro-batches per step: each
+/// step is one data-parallel step with each rank's mean `(g₀ + g₁)/2`, bit
+/// for bit against a `DataParallel` fed those means (the same f32 sum and
+/// halving). With a NaN in one rank's first micro-batch, nothing is refused
+/// on that rank alone; the step at the second call is refused on every
+/// rank, every rank drops its batch, and the run goes on as one that never
+/// saw that batch (bit for bit), the ranks agreeing throughout.
+#[test]
+fn accumulation_under_data_parallel_steps_on_the_ranks_means() {
+    use steepest::accumulate::Accumulate;
+    let shapes: Vec<Vec<usize>> = vec![vec![4, 3], vec![5], vec![2, 6]];
+    let g = |call: usize, rank: usize, i: usize| grad(call, rank, i, &shapes[i]);
+    let nan_call = 0;
+    let build = |comm| {
+        let vars = make_vars(&shapes, 1);
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let opt = MomentumSgd::new(vars.clone());
+        let dp = DataParallel::new(comm, named, opt, DataParallelConfig::default())?;
+        Ok::<_, steepest::Error>((vars, dp))
+    };
+    // Accumulated: `calls` micro-batches; with `nan`, rank 1's first one
+    // holds a NaN. Returns the parameters and each call's outcome.
+    let accumulated = |calls: usize, nan: bool| {
+        LocalGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let (vars, dp) = build(comm)?;
+            let mut acc = Accumulate::data_parallel(dp, 2)?;
+            let mut outcomes = Vec::new();
+            for call in 0..calls {
+                let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+                for (i, v) in vars.iter().enumerate() {
+                    let mut gi = g(call, rank, i);
+                    if nan && rank == 1 && call == nan_call && i == 1 {
+                        gi = (gi * f64::NAN)?;
+                    }
+                    loss = (loss + (v.as_tensor() * gi)?.sum_all()?)?;
+                }
+                let out = acc.backward_step(&loss);
+                outcomes.push(match out {
+                    Ok(stepped) => format!("ok {stepped}"),
+                    Err(e) => format!("{e}"),
+                });
+                assert_eq!(acc.pending(), if out_is_step(&outcomes) { 0 } else { 1 });
+            }
+            Ok((params_host(&vars), outcomes))
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect::<Vec<_>>()
+    };
+    // The reference: plain data-parallel steps on the means of the pairs
+    // of calls listed.
+    let reference = |pairs: &[usize]| {
+        LocalGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let (vars, mut dp) = build(comm)?;
+            for &p in pairs {
+                let means: Vec<Option<Tensor>> = (0..shapes.len())
+                    .map(|i| {
+                        Some(((g(2 * p, rank, i) + g(2 * p + 1, rank, i)).unwrap() / 2.0).unwrap())
+                    })
+                    .collect();
+                dp.step_grads(&means)?;
+            }
+            Ok(params_host(&vars))
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect::<Vec<_>>()
+    };
+    let clean = accumulated(6, false);
+    let want = reference(&[0, 1, 2]);
+    for (rank, ((got, outcomes), want)) in clean.iter().zip(&want).enumerate() {
+        assert_eq!(bits_of(got), bits_of(want), "rank {rank}");
+        assert_eq!(outcomes, &["ok false", "ok true"].repeat(3), "rank {rank}");
+    }
+    let dirty = accumulated(6, true);
+    let want = reference(&[1, 2]);
+    for (rank, ((got, outcomes), want)) in dirty.iter().zip(&want).enumerate() {
+        assert_eq!(bits_of(got), bits_of(want), "rank {rank}");
+        assert_eq!(outcomes[0], "ok false", "rank {rank}: refused alone");
+        assert!(
+            outcomes[1].contains("non-finite") || outcomes[1].contains("NaN"),
+            "rank {rank}: {}",
+            outcomes[1]
+        );
+        assert_eq!(
+            &outcomes[2..],
+            &["ok false", "ok true"].repeat(2),
+            "rank {rank}"
+        );
+    }
+    assert_eq!(
+        bits_of(&dirty[0].0),
+        bits_of(&dirty[1].0),
+        "the ranks disagree"
+    );
+}
+
+/// Whether the last outcome recorded was a step or a refused step (either
+/// leaves nothing pending).
+fn out_is_step(outcomes: &[String]) -> bool {
+    outcomes.last().is_some_and(|o| o != "ok false")
+}
+
+fn bits_of(params: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    params.iter().map(|p| bits(p)).collect()
+}

@@ -88,7 +88,7 @@ use super::plan::{fnv1a, ParamSpec, Plan, FNV_OFFSET, FNV_PRIME};
 use super::sharded::{param_specs, ShardedOptimizer};
 use crate::checkpoint::{restrict, OptimizerState};
 use crate::error::{Error, Result};
-use crate::optim::{Muon, MuonConfig};
+use crate::optim::{HasParams, Muon, MuonConfig, NamedVar, TryStep};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -239,6 +239,8 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     comm: C,
     opt: O,
     vars: Vec<Var>,
+    /// `vars` with the plan's names ([`HasParams`]).
+    named: Vec<NamedVar>,
     plan: Plan,
     config: DataParallelConfig,
     param_dtype: DType,
@@ -440,10 +442,19 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         };
         let two_phase = opt.agrees_before_commit();
         let plan_len = plan.len();
+        let named = vars
+            .iter()
+            .zip(plan.specs())
+            .map(|(v, s)| NamedVar {
+                name: s.name.clone(),
+                var: v.clone(),
+            })
+            .collect();
         let this = Self {
             comm,
             opt,
             vars,
+            named,
             plan,
             config,
             param_dtype,
@@ -1093,6 +1104,21 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             }
         }
         Err(Error::checkpoint(who, msg))
+    }
+}
+
+/// The parameters in plan order, with the plan's names (for wrappers such
+/// as [`Accumulate::data_parallel`](crate::accumulate::Accumulate::data_parallel)).
+impl<C: Collective, O: ShardedStep> HasParams for DataParallel<C, O> {
+    fn params(&self) -> &[NamedVar] {
+        &self.named
+    }
+}
+
+/// [`DataParallel::step`]: collective, every rank must call it.
+impl<C: Collective, O: ShardedStep> TryStep for DataParallel<C, O> {
+    fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step(grads)
     }
 }
 
