@@ -135,7 +135,18 @@ impl<O: TryStep + HasParams> Accumulate<O> {
     /// whole batch's gradient: clipping each micro-batch's would not be the
     /// same). A setting, like the schedule of a `Scheduled`: not saved in
     /// checkpoints.
+    /// Refused after [`Accumulate::data_parallel`], which averages over the
+    /// ranks after this point: there, clip with
+    /// [`DataParallelConfig::clip_grad_norm`](crate::distributed::DataParallelConfig::clip_grad_norm).
     pub fn with_clip_grad_norm(mut self, max_norm: f64) -> Result<Self> {
+        if self.collective {
+            fail!(
+                Config,
+                "Accumulate::with_clip_grad_norm",
+                "under data-parallel training clip the mean over the ranks with \
+                 DataParallelConfig::clip_grad_norm (this rank's mean is not the gradient)"
+            );
+        }
         if !(max_norm.is_finite() && max_norm > 0.0) {
             fail!(
                 Config,
@@ -177,7 +188,8 @@ impl<O: TryStep> Accumulate<O> {
     /// wrapped optimizer with the mean. Returns whether it stepped. On an
     /// error nothing changed (see the [module docs](self)).
     pub fn try_step(&mut self, grads: &GradStore) -> Result<bool> {
-        // 1. Validate before anything changes: shapes, then one finite check.
+        // 1. Validate before anything changes: shapes, then one finite check
+        // (left to the collective step under data-parallel training).
         let mut found: Vec<(usize, Tensor)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             if let Some(g) = grads.get(p.var.as_tensor()) {

@@ -643,7 +643,8 @@ fn a_parameter_stepped_once_is_never_listed_as_never_stepped() {
 /// halving). With a NaN in one rank's first micro-batch, nothing is refused
 /// on that rank alone; the step at the second call is refused on every
 /// rank, every rank drops its batch, and the run goes on as one that never
-/// saw that batch (bit for bit), the ranks agreeing throughout.
+/// saw that batch (bit for bit), the ranks agreeing throughout. Clipping
+/// there is `DataParallelConfig`'s: `with_clip_grad_norm` is refused.
 #[test]
 fn accumulation_under_data_parallel_steps_on_the_ranks_means() {
     use steepest::accumulate::Accumulate;
@@ -685,6 +686,12 @@ fn accumulation_under_data_parallel_steps_on_the_ranks_means() {
                 });
                 assert_eq!(acc.pending(), if out_is_step(&outcomes) { 0 } else { 1 });
             }
+            // Clipping this rank's mean would not clip the gradient: refused.
+            let e = acc.with_clip_grad_norm(1.0).unwrap_err();
+            assert!(
+                e.to_string().contains("DataParallelConfig::clip_grad_norm"),
+                "{e}"
+            );
             Ok((params_host(&vars), outcomes))
         })
         .unwrap()
