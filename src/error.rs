@@ -351,6 +351,49 @@ mod tests {
         }
     }
 
+    /// `who()` names the parameter or key of every kind (a non-finite
+    /// gradient's `param` included: data-parallel training finds the plan's
+    /// parameter by it) and nothing for candle's own errors.
+    #[test]
+    fn who_names_the_field_of_every_kind() {
+        let expected = ["h.0.w \"q\"", "a", "lr", "k", "d", "w"];
+        for (e, want) in all_kinds().iter().zip(expected) {
+            assert_eq!(e.who(), Some(want), "{e:?}");
+        }
+        assert_eq!(
+            Error::Candle(candle_core::Error::Msg("x".into())).who(),
+            None
+        );
+    }
+
+    /// `noted` appends the note after `; `, keeping kind and `who`; a
+    /// non-finite gradient becomes a numerical error about the same
+    /// parameter and a candle error a device error about `candle`.
+    #[test]
+    fn noted_appends_the_note_and_gives_candle_errors_a_name() {
+        match Error::shape("a", "b").noted("n") {
+            Error::Shape { who, what } => assert_eq!((who.as_str(), what.as_str()), ("a", "b; n")),
+            e => panic!("{e:?}"),
+        }
+        match (Error::NonFiniteGradient { param: "w".into() }).noted("n") {
+            Error::Numerical { who, what } => {
+                assert_eq!(who, "w");
+                assert!(
+                    what.contains("NaN or Inf") && what.ends_with("; n"),
+                    "{what}"
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+        match Error::Candle(candle_core::Error::Msg("boom".into())).noted("n") {
+            Error::Device { who, what } => {
+                assert_eq!(who, "candle");
+                assert_eq!(what, "boom; n");
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
     /// Other candle errors, wrapped ones included, stay `Error::Candle`;
     /// the alternate form of a steepest error itself has no marker.
     #[test]

@@ -191,6 +191,66 @@ mod tests {
         assert_eq!(creation_index(&first.clone()), a);
     }
 
+    /// A `VarMap`'s parameters are its float variables only (an integer
+    /// one, such as an index table, is not trained, as in candle-nn's
+    /// optimizers), sorted by name: the `HashMap` lists them in an order that
+    /// changes between runs, and the names key the checkpoint.
+    #[test]
+    fn varmap_vars_are_the_float_ones_sorted_by_name() {
+        let vm = VarMap::new();
+        {
+            let mut data = vm.data().lock().unwrap();
+            for name in ["m.b", "m.a", "idx", "a", "z"] {
+                let var = if name == "idx" {
+                    Var::new(&[1u32, 2], &Device::Cpu).unwrap()
+                } else {
+                    Var::zeros(2, DType::F32, &Device::Cpu).unwrap()
+                };
+                data.insert(name.to_string(), var);
+            }
+        }
+        let names: Vec<String> = varmap_vars(&vm)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["a", "m.a", "m.b", "z"]);
+        let only_ints = VarMap::new();
+        only_ints
+            .data()
+            .lock()
+            .unwrap()
+            .insert("idx".into(), Var::new(&[1u32], &Device::Cpu).unwrap());
+        match varmap_vars(&only_ints) {
+            Err(crate::Error::Config { who, what }) => {
+                assert_eq!(who, "varmap");
+                assert!(what.contains("no float variables"), "{what}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    /// One variable under two names would be updated twice per step:
+    /// `check_unique` refuses it, naming the second name; distinct variables
+    /// with distinct names pass.
+    #[test]
+    fn a_variable_listed_under_two_names_is_refused() {
+        let v = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let other = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let nv = |name: &str, var: &Var| NamedVar {
+            name: name.into(),
+            var: var.clone(),
+        };
+        check_unique(&[nv("a", &v), nv("b", &other)]).unwrap();
+        match check_unique(&[nv("a", &v), nv("b", &other), nv("c", &v)]) {
+            Err(crate::Error::Config { who, what }) => {
+                assert_eq!(who, "c");
+                assert!(what.contains("also listed under another name"), "{what}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
     #[test]
     fn bare_vars_are_named_by_creation_not_by_the_order_given() {
         let vars: Vec<Var> = (0..4)

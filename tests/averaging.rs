@@ -321,6 +321,29 @@ fn a_step_while_swapped_in_is_caught_at_swap_out() {
     }
 }
 
+/// `swap_out` counts changed entries exactly: a change of a single entry of
+/// one variable (the smallest change a step can make) is refused, naming
+/// that variable only, and nothing changes.
+#[test]
+fn a_change_of_one_entry_is_caught_at_swap_out() {
+    let a = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+    let b = Var::new(&[4f32, 5.0], &Device::Cpu).unwrap();
+    let mut avg =
+        WeightAverage::from_named(vec![named(&a, "a"), named(&b, "b")], AverageKind::Polyak)
+            .unwrap();
+    avg.update().unwrap();
+    avg.swap_in().unwrap();
+    b.set(&Tensor::new(&[4f32, 5.5], &Device::Cpu).unwrap())
+        .unwrap();
+    let e = avg.swap_out().unwrap_err();
+    assert!(matches!(e, steepest::Error::Config { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains("1 variable(s) (b) changed"), "{e}");
+    assert!(avg.is_swapped_in());
+    assert_eq!(vals(b.as_tensor()), [4.0, 5.5], "nothing changed");
+    assert_eq!(vals(a.as_tensor()), [1.0, 2.0, 3.0]);
+}
+
 fn varmap(seed: u64, names: &[&str]) -> VarMap {
     let vm = VarMap::new();
     let mut rng = StdRng::seed_from_u64(seed);

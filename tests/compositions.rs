@@ -708,3 +708,88 @@ fn shape_scale_before_a_fused_update_scales_its_step() {
         }
     }
 }
+
+/// A vector-norm `Dualize`, and an EMA `Momentum` after it (which then reads
+/// the batched direction, not the gradients), act on each member of a batch
+/// of same-shape parameters with that member's own direction: one step from
+/// the known gradients `c_i` of `Σ ⟨c_i, w_i⟩` moves `w_i` by `−η·sign(c_i)`
+/// (Sign) and by `−η(1−μ)·c_i/‖c_i‖` (Euclidean, then EMA from a zero
+/// buffer), in closed form.
+#[test]
+fn each_batch_member_gets_its_own_direction() {
+    use candle_core::{Device, Tensor, Var};
+    let (lr, mu) = (0.1, 0.5);
+    let c: [[f32; 6]; 2] = [
+        [1.0, -2.0, 2.0, 0.5, 3.0, -1.0],
+        [-3.0, 0.25, 1.0, 4.0, -0.5, 2.0],
+    ];
+    for ema in [false, true] {
+        let vm = VarMap::new();
+        let vars: Vec<Var> = ["a.weight", "b.weight"]
+            .iter()
+            .map(|name| {
+                let v = Var::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+                vm.data()
+                    .lock()
+                    .unwrap()
+                    .insert(name.to_string(), v.clone());
+                v
+            })
+            .collect();
+        let chain = if ema {
+            Chain::new()
+                .then(Dualize {
+                    norm: Norm::Euclidean,
+                })
+                .then(Momentum::ema(mu, false).unwrap())
+        } else {
+            Chain::new().then(Dualize { norm: Norm::Sign })
+        };
+        let mut opt = Driver::from_varmap(&vm, chain, lr).unwrap();
+        let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (v, ci) in vars.iter().zip(&c) {
+            let ci = Tensor::from_slice(ci, (2, 3), &Device::Cpu).unwrap();
+            loss = (loss + (v.as_tensor() * ci).unwrap().sum_all().unwrap()).unwrap();
+        }
+        opt.backward_step(&loss).unwrap();
+        for (v, ci) in vars.iter().zip(&c) {
+            let norm = ci.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let got = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (g, x) in got.iter().zip(ci) {
+                let x = *x as f64;
+                let want = if ema {
+                    -lr * (1.0 - mu) * x / norm
+                } else {
+                    -lr * x.signum()
+                };
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-6,
+                    "ema {ema}: {g} vs {want} (c = {ci:?})"
+                );
+            }
+        }
+    }
+}
+
+/// `Orthogonalize` on a parameter with no matrix view (a bias) is refused
+/// when the optimizer is built, as a configuration error naming that
+/// parameter, not at the first step.
+#[test]
+fn orthogonalize_refuses_a_vector_at_construction() {
+    let vm = model_of(&[("w", &[4, 3]), ("w.bias", &[4])], DType::F32, 1);
+    let chain = Chain::new().then(Orthogonalize {
+        ns: NewtonSchulz::muon(),
+    });
+    match Driver::from_varmap(&vm, chain, 0.1) {
+        Err(steepest::Error::Config { who, what }) => {
+            assert_eq!(who, "w.bias");
+            assert!(what.contains("matrix"), "{what}");
+        }
+        r => panic!("{:?}", r.err()),
+    }
+}

@@ -290,6 +290,70 @@ fn first_nonfinite_generic_matches_cpu() {
     }
 }
 
+/// `sum_squares` on the CPU (the path Metal shares) gives each tensor's
+/// `Σ x²`, checked against an f64 sum over its stored values, in every
+/// dtype, on shapes with negative entries (where `Σ |x|` or `Σ x` differ).
+#[test]
+fn sum_squares_on_the_cpu_matches_an_f64_sum() {
+    let mut r = rng(11);
+    let ts: Vec<Tensor> = ALL_DTYPES
+        .iter()
+        .flat_map(|&dt| UPDATE_SHAPES.iter().map(move |s| (s, dt)))
+        .map(|(s, dt)| randn(&mut r, s, dt, &Device::Cpu))
+        .collect();
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let got = device::sum_squares(&refs).unwrap();
+    assert_eq!(got.len(), ts.len());
+    for (t, s) in ts.iter().zip(&got) {
+        let want: f64 = f64s(t).iter().map(|x| x * x).sum();
+        assert!(
+            (s - want).abs() <= 1e-5 * want.max(1e-30),
+            "{:?} {:?}: {s} vs {want}",
+            t.dims(),
+            t.dtype()
+        );
+    }
+    assert!(device::sum_squares(&[]).unwrap().is_empty());
+}
+
+/// A 16-bit parameter is rounded to the nearest value of its type (IEEE
+/// round-to-nearest-even, `half`'s conversion from the exact f64 result), not
+/// truncated, on both paths: `w = 1 − d` with `d` a fraction of one ulp at 1,
+/// so that truncation and rounding land on different neighbours.
+#[test]
+fn sixteen_bit_parameters_round_to_the_nearest_value() {
+    for (dt, ulp) in [(DType::BF16, 2f64.powi(-7)), (DType::F16, 2f64.powi(-10))] {
+        let fracs = [0.75, 0.25, -0.75, -0.25, 0.5, 1.5];
+        let d: Vec<f32> = fracs.iter().map(|f| (-f * ulp) as f32).collect();
+        let want: Vec<f64> = fracs
+            .iter()
+            .map(|f| match dt {
+                DType::BF16 => half::bf16::from_f64(1.0 + f * ulp).to_f64(),
+                _ => half::f16::from_f64(1.0 + f * ulp).to_f64(),
+            })
+            .collect();
+        assert_ne!(want[0], 1.0, "0.75 ulp up rounds up");
+        let d = Tensor::from_vec(d, (1, fracs.len()), &Device::Cpu).unwrap();
+        for generic in [false, true] {
+            let w = Var::from_tensor(
+                &Tensor::ones(fracs.len(), DType::F32, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let run = || device::apply_step(&[&w], &d, &[1.0], &[DecayTerm::NONE]);
+            if generic {
+                with_generic_ops(run).unwrap();
+            } else {
+                run().unwrap();
+            }
+            let got = f64s(w.as_tensor());
+            assert_eq!(got, want, "{dt:?} generic={generic}");
+        }
+    }
+}
+
 /// The generic path refuses an output that shares its storage with another
 /// operand, as the CPU path and the kernels do, and changes nothing.
 #[test]

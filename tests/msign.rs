@@ -210,6 +210,32 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("step 0"), "{e}");
 }
 
+/// `validate` refuses a negative `eps` (it would divide by a norm that can
+/// reach zero) and an integer compute dtype, naming the caller and the
+/// field; the defaults and a bf16 compute dtype pass.
+#[test]
+fn validate_refuses_a_negative_eps_and_an_integer_compute_dtype() {
+    let ns = NewtonSchulz::muon();
+    ns.validate("ns").unwrap();
+    ns.clone()
+        .with_compute_dtype(DType::BF16)
+        .validate("ns")
+        .unwrap();
+    ns.clone().with_eps(0.0).validate("ns").unwrap();
+    for (bad, field) in [
+        (ns.clone().with_eps(-1e-7), "eps"),
+        (ns.clone().with_compute_dtype(DType::U32), "compute dtype"),
+    ] {
+        match bad.validate("MuonConfig.ns") {
+            Err(steepest::Error::Config { who, what }) => {
+                assert_eq!(who, "MuonConfig.ns");
+                assert!(what.contains(field), "{what}");
+            }
+            r => panic!("{field}: {r:?}"),
+        }
+    }
+}
+
 #[test]
 fn custom_table_is_used_as_given() {
     let mut r = rng(6);

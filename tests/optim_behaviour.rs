@@ -7,7 +7,7 @@ mod support;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use steepest::optim::{
-    AdamW, AdamWConfig, Muon, MuonConfig, NamedVar, OptimizerState, Sgd, SgdConfig,
+    AdamW, AdamWConfig, LrAdjust, Muon, MuonConfig, NamedVar, OptimizerState, Sgd, SgdConfig,
 };
 use steepest::{NewtonSchulz, WeightDecay};
 use support::*;
@@ -498,6 +498,18 @@ fn bad_configs_name_the_field() {
             )
             .unwrap_err(),
             "MuonConfig.weight_decay",
+        ),
+        (
+            // k = 0 would zero every matrix's step.
+            Muon::from_varmap(
+                &vm,
+                MuonConfig {
+                    lr_adjust: LrAdjust::MatchAdamWRms(0.0),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err(),
+            "MuonConfig.lr_adjust",
         ),
     ];
     for (err, field) in cases {

@@ -143,6 +143,50 @@ fn scheduled_drives_set_learning_rate() {
     assert_eq!(w.as_tensor().to_vec1::<f64>().unwrap(), before);
 }
 
+/// A refused step (NaN gradient), through `step` or `try_step`, puts the
+/// inner optimizer's learning rate back to the one it held (the rate of the
+/// last step taken, not the schedule's next rate, which differs under a
+/// cosine schedule), and a checkpoint taken at step 0 loads (0 is a valid
+/// step counter).
+#[test]
+fn a_refused_step_restores_the_rate_and_step_zero_loads() {
+    use steepest::optim::OptimizerState;
+    let w = Var::from_vec(vec![0.5f64, -1.0], 2, &Device::Cpu).unwrap();
+    let sgd = |w: &Var| {
+        Sgd::new(
+            vec![w.clone()],
+            SgdConfig {
+                lr: 123.0,
+                weight_decay: WeightDecay::None,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let sched = Schedule::cosine(0.4, 0.0, 4).unwrap();
+    assert_ne!(sched.lr(0), sched.lr(1));
+    let mut drv = Scheduled::new(sgd(&w), sched.clone());
+    // Step 0 saved before any step, loaded into a fresh driver.
+    let at_zero = drv.state_dict().unwrap();
+    let mut fresh = Scheduled::new(sgd(&w), sched.clone());
+    fresh.set_step(3);
+    fresh.load_state_dict(&at_zero).unwrap();
+    assert_eq!(fresh.current_step(), 0);
+    let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+    drv.backward_step(&loss).unwrap();
+    close(drv.inner().learning_rate(), sched.lr(0));
+    let nan = (w.as_tensor() * f64::NAN).unwrap().sum_all().unwrap();
+    assert!(drv.backward_step(&nan).is_err());
+    close(drv.inner().learning_rate(), sched.lr(0));
+    let grads = nan.backward().unwrap();
+    assert!(matches!(
+        drv.try_step(&grads),
+        Err(steepest::Error::NonFiniteGradient { .. })
+    ));
+    close(drv.inner().learning_rate(), sched.lr(0));
+    assert_eq!(drv.current_step(), 1);
+}
+
 /// A scheduled optimizer's checkpoint carries the step counter: 3 steps,
 /// state_dict, a fresh optimizer loads it and continues the schedule with the
 /// same rates (and bits) as an uninterrupted run. A checkpoint without the

@@ -237,6 +237,38 @@ fn lp_multiplier_makes_the_direction_tangent() {
     assert!(lp_sphere_multiplier(&g, &a, 1.0).is_err());
 }
 
+/// The bracket widens until it holds the root, on both sides: for a large
+/// `p` (`q − 1 ≈ 0.05`, so `h` is nearly a sum of signs), one large normal
+/// entry and many small ones, the root sits near `∓1/δ = ∓100`, far from
+/// the first guess `−⟨g, a⟩/⟨a, a⟩ ≈ ±2`. Checked by `h(λ) = 0` in f64.
+#[test]
+fn lp_multiplier_finds_a_root_far_from_the_first_guess() {
+    let (p, delta, n) = (20.0, 0.01, 200);
+    let e = 1.0 / (p - 1.0);
+    for side in [1.0, -1.0] {
+        let a: Vec<f64> = std::iter::once(1.0)
+            .chain(std::iter::repeat_n(delta, n))
+            .collect();
+        let g: Vec<f64> = std::iter::once(0.0)
+            .chain(std::iter::repeat_n(side, n))
+            .collect();
+        let guess = -dot(&g, &a) / dot(&a, &a);
+        let l = lp_sphere_multiplier(&g, &a, p).unwrap();
+        assert!((l - guess).abs() > 10.0, "λ = {l}, guess {guess}");
+        let terms: Vec<f64> = g
+            .iter()
+            .zip(&a)
+            .map(|(g, a)| a * (g + l * a).signum() * (g + l * a).abs().powf(e))
+            .collect();
+        let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+        let h: f64 = terms.iter().sum();
+        assert!(
+            h.abs() <= 1e-9 * scale,
+            "side {side}: h({l}) = {h}, scale {scale}"
+        );
+    }
+}
+
 fn sphere_model(r: &mut rand::rngs::StdRng) -> Vec<NamedVar> {
     [("w", vec![24]), ("m", vec![6, 4])]
         .into_iter()

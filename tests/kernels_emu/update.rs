@@ -301,3 +301,29 @@ fn aliased_operands_are_refused() {
     aliased_operands_are_refused_by(&cpu, |items| device::adamw_step(items, 0.9, 0.999, 1e-8));
     aliased_operands_are_refused_by(&cpu, |items| emu::adamw_step(items, 0.9, 0.999, 1e-8));
 }
+
+/// Two outputs that are one empty storage (an empty parameter listed twice)
+/// are refused too: their byte ranges are empty and overlap nothing, so only
+/// the storage's identity tells them apart, and locking one storage twice
+/// would deadlock. Run on a thread with a deadline, so that a regression
+/// fails instead of hanging.
+#[test]
+fn an_empty_output_listed_twice_is_refused() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let w = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let d = Tensor::zeros((2, 0, 3), DType::F32, &Device::Cpu).unwrap();
+        let res = device::apply_step(
+            &[&w, &w],
+            &d,
+            &[0.1, 0.1],
+            &[DecayTerm::NONE, DecayTerm::NONE],
+        );
+        let _ = tx.send(res.map_err(|e| e.to_string()));
+    });
+    let res = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("apply_step did not return (deadlock on the shared storage?)");
+    let e = res.expect_err("an output listed twice");
+    assert!(e.contains("shares its storage"), "{e}");
+}
