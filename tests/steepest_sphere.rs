@@ -216,14 +216,7 @@ fn lp_multiplier_makes_the_direction_tangent() {
             let gs: Vec<f64> = g.iter().map(|x| x * sg).collect();
             let a: Vec<f64> = normal(&w, p).iter().map(|x| x * sa).collect();
             let l = lp_sphere_multiplier(&gs, &a, p).unwrap();
-            let e = 1.0 / (p - 1.0);
-            let terms: Vec<f64> = gs
-                .iter()
-                .zip(&a)
-                .map(|(g, a)| a * (g + l * a).signum() * (g + l * a).abs().powf(e))
-                .collect();
-            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
-            let h: f64 = terms.iter().sum();
+            let (h, scale) = multiplier_residual(&gs, &a, l, p);
             assert!(
                 h.abs() <= 1e-12 * scale,
                 "p = {p}: h(λ) = {h}, scale {scale}"
@@ -237,6 +230,18 @@ fn lp_multiplier_makes_the_direction_tangent() {
     assert!(lp_sphere_multiplier(&g, &a, 1.0).is_err());
 }
 
+/// `h(λ) = ⟨a, (g + λa)^{[q−1]}⟩` (zero at the ℓp-sphere multiplier), in
+/// f64, and the sum of its terms' magnitudes (its scale).
+fn multiplier_residual(g: &[f64], a: &[f64], l: f64, p: f64) -> (f64, f64) {
+    let e = 1.0 / (p - 1.0);
+    let terms: Vec<f64> = g
+        .iter()
+        .zip(a)
+        .map(|(g, a)| a * (g + l * a).signum() * (g + l * a).abs().powf(e))
+        .collect();
+    (terms.iter().sum(), terms.iter().map(|t| t.abs()).sum())
+}
+
 /// The bracket widens until it holds the root, on both sides: for a large
 /// `p` (`q − 1 ≈ 0.05`, so `h` is nearly a sum of signs), one large normal
 /// entry and many small ones, the root sits near `∓1/δ = ∓100`, far from
@@ -244,7 +249,6 @@ fn lp_multiplier_makes_the_direction_tangent() {
 #[test]
 fn lp_multiplier_finds_a_root_far_from_the_first_guess() {
     let (p, delta, n) = (20.0, 0.01, 200);
-    let e = 1.0 / (p - 1.0);
     for side in [1.0, -1.0] {
         let a: Vec<f64> = std::iter::once(1.0)
             .chain(std::iter::repeat_n(delta, n))
@@ -255,13 +259,7 @@ fn lp_multiplier_finds_a_root_far_from_the_first_guess() {
         let guess = -dot(&g, &a) / dot(&a, &a);
         let l = lp_sphere_multiplier(&g, &a, p).unwrap();
         assert!((l - guess).abs() > 10.0, "λ = {l}, guess {guess}");
-        let terms: Vec<f64> = g
-            .iter()
-            .zip(&a)
-            .map(|(g, a)| a * (g + l * a).signum() * (g + l * a).abs().powf(e))
-            .collect();
-        let scale: f64 = terms.iter().map(|t| t.abs()).sum();
-        let h: f64 = terms.iter().sum();
+        let (h, scale) = multiplier_residual(&g, &a, l, p);
         assert!(
             h.abs() <= 1e-9 * scale,
             "side {side}: h({l}) = {h}, scale {scale}"
