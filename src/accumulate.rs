@@ -34,19 +34,31 @@
 //! nothing on one rank alone (a refusal there would leave the ranks'
 //! counts apart).
 //!
-//! ```no_run
-//! # fn main() -> steepest::Result<()> {
-//! # let (varmap, batches): (candle_nn::VarMap, Vec<candle_core::Tensor>) = todo!();
-//! # let loss_of = |b: &candle_core::Tensor| -> steepest::Result<candle_core::Tensor> { todo!() };
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
 //! use steepest::accumulate::Accumulate;
 //! use steepest::{Muon, MuonConfig};
 //!
+//! # fn main() -> steepest::Result<()> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let layer = candle_nn::linear(16, 8, vb.pp("fc"))?;
+//! // Eight micro-batches of 4 rows each.
+//! let batches: Vec<Tensor> = (0..8)
+//!     .map(|_| Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu))
+//!     .collect::<candle_core::Result<_>>()?;
+//!
 //! let muon = Muon::from_varmap(&varmap, MuonConfig::default())?;
 //! let mut opt = Accumulate::new(muon, 4)?; // one Muon step per 4 micro-batches
+//! let mut steps = 0;
 //! for micro_batch in &batches {
-//!     let stepped = opt.backward_step(&loss_of(micro_batch)?)?;
-//!     if stepped { /* an optimizer step was taken: log, schedule, ... */ }
+//!     let loss = layer.forward(micro_batch)?.sqr()?.mean_all()?;
+//!     if opt.backward_step(&loss)? {
+//!         steps += 1; // an optimizer step was taken: log, schedule, ...
+//!     }
 //! }
+//! assert_eq!((steps, opt.pending()), (2, 0));
 //! # Ok(()) }
 //! ```
 
