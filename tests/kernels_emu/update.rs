@@ -295,11 +295,37 @@ fn emulator_16_bit_conversions_match_half() {
 /// An output that shares storage with another operand is refused, with
 /// nothing changed, by the CPU path and by the kernels (the GPU test does the
 /// same on CUDA tensors).
+///
+/// A regression here would take one storage's lock twice and deadlock, so
+/// the cases run on a thread with a deadline: the test fails, CI goes on.
 #[test]
 fn aliased_operands_are_refused() {
-    let cpu = Device::Cpu;
-    aliased_operands_are_refused_by(&cpu, |items| device::adamw_step(items, 0.9, 0.999, 1e-8));
-    aliased_operands_are_refused_by(&cpu, |items| emu::adamw_step(items, 0.9, 0.999, 1e-8));
+    within_deadline(|| {
+        let cpu = Device::Cpu;
+        aliased_operands_are_refused_by(&cpu, |items| device::adamw_step(items, 0.9, 0.999, 1e-8));
+        aliased_operands_are_refused_by(&cpu, |items| emu::adamw_step(items, 0.9, 0.999, 1e-8));
+    });
+}
+
+/// Runs `f` on its own thread and fails the test if it has not returned
+/// within 20 s (a deadlock on a storage lock would otherwise hang the test
+/// binary); a panic in `f` fails the test with its own message.
+fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not return within 20 s (deadlock on a shared storage?)")
+        }
+        // the worker panicked before sending: fail with its message
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the worker sends before it returns"),
+        },
+    }
 }
 
 /// Two outputs that are one empty storage (an empty parameter listed twice)
@@ -309,21 +335,17 @@ fn aliased_operands_are_refused() {
 /// fails instead of hanging.
 #[test]
 fn an_empty_output_listed_twice_is_refused() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let res = within_deadline(|| {
         let w = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
         let d = Tensor::zeros((2, 0, 3), DType::F32, &Device::Cpu).unwrap();
-        let res = device::apply_step(
+        device::apply_step(
             &[&w, &w],
             &d,
             &[0.1, 0.1],
             &[DecayTerm::NONE, DecayTerm::NONE],
-        );
-        let _ = tx.send(res.map_err(|e| e.to_string()));
+        )
+        .map_err(|e| e.to_string())
     });
-    let res = rx
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("apply_step did not return (deadlock on the shared storage?)");
     let e = res.expect_err("an output listed twice");
     assert!(e.contains("shares its storage"), "{e}");
 }
