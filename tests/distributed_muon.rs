@@ -1031,3 +1031,157 @@ fn a_manifest_that_does_not_list_every_rank_once_is_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One micro-batch on one rank: the loss `Σ_p ⟨w_p, g_p⟩`, whose gradient is
+/// `g` exactly, through `Accumulate::backward_step`.
+fn feed_micro_batch<O: steepest::distributed::ShardedStep>(
+    acc: &mut steepest::accumulate::Accumulate<DataParallel<steepest::distributed::LocalComm, O>>,
+    vars: &[NamedVar],
+    g: &GradFn,
+    call: usize,
+    rank: usize,
+) -> steepest::Result<bool> {
+    let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+    for (i, v) in vars.iter().enumerate() {
+        if let Some(gi) = g(call, rank, i) {
+            loss = (loss + (v.var.as_tensor() * gi)?.sum_all()?)?;
+        }
+    }
+    acc.backward_step(&loss)
+}
+
+/// `Accumulate::data_parallel` keeps each rank's pending micro-batches in its
+/// checkpoint. Saved with one micro-batch pending (spectral-decay Muon, 2
+/// ranks, 3 micro-batches per step), a fresh run (built with `every = 1`)
+/// that loads it and is fed the same micro-batches ends bit for bit where the
+/// unbroken run does: parameters, optimizer state, `every` and the pending
+/// count, on every rank. At another world size the pending micro-batches are
+/// refused on every rank, nothing changed; saved with none pending, the
+/// checkpoint loads at any world size and in a single process. A
+/// single-process `Accumulate` and a plain `DataParallel` refuse the pending
+/// checkpoint, each naming the way to load it.
+#[test]
+fn accumulation_checkpoints_keep_each_ranks_pending_micro_batches() {
+    use steepest::accumulate::Accumulate;
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    // 8 calls: steps at calls 2 and 5; saved before call 3 (none pending)
+    // and before call 4 (one pending).
+    let (every, calls, boundary_at, pending_at) = (3, 8, 3, 4);
+    let dir = scratch("accumulate-pending");
+    let (boundary, pending) = (dir.join("boundary"), dir.join("pending"));
+    type Out = (Vec<Vec<f32>>, HostState, usize, usize);
+    let unbroken = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_named(&shapes, 1);
+        let dp = DataParallel::for_optimizer(comm, muon(vars.clone()), Default::default())?;
+        let mut acc = Accumulate::data_parallel(dp, every)?;
+        let mut at_save = None;
+        for call in 0..calls {
+            if call == boundary_at {
+                assert_eq!(acc.pending(), 0);
+                acc.save_state(&boundary)?;
+            }
+            if call == pending_at {
+                assert_eq!(acc.pending(), 1);
+                acc.save_state(&pending)?;
+                at_save = Some(params_host(&vars));
+            }
+            feed_micro_batch(&mut acc, &vars, &g, call, rank)?;
+        }
+        let state = host_state(&acc.inner().optimizer().state_dict()?);
+        let out: Out = (params_host(&vars), state, acc.every(), acc.pending());
+        Ok((out, at_save.expect("saved")))
+    })
+    .unwrap()
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect::<Vec<_>>();
+    assert_eq!(
+        unbroken[0].0 .3, 2,
+        "the run ends with micro-batches pending"
+    );
+
+    let resumed = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_named(&shapes, 7);
+        set_params(&vars, &unbroken[rank].1);
+        let dp = DataParallel::for_optimizer(comm, muon(vars.clone()), Default::default())?;
+        let mut acc = Accumulate::data_parallel(dp, 1)?;
+        acc.load_state(&pending)?;
+        for call in pending_at..calls {
+            feed_micro_batch(&mut acc, &vars, &g, call, rank)?;
+        }
+        let state = host_state(&acc.inner().optimizer().state_dict()?);
+        let out: Out = (params_host(&vars), state, acc.every(), acc.pending());
+        Ok(out)
+    })
+    .unwrap();
+    for (rank, (got, want)) in resumed.into_iter().zip(&unbroken).enumerate() {
+        let got = got.unwrap();
+        let want = &want.0;
+        for (i, (a, b)) in got.0.iter().zip(&want.0).enumerate() {
+            assert_eq!(bits(a), bits(b), "rank {rank}: parameter {}", shapes[i].0);
+        }
+        assert!(got.1 == want.1, "rank {rank}: optimizer state differs");
+        assert_eq!(
+            (got.2, got.3),
+            (want.2, want.3),
+            "rank {rank}: every, pending"
+        );
+    }
+
+    // At 3 ranks: the pending micro-batches are refused everywhere, and
+    // each rank keeps its state and its own pending micro-batch; the
+    // boundary checkpoint loads.
+    let at_three = LocalGroup::run(3, |comm| {
+        let rank = comm.rank();
+        let vars = make_named(&shapes, 1);
+        let dp = DataParallel::for_optimizer(comm, muon(vars.clone()), Default::default())?;
+        let mut acc = Accumulate::data_parallel(dp, 2)?;
+        feed_micro_batch(&mut acc, &vars, &g, 0, rank)?;
+        let before = host_state(&acc.inner().optimizer().state_dict()?);
+        let refused = acc.load_state(&pending).map_err(|e| e.to_string());
+        let after = host_state(&acc.inner().optimizer().state_dict()?);
+        let kept = (before == after, acc.every(), acc.pending());
+        acc.reset();
+        acc.load_state(&boundary)?;
+        Ok((refused, kept, (acc.every(), acc.pending())))
+    })
+    .unwrap();
+    for (rank, out) in at_three.into_iter().enumerate() {
+        let (refused, kept, loaded) = out.unwrap();
+        let e = refused.expect_err("pending micro-batches at another world size");
+        assert!(
+            e.contains("every rank kept its previous state"),
+            "rank {rank}: {e}"
+        );
+        assert!(
+            e.contains("only at that world size, not 3"),
+            "rank {rank}: {e}"
+        );
+        assert_eq!(kept, (true, 2, 1), "rank {rank}: changed by the refusal");
+        assert_eq!(loaded, (every, 0), "rank {rank}: the boundary checkpoint");
+    }
+
+    // One process: the pending checkpoint is refused by `Accumulate` and by
+    // the plain optimizer; the boundary one loads into `Accumulate`.
+    let vars = make_named(&shapes, 1);
+    let mut single = Accumulate::new(muon(vars.clone()), 1).unwrap();
+    let e = single
+        .load_state_dict(&load_union(&pending).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data-parallel `Accumulate`"), "{e}");
+    single
+        .load_state_dict(&load_union(&boundary).unwrap())
+        .unwrap();
+    assert_eq!((single.every(), single.pending()), (every, 0));
+    let mut plain = muon(vars);
+    let e = plain
+        .load_state_dict(&load_union(&boundary).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("saved by `Accumulate`"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -80,6 +80,7 @@
 //! the parameters this rank owns under the current plan, whatever the world
 //! size that wrote it. See [`super::checkpoint`].
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::checkpoint::{load_union, save_sharded};
@@ -1046,13 +1047,24 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
     /// are not included (they are identical on every rank: save them from
     /// rank 0).
     pub fn save_state(&self, dir: impl AsRef<Path>) -> Result<()> {
-        save_sharded(
-            &self.comm,
-            &self.device,
-            &self.plan,
-            self.opt.state_dict(),
-            dir.as_ref(),
-        )
+        self.save_state_with(dir.as_ref(), Ok(HashMap::new()))
+    }
+
+    /// [`save_state`](Self::save_state) with `extra` entries (a wrapper's
+    /// own, e.g. [`Accumulate`](crate::accumulate::Accumulate)'s pending
+    /// sums) added to this rank's file; their keys must differ from the
+    /// other ranks' unless their values are equal (the files are merged on
+    /// loading). An error in `extra` is an error on every rank.
+    pub(crate) fn save_state_with(
+        &self,
+        dir: &Path,
+        extra: Result<HashMap<String, Tensor>>,
+    ) -> Result<()> {
+        let state = self.opt.state_dict().and_then(|mut state| {
+            state.extend(extra?);
+            Ok(state)
+        });
+        save_sharded(&self.comm, &self.device, &self.plan, state, dir)
     }
 
     /// Loads a checkpoint written by [`save_state`](Self::save_state) at any
@@ -1065,7 +1077,19 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
     /// on any rank, every rank keeps (or gets back) its previous state and
     /// returns an error. The parameters' values are not part of it.
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
+        self.load_state_with(path.as_ref(), |_| Ok(()))
+    }
+
+    /// [`load_state`](Self::load_state), where `take` first removes and
+    /// validates a wrapper's own entries from the checkpoint's union (e.g.
+    /// [`Accumulate`](crate::accumulate::Accumulate)'s); what it returns is
+    /// returned only if the load succeeded on every rank (so the wrapper
+    /// commits it then), and an error from it is an error on every rank.
+    pub(crate) fn load_state_with<T>(
+        &mut self,
+        path: &Path,
+        take: impl FnOnce(&mut HashMap<String, Tensor>) -> Result<T>,
+    ) -> Result<T> {
         let who = self.who("load_state");
         let names: Vec<&str> = self
             .owned()
@@ -1073,11 +1097,13 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             .map(|&i| self.plan.specs()[i].name.as_str())
             .collect();
         let mut previous = None;
-        let local = (|| -> Result<()> {
-            let union = load_union(path)?;
+        let local = (|| -> Result<T> {
+            let mut union = load_union(path)?;
+            let taken = take(&mut union)?;
             let mine = restrict(&union, &names)?;
             previous = Some(self.opt.state_dict()?);
-            self.opt.load_state_dict(&mine)
+            self.opt.load_state_dict(&mine)?;
+            Ok(taken)
         })();
         let flag = Tensor::new(&[if local.is_ok() { 0f32 } else { 1f32 }], &self.device)?;
         let failed = self
@@ -1087,7 +1113,7 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         if failed == 0.0 {
             // A consistent state on every rank again.
             self.broken = None;
-            return Ok(());
+            return local;
         }
         // Roll back a rank whose own load succeeded.
         let mut msg = format!(
@@ -1096,7 +1122,7 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         );
         match local {
             Err(e) => msg += &format!("; here: {e}"),
-            Ok(()) => {
+            Ok(_) => {
                 let prev = previous.expect("set before a successful load");
                 if let Err(e) = self.opt.load_state_dict(&prev) {
                     msg += &format!("; here, restoring the previous state failed too: {e}");

@@ -755,6 +755,15 @@ impl Driver {
                          `state.remove(SCHEDULE_STEP_KEY)`) to load only the optimizer's state"
                     );
                 }
+                if key.starts_with("__accumulate__.") {
+                    fail!(
+                        Checkpoint,
+                        key,
+                        "this checkpoint was saved by `Accumulate` (gradient accumulation): \
+                         load it into `Accumulate::new(<this optimizer>, every)` (or \
+                         `Accumulate::data_parallel`), which restores the pending micro-batches"
+                    );
+                }
                 fail!(
                     Checkpoint,
                     key,

@@ -30,7 +30,7 @@
 //! A schedule counts optimizer steps, not micro-batches: put
 //! [`Scheduled`](crate::schedule::Scheduled) inside, `Accumulate::new(
 //! Scheduled::new(opt, schedule), k)`. Under data-parallel training wrap
-//! the [`DataParallel`] with [`Accumulate::data_parallel`], which refuses
+//! the [`DataParallel`](crate::distributed::DataParallel) with [`Accumulate::data_parallel`], which refuses
 //! nothing on one rank alone (a refusal there would leave the ranks'
 //! counts apart).
 //!
@@ -68,9 +68,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::OptimizerState;
-use crate::distributed::{Collective, DataParallel, ShardedStep};
 use crate::error::{fail, Error, Result};
 use crate::optim::{HasParams, NamedVar, TryStep};
+
+mod data_parallel;
+
+pub use data_parallel::ACCUMULATE_RANK_PREFIX;
 
 /// The checkpoint key of [`Accumulate`]'s count of pending micro-batches
 /// (an `i64` scalar).
@@ -168,30 +171,6 @@ impl<O: TryStep + HasParams> Accumulate<O> {
         }
         self.clip = Some(max_norm);
         Ok(self)
-    }
-}
-
-impl<C: Collective, S: ShardedStep> Accumulate<DataParallel<C, S>> {
-    /// Gradient accumulation under data-parallel training: each rank adds
-    /// its own micro-batches, and every `every`-th call (on every rank, as
-    /// the step is collective) runs one [`DataParallel`] step with each
-    /// rank's mean, which the step averages over the ranks: the mean over
-    /// all `every × world` micro-batches.
-    ///
-    /// So that the ranks' counts never part, nothing here is refused on one
-    /// rank alone: a micro-batch's NaN/Inf is added like any value, and the
-    /// data-parallel step refuses it on every rank alike
-    /// ([`Error::NonFiniteGradient`]); after any refused step every rank
-    /// drops its pending micro-batches (the step was refused everywhere, so
-    /// all drop the same batch) and the next call starts a new one. A
-    /// gradient of the wrong shape is still an error on its own rank: a
-    /// programming error, which leaves the ranks apart. Checkpoints: save
-    /// with `inner().save_state(dir)` when [`pending`](Accumulate::pending)
-    /// is 0 (the pending sums are not in a data-parallel checkpoint).
-    pub fn data_parallel(dp: DataParallel<C, S>, every: usize) -> Result<Self> {
-        let mut acc = Self::new(dp, every)?;
-        acc.collective = true;
-        Ok(acc)
     }
 }
 
@@ -351,88 +330,132 @@ impl<O: TryStep> TryStep for Accumulate<O> {
 impl<O: TryStep + OptimizerState> OptimizerState for Accumulate<O> {
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let mut state = self.opt.state_dict()?;
+        state.extend(self.pending_state(ACCUMULATE_SUM_PREFIX)?);
+        Ok(state)
+    }
+
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(key) = state.keys().find(|k| k.starts_with(ACCUMULATE_RANK_PREFIX)) {
+            fail!(
+                Checkpoint,
+                key,
+                "saved by a data-parallel `Accumulate` with micro-batches pending on each \
+                 rank: load it with `Accumulate::data_parallel(..)` and `load_state`, at the \
+                 world size that saved it"
+            );
+        }
+        let mut inner = state.clone();
+        let pending = take_pending(&self.params, &mut inner)?;
+        // The wrapped optimizer validates everything before it changes
+        // anything; ours is set only after it succeeded.
+        self.opt.load_state_dict(&inner)?;
+        self.set_pending(pending);
+        Ok(())
+    }
+}
+
+impl<O> Accumulate<O> {
+    /// The checkpoint entries of the pending micro-batches: their count,
+    /// `every`, and the sums under `sum_prefix` + the parameter's name.
+    fn pending_state(&self, sum_prefix: &str) -> Result<HashMap<String, Tensor>> {
         let scalar = |v: usize| Tensor::new(v as i64, &Device::Cpu);
+        let mut state = HashMap::new();
         state.insert(ACCUMULATE_COUNT_KEY.into(), scalar(self.count)?);
         state.insert(ACCUMULATE_EVERY_KEY.into(), scalar(self.every)?);
         for (p, s) in self.params.iter().zip(&self.sums) {
             if let Some(s) = s {
-                let key = format!("{ACCUMULATE_SUM_PREFIX}{}", p.name);
-                state.insert(key, s.to_device(&Device::Cpu)?);
+                state.insert(
+                    format!("{sum_prefix}{}", p.name),
+                    s.to_device(&Device::Cpu)?,
+                );
             }
         }
         Ok(state)
     }
 
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let count_of = |key: &str| -> Result<usize> {
-            let Some(t) = state.get(key) else {
-                fail!(
-                    Checkpoint,
-                    "checkpoint",
-                    "no `{key}` entry, so it was not saved by `Accumulate`; to load a plain \
-                     optimizer's checkpoint, use `accumulate.inner_mut().load_state(..)`"
-                );
-            };
-            match t.to_scalar::<i64>() {
-                Ok(v) if v >= 0 => Ok(v as usize),
-                _ => fail!(
-                    Checkpoint,
-                    key,
-                    "must be a non-negative i64 scalar, got {t:?}"
-                ),
-            }
-        };
-        let (count, every) = (
-            count_of(ACCUMULATE_COUNT_KEY)?,
-            count_of(ACCUMULATE_EVERY_KEY)?,
-        );
-        check_every(every).map_err(|e| e.about(ACCUMULATE_EVERY_KEY))?;
-        if count >= every {
-            fail!(
-                Checkpoint,
-                ACCUMULATE_COUNT_KEY,
-                "{count} pending micro-batches with every = {every} (must be fewer)"
-            );
-        }
-        let mut sums = vec![None; self.params.len()];
-        let mut inner = HashMap::new();
-        for (key, t) in state {
-            let Some(name) = key.strip_prefix(ACCUMULATE_SUM_PREFIX) else {
-                if key != ACCUMULATE_COUNT_KEY && key != ACCUMULATE_EVERY_KEY {
-                    inner.insert(key.clone(), t.clone());
-                }
-                continue;
-            };
-            let Some(i) = self.params.iter().position(|p| p.name == name) else {
-                fail!(Checkpoint, key, "no parameter `{name}` here");
-            };
-            let var = &self.params[i].var;
-            let want = sum_dtype(var.dtype());
-            if t.dims() != var.dims() || t.dtype() != want {
-                fail!(
-                    Checkpoint,
-                    key,
-                    "{:?} {:?}, expected {:?} {want:?}",
-                    t.dims(),
-                    t.dtype(),
-                    var.dims()
-                );
-            }
-            sums[i] = Some(t.to_device(var.device())?);
-        }
-        if count == 0 && sums.iter().any(Option::is_some) {
-            fail!(
-                Checkpoint,
-                ACCUMULATE_COUNT_KEY,
-                "0 pending micro-batches, but the checkpoint holds sums"
-            );
-        }
-        // The wrapped optimizer validates everything before it changes
-        // anything; ours is set only after it succeeded.
-        self.opt.load_state_dict(&inner)?;
-        self.sums = sums;
-        self.count = count;
-        self.every = every;
-        Ok(())
+    fn set_pending(&mut self, pending: Pending) {
+        self.sums = pending.sums;
+        self.count = pending.count;
+        self.every = pending.every;
     }
+}
+
+/// Pending micro-batches read from a checkpoint and validated.
+struct Pending {
+    count: usize,
+    every: usize,
+    sums: Vec<Option<Tensor>>,
+}
+
+/// Removes `Accumulate`'s entries (count, every, and the sums under
+/// [`ACCUMULATE_SUM_PREFIX`]) from `state` and validates them against
+/// `params`: a missing count, a count not below `every`, a sum of an unknown
+/// parameter, or of the wrong shape or dtype, is refused.
+fn take_pending(params: &[NamedVar], state: &mut HashMap<String, Tensor>) -> Result<Pending> {
+    let count_of = |key: &str| -> Result<usize> {
+        let Some(t) = state.get(key) else {
+            fail!(
+                Checkpoint,
+                "checkpoint",
+                "no `{key}` entry, so it was not saved by `Accumulate`; to load a plain \
+                 optimizer's checkpoint, use `accumulate.inner_mut().load_state(..)`"
+            );
+        };
+        match t.to_scalar::<i64>() {
+            Ok(v) if v >= 0 => Ok(v as usize),
+            _ => fail!(
+                Checkpoint,
+                key,
+                "must be a non-negative i64 scalar, got {t:?}"
+            ),
+        }
+    };
+    let (count, every) = (
+        count_of(ACCUMULATE_COUNT_KEY)?,
+        count_of(ACCUMULATE_EVERY_KEY)?,
+    );
+    check_every(every).map_err(|e| e.about(ACCUMULATE_EVERY_KEY))?;
+    if count >= every {
+        fail!(
+            Checkpoint,
+            ACCUMULATE_COUNT_KEY,
+            "{count} pending micro-batches with every = {every} (must be fewer)"
+        );
+    }
+    state.remove(ACCUMULATE_COUNT_KEY);
+    state.remove(ACCUMULATE_EVERY_KEY);
+    let mut sums = vec![None; params.len()];
+    let keys: Vec<String> = state
+        .keys()
+        .filter(|k| k.starts_with(ACCUMULATE_SUM_PREFIX))
+        .cloned()
+        .collect();
+    for key in keys {
+        let t = state.remove(&key).expect("listed above");
+        let name = &key[ACCUMULATE_SUM_PREFIX.len()..];
+        let Some(i) = params.iter().position(|p| p.name == name) else {
+            fail!(Checkpoint, key, "no parameter `{name}` here");
+        };
+        let var = &params[i].var;
+        let want = sum_dtype(var.dtype());
+        if t.dims() != var.dims() || t.dtype() != want {
+            fail!(
+                Checkpoint,
+                key,
+                "{:?} {:?}, expected {:?} {want:?}",
+                t.dims(),
+                t.dtype(),
+                var.dims()
+            );
+        }
+        sums[i] = Some(t.to_device(var.device())?);
+    }
+    if count == 0 && sums.iter().any(Option::is_some) {
+        fail!(
+            Checkpoint,
+            ACCUMULATE_COUNT_KEY,
+            "0 pending micro-batches, but the checkpoint holds sums"
+        );
+    }
+    Ok(Pending { count, every, sums })
 }
