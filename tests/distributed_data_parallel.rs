@@ -758,3 +758,85 @@ fn out_is_step(outcomes: &[String]) -> bool {
 fn bits_of(params: &[Vec<f32>]) -> Vec<Vec<u32>> {
     params.iter().map(|p| bits(p)).collect()
 }
+
+/// A collective whose reduce-scatter hands rank 1 one element too few (a
+/// stand-in for a device fault between the collective and the unpacking).
+struct ShortScatterOnRank1(steepest::distributed::LocalComm);
+
+impl Collective for ShortScatterOnRank1 {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: steepest::distributed::ReduceOp) -> Result<Tensor> {
+        self.0.all_reduce(x, op)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: steepest::distributed::ReduceOp) -> Result<Tensor> {
+        let chunk = self.0.reduce_scatter(x, op)?;
+        Ok(if self.rank() == 1 {
+            chunk.narrow(0, 0, chunk.elem_count() - 1)?
+        } else {
+            chunk
+        })
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.all_gather(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.0.broadcast(x, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.0.barrier()
+    }
+}
+
+/// With clipping configured, gradients that cannot be prepared on one rank
+/// (its share of the reduce-scatter unusable) refuse the step on every rank
+/// before anything changed, as a typed `Error::Device` naming the step and
+/// the failing rank count; no optimizer ran and the ranks agree.
+#[test]
+fn a_gradient_preparation_failure_under_clipping_is_a_device_error_on_every_rank() {
+    let shapes = mixed_shapes();
+    let g = seeded(shapes.clone());
+    let cfg = DataParallelConfig {
+        clip_grad_norm: Some(1.0),
+        ..DataParallelConfig::default()
+    };
+    let outs = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_vars(&shapes, 1 + rank as u64);
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let opt = MomentumSgd::new(vars.clone());
+        let mut dp = DataParallel::new(ShortScatterOnRank1(comm), named, opt, cfg.clone())?;
+        let before = params_host(&vars);
+        let gs: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| g(0, rank, i)).collect();
+        let err = dp.step_grads(&gs).unwrap_err();
+        let unchanged = params_host(&vars) == before && dp.steps() == 0;
+        let (_, opt) = dp.into_parts();
+        Ok((err, unchanged, opt.calls.len(), params_host(&vars)))
+    })
+    .unwrap();
+    let outs: Vec<_> = outs.into_iter().map(|o| o.unwrap()).collect();
+    for (rank, (err, unchanged, calls, _)) in outs.iter().enumerate() {
+        match err {
+            steepest::Error::Device { who, what } => {
+                assert!(who.contains(&format!("step (rank {rank})")), "{who}");
+                assert!(
+                    what.contains("refused on every rank, nothing changed")
+                        && what.contains("failed on 1 rank(s)"),
+                    "rank {rank}: {what}"
+                );
+            }
+            e => panic!("rank {rank}: expected Error::Device, got {e:?}"),
+        }
+        assert!(unchanged, "rank {rank}: changed by a refused step");
+        assert_eq!(*calls, 0, "rank {rank}: the optimizer ran");
+    }
+    assert_eq!(outs[0].3, outs[1].3, "the ranks disagree");
+}

@@ -921,7 +921,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             if let Err(e) = local {
                 msg += &format!("; here: {e}");
             }
-            return Err(candle_core::Error::Msg(format!("steepest: {who}: {msg}")).into());
+            return Err(Error::device(who, msg));
         }
         let owned = local?;
         // Parameter order, f64: the single-process sum over the parameters.
