@@ -40,15 +40,17 @@ const GRAM_SQUARINGS: usize = 16;
 ///
 /// Forms the Gram matrix of the short side (`A = WᵀW`, or `WWᵀ` for a wide
 /// `W`), squares it `GRAM_SQUARINGS` times (`A ← A²/‖A²‖_F`, so `A ∝ (WᵀW)^N`
-/// with `N = 2¹⁶`), applies it to the start vector (`start`, an estimate of
-/// `v₁`, or a fixed pseudo-random one) and returns the Rayleigh quotient
+/// with `N = 2¹⁶`), applies it twice to the start vector (`start`, an
+/// estimate of `v₁`, plus a fixed pseudo-random one; the second product
+/// brings `v` to about the working precision even when the start's weight on
+/// `v₁` is tiny) and returns the Rayleigh quotient
 /// `σ₁ = ‖W v‖` with `u = W v/σ₁`. Components with `σᵢ² ≤ (1 − g)σ₁²` are
 /// damped by `(1 − g)^N`, and `σ₁`'s error is second order in `v`'s, so the
 /// relative error of `σ₁` is at most about `ln(R)/2^{17}` (`R` the ratio of
 /// start-vector weights off and on the top cluster): ≈ 4e-5 for a random
 /// start, less for a warm one, whatever the gap `σ₁ − σ₂`. Cost: one Gram
-/// product and 16 products of `k × k` matrices (`k` the short side), on the
-/// device; no host sync.
+/// product, 16 products of `k × k` matrices (`k` the short side) and two
+/// matrix–vector products, on the device; no host sync.
 ///
 /// `w` is `(m, n)` or a batch `(b, m, n)`; `start`, when given, has the shape
 /// of `v₁`: `(n,)` for an `(m, n)` `w` (as in [`power_iteration`]), `(b, n)`
@@ -102,8 +104,15 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
         let an = (an.abs()?.ge(flush)?.to_dtype(dt)? * an)?;
         a = an.matmul(&an)?;
     }
-    let y = a.matmul(&x)?; // (b, k, 1)
-    let y = y.broadcast_div(&y.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(tiny)?)?;
+    let unit = |y: Tensor| -> Result<Tensor> {
+        Ok(y.broadcast_div(&y.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(tiny)?)?)
+    };
+    // Applied twice: the first product leaves the rounding of `A` (about
+    // `ε‖A‖`) against the start's weight on `v₁`, which may be as small as
+    // the added `1e-3·r`; the second sees a vector whose weight is ~1, so
+    // `v`'s error falls to about `ε` (one matrix–vector product more).
+    let y = unit(a.matmul(&x)?)?; // (b, k, 1)
+    let y = unit(a.matmul(&y)?)?;
     let v = if wide { wt.matmul(&y)? } else { y };
     let v = v.squeeze(2)?;
     // σ = ‖W v‖, u = W v/σ (for a wide W, one more half step on the long side).
