@@ -449,3 +449,32 @@ fn loading_restores_every() {
     assert_eq!((b.every(), b.pending()), (4, 3));
     assert!(b.backward_step(&loss(&vm, 3 * MICRO, MICRO)).unwrap());
 }
+
+/// Finite micro-batches can still sum to Inf in f32 (two gradients of 3e38):
+/// the wrapped optimizer's own check refuses the mean at the step, with
+/// `NonFiniteGradient` naming the parameter, and nothing changes (the
+/// earlier micro-batch stays pending, as for any refused step); after
+/// `reset`, the next pair of finite micro-batches steps. This is why the
+/// wrapped optimizer checks the mean again although every micro-batch was
+/// checked on its way in.
+#[test]
+fn finite_micro_batches_whose_sum_overflows_are_refused_at_the_step() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let mut opt = Accumulate::new(sgd(&vm, 0.1), 2).unwrap();
+    let w = var(&vm, "lin.weight");
+    let big = Tensor::full(3e38f32, (6, 3), &Device::Cpu).unwrap();
+    let lin = |g: &Tensor| (w.as_tensor() * g).unwrap().sum_all().unwrap();
+    assert!(!opt.backward_step(&lin(&big)).unwrap());
+    let before = snapshot(&vm);
+    match opt.backward_step(&lin(&big)).unwrap_err() {
+        Error::NonFiniteGradient { param } => assert_eq!(param, "lin.weight"),
+        e => panic!("expected NonFiniteGradient, got {e}"),
+    }
+    assert_eq!(snapshot(&vm), before);
+    assert_eq!(opt.pending(), 1);
+    opt.reset();
+    let one = Tensor::ones((6, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(!opt.backward_step(&lin(&one)).unwrap());
+    assert!(opt.backward_step(&lin(&one)).unwrap());
+    assert_ne!(snapshot(&vm), before);
+}

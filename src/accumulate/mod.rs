@@ -218,7 +218,8 @@ impl<O: TryStep> Accumulate<O> {
             self.count += 1;
             return Ok(false);
         }
-        // 3. The mean, and one step of the wrapped optimizer.
+        // 3. The mean, and one step of the wrapped optimizer (whose own
+        // finite check is not redundant: finite micro-batches may sum to Inf).
         let mut mean = empty_grad_store()?;
         for (p, s) in self.params.iter().zip(&sums) {
             if let Some(s) = s {
