@@ -35,6 +35,14 @@ struct RankOut {
     never_stepped: Vec<String>,
 }
 
+/// The variables named `p0`, `p1`, … in order.
+fn named_p(vars: &[Var]) -> Vec<(String, Var)> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| (format!("p{i}"), v.clone()))
+        .collect()
+}
+
 fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
     vars.iter().map(|v| host(v.as_tensor())).collect()
 }
@@ -58,11 +66,7 @@ fn run_distributed(
                 opt.fail_on_call = Some(call);
             }
         }
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
+        let named = named_p(&vars);
         let mut dp = DataParallel::new(comm, named, opt, cfg.clone())?;
         let mut history = vec![params_host(&vars)];
         let mut results = Vec::new();
@@ -446,11 +450,7 @@ fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
     let construct = |world: usize, shapes_of: &(dyn Fn(usize) -> Vec<Vec<usize>> + Sync)| {
         LocalGroup::run(world, |comm| {
             let vars = make_vars(&shapes_of(comm.rank()), 1);
-            let named = vars
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (format!("p{i}"), v.clone()))
-                .collect();
+            let named = named_p(&vars);
             let cfg = DataParallelConfig::default();
             DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
         })
@@ -529,11 +529,7 @@ fn gradients_from_backward_on_micro_batches_match_the_averaged_single_process_ru
         let outs = LocalGroup::run(world, |comm| {
             let rank = comm.rank();
             let vars = make_vars(&shapes, 1 + rank as u64);
-            let named = vars
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (format!("p{i}"), v.clone()))
-                .collect();
+            let named = named_p(&vars);
             let mut dp = DataParallel::new(
                 comm,
                 named,
@@ -588,11 +584,7 @@ fn a_box_dyn_collective_drives_data_parallel() {
         let rank = comm.rank();
         let comm: Box<dyn Collective> = Box::new(comm);
         let vars = make_vars(&shapes, 1 + rank as u64);
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
+        let named = named_p(&vars);
         let mut dp = DataParallel::new(
             comm,
             named,
@@ -653,11 +645,7 @@ fn accumulation_under_data_parallel_steps_on_the_ranks_means() {
     let nan_call = 0;
     let build = |comm| {
         let vars = make_vars(&shapes, 1);
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
+        let named = named_p(&vars);
         let opt = MomentumSgd::new(vars.clone());
         let dp = DataParallel::new(comm, named, opt, DataParallelConfig::default())?;
         Ok::<_, steepest::Error>((vars, dp))
@@ -807,11 +795,7 @@ fn a_gradient_preparation_failure_under_clipping_is_a_device_error_on_every_rank
     let outs = LocalGroup::run(2, |comm| {
         let rank = comm.rank();
         let vars = make_vars(&shapes, 1 + rank as u64);
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), v.clone()))
-            .collect();
+        let named = named_p(&vars);
         let opt = MomentumSgd::new(vars.clone());
         let mut dp = DataParallel::new(ShortScatterOnRank1(comm), named, opt, cfg.clone())?;
         let before = params_host(&vars);
