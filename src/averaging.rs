@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY};
 use crate::device::math_dtype;
 use crate::error::{fail, Error, Result};
-use crate::params::{check_unique, varmap_vars, NamedVar};
+use crate::params::{check_params, varmap_vars, NamedVar};
 use crate::schedule::DecayShape;
 
 /// WSM merge weights `c_0, …, c_k` (oldest checkpoint first) that emulate the
@@ -198,7 +198,7 @@ impl WeightAverage {
                 "no variables to average (build the average after the model)"
             );
         }
-        check_unique(&vars)?;
+        check_params(&vars)?;
         Ok(Self {
             vars,
             kind,

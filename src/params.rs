@@ -141,12 +141,26 @@ pub(crate) fn varmap_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
     Ok(vars)
 }
 
-/// Checks names are unique (they key the checkpoint) and that no variable is
-/// listed twice under two names (it would be updated twice per step).
-pub(crate) fn check_unique(vars: &[NamedVar]) -> Result<()> {
+/// Checks names are unique (they key the checkpoint), that no variable is
+/// listed twice under two names (it would be updated twice per step), and
+/// that every dtype is one the updates support: f16, bf16, f32 or f64
+/// (candle's 8-, 6- and 4-bit float formats are refused here, naming the
+/// parameter, rather than at every step).
+pub(crate) fn check_params(vars: &[NamedVar]) -> Result<()> {
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
     for v in vars {
+        if !matches!(
+            v.var.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            fail!(
+                Config,
+                v.name,
+                "dtype {:?} is not supported: parameters must be f16, bf16, f32 or f64",
+                v.var.dtype()
+            );
+        }
         if !names.insert(v.name.as_str()) {
             fail!(Config, v.name, "two parameters share this name");
         }
@@ -231,7 +245,7 @@ mod tests {
     }
 
     /// One variable under two names would be updated twice per step:
-    /// `check_unique` refuses it, naming the second name; distinct variables
+    /// `check_params` refuses it, naming the second name; distinct variables
     /// with distinct names pass.
     #[test]
     fn a_variable_listed_under_two_names_is_refused() {
@@ -241,8 +255,8 @@ mod tests {
             name: name.into(),
             var: var.clone(),
         };
-        check_unique(&[nv("a", &v), nv("b", &other)]).unwrap();
-        match check_unique(&[nv("a", &v), nv("b", &other), nv("c", &v)]) {
+        check_params(&[nv("a", &v), nv("b", &other)]).unwrap();
+        match check_params(&[nv("a", &v), nv("b", &other), nv("c", &v)]) {
             Err(crate::Error::Config { who, what }) => {
                 assert_eq!(who, "c");
                 assert!(what.contains("also listed under another name"), "{what}");

@@ -581,3 +581,32 @@ fn msign_of_an_empty_matrix_is_empty() {
         }
     }
 }
+
+/// `msign` is scale-free: `msign(s·G) = msign(G)` (the input is normalised
+/// by `‖G‖_F` first). In f32 that needs `‖G‖_F` computed without squaring
+/// `G` itself, which overflows for entries ≳ 1e19 and underflows for ≲ 1e-19
+/// (the result was 0 for a huge gradient on the generic path). Both paths,
+/// batched and not, tall and wide, at scales 1e30 and 1e-30 (and 1e-34,
+/// where `eps = 1e-7` dominates `‖G‖_F` and `msign` is ≈ 0 by design, so
+/// only finiteness is asserted): equal to the unscaled result to 1e-5.
+#[test]
+fn msign_is_scale_free_in_f32_at_extreme_scales() {
+    let mut r = rng(404);
+    for shape in [&[5usize, 3][..], &[3, 5], &[2, 4, 6]] {
+        let g = randn(&mut r, shape, DType::F32);
+        for (name, f) in IMPLS {
+            let ns = NewtonSchulz::muon();
+            let want = f(&g, &ns).unwrap();
+            for scale in [1e30, 1e-30] {
+                let got = f(&(&g * scale).unwrap(), &ns.clone().with_eps(0.0)).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-5, "{name} {shape:?} ×{scale:e}: max |Δ| = {d:e}");
+            }
+            let tiny = f(&(&g * 1e-34).unwrap(), &ns).unwrap();
+            assert!(
+                to_f64_vec(&tiny).iter().all(|x| x.is_finite()),
+                "{name} {shape:?} ×1e-34"
+            );
+        }
+    }
+}

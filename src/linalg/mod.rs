@@ -65,8 +65,27 @@ pub(crate) fn transpose_last(t: &Tensor) -> candle_core::Result<Tensor> {
     t.transpose(r - 2, r - 1)
 }
 
+/// The smallest positive normal number of `dtype` (a floor for divisors).
+pub(crate) fn tiny(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN_POSITIVE,
+        DType::F16 => half::f16::MIN_POSITIVE.to_f64(),
+        _ => f32::MIN_POSITIVE as f64,
+    }
+}
+
 /// Frobenius norm of each matrix, kept as `(1, 1)` or `(b, 1, 1)` for broadcasting.
 pub(crate) fn frobenius_keepdim(t: &Tensor) -> candle_core::Result<Tensor> {
+    // As m·‖t/m‖_F with m = max|t| per matrix: Σ t² itself overflows f32 for
+    // |t| ≳ 1e19 (and underflows for |t| ≲ 1e-19), which would zero a huge
+    // gradient's msign.
     let r = t.rank();
-    t.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()
+    let tiny = tiny(t.dtype());
+    let m = t
+        .abs()?
+        .max_keepdim(r - 1)?
+        .max_keepdim(r - 2)?
+        .maximum(tiny)?;
+    let s = t.broadcast_div(&m)?;
+    s.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()? * m
 }

@@ -33,7 +33,7 @@ use super::transform::{FieldKind, FieldValue, Fields, GroupStep, Transform, Tran
 use crate::checkpoint::{count_tensor, host_copy, read_count, split_key, Header, HEADER_KEY};
 use crate::device;
 use crate::error::{fail, Error, Result};
-use crate::params::{check_unique, name_vars, varmap_vars, NamedVar, ParamInfo};
+use crate::params::{check_params, name_vars, varmap_vars, NamedVar, ParamInfo};
 
 /// One partition: the parameters labelled `label` run `chain` at
 /// `lr × lr_ratio`.
@@ -141,7 +141,7 @@ impl Driver {
         lr: f64,
         kind: &str,
     ) -> Result<Self> {
-        check_unique(&params)?;
+        check_params(&params)?;
         check_lr("lr", lr)?;
         let parts: Vec<Part> = parts
             .into_iter()

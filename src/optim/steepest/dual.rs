@@ -8,7 +8,7 @@
 //! and the dual learning rate are dimensionless (the direction
 //! `msign(G + λΘ)` is invariant under scaling `G` and `λ` together).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{fail, Result};
@@ -127,14 +127,15 @@ pub struct DualStep {
 /// `Ĝ = G/rms(σ(G)) = G·√k/‖G‖_F` per matrix of a `(b, m, n)` batch, `k` the
 /// short side (zero stays zero): singular values of order 1 whatever the
 /// shape and the gradient's scale, so one dual learning rate fits all.
+/// Computed from `S = G/max|G|` (per matrix), as `S·√k/‖S‖_F`: `‖G‖_F²`
+/// itself overflows f32 for `|G| ≳ 1e19` and underflows for `|G| ≲ 1e-19`.
 fn normalise(g: &Tensor) -> Result<Tensor> {
     let (_, m, n) = g.dims3()?;
-    let n = (g.sqr()?.sum_keepdim(2)?.sum_keepdim(1)? / m.min(n) as f64)?.sqrt()?;
-    let tiny = match g.dtype() {
-        DType::F64 => f64::MIN_POSITIVE,
-        _ => f32::MIN_POSITIVE as f64,
-    };
-    Ok(g.broadcast_div(&n.maximum(tiny)?)?)
+    let tiny = crate::linalg::tiny(g.dtype());
+    let max = g.abs()?.max_keepdim(2)?.max_keepdim(1)?;
+    let s = g.broadcast_div(&max.maximum(tiny)?)?;
+    let n = (s.sqr()?.sum_keepdim(2)?.sum_keepdim(1)? / m.min(n) as f64)?.sqrt()?;
+    Ok(s.broadcast_div(&n.maximum(tiny)?)?)
 }
 
 /// Spectral-sphere direction by dual descent (docs/math.md §3):

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{fail, Result};
-use crate::linalg::{msign, NewtonSchulz};
+use crate::linalg::{msign, tiny, NewtonSchulz};
 
 /// The norm `ρ` whose unit ball bounds a step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,18 +121,19 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
     }
 }
 
-/// `g/‖g‖₂` (zero stays zero).
+/// `g/‖g‖₂` (zero stays zero), at any scale of `g`: computed as `s/‖s‖₂`
+/// with `s = g/max|g|`, since `Σ g²` itself overflows f32 for `|g| ≳ 1e19`
+/// and underflows for `|g| ≲ 1e-19`. On the device, no host sync.
 fn normalize_l2(g: &Tensor) -> Result<Tensor> {
-    let n = g.sqr()?.sum_all()?.sqrt()?;
-    let tiny = tiny(g.dtype());
-    Ok(g.broadcast_div(&n.maximum(tiny)?)?)
+    let s = scaled_by_max_abs(g)?;
+    let n = s.sqr()?.sum_all()?.sqrt()?;
+    Ok(s.broadcast_div(&n.maximum(tiny(g.dtype()))?)?)
 }
 
-fn tiny(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MIN_POSITIVE,
-        _ => f32::MIN_POSITIVE as f64,
-    }
+/// `g/max|g|` (zero stays zero): entries in `[−1, 1]`, the largest ±1.
+fn scaled_by_max_abs(g: &Tensor) -> Result<Tensor> {
+    let m = g.abs()?.flatten_all()?.max_keepdim(0)?.squeeze(0)?;
+    Ok(g.broadcast_div(&m.maximum(tiny(g.dtype()))?)?)
 }
 
 /// The steepest direction on the sphere `ρ(w) = r` at `w` (any `r > 0`):
@@ -197,10 +198,13 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
     }
 }
 
+/// The Euclidean tangent direction; `g` is first scaled by `1/max|g|` (the
+/// direction does not depend on `g`'s scale, and `⟨g, ŵ⟩` would overflow
+/// f32 for huge gradients).
 fn euclidean_tangent(g: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let wn = w.sqr()?.sum_all()?.sqrt()?;
-    let w_hat = w.broadcast_div(&wn.maximum(tiny(w.dtype()))?)?;
-    let along = (g * &w_hat)?.sum_all()?;
+    let g = scaled_by_max_abs(g)?;
+    let w_hat = normalize_l2(w)?;
+    let along = (&g * &w_hat)?.sum_all()?;
     normalize_l2(&(g - w_hat.broadcast_mul(&along)?)?)
 }
 
