@@ -1185,3 +1185,45 @@ fn accumulation_checkpoints_keep_each_ranks_pending_micro_batches() {
     assert!(e.contains("saved by `Accumulate`"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Exploding but finite gradients (entries up to 1e20 at steps 2 and 3,
+/// whose f32 squares overflow) are clipped as in one process: the norm is
+/// measured again scaled by the largest entry, as `clip::grad_norm` does,
+/// instead of the step being refused as an infinite norm. 3 ranks, Muon
+/// with spectral decay: every step succeeds, and parameters, state and the
+/// reported norms equal the single-process run bit for bit.
+#[test]
+fn exploding_finite_gradients_are_clipped_as_in_one_process() {
+    let shapes = model();
+    let base = seeded(shapes.clone());
+    let g = move |step: usize, rank: usize, i: usize| {
+        let t = base(step, rank, i)?;
+        Some(if step == 2 || step == 3 {
+            (t * 1e18).unwrap()
+        } else {
+            t
+        })
+    };
+    let outs = run_distributed(3, &shapes, muon, &clip_cfg(), 5, &g, Start::Fresh, None);
+    let mut reference = Reference::new(&shapes, muon);
+    reference.run(3, 0..5, &g, false, Some(1.0));
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.results.iter().all(|x| x.is_ok()),
+            "rank {r}: {:?}",
+            o.results
+        );
+        let bits_of = |n: &[Option<f64>]| n.iter().map(|x| x.map(f64::to_bits)).collect::<Vec<_>>();
+        assert_eq!(
+            bits_of(&o.norms),
+            bits_of(&reference.norms),
+            "rank {r}: norms"
+        );
+        assert!(
+            o.norms[2].is_some_and(|n| n.is_finite() && n > 1e19),
+            "{:?}",
+            o.norms
+        );
+    }
+    assert_matches(&outs, &reference, "exploding gradients");
+}

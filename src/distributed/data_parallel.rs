@@ -30,10 +30,10 @@
 //!    parameter order in f64 and scales its gradients by `max/‖g‖` when
 //!    `‖g‖ > max`: [`crate::clip::clip_grad_norm`]'s arithmetic on the averaged
 //!    gradient, so the same norm and the same scaled gradients (see
-//!    [`DataParallel::last_grad_norm`]) as long as each parameter's `Σ g²`
-//!    fits in f32 (entries below ~1e19). Beyond, `clip::grad_norm` measures
-//!    the gradients again scaled by their largest entry, while this step is
-//!    refused with an infinite norm.
+//!    [`DataParallel::last_grad_norm`]), bit for bit. When a `Σ g²`
+//!    overflows f32 (finite entries beyond ~1e19), both measure again scaled
+//!    by the largest entry: here two more all-reduces (the maxima, then the
+//!    scaled sums), only at such a step.
 //! 4. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
 //!    (cast to each parameter's dtype), called on every rank at every step,
 //!    with an empty list on a rank that owns nothing. For an optimizer whose
@@ -881,8 +881,10 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// parameters' `Σ g²` (f32, one slot per parameter, zeros elsewhere, so
     /// the sum over ranks is exact in any order) plus an error count; every
     /// rank then computes the same norm, in [`crate::clip::grad_norm`]'s
-    /// arithmetic, and scales its own gradients. `has_grad[i]`: how many ranks
-    /// have a gradient for parameter `i`.
+    /// arithmetic, and scales its own gradients. As there, finite gradients
+    /// whose f32 squares overflow (entries beyond ~1e19) are measured again
+    /// scaled by the largest entry (two more all-reduces, only then).
+    /// `has_grad[i]`: how many ranks have a gradient for parameter `i`.
     fn clip(
         &mut self,
         owned: Result<Vec<(usize, Tensor)>>,
@@ -890,28 +892,19 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         has_grad: &[f32],
     ) -> Result<Vec<(usize, Tensor)>> {
         let p = self.plan.len();
-        let mut sq = vec![0f32; p + 1];
         let local = owned.and_then(|owned| {
-            // As clip::grad_norm: Σ g² in f32 (this layer supports no f64
-            // parameters), one host sync for all.
-            let sums = owned
-                .iter()
-                .map(|(_, g)| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            if !sums.is_empty() {
-                let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
-                for ((i, _), s) in owned.iter().zip(sums) {
-                    sq[*i] = s;
-                }
-            }
-            Ok(owned)
+            let sq = per_param(p, &owned, |g| g.to_dtype(DType::F32)?.sqr()?.sum_all())?;
+            Ok((owned, sq))
         });
-        if local.is_err() {
-            sq = vec![0f32; p + 1];
-            sq[p] = 1.0;
-        }
-        let sq = Tensor::from_vec(sq, p + 1, &self.device)?;
-        let sq = self.comm.all_reduce(&sq, ReduceOp::Sum)?.to_vec1::<f32>()?;
+        let sq = match &local {
+            Ok((_, sq)) => sq.clone(),
+            Err(_) => {
+                let mut flagged = vec![0f32; p + 1];
+                flagged[p] = 1.0;
+                flagged
+            }
+        };
+        let sq = self.all_reduce_host(sq)?;
         let who = self.who("step");
         if sq[p] != 0.0 {
             let mut msg = format!(
@@ -923,13 +916,36 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             }
             return Err(Error::device(who, msg));
         }
-        let owned = local?;
+        let (owned, _) = local?;
         // Parameter order, f64: the single-process sum over the parameters.
-        let total: f64 = (0..p)
-            .filter(|&i| has_grad[i] > 0.0)
-            .map(|i| sq[i] as f64)
-            .sum();
-        let norm = total.sqrt();
+        let total = |sq: &[f32]| -> f64 {
+            (0..p)
+                .filter(|&i| has_grad[i] > 0.0)
+                .map(|i| sq[i] as f64)
+                .sum()
+        };
+        let mut norm = total(&sq).sqrt();
+        if !norm.is_finite() {
+            // As clip::grad_norm: overflow of finite gradients (a NaN/Inf
+            // was refused in step 1, but an average may overflow): measure
+            // again scaled by the largest magnitude.
+            let maxima = per_param(p, &owned, |g| g.abs()?.max_all()?.to_dtype(DType::F32))?;
+            let maxima = self.all_reduce_host(maxima)?;
+            let m = crate::linalg::max_or_nan(
+                (0..p)
+                    .filter(|&i| has_grad[i] > 0.0)
+                    .map(|i| maxima[i] as f64),
+            );
+            if m.is_finite() && m > 0.0 {
+                let scaled = per_param(p, &owned, |g| {
+                    g.to_dtype(DType::F32)?
+                        .affine(1.0 / m, 0.0)?
+                        .sqr()?
+                        .sum_all()
+                })?;
+                norm = m * total(&self.all_reduce_host(scaled)?).sqrt();
+            }
+        }
         self.last_norm = Some(norm);
         if !norm.is_finite() {
             return Err(Error::numerical(
@@ -947,6 +963,13 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             .into_iter()
             .map(|(i, g)| Ok((i, g.affine(scale, 0.0)?)))
             .collect()
+    }
+
+    /// The sum over ranks of `v` (f32 on the host), through one all-reduce.
+    fn all_reduce_host(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+        let n = v.len();
+        let t = Tensor::from_vec(v, n, &self.device)?;
+        Ok(self.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?)
     }
 
     /// Indices of the parameters whose local gradient is not finite (slow
@@ -1131,6 +1154,29 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         }
         Err(Error::checkpoint(who, msg))
     }
+}
+
+/// `f` of each owned gradient (an f32 scalar), at its parameter's slot of a
+/// vector of `p + 1` zeros (the last slot: the error count of the clip's
+/// all-reduce); one host sync for all.
+fn per_param(
+    p: usize,
+    owned: &[(usize, Tensor)],
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; p + 1];
+    if owned.is_empty() {
+        return Ok(out);
+    }
+    let vals = owned
+        .iter()
+        .map(|(_, g)| f(g))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let vals = Tensor::stack(&vals, 0)?.to_vec1::<f32>()?;
+    for ((i, _), v) in owned.iter().zip(vals) {
+        out[*i] = v;
+    }
+    Ok(out)
 }
 
 /// The parameters in plan order, with the plan's names (for wrappers such
