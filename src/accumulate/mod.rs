@@ -30,9 +30,10 @@
 //! A schedule counts optimizer steps, not micro-batches: put
 //! [`Scheduled`](crate::schedule::Scheduled) inside, `Accumulate::new(
 //! Scheduled::new(opt, schedule), k)`. Under data-parallel training wrap
-//! the [`DataParallel`](crate::distributed::DataParallel) with [`Accumulate::data_parallel`], which refuses
-//! nothing on one rank alone (a refusal there would leave the ranks'
-//! counts apart).
+//! the [`DataParallel`](crate::distributed::DataParallel) with
+//! [`Accumulate::data_parallel`], which refuses nothing on one rank alone
+//! (a refusal there would leave the ranks' counts apart) and whose
+//! checkpoints keep each rank's pending micro-batches.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
