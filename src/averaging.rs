@@ -514,6 +514,15 @@ impl OptimizerState for WeightAverage {
         header.check_params(self.vars.iter().map(|v| v.name.as_str()))?;
         let body: AverageBody = serde_json::from_value(header.body.clone())
             .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not an average header: {e}")))?;
+        if body.kind.tag() != self.kind.tag() {
+            fail!(
+                Checkpoint,
+                HEADER_KEY,
+                "the header is of kind `{}` but its body holds a `{}` average",
+                self.kind.tag(),
+                body.kind.tag()
+            );
+        }
         body.kind
             .validate()
             .map_err(|e| Error::checkpoint("checkpoint", format!("bad hyperparameters: {e}")))?;

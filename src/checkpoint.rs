@@ -362,7 +362,16 @@ pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<
     let mut tensors: BTreeMap<&str, Tensor> = BTreeMap::new();
     for (k, t) in state {
         if k == HEADER_KEY {
-            let bytes = t.to_vec1::<u8>()?;
+            let bytes = t.to_vec1::<u8>().map_err(|_| {
+                Error::checkpoint(
+                    HEADER_KEY,
+                    format!(
+                        "must be a 1-D u8 tensor, got {:?} {:?}",
+                        t.dtype(),
+                        t.dims()
+                    ),
+                )
+            })?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::checkpoint(HEADER_KEY, "is not UTF-8"))?;
             meta.insert(
@@ -460,7 +469,8 @@ pub fn load<P: AsRef<Path>>(path: P) -> Result<HashMap<String, Tensor>> {
     if let Some(missing) = crcs.keys().find(|k| !seen.contains(*k)) {
         fail!(Checkpoint, missing, "listed in {who} but missing from it");
     }
-    let mut state = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let mut state = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| Error::checkpoint(&who, format!("cannot be read: {e}")))?;
     let n = header.len();
     state.insert(
         HEADER_KEY.to_string(),

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::collective::Collective;
 use super::plan::Plan;
-use crate::checkpoint::{load, merge, save};
+use crate::checkpoint::{load, merge, save, split_key, Header};
 use crate::error::{fail, Error, Result};
 
 /// The manifest's file name inside a checkpoint directory.
@@ -258,7 +258,31 @@ pub fn load_union(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
                 f.crc32
             );
         }
-        dicts.push(load(&file)?);
+        let dict = load(&file)?;
+        check_owned(&dict, &f.params, &who)?;
+        dicts.push(dict);
     }
     merge(&dicts)
+}
+
+/// Refuses a rank file holding state of a parameter the manifest does not
+/// list for that rank (e.g. another rank's file copied over it, its CRC-32
+/// updated): merged, its parameters would silently start from scratch.
+fn check_owned(dict: &HashMap<String, Tensor>, owned: &[String], who: &str) -> Result<()> {
+    let header = Header::decode(dict)?;
+    let names: Vec<&str> = header.params.iter().map(String::as_str).collect();
+    for key in dict.keys() {
+        if let Some((p, _)) = split_key(key, &names) {
+            if !owned.iter().any(|o| o == names[p]) {
+                fail!(
+                    Checkpoint,
+                    who,
+                    "holds state of `{}` (key `{key}`), which the manifest does not list for \
+                     this rank (a file from another rank or save?)",
+                    names[p]
+                );
+            }
+        }
+    }
+    Ok(())
 }

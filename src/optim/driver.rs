@@ -685,6 +685,15 @@ impl Driver {
                 "partitions {theirs:?}, this optimizer has {ours:?}"
             );
         }
+        if body.assignment.len() != header.params.len() {
+            fail!(
+                Checkpoint,
+                "checkpoint: assignment",
+                "{} labels for {} parameters",
+                body.assignment.len(),
+                header.params.len()
+            );
+        }
         for (name, label) in header.params.iter().zip(&body.assignment) {
             let mine = self.label_of(name).expect("names checked");
             if mine != label {
@@ -725,10 +734,8 @@ impl Driver {
                     Error::checkpoint(format!("partition `{}`: {}", rec.label, tr.name), strip(&e))
                 })?;
             }
-            check_lr(
-                &format!("checkpoint: partition `{}`: lr ratio", rec.label),
-                rec.lr_ratio,
-            )?;
+            let who = format!("checkpoint: partition `{}`: lr ratio", rec.label);
+            check_lr(&who, rec.lr_ratio).map_err(|e| Error::checkpoint(&who, strip(&e)))?;
             chain.validate(&format!("partition `{}`", part.label))?;
         }
         for (info, &k) in self.infos.iter().zip(&self.assign) {

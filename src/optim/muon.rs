@@ -246,6 +246,11 @@ impl OptimizerState for Muon {
             adamw_names: std::mem::take(&mut self.config.adamw_names),
             ..config
         };
+        // The rates the driver runs at (its own record), not the config's
+        // copies, so `learning_rate()` reports the rate steps use.
+        let lr = self.driver.lr();
+        self.config.lr = lr;
+        self.config.adamw.lr = lr * self.driver.lr_ratio("adamw").unwrap_or(1.0);
         Ok(())
     }
 }

@@ -286,6 +286,7 @@ impl OptimizerState for Steepest {
         }
         self.driver.load_with(state, Some(vec![config.chain()]))?;
         self.config = config;
+        self.config.lr = self.driver.lr();
         Ok(())
     }
 }
