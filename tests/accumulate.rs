@@ -267,7 +267,8 @@ fn a_checkpoint_between_steps_resumes_bit_for_bit() {
 
 /// Mismatched checkpoints are refused naming what is wrong, and change
 /// nothing: a plain optimizer's, a sum of the wrong shape, a sum of an
-/// unknown parameter, a count not below `every`.
+/// unknown parameter, a count not below `every`, a sum of the wrong dtype
+/// (f64 for an f32 parameter), sums with a count of 0.
 #[test]
 fn mismatched_checkpoints_are_refused_and_change_nothing() {
     let vm = model_of(PARAMS, DType::F32, 3);
@@ -291,6 +292,18 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         ACCUMULATE_COUNT_KEY.into(),
         Tensor::new(4i64, &Device::Cpu).unwrap(),
     );
+    // An f32 parameter's sum is f32.
+    let mut wrong_dtype = good.clone();
+    wrong_dtype.insert(
+        sum_key.clone(),
+        Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap(),
+    );
+    // Sums, but no micro-batch pending.
+    let mut sums_of_nothing = good.clone();
+    sums_of_nothing.insert(
+        ACCUMULATE_COUNT_KEY.into(),
+        Tensor::new(0i64, &Device::Cpu).unwrap(),
+    );
     // Another optimizer to load into, one micro-batch ahead of `good`.
     opt.backward_step(&loss(&vm, MICRO, MICRO)).unwrap();
     let before = state_snapshot(&opt.state_dict().unwrap());
@@ -299,6 +312,8 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         (&wrong_shape, sum_key.as_str()),
         (&unknown, "lin.gain"),
         (&too_many, ACCUMULATE_COUNT_KEY),
+        (&wrong_dtype, sum_key.as_str()),
+        (&sums_of_nothing, ACCUMULATE_COUNT_KEY),
     ] {
         let e = opt.load_state_dict(state).unwrap_err();
         assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
@@ -477,4 +492,116 @@ fn finite_micro_batches_whose_sum_overflows_are_refused_at_the_step() {
     assert!(!opt.backward_step(&lin(&one)).unwrap());
     assert!(opt.backward_step(&lin(&one)).unwrap());
     assert_ne!(snapshot(&vm), before);
+}
+
+/// The whole-batch gradient over rows `[from, from + n)` at `(w, b)`, in
+/// f64: `∇_W = (2/(n·3)) Xᵀ R`, `∇_b = (2/(n·3)) 1ᵀ R`, `R = X W + b − Y`.
+fn grad_f64(
+    w: &DMatrix<f64>,
+    b: &DMatrix<f64>,
+    from: usize,
+    n: usize,
+) -> (DMatrix<f64>, DMatrix<f64>) {
+    let (x, y) = data();
+    let (x, y) = (
+        mat(&x).rows(from, n).into_owned(),
+        mat(&y).rows(from, n).into_owned(),
+    );
+    let ones = DMatrix::<f64>::from_element(n, 1, 1.0);
+    let r = &x * w + &ones * b - y;
+    let scale = 2.0 / (n * 3) as f64;
+    (
+        scale * (x.transpose() * &r),
+        scale * (ones.transpose() * &r),
+    )
+}
+
+/// Each optimizer step uses only its own micro-batches: with `every = 2`,
+/// the second step is the f64 step on rows 16..32 at the weights the first
+/// step left (nothing of the first step's micro-batches is carried over).
+#[test]
+fn consecutive_steps_use_only_their_own_micro_batches() {
+    let vm = model_of(PARAMS, DType::F32, 3);
+    let lr = 0.1;
+    let mut opt = Accumulate::new(sgd(&vm, lr), 2).unwrap();
+    let params = |vm: &VarMap| {
+        (
+            mat(var(vm, "lin.weight").as_tensor()),
+            mat(var(vm, "lin.bias").as_tensor()),
+        )
+    };
+    for j in 0..2 {
+        opt.backward_step(&loss(&vm, j * MICRO, MICRO)).unwrap();
+    }
+    let (w1, b1) = params(&vm);
+    for j in 2..4 {
+        let stepped = opt.backward_step(&loss(&vm, j * MICRO, MICRO)).unwrap();
+        assert_eq!(stepped, j == 3);
+    }
+    let (gw, gb) = grad_f64(&w1, &b1, 2 * MICRO, 2 * MICRO);
+    let (w2, b2) = params(&vm);
+    let err = (w2 - (&w1 - lr * &gw))
+        .amax()
+        .max((b2 - (&b1 - lr * &gb)).amax());
+    assert!(err < 1e-6, "max |Δ| = {err:e}");
+    assert!(lr * gw.amax() > 1e-3, "the step is not vacuous");
+}
+
+/// f64 parameters' gradients are summed in f64: micro-batch gradients 1,
+/// 2⁻³⁰, 2⁻³⁰, 2⁻³⁰ have the mean (1 + 3·2⁻³⁰)/4 = 0.25 + 0.75·2⁻³⁰, exact
+/// in f64; summed in f32, 1 + 2⁻³⁰ would round back to 1 and the mean be
+/// 0.25. SGD at rate 1 from W = 0 makes the applied mean −W. The pending
+/// sums are f64 in the checkpoint.
+#[test]
+fn f64_gradients_are_summed_in_f64() {
+    let vm = model_of(&[("w", &[2, 3])], DType::F64, 3);
+    let w = var(&vm, "w");
+    w.set(&w.as_tensor().zeros_like().unwrap()).unwrap();
+    let mut opt = Accumulate::new(sgd(&vm, 1.0), 4).unwrap();
+    let small = 2f64.powi(-30);
+    for (j, c) in [1.0, small, small, small].into_iter().enumerate() {
+        let loss = (w.as_tensor() * c).unwrap().sum_all().unwrap();
+        opt.backward_step(&loss).unwrap();
+        if j == 1 {
+            let state = opt.state_dict().unwrap();
+            assert_eq!(
+                state[&format!("{ACCUMULATE_SUM_PREFIX}w")].dtype(),
+                DType::F64
+            );
+        }
+    }
+    let want = 0.25 + 0.75 * small;
+    for x in common::to_f64_vec(w.as_tensor()) {
+        assert_eq!(-x, want, "applied mean {}", -x);
+    }
+}
+
+/// A checkpoint saved with no micro-batch pending (right after a step, the
+/// time to save) loads, into an accumulator that has one pending: it then
+/// has none, and runs on as the saved one, bit for bit.
+#[test]
+fn a_checkpoint_with_nothing_pending_loads() {
+    let (va, vb) = (
+        model_of(PARAMS, DType::F32, 3),
+        model_of(PARAMS, DType::F32, 3),
+    );
+    let mut a = Accumulate::new(sgd(&va, 0.1), 2).unwrap();
+    for j in 0..2 {
+        a.backward_step(&loss(&va, j * MICRO, MICRO)).unwrap();
+    }
+    assert_eq!(a.pending(), 0);
+    let state = a.state_dict().unwrap();
+    for (name, _) in PARAMS {
+        var(&vb, name).set(var(&va, name).as_tensor()).unwrap();
+    }
+    let mut b = Accumulate::new(sgd(&vb, 0.1), 2).unwrap();
+    b.backward_step(&loss(&vb, 3 * MICRO, MICRO)).unwrap();
+    assert_eq!(b.pending(), 1);
+    b.load_state_dict(&state).unwrap();
+    assert_eq!(b.pending(), 0);
+    for j in 2..4 {
+        a.backward_step(&loss(&va, j * MICRO, MICRO)).unwrap();
+        b.backward_step(&loss(&vb, j * MICRO, MICRO)).unwrap();
+    }
+    assert_eq!(snapshot(&va), snapshot(&vb));
 }

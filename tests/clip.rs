@@ -267,3 +267,31 @@ fn a_nan_after_a_variable_without_gradient_names_the_right_one() {
         "{e}"
     );
 }
+
+/// f64 gradients are measured in f64 (the docs): entries 3e-30 and 4e-30
+/// (whose squares are zero in f32) have the norm 5e-30, and entries 3e200
+/// and 4e200 (infinite in f32) the norm 5e200; both are clipped to
+/// `max_norm`.
+#[test]
+fn f64_gradients_are_measured_in_f64() {
+    let a = Var::new(&[1f64, 2.], &Device::Cpu).unwrap();
+    for scale in [1e-30, 1e200] {
+        let g = Tensor::new(&[3.0 * scale, 4.0 * scale], &Device::Cpu).unwrap();
+        let mut grads = (a.as_tensor() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = 5.0 * scale;
+        let norm = grad_norm(&grads, std::slice::from_ref(&a)).unwrap();
+        assert!((norm - want).abs() <= 1e-14 * want, "{norm:e} vs {want:e}");
+        let max = 0.5 * want;
+        clip_grad_norm(&mut grads, std::slice::from_ref(&a), max).unwrap();
+        let after = grad_values(&grads, &a);
+        let want_after = [1.5 * scale, 2.0 * scale];
+        for (x, w) in after.iter().zip(want_after) {
+            assert!((x - w).abs() <= 1e-14 * w, "{x:e} vs {w:e}");
+        }
+    }
+}

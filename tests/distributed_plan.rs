@@ -348,3 +348,89 @@ fn load_ties_go_to_the_lower_rank() {
         assert_eq!(owners, want, "{world} ranks, loads {:?}", plan.loads());
     }
 }
+
+/// The fingerprint tells apart plans whose specs differ in anything the
+/// ranks must agree on: a dimension, matrix vs element-wise, or where a
+/// name ends and the dimensions begin.
+#[test]
+fn the_fingerprint_covers_dims_kind_and_name_boundaries() {
+    let fp = |specs: Vec<ParamSpec>| Plan::new(specs, 2).unwrap().fingerprint();
+    let base = fp(vec![
+        ParamSpec::new("w", &[4, 3]),
+        ParamSpec::new("b", &[4]),
+    ]);
+    let others = [
+        vec![ParamSpec::new("w", &[4, 5]), ParamSpec::new("b", &[4])],
+        vec![ParamSpec::new("w", &[3, 4]), ParamSpec::new("b", &[4])],
+        vec![ParamSpec::new("w", &[4, 3]), ParamSpec::new("b", &[5])],
+        vec![
+            ParamSpec::elementwise("w", &[4, 3]),
+            ParamSpec::new("b", &[4]),
+        ],
+    ];
+    for specs in others {
+        assert_ne!(fp(specs.clone()), base, "{specs:?}");
+    }
+    // The name's bytes then the first dimension's little-endian bytes are
+    // the same in both; only the separator after the name tells them apart.
+    let mut name = String::from("w");
+    name.push_str(std::str::from_utf8(&4u64.to_le_bytes()).unwrap());
+    assert_ne!(
+        fp(vec![ParamSpec::new("w", &[4, 3, 2])]),
+        fp(vec![ParamSpec::new(name, &[3, 2])]),
+    );
+}
+
+/// A rank whose chunk lacks exactly one element is padded by one: two
+/// vectors of 3 and 2 elements on 2 ranks (chunk 3, rank 1 padded by 1).
+#[test]
+fn a_padding_of_one_element_is_packed() {
+    let plan = Plan::new(
+        vec![ParamSpec::new("a", &[3]), ParamSpec::new("b", &[2])],
+        2,
+    )
+    .unwrap();
+    assert_eq!(plan.chunk_len(), 3);
+    assert_eq!(plan.chunk_len() - plan.owned_len(1), 1);
+    check_partition(&plan);
+    round_trip(&plan, DType::F32);
+}
+
+/// Inputs longer than the plan are errors too, not read in part: a value
+/// per parameter plus one, a chunk or a flat buffer one element too long.
+#[test]
+fn too_long_inputs_are_errors() {
+    let plan = Plan::new(
+        vec![ParamSpec::new("w", &[2, 3]), ParamSpec::new("b", &[2])],
+        2,
+    )
+    .unwrap();
+    let dev = Device::Cpu;
+    let z = |n: usize| Tensor::zeros(n, DType::F32, &dev).unwrap();
+    let values = vec![
+        Some(Tensor::zeros((2, 3), DType::F32, &dev).unwrap()),
+        Some(z(2)),
+        Some(z(2)),
+    ];
+    let e = plan
+        .pack(&values, DType::F32, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected 2 values"), "{e}");
+    let params = vec![Tensor::zeros((2, 3), DType::F32, &dev).unwrap(), z(2), z(2)];
+    let e = plan
+        .pack_owned(0, &params, DType::F32, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected 2 params"), "{e}");
+    let e = plan
+        .unpack_owned(0, &z(plan.chunk_len() + 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Plan::unpack_owned"), "{e}");
+    let e = plan
+        .unpack(&z(plan.flat_len() + 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Plan::unpack"), "{e}");
+}

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use steepest::penalty::{
     gradient_inequality, gradient_terms, input_grad_penalty, param_grad_penalty, Activation,
-    FdStep, GradPenaltyConfig, Mlp, Penalty,
+    FdStep, GradPenaltyConfig, InequalityReport, LayerTerms, Mlp, Penalty,
 };
 
 const ACTS: [Activation; 4] = [
@@ -246,6 +246,10 @@ fn key_step_identity() {
         let mlp = mlp_of(&layers, &acts);
         let x = normal_vec(&mut r, 4);
         let terms = gradient_terms(&mlp, &row(&x), test_f(3)).unwrap();
+        // One entry per layer t = 1..l (the output's Jacobian is not a term).
+        assert_eq!(terms.h.len(), 3);
+        assert_eq!(terms.jacobians.len(), 3);
+        assert_eq!(terms.grad_weights.len(), 3);
         let gx = DMatrix::from_row_slice(1, 4, &vec_of(&terms.grad_x));
         for t in 0..3 {
             let hv = DMatrix::from_column_slice(dims[t], 1, &vec_of(&terms.h[t]));
@@ -418,6 +422,66 @@ fn diagnostic_rejects_bad_inputs() {
         ),
     ]);
     assert!(bad.unwrap_err().to_string().contains("layers[1]"));
+    // A bias of the wrong length (5 for a layer of 4 outputs).
+    let bias = Tensor::zeros(5, DType::F64, &Device::Cpu).unwrap();
+    let bad = Mlp::new(vec![(
+        Linear::new(layers[0].0.as_tensor().clone(), Some(bias)),
+        Activation::Tanh,
+    )]);
+    let err = bad.unwrap_err().to_string();
+    assert!(err.contains("layers[0].bias"), "{err}");
+}
+
+/// `holds` checks both terms of every layer: a bias term above its
+/// right-hand side fails it even when the weight term holds, and a
+/// relative tolerance admits it (`3 ≤ 1·(1 + 2.5)`).
+#[test]
+fn holds_checks_the_bias_term_too() {
+    let layer = |bias_lhs: f64| LayerTerms {
+        h_norm_sq: 1.0,
+        weight_norm: 1.0,
+        jacobian_norm: 1.0,
+        grad_weight_sq: 2.0,
+        grad_bias_sq: Some(1.0),
+        weight_lhs: 1.0,
+        bias_lhs: Some(bias_lhs),
+    };
+    assert!(layer(0.5).holds(0.0, 0.0));
+    assert!(!layer(3.0).holds(0.0, 0.0));
+    assert!(layer(3.0).holds(2.5, 0.0));
+    let report = |bias_lhs: f64| InequalityReport {
+        value: 0.0,
+        grad_x_sq: 1.0,
+        layers: vec![layer(0.5), layer(bias_lhs)],
+    };
+    assert!(report(0.5).holds(0.0, 0.0));
+    assert!(!report(3.0).holds(0.0, 0.0));
+}
+
+/// A zero weight matrix (`‖W⁽¹⁾‖₂ = 0`, so `∇_x f = 0` and `J_2 = 0`):
+/// the layers' left-hand terms are 0 (the docs), not 0/0, and the
+/// inequality holds.
+#[test]
+fn a_zero_weight_layer_gives_zero_left_hand_terms() {
+    let mut r = rng(8);
+    let ws = [
+        DMatrix::<f64>::zeros(4, 3),
+        DMatrix::from_row_slice(2, 4, &normal_vec(&mut r, 8)),
+    ];
+    let bs = [
+        DVector::from_vec(normal_vec(&mut r, 4)),
+        DVector::from_vec(normal_vec(&mut r, 2)),
+    ];
+    let mlp = mlp_from(&ws, &bs, &[Activation::Tanh, Activation::Identity]);
+    let rep = gradient_inequality(&mlp, &row(&[0.3, -1.0, 2.0]), test_f(2), 20).unwrap();
+    assert_eq!(rep.grad_x_sq, 0.0);
+    assert_eq!(rep.layers[0].weight_norm, 0.0);
+    assert_eq!(rep.layers[1].jacobian_norm, 0.0);
+    for (t, l) in rep.layers.iter().enumerate() {
+        assert_eq!((l.weight_lhs, l.bias_lhs), (0.0, Some(0.0)), "layer {t}");
+    }
+    assert!(rep.rhs() > 0.0);
+    assert!(rep.holds(0.0, 0.0));
 }
 
 // -------------------------------------------------------------- penalties
@@ -871,4 +935,185 @@ fn input_penalty_step_is_relative_to_the_input_norm() {
             }
         }
     }
+}
+
+/// `ρ = 0` is valid (`ρ ≥ 0`): the gradients are the plain ones, the
+/// penalty 0, and no perturbation is made (`step` 0), for both penalties.
+/// A finite-difference step that is not finite and `> 0` is refused.
+#[test]
+fn rho_zero_is_the_plain_gradient_and_bad_steps_are_refused() {
+    let p = problem(12, Activation::Tanh);
+    let plain = plain_grads(&p);
+    let cfg = GradPenaltyConfig {
+        rho: 0.0,
+        ..Default::default()
+    };
+    let out = param_grad_penalty(|| p.loss(), &p.vars, &cfg).unwrap();
+    assert_eq!(store_vecs(&p, &out.grads), plain);
+    assert_eq!((out.penalty, out.step), (0.0, 0.0));
+    let out = input_grad_penalty(|x| p.loss_at(x), &p.x, &p.vars, &cfg).unwrap();
+    assert_eq!(store_vecs(&p, &out.grads), plain);
+    assert_eq!((out.penalty, out.step), (0.0, 0.0));
+    assert!(out.grad_norm > 0.0);
+    for step in [
+        FdStep::Absolute(0.0),
+        FdStep::Relative(0.0),
+        FdStep::Absolute(-0.1),
+        FdStep::Relative(f64::NAN),
+        FdStep::Absolute(f64::INFINITY),
+    ] {
+        let cfg = GradPenaltyConfig {
+            step,
+            ..Default::default()
+        };
+        let e = param_grad_penalty(|| p.loss(), &p.vars, &cfg).unwrap_err();
+        assert!(e.to_string().contains("step"), "{step:?}: {e}");
+        let e = input_grad_penalty(|x| p.loss_at(x), &p.x, &p.vars, &cfg).unwrap_err();
+        assert!(e.to_string().contains("step"), "{step:?}: {e}");
+    }
+}
+
+/// `FdStep::Auto` takes the machine epsilon of the parameters' dtype:
+/// `h = δ(1 + ‖θ‖)` with `δ = √ε` (forward) or `∛ε` (central), `ε = 2⁻⁵²`
+/// (f64), `2⁻²³` (f32), `2⁻⁷` (bf16). `θ = (0.5, −1.25, 2)` is exact in
+/// every dtype; `‖θ‖ = √5.8125`.
+#[test]
+fn auto_step_follows_the_parameters_dtype() {
+    let theta_norm = 5.8125f64.sqrt();
+    for (dtype, eps) in [
+        (DType::F64, 2f64.powi(-52)),
+        (DType::F32, 2f64.powi(-23)),
+        (DType::BF16, 2f64.powi(-7)),
+    ] {
+        let w = Var::from_tensor(
+            &Tensor::new(&[0.5f64, -1.25, 2.0], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let loss = || w.as_tensor().to_dtype(DType::F32)?.powf(3.0)?.sum_all();
+        for (central, delta) in [(false, eps.sqrt()), (true, eps.cbrt())] {
+            let cfg = GradPenaltyConfig {
+                central,
+                ..Default::default()
+            };
+            let out = param_grad_penalty(loss, std::slice::from_ref(&w), &cfg).unwrap();
+            let want = delta * (1.0 + theta_norm);
+            assert!(
+                (out.step - want).abs() <= 1e-12 * want,
+                "{dtype:?} central={central}: h = {:e}, want {want:e}",
+                out.step
+            );
+        }
+    }
+}
+
+/// A gradient that is finite at `θ` but not at a perturbed point is an
+/// error naming the variable, not a NaN/Inf result: `−√w` at `w = 1` with
+/// `h = 1` moves to `w = 0` (forward), `√w` at `w = 1` has `θ − hĝ` at
+/// `w = 0` (central), and the input penalty of `−√(x·a)` at `x = a = 1`
+/// moves `x` to 0, where `∂/∂a` is 0/0. The variables are restored.
+#[test]
+fn a_non_finite_gradient_at_a_perturbed_point_is_an_error() {
+    let one = || Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+    let cfg = |central: bool| GradPenaltyConfig {
+        step: FdStep::Absolute(1.0),
+        central,
+        ..Default::default()
+    };
+    let w = one();
+    type Loss = fn(&Tensor) -> Result<Tensor>;
+    let cases: [(Loss, bool); 2] = [
+        (|w| w.sqrt()?.neg()?.sum_all(), false),
+        (|w| w.sqrt()?.sum_all(), true),
+    ];
+    for (f, central) in cases {
+        let e = param_grad_penalty(|| f(w.as_tensor()), std::slice::from_ref(&w), &cfg(central))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vars[0] (at the perturbed point)") && e.contains("NaN or Inf"),
+            "central={central}: {e}"
+        );
+        assert_eq!(vec_of(w.as_tensor()), vec![1.0]);
+    }
+    let a = one();
+    let x = Tensor::new(&[[1.0f64]], &Device::Cpu).unwrap();
+    let e = input_grad_penalty(
+        |x| x.broadcast_mul(a.as_tensor())?.sqrt()?.neg()?.sum_all(),
+        &x,
+        std::slice::from_ref(&a),
+        &cfg(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("vars[0] (at the perturbed input)") && e.contains("NaN or Inf"),
+        "{e}"
+    );
+}
+
+/// A variable without a gradient at the perturbed point counts zero there:
+/// `L = ‖w‖² + 3·Σb` while `w₀ < 1.1`, `‖w‖²` alone beyond. At `w = (1, 1)`,
+/// `b = 1`: `g = (2, 2, 3)`, and with `h = 1` the point `θ + hĝ` has
+/// `w₀ = 1 + 2/√17 > 1.1`, so (Zhao's form, `α = ρ/h`) the gradient is
+/// `(1 − α)g + α·(2w⁺, 2w⁺, 0)` with `w⁺ = 1 + 2/√17`.
+#[test]
+fn a_gradient_missing_at_the_perturbed_point_counts_zero() {
+    let w = Var::from_tensor(&Tensor::new(&[1.0f64, 1.0], &Device::Cpu).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+    let loss = || {
+        let sq = w.as_tensor().sqr()?.sum_all()?;
+        if w.as_tensor().to_vec1::<f64>()?[0] < 1.1 {
+            sq + (b.as_tensor().sum_all()? * 3.0)?
+        } else {
+            Ok(sq)
+        }
+    };
+    let rho = 0.1;
+    let cfg = GradPenaltyConfig {
+        rho,
+        penalty: Penalty::Norm,
+        step: FdStep::Absolute(1.0),
+        central: false,
+    };
+    let out = param_grad_penalty(loss, &[w.clone(), b.clone()], &cfg).unwrap();
+    let alpha = rho / 1.0;
+    let wp = 1.0 + 2.0 / 17f64.sqrt();
+    let want_w = (1.0 - alpha) * 2.0 + alpha * 2.0 * wp;
+    let want_b = (1.0 - alpha) * 3.0;
+    let got_w = vec_of(out.grads.get(w.as_tensor()).unwrap());
+    let got_b = vec_of(out.grads.get(b.as_tensor()).unwrap());
+    for g in got_w {
+        assert!((g - want_w).abs() < 1e-14, "{g} vs {want_w}");
+    }
+    assert!(
+        (got_b[0] - want_b).abs() < 1e-14,
+        "{} vs {want_b}",
+        got_b[0]
+    );
+}
+
+/// An integer input is refused up front, naming `x`.
+#[test]
+fn an_integer_input_is_refused() {
+    let a = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
+    let x = Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap();
+    let e = input_grad_penalty(
+        |x| {
+            x.to_dtype(DType::F64)?
+                .broadcast_mul(a.as_tensor())?
+                .sum_all()
+        },
+        &x,
+        std::slice::from_ref(&a),
+        &GradPenaltyConfig::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, steepest::Error::Shape { .. })
+            && e.to_string().contains("input_grad_penalty: x"),
+        "{e}"
+    );
 }

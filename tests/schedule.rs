@@ -485,3 +485,49 @@ fn a_decay_that_would_increase_is_refused_and_bounds_name_eta() {
         assert!(e.contains("eta") && !e.contains("lrs[0]"), "{eta}: {e}");
     }
 }
+
+/// A warmup ramps to the wrapped schedule's first rate `η(0)`, not to its
+/// rate at the current step: before a cosine decay, `η'(s) = η(0)·(s+1)/W`
+/// for `s < W`, then the cosine from its start (hand-computed, `W = 4`,
+/// cosine 1 → 0 over 4 steps). A one-step warmup is a warmup too:
+/// `η'(0) = η(0)`, then the schedule one step late.
+#[test]
+fn warmup_ramps_to_the_first_rate_of_a_decaying_schedule() {
+    let pi = std::f64::consts::PI;
+    let cos = |s: f64| (1.0 + (pi * s / 4.0).cos()) / 2.0;
+    let w = Schedule::cosine(1.0, 0.0, 4)
+        .unwrap()
+        .with_warmup(4)
+        .unwrap();
+    let expect = [0.25, 0.5, 0.75, 1.0, 1.0, cos(1.0), 0.5, cos(3.0), 0.0];
+    for (s, e) in expect.iter().enumerate() {
+        close(w.lr(s), *e);
+    }
+    let one = Schedule::cosine(1.0, 0.0, 4)
+        .unwrap()
+        .with_warmup(1)
+        .unwrap();
+    let expect = [1.0, 1.0, cos(1.0), 0.5, cos(3.0), 0.0];
+    for (s, e) in expect.iter().enumerate() {
+        close(one.lr(s), *e);
+    }
+}
+
+/// `DecayShape::factor` clamps its argument to `[0, 1]` (its docs): below
+/// 0 it is `f(0) = 1`, above 1 it is `f(1) = 0`, for every shape (the
+/// cosine unclamped would rise again past 1: `(1 + cos 2π)/2 = 1`).
+#[test]
+fn decay_shape_factors_clamp_their_argument() {
+    for shape in [
+        DecayShape::Linear,
+        DecayShape::Cosine,
+        DecayShape::OneMinusSqrt,
+    ] {
+        for x in [-0.5, -3.0] {
+            close(shape.factor(x), 1.0);
+        }
+        for x in [1.5, 2.0, 7.0] {
+            close(shape.factor(x), 0.0);
+        }
+    }
+}

@@ -553,6 +553,29 @@ fn top_singular_precise_finds_v1_from_a_start_orthogonal_to_it() {
     }
 }
 
+/// §1, [`top_singular_precise`]'s damping: its docs square the Gram matrix
+/// 16 times (`N = 2¹⁶`), which damps a component with `σ₂² = (1 − g)σ₁²`
+/// by `(1 − g)^N`. `W = diag(1, √(1 − g))` in f64 with `g = 2e-4` and the
+/// start `(1, 1)/√2`: `A = WᵀW = diag(1, 1 − g)` stays diagonal, so `v`'s
+/// second component over its first is `(1 − g)^N ≈ 2e-6` times the start's
+/// ratio (1 up to the added `1e-3·r`); checked within a factor 4. (With
+/// 15 squarings it would be `(1 − g)^{N/2} ≈ 1.4e-3`.)
+#[test]
+fn top_singular_precise_damps_a_close_second_singular_value_by_its_power() {
+    let g = 2e-4f64;
+    let w = DMatrix::from_row_slice(2, 2, &[1.0, 0.0, 0.0, (1.0 - g).sqrt()]);
+    let start = Tensor::new(&[1.0f64, 1.0], &Device::Cpu).unwrap();
+    let top = top_singular_precise(&t64(&w), Some(&start)).unwrap();
+    let v = to_dvector(&top.v);
+    let damping = (1.0 - g).powf(65536.0);
+    let ratio = (v[1] / v[0]).abs();
+    assert!(
+        ratio <= 4.0 * damping,
+        "|v₂/v₁| = {ratio:e}, (1 − g)^N = {damping:e}"
+    );
+    assert!((scalar(&top.sigma) - 1.0).abs() < 1e-12);
+}
+
 /// [`top_singular_precise`]'s `start` has the shape of `v₁`, as in
 /// [`power_iteration`]: `(n,)` for an `(m, n)` matrix, `(b, n)` for a batch
 /// `(b, m, n)` (a regression: an `(n,)` start with a 2-D `W` was refused with

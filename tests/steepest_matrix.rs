@@ -231,6 +231,18 @@ fn stiefel_retraction_is_the_polar_factor() {
     assert!((out.transpose() * &out - DMatrix::identity(4, 4)).norm() < 1e-5);
 }
 
+/// A warm retraction (`cold = false`) of a matrix far from the manifold —
+/// singular values 1, 0.5, 0.01, where cubic Newton–Schulz steps lift the
+/// smallest by only 1.5× a step — starts over cold (its docs) and returns
+/// the polar factor `UVᵀ` (f64 SVD), not an error.
+#[test]
+fn a_warm_stiefel_retraction_far_from_the_manifold_falls_back_to_cold() {
+    let a = with_singular_values(&mut rng(21), 6, 3, &[1.0, 0.5, 0.01]);
+    let out = to_dmatrix(&stiefel_retract(&from_dmatrix(&a, DType::F32), false).unwrap());
+    let err = rel_err(&out, &polar(&a));
+    assert!(err < 1e-4, "{err:e}");
+}
+
 fn nuclear(a: &DMatrix<f64>) -> f64 {
     singular_values(a).iter().sum()
 }
@@ -750,6 +762,11 @@ fn stiefel_retraction_refuses_rank_deficient_matrices() {
             let e = stiefel_retract(w, cold).expect_err(what);
             assert!(
                 matches!(e, steepest::Error::Numerical { .. }),
+                "{what} cold {cold}: {e}"
+            );
+            // A single matrix is no batch: no member is named.
+            assert!(
+                !e.to_string().contains("batch member"),
                 "{what} cold {cold}: {e}"
             );
         }

@@ -115,6 +115,28 @@ fn bad_inputs_are_refused() {
     assert!(average_bound(&[0.1], f64::NAN, 1.0).is_err());
     assert!(last_iterate_bound(&[0.1], 1.0, -1.0).is_err());
     assert!(optimal_constant_lr(1.0, 0.0, 5).is_err());
+    assert!(constant_lr_last_iterate_bound(0.1, 1.0, 1.0, 0).is_err());
+}
+
+/// `R = 0` (starting at the minimiser) and `G = 0` are valid (`≥ 0`): the
+/// bounds are then the remaining term alone, `(G²/2)Σ_t (η_t²/η_T)/max(1, T−t)`
+/// resp. `R²/(2Tη_T)`, worked here by hand for `η = [0.2, 0.1]`, `T = 2`:
+/// `Σ = 0.4/1 + 0.1/1 = 0.5`.
+#[test]
+fn zero_distance_or_zero_gradient_bound_is_the_other_term() {
+    let lrs = [0.2, 0.1];
+    let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-14 * b, "{a} vs {b}");
+    // R = 0: (G²/2)·0.5 with G = 2.
+    close(last_iterate_bound(&lrs, 0.0, 2.0).unwrap(), 1.0);
+    // averaged: (G²/(2T))Σ η_t²/η_T = (4/4)(0.4 + 0.1)
+    close(average_bound(&lrs, 0.0, 2.0).unwrap(), 0.5);
+    // G = 0: R²/(2Tη_T) = 9/(2·2·0.1) with R = 3.
+    close(last_iterate_bound(&lrs, 3.0, 0.0).unwrap(), 22.5);
+    close(average_bound(&lrs, 3.0, 0.0).unwrap(), 22.5);
+    close(
+        constant_lr_last_iterate_bound(0.1, 0.0, 2.0, 1).unwrap(),
+        0.5 * 4.0 * 0.1 * 2.0,
+    );
 }
 
 /// Per-coordinate LAD loss `E|x − z|`, `z ~ U[−1, 1]`: `(x² + 1)/2` on
