@@ -14,9 +14,10 @@ use crate::params::NamedVar;
 /// The global norm `√(Σ_p ‖g_p‖_F²)` of the gradients of `vars` in `grads`
 /// (variables without a gradient are skipped, a variable listed twice counts
 /// once; 0 when none has one), summed in f64 for f64 gradients and f32
-/// otherwise. Finite gradients too large for an f32 sum of squares (entries
-/// beyond ~1e19) are measured again scaled by their largest entry, so the
-/// norm is infinite only when a gradient is.
+/// otherwise. Finite gradients too large or too small for an f32 sum of
+/// squares (entries beyond ~1e19, or all below ~1e-19) are measured again
+/// scaled by their largest entry, so the norm is infinite only when a
+/// gradient is, and 0 only when every gradient is.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     grad_norm_of(grads, &vars.iter().collect::<Vec<_>>())
 }
@@ -34,11 +35,12 @@ fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
         return Ok(0.0);
     }
     let total = sum_of_squares(&gs, 1.0)?;
-    if total.is_finite() {
+    if total.is_finite() && total > 0.0 {
         return Ok(total.sqrt());
     }
-    // Overflow or a NaN/Inf entry: scale by the largest magnitude (finite
-    // only if every entry is) and sum again.
+    // Overflow, a NaN/Inf entry, or underflow (entries below ~1e-19 in f32
+    // square to 0): scale by the largest magnitude (finite only if every
+    // entry is; 0 only if every entry is) and sum again.
     let maxima = gs
         .iter()
         .map(|g| g.abs()?.max_all()?.to_dtype(DType::F64))

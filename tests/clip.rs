@@ -295,3 +295,25 @@ fn f64_gradients_are_measured_in_f64() {
         }
     }
 }
+
+/// f32 gradients whose squares underflow to 0 (entries 3e-25 and 4e-25)
+/// are measured again scaled by their largest entry: the norm is 5e-25 (f64
+/// closed form, to 1e-6), not 0, and clipping to half of it halves them.
+#[test]
+fn tiny_f32_gradients_are_measured_not_zero() {
+    let a = Var::new(&[1f32, 2.], &Device::Cpu).unwrap();
+    let g = Tensor::new(&[3e-25f32, 4e-25], &Device::Cpu).unwrap();
+    let mut grads = (a.as_tensor() * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let norm = grad_norm(&grads, std::slice::from_ref(&a)).unwrap();
+    assert!((norm / 5e-25 - 1.0).abs() <= 1e-6, "{norm:e}");
+    clip_grad_norm(&mut grads, std::slice::from_ref(&a), 0.5 * norm).unwrap();
+    let after = grad_values(&grads, &a);
+    for (x, w) in after.iter().zip([1.5e-25, 2e-25]) {
+        assert!((x / w - 1.0).abs() <= 1e-6, "{x:e} vs {w:e}");
+    }
+}

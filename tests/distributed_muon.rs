@@ -1189,24 +1189,26 @@ fn accumulation_checkpoints_keep_each_ranks_pending_micro_batches() {
 /// Exploding but finite gradients (entries up to 1e20 at steps 2 and 3,
 /// whose f32 squares overflow) are clipped as in one process: the norm is
 /// measured again scaled by the largest entry, as `clip::grad_norm` does,
-/// instead of the step being refused as an infinite norm. 3 ranks, Muon
-/// with spectral decay: every step succeeds, and parameters, state and the
-/// reported norms equal the single-process run bit for bit.
+/// instead of the step being refused as an infinite norm. Vanishing ones
+/// (below 1e-22 at step 4, whose squares underflow to 0) are measured the
+/// same way, not as norm 0. 3 ranks, Muon with spectral decay: every step
+/// succeeds, and parameters, state and the reported norms equal the
+/// single-process run bit for bit.
 #[test]
-fn exploding_finite_gradients_are_clipped_as_in_one_process() {
+fn exploding_and_vanishing_gradients_are_clipped_as_in_one_process() {
     let shapes = model();
     let base = seeded(shapes.clone());
     let g = move |step: usize, rank: usize, i: usize| {
         let t = base(step, rank, i)?;
-        Some(if step == 2 || step == 3 {
-            (t * 1e18).unwrap()
-        } else {
-            t
+        Some(match step {
+            2 | 3 => (t * 1e18).unwrap(),
+            4 => (t * 1e-25).unwrap(),
+            _ => t,
         })
     };
-    let outs = run_distributed(3, &shapes, muon, &clip_cfg(), 5, &g, Start::Fresh, None);
+    let outs = run_distributed(3, &shapes, muon, &clip_cfg(), 6, &g, Start::Fresh, None);
     let mut reference = Reference::new(&shapes, muon);
-    reference.run(3, 0..5, &g, false, Some(1.0));
+    reference.run(3, 0..6, &g, false, Some(1.0));
     for (r, o) in outs.iter().enumerate() {
         assert!(
             o.results.iter().all(|x| x.is_ok()),
@@ -1221,6 +1223,11 @@ fn exploding_finite_gradients_are_clipped_as_in_one_process() {
         );
         assert!(
             o.norms[2].is_some_and(|n| n.is_finite() && n > 1e19),
+            "{:?}",
+            o.norms
+        );
+        assert!(
+            o.norms[4].is_some_and(|n| n > 1e-24 && n < 1e-20),
             "{:?}",
             o.norms
         );

@@ -30,10 +30,11 @@
 //!    parameter order in f64 and scales its gradients by `max/‖g‖` when
 //!    `‖g‖ > max`: [`crate::clip::clip_grad_norm`]'s arithmetic on the averaged
 //!    gradient, so the same norm and the same scaled gradients (see
-//!    [`DataParallel::last_grad_norm`]), bit for bit. When a `Σ g²`
-//!    overflows f32 (finite entries beyond ~1e19), both measure again scaled
-//!    by the largest entry: here two more all-reduces (the maxima, then the
-//!    scaled sums), only at such a step.
+//!    [`DataParallel::last_grad_norm`]), bit for bit. When the sum
+//!    overflows f32 (finite entries beyond ~1e19) or is 0 (entries all below
+//!    ~1e-19, or zero), both measure again scaled by the largest entry: here
+//!    two more all-reduces (the maxima, then the scaled sums), only at such a
+//!    step.
 //! 4. **The owner's step**: [`ShardedStep::step_subset`] with those gradients
 //!    (cast to each parameter's dtype), called on every rank at every step,
 //!    with an empty list on a rank that owns nothing. For an optimizer whose
@@ -882,8 +883,8 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     /// the sum over ranks is exact in any order) plus an error count; every
     /// rank then computes the same norm, in [`crate::clip::grad_norm`]'s
     /// arithmetic, and scales its own gradients. As there, finite gradients
-    /// whose f32 squares overflow (entries beyond ~1e19) are measured again
-    /// scaled by the largest entry (two more all-reduces, only then).
+    /// whose f32 sum of squares overflows or is 0 are measured again scaled
+    /// by the largest entry (two more all-reduces, only then).
     /// `has_grad[i]`: how many ranks have a gradient for parameter `i`.
     fn clip(
         &mut self,
@@ -925,10 +926,10 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                 .sum()
         };
         let mut norm = total(&sq).sqrt();
-        if !norm.is_finite() {
+        if !norm.is_finite() || norm == 0.0 {
             // As clip::grad_norm: overflow of finite gradients (a NaN/Inf
-            // was refused in step 1, but an average may overflow): measure
-            // again scaled by the largest magnitude.
+            // was refused in step 1, but an average may overflow) or
+            // underflow: measure again scaled by the largest magnitude.
             let maxima = per_param(p, &owned, |g| g.abs()?.max_all()?.to_dtype(DType::F32))?;
             let maxima = self.all_reduce_host(maxima)?;
             let m = crate::linalg::max_or_nan(
