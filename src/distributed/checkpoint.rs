@@ -37,7 +37,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::collective::Collective;
+use super::collective::{Checked, Collective};
 use super::plan::Plan;
 use crate::checkpoint::{load, merge, save, split_key, Header};
 use crate::error::{fail, Error, Result};
@@ -97,6 +97,7 @@ pub fn save_sharded<C: Collective>(
     state: Result<HashMap<String, Tensor>>,
     dir: &Path,
 ) -> Result<()> {
+    let comm = &Checked(comm);
     let (rank, world) = (comm.rank(), comm.world_size());
     let who = format!("DataParallel::save_state (rank {rank})");
     let file = rank_file(rank, world);
@@ -141,8 +142,19 @@ pub fn save_sharded<C: Collective>(
         }
     }
     let status = comm
-        .broadcast(&Tensor::new(&[status], device)?, 0)?
-        .to_vec1::<f32>()?[0];
+        .broadcast(&Tensor::new(&[status], device)?, 0)
+        .and_then(|t| t.to_vec1::<f32>());
+    let status = match status {
+        Ok(s) => s[0],
+        Err(e) => {
+            // The other ranks may not learn of the manifest: take it back,
+            // so that an error on any rank leaves none.
+            if rank == 0 && here.is_none() {
+                let _ = std::fs::remove_file(dir.join(MANIFEST));
+            }
+            return Err(e.into());
+        }
+    };
     if status != 0.0 {
         let mut msg = "writing the manifest failed on rank 0".to_string();
         if let Some(e) = here {

@@ -156,6 +156,58 @@ impl<C: Collective + ?Sized> Collective for &C {
     }
 }
 
+/// A [`Collective`] whose results are checked against the trait's contract
+/// (element count and dtype): a faulty implementation gives an error where
+/// the result is used, not a panic or a misread buffer. `DataParallel` and
+/// the sharded checkpoint issue every collective through it.
+pub(crate) struct Checked<'c, C: ?Sized>(pub(crate) &'c C);
+
+/// `got`, if it has `want` elements of `dtype`; else an error naming `op`.
+fn expect(op: &str, got: Tensor, want: usize, dtype: DType) -> Result<Tensor> {
+    if got.elem_count() != want || got.dtype() != dtype {
+        return Err(super::dist_err(
+            &format!("Collective::{op}"),
+            format!(
+                "returned {} elements of {:?}, expected {want} of {dtype:?} (a faulty \
+                 implementation or communicator)",
+                got.elem_count(),
+                got.dtype()
+            ),
+        ));
+    }
+    Ok(got)
+}
+
+impl<C: Collective + ?Sized> Collective for Checked<'_, C> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let got = self.0.all_reduce(x, op)?;
+        expect("all_reduce", got, x.elem_count(), x.dtype())
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let got = self.0.reduce_scatter(x, op)?;
+        let want = x.elem_count() / self.0.world_size().max(1);
+        expect("reduce_scatter", got, want, x.dtype())
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        let got = self.0.all_gather(x)?;
+        let want = self.0.world_size() * x.elem_count();
+        expect("all_gather", got, want, x.dtype())
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        let got = self.0.broadcast(x, root)?;
+        expect("broadcast", got, x.elem_count(), x.dtype())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.0.barrier()
+    }
+}
+
 /// The dtypes every [`Collective`] supports.
 pub const SUPPORTED_DTYPES: [DType; 2] = [DType::F32, DType::BF16];
 

@@ -69,10 +69,18 @@
 //! not agree. **Every rank then refuses further steps** until
 //! [`load_state`](DataParallel::load_state) restores a consistent state
 //! (or, when the failed step changed nothing on its rank and no counter
-//! is involved, [`clear_failure`](DataParallel::clear_failure)). The
-//! agreement itself is one collective that every rank must reach: a rank
-//! whose own all-reduce call fails (a device or communicator fault) cannot
-//! tell the others, as with any collective.
+//! is involved, [`clear_failure`](DataParallel::clear_failure)). A failure
+//! of the all-gather itself (a communicator fault) marks the rank it
+//! happens on broken the same way, and then the parameters may differ
+//! across ranks too: restore them as well.
+//!
+//! Communicator faults. Every collective's result is checked against the
+//! [`Collective`] contract (its element count and dtype), so a faulty
+//! implementation is an error, never a panic. The agreement itself is one
+//! collective that every rank must reach: a rank whose own collective call
+//! fails (a device or communicator fault) cannot tell the others, as with
+//! any collective, so such a fault on one rank only may leave that rank's
+//! result different from the others' (or, on NCCL, the others waiting).
 //!
 //! Checkpoints: [`save_state`](DataParallel::save_state) writes one file per
 //! rank (that rank's optimizer state: the parameters it owns) and a manifest;
@@ -85,7 +93,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::checkpoint::{load_union, save_sharded};
-use super::collective::{Collective, ReduceOp};
+use super::collective::{Checked, Collective, ReduceOp};
 use super::plan::{fnv1a, ParamSpec, Plan, FNV_OFFSET, FNV_PRIME};
 use super::sharded::{param_specs, ShardedOptimizer};
 use crate::checkpoint::{restrict, OptimizerState};
@@ -474,6 +482,11 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         Ok(this)
     }
 
+    /// The communicator, its results checked against the trait's contract.
+    fn coll(&self) -> Checked<'_, C> {
+        Checked(&self.comm)
+    }
+
     fn who(&self, op: &str) -> String {
         format!("DataParallel::{op} (rank {})", self.comm.rank())
     }
@@ -500,7 +513,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             .map_or(0, |s| fnv1a(FNV_OFFSET, s.to_string().as_bytes()));
         let ours: Vec<f32> = [f32_pieces(layout), f32_pieces(settings)].concat();
         let t = Tensor::new(ours.as_slice(), &self.device)?;
-        let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
+        let all = self.coll().all_gather(&t)?.to_vec1::<f32>()?;
         let differ = |part: std::ops::Range<usize>| -> Vec<usize> {
             (0..self.comm.world_size())
                 .filter(|&r| all[6 * r + part.start..6 * r + part.end] != ours[part.clone()])
@@ -538,7 +551,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let p = self.plan.len();
         let counts = Tensor::new(&[p as f32], &self.device)?;
         let counts: Vec<usize> = self
-            .comm
+            .coll()
             .all_gather(&counts)?
             .to_vec1::<f32>()?
             .into_iter()
@@ -557,7 +570,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             ours[3 * i..3 * i + 3].copy_from_slice(&f32_pieces(h));
         }
         let t = Tensor::from_vec(ours.clone(), 3 * longest, &self.device)?;
-        let all = self.comm.all_gather(&t)?.to_vec1::<f32>()?;
+        let all = self.coll().all_gather(&t)?.to_vec1::<f32>()?;
         let row = |r: usize| &all[3 * longest * r..3 * longest * (r + 1)];
         let first = (0..longest)
             .find(|&i| (0..world).any(|r| row(r)[3 * i..3 * i + 3] != ours[3 * i..3 * i + 3]));
@@ -593,7 +606,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             .map(|v| Some(v.as_tensor().clone()))
             .collect();
         let flat = self.plan.pack(&values, self.param_dtype, &self.device)?;
-        let flat = self.comm.broadcast(&flat, 0)?;
+        let flat = self.coll().broadcast(&flat, 0)?;
         if self.comm.rank() != 0 {
             for (v, t) in self.vars.iter().zip(self.plan.unpack(&flat)?) {
                 v.set(&t.to_dtype(v.dtype())?)?;
@@ -638,8 +651,13 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         // 1. Check the gradients; a problem on any rank refuses the step on all.
         let (flat, has_grad) = self.check_gradients(grads, &who)?;
         // 2. One reduce-scatter: the averaged gradients of the owned parameters.
-        let chunk = self.comm.reduce_scatter(&flat, ReduceOp::Avg)?;
-        let owned = self.owned_grads(&chunk, &has_grad);
+        // (A failure here is this rank's alone: it goes on to the clip's or
+        // the all-gather's status, which every rank reads.)
+        let owned = self
+            .coll()
+            .reduce_scatter(&flat, ReduceOp::Avg)
+            .map_err(Error::from)
+            .and_then(|chunk| self.owned_grads(&chunk, &has_grad));
         // 3. Clipping (collective when configured): refuses on every rank or
         // on none, before anything changed.
         let owned = match self.config.clip_grad_norm {
@@ -707,7 +725,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         }
         let status = Tensor::from_vec(status, 2 * world + 2 * p, &self.device)?;
         let status = self
-            .comm
+            .coll()
             .all_reduce(&status, ReduceOp::Sum)?
             .to_vec1::<f32>()?;
         let bad_ranks: Vec<usize> = (0..world).filter(|&r| status[r] != 0.0).collect();
@@ -761,7 +779,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         if !self.two_phase {
             return OwnerStep::Ran(owned.and_then(|owned| self.opt.step_subset(&owned)));
         }
-        let (comm, plan, device) = (&self.comm, &self.plan, &self.device);
+        let (comm, plan, device) = (&Checked(&self.comm), &self.plan, &self.device);
         let (calls, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
         let mut agree = |e: Option<&Error>| {
             calls.set(calls.get() + 1);
@@ -834,20 +852,25 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                     )
                 }
             };
-        let gathered = self.comm.all_gather(&send)?.reshape((world, cl + 1))?;
-        let flags: Vec<f32> = gathered
-            .narrow(1, cl, 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let params = gathered.narrow(1, 0, cl)?.contiguous()?;
-        for (i, t) in self.plan.unpack(&params)?.into_iter().enumerate() {
-            let o = self.plan.owner(i);
-            if o != rank && flags[o] != PACK_FAILED {
-                let v = &self.vars[i];
-                v.set(&t.to_dtype(v.dtype())?)?;
+        let flags = match self.gather_and_write(&send) {
+            Ok(flags) => flags,
+            Err(e) => {
+                // The owners have stepped (this rank's share at least) and
+                // the others' parameters were not (all) written here: the
+                // ranks may now differ, so no further step may run.
+                self.broken = Some(format!(
+                    "the all-gather after the owners' step failed on rank {rank}: parameters \
+                     may differ across ranks (restore them, e.g. sync_parameters, as well)"
+                ));
+                return Err(Error::device(
+                    who,
+                    format!(
+                        "the all-gather after the owners' step failed here ({e}); further steps \
+                         are refused until load_state"
+                    ),
+                ));
             }
-        }
+        };
         let failed: Vec<usize> = (0..world).filter(|&r| flags[r] != 0.0).collect();
         if failed.is_empty() {
             return Ok(());
@@ -866,6 +889,29 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         self.broken = Some(format!("the owners' step failed on rank(s) {failed:?}"));
         msg += "; further steps are refused until load_state";
         Err(error_of_kind(flags[failed[0]], who, msg))
+    }
+
+    /// Step 5's collective: the all-gather of `send` (this rank's owned
+    /// parameters and status), then the other owners' parameters written
+    /// (those whose packing did not fail); returns every rank's status.
+    fn gather_and_write(&mut self, send: &Tensor) -> Result<Vec<f32>> {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let cl = self.plan.chunk_len();
+        let gathered = self.coll().all_gather(send)?.reshape((world, cl + 1))?;
+        let flags: Vec<f32> = gathered
+            .narrow(1, cl, 1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let params = gathered.narrow(1, 0, cl)?.contiguous()?;
+        for (i, t) in self.plan.unpack(&params)?.into_iter().enumerate() {
+            let o = self.plan.owner(i);
+            if o != rank && flags[o] != PACK_FAILED {
+                let v = &self.vars[i];
+                v.set(&t.to_dtype(v.dtype())?)?;
+            }
+        }
+        Ok(flags)
     }
 
     /// Lets steps run again after a step that failed partway (see the
@@ -970,7 +1016,10 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     fn all_reduce_host(&self, v: Vec<f32>) -> Result<Vec<f32>> {
         let n = v.len();
         let t = Tensor::from_vec(v, n, &self.device)?;
-        Ok(self.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?)
+        Ok(self
+            .coll()
+            .all_reduce(&t, ReduceOp::Sum)?
+            .to_vec1::<f32>()?)
     }
 
     /// Indices of the parameters whose local gradient is not finite (slow
@@ -1088,7 +1137,7 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             state.extend(extra?);
             Ok(state)
         });
-        save_sharded(&self.comm, &self.device, &self.plan, state, dir)
+        save_sharded(&self.coll(), &self.device, &self.plan, state, dir)
     }
 
     /// Loads a checkpoint written by [`save_state`](Self::save_state) at any
@@ -1130,20 +1179,30 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             Ok(taken)
         })();
         let flag = Tensor::new(&[if local.is_ok() { 0f32 } else { 1f32 }], &self.device)?;
-        let failed = self
-            .comm
-            .all_reduce(&flag, ReduceOp::Sum)?
-            .to_vec1::<f32>()?[0];
-        if failed == 0.0 {
-            // A consistent state on every rank again.
-            self.broken = None;
-            return local;
-        }
+        let verdict = self
+            .coll()
+            .all_reduce(&flag, ReduceOp::Sum)
+            .and_then(|t| t.to_vec1::<f32>());
+        let mut msg = match verdict {
+            Ok(failed) if failed[0] == 0.0 => {
+                // A consistent state on every rank again.
+                self.broken = None;
+                return local;
+            }
+            Ok(failed) => format!(
+                "loading {} failed on {} rank(s); every rank kept its previous state",
+                path.display(),
+                failed[0]
+            ),
+            // This rank cannot know whether the others loaded: it keeps its
+            // previous state, as on a refusal.
+            Err(e) => format!(
+                "loading {}: the agreement all-reduce failed here ({e}); this rank kept its \
+                 previous state",
+                path.display()
+            ),
+        };
         // Roll back a rank whose own load succeeded.
-        let mut msg = format!(
-            "loading {} failed on {failed} rank(s); every rank kept its previous state",
-            path.display()
-        );
         match local {
             Err(e) => msg += &format!("; here: {e}"),
             Ok(_) => {
