@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result as CResult, Tensor, Var};
+use candle_core::{DType, Device, Result as CResult, Tensor};
 use distributed_support::{bits, gvalues, host};
 use steepest::distributed::{
     load_union, Collective, DataParallel, DataParallelConfig, LocalComm, LocalGroup, ReduceOp,
@@ -310,22 +310,7 @@ fn shapes(opt: Opt) -> Vec<(&'static str, Vec<usize>)> {
 }
 
 fn make_named(opt: Opt, seed: u64) -> Vec<NamedVar> {
-    shapes(opt)
-        .iter()
-        .enumerate()
-        .map(|(i, (name, d))| {
-            let n = d.iter().product();
-            let v: Vec<f32> = gvalues(seed * 1000 + i as u64, n)
-                .into_iter()
-                .map(|x| x * 0.01)
-                .collect();
-            let t = Tensor::from_vec(v, d.as_slice(), &Device::Cpu).unwrap();
-            NamedVar {
-                name: name.to_string(),
-                var: Var::from_tensor(&t).unwrap(),
-            }
-        })
-        .collect()
+    distributed_support::make_named(&shapes(opt), seed)
 }
 
 fn muon(vars: Vec<NamedVar>) -> Muon {

@@ -57,22 +57,7 @@ type Shapes = Vec<(&'static str, Vec<usize>)>;
 
 /// Named variables of these shapes, values from `seed`.
 fn make_named(shapes: &Shapes, seed: u64) -> Vec<NamedVar> {
-    shapes
-        .iter()
-        .enumerate()
-        .map(|(i, (name, d))| {
-            let n = d.iter().product();
-            let v: Vec<f32> = gvalues(seed * 1000 + i as u64, n)
-                .into_iter()
-                .map(|x| x * 0.01)
-                .collect();
-            let t = Tensor::from_vec(v, d.as_slice(), &Device::Cpu).unwrap();
-            NamedVar {
-                name: name.to_string(),
-                var: Var::from_tensor(&t).unwrap(),
-            }
-        })
-        .collect()
+    distributed_support::make_named(shapes, seed)
 }
 
 /// Muon with spectral decay on its matrices and on the AdamW part's

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use steepest::distributed::ShardedStep;
+use steepest::optim::NamedVar;
 
 /// SGD with momentum, `m ← μ·m + g`, `w ← w − η·m`; momentum only for the
 /// parameters it has stepped. All updates are computed before any is written,
@@ -148,6 +149,26 @@ pub fn make_vars(shapes: &[Vec<usize>], seed: u64) -> Vec<Var> {
                 .map(|x| x * 0.01)
                 .collect();
             Var::from_tensor(&Tensor::from_vec(v, d.as_slice(), &Device::Cpu).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+/// Named f32 variables of these shapes, values `0.01·gvalues(seed·1000 + i)`.
+pub fn make_named(shapes: &[(&str, Vec<usize>)], seed: u64) -> Vec<NamedVar> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, d))| {
+            let n = d.iter().product();
+            let v: Vec<f32> = gvalues(seed * 1000 + i as u64, n)
+                .into_iter()
+                .map(|x| x * 0.01)
+                .collect();
+            let t = Tensor::from_vec(v, d.as_slice(), &Device::Cpu).unwrap();
+            NamedVar {
+                name: name.to_string(),
+                var: Var::from_tensor(&t).unwrap(),
+            }
         })
         .collect()
 }
