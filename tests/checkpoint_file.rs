@@ -764,6 +764,11 @@ fn bare_var_checkpoints_of_the_old_numbering_are_refused() {
     }
     assert_eq!(snapshot(&vm), params);
     assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
+    // A marker naming another numbering rule is no marker of this one.
+    let other = common::with_header(&state, |h| h["bare_names"] = "given".into());
+    let e = opt.load_state_dict(&other).unwrap_err();
+    assert!(e.to_string().contains("creation order"), "{e}");
+    assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before);
     // the same state with its marker loads
     opt.load_state_dict(&state).unwrap();
     // named parameters: no marker, and none needed
@@ -785,6 +790,32 @@ fn a_name_that_merely_looks_bare_is_not_a_bare_variable_checkpoint() {
     let state = opt.state_dict().unwrap();
     assert!(common::header(&state).get("bare_names").is_none());
     opt.load_state_dict(&state).unwrap();
+    // `param.00`, `param.01` parse as 0 and 1 but are not the names
+    // `Optimizer::new` gives (`param.0`, `param.1`).
+    let shapes: &Shapes = &[("param.00", &[3, 2]), ("param.01", &[2, 2])];
+    let vm = model_of(shapes, DType::F32, 1);
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    opt.backward_step(&loss_of(&vm, shapes, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    let h = common::header(&state);
+    assert!(h.get("bare_names").is_none(), "{h}");
+    opt.load_state_dict(&state).unwrap();
+}
+
+/// An optimizer without parameters has no bare variables: its header has
+/// no numbering marker, and a header without one (as an earlier version
+/// wrote it) loads.
+#[test]
+fn an_optimizer_without_parameters_is_not_a_bare_variable_checkpoint() {
+    let mut opt = AdamW::new(Vec::new(), AdamWConfig::default()).unwrap();
+    let state = opt.state_dict().unwrap();
+    let h = common::header(&state);
+    assert_eq!(h["params"], serde_json::json!([]));
+    assert!(h.get("bare_names").is_none(), "{h}");
+    let unmarked = common::with_header(&state, |h| {
+        h.as_object_mut().unwrap().remove("bare_names");
+    });
+    opt.load_state_dict(&unmarked).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -961,4 +992,83 @@ fn nested_parameter_names_resume_and_restrict_to_their_own_state() {
     // Every entry but the header belongs to exactly one parameter.
     assert_eq!(covered, state.len() - 1);
     resume("AdamW nested names", NESTED, DType::F32, adamw);
+}
+
+/// `merge` takes state dicts of one optimizer only: the same parameters
+/// and kind with another learning rate (another header) are refused,
+/// naming the header, whichever dict comes first.
+#[test]
+fn merge_refuses_dicts_with_another_header() {
+    let shapes: &Shapes = &[("w", &[3, 2]), ("v", &[4])];
+    let vm = model_of(shapes, DType::F32, 3);
+    let mut opt = adamw(&vm);
+    opt.backward_step(&loss_of(&vm, shapes, 0)).unwrap();
+    let a = opt.state_dict().unwrap();
+    opt.set_learning_rate(0.02);
+    let b = opt.state_dict().unwrap();
+    assert_eq!(common::header(&a)["kind"], common::header(&b)["kind"]);
+    assert_ne!(common::header(&a), common::header(&b));
+    steepest::checkpoint::merge(&[a.clone(), a.clone()]).unwrap();
+    for pair in [[a.clone(), b.clone()], [b, a]] {
+        match steepest::checkpoint::merge(&pair) {
+            Err(Error::Checkpoint { who, what }) => {
+                assert_eq!(who, "__steepest__", "{what}");
+                assert!(what.contains("another header"), "{what}");
+            }
+            r => panic!("expected Error::Checkpoint naming the header, got {r:?}"),
+        }
+    }
+}
+
+/// `restrict` keeps every entry that belongs to no parameter of the header
+/// — here `warmup.step`, whose name starts with the parameter name `w` but
+/// not with `w.` — whichever parameters are kept, and refuses a name the
+/// header does not list.
+#[test]
+fn restrict_keeps_entries_of_no_parameter_and_refuses_unknown_names() {
+    let shapes: &Shapes = &[("w", &[3, 2]), ("v", &[4])];
+    let vm = model_of(shapes, DType::F32, 3);
+    let mut opt = adamw(&vm);
+    opt.backward_step(&loss_of(&vm, shapes, 0)).unwrap();
+    let mut state = opt.state_dict().unwrap();
+    let extra = "warmup.step";
+    state.insert(extra.into(), Tensor::new(5i64, &Device::Cpu).unwrap());
+    for keep in [&["v"][..], &["w"], &[], &["w", "v"]] {
+        let kept = steepest::checkpoint::restrict(&state, keep).unwrap();
+        assert!(kept.contains_key(extra), "restrict to {keep:?}");
+        assert!(kept.contains_key("__steepest__"), "restrict to {keep:?}");
+        for name in ["w", "v"] {
+            let key = format!("{name}.adam.exp_avg");
+            assert_eq!(
+                kept.contains_key(&key),
+                keep.contains(&name),
+                "{key}, {keep:?}"
+            );
+        }
+    }
+    match steepest::checkpoint::restrict(&state, &["v", "ghost"]) {
+        Err(Error::Checkpoint { who, what }) => {
+            assert_eq!(who, "ghost", "{what}");
+            assert!(what.contains("not a parameter"), "{what}");
+        }
+        r => panic!(
+            "expected Error::Checkpoint naming ghost, got {:?}",
+            r.map(|m| m.len())
+        ),
+    }
+}
+
+/// A file whose header checksum (`steepest.header.crc32`) is missing from
+/// the metadata is refused, like a wrong one, and nothing changes.
+#[test]
+fn a_missing_header_checksum_is_refused() {
+    let mut s = saved();
+    let bad = with_metadata(&s.bytes, |m| {
+        assert!(m.remove("steepest.header.crc32").is_some());
+    });
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, &bad, |who, what| {
+        assert_eq!(who, "__steepest__", "{what}");
+        assert!(what.contains("no header checksum"), "{what}");
+    });
 }

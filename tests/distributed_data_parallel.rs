@@ -824,3 +824,37 @@ fn a_gradient_preparation_failure_under_clipping_is_a_device_error_on_every_rank
     }
     assert_eq!(outs[0].3, outs[1].3, "the ranks disagree");
 }
+
+/// Gradients that are exactly zero on every rank under clipping: the
+/// global norm is 0 — there is no largest entry to measure again by, as
+/// `clip::grad_norm` finds for a zero gradient — so the step runs on every
+/// rank, unscaled, and `last_grad_norm` reports 0 (not a refused step with
+/// a NaN norm).
+#[test]
+fn zero_gradients_under_clipping_step_with_norm_zero() {
+    let shapes = mixed_shapes();
+    let cfg = DataParallelConfig {
+        clip_grad_norm: Some(1.0),
+        ..DataParallelConfig::default()
+    };
+    let outs = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_vars(&shapes, 1 + rank as u64);
+        let named = named_p(&vars);
+        let opt = MomentumSgd::new(vars.clone());
+        let mut dp = DataParallel::new(comm, named, opt, cfg.clone())?;
+        let gs: Vec<Option<Tensor>> = shapes
+            .iter()
+            .map(|s| Some(Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        let stepped = dp.step_grads(&gs).map_err(|e| e.to_string());
+        Ok((stepped, dp.last_grad_norm(), dp.steps()))
+    })
+    .unwrap();
+    for (rank, out) in outs.into_iter().enumerate() {
+        let (stepped, norm, steps) = out.unwrap();
+        assert_eq!(stepped, Ok(()), "rank {rank}");
+        assert_eq!(norm, Some(0.0), "rank {rank}");
+        assert_eq!(steps, 1, "rank {rank}");
+    }
+}

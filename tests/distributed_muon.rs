@@ -1148,6 +1148,23 @@ fn accumulation_checkpoints_keep_each_ranks_pending_micro_batches() {
         assert_eq!(kept, (true, 2, 1), "rank {rank}: changed by the refusal");
         assert_eq!(loaded, (every, 0), "rank {rank}: the boundary checkpoint");
     }
+    // At 1 rank (fewer than saved) the pending micro-batches are refused
+    // too; the boundary checkpoint loads.
+    let at_one = LocalGroup::run(1, |comm| {
+        let vars = make_named(&shapes, 1);
+        let dp = DataParallel::for_optimizer(comm, muon(vars.clone()), Default::default())?;
+        let mut acc = Accumulate::data_parallel(dp, 2)?;
+        let refused = acc.load_state(&pending).map_err(|e| e.to_string());
+        let pending_after = acc.pending();
+        acc.load_state(&boundary)?;
+        Ok((refused, pending_after, (acc.every(), acc.pending())))
+    })
+    .unwrap();
+    let (refused, pending_after, loaded) = at_one.into_iter().next().unwrap().unwrap();
+    let e = refused.expect_err("pending micro-batches at a smaller world size");
+    assert!(e.contains("only at that world size, not 1"), "{e}");
+    assert_eq!(pending_after, 0, "changed by the refusal");
+    assert_eq!(loaded, (every, 0), "the boundary checkpoint at 1 rank");
 
     // One process: the pending checkpoint is refused by `Accumulate` and by
     // the plain optimizer; the boundary one loads into `Accumulate`.

@@ -644,4 +644,28 @@ mod tests {
         let _t3 = launch::cached_upload(&e, &[1, 2, 4]).unwrap();
         assert_eq!(e.uploads(), 2);
     }
+
+    /// The cache keeps the 64 most recently used tables: a hit makes its
+    /// table the most recent, so a 65th distinct table evicts the least
+    /// recently used one (uploaded again when next asked for), not the hit.
+    #[test]
+    fn table_cache_evicts_the_least_recently_used() {
+        let e = Emu {
+            cache: Mutex::new(TableCache::default()),
+            regions: Mutex::new(BTreeMap::new()),
+        };
+        let get = |i: u8| drop(launch::cached_upload(&e, &[i, 7, 7]).unwrap());
+        for i in 0..64 {
+            get(i);
+        }
+        assert_eq!(e.uploads(), 64);
+        get(0); // a hit: table 0 is now the most recent, table 1 the least
+        assert_eq!(e.uploads(), 64);
+        get(64); // evicts table 1
+        assert_eq!(e.uploads(), 65);
+        get(0);
+        assert_eq!(e.uploads(), 65, "the table just used was evicted");
+        get(1);
+        assert_eq!(e.uploads(), 66, "the least recently used table was kept");
+    }
 }

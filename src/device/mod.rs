@@ -440,6 +440,20 @@ pub(crate) fn check_ema_counts(grads: &[&Tensor], bufs: &[&Var], out: &Var) -> R
             out.dim(0)?
         );
     }
+    // Every member the same size as its output row (the CPU path splits
+    // the output by it).
+    let row = out.elem_count() / n.max(1);
+    for (i, (g, b)) in grads.iter().zip(bufs).enumerate() {
+        if g.elem_count() != row || b.elem_count() != row {
+            fail!(
+                Shape,
+                "ema_momentum",
+                "member {i}: gradient of {} and buffer of {} elements, output rows of {row}",
+                g.elem_count(),
+                b.elem_count()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -461,6 +475,19 @@ pub(crate) fn check_apply_counts(
             alphas.len(),
             decays.len()
         );
+    }
+    // Every direction row the size of its parameter (the CPU path splits
+    // the direction by the parameters' sizes).
+    let row = d.elem_count() / n.max(1);
+    for (i, w) in ws.iter().enumerate() {
+        if w.elem_count() != row {
+            fail!(
+                Shape,
+                "apply_step",
+                "parameter {i} has {} elements, its direction row {row}",
+                w.elem_count()
+            );
+        }
     }
     Ok(())
 }

@@ -249,3 +249,30 @@ fn msign_gram_form_low_precision() {
         assert_eq!(max_abs(&emu::msign(&g, &ns, None).unwrap()), 0.0);
     }
 }
+
+/// A schedule whose steps have c = 0 (cubic) with bf16 and f16 operands:
+/// there `B = b·A` is no GEMM but a scaled mirror followed by its own
+/// rounding into the operand copy, a path no quintic schedule takes. Against
+/// the generic path with the same operand rounding and against the f32
+/// result, in the standard and the Gram form.
+#[test]
+fn msign_cubic_low_precision_operands() {
+    for (i, &(b, m, n)) in [(1, 12, 20), (2, 30, 9)].iter().enumerate() {
+        let g = input(60 + i, b, m, n, DType::F32);
+        let exact = msign(&g, &NewtonSchulz::cubic(6)).unwrap();
+        let gram = NewtonSchulz::cubic(6).with_gram(GramNewtonSchulz {
+            min_aspect: 1.0,
+            restarts: vec![3],
+        });
+        for base in [NewtonSchulz::cubic(6), gram] {
+            for op in [DType::BF16, DType::F16] {
+                let ns = base.clone().with_compute_dtype(op);
+                let want = msign_generic(&g, &ns).unwrap();
+                let got = emu::msign(&g, &ns, Some(7)).unwrap();
+                let what = format!("({b}, {m}, {n}) cubic, operands {op:?}");
+                check(&what, &want, &got, 0.1);
+                check(&format!("{what} vs f32"), &exact, &got, 0.1);
+            }
+        }
+    }
+}

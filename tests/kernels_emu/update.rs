@@ -349,3 +349,65 @@ fn an_empty_output_listed_twice_is_refused() {
     let e = res.expect_err("an output listed twice");
     assert!(e.contains("shares its storage"), "{e}");
 }
+
+/// Tensors large enough (≥ 2¹⁷ elements in one call) for the CPU path to
+/// split them into spans across the thread pool still give the kernels'
+/// bits: a (301, 500) parameter, so that under a rank-1 decay the spans are
+/// whole rows (66 rows of 500, not the bare 2¹⁵-element span) and the last
+/// span is shorter than the others. AdamW, SGD with Nesterov momentum and
+/// apply under each decay, f32 and bf16; Muon's momentum over two members.
+#[test]
+fn large_tensors_split_across_threads_match_the_kernels() {
+    let shape: &[usize] = &[301, 500];
+    for (i, &decay) in DECAYS.iter().enumerate() {
+        let dt = DTYPES[i % 2];
+        let ps = [P::new(900 + i as u64, shape, dt, decay)];
+        check_adamw(&ps, "adamw, large");
+        check_sgd(&ps, true, 0.9, true, "sgd, large");
+        check_apply(&ps, "apply, large");
+    }
+    let ps: Vec<P> = (0..2)
+        .map(|i| P::new(910 + i, shape, DType::F32, DecayKind::None))
+        .collect();
+    check_ema(&ps, 0.95, true, "ema, large");
+}
+
+/// A direction (apply) or an output (Muon's momentum) whose members are not
+/// the parameters' size is refused as a shape error, nothing written — too
+/// long as well as too short — by the kernels' launch code and by the CPU
+/// path (which used the first elements of a too-long row and panicked on a
+/// too-short one): the table, or the split, would otherwise read or write
+/// the wrong elements silently.
+#[test]
+fn a_direction_or_output_of_the_wrong_size_is_refused() {
+    type Apply = fn(&[&Var], &Tensor, &[f64], &[DecayTerm<'_>]) -> steepest::Result<()>;
+    type Ema = fn(&[&Tensor], &[&Var], &Var, f64, bool) -> steepest::Result<()>;
+    let paths: [(&str, Apply, Ema); 2] = [
+        ("kernels", emu::apply_step, emu::ema_momentum),
+        ("cpu", device::apply_step, device::ema_momentum),
+    ];
+    let dev = Device::Cpu;
+    for (path, apply, ema) in paths {
+        let w = Var::zeros((2, 3), DType::F32, &dev).unwrap();
+        for len in [5usize, 7] {
+            let d = Tensor::ones((1, len), DType::F32, &dev).unwrap();
+            let e = apply(&[&w], &d, &[1.0], &[DecayTerm::NONE]).unwrap_err();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. }),
+                "{path} {len}: {e}"
+            );
+            assert_eq!(max_abs(w.as_tensor()), 0.0, "{path} {len}: written");
+        }
+        let g = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
+        let buf = Var::zeros((2, 3), DType::F32, &dev).unwrap();
+        for len in [5usize, 7] {
+            let out = Var::zeros((1, len), DType::F32, &dev).unwrap();
+            let e = ema(&[&g], &[&buf], &out, 0.9, false).unwrap_err();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. }),
+                "{path} {len}: {e}"
+            );
+            assert_eq!(max_abs(buf.as_tensor()), 0.0, "{path} {len}: written");
+        }
+    }
+}

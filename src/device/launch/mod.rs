@@ -350,4 +350,10 @@ mod tests {
         let e = shared_opt_in("power_gram_f32", gram, dynamic(kmax + 1)).unwrap_err();
         assert!(e.to_string().contains("power_gram_f32"), "{e}");
     }
+
+    /// A power iteration's batch is the grid's `y`: up to CUDA's 65 535.
+    #[test]
+    fn power_batches_fit_the_grid() {
+        assert!(power_supported(65_535, 3, 2) && !power_supported(65_536, 3, 2));
+    }
 }
