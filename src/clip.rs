@@ -45,6 +45,8 @@ fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
         .iter()
         .map(|g| g.abs()?.max_all()?.to_dtype(DType::F64))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    // (data-parallel clipping reads each maximum in f32: exact for the f32,
+    // bf16 and f16 gradients it supports)
     let m = crate::linalg::max_or_nan(Tensor::stack(&maxima, 0)?.to_vec1::<f64>()?);
     if !(m.is_finite() && m > 0.0) {
         return Ok(total.sqrt());
@@ -52,27 +54,32 @@ fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     Ok(m * sum_of_squares(&gs, 1.0 / m)?.sqrt())
 }
 
-/// `Σ_p ‖scale·g_p‖_F²`, each term in f64 for f64 gradients and f32
-/// otherwise, summed in f64 (one device-to-host transfer for all).
+/// `Σ_p ‖scale·g_p‖_F²`, each term [`squared_norm_term`], summed in f64
+/// (one device-to-host transfer for all).
 fn sum_of_squares(gs: &[&Tensor], scale: f64) -> Result<f64> {
     let squares = gs
         .iter()
-        .map(|g| {
-            let dt = if g.dtype() == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let g = g.to_dtype(dt)?;
-            let g = if scale == 1.0 {
-                g
-            } else {
-                g.affine(scale, 0.0)?
-            };
-            g.sqr()?.sum_all()?.to_dtype(DType::F64)
-        })
+        .map(|g| squared_norm_term(g, scale)?.to_dtype(DType::F64))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&squares, 0)?.to_vec1::<f64>()?.iter().sum())
+}
+
+/// `‖scale·g‖_F²` as a scalar tensor, computed in f64 for an f64 gradient and
+/// in f32 otherwise: one parameter's term of the global norm. Data-parallel
+/// clipping sums the same terms, so its norm is this one bit for bit.
+pub(crate) fn squared_norm_term(g: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dt = if g.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let g = g.to_dtype(dt)?;
+    let g = if scale == 1.0 {
+        g
+    } else {
+        g.affine(scale, 0.0)?
+    };
+    g.sqr()?.sum_all()
 }
 
 /// Clips the gradients of `vars` in place to global norm `max_norm`; returns

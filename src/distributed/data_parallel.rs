@@ -97,6 +97,7 @@ use super::collective::{Checked, Collective, ReduceOp};
 use super::plan::{fnv1a, ParamSpec, Plan, FNV_OFFSET, FNV_PRIME};
 use super::sharded::{param_specs, ShardedOptimizer};
 use crate::checkpoint::{restrict, OptimizerState};
+use crate::clip::squared_norm_term;
 use crate::error::{Error, Result};
 use crate::optim::{HasParams, Muon, MuonConfig, NamedVar, TryStep};
 use candle_core::backprop::GradStore;
@@ -939,16 +940,17 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         has_grad: &[f32],
     ) -> Result<Vec<(usize, Tensor)>> {
         let p = self.plan.len();
-        let local = owned.and_then(|owned| {
-            let sq = per_param(p, &owned, |g| g.to_dtype(DType::F32)?.sqr()?.sum_all())?;
+        // (f32 terms: this layer supports no f64 parameters)
+        let term = |scale: f64| move |g: &Tensor| squared_norm_term(g, scale);
+        let (local, sq) = match owned.and_then(|owned| {
+            let sq = per_param(p, &owned, term(1.0))?;
             Ok((owned, sq))
-        });
-        let sq = match &local {
-            Ok((_, sq)) => sq.clone(),
-            Err(_) => {
+        }) {
+            Ok((owned, sq)) => (Ok(owned), sq),
+            Err(e) => {
                 let mut flagged = vec![0f32; p + 1];
                 flagged[p] = 1.0;
-                flagged
+                (Err(e), flagged)
             }
         };
         let sq = self.all_reduce_host(sq)?;
@@ -963,7 +965,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             }
             return Err(Error::device(who, msg));
         }
-        let (owned, _) = local?;
+        let owned = local?;
         // Parameter order, f64: the single-process sum over the parameters.
         let total = |sq: &[f32]| -> f64 {
             (0..p)
@@ -984,12 +986,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                     .map(|i| maxima[i] as f64),
             );
             if m.is_finite() && m > 0.0 {
-                let scaled = per_param(p, &owned, |g| {
-                    g.to_dtype(DType::F32)?
-                        .affine(1.0 / m, 0.0)?
-                        .sqr()?
-                        .sum_all()
-                })?;
+                let scaled = per_param(p, &owned, term(1.0 / m))?;
                 norm = m * total(&self.all_reduce_host(scaled)?).sqrt();
             }
         }
@@ -1137,7 +1134,8 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
             state.extend(extra?);
             Ok(state)
         });
-        save_sharded(&self.coll(), &self.device, &self.plan, state, dir)
+        // (save_sharded checks the communicator's results itself)
+        save_sharded(&self.comm, &self.device, &self.plan, state, dir)
     }
 
     /// Loads a checkpoint written by [`save_state`](Self::save_state) at any
