@@ -1,7 +1,6 @@
 //! [`Accumulate`] around a [`DataParallel`] step: the constructor, and
 //! checkpoints that keep each rank's pending micro-batches.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use super::{take_pending, Accumulate, ACCUMULATE_SUM_PREFIX};
@@ -71,28 +70,15 @@ impl<C: Collective, S: ShardedStep + OptimizerState> Accumulate<DataParallel<C, 
         let (rank, world) = (self.opt.comm().rank(), self.opt.comm().world_size());
         let params = &self.params;
         let pending = self.opt.load_state_with(path, |union| {
-            let saved_world = if path.is_dir() {
-                read_manifest(path)?.world_size
+            // This rank's sums (in a single-process file: its only ones);
+            // the other ranks' are theirs.
+            let (saved_world, mine) = if path.is_dir() {
+                (read_manifest(path)?.world_size, rank_sum_prefix(rank))
             } else {
-                1
+                (1, ACCUMULATE_SUM_PREFIX.to_string())
             };
-            // This rank's sums under the single-process prefix; the other
-            // ranks' are theirs.
-            let mine = rank_sum_prefix(rank);
-            let ranked: Vec<String> = union
-                .keys()
-                .filter(|k| k.starts_with(ACCUMULATE_RANK_PREFIX))
-                .cloned()
-                .collect();
-            let mut renamed = HashMap::new();
-            for key in ranked {
-                let t = union.remove(&key).expect("listed above");
-                if let Some(name) = key.strip_prefix(&mine) {
-                    renamed.insert(format!("{ACCUMULATE_SUM_PREFIX}{name}"), t);
-                }
-            }
-            union.extend(renamed);
-            let pending = take_pending(params, union)?;
+            union.retain(|k, _| !k.starts_with(ACCUMULATE_RANK_PREFIX) || k.starts_with(&mine));
+            let pending = take_pending(params, union, &mine)?;
             if pending.count > 0 && saved_world != world {
                 fail!(
                     Checkpoint,

@@ -347,7 +347,7 @@ impl<O: TryStep + OptimizerState> OptimizerState for Accumulate<O> {
             );
         }
         let mut inner = state.clone();
-        let pending = take_pending(&self.params, &mut inner)?;
+        let pending = take_pending(&self.params, &mut inner, ACCUMULATE_SUM_PREFIX)?;
         // The wrapped optimizer validates everything before it changes
         // anything; ours is set only after it succeeded.
         self.opt.load_state_dict(&inner)?;
@@ -390,10 +390,14 @@ struct Pending {
 }
 
 /// Removes `Accumulate`'s entries (count, every, and the sums under
-/// [`ACCUMULATE_SUM_PREFIX`]) from `state` and validates them against
-/// `params`: a missing count, a count not below `every`, a sum of an unknown
-/// parameter, or of the wrong shape or dtype, is refused.
-fn take_pending(params: &[NamedVar], state: &mut HashMap<String, Tensor>) -> Result<Pending> {
+/// `sum_prefix` + the parameter's name) from `state` and validates them
+/// against `params`: a missing count, a count not below `every`, a sum of an
+/// unknown parameter, or of the wrong shape or dtype, is refused.
+fn take_pending(
+    params: &[NamedVar],
+    state: &mut HashMap<String, Tensor>,
+    sum_prefix: &str,
+) -> Result<Pending> {
     let count_of = |key: &str| -> Result<usize> {
         let Some(t) = state.get(key) else {
             fail!(
@@ -429,12 +433,12 @@ fn take_pending(params: &[NamedVar], state: &mut HashMap<String, Tensor>) -> Res
     let mut sums = vec![None; params.len()];
     let keys: Vec<String> = state
         .keys()
-        .filter(|k| k.starts_with(ACCUMULATE_SUM_PREFIX))
+        .filter(|k| k.starts_with(sum_prefix))
         .cloned()
         .collect();
     for key in keys {
         let t = state.remove(&key).expect("listed above");
-        let name = &key[ACCUMULATE_SUM_PREFIX.len()..];
+        let name = &key[sum_prefix.len()..];
         let Some(i) = params.iter().position(|p| p.name == name) else {
             fail!(Checkpoint, key, "no parameter `{name}` here");
         };
