@@ -76,6 +76,8 @@ mod data_parallel;
 
 pub use data_parallel::ACCUMULATE_RANK_PREFIX;
 
+/// What every checkpoint key of [`Accumulate`]'s own starts with.
+pub(crate) const ACCUMULATE_KEY_PREFIX: &str = "__accumulate__.";
 /// The checkpoint key of [`Accumulate`]'s count of pending micro-batches
 /// (an `i64` scalar).
 pub const ACCUMULATE_COUNT_KEY: &str = "__accumulate__.count";

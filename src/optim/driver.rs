@@ -762,7 +762,7 @@ impl Driver {
                          `state.remove(SCHEDULE_STEP_KEY)`) to load only the optimizer's state"
                     );
                 }
-                if key.starts_with("__accumulate__.") {
+                if key.starts_with(crate::accumulate::ACCUMULATE_KEY_PREFIX) {
                     fail!(
                         Checkpoint,
                         key,
