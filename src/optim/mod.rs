@@ -23,6 +23,7 @@
 //! applied, and the error says so and names what was updated.
 
 mod adamw;
+mod alias;
 mod chain;
 mod driver;
 mod muon;

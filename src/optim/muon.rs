@@ -2,21 +2,16 @@
 //! `Chain[Decay, Momentum::ema, Orthogonalize, ShapeScale]`, and the rest,
 //! running AdamW (`torch.optim.Muon` semantics for the matrices).
 
-use std::collections::HashMap;
-
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
 use serde::{Deserialize, Serialize};
 
+use super::alias::{alias, AliasConfig};
 use super::driver::{check_lr, Driver};
 use super::transform::{Decay, LrAdjust, Momentum, Orthogonalize, ShapeScale};
 use super::{AdamWConfig, Chain, Partition};
-use crate::checkpoint::OptimizerState;
 use crate::decay::WeightDecay;
-use crate::error::{fail, Error, Result};
+use crate::error::{fail, Result};
 use crate::linalg::NewtonSchulz;
-use crate::params::{name_vars, varmap_vars, NamedVar, ParamInfo};
+use crate::params::{NamedVar, ParamInfo};
 
 /// Muon hyperparameters. Defaults follow `torch.optim.Muon`: `lr = 1e-3`,
 /// momentum 0.95 with Nesterov, Keller Jordan's Newton–Schulz table,
@@ -130,40 +125,46 @@ pub struct Muon {
     config: MuonConfig,
 }
 
-const KIND: &str = "muon";
+impl AliasConfig for MuonConfig {
+    const KIND: &'static str = "muon";
 
-fn driver(vars: Vec<NamedVar>, config: &MuonConfig) -> Result<Driver> {
-    let route = config.clone();
-    Ok(
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    /// `muon`, then `adamw`.
+    fn chains(&self) -> Vec<Chain> {
+        vec![self.chain(), self.adamw.chain()]
+    }
+
+    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
+        let route = self.clone();
         Partition::by(move |p: &ParamInfo| if route.is_muon(p) { "muon" } else { "adamw" })
-            .group("muon", config.chain(), config.lr)
-            .group("adamw", config.adamw.chain(), config.adamw.lr)
-            .build(vars)?
-            .with_kind(KIND),
-    )
+            .group("muon", self.chain(), self.lr)
+            .group("adamw", self.adamw.chain(), self.adamw.lr)
+            .build(vars)
+    }
+
+    fn record_lr(&mut self, lr: f64, driver: &Driver) {
+        // The ratio fixed at construction (kept by the driver), so a rate of 0
+        // (e.g. the first warmup step) does not lose it.
+        self.lr = lr;
+        self.adamw.lr = lr * driver.lr_ratio("adamw").unwrap_or(1.0);
+    }
+
+    /// The driver refuses a checkpoint that routes a parameter elsewhere;
+    /// routing is this optimizer's own, so its `adamw_names` stay.
+    fn resumed(&self, stored: Self) -> Self {
+        Self {
+            adamw_names: self.adamw_names.clone(),
+            ..stored
+        }
+    }
 }
 
+alias!(Muon, MuonConfig, "Muon");
+
 impl Muon {
-    /// Muon over the float variables of `varmap`, keeping their names (so
-    /// `adamw_names` can route embeddings and heads to AdamW).
-    pub fn from_varmap(varmap: &VarMap, config: MuonConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap)?, config)
-    }
-
-    /// Muon over explicitly named variables.
-    pub fn from_named(vars: Vec<NamedVar>, config: MuonConfig) -> Result<Self> {
-        config.validate()?;
-        Ok(Self {
-            driver: driver(vars, &config)?,
-            config,
-        })
-    }
-
-    /// The current hyperparameters (`adamw.lr` follows `set_learning_rate`).
-    pub fn config(&self) -> &MuonConfig {
-        &self.config
-    }
-
     /// Names of the parameters updated by Muon (the others go to AdamW).
     pub fn muon_params(&self) -> Vec<&str> {
         self.driver
@@ -172,85 +173,5 @@ impl Muon {
             .filter(|v| self.driver.label_of(&v.name) == Some("muon"))
             .map(|v| v.name.as_str())
             .collect()
-    }
-
-    /// The driver (partitions, state).
-    pub fn driver(&self) -> &Driver {
-        &self.driver
-    }
-
-    /// The driver, mutably (the data-parallel step runs its two-phase step).
-    pub(crate) fn driver_mut(&mut self) -> &mut Driver {
-        &mut self.driver
-    }
-
-    /// One step, with the crate's typed error.
-    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.driver.try_step(grads)
-    }
-
-    /// One step of only the parameters at `grads[..].0` (indices into
-    /// [`Driver::params`], i.e. this optimizer's parameter order), with
-    /// these gradients; the others are untouched and get no state. What a
-    /// data-parallel owner runs on its share (see [`Driver::step_subset`]).
-    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        self.driver.step_subset(grads)
-    }
-}
-
-impl Optimizer for Muon {
-    type Config = MuonConfig;
-
-    /// Bare variables are named `param.0`, `param.1`, … in the order they
-    /// were created (not the order given), which is also their order in
-    /// the driver (`driver().params()`) and for `step_subset`'s indices.
-    fn new(vars: Vec<Var>, config: MuonConfig) -> candle_core::Result<Self> {
-        Ok(Self::from_named(name_vars(vars), config)?)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        Ok(self.try_step(grads)?)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        // The ratio fixed at construction (kept by the driver), so a rate of 0
-        // (e.g. the first warmup step) does not lose it.
-        let ratio = self.driver.lr_ratio("adamw").unwrap_or(1.0);
-        self.config.lr = lr;
-        self.config.adamw.lr = lr * ratio;
-        self.driver.set_lr(lr);
-    }
-}
-
-impl OptimizerState for Muon {
-    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        self.driver
-            .state_dict_with(serde_json::to_value(&self.config).expect("config encodes"))
-    }
-
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let header = self.driver.read_header(state)?;
-        let config: MuonConfig = header.field("config")?;
-        config
-            .validate()
-            .map_err(|e| Error::checkpoint("config", e.to_string()))?;
-        // The driver refuses a checkpoint that routes a parameter elsewhere;
-        // routing is this optimizer's own, so its `adamw_names` stay.
-        self.driver
-            .load_with(state, Some(vec![config.chain(), config.adamw.chain()]))?;
-        self.config = MuonConfig {
-            adamw_names: std::mem::take(&mut self.config.adamw_names),
-            ..config
-        };
-        // The rates the driver runs at (its own record), not the config's
-        // copies, so `learning_rate()` reports the rate steps use.
-        let lr = self.driver.lr();
-        self.config.lr = lr;
-        self.config.adamw.lr = lr * self.driver.lr_ratio("adamw").unwrap_or(1.0);
-        Ok(())
     }
 }

@@ -1,19 +1,14 @@
 //! SGD: `Chain[Decay, Momentum::classic]` (`torch.optim.SGD`, dampening 0).
 
-use std::collections::HashMap;
-
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
 use serde::{Deserialize, Serialize};
 
+use super::alias::{alias, AliasConfig};
 use super::driver::{check_lr, Driver};
 use super::transform::{Decay, Momentum, MomentumKind};
 use super::Chain;
-use crate::checkpoint::OptimizerState;
 use crate::decay::WeightDecay;
-use crate::error::{Error, Result};
-use crate::params::{name_vars, varmap_vars, NamedVar};
+use crate::error::Result;
+use crate::params::NamedVar;
 
 /// SGD hyperparameters. Defaults: `lr = 1e-2`, no momentum, no decay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,89 +79,24 @@ pub struct Sgd {
     config: SgdConfig,
 }
 
-const KIND: &str = "sgd";
+impl AliasConfig for SgdConfig {
+    const KIND: &'static str = "sgd";
 
-impl Sgd {
-    /// SGD over the float variables of `varmap`, keeping their names.
-    pub fn from_varmap(varmap: &VarMap, config: SgdConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap)?, config)
+    fn check(&self) -> Result<()> {
+        self.validate()
     }
 
-    /// SGD over explicitly named variables.
-    pub fn from_named(vars: Vec<NamedVar>, config: SgdConfig) -> Result<Self> {
-        config.validate()?;
-        let driver = Driver::new(vars, config.chain(), config.lr)?.with_kind(KIND);
-        Ok(Self { driver, config })
+    fn chains(&self) -> Vec<Chain> {
+        vec![self.chain()]
     }
 
-    /// The current hyperparameters.
-    pub fn config(&self) -> &SgdConfig {
-        &self.config
+    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
+        Driver::new(vars, self.chain(), self.lr)
     }
 
-    /// The driver (chain, state).
-    pub fn driver(&self) -> &Driver {
-        &self.driver
-    }
-
-    /// The driver, mutably (the data-parallel step runs its two-phase step).
-    pub(crate) fn driver_mut(&mut self) -> &mut Driver {
-        &mut self.driver
-    }
-
-    /// One step, with the crate's typed error.
-    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.driver.try_step(grads)
-    }
-
-    /// One step of only the parameters at `grads[..].0` (indices into
-    /// [`Driver::params`], i.e. this optimizer's parameter order), with
-    /// these gradients; the others are untouched and get no state. What a
-    /// data-parallel owner runs on its share (see [`Driver::step_subset`]).
-    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        self.driver.step_subset(grads)
+    fn record_lr(&mut self, lr: f64, _: &Driver) {
+        self.lr = lr;
     }
 }
 
-impl Optimizer for Sgd {
-    type Config = SgdConfig;
-
-    /// Bare variables are named `param.0`, `param.1`, … in the order they
-    /// were created (not the order given), which is also their order in
-    /// the driver (`driver().params()`) and for `step_subset`'s indices.
-    fn new(vars: Vec<Var>, config: SgdConfig) -> candle_core::Result<Self> {
-        Ok(Self::from_named(name_vars(vars), config)?)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        Ok(self.try_step(grads)?)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.config.lr = lr;
-        self.driver.set_lr(lr);
-    }
-}
-
-impl OptimizerState for Sgd {
-    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        self.driver
-            .state_dict_with(serde_json::to_value(&self.config).expect("config encodes"))
-    }
-
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let header = self.driver.read_header(state)?;
-        let config: SgdConfig = header.field("config")?;
-        config
-            .validate()
-            .map_err(|e| Error::checkpoint("config", e.to_string()))?;
-        self.driver.load_with(state, Some(vec![config.chain()]))?;
-        self.config = config;
-        self.config.lr = self.driver.lr();
-        Ok(())
-    }
-}
+alias!(Sgd, SgdConfig, "SGD");

@@ -21,24 +21,20 @@
 mod dual;
 mod norm;
 
-use std::collections::HashMap;
-
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 pub use dual::{spectral_sphere_direction, stiefel_direction, DualAscent, DualStep, Manifold};
 pub use norm::{dualize, lp_sphere_multiplier, p_norm, sphere_direction, sphere_retract, Norm};
 
+use super::alias::{alias, AliasConfig};
 use super::driver::{check_lr, Driver};
 use super::transform::{Decay, Dualize, ManifoldState, ManifoldStep, Momentum, MomentumKind};
 use super::Chain;
-use crate::checkpoint::OptimizerState;
 use crate::decay::WeightDecay;
 use crate::error::{Error, Result};
 use crate::linalg::NewtonSchulz;
-use crate::params::{name_vars, varmap_vars, NamedVar};
+use crate::params::NamedVar;
 
 /// [`Steepest`] hyperparameters. Defaults: `lr = 0.02`, momentum 0.95 with
 /// Nesterov, the spectral norm with Keller Jordan's Newton–Schulz table, no
@@ -170,49 +166,46 @@ pub struct Steepest {
     config: SteepestConfig,
 }
 
-const KIND: &str = "steepest";
+impl AliasConfig for SteepestConfig {
+    const KIND: &'static str = "steepest";
+
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    fn chains(&self) -> Vec<Chain> {
+        vec![self.chain()]
+    }
+
+    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
+        Driver::new(vars, self.chain(), self.lr)
+    }
+
+    fn record_lr(&mut self, lr: f64, _: &Driver) {
+        self.lr = lr;
+    }
+
+    /// The manifold is the model's (its state has that manifold's fields).
+    fn check_resumable(&self, stored: &Self) -> Result<()> {
+        if std::mem::discriminant(&stored.manifold) != std::mem::discriminant(&self.manifold)
+            || matches!((stored.manifold, self.manifold),
+                (Manifold::Stiefel { transpose: a }, Manifold::Stiefel { transpose: b }) if a != b)
+        {
+            return Err(Error::checkpoint(
+                "checkpoint: manifold",
+                format!(
+                    "written for {:?}, this optimizer is on {:?}",
+                    stored.manifold, self.manifold
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+alias!(Steepest, SteepestConfig, "Steepest");
 
 impl Steepest {
-    /// Steepest over the float variables of `varmap`, keeping their names.
-    pub fn from_varmap(varmap: &VarMap, config: SteepestConfig) -> Result<Self> {
-        Self::from_named(varmap_vars(varmap)?, config)
-    }
-
-    /// Steepest over explicitly named variables.
-    pub fn from_named(vars: Vec<NamedVar>, config: SteepestConfig) -> Result<Self> {
-        config.validate()?;
-        let driver = Driver::new(vars, config.chain(), config.lr)?.with_kind(KIND);
-        Ok(Self { driver, config })
-    }
-
-    /// The current hyperparameters.
-    pub fn config(&self) -> &SteepestConfig {
-        &self.config
-    }
-
-    /// The driver (chain, state).
-    pub fn driver(&self) -> &Driver {
-        &self.driver
-    }
-
-    /// The driver, mutably (the data-parallel step runs its two-phase step).
-    pub(crate) fn driver_mut(&mut self) -> &mut Driver {
-        &mut self.driver
-    }
-
-    /// One step, with the crate's typed error.
-    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.driver.try_step(grads)
-    }
-
-    /// One step of only the parameters at `grads[..].0` (indices into
-    /// [`Driver::params`], i.e. this optimizer's parameter order), with
-    /// these gradients; the others are untouched and get no state. What a
-    /// data-parallel owner runs on its share (see [`Driver::step_subset`]).
-    pub fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()> {
-        self.driver.step_subset(grads)
-    }
-
     /// The tangent residual of the direction each parameter took in its last
     /// step, by name: `|tr(ΘᵀΦ)|` on the spectral sphere, `‖WᵀΦ + ΦᵀW‖_F` on
     /// the Stiefel manifold (`Φ` for the normalised gradient, so 0 means
@@ -233,60 +226,5 @@ impl Steepest {
             }
         }
         Ok(out)
-    }
-}
-
-impl Optimizer for Steepest {
-    type Config = SteepestConfig;
-
-    /// Bare variables are named `param.0`, `param.1`, … in the order they
-    /// were created (not the order given), which is also their order in
-    /// the driver (`driver().params()`).
-    fn new(vars: Vec<Var>, config: SteepestConfig) -> candle_core::Result<Self> {
-        Ok(Self::from_named(name_vars(vars), config)?)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        Ok(self.try_step(grads)?)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.config.lr = lr;
-        self.driver.set_lr(lr);
-    }
-}
-
-impl OptimizerState for Steepest {
-    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        self.driver
-            .state_dict_with(serde_json::to_value(&self.config).expect("config encodes"))
-    }
-
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let header = self.driver.read_header(state)?;
-        let config: SteepestConfig = header.field("config")?;
-        config
-            .validate()
-            .map_err(|e| Error::checkpoint("config", e.to_string()))?;
-        if std::mem::discriminant(&config.manifold) != std::mem::discriminant(&self.config.manifold)
-            || matches!((config.manifold, self.config.manifold),
-                (Manifold::Stiefel { transpose: a }, Manifold::Stiefel { transpose: b }) if a != b)
-        {
-            return Err(Error::checkpoint(
-                "checkpoint: manifold",
-                format!(
-                    "written for {:?}, this optimizer is on {:?}",
-                    config.manifold, self.config.manifold
-                ),
-            ));
-        }
-        self.driver.load_with(state, Some(vec![config.chain()]))?;
-        self.config = config;
-        self.config.lr = self.driver.lr();
-        Ok(())
     }
 }
