@@ -199,7 +199,7 @@ class Bench:
             "reps": self.reps,
             "warmup": self.warmup,
             "ns": {"coefficients": list(NS_COEFFS), "steps": NS_STEPS, "operands": "bf16", "accumulate": "f32 (cuBLAS)"},
-            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if self.cuda else None,
+            "tf32_matmul": tf32_matmul(torch) if self.cuda else None,
             "conventions": CONVENTIONS,
             "records": self.records,
         }
@@ -207,6 +207,18 @@ class Bench:
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(tmp, self.out)
+
+
+def tf32_matmul(torch):
+    """Whether f32 matmuls may use TF32 (reading the setting must not end the run)."""
+    m = torch.backends.cuda.matmul
+    try:
+        precision = getattr(m, "fp32_precision", None)  # torch >= 2.9
+        if precision is not None:
+            return precision == "tf32"
+        return bool(m.allow_tf32)
+    except Exception as e:  # noqa: BLE001 - a record, not a reason to stop
+        return f"unknown ({e})"
 
 
 def ns_batched(torch, g, dtype=None):

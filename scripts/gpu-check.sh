@@ -97,7 +97,7 @@ DEADLINE_S="${DEADLINE_S:-460}"
 DEADLINE_EPOCH=$((T0 + DEADLINE_S))
 OUT="${OUT:-/tmp/steepest-gpu-out}"; mkdir -p "$OUT"
 WORK="${WORK:-/tmp/steepest-gpu-work}"; rm -rf "$WORK"; mkdir -p "$WORK"
-RUN_STEPS="${RUN_STEPS:-machine tests bench torch table ncu train kernels}"
+RUN_STEPS="${RUN_STEPS:-machine tests isolate bench torch table ncu train kernels}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 PY="${PY:-python3}"
 G=.gpu
@@ -114,6 +114,11 @@ pack() { # results.tgz (all of $WORK), report.md, the JSONs: at most 4 files in 
     if [[ -f "$WORK/tests.log" ]]; then
       echo; echo "## GPU tests"; echo; echo '```'
       grep -E '^test .*(ok|FAILED|ignored)$|^test result|panicked|^failures' "$WORK/tests.log" | tail -40
+      echo '```'
+    fi
+    if [[ -f "$WORK/isolate.log" ]]; then
+      echo; echo "## Failed GPU tests, each alone"; echo; echo '```'
+      grep -E '^=== |^test .*(ok|FAILED)$|panicked' "$WORK/isolate.log" | tail -40
       echo '```'
     fi
     for f in gpu_bench_table.md train/first20/compare.txt train/gpu/summary.md; do
@@ -192,12 +197,26 @@ profile() {
   echo "ncu command: ${cmd[*]}" | tee -a "$WORK/commands.txt"
   "${cmd[@]}"
 }
-export -f machine ncu_path profile; export G PY WORK
+# Each failed GPU test again, alone in its own process (CUDA_LAUNCH_BLOCKING=1):
+# a kernel fault is sticky in a CUDA context, so in the shared process of the
+# tests step one faulting test fails every later one and hides which it was.
+isolate() {
+  local names t r=0
+  names=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$WORK/tests.log")
+  [[ -n "$names" ]] || { echo "no failed test to isolate"; return 0; }
+  for t in $names; do
+    echo "=== $t"
+    CUDA_LAUNCH_BLOCKING=1 bash $G/device-run.sh $G/gpu_kernels_test -- --exact "$t" --test-threads=1 || r=1
+  done
+  return $r
+}
+export -f machine ncu_path profile isolate; export G PY WORK
 step machine 40 bash -c machine
 rc=0
 # shellcheck disable=SC2086 # BENCH_ARGS: extra flags, split on spaces
 {
 step tests 150 bash $G/device-run.sh $G/gpu_kernels_test -- --test-threads=1 || rc=$?
+(( rc != 0 && rc != 3 )) && { step isolate 90 bash -c isolate || true; }
 step bench 120 bash $G/device-run.sh $G/gpu_bench -- --out "$WORK/gpu_bench_steepest.json" $BENCH_ARGS
 step torch 120 "$PY" $G/torch_reference.py --out "$WORK/gpu_bench_torch.json" $BENCH_ARGS
 step table 20 python3 $G/gpu_bench_table.py "$WORK/gpu_bench_steepest.json" "$WORK/gpu_bench_torch.json" \

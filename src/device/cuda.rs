@@ -11,8 +11,13 @@
 //! so they are ordered with those ops; nothing here runs on another stream.
 //! Host threads sharing a device each have their own stream: what one thread
 //! frees (stream-ordered) must not be something another thread's pending
-//! kernels read, hence the per-thread table cache. An output that shares
-//! memory with another operand is refused, as on the CPU.
+//! kernels read, hence the per-thread table cache. The GEMMs use the
+//! device's cuBLAS handle, as candle's own matmuls do, so steps on one device
+//! from several host threads at once share one handle (its settings and
+//! workspace), which cuBLAS leaves to the caller to make safe and which has
+//! not been tested: step each device from one thread (`train_lm` runs one job
+//! at a time on CUDA). An output that shares memory with another operand is
+//! refused, as on the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -69,7 +74,11 @@ thread_local! {
         std::cell::RefCell::new(HashMap::new());
 }
 
-/// The backend of `dev` (one per device, created on first use).
+/// The backend of `dev` (one per device, created on first use). It lives as
+/// long as the process, and with it a clone of the device (its stream, cuBLAS
+/// handle and loaded modules): each `Device::new_cuda` is a new device id, so
+/// a process that keeps creating devices to run kernels on keeps them all.
+/// Create a device once and clone it, as candle intends.
 fn backend(dev: &CudaDevice) -> Arc<Cuda> {
     static ALL: OnceLock<Mutex<HashMap<DeviceId, Arc<Cuda>>>> = OnceLock::new();
     let mut all = ALL
