@@ -113,11 +113,35 @@ __device__ __forceinline__ unsigned mt_find(const MtEntry* tab, unsigned n, u64 
     return lo;
 }
 
+// Row and column of element j of a row-major matrix with `cols` columns, for
+// the decay's rank-1 term. A thread walks j, j + step, j + 2·step, …; the row
+// and column follow with one carry per step (`next`) instead of a 64-bit
+// division per element, which a memory-bound update cannot hide. Without a
+// rank-1 term (`on` false) nothing is computed.
+struct RowCol {
+    u64 row, col, drow, dcol, cols;
+    __device__ __forceinline__ RowCol(bool on, u64 j, u64 step, u64 cols_)
+        : row(0), col(0), drow(0), dcol(0), cols(cols_) {
+        if (!on) return;
+        row = j / cols;
+        col = j - row * cols;
+        drow = step / cols;
+        dcol = step - drow * cols;
+    }
+    __device__ __forceinline__ void next() {
+        row += drow;
+        col += dcol;  // < 2·cols
+        if (col >= cols) {
+            col -= cols;
+            ++row;
+        }
+    }
+};
+
 // `scale·w − (coeff·a[row])·b[col]`, or `scale·w` without a rank-1 term: the
 // CPU's `decayed`, same order of operations.
 __device__ __forceinline__ float decayed(float w, const MtScalars& s, const float* a, const float* b,
-                                         u64 cols, u64 j) {
+                                         const RowCol& rc) {
     if (!a) return s.s2 * w;
-    u64 r = j / cols;
-    return s.s2 * w - (s.s3 * a[r]) * b[j - r * cols];
+    return s.s2 * w - (s.s3 * a[rc.row]) * b[rc.col];
 }

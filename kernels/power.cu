@@ -90,9 +90,8 @@ __device__ void power_gram_impl(const P* W, unsigned m, unsigned n, int wide, in
     __syncthreads();
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     float(*tile)[POWER_TILE_PAD] = tiles[warp];
-    // g in 64 bits: the last g tried can pass 2³²/32 when l is near 2³².
-    for (u64 g = u64(blockIdx.x) * nw + warp; g * 32 < l; g += u64(gridDim.x) * nw) {
-        const unsigned t0 = unsigned(g * 32);  // < l
+    for (unsigned g = blockIdx.x * nw + warp; g * 32 < l; g += gridDim.x * nw) {
+        const unsigned t0 = g * 32;
         const unsigned cnt = l - t0 < 32 ? l - t0 : 32;  // vectors in this group
         if (!wide) {
             float dot = 0.0f;  // of row t0 + lane

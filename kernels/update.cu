@@ -40,12 +40,13 @@ __device__ void adamw_impl(const MtEntry* tab, const MtScalars* sc, unsigned nt,
         float* v = reinterpret_cast<float*>(sp.e.p3);
         const float* ra = reinterpret_cast<const float*>(sp.e.a);
         const float* rb = reinterpret_cast<const float*>(sp.e.b);
-        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x) {
+        RowCol rc(ra != nullptr, sp.lo + threadIdx.x, blockDim.x, sp.e.cols);
+        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x, rc.next()) {
             float gj = ld(g, j);
             float mj = m[j] + (gj - m[j]) * b1;
             float vj = v[j] * b2 + gj * gj * b2c;
             float denom = sqrtf(vj) / s.s1 + eps;
-            float wd = decayed(ld(w, j), s, ra, rb, sp.e.cols, j);
+            float wd = decayed(ld(w, j), s, ra, rb, rc);
             st(w, j, wd - (mj / denom) * s.s0);
             m[j] = mj;
             v[j] = vj;
@@ -66,9 +67,10 @@ __device__ void sgd_impl(const MtEntry* tab, const MtScalars* sc, unsigned nt, u
         float* buf = reinterpret_cast<float*>(sp.e.p2);
         const float* ra = reinterpret_cast<const float*>(sp.e.a);
         const float* rb = reinterpret_cast<const float*>(sp.e.b);
-        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x) {
+        RowCol rc(ra != nullptr, sp.lo + threadIdx.x, blockDim.x, sp.e.cols);
+        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x, rc.next()) {
             float gj = ld(g, j);
-            float wd = decayed(ld(w, j), s, ra, rb, sp.e.cols, j);
+            float wd = decayed(ld(w, j), s, ra, rb, rc);
             if (!buf) {
                 st(w, j, wd - gj * s.s0);
             } else {
@@ -110,8 +112,9 @@ __device__ void apply_impl(const MtEntry* tab, const MtScalars* sc, unsigned nt,
         const float* d = reinterpret_cast<const float*>(sp.e.p1);
         const float* ra = reinterpret_cast<const float*>(sp.e.a);
         const float* rb = reinterpret_cast<const float*>(sp.e.b);
-        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x) {
-            float wd = decayed(ld(w, j), s, ra, rb, sp.e.cols, j);
+        RowCol rc(ra != nullptr, sp.lo + threadIdx.x, blockDim.x, sp.e.cols);
+        for (u64 j = sp.lo + threadIdx.x; j < sp.hi; j += blockDim.x, rc.next()) {
+            float wd = decayed(ld(w, j), s, ra, rb, rc);
             st(w, j, wd - d[j] * s.s0);
         }
     }

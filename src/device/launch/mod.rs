@@ -320,6 +320,37 @@ mod tests {
         }
     }
 
+    /// `power_gram` counts groups of 32 vectors in 32 bits: at the longest
+    /// side it takes, the last group any warp tries (one grid stride past the
+    /// end at most) still has `32·g` below 2³²; a side one longer is refused.
+    #[test]
+    fn power_side_limit_keeps_the_group_counter_in_32_bits() {
+        use power::{power_gram_blocks, power_supported, POWER_MAX_SIDE};
+        for (m, n) in [(POWER_MAX_SIDE, 1), (1, POWER_MAX_SIDE)] {
+            assert!(power_supported(1, m, n));
+            let l = m.max(n) as u64; // vectors walked (the long side at most)
+            let groups = l.div_ceil(32);
+            let warps = u64::from(power_gram_blocks(m, n)) * u64::from(BLOCK / 32);
+            // Warp w tries g = w, w + warps, …: the last is the first ≥ groups.
+            let last = (0..warps)
+                .map(|w| {
+                    if w >= groups {
+                        w
+                    } else {
+                        w + (groups - w).div_ceil(warps) * warps
+                    }
+                })
+                .max()
+                .unwrap();
+            assert!(
+                last * 32 <= u64::from(u32::MAX),
+                "{m}×{n}: 32·{last} overflows"
+            );
+        }
+        assert!(!power_supported(1, POWER_MAX_SIDE + 1, 1));
+        assert!(!power_supported(1, 1, POWER_MAX_SIDE + 1));
+    }
+
     /// Static and dynamic shared memory together decide the opt-in: the
     /// power iteration's 34 816 B of tiles plus 2·4·k B for k = 2048 need it
     /// (16 KiB of dynamic memory alone would not), k = 1792 does not, and no

@@ -31,8 +31,19 @@ pub(crate) fn power_supported(b: usize, m: usize, n: usize) -> bool {
         && n >= 1
         && b <= MAX_GRID_YZ
         && k * 8 + u64::from(POWER_STATIC_SHARED) <= u64::from(SHARED_MAX)
-        && m.max(n) < u32::MAX as usize
+        && m.max(n) <= POWER_MAX_SIDE
 }
+
+/// The longest side `power_gram` takes: its warps walk groups of 32 vectors
+/// with a 32-bit counter `g` (64 bits would cost it ~90 more registers per
+/// thread), and the last `g` a warp tries is up to one grid stride (at most
+/// [`POWER_GRAM_MAX_BLOCKS`] blocks of `BLOCK / 32` warps) past the end, so `32·g` stays below 2³²
+/// only if the side leaves that much room.
+pub(crate) const POWER_MAX_SIDE: usize =
+    u32::MAX as usize - 32 * POWER_GRAM_MAX_BLOCKS as usize * (BLOCK as usize / 32);
+
+/// The most blocks `power_gram` runs per matrix (its grid `x`).
+pub(crate) const POWER_GRAM_MAX_BLOCKS: u32 = 256;
 
 /// A batched power iteration on the device: `w` `(b, m, n)` of `elt`,
 /// `start` `(b, n)` f32 or none, outputs `sigma` `(b,)`, `u` `(b, m)`, `v`
@@ -52,12 +63,14 @@ pub(crate) struct PowerJob {
 }
 
 /// The grid `x` of `power_gram`: about 4 vectors (rows, or 32-column tiles)
-/// per warp, at most 256 blocks per matrix.
+/// per warp, at most [`POWER_GRAM_MAX_BLOCKS`] blocks per matrix.
 pub(crate) fn power_gram_blocks(m: usize, n: usize) -> u32 {
     let wide = n > m;
     let units = if wide { n.div_ceil(32) } else { m } as u64;
     let per_block = u64::from(BLOCK / 32) * 4;
-    units.div_ceil(per_block).clamp(1, 256) as u32
+    units
+        .div_ceil(per_block)
+        .clamp(1, u64::from(POWER_GRAM_MAX_BLOCKS)) as u32
 }
 
 /// Runs [`PowerJob`]; the launch sequence is described in `power.cu`.
