@@ -13,45 +13,17 @@
 //! across the same thread pool), both reported in bytes/s of those 28 bytes.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
 use steepest::optim::NamedVar;
 use steepest::{AdamW, AdamWConfig, Muon, MuonConfig, WeightDecay};
 
+#[path = "support/model.rs"]
+mod model;
+
 fn params() -> (Vec<NamedVar>, GradStore) {
-    let dev = Device::Cpu;
-    let mut vars = Vec::new();
-    for layer in 0..4 {
-        for (kind, (r, c)) in [
-            ("qkv", (576, 192)),
-            ("proj", (192, 192)),
-            ("fc", (768, 192)),
-            ("fc_proj", (192, 768)),
-        ] {
-            let w = Var::from_tensor(
-                &(Tensor::randn(0f32, 1.0, (r, c), &dev).unwrap() * 0.02).unwrap(),
-            )
-            .unwrap();
-            let b = Var::zeros(r, candle_core::DType::F32, &dev).unwrap();
-            vars.push(NamedVar {
-                name: format!("h.{layer}.{kind}.weight"),
-                var: w,
-            });
-            vars.push(NamedVar {
-                name: format!("h.{layer}.{kind}.bias"),
-                var: b,
-            });
-        }
-    }
-    // Fixed gradients: d/dw Σ w⊙g = g.
-    let mut loss = Tensor::new(0f32, &dev).unwrap();
-    for nv in &vars {
-        let g = Tensor::randn(0f32, 1.0, nv.var.shape(), &dev).unwrap();
-        loss = (loss + (nv.var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
-    }
-    let grads = loss.backward().unwrap();
+    let (vars, grads, _) = model::gpt2_quarter();
     (vars, grads)
 }
 

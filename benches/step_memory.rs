@@ -1,22 +1,22 @@
 //! Peak heap bytes allocated during one optimizer step (a counting global
-//! allocator; CPU): AdamW, AdamW + spectral decay, SGD with momentum, Muon,
-//! over the bench model of `optim_step` (GPT-2-small matrix kinds scaled by
-//! 1/4, 4 layers, 1.78 M parameters), after a warm-up step so that the
-//! optimizer state exists.
+//! allocator; CPU): candle-nn's AdamW and SGD, then this crate's AdamW, SGD,
+//! AdamW + spectral decay, SGD with momentum and Muon, over the benches'
+//! model (`support/model.rs`: GPT-2-small matrix kinds scaled by 1/4, 4
+//! layers, 1.78 M parameters), after a warm-up step so that the optimizer
+//! state exists.
 //!
 //!     cargo bench --bench step_memory
 //!
 //! Prints one line per optimizer: peak bytes above the level before the step,
 //! and that peak per parameter. Only the public API that every version of the
-//! crate has is used, so the same file measures an older checkout.
+//! crate has is used, so this file (with `support/model.rs`) measures an
+//! older checkout too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
-use steepest::optim::NamedVar;
 use steepest::{AdamW, AdamWConfig, Muon, MuonConfig, Sgd, SgdConfig, WeightDecay};
 
 /// Counts live heap bytes and their peak.
@@ -56,40 +56,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn params() -> (Vec<NamedVar>, GradStore, usize) {
-    let dev = Device::Cpu;
-    let mut vars = Vec::new();
-    for layer in 0..4 {
-        for (kind, (r, c)) in [
-            ("qkv", (576, 192)),
-            ("proj", (192, 192)),
-            ("fc", (768, 192)),
-            ("fc_proj", (192, 768)),
-        ] {
-            let w = Var::from_tensor(
-                &(Tensor::randn(0f32, 1.0, (r, c), &dev).unwrap() * 0.02).unwrap(),
-            )
-            .unwrap();
-            let b = Var::zeros(r, DType::F32, &dev).unwrap();
-            vars.push(NamedVar {
-                name: format!("h.{layer}.{kind}.weight"),
-                var: w,
-            });
-            vars.push(NamedVar {
-                name: format!("h.{layer}.{kind}.bias"),
-                var: b,
-            });
-        }
-    }
-    let n = vars.iter().map(|v| v.var.elem_count()).sum();
-    let mut loss = Tensor::new(0f32, &dev).unwrap();
-    for nv in &vars {
-        let g = Tensor::randn(0f32, 1.0, nv.var.shape(), &dev).unwrap();
-        loss = (loss + (nv.var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
-    }
-    let grads = loss.backward().unwrap();
-    (vars, grads, n)
-}
+#[path = "support/model.rs"]
+mod model;
 
 /// Peak bytes allocated above the live level while `f` runs.
 fn peak_during(f: impl FnOnce()) -> usize {
@@ -111,11 +79,32 @@ fn measure<O: Optimizer>(name: &str, mut opt: O, grads: &GradStore, n: usize) {
 }
 
 fn main() {
-    let (vars, grads, n) = params();
+    let (vars, grads, n) = model::gpt2_quarter();
     println!("parameters: {n}");
+    // candle-nn's optimizers, for comparison (its AdamW decays every
+    // parameter; its SGD has no momentum).
+    let bare: Vec<_> = vars.iter().map(|v| v.var.clone()).collect();
+    measure(
+        "candle_nn_adamw",
+        candle_nn::AdamW::new(bare.clone(), candle_nn::ParamsAdamW::default()).unwrap(),
+        &grads,
+        n,
+    );
+    measure(
+        "candle_nn_sgd",
+        candle_nn::SGD::new(bare, 0.01).unwrap(),
+        &grads,
+        n,
+    );
     measure(
         "adamw",
         AdamW::from_named(vars.clone(), AdamWConfig::default()).unwrap(),
+        &grads,
+        n,
+    );
+    measure(
+        "sgd",
+        Sgd::from_named(vars.clone(), SgdConfig::default()).unwrap(),
         &grads,
         n,
     );

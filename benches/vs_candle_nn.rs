@@ -1,0 +1,125 @@
+//! This crate's AdamW and SGD against candle-nn's, one step over the same
+//! parameters and gradients (the benches' model, `support/model.rs`: 1.78 M
+//! f32 parameters in 32 tensors), measured interleaved: each round times one
+//! step of every optimizer in turn, so a machine whose speed drifts (shared
+//! hosts do) slows all of them alike. Prints medians over rounds and
+//! candle-nn's time over ours.
+//!
+//!     cargo bench --bench vs_candle_nn
+//!
+//! Same hyperparameters on both sides: AdamW at candle-nn's defaults
+//! (`lr = 1e-3`, `β = (0.9, 0.999)`, `eps = 1e-8`, decoupled decay 0.01 on
+//! every parameter, so ours with `decay_vectors`), SGD at `lr = 0.01` with
+//! no momentum and no decay (candle-nn's SGD has neither).
+//! `tests/candle_nn_parity.rs` checks that the two sides compute the same
+//! steps.
+
+#[path = "support/interleaved.rs"]
+mod interleaved;
+#[path = "support/model.rs"]
+mod model;
+
+use candle_core::backprop::GradStore;
+use candle_core::Result;
+use candle_nn::{Optimizer, ParamsAdamW};
+use interleaved::{median, seconds};
+use steepest::optim::NamedVar;
+use steepest::{AdamW, AdamWConfig, Sgd, SgdConfig, WeightDecay};
+
+/// One step of `opt`, timed.
+fn timed(opt: &mut impl Optimizer, grads: &GradStore) -> Result<f64> {
+    seconds(|| opt.step(grads))
+}
+
+/// Fresh copies of the parameters (each optimizer updates its own).
+fn copies(vars: &[NamedVar]) -> Result<Vec<NamedVar>> {
+    vars.iter()
+        .map(|v| {
+            Ok(NamedVar {
+                name: v.name.clone(),
+                var: candle_core::Var::from_tensor(&v.var.as_tensor().copy()?)?,
+            })
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let (vars, _, n) = model::gpt2_quarter();
+    println!(
+        "threads: {}; {n} f32 parameters in {} tensors; medians over rounds",
+        candle_core::utils::get_num_threads(),
+        vars.len()
+    );
+    // Each optimizer its own parameters, and gradients keyed by them.
+    let grads_for = |vars: &[NamedVar]| -> Result<GradStore> {
+        let mut loss = candle_core::Tensor::new(0f32, &candle_core::Device::Cpu)?;
+        for (i, v) in vars.iter().enumerate() {
+            let g = candle_core::Tensor::randn(0f32, 1.0, v.var.shape(), v.var.device())?;
+            let g = (g + i as f64 * 1e-3)?;
+            loss = (loss + (v.var.as_tensor() * g)?.sum_all()?)?;
+        }
+        loss.backward()
+    };
+    let bare = |vars: &[NamedVar]| vars.iter().map(|v| v.var.clone()).collect::<Vec<_>>();
+
+    let (p_cn_adamw, p_adamw, p_cn_sgd, p_sgd) = (
+        copies(&vars)?,
+        copies(&vars)?,
+        copies(&vars)?,
+        copies(&vars)?,
+    );
+    let (g_cn_adamw, g_adamw, g_cn_sgd, g_sgd) = (
+        grads_for(&p_cn_adamw)?,
+        grads_for(&p_adamw)?,
+        grads_for(&p_cn_sgd)?,
+        grads_for(&p_sgd)?,
+    );
+    let mut cn_adamw = candle_nn::AdamW::new(bare(&p_cn_adamw), ParamsAdamW::default())?;
+    let mut adamw = AdamW::from_named(
+        p_adamw,
+        AdamWConfig {
+            weight_decay: WeightDecay::Decoupled(0.01),
+            decay_vectors: true,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let mut cn_sgd = candle_nn::SGD::new(bare(&p_cn_sgd), 0.01)?;
+    let mut sgd = Sgd::from_named(
+        p_sgd,
+        SgdConfig {
+            lr: 0.01,
+            ..SgdConfig::default()
+        },
+    )?;
+
+    // Warm-up: state allocated, thread pool and allocator warm.
+    for _ in 0..3 {
+        timed(&mut cn_adamw, &g_cn_adamw)?;
+        timed(&mut adamw, &g_adamw)?;
+        timed(&mut cn_sgd, &g_cn_sgd)?;
+        timed(&mut sgd, &g_sgd)?;
+    }
+    let rounds = 60;
+    let mut t = [const { Vec::new() }; 4];
+    for _ in 0..rounds {
+        t[0].push(timed(&mut cn_adamw, &g_cn_adamw)?);
+        t[1].push(timed(&mut adamw, &g_adamw)?);
+        t[2].push(timed(&mut cn_sgd, &g_cn_sgd)?);
+        t[3].push(timed(&mut sgd, &g_sgd)?);
+    }
+    let [cn_a, a, cn_s, s] = t.map(median);
+    println!(
+        "{:<8} {:>14} {:>14} {:>22}",
+        "step", "candle-nn ms", "steepest ms", "candle-nn / steepest"
+    );
+    for (name, cn, ours) in [("AdamW", cn_a, a), ("SGD", cn_s, s)] {
+        println!(
+            "{name:<8} {:>14.2} {:>14.2} {:>22.2}",
+            cn * 1e3,
+            ours * 1e3,
+            cn / ours
+        );
+    }
+    println!("({rounds} rounds)");
+    Ok(())
+}
