@@ -489,3 +489,18 @@ fn mismatched_checkpoints_are_refused_without_change() {
     assert!(ema.load_state_dict(&sgd.state_dict().unwrap()).is_err());
     assert_eq!(snapshot(&ema.state_dict().unwrap()), before);
 }
+
+/// The EMA decay is in `[0, 1)` (`AverageKind::Ema`'s docs): `β = 1` would
+/// never move the average off the first iterate and is refused, as are
+/// negative and non-finite decays; `β = 0` (the last iterate) is accepted.
+#[test]
+fn ema_decay_outside_zero_to_one_is_refused() {
+    let v = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
+    let make =
+        |decay: f64| WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Ema { decay });
+    for bad in [1.0, 1.5, -0.1, f64::NAN] {
+        let e = make(bad).unwrap_err().to_string();
+        assert!(e.contains("Ema.decay"), "decay {bad}: {e}");
+    }
+    assert!(make(0.0).is_ok());
+}

@@ -610,3 +610,32 @@ fn msign_is_scale_free_in_f32_at_extreme_scales() {
         }
     }
 }
+
+/// `NewtonSchulz::apply_scalar` is the map the schedule applies to each
+/// singular value of the normalised input: `msign_generic` (f64, `eps = 0`)
+/// of a matrix with singular values `sᵢ` has singular values
+/// `apply_scalar(sᵢ/‖s‖₂)` (`‖G‖_F = ‖s‖₂`), by f64 SVD, to 1e-12, for a
+/// quintic table with `c ≠ 0`; and one step of `[a, b, c]` maps `x` to
+/// `a x + b x³ + c x⁵`.
+#[test]
+fn apply_scalar_is_the_singular_value_map_of_msign() {
+    let table = vec![[3.0, -3.2, 1.2], [2.0, -1.5, 0.5]];
+    let ns = NewtonSchulz::custom(table).unwrap().with_eps(0.0);
+    let one = NewtonSchulz::custom(vec![[1.5, -0.7, 0.3]]).unwrap();
+    for x in [0.1f64, 0.5, 0.9] {
+        let want = 1.5 * x - 0.7 * x.powi(3) + 0.3 * x.powi(5);
+        assert!((one.apply_scalar(x) - want).abs() < 1e-15, "x = {x}");
+    }
+    let s = [1.0, 0.7, 0.4, 0.2];
+    let mut r = rng(47);
+    let g = with_singular_values(&mut r, 6, 4, &s);
+    let out = msign_generic(&from_dmatrix(&g, DType::F64), &ns).unwrap();
+    let mut got = singular_values(&to_dmatrix(&out));
+    got.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let fro = s.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut want: Vec<f64> = s.iter().map(|x| ns.apply_scalar(x / fro).abs()).collect();
+    want.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-12, "σ {a} vs apply_scalar {b}");
+    }
+}

@@ -735,3 +735,62 @@ fn an_empty_varmap_is_refused_saying_to_build_the_model_first() {
         );
     }
 }
+
+/// `step_subset` with two gradients for one parameter is refused (a shape
+/// error naming it) and changes nothing: the driver's step 1 (shapes).
+#[test]
+fn two_gradients_for_one_parameter_are_refused_and_change_nothing() {
+    let vm = model(DType::F32);
+    let mut d =
+        steepest::optim::Driver::from_varmap(&vm, AdamWConfig::default().chain(), 1e-3).unwrap();
+    let p = d
+        .params()
+        .iter()
+        .position(|nv| nv.name == "fc1.weight")
+        .unwrap();
+    let g = Tensor::ones(d.params()[p].var.dims(), DType::F32, &Device::Cpu).unwrap();
+    let before = snapshot(&vm);
+    let err = d
+        .step_subset(&[(p, g.clone()), (p, g)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fc1.weight") && err.contains("two gradients"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&vm), before);
+    assert_eq!(d.never_stepped().len(), d.params().len());
+}
+
+/// SGD's classic momentum (`torch.optim.SGD`) for any `μ > 0`, also a small
+/// one: `buf₁ = g`, `buf₂ = μ·buf₁ + g`, `w ← w − η·buf`, so two steps with
+/// a constant gradient `g` give `w₂ = w₀ − η(2 + μ)g` (f64, to 1e-15),
+/// for `μ ∈ {0.1, 0.3, 0.9}`; `μ = 0` gives `w₀ − 2ηg`.
+#[test]
+fn sgd_momentum_of_any_size_follows_the_closed_form() {
+    let (eta, w0, g) = (0.1, [1.0, -2.0, 0.5], [0.3, 0.7, -1.1]);
+    for mu in [0.0, 0.1, 0.3, 0.9] {
+        let var = Var::from_tensor(&Tensor::new(&w0, &Device::Cpu).unwrap()).unwrap();
+        let mut opt = Sgd::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            SgdConfig {
+                lr: eta,
+                momentum: mu,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let gt = Tensor::new(&g, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            opt.step_subset(&[(0, gt.clone())]).unwrap();
+        }
+        let got = var.as_tensor().to_vec1::<f64>().unwrap();
+        for ((a, w), g) in got.iter().zip(&w0).zip(&g) {
+            let want = w - eta * (2.0 + mu) * g;
+            assert!((a - want).abs() < 1e-15, "μ = {mu}: {a} vs {want}");
+        }
+    }
+}

@@ -553,3 +553,115 @@ fn a_direction_transform_after_a_retraction_is_refused() {
         "{e}"
     );
 }
+
+/// Each rate is finite, but their ratio is not (`1e10 / 1e-300` overflows
+/// f64): the partition is refused at construction, naming the group's lr
+/// ratio, rather than at its first step.
+#[test]
+fn a_rate_ratio_that_overflows_is_refused_at_construction() {
+    let vm = model_of(SHAPES, DType::F32, 5);
+    let err = Partition::by(muon_label)
+        .group("muon", muon_chain(), 1e-300)
+        .group("adamw", adamw_chain(), 1e10)
+        .build_from_varmap(&vm)
+        .unwrap_err();
+    match err {
+        Error::Config { who, what } => {
+            assert!(
+                who.contains("adamw") && who.contains("ratio"),
+                "{who}: {what}"
+            );
+        }
+        e => panic!("expected Error::Config, got {e:?}"),
+    }
+}
+
+/// `Retract`'s fields are public: a struct literal that `Retract::new`
+/// would refuse (a bad radius, the spectral norm on the vector sphere) is
+/// refused when a driver is built, naming the transform, as is a Stiefel
+/// orientation that does not fit the matrix view.
+#[test]
+fn retract_settings_are_checked_at_construction() {
+    let vm = model_of(&[("w", &[3usize, 5][..])], DType::F32, 6);
+    let build = |r: Retract| Driver::from_varmap(&vm, Chain::new().then(r), 0.01);
+    for (r, says) in [
+        (
+            Retract {
+                manifold: Manifold::Sphere { radius: f64::NAN },
+                norm: steepest::Norm::Euclidean,
+            },
+            "radius",
+        ),
+        (
+            Retract {
+                manifold: Manifold::SpectralSphere { radius: -1.0 },
+                norm: steepest::Norm::Euclidean,
+            },
+            "radius",
+        ),
+        (
+            Retract {
+                manifold: Manifold::Sphere { radius: 1.0 },
+                norm: steepest::Norm::Spectral(NewtonSchulz::default()),
+            },
+            "vector norm",
+        ),
+        (
+            Retract::new(Manifold::Stiefel { transpose: false }).unwrap(),
+            "3×5",
+        ),
+    ] {
+        let e = build(r.clone()).unwrap_err().to_string();
+        assert!(e.contains(says), "{r:?}: {e}");
+    }
+    assert!(build(Retract::new(Manifold::Stiefel { transpose: true }).unwrap()).is_ok());
+}
+
+/// Transforms compose: two `ShapeScale`s multiply the step length
+/// (`√(8/5)` then `0.2·√8` on an 8×5 matrix) and two decays multiply the
+/// decay factor (`(1 − ηλ₁)(1 − ηλ₂)`), on the gradient itself (no
+/// direction transform): `w₁ = (1 − ηλ₁)(1 − ηλ₂)·w₀ − η·α·g`, f64, to 1e-14.
+#[test]
+fn chained_shape_scales_and_decays_multiply() {
+    let vm = model_of(&[("w", &[8usize, 5][..])], DType::F64, 7);
+    let w = vm.data().lock().unwrap()["w"].clone();
+    let w0 = w
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let (eta, l1, l2) = (0.1, 0.5, 0.3);
+    let decay = |l: f64| Decay {
+        decay: WeightDecay::Decoupled(l),
+        vectors: false,
+    };
+    let chain = Chain::new()
+        .then(decay(l1))
+        .then_named("decay2", decay(l2))
+        .then(ShapeScale {
+            adjust: LrAdjust::Original,
+        })
+        .then_named(
+            "scale2",
+            ShapeScale {
+                adjust: LrAdjust::MatchAdamWRms(0.2),
+            },
+        );
+    let mut d = Driver::from_varmap(&vm, chain, eta).unwrap();
+    let g: Vec<f64> = (0..40).map(|i| (i as f64 * 0.37).sin()).collect();
+    let gt = candle_core::Tensor::from_vec(g.clone(), (8, 5), &candle_core::Device::Cpu).unwrap();
+    d.step_subset(&[(0, gt)]).unwrap();
+    let alpha = (8.0f64 / 5.0).sqrt() * 0.2 * 8f64.sqrt();
+    let s = (1.0 - eta * l1) * (1.0 - eta * l2);
+    let got = w
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    for ((a, w), g) in got.iter().zip(&w0).zip(&g) {
+        let want = s * w - eta * alpha * g;
+        assert!((a - want).abs() < 1e-14, "{a} vs {want}");
+    }
+}

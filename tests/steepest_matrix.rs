@@ -1060,3 +1060,370 @@ fn spectral_sphere_residual_is_the_absolute_trace() {
         tau.abs()
     );
 }
+
+/// The spectral-sphere update of docs/math.md §3 in f64, from the parameter
+/// `w` (for `Θ = u₁v₁ᵀ`), the decayed parameter `base`, the direction so far
+/// `g`, the multiplier `λ`, the step length `ηα`, `η₂` and the radius `r`:
+/// `Φ = polar(Ĝ + λΘ)`, `Ĝ = G·√k/‖G‖_F`; returns
+/// `W' = r·(base − ηαΦ)/‖base − ηαΦ‖₂` and `λ' = λ − η₂·tr(ΘᵀΦ)`.
+fn spectral_sphere_update_f64(
+    w: &DMatrix<f64>,
+    base: &DMatrix<f64>,
+    g: &DMatrix<f64>,
+    lambda: f64,
+    step: f64,
+    dual_lr: f64,
+    radius: f64,
+) -> (DMatrix<f64>, f64) {
+    let k = w.nrows().min(w.ncols()) as f64;
+    let gn = g * (k.sqrt() / g.norm());
+    let th = theta_of(w);
+    let phi = polar(&(gn + &th * lambda));
+    let stepped = base - &phi * step;
+    let top = singular_values(&stepped).into_iter().fold(0.0, f64::max);
+    (stepped * (radius / top), lambda - dual_lr * th.dot(&phi))
+}
+
+/// A spectral-sphere step (f64, exact `msign` by 30 cubic Newton–Schulz
+/// steps) folds the pending weight decay into the parameter before the
+/// step, `W₁ = r·(D(W₀) − ηΦ)/‖D(W₀) − ηΦ‖₂`, `Φ = polar(G)` from `λ₀ = 0`,
+/// with `D(W) = (1 − ηλ)W` (decoupled) or `W − ηλσ₁u₁v₁ᵀ` (spectral; `W₀`
+/// has `σ₁ = 3` well apart from `σ₂ = 1`, so the cold power iteration is
+/// exact to ~1e-10), checked against the f64 SVD to 1e-7. A step that drops
+/// the decay, takes the undecayed `W`, or adds the rank-1 term fails.
+#[test]
+fn a_spectral_sphere_step_folds_the_pending_decay_into_w() {
+    let mut r = rng(41);
+    let w0 = with_singular_values(&mut r, 8, 5, &[3.0, 1.0, 0.8, 0.6, 0.4]);
+    let g = with_singular_values(&mut r, 8, 5, &[1.0, 0.9, 0.8, 0.6, 0.5]);
+    let (eta, wd, radius) = (0.1, 0.5, 1.5);
+    let svd = w0.clone().svd(true, true);
+    let i = svd.singular_values.imax();
+    let rank1 = svd.u.as_ref().unwrap().column(i)
+        * svd.v_t.as_ref().unwrap().row(i)
+        * svd.singular_values[i];
+    for (decay, base) in [
+        (WeightDecay::Decoupled(wd), &w0 * (1.0 - eta * wd)),
+        (WeightDecay::spectral(wd), &w0 - &rank1 * (eta * wd)),
+    ] {
+        let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+        let mut opt = Steepest::from_named(
+            vars.clone(),
+            SteepestConfig {
+                lr: eta,
+                momentum: 0.0,
+                nesterov: false,
+                norm: Norm::Spectral(NewtonSchulz::cubic(30)),
+                manifold: Manifold::SpectralSphere { radius },
+                weight_decay: decay,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        opt.step_subset(&[(0, from_dmatrix(&g, DType::F64))])
+            .unwrap();
+        let (want, _) = spectral_sphere_update_f64(&w0, &base, &g, 0.0, eta, 0.5, radius);
+        let err = rel_err(&view(&vars[0].var), &want);
+        assert!(err < 1e-7, "{decay:?}: relative error {err}");
+    }
+}
+
+/// The step length of a manifold step is `η·α`, with `α` set by the
+/// transforms before it: `ShapeScale { Original }` then `ManifoldStep` on the
+/// spectral sphere of an 8×5 matrix steps `η·√(8/5)`, checked against the
+/// f64 update (see [`spectral_sphere_update_f64`]) to 1e-7.
+#[test]
+fn a_manifold_step_scales_its_step_by_the_lr_ratio_before_it() {
+    use steepest::optim::transform::{ManifoldStep, ShapeScale};
+    use steepest::optim::{Chain, Driver};
+    let mut r = rng(42);
+    let w0 = with_singular_values(&mut r, 8, 5, &[2.0, 1.0, 0.8, 0.6, 0.4]);
+    let g = with_singular_values(&mut r, 8, 5, &[1.0, 0.9, 0.8, 0.6, 0.5]);
+    let (eta, radius) = (0.1, 1.5);
+    let chain = Chain::new()
+        .then(ShapeScale {
+            adjust: steepest::LrAdjust::Original,
+        })
+        .then(ManifoldStep {
+            manifold: Manifold::SpectralSphere { radius },
+            norm: Norm::Spectral(NewtonSchulz::cubic(30)),
+            dual: DualAscent::default(),
+        });
+    let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+    let mut d = Driver::new(vars.clone(), chain, eta).unwrap();
+    d.step_subset(&[(0, from_dmatrix(&g, DType::F64))]).unwrap();
+    let alpha = (8.0f64 / 5.0).sqrt();
+    let (want, _) = spectral_sphere_update_f64(&w0, &w0, &g, 0.0, eta * alpha, 0.5, radius);
+    let err = rel_err(&view(&vars[0].var), &want);
+    assert!(err < 1e-7, "relative error {err}");
+}
+
+/// The spectral-sphere state carries over between steps: three steps (f64,
+/// exact `msign`, `η₂ = 0.5`) against the f64 recursion of docs/math.md §3
+/// (`Θ` of each step's `W` by SVD, `λ` carried): the parameter after the
+/// last step to 1e-7 and `λ₃` to 1e-8. A step that forgets `λ`, or the
+/// warm start `v₁` (one power iteration from the default start instead),
+/// fails.
+#[test]
+fn spectral_sphere_state_carries_over_between_steps() {
+    let mut r = rng(43);
+    let w0 = with_singular_values(&mut r, 8, 5, &[2.0, 1.2, 0.8, 0.6, 0.4]);
+    let gs: Vec<DMatrix<f64>> = (0..3)
+        .map(|_| with_singular_values(&mut r, 8, 5, &[1.0, 0.9, 0.7, 0.6, 0.5]))
+        .collect();
+    let (eta, radius) = (0.1, 1.5);
+    let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+    let mut opt = Steepest::from_named(
+        vars.clone(),
+        SteepestConfig {
+            lr: eta,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Spectral(NewtonSchulz::cubic(30)),
+            manifold: Manifold::SpectralSphere { radius },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (mut w, mut l) = (w0, 0.0);
+    for g in &gs {
+        opt.step_subset(&[(0, from_dmatrix(g, DType::F64))])
+            .unwrap();
+        (w, l) = spectral_sphere_update_f64(&w, &w, g, l, eta, 0.5, radius);
+        assert!(l.abs() > 1e-3, "λ = {l} too small to tell");
+    }
+    let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
+        .to_scalar::<f64>()
+        .unwrap();
+    let err = rel_err(&view(&vars[0].var), &w);
+    println!("λ₃ = {l} (state {lambda}), W₃ error {err}");
+    assert!((lambda - l).abs() < 1e-8, "λ₃ = {lambda}, want {l}");
+    assert!(err < 1e-7, "W₃ relative error {err}");
+}
+
+/// Two Stiefel steps (f64, exact `msign`, `η₂ = 0.5`, decoupled decay)
+/// against the f64 recursion of docs/math.md §3: the first step projects
+/// both `W₀` and the decayed `W₀` onto the manifold (`polar`, which undoes
+/// the decay's positive scale), then each
+/// step is `Φ = polar(Ĝ + WX)`, `X ← X − η₂(WᵀΦ + ΦᵀW)`,
+/// `W ← polar(D(W) − ηΦ)`, with `X` carried over. Parameters to 1e-7 and
+/// `X₂` to 1e-7 (relative), and the recorded tangent residual
+/// `‖WᵀΦ + ΦᵀW‖_F` of the second step to 1e-7 (relative).
+#[test]
+fn stiefel_steps_follow_the_f64_recursion() {
+    let mut r = rng(44);
+    let w0 = with_singular_values(&mut r, 7, 4, &[2.0, 1.5, 1.0, 0.7]);
+    let gs = [
+        with_singular_values(&mut r, 7, 4, &[1.0, 0.9, 0.7, 0.5]),
+        with_singular_values(&mut r, 7, 4, &[1.0, 0.8, 0.6, 0.5]),
+    ];
+    let (eta, wd, dual_lr) = (0.1, 0.5, 0.5);
+    let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+    let mut opt = Steepest::from_named(
+        vars.clone(),
+        SteepestConfig {
+            lr: eta,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Spectral(NewtonSchulz::cubic(30)),
+            manifold: Manifold::Stiefel { transpose: false },
+            weight_decay: WeightDecay::Decoupled(wd),
+            dual: DualAscent {
+                lr: Some(dual_lr),
+                ..DualAscent::default()
+            },
+        },
+    )
+    .unwrap();
+    let k = 4.0f64;
+    let mut w = polar(&w0);
+    let mut x = DMatrix::<f64>::zeros(4, 4);
+    let mut res = 0.0;
+    let mut first = true;
+    for g in &gs {
+        opt.step_subset(&[(0, from_dmatrix(g, DType::F64))])
+            .unwrap();
+        let gn = g * (k.sqrt() / g.norm());
+        let phi = polar(&(gn + &w * &x));
+        let wtp = w.transpose() * &phi;
+        res = (&wtp + wtp.transpose()).norm();
+        x = &x - (&wtp + wtp.transpose()) * dual_lr;
+        // The first step projects the decayed W₀: polar((1 − ηλ)W₀) = polar(W₀).
+        let decayed = if first {
+            w.clone()
+        } else {
+            &w * (1.0 - eta * wd)
+        };
+        first = false;
+        w = polar(&(decayed - &phi * eta));
+    }
+    let werr = rel_err(&view(&vars[0].var), &w);
+    let xs = to_dmatrix(&opt.state_dict().unwrap()["w.manifold.x"]);
+    let xerr = rel_err(&xs, &x);
+    println!("W₂ error {werr}, X₂ error {xerr}, ‖X₂‖ {}", x.norm());
+    assert!(werr < 1e-7, "W₂ relative error {werr}");
+    assert!(xerr < 1e-7, "X₂ relative error {xerr}");
+    // The recorded residual is ‖WᵀΦ + ΦᵀW‖_F of the last step's direction.
+    let recorded = opt.tangent_residuals().unwrap()[0].1;
+    assert!(
+        (recorded - res).abs() < 1e-7 * res,
+        "residual {recorded}, ‖WᵀΦ + ΦᵀW‖_F = {res}"
+    );
+}
+
+/// The dual step along `sign(∇)` (`DualAscent { sign: true }`):
+/// `λ₁ = λ₀ − η₂·sign(tr(ΘᵀΦ))` from `λ₀ = 0`, `Φ = polar(G)`, `τ =
+/// tr(Θᵀ polar(G)) < 0` computed in f64, so `λ₁ = +η₂` (the plain step
+/// gives `−η₂τ ≈ 0.026`).
+#[test]
+fn sign_dual_ascent_steps_by_the_sign_of_the_residual() {
+    let (opt, tau) = one_spectral_sphere_step(DualAscent {
+        lr: Some(0.3),
+        steps: 1,
+        sign: true,
+    });
+    let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(tau < 0.0);
+    assert!((lambda - 0.3).abs() < 1e-12, "λ₁ = {lambda}, want 0.3");
+}
+
+/// `stiefel_direction` is for a tall `W` (`WᵀW = I`): a wide one is refused
+/// (a shape error that says to transpose), not solved for `WWᵀ`.
+#[test]
+fn stiefel_direction_refuses_a_wide_w() {
+    let mut r = rng(45);
+    let w = randn(&mut r, &[3, 5], DType::F32);
+    let g = randn(&mut r, &[3, 5], DType::F32);
+    let x = Tensor::zeros((5, 5), DType::F32, &Device::Cpu).unwrap();
+    let e = stiefel_direction(&g, &w, &x, &DualAscent::default(), &NewtonSchulz::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wide"), "{e}");
+}
+
+/// `ManifoldStep::set_hparams` (a checkpoint's settings) keeps the manifold:
+/// settings written for the Stiefel manifold are refused by a
+/// spectral-sphere step, which keeps its own.
+#[test]
+fn manifold_step_settings_for_another_manifold_are_refused() {
+    use steepest::optim::transform::{ManifoldStep, Transform};
+    let mut t = ManifoldStep {
+        manifold: Manifold::SpectralSphere { radius: 1.0 },
+        norm: Norm::Spectral(NewtonSchulz::default()),
+        dual: DualAscent::default(),
+    };
+    let before = t.clone();
+    let other = ManifoldStep {
+        manifold: Manifold::Stiefel { transpose: false },
+        ..before.clone()
+    };
+    let e = t.set_hparams(&other.hparams()).unwrap_err().to_string();
+    assert!(e.contains("Stiefel"), "{e}");
+    assert_eq!(t, before);
+}
+
+/// `SteepestConfig::validate` checks the dual schedule also on the free
+/// manifold (where it is unused): 0 dual steps is refused, naming the field.
+#[test]
+fn steepest_config_validates_the_dual_schedule_on_every_manifold() {
+    let cfg = SteepestConfig {
+        dual: DualAscent {
+            steps: 0,
+            ..DualAscent::default()
+        },
+        ..Default::default()
+    };
+    assert_eq!(cfg.manifold, Manifold::Free);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("SteepestConfig.dual"), "{e}");
+}
+
+/// `spectral_sphere_direction` refuses a `theta` whose shape differs from
+/// `g`'s with its own shape error (not a failure deep in the arithmetic).
+#[test]
+fn spectral_sphere_direction_refuses_mismatched_shapes() {
+    let mut r = rng(49);
+    let g = randn(&mut r, &[4, 3], DType::F32);
+    let lam = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for dims in [[3usize, 4], [4, 2]] {
+        let th = randn(&mut r, &dims, DType::F32);
+        let e = spectral_sphere_direction(
+            &g,
+            &th,
+            &lam,
+            &DualAscent::default(),
+            &NewtonSchulz::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, steepest::Error::Shape { .. }), "{e:?}");
+        assert!(e.to_string().contains("differ in shape"), "{e}");
+    }
+}
+
+/// A dual rate of 0 is allowed (`DualAscent::validate`: negative or
+/// non-finite rates are refused): the multiplier then stays at `λ₀ = 0`.
+#[test]
+fn a_zero_dual_rate_is_allowed_and_keeps_the_multiplier() {
+    let zero = DualAscent {
+        lr: Some(0.0),
+        ..DualAscent::default()
+    };
+    zero.validate("test").unwrap();
+    let (opt, _) = one_spectral_sphere_step(zero);
+    let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
+        .to_scalar::<f64>()
+        .unwrap();
+    assert_eq!(lambda, 0.0);
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        let d = DualAscent {
+            lr: Some(bad),
+            ..DualAscent::default()
+        };
+        assert!(d.validate("test").is_err(), "dual lr {bad}");
+    }
+}
+
+/// Same-shape parameters of different dtypes step as they would alone (the
+/// driver batches only same-dtype matrices): `Steepest` (Muon's
+/// orthogonalised step) on an f32 and an f64 4×3 matrix together equals
+/// each on its own, bit for bit.
+#[test]
+fn same_shape_parameters_of_different_dtypes_step_as_alone() {
+    let mut r = rng(50);
+    let a = randn(&mut r, &[4, 3], DType::F32);
+    let b = randn(&mut r, &[4, 3], DType::F64);
+    let ga = randn(&mut r, &[4, 3], DType::F32);
+    let gb = randn(&mut r, &[4, 3], DType::F64);
+    let together = named(vec![("a", a.clone()), ("b", b.clone())]);
+    let mut opt = Steepest::from_named(together.clone(), SteepestConfig::default()).unwrap();
+    opt.step_subset(&[(0, ga.clone()), (1, gb.clone())])
+        .unwrap();
+    for (i, (t, g)) in [(a, ga), (b, gb)].into_iter().enumerate() {
+        let alone = named(vec![("x", t)]);
+        let mut o = Steepest::from_named(alone.clone(), SteepestConfig::default()).unwrap();
+        o.step_subset(&[(0, g)]).unwrap();
+        assert_eq!(
+            to_f64_vec(together[i].var.as_tensor()),
+            to_f64_vec(alone[0].var.as_tensor()),
+            "parameter {i}"
+        );
+    }
+}
+
+/// `stiefel_direction` refuses a multiplier `x` that is not `m×m` for an
+/// `n×m` `w` with its own shape error.
+#[test]
+fn stiefel_direction_refuses_a_misshapen_multiplier() {
+    let mut r = rng(51);
+    let w = randn(&mut r, &[5, 4], DType::F32);
+    let g = randn(&mut r, &[5, 4], DType::F32);
+    for dims in [[3usize, 3], [5, 5]] {
+        let x = Tensor::zeros(&dims, DType::F32, &Device::Cpu).unwrap();
+        let e = stiefel_direction(&g, &w, &x, &DualAscent::default(), &NewtonSchulz::default())
+            .unwrap_err();
+        assert!(matches!(e, steepest::Error::Shape { .. }), "{e:?}");
+        assert!(e.to_string().contains("do not fit"), "{e}");
+    }
+}

@@ -69,7 +69,7 @@ fn free_directions_attain_the_dual_norm() {
             assert!((a - b / n2).abs() < tol);
         }
         // ℓ_p: ‖φ‖_p = 1 and ⟨g, φ⟩ = ‖g‖_q (Hölder's equality case).
-        for p in [1.3, 1.5, 3.0, 6.0] {
+        for p in [1.3, 1.5, 2.0, 2.5, 3.0, 6.0] {
             let phi = vec_of(&dualize(&gt, &Norm::Lp(p)).unwrap());
             assert!((p_norm(&phi, p) - 1.0).abs() < tol, "p = {p}");
             let gq = p_norm(&g, dual_exp(p));
@@ -521,5 +521,108 @@ fn shape_scale_before_a_sphere_step_scales_its_step() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(d > 1e-3, "{norm:?}: the factor made no difference ({d:e})");
+    }
+}
+
+/// A sphere step folds the pending weight decay into the parameter before
+/// the step: `w₁ = r·(s·w₀ − ηφ)/‖s·w₀ − ηφ‖₂`, `s = 1 − ηλ`, `φ` the
+/// Euclidean tangent direction `(g − ⟨g,ŵ⟩ŵ)/‖g − ⟨g,ŵ⟩ŵ‖₂` at `w₀`
+/// (closed form, f64), checked to 1e-12 (f64 parameter). A step from the
+/// undecayed `w₀` is off by `ηλ·r/…`.
+#[test]
+fn a_sphere_step_folds_the_pending_decay_into_w() {
+    let mut r = rng(46);
+    let w0 = normal_vec(&mut r, 7);
+    let g = normal_vec(&mut r, 7);
+    let (eta, wd, radius) = (0.1, 0.5, 2.0);
+    let var = Var::from_tensor(&tensor(&w0, DType::F64)).unwrap();
+    let mut opt = Steepest::from_named(
+        vec![NamedVar {
+            name: "w".into(),
+            var: var.clone(),
+        }],
+        SteepestConfig {
+            lr: eta,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Euclidean,
+            manifold: Manifold::Sphere { radius },
+            weight_decay: steepest::WeightDecay::Decoupled(wd),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step_subset(&[(0, tensor(&g, DType::F64))]).unwrap();
+    let nw = dot(&w0, &w0).sqrt();
+    let what: Vec<f64> = w0.iter().map(|x| x / nw).collect();
+    let along = dot(&g, &what);
+    let t: Vec<f64> = g.iter().zip(&what).map(|(g, w)| g - along * w).collect();
+    let nt = dot(&t, &t).sqrt();
+    let s = 1.0 - eta * wd;
+    let stepped: Vec<f64> = w0
+        .iter()
+        .zip(&t)
+        .map(|(w, t)| s * w - eta * t / nt)
+        .collect();
+    let ns = dot(&stepped, &stepped).sqrt();
+    let got = vec_of(var.as_tensor());
+    for (a, b) in got.iter().zip(&stepped) {
+        let want = radius * b / ns;
+        assert!((a - want).abs() < 1e-12, "{a} vs {want}");
+    }
+}
+
+/// A zero gradient on the `ℓ_p` sphere: `h(λ) = ⟨a, (λa)^{[q−1]}⟩` has its
+/// root at `λ = 0`, so the multiplier is 0 and the direction is zero (a
+/// multiplier off 0 would step along the normal `a`).
+#[test]
+fn a_zero_gradient_on_the_lp_sphere_gives_a_zero_direction() {
+    let w = normal_vec(&mut rng(48), 9);
+    for p in [1.5, 3.0] {
+        let a = normal(&w, p);
+        assert_eq!(lp_sphere_multiplier(&[0.0; 9], &a, p).unwrap(), 0.0);
+        let phi = sphere_direction(
+            &tensor(&[0.0; 9], DType::F64),
+            &tensor(&w, DType::F64),
+            &Norm::Lp(p),
+        )
+        .unwrap();
+        assert_eq!(vec_of(&phi), vec![0.0; 9], "p = {p}");
+    }
+}
+
+/// `sphere_retract` refuses a `w` whose norm is not finite (as it refuses
+/// `w = 0`) rather than return `w·(r/∞)`.
+#[test]
+fn sphere_retract_refuses_a_non_finite_norm() {
+    use steepest::optim::steepest::sphere_retract;
+    for (w, norm) in [
+        (vec![1.0, f64::INFINITY, 2.0], Norm::Euclidean),
+        (vec![1.0, f64::NAN, 2.0], Norm::Lp(3.0)),
+        (vec![0.0; 3], Norm::Sign),
+    ] {
+        let r = sphere_retract(&tensor(&w, DType::F64), 1.0, &norm);
+        assert!(r.is_err(), "{w:?} under {norm:?}: {r:?}");
+    }
+    let ok = sphere_retract(&tensor(&[3.0, 4.0], DType::F64), 1.0, &Norm::Euclidean).unwrap();
+    for (a, b) in vec_of(&ok).iter().zip([0.6, 0.8]) {
+        assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+    }
+}
+
+/// `sphere_direction` refuses `g` and `w` of different shapes, also when
+/// they have as many entries (the `ℓ_p` root solve works on flat copies
+/// and would not notice).
+#[test]
+fn sphere_direction_refuses_mismatched_shapes() {
+    let v = normal_vec(&mut rng(52), 6);
+    let g = tensor(&v, DType::F64).reshape((2, 3)).unwrap();
+    let w = tensor(&v, DType::F64).reshape((3, 2)).unwrap();
+    for norm in [Norm::Euclidean, Norm::Lp(3.0), Norm::Sign] {
+        let e = sphere_direction(&g, &w, &norm).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Shape { .. }),
+            "{norm:?}: {e:?}"
+        );
     }
 }

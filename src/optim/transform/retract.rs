@@ -99,6 +99,9 @@ impl Transform for Retract {
     }
 
     fn check(&self, p: &ParamInfo) -> Result<()> {
+        // The fields are public: refuse settings `Retract::new` would refuse
+        // here, at construction, rather than step with them.
+        self.validate("Retract")?;
         match (self.manifold, p.matrix()) {
             (Manifold::SpectralSphere { .. } | Manifold::Stiefel { .. }, None) => fail!(
                 Config,
