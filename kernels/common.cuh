@@ -88,7 +88,7 @@ struct MtEntry {
     u64 p0, p1, p2, p3;
     u64 a, b;
     u64 len;     // elements
-    u64 cols;    // columns of the matrix view (≥ 1): row of element j is j / cols
+    u64 cols;    // columns of the matrix view (≥ 1): element j is in row j / cols (RowCol)
     u64 chunk0;  // global index of this tensor's first chunk
 };
 

@@ -11,7 +11,7 @@
 # On the device, .gpu/run.sh runs all of issue #11 in one call, most
 # important first, under one deadline (DEADLINE_S, default 460 s: the issue
 # asks for the whole device call within 8 minutes): the machine and its
-# libraries, the GPU tests, gpu_bench and the PyTorch reference with the
+# libraries, the GPU tests (a failed one rerun alone), gpu_bench and the PyTorch reference with the
 # table, an Nsight Compute profile of the target workloads when the table
 # has a missed target, then training on the GPU (examples/train_lm/
 # gpu_run.sh: first 20 losses CPU vs GPU, then --preset gpu in the time

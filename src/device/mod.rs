@@ -14,9 +14,11 @@
 //! - [`msign`] and [`power_iteration`] on a batch of same-shape matrices;
 //! - [`sum_squares`], squared norms of many tensors (one host sync).
 //!
-//! Every function here assumes its arguments were validated by the caller
-//! (shapes, dtypes, one device); it errors only on what cannot be checked
-//! earlier (a kernel that fails to launch).
+//! Every function here assumes the caller validated what it knows (the
+//! gradients against their parameters, one device); it still refuses what
+//! it alone can see — operand counts and sizes, an unsupported dtype, an
+//! output sharing memory with another operand, a shape the kernels cannot
+//! take — and reports a kernel that fails to launch.
 //!
 //! The CUDA kernels are also compiled for the host and run on the CPU by the
 //! crate's kernel emulator (`emu`, feature `emu`: on for this crate's own

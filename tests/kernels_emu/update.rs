@@ -34,8 +34,13 @@ fn assert_same(p: &P, other: &P, what: &str) {
 
 /// The parameter of case `i`: shape `i`, dtype and decay cycling.
 fn case(i: usize, dtype: DType) -> P {
+    case_with(i, dtype, DECAYS[i % DECAYS.len()])
+}
+
+/// The parameter of case `i` (shape `i`) with this dtype and decay.
+fn case_with(i: usize, dtype: DType, decay: DecayKind) -> P {
     let shape = UPDATE_SHAPES[i % UPDATE_SHAPES.len()];
-    P::new(100 + i as u64, shape, dtype, DECAYS[i % DECAYS.len()])
+    P::new(100 + i as u64, shape, dtype, decay)
 }
 
 fn check_adamw(ps: &[P], what: &str) {
@@ -119,22 +124,30 @@ fn check_apply(ps: &[P], what: &str) {
     }
 }
 
+/// Every shape × dtype × decay (none, decoupled, rank-1: the spectral
+/// decay's term, whose row and column the kernels carry along each thread's
+/// stride).
 #[test]
 fn adamw_matches_cpu_on_every_shape_and_dtype() {
     for i in 0..UPDATE_SHAPES.len() {
         for &dt in DTYPES {
-            check_adamw(&[case(i, dt)], "adamw");
+            for &dk in DECAYS {
+                check_adamw(&[case_with(i, dt, dk)], "adamw");
+            }
         }
     }
 }
 
+/// Every shape × dtype × decay, as AdamW.
 #[test]
 fn sgd_matches_cpu_on_every_shape_and_dtype() {
     for i in 0..UPDATE_SHAPES.len() {
         for &dt in DTYPES {
-            // plain, heavy-ball and Nesterov, cycling with the case
-            let (momentum, nesterov) = [(false, false), (true, false), (true, true)][i % 3];
-            check_sgd(&[case(i, dt)], momentum, 0.9, nesterov, "sgd");
+            for &dk in DECAYS {
+                // plain, heavy-ball and Nesterov, cycling with the case
+                let (momentum, nesterov) = [(false, false), (true, false), (true, true)][i % 3];
+                check_sgd(&[case_with(i, dt, dk)], momentum, 0.9, nesterov, "sgd");
+            }
         }
     }
 }
@@ -146,10 +159,14 @@ fn ema_momentum_matches_cpu_on_every_shape() {
     }
 }
 
+/// Every shape, under each decay (a batch of the three dtypes).
 #[test]
 fn apply_matches_cpu_on_every_shape() {
     for i in 0..UPDATE_SHAPES.len() {
-        check_apply(&batch(i), "apply");
+        for &dk in DECAYS {
+            let ps: Vec<P> = DTYPES.iter().map(|&dt| case_with(i, dt, dk)).collect();
+            check_apply(&ps, "apply");
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub(crate) const POWER_STATIC_SHARED: u32 = (BLOCK / 32) * (32 * 33 + 32) * 4;
 
 /// Whether the kernels take a `(b, m, n)` power iteration: the short side's
 /// two shared vectors must fit a block's shared memory beside the tiles
-/// (up to k = 24 576).
+/// (up to k = 24 704).
 pub(crate) fn power_supported(b: usize, m: usize, n: usize) -> bool {
     let k = m.min(n) as u64;
     b >= 1
