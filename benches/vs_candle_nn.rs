@@ -31,48 +31,17 @@ fn timed(opt: &mut impl Optimizer, grads: &GradStore) -> Result<f64> {
     seconds(|| opt.step(grads))
 }
 
-/// Fresh copies of the parameters (each optimizer updates its own).
-fn copies(vars: &[NamedVar]) -> Result<Vec<NamedVar>> {
-    vars.iter()
-        .map(|v| {
-            Ok(NamedVar {
-                name: v.name.clone(),
-                var: candle_core::Var::from_tensor(&v.var.as_tensor().copy()?)?,
-            })
-        })
-        .collect()
-}
-
 fn main() -> Result<()> {
-    let (vars, _, n) = model::gpt2_quarter();
+    // Each optimizer its own parameters (same shapes), with gradients keyed by them.
+    let bare = |vars: &[NamedVar]| vars.iter().map(|v| v.var.clone()).collect::<Vec<_>>();
+    let (p_cn_adamw, g_cn_adamw, n) = model::gpt2_quarter();
+    let (p_adamw, g_adamw, _) = model::gpt2_quarter();
+    let (p_cn_sgd, g_cn_sgd, _) = model::gpt2_quarter();
+    let (p_sgd, g_sgd, _) = model::gpt2_quarter();
     println!(
         "threads: {}; {n} f32 parameters in {} tensors; medians over rounds",
         candle_core::utils::get_num_threads(),
-        vars.len()
-    );
-    // Each optimizer its own parameters, and gradients keyed by them.
-    let grads_for = |vars: &[NamedVar]| -> Result<GradStore> {
-        let mut loss = candle_core::Tensor::new(0f32, &candle_core::Device::Cpu)?;
-        for (i, v) in vars.iter().enumerate() {
-            let g = candle_core::Tensor::randn(0f32, 1.0, v.var.shape(), v.var.device())?;
-            let g = (g + i as f64 * 1e-3)?;
-            loss = (loss + (v.var.as_tensor() * g)?.sum_all()?)?;
-        }
-        loss.backward()
-    };
-    let bare = |vars: &[NamedVar]| vars.iter().map(|v| v.var.clone()).collect::<Vec<_>>();
-
-    let (p_cn_adamw, p_adamw, p_cn_sgd, p_sgd) = (
-        copies(&vars)?,
-        copies(&vars)?,
-        copies(&vars)?,
-        copies(&vars)?,
-    );
-    let (g_cn_adamw, g_adamw, g_cn_sgd, g_sgd) = (
-        grads_for(&p_cn_adamw)?,
-        grads_for(&p_adamw)?,
-        grads_for(&p_cn_sgd)?,
-        grads_for(&p_sgd)?,
+        p_adamw.len()
     );
     let mut cn_adamw = candle_nn::AdamW::new(bare(&p_cn_adamw), ParamsAdamW::default())?;
     let mut adamw = AdamW::from_named(

@@ -34,6 +34,9 @@
 //! single cases in depth; this file checks the contract broadly.
 
 mod common;
+mod support;
+
+use support::{spectral, steepest_cfg};
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -327,20 +330,6 @@ fn muon_cfg(wd: WeightDecay, ns: NewtonSchulz) -> MuonConfig {
         },
         ..Default::default()
     }
-}
-
-fn steepest_cfg(norm: Norm, manifold: Manifold) -> SteepestConfig {
-    SteepestConfig {
-        lr: 0.02,
-        norm,
-        manifold,
-        weight_decay: WeightDecay::Decoupled(0.1),
-        ..Default::default()
-    }
-}
-
-fn spectral() -> Norm {
-    Norm::Spectral(NewtonSchulz::muon())
 }
 
 /// Matrices to a manifold chain, everything else to AdamW: one driver.

@@ -32,6 +32,8 @@
 mod common;
 mod support;
 
+use support::{spectral, steepest_cfg};
+
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -48,7 +50,7 @@ use steepest::optim::{Chain, Partition};
 use steepest::schedule::{Schedule, Scheduled};
 use steepest::{
     AdamW, AdamWConfig, Error, Manifold, Muon, MuonConfig, NewtonSchulz, Norm, OptimizerState, Sgd,
-    SgdConfig, Steepest, SteepestConfig, TryStep, WeightDecay,
+    SgdConfig, Steepest, TryStep, WeightDecay,
 };
 
 // ---------------------------------------------------------------------------
@@ -274,20 +276,6 @@ fn muon_cfg(wd: WeightDecay, ns: NewtonSchulz) -> MuonConfig {
         adamw_names: vec!["embed".into()],
         ..Default::default()
     }
-}
-
-fn steepest_cfg(norm: Norm, manifold: Manifold) -> SteepestConfig {
-    SteepestConfig {
-        lr: 0.02,
-        norm,
-        manifold,
-        weight_decay: WeightDecay::Decoupled(0.1),
-        ..Default::default()
-    }
-}
-
-fn spectral() -> Norm {
-    Norm::Spectral(NewtonSchulz::muon())
 }
 
 fn partition(vm: &VarMap) -> steepest::Result<Box<dyn Subject>> {
@@ -1539,6 +1527,22 @@ fn rank_grads(vm: &VarMap, t: u64, rank: usize) -> GradStore {
     grads(vm, t * 16 + rank as u64)
 }
 
+/// A sharded checkpoint in `dir`, saved by 2 ranks after two steps.
+fn save_two_rank_checkpoint(dir: &Path) {
+    LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vm = support::model_of(SHARDED, DType::F32, 3);
+        let mut dp = sharded_muon(comm, &vm)?;
+        for t in 0..2 {
+            dp.step(&rank_grads(&vm, t, rank))?;
+        }
+        dp.save_state(dir)
+    })
+    .unwrap()
+    .into_iter()
+    .for_each(|r| r.unwrap());
+}
+
 /// What one rank saw when loading a corrupted checkpoint.
 #[derive(Debug)]
 struct RankLoad {
@@ -1684,18 +1688,7 @@ fn corrupted_sharded_checkpoints_are_refused_on_every_rank() {
     let start = std::time::Instant::now();
     let dir = scratch("sharded");
     let good = dir.join("good");
-    LocalGroup::run(2, |comm| {
-        let rank = comm.rank();
-        let vm = support::model_of(SHARDED, DType::F32, 3);
-        let mut dp = sharded_muon(comm, &vm)?;
-        for t in 0..2 {
-            dp.step(&rank_grads(&vm, t, rank))?;
-        }
-        dp.save_state(&good)
-    })
-    .unwrap()
-    .into_iter()
-    .for_each(|r| r.unwrap());
+    save_two_rank_checkpoint(&good);
     let manifest = steepest::distributed::checkpoint::read_manifest(&good).unwrap();
     assert!(manifest.files.iter().all(|f| !f.params.is_empty()));
     // The intact checkpoint loads on both ranks and as a union.
@@ -1867,18 +1860,7 @@ fn a_weight_average_body_of_another_kind_is_refused() {
 fn a_rank_file_with_another_ranks_state_is_refused() {
     let dir = scratch("bug-rank-copy");
     let good = dir.join("good");
-    LocalGroup::run(2, |comm| {
-        let rank = comm.rank();
-        let vm = support::model_of(SHARDED, DType::F32, 3);
-        let mut dp = sharded_muon(comm, &vm)?;
-        for t in 0..2 {
-            dp.step(&rank_grads(&vm, t, rank))?;
-        }
-        dp.save_state(&good)
-    })
-    .unwrap()
-    .into_iter()
-    .for_each(|r| r.unwrap());
+    save_two_rank_checkpoint(&good);
     let full = load_union(&good).unwrap().len();
     std::fs::copy(good.join(R0), good.join(R1)).unwrap();
     refresh_manifest_crc(&good, 1);

@@ -2,13 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::alias::{alias, AliasConfig};
+use super::alias::{alias, single_chain_config};
 use super::driver::{check_lr, Driver};
 use super::transform::{Adam, Decay};
 use super::Chain;
 use crate::decay::WeightDecay;
 use crate::error::Result;
-use crate::params::NamedVar;
 
 /// AdamW hyperparameters. Defaults are `torch.optim.AdamW`'s: `lr = 1e-3`,
 /// `β = (0.9, 0.999)`, `eps = 1e-8`, decoupled decay `0.01` (on matrices only
@@ -87,24 +86,6 @@ pub struct AdamW {
     config: AdamWConfig,
 }
 
-impl AliasConfig for AdamWConfig {
-    const KIND: &'static str = "adamw";
-
-    fn check(&self) -> Result<()> {
-        self.validate()
-    }
-
-    fn chains(&self) -> Vec<Chain> {
-        vec![self.chain()]
-    }
-
-    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
-        Driver::new(vars, self.chain(), self.lr)
-    }
-
-    fn record_lr(&mut self, lr: f64, _: &Driver) {
-        self.lr = lr;
-    }
-}
+single_chain_config!(AdamWConfig, "adamw");
 
 alias!(AdamW, AdamWConfig, "AdamW");

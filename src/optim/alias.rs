@@ -88,6 +88,36 @@ pub(crate) fn load_state_dict<C: AliasConfig>(
     Ok(())
 }
 
+/// [`AliasConfig`] for a config with one chain (its `chain()`) and one rate
+/// (its `lr`), checked by its `validate()`; further trait items (e.g.
+/// `check_resumable`) may follow the kind.
+macro_rules! single_chain_config {
+    ($config:ty, $kind:literal $(, $($extra:tt)*)?) => {
+        impl crate::optim::alias::AliasConfig for $config {
+            const KIND: &'static str = $kind;
+
+            fn check(&self) -> Result<()> {
+                self.validate()
+            }
+
+            fn chains(&self) -> Vec<crate::optim::Chain> {
+                vec![self.chain()]
+            }
+
+            fn build(&self, vars: Vec<crate::params::NamedVar>) -> Result<crate::optim::Driver> {
+                crate::optim::Driver::new(vars, self.chain(), self.lr)
+            }
+
+            fn record_lr(&mut self, lr: f64, _: &crate::optim::Driver) {
+                self.lr = lr;
+            }
+
+            $($($extra)*)?
+        }
+    };
+}
+pub(crate) use single_chain_config;
+
 /// The constructors, accessors, `candle_nn::Optimizer` and `OptimizerState`
 /// of an alias `$alias { driver: Driver, config: $config }`, whose config
 /// implements [`AliasConfig`].

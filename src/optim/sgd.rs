@@ -2,13 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::alias::{alias, AliasConfig};
+use super::alias::{alias, single_chain_config};
 use super::driver::{check_lr, Driver};
 use super::transform::{Decay, Momentum, MomentumKind};
 use super::Chain;
 use crate::decay::WeightDecay;
 use crate::error::Result;
-use crate::params::NamedVar;
 
 /// SGD hyperparameters. Defaults: `lr = 1e-2`, no momentum, no decay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,24 +78,6 @@ pub struct Sgd {
     config: SgdConfig,
 }
 
-impl AliasConfig for SgdConfig {
-    const KIND: &'static str = "sgd";
-
-    fn check(&self) -> Result<()> {
-        self.validate()
-    }
-
-    fn chains(&self) -> Vec<Chain> {
-        vec![self.chain()]
-    }
-
-    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
-        Driver::new(vars, self.chain(), self.lr)
-    }
-
-    fn record_lr(&mut self, lr: f64, _: &Driver) {
-        self.lr = lr;
-    }
-}
+single_chain_config!(SgdConfig, "sgd");
 
 alias!(Sgd, SgdConfig, "SGD");

@@ -312,3 +312,23 @@ pub fn spectral_adamw(vm: &VarMap) -> steepest::AdamW {
     )
     .unwrap()
 }
+
+/// A `Steepest` config at rate 0.02 with decoupled decay 0.1, on this norm
+/// and manifold (the sweeps' common case).
+pub fn steepest_cfg(
+    norm: steepest::Norm,
+    manifold: steepest::Manifold,
+) -> steepest::SteepestConfig {
+    steepest::SteepestConfig {
+        lr: 0.02,
+        norm,
+        manifold,
+        weight_decay: steepest::WeightDecay::Decoupled(0.1),
+        ..Default::default()
+    }
+}
+
+/// The spectral norm with Keller Jordan's Newton–Schulz table.
+pub fn spectral() -> steepest::Norm {
+    steepest::Norm::Spectral(steepest::NewtonSchulz::muon())
+}

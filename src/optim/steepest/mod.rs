@@ -27,14 +27,13 @@ use serde::{Deserialize, Serialize};
 pub use dual::{spectral_sphere_direction, stiefel_direction, DualAscent, DualStep, Manifold};
 pub use norm::{dualize, lp_sphere_multiplier, p_norm, sphere_direction, sphere_retract, Norm};
 
-use super::alias::{alias, AliasConfig};
+use super::alias::{alias, single_chain_config};
 use super::driver::{check_lr, Driver};
 use super::transform::{Decay, Dualize, ManifoldState, ManifoldStep, Momentum, MomentumKind};
 use super::Chain;
 use crate::decay::WeightDecay;
 use crate::error::{Error, Result};
 use crate::linalg::NewtonSchulz;
-use crate::params::NamedVar;
 
 /// [`Steepest`] hyperparameters. Defaults: `lr = 0.02`, momentum 0.95 with
 /// Nesterov, the spectral norm with Keller Jordan's Newton–Schulz table, no
@@ -166,25 +165,9 @@ pub struct Steepest {
     config: SteepestConfig,
 }
 
-impl AliasConfig for SteepestConfig {
-    const KIND: &'static str = "steepest";
-
-    fn check(&self) -> Result<()> {
-        self.validate()
-    }
-
-    fn chains(&self) -> Vec<Chain> {
-        vec![self.chain()]
-    }
-
-    fn build(&self, vars: Vec<NamedVar>) -> Result<Driver> {
-        Driver::new(vars, self.chain(), self.lr)
-    }
-
-    fn record_lr(&mut self, lr: f64, _: &Driver) {
-        self.lr = lr;
-    }
-
+single_chain_config!(
+    SteepestConfig,
+    "steepest",
     /// The manifold is the model's (its state has that manifold's fields).
     fn check_resumable(&self, stored: &Self) -> Result<()> {
         if std::mem::discriminant(&stored.manifold) != std::mem::discriminant(&self.manifold)
@@ -201,7 +184,7 @@ impl AliasConfig for SteepestConfig {
         }
         Ok(())
     }
-}
+);
 
 alias!(Steepest, SteepestConfig, "Steepest");
 
