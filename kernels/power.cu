@@ -57,7 +57,9 @@ STEEPEST_EMU_EXPORT(power_start)
 #define POWER_TILE_PAD 33
 
 // One pass over W (grid (gx, b), dynamic shared memory: x̂ and the block's
-// accumulator, k floats each). `x` (b, k) is the current unit vector, `z`
+// accumulator, k floats each). `Ws` (b) holds the address of each matrix, so
+// that a group's parameters are read where they are, with no stacked copy.
+// `x` (b, k) is the current unit vector, `z`
 // (b, l) the weights of POWER_ACC, `y` (b, k) the accumulated result (zeroed
 // by the caller), `out` (b, l) the dot products of POWER_DOT.
 //
@@ -72,13 +74,13 @@ STEEPEST_EMU_EXPORT(power_start)
 //   the contributions coef_t·W[e, t] of 32 rows go through the tile and lane
 //   = row sums them over the 32 columns.
 template <class P>
-__device__ void power_gram_impl(const P* W, unsigned m, unsigned n, int wide, int mode, const float* x,
+__device__ void power_gram_impl(const u64* Ws, unsigned m, unsigned n, int wide, int mode, const float* x,
                                 const float* z, float* y, float* out) {
     __shared__ float tiles[STEEPEST_WARPS][32][POWER_TILE_PAD];
     __shared__ float coefs[STEEPEST_WARPS][32];
     const unsigned k = wide ? m : n, l = wide ? n : m;
     const unsigned bi = blockIdx.y;
-    const P* w = W + u64(bi) * m * n;
+    const P* w = reinterpret_cast<const P*>(Ws[bi]);
     const bool need_dot = mode & (POWER_DOT | POWER_GRAM);
     const bool accumulate = mode & (POWER_GRAM | POWER_ACC);
     STEEPEST_DYNAMIC_SHARED(float, xs);
@@ -145,9 +147,9 @@ __device__ void power_gram_impl(const P* W, unsigned m, unsigned n, int wide, in
 }
 
 #define STEEPEST_POWER_GRAM(SUF, P)                                                                      \
-    STEEPEST_KERNEL void power_gram_##SUF(const P* W, unsigned m, unsigned n, int wide, int mode,        \
+    STEEPEST_KERNEL void power_gram_##SUF(const u64* Ws, unsigned m, unsigned n, int wide, int mode,     \
                                           const float* x, const float* z, float* y, float* out) {        \
-        power_gram_impl<P>(W, m, n, wide, mode, x, z, y, out);                                           \
+        power_gram_impl<P>(Ws, m, n, wide, mode, x, z, y, out);                                          \
     }                                                                                                    \
     STEEPEST_EMU_EXPORT(power_gram_##SUF)
 

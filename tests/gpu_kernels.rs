@@ -255,6 +255,35 @@ fn gpu_power_iteration_matches_cpu() {
     }
 }
 
+/// A group's parameters read where they are (each its own allocation, one
+/// a view at an offset) through the kernels' table of addresses, against
+/// the CPU on the same matrices.
+#[test]
+fn gpu_power_iteration_members_match_cpu() {
+    let dev = gpu();
+    for (i, &(b, m, n)) in [(3, 200, 70), (2, 70, 200), (4, 64, 64), (2, 1, 300)]
+        .iter()
+        .enumerate()
+    {
+        let dt = DTYPES[i % DTYPES.len()];
+        let mut r = rng(260 + i as u64);
+        let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
+        let start = start_vec(&mut r, b, n, &Device::Cpu);
+        let want = power_iteration(&w, Some(&start), 3).unwrap();
+        let wg = w.to_device(&dev).unwrap();
+        let mut ws: Vec<Tensor> = (0..b).map(|j| wg.get(j).unwrap().copy().unwrap()).collect();
+        let pad = Tensor::zeros((3, n), dt, &dev).unwrap();
+        ws[0] = Tensor::cat(&[&pad, &ws[0]], 0)
+            .unwrap()
+            .narrow(0, 3, m)
+            .unwrap();
+        let got =
+            device::power_iteration_members(&ws, Some(&start.to_device(&dev).unwrap()), 3).unwrap();
+        assert_sigma_close((b, m, n), &want.sigma, &got.sigma);
+        assert!(max_diff(&want.u, &got.u) < 1e-3 && max_diff(&want.v, &got.v) < 1e-3);
+    }
+}
+
 /// σ₁ of every member within 1e-4 (relative) of the CPU's.
 fn assert_sigma_close((b, m, n): (usize, usize, usize), want: &Tensor, got: &Tensor) {
     for (a, c) in f64s(want).iter().zip(&f64s(got)) {

@@ -493,10 +493,30 @@ pub(crate) fn power_iteration(
     start: Option<&Tensor>,
     iters: usize,
 ) -> Result<Option<TopSingular>> {
-    let candle_core::Device::Cuda(dev) = w.device() else {
+    let candle_core::Device::Cuda(_) = w.device() else {
         return Ok(None);
     };
-    let Some(call) = launch::power_prepare(w, start)? else {
+    run_power(launch::power_prepare(w, start)?, iters)
+}
+
+/// [`super::power_iteration_members`] on the device, each matrix read where
+/// it is (no host sync); `None` when no kernel takes it.
+pub(crate) fn power_iteration_members(
+    ws: &[Tensor],
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<Option<TopSingular>> {
+    if !ws.iter().all(|w| w.device().is_cuda()) {
+        return Ok(None);
+    }
+    run_power(launch::power_prepare_members(ws, start)?, iters)
+}
+
+fn run_power(call: Option<launch::PowerCall>, iters: usize) -> Result<Option<TopSingular>> {
+    let Some(call) = call else {
+        return Ok(None);
+    };
+    let candle_core::Device::Cuda(dev) = call.ws[0].device() else {
         return Ok(None);
     };
     let be = backend(dev);

@@ -489,7 +489,22 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// [`super::power_iteration`] through the emulated `power_*` kernels
 /// (f32, bf16 and f16 `w`; errors on what the kernels do not take).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
-    let Some(call) = launch::power_prepare(w, start)? else {
+    run_power(launch::power_prepare(w, start)?, iters, w)
+}
+
+/// [`super::power_iteration_members`] through the emulated `power_*`
+/// kernels, each matrix read where it is.
+pub fn power_iteration_members(
+    ws: &[Tensor],
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<TopSingular> {
+    let call = launch::power_prepare_members(ws, start)?;
+    run_power(call, iters, &ws[0])
+}
+
+fn run_power(call: Option<launch::PowerCall>, iters: usize, w: &Tensor) -> Result<TopSingular> {
+    let Some(call) = call else {
         fail!(
             Device,
             "power_iteration",

@@ -744,7 +744,43 @@ pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Resu
             return Ok(top);
         }
     }
+    if all_cpu(&[w]) && start.is_none_or(|s| s.device().is_cpu()) {
+        return match w.dtype() {
+            DType::F64 => crate::linalg::power_iteration_cpu::<f64>(w, start, iters),
+            _ => crate::linalg::power_iteration_cpu::<f32>(w, start, iters),
+        };
+    }
     crate::linalg::power_iteration_generic(w, start, iters)
+}
+
+/// [`power_iteration`] of the batch that the same-shape matrices `ws` would
+/// stack into (`start` `(b, n)`; results `(b,)`, `(b, m)`, `(b, n)`): on the
+/// CPU and on CUDA each matrix is read where it is, without the stacked
+/// copy; elsewhere they are stacked.
+pub fn power_iteration_members(
+    ws: &[Tensor],
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<TopSingular> {
+    let Some(first) = ws.first() else {
+        fail!(Shape, "power_iteration", "no matrices");
+    };
+    let (m, n) = crate::linalg::matrix_dims("power_iteration: w", first)?;
+    crate::linalg::check_members(ws, m, n)?;
+    #[cfg(feature = "cuda")]
+    if !generic_only() {
+        if let Some(top) = cuda::power_iteration_members(ws, start, iters)? {
+            return Ok(top);
+        }
+    }
+    let refs: Vec<&Tensor> = ws.iter().collect();
+    if all_cpu(&refs) && start.is_none_or(|s| s.device().is_cpu()) {
+        return match first.dtype() {
+            DType::F64 => crate::linalg::power_iteration_cpu_members::<f64>(ws, start, iters),
+            _ => crate::linalg::power_iteration_cpu_members::<f32>(ws, start, iters),
+        };
+    }
+    power_iteration(&Tensor::stack(ws, 0)?, start, iters)
 }
 
 /// Whether all tensors are on `device`.

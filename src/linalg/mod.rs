@@ -2,18 +2,23 @@
 //!
 //! Each function takes a matrix `(m, n)` or a batch of same-shape matrices
 //! `(b, m, n)`. The hot ones ([`msign`], [`power_iteration`]) go through the
-//! device seam ([`crate::device`]), which picks the CPU's fused path, a CUDA
-//! kernel, or the generic candle-ops version kept here ([`msign_generic`]),
-//! which runs on every device and is the reference the others are tested
-//! against.
+//! device seam ([`crate::device`]), which picks the CPU's own path (`msign`
+//! with its polynomial folded into the GEMMs; the power iteration on slices),
+//! a CUDA kernel, or the generic candle-ops version kept here
+//! ([`msign_generic`], and the power iteration's), which runs on every device
+//! and is the reference the others are tested against.
 
 pub(crate) mod msign_cpu;
 mod newton_schulz;
+mod power_cpu;
 mod power_iteration;
 mod spectral;
 
 pub use newton_schulz::{msign, msign_generic, GramNewtonSchulz, NewtonSchulz};
-pub(crate) use power_iteration::{default_start_values, power_iteration_generic, splitmix64};
+pub(crate) use power_cpu::{power_iteration_cpu, power_iteration_cpu_members};
+pub(crate) use power_iteration::{
+    check_members, check_start, default_start_values, power_iteration_generic, splitmix64,
+};
 pub use power_iteration::{power_iteration, TopSingular};
 pub(crate) use spectral::{batch3, unbatch};
 pub use spectral::{spectral_sphere_retract, stiefel_retract, theta, top_singular_precise};

@@ -112,6 +112,23 @@ fn initial_v(
     let Some(s) = start else {
         return Ok(fallback);
     };
+    check_start(Some(s), batched, b, n)?;
+    let s = s.to_dtype(dtype)?.reshape((b, n, 1))?;
+    // Per matrix: use the start only where it is finite and non-zero.
+    #[allow(clippy::eq_op)]
+    let finite = (&s - &s)?.sum_keepdim(1)?.eq(0.0)?;
+    let nonzero = norm_keepdim(&s)?.gt(0.0)?;
+    let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;
+    let s = usable.broadcast_as(s.shape())?.where_cond(&s, &fallback)?;
+    Ok(renormalize(&s, &fallback)?)
+}
+
+/// Checks that a start vector has the shape of `v₁`: `(n,)`, or `(b, n)`
+/// for a batch (every path's error for a bad start).
+pub(crate) fn check_start(start: Option<&Tensor>, batched: bool, b: usize, n: usize) -> Result<()> {
+    let Some(s) = start else {
+        return Ok(());
+    };
     let expected: &[usize] = if batched { &[b, n] } else { &[n] };
     if s.dims() != expected {
         fail!(
@@ -121,14 +138,27 @@ fn initial_v(
             s.dims()
         );
     }
-    let s = s.to_dtype(dtype)?.reshape((b, n, 1))?;
-    // Per matrix: use the start only where it is finite and non-zero.
-    #[allow(clippy::eq_op)]
-    let finite = (&s - &s)?.sum_keepdim(1)?.eq(0.0)?;
-    let nonzero = norm_keepdim(&s)?.gt(0.0)?;
-    let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;
-    let s = usable.broadcast_as(s.shape())?.where_cond(&s, &fallback)?;
-    Ok(renormalize(&s, &fallback)?)
+    Ok(())
+}
+
+/// Checks that the matrices given one by one all have the shape `(m, n)`.
+pub(crate) fn check_members(ws: &[Tensor], m: usize, n: usize) -> Result<()> {
+    for w in ws {
+        if w.dims() != [m, n]
+            || w.dtype() != ws[0].dtype()
+            || !w.device().same_device(ws[0].device())
+        {
+            fail!(
+                Shape,
+                "power_iteration: w",
+                "expected matrices of shape [{m}, {n}], dtype {:?} and one device, got {:?} {:?}",
+                ws[0].dtype(),
+                w.dims(),
+                w.dtype()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One step of splitmix64 (the generator of the crate's fixed start vectors).

@@ -156,3 +156,41 @@ fn converges_to_sigma1() {
         assert!((sigma - 10.0).abs() < 1e-4, "σ₁ = {sigma}");
     }
 }
+
+/// A group's parameters given one by one (each its own storage, one of them
+/// a view at an offset into a larger tensor, as a reshaped parameter can
+/// be): the kernels read them through the table of addresses and give what
+/// the same matrices stacked into one batch give.
+#[test]
+fn members_read_in_place_match_the_stacked_batch() {
+    for (i, &(b, m, n)) in [(3, 40, 24), (2, 24, 40), (4, 33, 33), (2, 1, 70)]
+        .iter()
+        .enumerate()
+    {
+        let dt = [DType::F32, DType::BF16][i % 2];
+        let mut r = rng(400 + i as u64);
+        let batch = spiked(&mut r, b, m, n, dt, &Device::Cpu);
+        let mut ws: Vec<Tensor> = (0..b)
+            .map(|j| batch.get(j).unwrap().copy().unwrap())
+            .collect();
+        // The last member as a view 5 rows into a taller tensor.
+        let padded = Tensor::cat(
+            &[
+                &Tensor::zeros((5, n), dt, &Device::Cpu).unwrap(),
+                &ws[b - 1],
+            ],
+            0,
+        )
+        .unwrap();
+        ws[b - 1] = padded.narrow(0, 5, m).unwrap();
+        let start = start_vec(&mut r, b, n, &Device::Cpu);
+        for (iters, s) in [(0, None), (2, Some(&start))] {
+            let what = format!("members ({b}, {m}, {n}) {dt:?} iters {iters}");
+            let want = emu::power_iteration(&batch, s, iters).unwrap();
+            let got = emu::power_iteration_members(&ws, s, iters).unwrap();
+            compare(&what, &want, &got);
+            let cpu = power_iteration(&batch, s, iters).unwrap();
+            compare(&what, &cpu, &got);
+        }
+    }
+}

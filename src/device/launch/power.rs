@@ -45,12 +45,13 @@ pub(crate) const POWER_MAX_SIDE: usize =
 /// The most blocks `power_gram` runs per matrix (its grid `x`).
 pub(crate) const POWER_GRAM_MAX_BLOCKS: u32 = 256;
 
-/// A batched power iteration on the device: `w` `(b, m, n)` of `elt`,
-/// `start` `(b, n)` f32 or none, outputs `sigma` `(b,)`, `u` `(b, m)`, `v`
-/// `(b, n)` (f32), all device addresses. No host sync.
-#[derive(Clone, Copy, Debug)]
+/// A batched power iteration on the device: `ws` the addresses of `b`
+/// matrices `(m, n)` of `elt`, `start` `(b, n)` f32 or none, outputs `sigma`
+/// `(b,)`, `u` `(b, m)`, `v` `(b, n)` (f32), all device addresses. No host
+/// sync.
+#[derive(Clone, Debug)]
 pub(crate) struct PowerJob {
-    pub w: u64,
+    pub ws: Vec<u64>,
     pub elt: Elt,
     pub b: usize,
     pub m: usize,
@@ -89,6 +90,8 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
     // are asynchronous on the GPU, and its free is stream-ordered after them).
     let y_buf = be.alloc_zeroed(b * k * 4)?;
     let y = B::addr(&y_buf);
+    // A group's parameters do not move, so their table is uploaded once.
+    let w_table = cached_upload(be, &bytes_of(&j.ws))?;
     let dflt_n = cached_upload(be, &bytes_of(&default_start(n)))?;
     let dflt_m = cached_upload(be, &bytes_of(&default_start(m)))?;
     let gram = |mode: i32, x: u64, z: u64, out: u64| -> Result<()> {
@@ -98,7 +101,7 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
             block: BLOCK,
             shared: (2 * k * 4) as u32,
             args: vec![
-                Arg::Ptr(j.w),
+                Arg::Ptr(B::addr(&w_table)),
                 Arg::U32(m as u32),
                 Arg::U32(n as u32),
                 Arg::I32(wide as i32),
@@ -167,9 +170,11 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
 }
 
 /// A power iteration on tensors, checked and with its outputs allocated on
-/// `w`'s device; `None` from [`power_prepare`] when no kernel takes it.
+/// the matrices' device; `None` from [`power_prepare`] when no kernel takes it.
 pub(crate) struct PowerCall {
-    pub w: Tensor,
+    /// The `b` matrices `(m, n)`, contiguous (views of one batch, or a
+    /// group's parameters each where it is).
+    pub ws: Vec<Tensor>,
     pub start: Option<Tensor>,
     pub elt: Elt,
     pub b: usize,
@@ -187,26 +192,43 @@ pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option
     let (m, n) = crate::linalg::matrix_dims("power_iteration: w", w)?;
     let batched = w.rank() == 3;
     let b = if batched { w.dim(0)? } else { 1 };
-    if let Some(s) = start {
-        let expected: &[usize] = if batched { &[b, n] } else { &[n] };
-        if s.dims() != expected {
-            fail!(
-                Config,
-                "power_iteration: start",
-                "expected shape {expected:?} (an estimate of v₁), got {:?}",
-                s.dims()
-            );
-        }
-    }
-    let Some(elt) = Elt::of(w.dtype()) else {
+    crate::linalg::check_start(start, batched, b, n)?;
+    let w = w.contiguous()?.reshape((b, m, n))?;
+    let ws = (0..b)
+        .map(|i| w.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    prepare(ws, start, batched)
+}
+
+/// [`power_prepare`] for the batch that the same-shape matrices `ws` would
+/// stack into (`start` `(b, n)`), each read where it is.
+pub(crate) fn power_prepare_members(
+    ws: &[Tensor],
+    start: Option<&Tensor>,
+) -> Result<Option<PowerCall>> {
+    let Some(first) = ws.first() else {
+        fail!(Shape, "power_iteration", "no matrices");
+    };
+    let (m, n) = crate::linalg::matrix_dims("power_iteration: w", first)?;
+    crate::linalg::check_members(ws, m, n)?;
+    crate::linalg::check_start(start, true, ws.len(), n)?;
+    let ws = ws
+        .iter()
+        .map(|w| w.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    prepare(ws, start, true)
+}
+
+fn prepare(ws: Vec<Tensor>, start: Option<&Tensor>, batched: bool) -> Result<Option<PowerCall>> {
+    let (b, (m, n)) = (ws.len(), ws[0].dims2()?);
+    let Some(elt) = Elt::of(ws[0].dtype()) else {
         return Ok(None);
     };
     if !power_supported(b, m, n) {
         return Ok(None);
     }
-    let dev = w.device();
+    let dev = ws[0].device().clone();
     Ok(Some(PowerCall {
-        w: w.contiguous()?,
         start: start
             .map(|s| s.to_dtype(DType::F32)?.contiguous())
             .transpose()?,
@@ -215,9 +237,10 @@ pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option
         m,
         n,
         batched,
-        sigma: Tensor::zeros(b, DType::F32, dev)?,
-        u: Tensor::zeros((b, m), DType::F32, dev)?,
-        v: Tensor::zeros((b, n), DType::F32, dev)?,
+        sigma: Tensor::zeros(b, DType::F32, &dev)?,
+        u: Tensor::zeros((b, m), DType::F32, &dev)?,
+        v: Tensor::zeros((b, n), DType::F32, &dev)?,
+        ws,
     }))
 }
 
@@ -225,7 +248,11 @@ impl PowerCall {
     /// The device job, with addresses from `r`.
     pub(crate) fn job(&self, iters: usize, r: &mut dyn Resolve) -> Result<PowerJob> {
         Ok(PowerJob {
-            w: r.addr(&self.w, false)?,
+            ws: self
+                .ws
+                .iter()
+                .map(|w| r.addr(w, false))
+                .collect::<Result<_>>()?,
             elt: self.elt,
             b: self.b,
             m: self.m,

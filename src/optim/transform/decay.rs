@@ -126,8 +126,9 @@ impl Transform for Decay {
             }
             return Ok(());
         };
-        let w = step.params_batch()?;
-        let dt = w.dtype();
+        let ws = step.param_views()?;
+        let dt = step.math_dtype();
+        let dev = ws[0].device().clone();
         let mut cold = false;
         let starts = states
             .iter_mut()
@@ -135,7 +136,7 @@ impl Transform for Decay {
                 Some(st) => Ok(st.v.as_tensor().clone()),
                 None => {
                     cold = true;
-                    Ok(Tensor::zeros(cols, dt, w.device())?)
+                    Ok(Tensor::zeros(cols, dt, &dev)?)
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -145,7 +146,7 @@ impl Transform for Decay {
         } else {
             iters
         };
-        let top = device::power_iteration(&w, Some(&start), iters)?;
+        let top = device::power_iteration_members(&ws, Some(&start), iters)?;
         // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
         let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
         for (i, slot) in states.iter_mut().enumerate() {

@@ -492,6 +492,16 @@ impl<'a> GroupStep<'a> {
         Ok(Tensor::stack(&ts, 0)?)
     }
 
+    /// The parameters, each as its matrix view (or length), detached and
+    /// not copied: what a batch would stack, for reading only.
+    pub fn param_views(&self) -> Result<Vec<Tensor>> {
+        let dims = self.member_dims();
+        self.vars
+            .iter()
+            .map(|v| Ok(v.as_tensor().detach().reshape(dims.as_slice())?))
+            .collect()
+    }
+
     /// The parameters as a batch (arithmetic dtype, a copy).
     pub fn params_batch(&self) -> Result<Tensor> {
         let ts: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();

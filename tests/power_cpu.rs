@@ -1,0 +1,189 @@
+//! The CPU fast path of the power iteration against the generic path (the
+//! same recurrences with candle's matrix products, forced by
+//! `device::with_generic_ops`) on every kind of shape, dtype and start, and
+//! its result independent of the number of threads.
+//!
+//! Both run in f32 (f64 for f64 weights); only the summation orders differ,
+//! and normalisation keeps every vector at unit length, so they agree to
+//! rounding: σ to 1e-4 relative and vectors to 1e-3 absolute in f32 (1e-10
+//! in f64), far below what a wrong index, coefficient or missing term gives.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use steepest::device::with_generic_ops;
+use steepest::linalg::TopSingular;
+use steepest::power_iteration;
+
+/// Shapes `(b, m, n)`: 1×1, vectors, tall, wide, square, batches, and sizes
+/// that cut `W` into several pieces (rows of a tall matrix, column blocks of
+/// a wide one, a single row longer than a piece).
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 1, 17),
+    (1, 17, 1),
+    (1, 1, 300),
+    (1, 300, 1),
+    (1, 33, 31),
+    (1, 31, 33),
+    (3, 64, 16),
+    (2, 16, 64),
+    (1, 100, 257),
+    (1, 257, 100),
+    (4, 48, 48),
+    (1, 3000, 20),
+    (1, 5, 9000),
+    (2, 2, 40000),
+];
+
+fn compare(what: &str, want: &TopSingular, got: &TopSingular, f64_weights: bool) {
+    assert_eq!(want.sigma.dims(), got.sigma.dims(), "{what}: σ shape");
+    assert_eq!(want.u.dims(), got.u.dims(), "{what}: u shape");
+    assert_eq!(want.v.dims(), got.v.dims(), "{what}: v shape");
+    for t in [&got.sigma, &got.u, &got.v] {
+        assert_eq!(t.dtype(), want.sigma.dtype(), "{what}: dtype");
+    }
+    let (rel, abs) = if f64_weights {
+        (1e-10, 1e-10)
+    } else {
+        (1e-4, 1e-3)
+    };
+    let (s1, s2) = (to_f64_vec(&want.sigma), to_f64_vec(&got.sigma));
+    for (a, b) in s1.iter().zip(&s2) {
+        assert!(
+            (a - b).abs() <= rel * a.abs().max(1e-30),
+            "{what}: σ {a} vs {b}"
+        );
+    }
+    let du = max_abs_diff(&want.u, &got.u);
+    let dv = max_abs_diff(&want.v, &got.v);
+    assert!(du < abs && dv < abs, "{what}: |Δu| {du:e}, |Δv| {dv:e}");
+}
+
+fn unbatch(t: Tensor, b: usize) -> Tensor {
+    if b == 1 {
+        t.squeeze(0).unwrap()
+    } else {
+        t
+    }
+}
+
+#[test]
+fn cpu_path_matches_generic_path_on_every_shape_dtype_and_start() {
+    let dtypes = [DType::F32, DType::F64, DType::BF16, DType::F16];
+    for (i, &(b, m, n)) in SHAPES.iter().enumerate() {
+        let dt = dtypes[i % 4];
+        let mut r = rng(300 + i as u64);
+        let w = unbatch(randn(&mut r, &[b, m, n], dt), b);
+        let good = unbatch(randn(&mut r, &[b, n], DType::F32), b);
+        // The first member's start unusable (NaN, ∞, then zero), the others not.
+        let mut vals = to_f64_vec(&good);
+        vals[0] = f64::NAN;
+        let nan = Tensor::from_vec(vals.clone(), good.shape(), &Device::Cpu).unwrap();
+        vals[0] = f64::INFINITY;
+        let inf = Tensor::from_vec(vals.clone(), good.shape(), &Device::Cpu).unwrap();
+        vals[..n].iter_mut().for_each(|x| *x = 0.0);
+        let zero = Tensor::from_vec(vals, good.shape(), &Device::Cpu).unwrap();
+        let zero_w = w.zeros_like().unwrap();
+        for (iters, w, s) in [
+            (0, &w, None),
+            (1, &w, Some(&good)),
+            (5, &w, Some(&good)),
+            (3, &w, None),
+            (2, &w, Some(&nan)),
+            (2, &w, Some(&inf)),
+            (2, &w, Some(&zero)),
+            (3, &zero_w, Some(&good)),
+            (3, &zero_w, None),
+        ] {
+            let what = format!("({b}, {m}, {n}) {dt:?} iters {iters} start {s:?}");
+            let want = with_generic_ops(|| power_iteration(w, s, iters)).unwrap();
+            let got = power_iteration(w, s, iters).unwrap();
+            compare(&what, &want, &got, dt == DType::F64);
+        }
+    }
+}
+
+#[test]
+fn cpu_path_takes_a_strided_matrix() {
+    let mut r = rng(320);
+    let w = randn(&mut r, &[40, 90], DType::F32);
+    for view in [w.t().unwrap(), w.narrow(1, 10, 50).unwrap()] {
+        let want = power_iteration(&view.contiguous().unwrap(), None, 4).unwrap();
+        let got = power_iteration(&view, None, 4).unwrap();
+        compare("view", &want, &got, false);
+        assert_eq!(max_abs_diff(&want.u, &got.u), 0.0, "same bits as a copy");
+    }
+}
+
+/// The pieces and the order their partial sums are added in are fixed, so
+/// one thread and three give the same bits.
+#[test]
+fn cpu_path_does_not_depend_on_the_thread_count() {
+    let mut r = rng(321);
+    for &(b, m, n) in &[(1, 3000, 20), (1, 5, 9000), (3, 200, 150)] {
+        let w = unbatch(randn(&mut r, &[b, m, n], DType::F32), b);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| power_iteration(&w, None, 3).unwrap())
+        };
+        let (one, three) = (run(1), run(3));
+        for (x, y) in [
+            (&one.sigma, &three.sigma),
+            (&one.u, &three.u),
+            (&one.v, &three.v),
+        ] {
+            assert_eq!(to_f64_vec(x), to_f64_vec(y), "({b}, {m}, {n})");
+        }
+    }
+}
+
+/// A group's parameters given one by one (each where it is, one a view at
+/// an offset) give the bits of the same matrices stacked into one batch;
+/// mismatched members are refused.
+#[test]
+fn members_read_in_place_give_the_stacked_batch_bits() {
+    let mut r = rng(322);
+    for &(b, m, n) in &[(3, 50, 20), (2, 20, 50), (1, 30, 30)] {
+        let ws: Vec<Tensor> = (0..b)
+            .map(|_| {
+                randn(&mut r, &[m + 2, n], DType::F32)
+                    .narrow(0, 2, m)
+                    .unwrap()
+            })
+            .collect();
+        let batch = Tensor::stack(&ws, 0).unwrap();
+        let start = randn(&mut r, &[b, n], DType::F32);
+        let want = power_iteration(&batch, Some(&start), 3).unwrap();
+        let got = steepest::device::power_iteration_members(&ws, Some(&start), 3).unwrap();
+        for (x, y) in [
+            (&want.sigma, &got.sigma),
+            (&want.u, &got.u),
+            (&want.v, &got.v),
+        ] {
+            assert_eq!(x.dims(), y.dims());
+            assert_eq!(to_f64_vec(x), to_f64_vec(y), "({b}, {m}, {n})");
+        }
+    }
+    let a = randn(&mut r, &[4, 3], DType::F32);
+    for other in [
+        randn(&mut r, &[3, 4], DType::F32),
+        randn(&mut r, &[4, 3], DType::F64),
+    ] {
+        let e = steepest::device::power_iteration_members(&[a.clone(), other], None, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("power_iteration: w") && e.contains("[4, 3]"),
+            "{e}"
+        );
+    }
+    let e = steepest::device::power_iteration_members(&[], None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no matrices"), "{e}");
+}
