@@ -301,6 +301,7 @@ fn sum_in_order<T: Real>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
 }
 
 /// `a · b` over eight independent lanes (so that the sum vectorises).
+#[inline(always)]
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut lanes = [T::zero(); 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -319,6 +320,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 /// `y ← y + c·x`.
+#[inline(always)]
 fn axpy<T: Real>(y: &mut [T], c: T, x: &[T]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = *y + c * x;
