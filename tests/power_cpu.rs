@@ -118,11 +118,13 @@ fn cpu_path_takes_a_strided_matrix() {
 }
 
 /// The pieces and the order their partial sums are added in are fixed, so
-/// one thread and three give the same bits.
+/// one thread and three give the same bits, and so does a matrix alone
+/// (small enough to run on the calling thread) and in a batch (large enough
+/// to go to the pool).
 #[test]
 fn cpu_path_does_not_depend_on_the_thread_count() {
     let mut r = rng(321);
-    for &(b, m, n) in &[(1, 3000, 20), (1, 5, 9000), (3, 200, 150)] {
+    for &(b, m, n) in &[(1, 3000, 50), (1, 20, 8000), (3, 300, 150), (4, 150, 300)] {
         let w = unbatch(randn(&mut r, &[b, m, n], DType::F32), b);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -138,6 +140,14 @@ fn cpu_path_does_not_depend_on_the_thread_count() {
             (&one.v, &three.v),
         ] {
             assert_eq!(to_f64_vec(x), to_f64_vec(y), "({b}, {m}, {n})");
+        }
+        if b > 1 {
+            for i in 0..b {
+                let alone = power_iteration(&w.get(i).unwrap(), None, 3).unwrap();
+                let got = (three.u.get(i).unwrap(), three.v.get(i).unwrap());
+                assert_eq!(to_f64_vec(&alone.u), to_f64_vec(&got.0), "member {i} alone");
+                assert_eq!(to_f64_vec(&alone.v), to_f64_vec(&got.1), "member {i} alone");
+            }
         }
     }
 }

@@ -135,7 +135,7 @@ impl<A: Real> Decay<'_, A> {
 /// Elements per span when a tensor is split across threads.
 const SPAN: usize = 1 << 15;
 /// Below this many elements in a whole call, run on the calling thread.
-const PARALLEL_MIN: usize = 1 << 17;
+pub(crate) const PARALLEL_MIN: usize = 1 << 17;
 
 /// Runs `f(member, start, end)` over `[0, len)` of each member, in spans
 /// aligned to `align` elements (a row, so a span sees whole rows of the

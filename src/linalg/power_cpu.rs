@@ -93,20 +93,24 @@ where
             .map(|(s, l)| cpu_slice::<T>(s, l))
             .transpose()?;
         let consts = Consts::<T>::new(m, n);
-        sigma
-            .par_iter_mut()
-            .zip(u.par_chunks_mut(m))
-            .zip(v.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(i, ((s, u), v))| {
-                let w = Mat {
-                    data: data[i],
-                    m,
-                    n,
-                };
-                let start = start_data.map(|d| &d[i * n..(i + 1) * n]);
-                *s = w.top_singular(start, iters, &consts, u, v);
-            });
+        // Small calls stay on this thread: waking the pool costs more than
+        // they do (the rule of the CPU updates, `cpu::PARALLEL_MIN`).
+        let parallel = b * m * n >= crate::device::cpu::PARALLEL_MIN;
+        let tops = map_pieces(parallel, (0..b).collect(), |i| {
+            let w = Mat {
+                data: data[i],
+                m,
+                n,
+                parallel,
+            };
+            let start = start_data.map(|d| &d[i * n..(i + 1) * n]);
+            w.top_singular(start, iters, &consts)
+        });
+        for (i, (s, ui, vi)) in tops.into_iter().enumerate() {
+            sigma[i] = s;
+            u[i * m..(i + 1) * m].copy_from_slice(&ui);
+            v[i * n..(i + 1) * n].copy_from_slice(&vi);
+        }
     }
     let dev = Device::Cpu;
     Ok(TopSingular {
@@ -153,23 +157,23 @@ impl<T: Real + WithDType> Consts<T> {
     }
 }
 
-/// One row-major matrix `(m, n)`.
+/// One row-major matrix `(m, n)`; its passes split over the pool when
+/// `parallel`.
 struct Mat<'a, T> {
     data: &'a [T],
     m: usize,
     n: usize,
+    parallel: bool,
 }
 
 impl<T: Real> Mat<'_, T> {
-    /// Runs the generic path's recurrences; writes `u`, `v` and returns σ.
+    /// Runs the generic path's recurrences; returns `(σ, u, v)`.
     fn top_singular(
         &self,
         start: Option<&[T]>,
         iters: usize,
         c: &Consts<T>,
-        u: &mut [T],
-        v: &mut [T],
-    ) -> T {
+    ) -> (T, Vec<T>, Vec<T>) {
         let (m, n) = (self.m, self.n);
         // v₀: the start where finite and non-zero, else the default; normalised.
         let chosen = match start {
@@ -185,9 +189,7 @@ impl<T: Real> Mat<'_, T> {
             }
             let wtu = self.transpose_times(&x);
             let sigma = norm(&wtu);
-            v.copy_from_slice(&renormalized(&wtu, &c.dflt_n, c.tiny));
-            u.copy_from_slice(&x);
-            sigma
+            (sigma, x, renormalized(&wtu, &c.dflt_n, c.tiny))
         } else {
             // The iterate is v: v ← WᵀW v / ‖·‖; u = W v / σ.
             let mut x = v0;
@@ -197,94 +199,103 @@ impl<T: Real> Mat<'_, T> {
             let wv = self.times(&x);
             let sigma = norm(&wv);
             let d = max(sigma, c.tiny);
-            for (o, &y) in u.iter_mut().zip(&wv) {
-                *o = y / d;
-            }
-            v.copy_from_slice(&x);
-            sigma
+            (sigma, wv.iter().map(|&y| y / d).collect(), x)
         }
     }
 
-    fn rows_per_piece(&self) -> usize {
-        (PIECE / self.n.max(1)).max(1)
+    /// The row ranges of the pieces.
+    fn row_pieces(&self) -> Vec<std::ops::Range<usize>> {
+        let rows = (PIECE / self.n.max(1)).max(1);
+        (0..self.m)
+            .step_by(rows)
+            .map(|r0| r0..(r0 + rows).min(self.m))
+            .collect()
+    }
+
+    /// The column ranges of the blocks of the wide products: a block of all
+    /// `m` rows stays in a 256 KiB cache between its two uses.
+    fn col_blocks(&self) -> Vec<std::ops::Range<usize>> {
+        let by_cache = (256 * 1024 / std::mem::size_of::<T>()) / self.m.max(1);
+        let by_piece = PIECE / self.m.max(1);
+        let cols = by_cache.min(by_piece).max(8);
+        (0..self.n)
+            .step_by(cols)
+            .map(|c0| c0..(c0 + cols).min(self.n))
+            .collect()
+    }
+
+    fn row(&self, r: usize) -> &[T] {
+        &self.data[r * self.n..(r + 1) * self.n]
+    }
+
+    /// `W[r, cols]`.
+    fn row_part(&self, r: usize, cols: &std::ops::Range<usize>) -> &[T] {
+        &self.data[r * self.n + cols.start..r * self.n + cols.end]
     }
 
     /// `W x` (one dot product per row).
     fn times(&self, x: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); self.m];
-        let rows = self.rows_per_piece();
-        out.par_chunks_mut(rows)
-            .zip(self.data.par_chunks(rows * self.n))
-            .for_each(|(o, w)| {
-                for (o, row) in o.iter_mut().zip(w.chunks_exact(self.n)) {
-                    *o = dot(row, x);
-                }
-            });
-        out
+        map_pieces(self.parallel, self.row_pieces(), |rows| {
+            rows.map(|r| dot(self.row(r), x)).collect::<Vec<_>>()
+        })
+        .concat()
     }
 
     /// `WᵀW x` for `n ≤ m`: `Σ_r (w_r·x) w_r`, each row read once from
     /// memory (its second use, right after the dot product, hits the cache).
     fn gram_tall(&self, x: &[T]) -> Vec<T> {
-        let n = self.n;
-        let partials: Vec<Vec<T>> = self
-            .data
-            .par_chunks(self.rows_per_piece() * n)
-            .map(|w| {
-                let mut y = vec![T::zero(); n];
-                for row in w.chunks_exact(n) {
-                    axpy(&mut y, dot(row, x), row);
-                }
-                y
-            })
-            .collect();
-        sum_in_order(partials, n)
+        let parts = map_pieces(self.parallel, self.row_pieces(), |rows| {
+            let mut y = vec![T::zero(); self.n];
+            for r in rows {
+                axpy(&mut y, dot(self.row(r), x), self.row(r));
+            }
+            y
+        });
+        sum_in_order(parts, self.n)
     }
 
-    /// Columns per block for the wide products: a block of all `m` rows
-    /// stays in a 256 KiB cache between its two uses.
-    fn cols_per_block(&self) -> usize {
-        let by_cache = (256 * 1024 / std::mem::size_of::<T>()) / self.m.max(1);
-        let by_piece = PIECE / self.m.max(1);
-        by_cache.min(by_piece).max(8).min(self.n)
-    }
-
-    /// `W Wᵀ x` for `n > m`, by blocks of columns: `t = W[:, B]ᵀ x`, then
-    /// `y += W[:, B] t`, the block read once from memory for both.
+    /// `W Wᵀ x` for `n > m`, by blocks of columns `B`: `t = W[:, B]ᵀ x`,
+    /// then `y += W[:, B] t`, the block read once from memory for both.
     fn gram_wide(&self, x: &[T]) -> Vec<T> {
-        let (m, n) = (self.m, self.n);
-        let bw = self.cols_per_block();
-        let blocks: Vec<usize> = (0..n).step_by(bw).collect();
-        let partials: Vec<Vec<T>> = blocks
-            .par_iter()
-            .map(|&c0| {
-                let c1 = (c0 + bw).min(n);
-                let mut t = vec![T::zero(); c1 - c0];
-                for (r, &xr) in x.iter().enumerate() {
-                    axpy(&mut t, xr, &self.data[r * n + c0..r * n + c1]);
-                }
-                (0..m)
-                    .map(|r| dot(&self.data[r * n + c0..r * n + c1], &t))
-                    .collect()
-            })
-            .collect();
-        sum_in_order(partials, m)
+        let parts = map_pieces(self.parallel, self.col_blocks(), |cols| {
+            let mut t = vec![T::zero(); cols.len()];
+            for (r, &xr) in x.iter().enumerate() {
+                axpy(&mut t, xr, self.row_part(r, &cols));
+            }
+            (0..self.m)
+                .map(|r| dot(self.row_part(r, &cols), &t))
+                .collect()
+        });
+        sum_in_order(parts, self.m)
     }
 
-    /// `Wᵀ x` for `n > m`, by blocks of columns (each block its own slice of
+    /// `Wᵀ x` for `n > m`, by blocks of columns (each block its own part of
     /// the result).
     fn transpose_times(&self, x: &[T]) -> Vec<T> {
-        let n = self.n;
-        let mut out = vec![T::zero(); n];
-        out.par_chunks_mut(self.cols_per_block())
-            .enumerate()
-            .for_each(|(j, o)| {
-                let c0 = j * self.cols_per_block();
-                for (r, &xr) in x.iter().enumerate() {
-                    axpy(o, xr, &self.data[r * n + c0..r * n + c0 + o.len()]);
-                }
-            });
-        out
+        map_pieces(self.parallel, self.col_blocks(), |cols| {
+            let mut t = vec![T::zero(); cols.len()];
+            for (r, &xr) in x.iter().enumerate() {
+                axpy(&mut t, xr, self.row_part(r, &cols));
+            }
+            t
+        })
+        .concat()
+    }
+}
+
+/// `f` of each item, in order: on rayon's pool when `parallel`, else on this
+/// thread. The items (pieces of work) are the same either way, so the
+/// results are too.
+fn map_pieces<I, R, F>(parallel: bool, items: Vec<I>, f: F) -> Vec<R>
+where
+    I: Send,
+    R: Send,
+    F: Fn(I) -> R + Send + Sync,
+{
+    if parallel {
+        items.into_par_iter().map(f).collect()
+    } else {
+        items.into_iter().map(f).collect()
     }
 }
 
@@ -311,6 +322,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         .zip(bc.remainder())
         .fold(T::zero(), |s, (&x, &y)| s + x * y);
     for (x, y) in ac.zip(bc) {
+        let (x, y): (&[T; 8], &[T; 8]) = (x.try_into().unwrap(), y.try_into().unwrap());
         for l in 0..8 {
             lanes[l] = lanes[l] + x[l] * y[l];
         }
