@@ -745,10 +745,7 @@ pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Resu
         }
     }
     if all_cpu(&[w]) && start.is_none_or(|s| s.device().is_cpu()) {
-        return match w.dtype() {
-            DType::F64 => crate::linalg::power_iteration_cpu::<f64>(w, start, iters),
-            _ => crate::linalg::power_iteration_cpu::<f32>(w, start, iters),
-        };
+        return crate::linalg::power_iteration_cpu(w, start, iters);
     }
     crate::linalg::power_iteration_generic(w, start, iters)
 }
@@ -775,10 +772,7 @@ pub fn power_iteration_members(
     }
     let refs: Vec<&Tensor> = ws.iter().collect();
     if all_cpu(&refs) && start.is_none_or(|s| s.device().is_cpu()) {
-        return match first.dtype() {
-            DType::F64 => crate::linalg::power_iteration_cpu_members::<f64>(ws, start, iters),
-            _ => crate::linalg::power_iteration_cpu_members::<f32>(ws, start, iters),
-        };
+        return crate::linalg::power_iteration_cpu_members(ws, start, iters);
     }
     power_iteration(&Tensor::stack(ws, 0)?, start, iters)
 }

@@ -23,13 +23,34 @@ use crate::error::Result;
 const PIECE: usize = 32 * 1024;
 
 /// The top singular triplet of a CPU tensor `(m, n)` / `(b, m, n)`, as
-/// `power_iteration_generic` computes it. `T` is the compute type (f32, or
-/// f64 for f64 weights); other float dtypes are converted to it first.
-pub(crate) fn power_iteration_cpu<T>(
+/// `power_iteration_generic` computes it: in f64 for f64 weights, else in
+/// f32 (other float dtypes are converted first).
+pub(crate) fn power_iteration_cpu(
     w: &Tensor,
     start: Option<&Tensor>,
     iters: usize,
-) -> Result<TopSingular>
+) -> Result<TopSingular> {
+    match w.dtype() {
+        DType::F64 => top_of::<f64>(w, start, iters),
+        _ => top_of::<f32>(w, start, iters),
+    }
+}
+
+/// [`power_iteration_cpu`] of the batch the same-shape CPU matrices `ws`
+/// would stack into, each read where it is (no stacked copy); `start` is
+/// `(b, n)`, the results `(b,)`, `(b, m)`, `(b, n)`.
+pub(crate) fn power_iteration_cpu_members(
+    ws: &[Tensor],
+    start: Option<&Tensor>,
+    iters: usize,
+) -> Result<TopSingular> {
+    match ws.first().map(|w| w.dtype()) {
+        Some(DType::F64) => top_of_members::<f64>(ws, start, iters),
+        _ => top_of_members::<f32>(ws, start, iters),
+    }
+}
+
+fn top_of<T>(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular>
 where
     T: Real + WithDType,
 {
@@ -43,9 +64,9 @@ where
         let members = (0..b)
             .map(|i| w.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        return power_iteration_cpu_members::<T>(&members, start.as_ref(), iters);
+        return top_of_members::<T>(&members, start.as_ref(), iters);
     }
-    let top = power_iteration_cpu_members::<T>(std::slice::from_ref(w), start.as_ref(), iters)?;
+    let top = top_of_members::<T>(std::slice::from_ref(w), start.as_ref(), iters)?;
     Ok(TopSingular {
         sigma: top.sigma.squeeze(0)?,
         u: top.u.squeeze(0)?,
@@ -53,14 +74,7 @@ where
     })
 }
 
-/// [`power_iteration_cpu`] of the batch the same-shape CPU matrices `ws`
-/// would stack into, each read where it is (no stacked copy); `start` is
-/// `(b, n)`, the results `(b,)`, `(b, m)`, `(b, n)`.
-pub(crate) fn power_iteration_cpu_members<T>(
-    ws: &[Tensor],
-    start: Option<&Tensor>,
-    iters: usize,
-) -> Result<TopSingular>
+fn top_of_members<T>(ws: &[Tensor], start: Option<&Tensor>, iters: usize) -> Result<TopSingular>
 where
     T: Real + WithDType,
 {
