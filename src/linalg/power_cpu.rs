@@ -92,40 +92,33 @@ where
     let start = start
         .map(|s| s.to_dtype(T::DTYPE)?.contiguous())
         .transpose()?;
-    let mut sigma = vec![<T as Real>::zero(); b];
-    let mut u = vec![<T as Real>::zero(); b * m];
-    let mut v = vec![<T as Real>::zero(); b * n];
-    {
-        let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
-        let data = guards
-            .iter()
-            .map(|(s, l)| cpu_slice::<T>(s, l))
-            .collect::<Result<Vec<_>>>()?;
-        let start_guard = start.as_ref().map(|s| s.storage_and_layout());
-        let start_data = start_guard
-            .as_ref()
-            .map(|(s, l)| cpu_slice::<T>(s, l))
-            .transpose()?;
-        let consts = Consts::<T>::new(m, n);
-        // Small calls stay on this thread: waking the pool costs more than
-        // they do (the rule of the CPU updates, `cpu::PARALLEL_MIN`).
-        let parallel = b * m * n >= crate::device::cpu::PARALLEL_MIN;
-        let tops = map_pieces(parallel, (0..b).collect(), |i| {
-            let w = Mat {
-                data: data[i],
-                m,
-                n,
-                parallel,
-            };
-            let start = start_data.map(|d| &d[i * n..(i + 1) * n]);
-            w.top_singular(start, iters, &consts)
-        });
-        for (i, (s, ui, vi)) in tops.into_iter().enumerate() {
-            sigma[i] = s;
-            u[i * m..(i + 1) * m].copy_from_slice(&ui);
-            v[i * n..(i + 1) * n].copy_from_slice(&vi);
-        }
-    }
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let data = guards
+        .iter()
+        .map(|(s, l)| cpu_slice::<T>(s, l))
+        .collect::<Result<Vec<_>>>()?;
+    let start_guard = start.as_ref().map(|s| s.storage_and_layout());
+    let start_data = start_guard
+        .as_ref()
+        .map(|(s, l)| cpu_slice::<T>(s, l))
+        .transpose()?;
+    let consts = Consts::<T>::new(m, n);
+    // Small calls stay on this thread: waking the pool costs more than they
+    // do (the rule of the CPU updates, `cpu::PARALLEL_MIN`).
+    let parallel = b * m * n >= crate::device::cpu::PARALLEL_MIN;
+    let tops = map_pieces(parallel, (0..b).collect(), |i| {
+        let w = Mat {
+            data: data[i],
+            m,
+            n,
+            parallel,
+        };
+        let start = start_data.map(|d| &d[i * n..(i + 1) * n]);
+        w.top_singular(start, iters, &consts)
+    });
+    let sigma: Vec<T> = tops.iter().map(|t| t.0).collect();
+    let u: Vec<T> = tops.iter().flat_map(|t| t.1.iter().copied()).collect();
+    let v: Vec<T> = tops.iter().flat_map(|t| t.2.iter().copied()).collect();
     let dev = Device::Cpu;
     Ok(TopSingular {
         sigma: Tensor::from_vec(sigma, b, &dev)?,
