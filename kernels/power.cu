@@ -13,7 +13,8 @@
 // (the start vector, or the default one), then per iteration `power_gram`
 // (accumulate G x into y) and `power_normalize` (x ← y/‖y‖, or keep x when
 // y = 0; clears y), and a last `power_gram` in DOT mode for W v (or Wᵀ u)
-// with `power_normalize` writing σ₁.
+// with `power_normalize` writing σ₁; for a group's state vectors,
+// `power_store` writes v₁ back where the starts came from.
 
 #include "common.cuh"
 
@@ -22,13 +23,15 @@
 #define POWER_GRAM 2  // y += Σ_t a_t (a_t · x)
 #define POWER_ACC 4   // y += Σ_t a_t z[t]
 
-// x (b, k) ← the start vector of each matrix: `start` (b, k) where it is
-// finite and non-zero, else `dflt` (k); then normalised as the generic path
-// does (`renormalize(chosen, dflt)`).
-STEEPEST_KERNEL void power_start(const float* start, const float* dflt, float* x, unsigned k) {
+// x (b, k) ← the start vector of each matrix: the k floats at `starts[bi]`
+// where that address is non-zero and they are finite and not all zero, else
+// `dflt` (k); then normalised as the generic path does
+// (`renormalize(chosen, dflt)`). `starts` (b addresses) may be null: no
+// starts at all.
+STEEPEST_KERNEL void power_start(const u64* starts, const float* dflt, float* x, unsigned k) {
     __shared__ float scratch[STEEPEST_SCRATCH];
     unsigned bi = blockIdx.x;
-    const float* s = start ? start + u64(bi) * k : nullptr;
+    const float* s = starts ? reinterpret_cast<const float*>(starts[bi]) : nullptr;
     float fin = 0.0f, ss = 0.0f, dd = 0.0f;
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
         float d = dflt[e];
@@ -51,6 +54,16 @@ STEEPEST_KERNEL void power_start(const float* start, const float* dflt, float* x
     }
 }
 STEEPEST_EMU_EXPORT(power_start)
+
+// outs[bi] ← x[bi] (k floats per matrix, grid b): the new v₁ of each matrix
+// written back to where its start came from (a group's state vectors), one
+// launch for the group.
+STEEPEST_KERNEL void power_store(const float* x, const u64* outs, unsigned k) {
+    unsigned bi = blockIdx.x;
+    float* o = reinterpret_cast<float*>(outs[bi]);
+    for (unsigned e = threadIdx.x; e < k; e += blockDim.x) o[e] = x[u64(bi) * k + e];
+}
+STEEPEST_EMU_EXPORT(power_store)
 
 // Static shared memory of `power_gram_*` (the per-warp tiles and
 // coefficients), mirrored by POWER_STATIC_SHARED in launch/power.rs.

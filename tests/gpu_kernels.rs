@@ -256,8 +256,9 @@ fn gpu_power_iteration_matches_cpu() {
 }
 
 /// A group's parameters read where they are (each its own allocation, one
-/// a view at an offset) through the kernels' table of addresses, against
-/// the CPU on the same matrices.
+/// a view at an offset), each warm-started from its own state vector (one of
+/// them zero: no start), through the kernels' tables of addresses, against
+/// the CPU on the same matrices; each v₁ lands in its state vector.
 #[test]
 fn gpu_power_iteration_members_match_cpu() {
     let dev = gpu();
@@ -269,6 +270,9 @@ fn gpu_power_iteration_members_match_cpu() {
         let mut r = rng(260 + i as u64);
         let w = spiked(&mut r, b, m, n, dt, &Device::Cpu);
         let start = start_vec(&mut r, b, n, &Device::Cpu);
+        let mut rows: Vec<Tensor> = (0..b).map(|j| start.get(j).unwrap()).collect();
+        rows[0] = rows[0].zeros_like().unwrap();
+        let start = Tensor::stack(&rows, 0).unwrap();
         let want = power_iteration(&w, Some(&start), 3).unwrap();
         let wg = w.to_device(&dev).unwrap();
         let mut ws: Vec<Tensor> = (0..b).map(|j| wg.get(j).unwrap().copy().unwrap()).collect();
@@ -277,10 +281,16 @@ fn gpu_power_iteration_members_match_cpu() {
             .unwrap()
             .narrow(0, 3, m)
             .unwrap();
-        let got =
-            device::power_iteration_members(&ws, Some(&start.to_device(&dev).unwrap()), 3).unwrap();
+        let vs: Vec<Var> = rows
+            .iter()
+            .map(|s| Var::from_tensor(&s.to_device(&dev).unwrap()).unwrap())
+            .collect();
+        let got = device::power_iteration_members(&ws, &vs, 3).unwrap();
         assert_sigma_close((b, m, n), &want.sigma, &got.sigma);
         assert!(max_diff(&want.u, &got.u) < 1e-3 && max_diff(&want.v, &got.v) < 1e-3);
+        for (j, v) in vs.iter().enumerate() {
+            assert_eq!(f64s(v), f64s(&got.v.get(j).unwrap()), "v₁ stored");
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use steepest::device::with_generic_ops;
 use steepest::linalg::TopSingular;
@@ -153,12 +153,14 @@ fn cpu_path_does_not_depend_on_the_thread_count() {
 }
 
 /// A group's parameters given one by one (each where it is, one a view at
-/// an offset) give the bits of the same matrices stacked into one batch;
-/// mismatched members are refused.
+/// an offset), each warm-started from its own state vector (one of them
+/// zero: no start), give the bits of the same matrices and starts stacked
+/// into one batch, and each state vector ends holding its new v₁;
+/// mismatched members and vectors are refused.
 #[test]
 fn members_read_in_place_give_the_stacked_batch_bits() {
     let mut r = rng(322);
-    for &(b, m, n) in &[(3, 50, 20), (2, 20, 50), (1, 30, 30)] {
+    for &(b, m, n) in &[(3, 50, 20), (2, 20, 50), (1, 30, 30), (3, 300, 150)] {
         let ws: Vec<Tensor> = (0..b)
             .map(|_| {
                 randn(&mut r, &[m + 2, n], DType::F32)
@@ -166,10 +168,15 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
                     .unwrap()
             })
             .collect();
+        let mut starts: Vec<Tensor> = (0..b).map(|_| randn(&mut r, &[n], DType::F32)).collect();
+        starts[b - 1] = starts[b - 1].zeros_like().unwrap();
+        let vs: Vec<Var> = starts
+            .iter()
+            .map(|s| Var::from_tensor(s).unwrap())
+            .collect();
         let batch = Tensor::stack(&ws, 0).unwrap();
-        let start = randn(&mut r, &[b, n], DType::F32);
-        let want = power_iteration(&batch, Some(&start), 3).unwrap();
-        let got = steepest::device::power_iteration_members(&ws, Some(&start), 3).unwrap();
+        let want = power_iteration(&batch, Some(&Tensor::stack(&starts, 0).unwrap()), 3).unwrap();
+        let got = steepest::device::power_iteration_members(&ws, &vs, 3).unwrap();
         for (x, y) in [
             (&want.sigma, &got.sigma),
             (&want.u, &got.u),
@@ -178,13 +185,22 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
             assert_eq!(x.dims(), y.dims());
             assert_eq!(to_f64_vec(x), to_f64_vec(y), "({b}, {m}, {n})");
         }
+        for (i, v) in vs.iter().enumerate() {
+            assert_eq!(
+                to_f64_vec(v),
+                to_f64_vec(&want.v.get(i).unwrap()),
+                "v₁ stored"
+            );
+        }
     }
     let a = randn(&mut r, &[4, 3], DType::F32);
+    let v3 = || Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let members = steepest::device::power_iteration_members;
     for other in [
         randn(&mut r, &[3, 4], DType::F32),
         randn(&mut r, &[4, 3], DType::F64),
     ] {
-        let e = steepest::device::power_iteration_members(&[a.clone(), other], None, 1)
+        let e = members(&[a.clone(), other], &[v3(), v3()], 1)
             .unwrap_err()
             .to_string();
         assert!(
@@ -192,8 +208,16 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
             "{e}"
         );
     }
-    let e = steepest::device::power_iteration_members(&[], None, 1)
-        .unwrap_err()
-        .to_string();
+    let bad_vs: [Vec<Var>; 2] = [
+        vec![v3()],
+        vec![v3(), Var::zeros(4, DType::F32, &Device::Cpu).unwrap()],
+    ];
+    for vs in bad_vs {
+        let e = members(&[a.clone(), a.clone()], &vs, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("power_iteration: v"), "{e}");
+    }
+    let e = members(&[], &[], 1).unwrap_err().to_string();
     assert!(e.contains("no matrices"), "{e}");
 }

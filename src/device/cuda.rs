@@ -499,17 +499,19 @@ pub(crate) fn power_iteration(
     run_power(launch::power_prepare(w, start)?, iters)
 }
 
-/// [`super::power_iteration_members`] on the device, each matrix read where
-/// it is (no host sync); `None` when no kernel takes it.
+/// [`super::power_iteration_members`] on the device, each matrix and state
+/// vector used where it is (no host sync); `None` when no kernel takes it.
 pub(crate) fn power_iteration_members(
     ws: &[Tensor],
-    start: Option<&Tensor>,
+    vs: &[Var],
     iters: usize,
 ) -> Result<Option<TopSingular>> {
-    if !ws.iter().all(|w| w.device().is_cuda()) {
+    let same = |t: &Tensor| t.device().same_device(ws[0].device());
+    if !ws[0].device().is_cuda() || !ws.iter().all(same) || !vs.iter().all(|v| same(v.as_tensor()))
+    {
         return Ok(None);
     }
-    run_power(launch::power_prepare_members(ws, start)?, iters)
+    run_power(launch::power_prepare_members(ws, vs)?, iters)
 }
 
 fn run_power(call: Option<launch::PowerCall>, iters: usize) -> Result<Option<TopSingular>> {

@@ -92,6 +92,7 @@ emu_kernels!(
     power_gram_bf16,
     power_gram_f16,
     power_normalize,
+    power_store,
     ns_load_f32,
     ns_load_bf16,
     ns_load_f16,
@@ -493,13 +494,9 @@ pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Resu
 }
 
 /// [`super::power_iteration_members`] through the emulated `power_*`
-/// kernels, each matrix read where it is.
-pub fn power_iteration_members(
-    ws: &[Tensor],
-    start: Option<&Tensor>,
-    iters: usize,
-) -> Result<TopSingular> {
-    let call = launch::power_prepare_members(ws, start)?;
+/// kernels, each matrix and state vector used where it is.
+pub fn power_iteration_members(ws: &[Tensor], vs: &[Var], iters: usize) -> Result<TopSingular> {
+    let call = launch::power_prepare_members(ws, vs)?;
     run_power(call, iters, &ws[0])
 }
 

@@ -751,30 +751,41 @@ pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Resu
 }
 
 /// [`power_iteration`] of the batch that the same-shape matrices `ws` would
-/// stack into (`start` `(b, n)`; results `(b,)`, `(b, m)`, `(b, n)`): on the
-/// CPU and on CUDA each matrix is read where it is, without the stacked
-/// copy; elsewhere they are stacked.
-pub fn power_iteration_members(
-    ws: &[Tensor],
-    start: Option<&Tensor>,
-    iters: usize,
-) -> Result<TopSingular> {
+/// stack into, each warm-started from its own state vector `vs[i]` (`(n,)`;
+/// a zero or non-finite one is no start: the default is used), which then
+/// receives the new v₁; results `(b,)`, `(b, m)`, `(b, n)`. What spectral
+/// decay runs on a group's parameters: on the CPU and on CUDA each matrix
+/// and vector is used where it is (no stacked copies; on CUDA one launch
+/// stores every v₁); elsewhere they are stacked and the vectors set one by
+/// one.
+pub fn power_iteration_members(ws: &[Tensor], vs: &[Var], iters: usize) -> Result<TopSingular> {
     let Some(first) = ws.first() else {
         fail!(Shape, "power_iteration", "no matrices");
     };
     let (m, n) = crate::linalg::matrix_dims("power_iteration: w", first)?;
     crate::linalg::check_members(ws, m, n)?;
+    crate::linalg::check_state_vectors(vs, ws.len(), n)?;
     #[cfg(feature = "cuda")]
     if !generic_only() {
-        if let Some(top) = cuda::power_iteration_members(ws, start, iters)? {
+        if let Some(top) = cuda::power_iteration_members(ws, vs, iters)? {
             return Ok(top);
         }
     }
-    let refs: Vec<&Tensor> = ws.iter().collect();
-    if all_cpu(&refs) && start.is_none_or(|s| s.device().is_cpu()) {
-        return crate::linalg::power_iteration_cpu_members(ws, start, iters);
+    let mut refs: Vec<&Tensor> = ws.iter().collect();
+    refs.extend(vs.iter().map(|v| v.as_tensor()));
+    if all_cpu(&refs) {
+        return crate::linalg::power_iteration_cpu_members(ws, vs, iters);
     }
-    power_iteration(&Tensor::stack(ws, 0)?, start, iters)
+    let starts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+    let top = power_iteration(
+        &Tensor::stack(ws, 0)?,
+        Some(&Tensor::stack(&starts, 0)?),
+        iters,
+    )?;
+    for (i, v) in vs.iter().enumerate() {
+        v.set(&top.v.get(i)?.to_dtype(v.dtype())?)?;
+    }
+    Ok(top)
 }
 
 /// Whether all tensors are on `device`.

@@ -17,7 +17,8 @@ mod spectral;
 pub use newton_schulz::{msign, msign_generic, GramNewtonSchulz, NewtonSchulz};
 pub(crate) use power_cpu::{power_iteration_cpu, power_iteration_cpu_members};
 pub(crate) use power_iteration::{
-    check_members, check_start, default_start_values, power_iteration_generic, splitmix64,
+    check_members, check_start, check_state_vectors, default_start_values, power_iteration_generic,
+    splitmix64,
 };
 pub use power_iteration::{power_iteration, TopSingular};
 pub(crate) use spectral::{batch3, unbatch};

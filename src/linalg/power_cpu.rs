@@ -10,7 +10,7 @@
 //! into pieces of a fixed size and their partial sums added in a fixed order,
 //! so the result does not depend on the number of threads.
 
-use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
 use super::power_iteration::{check_members, check_start, default_start_values};
@@ -37,17 +37,23 @@ pub(crate) fn power_iteration_cpu(
 }
 
 /// [`power_iteration_cpu`] of the batch the same-shape CPU matrices `ws`
-/// would stack into, each read where it is (no stacked copy); `start` is
-/// `(b, n)`, the results `(b,)`, `(b, m)`, `(b, n)`.
+/// would stack into, each read where it is (no stacked copy), each
+/// warm-started from its state vector `vs[i]`, which then receives the new
+/// v₁; results `(b,)`, `(b, m)`, `(b, n)`.
 pub(crate) fn power_iteration_cpu_members(
     ws: &[Tensor],
-    start: Option<&Tensor>,
+    vs: &[Var],
     iters: usize,
 ) -> Result<TopSingular> {
-    match ws.first().map(|w| w.dtype()) {
-        Some(DType::F64) => top_of_members::<f64>(ws, start, iters),
-        _ => top_of_members::<f32>(ws, start, iters),
+    let starts: Vec<Tensor> = vs.iter().map(|v| v.as_tensor().clone()).collect();
+    let top = match ws.first().map(|w| w.dtype()) {
+        Some(DType::F64) => top_of_members::<f64>(ws, Some(&starts), iters)?,
+        _ => top_of_members::<f32>(ws, Some(&starts), iters)?,
+    };
+    for (i, v) in vs.iter().enumerate() {
+        v.set(&top.v.get(i)?.to_dtype(v.dtype())?)?;
     }
+    Ok(top)
 }
 
 fn top_of<T>(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular>
@@ -58,15 +64,22 @@ where
     let batched = w.rank() == 3;
     let b = if batched { w.dim(0)? } else { 1 };
     check_start(start, batched, b, n)?;
-    let start = start.map(|s| s.reshape((b, n))).transpose()?;
+    let starts = start
+        .map(|s| {
+            let s = s.reshape((b, n))?;
+            (0..b)
+                .map(|i| s.get(i))
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .transpose()?;
     if batched {
         let w = w.contiguous()?;
         let members = (0..b)
             .map(|i| w.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        return top_of_members::<T>(&members, start.as_ref(), iters);
+        return top_of_members::<T>(&members, starts.as_deref(), iters);
     }
-    let top = top_of_members::<T>(std::slice::from_ref(w), start.as_ref(), iters)?;
+    let top = top_of_members::<T>(std::slice::from_ref(w), starts.as_deref(), iters)?;
     Ok(TopSingular {
         sigma: top.sigma.squeeze(0)?,
         u: top.u.squeeze(0)?,
@@ -74,7 +87,8 @@ where
     })
 }
 
-fn top_of_members<T>(ws: &[Tensor], start: Option<&Tensor>, iters: usize) -> Result<TopSingular>
+/// The triplets of the matrices `ws`, each started from `starts[i]` (`(n,)`).
+fn top_of_members<T>(ws: &[Tensor], starts: Option<&[Tensor]>, iters: usize) -> Result<TopSingular>
 where
     T: Real + WithDType,
 {
@@ -84,24 +98,27 @@ where
     let (m, n) = super::matrix_dims("power_iteration: w", first)?;
     let b = ws.len();
     check_members(ws, m, n)?;
-    check_start(start, true, b, n)?;
-    let ws = ws
-        .iter()
-        .map(|w| w.to_dtype(T::DTYPE)?.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let start = start
-        .map(|s| s.to_dtype(T::DTYPE)?.contiguous())
-        .transpose()?;
+    let convert = |ts: &[Tensor]| {
+        ts.iter()
+            .map(|t| t.to_dtype(T::DTYPE)?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
+    let ws = convert(ws)?;
+    let starts = starts.map(convert).transpose()?;
     let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
     let data = guards
         .iter()
         .map(|(s, l)| cpu_slice::<T>(s, l))
         .collect::<Result<Vec<_>>>()?;
-    let start_guard = start.as_ref().map(|s| s.storage_and_layout());
-    let start_data = start_guard
-        .as_ref()
+    let start_guards: Vec<_> = starts
+        .iter()
+        .flatten()
+        .map(|s| s.storage_and_layout())
+        .collect();
+    let start_data = start_guards
+        .iter()
         .map(|(s, l)| cpu_slice::<T>(s, l))
-        .transpose()?;
+        .collect::<Result<Vec<_>>>()?;
     let consts = Consts::<T>::new(m, n);
     // Small calls stay on this thread: waking the pool costs more than they
     // do (the rule of the CPU updates, `cpu::PARALLEL_MIN`).
@@ -113,8 +130,7 @@ where
             n,
             parallel,
         };
-        let start = start_data.map(|d| &d[i * n..(i + 1) * n]);
-        w.top_singular(start, iters, &consts)
+        w.top_singular(start_data.get(i).copied(), iters, &consts)
     });
     let sigma: Vec<T> = tops.iter().map(|t| t.0).collect();
     let u: Vec<T> = tops.iter().flat_map(|t| t.1.iter().copied()).collect();

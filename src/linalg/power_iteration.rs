@@ -161,6 +161,31 @@ pub(crate) fn check_members(ws: &[Tensor], m: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks that there is one state vector `(n,)` per matrix, of one float
+/// dtype.
+pub(crate) fn check_state_vectors(vs: &[candle_core::Var], b: usize, n: usize) -> Result<()> {
+    if vs.len() != b {
+        fail!(
+            Shape,
+            "power_iteration: v",
+            "expected one state vector per matrix ({b}), got {}",
+            vs.len()
+        );
+    }
+    for v in vs {
+        if v.dims() != [n] || v.dtype() != vs[0].dtype() || !v.dtype().is_float() {
+            fail!(
+                Shape,
+                "power_iteration: v",
+                "expected float vectors of shape [{n}] and one dtype, got {:?} {:?}",
+                v.dims(),
+                v.dtype()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One step of splitmix64 (the generator of the crate's fixed start vectors).
 pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

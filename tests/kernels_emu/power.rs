@@ -9,7 +9,7 @@
 //! relative, vectors: 1e-3 absolute on unit vectors) leave a wide margin and
 //! still catch any wrong coefficient, index or missing term.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use steepest::device::emu;
 use steepest::linalg::{power_iteration, TopSingular};
 
@@ -159,8 +159,10 @@ fn converges_to_sigma1() {
 
 /// A group's parameters given one by one (each its own storage, one of them
 /// a view at an offset into a larger tensor, as a reshaped parameter can
-/// be): the kernels read them through the table of addresses and give what
-/// the same matrices stacked into one batch give.
+/// be), each warm-started from its own state vector (one zero, one NaN: no
+/// start): the kernels read them through tables of addresses, give what the
+/// same matrices and starts stacked into one batch give, and store each new
+/// v₁ into its state vector.
 #[test]
 fn members_read_in_place_match_the_stacked_batch() {
     for (i, &(b, m, n)) in [(3, 40, 24), (2, 24, 40), (4, 33, 33), (2, 1, 70)]
@@ -184,13 +186,21 @@ fn members_read_in_place_match_the_stacked_batch() {
         .unwrap();
         ws[b - 1] = padded.narrow(0, 5, m).unwrap();
         let start = start_vec(&mut r, b, n, &Device::Cpu);
-        for (iters, s) in [(0, None), (2, Some(&start))] {
+        let mut rows: Vec<Tensor> = (0..b).map(|j| start.get(j).unwrap()).collect();
+        rows[0] = rows[0].zeros_like().unwrap();
+        rows[b - 1] = (rows[b - 1].clone() * f64::NAN).unwrap();
+        let start = Tensor::stack(&rows, 0).unwrap();
+        for iters in [0, 2] {
             let what = format!("members ({b}, {m}, {n}) {dt:?} iters {iters}");
-            let want = emu::power_iteration(&batch, s, iters).unwrap();
-            let got = emu::power_iteration_members(&ws, s, iters).unwrap();
+            let vs: Vec<Var> = rows.iter().map(|s| Var::from_tensor(s).unwrap()).collect();
+            let want = emu::power_iteration(&batch, Some(&start), iters).unwrap();
+            let got = emu::power_iteration_members(&ws, &vs, iters).unwrap();
             compare(&what, &want, &got);
-            let cpu = power_iteration(&batch, s, iters).unwrap();
+            let cpu = power_iteration(&batch, Some(&start), iters).unwrap();
             compare(&what, &cpu, &got);
+            for (j, v) in vs.iter().enumerate() {
+                assert_eq!(f64s(v), f64s(&got.v.get(j).unwrap()), "{what}: v₁ stored");
+            }
         }
     }
 }

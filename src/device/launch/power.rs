@@ -1,6 +1,8 @@
 //! The batched power iteration's launch sequence, and its call on tensors.
 #![cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
 
+use candle_core::Var;
+
 use super::*;
 
 /// Modes of `power_gram` (`POWER_*` in `power.cu`).
@@ -46,9 +48,10 @@ pub(crate) const POWER_MAX_SIDE: usize =
 pub(crate) const POWER_GRAM_MAX_BLOCKS: u32 = 256;
 
 /// A batched power iteration on the device: `ws` the addresses of `b`
-/// matrices `(m, n)` of `elt`, `start` `(b, n)` f32 or none, outputs `sigma`
-/// `(b,)`, `u` `(b, m)`, `v` `(b, n)` (f32), all device addresses. No host
-/// sync.
+/// matrices `(m, n)` of `elt`, `starts` the addresses of their start vectors
+/// (`n` f32 each) or none, outputs `sigma` `(b,)`, `u` `(b, m)`, `v` `(b, n)`
+/// (f32), all device addresses; with `store`, v₁ is also written to the
+/// starts' addresses. No host sync.
 #[derive(Clone, Debug)]
 pub(crate) struct PowerJob {
     pub ws: Vec<u64>,
@@ -56,7 +59,8 @@ pub(crate) struct PowerJob {
     pub b: usize,
     pub m: usize,
     pub n: usize,
-    pub start: Option<u64>,
+    pub starts: Option<Vec<u64>>,
+    pub store: bool,
     pub iters: usize,
     pub sigma: u64,
     pub u: u64,
@@ -90,8 +94,17 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
     // are asynchronous on the GPU, and its free is stream-ordered after them).
     let y_buf = be.alloc_zeroed(b * k * 4)?;
     let y = B::addr(&y_buf);
-    // A group's parameters do not move, so their table is uploaded once.
-    let w_table = cached_upload(be, &bytes_of(&j.ws))?;
+    // A group's parameters and state vectors do not move (`j.store`), so
+    // their tables are uploaded once; a temporary's are uploaded per call
+    // and not kept, where they would only push useful tables out.
+    let table = |addrs: &[u64]| -> Result<Arc<B::Buf>> {
+        if j.store {
+            cached_upload(be, &bytes_of(addrs))
+        } else {
+            Ok(Arc::new(be.upload(&bytes_of(addrs))?))
+        }
+    };
+    let w_table = table(&j.ws)?;
     let dflt_n = cached_upload(be, &bytes_of(&default_start(n)))?;
     let dflt_m = cached_upload(be, &bytes_of(&default_start(m)))?;
     let gram = |mode: i32, x: u64, z: u64, out: u64| -> Result<()> {
@@ -132,13 +145,15 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
             })
         };
     // v ← the start vector (the caller's where usable, else the default).
+    let starts = j.starts.as_deref().map(table).transpose()?;
+    let starts_addr = starts.as_ref().map_or(0, |t| B::addr(t));
     be.launch(&Launch {
         kernel: "power_start".into(),
         grid: [b as u32, 1, 1],
         block: BLOCK,
         shared: 0,
         args: vec![
-            Arg::Ptr(j.start.unwrap_or(0)),
+            Arg::Ptr(starts_addr),
             Arg::Ptr(B::addr(&dflt_n)),
             Arg::Ptr(j.v),
             Arg::U32(n as u32),
@@ -166,6 +181,16 @@ pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
         gram(POWER_DOT, x, 0, j.u)?;
         normalize(j.u, j.u, 0, 0, j.sigma, false, m)?;
     }
+    if j.store && starts_addr != 0 {
+        // v₁ back into each matrix's start vector (one launch per group).
+        be.launch(&Launch {
+            kernel: "power_store".into(),
+            grid: [b as u32, 1, 1],
+            block: BLOCK,
+            shared: 0,
+            args: vec![Arg::Ptr(j.v), Arg::Ptr(starts_addr), Arg::U32(n as u32)],
+        })?;
+    }
     Ok(())
 }
 
@@ -175,7 +200,10 @@ pub(crate) struct PowerCall {
     /// The `b` matrices `(m, n)`, contiguous (views of one batch, or a
     /// group's parameters each where it is).
     pub ws: Vec<Tensor>,
-    pub start: Option<Tensor>,
+    /// Each matrix's start vector `(n,)` f32, contiguous, or none.
+    pub starts: Option<Vec<Tensor>>,
+    /// Whether v₁ goes back into the starts (a group's state vectors).
+    pub store: bool,
     pub elt: Elt,
     pub b: usize,
     pub m: usize,
@@ -193,33 +221,49 @@ pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option
     let batched = w.rank() == 3;
     let b = if batched { w.dim(0)? } else { 1 };
     crate::linalg::check_start(start, batched, b, n)?;
-    let w = w.contiguous()?.reshape((b, m, n))?;
-    let ws = (0..b)
-        .map(|i| w.get(i))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    prepare(ws, start, batched)
+    let rows = |t: Tensor| {
+        (0..b)
+            .map(|i| t.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
+    let ws = rows(w.contiguous()?.reshape((b, m, n))?)?;
+    let starts = start
+        .map(|s| rows(s.to_dtype(DType::F32)?.contiguous()?.reshape((b, n))?))
+        .transpose()?;
+    prepare(ws, starts, false, batched)
 }
 
 /// [`power_prepare`] for the batch that the same-shape matrices `ws` would
-/// stack into (`start` `(b, n)`), each read where it is.
-pub(crate) fn power_prepare_members(
-    ws: &[Tensor],
-    start: Option<&Tensor>,
-) -> Result<Option<PowerCall>> {
+/// stack into, each read where it is, each warm-started from its own state
+/// vector `vs[i]` (`(n,)` f32), which receives the new v₁. `None` also when
+/// the state vectors are not f32.
+pub(crate) fn power_prepare_members(ws: &[Tensor], vs: &[Var]) -> Result<Option<PowerCall>> {
     let Some(first) = ws.first() else {
         fail!(Shape, "power_iteration", "no matrices");
     };
     let (m, n) = crate::linalg::matrix_dims("power_iteration: w", first)?;
     crate::linalg::check_members(ws, m, n)?;
-    crate::linalg::check_start(start, true, ws.len(), n)?;
+    crate::linalg::check_state_vectors(vs, ws.len(), n)?;
+    if vs
+        .iter()
+        .any(|v| v.dtype() != DType::F32 || !v.is_contiguous())
+    {
+        return Ok(None);
+    }
     let ws = ws
         .iter()
         .map(|w| w.contiguous())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    prepare(ws, start, true)
+    let starts = vs.iter().map(|v| v.as_tensor().clone()).collect();
+    prepare(ws, Some(starts), true, true)
 }
 
-fn prepare(ws: Vec<Tensor>, start: Option<&Tensor>, batched: bool) -> Result<Option<PowerCall>> {
+fn prepare(
+    ws: Vec<Tensor>,
+    starts: Option<Vec<Tensor>>,
+    store: bool,
+    batched: bool,
+) -> Result<Option<PowerCall>> {
     let (b, (m, n)) = (ws.len(), ws[0].dims2()?);
     let Some(elt) = Elt::of(ws[0].dtype()) else {
         return Ok(None);
@@ -229,9 +273,8 @@ fn prepare(ws: Vec<Tensor>, start: Option<&Tensor>, batched: bool) -> Result<Opt
     }
     let dev = ws[0].device().clone();
     Ok(Some(PowerCall {
-        start: start
-            .map(|s| s.to_dtype(DType::F32)?.contiguous())
-            .transpose()?,
+        starts,
+        store,
         elt,
         b,
         m,
@@ -257,7 +300,13 @@ impl PowerCall {
             b: self.b,
             m: self.m,
             n: self.n,
-            start: self.start.as_ref().map(|s| r.addr(s, false)).transpose()?,
+            // Stored into: resolved as outputs (each its own storage).
+            starts: self
+                .starts
+                .as_ref()
+                .map(|ss| ss.iter().map(|s| r.addr(s, self.store)).collect())
+                .transpose()?,
+            store: self.store,
             iters,
             sigma: r.addr(&self.sigma, true)?,
             u: r.addr(&self.u, true)?,

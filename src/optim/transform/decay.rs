@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -127,40 +127,31 @@ impl Transform for Decay {
             return Ok(());
         };
         let ws = step.param_views()?;
-        let dt = step.math_dtype();
-        let dev = ws[0].device().clone();
+        let (dt, dev) = (step.math_dtype(), ws[0].device().clone());
+        // Each member's v₁ estimate is the power iteration's start and gets
+        // its result in place. A member without one yet gets a zero vector:
+        // no start, so the default one, with the cold start's iterations.
         let mut cold = false;
-        let starts = states
-            .iter_mut()
-            .map(|s| match state_mut::<SpectralDecayState>(s) {
-                Some(st) => Ok(st.v.as_tensor().clone()),
-                None => {
-                    cold = true;
-                    Ok(Tensor::zeros(cols, dt, &dev)?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let start = Tensor::stack(&starts, 0)?;
+        let mut vs = Vec::with_capacity(states.len());
+        for slot in states.iter_mut() {
+            if state_mut::<SpectralDecayState>(slot).is_none() {
+                cold = true;
+                let v = Var::zeros(cols, dt, &dev)?;
+                *slot = Some(Box::new(SpectralDecayState { v }));
+            }
+            let st = state_mut::<SpectralDecayState>(slot).expect("made above");
+            vs.push(st.v.clone());
+        }
         let iters = if cold {
             iters.max(COLD_START_ITERS)
         } else {
             iters
         };
-        let top = device::power_iteration_members(&ws, Some(&start), iters)?;
+        let top = device::power_iteration_members(&ws, &vs, iters)?;
         // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
         let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
-        for (i, slot) in states.iter_mut().enumerate() {
-            let v = top.v.get(i)?;
-            let a = a_all.get(i)?;
-            step.decay_rank1(i, coeff, a, v.clone());
-            match state_mut::<SpectralDecayState>(slot) {
-                Some(st) => st.v.set(&v)?,
-                None => {
-                    *slot = Some(Box::new(SpectralDecayState {
-                        v: Var::from_tensor(&v.detach())?,
-                    }))
-                }
-            }
+        for i in 0..vs.len() {
+            step.decay_rank1(i, coeff, a_all.get(i)?, top.v.get(i)?);
         }
         Ok(())
     }
