@@ -272,6 +272,20 @@ fn prepare(
         return Ok(None);
     }
     let dev = ws[0].device().clone();
+    // The launch sequence writes every entry of σ, u and v before anything
+    // reads them (σ by the last `power_normalize`; the iterate's vector by
+    // `power_start` or the first `power_normalize`; the other by the last
+    // `power_gram`, in DOT mode, over every row or column), so on a GPU they
+    // are left uninitialised (no memsets). Under the emulator (CPU tensors)
+    // they start as NaN, so that a missed entry fails its tests.
+    let out = |dims: &[usize]| -> candle_core::Result<Tensor> {
+        if dev.is_cpu() {
+            Tensor::full(f32::NAN, dims, &dev)
+        } else {
+            // SAFETY: every entry is written before it is read (above).
+            unsafe { Tensor::empty(dims, DType::F32, &dev) }
+        }
+    };
     Ok(Some(PowerCall {
         starts,
         store,
@@ -280,9 +294,9 @@ fn prepare(
         m,
         n,
         batched,
-        sigma: Tensor::zeros(b, DType::F32, &dev)?,
-        u: Tensor::zeros((b, m), DType::F32, &dev)?,
-        v: Tensor::zeros((b, n), DType::F32, &dev)?,
+        sigma: out(&[b])?,
+        u: out(&[b, m])?,
+        v: out(&[b, n])?,
         ws,
     }))
 }
