@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
-use super::power_iteration::{check_members, check_start, default_start_values};
+use super::power_iteration::{check_start, default_start_values};
 use super::TopSingular;
 use crate::device::cpu::Real;
 use crate::error::Result;
@@ -88,16 +88,13 @@ where
 }
 
 /// The triplets of the matrices `ws`, each started from `starts[i]` (`(n,)`).
+/// The callers have checked the matrices: at least one, all of one shape
+/// (`device::power_iteration_members`, or the rows of one batch).
 fn top_of_members<T>(ws: &[Tensor], starts: Option<&[Tensor]>, iters: usize) -> Result<TopSingular>
 where
     T: Real + WithDType,
 {
-    let Some(first) = ws.first() else {
-        crate::error::fail!(Shape, "power_iteration", "no matrices");
-    };
-    let (m, n) = super::matrix_dims("power_iteration: w", first)?;
-    let b = ws.len();
-    check_members(ws, m, n)?;
+    let (b, (m, n)) = (ws.len(), ws[0].dims2()?);
     let convert = |ts: &[Tensor]| {
         ts.iter()
             .map(|t| t.to_dtype(T::DTYPE)?.contiguous())
