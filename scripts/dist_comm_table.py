@@ -48,7 +48,7 @@ def ns_flops(m, n, iters=5):
 
 def main():
     sets = [("GPT-2 small (48 matrices)", gpt2_small()), ("1B-class (64 matrices)", one_b())]
-    print("| matrix set | N | grads | (a) DDP + replicated Muon | (b) Keller Jordan | (c) reduce-scatter + owners + all-gather | (c) with bf16 parameter gather | (c)/(a) |")
+    print("| matrix set | N | grads | (a) DDP + replicated Muon | (b) Keller Jordan | (c) reduce-scatter + owners + all-gather | (c) gathering bf16 updates (`ParamGather::Bf16Updates`) | (c)/(a) |")
     print("|---|---|---|---|---|---|---|---|")
     mem = []
     for name, shapes in sets:

@@ -151,6 +151,51 @@ fn training_loop_learns_and_is_deterministic() {
     assert_ne!(a.final_val(), c.final_val());
 }
 
+/// `bf16_updates` (the ranks gather bf16-rounded updates): the losses move
+/// away from the exact two-rank run's (the rounding is applied) but by less
+/// than 2⁻⁸ of how far the loss itself has moved (each update is rounded by
+/// at most 2⁻⁸ of itself).
+#[test]
+fn bf16_updates_stay_within_the_rounding_of_the_exact_two_rank_run() {
+    let cfg = Config {
+        steps: 6,
+        eval_every: 3,
+        ranks: 2,
+        ..tiny()
+    };
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    for kind in [OptKind::Muon, OptKind::AdamW] {
+        let exact = train(kind, 2, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+        let rounded = train(
+            kind,
+            2,
+            &Config {
+                bf16_updates: true,
+                ..cfg.clone()
+            },
+            &data,
+            &Device::Cpu,
+            &mut nop,
+        )
+        .unwrap();
+        let start = exact.records[0].val_loss;
+        assert_eq!(start, rounded.records[0].val_loss);
+        for (a, b) in exact.records.iter().zip(&rounded.records).skip(1) {
+            let moved = (a.val_loss - start).abs();
+            let off = (a.val_loss - b.val_loss).abs();
+            assert!(
+                off > 0.0 && off <= moved * 2f64.powi(-8),
+                "{}: step {}: exact {} rounded {} (moved {moved:e})",
+                kind.name(),
+                a.step,
+                a.val_loss,
+                b.val_loss
+            );
+        }
+    }
+}
+
 /// `train` with `ranks: 2` (two in-process ranks, each on half of every
 /// batch, DataParallel with clipping across ranks) follows the one-process
 /// run: the first steps agree up to the reduction order of the batch sums

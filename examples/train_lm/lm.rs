@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use steepest::clip::clip_grad_norm;
 use steepest::distributed::{
-    Collective, DataParallel, DataParallelConfig, LocalGroup, ReduceOp, ShardedOptimizer,
+    Collective, DataParallel, DataParallelConfig, LocalGroup, ParamGather, ReduceOp,
+    ShardedOptimizer,
 };
 use steepest::optim::{AdamW, AdamWConfig, Driver, Muon, MuonConfig, ParamInfo, Partition};
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
@@ -296,6 +297,10 @@ pub struct Config {
     /// Muon's (and the sphere's) Newton–Schulz in the Gram form
     /// ([`NewtonSchulz::gram_form`]) instead of the standard one.
     pub gram_ns: bool,
+    /// With `ranks > 1`: the all-gather after the owners' step carries each
+    /// owner's update rounded to bf16 instead of the f32 parameters
+    /// ([`ParamGather::Bf16Updates`]: half its bytes).
+    pub bf16_updates: bool,
 }
 
 impl Default for Config {
@@ -318,6 +323,7 @@ impl Default for Config {
             stop_after: None,
             timing: false,
             gram_ns: false,
+            bf16_updates: false,
         }
     }
 }
@@ -1308,6 +1314,11 @@ fn run_ranked<C: Collective, O: Optimizer + ShardedOptimizer>(
     // does on the whole batch's gradient in one process.
     let dp_config = DataParallelConfig {
         clip_grad_norm: Some(cfg.clip),
+        param_gather: if cfg.bf16_updates {
+            ParamGather::Bf16Updates
+        } else {
+            ParamGather::Parameters
+        },
         ..DataParallelConfig::default()
     };
     let mut ranked = Ranked {

@@ -128,6 +128,9 @@ struct Cli {
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>)]
     ranks: usize,
+    /// With --ranks N > 1: gather each owner's update rounded to bf16 instead of the f32 parameters after the owners' step (ParamGather::Bf16Updates: half the all-gather's bytes)
+    #[arg(long)]
+    bf16_updates: bool,
     /// With --device cuda: leave the CUDA memory pool's release threshold at 0, so freed memory goes back to the driver at every synchronisation (by default the pool keeps it for reuse; for comparison)
     #[arg(long)]
     release_freed_memory: bool,
@@ -244,6 +247,7 @@ impl From<Cli> for Args {
                 stop_after: c.stop_after,
                 timing: c.timing || cuda,
                 gram_ns: c.gram_ns,
+                bf16_updates: c.bf16_updates,
                 ..preset
             },
         }
@@ -493,6 +497,9 @@ fn real_main() -> Result<()> {
             args.cfg.batch,
             args.cfg.ranks
         );
+    }
+    if args.cfg.bf16_updates && args.cfg.ranks == 1 {
+        bail!("--bf16-updates changes what the ranks exchange: it needs --ranks N > 1");
     }
     let role = role(&args);
     let device = match role {

@@ -45,7 +45,11 @@
 //!    bf16 when every parameter is bf16, f32 otherwise, so nothing is rounded)
 //!    plus one status element per rank; every rank writes the parameters it
 //!    does not own into its `Var`s. Afterwards every rank holds bit-identical
-//!    parameters.
+//!    parameters. With [`ParamGather::Bf16Updates`]
+//!    ([`DataParallelConfig::param_gather`]) the owners send their updates
+//!    rounded to bf16 instead (half the bytes of f32 parameters), and every
+//!    rank, the owner included, adds them to the parameters it had: still
+//!    bit-identical on every rank, each update rounded (≤ 2⁻⁸ relative).
 //!
 //! Gradients: a parameter without a gradient on some ranks (unused in their
 //! micro-batch) contributes zeros from those ranks to the average, as in
@@ -206,6 +210,10 @@ pub struct DataParallelConfig {
     /// [`crate::clip::clip_grad_norm`] does in one process. Must be finite
     /// and > 0.
     pub clip_grad_norm: Option<f64>,
+    /// What the all-gather after the owners' step carries (step 5 of the
+    /// [module docs](self)): the updated parameters (default) or their
+    /// updates rounded to bf16 ([`ParamGather::Bf16Updates`]).
+    pub param_gather: ParamGather,
 }
 
 impl Default for DataParallelConfig {
@@ -215,6 +223,49 @@ impl Default for DataParallelConfig {
             elementwise_names: Vec::new(),
             broadcast_initial: true,
             clip_grad_norm: None,
+            param_gather: ParamGather::Parameters,
+        }
+    }
+}
+
+/// What the all-gather after the owners' step sends
+/// ([`DataParallelConfig::param_gather`]).
+///
+/// Per rank and step the data-parallel step sends `(N−1)/N · F · (b_g + b_p)`
+/// bytes (`F` the padded flat buffer, `b_g` the bytes of a gradient element
+/// in [`DataParallelConfig::grad_dtype`], `b_p` those of a gathered
+/// element). With f32 parameters and bf16 gradients, gathering parameters
+/// sends 1.5× what a plain all-reduce of the gradients (PyTorch's DDP)
+/// sends; gathering bf16 updates brings it back to 1× (and with f32
+/// gradients to 0.75×).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ParamGather {
+    /// The owners' updated parameters, in the parameters' dtype (bf16 when
+    /// every parameter is bf16, f32 otherwise): every rank receives exactly
+    /// what the owner computed, and a step equals the single-process step.
+    #[default]
+    Parameters,
+    /// Each owner's update `ΔW = W_new − W_old` (computed in f32), rounded to
+    /// bf16; every rank, **the owner included**, then sets
+    /// `W ← W_old + ΔW_bf16` (added in f32, stored in the parameter's dtype),
+    /// so the parameters stay bit-identical on every rank while the gather
+    /// sends 2 bytes per element instead of 4. Each element of a step's
+    /// update is off by at most half a bf16 unit in the last place (a
+    /// relative 2⁻⁸ of that element of `ΔW`, not of `W`); the optimizer's
+    /// state (moments, momentum, spectral vectors) is computed exactly, as
+    /// in one process. Parameters without a gradient on any rank are not
+    /// touched. Refused at construction when every parameter is bf16: their
+    /// gather is bf16 already, and rounding the update would only lose
+    /// precision.
+    Bf16Updates,
+}
+
+impl ParamGather {
+    /// A code for the layout fingerprint (which collectives a step issues).
+    fn code(self) -> u64 {
+        match self {
+            ParamGather::Parameters => 0,
+            ParamGather::Bf16Updates => 1,
         }
     }
 }
@@ -451,6 +502,14 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         } else {
             DType::F32
         };
+        if config.param_gather == ParamGather::Bf16Updates && param_dtype == DType::BF16 {
+            return Err(Error::config(
+                &who,
+                "param_gather: Bf16Updates saves nothing when every parameter is bf16 (their \
+                 gather is bf16 already) and would round each update: use \
+                 ParamGather::Parameters",
+            ));
+        }
         let two_phase = opt.agrees_before_commit();
         let plan_len = plan.len();
         let named = vars
@@ -508,6 +567,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             self.config.clip_grad_norm.map_or(0, |c| c.to_bits() | 1),
         );
         layout = mix(layout, self.two_phase as u64);
+        layout = mix(layout, self.config.param_gather.code());
         let settings = self
             .opt
             .settings()
@@ -523,8 +583,8 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let (layout_differs, settings_differ) = (differ(0..3), differ(3..6));
         if !layout_differs.is_empty() {
             let mut msg = format!(
-                "the parameter list (names, shapes, dtypes), grad_dtype, clip_grad_norm or the \
-                 optimizer's two-phase step (ShardedStep::agrees_before_commit) differs from \
+                "the parameter list (names, shapes, dtypes), grad_dtype, clip_grad_norm, \
+                 param_gather or the optimizer's two-phase step (ShardedStep::agrees_before_commit) differs from \
                  this rank's on rank(s) {layout_differs:?}"
             );
             if let Some(first) = self.first_param_difference()? {
@@ -665,13 +725,25 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             None => owned,
             Some(max) => Ok(self.clip(owned, max, &has_grad)?),
         };
+        // With bf16 updates, the owned parameters before the step (a copy:
+        // the step writes the vars in place). A failure here is the owner
+        // step's, reported like it.
+        let (owned, before) = match self.config.param_gather {
+            ParamGather::Parameters => (owned, None),
+            ParamGather::Bf16Updates => {
+                match owned.and_then(|o| Ok((o, self.owned_f32()?.copy()?))) {
+                    Ok((o, b)) => (Ok(o), Some(b)),
+                    Err(e) => (Err(e), None),
+                }
+            }
+        };
         // 4. The owner's step (two-phase optimizers: agreed by every rank).
         let step_result = match self.owner_step(owned) {
             OwnerStep::Refused(e) => return Err(e),
             OwnerStep::Ran(result) => result,
         };
-        // 5. One all-gather of the owners' parameters and their status.
-        self.all_gather(step_result, who)?;
+        // 5. One all-gather of the owners' parameters (or updates) and their status.
+        self.all_gather(step_result, before, &has_grad, who)?;
         for (s, &n) in self.stepped.iter_mut().zip(&has_grad) {
             *s |= n > 0.0;
         }
@@ -826,34 +898,66 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         OwnerStep::Ran(result)
     }
 
-    /// Step 5: one all-gather of the owners' parameters, each rank's with a
-    /// status element (its step's error kind, or [`PACK_FAILED`]); every
-    /// rank writes the parameters it does not own. A failure anywhere is
-    /// the same error on every rank, and marks every rank broken.
-    fn all_gather(&mut self, step_result: Result<()>, who: String) -> Result<()> {
-        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+    /// This rank's owned parameters as a chunk of f32 (`chunk_len`
+    /// elements, zero-padded; may share storage with the vars).
+    fn owned_f32(&self) -> Result<Tensor> {
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        Ok(self
+            .plan
+            .pack_owned(self.comm.rank(), &values, DType::F32, &self.device)?)
+    }
+
+    /// Step 5: one all-gather of the owners' parameters (or, with
+    /// [`ParamGather::Bf16Updates`], of their updates since `before`, this
+    /// rank's owned parameters before the step), each rank's with a status
+    /// element (its step's error kind, or [`PACK_FAILED`]); every rank
+    /// writes the parameters it does not own (with updates: every parameter
+    /// some rank had a gradient for, its own included). A failure anywhere
+    /// is the same error on every rank, and marks every rank broken.
+    fn all_gather(
+        &mut self,
+        step_result: Result<()>,
+        before: Option<Tensor>,
+        has_grad: &[f32],
+        who: String,
+    ) -> Result<()> {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
         let cl = self.plan.chunk_len();
-        let (send, pack_error) =
-            match self
-                .plan
-                .pack_owned(rank, &values, self.param_dtype, &self.device)
-            {
-                Ok(c) => {
-                    let flag = step_result.as_ref().err().map_or(0.0, kind_code);
-                    let flag = Tensor::new(&[flag], &self.device)?.to_dtype(self.param_dtype)?;
-                    (Tensor::cat(&[&c, &flag], 0)?, None)
-                }
-                Err(e) => {
-                    let mut v = vec![0f32; cl + 1];
-                    v[cl] = PACK_FAILED;
-                    (
-                        Tensor::from_vec(v, cl + 1, &self.device)?.to_dtype(self.param_dtype)?,
-                        Some(e),
-                    )
-                }
-            };
-        let flags = match self.gather_and_write(&send) {
+        let updates = self.config.param_gather == ParamGather::Bf16Updates;
+        let dtype = if updates {
+            DType::BF16
+        } else {
+            self.param_dtype
+        };
+        let payload = match (&before, updates) {
+            (_, false) => {
+                let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+                Ok(self.plan.pack_owned(rank, &values, dtype, &self.device)?)
+            }
+            (Some(before), true) => self
+                .owned_f32()
+                .and_then(|after| Ok((after - before)?.to_dtype(dtype)?)),
+            (None, true) => Err(Error::device(
+                &who,
+                "the copy of the owned parameters before the step failed",
+            )),
+        };
+        let (send, pack_error) = match payload {
+            Ok(c) => {
+                let flag = step_result.as_ref().err().map_or(0.0, kind_code);
+                let flag = Tensor::new(&[flag], &self.device)?.to_dtype(dtype)?;
+                (Tensor::cat(&[&c, &flag], 0)?, None)
+            }
+            Err(e) => {
+                let mut v = vec![0f32; cl + 1];
+                v[cl] = PACK_FAILED;
+                (
+                    Tensor::from_vec(v, cl + 1, &self.device)?.to_dtype(dtype)?,
+                    Some(e),
+                )
+            }
+        };
+        let flags = match self.gather_and_write(&send, before.as_ref(), has_grad) {
             Ok(flags) => flags,
             Err(e) => {
                 // The owners have stepped (this rank's share at least) and
@@ -893,9 +997,16 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     }
 
     /// Step 5's collective: the all-gather of `send` (this rank's owned
-    /// parameters and status), then the other owners' parameters written
-    /// (those whose packing did not fail); returns every rank's status.
-    fn gather_and_write(&mut self, send: &Tensor) -> Result<Vec<f32>> {
+    /// parameters or updates, and status), then the parameters written
+    /// (those of owners whose packing did not fail); returns every rank's
+    /// status. With updates, `W ← W_old + ΔW` in f32 on every rank alike,
+    /// `W_old` the var (or, for this rank's own parameters, `before`).
+    fn gather_and_write(
+        &mut self,
+        send: &Tensor,
+        before: Option<&Tensor>,
+        has_grad: &[f32],
+    ) -> Result<Vec<f32>> {
         let (world, rank) = (self.comm.world_size(), self.comm.rank());
         let cl = self.plan.chunk_len();
         let gathered = self.coll().all_gather(send)?.reshape((world, cl + 1))?;
@@ -904,12 +1015,34 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let params = gathered.narrow(1, 0, cl)?.contiguous()?;
-        for (i, t) in self.plan.unpack(&params)?.into_iter().enumerate() {
+        let payload = gathered.narrow(1, 0, cl)?.contiguous()?;
+        let before: HashMap<usize, Tensor> = match before {
+            Some(b) => self.plan.unpack_owned(rank, b)?.into_iter().collect(),
+            None => HashMap::new(),
+        };
+        for (i, t) in self.plan.unpack(&payload)?.into_iter().enumerate() {
             let o = self.plan.owner(i);
-            if o != rank && flags[o] != PACK_FAILED {
-                let v = &self.vars[i];
-                v.set(&t.to_dtype(v.dtype())?)?;
+            if flags[o] == PACK_FAILED {
+                continue;
+            }
+            let v = &self.vars[i];
+            match self.config.param_gather {
+                ParamGather::Parameters if o != rank => v.set(&t.to_dtype(v.dtype())?)?,
+                ParamGather::Parameters => {}
+                ParamGather::Bf16Updates if has_grad[i] > 0.0 => {
+                    let old = if o == rank {
+                        before.get(&i).cloned().ok_or_else(|| {
+                            Error::device(
+                                self.who("step"),
+                                format!("no copy of owned parameter {i} before the step"),
+                            )
+                        })?
+                    } else {
+                        v.as_tensor().to_dtype(DType::F32)?
+                    };
+                    v.set(&(old + t.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?)?;
+                }
+                ParamGather::Bf16Updates => {}
             }
         }
         Ok(flags)

@@ -45,7 +45,7 @@ pub mod sharded;
 
 pub use checkpoint::{load_union, Manifest};
 pub use collective::{Collective, ReduceOp};
-pub use data_parallel::{DataParallel, DataParallelConfig, ShardedStep};
+pub use data_parallel::{DataParallel, DataParallelConfig, ParamGather, ShardedStep};
 pub use local::{LocalComm, LocalGroup};
 #[cfg(feature = "nccl")]
 pub use nccl::{LaunchEnv, NcclComm, NcclId};
