@@ -2,7 +2,8 @@
 //! parameters and gradients (the benches' model, `support/model.rs`: 1.78 M
 //! f32 parameters in 32 tensors), measured interleaved: each round times one
 //! step of every optimizer in turn, so a machine whose speed drifts (shared
-//! hosts do) slows all of them alike. Prints medians over rounds and
+//! hosts do) slows all of them alike, each step after the same settling
+//! (caches flushed, 2 ms idle: see `timed`). Prints medians over rounds and
 //! candle-nn's time over ours.
 //!
 //!     cargo bench --bench vs_candle_nn
@@ -26,8 +27,23 @@ use interleaved::{median, seconds};
 use steepest::optim::NamedVar;
 use steepest::{AdamW, AdamWConfig, Sgd, SgdConfig, WeightDecay};
 
-/// One step of `opt`, timed.
-fn timed(opt: &mut impl Optimizer, grads: &GradStore) -> Result<f64> {
+/// Bytes written before each timed step: twice this machine's 32 MiB L3,
+/// so that every step starts with the same cold cache.
+const SCRATCH_BYTES: usize = 64 << 20;
+
+/// One step of `opt`, timed, after the same settling for every optimizer:
+/// the caches filled with other (dirty) lines, then 2 ms idle. Without it a
+/// step pays for the one before it: measured on our SGD (medians of 60,
+/// 2026-12-01), 0.9–1.2 ms with the caches warm from its own previous step,
+/// 1.4–1.8 ms after `SCRATCH_BYTES` written, 2.3 ms right after
+/// candle-nn's SGD step and 1.2–1.6 ms after that step plus 5 ms idle (a
+/// transient left by the previous step's allocations and frees).
+fn timed(opt: &mut impl Optimizer, grads: &GradStore, scratch: &mut [u8]) -> Result<f64> {
+    for (i, x) in scratch.iter_mut().step_by(64).enumerate() {
+        *x = x.wrapping_add(i as u8);
+    }
+    std::hint::black_box(&scratch);
+    std::thread::sleep(std::time::Duration::from_millis(2));
     seconds(|| opt.step(grads))
 }
 
@@ -61,20 +77,21 @@ fn main() -> Result<()> {
         },
     )?;
 
+    let mut scratch = vec![0u8; SCRATCH_BYTES];
     // Warm-up: state allocated, thread pool and allocator warm.
     for _ in 0..3 {
-        timed(&mut cn_adamw, &g_cn_adamw)?;
-        timed(&mut adamw, &g_adamw)?;
-        timed(&mut cn_sgd, &g_cn_sgd)?;
-        timed(&mut sgd, &g_sgd)?;
+        timed(&mut cn_adamw, &g_cn_adamw, &mut scratch)?;
+        timed(&mut adamw, &g_adamw, &mut scratch)?;
+        timed(&mut cn_sgd, &g_cn_sgd, &mut scratch)?;
+        timed(&mut sgd, &g_sgd, &mut scratch)?;
     }
     let rounds = 60;
     let mut t = [const { Vec::new() }; 4];
     for _ in 0..rounds {
-        t[0].push(timed(&mut cn_adamw, &g_cn_adamw)?);
-        t[1].push(timed(&mut adamw, &g_adamw)?);
-        t[2].push(timed(&mut cn_sgd, &g_cn_sgd)?);
-        t[3].push(timed(&mut sgd, &g_sgd)?);
+        t[0].push(timed(&mut cn_adamw, &g_cn_adamw, &mut scratch)?);
+        t[1].push(timed(&mut adamw, &g_adamw, &mut scratch)?);
+        t[2].push(timed(&mut cn_sgd, &g_cn_sgd, &mut scratch)?);
+        t[3].push(timed(&mut sgd, &g_sgd, &mut scratch)?);
     }
     let [cn_a, a, cn_s, s] = t.map(median);
     println!(
