@@ -317,3 +317,26 @@ fn tiny_f32_gradients_are_measured_not_zero() {
         assert!((x / w - 1.0).abs() <= 1e-6, "{x:e} vs {w:e}");
     }
 }
+
+/// All-zero gradients have norm 0 (the rescaling path, taken because the
+/// sum of squares is 0, finds a largest entry of 0 and must not divide by
+/// it), are not an error, and are left as they are; with no gradient at all
+/// (vars that took no part in the loss) the norm is 0 too.
+#[test]
+fn zero_gradients_and_no_gradients_have_norm_zero() {
+    let (vars, grads, _) = setup(0.0);
+    for v in &vars[..3] {
+        assert!(grad_values(&grads, v).iter().all(|&x| x == 0.0));
+    }
+    assert_eq!(grad_norm(&grads, &vars).unwrap(), 0.0);
+    let mut grads = grads;
+    assert_eq!(clip_grad_norm(&mut grads, &vars, 1.0).unwrap(), 0.0);
+    for v in &vars[..3] {
+        assert!(grad_values(&grads, v).iter().all(|&x| x == 0.0));
+    }
+    // No var has a gradient: the store of an unrelated loss.
+    let other = Var::new(&[1f32, 2.], &Device::Cpu).unwrap();
+    let mut grads = other.as_tensor().sum_all().unwrap().backward().unwrap();
+    assert_eq!(grad_norm(&grads, &vars).unwrap(), 0.0);
+    assert_eq!(clip_grad_norm(&mut grads, &vars, 1.0).unwrap(), 0.0);
+}

@@ -309,3 +309,159 @@ fn equal_top_singular_values_shrink_one_direction_of_the_top_subspace() {
         assert!((g - w).abs() < 1e-9, "{after:?} vs {want:?}");
     }
 }
+
+/// Two matrices of one shape share a batched power iteration: each is
+/// decayed along its own top singular triplet (checked per matrix against
+/// its f64 SVD), not along another member's.
+#[test]
+fn same_shape_matrices_each_lose_their_own_top_direction() {
+    let (lr, lambda) = (0.5, 0.2);
+    let mut r = rng(27);
+    let ws: Vec<DMatrix<f64>> = (0..3)
+        .map(|_| with_singular_values(&mut r, 6, 4, &S))
+        .collect();
+    let vars: Vec<Var> = ws
+        .iter()
+        .map(|w| Var::from_tensor(&from_dmatrix(w, DType::F64)).unwrap())
+        .collect();
+    let named = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| NamedVar {
+            name: format!("w{i}"),
+            var: v.clone(),
+        })
+        .collect();
+    let mut opt = Sgd::from_named(
+        named,
+        SgdConfig {
+            lr,
+            weight_decay: WeightDecay::Spectral { lambda, iters: 60 },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let loss = vars
+        .iter()
+        .map(zero_loss)
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    opt.backward_step(&loss).unwrap();
+    for (w, v) in ws.iter().zip(&vars) {
+        assert_only_top_shrunk(w, &to_dmatrix(v.as_tensor()), lr * lambda, 1e-9);
+    }
+}
+
+/// The cold start (no stored `v₁` yet) uses the power iteration's default
+/// start, not an all-ones vector: on a matrix whose columns come in pairs
+/// `(a, −a)`, `W·1 = 0` holds exactly in floating point (every product with
+/// an all-ones start cancels to 0, so such a start finds σ = 0 and decays
+/// nothing), while the default start finds σ₁ within the cold start's
+/// iterations: σ₁ shrinks by `1 − ηλ`, σ₂ stays (checked by f64 SVD).
+#[test]
+fn cold_start_finds_sigma1_when_all_ones_is_in_the_null_space() {
+    let (lr, lambda) = (0.1, 0.5);
+    let mut r = rng(28);
+    let a = with_singular_values(&mut r, 8, 2, &[4.0, 2.0]);
+    let w = DMatrix::from_fn(8, 4, |i, j| {
+        let x = a[(i, j / 2)];
+        if j % 2 == 0 {
+            x
+        } else {
+            -x
+        }
+    });
+    let before = singular_values(&w);
+    let var = Var::from_tensor(&from_dmatrix(&w, DType::F64)).unwrap();
+    let ones = Tensor::ones(4, DType::F64, &Device::Cpu).unwrap();
+    let wx = var.as_tensor().matmul(&ones.unsqueeze(1).unwrap()).unwrap();
+    assert!(to_f64_vec(&wx).iter().all(|&x| x == 0.0), "W·1 = 0 exactly");
+    let mut opt = Sgd::from_named(
+        vec![NamedVar {
+            name: "w".into(),
+            var: var.clone(),
+        }],
+        SgdConfig {
+            lr,
+            weight_decay: WeightDecay::spectral(lambda),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.backward_step(&zero_loss(&var)).unwrap();
+    let s = singular_values(&to_dmatrix(var.as_tensor()));
+    let sigma1 = before[0] * (1.0 - lr * lambda);
+    assert!(
+        (s[0] - sigma1).abs() < 1e-4 * sigma1,
+        "σ₁ = {}, expected {sigma1} (before: {before:?})",
+        s[0]
+    );
+    assert!(
+        (s[1] - before[1]).abs() < 1e-4,
+        "σ₂ moved from {} to {}",
+        before[1],
+        s[1]
+    );
+}
+
+/// A checkpoint whose spectral decay hyperparameters are invalid (`iters`
+/// set to 0 in its header: `v₁` would never be refreshed) is refused as a
+/// checkpoint error naming `iters`, as the same settings are at
+/// construction; the untouched checkpoint loads.
+#[test]
+fn a_checkpoint_with_invalid_decay_settings_is_refused() {
+    use steepest::OptimizerState;
+    fn zero_iters(v: &mut serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Object(o) => o
+                .iter_mut()
+                .map(|(k, x)| {
+                    if k == "iters" {
+                        *x = serde_json::json!(0);
+                        1
+                    } else {
+                        zero_iters(x)
+                    }
+                })
+                .sum(),
+            serde_json::Value::Array(a) => a.iter_mut().map(zero_iters).sum(),
+            _ => 0,
+        }
+    }
+    let mut r = rng(29);
+    let w = with_singular_values(&mut r, 6, 4, &S);
+    let make = |var: &Var| {
+        Sgd::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            SgdConfig {
+                lr: 0.1,
+                weight_decay: WeightDecay::spectral(0.5),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let var = Var::from_tensor(&from_dmatrix(&w, DType::F64)).unwrap();
+    let mut opt = make(&var);
+    opt.backward_step(&zero_loss(&var)).unwrap();
+    let good = opt.state_dict().unwrap();
+    let mut edited = 0;
+    let bad = with_header(&good, |h| {
+        for part in h["body"]["partitions"].as_array_mut().unwrap() {
+            for t in part["transforms"].as_array_mut().unwrap() {
+                if t["kind"] == "decay" {
+                    edited += zero_iters(&mut t["hparams"]);
+                }
+            }
+        }
+    });
+    assert_eq!(edited, 1, "one decay transform with `iters`");
+    let mut fresh = make(&var);
+    let e = fresh.load_state_dict(&bad).unwrap_err();
+    assert!(matches!(e, steepest::Error::Checkpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("iters"), "{e}");
+    fresh.load_state_dict(&good).unwrap();
+}

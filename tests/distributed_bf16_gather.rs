@@ -515,3 +515,234 @@ fn crate_optimizers_stay_in_agreement_and_within_the_rounding_of_their_path() {
         }
     }
 }
+
+/// SGD `w ← w − η·g`, computed in f32 and stored in each parameter's dtype
+/// (the stand-in `MomentumSgd` takes f32 parameters only).
+struct CastSgd {
+    vars: Vec<Var>,
+    lr: f64,
+}
+
+impl ShardedStep for CastSgd {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> steepest::Result<()> {
+        for (i, g) in grads {
+            let v = &self.vars[*i];
+            let w = (v.as_tensor().to_dtype(DType::F32)? - (g.to_dtype(DType::F32)? * self.lr)?)?;
+            v.set(&w.to_dtype(v.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Mixed dtypes (an f32 matrix, a bf16 and an f16 one) on 2 ranks, with
+/// either gather. `Bf16Updates` is accepted (only all-bf16 parameters are
+/// refused), and after every step each rank's parameters equal, bit for
+/// bit, a single-process run followed on the host by
+/// `W ← dtype(f32(W_old) + bf16(f32(W_new) − f32(W_old)))` — the update
+/// rounded to bf16 but added in f32 and rounded once to the parameter's
+/// dtype. The f32 matrix is the whole of rank 0's chunk (no padding), so
+/// its packed copy may share the var's storage: the `before` snapshot must
+/// be a copy, or the owner would see a zero update. Non-owners read `W_old`
+/// of the bf16/f16 parameters from their vars (converted to f32). With
+/// `Parameters` the gather is f32 (not every parameter is bf16), so every
+/// rank equals the single-process run exactly.
+#[test]
+fn mixed_dtypes_follow_the_reference_bit_for_bit() {
+    let shapes = vec![vec![4, 4], vec![2, 4], vec![2, 4]];
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let lr = 1e-3;
+    let steps = 4;
+    let make = || -> Vec<Var> {
+        make_vars(&shapes, 1)
+            .iter()
+            .zip(dtypes)
+            .map(|(v, dt)| Var::from_tensor(&v.as_tensor().to_dtype(dt).unwrap()).unwrap())
+            .collect()
+    };
+    let world = 2;
+    for gather in [ParamGather::Parameters, ParamGather::Bf16Updates] {
+        let outs = LocalGroup::run(world, |comm| {
+            let rank = comm.rank();
+            let vars = make();
+            let opt = CastSgd {
+                vars: vars.clone(),
+                lr,
+            };
+            let cfg = DataParallelConfig {
+                param_gather: gather,
+                ..Default::default()
+            };
+            let mut dp = DataParallel::new(comm, named_p(&vars), opt, cfg)?;
+            let layout = (dp.owned().to_vec(), dp.plan().chunk_len());
+            let mut history = vec![params_host(&vars)];
+            for step in 0..steps {
+                let g: Vec<Option<Tensor>> = (0..shapes.len())
+                    .map(|i| Some(grad(step, rank, i, &shapes[i])))
+                    .collect();
+                dp.step_grads(&g)?;
+                history.push(params_host(&vars));
+            }
+            Ok((layout, history))
+        })
+        .unwrap();
+        let outs: Vec<_> = outs.into_iter().map(|r| r.unwrap()).collect();
+        // The layout this test relies on: rank 0 owns the f32 matrix alone.
+        assert!(
+            outs.iter()
+                .any(|((owned, chunk), _)| owned == &[0] && *chunk == 16),
+            "layouts {:?}",
+            outs.iter().map(|o| &o.0).collect::<Vec<_>>()
+        );
+        // The reference.
+        let vars = make();
+        let mut opt = CastSgd {
+            vars: vars.clone(),
+            lr,
+        };
+        let mut want = vec![params_host(&vars)];
+        for step in 0..steps {
+            let old = params_host(&vars);
+            let list: Vec<(usize, Tensor)> = (0..shapes.len())
+                .map(|i| {
+                    let per: Vec<Option<Tensor>> = (0..world)
+                        .map(|r| Some(grad(step, r, i, &shapes[i])))
+                        .collect();
+                    let g = rank_order_avg(&per, &shapes[i], false);
+                    (i, g.to_dtype(dtypes[i]).unwrap())
+                })
+                .collect();
+            opt.step_subset(&list).unwrap();
+            if gather == ParamGather::Bf16Updates {
+                for (i, v) in vars.iter().enumerate() {
+                    let new = host(v.as_tensor());
+                    let applied: Vec<f32> = old[i]
+                        .iter()
+                        .zip(&new)
+                        .map(|(&w0, &w1)| w0 + bf16::from_f32(w1 - w0).to_f32())
+                        .collect();
+                    let t = Tensor::from_vec(applied, shapes[i].as_slice(), &Device::Cpu).unwrap();
+                    v.set(&t.to_dtype(dtypes[i]).unwrap()).unwrap();
+                }
+            }
+            want.push(params_host(&vars));
+        }
+        for (r, (_, history)) in outs.iter().enumerate() {
+            for (step, (got, want)) in history.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    bits_of(got),
+                    bits_of(want),
+                    "{gather:?}: rank {r}, after step {step}"
+                );
+            }
+        }
+        // Every parameter moved (a zero update would pass the comparison only
+        // if the reference did not move either).
+        for (i, (w0, w1)) in want[0].iter().zip(&want[steps]).enumerate() {
+            assert_ne!(bits(w0), bits(w1), "param {i} moved");
+        }
+    }
+}
+
+/// A parameter without a gradient on any rank is not touched, to the bit:
+/// `−0.0` stays `−0.0` (adding its zero update, `−0 + +0 = +0`, would not
+/// keep it).
+#[test]
+fn parameters_without_a_gradient_keep_their_bits() {
+    let shapes = vec![vec![3, 4], vec![3, 4]];
+    let outs = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_vars(&shapes, 1);
+        let zeros = Tensor::new(&[-0.0f32; 12], &Device::Cpu)?.reshape((3, 4))?;
+        vars[1].set(&zeros)?;
+        let start = params_host(&vars);
+        let opt = MomentumSgd::new(vars.clone());
+        let cfg = DataParallelConfig {
+            param_gather: ParamGather::Bf16Updates,
+            ..Default::default()
+        };
+        let mut dp = DataParallel::new(comm, named_p(&vars), opt, cfg)?;
+        dp.step_grads(&[Some(grad(0, rank, 0, &shapes[0])), None])?;
+        Ok((start, params_host(&vars)))
+    })
+    .unwrap();
+    for (r, out) in outs.into_iter().enumerate() {
+        let (start, end) = out.unwrap();
+        assert_ne!(bits(&start[0]), bits(&end[0]), "rank {r}: param 0 moved");
+        assert_eq!(bits(&start[1]), bits(&end[1]), "rank {r}: param 1 touched");
+    }
+}
+
+/// A collective whose reduce-scatter fails on one rank (after taking part).
+struct ScatterFails {
+    comm: LocalComm,
+    rank: usize,
+}
+
+impl Collective for ScatterFails {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.comm.all_reduce(x, op)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let out = self.comm.reduce_scatter(x, op)?;
+        if self.comm.rank() == self.rank {
+            return Err(candle_core::Error::Msg(
+                "injected reduce-scatter fault".into(),
+            ));
+        }
+        Ok(out)
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.comm.all_gather(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.comm.broadcast(x, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.comm.barrier()
+    }
+}
+
+/// A rank whose reduce-scatter fails has no gradients and no `before` copy:
+/// it sends the "packing failed" status, which every rank (that rank
+/// included) reports as the same failure of that rank; nobody writes its
+/// parameters (they keep their bits everywhere), the other owner's rounded
+/// updates are applied everywhere, and the ranks agree bit for bit.
+#[test]
+fn a_failed_reduce_scatter_is_reported_alike_and_leaves_the_ranks_in_agreement() {
+    let shapes = shapes();
+    let out = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_vars(&shapes, 1);
+        let start = params_host(&vars);
+        let opt = MomentumSgd::new(vars.clone());
+        let cfg = DataParallelConfig {
+            param_gather: ParamGather::Bf16Updates,
+            ..Default::default()
+        };
+        let comm = ScatterFails { comm, rank: 1 };
+        let mut dp = DataParallel::new(comm, named_p(&vars), opt, cfg)?;
+        let owned = dp.owned().to_vec();
+        let g: Vec<Option<Tensor>> = (0..shapes.len())
+            .map(|i| Some(grad(0, rank, i, &shapes[i])))
+            .collect();
+        let e = dp.step_grads(&g).map_err(|e| e.to_string());
+        Ok((owned, e, start, params_host(&vars)))
+    })
+    .unwrap();
+    let out: Vec<_> = out.into_iter().map(|r| r.unwrap()).collect();
+    for (r, (_, e, start, params)) in out.iter().enumerate() {
+        let e = e.as_ref().expect_err("rank 1's reduce-scatter failed");
+        assert!(e.contains("failed on rank(s) [1]"), "rank {r}: {e}");
+        assert_eq!(bits_of(params), bits_of(&out[0].3), "rank {r} differs");
+        for i in 0..shapes.len() {
+            let moved = bits(&start[i]) != bits(&params[i]);
+            assert_eq!(moved, out[0].0.contains(&i), "rank {r}, param {i}");
+        }
+    }
+}

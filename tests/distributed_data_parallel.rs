@@ -509,6 +509,100 @@ fn different_parameter_lists_are_refused_at_construction_on_every_rank() {
     }
 }
 
+/// A parameter whose dtype differs across ranks (bf16 on rank 1, f32 on
+/// rank 0; same names and shapes) is refused at construction on every rank,
+/// naming the parameter: its packing, and so the collectives, would differ.
+#[test]
+fn a_parameter_dtype_that_differs_across_ranks_is_refused_at_construction() {
+    let out = LocalGroup::run(2, |comm| {
+        let mut vars = make_vars(&mixed_shapes(), 1);
+        if comm.rank() == 1 {
+            vars[2] = Var::from_tensor(&vars[2].as_tensor().to_dtype(DType::BF16)?)?;
+        }
+        let named = named_p(&vars);
+        DataParallel::new(
+            comm,
+            named,
+            MomentumSgd::new(vars),
+            DataParallelConfig::default(),
+        )
+        .map(|_| ())
+    })
+    .unwrap();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        assert!(e.contains("differs from this rank's"), "rank {r}: {e}");
+        assert!(
+            e.contains("the first difference is parameter 2"),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+/// Ranks that disagree on `grad_dtype` would reduce-scatter buffers of
+/// different dtypes (and sizes in bytes): refused at construction on every
+/// rank, naming the option.
+#[test]
+fn a_grad_dtype_that_differs_across_ranks_is_refused_at_construction() {
+    let out = LocalGroup::run(2, |comm| {
+        let vars = make_vars(&mixed_shapes(), 1);
+        let named = named_p(&vars);
+        let cfg = DataParallelConfig {
+            grad_dtype: if comm.rank() == 0 {
+                DType::F32
+            } else {
+                DType::BF16
+            },
+            ..Default::default()
+        };
+        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
+    })
+    .unwrap();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("grad_dtype") && e.contains("differs from this rank's"),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+/// [`MomentumSgd`] that declares a two-phase step (and implements it: the
+/// default `step_subset_agreed` is enough for a step that cannot fail).
+struct TwoPhase(MomentumSgd);
+
+impl ShardedStep for TwoPhase {
+    fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> steepest::Result<()> {
+        self.0.step_subset(grads)
+    }
+    fn agrees_before_commit(&self) -> bool {
+        true
+    }
+}
+
+/// An optimizer with a two-phase step on one rank only (the same settings,
+/// here none, on both) would issue the agreement's all-reduce on that rank
+/// alone: refused at construction on every rank.
+#[test]
+fn a_two_phase_step_on_some_ranks_only_is_refused_at_construction() {
+    let out = LocalGroup::run(2, |comm| {
+        let vars = make_vars(&mixed_shapes(), 1);
+        let named = named_p(&vars);
+        let cfg = DataParallelConfig::default();
+        let opt: Box<dyn ShardedStep + Send> = if comm.rank() == 0 {
+            Box::new(TwoPhase(MomentumSgd::new(vars)))
+        } else {
+            Box::new(MomentumSgd::new(vars))
+        };
+        DataParallel::new(comm, named, opt, cfg).map(|_| ())
+    })
+    .unwrap();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        assert!(e.contains("two-phase step"), "rank {r}: {e}");
+    }
+}
+
 /// y = W₂ relu(W₁ x + b₁), squared error; each rank's micro-batch from its seed.
 fn mlp_loss(vars: &[Var], step: usize, rank: usize) -> Result<Tensor> {
     // Inputs and targets of magnitude ≤ 1, so plain SGD does not diverge.

@@ -856,9 +856,29 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
     for res in out {
         let e = res.unwrap_err().to_string();
         assert!(
-            e.contains("clip_grad_norm or the optimizer's two-phase step"),
+            e.contains("clip_grad_norm, param_gather or the optimizer's two-phase step"),
             "{e}"
         );
+    }
+}
+
+/// Ranks that both clip, but to different norms, would scale their owned
+/// gradients differently with every collective still matching: refused at
+/// construction on every rank (the clipping value, not only whether there
+/// is one, is part of the layout the ranks agree on).
+#[test]
+fn different_clip_values_across_ranks_are_refused_at_construction() {
+    let out = LocalGroup::run(2, |comm| {
+        let cfg = DataParallelConfig {
+            clip_grad_norm: Some(if comm.rank() == 0 { 1.0 } else { 2.0 }),
+            ..Default::default()
+        };
+        DataParallel::for_optimizer(comm, muon(make_named(&model(), 1)), cfg).map(|_| ())
+    })
+    .unwrap();
+    for res in out {
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("clip_grad_norm"), "{e}");
     }
 }
 

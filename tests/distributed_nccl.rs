@@ -2,7 +2,8 @@
 //! one GPU, so this is what a one-GPU device session can run: the collectives'
 //! shapes, dtypes and values (identities at N = 1), the id's file and
 //! environment paths, and `DataParallel` against the single-process stand-in
-//! optimizer, bit for bit.
+//! optimizer, bit for bit (gathering parameters, or bf16 updates against a
+//! host-rounded reference).
 //!
 //! Build (no GPU needed): `source /opt/cuda-13.0/env.sh && source
 //! /opt/nccl-2.30/env.sh && CARGO_TARGET_DIR=target-cuda cargo test --features
@@ -15,7 +16,8 @@ mod distributed_support;
 use candle_core::{DType, Device, Tensor, Var};
 use distributed_support::{bits, grad, host, rank_order_avg, MomentumSgd};
 use steepest::distributed::{
-    Collective, DataParallel, DataParallelConfig, NcclComm, NcclId, ReduceOp, ShardedStep,
+    Collective, DataParallel, DataParallelConfig, NcclComm, NcclId, ParamGather, ReduceOp,
+    ShardedStep,
 };
 
 fn gpu() -> Device {
@@ -117,7 +119,11 @@ fn data_parallel_on_one_gpu_equals_the_single_process_optimizer() {
             })
             .collect()
     };
-    for grad_dtype in [DType::F32, DType::BF16] {
+    for (grad_dtype, gather) in [
+        (DType::F32, ParamGather::Parameters),
+        (DType::BF16, ParamGather::Parameters),
+        (DType::F32, ParamGather::Bf16Updates),
+    ] {
         let vars = make();
         let comm = NcclComm::new(&dev, 0, 1, &NcclId::new().unwrap()).unwrap();
         let named = vars
@@ -127,6 +133,7 @@ fn data_parallel_on_one_gpu_equals_the_single_process_optimizer() {
             .collect();
         let cfg = DataParallelConfig {
             grad_dtype,
+            param_gather: gather,
             ..Default::default()
         };
         let mut dp = DataParallel::new(comm, named, MomentumSgd::new(vars.clone()), cfg).unwrap();
@@ -148,13 +155,26 @@ fn data_parallel_on_one_gpu_equals_the_single_process_optimizer() {
                     (i, avg.to_device(&dev).unwrap())
                 })
                 .collect();
+            let old: Vec<Vec<f32>> = ref_vars.iter().map(|v| host(v.as_tensor())).collect();
             reference.step_subset(&list).unwrap();
+            if gather == ParamGather::Bf16Updates {
+                // The update rounded to bf16 on the host, added in f32.
+                for (v, w0) in ref_vars.iter().zip(&old) {
+                    let w: Vec<f32> = w0
+                        .iter()
+                        .zip(host(v.as_tensor()))
+                        .map(|(&a, b)| a + half::bf16::from_f32(b - a).to_f32())
+                        .collect();
+                    v.set(&Tensor::from_vec(w, v.dims(), &dev).unwrap())
+                        .unwrap();
+                }
+            }
         }
         for (i, (a, b)) in vars.iter().zip(&ref_vars).enumerate() {
             assert_eq!(
                 bits(&host(a.as_tensor())),
                 bits(&host(b.as_tensor())),
-                "{grad_dtype:?} param {i}"
+                "{grad_dtype:?} {gather:?} param {i}"
             );
         }
         // A NaN is refused and changes nothing.

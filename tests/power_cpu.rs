@@ -221,3 +221,33 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
     let e = members(&[], &[], 1).unwrap_err().to_string();
     assert!(e.contains("no matrices"), "{e}");
 }
+
+/// A matrix so small (entries ~1e-12) that the f32 norm of its Gram
+/// product (`‖WᵀW x‖² ~ 1e-48`) underflows to zero while `‖W x‖` does not:
+/// each iteration's renormalisation then keeps the previous iterate (for a
+/// wide matrix the image `W v₀` of the start, not the default vector), as
+/// the generic path does — checked against it, tall and wide, with σ > 0
+/// and unit vectors.
+#[test]
+fn an_underflowing_gram_product_keeps_the_iterate_as_the_generic_path_does() {
+    let mut r = rng(323);
+    for (m, n) in [(9, 4), (4, 9)] {
+        let w = (randn(&mut r, &[m, n], DType::F64) * 1e-12)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let start = randn(&mut r, &[n], DType::F32);
+        for (iters, s) in [(1, None), (3, None), (2, Some(&start))] {
+            let what = format!("tiny ({m}, {n}) iters {iters} start {}", s.is_some());
+            let want = with_generic_ops(|| power_iteration(&w, s, iters)).unwrap();
+            let got = power_iteration(&w, s, iters).unwrap();
+            compare(&what, &want, &got, false);
+            let sigma = to_f64_vec(&got.sigma)[0];
+            assert!(sigma.is_finite() && sigma > 0.0, "{what}: σ {sigma:e}");
+            for x in [&got.u, &got.v] {
+                let norm = to_f64_vec(x).iter().map(|a| a * a).sum::<f64>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-5, "{what}: ‖·‖ = {norm}");
+            }
+        }
+    }
+}

@@ -531,3 +531,67 @@ fn decay_shape_factors_clamp_their_argument() {
         }
     }
 }
+
+/// A `Scheduled` checkpoint that is refused changes nothing: a negative
+/// step counter (not wrapped to a huge `usize`) is a checkpoint error, and
+/// a checkpoint whose inner optimizer state is refused (a momentum buffer
+/// of the wrong shape) leaves the step counter where it was — the counter
+/// is set only after the inner load succeeded. The good checkpoint then
+/// loads.
+#[test]
+fn a_refused_scheduled_checkpoint_leaves_the_step_counter() {
+    use std::collections::HashMap;
+    use steepest::optim::OptimizerState;
+    use steepest::schedule::SCHEDULE_STEP_KEY;
+    let w = Var::from_vec(vec![0.5f64, -1.0], 2, &Device::Cpu).unwrap();
+    let make = || {
+        let sgd = Sgd::new(
+            vec![w.clone()],
+            SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: WeightDecay::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Scheduled::new(sgd, Schedule::cosine(0.4, 0.0, 10).unwrap())
+    };
+    let mut drv = make();
+    for _ in 0..2 {
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        drv.backward_step(&loss).unwrap();
+    }
+    let good = drv.state_dict().unwrap();
+    let mut fresh = make();
+    fresh.set_step(5);
+
+    let mut negative = good.clone();
+    negative.insert(
+        SCHEDULE_STEP_KEY.into(),
+        Tensor::new(-1i64, &Device::Cpu).unwrap(),
+    );
+    let e = fresh.load_state_dict(&negative).unwrap_err();
+    assert!(matches!(e, steepest::Error::Checkpoint { .. }), "{e}");
+    assert_eq!(fresh.current_step(), 5);
+
+    // The inner optimizer's buffers: the entries shaped like `w`.
+    let buffers: Vec<String> = good
+        .iter()
+        .filter(|(_, t)| t.dims() == [2])
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(!buffers.is_empty(), "keys {:?}", good.keys());
+    let mut bad: HashMap<String, Tensor> = good.clone();
+    for k in &buffers {
+        bad.insert(
+            k.clone(),
+            Tensor::zeros(7, candle_core::DType::F64, &Device::Cpu).unwrap(),
+        );
+    }
+    assert!(fresh.load_state_dict(&bad).is_err());
+    assert_eq!(fresh.current_step(), 5);
+
+    fresh.load_state_dict(&good).unwrap();
+    assert_eq!(fresh.current_step(), 2);
+}
