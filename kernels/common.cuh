@@ -77,6 +77,37 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return scratch[STEEPEST_BLOCK];
 }
 
+// Largest value over the block, as `block_sum` (same scratch, same two
+// barriers); fmaxf ignores NaN.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = scratch[threadIdx.x];
+        for (unsigned w = 1; w < STEEPEST_WARPS; ++w) t = fmaxf(t, scratch[threadIdx.x + 32 * w]);
+        for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+        if (threadIdx.x == 0) scratch[STEEPEST_BLOCK] = t;
+    }
+    __syncthreads();
+    return scratch[STEEPEST_BLOCK];
+}
+
+// ‖y‖ of the k floats at y, over the block: scaled by the largest magnitude
+// first (d = max(max|yᵢ|, tiny), ‖y‖ = d·‖y/d‖), so that neither the squares
+// nor their sum under- or overflow (the generic path's `norm_keepdim`); NaN
+// when y is not finite. Every thread gets the result.
+__device__ __forceinline__ float block_norm(const float* y, unsigned k, float* scratch) {
+    float m = 0.0f;
+    for (unsigned e = threadIdx.x; e < k; e += blockDim.x) m = fmaxf(m, fabsf(y[e]));
+    float d = fmaxf(block_max(m, scratch), STEEPEST_TINY);
+    float ss = 0.0f;
+    for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
+        float q = y[e] / d;  // NaN for a NaN, and for an Inf (d = Inf then)
+        ss += q * q;
+    }
+    return sqrtf(block_sum(ss, scratch)) * d;
+}
+
 // One tensor of a multi-tensor launch. The pointers mean, per family:
 //   adamw: p0 = w (P), p1 = g (P), p2 = m (f32), p3 = v (f32)
 //   sgd:   p0 = w (P), p1 = g (P), p2 = momentum buffer (f32) or 0

@@ -12,7 +12,7 @@
 // Launch sequence (src/device/launch/power.rs `power_iteration`): `power_start`
 // (the start vector, or the default one), then per iteration `power_gram`
 // (accumulate G x into y) and `power_normalize` (x ← y/‖y‖, or keep x when
-// y = 0; clears y), and a last `power_gram` in DOT mode for W v (or Wᵀ u)
+// ‖y‖ is 0 or not finite; clears y; norms scaled by max|yᵢ|, `block_norm`), and a last `power_gram` in DOT mode for W v (or Wᵀ u)
 // with `power_normalize` writing σ₁; for a group's state vectors,
 // `power_store` writes v₁ back where the starts came from.
 
@@ -32,25 +32,14 @@ STEEPEST_KERNEL void power_start(const u64* starts, const float* dflt, float* x,
     __shared__ float scratch[STEEPEST_SCRATCH];
     unsigned bi = blockIdx.x;
     const float* s = starts ? reinterpret_cast<const float*>(starts[bi]) : nullptr;
-    float fin = 0.0f, ss = 0.0f, dd = 0.0f;
-    for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
-        float d = dflt[e];
-        dd += d * d;
-        if (s) {
-            float v = s[e];
-            fin += v - v;
-            ss += v * v;
-        }
-    }
-    fin = block_sum(fin, scratch);
-    ss = block_sum(ss, scratch);
-    dd = block_sum(dd, scratch);
-    bool usable = s && fin == 0.0f && sqrtf(ss) > 0.0f;
-    float nrm = usable ? sqrtf(ss) : sqrtf(dd);
+    // NaN when the start is not finite; > 0 when it is finite and not all zero.
+    float ns = s ? block_norm(s, k, scratch) : 0.0f;
+    bool usable = s && ns > 0.0f;
+    const float* chosen = usable ? s : dflt;
+    float nrm = usable ? ns : block_norm(dflt, k, scratch);
     float* out = x + u64(bi) * k;
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
-        float chosen = usable ? s[e] : dflt[e];
-        out[e] = nrm > 0.0f ? chosen / fmaxf(nrm, STEEPEST_TINY) : dflt[e];
+        out[e] = nrm > 0.0f ? chosen[e] / fmaxf(nrm, STEEPEST_TINY) : dflt[e];
     }
 }
 STEEPEST_EMU_EXPORT(power_start)
@@ -181,9 +170,7 @@ STEEPEST_KERNEL void power_normalize(float* y, float* x, const float* keep, unsi
     unsigned bi = blockIdx.x;
     float* yb = y + u64(bi) * k;
     float* xb = x + u64(bi) * k;
-    float ss = 0.0f;
-    for (unsigned e = threadIdx.x; e < k; e += blockDim.x) ss += yb[e] * yb[e];
-    float nrm = sqrtf(block_sum(ss, scratch));
+    float nrm = block_norm(yb, k, scratch);
     float div = fmaxf(nrm, STEEPEST_TINY);
     const float* kb = keep ? keep + u64(bi) * keep_stride : nullptr;
     // Each thread reads and writes only its own elements: x, y and keep may alias.

@@ -222,31 +222,51 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
     assert!(e.contains("no matrices"), "{e}");
 }
 
-/// A matrix so small (entries ~1e-12) that the f32 norm of its Gram
-/// product (`‖WᵀW x‖² ~ 1e-48`) underflows to zero while `‖W x‖` does not:
-/// each iteration's renormalisation then keeps the previous iterate (for a
-/// wide matrix the image `W v₀` of the start, not the default vector), as
-/// the generic path does — checked against it, tall and wide, with σ > 0
-/// and unit vectors.
+/// The scales a power iteration meets, f32 (σ₁ ≈ 1.3–2.5 × the scale here).
+pub const SCALES: [f64; 11] = [
+    1e-30, 1e-24, 1e-18, 1e-12, 1e-6, 1.0, 1e6, 1e10, 1e15, 1e18, 1e30,
+];
+
+/// Scale equivariance, `σ(sW) = s·σ(W)` with the same `u`, `v`: every norm
+/// is taken after dividing by the largest magnitude, so for
+/// `10⁻¹⁸ ≲ s ≲ 10¹⁸` (the Gram product `~σ₁²` representable in f32) both
+/// paths give the scale-1 result up to rounding (σ/s to 1e-5, vectors to
+/// 1e-4), tall and wide, with and without a start. Beyond that range the
+/// Gram product under- or overflows and the iterations keep their vector,
+/// but σ is still positive and finite and `u`, `v` unit — and the two paths
+/// still agree. (Before the scaling, σ came out 0 with `u = v = 0` at
+/// s = 1e10, and the iterations stalled from s ≈ 1e-10 down.)
 #[test]
-fn an_underflowing_gram_product_keeps_the_iterate_as_the_generic_path_does() {
+fn every_scale_gives_the_scaled_result_on_both_paths() {
     let mut r = rng(323);
-    for (m, n) in [(9, 4), (4, 9)] {
-        let w = (randn(&mut r, &[m, n], DType::F64) * 1e-12)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
+    for (m, n) in [(9, 4), (4, 9), (1, 6), (6, 1)] {
+        let w1 = randn(&mut r, &[m, n], DType::F64);
         let start = randn(&mut r, &[n], DType::F32);
-        for (iters, s) in [(1, None), (3, None), (2, Some(&start))] {
-            let what = format!("tiny ({m}, {n}) iters {iters} start {}", s.is_some());
-            let want = with_generic_ops(|| power_iteration(&w, s, iters)).unwrap();
-            let got = power_iteration(&w, s, iters).unwrap();
-            compare(&what, &want, &got, false);
-            let sigma = to_f64_vec(&got.sigma)[0];
-            assert!(sigma.is_finite() && sigma > 0.0, "{what}: σ {sigma:e}");
-            for x in [&got.u, &got.v] {
-                let norm = to_f64_vec(x).iter().map(|a| a * a).sum::<f64>().sqrt();
-                assert!((norm - 1.0).abs() < 1e-5, "{what}: ‖·‖ = {norm}");
+        for (iters, st) in [(10, None), (3, Some(&start))] {
+            let one = power_iteration(&w1.to_dtype(DType::F32).unwrap(), st, iters).unwrap();
+            let sigma1 = to_f64_vec(&one.sigma)[0];
+            for scale in SCALES {
+                let what = format!(
+                    "({m}, {n}) iters {iters} start {} scale {scale:e}",
+                    st.is_some()
+                );
+                let w = (&w1 * scale).unwrap().to_dtype(DType::F32).unwrap();
+                let want = with_generic_ops(|| power_iteration(&w, st, iters)).unwrap();
+                let got = power_iteration(&w, st, iters).unwrap();
+                compare(&what, &want, &got, false);
+                let sigma = to_f64_vec(&got.sigma)[0];
+                assert!(sigma.is_finite() && sigma > 0.0, "{what}: σ {sigma:e}");
+                for x in [&got.u, &got.v] {
+                    let norm = to_f64_vec(x).iter().map(|a| a * a).sum::<f64>().sqrt();
+                    assert!((norm - 1.0).abs() < 1e-5, "{what}: ‖·‖ = {norm}");
+                }
+                if (1e-18..=1e18).contains(&scale) {
+                    let rel = (sigma / scale - sigma1).abs() / sigma1;
+                    assert!(rel < 1e-5, "{what}: σ/s {} vs {sigma1}", sigma / scale);
+                    let du = max_abs_diff(&got.u, &one.u);
+                    let dv = max_abs_diff(&got.v, &one.v);
+                    assert!(du < 1e-4 && dv < 1e-4, "{what}: |Δu| {du:e} |Δv| {dv:e}");
+                }
             }
         }
     }

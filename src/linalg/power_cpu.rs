@@ -197,7 +197,7 @@ impl<T: Real> Mat<'_, T> {
         let (m, n) = (self.m, self.n);
         // v₀: the start where finite and non-zero, else the default; normalised.
         let chosen = match start {
-            Some(s) if s.iter().all(|x| x.finite()) && norm(s) > T::zero() => s,
+            Some(s) if s.iter().all(|x| x.finite()) && norm(s, c.tiny) > T::zero() => s,
             _ => &c.dflt_n[..],
         };
         let v0 = renormalized(chosen, &c.dflt_n, c.tiny);
@@ -208,7 +208,7 @@ impl<T: Real> Mat<'_, T> {
                 x = renormalized(&self.gram_wide(&x), &x, c.tiny);
             }
             let wtu = self.transpose_times(&x);
-            let sigma = norm(&wtu);
+            let sigma = norm(&wtu, c.tiny);
             (sigma, x, renormalized(&wtu, &c.dflt_n, c.tiny))
         } else {
             // The iterate is v: v ← WᵀW v / ‖·‖; u = W v / σ.
@@ -217,7 +217,7 @@ impl<T: Real> Mat<'_, T> {
                 x = renormalized(&self.gram_tall(&x), &x, c.tiny);
             }
             let wv = self.times(&x);
-            let sigma = norm(&wv);
+            let sigma = norm(&wv, c.tiny);
             let d = max(sigma, c.tiny);
             (sigma, wv.iter().map(|&y| y / d).collect(), x)
         }
@@ -359,8 +359,22 @@ fn axpy<T: Real>(y: &mut [T], c: T, x: &[T]) {
     }
 }
 
-fn norm<T: Real>(y: &[T]) -> T {
-    dot(y, y).sqrt()
+/// `‖y‖`, scaled by the largest magnitude first (`d = max(max|yᵢ|, tiny)`,
+/// `‖y‖ = d·‖y/d‖`) so that neither the squares nor their sum under- or
+/// overflow: the generic path's `norm_keepdim`. NaN when `y` is not finite.
+fn norm<T: Real>(y: &[T], tiny: T) -> T {
+    let m = y.iter().fold(T::zero(), |a, &x| max(a, abs(x)));
+    let d = max(m, tiny);
+    let s: Vec<T> = y.iter().map(|&x| x / d).collect();
+    dot(&s, &s).sqrt() * d
+}
+
+fn abs<T: Real>(x: T) -> T {
+    if x < T::zero() {
+        T::zero() - x
+    } else {
+        x
+    }
 }
 
 fn max<T: Real>(a: T, b: T) -> T {
@@ -374,7 +388,7 @@ fn max<T: Real>(a: T, b: T) -> T {
 /// `y / ‖y‖`, or `keep` where `‖y‖` is not positive (the generic path's
 /// `renormalize`).
 fn renormalized<T: Real>(y: &[T], keep: &[T], tiny: T) -> Vec<T> {
-    let nrm = norm(y);
+    let nrm = norm(y, tiny);
     if nrm > T::zero() {
         let d = max(nrm, tiny);
         y.iter().map(|&x| x / d).collect()

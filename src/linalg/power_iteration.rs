@@ -40,6 +40,13 @@ pub struct TopSingular {
 /// Without a start, a fixed pseudo-random unit vector is used, so the result is
 /// deterministic and still finds `σ₁` when `v₁` is orthogonal to the all-ones
 /// vector. The error shrinks like `(σ₂/σ₁)^{2·iters}`.
+///
+/// Scale: every norm is taken after dividing by the largest magnitude, so
+/// `σ` and the unit vectors are right for any finite `W` whose products
+/// `W v` are finite. The Gram products `WᵀW x` are of order `σ₁²`: in f32
+/// (and the 16-bit dtypes, computed in f32) the iterations refine `v` for
+/// `10⁻¹⁸ ≲ σ₁ ≲ 10¹⁸`; beyond that the product under- or overflows and an
+/// iteration keeps its vector (σ and u are still computed from it).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
     matrix_dims("power_iteration: w", w)?;
     crate::device::power_iteration(w, start, iters)
@@ -223,9 +230,22 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_co
     (v / norm)?.broadcast_as((b, n, 1))?.contiguous()
 }
 
-/// `‖y‖` per batch item as `(b, 1, 1)`.
+/// `‖y‖` per batch item as `(b, 1, 1)`, scaled by the largest magnitude
+/// first (`d = max(max|yᵢ|, tiny)`, `‖y‖ = d·‖y/d‖`): the squares of a
+/// Gram product `WᵀW x` (of order `σ₁²`) under- or overflow f32 from
+/// `σ₁ ≈ 3·10⁻¹⁰` or `4·10⁹` on, the scaled ones never. NaN when `y` is
+/// not finite.
 fn norm_keepdim(y: &Tensor) -> candle_core::Result<Tensor> {
-    y.sqr()?.sum_keepdim(1)?.sqrt()
+    let d = y.abs()?.max_keepdim(1)?.maximum(tiny(y.dtype()))?;
+    y.broadcast_div(&d)?.sqr()?.sum_keepdim(1)?.sqrt()?.mul(&d)
+}
+
+/// The smallest positive normal of `dtype` (f32's for the 16-bit types).
+fn tiny(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN_POSITIVE,
+        _ => f32::MIN_POSITIVE as f64,
+    }
 }
 
 /// `y / ‖y‖`, or `keep` where `‖y‖ = 0` (so `W = 0` leaves a unit vector).
@@ -237,9 +257,5 @@ fn renormalize(y: &Tensor, keep: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `y / max(norm, tiny)`: zero stays zero.
 fn safe_div(y: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
-    let tiny = match norm.dtype() {
-        DType::F64 => f64::MIN_POSITIVE,
-        _ => f32::MIN_POSITIVE as f64,
-    };
-    y.broadcast_div(&norm.maximum(tiny)?)
+    y.broadcast_div(&norm.maximum(tiny(norm.dtype()))?)
 }

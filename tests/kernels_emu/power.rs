@@ -80,6 +80,54 @@ fn zero_matrix() {
     }
 }
 
+/// Scale equivariance under the kernels as on the CPU: at every scale from
+/// 1e-30 to 1e30 (f32) the kernels agree with the CPU path, σ is positive
+/// and finite, u and v are unit; within 1e-18..1e18 (the Gram product
+/// representable) the result is the scale-1 one scaled (σ/s to 1e-5,
+/// vectors to 1e-4). The norms are taken after dividing by the largest
+/// magnitude (`block_norm`), as on the CPU.
+#[test]
+fn every_scale_gives_the_scaled_result() {
+    let scales = [
+        1e-30, 1e-24, 1e-18, 1e-12, 1e-6, 1.0, 1e6, 1e10, 1e15, 1e18, 1e30,
+    ];
+    let mut r = rng(41);
+    for (m, n) in [(9, 4), (4, 9), (1, 6), (6, 1)] {
+        let w1 = spiked(&mut r, 1, m, n, DType::F32, &Device::Cpu)
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let start = start_vec(&mut r, 1, n, &Device::Cpu).squeeze(0).unwrap();
+        for (iters, st) in [(10, None), (3, Some(&start))] {
+            let one = emu::power_iteration(&w1.to_dtype(DType::F32).unwrap(), st, iters).unwrap();
+            let sigma1 = f64s(&one.sigma)[0];
+            for scale in scales {
+                let what = format!(
+                    "({m}, {n}) iters {iters} start {} scale {scale:e}",
+                    st.is_some()
+                );
+                let w = (&w1 * scale).unwrap().to_dtype(DType::F32).unwrap();
+                let want = power_iteration(&w, st, iters).unwrap();
+                let got = emu::power_iteration(&w, st, iters).unwrap();
+                compare(&what, &want, &got);
+                let sigma = f64s(&got.sigma)[0];
+                assert!(sigma.is_finite() && sigma > 0.0, "{what}: σ {sigma:e}");
+                for x in [&got.u, &got.v] {
+                    let norm = f64s(x).iter().map(|a| a * a).sum::<f64>().sqrt();
+                    assert!((norm - 1.0).abs() < 1e-5, "{what}: ‖·‖ = {norm}");
+                }
+                if (1e-18..=1e18).contains(&scale) {
+                    let rel = (sigma / scale - sigma1).abs() / sigma1;
+                    assert!(rel < 1e-5, "{what}: σ/s {} vs {sigma1}", sigma / scale);
+                    let (du, dv) = (max_diff(&got.u, &one.u), max_diff(&got.v, &one.v));
+                    assert!(du < 1e-4 && dv < 1e-4, "{what}: |Δu| {du:e} |Δv| {dv:e}");
+                }
+            }
+        }
+    }
+}
+
 /// A start orthogonal to v₁: W = diag(3, 2, 1) (padded), start = e₂. In
 /// exact arithmetic (and here, where every product is exact) the iteration
 /// never leaves e₂: both paths report σ = 2, v = e₂ — the documented limit
