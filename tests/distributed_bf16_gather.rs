@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use distributed_support::{bits, grad, host, make_vars, rank_order_avg, MomentumSgd};
+use distributed_support::{
+    averaged_step, bits, bits_of, grad, host, make_vars, named_p, params_host, rank_order_avg,
+    MomentumSgd,
+};
 use half::bf16;
 use steepest::distributed::{
     Collective, DataParallel, DataParallelConfig, LocalComm, LocalGroup, ParamGather, ReduceOp,
@@ -26,21 +29,6 @@ use steepest::{AdamWConfig, MuonConfig, WeightDecay};
 type GradFn = dyn Fn(usize, usize, usize) -> Option<Tensor> + Sync;
 /// Parameters after each step, and the momentum by parameter index.
 type Trajectory = (Vec<Vec<Vec<f32>>>, BTreeMap<usize, Vec<f32>>);
-
-fn named_p(vars: &[Var]) -> Vec<(String, Var)> {
-    vars.iter()
-        .enumerate()
-        .map(|(i, v)| (format!("p{i}"), v.clone()))
-        .collect()
-}
-
-fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
-    vars.iter().map(|v| host(v.as_tensor())).collect()
-}
-
-fn bits_of(params: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    params.iter().map(|p| bits(p)).collect()
-}
 
 /// Matrices, a vector and a scalar-like parameter, over more elements than
 /// one rank's chunk so that owners differ.
@@ -117,22 +105,8 @@ fn run_reference(world: usize, bf16_comm: bool, steps: usize, grads: &GradFn) ->
     let mut opt = MomentumSgd::new(vars.clone());
     let mut history = vec![params_host(&vars)];
     for step in 0..steps {
-        let per: Vec<Vec<Option<Tensor>>> = (0..shapes.len())
-            .map(|i| (0..world).map(|r| grads(step, r, i)).collect())
-            .collect();
-        let finite = per
-            .iter()
-            .flatten()
-            .flatten()
-            .all(|g| host(g).iter().all(|x| x.is_finite()));
-        if finite {
+        if let Some(list) = averaged_step(world, &shapes, step, grads, bf16_comm) {
             let old = params_host(&vars);
-            let mut list = Vec::new();
-            for (i, per_rank) in per.iter().enumerate() {
-                if per_rank.iter().any(|g| g.is_some()) {
-                    list.push((i, rank_order_avg(per_rank, &shapes[i], bf16_comm)));
-                }
-            }
             opt.step_subset(&list).unwrap();
             for (i, _) in &list {
                 let new = host(vars[*i].as_tensor());
@@ -244,14 +218,19 @@ fn bf16_updates_differ_from_the_exact_step_by_at_most_half_a_bf16_unit() {
     );
 }
 
+/// (rank, dtype, element count) of each all-gather.
+type GatherLog = Mutex<Vec<(usize, DType, usize)>>;
+
 /// A collective that records the dtype and element count of every
-/// all-gather (to see what the step sends).
-struct Recording<'a> {
+/// all-gather (to see what the step sends), and whose reduce-scatter fails
+/// on rank `fail_scatter_on` (after taking part).
+struct Probe<'a> {
     comm: LocalComm,
-    gathers: &'a Mutex<Vec<(usize, DType, usize)>>,
+    gathers: Option<&'a GatherLog>,
+    fail_scatter_on: Option<usize>,
 }
 
-impl Collective for Recording<'_> {
+impl Collective for Probe<'_> {
     fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -262,13 +241,20 @@ impl Collective for Recording<'_> {
         self.comm.all_reduce(x, op)
     }
     fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        self.comm.reduce_scatter(x, op)
+        let out = self.comm.reduce_scatter(x, op)?;
+        if self.fail_scatter_on == Some(self.comm.rank()) {
+            return Err(candle_core::Error::Msg(
+                "injected reduce-scatter fault".into(),
+            ));
+        }
+        Ok(out)
     }
     fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
-        self.gathers
-            .lock()
-            .unwrap()
-            .push((self.comm.rank(), x.dtype(), x.elem_count()));
+        if let Some(g) = self.gathers {
+            g.lock()
+                .unwrap()
+                .push((self.comm.rank(), x.dtype(), x.elem_count()));
+        }
         self.comm.all_gather(x)
     }
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
@@ -293,9 +279,10 @@ fn the_step_gathers_bf16_instead_of_f32() {
             let rank = comm.rank();
             let vars = make_vars(&shapes, 1 + rank as u64);
             let opt = MomentumSgd::new(vars.clone());
-            let comm = Recording {
+            let comm = Probe {
                 comm,
-                gathers: &log,
+                gathers: Some(&log),
+                fail_scatter_on: None,
             };
             let cfg = DataParallelConfig {
                 param_gather: gather,
@@ -672,42 +659,6 @@ fn parameters_without_a_gradient_keep_their_bits() {
     }
 }
 
-/// A collective whose reduce-scatter fails on one rank (after taking part).
-struct ScatterFails {
-    comm: LocalComm,
-    rank: usize,
-}
-
-impl Collective for ScatterFails {
-    fn rank(&self) -> usize {
-        self.comm.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.comm.world_size()
-    }
-    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        self.comm.all_reduce(x, op)
-    }
-    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let out = self.comm.reduce_scatter(x, op)?;
-        if self.comm.rank() == self.rank {
-            return Err(candle_core::Error::Msg(
-                "injected reduce-scatter fault".into(),
-            ));
-        }
-        Ok(out)
-    }
-    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
-        self.comm.all_gather(x)
-    }
-    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
-        self.comm.broadcast(x, root)
-    }
-    fn barrier(&self) -> Result<()> {
-        self.comm.barrier()
-    }
-}
-
 /// A rank whose reduce-scatter fails has no gradients and no `before` copy:
 /// it sends the "packing failed" status, which every rank (that rank
 /// included) reports as the same failure of that rank; nobody writes its
@@ -725,7 +676,11 @@ fn a_failed_reduce_scatter_is_reported_alike_and_leaves_the_ranks_in_agreement()
             param_gather: ParamGather::Bf16Updates,
             ..Default::default()
         };
-        let comm = ScatterFails { comm, rank: 1 };
+        let comm = Probe {
+            comm,
+            gathers: None,
+            fail_scatter_on: Some(1),
+        };
         let mut dp = DataParallel::new(comm, named_p(&vars), opt, cfg)?;
         let owned = dp.owned().to_vec();
         let g: Vec<Option<Tensor>> = (0..shapes.len())

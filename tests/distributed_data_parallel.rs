@@ -15,7 +15,10 @@ mod distributed_support;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use distributed_support::{bits, grad, host, make_vars, rank_order_avg, MomentumSgd};
+use distributed_support::{
+    averaged_step, bits, bits_of, grad, host, make_vars, named_p, params_host, rank_order_avg,
+    MomentumSgd,
+};
 use steepest::distributed::{
     Collective, DataParallel, DataParallelConfig, LocalGroup, ShardedStep,
 };
@@ -33,18 +36,6 @@ struct RankOut {
     calls: Vec<Vec<usize>>,
     results: Vec<std::result::Result<(), String>>,
     never_stepped: Vec<String>,
-}
-
-/// The variables named `p0`, `p1`, … in order.
-fn named_p(vars: &[Var]) -> Vec<(String, Var)> {
-    vars.iter()
-        .enumerate()
-        .map(|(i, v)| (format!("p{i}"), v.clone()))
-        .collect()
-}
-
-fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
-    vars.iter().map(|v| host(v.as_tensor())).collect()
 }
 
 /// Runs `steps` data-parallel steps on `world` in-process ranks; rank r starts
@@ -118,21 +109,7 @@ fn run_reference(
     let mut opt = MomentumSgd::new(vars.clone());
     let mut history = vec![params_host(&vars)];
     for step in 0..steps {
-        let per: Vec<Vec<Option<Tensor>>> = (0..shapes.len())
-            .map(|i| (0..world).map(|r| grads(step, r, i)).collect())
-            .collect();
-        let finite = per
-            .iter()
-            .flatten()
-            .flatten()
-            .all(|g| host(g).iter().all(|x| x.is_finite()));
-        if finite {
-            let mut list = Vec::new();
-            for (i, per_rank) in per.iter().enumerate() {
-                if per_rank.iter().any(|g| g.is_some()) {
-                    list.push((i, rank_order_avg(per_rank, &shapes[i], bf16_comm)));
-                }
-            }
+        if let Some(list) = averaged_step(world, shapes, step, grads, bf16_comm) {
             opt.step_subset(&list).unwrap();
         }
         history.push(params_host(&vars));
@@ -835,10 +812,6 @@ fn accumulation_under_data_parallel_steps_on_the_ranks_means() {
 /// leaves nothing pending).
 fn out_is_step(outcomes: &[String]) -> bool {
     outcomes.last().is_some_and(|o| o != "ok false")
-}
-
-fn bits_of(params: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    params.iter().map(|p| bits(p)).collect()
 }
 
 /// A collective whose reduce-scatter hands rank 1 one element too few (a

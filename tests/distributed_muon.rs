@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use distributed_support::{bits, gvalues, host, rank_order_avg};
+use distributed_support::{averaged_step, bits, gvalues, host};
 use steepest::clip::clip_grad_norm;
 use steepest::distributed::{
     load_union, param_specs, Collective, DataParallel, DataParallelConfig, LocalGroup, ParamKind,
@@ -289,17 +289,9 @@ impl<O: OptimizerState + TryStep> Reference<O> {
         bf16: bool,
         clip: Option<f64>,
     ) {
-        let p = self.vars.len();
+        let shapes: Vec<Vec<usize>> = self.vars.iter().map(|v| v.var.dims().to_vec()).collect();
         for step in steps {
-            let per: Vec<Vec<Option<Tensor>>> = (0..p)
-                .map(|i| (0..world).map(|r| grads(step, r, i)).collect())
-                .collect();
-            let finite = per
-                .iter()
-                .flatten()
-                .flatten()
-                .all(|g| host(g).iter().all(|x| x.is_finite()));
-            if finite {
+            if let Some(list) = averaged_step(world, &shapes, step, grads, bf16) {
                 // A GradStore from any backward pass, its entries replaced.
                 let mut store = self.vars[0]
                     .var
@@ -309,11 +301,8 @@ impl<O: OptimizerState + TryStep> Reference<O> {
                     .backward()
                     .unwrap();
                 store.remove(self.vars[0].var.as_tensor());
-                for (i, per_rank) in per.iter().enumerate() {
-                    if per_rank.iter().any(|g| g.is_some()) {
-                        let avg = rank_order_avg(per_rank, self.vars[i].var.dims(), bf16);
-                        store.insert(self.vars[i].var.as_tensor(), avg);
-                    }
+                for (i, avg) in list {
+                    store.insert(self.vars[i].var.as_tensor(), avg);
                 }
                 let norm = clip.map(|c| {
                     let vars: Vec<Var> = self.vars.iter().map(|v| v.var.clone()).collect();

@@ -172,3 +172,49 @@ pub fn make_named(shapes: &[(&str, Vec<usize>)], seed: u64) -> Vec<NamedVar> {
         })
         .collect()
 }
+
+/// One step of the single-process reference: every rank's gradient of every
+/// parameter at `step`; `None` when any of them is not finite (the step is
+/// refused), else the rank-order average ([`rank_order_avg`]) of each
+/// parameter some rank has a gradient for, by parameter index.
+pub fn averaged_step(
+    world: usize,
+    shapes: &[Vec<usize>],
+    step: usize,
+    grads: &(dyn Fn(usize, usize, usize) -> Option<Tensor> + Sync),
+    bf16_comm: bool,
+) -> Option<Vec<(usize, Tensor)>> {
+    let per: Vec<Vec<Option<Tensor>>> = (0..shapes.len())
+        .map(|i| (0..world).map(|r| grads(step, r, i)).collect())
+        .collect();
+    let finite = per
+        .iter()
+        .flatten()
+        .flatten()
+        .all(|g| host(g).iter().all(|x| x.is_finite()));
+    finite.then(|| {
+        per.iter()
+            .enumerate()
+            .filter(|(_, per_rank)| per_rank.iter().any(|g| g.is_some()))
+            .map(|(i, per_rank)| (i, rank_order_avg(per_rank, &shapes[i], bf16_comm)))
+            .collect()
+    })
+}
+
+/// The variables named `p0`, `p1`, … in order.
+pub fn named_p(vars: &[Var]) -> Vec<(String, Var)> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| (format!("p{i}"), v.clone()))
+        .collect()
+}
+
+/// Every variable as a host vector.
+pub fn params_host(vars: &[Var]) -> Vec<Vec<f32>> {
+    vars.iter().map(|v| host(v.as_tensor())).collect()
+}
+
+/// Bit patterns of each vector ([`bits`]).
+pub fn bits_of(params: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    params.iter().map(|p| bits(p)).collect()
+}
