@@ -12,7 +12,8 @@
 // Launch sequence (src/device/launch/power.rs `power_iteration`): `power_start`
 // (the start vector, or the default one), then per iteration `power_gram`
 // (accumulate G x into y) and `power_normalize` (x ← y/‖y‖, or keep x when
-// ‖y‖ is 0 or not finite; clears y; norms scaled by max|yᵢ|, `block_norm`), and a last `power_gram` in DOT mode for W v (or Wᵀ u)
+// ‖y‖ is 0 or not finite; clears y; the norm scaled by max|yᵢ|, `block_norm`),
+// and a last `power_gram` in DOT mode for W v (or Wᵀ u)
 // with `power_normalize` writing σ₁; for a group's state vectors,
 // `power_store` writes v₁ back where the starts came from.
 
