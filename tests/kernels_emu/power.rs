@@ -80,17 +80,16 @@ fn zero_matrix() {
     }
 }
 
-/// Scale equivariance under the kernels as on the CPU: at every scale from
-/// 1e-30 to 1e30 (f32) the kernels agree with the CPU path, σ is positive
+/// Scale equivariance under the kernels as on the CPU: at scales from 1e-30
+/// to 1e30 (f32) the kernels agree with the CPU path, σ is positive
 /// and finite, u and v are unit; within 1e-18..1e18 (the Gram product
 /// representable) the result is the scale-1 one scaled (σ/s to 1e-5,
 /// vectors to 1e-4). The norms are taken after dividing by the largest
 /// magnitude (`block_norm`), as on the CPU.
 #[test]
 fn every_scale_gives_the_scaled_result() {
-    let scales = [
-        1e-30, 1e-24, 1e-18, 1e-12, 1e-6, 1.0, 1e6, 1e10, 1e15, 1e18, 1e30,
-    ];
+    // (each regime once: the emulator is slow, and slower under TSan in CI)
+    let scales = [1e-30, 1e-18, 1e-12, 1e10, 1e18, 1e30];
     let mut r = rng(41);
     for (m, n) in [(9, 4), (4, 9), (1, 6), (6, 1)] {
         let w1 = spiked(&mut r, 1, m, n, DType::F32, &Device::Cpu)
@@ -99,7 +98,7 @@ fn every_scale_gives_the_scaled_result() {
             .to_dtype(DType::F64)
             .unwrap();
         let start = start_vec(&mut r, 1, n, &Device::Cpu).squeeze(0).unwrap();
-        for (iters, st) in [(10, None), (3, Some(&start))] {
+        for (iters, st) in [(4, None), (2, Some(&start))] {
             let one = emu::power_iteration(&w1.to_dtype(DType::F32).unwrap(), st, iters).unwrap();
             let sigma1 = f64s(&one.sigma)[0];
             for scale in scales {
