@@ -94,7 +94,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 // ‖y‖ of the k floats at y, over the block: scaled by the largest magnitude
 // first (d = max(max|yᵢ|, tiny), ‖y‖ = d·‖y/d‖), so that neither the squares
-// nor their sum under- or overflow (the generic path's `norm_keepdim`); NaN
+// nor their sum under- or overflow (the generic path's `frobenius_keepdim`); NaN
 // when y is not finite. Every thread gets the result.
 __device__ __forceinline__ float block_norm(const float* y, unsigned k, float* scratch) {
     float m = 0.0f;

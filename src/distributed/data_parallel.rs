@@ -734,7 +734,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let (owned, before) = match self.config.param_gather {
             ParamGather::Parameters => (owned, None),
             ParamGather::Bf16Updates => {
-                match owned.and_then(|o| Ok((o, self.owned_f32()?.copy()?))) {
+                match owned.and_then(|o| Ok((o, self.owned_chunk(DType::F32)?.copy()?))) {
                     Ok((o, b)) => (Ok(o), Some(b)),
                     Err(e) => (Err(e), None),
                 }
@@ -901,13 +901,13 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         OwnerStep::Ran(result)
     }
 
-    /// This rank's owned parameters as a chunk of f32 (`chunk_len`
+    /// This rank's owned parameters as a chunk of `dtype` (`chunk_len`
     /// elements, zero-padded; may share storage with the vars).
-    fn owned_f32(&self) -> Result<Tensor> {
+    fn owned_chunk(&self, dtype: DType) -> Result<Tensor> {
         let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         Ok(self
             .plan
-            .pack_owned(self.comm.rank(), &values, DType::F32, &self.device)?)
+            .pack_owned(self.comm.rank(), &values, dtype, &self.device)?)
     }
 
     /// Step 5: one all-gather of the owners' parameters (or, with
@@ -933,12 +933,9 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             self.param_dtype
         };
         let payload = match (&before, updates) {
-            (_, false) => {
-                let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
-                Ok(self.plan.pack_owned(rank, &values, dtype, &self.device)?)
-            }
+            (_, false) => self.owned_chunk(dtype),
             (Some(before), true) => self
-                .owned_f32()
+                .owned_chunk(DType::F32)
                 .and_then(|after| Ok((after - before)?.to_dtype(dtype)?)),
             (None, true) => Err(Error::device(
                 &who,

@@ -165,14 +165,10 @@ impl<T: Real + WithDType> Consts<T> {
             let (vals, norm) = default_start_values(k);
             vals.iter().map(|x| T::of(x / norm)).collect()
         };
-        let tiny = match T::DTYPE {
-            DType::F64 => f64::MIN_POSITIVE,
-            _ => f32::MIN_POSITIVE as f64,
-        };
         Self {
             dflt_m: unit(m),
             dflt_n: unit(n),
-            tiny: T::of(tiny),
+            tiny: T::of(super::tiny(T::DTYPE)),
         }
     }
 }
@@ -361,7 +357,8 @@ fn axpy<T: Real>(y: &mut [T], c: T, x: &[T]) {
 
 /// `‖y‖`, scaled by the largest magnitude first (`d = max(max|yᵢ|, tiny)`,
 /// `‖y‖ = d·‖y/d‖`) so that neither the squares nor their sum under- or
-/// overflow: the generic path's `norm_keepdim`. NaN when `y` is not finite.
+/// overflow: the generic path's `frobenius_keepdim`. NaN when `y` is not
+/// finite.
 fn norm<T: Real>(y: &[T], tiny: T) -> T {
     let m = y.iter().fold(T::zero(), |a, &x| max(a, abs(x)));
     let d = max(m, tiny);

@@ -85,12 +85,12 @@ pub(crate) fn power_iteration_generic(
     }
     let (u, v, sigma) = if wide {
         let wtu = wt.matmul(&x)?;
-        let sigma = norm_keepdim(&wtu)?;
+        let sigma = super::frobenius_keepdim(&wtu)?;
         let v = renormalize(&wtu, &default_start(b, n, dtype, w.device())?)?;
         (x, v, sigma)
     } else {
         let wv = w3.matmul(&x)?;
-        let sigma = norm_keepdim(&wv)?;
+        let sigma = super::frobenius_keepdim(&wv)?;
         let u = safe_div(&wv, &sigma)?;
         (u, x, sigma)
     };
@@ -124,7 +124,7 @@ fn initial_v(
     // Per matrix: use the start only where it is finite and non-zero.
     #[allow(clippy::eq_op)]
     let finite = (&s - &s)?.sum_keepdim(1)?.eq(0.0)?;
-    let nonzero = norm_keepdim(&s)?.gt(0.0)?;
+    let nonzero = super::frobenius_keepdim(&s)?.gt(0.0)?;
     let usable = (finite.to_dtype(DType::U8)? * nonzero.to_dtype(DType::U8)?)?;
     let s = usable.broadcast_as(s.shape())?.where_cond(&s, &fallback)?;
     Ok(renormalize(&s, &fallback)?)
@@ -230,32 +230,14 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_co
     (v / norm)?.broadcast_as((b, n, 1))?.contiguous()
 }
 
-/// `‖y‖` per batch item as `(b, 1, 1)`, scaled by the largest magnitude
-/// first (`d = max(max|yᵢ|, tiny)`, `‖y‖ = d·‖y/d‖`): the squares of a
-/// Gram product `WᵀW x` (of order `σ₁²`) under- or overflow f32 from
-/// `σ₁ ≈ 3·10⁻¹⁰` or `4·10⁹` on, the scaled ones never. NaN when `y` is
-/// not finite.
-fn norm_keepdim(y: &Tensor) -> candle_core::Result<Tensor> {
-    let d = y.abs()?.max_keepdim(1)?.maximum(tiny(y.dtype()))?;
-    y.broadcast_div(&d)?.sqr()?.sum_keepdim(1)?.sqrt()?.mul(&d)
-}
-
-/// The smallest positive normal of `dtype` (f32's for the 16-bit types).
-fn tiny(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MIN_POSITIVE,
-        _ => f32::MIN_POSITIVE as f64,
-    }
-}
-
 /// `y / ‖y‖`, or `keep` where `‖y‖ = 0` (so `W = 0` leaves a unit vector).
 fn renormalize(y: &Tensor, keep: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = norm_keepdim(y)?;
+    let norm = super::frobenius_keepdim(y)?;
     let ok = norm.gt(0.0)?.broadcast_as(y.shape())?;
     ok.where_cond(&safe_div(y, &norm)?, keep)
 }
 
 /// `y / max(norm, tiny)`: zero stays zero.
 fn safe_div(y: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
-    y.broadcast_div(&norm.maximum(tiny(norm.dtype()))?)
+    y.broadcast_div(&norm.maximum(super::tiny(norm.dtype()))?)
 }
