@@ -354,8 +354,10 @@ pub(crate) fn read_count(key: &str, t: &Tensor) -> Result<u64> {
 }
 
 /// Writes a state dict to a safetensors file: the header in the metadata,
-/// a CRC-32 of each tensor's bytes beside it. Written to `<path>.tmp`, then
-/// renamed over `path`.
+/// a CRC-32 of each tensor's bytes beside it. Written to `<path>.tmp` (the
+/// whole name with `.tmp` appended), then renamed over `path`, so that a
+/// failed write leaves an earlier file at `path` as it was (the temporary
+/// file is removed).
 pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<()> {
     let path = path.as_ref();
     let mut meta = HashMap::new();
@@ -391,12 +393,19 @@ pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<
         META_CRC.to_string(),
         serde_json::to_string(&crcs).expect("a string map encodes"),
     );
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (*k, t)), Some(meta), &tmp)
-        .map_err(|e| Error::checkpoint(path.display().to_string(), format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| Error::checkpoint(path.display().to_string(), format!("cannot write: {e}")))?;
-    Ok(())
+    // `<path>.tmp`, not `with_extension`: that would give `m.bin` and `m.pt`
+    // the same temporary file.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written =
+        safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (*k, t)), Some(meta), &tmp)
+            .map_err(|e| e.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    written.map_err(|e| {
+        std::fs::remove_file(&tmp).ok();
+        Error::checkpoint(path.display().to_string(), format!("cannot write: {e}"))
+    })
 }
 
 /// The CRC-32 of a CPU tensor's little-endian bytes.

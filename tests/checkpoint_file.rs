@@ -1072,3 +1072,39 @@ fn a_missing_header_checksum_is_refused() {
         assert!(what.contains("no header checksum"), "{what}");
     });
 }
+
+/// `save` writes `<path>.tmp` (the whole name, whatever its extension) and
+/// renames it: two files differing only in extension never share a
+/// temporary file, nothing is left beside them, and a write that fails
+/// leaves the earlier file at `path` as it was.
+#[test]
+fn a_save_goes_through_path_dot_tmp_and_a_failed_one_keeps_the_old_file() {
+    let s = saved();
+    let (bin, pt) = (s.dir.join("opt.bin"), s.dir.join("opt.pt"));
+    s.opt.save_state(&bin).unwrap();
+    s.opt.save_state(&pt).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["good.safetensors", "opt.bin", "opt.pt"]);
+    let before = std::fs::read(&bin).unwrap();
+    assert_ne!(before, s.bytes, "the optimizer stepped since `good` was saved");
+
+    // `opt.bin.tmp` cannot be written (a directory is there): the save
+    // fails naming the file, and `opt.bin` keeps its bytes.
+    std::fs::create_dir(s.dir.join("opt.bin.tmp")).unwrap();
+    let vm = model_of(MIXED, DType::F32, 21);
+    let mut other = adamw(&vm);
+    other.backward_step(&loss_of(&vm, MIXED, 0)).unwrap();
+    let err = other.save_state(&bin).unwrap_err();
+    match &err {
+        Error::Checkpoint { who, what } => {
+            assert!(who.ends_with("opt.bin"), "{err}");
+            assert!(what.contains("cannot write"), "{err}");
+        }
+        e => panic!("expected Error::Checkpoint, got {e:?}"),
+    }
+    assert_eq!(std::fs::read(&bin).unwrap(), before);
+}
