@@ -712,7 +712,8 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 }
 
 /// `msign` of a matrix or batch: the CPU's fused Newton–Schulz when the
-/// products run in the arithmetic dtype, otherwise candle's generic ops.
+/// products run in the arithmetic dtype, the kernels' cuBLAS sequence on
+/// CUDA (feature `cuda`), otherwise candle's generic ops.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     if g.elem_count() == 0 {
         // An empty matrix (a zero dimension) has nothing to orthogonalise.

@@ -202,8 +202,8 @@ pub struct DataParallelConfig {
     /// itself (from the optimizer's chains); for [`DataParallel::new`], pass
     /// the names the optimizer gives to AdamW.
     pub elementwise_names: Vec<String>,
-    /// In [`DataParallel::new`], broadcast rank 0's parameters to every rank
-    /// (default `true`), so all ranks start from the same values.
+    /// At construction (every constructor), broadcast rank 0's parameters to
+    /// every rank (default `true`), so all ranks start from the same values.
     pub broadcast_initial: bool,
     /// Clip the averaged gradients to this global norm before the owners'
     /// step (`None`, the default: no clipping), as

@@ -321,7 +321,8 @@ impl NewtonSchulz {
 /// The output has the input's shape and dtype. A zero matrix gives zero.
 ///
 /// Dispatched by [`crate::device::msign`]: on the CPU with f32/f64 arithmetic a
-/// fused path (the polynomial folded into the GEMMs); elsewhere [`msign_generic`].
+/// fused path (the polynomial folded into the GEMMs); on CUDA (feature `cuda`)
+/// the cuBLAS sequence of `kernels/msign.cu`; elsewhere [`msign_generic`].
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     matrix_dims("msign: g", g)?;
     ns.validate("msign")?;

@@ -16,9 +16,10 @@ pub(crate) fn msign_supported(b: usize, m: usize, n: usize) -> bool {
         && m.max(n) < i32::MAX as usize / 64
 }
 
-/// The Gram tile size: `X Xᵀ` is computed as the GEMMs of the tile pairs
-/// `(I, J)`, `I ≤ J`, then mirrored — for 4 tiles 10 products instead of 16.
-/// Small matrices are one tile (one GEMM).
+/// The Gram tile size: `X Xᵀ` is computed over the tile pairs `(I, J)`,
+/// `I ≤ J` only, one GEMM per tile row ([`sym_gemms`]), then mirrored — for
+/// 4 tiles 4 GEMMs computing 10/16 of the product. Small matrices are one
+/// tile (one GEMM).
 pub(crate) fn gram_tile(s: usize) -> usize {
     let t = s.div_ceil(4).next_multiple_of(32).max(128);
     t.min(s)

@@ -145,7 +145,9 @@ impl SteepestConfig {
 /// `<name>.manifold.theta_v` (`v₁` of `W`, warm start of the power iteration),
 /// `<name>.manifold.x` (`k×k`, `k` the short side), and `<name>.decay.v` for
 /// spectral weight decay. A step either applies to every parameter or (NaN
-/// gradient, a retraction that fails, any error) to none.
+/// gradient, a bad rate, a retraction that fails) to none; only an error no
+/// check can foresee (a device fault) leaves it partly applied, and the
+/// error says so (see [`crate::optim`]).
 ///
 /// Combinations that make no sense are refused at construction, naming the
 /// parameter: the spectral norm or a matrix manifold on a vector, a wide
