@@ -1090,7 +1090,10 @@ fn a_save_goes_through_path_dot_tmp_and_a_failed_one_keeps_the_old_file() {
     names.sort();
     assert_eq!(names, ["good.safetensors", "opt.bin", "opt.pt"]);
     let before = std::fs::read(&bin).unwrap();
-    assert_ne!(before, s.bytes, "the optimizer stepped since `good` was saved");
+    assert_ne!(
+        before, s.bytes,
+        "the optimizer stepped since `good` was saved"
+    );
 
     // `opt.bin.tmp` cannot be written (a directory is there): the save
     // fails naming the file, and `opt.bin` keeps its bytes.

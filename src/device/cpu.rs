@@ -132,6 +132,50 @@ impl<A: Real> Decay<'_, A> {
     }
 }
 
+/// Runs `f` compiled for AVX2 (eight f32 lanes where the baseline x86-64
+/// build has SSE's four) when the CPU has it, else as built. The loops `f`
+/// runs do the same IEEE operations in the same order either way (Rust
+/// contracts no `a·b + c` into an FMA), so only the speed depends on it, not
+/// a bit of the result. `f` is called from one place, so it is inlined into
+/// the AVX2 function and compiled with its features.
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if wide_enabled() {
+        // SAFETY: the CPU has AVX2 (checked by `wide_enabled`).
+        return unsafe { avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Set to force the baseline code (the tests compare the two).
+#[cfg(target_arch = "x86_64")]
+static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn wide_enabled() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && !BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs `f` with [`wide`] turned off (the baseline build's code) on every
+/// thread, then turns it back on: for tests that compare the two.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn baseline_only<R>(f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::Ordering;
+    BASELINE_ONLY.store(true, Ordering::SeqCst);
+    let r = f();
+    BASELINE_ONLY.store(false, Ordering::SeqCst);
+    r
+}
+
 /// Elements per span when a tensor is split across threads.
 const SPAN: usize = 1 << 15;
 /// Below this many elements in a whole call, run on the calling thread.
@@ -147,7 +191,10 @@ where
     let total: usize = lens.iter().map(|l| l.0).sum();
     if total < PARALLEL_MIN {
         for (i, &(len, _)) in lens.iter().enumerate() {
-            f(i, 0, len);
+            wide(
+                #[inline(always)]
+                || f(i, 0, len),
+            );
         }
         return;
     }
@@ -160,7 +207,12 @@ where
             s += step;
         }
     }
-    spans.par_iter().for_each(|&(i, s, e)| f(i, s, e));
+    spans.par_iter().for_each(|&(i, s, e)| {
+        wide(
+            #[inline(always)]
+            || f(i, s, e),
+        )
+    });
 }
 
 /// A raw pointer that may cross threads: each span touches a disjoint range.
@@ -311,27 +363,38 @@ pub fn adamw_multi<P: Elem>(jobs: &mut [AdamJob<'_, P>], beta1: f64, beta2: f64,
     let (b1, b2, e) = (P::A::of(1.0 - beta1), P::A::of(beta2), P::A::of(eps));
     let b2c = P::A::of(1.0 - beta2);
     let jobs = &*jobs;
-    for_spans(&lens, |i, s, end| {
-        let job = &jobs[i];
-        let raw = &raws[i];
-        let (lr, bc2) = (P::A::of(job.step.lr_bc1), P::A::of(job.step.bc2_sqrt));
-        by_rows(&job.decay, s, end, |r1, s, end| {
-            // SAFETY: spans are disjoint ranges of the slices.
-            let (w, m, v) = unsafe { (raw.w.span(s, end), raw.m.span(s, end), raw.v.span(s, end)) };
-            let g = &job.g[s..end];
-            let (scale, n) = (job.decay.scale, g.len());
-            let (m, v) = (&mut m[..n], &mut v[..n]);
-            for_decayed!(n, w, scale, r1, |j, wd| {
-                let gj = g[j].get();
-                let mj = m[j] + (gj - m[j]) * b1;
-                let vj = v[j] * b2 + gj * gj * b2c;
-                let denom = vj.sqrt() / bc2 + e;
-                w[j] = P::put(wd - (mj / denom) * lr);
-                m[j] = mj;
-                v[j] = vj;
-            });
-        });
-    });
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, end| {
+            let job = &jobs[i];
+            let raw = &raws[i];
+            let (lr, bc2) = (P::A::of(job.step.lr_bc1), P::A::of(job.step.bc2_sqrt));
+            by_rows(
+                &job.decay,
+                s,
+                end,
+                #[inline(always)]
+                |r1, s, end| {
+                    // SAFETY: spans are disjoint ranges of the slices.
+                    let (w, m, v) =
+                        unsafe { (raw.w.span(s, end), raw.m.span(s, end), raw.v.span(s, end)) };
+                    let g = &job.g[s..end];
+                    let (scale, n) = (job.decay.scale, g.len());
+                    let (m, v) = (&mut m[..n], &mut v[..n]);
+                    for_decayed!(n, w, scale, r1, |j, wd| {
+                        let gj = g[j].get();
+                        let mj = m[j] + (gj - m[j]) * b1;
+                        let vj = v[j] * b2 + gj * gj * b2c;
+                        let denom = vj.sqrt() / bc2 + e;
+                        w[j] = P::put(wd - (mj / denom) * lr);
+                        m[j] = mj;
+                        v[j] = vj;
+                    });
+                },
+            );
+        },
+    );
 }
 
 /// One parameter of a multi-tensor SGD update.
@@ -393,35 +456,45 @@ pub fn sgd_multi<P: Elem>(jobs: &mut [SgdJob<'_, P>], momentum: f64, nesterov: b
         .collect();
     let mu = P::A::of(momentum);
     let jobs = &*jobs;
-    for_spans(&lens, |i, s, end| {
-        let job = &jobs[i];
-        let raw = &raws[i];
-        let lr = P::A::of(job.lr);
-        by_rows(&job.decay, s, end, |r1, s, end| {
-            // SAFETY: spans are disjoint ranges of the slices.
-            let w = unsafe { raw.w.span(s, end) };
-            let g = &job.g[s..end];
-            let (scale, n) = (job.decay.scale, g.len());
-            match raw.b {
-                None => {
-                    for_decayed!(n, w, scale, r1, |j, wd| {
-                        w[j] = P::put(wd - g[j].get() * lr);
-                    });
-                }
-                Some(bp) => {
-                    // SAFETY: as above.
-                    let buf = unsafe { bp.span(s, end) };
-                    for_decayed!(n, w, scale, r1, |j, wd| {
-                        let gj = g[j].get();
-                        let bj = buf[j] * mu + gj;
-                        let d = if nesterov { gj + bj * mu } else { bj };
-                        w[j] = P::put(wd - d * lr);
-                        buf[j] = bj;
-                    });
-                }
-            }
-        });
-    });
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, end| {
+            let job = &jobs[i];
+            let raw = &raws[i];
+            let lr = P::A::of(job.lr);
+            by_rows(
+                &job.decay,
+                s,
+                end,
+                #[inline(always)]
+                |r1, s, end| {
+                    // SAFETY: spans are disjoint ranges of the slices.
+                    let w = unsafe { raw.w.span(s, end) };
+                    let g = &job.g[s..end];
+                    let (scale, n) = (job.decay.scale, g.len());
+                    match raw.b {
+                        None => {
+                            for_decayed!(n, w, scale, r1, |j, wd| {
+                                w[j] = P::put(wd - g[j].get() * lr);
+                            });
+                        }
+                        Some(bp) => {
+                            // SAFETY: as above.
+                            let buf = unsafe { bp.span(s, end) };
+                            for_decayed!(n, w, scale, r1, |j, wd| {
+                                let gj = g[j].get();
+                                let bj = buf[j] * mu + gj;
+                                let d = if nesterov { gj + bj * mu } else { bj };
+                                w[j] = P::put(wd - d * lr);
+                                buf[j] = bj;
+                            });
+                        }
+                    }
+                },
+            );
+        },
+    );
 }
 
 /// One parameter of Muon's momentum: its gradient (or direction), its
@@ -459,18 +532,22 @@ pub fn ema_momentum_multi<P: Elem>(jobs: &mut [EmaJob<'_, P>], momentum: f64, ne
     let lens: Vec<(usize, usize)> = jobs.iter().map(|j| (j.g.len(), 1)).collect();
     let (mu, one_mu) = (P::A::of(momentum), P::A::of(1.0 - momentum));
     let jobs = &*jobs;
-    for_spans(&lens, |i, s, end| {
-        let (bp, op) = raws[i];
-        // SAFETY: spans are disjoint ranges of the slices.
-        let (b, o) = unsafe { (bp.span(s, end), op.span(s, end)) };
-        let g = &jobs[i].g[s..end];
-        for j in 0..g.len() {
-            let gj = g[j].get();
-            let bj = b[j] + (gj - b[j]) * one_mu;
-            b[j] = bj;
-            o[j] = if nesterov { gj + (bj - gj) * mu } else { bj };
-        }
-    });
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, end| {
+            let (bp, op) = raws[i];
+            // SAFETY: spans are disjoint ranges of the slices.
+            let (b, o) = unsafe { (bp.span(s, end), op.span(s, end)) };
+            let g = &jobs[i].g[s..end];
+            for j in 0..g.len() {
+                let gj = g[j].get();
+                let bj = b[j] + (gj - b[j]) * one_mu;
+                b[j] = bj;
+                o[j] = if nesterov { gj + (bj - gj) * mu } else { bj };
+            }
+        },
+    );
 }
 
 /// One parameter of a multi-tensor apply.
@@ -499,19 +576,29 @@ pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
         .map(|j| (j.d.len(), j.decay.rank1.map_or(1, |r| r.2.len())))
         .collect();
     let jobs = &*jobs;
-    for_spans(&lens, |i, s, end| {
-        let job = &jobs[i];
-        let alpha = P::A::of(job.alpha);
-        by_rows(&job.decay, s, end, |r1, s, end| {
-            // SAFETY: spans are disjoint ranges of the slices.
-            let w = unsafe { raws[i].span(s, end) };
-            let d = &job.d[s..end];
-            let (scale, n) = (job.decay.scale, d.len());
-            for_decayed!(n, w, scale, r1, |j, wd| {
-                w[j] = P::put(wd - d[j] * alpha);
-            });
-        });
-    });
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, end| {
+            let job = &jobs[i];
+            let alpha = P::A::of(job.alpha);
+            by_rows(
+                &job.decay,
+                s,
+                end,
+                #[inline(always)]
+                |r1, s, end| {
+                    // SAFETY: spans are disjoint ranges of the slices.
+                    let w = unsafe { raws[i].span(s, end) };
+                    let d = &job.d[s..end];
+                    let (scale, n) = (job.decay.scale, d.len());
+                    for_decayed!(n, w, scale, r1, |j, wd| {
+                        w[j] = P::put(wd - d[j] * alpha);
+                    });
+                },
+            );
+        },
+    );
 }
 
 /// Whether every element is finite (no NaN, no ±Inf).
@@ -521,7 +608,8 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
     // Eight independent running sums: one sum would chain every add on the
     // last (latency-bound, not vectorised); lanes let the loop run at
     // memory speed.
-    let check = |xs: &[P]| {
+    #[inline(always)]
+    fn check<P: Elem>(xs: &[P]) -> bool {
         const LANES: usize = 8;
         let mut acc = [P::A::zero(); LANES];
         let mut chunks = xs.chunks_exact(LANES);
@@ -541,11 +629,19 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
             tail = tail + d;
         }
         acc.iter().fold(tail, |s, &a| s + a).finite()
-    };
-    if x.len() < PARALLEL_MIN {
-        return check(x);
     }
-    x.par_chunks(SPAN).all(check)
+    if x.len() < PARALLEL_MIN {
+        return wide(
+            #[inline(always)]
+            || check(x),
+        );
+    }
+    x.par_chunks(SPAN).all(|c| {
+        wide(
+            #[inline(always)]
+            || check(c),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -582,5 +678,176 @@ mod tests {
         check(|x: f32| x as f64);
         check(half::bf16::from_f32);
         check(half::f16::from_f32);
+    }
+
+    /// The bytes of a slice, to compare results bit for bit.
+    fn bytes<T>(x: &[T]) -> Vec<u8> {
+        // SAFETY: plain float data, read as bytes.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+            .to_vec()
+    }
+
+    /// The AVX2 build of the loops (`wide`) and the baseline build give the
+    /// same bits: every update family, with and without the rank-1 term,
+    /// on sizes with tails, on one thread and split over the pool, in every
+    /// parameter dtype; and the CPU power iteration, tall and wide.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_loops_give_the_baseline_bits() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: both builds are the baseline");
+            return;
+        }
+        fn vals(n: usize, seed: u64) -> Vec<f64> {
+            let mut x = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (0..n)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+                })
+                .collect()
+        }
+        /// All four families on members of `(rows, cols)`; every output's bytes.
+        fn updates<P: Elem>(shapes: &[(usize, usize)], of: impl Fn(f64) -> P) -> Vec<Vec<u8>> {
+            let a_of = |x: f64| P::A::of(x);
+            let mut out = Vec::new();
+            let mut w: Vec<Vec<P>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, c))| vals(r * c, i as u64).into_iter().map(&of).collect())
+                .collect();
+            let g: Vec<Vec<P>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, c))| {
+                    vals(r * c, 50 + i as u64)
+                        .into_iter()
+                        .map(|x| of(x * 0.1))
+                        .collect()
+                })
+                .collect();
+            let mut m: Vec<Vec<P::A>> = shapes
+                .iter()
+                .map(|&(r, c)| vals(r * c, 7).into_iter().map(|x| a_of(x * 0.01)).collect())
+                .collect();
+            let mut v: Vec<Vec<P::A>> = shapes
+                .iter()
+                .map(|&(r, c)| {
+                    vals(r * c, 8)
+                        .into_iter()
+                        .map(|x| a_of(x * x * 1e-3))
+                        .collect()
+                })
+                .collect();
+            let ra: Vec<Vec<P::A>> = shapes
+                .iter()
+                .map(|&(r, _)| vals(r, 9).into_iter().map(a_of).collect())
+                .collect();
+            let rb: Vec<Vec<P::A>> = shapes
+                .iter()
+                .map(|&(_, c)| vals(c, 10).into_iter().map(a_of).collect())
+                .collect();
+            // The rank-1 term on every other member (`odd`: the other half).
+            let decay = |i: usize, odd: bool| Decay {
+                scale: a_of(0.999),
+                rank1: (i % 2 == usize::from(odd)).then(|| (a_of(0.003), &ra[i][..], &rb[i][..])),
+            };
+            let mut jobs: Vec<AdamJob<'_, P>> = w
+                .iter_mut()
+                .zip(&g)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .enumerate()
+                .map(|(i, ((w, g), (m, v)))| AdamJob {
+                    w,
+                    g,
+                    m,
+                    v,
+                    step: AdamStep {
+                        lr_bc1: 0.01,
+                        bc2_sqrt: 0.3,
+                    },
+                    decay: decay(i, false),
+                })
+                .collect();
+            adamw_multi(&mut jobs, 0.9, 0.999, 1e-8);
+            drop(jobs);
+            for nesterov in [false, true] {
+                let mut jobs: Vec<SgdJob<'_, P>> = w
+                    .iter_mut()
+                    .zip(&g)
+                    .zip(m.iter_mut())
+                    .enumerate()
+                    .map(|(i, ((w, g), buf))| SgdJob {
+                        w,
+                        g,
+                        buf: Some(buf),
+                        lr: 0.02,
+                        decay: decay(i, true),
+                    })
+                    .collect();
+                sgd_multi(&mut jobs, 0.9, nesterov);
+                drop(jobs);
+                let mut jobs: Vec<EmaJob<'_, P>> = g
+                    .iter()
+                    .zip(m.iter_mut().zip(v.iter_mut()))
+                    .map(|(g, (buf, out))| EmaJob { g, buf, out })
+                    .collect();
+                ema_momentum_multi(&mut jobs, 0.95, nesterov);
+            }
+            let mut jobs: Vec<ApplyJob<'_, P>> = w
+                .iter_mut()
+                .zip(&v)
+                .enumerate()
+                .map(|(i, (w, d))| ApplyJob {
+                    w,
+                    d,
+                    alpha: 0.05,
+                    decay: decay(i, false),
+                })
+                .collect();
+            apply_multi(&mut jobs);
+            drop(jobs);
+            out.extend(w.iter().map(|x| bytes(x)));
+            out.extend(m.iter().chain(&v).map(|x| bytes(x)));
+            out
+        }
+        fn both<R: PartialEq + std::fmt::Debug>(what: &str, f: impl Fn() -> R) {
+            let wide = f();
+            let base = baseline_only(&f);
+            assert!(wide == base, "{what}: the AVX2 loops changed the result");
+        }
+        // Tails of 1–7 elements, a row of 300 under the rank-1 term, and a
+        // call large enough for the pool (> PARALLEL_MIN elements).
+        let small = [(1, 1), (1, 7), (3, 5), (13, 300)];
+        let large = [(512, 300), (3, 1000)];
+        for shapes in [&small[..], &large[..]] {
+            both("f32", || updates(shapes, |x| x as f32));
+            both("f64", || updates(shapes, |x| x));
+            both("bf16", || updates(shapes, half::bf16::from_f64));
+            both("f16", || updates(shapes, half::f16::from_f64));
+        }
+        for (m, n) in [(300, 40), (40, 300), (1, 9), (9, 1), (700, 300)] {
+            let w =
+                candle_core::Tensor::from_vec(vals(m * n, 3), (m, n), &candle_core::Device::Cpu)
+                    .unwrap();
+            for w in [w.to_dtype(candle_core::DType::F32).unwrap(), w] {
+                both("power iteration", || {
+                    let t = crate::linalg::power_cpu::power_iteration_cpu(&w, None, 3).unwrap();
+                    let f = |x: &candle_core::Tensor| {
+                        x.flatten_all()
+                            .unwrap()
+                            .to_dtype(candle_core::DType::F64)
+                            .unwrap()
+                            .to_vec1::<f64>()
+                            .unwrap()
+                    };
+                    (f(&t.sigma), f(&t.u), f(&t.v))
+                });
+            }
+        }
     }
 }

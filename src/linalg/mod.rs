@@ -10,7 +10,7 @@
 
 pub(crate) mod msign_cpu;
 mod newton_schulz;
-mod power_cpu;
+pub(crate) mod power_cpu;
 mod power_iteration;
 mod spectral;
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::power_iteration::{check_start, default_start_values};
 use super::TopSingular;
-use crate::device::cpu::Real;
+use crate::device::cpu::{wide, Real};
 use crate::error::Result;
 
 /// Elements of `W` per piece of work (128 KiB of f32): small enough to spread
@@ -252,7 +252,16 @@ impl<T: Real> Mat<'_, T> {
     /// `W x` (one dot product per row).
     fn times(&self, x: &[T]) -> Vec<T> {
         map_pieces(self.parallel, self.row_pieces(), |rows| {
-            rows.map(|r| dot(self.row(r), x)).collect::<Vec<_>>()
+            wide(
+                #[inline(always)]
+                || {
+                    let mut y = Vec::with_capacity(rows.len());
+                    for r in rows {
+                        y.push(dot(self.row(r), x));
+                    }
+                    y
+                },
+            )
         })
         .concat()
     }
@@ -261,11 +270,16 @@ impl<T: Real> Mat<'_, T> {
     /// memory (its second use, right after the dot product, hits the cache).
     fn gram_tall(&self, x: &[T]) -> Vec<T> {
         let parts = map_pieces(self.parallel, self.row_pieces(), |rows| {
-            let mut y = vec![T::zero(); self.n];
-            for r in rows {
-                axpy(&mut y, dot(self.row(r), x), self.row(r));
-            }
-            y
+            wide(
+                #[inline(always)]
+                || {
+                    let mut y = vec![T::zero(); self.n];
+                    for r in rows {
+                        axpy(&mut y, dot(self.row(r), x), self.row(r));
+                    }
+                    y
+                },
+            )
         });
         sum_in_order(parts, self.n)
     }
@@ -274,13 +288,18 @@ impl<T: Real> Mat<'_, T> {
     /// then `y += W[:, B] t`, the block read once from memory for both.
     fn gram_wide(&self, x: &[T]) -> Vec<T> {
         let parts = map_pieces(self.parallel, self.col_blocks(), |cols| {
-            let mut t = vec![T::zero(); cols.len()];
-            for (r, &xr) in x.iter().enumerate() {
-                axpy(&mut t, xr, self.row_part(r, &cols));
-            }
-            (0..self.m)
-                .map(|r| dot(self.row_part(r, &cols), &t))
-                .collect()
+            wide(
+                #[inline(always)]
+                || {
+                    let mut t = vec![T::zero(); cols.len()];
+                    for (r, &xr) in x.iter().enumerate() {
+                        axpy(&mut t, xr, self.row_part(r, &cols));
+                    }
+                    (0..self.m)
+                        .map(|r| dot(self.row_part(r, &cols), &t))
+                        .collect()
+                },
+            )
         });
         sum_in_order(parts, self.m)
     }
@@ -289,11 +308,16 @@ impl<T: Real> Mat<'_, T> {
     /// the result).
     fn transpose_times(&self, x: &[T]) -> Vec<T> {
         map_pieces(self.parallel, self.col_blocks(), |cols| {
-            let mut t = vec![T::zero(); cols.len()];
-            for (r, &xr) in x.iter().enumerate() {
-                axpy(&mut t, xr, self.row_part(r, &cols));
-            }
-            t
+            wide(
+                #[inline(always)]
+                || {
+                    let mut t = vec![T::zero(); cols.len()];
+                    for (r, &xr) in x.iter().enumerate() {
+                        axpy(&mut t, xr, self.row_part(r, &cols));
+                    }
+                    t
+                },
+            )
         })
         .concat()
     }
