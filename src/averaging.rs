@@ -297,14 +297,15 @@ impl WeightAverage {
     /// update, and for WSM until every checkpoint of non-zero weight is held
     /// (`weights.len()` less the leading zeros).
     pub fn averaged(&self) -> Result<Vec<(String, Tensor)>> {
+        self.averaged_for("WeightAverage::averaged")
+    }
+
+    /// [`Self::averaged`], its errors naming `who` (the public call made).
+    fn averaged_for(&self, who: &str) -> Result<Vec<(String, Tensor)>> {
         let values: Vec<Tensor> = match &self.kind {
             AverageKind::Ema { .. } | AverageKind::Polyak => {
                 if self.avg.is_empty() {
-                    fail!(
-                        Config,
-                        "WeightAverage::averaged",
-                        "no update yet: nothing to average"
-                    );
+                    fail!(Config, who, "no update yet: nothing to average");
                 }
                 self.avg.clone()
             }
@@ -313,7 +314,7 @@ impl WeightAverage {
                 if self.ckpts.len() < weights.len() {
                     fail!(
                         Config,
-                        "WeightAverage::averaged",
+                        who,
                         "WSM holds {} of the {} checkpoints it merges",
                         self.ckpts.len(),
                         weights.len()
@@ -355,7 +356,7 @@ impl WeightAverage {
                 "the average is already swapped in"
             );
         }
-        let ready = self.in_var_dtypes()?;
+        let ready = self.in_var_dtypes("WeightAverage::swap_in")?;
         let stash: Vec<Tensor> = self
             .vars
             .iter()
@@ -370,8 +371,8 @@ impl WeightAverage {
 
     /// The average in the variables' dtypes: what [`swap_in`](Self::swap_in)
     /// writes into them.
-    fn in_var_dtypes(&self) -> Result<Vec<Tensor>> {
-        let avg = self.averaged()?;
+    fn in_var_dtypes(&self, who: &str) -> Result<Vec<Tensor>> {
+        let avg = self.averaged_for(who)?;
         Ok(self
             .vars
             .iter()
@@ -396,7 +397,7 @@ impl WeightAverage {
                 "the average is not swapped in"
             );
         }
-        let ready = self.in_var_dtypes()?;
+        let ready = self.in_var_dtypes("WeightAverage::swap_out")?;
         // Per variable, the number of entries that differ (NaN = NaN here).
         let differing = self
             .vars

@@ -42,14 +42,17 @@ const META_HEADER_CRC: &str = "steepest.header.crc32";
 /// anything is off. Hyperparameters are restored from the checkpoint; call
 /// `set_learning_rate` afterwards to override the learning rate.
 pub trait OptimizerState {
-    /// The state as named tensors (copies, on the CPU).
+    /// The state as named tensors (copies, on the CPU). Refused
+    /// ([`Error::Config`]) while the learning rate is NaN, ±Inf or negative,
+    /// since no load would take such a checkpoint: set a valid rate first.
     fn state_dict(&self) -> Result<HashMap<String, Tensor>>;
 
     /// Restores the state from [`OptimizerState::state_dict`]'s output.
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
 
     /// Writes [`OptimizerState::state_dict`] to a safetensors file, with
-    /// checksums (see [`save`]).
+    /// checksums (see [`save`]); refused, writing nothing, when
+    /// `state_dict` is.
     fn save_state<P: AsRef<Path>>(&self, path: P) -> Result<()> {
         save(&self.state_dict()?, path)
     }

@@ -88,13 +88,14 @@ impl Kind {
             } => {
                 if s < *stable {
                     *peak
-                } else if s < stable + decay {
+                } else if s - stable < *decay {
+                    // (not `s < stable + decay`, which overflows near usize::MAX)
                     min + (peak - min) * shape.factor((s - stable) as f64 / *decay as f64)
                 } else {
                     *min
                 }
             }
-            Self::InverseSqrt(alpha) => alpha / ((s + 1) as f64).sqrt(),
+            Self::InverseSqrt(alpha) => alpha / (s as f64 + 1.0).sqrt(),
             Self::Warmup { steps, then } => {
                 if s < *steps {
                     then.lr(0) * (s + 1) as f64 / *steps as f64

@@ -222,7 +222,12 @@ fn wsm_keeps_no_zero_weight_checkpoint() {
 fn swap_in_and_out() {
     let v = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
     let mut avg = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
-    assert!(avg.swap_in().is_err(), "nothing to swap in yet");
+    // Nothing to swap in yet: the error names the call made.
+    let err = avg.swap_in().unwrap_err().to_string();
+    assert!(
+        err.contains("WeightAverage::swap_in") && err.contains("no update yet"),
+        "{err}"
+    );
     for i in 1..=4 {
         v.set(
             &Tensor::new(seq(i).as_slice(), &Device::Cpu)

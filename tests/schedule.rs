@@ -595,3 +595,20 @@ fn a_refused_scheduled_checkpoint_leaves_the_step_counter() {
     fresh.load_state_dict(&good).unwrap();
     assert_eq!(fresh.current_step(), 2);
 }
+
+/// Step counts near `usize::MAX` give the formula's rate, not an overflow
+/// (`stable + decay` and `s + 1` would wrap or panic there).
+#[test]
+fn steps_near_usize_max_follow_the_formulas() {
+    let big = usize::MAX - 3;
+    let lin = Schedule::wsd(1.0, 0.0, big, 4, DecayShape::Linear).unwrap();
+    close(lin.lr(big - 1), 1.0);
+    close(lin.lr(big), 1.0);
+    close(lin.lr(big + 1), 0.75);
+    close(lin.lr(usize::MAX), 0.25);
+    let past = Schedule::wsd(1.0, 0.1, usize::MAX - 9, 4, DecayShape::Linear).unwrap();
+    close(past.lr(usize::MAX), 0.1);
+    let inv = Schedule::inverse_sqrt(2.0).unwrap();
+    let expect = 2.0 / (usize::MAX as f64 + 1.0).sqrt();
+    assert!((inv.lr(usize::MAX) / expect - 1.0).abs() < 1e-12);
+}

@@ -39,7 +39,9 @@ pub struct TopSingular {
 /// previous optimizer step's `v`; a zero or non-finite start is ignored.
 /// Without a start, a fixed pseudo-random unit vector is used, so the result is
 /// deterministic and still finds `σ₁` when `v₁` is orthogonal to the all-ones
-/// vector. The error shrinks like `(σ₂/σ₁)^{2·iters}`.
+/// vector. The error shrinks like `(σ₂/σ₁)^{2·iters}`. `iters = 0` is
+/// allowed: no Gram product, σ, u and v from the normalised start alone
+/// (tall: `v = v₀`, `σ = ‖W v₀‖`), an estimate only as good as the start.
 ///
 /// Scale: every norm is taken after dividing by the largest magnitude, so
 /// `σ` and the unit vectors are right for any finite `W` whose products

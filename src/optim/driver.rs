@@ -6,7 +6,9 @@
 //! learning rate. A step:
 //!
 //! 1. picks the parameters that have a gradient (the others are skipped and
-//!    keep their state), checking each gradient's shape;
+//!    keep their state), checking each gradient's shape; a gradient of
+//!    another float dtype than its parameter (an f16 gradient of an f32
+//!    weight) is converted to the parameter's dtype;
 //! 2. validates the learning rate of every partition (finite, ≥ 0, and each
 //!    transform's rule, [`Transform::check_lr`]: decay needs `lr·λ ≤ 1`);
 //! 3. makes the gradients contiguous, skips parameters with no elements, and

@@ -36,7 +36,11 @@ pub struct MuonConfig {
     /// `set_learning_rate` changes the Muon rate (so one schedule drives both);
     /// so `lr` must be > 0 unless `adamw.lr` is 0 too.
     pub adamw: AdamWConfig,
-    /// Substrings of parameter names routed to AdamW (e.g. `"embed"`, `"lm_head"`).
+    /// Substrings of parameter names routed to AdamW (e.g. `"embed"`,
+    /// `"lm_head"`). Every matrix not matched goes to Muon, the output layer
+    /// and the embeddings included: Muon's authors keep those two on AdamW,
+    /// so name them here (a substring match: `"head"` also catches
+    /// `"attn_head.w"`; empty by default).
     pub adamw_names: Vec<String>,
 }
 

@@ -226,6 +226,7 @@ pub fn zeros_var(p: &ParamInfo, dims: &[usize]) -> Result<Var> {
 /// use candle_nn::Optimizer;
 /// use steepest::optim::transform::{GroupStep, Transform, TransformState};
 /// use steepest::optim::{Chain, Driver, NamedVar};
+/// use steepest::serde_json; // re-exported: no dependency of your own needed
 ///
 /// /// SignSGD's direction, `sign(d)` elementwise.
 /// #[derive(Clone, Debug)]
