@@ -281,7 +281,7 @@ impl WeightAverage {
                 };
             }
             AverageKind::Wsm { weights, interval } => {
-                if n % *interval as u64 == 0 {
+                if n.is_multiple_of(*interval as u64) {
                     self.ckpts.push_back(cur);
                     while self.ckpts.len() > merged(weights).len() {
                         self.ckpts.pop_front();

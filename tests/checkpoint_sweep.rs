@@ -1007,7 +1007,7 @@ fn with_st_header(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
     let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

@@ -526,7 +526,7 @@ impl Gpt {
     ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
         let d = cfg.d_model;
-        if cfg.heads == 0 || d % cfg.heads != 0 {
+        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             candle_core::bail!("d_model {d} must be divisible by heads {}", cfg.heads);
         }
         let tok_emb = vb.get((vocab, d), "tok_emb.weight")?;
@@ -1123,7 +1123,7 @@ pub fn train_rank<C: Collective>(
     progress: Option<Progress<'_>>,
 ) -> Result<Option<RunResult>> {
     let world = comm.world_size();
-    if cfg.batch % world != 0 {
+    if !cfg.batch.is_multiple_of(world) {
         candle_core::bail!(
             "the batch ({}) must be divisible by the number of ranks ({world})",
             cfg.batch

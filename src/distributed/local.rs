@@ -384,7 +384,7 @@ fn complete(world: usize, slots: &[Contribution]) -> std::result::Result<Payload
     match op {
         Op::AllReduce(r) => Ok(reduce(&data, r, world)),
         Op::ReduceScatter(r) => {
-            if lens[0] % world != 0 {
+            if !lens[0].is_multiple_of(world) {
                 return Err(format!(
                     "the input has {} elements, not a multiple of the world size {world}",
                     lens[0]

@@ -32,7 +32,7 @@ fn check(what: &str, want: &Tensor, got: &Tensor, tol: f64) {
 fn input(i: usize, b: usize, m: usize, n: usize, dt: DType) -> Tensor {
     let mut r = rng(300 + i as u64);
     let g = randn(&mut r, &[b, m, n], dt, &Device::Cpu);
-    if b == 1 && i % 2 == 0 {
+    if b == 1 && i.is_multiple_of(2) {
         g.squeeze(0).unwrap()
     } else {
         g
