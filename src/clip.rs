@@ -100,7 +100,8 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     })
 }
 
-/// [`clip_grad_norm`] over named variables — e.g. an optimizer's own,
+/// [`clip_grad_norm`] over named variables — a `VarMap`'s
+/// ([`NamedVar::from_varmap`]) or an optimizer's own,
 /// `opt.driver().params()` — so that a NaN/Inf gradient's
 /// [`Error::NonFiniteGradient`] names the parameter, as a step does.
 pub fn clip_grad_norm_named(

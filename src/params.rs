@@ -17,6 +17,17 @@ pub struct NamedVar {
     pub var: Var,
 }
 
+impl NamedVar {
+    /// The float variables of a `VarMap`, named and sorted by their `VarMap`
+    /// names (as `from_varmap` optimizers name them): for
+    /// [`crate::clip::clip_grad_norm_named`] and [`crate::averaging`]
+    /// without reaching into an optimizer. Errors when the `VarMap` holds no
+    /// float variable (the model is not built yet).
+    pub fn from_varmap(varmap: &VarMap) -> Result<Vec<NamedVar>> {
+        varmap_vars(varmap)
+    }
+}
+
 /// What a transform or a label function knows about a parameter.
 #[derive(Clone, Debug)]
 pub struct ParamInfo {

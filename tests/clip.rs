@@ -340,3 +340,35 @@ fn zero_gradients_and_no_gradients_have_norm_zero() {
     assert_eq!(grad_norm(&grads, &vars).unwrap(), 0.0);
     assert_eq!(clip_grad_norm(&mut grads, &vars, 1.0).unwrap(), 0.0);
 }
+
+/// `NamedVar::from_varmap` names a `VarMap`'s float variables by their
+/// `VarMap` names, sorted, so that clipping's NaN error names the
+/// parameter without an optimizer at hand; an empty `VarMap` is refused.
+#[test]
+fn clipping_names_a_varmaps_parameter() {
+    use candle_nn::{Init, VarMap};
+    use steepest::optim::NamedVar;
+    let vm = VarMap::new();
+    let err = NamedVar::from_varmap(&vm).unwrap_err().to_string();
+    assert!(err.contains("build the model first"), "{err}");
+    let dev = Device::Cpu;
+    let b = vm
+        .get(3, "fc.bias", Init::Const(0.5), DType::F32, &dev)
+        .unwrap();
+    let w = vm
+        .get((3, 2), "fc.weight", Init::Const(1.0), DType::F32, &dev)
+        .unwrap();
+    let named = NamedVar::from_varmap(&vm).unwrap();
+    let names: Vec<&str> = named.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["fc.bias", "fc.weight"]);
+    let loss = (b.sum_all().unwrap() + w.sqr().unwrap().sum_all().unwrap()).unwrap();
+    let mut grads = loss.backward().unwrap();
+    let bad = Tensor::new(&[[1f32, f32::NAN], [0., 0.], [0., 0.]], &dev).unwrap();
+    let wv = named[1].var.as_tensor().clone();
+    grads.insert(&wv, bad);
+    let e = steepest::clip::clip_grad_norm_named(&mut grads, &named, 1.0).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::NonFiniteGradient { param } if param == "fc.weight"),
+        "{e:?}"
+    );
+}
