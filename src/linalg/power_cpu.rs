@@ -284,6 +284,16 @@ impl<T: Real> Mat<'_, T> {
         sum_in_order(parts, self.n)
     }
 
+    /// `W[:, cols]ᵀ x`, row by row.
+    #[inline(always)]
+    fn block_transpose_times(&self, x: &[T], cols: &std::ops::Range<usize>) -> Vec<T> {
+        let mut t = vec![T::zero(); cols.len()];
+        for (r, &xr) in x.iter().enumerate() {
+            axpy(&mut t, xr, self.row_part(r, cols));
+        }
+        t
+    }
+
     /// `W Wᵀ x` for `n > m`, by blocks of columns `B`: `t = W[:, B]ᵀ x`,
     /// then `y += W[:, B] t`, the block read once from memory for both.
     fn gram_wide(&self, x: &[T]) -> Vec<T> {
@@ -291,13 +301,14 @@ impl<T: Real> Mat<'_, T> {
             wide(
                 #[inline(always)]
                 || {
-                    let mut t = vec![T::zero(); cols.len()];
-                    for (r, &xr) in x.iter().enumerate() {
-                        axpy(&mut t, xr, self.row_part(r, &cols));
+                    let t = self.block_transpose_times(x, &cols);
+                    // A loop, not `map().collect()`, whose closure would be
+                    // compiled outside the AVX2 function.
+                    let mut y = Vec::with_capacity(self.m);
+                    for r in 0..self.m {
+                        y.push(dot(self.row_part(r, &cols), &t));
                     }
-                    (0..self.m)
-                        .map(|r| dot(self.row_part(r, &cols), &t))
-                        .collect()
+                    y
                 },
             )
         });
@@ -310,13 +321,7 @@ impl<T: Real> Mat<'_, T> {
         map_pieces(self.parallel, self.col_blocks(), |cols| {
             wide(
                 #[inline(always)]
-                || {
-                    let mut t = vec![T::zero(); cols.len()];
-                    for (r, &xr) in x.iter().enumerate() {
-                        axpy(&mut t, xr, self.row_part(r, &cols));
-                    }
-                    t
-                },
+                || self.block_transpose_times(x, &cols),
             )
         })
         .concat()
