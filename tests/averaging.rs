@@ -509,3 +509,33 @@ fn ema_decay_outside_zero_to_one_is_refused() {
     }
     assert!(make(0.0).is_ok());
 }
+
+/// An average that is not ready names the call made: `averaged` itself, and
+/// `swap_in` for WSM too (not only for EMA / Polyak), changing nothing.
+#[test]
+fn an_average_not_ready_names_the_call_made() {
+    let v = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let pol = WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Polyak).unwrap();
+    let e = pol.averaged().unwrap_err().to_string();
+    assert!(
+        e.contains("WeightAverage::averaged") && e.contains("no update yet"),
+        "{e}"
+    );
+    let kind = AverageKind::Wsm {
+        weights: vec![0.5, 0.5],
+        interval: 1,
+    };
+    let mut wsm = WeightAverage::from_named(vec![named(&v, "w")], kind).unwrap();
+    wsm.update().unwrap();
+    let e = wsm.averaged().unwrap_err().to_string();
+    assert!(
+        e.contains("WeightAverage::averaged") && e.contains("WSM holds 1 of the 2"),
+        "{e}"
+    );
+    let e = wsm.swap_in().unwrap_err().to_string();
+    assert!(
+        e.contains("WeightAverage::swap_in") && e.contains("WSM holds 1 of the 2"),
+        "{e}"
+    );
+    assert!(!wsm.is_swapped_in());
+}

@@ -1111,3 +1111,47 @@ fn a_save_goes_through_path_dot_tmp_and_a_failed_one_keeps_the_old_file() {
     }
     assert_eq!(std::fs::read(&bin).unwrap(), before);
 }
+
+/// A save whose rename fails (a non-empty directory stands at `path`) is
+/// refused naming the file, and removes the `<path>.tmp` it had written:
+/// nothing is left beside the checkpoints.
+#[test]
+fn a_save_whose_rename_fails_removes_its_temporary_file() {
+    let s = saved();
+    let target = s.dir.join("opt.st");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep"), b"x").unwrap();
+    let err = s.opt.save_state(&target).unwrap_err();
+    match &err {
+        Error::Checkpoint { who, what } => {
+            assert!(who.ends_with("opt.st"), "{err}");
+            assert!(what.contains("cannot write"), "{err}");
+        }
+        e => panic!("expected Error::Checkpoint, got {e:?}"),
+    }
+    assert!(
+        !s.dir.join("opt.st.tmp").exists(),
+        "the temporary file is left behind"
+    );
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"x");
+}
+
+/// A tensor of the file that the metadata's checksum list does not name
+/// (its entry dropped, the list otherwise intact) is refused naming the
+/// key, and nothing changes.
+#[test]
+fn a_tensor_without_a_checksum_is_refused_naming_the_key() {
+    let mut s = saved();
+    let key = "a.weight.adam.exp_avg";
+    let bad = with_metadata(&s.bytes, |m| {
+        let mut crcs: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(m["steepest.crc32"].as_str().unwrap()).unwrap();
+        assert!(crcs.remove(key).is_some(), "{crcs:?}");
+        m["steepest.crc32"] = serde_json::to_string(&crcs).unwrap().into();
+    });
+    let dir = s.dir.clone();
+    refused(&mut s.opt, &s.vm, &dir, &bad, |who, what| {
+        assert_eq!(who, key, "{what}");
+        assert!(what.contains("without a checksum"), "{what}");
+    });
+}

@@ -612,3 +612,27 @@ fn steps_near_usize_max_follow_the_formulas() {
     let expect = 2.0 / (usize::MAX as f64 + 1.0).sqrt();
     assert!((inv.lr(usize::MAX) / expect - 1.0).abs() < 1e-12);
 }
+
+/// Both rates of a decay are checked, each by name: a negative or NaN `min`
+/// (which `min ≤ peak` lets through) and a negative or NaN `peak`.
+#[test]
+fn both_rates_of_a_decay_are_checked_by_name() {
+    for bad in [-0.1, f64::NAN] {
+        let errs = [
+            (Schedule::cosine(1.0, bad, 10), "Schedule::cosine: min"),
+            (
+                Schedule::wsd(1.0, bad, 5, 10, DecayShape::Linear),
+                "Schedule::wsd: min",
+            ),
+            (Schedule::cosine(bad, 0.0, 10), "Schedule::cosine: peak"),
+            (
+                Schedule::wsd(bad, 0.0, 5, 10, DecayShape::Linear),
+                "Schedule::wsd: peak",
+            ),
+        ];
+        for (r, who) in errs {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(who) && e.contains("finite"), "{bad}: {e}");
+        }
+    }
+}

@@ -815,9 +815,17 @@ mod tests {
             out.extend(m.iter().chain(&v).map(|x| bytes(x)));
             out
         }
+        // The switch itself: on (the AVX2 CPU has it) but inside
+        // `baseline_only`, and on again after it, or the comparison compares
+        // a build with itself.
         fn both<R: PartialEq + std::fmt::Debug>(what: &str, f: impl Fn() -> R) {
+            assert!(wide_enabled(), "{what}: the AVX2 loops are not in use");
             let wide = f();
-            let base = baseline_only(&f);
+            let base = baseline_only(|| {
+                assert!(!wide_enabled(), "{what}: baseline_only left AVX2 on");
+                f()
+            });
+            assert!(wide_enabled(), "{what}: baseline_only left AVX2 off");
             assert!(wide == base, "{what}: the AVX2 loops changed the result");
         }
         // Tails of 1–7 elements, a row of 300 under the rank-1 term, and a
