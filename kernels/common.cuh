@@ -92,20 +92,21 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return scratch[STEEPEST_BLOCK];
 }
 
-// ‖y‖ of the k floats at y, over the block: scaled by the largest magnitude
-// first (d = max(max|yᵢ|, tiny), ‖y‖ = d·‖y/d‖), so that neither the squares
-// nor their sum under- or overflow (the generic path's `frobenius_keepdim`); NaN
-// when y is not finite. Every thread gets the result.
-__device__ __forceinline__ float block_norm(const float* y, unsigned k, float* scratch) {
+// ‖y/d‖ of the k floats at y, over the block, with d = max(max|yᵢ|, tiny)
+// written to *d: scaled by the largest magnitude first so that neither the
+// squares nor their sum under- or overflow (‖y‖ = d·‖y/d‖, the generic path's
+// `scaled_keepdim`); NaN when y is not finite. Where y is subnormal d is the
+// smallest normal, a power of two, so y/d is exact. Every thread gets both.
+__device__ __forceinline__ float block_scaled_norm(const float* y, unsigned k, float* scratch, float* d) {
     float m = 0.0f;
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) m = fmaxf(m, fabsf(y[e]));
-    float d = fmaxf(block_max(m, scratch), STEEPEST_TINY);
+    *d = fmaxf(block_max(m, scratch), STEEPEST_TINY);
     float ss = 0.0f;
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
-        float q = y[e] / d;  // NaN for a NaN, and for an Inf (d = Inf then)
+        float q = y[e] / *d;  // NaN for a NaN, and for an Inf (d = Inf then)
         ss += q * q;
     }
-    return sqrtf(block_sum(ss, scratch)) * d;
+    return sqrtf(block_sum(ss, scratch));
 }
 
 // One tensor of a multi-tensor launch. The pointers mean, per family:

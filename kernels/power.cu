@@ -12,7 +12,7 @@
 // Launch sequence (src/device/launch/power.rs `power_iteration`): `power_start`
 // (the start vector, or the default one), then per iteration `power_gram`
 // (accumulate G x into y) and `power_normalize` (x ← y/‖y‖, or keep x when
-// ‖y‖ is 0 or not finite; clears y; the norm scaled by max|yᵢ|, `block_norm`),
+// ‖y‖ is 0 or not finite; clears y; the norm scaled by max|yᵢ|, `block_scaled_norm`),
 // and a last `power_gram` in DOT mode for W v (or Wᵀ u)
 // with `power_normalize` writing σ₁; for a group's state vectors,
 // `power_store` writes v₁ back where the starts came from.
@@ -34,13 +34,15 @@ STEEPEST_KERNEL void power_start(const u64* starts, const float* dflt, float* x,
     unsigned bi = blockIdx.x;
     const float* s = starts ? reinterpret_cast<const float*>(starts[bi]) : nullptr;
     // NaN when the start is not finite; > 0 when it is finite and not all zero.
-    float ns = s ? block_norm(s, k, scratch) : 0.0f;
+    float d = 1.0f;
+    float ns = s ? block_scaled_norm(s, k, scratch, &d) : 0.0f;
     bool usable = s && ns > 0.0f;
     const float* chosen = usable ? s : dflt;
-    float nrm = usable ? ns : block_norm(dflt, k, scratch);
+    if (!usable) ns = block_scaled_norm(dflt, k, scratch, &d);
     float* out = x + u64(bi) * k;
+    // (y/d)/‖y/d‖, not y/‖y‖: a subnormal ‖y‖ has few bits (`power_normalize`).
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
-        out[e] = nrm > 0.0f ? chosen[e] / fmaxf(nrm, STEEPEST_TINY) : dflt[e];
+        out[e] = ns > 0.0f ? chosen[e] / d / ns : dflt[e];
     }
 }
 STEEPEST_EMU_EXPORT(power_start)
@@ -160,26 +162,31 @@ STEEPEST_POWER_GRAM(f32, float)
 STEEPEST_POWER_GRAM(bf16, bf16)
 STEEPEST_POWER_GRAM(f16, f16)
 
-// Per matrix (grid b): ν = ‖y‖; x ← y / max(ν, tiny) where ν > 0, else
-// `keep` (when `keep` is given: `renormalize`; without it `safe_div`, so a
-// zero y gives a zero x). `keep` has stride `keep_stride` per matrix (0: one
-// vector for all) and may be x itself. Writes σ = ν when `sigma` is given;
-// clears y when `zero_y` (ready for the next accumulation). x may be y.
+// Per matrix (grid b): ν = ‖y‖; x ← y / ν where ν > 0, else `keep` (when
+// `keep` is given: `renormalize`; without it `unit_or_self`, so a zero y
+// gives a zero x). The division as (y/d)/‖y/d‖ (d = max|yᵢ| floored at the
+// smallest normal, `block_scaled_norm`), not y/ν: where ν is subnormal it
+// has few bits, and y/ν came out short of unit length. `keep` has stride
+// `keep_stride` per matrix (0: one vector for all) and may be x itself.
+// Writes σ = ν when `sigma` is given; clears y when `zero_y` (ready for the
+// next accumulation). x may be y.
 STEEPEST_KERNEL void power_normalize(float* y, float* x, const float* keep, unsigned keep_stride,
                                      float* sigma, int zero_y, unsigned k) {
     __shared__ float scratch[STEEPEST_SCRATCH];
     unsigned bi = blockIdx.x;
     float* yb = y + u64(bi) * k;
     float* xb = x + u64(bi) * k;
-    float nrm = block_norm(yb, k, scratch);
-    float div = fmaxf(nrm, STEEPEST_TINY);
+    float d;
+    float ns = block_scaled_norm(yb, k, scratch, &d);
+    bool positive = ns > 0.0f;
+    float div = positive ? ns : 1.0f;
     const float* kb = keep ? keep + u64(bi) * keep_stride : nullptr;
     // Each thread reads and writes only its own elements: x, y and keep may alias.
     for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
         float ye = yb[e];
-        xb[e] = (kb && !(nrm > 0.0f)) ? kb[e] : ye / div;
+        xb[e] = (kb && !positive) ? kb[e] : ye / d / div;
         if (zero_y) yb[e] = 0.0f;
     }
-    if (sigma && threadIdx.x == 0) sigma[bi] = nrm;
+    if (sigma && threadIdx.x == 0) sigma[bi] = ns * d;
 }
 STEEPEST_EMU_EXPORT(power_normalize)

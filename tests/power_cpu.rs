@@ -223,8 +223,8 @@ fn members_read_in_place_give_the_stacked_batch_bits() {
 }
 
 /// The scales a power iteration meets, f32 (σ₁ ≈ 1.3–2.5 × the scale here).
-pub const SCALES: [f64; 11] = [
-    1e-30, 1e-24, 1e-18, 1e-12, 1e-6, 1.0, 1e6, 1e10, 1e15, 1e18, 1e30,
+pub const SCALES: [f64; 14] = [
+    1e-30, 1e-24, 1e-22, 1e-21, 1e-20, 1e-18, 1e-12, 1e-6, 1.0, 1e6, 1e10, 1e15, 1e18, 1e30,
 ];
 
 /// Scale equivariance, `σ(sW) = s·σ(W)` with the same `u`, `v`: every norm
@@ -234,7 +234,10 @@ pub const SCALES: [f64; 11] = [
 /// 1e-4), tall and wide, with and without a start. Beyond that range the
 /// Gram product under- or overflows and the iterations keep their vector,
 /// but σ is still positive and finite and `u`, `v` unit — and the two paths
-/// still agree. (Before the scaling, σ came out 0 with `u = v = 0` at
+/// still agree. Between, at 1e-22…1e-20, the Gram product is subnormal:
+/// `u`, `v` unit and σ/s within 1e-2. (Dividing `y` by a subnormal `‖y‖`
+/// left `u`, `v` short of unit length there, σ off by 10⁶; the division is
+/// now of the scaled `y/max|yᵢ|`.) (Before the scaling, σ came out 0 with `u = v = 0` at
 /// s = 1e10, and the iterations stalled from s ≈ 1e-10 down.)
 #[test]
 fn every_scale_gives_the_scaled_result_on_both_paths() {
@@ -266,7 +269,53 @@ fn every_scale_gives_the_scaled_result_on_both_paths() {
                     let du = max_abs_diff(&got.u, &one.u);
                     let dv = max_abs_diff(&got.v, &one.v);
                     assert!(du < 1e-4 && dv < 1e-4, "{what}: |Δu| {du:e} |Δv| {dv:e}");
+                } else if (1e-22..1e-18).contains(&scale) {
+                    // The Gram product subnormal: its few bits perturb the
+                    // iterate, σ stays within 1e-2 (1e-4 to 1e-3 measured).
+                    let rel = (sigma / scale - sigma1).abs() / sigma1;
+                    assert!(rel < 1e-2, "{what}: σ/s {} vs {sigma1}", sigma / scale);
                 }
+            }
+        }
+    }
+}
+
+/// A start vector with subnormal entries (‖v₀‖ ≈ 1e-40 in f32) is usable
+/// and normalised to unit length: with 0 iterations `v` is the start's
+/// direction (f64 division, to 1e-4: the entries have ~17 bits) on both
+/// paths, tall and wide. (A floor of the divisor at the smallest normal
+/// gave ‖v‖ ≈ 1e-2.)
+#[test]
+fn a_subnormal_start_is_normalised_to_unit_length() {
+    let mut r = rng(325);
+    for (m, n) in [(7, 5), (5, 7)] {
+        let w = randn(&mut r, &[m, n], DType::F32);
+        let start = (randn(&mut r, &[n], DType::F64) * 1e-40)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = to_f64_vec(&start);
+        let ns = s.iter().map(|a| a * a).sum::<f64>().sqrt();
+        assert!(ns > 0.0 && ns < f32::MIN_POSITIVE as f64, "‖v₀‖ = {ns:e}");
+        let dir: Vec<f64> = s.iter().map(|a| a / ns).collect();
+        let generic = with_generic_ops(|| power_iteration(&w, Some(&start), 0)).unwrap();
+        let cpu = power_iteration(&w, Some(&start), 0).unwrap();
+        compare(&format!("({m}, {n})"), &generic, &cpu, false);
+        for (path, got) in [("generic", &generic), ("cpu", &cpu)] {
+            for (what, x) in [("u", &got.u), ("v", &got.v)] {
+                let norm = to_f64_vec(x).iter().map(|a| a * a).sum::<f64>().sqrt();
+                assert!(
+                    (norm - 1.0).abs() < 1e-5,
+                    "({m}, {n}) {path} ‖{what}‖ = {norm}"
+                );
+            }
+            if n <= m {
+                // Tall: v is the normalised start itself.
+                let d = to_f64_vec(&got.v)
+                    .iter()
+                    .zip(&dir)
+                    .fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
+                assert!(d < 1e-4, "({m}, {n}) {path}: |v − v₀/‖v₀‖| = {d:e}");
             }
         }
     }

@@ -82,9 +82,17 @@ pub(crate) fn tiny(dtype: DType) -> f64 {
 
 /// Frobenius norm of each matrix, kept as `(1, 1)` or `(b, 1, 1)` for broadcasting.
 pub(crate) fn frobenius_keepdim(t: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, norm_s, m) = scaled_keepdim(t)?;
+    norm_s * m
+}
+
+/// `(s, ‖s‖_F, m)` per matrix with `s = t / m`, `m = max(max|t|, tiny)`, the
+/// norms and scales kept as `(1, 1)` or `(b, 1, 1)`: `‖t‖_F = m·‖s‖_F`.
+pub(crate) fn scaled_keepdim(t: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     // As m·‖t/m‖_F with m = max|t| per matrix: Σ t² itself overflows f32 for
     // |t| ≳ 1e19 (and underflows for |t| ≲ 1e-19), which would zero a huge
-    // gradient's msign.
+    // gradient's msign. Where t is subnormal m is the smallest normal, a
+    // power of two, so s is exact.
     let r = t.rank();
     let tiny = tiny(t.dtype());
     let m = t
@@ -93,5 +101,6 @@ pub(crate) fn frobenius_keepdim(t: &Tensor) -> candle_core::Result<Tensor> {
         .max_keepdim(r - 2)?
         .maximum(tiny)?;
     let s = t.broadcast_div(&m)?;
-    s.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()? * m
+    let norm_s = s.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()?;
+    Ok((s, norm_s, m))
 }

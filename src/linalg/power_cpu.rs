@@ -152,7 +152,7 @@ fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<
 }
 
 /// The default unit start vectors of both sides and the smallest positive
-/// normal of `T` (the generic path's `safe_div` floor).
+/// normal of `T` (the norms' scale floor, as on the generic path).
 struct Consts<T> {
     dflt_m: Vec<T>,
     dflt_n: Vec<T>,
@@ -214,8 +214,7 @@ impl<T: Real> Mat<'_, T> {
             }
             let wv = self.times(&x);
             let sigma = norm(&wv, c.tiny);
-            let d = max(sigma, c.tiny);
-            (sigma, wv.iter().map(|&y| y / d).collect(), x)
+            (sigma, unit_or(&wv, None, c.tiny), x)
         }
     }
 
@@ -389,10 +388,19 @@ fn axpy<T: Real>(y: &mut [T], c: T, x: &[T]) {
 /// overflow: the generic path's `frobenius_keepdim`. NaN when `y` is not
 /// finite.
 fn norm<T: Real>(y: &[T], tiny: T) -> T {
+    let (_, ns, d) = scaled(y, tiny);
+    ns * d
+}
+
+/// `(s, ‖s‖, d)` with `s = y / d`, `d = max(max|yᵢ|, tiny)`: `y`'s direction
+/// and norm with every entry of `s` at most 1 in magnitude. Where `y` is
+/// subnormal `d` is the smallest normal, a power of two, so `s` is exact.
+fn scaled<T: Real>(y: &[T], tiny: T) -> (Vec<T>, T, T) {
     let m = y.iter().fold(T::zero(), |a, &x| max(a, abs(x)));
     let d = max(m, tiny);
     let s: Vec<T> = y.iter().map(|&x| x / d).collect();
-    dot(&s, &s).sqrt() * d
+    let ns = dot(&s, &s).sqrt();
+    (s, ns, d)
 }
 
 fn abs<T: Real>(x: T) -> T {
@@ -411,14 +419,21 @@ fn max<T: Real>(a: T, b: T) -> T {
     }
 }
 
-/// `y / ‖y‖`, or `keep` where `‖y‖` is not positive (the generic path's
-/// `renormalize`).
-fn renormalized<T: Real>(y: &[T], keep: &[T], tiny: T) -> Vec<T> {
-    let nrm = norm(y, tiny);
-    if nrm > T::zero() {
-        let d = max(nrm, tiny);
-        y.iter().map(|&x| x / d).collect()
+/// `y / ‖y‖` as `s / ‖s‖` (`s = y / d`, [`scaled`]) where `‖y‖ > 0`, else
+/// `keep` (the generic path's `renormalize`), or `y` itself when `keep` is
+/// `None` (zero stays zero: the generic path's `unit_or_self`). Dividing the
+/// scaled `s` rather than `y` by `‖y‖`: where `‖y‖` is subnormal it has
+/// few bits, and `y / ‖y‖` came out short of unit length.
+fn unit_or<T: Real>(y: &[T], keep: Option<&[T]>, tiny: T) -> Vec<T> {
+    let (s, ns, _) = scaled(y, tiny);
+    if ns > T::zero() {
+        s.iter().map(|&x| x / ns).collect()
     } else {
-        keep.to_vec()
+        keep.unwrap_or(y).to_vec()
     }
+}
+
+/// `y / ‖y‖`, or `keep` where `‖y‖` is not positive ([`unit_or`]).
+fn renormalized<T: Real>(y: &[T], keep: &[T], tiny: T) -> Vec<T> {
+    unit_or(y, Some(keep), tiny)
 }

@@ -47,8 +47,11 @@ pub struct TopSingular {
 /// `σ` and the unit vectors are right for any finite `W` whose products
 /// `W v` are finite. The Gram products `WᵀW x` are of order `σ₁²`: in f32
 /// (and the 16-bit dtypes, computed in f32) the iterations refine `v` for
-/// `10⁻¹⁸ ≲ σ₁ ≲ 10¹⁸`; beyond that the product under- or overflows and an
-/// iteration keeps its vector (σ and u are still computed from it).
+/// `10⁻¹⁸ ≲ σ₁ ≲ 10¹⁸`. Below, to `σ₁ ≈ 10⁻²²`, the product is subnormal:
+/// its few bits perturb the iterate (σ measured within 10⁻³), while `u`, `v`
+/// stay unit, as every vector is normalised as `s/‖s‖` with `s = y/max|yᵢ|`.
+/// Further out the product under- or overflows and an iteration keeps its
+/// vector (σ and u are still computed from it).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
     matrix_dims("power_iteration: w", w)?;
     crate::device::power_iteration(w, start, iters)
@@ -93,7 +96,7 @@ pub(crate) fn power_iteration_generic(
     } else {
         let wv = w3.matmul(&x)?;
         let sigma = super::frobenius_keepdim(&wv)?;
-        let u = safe_div(&wv, &sigma)?;
+        let (u, _) = unit_or_self(&wv)?;
         (u, x, sigma)
     };
     let (u, v, sigma) = (u.squeeze(2)?, v.squeeze(2)?, sigma.flatten_all()?);
@@ -234,12 +237,17 @@ fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_co
 
 /// `y / ‖y‖`, or `keep` where `‖y‖ = 0` (so `W = 0` leaves a unit vector).
 fn renormalize(y: &Tensor, keep: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = super::frobenius_keepdim(y)?;
-    let ok = norm.gt(0.0)?.broadcast_as(y.shape())?;
-    ok.where_cond(&safe_div(y, &norm)?, keep)
+    let (unit, positive) = unit_or_self(y)?;
+    positive.broadcast_as(y.shape())?.where_cond(&unit, keep)
 }
 
-/// `y / max(norm, tiny)`: zero stays zero.
-fn safe_div(y: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
-    y.broadcast_div(&norm.maximum(super::tiny(norm.dtype()))?)
+/// `y / ‖y‖` computed as `s / ‖s‖` (`s = y / m`, `super::scaled_keepdim`)
+/// where `‖y‖ > 0`, else `y` itself (zero stays zero); and where it was
+/// positive. Dividing the scaled `s`, not `y`, by the norm: where `‖y‖` is
+/// subnormal it has few bits, and `y / ‖y‖` came out short of unit length.
+fn unit_or_self(y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (s, norm_s, _) = super::scaled_keepdim(y)?;
+    let positive = norm_s.gt(0.0)?;
+    let divisor = positive.where_cond(&norm_s, &norm_s.ones_like()?)?;
+    Ok((s.broadcast_div(&divisor)?, positive))
 }

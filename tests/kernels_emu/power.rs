@@ -85,11 +85,13 @@ fn zero_matrix() {
 /// and finite, u and v are unit; within 1e-18..1e18 (the Gram product
 /// representable) the result is the scale-1 one scaled (σ/s to 1e-5,
 /// vectors to 1e-4). The norms are taken after dividing by the largest
-/// magnitude (`block_norm`), as on the CPU.
+/// magnitude (`block_scaled_norm`), as on the CPU; at 1e-21 the Gram
+/// product is subnormal and u, v are still unit (they were not before the
+/// scaled division).
 #[test]
 fn every_scale_gives_the_scaled_result() {
     // (each regime once: the emulator is slow, and slower under TSan in CI)
-    let scales = [1e-30, 1e-18, 1e-12, 1e10, 1e18, 1e30];
+    let scales = [1e-30, 1e-21, 1e-18, 1e-12, 1e10, 1e18, 1e30];
     let mut r = rng(41);
     for (m, n) in [(9, 4), (4, 9), (1, 6), (6, 1)] {
         let w1 = spiked(&mut r, 1, m, n, DType::F32, &Device::Cpu)
@@ -171,6 +173,32 @@ fn unusable_start_falls_back_per_matrix() {
         let want = power_iteration(&w, Some(&start), iters).unwrap();
         let got = emu::power_iteration(&w, Some(&start), iters).unwrap();
         compare(&format!("unusable starts, iters {iters}"), &want, &got);
+    }
+}
+
+/// A start of subnormal entries (‖v₀‖ ≈ 1e-40) is usable and normalised to
+/// unit length under the kernels as on the CPU (`power_start` divides the
+/// scaled start, not the start by its subnormal norm).
+#[test]
+fn subnormal_start_is_normalised_to_unit_length() {
+    let mut r = rng(10);
+    let w = spiked(&mut r, 2, 9, 6, DType::F32, &Device::Cpu);
+    let start = (start_vec(&mut r, 2, 6, &Device::Cpu)
+        .to_dtype(DType::F64)
+        .unwrap()
+        * 1e-40)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    for iters in [0, 2] {
+        let want = power_iteration(&w, Some(&start), iters).unwrap();
+        let got = emu::power_iteration(&w, Some(&start), iters).unwrap();
+        let what = format!("subnormal start, iters {iters}");
+        compare(&what, &want, &got);
+        for row in f64s(&got.v).chunks(6) {
+            let norm = row.iter().map(|a| a * a).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{what}: ‖v‖ = {norm}");
+        }
     }
 }
 
