@@ -106,8 +106,24 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| nan_aware_diff(*x, *y))
         .fold(0.0, f64::max)
+}
+
+/// `|x − y|`, 0 where both are the same value (two NaNs, two equal
+/// infinities), +∞ where only one is NaN or the infinities differ: `f64::max`
+/// drops a NaN, so a plain `|x − y|` let a NaN pass as agreement.
+pub fn nan_aware_diff(x: f64, y: f64) -> f64 {
+    if x == y || (x.is_nan() && y.is_nan()) {
+        0.0
+    } else {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    }
 }
 
 /// Symmetric eigendecomposition: eigenvalues ascending with their eigenvectors as columns.
