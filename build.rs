@@ -135,6 +135,10 @@ fn link_sanitizer_runtime(b: &cc::Build, name: &str) {
 fn build_ptx(sources: &[PathBuf], kernels: &Path, out: &Path) {
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
+    // nvcc reads these too; a `--use_fast_math` there would flush subnormals
+    // and approximate division (checked below on the PTX).
+    println!("cargo::rerun-if-env-changed=NVCC_APPEND_FLAGS");
+    println!("cargo::rerun-if-env-changed=NVCC_PREPEND_FLAGS");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| {
         panic!("feature `cuda`: set CUDA_COMPUTE_CAP (e.g. 90; source /opt/cuda-13.0/env.sh)")
     });
@@ -156,7 +160,15 @@ fn build_ptx(sources: &[PathBuf], kernels: &Path, out: &Path) {
         let ptx = out.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17"])
-            .arg("--fmad=false")
+            // IEEE arithmetic, spelled out rather than left to nvcc's defaults:
+            // the kernels must do the CPU path's operations bit for bit, and
+            // the power iteration's norms rely on subnormals.
+            .args([
+                "--fmad=false",
+                "-ftz=false",
+                "-prec-div=true",
+                "-prec-sqrt=true",
+            ])
             .arg("-I")
             .arg(kernels)
             .arg("-o")
@@ -166,6 +178,14 @@ fn build_ptx(sources: &[PathBuf], kernels: &Path, out: &Path) {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", src.display());
         let text = std::fs::read_to_string(&ptx).expect("nvcc wrote the PTX");
+        if let Some(bad) = non_ieee_instruction(&text) {
+            panic!(
+                "{}: the PTX has `{bad}` (fused, flushed or approximate float arithmetic), \
+                 which breaks the kernels' bit-for-bit agreement with the CPU path; \
+                 check NVCC_APPEND_FLAGS / NVCC_PREPEND_FLAGS for --use_fast_math or -ftz=true",
+                src.display()
+            );
+        }
         let name = format!("steepest_{stem}_{:016x}", fnv1a(text.as_bytes()));
         code.push_str(&format!(
             "    (\"{name}\", include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\"))),\n"
@@ -184,6 +204,25 @@ fn build_ptx(sources: &[PathBuf], kernels: &Path, out: &Path) {
 }
 
 /// 64-bit FNV-1a: a version of the PTX for the module name.
+/// The first float instruction in `ptx` that is not IEEE round-to-nearest
+/// without flushing: a fused multiply-add (`fma.`, float `mad.`), a flush of
+/// subnormals (`.ftz`), approximate or full-range-fast division and roots
+/// (`.approx`, `div.full`).
+fn non_ieee_instruction(ptx: &str) -> Option<String> {
+    ptx.lines()
+        .map(|l| l.split("//").next().unwrap_or("").trim())
+        // the opcode: the first word after an optional `@%p` predicate
+        .filter_map(|l| l.split_whitespace().find(|w| !w.starts_with('@')))
+        .find(|op| {
+            op.starts_with("fma.")
+                || (op.starts_with("mad.") && op.contains(".f"))
+                || op.contains(".ftz")
+                || op.contains(".approx")
+                || op.starts_with("div.full")
+        })
+        .map(str::to_string)
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)

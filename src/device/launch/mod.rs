@@ -351,6 +351,43 @@ mod tests {
         assert!(!power_supported(1, 1, POWER_MAX_SIDE + 1));
     }
 
+    /// `power_gram`'s grid gives every block at least one group of 32
+    /// vectors (the kernel deals group `g` to warp `g mod (8·blocks)` of
+    /// block `⌊g/8⌋ mod blocks`): block `blocks − 1`'s first group exists;
+    /// and below the cap the grid holds every group at one per warp.
+    #[test]
+    fn power_gram_launches_no_block_without_a_group() {
+        use power::{power_gram_blocks, POWER_GRAM_MAX_BLOCKS};
+        let nw = u64::from(BLOCK / 32);
+        for (m, n) in [
+            (1, 1),
+            (32, 5),
+            (33, 5),
+            (256, 256),
+            (257, 64),
+            (768, 768),
+            (768, 3072),
+            (3072, 768),
+            (8192, 8192),
+            (50257, 768),
+            (768, 50257),
+            (1 << 20, 16),
+        ] {
+            let blocks = u64::from(power_gram_blocks(m, n));
+            let groups = (m.max(n) as u64).div_ceil(32);
+            assert!(
+                (blocks - 1) * nw < groups,
+                "{m}×{n}: {blocks} blocks for {groups} groups"
+            );
+            if blocks < u64::from(POWER_GRAM_MAX_BLOCKS) {
+                assert!(
+                    blocks * nw >= groups,
+                    "{m}×{n}: {blocks} blocks leave groups over"
+                );
+            }
+        }
+    }
+
     /// Static and dynamic shared memory together decide the opt-in: the
     /// power iteration's 34 816 B of tiles plus 2·4·k B for k = 2048 need it
     /// (16 KiB of dynamic memory alone would not), k = 1792 does not, and no

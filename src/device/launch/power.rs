@@ -67,14 +67,17 @@ pub(crate) struct PowerJob {
     pub v: u64,
 }
 
-/// The grid `x` of `power_gram`: about 4 vectors (rows, or 32-column tiles)
-/// per warp, at most [`POWER_GRAM_MAX_BLOCKS`] blocks per matrix.
+/// The grid `x` of `power_gram`: one group of 32 vectors (rows when tall,
+/// columns when wide: the kernel's unit of work, one per warp at a time) per
+/// warp, at most [`POWER_GRAM_MAX_BLOCKS`] blocks per matrix (beyond that a
+/// warp takes several groups). So no block is launched without a group:
+/// such a block would still clear its accumulator and add k zeros into `y`
+/// with global atomics. (It counted rows, 4 per warp, when tall, so 7 of 8
+/// blocks had no group; and 4 column groups per warp when wide.)
 pub(crate) fn power_gram_blocks(m: usize, n: usize) -> u32 {
-    let wide = n > m;
-    let units = if wide { n.div_ceil(32) } else { m } as u64;
-    let per_block = u64::from(BLOCK / 32) * 4;
-    units
-        .div_ceil(per_block)
+    let groups = m.max(n).div_ceil(32) as u64;
+    groups
+        .div_ceil(u64::from(BLOCK / 32))
         .clamp(1, u64::from(POWER_GRAM_MAX_BLOCKS)) as u32
 }
 
