@@ -41,6 +41,12 @@ fn dual_exp(p: f64) -> f64 {
 
 /// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
 fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
+    f(golden_argmin(&f, l))
+}
+
+/// The minimiser of a convex `f` on `[−l, l]` by golden-section search (to
+/// about `√ε` relative: `f` is flat at its minimum).
+fn golden_argmin(f: impl Fn(f64) -> f64, l: f64) -> f64 {
     let r = (5f64.sqrt() - 1.0) / 2.0;
     let (mut a, mut b) = (-l, l);
     for _ in 0..400 {
@@ -52,7 +58,7 @@ fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
             a = c;
         }
     }
-    f(0.5 * (a + b))
+    0.5 * (a + b)
 }
 
 #[test]
@@ -78,8 +84,24 @@ fn free_directions_attain_the_dual_norm() {
                 "p = {p}: ⟨g,φ⟩ = {} vs ‖g‖_q = {gq}",
                 dot(&g, &phi)
             );
+            // And entry by entry, φᵢ = sign(gᵢ)|gᵢ|^{q−1}/‖g‖_q^{q−1} (the
+            // equality case, unique for 1 < p < ∞): ⟨g, φ⟩ above is
+            // stationary at it, blind to first order to an error in φ.
+            let q = dual_exp(p);
+            let scale = p_norm(&g, q).powf(q - 1.0);
+            for (i, (a, b)) in phi.iter().zip(&g).enumerate() {
+                let want = b.signum() * b.abs().powf(q - 1.0) / scale;
+                assert!(
+                    (a - want).abs() < tol * 10.0,
+                    "{dtype:?} p = {p}: φ[{i}] = {a} vs {want}"
+                );
+            }
         }
-        // Sign: ⟨g, φ⟩ = ‖g‖₁ with ‖φ‖_∞ = 1.
+        // Sign: ⟨g, φ⟩ = ‖g‖₁ with ‖φ‖_∞ = 1, and φ = sign(g) entry by entry.
+        let phi_sign = vec_of(&dualize(&gt, &Norm::Sign).unwrap());
+        for (a, b) in phi_sign.iter().zip(&g) {
+            assert_eq!(*a, b.signum(), "{dtype:?} sign of {b}");
+        }
         let phi = vec_of(&dualize(&gt, &Norm::Sign).unwrap());
         assert_eq!(p_norm(&phi, f64::INFINITY), 1.0);
         assert!((dot(&g, &phi) - p_norm(&g, 1.0)).abs() < tol * 100.0);
@@ -291,6 +313,82 @@ fn sphere_loss(vars: &[NamedVar], step: u64) -> Tensor {
         total = (total + t).unwrap();
     }
     total
+}
+
+/// One `Steepest` step on the sphere `‖w‖_p = r` (f64, momentum 0, loss
+/// `⟨c, w⟩` so `g = c`) lands on `r·(w − ηφ)/‖w − ηφ‖_p`, with φ found
+/// independently: for `Lp(p)`, `λ*` minimises the dual `‖g + λa‖_q`
+/// (golden-section search, `a = ŵ^{[p−1]}`) and `φ = x^{[q−1]}/‖x^{[q−1]}‖_p`
+/// with `x = g + λ*a` (Hölder's equality case of the dual); for `Sign`,
+/// `φ = sign(g)` with the coordinate of the largest `|wᵢ|` zeroed, and the
+/// `ℓ∞` retraction. (`sphere_constraint_holds_after_every_step` holds for
+/// any φ: it checks only the radius.)
+#[test]
+fn lp_and_sign_sphere_steps_match_the_closed_form() {
+    let mut r = rng(7);
+    let (lr, radius, n) = (0.1, 2.0, 20);
+    for (norm, p, tol) in [
+        (Norm::Lp(1.5), 1.5, 1e-8),
+        (Norm::Lp(3.0), 3.0, 1e-8),
+        (Norm::Sign, f64::INFINITY, 1e-12),
+    ] {
+        let w0: Vec<f64> = normal_vec(&mut r, n).iter().map(|x| 1.7 * x).collect();
+        let c = normal_vec(&mut r, n);
+        let var = Var::from_tensor(&tensor(&w0, DType::F64)).unwrap();
+        let vars = vec![NamedVar {
+            name: "w".into(),
+            var: var.clone(),
+        }];
+        let mut opt = Steepest::from_named(
+            vars,
+            SteepestConfig {
+                lr,
+                momentum: 0.0,
+                nesterov: false,
+                norm: norm.clone(),
+                manifold: Manifold::Sphere { radius },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let loss = (var.as_tensor() * tensor(&c, DType::F64))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.backward_step(&loss).unwrap();
+        let got = vec_of(var.as_tensor());
+
+        let a = normal(&w0, p);
+        let phi: Vec<f64> = if p.is_infinite() {
+            c.iter()
+                .zip(&a)
+                .map(|(g, a)| if *a != 0.0 { 0.0 } else { g.signum() })
+                .collect()
+        } else {
+            let q = dual_exp(p);
+            let dual = |l: f64| {
+                let x: Vec<f64> = c.iter().zip(&a).map(|(g, a)| g + l * a).collect();
+                p_norm(&x, q)
+            };
+            let l = golden_argmin(dual, 1e3);
+            let y: Vec<f64> = c
+                .iter()
+                .zip(&a)
+                .map(|(g, a)| {
+                    let x = g + l * a;
+                    x.signum() * x.abs().powf(q - 1.0)
+                })
+                .collect();
+            let ny = p_norm(&y, p);
+            y.iter().map(|y| y / ny).collect()
+        };
+        let stepped: Vec<f64> = w0.iter().zip(&phi).map(|(w, f)| w - lr * f).collect();
+        let ns = p_norm(&stepped, p);
+        for (i, (g, s)) in got.iter().zip(&stepped).enumerate() {
+            let want = radius * s / ns;
+            assert!((g - want).abs() < tol, "{norm:?}: w[{i}] = {g} vs {want}");
+        }
+    }
 }
 
 #[test]

@@ -103,6 +103,40 @@ fn constant_rate_closed_form() {
     }
 }
 
+/// The `η_t = α/√t` schedule (`Schedule::inverse_sqrt`) in the general
+/// last-iterate bound has the closed form
+/// `R²/(2α√T) + G²α(H_{T−1} + ½)/√T`: with `η_T = α/√T` the second term is
+/// `(G²/2)·α√T·Σ_t 1/(t·max(1, T−t))`, and `1/(t(T−t)) = (1/t + 1/(T−t))/T`
+/// sums to `2H_{T−1}/T` over `t < T`, the `t = T` term adding `1/T`. So the
+/// bound is `O(ln T/√T)` (docs/math.md §5): `B·√T/ln T` falls towards `G²α`.
+#[test]
+fn inverse_sqrt_rate_closed_form() {
+    let (alpha, r, g) = (0.7, 2.0, 1.5);
+    let mut scaled_prev = f64::INFINITY;
+    for t in [1usize, 2, 10, 1000, 10_000, 100_000, 1_000_000] {
+        let lrs = Schedule::inverse_sqrt(alpha).unwrap().rates(t);
+        assert_eq!(lrs.len(), t);
+        assert!((lrs[t - 1] - alpha / (t as f64).sqrt()).abs() < 1e-15);
+        let got = last_iterate_bound(&lrs, r, g).unwrap();
+        let h: f64 = (1..t).map(|k| 1.0 / k as f64).sum();
+        let sqrt_t = (t as f64).sqrt();
+        let want = r * r / (2.0 * alpha * sqrt_t) + g * g * alpha * (h + 0.5) / sqrt_t;
+        assert!(
+            (got - want).abs() <= 1e-12 * want,
+            "T = {t}: {got} vs {want}"
+        );
+        if t >= 10_000 {
+            let scaled = got * sqrt_t / (t as f64).ln();
+            assert!(
+                scaled < scaled_prev && scaled > g * g * alpha,
+                "T = {t}: B·√T/ln T = {scaled} (before {scaled_prev}, limit {})",
+                g * g * alpha
+            );
+            scaled_prev = scaled;
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let e = last_iterate_bound(&[], 1.0, 1.0).unwrap_err().to_string();
