@@ -1211,14 +1211,29 @@ fn spectral_sphere_state_carries_over_between_steps() {
 /// `‖WᵀΦ + ΦᵀW‖_F` of the second step to 1e-7 (relative).
 #[test]
 fn stiefel_steps_follow_the_f64_recursion() {
-    let mut r = rng(44);
+    stiefel_recursion_case(false);
+}
+
+/// The same for `Stiefel { transpose: true }` on a wide `W` (4×7,
+/// `WWᵀ = I`): the steps are the recursion above run on `Wᵀ` and `Gᵀ`,
+/// transposed back (`X` is that recursion's 4×4 multiplier).
+#[test]
+fn transposed_stiefel_steps_follow_the_transposed_f64_recursion() {
+    stiefel_recursion_case(true);
+}
+
+fn stiefel_recursion_case(transpose: bool) {
+    let mut r = rng(if transpose { 46 } else { 44 });
+    // The recursion's (tall) matrices; the optimizer sees their transposes
+    // when `transpose`.
     let w0 = with_singular_values(&mut r, 7, 4, &[2.0, 1.5, 1.0, 0.7]);
     let gs = [
         with_singular_values(&mut r, 7, 4, &[1.0, 0.9, 0.7, 0.5]),
         with_singular_values(&mut r, 7, 4, &[1.0, 0.8, 0.6, 0.5]),
     ];
+    let seen = |m: &DMatrix<f64>| if transpose { m.transpose() } else { m.clone() };
     let (eta, wd, dual_lr) = (0.1, 0.5, 0.5);
-    let vars = named(vec![("w", from_dmatrix(&w0, DType::F64))]);
+    let vars = named(vec![("w", from_dmatrix(&seen(&w0), DType::F64))]);
     let mut opt = Steepest::from_named(
         vars.clone(),
         SteepestConfig {
@@ -1226,7 +1241,7 @@ fn stiefel_steps_follow_the_f64_recursion() {
             momentum: 0.0,
             nesterov: false,
             norm: Norm::Spectral(NewtonSchulz::cubic(30)),
-            manifold: Manifold::Stiefel { transpose: false },
+            manifold: Manifold::Stiefel { transpose },
             weight_decay: WeightDecay::Decoupled(wd),
             dual: DualAscent {
                 lr: Some(dual_lr),
@@ -1241,7 +1256,7 @@ fn stiefel_steps_follow_the_f64_recursion() {
     let mut res = 0.0;
     let mut first = true;
     for g in &gs {
-        opt.step_subset(&[(0, from_dmatrix(g, DType::F64))])
+        opt.step_subset(&[(0, from_dmatrix(&seen(g), DType::F64))])
             .unwrap();
         let gn = g * (k.sqrt() / g.norm());
         let phi = polar(&(gn + &w * &x));
@@ -1257,17 +1272,32 @@ fn stiefel_steps_follow_the_f64_recursion() {
         first = false;
         w = polar(&(decayed - &phi * eta));
     }
-    let werr = rel_err(&view(&vars[0].var), &w);
+    let got = view(&vars[0].var);
+    assert_eq!(
+        got.shape(),
+        seen(&w).shape(),
+        "transpose {transpose}: shape"
+    );
+    let werr = rel_err(&got, &seen(&w));
     let xs = to_dmatrix(&opt.state_dict().unwrap()["w.manifold.x"]);
     let xerr = rel_err(&xs, &x);
-    println!("W₂ error {werr}, X₂ error {xerr}, ‖X₂‖ {}", x.norm());
-    assert!(werr < 1e-7, "W₂ relative error {werr}");
-    assert!(xerr < 1e-7, "X₂ relative error {xerr}");
+    println!(
+        "transpose {transpose}: W₂ error {werr}, X₂ error {xerr}, ‖X₂‖ {}",
+        x.norm()
+    );
+    assert!(
+        werr < 1e-7,
+        "transpose {transpose}: W₂ relative error {werr}"
+    );
+    assert!(
+        xerr < 1e-7,
+        "transpose {transpose}: X₂ relative error {xerr}"
+    );
     // The recorded residual is ‖WᵀΦ + ΦᵀW‖_F of the last step's direction.
     let recorded = opt.tangent_residuals().unwrap()[0].1;
     assert!(
         (recorded - res).abs() < 1e-7 * res,
-        "residual {recorded}, ‖WᵀΦ + ΦᵀW‖_F = {res}"
+        "transpose {transpose}: residual {recorded}, ‖WᵀΦ + ΦᵀW‖_F = {res}"
     );
 }
 
