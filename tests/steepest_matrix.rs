@@ -249,18 +249,7 @@ fn nuclear(a: &DMatrix<f64>) -> f64 {
 
 /// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
 fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
-    let r = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut a, mut b) = (-l, l);
-    for _ in 0..200 {
-        let c = b - r * (b - a);
-        let d = a + r * (b - a);
-        if f(c) < f(d) {
-            b = d;
-        } else {
-            a = c;
-        }
-    }
-    f(0.5 * (a + b))
+    f(golden_argmin(&f, -l, l, 200))
 }
 
 #[test]
@@ -389,7 +378,6 @@ fn stiefel_dual_minimum(g: &DMatrix<f64>, w: &DMatrix<f64>) -> f64 {
     let m = w.ncols();
     let f = |x: &DMatrix<f64>| nuclear(&(g + w * x));
     let mut x = DMatrix::<f64>::zeros(m, m);
-    let gold = (5f64.sqrt() - 1.0) / 2.0;
     for sweep in 0..150 {
         let half = (4.0 * 0.9f64.powi(sweep)).max(1e-4);
         for i in 0..m {
@@ -400,17 +388,7 @@ fn stiefel_dual_minimum(g: &DMatrix<f64>, w: &DMatrix<f64>) -> f64 {
                     y[(j, i)] = t;
                     f(&y)
                 };
-                let (mut a, mut b) = (x[(i, j)] - half, x[(i, j)] + half);
-                for _ in 0..60 {
-                    let c = b - gold * (b - a);
-                    let d = a + gold * (b - a);
-                    if at(c) < at(d) {
-                        b = d;
-                    } else {
-                        a = c;
-                    }
-                }
-                let t = 0.5 * (a + b);
+                let t = golden_argmin(at, x[(i, j)] - half, x[(i, j)] + half, 60);
                 x[(i, j)] = t;
                 x[(j, i)] = t;
             }

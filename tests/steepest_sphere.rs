@@ -41,24 +41,7 @@ fn dual_exp(p: f64) -> f64 {
 
 /// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
 fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
-    f(golden_argmin(&f, l))
-}
-
-/// The minimiser of a convex `f` on `[−l, l]` by golden-section search (to
-/// about `√ε` relative: `f` is flat at its minimum).
-fn golden_argmin(f: impl Fn(f64) -> f64, l: f64) -> f64 {
-    let r = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut a, mut b) = (-l, l);
-    for _ in 0..400 {
-        let c = b - r * (b - a);
-        let d = a + r * (b - a);
-        if f(c) < f(d) {
-            b = d;
-        } else {
-            a = c;
-        }
-    }
-    0.5 * (a + b)
+    f(golden_argmin(&f, -l, l, 400))
 }
 
 #[test]
@@ -370,7 +353,7 @@ fn lp_and_sign_sphere_steps_match_the_closed_form() {
                 let x: Vec<f64> = c.iter().zip(&a).map(|(g, a)| g + l * a).collect();
                 p_norm(&x, q)
             };
-            let l = golden_argmin(dual, 1e3);
+            let l = golden_argmin(dual, -1e3, 1e3, 400);
             let y: Vec<f64> = c
                 .iter()
                 .zip(&a)

@@ -162,3 +162,21 @@ pub fn with_header(
     );
     out
 }
+
+/// The minimiser of a convex `f` on `[lo, hi]` by golden-section search:
+/// `iters` steps shrink the interval by 0.618 each (the result is good to
+/// about `√ε` relative where `f` is flat at its minimum).
+pub fn golden_argmin(f: impl Fn(f64) -> f64, lo: f64, hi: f64, iters: usize) -> f64 {
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut a, mut b) = (lo, hi);
+    for _ in 0..iters {
+        let c = b - r * (b - a);
+        let d = a + r * (b - a);
+        if f(c) < f(d) {
+            b = d;
+        } else {
+            a = c;
+        }
+    }
+    0.5 * (a + b)
+}
