@@ -247,11 +247,6 @@ fn nuclear(a: &DMatrix<f64>) -> f64 {
     singular_values(a).iter().sum()
 }
 
-/// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
-fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
-    f(golden_argmin(&f, -l, l, 200))
-}
-
 #[test]
 fn dual_residual_spectral_sphere_goes_to_zero() {
     let mut r = rng(14);
@@ -298,7 +293,8 @@ fn dual_residual_spectral_sphere_goes_to_zero() {
             "{res:?}"
         );
         // At the fixed point ⟨Ĝ, Φ⟩ = min_λ ‖Ĝ + λΘ‖_* (strong duality).
-        let dual_value = golden_min(|l| nuclear(&(&gn + &th * l)), 50.0);
+        let at = |l: f64| nuclear(&(&gn + &th * l));
+        let dual_value = at(golden_argmin(at, -50.0, 50.0, 200));
         let primal = gn.dot(&last.unwrap());
         assert!(
             (primal - dual_value).abs() < 1e-3 * dual_value,

@@ -39,11 +39,6 @@ fn dual_exp(p: f64) -> f64 {
     }
 }
 
-/// `min_λ f(λ)` of a convex function by golden-section search on `[-l, l]`.
-fn golden_min(f: impl Fn(f64) -> f64, l: f64) -> f64 {
-    f(golden_argmin(&f, -l, l, 400))
-}
-
 #[test]
 fn free_directions_attain_the_dual_norm() {
     let mut r = rng(1);
@@ -156,13 +151,11 @@ fn sphere_direction_is_optimal_among_tangent_directions() {
             let best = dot(&g, &phi);
             // The dual value min_λ ‖g + λa‖_q, found independently.
             let q = dual_exp(p);
-            let dual = golden_min(
-                |l| {
-                    let x: Vec<f64> = g.iter().zip(&a).map(|(g, a)| g + l * a).collect();
-                    p_norm(&x, q)
-                },
-                1e3,
-            );
+            let at = |l: f64| {
+                let x: Vec<f64> = g.iter().zip(&a).map(|(g, a)| g + l * a).collect();
+                p_norm(&x, q)
+            };
+            let dual = at(golden_argmin(at, -1e3, 1e3, 400));
             assert!(
                 (best - dual).abs() < 1e-7 * dual,
                 "{who}: ⟨g,φ⟩ = {best}, min_λ ‖g+λa‖_q = {dual}"
