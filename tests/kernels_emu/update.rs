@@ -4,10 +4,10 @@
 //! order without FMA contraction, so parameters and state must agree bit
 //! for bit — any difference is a bug, no tolerance.
 //!
-//! The reference runs one parameter per call: the seam takes the CPU path
-//! for a group of one dtype only (mixed groups go through candle's generic
-//! ops, which round differently), while the kernels get the whole mixed set
-//! in one call.
+//! The reference runs one parameter per call, or a batch of one dtype: the
+//! seam takes the CPU path for a group of one dtype only (mixed groups go
+//! through candle's generic ops, which would test those instead), while the
+//! kernels get the whole mixed set in one call.
 
 use candle_core::{DType, Device, Tensor, Var};
 use steepest::device::{self, emu, AdamItem, DecayTerm, SgdItem};
@@ -81,25 +81,35 @@ fn batch(i: usize) -> Vec<P> {
     DTYPES.iter().map(|&dt| case(i, dt)).collect()
 }
 
+/// Muon's momentum over the batch `ps` (one shape): the kernels take the
+/// whole batch in one call. The CPU path takes a call whose gradients share
+/// one dtype, so a batch of one dtype is one call there too (its
+/// multi-tensor loop) and a mixed batch one call per member (as one call it
+/// would go through candle's generic ops instead).
 fn check_ema(ps: &[P], mu: f64, nesterov: bool, what: &str) {
     let qs: Vec<P> = ps.iter().map(P::copy).collect();
     let mut dims = vec![ps.len()];
     dims.extend_from_slice(ps[0].w.dims());
-    let (o1, o2) = (
-        Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap(),
-        Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap(),
-    );
-    let g1: Vec<&Tensor> = ps.iter().map(|p| &p.g).collect();
+    let ema_cpu = |ps: &[P]| {
+        let mut dims = dims.clone();
+        dims[0] = ps.len();
+        let out = Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap();
+        let gs: Vec<&Tensor> = ps.iter().map(|p| &p.g).collect();
+        let bs: Vec<&Var> = ps.iter().map(|p| &p.s1).collect();
+        device::ema_momentum(&gs, &bs, &out, mu, nesterov).unwrap();
+        out.as_tensor().clone()
+    };
+    let o1 = if ps.iter().all(|p| p.g.dtype() == ps[0].g.dtype()) {
+        ema_cpu(ps)
+    } else {
+        let rows: Vec<Tensor> = ps.chunks(1).map(ema_cpu).collect();
+        Tensor::cat(&rows, 0).unwrap()
+    };
+    let o2 = Var::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap();
     let g2: Vec<&Tensor> = qs.iter().map(|p| &p.g).collect();
-    let b1: Vec<&Var> = ps.iter().map(|p| &p.s1).collect();
     let b2: Vec<&Var> = qs.iter().map(|p| &p.s1).collect();
-    device::ema_momentum(&g1, &b1, &o1, mu, nesterov).unwrap();
     emu::ema_momentum(&g2, &b2, &o2, mu, nesterov).unwrap();
-    assert_same_bits(
-        &format!("{what}: direction"),
-        o1.as_tensor(),
-        o2.as_tensor(),
-    );
+    assert_same_bits(&format!("{what}: direction"), &o1, o2.as_tensor());
     for (p, q) in ps.iter().zip(&qs) {
         assert_same(p, q, what);
     }
