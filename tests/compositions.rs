@@ -551,6 +551,8 @@ fn retract_after_adam_is_the_projection_of_the_adam_step() {
         ("b.weight", &[4, 6]),
         ("c.weight", &[3, 8]),
         ("conv.weight", &[4, 2, 2, 2]),
+        // Square: on the manifold for both orientations (WᵀW = I ⇔ WWᵀ = I).
+        ("s.weight", &[4, 4]),
     ];
     for (manifold, shapes) in [
         (Manifold::Sphere { radius: 2.0 }, TALL),

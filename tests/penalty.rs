@@ -432,9 +432,43 @@ fn diagnostic_rejects_bad_inputs() {
     assert!(err.contains("layers[0].bias"), "{err}");
 }
 
+/// Each activation against its formula in f64, computed apart from candle:
+/// `tanh`, `max(z, 0)`, `z` and the exact GELU `z Φ(z)`, with the normal CDF
+/// `Φ(z) = ½ + ∫₀^z φ(t) dt` by composite Simpson's rule (2 000 intervals:
+/// error below 1e-13 on |z| ≤ 5), not by `erf`. The diagnostic tests check
+/// the MLP against finite differences of its own forward pass, so a wrong
+/// activation formula would pass them.
+#[test]
+fn activations_match_their_formulas() {
+    fn normal_cdf(z: f64) -> f64 {
+        let n = 2000;
+        let h = z / n as f64;
+        let phi = |t: f64| (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let inner: f64 = (1..n)
+            .map(|i| phi(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 })
+            .sum();
+        0.5 + h / 3.0 * (phi(0.0) + inner + phi(z))
+    }
+    let zs: Vec<f64> = (0..=80).map(|i| -5.0 + 0.125 * i as f64).collect();
+    let t = Tensor::new(zs.as_slice(), &Device::Cpu).unwrap();
+    for act in ACTS {
+        let got = act.apply(&t).unwrap().to_vec1::<f64>().unwrap();
+        for (z, g) in zs.iter().zip(&got) {
+            let want = match act {
+                Activation::Tanh => z.tanh(),
+                Activation::Relu => z.max(0.0),
+                Activation::Gelu => z * normal_cdf(*z),
+                Activation::Identity => *z,
+            };
+            assert!((g - want).abs() <= 1e-12, "{act:?}({z}) = {g}, want {want}");
+        }
+    }
+}
+
 /// `holds` checks both terms of every layer: a bias term above its
 /// right-hand side fails it even when the weight term holds, and a
-/// relative tolerance admits it (`3 ≤ 1·(1 + 2.5)`).
+/// relative tolerance admits it (`3 ≤ 1·(1 + 2.5)`), as does an absolute
+/// one added to the right-hand side (`3 ≤ 1 + 2`).
 #[test]
 fn holds_checks_the_bias_term_too() {
     let layer = |bias_lhs: f64| LayerTerms {
@@ -449,6 +483,9 @@ fn holds_checks_the_bias_term_too() {
     assert!(layer(0.5).holds(0.0, 0.0));
     assert!(!layer(3.0).holds(0.0, 0.0));
     assert!(layer(3.0).holds(2.5, 0.0));
+    // The absolute tolerance is added: 3 ≤ 1 + 2, but not 3 ≤ 1 + 1.5.
+    assert!(layer(3.0).holds(0.0, 2.0));
+    assert!(!layer(3.0).holds(0.0, 1.5));
     let report = |bias_lhs: f64| InequalityReport {
         value: 0.0,
         grad_x_sq: 1.0,
