@@ -799,6 +799,40 @@ fn a_checkpoint_with_a_file_from_another_save_is_refused_on_every_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rank whose file cannot be written (here a directory stands where rank
+/// 1's file goes) fails the save on every rank, naming that rank, and no
+/// manifest is written: a save that lost a shard must not read as complete.
+#[test]
+fn a_rank_file_that_cannot_be_written_fails_the_save_on_every_rank() {
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    let dir = scratch("unwritable");
+    std::fs::create_dir_all(dir.join("rank-1-of-2.safetensors")).unwrap();
+    let out = LocalGroup::run(2, |comm| {
+        let vars = make_named(&shapes, 1);
+        let mut dp = DataParallel::for_optimizer(comm, muon(vars), clip_cfg())?;
+        let gs: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| g(0, 0, i)).collect();
+        dp.step_grads(&gs)?;
+        Ok(dp.save_state(&dir).map_err(|e| e.to_string()))
+    })
+    .unwrap();
+    for (r, o) in out.into_iter().enumerate() {
+        let e = o.unwrap().unwrap_err();
+        assert!(
+            e.contains("writing the rank files failed on rank(s) [1]; no manifest written"),
+            "rank {r}: {e}"
+        );
+    }
+    assert!(
+        !dir.join(steepest::distributed::checkpoint::MANIFEST)
+            .exists(),
+        "a manifest was written for an incomplete save"
+    );
+    let e = load_union(&dir).unwrap_err().to_string();
+    assert!(e.contains("cannot read"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_cost_model_reads_the_chains() {
     let vars = make_named(&model(), 1);

@@ -648,6 +648,16 @@ fn state_is_typed_and_keyed_by_the_chain() {
         .then(Momentum::ema(0.9, false).unwrap())
         .then(Momentum::classic(0.9, false).unwrap());
     config_error(Driver::from_varmap(&vm, twice, 0.01), "", "then_named");
+    // A name is one segment of the keys: an empty one, or one with a `.`
+    // (`a.weight.slow.m.buf` would not split back), is refused.
+    for bad in ["", "slow.m"] {
+        let chain = Chain::new().then_named(bad, Momentum::ema(0.9, false).unwrap());
+        config_error(
+            Driver::from_varmap(&vm, chain, 0.01),
+            "",
+            "must be non-empty and contain no `.`",
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
