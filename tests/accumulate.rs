@@ -10,7 +10,9 @@ mod support;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarMap};
 use nalgebra::DMatrix;
-use steepest::accumulate::{Accumulate, ACCUMULATE_COUNT_KEY, ACCUMULATE_SUM_PREFIX};
+use steepest::accumulate::{
+    Accumulate, ACCUMULATE_COUNT_KEY, ACCUMULATE_EVERY_KEY, ACCUMULATE_SUM_PREFIX,
+};
 use steepest::schedule::{Schedule, Scheduled};
 use steepest::{Error, OptimizerState, Sgd, SgdConfig, TryStep};
 use support::*;
@@ -268,7 +270,7 @@ fn a_checkpoint_between_steps_resumes_bit_for_bit() {
 /// Mismatched checkpoints are refused naming what is wrong, and change
 /// nothing: a plain optimizer's, a sum of the wrong shape, a sum of an
 /// unknown parameter, a count not below `every`, a sum of the wrong dtype
-/// (f64 for an f32 parameter), sums with a count of 0.
+/// (f64 for an f32 parameter), sums with a count of 0, a negative `every`.
 #[test]
 fn mismatched_checkpoints_are_refused_and_change_nothing() {
     let vm = model_of(PARAMS, DType::F32, 3);
@@ -304,6 +306,12 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         ACCUMULATE_COUNT_KEY.into(),
         Tensor::new(0i64, &Device::Cpu).unwrap(),
     );
+    // A negative `every` (as usize it would be huge, and accepted).
+    let mut negative_every = good.clone();
+    negative_every.insert(
+        ACCUMULATE_EVERY_KEY.into(),
+        Tensor::new(-1i64, &Device::Cpu).unwrap(),
+    );
     // Another optimizer to load into, one micro-batch ahead of `good`.
     opt.backward_step(&loss(&vm, MICRO, MICRO)).unwrap();
     let before = state_snapshot(&opt.state_dict().unwrap());
@@ -314,6 +322,7 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         (&too_many, ACCUMULATE_COUNT_KEY),
         (&wrong_dtype, sum_key.as_str()),
         (&sums_of_nothing, ACCUMULATE_COUNT_KEY),
+        (&negative_every, "non-negative"),
     ] {
         let e = opt.load_state_dict(state).unwrap_err();
         assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
