@@ -1358,6 +1358,39 @@ fn stiefel_direction_refuses_a_wide_w() {
     assert!(e.contains("wide"), "{e}");
 }
 
+/// Square matrices fit the Stiefel manifold in both orientations, so a
+/// checkpoint of `Stiefel { transpose: false }` has the shapes a
+/// `transpose: true` optimizer expects; its multiplier X belongs to the
+/// other constraint (WᵀW = I, not WWᵀ = I), so the load is refused, naming
+/// the manifold, and changes nothing.
+#[test]
+fn a_stiefel_checkpoint_of_the_other_orientation_is_refused() {
+    let squares = vec![("a", vec![4, 4]), ("b", vec![3, 3])];
+    let cfg = |transpose| SteepestConfig {
+        lr: 0.05,
+        manifold: Manifold::Stiefel { transpose },
+        ..Default::default()
+    };
+    let (vars, mut saved) = build(&cfg(false), &squares);
+    saved.backward_step(&loss(&vars, 0)).unwrap();
+    let (vars, mut other) = build(&cfg(true), &squares);
+    other.backward_step(&loss(&vars, 0)).unwrap();
+    let before = state_snapshot(&other);
+    let e = other
+        .load_state_dict(&saved.state_dict().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoint: manifold"), "{e}");
+    assert!(e.contains("transpose: false"), "{e}");
+    assert_eq!(state_snapshot(&other), before);
+    assert_eq!(other.config(), &cfg(true));
+    // The same orientation loads.
+    let (vars, mut same) = build(&cfg(false), &squares);
+    same.backward_step(&loss(&vars, 1)).unwrap();
+    same.load_state_dict(&saved.state_dict().unwrap()).unwrap();
+    assert_eq!(state_snapshot(&same), state_snapshot(&saved));
+}
+
 /// `ManifoldStep::set_hparams` (a checkpoint's settings) keeps the manifold:
 /// settings written for the Stiefel manifold are refused by a
 /// spectral-sphere step, which keeps its own.
