@@ -1155,3 +1155,92 @@ fn a_tensor_without_a_checksum_is_refused_naming_the_key() {
         assert!(what.contains("without a checksum"), "{what}");
     });
 }
+
+/// A checkpoint holds state for one manifold, so loading it into a chain on
+/// another is refused, naming the transform, and changes nothing, for
+/// `Retract` as for `ManifoldStep` (which `Steepest` builds on): another kind
+/// of manifold, or the Stiefel manifold in the other orientation (square
+/// matrices fit both, so the shapes alone do not tell them apart). A
+/// different radius on the same manifold is a hyperparameter: it loads.
+#[test]
+fn a_checkpoint_for_another_manifold_is_refused_by_retract_and_manifold_step() {
+    use steepest::optim::transform::ManifoldStep;
+    use steepest::optim::{DualAscent, Norm};
+    const SQUARES: &Shapes = &[("a.weight", &[4, 4]), ("b.weight", &[3, 3])];
+    let retract = |m: Manifold| {
+        Chain::new()
+            .then(Adam::default())
+            .then(Retract::new(m).unwrap())
+    };
+    let manifold_step = |m: Manifold| {
+        Chain::new().then(ManifoldStep {
+            manifold: m,
+            norm: Norm::Spectral(NewtonSchulz::default()),
+            dual: DualAscent::default(),
+        })
+    };
+    let stiefel = |transpose| Manifold::Stiefel { transpose };
+    let (sphere, spectral) = (
+        Manifold::Sphere { radius: 1.0 },
+        Manifold::SpectralSphere { radius: 1.0 },
+    );
+    let cases: Vec<(&str, Chain, Chain, bool)> = vec![
+        (
+            "retract: sphere → Stiefel",
+            retract(sphere),
+            retract(stiefel(false)),
+            false,
+        ),
+        (
+            "retract: Stiefel → sphere",
+            retract(stiefel(true)),
+            retract(sphere),
+            false,
+        ),
+        (
+            "retract: Stiefel orientation",
+            retract(stiefel(false)),
+            retract(stiefel(true)),
+            false,
+        ),
+        (
+            "retract: another radius",
+            retract(sphere),
+            retract(Manifold::Sphere { radius: 2.0 }),
+            true,
+        ),
+        (
+            "manifold step: Stiefel orientation",
+            manifold_step(stiefel(false)),
+            manifold_step(stiefel(true)),
+            false,
+        ),
+        (
+            "manifold step: spectral sphere → Stiefel",
+            manifold_step(spectral),
+            manifold_step(stiefel(false)),
+            false,
+        ),
+    ];
+    for (what, saved_chain, loading_chain, loads) in cases {
+        let vm = model_of(SQUARES, DType::F32, 4);
+        let mut saved = Driver::from_varmap(&vm, saved_chain, 0.01).unwrap();
+        saved.backward_step(&loss_of(&vm, SQUARES, 0)).unwrap();
+        let state = saved.state_dict().unwrap();
+        let vm = model_of(SQUARES, DType::F32, 4);
+        let mut opt = Driver::from_varmap(&vm, loading_chain, 0.01).unwrap();
+        opt.backward_step(&loss_of(&vm, SQUARES, 0)).unwrap();
+        let before = state_snapshot(&opt.state_dict().unwrap());
+        let settings = opt.settings();
+        let r = opt.load_state_dict(&state);
+        if loads {
+            r.unwrap_or_else(|e| panic!("{what}: {e}"));
+            continue;
+        }
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::Checkpoint { .. }), "{what}: {e}");
+        assert!(e.to_string().contains("written for"), "{what}: {e}");
+        assert_eq!(state_snapshot(&opt.state_dict().unwrap()), before, "{what}");
+        assert_eq!(opt.settings(), settings, "{what}");
+    }
+}

@@ -47,6 +47,32 @@ pub enum Manifold {
     },
 }
 
+impl Manifold {
+    /// Whether `other` is the same manifold up to its radius: the same kind
+    /// and, on the Stiefel manifold, the same orientation. A checkpoint's
+    /// state (a dual multiplier, a singular vector) belongs to one manifold;
+    /// a radius is a hyperparameter that a checkpoint may restore.
+    pub(crate) fn same_up_to_radius(&self, other: &Manifold) -> bool {
+        match (self, other) {
+            (Self::Stiefel { transpose: a }, Self::Stiefel { transpose: b }) => a == b,
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+
+    /// Refuses checkpoint settings written for another manifold (see
+    /// [`Manifold::same_up_to_radius`]).
+    pub(crate) fn check_resumable(&self, stored: &Manifold, who: &str) -> Result<()> {
+        if !self.same_up_to_radius(stored) {
+            fail!(
+                Checkpoint,
+                who,
+                "written for {stored:?}, this optimizer is on {self:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The dual-descent schedule for a manifold's Lagrange multiplier.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DualAscent {

@@ -32,7 +32,7 @@ use super::driver::{check_lr, Driver};
 use super::transform::{Decay, Dualize, ManifoldState, ManifoldStep, Momentum, MomentumKind};
 use super::Chain;
 use crate::decay::WeightDecay;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::linalg::NewtonSchulz;
 
 /// [`Steepest`] hyperparameters. Defaults: `lr = 0.02`, momentum 0.95 with
@@ -172,19 +172,8 @@ single_chain_config!(
     "steepest",
     /// The manifold is the model's (its state has that manifold's fields).
     fn check_resumable(&self, stored: &Self) -> Result<()> {
-        if std::mem::discriminant(&stored.manifold) != std::mem::discriminant(&self.manifold)
-            || matches!((stored.manifold, self.manifold),
-                (Manifold::Stiefel { transpose: a }, Manifold::Stiefel { transpose: b }) if a != b)
-        {
-            return Err(Error::checkpoint(
-                "checkpoint: manifold",
-                format!(
-                    "written for {:?}, this optimizer is on {:?}",
-                    stored.manifold, self.manifold
-                ),
-            ));
-        }
-        Ok(())
+        self.manifold
+            .check_resumable(&stored.manifold, "checkpoint: manifold")
     }
 );
 

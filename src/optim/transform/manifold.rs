@@ -189,15 +189,7 @@ impl Transform for ManifoldStep {
     fn set_hparams(&mut self, v: &serde_json::Value) -> Result<()> {
         let new: Self = from_json(self.kind(), v)?;
         new.validate("ManifoldStep")?;
-        if std::mem::discriminant(&new.manifold) != std::mem::discriminant(&self.manifold) {
-            fail!(
-                Checkpoint,
-                "manifold",
-                "written for {:?}, this optimizer is on {:?}",
-                new.manifold,
-                self.manifold
-            );
-        }
+        self.manifold.check_resumable(&new.manifold, "manifold")?;
         *self = new;
         Ok(())
     }

@@ -94,6 +94,7 @@ impl Transform for Retract {
     fn set_hparams(&mut self, v: &serde_json::Value) -> Result<()> {
         let new: Self = from_json(self.kind(), v)?;
         new.validate("Retract")?;
+        self.manifold.check_resumable(&new.manifold, "manifold")?;
         *self = new;
         Ok(())
     }
