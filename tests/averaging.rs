@@ -510,6 +510,31 @@ fn ema_decay_outside_zero_to_one_is_refused() {
     assert!(make(0.0).is_ok());
 }
 
+/// WSM's settings (`AverageKind::Wsm`'s docs): an interval of 0, no
+/// weights, a negative or non-finite weight, and weights that do not sum to 1
+/// (a merge that would scale the parameters) are refused, naming the field;
+/// weights summing to 1 within rounding are accepted.
+#[test]
+fn wsm_settings_outside_their_range_are_refused() {
+    let v = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
+    let make = |weights: Vec<f64>, interval: usize| {
+        WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Wsm { weights, interval })
+    };
+    for (weights, interval, says) in [
+        (vec![0.5, 0.5], 0, "Wsm.interval"),
+        (vec![], 1, "is empty"),
+        (vec![1.5, -0.5], 1, "finite and ≥ 0"),
+        (vec![f64::NAN, 1.0], 1, "finite and ≥ 0"),
+        (vec![0.5, 0.45], 1, "must sum to 1"),
+        (vec![0.6, 0.6], 1, "must sum to 1"),
+    ] {
+        let e = make(weights.clone(), interval).unwrap_err().to_string();
+        assert!(e.contains(says), "{weights:?}, interval {interval}: {e}");
+    }
+    assert!(make(vec![0.1, 0.2, 0.7], 2).is_ok());
+    assert!(make(vec![1.0 / 3.0; 3], 1).is_ok());
+}
+
 /// An average that is not ready names the call made: `averaged` itself, and
 /// `swap_in` for WSM too (not only for EMA / Polyak), changing nothing.
 #[test]
