@@ -925,8 +925,17 @@ impl Finished {
     }
 }
 
-/// Fixed validation windows: `n` batches spread evenly over the split.
-fn val_starts(data: &Data, cfg: &Config) -> Vec<Vec<usize>> {
+/// The starts of one training batch: `cfg.batch` starts drawn uniformly
+/// from `0..train.len() − context − 1`, so that each window (`context`
+/// inputs and their targets) lies in the training split.
+pub fn train_starts(rng: &mut Rng, data: &Data, cfg: &Config) -> Vec<usize> {
+    let span = data.train.len() - cfg.context - 1;
+    (0..cfg.batch).map(|_| rng.below(span)).collect()
+}
+
+/// Fixed validation windows: `eval_batches` batches of `batch` window starts,
+/// spread evenly over the validation split.
+pub fn val_starts(data: &Data, cfg: &Config) -> Vec<Vec<usize>> {
     let span = data.val.len() - cfg.context - 1;
     let total = cfg.eval_batches * cfg.batch;
     (0..cfg.eval_batches)
@@ -966,7 +975,7 @@ fn sigmas(varmap: &VarMap, names: &[String]) -> Result<Vec<f64>> {
 pub type Progress<'a> = &'a mut dyn FnMut(usize, Option<&Record>);
 
 /// The optimizer of one run: the three types `train_lm` builds.
-enum Opt {
+pub enum Opt {
     AdamW(AdamW),
     Muon(Muon),
     /// The sphere run's `Partition`.
@@ -985,6 +994,14 @@ macro_rules! with_opt {
     };
 }
 
+impl Opt {
+    /// One step of whichever optimizer this is, at its peak rate (the
+    /// training loop steps it through [`Scheduled`] instead).
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        with_opt!(self, o => o.step(grads))
+    }
+}
+
 /// One run's seeded model, its optimizer and the learning-rate schedule.
 fn model_and_optimizer(
     kind: OptKind,
@@ -1001,7 +1018,7 @@ fn model_and_optimizer(
 }
 
 /// The optimizer of `kind` over `varmap`, at the configured (or default) peak rate.
-fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> {
+pub fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<Opt> {
     let lr = cfg.lr.unwrap_or(kind.default_lr());
     let decay = kind.decay(cfg.weight_decay);
     Ok(match kind {
@@ -1358,7 +1375,6 @@ fn train_loop(
     let start = std::time::Instant::now();
     let matrices = matrix_names(varmap);
     let mut rng = Rng::new(seed.wrapping_add(0xDA7A));
-    let span = data.train.len() - cfg.context - 1;
     let mut records = Vec::new();
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
     let record = |step: usize, lr: f64, train_loss: f64| -> Result<Record> {
@@ -1385,7 +1401,7 @@ fn train_loop(
     let mut losses = Vec::with_capacity(last);
     for step in 1..=last {
         let mut clock = Lap::new(device, cfg.timing)?;
-        let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.below(span)).collect();
+        let starts = train_starts(&mut rng, data, cfg);
         let (x, y) = batch_at(&data.train, stepper.share(&starts), cfg.context, device)?;
         let loss = model.loss(&x, &y)?;
         let loss_val = stepper.batch_loss(&loss)?;
