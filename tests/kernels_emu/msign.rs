@@ -132,6 +132,51 @@ fn msign_tiled_gram() {
     }
 }
 
+/// A gradient whose norm is comparable to `eps` (1e-7): the normalisation
+/// is `G / (‖G‖_F + eps)`, so `X₀` has norm 0.5 at ‖G‖_F = eps and 0.99 at
+/// 100·eps. The kernel matches the CPU path there, where `eps` is not
+/// negligible (`G / √(‖G‖_F² + eps)` would start from a norm of 3e-4).
+#[test]
+fn msign_of_a_gradient_as_small_as_eps() {
+    for (i, norm) in [1e-5, 1e-7, 1e-9].into_iter().enumerate() {
+        for ns in [NewtonSchulz::muon(), NewtonSchulz::cubic(6)] {
+            let g = input(40 + i, 1, 24, 12, DType::F32);
+            let g64 = g.to_dtype(DType::F64).unwrap();
+            let f = g64.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+            let g = g64
+                .broadcast_div(&f)
+                .unwrap()
+                .affine(norm, 0.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let want = msign(&g, &ns).unwrap();
+            let got = emu::msign(&g, &ns, None).unwrap();
+            check(&format!("‖G‖_F = {norm:e}"), &want, &got, 2e-3);
+        }
+    }
+}
+
+/// With the grid capped (`emu::with_grid_cap`), the elementwise steps'
+/// grid-stride loops (the diagonal shift of the Gram form, the operand
+/// copies) walk several block-sized pieces per block: the same bits as with
+/// the full grid. Each case has its own input and runs capped first, so that
+/// an element a capped loop skipped cannot hold the right value left in a
+/// reused buffer by the full run.
+#[test]
+fn msign_grid_stride_loops_give_the_full_grids_bits() {
+    let mut i = 50;
+    for ns in [NewtonSchulz::muon(), NewtonSchulz::muon().gram_form()] {
+        for cap in [1, 3] {
+            i += 1;
+            let g = input(i, 2, 100, 40, DType::F32);
+            let capped = emu::with_grid_cap(cap, || emu::msign(&g, &ns, None).unwrap());
+            let full = emu::msign(&g, &ns, None).unwrap();
+            assert_same_bits(&format!("{ns:?}, grid capped at {cap}"), &full, &capped);
+        }
+    }
+}
+
 /// A zero matrix stays zero (X₀ = 0/(0 + eps) = 0).
 #[test]
 fn msign_zero_matrix() {

@@ -202,6 +202,31 @@ fn subnormal_start_is_normalised_to_unit_length() {
     }
 }
 
+/// A start of 1e-10 everywhere but one entry of 1e30, wherever that entry
+/// falls among the block's threads (one place per warp, and one past the
+/// block): the kernels scale by the largest magnitude before squaring, and
+/// with a maximum that missed the big entry the squares would overflow (its
+/// ratio to the rest is 1e40). The start normalises to ±e_p and σ = ‖W e_p‖.
+#[test]
+fn a_start_dominated_by_one_entry_anywhere_in_the_block() {
+    let (m, n) = (400, 320);
+    let mut r = rng(14);
+    let w = spiked(&mut r, 1, m, n, DType::F32, &Device::Cpu)
+        .squeeze(0)
+        .unwrap();
+    for p in (0..8).map(|warp| 32 * warp + 5).chain([256 + 37]) {
+        let mut s = vec![1e-10f32; n];
+        s[p] = 1e30;
+        let start = Tensor::from_vec(s, n, &Device::Cpu).unwrap();
+        let want = power_iteration(&w, Some(&start), 0).unwrap();
+        let got = emu::power_iteration(&w, Some(&start), 0).unwrap();
+        let what = format!("the big entry at {p}");
+        compare(&what, &want, &got);
+        let v = f64s(&got.v);
+        assert!((v[p].abs() - 1.0).abs() < 1e-6, "{what}: v[p] = {}", v[p]);
+    }
+}
+
 /// Converged on a matrix with a known spectrum: σ₁ to f32 precision.
 #[test]
 fn converges_to_sigma1() {
