@@ -429,6 +429,33 @@ fn run_locked<T, R>(
     })
 }
 
+/// Runs `f` with the grid of every grid-stride kernel (the multi-tensor
+/// updates and reductions, Newton–Schulz's elementwise steps) capped at
+/// `blocks` instead of 4096, so that each block walks several chunks or
+/// tensors: what a GPU does past 4096 chunks (16.7 M elements), which is
+/// more than the emulator can run in a test. The results must not change
+/// (every chunk is computed alike whichever block takes it). Calls are
+/// serialised; the cap applies to every launch made meanwhile, on any thread.
+///
+/// # Panics
+/// If `blocks` is 0.
+pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::Ordering;
+    assert!(blocks > 0, "with_grid_cap: blocks must be ≥ 1");
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    /// Puts the cap back even when `f` panics.
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            launch::GRID_CAP.store(launch::MAX_BLOCKS, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore;
+    launch::GRID_CAP.store(u64::from(blocks), Ordering::Relaxed);
+    f()
+}
+
 /// [`super::adamw_step`] through the emulated `adamw_*` kernels.
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
     run_locked(

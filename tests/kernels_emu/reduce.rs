@@ -105,3 +105,40 @@ fn sum_squares_matches_f64_reference() {
     let z = Tensor::zeros((3, 4097), DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(emu::sum_squares(&[&z]).unwrap(), vec![0.0]);
 }
+
+/// With the grid capped below the number of chunks and of tensors
+/// (`emu::with_grid_cap`), each block walks several chunks (`finite_*`,
+/// `sumsq_*`) or tensors (`sumsq_finish`): the same sums bit for bit (the
+/// per-chunk partials are combined in a fixed order), and a NaN found in
+/// whichever chunk of a 5-chunk tensor it is put.
+#[test]
+fn grid_stride_loops_give_the_full_grids_results() {
+    let ts: Vec<Tensor> = UPDATE_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| with_value(80 + i as u64, s, DTYPES[i % 3], None))
+        .collect();
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let full = emu::sum_squares(&refs).unwrap();
+    let n = 5 * 4096;
+    for cap in [1, 2, 3] {
+        emu::with_grid_cap(cap, || {
+            assert_eq!(
+                emu::sum_squares(&refs).unwrap(),
+                full,
+                "grid capped at {cap}"
+            );
+            assert_eq!(emu::first_nonfinite(&refs).unwrap(), None, "cap {cap}");
+            for chunk in 0..5 {
+                let bad = with_value(90, &[n], DType::BF16, Some((chunk * 4096 + 7, f32::NAN)));
+                let mut with_bad = refs.clone();
+                with_bad.push(&bad);
+                assert_eq!(
+                    emu::first_nonfinite(&with_bad).unwrap(),
+                    Some(refs.len()),
+                    "cap {cap}, NaN in chunk {chunk}"
+                );
+            }
+        });
+    }
+}

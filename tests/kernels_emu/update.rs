@@ -194,6 +194,31 @@ fn multi_tensor_update_over_a_mixed_set() {
     check_sgd(&ps, true, 0.9, true, "sgd mixed");
 }
 
+/// With the grid capped below the number of chunks (`emu::with_grid_cap`),
+/// each block walks several chunks of several tensors, as on a GPU past
+/// 4096 chunks: still the CPU's bits, for every update family.
+#[test]
+fn grid_stride_loops_give_the_cpu_bits() {
+    // [2, 4097], [4097, 2], [100, 301] and [4097]: 2–8 chunks each.
+    let multi = [16, 17, 18, 8];
+    for cap in [1, 3] {
+        emu::with_grid_cap(cap, || {
+            let what = |f: &str| format!("{f}, grid capped at {cap}");
+            let ps: Vec<P> = (0..12).map(|i| case(multi[i % 4], DTYPES[i % 3])).collect();
+            check_adamw(&ps, &what("adamw"));
+            check_sgd(&ps, true, 0.9, true, &what("sgd"));
+            for &i in &multi {
+                check_ema(&batch(i), 0.95, true, &what("ema"));
+                let ps: Vec<P> = DTYPES
+                    .iter()
+                    .map(|&dt| case_with(i, dt, DecayKind::Rank1))
+                    .collect();
+                check_apply(&ps, &what("apply"));
+            }
+        });
+    }
+}
+
 /// A second step on the same state (moments no longer what the first step
 /// found): still the CPU's bits.
 #[test]

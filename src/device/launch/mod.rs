@@ -45,6 +45,24 @@ pub(crate) const BLOCK: u32 = 256;
 pub(crate) const CHUNK: u32 = 4096;
 /// Cap on the grid of grid-stride kernels (enough to fill any current GPU).
 pub(crate) const MAX_BLOCKS: u64 = 4096;
+
+/// The cap [`grid_for`] applies: [`MAX_BLOCKS`], or a smaller one while the
+/// emulator tests run under `emu::with_grid_cap`, so that they reach the
+/// grid-stride loops (one block walking several chunks) at sizes the
+/// emulator can run.
+#[cfg(feature = "emu")]
+pub(crate) static GRID_CAP: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(MAX_BLOCKS);
+
+#[cfg(feature = "emu")]
+fn grid_cap() -> u64 {
+    GRID_CAP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(not(feature = "emu"))]
+const fn grid_cap() -> u64 {
+    MAX_BLOCKS
+}
 /// Shared memory (static and dynamic together) a block gets without opting
 /// in: a launch beyond it fails unless the function's
 /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` was raised first.

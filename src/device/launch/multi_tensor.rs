@@ -72,9 +72,10 @@ pub(crate) fn mt_plan(ts: &[MtTensor], chunk: u32) -> MtPlan {
     }
 }
 
-/// The grid of a grid-stride kernel over `units` block-sized units.
+/// The grid of a grid-stride kernel over `units` block-sized units: one
+/// block per unit, at most [`MAX_BLOCKS`].
 pub(crate) fn grid_for(units: u64) -> u32 {
-    units.clamp(1, MAX_BLOCKS) as u32
+    units.clamp(1, grid_cap()) as u32
 }
 
 /// Groups `ts` by element type, keeping their order: `(elt, indices)`.
