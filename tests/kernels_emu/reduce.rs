@@ -21,6 +21,15 @@ fn with_value(seed: u64, shape: &[usize], dtype: DType, at: Option<(usize, f32)>
         .unwrap()
 }
 
+/// One finite tensor of each shape of `UPDATE_SHAPES`, the dtypes in turn.
+fn every_shape(seed: u64) -> Vec<Tensor> {
+    UPDATE_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| with_value(seed + i as u64, s, DTYPES[i % 3], None))
+        .collect()
+}
+
 #[test]
 fn finite_check_matches_cpu() {
     let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
@@ -76,11 +85,7 @@ fn finite_check_mixed_dtypes_reports_the_first() {
 /// compared more loosely.
 #[test]
 fn sum_squares_matches_f64_reference() {
-    let ts: Vec<Tensor> = UPDATE_SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| with_value(50 + i as u64, s, DTYPES[i % 3], None))
-        .collect();
+    let ts = every_shape(50);
     let refs: Vec<&Tensor> = ts.iter().collect();
     let got = emu::sum_squares(&refs).unwrap();
     let cpu = device::sum_squares(&refs).unwrap();
@@ -113,11 +118,7 @@ fn sum_squares_matches_f64_reference() {
 /// whichever chunk of a 5-chunk tensor it is put.
 #[test]
 fn grid_stride_loops_give_the_full_grids_results() {
-    let ts: Vec<Tensor> = UPDATE_SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| with_value(80 + i as u64, s, DTYPES[i % 3], None))
-        .collect();
+    let ts = every_shape(80);
     let refs: Vec<&Tensor> = ts.iter().collect();
     let full = emu::sum_squares(&refs).unwrap();
     let n = 5 * 4096;
