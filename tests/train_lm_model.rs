@@ -359,13 +359,10 @@ fn schedule_warms_up_over_5_percent_and_decays_over_the_last_20_percent() {
 
 /// The f64 matrix of a tensor (rank 2) or a row (rank 1).
 fn dmatrix(t: &Tensor) -> DMatrix<f64> {
-    let t = t.to_dtype(DType::F64).unwrap();
-    let (m, n) = match t.dims() {
-        [n] => (1, *n),
-        [m, n] => (*m, *n),
-        d => panic!("rank {}", d.len()),
-    };
-    DMatrix::from_row_slice(m, n, &t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+    match t.rank() {
+        1 => common::to_dmatrix(&t.unsqueeze(0).unwrap()),
+        _ => common::to_dmatrix(t),
+    }
 }
 
 /// One step of each run's optimizer with a zero gradient leaves only the
@@ -410,14 +407,15 @@ fn each_optimizer_gives_each_parameter_its_rate_and_decay() {
             let lambda = cfg.weight_decay;
             for ((name, var), w) in vars.iter().zip(&before) {
                 let what = format!("{} (lr {lr:?}), {name}", kind.name());
-                let delta = dmatrix(var.as_tensor()) - w;
+                let after = dmatrix(var.as_tensor());
+                let delta = &after - w;
                 if w.nrows() == 1 {
                     assert_eq!(delta.amax(), 0.0, "{what}: a norm gain moved");
                     continue;
                 }
                 let block = name.starts_with("h.");
                 if block && kind == OptKind::MuonSpectralSphere {
-                    let s1 = common::singular_values(&dmatrix(var.as_tensor()))[0];
+                    let s1 = common::singular_values(&after)[0];
                     assert!(
                         (s1 - cfg.radius).abs() < 1e-3 * cfg.radius,
                         "{what}: σ₁ {s1}"
@@ -425,14 +423,13 @@ fn each_optimizer_gives_each_parameter_its_rate_and_decay() {
                     continue;
                 }
                 let coeff = lambda * if block { eta } else { eta_adamw };
-                let s_w = common::singular_values(w);
                 if spectral {
                     let s_d = common::singular_values(&delta);
                     assert!(
                         s_d[1] < 1e-2 * s_d[0],
                         "{what}: the decay is not rank one: {s_d:?}"
                     );
-                    let top = coeff * s_w[0];
+                    let top = coeff * common::singular_values(w)[0];
                     assert!(
                         s_d[0] <= top * (1.0 + 1e-3) && s_d[0] >= 0.8 * top,
                         "{what}: ‖decay‖₂ {} vs ηλσ₁ {top}",

@@ -140,13 +140,9 @@ fn msign_tiled_gram() {
 fn msign_of_a_gradient_as_small_as_eps() {
     for (i, norm) in [1e-5, 1e-7, 1e-9].into_iter().enumerate() {
         for ns in [NewtonSchulz::muon(), NewtonSchulz::cubic(6)] {
-            let g = input(40 + i, 1, 24, 12, DType::F32);
-            let g64 = g.to_dtype(DType::F64).unwrap();
-            let f = g64.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
-            let g = g64
-                .broadcast_div(&f)
-                .unwrap()
-                .affine(norm, 0.0)
+            let g = input(40 + i, 1, 24, 12, DType::F64);
+            let f: f64 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let g = (g * (norm / f.sqrt()))
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();

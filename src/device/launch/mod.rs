@@ -63,6 +63,7 @@ fn grid_cap() -> u64 {
 const fn grid_cap() -> u64 {
     MAX_BLOCKS
 }
+
 /// Shared memory (static and dynamic together) a block gets without opting
 /// in: a launch beyond it fails unless the function's
 /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` was raised first.
