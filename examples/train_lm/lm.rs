@@ -1,6 +1,7 @@
 //! The core of `train_lm`: a built-in corpus, a char-level GPT built with
 //! candle-nn, and the training loop (schedule, clipping, optimizer step,
-//! evaluation, σ₁ tracking). Included into `tests/train_lm_smoke.rs`.
+//! evaluation, σ₁ tracking). Included into `tests/train_lm_smoke.rs`,
+//! `tests/train_lm_model.rs` and `tests/train_lm_cli.rs`.
 
 #![allow(dead_code)]
 
