@@ -431,34 +431,38 @@ fn every_generic_update_refuses_aliased_outputs() {
 
 /// The CPU path's aliasing check also sees views of one empty storage
 /// (whose address ranges are empty) and refuses them instead of locking
-/// the storage twice; distinct empty tensors do not alias.
+/// the storage twice; distinct empty tensors do not alias. Run on a thread
+/// with a deadline: without the check, the step deadlocks on the storage's
+/// lock, and the test must fail rather than hang.
 #[test]
 fn cpu_path_refuses_aliased_empty_tensors_and_takes_distinct_ones() {
-    let w = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
-    let g = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
-    let m = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
-    let v = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
-    let step = |m: &Var, v: &Var| {
-        device::adamw_step(
-            &[AdamItem {
-                w: &w,
-                g: &g,
-                m,
-                v,
-                step: AdamStep {
-                    lr_bc1: 0.1,
-                    bc2_sqrt: 0.1,
-                },
-                decay: DecayTerm::NONE,
-            }],
-            0.9,
-            0.999,
-            1e-8,
-        )
-    };
-    step(&m, &v).expect("distinct empty tensors");
-    let e = step(&m, &m).expect_err("m = v").to_string();
-    assert!(e.contains("shares its storage"), "{e}");
+    within_deadline(|| {
+        let w = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let g = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let m = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let v = Var::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let step = |m: &Var, v: &Var| {
+            device::adamw_step(
+                &[AdamItem {
+                    w: &w,
+                    g: &g,
+                    m,
+                    v,
+                    step: AdamStep {
+                        lr_bc1: 0.1,
+                        bc2_sqrt: 0.1,
+                    },
+                    decay: DecayTerm::NONE,
+                }],
+                0.9,
+                0.999,
+                1e-8,
+            )
+        };
+        step(&m, &v).expect("distinct empty tensors");
+        let e = step(&m, &m).expect_err("m = v").to_string();
+        assert!(e.contains("shares its storage"), "{e}");
+    });
 }
 
 type Build = fn(&VarMap) -> Box<dyn support::Stepper>;

@@ -389,3 +389,24 @@ pub fn aliased_operands_are_refused_by(
         assert_eq!(f64s(m.as_tensor()), before.1, "{what}: m changed");
     }
 }
+
+/// Runs `f` on its own thread and fails the test if it has not returned
+/// within 20 s (a deadlock on a storage lock would otherwise hang the test
+/// binary); a panic in `f` fails the test with its own message.
+pub fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not return within 20 s (deadlock on a shared storage?)")
+        }
+        // the worker panicked before sending: fail with its message
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the worker sends before it returns"),
+        },
+    }
+}

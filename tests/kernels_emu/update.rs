@@ -359,27 +359,6 @@ fn aliased_operands_are_refused() {
     });
 }
 
-/// Runs `f` on its own thread and fails the test if it has not returned
-/// within 20 s (a deadlock on a storage lock would otherwise hang the test
-/// binary); a panic in `f` fails the test with its own message.
-fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
-        Ok(v) => v,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("did not return within 20 s (deadlock on a shared storage?)")
-        }
-        // the worker panicked before sending: fail with its message
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the worker sends before it returns"),
-        },
-    }
-}
-
 /// Two outputs that are one empty storage (an empty parameter listed twice)
 /// are refused too: their byte ranges are empty and overlap nothing, so only
 /// the storage's identity tells them apart, and locking one storage twice
