@@ -679,3 +679,39 @@ fn error_line_leaves_out_candle_backtraces() {
     let e = anyhow::Error::from(ctx).context("training");
     assert_eq!(support::error_line(&e), "training: in layer 2: bad shape");
 }
+
+/// A run's failure, error or panic, becomes one line naming it; a success
+/// passes through.
+#[test]
+fn caught_turns_errors_and_panics_into_one_line() {
+    use support::caught;
+    assert_eq!(caught(|| Ok::<_, anyhow::Error>(3)), Ok(3));
+    let e = caught(|| -> anyhow::Result<()> {
+        Err(anyhow::anyhow!("disk full").context("writing train_lm.csv"))
+    });
+    assert_eq!(e, Err("writing train_lm.csv: disk full".into()));
+    let shape = caught(|| {
+        candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?.matmul(
+            &candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?,
+        )
+    })
+    .unwrap_err();
+    assert!(
+        shape.contains("shape mismatch") && !shape.contains('\n'),
+        "{shape}"
+    );
+    // the panics' payloads: a literal, a formatted message, anything else
+    assert_eq!(
+        caught(|| -> anyhow::Result<()> { panic!("boom") }),
+        Err("panicked: boom".into())
+    );
+    let n = 7;
+    assert_eq!(
+        caught(|| -> anyhow::Result<()> { panic!("boom {n}") }),
+        Err("panicked: boom 7".into())
+    );
+    assert_eq!(
+        caught(|| -> anyhow::Result<()> { std::panic::panic_any(5u8) }),
+        Err("panicked: (no message)".into())
+    );
+}

@@ -42,7 +42,7 @@ use cli::{Args, Parsed};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lm::{builtin_corpus, train, Data, Finished, OptKind, Record};
 use outputs::{output_paths, report, run_line, write_outputs};
-use support::{check_writable, error_line, seed_range};
+use support::{caught, check_writable, error_line, seed_range};
 
 fn device(name: &str) -> Result<Device> {
     match name {
@@ -331,24 +331,6 @@ fn train_queue(
     });
     total.finish_with_message("done");
     Ok(finished.into_inner().unwrap_or_else(|e| e.into_inner()))
-}
-
-/// Runs `f`; an error or a panic becomes its message (one line).
-fn caught<T, E: Into<anyhow::Error>>(
-    f: impl FnOnce() -> std::result::Result<T, E>,
-) -> std::result::Result<T, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error_line(&e.into())),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
-            Err(format!("panicked: {msg}"))
-        }
-    }
 }
 
 /// How this process takes part in the runs.

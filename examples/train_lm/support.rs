@@ -190,6 +190,24 @@ pub fn fmt_num(x: f64) -> String {
     }
 }
 
+/// Runs `f`; an error or a panic becomes its message (one line).
+pub fn caught<T, E: Into<anyhow::Error>>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error_line(&e.into())),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            Err(format!("panicked: {msg}"))
+        }
+    }
+}
+
 /// `e` and its causes on one line (as `{e:#}`), without the backtrace that
 /// candle attaches to its errors when backtraces are on (RUST_BACKTRACE=1)
 /// and with any line breaks (candle's context) joined by ": ".
