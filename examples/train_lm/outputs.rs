@@ -148,10 +148,15 @@ pub fn output_paths(out: &Path, timing: bool) -> Vec<PathBuf> {
 /// What [`write_outputs`] wrote: the results table (also in summary.md) and
 /// the paths.
 pub struct Written {
+    /// The results table ([`results_table`]).
     pub table: String,
+    /// `train_lm.csv`.
     pub csv: PathBuf,
+    /// `train_lm.svg`.
     pub svg: PathBuf,
+    /// `train_lm.png`.
     pub png: PathBuf,
+    /// `summary.md`.
     pub summary: PathBuf,
     /// The loss log and the timing files, if written.
     pub others: Vec<PathBuf>,
