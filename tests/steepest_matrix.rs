@@ -932,6 +932,129 @@ fn spectral_sphere_retraction_refuses_a_bad_radius() {
     let (out, _) = spectral_sphere_retract(&w, 2.0, None).unwrap();
     let s = singular_values(&to_dmatrix(&out));
     assert!((s[0] - 2.0).abs() < 1e-5, "{s:?}");
+    // A radius beyond the dtype's range would overflow the result to ±inf.
+    for (dt, too_big, fits) in [(DType::F32, 1e39, 1e38), (DType::F16, 1e5, 6e4)] {
+        let w = w.to_dtype(dt).unwrap();
+        let e = spectral_sphere_retract(&w, too_big, None).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Config { .. }) && e.to_string().contains("overflow"),
+            "{dt:?}: {e}"
+        );
+        let (out, _) = spectral_sphere_retract(&w, fits, None).unwrap();
+        let s = singular_values(&to_dmatrix(&out));
+        assert!(
+            (s[0] / fits - 1.0).abs() < 2e-3,
+            "{dt:?}: σ₁ {} for r = {fits}",
+            s[0]
+        );
+    }
+}
+
+/// The retractions and `top_singular_precise` refuse what is not a float
+/// matrix or batch, and a start that is not the shape of `v₁`, as
+/// `Error::Shape` naming themselves and the argument (a wrong start was
+/// reported by `power_iteration`, with the shape it had been reshaped to; an
+/// integer matrix reached the sphere's "spectral norm 0"); a non-finite `W`
+/// is a numerical error saying so.
+#[test]
+fn retractions_name_the_argument_that_is_wrong() {
+    let w = from_dmatrix(
+        &with_singular_values(&mut rng(6), 6, 4, &[3.0, 1.0, 0.5, 0.25]),
+        DType::F32,
+    );
+    let ints = Tensor::zeros((6, 4), DType::U32, &Device::Cpu).unwrap();
+    let vector = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let rank4 = Tensor::ones((2, 2, 6, 4), DType::F32, &Device::Cpu).unwrap();
+    type Call = fn(&Tensor, Option<&Tensor>) -> steepest::Result<()>;
+    let calls: [(&str, Call); 3] = [
+        ("stiefel_retract", |w, _| {
+            stiefel_retract(w, true).map(|_| ())
+        }),
+        ("spectral_sphere_retract", |w, s| {
+            spectral_sphere_retract(w, 1.0, s).map(|_| ())
+        }),
+        ("top_singular_precise", |w, s| {
+            steepest::linalg::top_singular_precise(w, s).map(|_| ())
+        }),
+    ];
+    for (name, call) in calls {
+        for (what, bad, words) in [
+            ("u32", &ints, ["w:", "float"]),
+            ("1-D", &vector, ["w:", "[4]"]),
+            ("4-D", &rank4, ["w:", "[2, 2, 6, 4]"]),
+        ] {
+            let e = call(bad, None).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. }),
+                "{name} {what}: {msg}"
+            );
+            assert!(msg.contains(name), "{name} {what}: {msg}");
+            for word in words {
+                assert!(msg.contains(word), "{name} {what}: no `{word}` in {msg}");
+            }
+        }
+        if name == "stiefel_retract" {
+            continue;
+        }
+        let batch = Tensor::stack(&[&w, &w], 0).unwrap();
+        for (what, w, start, expected) in [
+            (
+                "(5,) for 6×4",
+                &w,
+                Tensor::ones(5, DType::F32, &Device::Cpu).unwrap(),
+                "(4,)",
+            ),
+            (
+                "(2, 4) for 6×4",
+                &w,
+                Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap(),
+                "(4,)",
+            ),
+            (
+                "(3, 4) for 2×6×4",
+                &batch,
+                Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap(),
+                "(2, 4)",
+            ),
+            (
+                "(4,) for 2×6×4",
+                &batch,
+                Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+                "(2, 4)",
+            ),
+        ] {
+            let e = call(w, Some(&start)).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. }),
+                "{name} {what}: {msg}"
+            );
+            assert!(
+                msg.contains(name) && msg.contains("start") && msg.contains(expected),
+                "{name} {what}: {msg}"
+            );
+        }
+        // the shapes the docs allow
+        let ok = [
+            (&w, Tensor::ones(4, DType::F32, &Device::Cpu).unwrap()),
+            (&w, Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap()),
+            (
+                &batch,
+                Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ];
+        for (w, start) in ok {
+            call(w, Some(&start)).unwrap_or_else(|e| panic!("{name} {:?}: {e}", start.dims()));
+        }
+    }
+    for bad in [f64::NAN, f64::INFINITY] {
+        let e = stiefel_retract(&(&w * bad).unwrap(), false).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Numerical { .. }) && e.to_string().contains("not finite"),
+            "{bad}: {e}"
+        );
+    }
 }
 
 /// Full-rank square matrices with a few tiny singular values (a random

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{msign, power_iteration, NewtonSchulz, TopSingular};
+use super::{matrix_dims, msign, power_iteration, NewtonSchulz, TopSingular};
 use crate::error::{fail, Error, Result};
 
 /// Up to `(b, m, n)`, with whether a batch dimension was added.
@@ -23,6 +23,33 @@ pub(crate) fn batch3(t: &Tensor) -> Result<(Tensor, bool)> {
 
 pub(crate) fn unbatch(t: Tensor, added: bool) -> Result<Tensor> {
     Ok(if added { t.squeeze(0)? } else { t })
+}
+
+/// Errors (naming `who`) unless `w` is a float matrix `(m, n)` or batch
+/// `(b, m, n)` and `start`, when given, has the shape of its `v₁`: `(n,)`
+/// (or `(1, n)`) for a matrix, `(b, n)` for a batch.
+fn check_matrix_and_start(who: &str, w: &Tensor, start: Option<&Tensor>) -> Result<()> {
+    let (_, n) = matrix_dims(&format!("{who}: w"), w)?;
+    let Some(s) = start else { return Ok(()) };
+    let fits = match (w.dims(), s.dims()) {
+        ([_, _], [k]) | ([_, _], [1, k]) => *k == n,
+        ([b, _, _], [sb, k]) => sb == b && *k == n,
+        _ => false,
+    };
+    if !fits {
+        let expected = match w.dims() {
+            [b, _, _] => format!("({b}, {n})"),
+            _ => format!("({n},)"),
+        };
+        fail!(
+            Shape,
+            who,
+            "start: expected the shape of v₁ for w {:?}, {expected}, got {:?}",
+            w.dims(),
+            s.dims()
+        );
+    }
+    Ok(())
 }
 
 /// `Θ = u₁v₁ᵀ` from a top singular triplet, `(b, m, n)` (or `(m, n)`).
@@ -57,6 +84,7 @@ const GRAM_SQUARINGS: usize = 16;
 /// for a batch (a `(1, n)` start is also accepted for an `(m, n)` `w`). A zero
 /// or non-finite start is ignored.
 pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSingular> {
+    check_matrix_and_start("top_singular_precise", w, start)?;
     let (w3, added) = batch3(w)?;
     // `w` was given one batch dimension: give an `(n,)` start one too.
     let start = match start {
@@ -175,6 +203,23 @@ pub(crate) fn spectral_sphere_retract_members(
         )
         .into());
     }
+    check_matrix_and_start("spectral_sphere_retract", w, start)?;
+    // Entries of the result are at most `radius` in size: it must fit the dtype.
+    let largest = match w.dtype() {
+        DType::F64 => f64::MAX,
+        DType::F16 => half::f16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    };
+    if radius > largest {
+        return Err(Error::config(
+            "spectral_sphere_retract: radius",
+            format!(
+                "{radius:e} is beyond the largest {:?} value ({largest:e}): the result would overflow",
+                w.dtype()
+            ),
+        )
+        .into());
+    }
     let top = top_singular_precise(w, start)?;
     let s = top
         .sigma
@@ -278,6 +323,7 @@ pub(crate) fn stiefel_retract_members(
     w: &Tensor,
     cold: bool,
 ) -> std::result::Result<Tensor, MemberError> {
+    check_matrix_and_start("stiefel_retract", w, None)?;
     if matches!(w.dtype(), DType::BF16 | DType::F16) {
         // The residual's floor in a 16-bit type is above the acceptance
         // threshold from about 64×64 on: iterate in f32, round once.
@@ -343,7 +389,7 @@ pub(crate) fn stiefel_retract_members(
                 member: Some(i),
                 error: Error::numerical(
                     "stiefel_retract",
-                    "the iteration diverged (W rank-deficient?)",
+                    "the iteration diverged: W is zero, rank-deficient or not finite",
                 ),
             });
         }
