@@ -178,8 +178,10 @@ fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> R
 /// [`top_singular_precise`] warm-started at `start` (an estimate of `v₁`,
 /// `(n,)` for an `(m, n)` `w`, `(b, n)` for a batch).
 /// Returns the retracted matrix and the top singular triplet of the input
-/// (whose `u, v` are also those of the output). Errors on `W = 0` (for a
-/// batch, naming the first such member).
+/// (whose `u, v` are also those of the output). Errors on `W = 0` or a
+/// non-finite `W` (for a batch, naming the first such member), on a radius
+/// that is not finite and > 0 or beyond the largest value of `w`'s dtype,
+/// and on a `start` not of `v₁`'s shape.
 pub fn spectral_sphere_retract(
     w: &Tensor,
     radius: f64,
