@@ -3,7 +3,8 @@
 //! one line) and the files written from finished runs (the CSV log, the loss
 //! log, the timing files, the results table and caption, the figure's
 //! series, summary.md), read back and checked against values worked out here
-//! from synthetic runs.
+//! from synthetic runs; and the run queue (every run once, in queue order,
+//! the same as alone, a failure recorded while the others go on).
 
 #[allow(dead_code)]
 #[path = "../examples/train_lm/cli.rs"]
@@ -16,6 +17,8 @@ mod outputs;
 #[allow(dead_code)]
 #[path = "../examples/train_lm/plot.rs"]
 mod plot;
+#[path = "../examples/train_lm/queue.rs"]
+mod queue;
 #[path = "../examples/train_lm/support.rs"]
 mod support;
 
@@ -755,5 +758,73 @@ fn outputs_are_all_written_and_summary_is_caption_then_table() {
         assert_eq!(read_csv(&log).1.len(), 60);
         assert_eq!(read_csv(&want[0]).1.len(), 9);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+// -------------------------------------------------------------- run queue
+
+/// Three worker threads take four runs: the results come back in queue
+/// order, each the same as the run trained alone, `on_end` sees one more
+/// run ended at each call, and a run that fails (the sphere run, with a
+/// radius its optimizer refuses) is recorded, named, while the others go on.
+#[test]
+fn queue_trains_each_run_once_in_order_and_goes_on_past_a_failure() {
+    let cfg = lm::Config {
+        layers: 1,
+        d_model: 16,
+        heads: 2,
+        context: 16,
+        batch: 4,
+        steps: 4,
+        eval_every: 2,
+        eval_batches: 1,
+        radius: -1.0,
+        ..lm::Config::default()
+    };
+    let data = lm::Data::from_text(&lm::builtin_corpus(0, 20_000), cfg.context).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let queue = [
+        (0, OptKind::AdamW),
+        (0, OptKind::MuonSpectralSphere),
+        (1, OptKind::AdamW),
+        (0, OptKind::Muon),
+    ];
+    let seen = std::sync::Mutex::new(Vec::new());
+    let on_end = |f: &lm::Finished| seen.lock().unwrap().push((f.ended(), f.runs().len()));
+    let finished = queue::train_queue(&queue, 3, &cfg, &data, &dev, &on_end).unwrap();
+    let seen = seen.into_inner().unwrap();
+    let ended: Vec<usize> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(ended, [1, 2, 3, 4]);
+    assert_eq!(seen.last().unwrap().1, 3);
+    let order: Vec<(OptKind, u64)> = finished.runs().iter().map(|r| (r.kind, r.seed)).collect();
+    assert_eq!(
+        order,
+        [(OptKind::AdamW, 0), (OptKind::AdamW, 1), (OptKind::Muon, 0)]
+    );
+    assert_eq!(finished.failed_runs(), ["muon-spectral-sphere seed 0"]);
+    let error = finished.error(4, "").unwrap();
+    assert!(
+        error.starts_with("1 of 4 runs failed: muon-spectral-sphere seed 0: "),
+        "{error}"
+    );
+    assert!(error.contains("radius"), "{error}");
+    for r in finished.runs() {
+        let alone = lm::train(r.kind, r.seed, &cfg, &data, &dev, &mut |_, _| {}).unwrap();
+        assert_eq!(r.losses.len(), 4);
+        let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&r.losses),
+            bits(&alone.losses),
+            "{:?} seed {}",
+            r.kind,
+            r.seed
+        );
+        let vals = |r: &RunResult| {
+            r.records
+                .iter()
+                .map(|x| x.val_loss.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(vals(r), vals(&alone));
     }
 }
