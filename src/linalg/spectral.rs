@@ -326,11 +326,12 @@ pub(crate) fn stiefel_retract_members(
     cold: bool,
 ) -> std::result::Result<Tensor, MemberError> {
     check_matrix_and_start("stiefel_retract", w, None)?;
-    if matches!(w.dtype(), DType::BF16 | DType::F16) {
+    let work = super::compute_dtype(w.dtype());
+    if w.dtype() != work {
         // A 16-bit iteration's residual stays above the acceptance
-        // threshold (f32's rounding; bf16 already at 8×4): iterate in f32,
-        // round once.
-        let x = stiefel_retract_members(&w.to_dtype(DType::F32)?, cold)?;
+        // threshold (f32's rounding; bf16 already at 8×4): iterate in the
+        // linalg routines' working dtype, round once.
+        let x = stiefel_retract_members(&w.to_dtype(work)?, cold)?;
         return Ok(x.to_dtype(w.dtype())?);
     }
     let (w3, added) = batch3(w)?;
