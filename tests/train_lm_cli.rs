@@ -460,7 +460,7 @@ fn timing_files_agree_with_the_runs() {
     let args = run_args(&["--timing", "--out", dir.to_str().unwrap()]);
     let runs = three_runs();
     let (csv_path, json_path) = (dir.join("timing.csv"), dir.join("timing.json"));
-    outputs::write_timing(&csv_path, &json_path, &args, &args.cfg, &runs).unwrap();
+    outputs::write_timing(&csv_path, &json_path, &args, &runs).unwrap();
     let (header, rows) = read_csv(&csv_path);
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();
     let json: Vec<serde_json::Value> =
@@ -610,7 +610,7 @@ fn timed_results_table_has_throughput_share_and_phases() {
 fn caption_states_data_model_schedule_and_what_is_missing() {
     let args = run_args(&[]);
     assert_eq!(
-        outputs::caption(&args, &args.cfg, "built-in corpus", 39, ""),
+        outputs::caption(&args, "built-in corpus", 39, ""),
         "built-in corpus; 2 layers, d=64, context 64, 300 steps × batch 16, λ=0.1 (sphere: r=2, no decay on its matrices); 1 seed(s)"
     );
     let args = run_args(&[
@@ -630,7 +630,7 @@ fn caption_states_data_model_schedule_and_what_is_missing() {
     let d = 64;
     let params = 2 * 39 * d + 64 * d + 2 * (12 * d * d + 2 * d) + d;
     assert_eq!(
-        outputs::caption(&args, &args.cfg, "book.txt", 39, "; 3 of 4 runs so far"),
+        outputs::caption(&args, "book.txt", 39, "; 3 of 4 runs so far"),
         format!(
             "book.txt; 2 layers, d=64, context 64, 50 steps (stopped after 20) × batch 16, λ=1e-5, Gram Newton–Schulz; 2 seed(s); {params} parameters; device cpu; 3 of 4 runs so far"
         )
@@ -644,7 +644,7 @@ fn caption_states_data_model_schedule_and_what_is_missing() {
         "--stop-after",
         "20",
     ]);
-    let caption = outputs::caption(&args, &args.cfg, "x", 39, "");
+    let caption = outputs::caption(&args, "x", 39, "");
     assert!(!caption.contains("stopped"), "{caption}");
 }
 
@@ -717,7 +717,7 @@ fn outputs_are_all_written_and_summary_is_caption_then_table() {
         }
         let args = run_args(&argv);
         let runs = three_runs();
-        let w = outputs::write_outputs(&args, &args.cfg, "src", &runs, 39, "; note").unwrap();
+        let w = outputs::write_outputs(&args, "src", &runs, 39, "; note").unwrap();
         let mut names = vec!["train_lm.csv", "train_lm.svg", "train_lm.png", "summary.md"];
         if timing {
             names.extend(["timing.csv", "timing.json"]);
@@ -751,7 +751,7 @@ fn outputs_are_all_written_and_summary_is_caption_then_table() {
         let svg = std::fs::read_to_string(&want[1]).unwrap();
         assert!(svg.contains("<svg") && svg.contains("adamw") && svg.contains("src;"));
         let summary = std::fs::read_to_string(&want[3]).unwrap();
-        let caption = outputs::caption(&args, &args.cfg, "src", 39, "; note");
+        let caption = outputs::caption(&args, "src", 39, "; note");
         let table = outputs::results_table(&args.optimizers, &args.cfg, &runs);
         assert_eq!(summary, format!("{caption}\n\n{table}"));
         assert_eq!(w.table, table);

@@ -225,7 +225,7 @@ fn real_main() -> Result<()> {
             f.runs().len(),
             failed_note(f)
         );
-        if let Err(e) = caught(|| write_outputs(&args, &cfg, &source, f.runs(), vocab, &note)) {
+        if let Err(e) = caught(|| write_outputs(&args, &source, f.runs(), vocab, &note)) {
             eprintln!("train_lm: warning: writing the runs finished so far: {e}");
         }
     };
@@ -249,7 +249,7 @@ fn real_main() -> Result<()> {
     let note = failed_note(&finished);
     let runs = finished.into_runs();
     if !runs.is_empty() {
-        report(&args, &cfg, &source, &runs, &note, vocab, wall)?;
+        report(&args, &source, &runs, &note, vocab, wall)?;
     }
     match failed {
         None => Ok(()),

@@ -168,23 +168,23 @@ pub struct Written {
 /// caption (which runs are missing, if any).
 pub fn write_outputs(
     args: &Args,
-    cfg: &lm::Config,
     source: &str,
     runs: &[RunResult],
     vocab: usize,
     note: &str,
 ) -> Result<Written> {
+    let cfg = &args.cfg;
     let csv = args.out.join("train_lm.csv");
     replace_file(&csv, |p| write_csv(p, runs))?;
     let mut others = Vec::new();
     let table = results_table(&args.optimizers, cfg, runs);
     if cfg.timing {
         let (tcsv, tjson) = (args.out.join("timing.csv"), args.out.join("timing.json"));
-        write_timing(&tcsv, &tjson, args, cfg, runs)?;
+        write_timing(&tcsv, &tjson, args, runs)?;
         others.push(tcsv);
         others.push(tjson);
     }
-    let caption = caption(args, cfg, source, vocab, note);
+    let caption = caption(args, source, vocab, note);
     let svg = args.out.join("train_lm.svg");
     let png = args.out.join("train_lm.png");
     replace_files(&[&svg, &png], |p| {
@@ -264,9 +264,10 @@ pub fn results_table(kinds: &[OptKind], cfg: &lm::Config, runs: &[RunResult]) ->
 }
 
 /// The figure's caption and summary.md's first line: the data, the model,
-/// the run sizes and the decay; with `cfg.timing`, the parameter count and
+/// the run sizes and the decay; with `args.cfg.timing`, the parameter count and
 /// the device; then `note`.
-pub fn caption(args: &Args, cfg: &lm::Config, source: &str, vocab: usize, note: &str) -> String {
+pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
+    let cfg = &args.cfg;
     let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
         format!(
             " (sphere: r={}, no decay on its matrices)",
@@ -310,14 +311,13 @@ pub fn caption(args: &Args, cfg: &lm::Config, source: &str, vocab: usize, note: 
 /// table and the paths on stdout; `note` ends the caption.
 pub fn report(
     args: &Args,
-    cfg: &lm::Config,
     source: &str,
     runs: &[RunResult],
     note: &str,
     vocab: usize,
     wall: f64,
 ) -> Result<()> {
-    let w = write_outputs(args, cfg, source, runs, vocab, note)?;
+    let w = write_outputs(args, source, runs, vocab, note)?;
     println!("{}", w.table);
     println!(
         "wrote {}, {}, {}, {} ({:.0} s)",
@@ -386,9 +386,9 @@ pub fn write_timing(
     csv_path: &Path,
     json_path: &Path,
     args: &Args,
-    cfg: &lm::Config,
     runs: &[RunResult],
 ) -> Result<()> {
+    let cfg = &args.cfg;
     replace_file(csv_path, |p| write_timing_csv(p, &args.device, runs))?;
     let objs: Vec<serde_json::Value> = runs
         .iter()
