@@ -54,18 +54,7 @@ use steepest::{
 };
 
 // ---------------------------------------------------------------------------
-// Scratch directories, bitwise snapshots.
-
-/// A fresh directory for one test (tests run as threads of one process).
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "steepest-checkpoint-sweep-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+// Bitwise snapshots (scratch directories: common::scratch_dir).
 
 type Bits = (Vec<usize>, DType, Vec<u64>);
 
@@ -608,7 +597,7 @@ fn round_trip_case(
 
 fn round_trips(kinds: &[Kind], tag: &str) {
     let start = std::time::Instant::now();
-    let dir = scratch(tag);
+    let dir = common::scratch_dir("checkpoint-sweep", tag);
     let mut fails = Vec::new();
     let mut outcomes: BTreeMap<(&str, Outcome), usize> = BTreeMap::new();
     let mut n = 0;
@@ -937,7 +926,7 @@ const KNOWN_CANDLE: &[&str] = &[];
 
 #[test]
 fn truncated_files_are_refused() {
-    let dir = scratch("truncate");
+    let dir = common::scratch_dir("checkpoint-sweep", "truncate");
     let mut tally = Tally::default();
     for mut t in targets(&dir) {
         let len = t.bytes.len();
@@ -965,7 +954,7 @@ fn truncated_files_are_refused() {
 
 #[test]
 fn single_byte_corruptions_are_refused_or_harmless() {
-    let dir = scratch("flip");
+    let dir = common::scratch_dir("checkpoint-sweep", "flip");
     let mut tally = Tally::default();
     for (i, mut t) in targets(&dir).into_iter().enumerate() {
         let (n, tensors) = layout(&t.bytes);
@@ -1366,7 +1355,7 @@ const STATE_EDITS: &[StateEdit] = &[
 
 #[test]
 fn edited_headers_and_state_are_refused() {
-    let dir = scratch("edits");
+    let dir = common::scratch_dir("checkpoint-sweep", "edits");
     let mut tally = Tally::default();
     let mut not_applicable = Vec::new();
     let mut save_refused = Vec::new();
@@ -1686,7 +1675,7 @@ const SHARDED_CASES: &[ShardedCase] = &[
 #[test]
 fn corrupted_sharded_checkpoints_are_refused_on_every_rank() {
     let start = std::time::Instant::now();
-    let dir = scratch("sharded");
+    let dir = common::scratch_dir("checkpoint-sweep", "sharded");
     let good = dir.join("good");
     save_two_rank_checkpoint(&good);
     let manifest = steepest::distributed::checkpoint::read_manifest(&good).unwrap();
@@ -1786,7 +1775,7 @@ fn muon_saved(dir: &Path) -> (VarMap, Muon, HashMap<String, Tensor>, Vec<u8>) {
 /// is unchanged.
 #[test]
 fn a_dtype_candle_cannot_read_is_a_checkpoint_error() {
-    let dir = scratch("bug-dtype");
+    let dir = common::scratch_dir("checkpoint-sweep", "bug-dtype");
     let (_vm, mut opt, before, bytes) = muon_saved(&dir);
     let at = bytes
         .windows(5)
@@ -1812,7 +1801,7 @@ fn a_dtype_candle_cannot_read_is_a_checkpoint_error() {
 /// driver's (what `Muon`, `AdamW`, `Sgd` and `Steepest` now do).
 #[test]
 fn a_muon_header_with_two_rates_is_refused() {
-    let dir = scratch("bug-muon-lr");
+    let dir = common::scratch_dir("checkpoint-sweep", "bug-muon-lr");
     let (_vm, mut opt, state, _) = muon_saved(&dir);
     let edited = common::with_header(&state, |h| h["body"]["config"]["lr"] = json!(0.5));
     match opt.load_state_dict(&edited) {
@@ -1858,7 +1847,7 @@ fn a_weight_average_body_of_another_kind_is_refused() {
 /// parameters silently started afresh.)
 #[test]
 fn a_rank_file_with_another_ranks_state_is_refused() {
-    let dir = scratch("bug-rank-copy");
+    let dir = common::scratch_dir("checkpoint-sweep", "bug-rank-copy");
     let good = dir.join("good");
     save_two_rank_checkpoint(&good);
     let full = load_union(&good).unwrap().len();
@@ -1879,7 +1868,7 @@ fn a_rank_file_with_another_ranks_state_is_refused() {
 /// Only a hand-made dict gets there.
 #[test]
 fn saving_a_malformed_header_is_a_checkpoint_error() {
-    let dir = scratch("bug-save-header");
+    let dir = common::scratch_dir("checkpoint-sweep", "bug-save-header");
     let (_vm, _opt, mut state, _) = muon_saved(&dir);
     let t = state["__steepest__"].to_dtype(DType::F32).unwrap();
     state.insert("__steepest__".into(), t);

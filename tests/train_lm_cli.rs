@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 #[path = "../examples/train_lm/cli.rs"]
 mod cli;
+mod common;
 #[path = "../examples/train_lm/lm.rs"]
 mod lm;
 #[allow(dead_code)]
@@ -347,17 +348,6 @@ fn three_runs() -> Vec<RunResult> {
     ]
 }
 
-/// A fresh empty directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "steepest-train-lm-cli-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A CSV file's header and rows.
 fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let mut r = csv::Reader::from_path(path).unwrap();
@@ -392,7 +382,7 @@ fn mean_std_is_the_sample_mean_and_deviation() {
 
 #[test]
 fn csv_log_has_a_row_per_evaluation_that_reads_back() {
-    let dir = scratch("csv");
+    let dir = common::scratch_dir("train-lm-cli", "csv");
     let runs = three_runs();
     let path = dir.join("train_lm.csv");
     outputs::write_csv(&path, &runs).unwrap();
@@ -434,7 +424,7 @@ fn csv_log_has_a_row_per_evaluation_that_reads_back() {
 
 #[test]
 fn loss_log_has_every_step_exactly_in_f32() {
-    let dir = scratch("losses");
+    let dir = common::scratch_dir("train-lm-cli", "losses");
     let runs = three_runs();
     let path = dir.join("losses.csv");
     outputs::write_loss_log(&path, &runs).unwrap();
@@ -456,7 +446,7 @@ fn loss_log_has_every_step_exactly_in_f32() {
 
 #[test]
 fn timing_files_agree_with_the_runs() {
-    let dir = scratch("timing");
+    let dir = common::scratch_dir("train-lm-cli", "timing");
     let args = run_args(&["--timing", "--out", dir.to_str().unwrap()]);
     let runs = three_runs();
     let (csv_path, json_path) = (dir.join("timing.csv"), dir.join("timing.json"));
@@ -704,7 +694,7 @@ fn figure_averages_losses_over_seeds_and_takes_sigma_max_over_blocks() {
 #[test]
 fn outputs_are_all_written_and_summary_is_caption_then_table() {
     for timing in [false, true] {
-        let dir = scratch(&format!("all-{timing}"));
+        let dir = common::scratch_dir("train-lm-cli", &format!("all-{timing}"));
         let log = dir.join("new/dir/losses.csv");
         let mut argv = vec![
             "--out",

@@ -2,6 +2,7 @@
 //! training loop itself) on a tiny configuration, and of its plumbing
 //! (output files, seeds, error messages).
 
+mod common;
 #[path = "../examples/train_lm/lm.rs"]
 mod lm;
 #[path = "../examples/train_lm/support.rs"]
@@ -474,14 +475,6 @@ fn shortest_text_trains() {
     assert!(r.final_val().is_finite());
 }
 
-/// A fresh empty directory for one test.
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("steepest-train-lm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Nothing but `names` in `dir` (no temporary file left behind).
 fn assert_only(dir: &std::path::Path, names: &[&str]) {
     let mut found: Vec<String> = std::fs::read_dir(dir)
@@ -497,7 +490,7 @@ fn assert_only(dir: &std::path::Path, names: &[&str]) {
 #[test]
 fn replace_file_replaces_whole_files_and_keeps_them_on_failure() {
     use std::fs;
-    let dir = scratch("replace");
+    let dir = common::scratch_dir("train-lm", "replace");
     let path = dir.join("a.csv");
     // a new file, then an existing one replaced
     support::replace_file(&path, |p| Ok(fs::write(p, "one")?)).unwrap();
@@ -540,7 +533,7 @@ fn replace_file_replaces_whole_files_and_keeps_them_on_failure() {
 #[test]
 fn replace_file_writes_through_a_symlink() {
     use std::fs;
-    let dir = scratch("symlink");
+    let dir = common::scratch_dir("train-lm", "symlink");
     let target = dir.join("target.csv");
     let link = dir.join("link.csv");
     fs::write(&target, "old").unwrap();
@@ -569,7 +562,7 @@ fn a_stream_is_appended_to_and_a_file_replaced() {
     use std::fs;
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let dir = scratch("stream");
+    let dir = common::scratch_dir("train-lm", "stream");
     let out = dir.join("run.txt");
     // The shell's redirect: a file open for writing, with output already in it.
     let mut redirected = fs::File::create(&out).unwrap();
@@ -601,7 +594,7 @@ fn a_stream_is_appended_to_and_a_file_replaced() {
 #[test]
 fn check_writable_fails_early_and_changes_nothing() {
     use std::fs;
-    let dir = scratch("check");
+    let dir = common::scratch_dir("train-lm", "check");
     // a new file in new directories: they are made, the file is not
     let new = dir.join("x/y/loss.csv");
     support::check_writable(&new).unwrap();

@@ -1,4 +1,5 @@
-//! Shared test helpers: seeded random tensors and f64 references (nalgebra).
+//! Shared test helpers: seeded random tensors, f64 references (nalgebra),
+//! scratch directories.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
@@ -179,4 +180,14 @@ pub fn golden_argmin(f: impl Fn(f64) -> f64, lo: f64, hi: f64, iters: usize) -> 
         }
     }
     0.5 * (a + b)
+}
+
+/// A fresh, empty directory `steepest-{suite}-{name}-{pid}` in the system's
+/// temporary directory: one per test (tests run as threads of one process)
+/// and per run.
+pub fn scratch_dir(suite: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("steepest-{suite}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
