@@ -201,11 +201,18 @@ impl Header {
         if theirs != ours {
             let missing: Vec<_> = ours.difference(&theirs).collect();
             let extra: Vec<_> = theirs.difference(&ours).collect();
+            let mut what = Vec::new();
+            if !missing.is_empty() {
+                what.push(format!("missing from checkpoint {missing:?}"));
+            }
+            if !extra.is_empty() {
+                what.push(format!("not in this optimizer {extra:?}"));
+            }
             fail!(
                 Checkpoint,
                 "checkpoint",
-                "parameter names do not match this optimizer's: missing from checkpoint \
-                 {missing:?}, not in this optimizer {extra:?}"
+                "parameter names do not match this optimizer's: {}",
+                what.join(", ")
             );
         }
         Ok(())
@@ -396,6 +403,23 @@ pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<
         META_CRC.to_string(),
         serde_json::to_string(&crcs).expect("a string map encodes"),
     );
+    // A missing directory named as such (safetensors' own error names the
+    // temporary file it tried, not `path`).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let problem = match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist"),
+            Ok(m) if !m.is_dir() => Some("is not a directory"),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            fail!(
+                Checkpoint,
+                path.display(),
+                "cannot write: the directory {} {problem}",
+                dir.display()
+            );
+        }
+    }
     // `<path>.tmp`, not `with_extension`: that would give `m.bin` and `m.pt`
     // the same temporary file.
     let mut tmp = path.as_os_str().to_owned();

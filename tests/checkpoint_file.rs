@@ -1244,3 +1244,117 @@ fn a_checkpoint_for_another_manifold_is_refused_by_retract_and_manifold_step() {
         assert_eq!(opt.settings(), settings, "{what}");
     }
 }
+
+/// A save into a directory that does not exist (or a path through a file)
+/// is refused naming the checkpoint and that directory, not the temporary
+/// file safetensors would have tried; nothing is created.
+#[test]
+fn a_save_into_a_missing_directory_names_the_directory() {
+    let s = saved();
+    let missing = s.dir.join("no").join("such");
+    let err = s.opt.save_state(missing.join("opt.st")).unwrap_err();
+    match &err {
+        Error::Checkpoint { who, what } => {
+            assert!(who.ends_with("opt.st"), "{err}");
+            let expected = format!("the directory {} does not exist", missing.display());
+            assert!(what.contains(&expected), "{err}");
+        }
+        e => panic!("expected Error::Checkpoint, got {e:?}"),
+    }
+    assert!(!s.dir.join("no").exists());
+    std::fs::write(s.dir.join("afile"), b"x").unwrap();
+    let err = s
+        .opt
+        .save_state(s.dir.join("afile").join("opt.st"))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("afile is not a directory"),
+        "{err}"
+    );
+}
+
+/// Parameter names that differ from the checkpoint's are listed by side,
+/// each side only when it has names: the model's extra parameter as
+/// "missing from checkpoint", the checkpoint's extra one as "not in this
+/// optimizer".
+#[test]
+fn mismatched_parameter_names_list_only_the_sides_that_differ() {
+    let vm = model_of(TALL, DType::F32, 3);
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    opt.backward_step(&loss_of(&vm, TALL, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    let load = |shapes: &Shapes| {
+        let vm = model_of(shapes, DType::F32, 3);
+        let mut other = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+        other.load_state_dict(&state).unwrap_err().to_string()
+    };
+    let extra: Vec<_> = TALL
+        .iter()
+        .copied()
+        .chain([("z.weight", &[2, 2][..])])
+        .collect();
+    let e = load(&extra);
+    assert!(e.contains(r#"missing from checkpoint ["z.weight"]"#), "{e}");
+    assert!(!e.contains("not in this optimizer"), "{e}");
+    let e = load(&TALL[..3]);
+    assert!(
+        e.contains(r#"not in this optimizer ["conv.weight"]"#),
+        "{e}"
+    );
+    assert!(!e.contains("missing from"), "{e}");
+    let renamed: Vec<_> = TALL[..3]
+        .iter()
+        .copied()
+        .chain([("z.weight", TALL[3].1)])
+        .collect();
+    let e = load(&renamed);
+    assert!(
+        e.contains(
+            r#"missing from checkpoint ["z.weight"], not in this optimizer ["conv.weight"]"#
+        ),
+        "{e}"
+    );
+}
+
+/// A bare-variable checkpoint (`Optimizer::new`) loaded into a model whose
+/// variables were created in another order fails on the first shape that
+/// differs, and the error says bare variables are matched by creation
+/// order; the same mismatch between named parameters carries no such hint.
+#[test]
+fn a_bare_variable_shape_mismatch_points_at_the_creation_order() {
+    let cfg = AdamWConfig::default();
+    let (first, second): (&Shapes, &Shapes) = (
+        &[("a.weight", &[6, 4]), ("b.weight", &[4, 6])],
+        &[("b.weight", &[4, 6]), ("a.weight", &[6, 4])],
+    );
+    let vm = model_of(first, DType::F32, 5);
+    let mut opt = AdamW::new(vm.all_vars(), cfg.clone()).unwrap();
+    opt.backward_step(&loss_of(&vm, first, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    let vm2 = model_of(second, DType::F32, 5);
+    let mut other = AdamW::new(vm2.all_vars(), cfg.clone()).unwrap();
+    let before = snapshot(&vm2);
+    let e = other.load_state_dict(&state).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+    let e = e.to_string();
+    assert!(e.contains("param."), "{e}");
+    assert!(e.contains("expected shape"), "{e}");
+    assert!(
+        e.contains("numbered in the order the model created them"),
+        "{e}"
+    );
+    assert_eq!(snapshot(&vm2), before);
+
+    let mut named = AdamW::from_varmap(&vm, cfg.clone()).unwrap();
+    named.backward_step(&loss_of(&vm, first, 0)).unwrap();
+    let state = named.state_dict().unwrap();
+    let vm3 = model_of(
+        &[("a.weight", &[4, 6]), ("b.weight", &[4, 6])],
+        DType::F32,
+        5,
+    );
+    let mut other = AdamW::from_varmap(&vm3, cfg).unwrap();
+    let e = other.load_state_dict(&state).unwrap_err().to_string();
+    assert!(e.contains("expected shape"), "{e}");
+    assert!(!e.contains("creation") && !e.contains("bare"), "{e}");
+}

@@ -808,10 +808,20 @@ impl Driver {
                 FieldKind::Count => entry.insert_count(spec.name, read_count(key, t)?),
                 FieldKind::Tensor { dims, dtype } => {
                     if t.dims() != dims.as_slice() || t.dtype() != dtype {
+                        // Bare variables are matched by creation order only.
+                        let hint = if header.bare_names.is_some() && t.dims() != dims.as_slice() {
+                            " (bare variables from `Optimizer::new` are numbered in the order \
+                             the model created them: is this another model's checkpoint, or \
+                             was the model built in another order? `from_varmap` keys the \
+                             state by name)"
+                        } else {
+                            ""
+                        };
                         fail!(
                             Checkpoint,
                             key,
-                            "checkpoint has shape {:?} dtype {:?}, expected shape {dims:?} dtype {dtype:?}",
+                            "checkpoint has shape {:?} dtype {:?}, expected shape {dims:?} dtype \
+                             {dtype:?}{hint}",
                             t.dims(),
                             t.dtype()
                         );
