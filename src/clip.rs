@@ -90,13 +90,16 @@ pub(crate) fn squared_norm_term(g: &Tensor, scale: f64) -> candle_core::Result<T
 /// `max_norm` is not finite and `> 0` ([`Error::Config`]), or when a
 /// gradient holds NaN or ±Inf: [`Error::NonFiniteGradient`], the error an
 /// optimizer's step gives, so one `match` arm skips such a batch whether or
-/// not you clip first. Its `param` is `clip_grad_norm: vars[i] (shape …)`,
-/// the first such variable (`vars` carry no names; [`clip_grad_norm_named`]
-/// names it).
+/// not you clip first. Its `param` is `clip_grad_norm: param.k (vars[i],
+/// shape …)` for the first such variable: `vars` carry no names, so `param.k`
+/// is the name `candle_nn::Optimizer::new` gives the same variables (their
+/// creation order, the same in every run, where `vars[i]`, an index into
+/// `VarMap::all_vars()`, is not); [`clip_grad_norm_named`] names it.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     let refs: Vec<&Var> = vars.iter().collect();
     clip(grads, &refs, max_norm, |i, dims| {
-        format!("clip_grad_norm: vars[{i}] (shape {dims:?})")
+        let var = crate::params::describe_var(vars, i, &format!(", shape {dims:?}"));
+        format!("clip_grad_norm: {var}")
     })
 }
 

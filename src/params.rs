@@ -108,6 +108,19 @@ pub(crate) fn name_vars(vars: Vec<Var>) -> Vec<NamedVar> {
         .collect()
 }
 
+/// `vars[i]` described for an error: `param.k (vars[i]{more})`, `param.k`
+/// the name [`name_vars`] gives it among `vars` (its creation order, the
+/// same in every run, which `i`, a place in a list such as
+/// `VarMap::all_vars()`, is not; the name an optimizer built by
+/// `Optimizer::new` from the same list reports).
+pub(crate) fn describe_var(vars: &[Var], i: usize, more: &str) -> String {
+    let bare = name_vars(vars.to_vec())
+        .into_iter()
+        .find(|nv| nv.var.id() == vars[i].id())
+        .map_or_else(|| "a variable".to_string(), |nv| nv.name);
+    format!("{bare} (vars[{i}]{more})")
+}
+
 /// The creation counter of a variable's tensor. candle numbers tensors from
 /// one process-wide counter, in creation order; `TensorId` keeps it private
 /// and has no `Ord`, but its `Debug` form is `TensorId(n)` (candle 0.11; a

@@ -122,12 +122,21 @@ fn nan_and_bad_max_norm_are_errors_and_change_nothing() {
         &vars[0],
         Tensor::from_vec(vals, g0.shape(), &Device::Cpu).unwrap(),
     );
-    // the same error as an optimizer's step, naming the variable
-    match clip_grad_norm(&mut grads, &vars, 1e-3).unwrap_err() {
+    // the same error as an optimizer's step, naming the variable as
+    // `Optimizer::new` names it (creation order: vars[0] is `param.0`
+    // whatever its place in the list) and by its place in the list
+    let reversed: Vec<Var> = vars.iter().rev().cloned().collect();
+    match clip_grad_norm(&mut grads, &reversed, 1e-3).unwrap_err() {
         steepest::Error::NonFiniteGradient { param } => {
-            let want = format!("clip_grad_norm: vars[0] (shape {:?})", g0.dims());
+            let want = format!("clip_grad_norm: param.0 (vars[3], shape {:?})", g0.dims());
             assert_eq!(param, want);
         }
+        e => panic!("expected NonFiniteGradient, got {e:?}"),
+    }
+    let mut sgd =
+        <steepest::Sgd as candle_nn::Optimizer>::new(reversed, Default::default()).unwrap();
+    match sgd.try_step(&grads).unwrap_err() {
+        steepest::Error::NonFiniteGradient { param } => assert_eq!(param, "param.0"),
         e => panic!("expected NonFiniteGradient, got {e:?}"),
     }
     // the first such variable: vars[1] poisoned with +Inf, vars[0] fixed

@@ -821,17 +821,48 @@ fn non_finite_gradients_are_errors() {
     let w = Var::from_tensor(&Tensor::new(&[0.0f64, 1.0], &Device::Cpu).unwrap()).unwrap();
     let cfg = GradPenaltyConfig::default();
     // d/dw √w is infinite at w = 0.
+    // The error a step on that gradient gives (one `match` arm skips the
+    // batch), naming the variable as `Optimizer::new` would (`a` was
+    // created first: `param.0`, whatever its place in the list).
     let err = param_grad_penalty(
         || w.as_tensor().sqrt()?.sum_all()? + a.as_tensor().sum_all()?,
-        &[a.clone(), w.clone()],
+        &[w.clone(), a.clone()],
         &cfg,
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
     assert!(
-        err.contains("vars[1]") && err.contains("NaN or Inf"),
-        "{err}"
+        matches!(&err, steepest::Error::NonFiniteGradient { param }
+            if param == "param_grad_penalty: param.1 (vars[0])"),
+        "{err:?}"
     );
+    // A non-finite loss: the same error, nothing moved.
+    for bad in [f64::NAN, f64::INFINITY] {
+        let err = param_grad_penalty(
+            || a.as_tensor().sum_all()? * bad,
+            std::slice::from_ref(&a),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, steepest::Error::NonFiniteGradient { param }
+                if param == &format!("param_grad_penalty: the loss ({bad})")),
+            "{err:?}"
+        );
+        let x = Tensor::new(&[[1.0f64, 1.0]], &Device::Cpu).unwrap();
+        let err = input_grad_penalty(
+            |x| x.broadcast_mul(a.as_tensor())?.sum_all()? * bad,
+            &x,
+            std::slice::from_ref(&a),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, steepest::Error::NonFiniteGradient { param }
+                if param == &format!("input_grad_penalty: the loss ({bad})")),
+            "{err:?}"
+        );
+        assert_eq!(vec_of(a.as_tensor()), vec![1.0, 2.0]);
+    }
     // Same through the input.
     let x = Tensor::new(&[[0.0f64, 1.0]], &Device::Cpu).unwrap();
     let err = input_grad_penalty(
@@ -840,11 +871,11 @@ fn non_finite_gradients_are_errors() {
         std::slice::from_ref(&a),
         &cfg,
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
     assert!(
-        err.contains("input_grad_penalty: x") && err.contains("NaN or Inf"),
-        "{err}"
+        matches!(&err, steepest::Error::NonFiniteGradient { param }
+            if param == "input_grad_penalty: x"),
+        "{err:?}"
     );
     // Bad configuration.
     let bad = GradPenaltyConfig {
@@ -1070,7 +1101,8 @@ fn a_non_finite_gradient_at_a_perturbed_point_is_an_error() {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("vars[0] (at the perturbed point)") && e.contains("NaN or Inf"),
+            e.contains("param_grad_penalty: param.0 (vars[0], at the perturbed point)")
+                && e.contains("NaN or Inf"),
             "central={central}: {e}"
         );
         assert_eq!(vec_of(w.as_tensor()), vec![1.0]);
@@ -1086,7 +1118,8 @@ fn a_non_finite_gradient_at_a_perturbed_point_is_an_error() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("vars[0] (at the perturbed input)") && e.contains("NaN or Inf"),
+        e.contains("input_grad_penalty: param.0 (vars[0], at the perturbed input)")
+            && e.contains("NaN or Inf"),
         "{e}"
     );
 }

@@ -7,6 +7,7 @@ use super::param_grad::{
 };
 use super::{GradPenaltyConfig, PenalizedGrads};
 use crate::error::{fail, Result};
+use crate::params::describe_var;
 
 /// Gradients w.r.t. `vars` of `L(θ, x) + ρ‖∇_x L‖` ([`Penalty::Norm`]) or
 /// `L(θ, x) + ρ/2 ‖∇_x L‖²` ([`Penalty::HalfSquared`]).
@@ -26,9 +27,12 @@ use crate::error::{fail, Result};
 /// averaged over `b` samples, `(1/b²) Σ_i ‖∇_{x_i} ℓ_i‖²`). `loss_fn(x)`
 /// computes the loss from an input and the current values of `vars`; it must
 /// be deterministic (it is called 2 or 3 times). `x` and `vars` are not
-/// modified. Variables without a gradient are left out of the result. Errors
-/// on NaN/Inf in `∇_x L` or in a parameter gradient (naming `vars[i]`), and on
-/// a non-finite loss. When `∇_x L = 0` the penalty gradient is 0.
+/// modified. Variables without a gradient are left out of the result. A
+/// non-finite loss, or NaN/Inf in `∇_x L` or in a parameter gradient, is
+/// [`Error::NonFiniteGradient`](crate::Error::NonFiniteGradient), as an
+/// optimizer's step would give, naming `x` or the variable (`param.k
+/// (vars[i])`, as in [`param_grad_penalty`](super::param_grad_penalty)).
+/// When `∇_x L = 0` the penalty gradient is 0.
 ///
 /// [`Penalty::Norm`]: super::Penalty::Norm
 /// [`Penalty::HalfSquared`]: super::Penalty::HalfSquared
@@ -57,7 +61,7 @@ where
     let g = var_grads(vars, &grads)?;
     sq_norms(
         &g.iter().map(|t| t.as_ref()).collect::<Vec<_>>(),
-        "vars",
+        |i| describe_var(vars, i, ""),
         WHO,
     )?;
     // A leaf's gradient still carries a graph back to the parameters (candle
@@ -67,7 +71,7 @@ where
         Some(gx) => gx.detach(),
         None => x.zeros_like()?,
     };
-    let gx_norm = sq_norms(&[Some(&gx)], "x", WHO)?[0].sqrt();
+    let gx_norm = sq_norms(&[Some(&gx)], |_| "x".to_string(), WHO)?[0].sqrt();
     let (scale, penalty) = cfg.scale_and_value(gx_norm);
     if gx_norm == 0.0 || scale == 0.0 {
         return Ok(PenalizedGrads {
@@ -89,13 +93,7 @@ where
         let xp = axpy(&x.detach(), &gx, sign * h / gx_norm)?;
         let (_, grads) = loss_and_grads(&|| loss_fn(&xp), WHO)?;
         let gp = var_grads(vars, &grads)?;
-        for (i, p) in gp.iter().enumerate() {
-            check_finite(
-                p.as_ref(),
-                &format!("vars[{i}] (at the perturbed input)"),
-                WHO,
-            )?;
-        }
+        check_finite(&gp, vars, "at the perturbed input", WHO)?;
         Ok(gp)
     };
     let plus = at(1.0)?;

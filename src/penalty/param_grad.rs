@@ -5,6 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{fail, Error, Result};
+use crate::params::describe_var;
 
 /// Which gradient-norm penalty is added to the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,9 +150,11 @@ pub struct PenalizedGrads {
 /// deterministic (it is called 2 or 3 times). Each variable is moved by
 /// `Var::set` and then restored from a copy taken before, so afterwards it is
 /// bit-identical to what it was, also when an error occurs part-way.
-/// Variables without a gradient are left out of the result. Errors name the
-/// variable (`vars[i]`) whose gradient contains NaN or Inf, and on a
-/// non-finite loss. When `‖g‖ = 0` the penalty gradient is 0 (no
+/// Variables without a gradient are left out of the result. A non-finite
+/// loss, or a NaN/Inf gradient (at `θ` or at a perturbed point), is
+/// [`Error::NonFiniteGradient`], as an optimizer's step on it would be,
+/// naming the variable as `param.k (vars[i])` (`param.k`: the name
+/// `Optimizer::new` gives it among `vars`, stable across runs). When `‖g‖ = 0` the penalty gradient is 0 (no
 /// perturbation is made).
 pub fn param_grad_penalty<F>(
     loss_fn: F,
@@ -167,7 +170,7 @@ where
     let g = var_grads(vars, &grads)?;
     let norms = sq_norms(
         &g.iter().map(|x| x.as_ref()).collect::<Vec<_>>(),
-        "vars",
+        |i| describe_var(vars, i, ""),
         WHO,
     )?;
     let grad_norm = norms.iter().sum::<f64>().sqrt();
@@ -185,10 +188,15 @@ where
         .iter()
         .map(|v| v.as_tensor().detach().copy())
         .collect::<candle_core::Result<_>>()?;
-    let theta_norm = sq_norms(&theta.iter().map(Some).collect::<Vec<_>>(), "vars", WHO)?
-        .iter()
-        .sum::<f64>()
-        .sqrt();
+    // (finite: the loss at θ was)
+    let theta_norm = sq_norms(
+        &theta.iter().map(Some).collect::<Vec<_>>(),
+        |_| String::new(),
+        WHO,
+    )?
+    .iter()
+    .sum::<f64>()
+    .sqrt();
     let dtype = vars.first().map(|v| v.dtype()).unwrap_or(DType::F32);
     let h = cfg.step_size(theta_norm, dtype);
     let at = |sign: f64| -> Result<Vec<Option<Tensor>>> {
@@ -212,21 +220,9 @@ where
     } else {
         (g.clone(), h)
     };
-    for (i, p) in plus.iter().enumerate() {
-        check_finite(
-            p.as_ref(),
-            &format!("vars[{i}] (at the perturbed point)"),
-            WHO,
-        )?;
-    }
+    check_finite(&plus, vars, "at the perturbed point", WHO)?;
     if cfg.central {
-        for (i, p) in base.iter().enumerate() {
-            check_finite(
-                p.as_ref(),
-                &format!("vars[{i}] (at the perturbed point)"),
-                WHO,
-            )?;
-        }
+        check_finite(&base, vars, "at the perturbed point", WHO)?;
     }
     let combined = combine(&g, &plus, &base, scale / denom)?;
     Ok(PenalizedGrads {
@@ -254,7 +250,11 @@ where
     }
     let value = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
     if !value.is_finite() {
-        fail!(Numerical, format!("{who}: loss"), "the loss is {value}");
+        // As a step on this loss's gradient would be refused (and so that
+        // one `match` arm skips such a batch).
+        return Err(Error::NonFiniteGradient {
+            param: format!("{who}: the loss ({value})"),
+        });
     }
     let grads = loss.backward()?;
     Ok((value, grads))
@@ -268,7 +268,7 @@ pub(crate) fn var_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Te
         .map(|(i, v)| match grads.get(v.as_tensor()) {
             None => Ok(None),
             Some(g) if g.shape() != v.shape() => Err(Error::shape(
-                format!("vars[{i}]"),
+                describe_var(vars, i, ""),
                 format!(
                     "gradient shape {:?} does not match the variable shape {:?}",
                     g.dims(),
@@ -280,9 +280,14 @@ pub(crate) fn var_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Te
         .collect()
 }
 
-/// `‖tᵢ‖²` for each tensor (0 for `None`) with one host transfer; errors on
-/// NaN/Inf naming `<what>[i]`.
-pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<Vec<f64>> {
+/// `‖tᵢ‖²` for each gradient (0 for `None`) with one host transfer; a
+/// NaN/Inf one is [`Error::NonFiniteGradient`] (the error an optimizer's
+/// step gives) naming `who: name(i)`.
+pub(crate) fn sq_norms(
+    ts: &[Option<&Tensor>],
+    name: impl Fn(usize) -> String,
+    who: &str,
+) -> Result<Vec<f64>> {
     let sums: Vec<Tensor> = ts
         .iter()
         .flatten()
@@ -302,31 +307,20 @@ pub(crate) fn sq_norms(ts: &[Option<&Tensor>], what: &str, who: &str) -> Result<
             0.0
         };
         if !v.is_finite() {
-            return Err(Error::numerical(
-                format!("{who}: {what}[{i}]"),
-                "gradient contains NaN or Inf",
-            ));
+            return Err(Error::NonFiniteGradient {
+                param: format!("{who}: {}", name(i)),
+            });
         }
         out.push(v);
     }
     Ok(out)
 }
 
-pub(crate) fn check_finite(t: Option<&Tensor>, name: &str, who: &str) -> Result<()> {
-    if let Some(t) = t {
-        let s = t
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        if !s.is_finite() {
-            return Err(Error::numerical(
-                format!("{who}: {name}"),
-                "gradient contains NaN or Inf",
-            ));
-        }
-    }
-    Ok(())
+/// Each of `gs` (the variables' gradients at a perturbed point) finite, or
+/// [`Error::NonFiniteGradient`] naming the first that is not, `at` the point.
+pub(crate) fn check_finite(gs: &[Option<Tensor>], vars: &[Var], at: &str, who: &str) -> Result<()> {
+    let refs: Vec<Option<&Tensor>> = gs.iter().map(Option::as_ref).collect();
+    sq_norms(&refs, |i| describe_var(vars, i, &format!(", {at}")), who).map(|_| ())
 }
 
 /// `t + a·d` computed in f64 (f64) or f32 (otherwise), cast back to `t`'s dtype.
