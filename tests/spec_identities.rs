@@ -55,12 +55,6 @@ fn max_abs(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
     (a - b).abs().max()
 }
 
-/// A random symmetric `k × k` matrix.
-fn random_symmetric(r: &mut rand::rngs::StdRng, k: usize, scale: f64) -> DMatrix<f64> {
-    let a = DMatrix::from_vec(k, k, normal_vec(r, k * k));
-    (&a + a.transpose()) * (0.5 * scale)
-}
-
 /// A Newton–Schulz schedule that converges to the polar factor in f64 on
 /// the (well-conditioned) inputs below: 30 cubic steps take the smallest
 /// normalised singular value (≥ 0.02 here) to 1 in ≈ 10 steps, then

@@ -182,6 +182,12 @@ pub fn golden_argmin(f: impl Fn(f64) -> f64, lo: f64, hi: f64, iters: usize) -> 
     0.5 * (a + b)
 }
 
+/// A random symmetric `k × k` matrix (`(A + Aᵀ)·scale/2`, `A` Gaussian).
+pub fn random_symmetric(r: &mut StdRng, k: usize, scale: f64) -> DMatrix<f64> {
+    let a = DMatrix::from_vec(k, k, normal_vec(r, k * k));
+    (&a + a.transpose()) * (0.5 * scale)
+}
+
 /// A fresh, empty directory `steepest-{suite}-{name}-{pid}` in the system's
 /// temporary directory: one per test (tests run as threads of one process)
 /// and per run.

@@ -37,7 +37,9 @@ pub enum Manifold {
         radius: f64,
     },
     /// The Stiefel manifold, with the spectral norm: `Φ = msign(G + WX)`,
-    /// `X` symmetric by dual descent ([`stiefel_direction`]), then
+    /// `X` symmetric by dual descent ([`stiefel_direction`]; exact in one
+    /// `msign` for a square matrix, and possibly short of tangent for a
+    /// nearly square one, `n < 2m`), then
     /// `W ← msign(W − ηΦ)` ([`crate::linalg::stiefel_retract`]). `transpose: false` keeps
     /// `WᵀW = I` and needs a tall matrix view (rows ≥ cols); `transpose: true`
     /// keeps `WWᵀ = I` and needs a wide one (rows ≤ cols).
@@ -83,6 +85,8 @@ pub struct DualAscent {
     pub lr: Option<f64>,
     /// Dual steps (one `msign` each) per training step; 1 is the amortised
     /// scheme of docs/math.md §3 (the multiplier carries over between steps).
+    /// A square matrix on the Stiefel manifold takes none: its dual problem
+    /// is solved exactly ([`stiefel_direction`]).
     pub steps: usize,
     /// Step along `sign(∇)` instead of `∇` (`λ ← λ − η₂·sign(tr(ΘᵀΦ))`).
     pub sign: bool,
@@ -214,6 +218,19 @@ pub fn spectral_sphere_direction(
 /// `WᵀW = I`): repeat `steps` times `Φ = msign(Ĝ + W X);
 /// X ← X − η₂ (WᵀΦ + ΦᵀW)`, with `Ĝ = G/rms(σ(G))` and `X` symmetric `m × m`.
 /// Returns the last `Φ`, the updated `X` and `WᵀΦ + ΦᵀW` of that `Φ`.
+///
+/// A square `W` (`n = m`, the orthogonal group) takes the dual problem's
+/// exact solution instead, in one `msign` and whatever `dual` says: with
+/// `WᵀĜ = S + K` (`S` symmetric, `K` skew), `X* = −S` minimises
+/// `‖Ĝ + WX‖_* = ‖S + K + X‖_*` (its value `‖K‖_*` is the primal maximum),
+/// and `Φ = W·msign(K)` is tangent (`msign` of a skew matrix is skew). Dual
+/// descent does not settle there: for odd `n`, `K` is singular and the
+/// optimal `Φ` is rank-deficient, which `msign` of a nearby full-rank
+/// matrix never is (measured: `‖WᵀΦ + ΦᵀW‖_F` stays near 2 after 1000 dual
+/// steps; for 6×6 and 32×32 too). Nearly square tall shapes (`m < n < 2m`)
+/// share the difficulty and have no closed form: their dual residual can
+/// stay of order 1 (docs/math.md §3; the retraction still keeps `W` on the
+/// manifold).
 pub fn stiefel_direction(
     g: &Tensor,
     w: &Tensor,
@@ -246,6 +263,20 @@ pub fn stiefel_direction(
     }
     let gn = normalise(&g3)?;
     let wt = w3.transpose(1, 2)?;
+    if n == m {
+        let s = wt.matmul(&gn)?;
+        let st = s.transpose(1, 2)?;
+        let skew = ((&s - &st)? * 0.5)?;
+        let x3 = ((&s + &st)? * -0.5)?;
+        let phi = w3.matmul(&msign(&skew, ns)?)?;
+        let wtp = wt.matmul(&phi)?;
+        let res = (&wtp + wtp.transpose(1, 2)?)?;
+        return Ok(DualStep {
+            phi: unbatch(phi, added)?,
+            multiplier: unbatch(x3, added)?,
+            residual: unbatch(res, added)?,
+        });
+    }
     let mut x3 = x3.to_dtype(g3.dtype())?;
     let mut phi = gn.zeros_like()?;
     let mut res = x3.zeros_like()?;
