@@ -447,6 +447,22 @@ fn crc32(t: &Tensor) -> Result<u32> {
 pub fn load<P: AsRef<Path>>(path: P) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
     let who = path.display().to_string();
+    if path.is_dir() {
+        let sharded = path
+            .join(crate::distributed::checkpoint::MANIFEST)
+            .is_file();
+        fail!(
+            Checkpoint,
+            who,
+            "is a directory, not a checkpoint file{}",
+            if sharded {
+                " (a data-parallel checkpoint: load it with `DataParallel::load_state`, or \
+                 into one process with `distributed::load_union(dir)` and `load_state_dict`)"
+            } else {
+                ""
+            }
+        );
+    }
     let bytes =
         std::fs::read(path).map_err(|e| Error::checkpoint(&who, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {

@@ -197,7 +197,9 @@ impl Schedule {
     /// `R²/(2Tη) + (G²η/2)(2 + ln T)`: `η = R / (G·√(T(2 + ln T)))`
     /// (see [`crate::theory::optimal_constant_lr`]).
     pub fn last_iterate_optimal(r: f64, g: f64, total_steps: usize) -> Result<Self> {
-        Self::constant(crate::theory::optimal_constant_lr(r, g, total_steps)?)
+        let lr = crate::theory::optimal_constant_lr(r, g, total_steps)
+            .map_err(|e| e.about("Schedule::last_iterate_optimal"))?;
+        Self::constant(lr)
     }
 
     /// Linear warmup over `warmup` steps to this schedule's first rate, then
@@ -342,7 +344,11 @@ impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O
 
 /// A scheduled optimizer's checkpoint is the wrapped optimizer's plus the
 /// step counter ([`SCHEDULE_STEP_KEY`]), so a resumed run continues the
-/// schedule where it stopped.
+/// schedule where it stopped. The [`Schedule`] itself is not saved (it is
+/// code, like the model): the resumed run follows the one this `Scheduled`
+/// was built with, from the saved step, so build it as before to continue
+/// the same course (or with another to change it, as
+/// [`set_step`](Scheduled::set_step) allows).
 ///
 /// The two kinds do not mix: a plain optimizer's checkpoint (no counter) is
 /// refused here, and a `Scheduled` one is refused by the plain optimizer (the

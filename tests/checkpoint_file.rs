@@ -1358,3 +1358,24 @@ fn a_bare_variable_shape_mismatch_points_at_the_creation_order() {
     assert!(e.contains("expected shape"), "{e}");
     assert!(!e.contains("creation") && !e.contains("bare"), "{e}");
 }
+
+/// Loading a directory is refused as such ("is a directory, not a
+/// checkpoint file"), and one holding a `manifest.json` (a data-parallel
+/// checkpoint's; here a stand-in file) points to `DataParallel::load_state`
+/// and `distributed::load_union`; nothing is loaded.
+#[test]
+fn loading_a_directory_says_what_it_is() {
+    let mut s = saved();
+    let dir = s.dir.join("a_dir");
+    std::fs::create_dir(&dir).unwrap();
+    let before = s.opt.state_dict().unwrap();
+    let e = s.opt.load_state(&dir).unwrap_err().to_string();
+    assert!(e.contains("is a directory, not a checkpoint file"), "{e}");
+    assert!(!e.contains("load_union"), "{e}");
+    std::fs::write(dir.join("manifest.json"), b"{}").unwrap();
+    let e = s.opt.load_state(&dir).unwrap_err().to_string();
+    assert!(e.contains("distributed::load_union"), "{e}");
+    assert!(e.contains("DataParallel::load_state"), "{e}");
+    let after = s.opt.state_dict().unwrap();
+    assert_eq!(state_snapshot(&after), state_snapshot(&before));
+}

@@ -374,6 +374,12 @@ fn inequality_is_tight_for_aligned_rank_one_chain() {
         let mlp = mlp_from(&ws, &bs, &[act; 3]);
         let x: Vec<f64> = (0..3).map(|_| r.gen_range(0.1..1.0)).collect();
         let f = |y: &Tensor| y.sqr()?.sum_all()? * 0.5;
+        let e = gradient_inequality(&mlp, &row(&x), f, 0).unwrap_err();
+        assert!(
+            matches!(&e, steepest::Error::Config { who, .. }
+                if who == "gradient_inequality: power_iters"),
+            "{e:?}"
+        );
         let rep = gradient_inequality(&mlp, &row(&x), f, 50).unwrap();
         assert!(rep.grad_x_sq > 0.0);
         for (t, l) in rep.layers.iter().enumerate() {

@@ -102,7 +102,13 @@ fn bad_arguments_are_named() {
     assert!(e.contains("decay"), "{e}");
     assert!(Schedule::inverse_sqrt(f64::INFINITY).is_err());
     assert!(Schedule::last_iterate_optimal(0.0, 1.0, 10).is_err());
-    assert!(Schedule::last_iterate_optimal(1.0, 1.0, 0).is_err());
+    // The error names the function called, then the one that refused.
+    let e = Schedule::last_iterate_optimal(1.0, 1.0, 0).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::Config { who, what }
+            if who == "Schedule::last_iterate_optimal" && what.contains("total_steps")),
+        "{e:?}"
+    );
 }
 
 /// The driver sets each step's rate: on the linear loss `⟨a, w⟩` plain SGD

@@ -369,7 +369,7 @@ impl InequalityReport {
 /// `‖W⁽ᵗ⁾‖₂` and `‖J_t‖₂` come from [`power_iteration`] with `power_iters`
 /// iterations (a few dozen suffice for small layers; power iteration
 /// approaches `σ₁` from below, so too few iterations overstate the left-hand
-/// side). When `‖W⁽ᵗ⁾‖₂ ‖J_t‖₂ = 0`, then `∇_x f = J_tᵀ W⁽ᵗ⁾ᵀ ∇_{z⁽ᵗ⁺¹⁾} f = 0`
+/// side; 0 is refused). When `‖W⁽ᵗ⁾‖₂ ‖J_t‖₂ = 0`, then `∇_x f = J_tᵀ W⁽ᵗ⁾ᵀ ∇_{z⁽ᵗ⁺¹⁾} f = 0`
 /// and the layer's left-hand terms are defined as 0.
 pub fn gradient_inequality<F>(
     mlp: &Mlp,
@@ -380,6 +380,14 @@ pub fn gradient_inequality<F>(
 where
     F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
+    if power_iters == 0 {
+        // σ would be the start vector's Rayleigh quotient: a guess, not σ₁.
+        fail!(
+            Config,
+            "gradient_inequality: power_iters",
+            "must be ≥ 1 (a few dozen for small layers)"
+        );
+    }
     let terms = gradient_terms(mlp, x, f)?;
     let sq = |t: &Tensor| -> Result<f64> {
         Ok(t.to_dtype(DType::F64)?
