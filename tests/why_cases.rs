@@ -835,6 +835,13 @@ fn a_rate_that_makes_the_decay_factor_negative_refuses_the_step() {
                 && e.contains("not applied"),
             "{what}: {e}"
         );
+        // A plain optimizer (one chain) names its `lr`, not an internal
+        // partition; Muon names the group whose rate it is.
+        assert_eq!(
+            e.contains("partition"),
+            what.starts_with("Muon"),
+            "{what}: {e}"
+        );
         assert_eq!(snapshot(vm), params, "{what}: a parameter changed");
         opt.set_learning_rate(good);
         assert_eq!(

@@ -385,23 +385,30 @@ impl Driver {
             }
         }
         // 2. learning rates, and what each transform allows of them.
+        // (one chain for every parameter: its rate is the optimizer's `lr`)
+        let single = self.parts.len() == 1 && self.parts[0].label == "all";
         for p in &self.parts {
-            check_lr(
-                &format!("lr (partition `{}`)", p.label),
-                self.lr * p.lr_ratio,
-            )
-            .and_then(|()| {
-                p.chain.iter().try_for_each(|(_, t)| {
-                    t.check_lr(self.lr * p.lr_ratio)
-                        .map_err(|e| e.about(&format!("partition `{}`", p.label)))
-                })
-            })
-            .map_err(|e| {
-                Error::config(
-                    e.who().unwrap_or("lr"),
-                    format!("{}; the step was not applied", strip(&e)),
+            let (who, about) = if single {
+                ("lr".to_string(), "lr".to_string())
+            } else {
+                (
+                    format!("lr (partition `{}`)", p.label),
+                    format!("partition `{}`", p.label),
                 )
-            })?;
+            };
+            check_lr(&who, self.lr * p.lr_ratio)
+                .and_then(|()| {
+                    p.chain.iter().try_for_each(|(_, t)| {
+                        t.check_lr(self.lr * p.lr_ratio)
+                            .map_err(|e| e.about(&about))
+                    })
+                })
+                .map_err(|e| {
+                    Error::config(
+                        e.who().unwrap_or("lr"),
+                        format!("{}; the step was not applied", strip(&e)),
+                    )
+                })?;
         }
         // 3. finite check, one pass. The kernels read contiguous gradients
         // (a hand-made GradStore may hold a transposed view); parameters
