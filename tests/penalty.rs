@@ -841,6 +841,20 @@ fn non_finite_gradients_are_errors() {
             if param == "param_grad_penalty: param.1 (vars[0])"),
         "{err:?}"
     );
+    // A NaN parameter the loss does not read: not a gradient, named as a
+    // parameter (the loss and every gradient are finite).
+    let unused = Var::from_tensor(&Tensor::new(&[f64::NAN], &Device::Cpu).unwrap()).unwrap();
+    let err = param_grad_penalty(
+        || a.as_tensor().sqr()?.sum_all(),
+        &[a.clone(), unused.clone()],
+        &cfg,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, steepest::Error::Numerical { who, what }
+            if who.ends_with("(vars[1])") && what.contains("parameter holds NaN")),
+        "{err:?}"
+    );
     // A non-finite loss: the same error, nothing moved.
     for bad in [f64::NAN, f64::INFINITY] {
         let err = param_grad_penalty(

@@ -154,8 +154,9 @@ pub struct PenalizedGrads {
 /// loss, or a NaN/Inf gradient (at `θ` or at a perturbed point), is
 /// [`Error::NonFiniteGradient`], as an optimizer's step on it would be,
 /// naming the variable as `param.k (vars[i])` (`param.k`: the name
-/// `Optimizer::new` gives it among `vars`, stable across runs). When `‖g‖ = 0` the penalty gradient is 0 (no
-/// perturbation is made).
+/// `Optimizer::new` gives it among `vars`, stable across runs); a NaN/Inf
+/// parameter that the loss does not read is [`Error::Numerical`]. When
+/// `‖g‖ = 0` the penalty gradient is 0 (no perturbation is made).
 pub fn param_grad_penalty<F>(
     loss_fn: F,
     vars: &[Var],
@@ -188,12 +189,18 @@ where
         .iter()
         .map(|v| v.as_tensor().detach().copy())
         .collect::<candle_core::Result<_>>()?;
-    // (finite: the loss at θ was)
+    // A parameter the loss does not read may hold NaN/Inf with a finite loss.
     let theta_norm = sq_norms(
         &theta.iter().map(Some).collect::<Vec<_>>(),
-        |_| String::new(),
+        |i| describe_var(vars, i, ""),
         WHO,
-    )?
+    )
+    .map_err(|e| match e {
+        Error::NonFiniteGradient { param } => {
+            Error::numerical(param, "the parameter holds NaN or Inf")
+        }
+        e => e,
+    })?
     .iter()
     .sum::<f64>()
     .sqrt();
