@@ -795,3 +795,76 @@ fn orthogonalize_refuses_a_vector_at_construction() {
         r => panic!("{:?}", r.err()),
     }
 }
+
+/// The transforms' fields are public, so a struct literal can hold settings
+/// their constructors refuse; building an optimizer with one is refused at
+/// construction (`Error::Config`, naming the setting), as loading such
+/// settings from a checkpoint is, instead of stepping with them (measured
+/// before: NaN weights from `Adam { beta1: 1 }` or a negative Newton–Schulz
+/// eps, growing weights from a negative decay, no complaint at all from
+/// momentum 1.5, a negative `MatchAdamWRms` or `cubic(0)`).
+#[test]
+fn transforms_built_from_struct_literals_are_validated_at_construction() {
+    let vm = model_of(TALL, DType::F32, 3);
+    let bad: Vec<(&str, Chain)> = vec![
+        (
+            "Adam",
+            Chain::new().then(Adam {
+                beta1: 1.0,
+                ..Adam::default()
+            }),
+        ),
+        (
+            "Adam",
+            Chain::new().then(Adam {
+                eps: 0.0,
+                ..Adam::default()
+            }),
+        ),
+        (
+            "Momentum",
+            Chain::new().then(Momentum {
+                momentum: 1.5,
+                ..Momentum::ema(0.9, false).unwrap()
+            }),
+        ),
+        (
+            "Decay.decay",
+            Chain::new().then(Decay {
+                decay: WeightDecay::Decoupled(-5.0),
+                vectors: false,
+            }),
+        ),
+        (
+            "Orthogonalize.ns",
+            Chain::new().then(Orthogonalize {
+                ns: NewtonSchulz::muon().with_eps(-1.0),
+            }),
+        ),
+        (
+            "Orthogonalize.ns",
+            Chain::new().then(Orthogonalize {
+                ns: NewtonSchulz::cubic(0),
+            }),
+        ),
+        (
+            "ShapeScale.adjust",
+            Chain::new().then(ShapeScale {
+                adjust: LrAdjust::MatchAdamWRms(-1.0),
+            }),
+        ),
+        (
+            "Dualize.norm",
+            Chain::new().then(Dualize {
+                norm: Norm::Lp(0.5),
+            }),
+        ),
+    ];
+    for (who, chain) in bad {
+        let e = Driver::from_varmap(&vm, chain, 0.01).unwrap_err();
+        assert!(
+            matches!(&e, steepest::Error::Config { .. }) && e.to_string().contains(who),
+            "{who}: {e}"
+        );
+    }
+}

@@ -121,6 +121,12 @@ impl Transform for Adam {
         Ok(())
     }
 
+    fn check(&self, _p: &ParamInfo) -> Result<()> {
+        // The fields are public: refuse at construction what `set_hparams`
+        // would refuse, rather than step with it.
+        self.validate("Adam")
+    }
+
     fn fields(&self, p: &ParamInfo) -> Vec<FieldSpec> {
         let dt = p.math_dtype();
         vec![

@@ -78,6 +78,11 @@ impl Transform for Decay {
         Ok(())
     }
 
+    fn check(&self, _p: &ParamInfo) -> Result<()> {
+        // Public fields: refuse at construction what `set_hparams` refuses.
+        self.decay.validate("Decay.decay")
+    }
+
     fn fields(&self, p: &ParamInfo) -> Vec<FieldSpec> {
         match (self.decay, p.matrix()) {
             (WeightDecay::Spectral { .. }, Some((_, cols))) => {

@@ -40,6 +40,8 @@ impl Transform for Dualize {
     }
 
     fn check(&self, p: &ParamInfo) -> Result<()> {
+        // Public fields: refuse at construction what `set_hparams` refuses.
+        self.norm.validate("Dualize.norm")?;
         if matches!(self.norm, Norm::Spectral(_)) && p.matrix().is_none() {
             fail!(
                 Config,

@@ -140,6 +140,11 @@ impl Transform for Momentum {
         Ok(())
     }
 
+    fn check(&self, _p: &ParamInfo) -> Result<()> {
+        // Public fields: refuse at construction what `set_hparams` refuses.
+        self.validate("Momentum")
+    }
+
     fn fields(&self, p: &ParamInfo) -> Vec<FieldSpec> {
         vec![FieldSpec::tensor("buf", p.dims.clone(), p.math_dtype())]
     }

@@ -38,6 +38,8 @@ impl Transform for Orthogonalize {
     }
 
     fn check(&self, p: &ParamInfo) -> Result<()> {
+        // Public fields: refuse at construction what `set_hparams` refuses.
+        self.ns.validate("Orthogonalize.ns")?;
         if p.matrix().is_none() {
             fail!(
                 Config,
@@ -120,6 +122,11 @@ impl Transform for ShapeScale {
         new.adjust.validate("ShapeScale.adjust")?;
         *self = new;
         Ok(())
+    }
+
+    fn check(&self, _p: &ParamInfo) -> Result<()> {
+        // Public fields: refuse at construction what `set_hparams` refuses.
+        self.adjust.validate("ShapeScale.adjust")
     }
 
     fn apply(
