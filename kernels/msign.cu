@@ -50,7 +50,9 @@ __device__ __forceinline__ void move_tile(const S* src, unsigned rows, unsigned 
 template <class P>
 __device__ void ns_load_impl(const P* g, const double* sumsq, float* x, void* xop, int op_kind, unsigned m,
                              unsigned n, int tall, double norm_scale, double eps) {
-    const double inv = 1.0 / (sqrt(sumsq[blockIdx.z]) * norm_scale + eps);
+    // G = 0 gives X = 0 also with eps = 0 (zero in, zero out).
+    const double denom = sqrt(sumsq[blockIdx.z]) * norm_scale + eps;
+    const double inv = denom > 0.0 ? 1.0 / denom : 0.0;
     move_tile(g, m, n, tall, [&](u64 i, float v) {
         float xv = float(double(v) * inv);
         x[i] = xv;

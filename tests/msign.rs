@@ -152,15 +152,57 @@ fn batched_small_matrices_are_bit_identical_to_each_alone() {
     }
 }
 
+/// Zero in, zero out: on the fused CPU path (`msign`), the generic path
+/// (`msign_generic`, and `msign` with a compute dtype) and the Gram form,
+/// also with `eps = 0`, where the normalisation would be 0/0 (it gave NaN
+/// there: an optimizer with such a schedule wrote NaN weights on a zero
+/// gradient).
 #[test]
 fn zero_matrix_gives_zero_not_nan() {
     for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {
-        for shape in [vec![4, 6], vec![6, 4], vec![2, 3, 3]] {
+        for shape in [vec![4, 6], vec![6, 4], vec![2, 3, 3], vec![2, 3, 9]] {
             let z = Tensor::zeros(shape.as_slice(), dt, &Device::Cpu).unwrap();
-            let out = msign(&z, &NewtonSchulz::muon()).unwrap();
-            let v = common::to_f64_vec(&out);
-            assert!(v.iter().all(|x| *x == 0.0), "{dt:?} {shape:?}: {v:?}");
+            for eps in [1e-7, 0.0] {
+                let muon = NewtonSchulz::muon().with_eps(eps);
+                for ns in [
+                    muon.clone(),
+                    muon.clone().gram_form(),
+                    muon.clone().with_compute_dtype(DType::BF16),
+                ] {
+                    for (path, out) in [
+                        ("msign", msign(&z, &ns).unwrap()),
+                        ("generic", msign_generic(&z, &ns).unwrap()),
+                    ] {
+                        let v = common::to_f64_vec(&out);
+                        assert!(
+                            v.iter().all(|x| *x == 0.0),
+                            "{path} {dt:?} {shape:?} eps {eps} {ns:?}: {v:?}"
+                        );
+                    }
+                }
+            }
         }
+    }
+}
+
+/// f64 entries so large that `Σ g²` overflows (1e160: the squares are
+/// 1e320): the result is that of the same matrix scaled down (msign is
+/// scale-invariant), not zero, on the fused CPU path and the generic path.
+#[test]
+fn huge_f64_entries_do_not_overflow_the_normalisation() {
+    let mut r = rng(41);
+    let g = randn(&mut r, &[6, 10], DType::F64);
+    // eps = 0: with the default 1e-7 the unscaled input's result moves by
+    // ~1e-8 relative to the scaled one's (eps against ‖G‖ ≈ 8)
+    let ns = NewtonSchulz::muon().with_eps(0.0);
+    let want = msign(&g, &ns).unwrap();
+    let huge = (&g * 1e160).unwrap();
+    for (path, out) in [
+        ("msign", msign(&huge, &ns).unwrap()),
+        ("generic", msign_generic(&huge, &ns).unwrap()),
+    ] {
+        let d = max_abs_diff(&out, &want);
+        assert!(d < 1e-12, "{path}: max |Δ| {d}");
     }
 }
 

@@ -152,14 +152,25 @@ impl<T: WithDType> Workspace<T> {
         }
     }
 
-    /// `X ← G / (‖G‖_F·scale + eps)`, transposed to the short side.
+    /// `X ← G / (‖G‖_F·scale + eps)`, transposed to the short side (0 for
+    /// `G = 0`, also with `eps = 0`).
     fn load(&mut self, src: &[T], m: usize, n: usize, tall: bool, ns: &NewtonSchulz) {
-        let norm = src
+        let mut norm = src
             .iter()
             .map(|v| v.to_f64() * v.to_f64())
             .sum::<f64>()
             .sqrt();
-        let inv = 1.0 / (norm * ns.norm_scale() + ns.eps());
+        if norm.is_infinite() {
+            // f64 entries beyond ~1e154 overflow the sum of squares: scale
+            // by the largest entry first (only then, to spare a pass).
+            let amax = src.iter().fold(0f64, |a, v| a.max(v.to_f64().abs()));
+            if amax.is_finite() {
+                let s = src.iter().map(|v| (v.to_f64() / amax).powi(2)).sum::<f64>();
+                norm = amax * s.sqrt();
+            }
+        }
+        let denom = norm * ns.norm_scale() + ns.eps();
+        let inv = if denom > 0.0 { 1.0 / denom } else { 0.0 };
         if tall {
             for i in 0..m {
                 for j in 0..n {

@@ -367,7 +367,10 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
         x = transpose_last(&x)?;
     }
     let norm = frobenius_keepdim(&x)?;
-    x = x.broadcast_div(&((norm * ns.norm_scale)? + ns.eps)?)?;
+    let denom = ((norm * ns.norm_scale)? + ns.eps)?;
+    // G = 0 (with eps = 0: 0/0) gives X = 0, so zero in, zero out.
+    let denom = denom.gt(0.0)?.where_cond(&denom, &denom.ones_like()?)?;
+    x = x.broadcast_div(&denom)?;
     x = match ns.gram_restarts(m, n) {
         None => standard_steps(x, &ns.coefficients, &mm)?,
         Some(restarts) => gram_steps(x, &ns.coefficients, restarts, &mm)?,

@@ -317,3 +317,33 @@ fn msign_cubic_low_precision_operands() {
         }
     }
 }
+
+/// Zero in, zero out on the kernels also with `eps = 0` (the normalisation
+/// `1/(‖G‖_F·scale + eps)` would be 1/0, and 0·∞ NaN): standard and Gram
+/// form, f32 and bf16 input, one member of a batch zero beside a nonzero one
+/// (which keeps its CPU-path result).
+#[test]
+fn msign_of_zero_with_eps_zero_is_zero() {
+    for ns in [
+        NewtonSchulz::muon().with_eps(0.0),
+        NewtonSchulz::muon().with_eps(0.0).gram_form(),
+    ] {
+        for dt in [DType::F32, DType::BF16] {
+            for (m, n) in [(5, 19), (30, 6), (8, 8)] {
+                let g = input(3, 1, m, n, dt);
+                let zero = g.zeros_like().unwrap();
+                let both = Tensor::cat(&[&zero, &g], 0).unwrap();
+                let got = emu::msign(&both, &ns, None).unwrap();
+                let z = got.get(0).unwrap();
+                assert_eq!(max_abs(&z), 0.0, "{dt:?} {m}×{n} {ns:?}: zero member");
+                let want = msign(&g, &ns).unwrap();
+                check(
+                    &format!("{dt:?} {m}×{n}: the other member"),
+                    &want,
+                    &got.narrow(0, 1, 1).unwrap(),
+                    1e-2,
+                );
+            }
+        }
+    }
+}
