@@ -794,3 +794,31 @@ fn sgd_momentum_of_any_size_follows_the_closed_form() {
         }
     }
 }
+
+/// A gradient of an integer dtype (a hand-made `GradStore`) is refused
+/// naming the parameter, changing nothing; one of another float dtype (f16
+/// for an f32 weight) is converted and stepped with, as documented.
+#[test]
+fn an_integer_gradient_is_refused_and_a_float_one_converted() {
+    let vm = model(DType::F32);
+    let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
+    let w = var(&vm, "fc1.weight");
+    let mut grads = loss(&vm, 0, &[]).backward().unwrap();
+    let g = grads.get(w.as_tensor()).unwrap().clone();
+    grads.insert(
+        w.as_tensor(),
+        g.ones_like().unwrap().to_dtype(DType::U32).unwrap(),
+    );
+    let before = snapshot(&vm);
+    let e = opt.try_step(&grads).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::Shape { who, what }
+            if who == "fc1.weight" && what.contains("U32")),
+        "{e:?}"
+    );
+    assert_eq!(snapshot(&vm), before);
+    assert!(opt.driver().never_stepped().contains(&"fc1.weight"));
+    grads.insert(w.as_tensor(), g.to_dtype(DType::F16).unwrap());
+    opt.try_step(&grads).unwrap();
+    assert_ne!(snapshot(&vm)["fc1.weight"], before["fc1.weight"]);
+}

@@ -210,6 +210,7 @@ pub(crate) fn spectral_sphere_retract_members(
     let largest = match w.dtype() {
         DType::F64 => f64::MAX,
         DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
         _ => f32::MAX as f64,
     };
     if radius > largest {
@@ -271,11 +272,15 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// residual) or it stops decreasing (one host sync per round; with an
 /// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
 /// Polar Express (8 steps), then cubic rounds for as long as the residual
-/// still falls (up to 48 steps: small singular values grow by 1.5× a step
+/// still falls (up to 47 steps: small singular values grow by 1.5× a step
 /// before the quadratic phase), which brings any full-rank `W` onto the
 /// manifold. A `W` whose residual stays above `max(1e-3, 2·floor)`
-/// (rank-deficient, or a condition number beyond ~10⁸) is an error; for a
-/// batch `(b, n, m)`, it names the first such member.
+/// (rank-deficient, or a condition number beyond ~10⁸ in f32, ~10¹³–10¹⁴
+/// in f64) is an error; for a batch `(b, n, m)`, it names the first such
+/// member. A singular value that rounding has made nonzero counts as one:
+/// a matrix of rank `r < m` in exact arithmetic whose f32 entries give it
+/// singular values near 1e-8 is accepted, and its polar factor then turns
+/// that rounding into full directions.
 ///
 /// A bf16 or f16 `W` is retracted in f32 and the result rounded to its
 /// dtype: it is the polar factor to that dtype's rounding (each entry within

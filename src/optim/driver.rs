@@ -8,14 +8,17 @@
 //! 1. picks the parameters that have a gradient (the others are skipped and
 //!    keep their state), checking each gradient's shape; a gradient of
 //!    another float dtype than its parameter (an f16 gradient of an f32
-//!    weight) is converted to the parameter's dtype;
+//!    weight) is converted to the parameter's dtype, one of an integer dtype
+//!    refused;
 //! 2. validates the learning rate of every partition (finite, ≥ 0, and each
 //!    transform's rule, [`Transform::check_lr`]: decay needs `lr·λ ≤ 1`);
 //! 3. makes the gradients contiguous, skips parameters with no elements, and
 //!    checks every gradient for NaN/Inf in one pass ([`device::first_nonfinite`],
 //!    one host sync on a GPU), refusing the step naming the parameter;
-//! 4. groups the parameters by partition and by shape, dtype and device, so
-//!    that same-shape matrices run as one `(b, m, n)` batch;
+//! 4. groups the parameters by partition and by the shape of their matrix
+//!    view (`(d₀, d₁·d₂·…)` for rank ≥ 2, the element count otherwise),
+//!    dtype and device, so that such matrices run as one `(b, m, n)` batch
+//!    (a `(4, 6)` weight and a `(4, 2, 3)` kernel share one);
 //! 5. runs each group's chain; the updates happen in place.
 //!
 //! Everything that can fail on valid input is checked before the first
@@ -372,6 +375,15 @@ impl Driver {
                     "gradient shape {:?} does not match the parameter shape {:?}",
                     g.dims(),
                     nv.var.dims()
+                );
+            }
+            if !g.dtype().is_float() {
+                // (a float dtype other than the parameter's is converted)
+                fail!(
+                    Shape,
+                    nv.name,
+                    "gradient of dtype {:?}: gradients are floating point",
+                    g.dtype()
                 );
             }
             if !g.device().same_device(nv.var.device()) {

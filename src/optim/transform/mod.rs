@@ -1,7 +1,8 @@
 //! Composable gradient transforms, and what a transform sees of a step.
 //!
 //! An optimizer is a [`Chain`](super::Chain) of transforms run by the
-//! [`Driver`](super::Driver) over each group of same-shape parameters. A step
+//! [`Driver`](super::Driver) over each group of parameters with the same
+//! matrix view (`(d₀, d₁·d₂·…)`; vectors by length). A step
 //! of a group starts with the gradients as the *direction*; each transform,
 //! in order, may
 //! - fold a decay into the pending parameter update ([`Decay`]: `Stage::Pre`),
@@ -192,7 +193,8 @@ pub fn zeros_var(p: &ParamInfo, dims: &[usize]) -> Result<Var> {
 /// do; `steepest::serde_json` is re-exported).
 ///
 /// The contract the driver relies on:
-/// - **Members are independent.** A group is the same-shape parameters of
+/// - **Members are independent.** A group is the parameters with the same
+///   matrix view (`(d₀, d₁·d₂·…)`, so not always the same shape) of
 ///   one partition that have a gradient in this step (on a data-parallel
 ///   rank: those it owns), batched for speed. Which parameters share a group
 ///   is an implementation detail, so `apply` must compute each member's
@@ -316,7 +318,8 @@ pub trait Transform: Send + Sync + Debug {
     fn matrix_cost(&self) -> bool {
         false
     }
-    /// Runs on one group of same-shape parameters. `states[i]` is member
+    /// Runs on one group of parameters with the same matrix view (their
+    /// shapes may differ: `(4, 6)` and `(4, 2, 3)`). `states[i]` is member
     /// `i`'s state (`None` before its first step). `fuse` is true when no
     /// further transform changes the direction, so the transform may run the
     /// update itself ([`GroupStep::mark_applied`]).
@@ -367,7 +370,7 @@ pub struct PendingDecay {
     pub rank1: Option<(f64, Tensor, Tensor)>,
 }
 
-/// One group's step: same-shape parameters of one partition, with their
+/// One group's step: parameters of one partition with the same matrix view, with their
 /// gradients, the running direction and the pending update.
 #[derive(Debug)]
 pub struct GroupStep<'a> {
