@@ -821,6 +821,15 @@ fn zero_gradient_gives_zero_penalty_gradient() {
     }
 }
 
+/// `err` is `Error::NonFiniteGradient` (what a step on such a gradient
+/// gives) naming `param`.
+fn non_finite(err: steepest::Error, param: &str) {
+    assert!(
+        matches!(&err, steepest::Error::NonFiniteGradient { param: p } if p == param),
+        "expected NonFiniteGradient naming {param}, got {err:?}"
+    );
+}
+
 #[test]
 fn non_finite_gradients_are_errors() {
     let a = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
@@ -836,11 +845,7 @@ fn non_finite_gradients_are_errors() {
         &cfg,
     )
     .unwrap_err();
-    assert!(
-        matches!(&err, steepest::Error::NonFiniteGradient { param }
-            if param == "param_grad_penalty: param.1 (vars[0])"),
-        "{err:?}"
-    );
+    non_finite(err, "param_grad_penalty: param.1 (vars[0])");
     // A NaN parameter the loss does not read: not a gradient, named as a
     // parameter (the loss and every gradient are finite).
     let unused = Var::from_tensor(&Tensor::new(&[f64::NAN], &Device::Cpu).unwrap()).unwrap();
@@ -863,11 +868,7 @@ fn non_finite_gradients_are_errors() {
             &cfg,
         )
         .unwrap_err();
-        assert!(
-            matches!(&err, steepest::Error::NonFiniteGradient { param }
-                if param == &format!("param_grad_penalty: the loss ({bad})")),
-            "{err:?}"
-        );
+        non_finite(err, &format!("param_grad_penalty: the loss ({bad})"));
         let x = Tensor::new(&[[1.0f64, 1.0]], &Device::Cpu).unwrap();
         let err = input_grad_penalty(
             |x| x.broadcast_mul(a.as_tensor())?.sum_all()? * bad,
@@ -876,11 +877,7 @@ fn non_finite_gradients_are_errors() {
             &cfg,
         )
         .unwrap_err();
-        assert!(
-            matches!(&err, steepest::Error::NonFiniteGradient { param }
-                if param == &format!("input_grad_penalty: the loss ({bad})")),
-            "{err:?}"
-        );
+        non_finite(err, &format!("input_grad_penalty: the loss ({bad})"));
         assert_eq!(vec_of(a.as_tensor()), vec![1.0, 2.0]);
     }
     // Same through the input.
@@ -892,11 +889,7 @@ fn non_finite_gradients_are_errors() {
         &cfg,
     )
     .unwrap_err();
-    assert!(
-        matches!(&err, steepest::Error::NonFiniteGradient { param }
-            if param == "input_grad_penalty: x"),
-        "{err:?}"
-    );
+    non_finite(err, "input_grad_penalty: x");
     // Bad configuration.
     let bad = GradPenaltyConfig {
         rho: -1.0,
