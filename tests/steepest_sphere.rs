@@ -700,3 +700,50 @@ fn sphere_direction_refuses_mismatched_shapes() {
         );
     }
 }
+
+/// A gradient normal to the sphere (`g = 2w`, exact in every dtype) gives a
+/// zero Euclidean direction in f32, bf16 and f64 alike; in f32 it gave a
+/// unit vector made of rounding, with `⟨φ, ŵ⟩ ≈ 1` (not even tangent). A
+/// small genuine tangent part (1e-3 of `g`) still gives the unit tangent
+/// direction, against f64.
+#[test]
+fn a_normal_gradient_gives_a_zero_sphere_direction_in_every_dtype() {
+    let mut r = rng(61);
+    for n in [5usize, 64, 1000] {
+        let w: Vec<f64> = (0..n).map(|_| r.gen_range(-3.0..3.0)).collect();
+        let z: Vec<f64> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let wv = DVector::from_vec(w.clone());
+        // a unit tangent vector: z minus its part along w
+        let t = DVector::from_vec(z.clone())
+            - &wv * (wv.dot(&DVector::from_vec(z)) / wv.norm_squared());
+        let t = &t / t.norm();
+        for dt in [DType::F32, DType::BF16, DType::F64] {
+            // w in dt, and g = 2w exactly
+            let wt = tensor(&w, dt);
+            let g = (&wt * 2.0).unwrap();
+            let phi = sphere_direction(&g, &wt, &Norm::Euclidean).unwrap();
+            assert_eq!(phi.dtype(), dt);
+            assert!(
+                to_f64_vec(&phi).iter().all(|x| *x == 0.0),
+                "n {n} {dt:?}: {:?}",
+                &to_f64_vec(&phi)[..3]
+            );
+        }
+        // g = 2w + 1e-3·‖2w‖·t: the direction is t
+        let g: Vec<f64> = (0..n)
+            .map(|i| 2.0 * w[i] + 1e-3 * 2.0 * wv.norm() * t[i])
+            .collect();
+        let phi = sphere_direction(
+            &tensor(&g, DType::F32),
+            &tensor(&w, DType::F32),
+            &Norm::Euclidean,
+        )
+        .unwrap();
+        let phi = DVector::from_vec(to_f64_vec(&phi));
+        assert!(
+            (&phi - &t).norm() < 1e-2,
+            "n {n}: |φ − t| = {}",
+            (&phi - &t).norm()
+        );
+    }
+}

@@ -34,7 +34,9 @@ pub struct MuonConfig {
     pub weight_decay: WeightDecay,
     /// Config of the internal AdamW. Its `lr` keeps its ratio to `lr` when
     /// `set_learning_rate` changes the Muon rate (so one schedule drives both);
-    /// so `lr` must be > 0 unless `adamw.lr` is 0 too.
+    /// so `lr` must be > 0 unless `adamw.lr` is 0 too. With both at 0 the
+    /// ratio is taken as 1: a later `set_learning_rate(η)` runs AdamW at `η`
+    /// too (build with the peak rates to keep another ratio).
     pub adamw: AdamWConfig,
     /// Substrings of parameter names routed to AdamW (e.g. `"embed"`,
     /// `"lm_head"`). Every matrix not matched goes to Muon, the output layer

@@ -81,7 +81,9 @@ impl Partition {
     /// group defined twice, or rates that are not finite and ≥ 0; a first
     /// group at rate 0 with another group at a non-zero rate is refused (the
     /// ratio of the rates, kept by `set_learning_rate`, would be undefined:
-    /// build with the peak rates and let a schedule set the rate).
+    /// build with the peak rates and let a schedule set the rate). Groups at
+    /// rate 0 beside a first group at 0 get ratio 1: a later
+    /// `set_learning_rate(η)` runs them at `η`.
     pub fn build(self, vars: Vec<NamedVar>) -> Result<Driver> {
         let Some((_, _, lr0)) = self.groups.first() else {
             fail!(Config, "Partition", "no groups");

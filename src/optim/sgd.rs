@@ -70,8 +70,10 @@ impl SgdConfig {
 
 /// Stochastic gradient descent with momentum and decoupled (or spectral)
 /// weight decay: the chain [`Decay`] → [`Momentum`] (classic), one fused
-/// in-place pass per parameter. With `momentum = 0` and `Decoupled(λ)` this
-/// equals `torch.optim.SGD(weight_decay=λ)`.
+/// in-place pass per parameter. With `momentum = 0`, `Decoupled(λ)` and
+/// `decay_vectors: true` this equals `torch.optim.SGD(weight_decay=λ)`; by
+/// default (`decay_vectors: false`) biases and other vectors are not
+/// decayed, where torch decays every parameter.
 #[derive(Debug)]
 pub struct Sgd {
     driver: Driver,

@@ -22,7 +22,9 @@ pub enum Penalty {
 pub enum FdStep {
     /// `h = δ (1 + ‖θ‖)` with `δ = √ε_mach` (forward differences) or
     /// `∛ε_mach` (central), `ε_mach` the machine epsilon of the perturbed
-    /// tensors' dtype: f64 `1.5e-8` / `6.1e-6`, f32 `3.5e-4` / `4.9e-3`. This
+    /// tensors' dtype (the coarsest if they differ; variables without a
+    /// gradient are not perturbed and count for neither `‖θ‖` nor the
+    /// dtype): f64 `1.5e-8` / `6.1e-6`, f32 `3.5e-4` / `4.9e-3`. This
     /// balances the `O(h)` (central: `O(h²)`) truncation error against the
     /// `O(ε_mach/h)` rounding error of the difference quotient.
     Auto,
@@ -150,13 +152,12 @@ pub struct PenalizedGrads {
 /// deterministic (it is called 2 or 3 times). Each variable is moved by
 /// `Var::set` and then restored from a copy taken before, so afterwards it is
 /// bit-identical to what it was, also when an error occurs part-way.
-/// Variables without a gradient are left out of the result. A non-finite
-/// loss, or a NaN/Inf gradient (at `θ` or at a perturbed point), is
-/// [`Error::NonFiniteGradient`], as an optimizer's step on it would be,
-/// naming the variable as `param.k (vars[i])` (`param.k`: the name
-/// `Optimizer::new` gives it among `vars`, stable across runs); a NaN/Inf
-/// parameter that the loss does not read is [`Error::Numerical`]. When
-/// `‖g‖ = 0` the penalty gradient is 0 (no perturbation is made).
+/// Variables without a gradient are left out of the result (and are not
+/// perturbed). A non-finite loss, or a NaN/Inf gradient (at `θ` or at a
+/// perturbed point), is [`Error::NonFiniteGradient`], as an optimizer's step
+/// on it would be, naming the variable as `param.k (vars[i])` (`param.k`:
+/// the name `Optimizer::new` gives it among `vars`, stable across runs).
+/// When `‖g‖ = 0` the penalty gradient is 0 (no perturbation is made).
 pub fn param_grad_penalty<F>(
     loss_fn: F,
     vars: &[Var],
@@ -189,22 +190,32 @@ where
         .iter()
         .map(|v| v.as_tensor().detach().copy())
         .collect::<candle_core::Result<_>>()?;
-    // A parameter the loss does not read may hold NaN/Inf with a finite loss.
-    let theta_norm = sq_norms(
-        &theta.iter().map(Some).collect::<Vec<_>>(),
-        |i| describe_var(vars, i, ""),
-        WHO,
-    )
-    .map_err(|e| match e {
-        Error::NonFiniteGradient { param } => {
-            Error::numerical(param, "the parameter holds NaN or Inf")
-        }
-        e => e,
-    })?
-    .iter()
-    .sum::<f64>()
-    .sqrt();
-    let dtype = vars.first().map(|v| v.dtype()).unwrap_or(DType::F32);
+    // ‖θ‖ and the dtype of the perturbed tensors only (those with a
+    // gradient): a frozen or unused variable is not moved, so it must not
+    // set the step (an unused [100, 0] made h 31× too large).
+    let perturbed: Vec<Option<&Tensor>> = theta
+        .iter()
+        .zip(&g)
+        .map(|(t, gi)| gi.as_ref().map(|_| t))
+        .collect();
+    let theta_norm = sq_norms(&perturbed, |i| describe_var(vars, i, ""), WHO)
+        .map_err(|e| match e {
+            Error::NonFiniteGradient { param } => {
+                Error::numerical(param, "the parameter holds NaN or Inf")
+            }
+            e => e,
+        })?
+        .iter()
+        .sum::<f64>()
+        .sqrt();
+    // (the coarsest, should the perturbed tensors' dtypes differ)
+    let dtype = vars
+        .iter()
+        .zip(&g)
+        .filter(|(_, gi)| gi.is_some())
+        .map(|(v, _)| v.dtype())
+        .max_by(|a, b| machine_eps(*a).total_cmp(&machine_eps(*b)))
+        .unwrap_or(DType::F32);
     let h = cfg.step_size(theta_norm, dtype);
     let at = |sign: f64| -> Result<Vec<Option<Tensor>>> {
         let moved = (|| {

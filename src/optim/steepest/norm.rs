@@ -38,7 +38,6 @@ impl Norm {
         }
     }
 
-    /// Errors (naming `who`) unless `p` is finite and `> 1`.
     /// Errors (naming `who`) unless an `Lp` exponent is finite and `> 1`,
     /// or a spectral norm's Newton–Schulz schedule is invalid.
     pub fn validate(&self, who: &str) -> Result<()> {
@@ -147,7 +146,10 @@ fn scaled_by_max_abs(g: &Tensor) -> Result<Tensor> {
 /// - Sign (`p = ∞`): `φ = sign(g)` with the coordinate `k = argmax |w_k|`
 ///   set to 0 (the first one on a tie).
 ///
-/// A gradient normal to the sphere gives a zero direction.
+/// A gradient normal to the sphere gives a zero direction (Euclidean: also
+/// when rounding leaves a tangent part below `4·√n·ε·‖g‖`, `ε` of f32 for
+/// f32 and 16-bit inputs, of f64 for f64; the projection runs in f32 for
+/// 16-bit inputs).
 pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
     norm.validate("sphere_direction: norm")?;
     if g.shape() != w.shape() {
@@ -202,10 +204,24 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
 /// direction does not depend on `g`'s scale, and `⟨g, ŵ⟩` would overflow
 /// f32 for huge gradients).
 fn euclidean_tangent(g: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let g = scaled_by_max_abs(g)?;
-    let w_hat = normalize_l2(w)?;
+    let out = g.dtype();
+    let dt = crate::linalg::compute_dtype(out);
+    let g = scaled_by_max_abs(&g.to_dtype(dt)?)?;
+    let w_hat = normalize_l2(&w.to_dtype(dt)?)?;
     let along = (&g * &w_hat)?.sum_all()?;
-    normalize_l2(&(g - w_hat.broadcast_mul(&along)?)?)
+    let t = (&g - w_hat.broadcast_mul(&along)?)?;
+    // A gradient normal to the sphere leaves only rounding in `t` (~√n·ε of
+    // ‖g‖): normalised, that would be a unit vector, neither tangent nor
+    // meaningful. Below 4·√n·ε·‖g‖ the direction is zero.
+    let eps = match dt {
+        DType::F64 => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    };
+    let tol = 4.0 * (g.elem_count() as f64).sqrt() * eps;
+    let g_norm = g.sqr()?.sum_all()?.sqrt()?;
+    let t_norm = t.sqr()?.sum_all()?.sqrt()?;
+    let keep = t_norm.gt(&(g_norm * tol)?)?.to_dtype(dt)?;
+    Ok(normalize_l2(&t)?.broadcast_mul(&keep)?.to_dtype(out)?)
 }
 
 /// The multiplier `λ` of the `ℓ_p` sphere: the root of
