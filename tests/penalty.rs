@@ -1197,7 +1197,7 @@ fn an_integer_input_is_refused() {
 #[test]
 fn variables_without_a_gradient_do_not_set_the_step() {
     let a = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
-    let loss = || (a.as_tensor().sqr()?.sum_all()? * 0.5 + a.as_tensor().powf(3.0)?.sum_all()?);
+    let loss = || a.as_tensor().sqr()?.sum_all()? * 0.5 + a.as_tensor().powf(3.0)?.sum_all()?;
     let unused = |v: Vec<f64>, dt: DType| {
         let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
         Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
