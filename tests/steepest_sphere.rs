@@ -747,3 +747,47 @@ fn a_normal_gradient_gives_a_zero_sphere_direction_in_every_dtype() {
         );
     }
 }
+
+/// At `w = 0` the sphere direction is the dualized gradient under every
+/// vector norm, as the Euclidean closed form gives (`ℓ_p` refused it: "w = 0
+/// is not on a sphere"; Sign zeroed the first coordinate as if it were the
+/// normal one); and `Steepest` on an `ℓ_p` sphere steps from a zero start
+/// onto the sphere.
+#[test]
+fn the_sphere_direction_at_zero_is_the_dualized_gradient() {
+    use steepest::optim::steepest::sphere_retract;
+    let g = [0.3, -1.2, 0.7, 2.0, -0.4];
+    let g = tensor(&g, DType::F64);
+    let zero = tensor(&[0.0; 5], DType::F64);
+    for norm in [Norm::Euclidean, Norm::Lp(3.0), Norm::Lp(1.5), Norm::Sign] {
+        let phi = sphere_direction(&g, &zero, &norm).unwrap();
+        let want = dualize(&g, &norm).unwrap();
+        assert_eq!(vec_of(&phi), vec_of(&want), "{norm:?}");
+        assert!(
+            vec_of(&phi).iter().all(|x| *x != 0.0),
+            "{norm:?}: {:?}",
+            vec_of(&phi)
+        );
+    }
+    let vars = vec![NamedVar {
+        name: "w".into(),
+        var: Var::from_tensor(&zero).unwrap(),
+    }];
+    let mut opt = Steepest::from_named(
+        vars.clone(),
+        SteepestConfig {
+            lr: 0.1,
+            norm: Norm::Lp(3.0),
+            manifold: Manifold::Sphere { radius: 2.0 },
+            ..SteepestConfig::default()
+        },
+    )
+    .unwrap();
+    let loss = (vars[0].var.as_tensor() * &g).unwrap().sum_all().unwrap();
+    opt.backward_step(&loss).unwrap();
+    let w = vec_of(vars[0].var.as_tensor());
+    let r = p_norm(&w, 3.0);
+    assert!((r - 2.0).abs() < 1e-12, "‖w‖₃ = {r}");
+    let back = sphere_retract(&tensor(&w, DType::F64), 2.0, &Norm::Lp(3.0)).unwrap();
+    assert_eq!(vec_of(&back), w);
+}

@@ -146,7 +146,10 @@ fn scaled_by_max_abs(g: &Tensor) -> Result<Tensor> {
 /// - Sign (`p = ∞`): `φ = sign(g)` with the coordinate `k = argmax |w_k|`
 ///   set to 0 (the first one on a tie).
 ///
-/// A gradient normal to the sphere gives a zero direction (Euclidean: also
+/// At `w = 0` (on no sphere: a zero start, which the retraction then puts on
+/// the sphere) there is no tangent condition, and under every norm the
+/// direction is the dualized gradient ([`dualize`]), as the Euclidean closed
+/// form gives. A gradient normal to the sphere gives a zero direction (Euclidean: also
 /// when rounding leaves a tangent part below `4·√n·ε·‖g‖`, `ε` of f32 for
 /// f32 and 16-bit inputs, of f64 for f64; the projection runs in f32 for
 /// 16-bit inputs).
@@ -169,6 +172,10 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
         Norm::Lp(p) if *p == 2.0 => euclidean_tangent(g, w),
         Norm::Sign => {
             let flat = w.flatten_all()?;
+            if flat.abs()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
+                // w = 0: no coordinate is the normal one (see the doc)
+                return dualize(g, norm);
+            }
             let k = flat.abs()?.argmax(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
             let n = flat.dim(0)? as u32;
             let keep = Tensor::arange(0u32, n, w.device())?
@@ -181,7 +188,8 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
             let (gv, wv) = (to_host(g)?, to_host(w)?);
             let wn = p_norm(&wv, *p);
             if wn == 0.0 {
-                fail!(Numerical, "sphere_direction", "w = 0 is not on a sphere");
+                // w = 0: no tangent condition (see the doc)
+                return dualize(g, norm);
             }
             let a: Vec<f64> = wv.iter().map(|x| signed_pow(x / wn, p - 1.0)).collect();
             let lambda = lp_sphere_multiplier(&gv, &a, *p)?;
