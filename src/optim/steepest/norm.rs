@@ -171,13 +171,13 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
         Norm::Euclidean => euclidean_tangent(g, w),
         Norm::Lp(p) if *p == 2.0 => euclidean_tangent(g, w),
         Norm::Sign => {
-            let flat = w.flatten_all()?;
-            if flat.abs()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
+            let abs = w.flatten_all()?.abs()?;
+            let k = abs.argmax(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+            if abs.get(k as usize)?.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
                 // w = 0: no coordinate is the normal one (see the doc)
                 return dualize(g, norm);
             }
-            let k = flat.abs()?.argmax(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
-            let n = flat.dim(0)? as u32;
+            let n = abs.dim(0)? as u32;
             let keep = Tensor::arange(0u32, n, w.device())?
                 .ne(k)?
                 .to_dtype(g.dtype())?
