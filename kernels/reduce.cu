@@ -29,23 +29,26 @@ __device__ void finite_impl(const MtEntry* tab, unsigned nt, u64 nchunks, unsign
     }
 }
 
-// partials[c] = Σ x² over chunk c (f32 within the chunk, as the generic path
-// sums in f32; stored as f64 for the per-tensor total).
+// partials[c] = Σ x² over chunk c, in f64: a square of an f32 entry
+// beyond ~1.8e19 overflows f32 and one below ~1e-23 underflows it, and
+// msign normalises by this sum (an Inf or 0 there zeroed the whole result;
+// the CPU paths scale first). The loads stay f32-wide, so the reduction
+// remains bound by memory, not by f64 arithmetic.
 template <class P>
 __device__ void sumsq_impl(const MtEntry* tab, unsigned nt, u64 nchunks, unsigned chunk, double* partials) {
-    __shared__ float scratch[STEEPEST_SCRATCH];
+    __shared__ double scratch[STEEPEST_SCRATCH];
     for (u64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const MtEntry e = tab[mt_find(tab, nt, c)];
         u64 lo, hi;
         chunk_range(e, c, chunk, &lo, &hi);
         const P* x = reinterpret_cast<const P*>(e.p1);
-        float acc = 0.0f;
+        double acc = 0.0;
         for (u64 j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-            float v = ld(x, j);
+            double v = ld(x, j);
             acc += v * v;
         }
         acc = block_sum(acc, scratch);
-        if (threadIdx.x == 0) partials[c] = double(acc);
+        if (threadIdx.x == 0) partials[c] = acc;
     }
 }
 

@@ -250,6 +250,17 @@ fn bad_inputs_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("step 0"), "{e}");
+    // The seam's public msign checks the shape too (its CPU path indexed
+    // the second-to-last dimension of a vector and panicked).
+    let scalar = Tensor::new(3f32, &Device::Cpu).unwrap();
+    for t in [&v, &scalar, &t4] {
+        let e = steepest::device::msign(t, &NewtonSchulz::muon()).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Shape { .. }) && e.to_string().contains("msign"),
+            "{:?}: {e}",
+            t.dims()
+        );
+    }
 }
 
 /// `validate` refuses a negative `eps` (it would divide by a norm that can

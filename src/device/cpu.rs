@@ -285,6 +285,27 @@ macro_rules! for_decayed {
     };
 }
 
+/// Panics unless every slice of a job has `n` elements (the gradient's or
+/// direction's) and a rank-1 term spans them (`len(a)·len(b) = n`): the
+/// tasks below cut their spans from raw pointers by `n`, so a shorter slice
+/// would be written past its end.
+fn assert_job<A>(who: &str, k: usize, n: usize, slices: &[(&str, usize)], decay: &Decay<'_, A>) {
+    for &(what, len) in slices {
+        assert!(
+            len == n,
+            "{who}: job {k}: {what} has {len} elements, the gradient or direction {n}"
+        );
+    }
+    if let Some((_, a, b)) = decay.rank1 {
+        assert!(
+            a.len() * b.len() == n,
+            "{who}: job {k}: spectral decay factors of {} and {} elements for {n}",
+            a.len(),
+            b.len()
+        );
+    }
+}
+
 /// AdamW hyperparameters of one step, per parameter (`lr_bc1 = η/(1 − β₁ᵗ)`,
 /// `bc2_sqrt = √(1 − β₂ᵗ)`) and shared.
 #[derive(Clone, Copy, Debug)]
@@ -315,6 +336,7 @@ pub struct AdamJob<'a, P: Elem> {
 /// One AdamW update in place (`torch.optim.AdamW` order of operations):
 /// `m ← m + (g − m)(1 − β₁)`, `v ← v·β₂ + g²(1 − β₂)`,
 /// `w ← decayed(w) − (m / (√v/bc2_sqrt + eps))·lr_bc1`.
+/// Panics as [`adamw_multi`].
 #[allow(clippy::too_many_arguments)]
 pub fn adamw<P: Elem>(
     w: &mut [P],
@@ -340,7 +362,15 @@ pub fn adamw<P: Elem>(
 
 /// [`adamw`] over many parameters in one pass: their spans are spread over
 /// the thread pool together (the multi-tensor update).
+///
+/// # Panics
+/// When a job's `w`, `m` or `v` is not `g`'s length, or its rank-1 factors
+/// do not span it.
 pub fn adamw_multi<P: Elem>(jobs: &mut [AdamJob<'_, P>], beta1: f64, beta2: f64, eps: f64) {
+    for (k, j) in jobs.iter().enumerate() {
+        let lens = [("w", j.w.len()), ("m", j.m.len()), ("v", j.v.len())];
+        assert_job("adamw_multi", k, j.g.len(), &lens, &j.decay);
+    }
     struct Raw<P: Elem> {
         w: Ptr<P>,
         m: Ptr<P::A>,
@@ -414,7 +444,7 @@ pub struct SgdJob<'a, P: Elem> {
 
 /// One SGD update in place (`torch.optim.SGD`, dampening 0): with a buffer,
 /// `buf ← buf·μ + g` and `d = g + buf·μ` (Nesterov) or `d = buf`; without,
-/// `d = g`; then `w ← decayed(w) − d·lr`.
+/// `d = g`; then `w ← decayed(w) − d·lr`. Panics as [`sgd_multi`].
 #[allow(clippy::too_many_arguments)]
 pub fn sgd<P: Elem>(
     w: &mut [P],
@@ -436,7 +466,16 @@ pub fn sgd<P: Elem>(
 }
 
 /// [`sgd`] over many parameters in one pass.
+///
+/// # Panics
+/// When a job's `w` or buffer is not `g`'s length, or its rank-1 factors
+/// do not span it.
 pub fn sgd_multi<P: Elem>(jobs: &mut [SgdJob<'_, P>], momentum: f64, nesterov: bool) {
+    for (k, j) in jobs.iter().enumerate() {
+        let buf = j.buf.as_deref().map_or(j.g.len(), <[_]>::len);
+        let lens = [("w", j.w.len()), ("the buffer", buf)];
+        assert_job("sgd_multi", k, j.g.len(), &lens, &j.decay);
+    }
     struct Raw<P: Elem> {
         w: Ptr<P>,
         b: Option<Ptr<P::A>>,
@@ -510,7 +549,8 @@ pub struct EmaJob<'a, P: Elem> {
 }
 
 /// Muon's momentum in place, writing the direction: `buf ← buf + (g − buf)(1 − μ)`,
-/// `out = g + (buf − g)·μ` (Nesterov) or `out = buf`.
+/// `out = g + (buf − g)·μ` (Nesterov) or `out = buf`. Panics as
+/// [`ema_momentum_multi`].
 pub fn ema_momentum<P: Elem>(
     g: &[P],
     buf: &mut [P::A],
@@ -522,7 +562,20 @@ pub fn ema_momentum<P: Elem>(
 }
 
 /// [`ema_momentum`] over many parameters in one pass.
+///
+/// # Panics
+/// When a job's buffer or output is not `g`'s length.
 pub fn ema_momentum_multi<P: Elem>(jobs: &mut [EmaJob<'_, P>], momentum: f64, nesterov: bool) {
+    for (k, j) in jobs.iter().enumerate() {
+        let lens = [("buf", j.buf.len()), ("out", j.out.len())];
+        assert_job(
+            "ema_momentum_multi",
+            k,
+            j.g.len(),
+            &lens,
+            &Decay::<P::A>::none(),
+        );
+    }
     // (momentum buffer, direction) of each job, raw so that spans can split them.
     type BufOut<A> = (Ptr<A>, Ptr<A>);
     let raws: Vec<BufOut<P::A>> = jobs
@@ -563,13 +616,21 @@ pub struct ApplyJob<'a, P: Elem> {
     pub decay: Decay<'a, P::A>,
 }
 
-/// Applies a direction in place: `w ← decayed(w) − d·alpha`.
+/// Applies a direction in place: `w ← decayed(w) − d·alpha`. Panics as
+/// [`apply_multi`].
 pub fn apply<P: Elem>(w: &mut [P], d: &[P::A], alpha: f64, decay: Decay<'_, P::A>) {
     apply_multi(&mut [ApplyJob { w, d, alpha, decay }]);
 }
 
 /// [`apply`] over many parameters in one pass.
+///
+/// # Panics
+/// When a job's `w` is not `d`'s length, or its rank-1 factors do not span
+/// it.
 pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
+    for (k, j) in jobs.iter().enumerate() {
+        assert_job("apply_multi", k, j.d.len(), &[("w", j.w.len())], &j.decay);
+    }
     let raws: Vec<Ptr<P>> = jobs.iter_mut().map(|j| Ptr::of(j.w)).collect();
     let lens: Vec<(usize, usize)> = jobs
         .iter()

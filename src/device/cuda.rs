@@ -291,12 +291,15 @@ impl Backend for Cuda {
 }
 
 /// Device addresses of CUDA tensors (inputs made contiguous and kept alive),
-/// with the byte span and direction of each, to refuse an output that shares
-/// memory with another operand (as the CPU path and the emulator do).
+/// with the storage, byte span and direction of each, to refuse an output
+/// that shares its storage with another operand, by the CPU path's and the
+/// emulator's rule: also two disjoint views of one storage (a program that
+/// runs on the GPU then runs on the CPU too).
 struct Addrs<'a> {
     be: &'a Cuda,
     keep: Vec<Tensor>,
-    spans: Vec<(u64, u64, bool)>,
+    /// (storage base, none for an empty storage; start; end; written)
+    spans: Vec<(Option<u64>, u64, u64, bool)>,
 }
 
 impl<'a> Addrs<'a> {
@@ -308,13 +311,15 @@ impl<'a> Addrs<'a> {
         }
     }
 
-    /// Records `[start, end)`; errors when it is written and overlaps any
-    /// operand, or overlaps an operand that is written.
-    fn claim(&mut self, start: u64, end: u64, write: bool) -> Result<()> {
+    /// Records `[start, end)` of the storage at `base`; errors when it is
+    /// written and shares its storage with (or overlaps) any operand, or
+    /// shares it with an operand that is written.
+    fn claim(&mut self, base: Option<u64>, start: u64, end: u64, write: bool) -> Result<()> {
+        let same = |b: Option<u64>| b.is_some() && b == base;
         let clash = self
             .spans
             .iter()
-            .any(|&(s, e, w)| (write || w) && start < e && s < end);
+            .any(|&(b, s, e, w)| (write || w) && (same(b) || (start < e && s < end)));
         if clash {
             fail!(
                 Device,
@@ -322,7 +327,7 @@ impl<'a> Addrs<'a> {
                 "an output tensor shares its storage with another operand"
             );
         }
-        self.spans.push((start, end, write));
+        self.spans.push((base, start, end, write));
         Ok(())
     }
 }
@@ -346,16 +351,28 @@ impl Resolve for Addrs<'_> {
                 fail!(Device, "cuda", "kernels write contiguous tensors only");
             };
             let stream = &self.be.stream;
-            let (base, size) = match cs.dtype() {
-                DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(stream).0, 4),
-                DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0, 2),
-                DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0, 2),
+            let (base, len, size) = match cs.dtype() {
+                DType::F32 => {
+                    let c = cs.as_cuda_slice::<f32>()?;
+                    (c.device_ptr(stream).0, c.len(), 4)
+                }
+                DType::BF16 => {
+                    let c = cs.as_cuda_slice::<half::bf16>()?;
+                    (c.device_ptr(stream).0, c.len(), 2)
+                }
+                DType::F16 => {
+                    let c = cs.as_cuda_slice::<half::f16>()?;
+                    (c.device_ptr(stream).0, c.len(), 2)
+                }
                 other => fail!(Device, "cuda", "no kernel for dtype {other:?}"),
             };
-            base + (o * size) as u64
+            // Empty allocations need not have distinct addresses.
+            let id = (len > 0).then_some(base);
+            (id, base + (o * size) as u64)
         };
+        let (base, addr) = addr;
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        self.claim(addr, addr + bytes, write)?;
+        self.claim(base, addr, addr + bytes, write)?;
         self.keep.push(t);
         Ok(addr)
     }

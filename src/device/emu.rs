@@ -458,6 +458,7 @@ pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
 
 /// [`super::adamw_step`] through the emulated `adamw_*` kernels.
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    super::check_adam_items(items)?;
     run_locked(
         |r| launch::adam_tensors(items, r),
         |ts| launch::adamw(emu(), &ts, beta1, beta2, eps),
@@ -466,6 +467,7 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
 
 /// [`super::sgd_step`] through the emulated `sgd_*` kernels.
 pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
+    super::check_sgd_items(items)?;
     run_locked(
         |r| launch::sgd_tensors(items, r),
         |ts| launch::sgd(emu(), &ts, momentum, nesterov),

@@ -245,6 +245,7 @@ fn generic_decayed(w: &Tensor, d: &DecayTerm<'_>) -> Result<Tensor> {
 
 /// AdamW on every item, in place (see [`cpu::adamw`] for the formulas).
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    check_adam_items(items)?;
     #[cfg(feature = "cuda")]
     if !generic_only() && cuda::adamw_step(items, beta1, beta2, eps)? {
         return Ok(());
@@ -331,6 +332,7 @@ pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> R
 
 /// SGD on every item, in place (see [`cpu::sgd`]).
 pub fn sgd_step(items: &[SgdItem<'_>], momentum: f64, nesterov: bool) -> Result<()> {
+    check_sgd_items(items)?;
     #[cfg(feature = "cuda")]
     if !generic_only() && cuda::sgd_step(items, momentum, nesterov)? {
         return Ok(());
@@ -459,6 +461,87 @@ pub(crate) fn check_ema_counts(grads: &[&Tensor], bufs: &[&Var], out: &Var) -> R
     Ok(())
 }
 
+/// `what` has `want` elements, or a Shape error naming item `i`. The fused
+/// paths (CPU and kernels) size every slice of an item by its gradient or
+/// direction, so a smaller state tensor would be read and written past its
+/// end.
+fn check_len(who: &str, i: usize, what: &str, t: &Tensor, want: usize) -> Result<()> {
+    if t.elem_count() != want {
+        fail!(
+            Shape,
+            who,
+            "item {i}: {what} has {} elements, its parameter {want}",
+            t.elem_count()
+        );
+    }
+    Ok(())
+}
+
+/// The spectral decay's factors of item `i` span its parameter's matrix
+/// view: `len(a)·len(b) = len(w)` (element `j` is decayed by
+/// `a[j / len(b)]·b[j % len(b)]`).
+fn check_decay(who: &str, i: usize, d: &DecayTerm<'_>, want: usize) -> Result<()> {
+    if let Some(r) = d.rank1 {
+        let (a, b) = (r.a.elem_count(), r.b.elem_count());
+        if a * b != want {
+            fail!(
+                Shape,
+                who,
+                "item {i}: spectral decay factors of {a} and {b} elements for a parameter of {want}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The gradient of item `i` in its parameter's dtype: the kernels read it
+/// with the parameter's element type (a bf16 gradient of an f32 parameter
+/// would be read past its end), the CPU path slices it so; the optimizers
+/// convert gradients before they get here.
+fn check_grad_dtype(who: &str, i: usize, g: &Tensor, w: &Var) -> Result<()> {
+    if g.dtype() != w.dtype() {
+        fail!(
+            Shape,
+            who,
+            "item {i}: a {:?} gradient for a {:?} parameter (convert it first)",
+            g.dtype(),
+            w.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Every tensor of every item the size of its parameter, the gradient in
+/// the parameter's dtype (shared by every implementation of
+/// [`adamw_step`]).
+pub(crate) fn check_adam_items(items: &[AdamItem<'_>]) -> Result<()> {
+    let who = "adamw_step";
+    for (i, it) in items.iter().enumerate() {
+        let n = it.w.elem_count();
+        check_grad_dtype(who, i, it.g, it.w)?;
+        check_len(who, i, "the gradient", it.g, n)?;
+        check_len(who, i, "exp_avg", it.m.as_tensor(), n)?;
+        check_len(who, i, "exp_avg_sq", it.v.as_tensor(), n)?;
+        check_decay(who, i, &it.decay, n)?;
+    }
+    Ok(())
+}
+
+/// As [`check_adam_items`], for [`sgd_step`].
+pub(crate) fn check_sgd_items(items: &[SgdItem<'_>]) -> Result<()> {
+    let who = "sgd_step";
+    for (i, it) in items.iter().enumerate() {
+        let n = it.w.elem_count();
+        check_grad_dtype(who, i, it.g, it.w)?;
+        check_len(who, i, "the gradient", it.g, n)?;
+        if let Some(b) = it.buf {
+            check_len(who, i, "the momentum buffer", b.as_tensor(), n)?;
+        }
+        check_decay(who, i, &it.decay, n)?;
+    }
+    Ok(())
+}
+
 /// One direction row, step factor and decay per parameter (shared by every
 /// implementation of [`apply_step`]).
 pub(crate) fn check_apply_counts(
@@ -490,6 +573,7 @@ pub(crate) fn check_apply_counts(
                 w.elem_count()
             );
         }
+        check_decay("apply_step", i, &decays[i], row)?;
     }
     Ok(())
 }
@@ -505,6 +589,9 @@ pub fn ema_momentum(
     nesterov: bool,
 ) -> Result<()> {
     check_ema_counts(grads, bufs, out)?;
+    if grads.is_empty() {
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     if !generic_only() && cuda::ema_momentum(grads, bufs, out, momentum, nesterov)? {
         return Ok(());
@@ -689,6 +776,9 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
 }
 
 /// `Σ x²` of each tensor, in f64 on the host (one host sync for all).
+/// Summed in f64 on the CPU and CUDA, so that entries whose squares leave
+/// f32's range (beyond ~1.8e19, below ~1e-23) count; in f32 on Metal,
+/// which has no f64.
 pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     if ts.is_empty() {
         return Ok(Vec::new());
@@ -702,10 +792,12 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     let sums = ts
         .iter()
         .map(|t| {
-            t.to_dtype(math_dtype(t.dtype()))?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)
+            let acc = if t.device().is_metal() {
+                math_dtype(t.dtype())
+            } else {
+                DType::F64
+            };
+            t.to_dtype(acc)?.sqr()?.sum_all()?.to_dtype(DType::F64)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
@@ -715,6 +807,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// products run in the arithmetic dtype, the kernels' cuBLAS sequence on
 /// CUDA (feature `cuda`), otherwise candle's generic ops.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    crate::linalg::matrix_dims("msign: g", g)?;
     if g.elem_count() == 0 {
         // An empty matrix (a zero dimension) has nothing to orthogonalise.
         return Ok(g.zeros_like()?);

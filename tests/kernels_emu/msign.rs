@@ -347,3 +347,34 @@ fn msign_of_zero_with_eps_zero_is_zero() {
         }
     }
 }
+
+/// Entries so large that their squares overflow f32 (1e20, 1e30), or so
+/// small that they underflow it (1e-24, with eps 0 so that the scale is
+/// not hidden by eps): the kernels' ‖G‖_F is summed in f64, and their
+/// result matches the CPU path, which matches msign of the input rescaled
+/// to norm 1 (msign is scale-invariant). An f32 sum gave ‖G‖_F = Inf or 0
+/// there, and all-zero results.
+#[test]
+fn msign_of_entries_whose_squares_leave_f32s_range() {
+    for (i, scale) in [1e20, 1e30, 1e-24].into_iter().enumerate() {
+        for dt in [DType::F32, DType::BF16] {
+            for ns in [
+                NewtonSchulz::muon().with_eps(0.0),
+                NewtonSchulz::muon().with_eps(0.0).gram_form(),
+            ] {
+                let unit = input(60 + i, 1, 16, 8, DType::F64);
+                let f: f64 = unit.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                let unit = (unit / f.sqrt()).unwrap();
+                let g = (&unit * scale).unwrap().to_dtype(dt).unwrap();
+                let what = format!("{scale:e} {dt:?} {ns:?}");
+                let got = emu::msign(&g, &ns, None).unwrap();
+                assert!(max_abs(&got) > 0.1, "{what}: result {}", max_abs(&got));
+                let want = msign(&g, &ns).unwrap();
+                let tol = if dt == DType::F32 { 2e-3 } else { 1e-2 };
+                check(&format!("{what}: against the CPU path"), &want, &got, tol);
+                let rescaled = msign(&unit.to_dtype(dt).unwrap(), &ns).unwrap();
+                check(&format!("{what}: against norm 1"), &rescaled, &got, tol);
+            }
+        }
+    }
+}

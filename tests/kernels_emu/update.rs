@@ -442,3 +442,326 @@ fn a_direction_or_output_of_the_wrong_size_is_refused() {
         }
     }
 }
+
+/// AdamW's and SGD's state and spectral-decay factors of the wrong size are
+/// Shape errors naming the item and the tensor, on the kernels, the CPU
+/// path and the generic path, and nothing is written: the fused paths size
+/// every slice by the gradient, so a short `m`, `v` or momentum buffer was
+/// written past its end (the kernels and the CPU path's raw spans), and
+/// rank-1 factors that do not span the matrix view were read past theirs.
+#[test]
+fn a_state_or_decay_factor_of_the_wrong_size_is_refused() {
+    /// Shapes of the gradient, m, v and the buffer; rank-1 `b`; what the
+    /// error names.
+    type Case<'a> = (
+        &'a [usize],
+        &'a [usize],
+        &'a [usize],
+        &'a [usize],
+        &'a Tensor,
+        &'a str,
+    );
+    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
+    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
+    fn generic_adam(items: &[AdamItem<'_>], b1: f64, b2: f64, e: f64) -> steepest::Result<()> {
+        device::with_generic_ops(|| device::adamw_step(items, b1, b2, e))
+    }
+    fn generic_sgd(items: &[SgdItem<'_>], mu: f64, nesterov: bool) -> steepest::Result<()> {
+        device::with_generic_ops(|| device::sgd_step(items, mu, nesterov))
+    }
+    let paths: [(&str, Adam, Sgd); 3] = [
+        ("kernels", emu::adamw_step, emu::sgd_step),
+        ("cpu", device::adamw_step, device::sgd_step),
+        ("generic", generic_adam, generic_sgd),
+    ];
+    let dev = Device::Cpu;
+    let f32s = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
+    let vars = |shape: &[usize]| Var::ones(shape, DType::F32, &dev).unwrap();
+    let unchanged = |what: &str, vs: &[&Var]| {
+        for v in vs {
+            let t = v.as_tensor();
+            assert_eq!(
+                max_diff(t, &t.ones_like().unwrap()),
+                0.0,
+                "{what}: a tensor was written"
+            );
+        }
+    };
+    let step = steepest::device::AdamStep {
+        lr_bc1: 0.1,
+        bc2_sqrt: 1.0,
+    };
+    let (a_ok, b_ok, b_bad) = (f32s(&[4]), f32s(&[6]), f32s(&[5]));
+    fn rank1<'a>(a: &'a Tensor, b: &'a Tensor) -> device::Rank1<'a> {
+        device::Rank1 { coeff: 0.1, a, b }
+    }
+    for (path, adam, sgd) in paths {
+        let cases: [Case<'_>; 6] = [
+            (&[4, 7], &[4, 6], &[4, 6], &[4, 6], &b_ok, "the gradient"),
+            (&[4, 5], &[4, 6], &[4, 6], &[4, 6], &b_ok, "the gradient"),
+            (&[4, 6], &[4, 5], &[4, 6], &[4, 5], &b_ok, "exp_avg"),
+            (&[4, 6], &[4, 6], &[3, 6], &[3, 6], &b_ok, "exp_avg_sq"),
+            (&[4, 6], &[4, 6], &[4, 6], &[4, 6], &b_bad, "spectral decay"),
+            (&[24], &[24], &[24], &[24], &b_bad, "spectral decay"),
+        ];
+        for (k, &(g, m, v, buf, b, names)) in cases.iter().enumerate() {
+            let what = format!("{path} case {k}");
+            // A well-formed first item, so that the bad one is item 1.
+            let (w0, m0, v0) = (vars(&[2, 3]), vars(&[2, 3]), vars(&[2, 3]));
+            let (w, mv, vv, bv) = (vars(&[4, 6]), vars(m), vars(v), vars(buf));
+            let (g0, g) = (f32s(&[2, 3]), f32s(g));
+            let decay = DecayTerm {
+                scale: 1.0,
+                rank1: Some(rank1(&a_ok, b)),
+            };
+            let e = adam(
+                &[
+                    AdamItem {
+                        w: &w0,
+                        g: &g0,
+                        m: &m0,
+                        v: &v0,
+                        step,
+                        decay: DecayTerm::NONE,
+                    },
+                    AdamItem {
+                        w: &w,
+                        g: &g,
+                        m: &mv,
+                        v: &vv,
+                        step,
+                        decay,
+                    },
+                ],
+                0.9,
+                0.999,
+                1e-8,
+            )
+            .unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, steepest::Error::Shape { .. }), "{what}: {msg}");
+            assert!(
+                msg.contains("adamw_step") && msg.contains("item 1") && msg.contains(names),
+                "{what}: {msg}"
+            );
+            unchanged(&format!("{what} adamw"), &[&w0, &m0, &v0, &w, &mv, &vv]);
+            // SGD: the buffer takes exp_avg's place (the v cases reuse it).
+            if names == "exp_avg_sq" {
+                continue;
+            }
+            let e = sgd(
+                &[
+                    SgdItem {
+                        w: &w0,
+                        g: &g0,
+                        buf: Some(&m0),
+                        lr: 0.1,
+                        decay: DecayTerm::NONE,
+                    },
+                    SgdItem {
+                        w: &w,
+                        g: &g,
+                        buf: Some(&bv),
+                        lr: 0.1,
+                        decay,
+                    },
+                ],
+                0.9,
+                false,
+            )
+            .unwrap_err();
+            let msg = e.to_string();
+            let names = if names == "exp_avg" {
+                "the momentum buffer"
+            } else {
+                names
+            };
+            assert!(matches!(e, steepest::Error::Shape { .. }), "{what}: {msg}");
+            assert!(
+                msg.contains("sgd_step") && msg.contains("item 1") && msg.contains(names),
+                "{what}: {msg}"
+            );
+            unchanged(&format!("{what} sgd"), &[&w0, &m0, &w, &bv]);
+        }
+    }
+}
+
+/// apply_step with rank-1 factors that do not span the parameter: a Shape
+/// error on the kernels and the CPU path, nothing written.
+#[test]
+fn apply_step_refuses_decay_factors_of_the_wrong_size() {
+    type Apply = fn(&[&Var], &Tensor, &[f64], &[DecayTerm<'_>]) -> steepest::Result<()>;
+    let paths: [(&str, Apply); 2] = [("kernels", emu::apply_step), ("cpu", device::apply_step)];
+    let dev = Device::Cpu;
+    let (a, b) = (
+        Tensor::ones(4, DType::F32, &dev).unwrap(),
+        Tensor::ones(5, DType::F32, &dev).unwrap(),
+    );
+    for (path, apply) in paths {
+        let w = Var::zeros((4, 6), DType::F32, &dev).unwrap();
+        let d = Tensor::ones((1, 24), DType::F32, &dev).unwrap();
+        let decay = DecayTerm {
+            scale: 1.0,
+            rank1: Some(device::Rank1 {
+                coeff: 0.1,
+                a: &a,
+                b: &b,
+            }),
+        };
+        let e = apply(&[&w], &d, &[1.0], &[decay]).unwrap_err();
+        assert!(
+            matches!(e, steepest::Error::Shape { .. }) && e.to_string().contains("spectral decay"),
+            "{path}: {e}"
+        );
+        assert_eq!(max_abs(w.as_tensor()), 0.0, "{path}: written");
+    }
+}
+
+/// The CPU slice functions (`device::cpu::*_multi`, public) panic on slices
+/// of different lengths instead of writing past the shorter one.
+#[test]
+fn cpu_slice_updates_panic_on_slices_of_different_lengths() {
+    use steepest::device::cpu;
+    let caught = |what: &str, f: &mut dyn FnMut()| {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let e = r.expect_err(what);
+        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("elements"), "{what}: {msg}");
+    };
+    let g = vec![1f32; 8];
+    let step = device::AdamStep {
+        lr_bc1: 0.1,
+        bc2_sqrt: 1.0,
+    };
+    let (mut w, mut m, mut v) = (vec![0f32; 8], vec![0f32; 3], vec![0f32; 8]);
+    caught("adamw m", &mut || {
+        cpu::adamw(
+            &mut w,
+            &g,
+            &mut m,
+            &mut v,
+            0.9,
+            0.999,
+            1e-8,
+            step,
+            cpu::Decay::none(),
+        )
+    });
+    let mut buf = vec![0f32; 3];
+    caught("sgd buffer", &mut || {
+        cpu::sgd(
+            &mut w,
+            &g,
+            Some(&mut buf),
+            0.9,
+            false,
+            0.1,
+            cpu::Decay::none(),
+        )
+    });
+    let mut out = vec![0f32; 3];
+    let mut b8 = vec![0f32; 8];
+    caught("ema out", &mut || {
+        cpu::ema_momentum(&g, &mut b8, &mut out, 0.9, false)
+    });
+    let mut short_w = vec![0f32; 3];
+    caught("apply w", &mut || {
+        cpu::apply(&mut short_w, &g, 1.0, cpu::Decay::none())
+    });
+    let (ra, rb) = (vec![1f32; 2], vec![1f32; 3]);
+    let decay = cpu::Decay {
+        scale: 1.0,
+        rank1: Some((0.1, &ra[..], &rb[..])),
+    };
+    caught("apply rank-1", &mut || cpu::apply(&mut w, &g, 1.0, decay));
+    assert!(w.iter().all(|&x| x == 0.0), "w written");
+}
+
+/// A gradient in another dtype than its parameter is a Shape error on every
+/// path (the kernels read it with the parameter's element type: a bf16
+/// gradient of an f32 parameter was read past its end, an f64 one as
+/// garbage), and nothing is written.
+#[test]
+fn a_gradient_of_another_dtype_is_refused() {
+    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
+    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
+    fn generic_adam(items: &[AdamItem<'_>], b1: f64, b2: f64, e: f64) -> steepest::Result<()> {
+        device::with_generic_ops(|| device::adamw_step(items, b1, b2, e))
+    }
+    fn generic_sgd(items: &[SgdItem<'_>], mu: f64, nesterov: bool) -> steepest::Result<()> {
+        device::with_generic_ops(|| device::sgd_step(items, mu, nesterov))
+    }
+    let paths: [(&str, Adam, Sgd); 3] = [
+        ("kernels", emu::adamw_step, emu::sgd_step),
+        ("cpu", device::adamw_step, device::sgd_step),
+        ("generic", generic_adam, generic_sgd),
+    ];
+    let dev = Device::Cpu;
+    for (path, adam, sgd) in paths {
+        for (wt, gt) in [
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F64),
+            (DType::BF16, DType::F16),
+        ] {
+            let what = format!("{path}: {gt:?} gradient, {wt:?} parameter");
+            let w = Var::zeros(4096, wt, &dev).unwrap();
+            let (m, v) = (
+                Var::zeros(4096, DType::F32, &dev).unwrap(),
+                Var::zeros(4096, DType::F32, &dev).unwrap(),
+            );
+            let g = Tensor::ones(4096, gt, &dev).unwrap();
+            let item = AdamItem {
+                w: &w,
+                g: &g,
+                m: &m,
+                v: &v,
+                step: device::AdamStep {
+                    lr_bc1: 0.1,
+                    bc2_sqrt: 1.0,
+                },
+                decay: DecayTerm::NONE,
+            };
+            let e = adam(&[item], 0.9, 0.999, 1e-8).unwrap_err();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. })
+                    && e.to_string().contains("adamw_step")
+                    && e.to_string().contains("gradient"),
+                "{what}: {e}"
+            );
+            let sgd_item = SgdItem {
+                w: &w,
+                g: &g,
+                buf: Some(&m),
+                lr: 0.1,
+                decay: DecayTerm::NONE,
+            };
+            let e = sgd(&[sgd_item], 0.9, false).unwrap_err();
+            assert!(
+                matches!(e, steepest::Error::Shape { .. }) && e.to_string().contains("sgd_step"),
+                "{what}: {e}"
+            );
+            for t in [w.as_tensor(), m.as_tensor(), v.as_tensor()] {
+                assert_eq!(max_abs(t), 0.0, "{what}: written");
+            }
+        }
+    }
+}
+
+/// Muon's momentum over no members at all is nothing to do on every path
+/// (the CPU path read the first gradient's dtype while holding the output's
+/// lock, panicked, and left the output unusable).
+#[test]
+fn ema_momentum_of_no_members_is_a_no_op() {
+    type Ema = fn(&[&Tensor], &[&Var], &Var, f64, bool) -> steepest::Result<()>;
+    let paths: [(&str, Ema); 2] = [
+        ("kernels", emu::ema_momentum),
+        ("cpu", device::ema_momentum),
+    ];
+    for (path, ema) in paths {
+        let out = Var::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
+        ema(&[], &[], &out, 0.9, false).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(out.dims(), &[0, 4], "{path}");
+        out.set(&Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+}
