@@ -38,8 +38,8 @@ pub enum Manifold {
     },
     /// The Stiefel manifold, with the spectral norm: `Φ = msign(G + WX)`,
     /// `X` symmetric by dual descent ([`stiefel_direction`]; exact in one
-    /// `msign` for a square matrix, and possibly short of tangent for a
-    /// nearly square one, `n < 2m`), then
+    /// `msign` for a square matrix, on a smoothed dual for a nearly square
+    /// one, `n < 2m`), then
     /// `W ← msign(W − ηΦ)` ([`crate::linalg::stiefel_retract`]). `transpose: false` keeps
     /// `WᵀW = I` and needs a tall matrix view (rows ≥ cols); `transpose: true`
     /// keeps `WWᵀ = I` and needs a wide one (rows ≤ cols).
@@ -145,7 +145,9 @@ impl DualAscent {
 /// tangent residual of the returned direction.
 #[derive(Clone, Debug)]
 pub struct DualStep {
-    /// The direction `Φ` (unit spectral norm, up to the Newton–Schulz accuracy).
+    /// The direction `Φ` (unit spectral norm, up to the Newton–Schulz
+    /// accuracy; a little below 1 for a nearly square Stiefel matrix, whose
+    /// smoothed direction shrinks the singular values under `μ = 0.1`).
     pub phi: Tensor,
     /// The multiplier after the dual steps (`λ` or `X`).
     pub multiplier: Tensor,
@@ -166,6 +168,33 @@ fn normalise(g: &Tensor) -> Result<Tensor> {
     let s = g.broadcast_div(&max.maximum(tiny)?)?;
     let n = (s.sqr()?.sum_keepdim(2)?.sum_keepdim(1)? / m.min(n) as f64)?.sqrt()?;
     Ok(s.broadcast_div(&n.maximum(tiny)?)?)
+}
+
+/// The smoothing of the nearly square Stiefel dual, in units of
+/// `rms(σ(Ĝ)) = 1`: `μ = 0.1`. Measured (`tests/steepest_matrix.rs`, f32,
+/// `X₀ = 0`, `η₂ = 0.05`, 1000 dual steps, 7×6, 12×8, 40×32, 56×32): tangent
+/// residuals 2e-6–7e-3 where the plain dual stalled at 1–2.5, and
+/// `⟨Ĝ, Φ⟩/‖Φ‖₂` 98.3–98.8 % of the dual bound `‖Ĝ + WX‖_*` (Polar Express).
+/// In a numpy prototype with exact SVDs, `μ = 0.2` converged faster at
+/// 94–97 %, `0.05` more slowly at 99 %.
+const STIEFEL_SMOOTHING: f64 = 0.1;
+
+/// `μI` for each matrix of the batch, `(b, m, m)`, the rows that
+/// [`smoothed_msign`] stacks under `M`.
+fn smoothing_block(g: &Tensor, b: usize, m: usize) -> Result<Tensor> {
+    let eye = Tensor::eye(m, g.dtype(), g.device())?;
+    Ok((eye * STIEFEL_SMOOTHING)?.unsqueeze(0)?.repeat((b, 1, 1))?)
+}
+
+/// `M (MᵀM + μ²I)^{-1/2}`, the gradient in `M` of the smoothed nuclear norm
+/// `Σᵢ √(σᵢ² + μ²)`: the top `n` rows of `msign([M; μI])`, since
+/// `[M; μI]ᵀ[M; μI] = MᵀM + μ²I`. Its singular values are `σ/√(σ² + μ²)`
+/// (below 1), and the stacked matrix has none below `μ`, so Newton–Schulz
+/// meets no tiny singular values.
+fn smoothed_msign(m: &Tensor, block: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    let rows = m.dim(1)?;
+    let stacked = Tensor::cat(&[m, block], 1)?;
+    Ok(msign(&stacked, ns)?.narrow(1, 0, rows)?)
 }
 
 /// Spectral-sphere direction by dual descent (docs/math.md §3):
@@ -228,9 +257,13 @@ pub fn spectral_sphere_direction(
 /// optimal `Φ` is rank-deficient, which `msign` of a nearby full-rank
 /// matrix never is (measured: `‖WᵀΦ + ΦᵀW‖_F` stays near 2 after 1000 dual
 /// steps; for 6×6 and 32×32 too). Nearly square tall shapes (`m < n < 2m`)
-/// share the difficulty and have no closed form: their dual residual can
-/// stay of order 1 (docs/math.md §3; the retraction still keeps `W` on the
-/// manifold).
+/// share the difficulty and have no closed form: plain dual descent
+/// stalled there at residuals of order 1. They descend the smoothed dual
+/// `Σᵢ √(σᵢ(Ĝ + WX)² + μ²)` instead (`μ = 0.1`), with
+/// `Φ = (Ĝ + WX)((Ĝ + WX)ᵀ(Ĝ + WX) + μ²I)^{-1/2}`, the top rows of
+/// `msign([Ĝ + WX; μI])`: its residual goes to zero (measured 1e-3–7e-3
+/// after 1000 dual steps from `X = 0`), at `‖Φ‖₂` a little below 1 and
+/// `⟨Ĝ, Φ⟩` 97–99 % of the unsmoothed optimum (docs/math.md §3).
 pub fn stiefel_direction(
     g: &Tensor,
     w: &Tensor,
@@ -280,8 +313,17 @@ pub fn stiefel_direction(
     let mut x3 = x3.to_dtype(g3.dtype())?;
     let mut phi = gn.zeros_like()?;
     let mut res = x3.zeros_like()?;
+    // Nearly square: the smoothed dual (see `smoothed_msign`), whose
+    // descent converges where the plain one stalls.
+    let smooth = (n < 2 * m)
+        .then(|| smoothing_block(&g3, b, m))
+        .transpose()?;
     for _ in 0..dual.steps {
-        phi = msign(&(&gn + w3.matmul(&x3)?)?, ns)?;
+        let shifted = (&gn + w3.matmul(&x3)?)?;
+        phi = match &smooth {
+            Some(block) => smoothed_msign(&shifted, block, ns)?,
+            None => msign(&shifted, ns)?,
+        };
         let wtp = wt.matmul(&phi)?;
         res = (&wtp + wtp.transpose(1, 2)?)?;
         x3 = dual.step(lr, &x3, &res)?;
