@@ -8,6 +8,9 @@
 //! Frobenius sphere (Euclidean norm, closed form); `spectral_sphere` and
 //! `stiefel` Muon on those manifolds with 1 dual step per step (and 5 for
 //! `stiefel_dual5`). Every variant uses Keller Jordan's Newton–Schulz table.
+//! A second group, 4 matrices 192×128 (nearly square: `n < 2m`), times
+//! `muon` against `stiefel`, whose dual there is the smoothed one (`msign`
+//! of the 320×128 matrix `[Ĝ + WX; μI]`).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,13 +21,13 @@ use steepest::{
     DualAscent, Manifold, Muon, MuonConfig, Norm, Steepest, SteepestConfig, WeightDecay,
 };
 
-fn params() -> (Vec<NamedVar>, GradStore) {
+fn params(rows: usize) -> (Vec<NamedVar>, GradStore) {
     let dev = Device::Cpu;
     let vars: Vec<NamedVar> = (0..4)
         .map(|i| NamedVar {
             name: format!("w{i}"),
             var: Var::from_tensor(
-                &(Tensor::randn(0f32, 1.0, (256, 128), &dev).unwrap() * 0.05).unwrap(),
+                &(Tensor::randn(0f32, 1.0, (rows, 128), &dev).unwrap() * 0.05).unwrap(),
             )
             .unwrap(),
         })
@@ -62,14 +65,11 @@ fn regrad(orig: &[NamedVar], vars: &[NamedVar], grads: &GradStore) -> GradStore 
     loss.backward().unwrap()
 }
 
-fn bench_steps(c: &mut Criterion) {
-    let mut g = c.benchmark_group("manifold_step_4x256x128");
-    g.sample_size(10);
-    let (vars, grads) = params();
-
-    let v = copy(&vars);
-    let gr = regrad(&vars, &v, &grads);
-    let mut muon = Muon::from_named(
+/// `optim::Muon` without weight decay on a copy of `vars`.
+fn muon(vars: &[NamedVar], grads: &GradStore) -> (Muon, GradStore) {
+    let v = copy(vars);
+    let gr = regrad(vars, &v, grads);
+    let muon = Muon::from_named(
         v,
         MuonConfig {
             lr: 0.02,
@@ -78,7 +78,38 @@ fn bench_steps(c: &mut Criterion) {
         },
     )
     .unwrap();
-    g.bench_function("muon", |b| b.iter(|| muon.step(&gr).unwrap()));
+    (muon, gr)
+}
+
+/// Times `Steepest` under each configuration on a copy of `vars`.
+fn bench_variants(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    vars: &[NamedVar],
+    grads: &GradStore,
+    variants: Vec<(&str, SteepestConfig)>,
+) {
+    for (name, cfg) in variants {
+        let v = copy(vars);
+        let gr = regrad(vars, &v, grads);
+        let mut opt = Steepest::from_named(v, cfg).unwrap();
+        opt.step(&gr).unwrap(); // leave the cold first step out
+        g.bench_function(name, |b| b.iter(|| opt.step(&gr).unwrap()));
+    }
+}
+
+fn stiefel() -> SteepestConfig {
+    SteepestConfig {
+        manifold: Manifold::Stiefel { transpose: false },
+        ..Default::default()
+    }
+}
+
+fn bench_steps(c: &mut Criterion) {
+    let mut g = c.benchmark_group("manifold_step_4x256x128");
+    g.sample_size(10);
+    let (vars, grads) = params(256);
+    let (mut muon_opt, gr) = muon(&vars, &grads);
+    g.bench_function("muon", |b| b.iter(|| muon_opt.step(&gr).unwrap()));
 
     let variants: Vec<(&str, SteepestConfig)> = vec![
         ("free", SteepestConfig::default()),
@@ -97,32 +128,27 @@ fn bench_steps(c: &mut Criterion) {
                 ..Default::default()
             },
         ),
-        (
-            "stiefel",
-            SteepestConfig {
-                manifold: Manifold::Stiefel { transpose: false },
-                ..Default::default()
-            },
-        ),
+        ("stiefel", stiefel()),
         (
             "stiefel_dual5",
             SteepestConfig {
-                manifold: Manifold::Stiefel { transpose: false },
                 dual: DualAscent {
                     steps: 5,
                     ..Default::default()
                 },
-                ..Default::default()
+                ..stiefel()
             },
         ),
     ];
-    for (name, cfg) in variants {
-        let v = copy(&vars);
-        let gr = regrad(&vars, &v, &grads);
-        let mut opt = Steepest::from_named(v, cfg).unwrap();
-        opt.step(&gr).unwrap(); // leave the cold first step out
-        g.bench_function(name, |b| b.iter(|| opt.step(&gr).unwrap()));
-    }
+    bench_variants(&mut g, &vars, &grads, variants);
+    g.finish();
+
+    let mut g = c.benchmark_group("manifold_step_4x192x128");
+    g.sample_size(10);
+    let (vars, grads) = params(192);
+    let (mut muon_opt, gr) = muon(&vars, &grads);
+    g.bench_function("muon", |b| b.iter(|| muon_opt.step(&gr).unwrap()));
+    bench_variants(&mut g, &vars, &grads, vec![("stiefel", stiefel())]);
     g.finish();
 }
 
