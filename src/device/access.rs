@@ -272,13 +272,23 @@ impl InplaceOp1 for Nest<'_, '_> {
 }
 
 /// Runs `body` with the data of `ins` (read) and `outs` (written in place),
-/// all contiguous CPU float tensors. Errors if an output shares storage with
-/// another output or an input.
+/// CPU float tensors, the outputs contiguous. Errors if an output shares
+/// storage with another output or an input.
+///
+/// A non-contiguous input is read from a contiguous copy, as the kernels'
+/// launch code reads it (so a copied input shares no storage with an
+/// output).
 pub fn with_cpu_data<R>(
     ins: &[&Tensor],
     outs: &[&Tensor],
     body: impl FnOnce(&[Data<'_>], &mut [DataMut<'_>]) -> Result<R>,
 ) -> Result<R> {
+    let copies = ins
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ins: Vec<&Tensor> = copies.iter().collect();
+    let ins = &ins[..];
     let out_spans = outs
         .iter()
         .map(|t| storage_span(t))

@@ -765,3 +765,60 @@ fn ema_momentum_of_no_members_is_a_no_op() {
             .unwrap();
     }
 }
+
+/// A non-contiguous gradient (a transposed view) is read as its contiguous
+/// copy on every path: AdamW and SGD give the same bits as with the copy on
+/// the CPU path and on the kernels (the CPU path refused it: "in-place
+/// kernels need a contiguous tensor", while the kernels copied it).
+#[test]
+fn a_non_contiguous_gradient_is_read_as_its_copy() {
+    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
+    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
+    let paths: [(&str, Adam, Sgd); 2] = [
+        ("kernels", emu::adamw_step, emu::sgd_step),
+        ("cpu", device::adamw_step, device::sgd_step),
+    ];
+    let dev = Device::Cpu;
+    let mut r = rng(91);
+    let w0 = randn(&mut r, &[5, 7], DType::F32, &dev);
+    let gt = randn(&mut r, &[7, 5], DType::F32, &dev).t().unwrap();
+    assert!(!gt.is_contiguous());
+    let gc = gt.contiguous().unwrap();
+    let step = device::AdamStep {
+        lr_bc1: 0.1,
+        bc2_sqrt: 0.5,
+    };
+    for (path, adam, sgd) in paths {
+        let run = |g: &Tensor| {
+            let w = Var::from_tensor(&w0).unwrap();
+            let m = Var::zeros((5, 7), DType::F32, &dev).unwrap();
+            let v = Var::zeros((5, 7), DType::F32, &dev).unwrap();
+            let item = AdamItem {
+                w: &w,
+                g,
+                m: &m,
+                v: &v,
+                step,
+                decay: DecayTerm::NONE,
+            };
+            adam(&[item], 0.9, 0.999, 1e-8).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let ws = Var::from_tensor(&w0).unwrap();
+            let buf = Var::zeros((5, 7), DType::F32, &dev).unwrap();
+            let item = SgdItem {
+                w: &ws,
+                g,
+                buf: Some(&buf),
+                lr: 0.1,
+                decay: DecayTerm::NONE,
+            };
+            sgd(&[item], 0.9, true).unwrap_or_else(|e| panic!("{path}: {e}"));
+            (w, m, ws, buf)
+        };
+        let (a, b) = (run(&gt), run(&gc));
+        assert_same_bits(&format!("{path} adamw w"), a.0.as_tensor(), b.0.as_tensor());
+        assert_same_bits(&format!("{path} adamw m"), a.1.as_tensor(), b.1.as_tensor());
+        assert_same_bits(&format!("{path} sgd w"), a.2.as_tensor(), b.2.as_tensor());
+        assert_same_bits(&format!("{path} sgd buf"), a.3.as_tensor(), b.3.as_tensor());
+        assert!(max_diff(a.0.as_tensor(), &w0) > 0.0, "{path}: w moved");
+    }
+}
