@@ -1518,7 +1518,11 @@ fn rank_grads(vm: &VarMap, t: u64, rank: usize) -> GradStore {
 
 /// A sharded checkpoint in `dir`, saved by 2 ranks after two steps.
 fn save_two_rank_checkpoint(dir: &Path) {
-    LocalGroup::run(2, |comm| {
+    save_sharded_checkpoint(dir, 2);
+}
+
+fn save_sharded_checkpoint(dir: &Path, world: usize) {
+    LocalGroup::run(world, |comm| {
         let rank = comm.rank();
         let vm = support::model_of(SHARDED, DType::F32, 3);
         let mut dp = sharded_muon(comm, &vm)?;
@@ -1874,4 +1878,40 @@ fn saving_a_malformed_header_is_a_checkpoint_error() {
     state.insert("__steepest__".into(), t);
     let e = checkpoint::save(&state, dir.join("x.safetensors")).unwrap_err();
     assert!(matches!(e, Error::Checkpoint { .. }), "{e:?}");
+}
+
+/// Saving into a directory that holds a checkpoint of another world size
+/// removes that one's rank files once the new manifest is written (they
+/// could not be loaded any more), and leaves every other file: 3 ranks,
+/// then 2 in the same directory keeps `rank-{0,1}-of-2` and the unrelated
+/// files, and the result loads on 2 ranks.
+#[test]
+fn a_sharded_save_removes_the_rank_files_of_another_world_size() {
+    let dir = common::scratch_dir("checkpoint-sweep", "stale-rank-files");
+    save_sharded_checkpoint(&dir, 3);
+    let keep = [
+        "notes.txt",
+        "rank-0-of-x.safetensors",
+        "rank-01-of-3.safetensors",
+    ];
+    for k in keep {
+        std::fs::write(dir.join(k), b"user file").unwrap();
+    }
+    save_sharded_checkpoint(&dir, 2);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = ["manifest.json", R0, R1]
+        .iter()
+        .chain(keep.iter())
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (rank, r) in load_on_two_ranks(&dir).into_iter().enumerate() {
+        let r = r.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+        assert!(r.result.is_ok(), "rank {rank}: {:?}", r.result);
+    }
 }

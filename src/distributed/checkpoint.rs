@@ -16,9 +16,11 @@
 //!
 //! The manifest ties the files together: [`load_union`] refuses a file whose
 //! bytes do not match the manifest's CRC-32, so files left from another save
-//! (a crash between the rank files and the manifest, or another world size
-//! in the same directory) are never mixed; save each checkpoint to a new
-//! directory to keep the previous one loadable through a crash.
+//! (a crash between the rank files and the manifest) are never mixed; save
+//! each checkpoint to a new directory to keep the previous one loadable
+//! through a crash. Once the manifest is written, rank 0 removes the rank
+//! files of other world sizes (`rank-<r>-of-<M>.safetensors`, `M ≠ N`) from
+//! the directory: the manifest no longer lists them.
 //!
 //! # Loading
 //!
@@ -162,7 +164,36 @@ pub fn save_sharded<C: Collective>(
         }
         return Err(Error::checkpoint(who, msg));
     }
+    if rank == 0 {
+        remove_stale_rank_files(dir, world);
+    }
     Ok(())
+}
+
+/// Removes the rank files of another world size from `dir`, once the new
+/// manifest (which lists only this world size's files) is written: left
+/// from an earlier save, they could not be loaded any more and would only
+/// take space (a rank's optimizer state). Best effort: a file that cannot
+/// be removed is left; other files are not touched.
+fn remove_stale_rank_files(dir: &Path, world: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if parse_rank_file(name).is_some_and(|(_, w)| w != world) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// `(rank, world)` of a name made by [`rank_file`].
+fn parse_rank_file(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("rank-")?.strip_suffix(".safetensors")?;
+    let (r, w) = rest.split_once("-of-")?;
+    let (r, w): (usize, usize) = (r.parse().ok()?, w.parse().ok()?);
+    (rank_file(r, w) == name).then_some((r, w))
 }
 
 /// Rank 0's part of [`save_sharded`]: the manifest, listing each rank's file,
@@ -297,4 +328,27 @@ fn check_owned(dict: &HashMap<String, Tensor>, owned: &[String], who: &str) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_file_names_parse_back_and_nothing_else_does() {
+        for (r, w) in [(0, 1), (3, 4), (12, 16)] {
+            assert_eq!(parse_rank_file(&rank_file(r, w)), Some((r, w)));
+        }
+        for name in [
+            "rank-01-of-2.safetensors",
+            "rank-0-of-x.safetensors",
+            "rank-0-of-2.safetensors.tmp",
+            "xrank-0-of-2.safetensors",
+            "rank--1-of-2.safetensors",
+            "rank-0-of-+2.safetensors",
+            "manifest.json",
+        ] {
+            assert_eq!(parse_rank_file(name), None, "{name}");
+        }
+    }
 }

@@ -1245,8 +1245,10 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
     /// for several hosts): each rank writes its own state — the parameters
     /// it owns — to `rank-<r>-of-<N>.safetensors` (with the usual CRC-32
     /// checks), then rank 0 writes `manifest.json` listing the files and
-    /// their whole-file CRC-32s. Collective; an error on any rank is an error
-    /// on every rank, and then no manifest is written. The model's parameters
+    /// their whole-file CRC-32s, and removes the rank files of another world
+    /// size that an earlier save left in `dir`. Collective; an error on any
+    /// rank is an error on every rank, and then no manifest is written (and
+    /// nothing is removed). The model's parameters
     /// are not included (they are identical on every rank: save them from
     /// rank 0).
     pub fn save_state(&self, dir: impl AsRef<Path>) -> Result<()> {
