@@ -446,9 +446,10 @@ fn square_stiefel_direction_is_the_exact_dual_solution() {
     }
 }
 
-/// Tall `W`: dual descent drives the tangent residual down step by step,
-/// to an optimal tangent direction (square `W` has the exact solution
-/// instead: `square_stiefel_direction_is_the_exact_dual_solution`).
+/// Tall `W`: plain dual descent (`smoothing: Some(0.0)`; 16×8 and 12×6 are
+/// at `n = 2m`, where the default smooths) drives the tangent residual down
+/// step by step, to an optimal tangent direction (square `W` has the exact
+/// solution instead: `square_stiefel_direction_is_the_exact_dual_solution`).
 #[test]
 fn dual_residual_stiefel_goes_to_zero() {
     let mut r = rng(15);
@@ -464,6 +465,7 @@ fn dual_residual_stiefel_goes_to_zero() {
                 &Tensor::zeros((m, m), DType::F32, &Device::Cpu).unwrap(),
                 &DualAscent {
                     steps,
+                    smoothing: Some(0.0),
                     ..DualAscent::default()
                 },
                 &NewtonSchulz::polar_express(10),
@@ -556,18 +558,21 @@ fn nearly_square_stiefel_direction_is_the_smoothed_dual_gradient() {
     }
 }
 
-/// Nearly square tall `W` (`m < n < 2m`), where plain dual descent stalled
+/// Nearly square tall `W` (`m < n ≤ 2m`), where plain dual descent stalled
 /// at tangent residuals of 1–2.5 (7×6, 33×32, 40×32, 48×32, 56×32 measured;
-/// docs/math.md §3): the smoothed dual takes `‖WᵀΦ + ΦᵀW‖_F` below 1e-2 in
-/// 1000 dual steps from `X = 0` in f32, with Keller Jordan's and Polar
-/// Express's Newton–Schulz. With Polar Express, the direction is nearly
-/// optimal: `⟨Ĝ, Φ⟩/‖Φ‖₂` is at least 95 % of `‖Ĝ + WX‖_*`, an upper bound
-/// on every tangent direction's value (weak duality: `⟨Ĝ, Ψ⟩ = ⟨Ĝ + WX, Ψ⟩
-/// ≤ ‖Ĝ + WX‖_*` for tangent `Ψ`, `‖Ψ‖₂ ≤ 1`), measured by f64 SVD.
+/// docs/math.md §3): the smoothed dual takes `‖WᵀΦ + ΦᵀW‖_F` at least 100×
+/// below its first step's (2–7) in 1000 dual steps from `X = 0` in f32, and
+/// below 1e-2 with Polar Express's Newton–Schulz (measured 1e-6–4e-3), 5e-2
+/// with Keller Jordan's, which converges more slowly on the larger shapes
+/// (measured 1e-6–3e-2); 16×8 is the boundary `n = 2m`. With Polar Express, the
+/// direction is nearly optimal: `⟨Ĝ, Φ⟩/‖Φ‖₂` is at least 97.5 % of
+/// `‖Ĝ + WX‖_*` (measured 98.3–98.8 %), an upper bound on every tangent
+/// direction's value (weak duality: `⟨Ĝ, Ψ⟩ = ⟨Ĝ + WX, Ψ⟩ ≤ ‖Ĝ + WX‖_*`
+/// for tangent `Ψ`, `‖Ψ‖₂ ≤ 1`), measured by f64 SVD.
 #[test]
 fn nearly_square_stiefel_dual_residual_goes_to_zero() {
     let mut r = rng(32);
-    for (n, m) in [(7usize, 6usize), (12, 8), (40, 32), (56, 32)] {
+    for (n, m) in [(7usize, 6usize), (12, 8), (16, 8), (40, 32), (56, 32)] {
         let w = orthonormal(&mut r, n, m);
         let g = DMatrix::from_vec(n, m, normal_vec(&mut r, n * m));
         let g_hat = &g * ((m as f64).sqrt() / g.norm());
@@ -575,28 +580,38 @@ fn nearly_square_stiefel_dual_residual_goes_to_zero() {
             ("muon", NewtonSchulz::muon()),
             ("polar express", NewtonSchulz::polar_express(8)),
         ] {
-            let ds = stiefel_direction(
-                &from_dmatrix(&g, DType::F32),
-                &from_dmatrix(&w, DType::F32),
-                &Tensor::zeros((m, m), DType::F32, &Device::Cpu).unwrap(),
-                &DualAscent {
-                    steps: 1000,
-                    ..DualAscent::default()
-                },
-                &ns,
-            )
-            .unwrap();
+            let run = |steps| {
+                stiefel_direction(
+                    &from_dmatrix(&g, DType::F32),
+                    &from_dmatrix(&w, DType::F32),
+                    &Tensor::zeros((m, m), DType::F32, &Device::Cpu).unwrap(),
+                    &DualAscent {
+                        steps,
+                        ..DualAscent::default()
+                    },
+                    &ns,
+                )
+                .unwrap()
+            };
+            let first = to_dmatrix(&run(1).residual).norm();
+            let ds = run(1000);
             let phi = to_dmatrix(&ds.phi);
             let res = (w.transpose() * &phi + phi.transpose() * &w).norm();
-            eprintln!("{n}×{m} {name}: residual after 1000 dual steps {res:.2e}");
-            assert!(res < 1e-2, "{n}×{m} {name}: residual {res}");
+            eprintln!(
+                "{n}×{m} {name}: residual after 1 and 1000 dual steps {first:.2e}, {res:.2e}"
+            );
+            let limit = if name == "muon" { 5e-2 } else { 1e-2 };
+            assert!(
+                res < limit && res < first / 100.0,
+                "{n}×{m} {name}: residual {res} (first step {first})"
+            );
             if name == "polar express" {
                 let x = to_dmatrix(&ds.multiplier);
                 let bound = nuclear(&(&g_hat + &w * &x));
                 let value = g_hat.dot(&phi) / singular_values(&phi)[0];
                 eprintln!("{n}×{m}: ⟨Ĝ,Φ⟩/‖Φ‖₂ / ‖Ĝ + WX‖_* = {:.4}", value / bound);
                 assert!(
-                    value >= 0.95 * bound && value <= bound * (1.0 + 1e-3),
+                    value >= 0.975 * bound && value <= bound * (1.0 + 1e-3),
                     "{n}×{m}: ⟨Ĝ,Φ⟩/‖Φ‖₂ = {value}, ‖Ĝ + WX‖_* = {bound}"
                 );
             }
@@ -830,6 +845,7 @@ fn setups() -> Vec<(SteepestConfig, Shapes)> {
                     steps: 2,
                     sign: true,
                     lr: Some(0.01),
+                    smoothing: None,
                 },
                 ..stiefel_cfg(false)
             },
@@ -1628,15 +1644,20 @@ fn stiefel_recursion_case(transpose: bool, n: usize) {
         with_singular_values(&mut r, n, 4, &[1.0, 0.9, 0.7, 0.5]),
         with_singular_values(&mut r, n, 4, &[1.0, 0.8, 0.6, 0.5]),
     ];
+    // Nearly square (n ≤ 2m): the smoothed direction, at a dual rate below
+    // μ = 0.1 (a larger one is refused there); 0.5 on 9×4 is beyond what
+    // converges over many steps, and fine for checking two exactly.
+    let smoothed = n <= 2 * 4;
     let direction = |m: &DMatrix<f64>| {
-        if n < 8 {
+        if smoothed {
             smoothed_polar(m, 0.1)
         } else {
             polar(m)
         }
     };
     let seen = |m: &DMatrix<f64>| if transpose { m.transpose() } else { m.clone() };
-    let (eta, wd, dual_lr) = (0.1, 0.5, 0.5);
+    let (eta, wd) = (0.1, 0.5);
+    let dual_lr = if smoothed { 0.05 } else { 0.5 };
     let vars = named(vec![("w", from_dmatrix(&seen(&w0), DType::F64))]);
     let mut opt = Steepest::from_named(
         vars.clone(),
@@ -1715,6 +1736,7 @@ fn sign_dual_ascent_steps_by_the_sign_of_the_residual() {
         lr: Some(0.3),
         steps: 1,
         sign: true,
+        smoothing: None,
     });
     let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
         .to_scalar::<f64>()
@@ -1892,6 +1914,134 @@ fn stiefel_direction_refuses_a_misshapen_multiplier() {
             .unwrap_err();
         assert!(matches!(e, steepest::Error::Shape { .. }), "{e:?}");
         assert!(e.to_string().contains("do not fit"), "{e}");
+    }
+}
+
+/// A batch of nearly square matrices (3 × 7×6, `(3, 7, 6)`) gives each
+/// member what it gets alone (the `μI` block is stacked per member), the
+/// same bits; and `smoothing: Some(0.0)` is the plain dual,
+/// `Φ = msign(Ĝ + WX)` (against the crate's `msign` of the same matrix).
+#[test]
+fn nearly_square_stiefel_batches_and_the_plain_dual_on_request() {
+    let mut r = rng(33);
+    let (n, m) = (7usize, 6usize);
+    let ws: Vec<DMatrix<f64>> = (0..3).map(|_| orthonormal(&mut r, n, m)).collect();
+    let gs: Vec<DMatrix<f64>> = (0..3)
+        .map(|_| DMatrix::from_vec(n, m, normal_vec(&mut r, n * m)))
+        .collect();
+    let xs: Vec<DMatrix<f64>> = (0..3).map(|_| random_symmetric(&mut r, m, 0.4)).collect();
+    let stack = |ms: &[DMatrix<f64>]| {
+        let ts: Vec<Tensor> = ms.iter().map(|a| from_dmatrix(a, DType::F32)).collect();
+        Tensor::stack(&ts, 0).unwrap()
+    };
+    let dual = DualAscent {
+        steps: 3,
+        ..DualAscent::default()
+    };
+    let ns = NewtonSchulz::muon();
+    let batch = stiefel_direction(&stack(&gs), &stack(&ws), &stack(&xs), &dual, &ns).unwrap();
+    for i in 0..3 {
+        let one = stiefel_direction(
+            &from_dmatrix(&gs[i], DType::F32),
+            &from_dmatrix(&ws[i], DType::F32),
+            &from_dmatrix(&xs[i], DType::F32),
+            &dual,
+            &ns,
+        )
+        .unwrap();
+        for (what, a, b) in [
+            ("phi", &batch.phi, &one.phi),
+            ("x", &batch.multiplier, &one.multiplier),
+        ] {
+            let a = a
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "member {i}: {what}");
+        }
+    }
+    let plain = DualAscent {
+        steps: 1,
+        smoothing: Some(0.0),
+        ..DualAscent::default()
+    };
+    let (g, w, x) = (&gs[0], &ws[0], &xs[0]);
+    let one = stiefel_direction(
+        &from_dmatrix(g, DType::F64),
+        &from_dmatrix(w, DType::F64),
+        &from_dmatrix(x, DType::F64),
+        &plain,
+        &NewtonSchulz::cubic(40),
+    )
+    .unwrap();
+    let g_hat = g * ((m as f64).sqrt() / g.norm());
+    let want = polar(&(&g_hat + w * x));
+    assert!(rel_err(&to_dmatrix(&one.phi), &want) < 1e-9, "plain dual");
+}
+
+/// On the smoothed dual (nearly square, or any shape with `smoothing:
+/// Some(μ)`), a plain dual rate `η₂ ≥ μ` is refused, naming the parameter,
+/// at construction (`Steepest::from_named`) and by `stiefel_direction`:
+/// descent there needs `η₂ < μ`. Sign steps, the plain dual
+/// (`Some(0.0)`) and `n > 2m` under the default take any rate; a negative
+/// or NaN smoothing is refused.
+#[test]
+fn a_dual_rate_beyond_the_smoothing_is_refused() {
+    let mut r = rng(34);
+    let build = |rows: usize, dual: DualAscent| {
+        let vars = named(vec![("w", randn(&mut rng(35), &[rows, 6], DType::F32))]);
+        Steepest::from_named(
+            vars,
+            SteepestConfig {
+                dual,
+                ..stiefel_cfg(false)
+            },
+        )
+    };
+    let with = |lr: f64, sign: bool, smoothing: Option<f64>| DualAscent {
+        lr: Some(lr),
+        sign,
+        smoothing,
+        ..DualAscent::default()
+    };
+    for (rows, dual) in [
+        (7, with(0.1, false, None)),
+        (13, with(0.3, false, Some(0.2))),
+    ] {
+        let e = build(rows, dual).expect_err("refused").to_string();
+        assert!(
+            e.contains("w: dual") && e.contains("lr < μ"),
+            "{rows}×6: {e}"
+        );
+        let w = orthonormal(&mut r, rows, 6);
+        let g = DMatrix::from_vec(rows, 6, normal_vec(&mut r, rows * 6));
+        let e = stiefel_direction(
+            &from_dmatrix(&g, DType::F32),
+            &from_dmatrix(&w, DType::F32),
+            &Tensor::zeros((6, 6), DType::F32, &Device::Cpu).unwrap(),
+            &dual,
+            &NewtonSchulz::muon(),
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(e.contains("stiefel_direction"), "{e}");
+    }
+    for (rows, dual) in [
+        (7, with(0.5, true, None)),
+        (7, with(0.5, false, Some(0.0))),
+        (13, with(0.5, false, None)),
+        (7, with(0.05, false, None)),
+        (6, with(0.5, false, None)),
+    ] {
+        build(rows, dual).unwrap_or_else(|e| panic!("{rows}×6 {dual:?}: {e}"));
+    }
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        let e = build(7, with(0.01, false, Some(bad))).expect_err("refused");
+        assert!(e.to_string().contains("smoothing"), "{bad}: {e}");
     }
 }
 

@@ -39,7 +39,7 @@ pub enum Manifold {
     /// The Stiefel manifold, with the spectral norm: `Φ = msign(G + WX)`,
     /// `X` symmetric by dual descent ([`stiefel_direction`]; exact in one
     /// `msign` for a square matrix, on a smoothed dual for a nearly square
-    /// one, `n < 2m`), then
+    /// one, `n ≤ 2m`), then
     /// `W ← msign(W − ηΦ)` ([`crate::linalg::stiefel_retract`]). `transpose: false` keeps
     /// `WᵀW = I` and needs a tall matrix view (rows ≥ cols); `transpose: true`
     /// keeps `WWᵀ = I` and needs a wide one (rows ≤ cols).
@@ -90,6 +90,16 @@ pub struct DualAscent {
     pub steps: usize,
     /// Step along `sign(∇)` instead of `∇` (`λ ← λ − η₂·sign(tr(ΘᵀΦ))`).
     pub sign: bool,
+    /// The Stiefel dual's smoothing `μ` (in units of `rms(σ(Ĝ))`, see
+    /// [`stiefel_direction`]): `None` takes `μ = 0.1` for nearly square
+    /// matrices (`m < n ≤ 2m`, where the plain dual can stall) and the plain
+    /// dual (`μ = 0`) for the rest; `Some(0.0)` is the plain dual for every
+    /// shape, `Some(μ)` smooths every non-square matrix. Plain (not sign)
+    /// steps need `η₂ < μ` on the smoothed dual, whose gradient is
+    /// `1/μ`-Lipschitz: a larger rate is refused. Not used on the spectral
+    /// sphere. (Missing from checkpoints written before it existed: `None`.)
+    #[serde(default)]
+    pub smoothing: Option<f64>,
 }
 
 /// Default dual learning rate on the spectral sphere, by measurement
@@ -113,6 +123,7 @@ impl Default for DualAscent {
             lr: None,
             steps: 1,
             sign: false,
+            smoothing: None,
         }
     }
 }
@@ -127,6 +138,41 @@ impl DualAscent {
         }
         if self.steps == 0 {
             fail!(Config, who, "dual steps must be ≥ 1, got 0");
+        }
+        if let Some(mu) = self.smoothing {
+            if !(mu.is_finite() && mu >= 0.0) {
+                fail!(Config, who, "smoothing must be finite and ≥ 0, got {mu}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The smoothing `μ` of the Stiefel dual for a tall `n × m` matrix
+    /// (`n > m`; 0: the plain dual).
+    pub(crate) fn stiefel_smoothing(&self, n: usize, m: usize) -> f64 {
+        match self.smoothing {
+            Some(mu) => mu,
+            None if n <= 2 * m => STIEFEL_SMOOTHING,
+            None => 0.0,
+        }
+    }
+
+    /// Refuses (naming `who`) a plain dual rate `η₂ ≥ μ` where the Stiefel
+    /// dual of a tall `n × m` matrix (`n > m`) is smoothed: descent on it
+    /// needs `η₂ < μ` (the crate's step is `2η₂·∇`, the gradient
+    /// `1/μ`-Lipschitz); measured with exact SVDs, `η₂ = 0.15` at `μ = 0.1`
+    /// stalled at residuals 0.6 (40×32) and 1.6 (7×6).
+    pub(crate) fn check_stiefel_rate(&self, n: usize, m: usize, who: &str) -> Result<()> {
+        let mu = self.stiefel_smoothing(n, m);
+        let lr = self.lr.unwrap_or(DEFAULT_DUAL_LR_STIEFEL);
+        if n > m && mu > 0.0 && !self.sign && lr >= mu {
+            fail!(
+                Config,
+                who,
+                "dual lr {lr} ≥ smoothing μ = {mu}: descent on the smoothed Stiefel dual of \
+                 this {n}×{m} matrix does not converge (it needs lr < μ); lower the dual lr, \
+                 or set smoothing: Some(0.0) for the plain dual"
+            );
         }
         Ok(())
     }
@@ -146,8 +192,9 @@ impl DualAscent {
 #[derive(Clone, Debug)]
 pub struct DualStep {
     /// The direction `Φ` (unit spectral norm, up to the Newton–Schulz
-    /// accuracy; a little below 1 for a nearly square Stiefel matrix, whose
-    /// smoothed direction shrinks the singular values under `μ = 0.1`).
+    /// accuracy: Keller Jordan's table leaves `‖Φ‖₂` up to ~1.13; with an
+    /// exact `msign` a little below 1 for a nearly square Stiefel matrix,
+    /// whose smoothed direction shrinks the singular values under `μ`).
     pub phi: Tensor,
     /// The multiplier after the dual steps (`λ` or `X`).
     pub multiplier: Tensor,
@@ -170,27 +217,31 @@ fn normalise(g: &Tensor) -> Result<Tensor> {
     Ok(s.broadcast_div(&n.maximum(tiny)?)?)
 }
 
-/// The smoothing of the nearly square Stiefel dual, in units of
+/// The default smoothing of the nearly square Stiefel dual, in units of
 /// `rms(σ(Ĝ)) = 1`: `μ = 0.1`. Measured (`tests/steepest_matrix.rs`, f32,
-/// `X₀ = 0`, `η₂ = 0.05`, 1000 dual steps, 7×6, 12×8, 40×32, 56×32): tangent
-/// residuals 2e-6–7e-3 where the plain dual stalled at 1–2.5, and
-/// `⟨Ĝ, Φ⟩/‖Φ‖₂` 98.3–98.8 % of the dual bound `‖Ĝ + WX‖_*` (Polar Express).
-/// With exact SVDs (`scripts/stiefel_smoothing.py`), `μ = 0.2` converges
-/// faster at 94–97 %, `0.05` more slowly at 99–99.6 %.
+/// `X₀ = 0`, `η₂ = 0.05`, 1000 dual steps, 7×6 to 56×32): tangent residuals
+/// 1e-6–4e-3 with Polar Express's Newton–Schulz (up to 3e-2 with Keller
+/// Jordan's) where the plain dual stalled at 1–2.5, and `⟨Ĝ, Φ⟩/‖Φ‖₂`
+/// 98.2–98.9 % of the dual bound `‖Ĝ + WX‖_*` (Polar Express). With exact
+/// SVDs (`scripts/stiefel_smoothing.py`), `μ = 0.2` converges faster at
+/// 94–97 %, `0.05` more slowly at 99.1–99.7 %.
 const STIEFEL_SMOOTHING: f64 = 0.1;
 
 /// `μI` for each matrix of the batch, `(b, m, m)`, the rows that
 /// [`smoothed_msign`] stacks under `M`.
-fn smoothing_block(g: &Tensor, b: usize, m: usize) -> Result<Tensor> {
+fn smoothing_block(g: &Tensor, b: usize, m: usize, mu: f64) -> Result<Tensor> {
     let eye = Tensor::eye(m, g.dtype(), g.device())?;
-    Ok((eye * STIEFEL_SMOOTHING)?.unsqueeze(0)?.repeat((b, 1, 1))?)
+    Ok((eye * mu)?.unsqueeze(0)?.repeat((b, 1, 1))?)
 }
 
 /// `M (MᵀM + μ²I)^{-1/2}`, the gradient in `M` of the smoothed nuclear norm
 /// `Σᵢ √(σᵢ² + μ²)`: the top `n` rows of `msign([M; μI])`, since
 /// `[M; μI]ᵀ[M; μI] = MᵀM + μ²I`. Its singular values are `σ/√(σ² + μ²)`
-/// (below 1), and the stacked matrix has none below `μ`, so Newton–Schulz
-/// meets no tiny singular values.
+/// (below 1 with an exact `msign`; Keller Jordan's table leaves them in
+/// about `[0.7, 1.2]`). Every Newton–Schulz step is `X·q(XᵀX)`, so the top
+/// rows are `M·h(MᵀM + μ²I)` for any table. The stacked matrix has no
+/// singular value below `μ`, about `μ/√(1.01m)` after the normalisation
+/// (0.009 at `m = 128`).
 fn smoothed_msign(m: &Tensor, block: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     let rows = m.dim(1)?;
     let stacked = Tensor::cat(&[m, block], 1)?;
@@ -256,14 +307,19 @@ pub fn spectral_sphere_direction(
 /// descent does not settle there: for odd `n`, `K` is singular and the
 /// optimal `Φ` is rank-deficient, which `msign` of a nearby full-rank
 /// matrix never is (measured: `‖WᵀΦ + ΦᵀW‖_F` stays near 2 after 1000 dual
-/// steps; for 6×6 and 32×32 too). Nearly square tall shapes (`m < n < 2m`)
+/// steps; for 6×6 and 32×32 too). Nearly square tall shapes (`m < n ≤ 2m`)
 /// share the difficulty and have no closed form: plain dual descent
-/// stalled there at residuals of order 1. They descend the smoothed dual
+/// stalled there at residuals of order 1. By default
+/// ([`DualAscent::smoothing`]) they descend the smoothed dual
 /// `Σᵢ √(σᵢ(Ĝ + WX)² + μ²)` instead (`μ = 0.1`), with
 /// `Φ = (Ĝ + WX)((Ĝ + WX)ᵀ(Ĝ + WX) + μ²I)^{-1/2}`, the top rows of
-/// `msign([Ĝ + WX; μI])`: its residual goes to zero (measured 1e-3–7e-3
-/// after 1000 dual steps from `X = 0`), at `‖Φ‖₂` a little below 1 and
-/// `⟨Ĝ, Φ⟩` 97–99 % of the unsmoothed optimum (docs/math.md §3).
+/// `msign([Ĝ + WX; μI])`: its residual goes to zero (measured 1e-6–4e-3
+/// after 1000 dual steps from `X = 0` with Polar Express's Newton–Schulz,
+/// up to 3e-2 with Keller Jordan's), and `⟨Ĝ, Φ⟩/‖Φ‖₂` is 98.2–98.9 % of
+/// the unsmoothed optimum's bound with Polar Express (72–83 % with Keller
+/// Jordan's inexact table, as for its plain dual; docs/math.md §3). A plain
+/// dual rate `η₂ ≥ μ` is refused there: descent on the smoothed dual needs
+/// `η₂ < μ`.
 pub fn stiefel_direction(
     g: &Tensor,
     w: &Tensor,
@@ -315,8 +371,10 @@ pub fn stiefel_direction(
     let mut res = x3.zeros_like()?;
     // Nearly square: the smoothed dual (see `smoothed_msign`), whose
     // descent converges where the plain one stalls.
-    let smooth = (n < 2 * m)
-        .then(|| smoothing_block(&g3, b, m))
+    dual.check_stiefel_rate(n, m, "stiefel_direction: dual")?;
+    let mu = dual.stiefel_smoothing(n, m);
+    let smooth = (mu > 0.0)
+        .then(|| smoothing_block(&g3, b, m, mu))
         .transpose()?;
     for _ in 0..dual.steps {
         let shifted = (&gn + w3.matmul(&x3)?)?;

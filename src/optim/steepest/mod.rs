@@ -136,7 +136,9 @@ impl SteepestConfig {
 /// - `Sphere{r}`: `w ← r·(w − ηφ)/ρ(w − ηφ)`, `φ = sphere_direction(m, w)`;
 /// - `SpectralSphere{r}`: `Φ = msign(M̂ + λΘ)`, `λ ← λ − η₂ tr(ΘᵀΦ)`,
 ///   `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`;
-/// - `Stiefel`: `Φ = msign(M̂ + WX)`, `X ← X − η₂(WᵀΦ + ΦᵀW)`,
+/// - `Stiefel`: `Φ = msign(M̂ + WX)` (for a nearly square matrix, `n ≤ 2m`,
+///   the top rows of `msign([M̂ + WX; μI])`, a smoothed dual: see
+///   [`stiefel_direction`]), `X ← X − η₂(WᵀΦ + ΦᵀW)`,
 ///   `W ← msign(W − ηΦ)`,
 ///
 /// with `M̂ = M/rms(σ(M))`. Same-shape matrices are processed as one batch.

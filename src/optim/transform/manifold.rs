@@ -28,8 +28,11 @@ use crate::params::ParamInfo;
 ///   `w ← r·(w − ηφ)/ρ(w − ηφ)`;
 /// - `SpectralSphere{r}`: `Φ = msign(D̂ + λΘ)`, `λ ← λ − η₂ tr(ΘᵀΦ)`, then
 ///   `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`;
-/// - `Stiefel`: `Φ = msign(D̂ + WX)`, `X ← X − η₂(WᵀΦ + ΦᵀW)`, then
-///   `W ← msign(W − ηΦ)` (the first step also projects `W` onto the manifold);
+/// - `Stiefel`: `Φ = msign(D̂ + WX)` (for a nearly square `W`, the smoothed
+///   `(D̂ + WX)((D̂ + WX)ᵀ(D̂ + WX) + μ²I)^{-1/2}`, see
+///   [`stiefel_direction`](crate::optim::steepest::stiefel_direction)),
+///   `X ← X − η₂(WᵀΦ + ΦᵀW)`, then `W ← msign(W − ηΦ)` (the first step also
+///   projects `W` onto the manifold);
 ///
 /// with `D̂ = D/rms(σ(D))`, `Θ = u₁v₁ᵀ` of `W`, pending decay applied to `W`
 /// before the step. It runs the update itself. State: `lambda` (scalar) and
@@ -220,6 +223,10 @@ impl Transform for ManifoldStep {
                 "Stiefel {{ transpose: true }} (WWᵀ = I) needs rows ≤ cols, the matrix view is {r}×{c} (tall); \
                  use Manifold::Stiefel {{ transpose: false }} to keep WᵀW = I"
             ),
+            (Manifold::Stiefel { .. }, Some((r, c))) => {
+                self.dual
+                    .check_stiefel_rate(r.max(c), r.min(c), &format!("{}: dual", p.name))
+            }
             _ => Ok(()),
         }
     }
