@@ -2091,3 +2091,57 @@ fn nearly_square_stiefel_training_steps_become_tangent() {
         }
     }
 }
+
+/// Removes every `smoothing` key from a JSON value.
+fn strip_smoothing(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("smoothing");
+            m.values_mut().for_each(strip_smoothing);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_smoothing),
+        _ => {}
+    }
+}
+
+/// A checkpoint written before `DualAscent::smoothing` existed (its header
+/// without the key) resumes with `Some(0.0)`, the plain dual it was trained
+/// with, also into an optimizer built with the default (`None`, which
+/// smooths a nearly square matrix); a checkpoint with the key keeps it. A
+/// nearly square 7×4 matrix with dual rate 0.5 (beyond μ = 0.1, refused on
+/// the smoothed dual) loads from such a checkpoint and steps.
+#[test]
+fn a_checkpoint_without_smoothing_resumes_with_the_plain_dual() {
+    let cfg = |smoothing| SteepestConfig {
+        dual: DualAscent {
+            lr: Some(0.5),
+            smoothing,
+            ..DualAscent::default()
+        },
+        ..stiefel_cfg(false)
+    };
+    let mut r = rng(36);
+    let vars = named(vec![("w", randn(&mut r, &[7, 4], DType::F32))]);
+    let mut opt = Steepest::from_named(vars.clone(), cfg(Some(0.0))).unwrap();
+    opt.backward_step(&loss(&vars, 0)).unwrap();
+    let state = opt.state_dict().unwrap();
+    let old = with_header(&state, strip_smoothing);
+    assert!(!header(&old).to_string().contains("smoothing"));
+    // Built with the default smoothing (and a rate it takes), then loaded.
+    let fresh = SteepestConfig {
+        dual: DualAscent::default(),
+        ..stiefel_cfg(false)
+    };
+    let mut resumed = Steepest::from_named(vars.clone(), fresh.clone()).unwrap();
+    resumed.load_state_dict(&old).unwrap();
+    assert_eq!(resumed.config().dual.smoothing, Some(0.0));
+    assert_eq!(resumed.config().dual.lr, Some(0.5));
+    resumed.backward_step(&loss(&vars, 1)).unwrap();
+    // With the key, the stored value: the default's None round-trips.
+    let mut default = Steepest::from_named(vars.clone(), fresh.clone()).unwrap();
+    default.backward_step(&loss(&vars, 2)).unwrap();
+    let st = default.state_dict().unwrap();
+    let mut again = Steepest::from_named(vars.clone(), cfg(Some(0.0))).unwrap();
+    again.load_state_dict(&st).unwrap();
+    assert_eq!(again.config().dual.smoothing, None);
+}

@@ -97,9 +97,15 @@ pub struct DualAscent {
     /// shape, `Some(μ)` smooths every non-square matrix. Plain (not sign)
     /// steps need `η₂ < μ` on the smoothed dual, whose gradient is
     /// `1/μ`-Lipschitz: a larger rate is refused. Not used on the spectral
-    /// sphere. (Missing from checkpoints written before it existed: `None`.)
-    #[serde(default)]
+    /// sphere. A checkpoint written before this setting existed resumes with
+    /// `Some(0.0)`, the plain dual it was trained with.
+    #[serde(default = "plain_dual")]
     pub smoothing: Option<f64>,
+}
+
+/// [`DualAscent::smoothing`] of a checkpoint written before it existed.
+fn plain_dual() -> Option<f64> {
+    Some(0.0)
 }
 
 /// Default dual learning rate on the spectral sphere, by measurement
