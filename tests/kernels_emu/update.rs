@@ -443,6 +443,27 @@ fn a_direction_or_output_of_the_wrong_size_is_refused() {
     }
 }
 
+type AdamFn = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
+type SgdFn = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
+
+fn generic_adam(items: &[AdamItem<'_>], b1: f64, b2: f64, e: f64) -> steepest::Result<()> {
+    device::with_generic_ops(|| device::adamw_step(items, b1, b2, e))
+}
+
+fn generic_sgd(items: &[SgdItem<'_>], mu: f64, nesterov: bool) -> steepest::Result<()> {
+    device::with_generic_ops(|| device::sgd_step(items, mu, nesterov))
+}
+
+/// AdamW and SGD on the kernels (emulated), the CPU path and the generic
+/// path.
+fn update_paths() -> [(&'static str, AdamFn, SgdFn); 3] {
+    [
+        ("kernels", emu::adamw_step, emu::sgd_step),
+        ("cpu", device::adamw_step, device::sgd_step),
+        ("generic", generic_adam, generic_sgd),
+    ]
+}
+
 /// AdamW's and SGD's state and spectral-decay factors of the wrong size are
 /// Shape errors naming the item and the tensor, on the kernels, the CPU
 /// path and the generic path, and nothing is written: the fused paths size
@@ -461,19 +482,7 @@ fn a_state_or_decay_factor_of_the_wrong_size_is_refused() {
         &'a Tensor,
         &'a str,
     );
-    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
-    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
-    fn generic_adam(items: &[AdamItem<'_>], b1: f64, b2: f64, e: f64) -> steepest::Result<()> {
-        device::with_generic_ops(|| device::adamw_step(items, b1, b2, e))
-    }
-    fn generic_sgd(items: &[SgdItem<'_>], mu: f64, nesterov: bool) -> steepest::Result<()> {
-        device::with_generic_ops(|| device::sgd_step(items, mu, nesterov))
-    }
-    let paths: [(&str, Adam, Sgd); 3] = [
-        ("kernels", emu::adamw_step, emu::sgd_step),
-        ("cpu", device::adamw_step, device::sgd_step),
-        ("generic", generic_adam, generic_sgd),
-    ];
+    let paths = update_paths();
     let dev = Device::Cpu;
     let f32s = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
     let vars = |shape: &[usize]| Var::ones(shape, DType::F32, &dev).unwrap();
@@ -683,19 +692,7 @@ fn cpu_slice_updates_panic_on_slices_of_different_lengths() {
 /// garbage), and nothing is written.
 #[test]
 fn a_gradient_of_another_dtype_is_refused() {
-    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
-    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
-    fn generic_adam(items: &[AdamItem<'_>], b1: f64, b2: f64, e: f64) -> steepest::Result<()> {
-        device::with_generic_ops(|| device::adamw_step(items, b1, b2, e))
-    }
-    fn generic_sgd(items: &[SgdItem<'_>], mu: f64, nesterov: bool) -> steepest::Result<()> {
-        device::with_generic_ops(|| device::sgd_step(items, mu, nesterov))
-    }
-    let paths: [(&str, Adam, Sgd); 3] = [
-        ("kernels", emu::adamw_step, emu::sgd_step),
-        ("cpu", device::adamw_step, device::sgd_step),
-        ("generic", generic_adam, generic_sgd),
-    ];
+    let paths = update_paths();
     let dev = Device::Cpu;
     for (path, adam, sgd) in paths {
         for (wt, gt) in [
@@ -768,16 +765,12 @@ fn ema_momentum_of_no_members_is_a_no_op() {
 
 /// A non-contiguous gradient (a transposed view) is read as its contiguous
 /// copy on every path: AdamW and SGD give the same bits as with the copy on
-/// the CPU path and on the kernels (the CPU path refused it: "in-place
-/// kernels need a contiguous tensor", while the kernels copied it).
+/// the CPU path, the kernels and the generic path (the CPU path refused it:
+/// "in-place kernels need a contiguous tensor", while the kernels copied
+/// it).
 #[test]
 fn a_non_contiguous_gradient_is_read_as_its_copy() {
-    type Adam = fn(&[AdamItem<'_>], f64, f64, f64) -> steepest::Result<()>;
-    type Sgd = fn(&[SgdItem<'_>], f64, bool) -> steepest::Result<()>;
-    let paths: [(&str, Adam, Sgd); 2] = [
-        ("kernels", emu::adamw_step, emu::sgd_step),
-        ("cpu", device::adamw_step, device::sgd_step),
-    ];
+    let paths = update_paths();
     let dev = Device::Cpu;
     let mut r = rng(91);
     let w0 = randn(&mut r, &[5, 7], DType::F32, &dev);
