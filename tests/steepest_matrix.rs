@@ -562,7 +562,7 @@ fn nearly_square_stiefel_direction_is_the_smoothed_dual_gradient() {
 /// at tangent residuals of 1–2.5 (7×6, 33×32, 40×32, 48×32, 56×32 measured;
 /// docs/math.md §3): the smoothed dual takes `‖WᵀΦ + ΦᵀW‖_F` at least 100×
 /// below its first step's (2–7) in 1000 dual steps from `X = 0` in f32, and
-/// below 1e-2 with Polar Express's Newton–Schulz (measured 1e-6–4e-3), 5e-2
+/// below 2e-2 with Polar Express's Newton–Schulz (measured 1e-6–4e-3), 0.1
 /// with Keller Jordan's, which converges more slowly on the larger shapes
 /// (measured 1e-6–3e-2); 16×8 is the boundary `n = 2m`. With Polar Express, the
 /// direction is nearly optimal: `⟨Ĝ, Φ⟩/‖Φ‖₂` is at least 97.5 % of
@@ -600,7 +600,9 @@ fn nearly_square_stiefel_dual_residual_goes_to_zero() {
             eprintln!(
                 "{n}×{m} {name}: residual after 1 and 1000 dual steps {first:.2e}, {res:.2e}"
             );
-            let limit = if name == "muon" { 5e-2 } else { 1e-2 };
+            // Margins for rounding that differs between machines over 1000
+            // steps: the plain dual stalled at ≥ 1.
+            let limit = if name == "muon" { 0.1 } else { 2e-2 };
             assert!(
                 res < limit && res < first / 100.0,
                 "{n}×{m} {name}: residual {res} (first step {first})"
