@@ -339,7 +339,7 @@ impl Resolve for Addrs<'_> {
         } else {
             t.contiguous()?
         };
-        let addr = {
+        let (base, addr) = {
             let (s, l) = t.storage_and_layout();
             let Storage::Cuda(cs) = &*s else {
                 fail!(Device, "cuda", "tensor is not on a CUDA device");
@@ -370,7 +370,6 @@ impl Resolve for Addrs<'_> {
             let id = (len > 0).then_some(base);
             (id, base + (o * size) as u64)
         };
-        let (base, addr) = addr;
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         self.claim(base, addr, addr + bytes, write)?;
         self.keep.push(t);

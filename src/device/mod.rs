@@ -511,35 +511,48 @@ fn check_grad_dtype(who: &str, i: usize, g: &Tensor, w: &Var) -> Result<()> {
     Ok(())
 }
 
+/// Item `i` of `who`: the gradient in the parameter's dtype and every
+/// tensor (gradient, `state`) and the decay the size of the parameter.
+fn check_item(
+    who: &str,
+    i: usize,
+    w: &Var,
+    g: &Tensor,
+    state: &[(&str, &Tensor)],
+    decay: &DecayTerm<'_>,
+) -> Result<()> {
+    let n = w.elem_count();
+    check_grad_dtype(who, i, g, w)?;
+    check_len(who, i, "the gradient", g, n)?;
+    for (what, t) in state {
+        check_len(who, i, what, t, n)?;
+    }
+    check_decay(who, i, decay, n)
+}
+
 /// Every tensor of every item the size of its parameter, the gradient in
 /// the parameter's dtype (shared by every implementation of
 /// [`adamw_step`]).
 pub(crate) fn check_adam_items(items: &[AdamItem<'_>]) -> Result<()> {
-    let who = "adamw_step";
-    for (i, it) in items.iter().enumerate() {
-        let n = it.w.elem_count();
-        check_grad_dtype(who, i, it.g, it.w)?;
-        check_len(who, i, "the gradient", it.g, n)?;
-        check_len(who, i, "exp_avg", it.m.as_tensor(), n)?;
-        check_len(who, i, "exp_avg_sq", it.v.as_tensor(), n)?;
-        check_decay(who, i, &it.decay, n)?;
-    }
-    Ok(())
+    items.iter().enumerate().try_for_each(|(i, it)| {
+        let state = [
+            ("exp_avg", it.m.as_tensor()),
+            ("exp_avg_sq", it.v.as_tensor()),
+        ];
+        check_item("adamw_step", i, it.w, it.g, &state, &it.decay)
+    })
 }
 
 /// As [`check_adam_items`], for [`sgd_step`].
 pub(crate) fn check_sgd_items(items: &[SgdItem<'_>]) -> Result<()> {
-    let who = "sgd_step";
-    for (i, it) in items.iter().enumerate() {
-        let n = it.w.elem_count();
-        check_grad_dtype(who, i, it.g, it.w)?;
-        check_len(who, i, "the gradient", it.g, n)?;
-        if let Some(b) = it.buf {
-            check_len(who, i, "the momentum buffer", b.as_tensor(), n)?;
-        }
-        check_decay(who, i, &it.decay, n)?;
-    }
-    Ok(())
+    items.iter().enumerate().try_for_each(|(i, it)| {
+        let state: Vec<(&str, &Tensor)> = it
+            .buf
+            .map(|b| ("the momentum buffer", b.as_tensor()))
+            .into_iter()
+            .collect();
+        check_item("sgd_step", i, it.w, it.g, &state, &it.decay)
+    })
 }
 
 /// One direction row, step factor and decay per parameter (shared by every
