@@ -250,6 +250,84 @@ fn options_that_must_agree_are_checked_together() {
     assert_eq!((ok.cfg.batch, ok.cfg.ranks), (12, 3));
 }
 
+/// Options that would change nothing in the runs asked for are named in a
+/// warning (the command still runs); the defaults, and options that apply,
+/// give none.
+#[test]
+fn options_that_change_nothing_are_warned_about() {
+    let warned = |args: &[&str], words: &[&str]| {
+        let w = run_args(args).warnings;
+        assert_eq!(w.len(), 1, "{args:?}: {w:?}");
+        for word in words {
+            assert!(w[0].contains(word), "{args:?}: `{word}` not in {w:?}");
+        }
+    };
+    warned(
+        &["--optimizer", "muon", "--radius", "3"],
+        &["--radius", "muon-spectral-sphere"],
+    );
+    warned(
+        &["--optimizer", "adamw,adamw-spectral", "--gram-ns"],
+        &["--gram-ns"],
+    );
+    warned(
+        &["--release-freed-memory"],
+        &["--release-freed-memory", "--device cuda"],
+    );
+    warned(
+        &["--device", "cuda", "--ranks", "2", "--jobs", "2"],
+        &["--jobs", "NCCL"],
+    );
+    warned(
+        &["--device", "cuda", "--jobs", "2"],
+        &["--jobs 2", "timing"],
+    );
+    for quiet in [
+        &[][..],
+        &["--preset", "gpu"],
+        &["--radius", "3"],
+        &[
+            "--optimizer",
+            "adamw,muon-spectral-sphere",
+            "--radius",
+            "3",
+            "--gram-ns",
+        ],
+        &["--optimizer", "muon", "--gram-ns"],
+        &["--device", "cuda", "--release-freed-memory", "--jobs", "1"],
+        &["--jobs", "2"],
+    ] {
+        let w = run_args(quiet).warnings;
+        assert!(w.is_empty(), "{quiet:?}: {w:?}");
+    }
+    // the radius still defaults to 2 and takes the value given
+    assert_eq!(run_args(&[]).cfg.radius, 2.0);
+    assert_eq!(run_args(&["--radius", "3"]).cfg.radius, 3.0);
+}
+
+/// A `--loss-log` that is one of the outputs of `--out` would overwrite it
+/// (or be overwritten): refused, however the path is spelled; another path
+/// in the same directory is fine.
+#[test]
+fn a_loss_log_over_an_output_is_refused() {
+    let dir = common::scratch_dir("train-lm-cli", "loss-log");
+    let out = dir.join("out");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    for name in ["train_lm.csv", "summary.md", "train_lm.png", "timing.json"] {
+        let e = outputs::check_loss_log(&out.join(name), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--loss-log") && e.contains(name), "{e}");
+        let e = outputs::check_loss_log(&out.join("sub").join("..").join(name), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name), "{e}");
+    }
+    outputs::check_loss_log(&out.join("losses.csv"), &out).unwrap();
+    outputs::check_loss_log(&out.join("sub").join("train_lm.csv"), &out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn help_is_not_an_error_and_lists_outputs_presets_and_optimizers() {
     for flag in ["--help", "-h"] {
@@ -596,6 +674,59 @@ fn timed_results_table_has_throughput_share_and_phases() {
     }
 }
 
+/// A run of one step has no timed step (step 1 is timed apart): its
+/// throughput and share are "n/a" in the table, empty in timing.csv, null in
+/// timing.json and left out of the phase table, not NaN or 0.
+#[test]
+fn a_run_with_no_timed_step_has_no_throughput() {
+    let mut one = run(OptKind::Muon, 0, [4.0, 3.5, 3.0], 2.0, [0.0; 4]);
+    one.timing.steps = 0;
+    one.timing.tokens = 0;
+    let t = &one.timing;
+    assert_eq!(
+        (t.tokens_per_s(), t.optimizer_share(), t.step_ms()),
+        (None, None, None)
+    );
+    let mut runs = three_runs();
+    runs.push(one.clone());
+    let args = run_args(&["--timing", "--optimizer", "adamw,muon"]);
+    // the Muon row averages its timed run only; a Muon with none says n/a
+    let table = outputs::results_table(&args.optimizers, &args.cfg, &runs);
+    assert!(
+        table.contains("| muon | 0.02 | 2.7500 ± 0.3536 | 7 | 3891 | 30.0 % |"),
+        "{table}"
+    );
+    let alone = outputs::results_table(&args.optimizers, &args.cfg, &runs[3..]);
+    assert!(
+        alone.contains("| muon | 0.02 | 3.0000 | 2 | n/a | n/a |"),
+        "{alone}"
+    );
+    assert!(!alone.contains("NaN") && !table.contains("NaN"));
+    // no phase table without a timed run
+    assert!(!alone.contains("ms per timed step"), "{alone}");
+    assert!(table.contains("ms per timed step"), "{table}");
+    let line = outputs::run_line(&one);
+    assert!(
+        line.contains("no step timed") && !line.contains("NaN"),
+        "{line}"
+    );
+
+    let dir = common::scratch_dir("train-lm-cli", "untimed");
+    let (csv_path, json_path) = (dir.join("timing.csv"), dir.join("timing.json"));
+    outputs::write_timing(&csv_path, &json_path, &args, &runs[3..]).unwrap();
+    let (header, rows) = read_csv(&csv_path);
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for name in ["step_ms", "tokens_per_s", "optimizer_share"] {
+        assert_eq!(rows[0][col(name)], "", "{name}");
+    }
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for name in ["step_ms", "tokens_per_s", "optimizer_share"] {
+        assert!(json[0][name].is_null(), "{name}: {}", json[0][name]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn caption_states_data_model_schedule_and_what_is_missing() {
     let args = run_args(&[]);
@@ -749,6 +880,49 @@ fn outputs_are_all_written_and_summary_is_caption_then_table() {
         assert_eq!(read_csv(&want[0]).1.len(), 9);
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// A run without --timing in a directory of a timed one removes the old
+/// timing files; when no run finished, summary.md says so and the other
+/// outputs of the earlier run are removed (they would pass for this one's),
+/// but not a link, nor a file that is not an output.
+#[test]
+fn outputs_of_an_earlier_run_do_not_pass_for_this_ones() {
+    let dir = common::scratch_dir("train-lm-cli", "stale");
+    let runs = three_runs();
+    let timed = run_args(&["--out", dir.to_str().unwrap(), "--timing"]);
+    outputs::write_outputs(&timed, "src", &runs, 39, "").unwrap();
+    assert!(dir.join("timing.csv").exists() && dir.join("timing.json").exists());
+    let untimed = run_args(&["--out", dir.to_str().unwrap()]);
+    outputs::write_outputs(&untimed, "src", &runs, 39, "").unwrap();
+    assert!(!dir.join("timing.csv").exists() && !dir.join("timing.json").exists());
+    assert!(dir.join("train_lm.csv").exists());
+
+    outputs::write_outputs(&timed, "src", &runs, 39, "").unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let elsewhere = dir.join("elsewhere.svg");
+    std::fs::write(&elsewhere, "kept").unwrap();
+    std::fs::remove_file(dir.join("train_lm.svg")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("train_lm.svg")).unwrap();
+    let summary =
+        outputs::write_no_runs(&timed, "src", 39, "; failed: muon seed 0 (diverged)").unwrap();
+    assert_eq!(summary, dir.join("summary.md"));
+    let text = std::fs::read_to_string(&summary).unwrap();
+    let caption = outputs::caption(&timed, "src", 39, "");
+    assert_eq!(
+        text,
+        format!("{caption}\n\nNo run finished; failed: muon seed 0 (diverged).\n")
+    );
+    for gone in ["train_lm.csv", "train_lm.png", "timing.csv", "timing.json"] {
+        assert!(!dir.join(gone).exists(), "{gone} was left");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(std::fs::symlink_metadata(dir.join("train_lm.svg")).is_ok());
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "kept");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // -------------------------------------------------------------- run queue

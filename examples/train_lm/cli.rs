@@ -24,7 +24,9 @@ OUTPUT (in --out):
 These are rewritten as each run ends (with the runs finished so far). When runs
 fail, the others are still written and train_lm then exits with an error naming
 each failed run (over NCCL, a failure ends the queue: the runs before it are
-written).
+written). When none finished, summary.md says so. Files of these names that the
+run does not write (timing.* without --timing; all but summary.md when no run
+finished) are removed, so that none left by an earlier run passes for this one's.
 --loss-log PATH: optimizer, seed, step, train_loss for every step (compare two
   runs with scripts/compare_losses.py)
 
@@ -70,9 +72,9 @@ struct Cli {
     /// Weight decay λ (decoupled or spectral; muon-spectral-sphere decays only its AdamW part)
     #[arg(long, value_name = "X", default_value_t = Config::default().weight_decay, value_parser = non_negative, allow_negative_numbers = true)]
     wd: f64,
-    /// Spectral-sphere radius r, ‖W‖₂ = r
-    #[arg(long, value_name = "X", default_value_t = Config::default().radius, value_parser = positive, allow_negative_numbers = true)]
-    radius: f64,
+    /// Spectral-sphere radius r, ‖W‖₂ = r (muon-spectral-sphere) [default: 2]
+    #[arg(long, value_name = "X", value_parser = positive, allow_negative_numbers = true)]
+    radius: Option<f64>,
     /// Sequences (of the preset's context length) per batch [default: 16; --preset gpu: 64]
     #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     batch: Option<usize>,
@@ -172,6 +174,9 @@ pub struct Args {
     pub release_freed_memory: bool,
     /// The run's configuration: the preset with the options applied.
     pub cfg: Config,
+    /// Options given that change nothing in these runs (one line each, for
+    /// the user: the command still runs).
+    pub warnings: Vec<String>,
 }
 
 impl From<Cli> for Args {
@@ -185,7 +190,7 @@ impl From<Cli> for Args {
                 _ => vec![Choice::All],
             }
         } else {
-            c.optimizer
+            c.optimizer.clone()
         };
         // in the order given, each once; `all` stands for every one
         let mut optimizers: Vec<OptKind> = Vec::new();
@@ -201,6 +206,7 @@ impl From<Cli> for Args {
             }
         }
         let cuda = c.device == "cuda";
+        let warnings = ignored_options(&c, &optimizers);
         Args {
             preset: c.preset,
             optimizers,
@@ -219,13 +225,14 @@ impl From<Cli> for Args {
             }),
             loss_log: c.loss_log,
             release_freed_memory: c.release_freed_memory,
+            warnings,
             cfg: Config {
                 steps: c.steps.unwrap_or(preset.steps),
                 batch: c.batch.unwrap_or(preset.batch),
                 eval_every: c.eval_every.unwrap_or(preset.eval_every),
                 lr: c.lr,
                 weight_decay: c.wd,
-                radius: c.radius,
+                radius: c.radius.unwrap_or(preset.radius),
                 ranks: c.ranks,
                 stop_after: c.stop_after,
                 timing: c.timing || cuda,
@@ -235,6 +242,32 @@ impl From<Cli> for Args {
             },
         }
     }
+}
+
+/// The options of `c` that change nothing for these `optimizers` and this
+/// device, each with why (the defaults say nothing).
+fn ignored_options(c: &Cli, optimizers: &[OptKind]) -> Vec<String> {
+    let cuda = c.device == "cuda";
+    let mut w = Vec::new();
+    if c.radius.is_some() && !optimizers.contains(&OptKind::MuonSpectralSphere) {
+        w.push("--radius has no effect: it is the radius of muon-spectral-sphere, which is not among the optimizers".into());
+    }
+    if c.gram_ns && !optimizers.iter().any(|k| k.uses_newton_schulz()) {
+        w.push("--gram-ns has no effect: none of the optimizers runs Newton–Schulz".into());
+    }
+    if !cuda && c.release_freed_memory {
+        w.push("--release-freed-memory has no effect without --device cuda".into());
+    }
+    match c.jobs {
+        Some(_) if cuda && c.ranks > 1 => w.push(
+            "--jobs has no effect over NCCL (--device cuda --ranks N): the ranks train the runs one after another".into(),
+        ),
+        Some(j) if cuda && j > 1 => w.push(format!(
+            "--jobs {j} on one GPU: the runs share it, and each run's timing counts the others' work"
+        )),
+        _ => {}
+    }
+    w
 }
 
 /// What the command line asks for.

@@ -648,6 +648,11 @@ impl OptKind {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
+    /// Whether its updates run Newton–Schulz (`--gram-ns` applies to them).
+    pub fn uses_newton_schulz(&self) -> bool {
+        !matches!(self, Self::AdamW | Self::AdamWSpectral)
+    }
+
     /// The peak learning rate used unless overridden (from a short sweep,
     /// see the README).
     pub fn default_lr(&self) -> f64 {
@@ -684,8 +689,10 @@ fn adamw_config(lr: f64, decay: WeightDecay) -> AdamWConfig {
     }
 }
 
-/// The schedule: 5 % linear warmup, then warmup–stable–decay with the last
-/// 20 % decaying linearly to 0.
+/// The schedule: 5 % linear warmup (at least one step), then
+/// warmup–stable–decay over the rest, its last 20 % decaying linearly
+/// towards 0 (the last step runs at `peak / decay`, the WSD schedule's last
+/// decay step).
 pub fn schedule(peak: f64, steps: usize) -> Result<Schedule> {
     let warmup = (steps / 20).max(1).min(steps);
     let rest = steps - warmup;
@@ -777,14 +784,22 @@ impl Timing {
         self.forward_s + self.backward_s + self.clip_s + self.optimizer_s
     }
 
-    /// Training throughput over the timed steps.
-    pub fn tokens_per_s(&self) -> f64 {
-        self.tokens as f64 / self.step_s()
+    /// Milliseconds per timed step, all phases; `None` when no step was
+    /// timed.
+    pub fn step_ms(&self) -> Option<f64> {
+        (self.steps > 0).then(|| 1e3 * self.step_s() / self.steps as f64)
     }
 
-    /// The optimizer's share of step time, in [0, 1].
-    pub fn optimizer_share(&self) -> f64 {
-        self.optimizer_s / self.step_s()
+    /// Training throughput over the timed steps; `None` when no step was
+    /// timed (a run of one step: step 1 is not).
+    pub fn tokens_per_s(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.tokens as f64 / self.step_s())
+    }
+
+    /// The optimizer's share of step time, in [0, 1]; `None` when no step
+    /// was timed.
+    pub fn optimizer_share(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.optimizer_s / self.step_s())
     }
 
     /// Adds one step's phases (step 1 is kept apart, in `first_step_s`).
@@ -1106,20 +1121,35 @@ pub fn train_local_ranks(
         let mine = train_rank(first, kind, seed, cfg, data, device, Some(progress));
         let mut first_error = None;
         for (i, h) in others.into_iter().enumerate() {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| candle_core::bail!("rank {} panicked", i + 1));
+            let r = h.join().unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                candle_core::bail!("panicked: {msg}")
+            });
             if let (Err(e), None) = (r, &first_error) {
                 first_error = Some(candle_core::Error::Msg(format!("rank {}: {e}", i + 1)));
             }
         }
         match (mine, first_error) {
             (Ok(Some(r)), None) => Ok(r),
+            // Rank 0 failed only because another rank left the group: that
+            // rank's error is the cause.
+            (Err(e), Some(other)) if left_the_group(&e) => Err(other),
             (Err(e), _) => Err(e),
             (Ok(_), Some(e)) => Err(e),
             (Ok(None), None) => unreachable!("rank 0 returns the run"),
         }
     })
+}
+
+/// Whether `e` says that another rank left the group (its communicator
+/// was dropped: it returned, failed or panicked), i.e. `e` is a consequence,
+/// not a cause.
+pub fn left_the_group(e: &candle_core::Error) -> bool {
+    e.to_string().contains("left the group")
 }
 
 /// One rank's part of a data-parallel run over `comm` (in-process ranks or
@@ -1468,6 +1498,11 @@ pub fn sample_greedy(
         .chars()
         .filter_map(|c| index.get(&c).copied())
         .collect();
+    if toks.is_empty() {
+        candle_core::bail!(
+            "sample_greedy: no character of the prompt {prompt:?} is in the vocabulary"
+        );
+    }
     for _ in 0..n {
         let ctx = &toks[toks.len().saturating_sub(cfg.context)..];
         let x = Tensor::new(ctx, device)?.unsqueeze(0)?;

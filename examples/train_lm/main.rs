@@ -27,6 +27,7 @@
 //!                                                  # 4 processes over NCCL, one GPU each
 
 mod cli;
+mod launch;
 mod lm;
 mod outputs;
 mod plot;
@@ -37,10 +38,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use cli::{Args, Parsed};
+use cli::Parsed;
+use launch::Role;
 
 use lm::{builtin_corpus, Data, Finished, OptKind};
-use outputs::{output_paths, report, write_outputs};
+use outputs::{check_loss_log, output_paths, report, write_no_runs, write_outputs};
 use queue::train_queue;
 use support::{caught, check_writable, error_line, seed_range};
 
@@ -135,14 +137,12 @@ fn real_main() -> Result<()> {
         Parsed::Run(args) => *args,
         Parsed::Help(help) => return Ok(help.print()?),
     };
-    let role = role(&args);
-    let device = match role {
-        Role::Local => device(&args.device)?,
-        Role::Launcher => return launch_nccl(args.cfg.ranks),
-        Role::NcclRank => nccl_device(args.cfg.ranks)?,
-    };
-    let pool = memory_pool(&device, args.release_freed_memory);
+    let role = launch::role(&args.device, args.cfg.ranks, |k| {
+        std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
+    })?;
     let cfg = args.cfg.clone();
+    // The data, the seeds and the output paths are checked before any rank
+    // starts: a bad --data fails once, not once per rank.
     let (text, source) = match &args.data {
         Some(p) => (
             std::fs::read_to_string(p)
@@ -167,8 +167,18 @@ fn real_main() -> Result<()> {
         }
         if let Some(path) = &args.loss_log {
             check_writable(path).context("--loss-log")?;
+            check_loss_log(path, &args.out)?;
+        }
+        for w in &args.warnings {
+            eprintln!("train_lm: warning: {w}");
         }
     }
+    let device = match role {
+        Role::Local => device(&args.device)?,
+        Role::Launcher => return launch_nccl(args.cfg.ranks),
+        Role::NcclRank => nccl_device(args.cfg.ranks)?,
+    };
+    let pool = memory_pool(&device, args.release_freed_memory);
     if !quiet {
         eprintln!(
         "train_lm: {source}, {} train / {} val chars, vocab {}; preset {}: model {} layers, d={}, {} heads, context {}, {} parameters; \
@@ -248,39 +258,15 @@ fn real_main() -> Result<()> {
     let failed = finished.error(n_runs, &kept);
     let note = failed_note(&finished);
     let runs = finished.into_runs();
-    if !runs.is_empty() {
+    if runs.is_empty() {
+        let summary = write_no_runs(&args, &source, vocab, &note)?;
+        eprintln!("train_lm: no run finished (wrote {})", summary.display());
+    } else {
         report(&args, &source, &runs, &note, vocab, wall)?;
     }
     match failed {
         None => Ok(()),
         Some(e) => bail!("{e}"),
-    }
-}
-
-/// How this process takes part in the runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    /// Trains the runs itself: one process (`--ranks N` on the CPU: N
-    /// in-process ranks per run).
-    Local,
-    /// `--ranks N --device cuda`: starts N copies of itself, one per GPU, and
-    /// waits for them.
-    Launcher,
-    /// One of those copies (or a process started by another launcher): rank
-    /// `RANK` of `WORLD_SIZE` over NCCL.
-    NcclRank,
-}
-
-/// A process with `RANK` and an NCCL id (`STEEPEST_NCCL_ID` or
-/// `STEEPEST_NCCL_ID_FILE`) in its environment is a rank; otherwise
-/// `--device cuda --ranks N > 1` launches N of them.
-fn role(args: &Args) -> Role {
-    let env = |k: &str| std::env::var_os(k).is_some();
-    let rank_env = env("RANK") && (env("STEEPEST_NCCL_ID") || env("STEEPEST_NCCL_ID_FILE"));
-    match (args.device.as_str(), args.cfg.ranks, rank_env) {
-        ("cuda", _, true) => Role::NcclRank,
-        ("cuda", n, false) if n > 1 => Role::Launcher,
-        _ => Role::Local,
     }
 }
 
@@ -317,58 +303,24 @@ fn train_nccl(
 /// NCCL.
 #[cfg(feature = "nccl")]
 fn launch_nccl(ranks: usize) -> Result<()> {
-    use std::process::{Child, Command};
     let id = steepest::distributed::NcclId::new()?;
     let exe = std::env::current_exe().context("finding this program to start the ranks")?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     eprintln!("train_lm: starting {ranks} ranks over NCCL, one GPU each");
-    let mut children: Vec<Option<Child>> = Vec::new();
-    let stop = |children: &mut Vec<Option<Child>>| {
-        for c in children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    };
+    let mut children = Vec::new();
     for r in 0..ranks {
-        let spawned = Command::new(&exe)
-            .args(&args)
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", ranks.to_string())
-            .env("LOCAL_RANK", r.to_string())
-            .env("STEEPEST_NCCL_ID", id.to_hex())
-            .spawn();
-        match spawned {
-            Ok(c) => children.push(Some(c)),
+        match launch::rank_command(&exe, &args, r, ranks, &id.to_hex()).spawn() {
+            Ok(c) => children.push(c),
             Err(e) => {
-                stop(&mut children);
+                for mut c in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
                 bail!("starting rank {r}: {e}");
             }
         }
     }
-    loop {
-        let mut running = 0;
-        let mut failed = None;
-        for (r, slot) in children.iter_mut().enumerate() {
-            let Some(c) = slot else { continue };
-            match c.try_wait()? {
-                None => running += 1,
-                Some(status) => {
-                    if !status.success() && failed.is_none() {
-                        failed = Some((r, status));
-                    }
-                    *slot = None;
-                }
-            }
-        }
-        if let Some((r, status)) = failed {
-            stop(&mut children);
-            bail!("rank {r} failed ({status}); the other ranks were stopped");
-        }
-        if running == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    launch::supervise(children, launch::GRACE)
 }
 
 /// This rank's GPU (`LOCAL_RANK`), after checking `WORLD_SIZE` = `--ranks`.
@@ -381,7 +333,12 @@ fn nccl_device(ranks: usize) -> Result<Device> {
             env.world_size
         );
     }
-    Ok(Device::new_cuda(env.local_rank)?)
+    Device::new_cuda(env.local_rank).with_context(|| {
+        format!(
+            "rank {}: GPU {} (LOCAL_RANK; --ranks {ranks} needs {ranks} GPUs)",
+            env.rank, env.local_rank
+        )
+    })
 }
 
 /// Every run of `queue`, in order, as this process's rank over NCCL (one

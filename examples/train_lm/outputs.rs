@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cli::Args;
 use crate::lm::{self, OptKind, RunResult};
@@ -145,6 +145,31 @@ pub fn output_paths(out: &Path, timing: bool) -> Vec<PathBuf> {
     names.into_iter().map(|n| out.join(n)).collect()
 }
 
+/// Refuses a `--loss-log` path that is one of the outputs in `out` (the
+/// loss log would overwrite it, or it the loss log), compared as paths with
+/// their directories resolved (`runs/x/../x/summary.md` is `summary.md`
+/// in `runs/x`). Call it after the directories exist.
+pub fn check_loss_log(loss_log: &Path, out: &Path) -> Result<()> {
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+    };
+    let log = resolved(loss_log);
+    for path in output_paths(out, true) {
+        if log.is_some() && resolved(&path) == log {
+            bail!(
+                "--loss-log {} is the output {} of --out: choose another path",
+                loss_log.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What [`write_outputs`] wrote: the results table (also in summary.md) and
 /// the paths.
 pub struct Written {
@@ -178,8 +203,12 @@ pub fn write_outputs(
     replace_file(&csv, |p| write_csv(p, runs))?;
     let mut others = Vec::new();
     let table = results_table(&args.optimizers, cfg, runs);
+    let (tcsv, tjson) = (args.out.join("timing.csv"), args.out.join("timing.json"));
+    if !cfg.timing {
+        // an earlier run's, which would pass for this one's
+        remove_stale(&[&tcsv, &tjson])?;
+    }
     if cfg.timing {
-        let (tcsv, tjson) = (args.out.join("timing.csv"), args.out.join("timing.json"));
         write_timing(&tcsv, &tjson, args, runs)?;
         others.push(tcsv);
         others.push(tjson);
@@ -241,13 +270,24 @@ pub fn results_table(kinds: &[OptKind], cfg: &lm::Config, runs: &[RunResult]) ->
             String::new()
         };
         let timed = if timing {
-            let tps: Vec<f64> = mine.iter().map(|r| r.timing.tokens_per_s()).collect();
-            let share: Vec<f64> = mine.iter().map(|r| r.timing.optimizer_share()).collect();
-            format!(
-                " {:.0} | {:.1} % |",
-                mean_std(&tps).0,
-                100.0 * mean_std(&share).0
-            )
+            // Over the runs with a timed step (not a run of one step).
+            let tps: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| r.timing.tokens_per_s())
+                .collect();
+            let share: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| r.timing.optimizer_share())
+                .collect();
+            if tps.is_empty() {
+                " n/a | n/a |".to_string()
+            } else {
+                format!(
+                    " {:.0} | {:.1} % |",
+                    mean_std(&tps).0,
+                    100.0 * mean_std(&share).0
+                )
+            }
         } else {
             String::new()
         };
@@ -276,7 +316,7 @@ pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
     } else {
         String::new()
     };
-    let gram = if cfg.gram_ns {
+    let gram = if cfg.gram_ns && args.optimizers.iter().any(|k| k.uses_newton_schulz()) {
         ", Gram Newton–Schulz"
     } else {
         ""
@@ -307,6 +347,34 @@ pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
     format!("{caption}{note}")
 }
 
+/// Removes those of `paths` that are regular files (outputs of an earlier
+/// run that this one does not write); a missing path is fine.
+pub fn remove_stale(paths: &[&Path]) -> Result<()> {
+    for p in paths {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// When no run finished: summary.md says so (the caption, then `No run
+/// finished` and `note`), and the other outputs of an earlier run in
+/// `--out`, which would pass for this one's, are removed. Returns
+/// summary.md's path.
+pub fn write_no_runs(args: &Args, source: &str, vocab: usize, note: &str) -> Result<PathBuf> {
+    let mut stale = output_paths(&args.out, true);
+    let summary = args.out.join("summary.md");
+    stale.retain(|p| *p != summary);
+    remove_stale(&stale.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
+    let caption = caption(args, source, vocab, "");
+    replace_file(&summary, |p| {
+        let text = format!("{caption}\n\nNo run finished{note}.\n");
+        Ok(support::create(p)?.write_all(text.as_bytes())?)
+    })?;
+    Ok(summary)
+}
+
 /// The outputs of the finished runs (see `--help`), and the results
 /// table and the paths on stdout; `note` ends the caption.
 pub fn report(
@@ -334,18 +402,24 @@ pub fn report(
     Ok(())
 }
 
-/// One line per finished run: throughput and the optimizer's share.
+/// One line per finished run: throughput and the optimizer's share (none
+/// for a run of one step, whose only step is not timed).
 pub fn run_line(r: &RunResult) -> String {
     let t = &r.timing;
+    let speed = match (t.tokens_per_s(), t.optimizer_share()) {
+        (Some(tps), Some(share)) => format!(
+            "{tps:.0} tokens/s, {:.1} ms/step (optimizer {:.1} % of it)",
+            t.step_ms().unwrap_or(f64::NAN),
+            100.0 * share
+        ),
+        _ => "no step timed (step 1 is not)".to_string(),
+    };
     format!(
-        "train_lm: {} seed {}: {} steps in {:.1} s, {:.0} tokens/s, {:.1} ms/step (optimizer {:.1} % of it), final val loss {:.4}",
+        "train_lm: {} seed {}: {} steps in {:.1} s, {speed}, final val loss {:.4}",
         r.kind.name(),
         r.seed,
         r.losses.len(),
         r.seconds,
-        t.tokens_per_s(),
-        1e3 * t.step_s() / t.steps.max(1) as f64,
-        100.0 * t.optimizer_share(),
         r.final_val()
     )
 }
@@ -356,15 +430,20 @@ pub fn phase_table(kinds: &[OptKind], runs: &[RunResult]) -> String {
         "\nms per timed step (step 1 excluded; phases fenced with device.synchronize()):\n\n\
          | optimizer | forward | backward | clip | optimizer step | total |\n|---|---|---|---|---|---|\n",
     );
+    let mut rows = 0;
     for kind in kinds {
-        let mine: Vec<&RunResult> = runs.iter().filter(|r| r.kind == *kind).collect();
+        // Runs of one step have no timed step.
+        let mine: Vec<&RunResult> = runs
+            .iter()
+            .filter(|r| r.kind == *kind && r.timing.steps > 0)
+            .collect();
         if mine.is_empty() {
             continue;
         }
         let ms = |f: &dyn Fn(&lm::Timing) -> f64| -> f64 {
             let xs: Vec<f64> = mine
                 .iter()
-                .map(|r| 1e3 * f(&r.timing) / r.timing.steps.max(1) as f64)
+                .map(|r| 1e3 * f(&r.timing) / r.timing.steps as f64)
                 .collect();
             mean_std(&xs).0
         };
@@ -377,6 +456,10 @@ pub fn phase_table(kinds: &[OptKind], runs: &[RunResult]) -> String {
             ms(&|t| t.optimizer_s),
             ms(&|t| t.step_s()),
         ));
+        rows += 1;
+    }
+    if rows == 0 {
+        return String::new();
     }
     t
 }
@@ -412,7 +495,7 @@ pub fn write_timing(
                 "backward_s": t.backward_s,
                 "clip_s": t.clip_s,
                 "optimizer_s": t.optimizer_s,
-                "step_ms": 1e3 * t.step_s() / t.steps.max(1) as f64,
+                "step_ms": t.step_ms(),
                 "tokens_per_s": t.tokens_per_s(),
                 "optimizer_share": t.optimizer_share(),
                 "run_s": r.seconds,
@@ -455,7 +538,6 @@ pub fn write_timing_csv(path: &Path, device: &str, runs: &[RunResult]) -> Result
     ])?;
     for r in runs {
         let t = &r.timing;
-        let step_ms = 1e3 * t.step_s() / t.steps.max(1) as f64;
         w.write_record([
             r.kind.name().to_string(),
             r.seed.to_string(),
@@ -466,9 +548,11 @@ pub fn write_timing_csv(path: &Path, device: &str, runs: &[RunResult]) -> Result
             format!("{:.6}", t.backward_s),
             format!("{:.6}", t.clip_s),
             format!("{:.6}", t.optimizer_s),
-            format!("{step_ms:.4}"),
-            format!("{:.1}", t.tokens_per_s()),
-            format!("{:.5}", t.optimizer_share()),
+            t.step_ms().map_or(String::new(), |x| format!("{x:.4}")),
+            t.tokens_per_s()
+                .map_or(String::new(), |x| format!("{x:.1}")),
+            t.optimizer_share()
+                .map_or(String::new(), |x| format!("{x:.5}")),
             format!("{:.3}", r.seconds),
             format!("{:.6}", t.first_step_s),
             format!("{:.6}", t.eval_s),
