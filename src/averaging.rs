@@ -265,7 +265,11 @@ impl WeightAverage {
                     self.avg
                         .iter()
                         .zip(&cur)
-                        .map(|(a, x)| a.affine(*decay, 0.0)? + x.affine(1.0 - decay, 0.0)?)
+                        // a + (1 − β)(x − a), not βa + (1 − β)x: β and
+                        // 1 − β rounded to f32 apart do not sum to 1, and
+                        // the average settled at x·(1 − β)/(1 − β)_f32 (a
+                        // 1.7e-4 bias at β = 0.9999); here x is a fixed point.
+                        .map(|(a, x)| a + (x - a)?.affine(1.0 - decay, 0.0)?)
                         .collect::<candle_core::Result<_>>()?
                 };
             }
@@ -398,27 +402,32 @@ impl WeightAverage {
             );
         }
         let ready = self.in_var_dtypes("WeightAverage::swap_out")?;
-        // Per variable, the number of entries that differ (NaN = NaN here).
-        let differing = self
+        // Per variable, 1 where every entry is the same (NaN = NaN here),
+        // else 0: a minimum, exact at any size (a count summed in f32 lost
+        // ones beyond 2²⁴ entries and called unchanged variables changed).
+        let unchanged = self
             .vars
             .iter()
             .zip(&ready)
             .map(|(nv, a)| {
                 let w = nv.var.as_tensor();
+                if w.elem_count() == 0 {
+                    return Tensor::new(1f32, w.device());
+                }
                 let same = w.eq(a)?.maximum(&w.ne(w)?.mul(&a.ne(a)?)?)?;
-                (same.to_dtype(candle_core::DType::F32)?.sum_all()? - w.elem_count() as f64)?.abs()
+                same.to_dtype(candle_core::DType::F32)?.min_all()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let differing = if differing.is_empty() {
+        let unchanged = if unchanged.is_empty() {
             Vec::new()
         } else {
-            Tensor::stack(&differing, 0)?.to_vec1::<f32>()?
+            Tensor::stack(&unchanged, 0)?.to_vec1::<f32>()?
         };
         let changed: Vec<&str> = self
             .vars
             .iter()
-            .zip(&differing)
-            .filter(|(_, d)| **d != 0.0)
+            .zip(&unchanged)
+            .filter(|(_, u)| **u != 1.0)
             .map(|(nv, _)| nv.name.as_str())
             .collect();
         if !changed.is_empty() {

@@ -76,6 +76,11 @@ pub(crate) fn squared_norm_term(g: &Tensor, scale: f64) -> candle_core::Result<T
     let g = g.to_dtype(dt)?;
     let g = if scale == 1.0 {
         g
+    } else if dt == DType::F32 && scale > f32::MAX as f64 {
+        // 1/max of an all-subnormal gradient overflows f32 (where `affine`
+        // takes its factor): scale in two finite halves.
+        let half = scale.sqrt();
+        g.affine(half, 0.0)?.affine(scale / half, 0.0)?
     } else {
         g.affine(scale, 0.0)?
     };

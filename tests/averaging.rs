@@ -326,6 +326,60 @@ fn a_step_while_swapped_in_is_caught_at_swap_out() {
     }
 }
 
+/// An f32 EMA follows the f64 EMA of the same (f32) values: each update
+/// moves the average by `(1 − β)(x − a)`, so its error is rounding only
+/// (9e-6 relative here). Written as `βa + (1 − β)x`, with β and 1 − β
+/// rounded to f32 apart (their sum is 1 − 1.7e-8 at β = 0.9999), the
+/// average settled 1.7e-4 low: 1.4e-4 on this slowly drifting ramp.
+#[test]
+fn an_f32_ema_has_no_bias_from_rounding_beta() {
+    let beta = 0.9999;
+    let n = 30_000;
+    let ramp = |i: usize| -> Vec<f32> {
+        let t = i as f32 / n as f32;
+        vec![1.0 + 0.5 * t, -3.0 + t, 0.25 - 0.1 * t]
+    };
+    let v = Var::new(ramp(0).as_slice(), &Device::Cpu).unwrap();
+    let mut ema =
+        WeightAverage::from_named(vec![named(&v, "w")], AverageKind::Ema { decay: beta }).unwrap();
+    let mut want: Vec<f64> = ramp(0).iter().map(|&x| x as f64).collect();
+    ema.update().unwrap();
+    for i in 1..n {
+        let x = ramp(i);
+        v.set(&Tensor::new(x.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update().unwrap();
+        for (w, &xi) in want.iter_mut().zip(&x) {
+            *w = beta * *w + (1.0 - beta) * xi as f64;
+        }
+    }
+    let got = vals(&ema.averaged().unwrap()[0].1);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(((g - w) / w).abs() < 4e-5, "{g} vs {w}: {:e}", (g - w) / w);
+    }
+}
+
+/// swap_out's check of unchanged variables is exact beyond 2²⁴ entries (a
+/// count of equal entries summed in f32 lost the last ones there, and an
+/// unchanged variable was refused as changed); one changed entry among as
+/// many is still caught.
+#[test]
+fn swap_out_checks_variables_beyond_f32_counting() {
+    let n = (1 << 24) + 7;
+    let v = Var::from_tensor(&Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let mut avg = WeightAverage::from_named(vec![named(&v, "big")], AverageKind::Polyak).unwrap();
+    avg.update().unwrap();
+    avg.swap_in().unwrap();
+    avg.swap_out().unwrap();
+    avg.swap_in().unwrap();
+    let mut changed = vec![1f32; n];
+    changed[n - 1] = 2.0;
+    v.set(&Tensor::from_vec(changed, n, &Device::Cpu).unwrap())
+        .unwrap();
+    let e = avg.swap_out().unwrap_err().to_string();
+    assert!(e.contains("1 variable(s) (big) changed"), "{e}");
+}
+
 /// `swap_out` counts changed entries exactly: a change of a single entry of
 /// one variable (the smallest change a step can make) is refused, naming
 /// that variable only, and nothing changes.

@@ -327,6 +327,34 @@ fn tiny_f32_gradients_are_measured_not_zero() {
     }
 }
 
+/// A gradient all of whose entries are subnormal in f32 (squares 0, and
+/// 1/max beyond f32's range): its norm is measured, finite and right, not
+/// NaN (scaling by 1/max in f32 made every entry Inf and zeros NaN), and
+/// clipping halves it.
+#[test]
+fn subnormal_f32_gradients_are_measured() {
+    let a = Var::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+    let g = Tensor::new(&[1e-40f32, 0.0, 2e-40], &Device::Cpu).unwrap();
+    let stored: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+    assert!(stored[0] > 0.0 && stored[0] < f32::MIN_POSITIVE as f64);
+    let want = stored.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut grads = (a.as_tensor() * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let norm = grad_norm(&grads, std::slice::from_ref(&a)).unwrap();
+    assert!((norm / want - 1.0).abs() <= 1e-6, "{norm:e} vs {want:e}");
+    clip_grad_norm(&mut grads, std::slice::from_ref(&a), 0.5 * norm).unwrap();
+    let after = grad_values(&grads, &a);
+    assert_eq!(after[1], 0.0);
+    for (x, w) in after.iter().zip(&stored) {
+        // half of a subnormal, to its spacing 1.4e-45
+        assert!((x - 0.5 * w).abs() <= 1.5e-45, "{x:e} vs {:e}", 0.5 * w);
+    }
+}
+
 /// All-zero gradients have norm 0 (the rescaling path, taken because the
 /// sum of squares is 0, finds a largest entry of 0 and must not divide by
 /// it), are not an error, and are left as they are; with no gradient at all

@@ -1040,6 +1040,26 @@ fn rho_zero_is_the_plain_gradient_and_bad_steps_are_refused() {
     }
 }
 
+/// A variable listed twice would count twice in `‖g‖` and `‖θ‖` and be
+/// moved twice: refused, naming both places, with the variable unchanged.
+#[test]
+fn a_variable_listed_twice_is_refused() {
+    let p = problem(12, Activation::Tanh);
+    let before: Vec<Vec<f64>> = p.vars.iter().map(|v| vec_of(v.as_tensor())).collect();
+    let mut vars = p.vars.clone();
+    vars.push(p.vars[0].clone());
+    let e = param_grad_penalty(|| p.loss(), &vars, &GradPenaltyConfig::default()).unwrap_err();
+    assert!(matches!(e, steepest::Error::Config { .. }), "{e:?}");
+    let last = vars.len() - 1;
+    let msg = e.to_string();
+    assert!(
+        msg.contains("vars[0]") && msg.contains(&format!("vars[{last}]")),
+        "{msg}"
+    );
+    let after: Vec<Vec<f64>> = p.vars.iter().map(|v| vec_of(v.as_tensor())).collect();
+    assert_eq!(before, after);
+}
+
 /// `FdStep::Auto` takes the machine epsilon of the parameters' dtype:
 /// `h = δ(1 + ‖θ‖)` with `δ = √ε` (forward) or `∛ε` (central), `ε = 2⁻⁵²`
 /// (f64), `2⁻²³` (f32), `2⁻⁷` (bf16). `θ = (0.5, −1.25, 2)` is exact in

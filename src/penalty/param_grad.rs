@@ -26,7 +26,11 @@ pub enum FdStep {
     /// gradient are not perturbed and count for neither `‖θ‖` nor the
     /// dtype): f64 `1.5e-8` / `6.1e-6`, f32 `3.5e-4` / `4.9e-3`. This
     /// balances the `O(h)` (central: `O(h²)`) truncation error against the
-    /// `O(ε_mach/h)` rounding error of the difference quotient.
+    /// `O(ε_mach/h)` rounding error of the difference quotient. The dtype
+    /// is the tensors' own: a loss that computes in a coarser one (f32
+    /// weights cast to bf16 inside the model) needs a larger step, e.g.
+    /// [`FdStep::Relative`] with bf16's `√ε = 0.088`, or the perturbation
+    /// rounds away there and the penalty's gradient comes out 0.
     Auto,
     /// `h = δ (1 + ‖θ‖)` for the given `δ` (`‖θ‖`: the global norm of all the
     /// perturbed tensors).
@@ -168,6 +172,7 @@ where
 {
     const WHO: &str = "param_grad_penalty";
     cfg.validate(WHO)?;
+    check_distinct(vars, WHO)?;
     let (loss, grads) = loss_and_grads(&loss_fn, WHO)?;
     let g = var_grads(vars, &grads)?;
     let norms = sq_norms(
@@ -250,6 +255,23 @@ where
         penalty,
         step: h,
     })
+}
+
+/// Refuses a variable listed twice in `vars`: it would count twice in `‖g‖`
+/// and `‖θ‖` (so `h` and the penalty would be off by up to `√2`) and be
+/// moved twice per perturbation.
+fn check_distinct(vars: &[Var], who: &str) -> Result<()> {
+    let mut first = std::collections::HashMap::new();
+    for (i, v) in vars.iter().enumerate() {
+        if let Some(j) = first.insert(v.id(), i) {
+            fail!(
+                Config,
+                format!("{who}: vars"),
+                "vars[{j}] and vars[{i}] are the same variable (list each once)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs the loss and its backward; checks the loss is a finite scalar.
