@@ -549,6 +549,28 @@ impl OptimizerState for WeightAverage {
                 wsm_len.unwrap_or(0)
             );
         }
+        if let AverageKind::Wsm { weights, interval } = &body.kind {
+            // One checkpoint every `interval` updates, the oldest dropped
+            // beyond those of non-zero weight (all of them, before such
+            // checkpoints were dropped): `count` says how many there are.
+            let taken = body.count / *interval as u64;
+            let fewest = taken.min(merged(weights).len() as u64);
+            let most = taken.min(weights.len() as u64);
+            if (body.held as u64) < fewest || body.held as u64 > most {
+                fail!(
+                    Checkpoint,
+                    "checkpoint: held",
+                    "{} checkpoints after {} updates every {interval} (expected {})",
+                    body.held,
+                    body.count,
+                    if fewest == most {
+                        fewest.to_string()
+                    } else {
+                        format!("{fewest} to {most}")
+                    }
+                );
+            }
+        }
         let names: Vec<&str> = self.vars.iter().map(|v| v.name.as_str()).collect();
         let mut found: HashMap<(usize, String), Tensor> = HashMap::new();
         for (key, t) in state {

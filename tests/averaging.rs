@@ -218,6 +218,61 @@ fn wsm_keeps_no_zero_weight_checkpoint() {
     assert_eq!(vals(&resumed.averaged().unwrap()[0].1), want);
 }
 
+/// A WSM checkpoint whose number of held checkpoints does not fit its
+/// update count (one every `interval` updates, as many as have weight) is
+/// refused, naming `held`, and the average is left as it was.
+#[test]
+fn wsm_checkpoint_counts_must_fit_the_updates() {
+    let w = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let kind = AverageKind::Wsm {
+        weights: vec![0.5, 0.3, 0.2],
+        interval: 2,
+    };
+    let mut avg = WeightAverage::from_named(vec![named(&w, "w")], kind.clone()).unwrap();
+    for i in 1..=5 {
+        w.set(&Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap())
+            .unwrap();
+        avg.update().unwrap();
+    }
+    assert_eq!(avg.checkpoints(), 2, "after updates 2 and 4");
+    let state = avg.state_dict().unwrap();
+    let edit = |held: usize, count: u64| {
+        let mut st = state.clone();
+        let key = st.keys().find(|k| k.starts_with("__")).unwrap().clone();
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&st[&key].to_vec1::<u8>().unwrap()).unwrap();
+        header["body"]["held"] = held.into();
+        header["body"]["count"] = count.into();
+        let bytes = serde_json::to_vec(&header).unwrap();
+        let n = bytes.len();
+        st.insert(key, Tensor::from_vec(bytes, n, &Device::Cpu).unwrap());
+        st.retain(|k, _| !k.starts_with("w.ckpt"));
+        for i in 0..held {
+            st.insert(
+                format!("w.ckpt{i}"),
+                Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap(),
+            );
+        }
+        st
+    };
+    let mut fresh = WeightAverage::from_named(vec![named(&w, "w")], kind).unwrap();
+    fresh.load_state_dict(&edit(2, 5)).unwrap();
+    fresh.load_state_dict(&edit(3, 7)).unwrap();
+    assert_eq!(fresh.checkpoints(), 3);
+    for (held, count) in [(3, 5), (1, 5), (2, 3), (0, 2), (2, 100)] {
+        let e = fresh
+            .load_state_dict(&edit(held, count))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("held") && e.contains(&format!("{held} checkpoints")),
+            "{held}/{count}: {e}"
+        );
+        assert_eq!(fresh.checkpoints(), 3, "unchanged after ({held}, {count})");
+        assert_eq!(fresh.count(), 7);
+    }
+}
+
 #[test]
 fn swap_in_and_out() {
     let v = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
