@@ -100,8 +100,9 @@ class Bench:
         if self.cuda:
             self.torch.cuda.synchronize(self.dev)
 
-    def run(self, name, impl, shapes, dtype, notes, prepare, fn, flops=None, nbytes=None):
-        """Times fn(state) after state = prepare(); records the result or the error."""
+    def run(self, name, impl, shapes, dtype, notes, prepare, fn, flops=None, nbytes=None, warmup=None):
+        """Times fn(state) after state = prepare(); records the result or the error.
+        `warmup`: warm-up calls for this workload (default: the script's)."""
         if not self.wanted(name):
             return
         torch = self.torch
@@ -128,7 +129,7 @@ class Bench:
         state = None
         try:
             state = prepare()
-            for _ in range(self.warmup):
+            for _ in range(self.warmup if warmup is None else warmup):
                 fn(state)
             self.sync()
             times, ev_times = [], []
@@ -374,7 +375,11 @@ def main():
         flush=True,
     )
 
-    # Ceilings first: the floors and bandwidth targets are computed from these.
+    # Ceilings first: the floors and bandwidth targets are computed from these
+    # (gpu_bench_table.py takes their CUDA-event medians). The GPU is cold
+    # here, so they get at least 20 warm-up calls (clocks up, cuBLAS's
+    # heuristics and workspace settled).
+    ceiling_warmup = max(bench.warmup, 20)
     n = 256 if quick else 8192
     bench.run(
         "ceiling/matmul_bf16", "torch", [[1, n, n]], "bf16",
@@ -384,6 +389,7 @@ def main():
                  torch.empty(n, n, device=dev, dtype=torch.bfloat16)),
         lambda st: torch.matmul(st[0], st[1], out=st[2]),
         flops=2.0 * float(n) ** 3,
+        warmup=ceiling_warmup,
     )
     elems = (1 << 20) if quick else (1 << 28)
     bench.run(
@@ -392,6 +398,7 @@ def main():
         lambda: (torch.empty(elems, device=dev), torch.empty(elems, device=dev).fill_(1.0)),
         lambda st: st[0].copy_(st[1]),
         nbytes=2.0 * 4.0 * elems,
+        warmup=ceiling_warmup,
     )
 
     squares = [64, 128, 256] if quick else [1024, 4096, 8192]

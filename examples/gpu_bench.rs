@@ -91,7 +91,32 @@ const CONVENTIONS: &[(&str, &str)] = &[
         "copy: (bytes read + bytes written) / time, i.e. 2 x buffer size / time",
     ),
     ("matmul_tflops", "2 n^3 / time for an n x n x n product"),
+    (
+        "optimizer_steps",
+        "muon_step, adamw and adamw_spectral time whole steps of steepest's optimizers, \
+         which check every gradient for NaN/Inf before changing anything (one more read of \
+         each gradient and one host sync per step: 4 more bytes per parameter for f32 AdamW, \
+         on top of the 28 counted); torch.optim's steps make no such check",
+    ),
 ];
+
+/// The check of an msign output `(m, n)` or `(b, m, n)`: the largest
+/// singular value of its first matrix, by 30 power iterations. Keller
+/// Jordan's quintic leaves the singular values in about [0.7, 1.2], so one
+/// outside [0.5, 1.5] (or not finite) is a wrong output, not a slow one.
+fn check_msign(out: &Tensor) -> Result<String> {
+    let x = out.to_dtype(DType::F32)?;
+    let x = if x.rank() == 3 { x.get(0)? } else { x };
+    let (m, n) = x.dims2()?;
+    let sigma = power_iteration(&x, None, 30)?
+        .sigma
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if !(0.5..=1.5).contains(&sigma) {
+        bail!("σ_max of the first {m}×{n} output is {sigma}, outside [0.5, 1.5]");
+    }
+    Ok(format!("{m}×{n}: σ_max {sigma:.3}"))
+}
 
 /// Keller Jordan's quintic × 5 (`NewtonSchulz::muon`), as in torch.optim.Muon.
 const NS_STEPS: usize = 5;
@@ -190,6 +215,8 @@ struct Rec {
     bytes: Option<f64>,
     times: Vec<f64>,
     error: Option<String>,
+    /// What the check of the workload's output found (`Bench::run_checked`).
+    check: Option<String>,
 }
 
 impl Rec {
@@ -205,6 +232,7 @@ impl Rec {
             bytes: None,
             times: Vec::new(),
             error: None,
+            check: None,
         }
     }
 
@@ -279,6 +307,7 @@ impl Rec {
             "min_s": sorted.first(),
             "mean_s": mean,
             "times_s": self.times,
+            "check": self.check,
             "flops": self.flops,
             "flops_issued": self.flops_issued,
             "tflops_issued": match (self.flops_issued, median) { (Some(f), Some(t)) => Some(f / t / 1e12), _ => None },
@@ -317,12 +346,27 @@ impl Bench {
         &mut self,
         rec: Rec,
         prepare: impl FnOnce(&Device) -> Result<S>,
+        f: impl FnMut(&mut S) -> Result<()>,
+    ) {
+        self.run_checked(rec, prepare, f, |_| Ok(None));
+    }
+
+    /// [`Bench::run`], then `check` on the state (outside the timed
+    /// region): its note goes into the record's `check`, and its error
+    /// fails the record, so that a fast but wrong output is not reported
+    /// as a time.
+    fn run_checked<S>(
+        &mut self,
+        rec: Rec,
+        prepare: impl FnOnce(&Device) -> Result<S>,
         mut f: impl FnMut(&mut S) -> Result<()>,
+        check: impl FnOnce(&mut S) -> Result<Option<String>>,
     ) {
         if !self.wanted(&rec.name) {
             return;
         }
         let mut rec = rec;
+        let mut check_note = None;
         let res = prepare(&self.dev).and_then(|mut state| {
             for _ in 0..self.warmup {
                 f(&mut state)?;
@@ -335,8 +379,10 @@ impl Bench {
                 self.dev.synchronize()?;
                 times.push(t.elapsed().as_secs_f64());
             }
+            check_note = check(&mut state).context("output check failed")?;
             Ok(times)
         });
+        rec.check = check_note;
         match res {
             Ok(times) => rec.times = times,
             Err(e) => rec.error = Some(format!("{e:#}")),
@@ -513,7 +559,7 @@ fn main() -> Result<()> {
     };
     for &n in squares {
         let shape = [1, n, n];
-        bench.run(
+        bench.run_checked(
             Rec::new(
                 format!("msign_bf16/{n}"),
                 vec![shape],
@@ -532,6 +578,7 @@ fn main() -> Result<()> {
                 msign(g, ns)?;
                 Ok(())
             },
+            |(g, ns)| check_msign(&msign(g, ns)?).map(Some),
         );
     }
 
@@ -545,7 +592,7 @@ fn main() -> Result<()> {
             ("ns_set", muon_ns(), ""),
             ("ns_set_gram", muon_ns().gram_form(), GRAM_NOTE),
         ] {
-            bench.run(
+            bench.run_checked(
                 Rec::new(format!("{form}/{}", set.name), shapes.clone(), "f32 in/out, bf16 operands, f32 accumulate")
                     .notes(&format!(
                         "msign on each same-shape batch (b, m, n) of the set: the Newton-Schulz part of a Muon step{note}"
@@ -558,6 +605,13 @@ fn main() -> Result<()> {
                         msign(g, ns)?;
                     }
                     Ok(())
+                },
+                |(gs, ns)| {
+                    let notes = gs
+                        .iter()
+                        .map(|g| check_msign(&msign(g, ns)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Some(notes.join("; ")))
                 },
             );
         }

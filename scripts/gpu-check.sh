@@ -61,6 +61,12 @@ TRAIN="$CARGO_TARGET_DIR/release/examples/train_lm"
 [[ -x "$TEST" && -x "$BENCH" && -x "$EXAMPLE" && -x "$TRAIN" ]] || { echo "binaries not found" >&2; exit 1; }
 
 rm -rf .gpu && mkdir -p .gpu
+# What was built: the commit and any uncommitted change (report.md shows it).
+{
+  echo "built $(date -u +%FT%TZ) from $(git rev-parse HEAD 2>/dev/null || echo '(not a git checkout)')"
+  dirty="$(git status --porcelain 2>/dev/null | grep -v '^?? ' | head -20)"
+  if [[ -n "$dirty" ]]; then echo "uncommitted changes:"; echo "$dirty"; else echo "no uncommitted changes to tracked files"; fi
+} > .gpu/STAMP
 cp "$SHARED/device-run.sh" .gpu/
 cp bench/torch_reference.py scripts/gpu_bench_table.py .gpu/
 # The first 20 losses of the small configuration on this machine's CPU, for
@@ -87,6 +93,7 @@ cat > .gpu/run.sh <<'RUN'
 #   RUN_STEPS    which steps (default: all, in this order)
 #   DEADLINE_S   seconds from start for the whole run (default 460; set it to
 #                the device time left minus the start-up, if less)
+#   TRAIN_RESERVE_S  seconds the steps before training leave for it (default 170)
 #   BENCH_ARGS   extra flags for both benchmark programs (e.g. "--reps 30")
 #   PY      the Python with PyTorch (default python3)
 set -uo pipefail
@@ -110,6 +117,7 @@ pack() { # results.tgz (all of $WORK), report.md, the JSONs: at most 4 files in 
   {
     echo "# steepest on the GPU: $(date -u +%FT%TZ), $(( $(date +%s) - T0 )) s after the start"
     echo; echo '```'; head -3 "$WORK/machine.log" 2>/dev/null; echo '```'
+    echo; echo '```'; cat "$G/STAMP" 2>/dev/null || echo "no .gpu/STAMP"; echo '```'
     echo; echo "## Steps"; echo; echo '```'; cat "$WORK/steps.tsv"; echo '```'
     if [[ -f "$WORK/tests.log" ]]; then
       echo; echo "## GPU tests"; echo; echo '```'
@@ -124,10 +132,11 @@ pack() { # results.tgz (all of $WORK), report.md, the JSONs: at most 4 files in 
     for f in gpu_bench_table.md train/first20/compare.txt train/gpu/summary.md; do
       [[ -f "$WORK/$f" ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
-    if [[ -f "$WORK/ncu.log" ]]; then
-      echo; echo "## ncu (Nsight Compute, per-kernel summary; all of it in results.tgz)"; echo; echo '```'
-      grep -vE '^==PROF==|^\s*$' "$WORK/ncu.log" | head -120; echo '```'
-    fi
+    for f in "$WORK"/ncu_*.log; do
+      [[ -f "$f" ]] || continue
+      echo; echo "## $(basename "$f") (Nsight Compute, per-kernel summary; all of it in results.tgz)"; echo; echo '```'
+      grep -vE '^==PROF==|^\s*$' "$f" | head -60; echo '```'
+    done
     echo; echo "## Commands (from the repository root, .gpu/ staged by scripts/gpu-check.sh)"; echo
     echo '```'; cat "$WORK/commands.txt"; echo '```'
   } > "$OUT/report.md.tmp" 2>&1
@@ -141,10 +150,16 @@ with tarfile.open(sys.argv[2] + ".tmp", "w:gz") as t:
     mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
 
-step() { # step NAME CAP_SECONDS CMD...: under min(CAP, time left − 5), output to $WORK/NAME.log
+# The steps before training keep TRAIN_RESERVE_S for it (when it is to run):
+# a hung kernel costs its step's cap, not the training.
+TRAIN_RESERVE_S="${TRAIN_RESERVE_S:-170}"
+[[ "$TRAIN_RESERVE_S" =~ ^[0-9]+$ ]] || { echo "TRAIN_RESERVE_S must be whole seconds" >&2; exit 2; }
+step() { # step NAME CAP_SECONDS CMD...: under min(CAP, time left − 5 [− the reserve]), output to $WORK/NAME.log
   local name="$1" cap="$2"; shift 2
   has "$name" || return 0
-  local t; t=$(( $(left) - 5 )); (( t > cap )) && t=$cap
+  local reserve=0
+  if has train && [[ " tests isolate bench torch table ncu " == *" $name "* ]]; then reserve=$TRAIN_RESERVE_S; fi
+  local t; t=$(( $(left) - 5 - reserve )); (( t > cap )) && t=$cap
   if (( t < 15 )); then # a skipped step returns 3 (the exit code reports skipped tests)
     echo -e "$name\tskipped\t0\t$t" >> "$WORK/steps.tsv"; echo "== $name: skipped ($(left) s left)"; pack; return 3
   fi
@@ -183,19 +198,28 @@ ncu_path() { # Nsight Compute's ncu, on the PATH or in its install folder
   local n; n="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)"
   [[ -n "$n" ]] && echo "$n"
 }
-# Nsight Compute on the target workloads, only when a target was missed (the
-# issue asks for a profile then): our kernels and the GEMMs, one rep each.
+# Nsight Compute on the workloads behind missed targets (the table's
+# missed_workloads.txt; the issue asks for a profile then), each in its own
+# ncu run with its own log and time limit, so that one slow profile does not
+# lose the others: one rep, no warm-up, the first 80 kernels of ours and of
+# cuBLAS (setting up the inputs launches others, left out by name).
 # On a gVisor host ncu cannot read the counters; the step then fails, logged.
 profile() {
-  grep -q '\*\*missed\*\*' "$WORK/gpu_bench_table.md" 2>/dev/null || { echo "no target missed: no profile"; return 0; }
-  local n; n="$(ncu_path)" || { echo "ncu not found"; return 1; }
-  local cmd=("$n" --clock-control none --target-processes all --launch-count 150
-    --kernel-name regex:'^(adamw|sgd|ema|apply|finite|sumsq|power_|ns_|nvjet|sm90|sm100|cutlass|gemm|xmma|Kernel)'
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --print-summary per-kernel
-    bash "$G/device-run.sh" "$G/gpu_bench" -- --out "$WORK/gpu_bench_ncu.json" --reps 1 --warmup 1
-    --only muon_step/gpt2_small,muon_step/1b,power_iteration_x10/1b,adamw_spectral/gpt2_small)
-  echo "ncu command: ${cmd[*]}" | tee -a "$WORK/commands.txt"
-  "${cmd[@]}"
+  local list="$WORK/missed_workloads.txt" n w r=0 per
+  [[ -s "$list" ]] || { echo "no target missed: no profile"; return 0; }
+  n="$(ncu_path)" || { echo "ncu not found"; return 1; }
+  per=$(( PROFILE_S / $(wc -l < "$list") )); (( per < 20 )) && per=20
+  while read -r w; do
+    [[ -n "$w" ]] || continue
+    local log="$WORK/ncu_${w//\//_}.log"
+    local cmd=("$n" --clock-control none --target-processes all --launch-count 80
+      --kernel-name regex:'^(adamw|sgd|ema|apply|finite|sumsq|power_|ns_|nvjet|sm90|sm100|sm80|ampere|cutlass|gemm|gemv|splitK|xmma|Kernel)'
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --print-summary per-kernel --log-file "$log"
+      bash "$G/device-run.sh" "$G/gpu_bench" -- --out "$WORK/gpu_bench_ncu.json" --reps 1 --warmup 0 --only "$w")
+    echo "=== $w (limit $per s): ${cmd[*]}" | tee -a "$WORK/commands.txt"
+    timeout -k 3 "$per" "${cmd[@]}" || { echo "ncu on $w: exit $?"; r=1; }
+  done < "$list"
+  return $r
 }
 # Each failed GPU test again, alone in its own process (CUDA_LAUNCH_BLOCKING=1):
 # a kernel fault is sticky in a CUDA context, so in the shared process of the
@@ -210,7 +234,8 @@ isolate() {
   done
   return $r
 }
-export -f machine ncu_path profile isolate; export G PY WORK
+PROFILE_S=80
+export -f machine ncu_path profile isolate; export G PY WORK PROFILE_S
 step machine 40 bash -c machine
 rc=0
 # shellcheck disable=SC2086 # BENCH_ARGS: extra flags, split on spaces
@@ -220,8 +245,8 @@ step tests 150 bash $G/device-run.sh $G/gpu_kernels_test -- --test-threads=1 || 
 step bench 120 bash $G/device-run.sh $G/gpu_bench -- --out "$WORK/gpu_bench_steepest.json" $BENCH_ARGS
 step torch 120 "$PY" $G/torch_reference.py --out "$WORK/gpu_bench_torch.json" $BENCH_ARGS
 step table 20 python3 $G/gpu_bench_table.py "$WORK/gpu_bench_steepest.json" "$WORK/gpu_bench_torch.json" \
-  --out "$WORK/gpu_bench_table.md"
-step ncu 45 bash -c profile
+  --out "$WORK/gpu_bench_table.md" --missed-out "$WORK/missed_workloads.txt"
+step ncu $((PROFILE_S + 10)) bash -c profile
 }
 if has train; then
   mkdir -p runs/first20
@@ -242,5 +267,8 @@ echo "  run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=480)"
 echo "It stops by itself after DEADLINE_S=460 s (with less device time left, set DEADLINE_S to"
 echo "status's budget_left_s minus ~3 min for the start, and timeout_s 20 s above it);"
 echo "\$OUT gets results.tgz, report.md and the two JSONs."
+echo "Afterwards: the training's curves are in results.tgz under steepest-gpu/train/gpu/"
+echo "(train_lm.csv, .svg, .png, summary.md): commit them as docs/train_lm_gpu.* (docs/train_lm.*"
+echo "are the CPU run's), and the table of report.md into BENCHMARKS.md's GPU section."
 echo "A rerun of some steps only, sent at once (a warm machine goes back after 30 s idle):"
 echo "  run(command=\"RUN_STEPS='bench torch table' DEADLINE_S=150 bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=170)"

@@ -373,11 +373,23 @@ fn gpu_msign_gram_form_matches_cpu() {
     msign_on_every_shape(&NewtonSchulz::you().with_gram(gram), 400);
 }
 
-/// msign under `ns` on the GPU against the CPU on every shape: f32 operands
-/// within 2e-3 of the largest entry, bf16 operands within 0.1.
+/// Shapes whose short side spans several Gram tiles (`gram_tile`: 3 tiles
+/// of 128 at 300, 4 of 160 with a short last one at 600, 4 of 192 at 768,
+/// the GPT-2 size): the tiled symmetric products of the benchmark's sizes,
+/// which `MSIGN_SHAPES` (short sides ≤ 130, at most 2 tiles) do not reach.
+const MSIGN_TILED_SHAPES: &[(usize, usize, usize)] =
+    &[(2, 300, 520), (1, 1000, 600), (1, 768, 768)];
+
+/// msign under `ns` on the GPU against the CPU on every shape (and the
+/// tiled ones): f32 input with f32 operands within 2e-3 of the largest
+/// entry, bf16 operands within 0.1; bf16 input (the benchmark's
+/// `msign_bf16`: loaded and stored as bf16) against the CPU's msign of the
+/// same bf16 input, within 1e-2 (f32 operands: the output's bf16 rounding)
+/// and 0.1 (bf16 operands).
 fn msign_on_every_shape(ns: &NewtonSchulz, seed: u64) {
     let dev = gpu();
-    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().enumerate() {
+    let ns16 = ns.clone().with_compute_dtype(DType::BF16);
+    for (i, &(b, m, n)) in MSIGN_SHAPES.iter().chain(MSIGN_TILED_SHAPES).enumerate() {
         let mut r = rng(seed + i as u64);
         let g = randn(&mut r, &[b, m, n], DType::F32, &Device::Cpu);
         let want = msign(&g, ns).unwrap();
@@ -385,10 +397,21 @@ fn msign_on_every_shape(ns: &NewtonSchulz, seed: u64) {
         let got = msign(&g.to_device(&dev).unwrap(), ns).unwrap();
         let d = max_diff(&want, &got);
         assert!(d <= 2e-3 * scale, "({b},{m},{n}): {d:e}");
-        let ns16 = ns.clone().with_compute_dtype(DType::BF16);
         let got16 = msign(&g.to_device(&dev).unwrap(), &ns16).unwrap();
         let d16 = max_diff(&want, &got16);
         assert!(d16 <= 0.1 * scale, "({b},{m},{n}) bf16: {d16:e}");
+        let gb = g.to_dtype(DType::BF16).unwrap();
+        let want_b = msign(&gb, ns).unwrap();
+        let scale_b = max_abs(&want_b).max(1.0);
+        for (nsx, tol, what) in [(ns, 1e-2, "f32"), (&ns16, 0.1, "bf16")] {
+            let got_b = msign(&gb.to_device(&dev).unwrap(), nsx).unwrap();
+            assert_eq!(got_b.dtype(), DType::BF16);
+            let d = max_diff(&want_b, &got_b);
+            assert!(
+                d <= tol * scale_b,
+                "({b},{m},{n}) bf16 input, {what} operands: {d:e}"
+            );
+        }
     }
 }
 
