@@ -869,3 +869,52 @@ fn transforms_built_from_struct_literals_are_validated_at_construction() {
         );
     }
 }
+
+/// A manifold step runs the update itself: a direction transform after it
+/// (Adam would run a second, fused update off the manifold; ShapeScale
+/// would be dropped) is refused when the chain is built, naming both; a
+/// post-update transform after it is fine.
+#[test]
+fn nothing_but_post_update_transforms_may_follow_a_manifold_step() {
+    let vm = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &candle_core::Device::Cpu);
+    vb.get_with_hints(
+        (4, 3),
+        "w",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )
+    .unwrap();
+    let step = || ManifoldStep {
+        manifold: Manifold::Sphere { radius: 1.0 },
+        norm: Norm::Euclidean,
+        dual: DualAscent::default(),
+    };
+    for (after, name) in [
+        (Chain::new().then(step()).then(Adam::default()), "adam"),
+        (
+            Chain::new().then(step()).then(ShapeScale {
+                adjust: LrAdjust::Original,
+            }),
+            "shape_scale",
+        ),
+    ] {
+        let e = Driver::from_varmap(&vm, after, 0.01)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runs the update itself") && e.contains(name),
+            "{e}"
+        );
+    }
+    Driver::from_varmap(
+        &vm,
+        Chain::new()
+            .then(Momentum::ema(0.9, false).unwrap())
+            .then(step()),
+        0.01,
+    )
+    .unwrap();
+}

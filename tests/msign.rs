@@ -278,6 +278,13 @@ fn validate_refuses_a_negative_eps_and_an_integer_compute_dtype() {
     for (bad, field) in [
         (ns.clone().with_eps(-1e-7), "eps"),
         (ns.clone().with_compute_dtype(DType::U32), "compute dtype"),
+        // floats candle cannot multiply matrices in: refused before a step,
+        // not inside it after the momentum was written
+        (
+            ns.clone().with_compute_dtype(DType::F8E4M3),
+            "compute dtype",
+        ),
+        (ns.clone().with_compute_dtype(DType::F4), "compute dtype"),
     ] {
         match bad.validate("MuonConfig.ns") {
             Err(steepest::Error::Config { who, what }) => {

@@ -791,3 +791,35 @@ fn the_sphere_direction_at_zero_is_the_dualized_gradient() {
     let back = sphere_retract(&tensor(&w, DType::F64), 2.0, &Norm::Lp(3.0)).unwrap();
     assert_eq!(vec_of(&back), w);
 }
+
+/// `Norm::Lp` of a gradient whose entries are all subnormal in f32 (a
+/// momentum buffer decaying under a gradient that stays zero reaches them):
+/// the direction is finite and is the f64 formula's,
+/// `sign(g)|g/max|g||^{1/(p−1)}` normalised in the p-norm. (Scaling by
+/// 1/max in f32 made it Inf and NaN, and a step wrote them into the weights.)
+#[test]
+fn lp_dualize_of_a_subnormal_gradient_is_finite_and_right() {
+    let g = Tensor::new(&[1e-39f32, 0.0, -2e-40, 5e-40], &Device::Cpu).unwrap();
+    let gv: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+    for p in [1.5, 3.0, 6.0] {
+        let e = 1.0 / (p - 1.0);
+        let m = gv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        let x: Vec<f64> = gv
+            .iter()
+            .map(|v| v.signum() * (v.abs() / m).powf(e) * (*v != 0.0) as u8 as f64)
+            .collect();
+        let n = p_norm(&x, p);
+        let got: Vec<f64> = dualize(&g, &Norm::Lp(p))
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got.iter().zip(&x) {
+            assert!(
+                a.is_finite() && (a - b / n).abs() <= 1e-6,
+                "p = {p}: {got:?} vs {x:?}/{n}"
+            );
+        }
+    }
+}

@@ -118,7 +118,8 @@ fn bad_rate_is_refused<O: Optimizer + OptimizerState>(
     make: fn(&VarMap) -> O,
     try_step: TryStep<O>,
 ) {
-    for bad in [f64::NAN, -1e-3, f64::INFINITY, f64::NEG_INFINITY] {
+    // 1e39: finite in f64, Inf in f32, where the updates compute
+    for bad in [f64::NAN, -1e-3, f64::INFINITY, f64::NEG_INFINITY, 1e39] {
         let (vm, rv) = (
             model_of(shapes, DType::F32, 9),
             model_of(shapes, DType::F32, 9),
@@ -191,6 +192,27 @@ fn a_bad_learning_rate_refuses_the_step_and_changes_nothing() {
     bad_rate_is_refused("Muon", MIXED, muon, Muon::try_step);
     bad_rate_is_refused("Steepest", MATRICES, steepest, Steepest::try_step);
     bad_rate_is_refused("Driver", MIXED, driver, Driver::try_step);
+}
+
+/// Old code: AdamW at a rate finite in f32 whose first bias-corrected step
+/// `η/(1 − β₁)` is not (1e38 at β₁ = 0.9) returned `Ok` and wrote ±Inf/NaN.
+#[test]
+fn an_adamw_rate_beyond_f32_after_bias_correction_is_refused() {
+    let vm = model_of(MIXED, DType::F32, 9);
+    // (no decay: lr·λ ≤ 1 would refuse the rate first)
+    let cfg = AdamWConfig {
+        weight_decay: WeightDecay::Decoupled(0.0),
+        ..Default::default()
+    };
+    let mut opt = AdamW::from_varmap(&vm, cfg).unwrap();
+    opt.set_learning_rate(1e38);
+    let params = snapshot(&vm);
+    let grads = loss_of(&vm, MIXED, 0).backward().unwrap();
+    config_error(opt.try_step(&grads), "lr", "lr/(1 − β₁)");
+    assert_eq!(snapshot(&vm), params);
+    opt.set_learning_rate(1e-3);
+    opt.try_step(&grads).unwrap();
+    assert_ne!(snapshot(&vm), params);
 }
 
 fn config_error(r: steepest::Result<impl std::fmt::Debug>, who_has: &str, what_has: &str) {

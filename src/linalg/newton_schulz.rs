@@ -198,8 +198,15 @@ impl NewtonSchulz {
             );
         }
         if let Some(d) = self.compute_dtype {
-            if !d.is_float() {
-                fail!(Config, who, "compute dtype must be a float type, got {d:?}");
+            // The dtypes candle multiplies matrices in (its 8-, 6- and 4-bit
+            // floats convert or multiply on no device): refused here, not
+            // part-way through a step.
+            if !matches!(d, DType::BF16 | DType::F16 | DType::F32 | DType::F64) {
+                fail!(
+                    Config,
+                    who,
+                    "compute dtype must be bf16, f16, f32 or f64, got {d:?}"
+                );
             }
         }
         if let Some(g) = &self.gram {

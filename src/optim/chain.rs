@@ -94,10 +94,12 @@ impl Chain {
             .all(|(_, t)| t.stage() == Stage::Post)
     }
 
-    /// Names unique and usable as key parts; `Post` transforms last.
+    /// Names unique and usable as key parts; `Post` transforms last; after
+    /// a transform that runs the update itself, only `Post` transforms.
     pub(crate) fn validate(&self, who: &str) -> Result<()> {
         let mut seen = HashSet::new();
         let mut post = None;
+        let mut updater: Option<&str> = None;
         for (name, t) in &self.items {
             if name.is_empty() || name.contains('.') {
                 fail!(
@@ -112,6 +114,17 @@ impl Chain {
                     who,
                     "two transforms are named `{name}`; name one with Chain::then_named"
                 );
+            }
+            if let (Some(u), true) = (updater, t.stage() != Stage::Post) {
+                fail!(
+                    Config,
+                    who,
+                    "`{name}` comes after `{u}`, which runs the update itself: only \
+                     post-update transforms (retractions) may follow it"
+                );
+            }
+            if t.applies_update() {
+                updater = Some(name);
             }
             match (t.stage(), post) {
                 (Stage::Post, _) => post = Some(name),

@@ -83,13 +83,22 @@ pub struct Driver {
     stepped: Vec<bool>,
 }
 
-/// Errors unless `lr` is finite and ≥ 0.
+/// Errors unless `lr` is finite and ≥ 0, and within f32's range (the
+/// updates of f32, bf16 and f16 parameters compute in f32, where a larger
+/// rate is Inf and writes Inf/NaN weights).
 pub(crate) fn check_lr(who: &str, lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
         fail!(
             Config,
             who,
             "learning rate must be finite and ≥ 0, got {lr}"
+        );
+    }
+    if lr > f32::MAX as f64 {
+        fail!(
+            Config,
+            who,
+            "learning rate {lr} is beyond f32's range, in which the updates compute"
         );
     }
     Ok(())
@@ -539,9 +548,17 @@ impl Driver {
             members.iter().map(|(_, g)| g).collect(),
             *lr * part.lr_ratio,
         );
-        for (t_idx, (_, t)) in part.chain.iter().enumerate() {
+        for (t_idx, (name, t)) in part.chain.iter().enumerate() {
             if t.stage() == super::transform::Stage::Post {
                 step.apply_update()?;
+            } else if step.is_applied() {
+                // Chain::validate refuses this for the crate's transforms; a
+                // custom one that runs the update without `fuse` lands here.
+                fail!(
+                    Config,
+                    format!("partition `{}`", part.label),
+                    "`{name}` would change the direction after the update has run"
+                );
             }
             let fuse = part.chain.only_post_after(t_idx);
             let mut slots: Vec<StateSlot> = members

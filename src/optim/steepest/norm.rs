@@ -97,13 +97,18 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
         Norm::Lp(p) if *p == 2.0 => normalize_l2(g),
         Norm::Lp(p) => {
             let e = 1.0 / (p - 1.0); // q/p = q − 1
-                                     // Scaled by max |g| first: |g|^e neither overflows nor underflows.
-            let m = g.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?;
-            let m = m.to_scalar::<f64>()?;
+                                     // Scaled by max |g| first, so |g|^e neither overflows nor
+                                     // underflows: a division by the maximum as a tensor, exact also
+                                     // when it is subnormal (`g / m` with m an f64 multiplies by
+                                     // 1/m in g's dtype, which overflows f32 below m ≈ 2.9e-39 and
+                                     // made Inf and NaN directions).
+            let mt = g.abs()?.flatten_all()?.max_keepdim(0)?;
+            let m = mt.to_dtype(DType::F64)?.squeeze(0)?.to_scalar::<f64>()?;
             if m == 0.0 {
                 return Ok(g.zeros_like()?);
             }
-            let x = ((g / m)?.abs()?.powf(e)? * g.sign()?)?;
+            let s = g.broadcast_div(&mt)?;
+            let x = (s.abs()?.powf(e)? * g.sign()?)?;
             let n = Norm::Lp(*p).vector_norm(&x)?;
             Ok((x / n)?)
         }

@@ -121,6 +121,22 @@ impl Transform for Adam {
         Ok(())
     }
 
+    /// The first step's rate `η/(1 − β₁)` (bias correction) must be
+    /// finite in f32, where the kernels compute it.
+    fn check_lr(&self, lr: f64) -> Result<()> {
+        let first = lr / (1.0 - self.beta1);
+        if first > f32::MAX as f64 {
+            fail!(
+                Config,
+                "lr",
+                "lr/(1 − β₁) = {lr}/(1 − {}) = {first} is beyond f32's range, in which \
+                 AdamW's step computes",
+                self.beta1
+            );
+        }
+        Ok(())
+    }
+
     fn check(&self, _p: &ParamInfo) -> Result<()> {
         // The fields are public: refuse at construction what `set_hparams`
         // would refuse, rather than step with it.

@@ -264,6 +264,10 @@ impl Transform for ManifoldStep {
         true
     }
 
+    fn applies_update(&self) -> bool {
+        true
+    }
+
     fn apply(
         &self,
         step: &mut GroupStep<'_>,

@@ -310,6 +310,15 @@ pub trait Transform: Send + Sync + Debug {
     fn fallible(&self) -> bool {
         false
     }
+    /// Whether it always runs the update itself ([`GroupStep::mark_applied`]),
+    /// `fuse` or not (a manifold step, which moves along the manifold rather
+    /// than by `−η·d`): only `Stage::Post` transforms may follow it in a
+    /// chain, since a direction set after it would be dropped and a fused
+    /// update would run a second time ([`Chain`](crate::optim::Chain)
+    /// refuses such a chain).
+    fn applies_update(&self) -> bool {
+        false
+    }
     /// Whether its cost on an `m×n` matrix grows like a matrix product,
     /// `m·n·min(m, n)` (`msign`, a dualisation, a manifold step), rather
     /// than with the element count: the data-parallel planner
