@@ -596,12 +596,29 @@ fn whole_optimizer_steps_generic_match_cpu() {
     }
 }
 
-/// `max |a − b| / max(1, max |b|)`.
+/// `max |a − b| / max(1, max |b|)`; +∞ when the lengths differ or a pair
+/// differs in NaN-ness or infinity (`f64::max` drops a NaN: a path writing
+/// NaN passed as agreeing).
 fn max_gap(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let diff = |x: f64, y: f64| {
+        if x == y || (x.is_nan() && y.is_nan()) {
+            0.0
+        } else {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        }
+    };
     let scale = b.iter().fold(1.0f64, |m, x| m.max(x.abs()));
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| diff(*x, *y))
         .fold(0.0, f64::max)
         / scale
 }

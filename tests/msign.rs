@@ -703,3 +703,45 @@ fn apply_scalar_is_the_singular_value_map_of_msign() {
         assert!((a - b).abs() < 1e-12, "σ {a} vs apply_scalar {b}");
     }
 }
+
+/// An f64 matrix with entries near 1e-170 (squares below f64's range) and
+/// eps = 0 has the msign of the same matrix at scale 1 (msign does not
+/// depend on the scale); the CPU path returned zeros (its norm underflowed
+/// to 0), the generic path the right answer.
+#[test]
+fn msign_of_a_tiny_f64_matrix_with_eps_zero_is_scale_free() {
+    let mut r = rng(41);
+    let g = randn(&mut r, &[5, 3], DType::F64);
+    let ns = NewtonSchulz::polar_express(8).with_eps(0.0);
+    let want = msign(&g, &ns).unwrap();
+    for scale in [1e-170, 1e-200] {
+        let got = msign(&(&g * scale).unwrap(), &ns).unwrap();
+        let d = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "{scale:e}: {d:e}");
+    }
+}
+
+/// `msign` validates its schedule on every path: a NaN eps (which zeroed
+/// the CPU path's output and filled the generic path's with NaN) is a
+/// Config error naming `eps`.
+#[test]
+fn msign_refuses_an_invalid_schedule() {
+    let g = randn(&mut rng(3), &[4, 3], DType::F32);
+    let ns = NewtonSchulz::muon().with_eps(f64::NAN);
+    for r in [
+        msign(&g, &ns),
+        steepest::device::with_generic_ops(|| msign(&g, &ns)),
+    ] {
+        match r {
+            Err(steepest::Error::Config { what, .. }) => assert!(what.contains("eps"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

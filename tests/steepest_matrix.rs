@@ -314,6 +314,27 @@ fn a_warm_stiefel_retraction_far_from_the_manifold_falls_back_to_cold() {
     assert!(err < 1e-4, "{err:e}");
 }
 
+/// A warm retraction of a matrix with one singular value far above the
+/// others' (normalised by rms(σ), beyond √3, where the cubic step sends it
+/// to −1) is the polar factor, not a matrix on the manifold with that
+/// direction flipped: `diag(4, 1, 1, 1, 1)` came back as
+/// `diag(−1, 1, 1, 1, 1)` with no error. Checked against the f64 SVD's
+/// `UVᵀ` for a spike of 3–6 times the rest, square and tall.
+#[test]
+fn a_warm_stiefel_retraction_does_not_flip_a_dominant_direction() {
+    let d = DMatrix::from_diagonal(&nalgebra::DVector::from_vec(vec![4.0, 1.0, 1.0, 1.0, 1.0]));
+    let out = to_dmatrix(&stiefel_retract(&from_dmatrix(&d, DType::F32), false).unwrap());
+    assert!(rel_err(&out, &DMatrix::identity(5, 5)) < 1e-5, "{out}");
+    for (n, m, top) in [(5, 5, 3.0), (8, 5, 4.0), (16, 8, 6.0), (12, 12, 3.5)] {
+        let mut sv = vec![1.0; m];
+        sv[0] = top;
+        let a = with_singular_values(&mut rng(77 + n as u64), n, m, &sv);
+        let out = to_dmatrix(&stiefel_retract(&from_dmatrix(&a, DType::F32), false).unwrap());
+        let err = rel_err(&out, &polar(&a));
+        assert!(err < 1e-5, "{n}×{m}, σ₁ = {top}: {err:e}");
+    }
+}
+
 fn nuclear(a: &DMatrix<f64>) -> f64 {
     singular_values(a).iter().sum()
 }
@@ -1129,6 +1150,67 @@ fn a_manifold_step_on_a_zero_matrix_is_refused_naming_it_and_changes_nothing() {
                 "state was created by the refused step: {case}"
             );
         }
+    }
+}
+
+/// The spectral-sphere retraction's factor r/σ₁ is computed in f64 and the
+/// result rounded once: in f16, σ₁ = 70 000 (beyond f16's 65 504) made the
+/// factor 0 and the result zero, and r/σ₁ = 1e5 made it Inf/NaN, though the
+/// results fit f16. Also at scales where WᵀW under- or overflows f32
+/// (1e-25, 1e20), σ₁ is found to working precision, not from a default
+/// start. Against the closed forms (`c·ones(n, n)`: σ₁ = c·n; diagonal).
+#[test]
+fn spectral_sphere_retraction_at_extreme_scales() {
+    let dev = candle_core::Device::Cpu;
+    let big = (Tensor::ones((70, 70), DType::F16, &dev).unwrap() * 1000.0).unwrap();
+    let (out, top) = spectral_sphere_retract(&big, 2.0, None).unwrap();
+    let sigma = top
+        .sigma
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((sigma / 70_000.0 - 1.0).abs() < 1e-3, "{sigma}");
+    let vals = to_dmatrix(&out);
+    // every entry 2/70, to f16's rounding
+    assert!(
+        vals.iter().all(|x| (x - 2.0 / 70.0).abs() < 2e-5),
+        "{}",
+        vals[(0, 0)]
+    );
+    let small = (Tensor::eye(4, DType::F16, &dev).unwrap() * 1e-3).unwrap();
+    let (out, _) = spectral_sphere_retract(&small, 100.0, None).unwrap();
+    let vals = to_dmatrix(&out);
+    for i in 0..4 {
+        for j in 0..4 {
+            let want = if i == j { 100.0 } else { 0.0 };
+            assert!(
+                (vals[(i, j)] - want).abs() <= 0.1,
+                "({i},{j}): {}",
+                vals[(i, j)]
+            );
+        }
+    }
+    for scale in [1e-25, 1e20] {
+        let d = DMatrix::from_row_slice(2, 2, &[3.0 * scale, 0.0, 0.0, scale]);
+        let w = from_dmatrix(&d, DType::F32);
+        let top = steepest::linalg::top_singular_precise(&w, None).unwrap();
+        let sigma = top
+            .sigma
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (sigma / (3.0 * scale) - 1.0).abs() < 1e-5,
+            "{scale}: {sigma:e}"
+        );
+        let (out, _) = spectral_sphere_retract(&w, 1.0, None).unwrap();
+        let vals = to_dmatrix(&out);
+        assert!(
+            (vals[(0, 0)] - 1.0).abs() < 1e-5 && (vals[(1, 1)] - 1.0 / 3.0).abs() < 1e-5,
+            "{scale}: {vals}"
+        );
     }
 }
 

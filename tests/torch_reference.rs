@@ -78,14 +78,23 @@ impl Fixture {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap() as f64;
-                let err = (nv.var.as_tensor() - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as f64;
+                // element by element in f64: candle's max_all (f32::max)
+                // and f64::max drop a NaN, which would pass as agreement
+                let got: Vec<f32> = nv.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let exp: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got.len(), exp.len(), "{case}: {}", nv.name);
+                let err = got
+                    .iter()
+                    .zip(&exp)
+                    .map(|(a, b)| {
+                        let d = (*a as f64 - *b as f64).abs();
+                        if d.is_finite() {
+                            d
+                        } else {
+                            f64::INFINITY
+                        }
+                    })
+                    .fold(0.0, f64::max);
                 worst = worst.max(err / scale);
             }
         }

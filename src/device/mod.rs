@@ -820,6 +820,9 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// products run in the arithmetic dtype, the kernels' cuBLAS sequence on
 /// CUDA (feature `cuda`), otherwise candle's generic ops.
 pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
+    // (the paths read the table differently: a NaN eps zeroed the CPU's
+    // output and filled the generic path's with NaN)
+    ns.validate("msign: ns")?;
     crate::linalg::matrix_dims("msign: g", g)?;
     if g.elem_count() == 0 {
         // An empty matrix (a zero dimension) has nothing to orthogonalise.

@@ -160,9 +160,11 @@ impl<T: WithDType> Workspace<T> {
             .map(|v| v.to_f64() * v.to_f64())
             .sum::<f64>()
             .sqrt();
-        if norm.is_infinite() {
-            // f64 entries beyond ~1e154 overflow the sum of squares: scale
-            // by the largest entry first (only then, to spare a pass).
+        if norm.is_infinite() || norm < 1e-150 {
+            // f64 entries beyond ~1e154 overflow the sum of squares, and
+            // below ~1e-162 their squares flush to 0 (a zero norm, and with
+            // eps = 0 a zero output): scale by the largest entry first
+            // (only then, to spare a pass).
             let amax = src.iter().fold(0f64, |a, v| a.max(v.to_f64().abs()));
             if amax.is_finite() {
                 let s = src.iter().map(|v| (v.to_f64() / amax).powi(2)).sum::<f64>();

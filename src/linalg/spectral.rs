@@ -96,7 +96,13 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
     let w3 = w3.to_dtype(dt)?;
     let (_, m, n) = w3.dims3()?;
     let wide = n > m;
-    let wt = w3.transpose(1, 2)?;
+    // The Gram matrix and the products that find the direction of v₁ use
+    // W/max|W| (per matrix): the direction does not depend on the scale,
+    // and WᵀW itself underflows to 0 in f32 for |W| ≲ 1e-19 and overflows
+    // for |W| ≳ 1e19 (σ came out of a default start, off by any factor).
+    // σ itself comes from W (`power_iteration`, scale-free).
+    let (ws, _, _) = super::scaled_keepdim(&w3)?;
+    let wt = ws.transpose(1, 2)?;
     // A start on the short side (power_iteration with 0 iterations handles a
     // missing, zero or non-finite start), plus a fixed pseudo-random vector so
     // that no start is orthogonal to the top singular subspace.
@@ -106,9 +112,9 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
     let r = pseudo_random(k, 1, dt, w3.device())?;
     let x = x.broadcast_add(&(r * 1e-3)?)?.unsqueeze(2)?;
     let mut a = if wide {
-        w3.matmul(&wt)?
+        ws.matmul(&wt)?
     } else {
-        wt.matmul(&w3)?
+        wt.matmul(&ws)?
     };
     let tiny = match dt {
         DType::F64 => 1e-300,
@@ -238,13 +244,29 @@ pub(crate) fn spectral_sphere_retract_members(
             ),
         });
     }
-    let scale = (radius / top.sigma.to_dtype(w.dtype())?)?;
-    let scale = if w.rank() == 3 {
-        scale.reshape((s.len(), 1, 1))?
+    // The factors r/σ in f64 and the product in f64 (f32 on Metal, which
+    // has none), rounded to w's dtype once: in f16, σ beyond 65504 or r/σ
+    // beyond it made the factor Inf (a zero or Inf/NaN result), and in bf16
+    // the factor's 8 bits missed the radius by a few ulps.
+    let work = if w.device().is_metal() {
+        DType::F32
     } else {
-        scale.reshape((1, 1))?
+        DType::F64
     };
-    Ok((w.broadcast_mul(&scale)?, top))
+    let factors: Vec<f64> = s.iter().map(|si| radius / si).collect();
+    let shape: &[usize] = if w.rank() == 3 {
+        &[s.len(), 1, 1]
+    } else {
+        &[1, 1]
+    };
+    let scale = Tensor::from_vec(factors, shape, &candle_core::Device::Cpu)?
+        .to_dtype(work)?
+        .to_device(w.device())?;
+    let scaled = w
+        .to_dtype(work)?
+        .broadcast_mul(&scale)?
+        .to_dtype(w.dtype())?;
+    Ok((scaled, top))
 }
 
 /// Cap on the rounds of the Stiefel retraction (each: cubic Newton–Schulz
@@ -289,6 +311,38 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// the iteration could not reach in the narrow type.
 pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
     stiefel_retract_members(w, cold).map_err(|e| e.for_batch(w, "stiefel_retract"))
+}
+
+/// Whether the warm rounds of [`stiefel_retract`] converge to the polar
+/// factor on every member of `w3` `(b, n, m)`. They divide by
+/// `rms(σ) = ‖W‖_F/√m`, and the cubic step `1.5s − 0.5s³` sends a
+/// normalised singular value `s > √3` to −1: the result is then on the
+/// manifold but is not the polar factor (`diag(4, 1, 1, 1, 1)` came back
+/// as `diag(−1, 1, 1, 1, 1)`, with no error). Safe when Gershgorin's bound
+/// on `λ_max(WᵀW)/rms(σ)²` is below 3; otherwise when σ₁ by 30 power
+/// iterations (an estimate from below, which converges fast here: `σ₁`
+/// beyond `√3·rms` stands out) is below `1.5·rms`. Not finite: not safe.
+fn warm_start_is_safe(w3: &Tensor) -> Result<bool> {
+    let m = w3.dim(2)?;
+    let a = w3.transpose(1, 2)?.matmul(w3)?;
+    let to_f64 = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    // ‖W‖_F² = tr(WᵀW), per member
+    let eye = Tensor::eye(m, a.dtype(), a.device())?;
+    let trace = to_f64(a.broadcast_mul(&eye)?.sum(2)?.sum(1)?)?;
+    let gershgorin = to_f64(a.abs()?.sum(2)?.max(1)?)?;
+    let rms2: Vec<f64> = trace.iter().map(|t| t / m as f64).collect();
+    let safe = |bound2: &[f64], limit2: f64| {
+        bound2
+            .iter()
+            .zip(&rms2)
+            .all(|(b, r)| (b / r).is_finite() && b / r < limit2)
+    };
+    if safe(&gershgorin, 3.0) {
+        return Ok(true);
+    }
+    let sigma = to_f64(power_iteration(w3, None, 30)?.sigma)?;
+    let sigma2: Vec<f64> = sigma.iter().map(|s| s * s).collect();
+    Ok(safe(&sigma2, 2.25))
 }
 
 /// An error about one member of a batch (`member`: its index, when the
@@ -351,6 +405,9 @@ pub(crate) fn stiefel_retract_members(
     if m == 0 {
         // No columns: WᵀW is the empty identity already.
         return Ok(w.clone());
+    }
+    if !cold && !warm_start_is_safe(&w3)? {
+        return stiefel_retract_members(w, true);
     }
     let mut x = if cold {
         msign(&w3, &NewtonSchulz::polar_express(8))?
