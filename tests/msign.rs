@@ -728,8 +728,9 @@ fn msign_of_a_tiny_f64_matrix_with_eps_zero_is_scale_free() {
     }
 }
 
-/// `msign` validates its schedule on every path: a NaN eps (which zeroed
-/// the CPU path's output and filled the generic path's with NaN) is a
+/// `msign` validates its schedule on every path, `device::msign` (public,
+/// called by the optimizers' transforms) too: there a NaN eps zeroed the
+/// CPU path's output and filled the generic path's with NaN; now it is a
 /// Config error naming `eps`.
 #[test]
 fn msign_refuses_an_invalid_schedule() {
@@ -737,7 +738,8 @@ fn msign_refuses_an_invalid_schedule() {
     let ns = NewtonSchulz::muon().with_eps(f64::NAN);
     for r in [
         msign(&g, &ns),
-        steepest::device::with_generic_ops(|| msign(&g, &ns)),
+        steepest::device::msign(&g, &ns),
+        steepest::device::with_generic_ops(|| steepest::device::msign(&g, &ns)),
     ] {
         match r {
             Err(steepest::Error::Config { what, .. }) => assert!(what.contains("eps"), "{what}"),
