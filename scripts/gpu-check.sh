@@ -64,7 +64,7 @@ rm -rf .gpu && mkdir -p .gpu
 # What was built: the commit and any uncommitted change (report.md shows it).
 {
   echo "built $(date -u +%FT%TZ) from $(git rev-parse HEAD 2>/dev/null || echo '(not a git checkout)')"
-  dirty="$(git status --porcelain 2>/dev/null | grep -v '^?? ' | head -20)"
+  dirty="$(git status --porcelain 2>/dev/null | grep -v '^?? ' | head -20 || true)"
   if [[ -n "$dirty" ]]; then echo "uncommitted changes:"; echo "$dirty"; else echo "no uncommitted changes to tracked files"; fi
 } > .gpu/STAMP
 cp "$SHARED/device-run.sh" .gpu/
