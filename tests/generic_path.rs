@@ -15,6 +15,7 @@
 
 #[path = "kernels_emu/cases.rs"]
 mod cases;
+mod common;
 mod support;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -603,22 +604,10 @@ fn max_gap(a: &[f64], b: &[f64]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;
     }
-    let diff = |x: f64, y: f64| {
-        if x == y || (x.is_nan() && y.is_nan()) {
-            0.0
-        } else {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f64::INFINITY
-            } else {
-                d
-            }
-        }
-    };
     let scale = b.iter().fold(1.0f64, |m, x| m.max(x.abs()));
     a.iter()
         .zip(b)
-        .map(|(x, y)| diff(*x, *y))
+        .map(|(x, y)| common::nan_aware_diff(*x, *y))
         .fold(0.0, f64::max)
         / scale
 }

@@ -716,14 +716,7 @@ fn msign_of_a_tiny_f64_matrix_with_eps_zero_is_scale_free() {
     let want = msign(&g, &ns).unwrap();
     for scale in [1e-170, 1e-200] {
         let got = msign(&(&g * scale).unwrap(), &ns).unwrap();
-        let d = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-12, "{scale:e}: {d:e}");
     }
 }
