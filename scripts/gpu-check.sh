@@ -107,6 +107,9 @@ WORK="${WORK:-/tmp/steepest-gpu-work}"; rm -rf "$WORK"; mkdir -p "$WORK"
 RUN_STEPS="${RUN_STEPS:-machine tests isolate bench torch table ncu train kernels}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 PY="${PY:-python3}"
+# Each test's CUDA device loads candle's and the crate's PTX again: let the
+# driver keep the compiled kernels, so the reloads are cheap.
+export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-/tmp/steepest-nvcache}" CUDA_CACHE_MAXSIZE="${CUDA_CACHE_MAXSIZE:-4294967296}"
 G=.gpu
 has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 left() { echo $((DEADLINE_EPOCH - $(date +%s))); }

@@ -925,3 +925,112 @@ fn zero_gradients_under_clipping_step_with_norm_zero() {
         assert_eq!(steps, 1, "rank {rank}");
     }
 }
+
+/// A check that fails on one rank only (here a NaN `clip_grad_norm` on
+/// rank 1) refuses construction on every rank: the failing rank with its
+/// own error, the others naming it. That rank used to return before the
+/// agreement check, and the others waited in its all-gather (over NCCL,
+/// forever).
+#[test]
+fn a_local_check_failing_on_one_rank_is_refused_on_every_rank() {
+    let out = LocalGroup::run(2, |comm| {
+        let vars = make_vars(&mixed_shapes(), 1);
+        let named = named_p(&vars);
+        let cfg = DataParallelConfig {
+            clip_grad_norm: Some(if comm.rank() == 1 { f64::NAN } else { 1.0 }),
+            ..Default::default()
+        };
+        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
+    })
+    .unwrap();
+    let e1 = out[1].as_ref().unwrap_err().to_string();
+    assert!(e1.contains("clip_grad_norm must be finite"), "rank 1: {e1}");
+    let e0 = out[0].as_ref().unwrap_err().to_string();
+    assert!(
+        e0.contains("differs from this rank's on rank(s) [1]"),
+        "rank 0: {e0}"
+    );
+}
+
+/// Ranks that disagree on broadcast_initial would pair one rank's broadcast
+/// with another's first all-reduce: refused at construction on every rank,
+/// naming the option.
+#[test]
+fn broadcast_initial_that_differs_across_ranks_is_refused_at_construction() {
+    let out = LocalGroup::run(2, |comm| {
+        let vars = make_vars(&mixed_shapes(), 1);
+        let named = named_p(&vars);
+        let cfg = DataParallelConfig {
+            broadcast_initial: comm.rank() == 0,
+            ..Default::default()
+        };
+        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
+    })
+    .unwrap();
+    for (r, res) in out.iter().enumerate() {
+        let e = res.as_ref().unwrap_err().to_string();
+        assert!(e.contains("broadcast_initial"), "rank {r}: {e}");
+    }
+}
+
+/// A variable listed twice (tied weights) or two parameters of one name
+/// would be owned and gathered twice and drift apart across ranks: refused
+/// at construction on every rank.
+#[test]
+fn a_parameter_listed_twice_is_refused_at_construction() {
+    for by_name in [false, true] {
+        let out = LocalGroup::run(2, |comm| {
+            let vars = make_vars(&mixed_shapes(), 1);
+            let mut named = named_p(&vars);
+            if by_name {
+                named[1].0 = named[0].0.clone();
+            } else {
+                named[1].1 = named[0].1.clone();
+            }
+            DataParallel::new(
+                comm,
+                named,
+                MomentumSgd::new(vars),
+                DataParallelConfig::default(),
+            )
+            .map(|_| ())
+        })
+        .unwrap();
+        for (r, res) in out.iter().enumerate() {
+            let e = res.as_ref().unwrap_err().to_string();
+            let want = if by_name {
+                "both named"
+            } else {
+                "same variable"
+            };
+            assert!(e.contains(want), "by name {by_name}, rank {r}: {e}");
+        }
+    }
+}
+
+/// Clipping across ranks with an empty parameter and an all-zero gradient
+/// (the path that measures again scaled by the largest entries) does not
+/// panic on the empty one's owner, and agrees with single-process clipping:
+/// norm 0, nothing scaled.
+#[test]
+fn clipping_with_an_empty_parameter_and_zero_gradients_steps() {
+    let shapes = vec![vec![0, 4], vec![3, 2], vec![0]];
+    let cfg = DataParallelConfig {
+        clip_grad_norm: Some(1.0),
+        ..Default::default()
+    };
+    let zero = |_: usize, _: usize, i: usize| -> Option<Tensor> {
+        let dims = [vec![0, 4], vec![3, 2], vec![0]][i].clone();
+        Some(Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap())
+    };
+    for world in [1, 2, 3] {
+        let outs = run_distributed(world, &shapes, &cfg, 2, &zero, None);
+        for o in &outs {
+            assert!(
+                o.results.iter().all(|r| r.is_ok()),
+                "{world}: {:?}",
+                o.results
+            );
+        }
+    }
+}

@@ -879,7 +879,9 @@ fn different_clipping_across_ranks_is_refused_at_construction() {
     for res in out {
         let e = res.unwrap_err().to_string();
         assert!(
-            e.contains("clip_grad_norm, param_gather or the optimizer's two-phase step"),
+            e.contains(
+                "clip_grad_norm, param_gather, broadcast_initial or the optimizer's two-phase step"
+            ),
             "{e}"
         );
     }

@@ -129,6 +129,15 @@ fn the_plan_is_deterministic() {
         a.fingerprint(),
         Plan::new(renamed, 5).unwrap().fingerprint()
     );
+    // the matrix view decides the cost and so the owners: a plan that views
+    // a parameter otherwise (same name and shape) is another plan
+    let mut reviewed = gpt2_small();
+    let n: usize = reviewed[0].dims.iter().product();
+    reviewed[0].kind = ParamKind::Matrix { rows: n, cols: 1 };
+    assert_ne!(
+        a.fingerprint(),
+        Plan::new(reviewed, 5).unwrap().fingerprint()
+    );
 }
 
 #[test]

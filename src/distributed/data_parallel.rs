@@ -430,72 +430,6 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         config: DataParallelConfig,
     ) -> Result<Self> {
         let who = format!("DataParallel::new (rank {})", comm.rank());
-        if plan.world_size() != comm.world_size() {
-            return Err(Error::config(
-                &who,
-                format!(
-                    "the plan is for {} ranks, the communicator has {}",
-                    plan.world_size(),
-                    comm.world_size()
-                ),
-            ));
-        }
-        if plan.len() != vars.len() {
-            return Err(Error::config(
-                &who,
-                format!(
-                    "the plan has {} parameters, got {} vars",
-                    plan.len(),
-                    vars.len()
-                ),
-            ));
-        }
-        if !matches!(config.grad_dtype, DType::F32 | DType::BF16) {
-            return Err(Error::config(
-                &who,
-                format!(
-                    "grad_dtype must be F32 or BF16, got {:?}",
-                    config.grad_dtype
-                ),
-            ));
-        }
-        if let Some(c) = config.clip_grad_norm {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(Error::config(
-                    &who,
-                    format!("clip_grad_norm must be finite and > 0, got {c}"),
-                ));
-            }
-        }
-        for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
-            if v.dims() != s.dims.as_slice() {
-                return Err(Error::shape(
-                    &who,
-                    format!(
-                        "var {i} ({}) has shape {:?}, the plan says {:?}",
-                        s.name,
-                        v.dims(),
-                        s.dims
-                    ),
-                ));
-            }
-            if !matches!(v.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                return Err(Error::config(
-                    &who,
-                    format!(
-                        "var {i} ({}) has dtype {:?}; f32, bf16 and f16 are supported",
-                        s.name,
-                        v.dtype()
-                    ),
-                ));
-            }
-            if !v.device().same_device(vars[0].device()) {
-                return Err(Error::device(
-                    &who,
-                    format!("var {i} ({}) is on another device than var 0", s.name),
-                ));
-            }
-        }
         let device = vars
             .first()
             .map(|v| v.device().clone())
@@ -505,13 +439,92 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         } else {
             DType::F32
         };
-        if config.param_gather == ParamGather::Bf16Updates && param_dtype == DType::BF16 {
-            return Err(Error::config(
-                &who,
-                "param_gather: Bf16Updates saves nothing when every parameter is bf16 (their \
-                 gather is bf16 already) and would round each update: use \
-                 ParamGather::Parameters",
-            ));
+        // Every check that one rank can fail alone, before the first
+        // collective: a rank that returned here would leave the others
+        // waiting in `check_agreement`'s all-gather (forever, over NCCL).
+        // It takes part in that exchange with a fingerprint no rank has, so
+        // every rank refuses.
+        let local = (|| -> Result<()> {
+            if plan.world_size() != comm.world_size() {
+                return Err(Error::config(
+                    &who,
+                    format!(
+                        "the plan is for {} ranks, the communicator has {}",
+                        plan.world_size(),
+                        comm.world_size()
+                    ),
+                ));
+            }
+            if plan.len() != vars.len() {
+                return Err(Error::config(
+                    &who,
+                    format!(
+                        "the plan has {} parameters, got {} vars",
+                        plan.len(),
+                        vars.len()
+                    ),
+                ));
+            }
+            if !matches!(config.grad_dtype, DType::F32 | DType::BF16) {
+                return Err(Error::config(
+                    &who,
+                    format!(
+                        "grad_dtype must be F32 or BF16, got {:?}",
+                        config.grad_dtype
+                    ),
+                ));
+            }
+            if let Some(c) = config.clip_grad_norm {
+                if !(c.is_finite() && c > 0.0) {
+                    return Err(Error::config(
+                        &who,
+                        format!("clip_grad_norm must be finite and > 0, got {c}"),
+                    ));
+                }
+            }
+            for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
+                if v.dims() != s.dims.as_slice() {
+                    return Err(Error::shape(
+                        &who,
+                        format!(
+                            "var {i} ({}) has shape {:?}, the plan says {:?}",
+                            s.name,
+                            v.dims(),
+                            s.dims
+                        ),
+                    ));
+                }
+                if !matches!(v.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                    return Err(Error::config(
+                        &who,
+                        format!(
+                            "var {i} ({}) has dtype {:?}; f32, bf16 and f16 are supported",
+                            s.name,
+                            v.dtype()
+                        ),
+                    ));
+                }
+                if !v.device().same_device(vars[0].device()) {
+                    return Err(Error::device(
+                        &who,
+                        format!("var {i} ({}) is on another device than var 0", s.name),
+                    ));
+                }
+            }
+            check_distinct(&vars, &plan, &who)?;
+            if config.param_gather == ParamGather::Bf16Updates && param_dtype == DType::BF16 {
+                return Err(Error::config(
+                    &who,
+                    "param_gather: Bf16Updates saves nothing when every parameter is bf16 (their \
+                     gather is bf16 already) and would round each update: use \
+                     ParamGather::Parameters",
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = local {
+            refuse_collectively(&comm, &device)?;
+            return Err(e);
         }
         let two_phase = opt.agrees_before_commit();
         let plan_len = plan.len();
@@ -571,6 +584,9 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         );
         layout = mix(layout, self.two_phase as u64);
         layout = mix(layout, self.config.param_gather.code());
+        // (a rank that broadcasts while another does not would pair a
+        // broadcast with a step's all-reduce)
+        layout = mix(layout, self.config.broadcast_initial as u64);
         let settings = self
             .opt
             .settings()
@@ -587,7 +603,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         if !layout_differs.is_empty() {
             let mut msg = format!(
                 "the parameter list (names, shapes, dtypes), grad_dtype, clip_grad_norm, \
-                 param_gather or the optimizer's two-phase step (ShardedStep::agrees_before_commit) differs from \
+                 param_gather, broadcast_initial or the optimizer's two-phase step (ShardedStep::agrees_before_commit) differs from \
                  this rank's on rank(s) {layout_differs:?}"
             );
             if let Some(first) = self.first_param_difference()? {
@@ -1111,7 +1127,15 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             // As clip::grad_norm: overflow of finite gradients (a NaN/Inf
             // was refused in step 1, but an average may overflow) or
             // underflow: measure again scaled by the largest magnitude.
-            let maxima = per_param(p, &owned, |g| g.abs()?.max_all()?.to_dtype(DType::F32))?;
+            // (an empty gradient has no largest entry: 0, as clip::grad_norm
+            // skips it; candle's max over an empty tensor panics)
+            let maxima = per_param(p, &owned, |g| {
+                if g.elem_count() == 0 {
+                    Tensor::zeros((), DType::F32, g.device())
+                } else {
+                    g.abs()?.max_all()?.to_dtype(DType::F32)
+                }
+            })?;
             let maxima = self.all_reduce_host(maxima)?;
             let m = crate::linalg::max_or_nan(
                 (0..p)
@@ -1352,6 +1376,49 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
 /// `f` of each owned gradient (an f32 scalar), at its parameter's slot of a
 /// vector of `p + 1` zeros (the last slot: the error count of the clip's
 /// all-reduce); one host sync for all.
+/// Refuses a parameter listed twice (by name or by variable): each copy
+/// would be owned, stepped and gathered on its own, and the ranks' values
+/// of it would diverge.
+fn check_distinct(vars: &[Var], plan: &Plan, who: &str) -> Result<()> {
+    let mut names = std::collections::HashMap::new();
+    let mut ids = std::collections::HashMap::new();
+    for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
+        if let Some(j) = names.insert(s.name.as_str(), i) {
+            return Err(Error::config(
+                who,
+                format!("vars {j} and {i} are both named `{}`", s.name),
+            ));
+        }
+        if let Some(j) = ids.insert(v.id(), i) {
+            return Err(Error::config(
+                who,
+                format!(
+                    "vars {j} ({}) and {i} ({}) are the same variable (list it once)",
+                    plan.specs()[j].name,
+                    s.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The collectives of a refused `check_agreement` (its all-gather and
+/// `first_param_difference`'s two), made by a rank that failed a local
+/// check: a fingerprint of NaN, which matches no rank's, no parameters.
+/// The other ranks then refuse too, naming this one, instead of waiting.
+fn refuse_collectively<C: Collective>(comm: &C, device: &Device) -> Result<()> {
+    let poison = Tensor::new(&[f32::NAN; 6], device)?;
+    Checked(comm).all_gather(&poison)?;
+    let counts = Checked(comm)
+        .all_gather(&Tensor::new(&[0f32], device)?)?
+        .to_vec1::<f32>()?;
+    let longest = counts.iter().fold(0f32, |a, &c| a.max(c)) as usize;
+    let pad = Tensor::from_vec(vec![-1f32; 3 * longest], 3 * longest, device)?;
+    Checked(comm).all_gather(&pad)?;
+    Ok(())
+}
+
 fn per_param(
     p: usize,
     owned: &[(usize, Tensor)],

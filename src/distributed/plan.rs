@@ -321,10 +321,15 @@ impl Plan {
             for d in &s.dims {
                 eat(&(*d as u64).to_le_bytes());
             }
-            eat(match s.kind {
-                ParamKind::Matrix { .. } => b"M",
-                ParamKind::Elementwise => b"E",
-            });
+            match s.kind {
+                // (the matrix view decides the cost, so the owners)
+                ParamKind::Matrix { rows, cols } => {
+                    eat(b"M");
+                    eat(&(rows as u64).to_le_bytes());
+                    eat(&(cols as u64).to_le_bytes());
+                }
+                ParamKind::Elementwise => eat(b"E"),
+            }
         }
         h
     }

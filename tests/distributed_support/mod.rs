@@ -62,7 +62,11 @@ impl ShardedStep for MomentumSgd {
             updates.push((*i, w));
         }
         for (i, w) in updates {
-            self.vars[i].set(&w)?;
+            // (an empty parameter has nothing to write; candle refuses to
+            // set a variable from an empty tensor derived from it)
+            if w.elem_count() > 0 {
+                self.vars[i].set(&w)?;
+            }
         }
         self.state = staged;
         Ok(())
