@@ -199,6 +199,17 @@ pub(crate) fn check_params(vars: &[NamedVar]) -> Result<()> {
     Ok(())
 }
 
+/// The first key of `keys` seen before: `(its first index, this index)`
+/// (a variable or a name listed twice).
+pub(crate) fn first_repeat<K: std::hash::Hash + Eq>(
+    keys: impl IntoIterator<Item = K>,
+) -> Option<(usize, usize)> {
+    let mut first = std::collections::HashMap::new();
+    keys.into_iter()
+        .enumerate()
+        .find_map(|(i, k)| first.insert(k, i).map(|j| (j, i)))
+}
+
 /// The matrix view `(rows, cols)` of a shape of rank ≥ 2: `(d₀, d₁·d₂·…)`.
 /// `None` for rank ≤ 1.
 pub fn matrix_view(dims: &[usize]) -> Option<(usize, usize)> {

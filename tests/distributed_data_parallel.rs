@@ -516,25 +516,30 @@ fn a_parameter_dtype_that_differs_across_ranks_is_refused_at_construction() {
     }
 }
 
+/// `DataParallel::new` on two in-process ranks over `mixed_shapes()` with
+/// [`MomentumSgd`], after `setup(rank, parameters, config)` edits that
+/// rank's parameter list and the default config; each rank's result.
+fn construct_on_two_ranks(
+    setup: impl Fn(usize, &mut Vec<(String, Var)>, &mut DataParallelConfig) + Sync,
+) -> Vec<steepest::Result<()>> {
+    LocalGroup::run(2, |comm| {
+        let vars = make_vars(&mixed_shapes(), 1);
+        let mut named = named_p(&vars);
+        let mut cfg = DataParallelConfig::default();
+        setup(comm.rank(), &mut named, &mut cfg);
+        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
+    })
+    .unwrap()
+}
+
 /// Ranks that disagree on `grad_dtype` would reduce-scatter buffers of
 /// different dtypes (and sizes in bytes): refused at construction on every
 /// rank, naming the option.
 #[test]
 fn a_grad_dtype_that_differs_across_ranks_is_refused_at_construction() {
-    let out = LocalGroup::run(2, |comm| {
-        let vars = make_vars(&mixed_shapes(), 1);
-        let named = named_p(&vars);
-        let cfg = DataParallelConfig {
-            grad_dtype: if comm.rank() == 0 {
-                DType::F32
-            } else {
-                DType::BF16
-            },
-            ..Default::default()
-        };
-        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
-    })
-    .unwrap();
+    let out = construct_on_two_ranks(|rank, _, cfg| {
+        cfg.grad_dtype = if rank == 0 { DType::F32 } else { DType::BF16 };
+    });
     for (r, res) in out.iter().enumerate() {
         let e = res.as_ref().unwrap_err().to_string();
         assert!(
@@ -933,16 +938,9 @@ fn zero_gradients_under_clipping_step_with_norm_zero() {
 /// forever).
 #[test]
 fn a_local_check_failing_on_one_rank_is_refused_on_every_rank() {
-    let out = LocalGroup::run(2, |comm| {
-        let vars = make_vars(&mixed_shapes(), 1);
-        let named = named_p(&vars);
-        let cfg = DataParallelConfig {
-            clip_grad_norm: Some(if comm.rank() == 1 { f64::NAN } else { 1.0 }),
-            ..Default::default()
-        };
-        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
-    })
-    .unwrap();
+    let out = construct_on_two_ranks(|rank, _, cfg| {
+        cfg.clip_grad_norm = Some(if rank == 1 { f64::NAN } else { 1.0 });
+    });
     let e1 = out[1].as_ref().unwrap_err().to_string();
     assert!(e1.contains("clip_grad_norm must be finite"), "rank 1: {e1}");
     let e0 = out[0].as_ref().unwrap_err().to_string();
@@ -957,16 +955,7 @@ fn a_local_check_failing_on_one_rank_is_refused_on_every_rank() {
 /// naming the option.
 #[test]
 fn broadcast_initial_that_differs_across_ranks_is_refused_at_construction() {
-    let out = LocalGroup::run(2, |comm| {
-        let vars = make_vars(&mixed_shapes(), 1);
-        let named = named_p(&vars);
-        let cfg = DataParallelConfig {
-            broadcast_initial: comm.rank() == 0,
-            ..Default::default()
-        };
-        DataParallel::new(comm, named, MomentumSgd::new(vars), cfg).map(|_| ())
-    })
-    .unwrap();
+    let out = construct_on_two_ranks(|rank, _, cfg| cfg.broadcast_initial = rank == 0);
     for (r, res) in out.iter().enumerate() {
         let e = res.as_ref().unwrap_err().to_string();
         assert!(e.contains("broadcast_initial"), "rank {r}: {e}");
@@ -979,23 +968,13 @@ fn broadcast_initial_that_differs_across_ranks_is_refused_at_construction() {
 #[test]
 fn a_parameter_listed_twice_is_refused_at_construction() {
     for by_name in [false, true] {
-        let out = LocalGroup::run(2, |comm| {
-            let vars = make_vars(&mixed_shapes(), 1);
-            let mut named = named_p(&vars);
+        let out = construct_on_two_ranks(|_, named, _| {
             if by_name {
                 named[1].0 = named[0].0.clone();
             } else {
                 named[1].1 = named[0].1.clone();
             }
-            DataParallel::new(
-                comm,
-                named,
-                MomentumSgd::new(vars),
-                DataParallelConfig::default(),
-            )
-            .map(|_| ())
-        })
-        .unwrap();
+        });
         for (r, res) in out.iter().enumerate() {
             let e = res.as_ref().unwrap_err().to_string();
             let want = if by_name {

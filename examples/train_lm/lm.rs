@@ -1122,12 +1122,7 @@ pub fn train_local_ranks(
         let mut first_error = None;
         for (i, h) in others.into_iter().enumerate() {
             let r = h.join().unwrap_or_else(|panic| {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("(no message)");
-                candle_core::bail!("panicked: {msg}")
+                candle_core::bail!("panicked: {}", panic_message(panic.as_ref()))
             });
             if let (Err(e), None) = (r, &first_error) {
                 first_error = Some(candle_core::Error::Msg(format!("rank {}: {e}", i + 1)));
@@ -1143,6 +1138,15 @@ pub fn train_local_ranks(
             (Ok(None), None) => unreachable!("rank 0 returns the run"),
         }
     })
+}
+
+/// A panic's message (a `&str` or `String` payload), else "(no message)".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Whether `e` says that another rank left the group (its communicator

@@ -197,14 +197,10 @@ pub fn caught<T, E: Into<anyhow::Error>>(
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(error_line(&e.into())),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
-            Err(format!("panicked: {msg}"))
-        }
+        Err(panic) => Err(format!(
+            "panicked: {}",
+            crate::lm::panic_message(panic.as_ref())
+        )),
     }
 }
 

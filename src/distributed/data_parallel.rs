@@ -1380,25 +1380,24 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
 /// would be owned, stepped and gathered on its own, and the ranks' values
 /// of it would diverge.
 fn check_distinct(vars: &[Var], plan: &Plan, who: &str) -> Result<()> {
-    let mut names = std::collections::HashMap::new();
-    let mut ids = std::collections::HashMap::new();
-    for (i, (v, s)) in vars.iter().zip(plan.specs()).enumerate() {
-        if let Some(j) = names.insert(s.name.as_str(), i) {
-            return Err(Error::config(
-                who,
-                format!("vars {j} and {i} are both named `{}`", s.name),
-            ));
-        }
-        if let Some(j) = ids.insert(v.id(), i) {
-            return Err(Error::config(
-                who,
-                format!(
-                    "vars {j} ({}) and {i} ({}) are the same variable (list it once)",
-                    plan.specs()[j].name,
-                    s.name
-                ),
-            ));
-        }
+    use crate::params::first_repeat;
+    if let Some((j, i)) = first_repeat(plan.specs().iter().map(|s| s.name.as_str())) {
+        let name = &plan.specs()[i].name;
+        return Err(Error::config(
+            who,
+            format!("vars {j} and {i} are both named `{name}`"),
+        ));
+    }
+    if let Some((j, i)) = first_repeat(vars.iter().map(|v| v.id())) {
+        let name = |k: usize| &plan.specs()[k].name;
+        return Err(Error::config(
+            who,
+            format!(
+                "vars {j} ({}) and {i} ({}) are the same variable (list it once)",
+                name(j),
+                name(i)
+            ),
+        ));
     }
     Ok(())
 }

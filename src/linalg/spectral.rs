@@ -325,11 +325,14 @@ pub fn stiefel_retract(w: &Tensor, cold: bool) -> Result<Tensor> {
 fn warm_start_is_safe(w3: &Tensor) -> Result<bool> {
     let m = w3.dim(2)?;
     let a = w3.transpose(1, 2)?.matmul(w3)?;
+    let b = w3.dim(0)?;
     let to_f64 = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
-    // ‖W‖_F² = tr(WᵀW), per member
-    let eye = Tensor::eye(m, a.dtype(), a.device())?;
-    let trace = to_f64(a.broadcast_mul(&eye)?.sum(2)?.sum(1)?)?;
-    let gershgorin = to_f64(a.abs()?.sum(2)?.max(1)?)?;
+    // tr(WᵀW) = ‖W‖_F² and Gershgorin's bound, per member: one transfer
+    let both = to_f64(Tensor::cat(
+        &[w3.sqr()?.sum(2)?.sum(1)?, a.abs()?.sum(2)?.max(1)?],
+        0,
+    )?)?;
+    let (trace, gershgorin) = both.split_at(b);
     let rms2: Vec<f64> = trace.iter().map(|t| t / m as f64).collect();
     let safe = |bound2: &[f64], limit2: f64| {
         bound2
@@ -337,7 +340,7 @@ fn warm_start_is_safe(w3: &Tensor) -> Result<bool> {
             .zip(&rms2)
             .all(|(b, r)| (b / r).is_finite() && b / r < limit2)
     };
-    if safe(&gershgorin, 3.0) {
+    if safe(gershgorin, 3.0) {
         return Ok(true);
     }
     let sigma = to_f64(power_iteration(w3, None, 30)?.sigma)?;

@@ -261,15 +261,12 @@ where
 /// and `‖θ‖` (so `h` and the penalty would be off by up to `√2`) and be
 /// moved twice per perturbation.
 fn check_distinct(vars: &[Var], who: &str) -> Result<()> {
-    let mut first = std::collections::HashMap::new();
-    for (i, v) in vars.iter().enumerate() {
-        if let Some(j) = first.insert(v.id(), i) {
-            fail!(
-                Config,
-                format!("{who}: vars"),
-                "vars[{j}] and vars[{i}] are the same variable (list each once)"
-            );
-        }
+    if let Some((j, i)) = crate::params::first_repeat(vars.iter().map(|v| v.id())) {
+        fail!(
+            Config,
+            format!("{who}: vars"),
+            "vars[{j}] and vars[{i}] are the same variable (list each once)"
+        );
     }
     Ok(())
 }
