@@ -8,6 +8,13 @@
 //! - EMA (decay `β`): `θ̄_1 = θ_1`, `θ̄_n = β·θ̄_{n−1} + (1−β)·θ_n`.
 //! - Polyak: `θ̄_n = θ̄_{n−1} + (θ_n − θ̄_{n−1})/n = (1/n) Σ_{i≤n} θ_i`
 //!   (docs/math.md §5: the averaged iterate enjoys the averaged-loss bound).
+//!   The increments are added with Kahan compensation: plain f32 additions
+//!   stop moving the average once `|θ_n − θ̄|/n` falls below half an ulp of
+//!   `θ̄` (after ~10⁴ updates for iterates 10⁻⁴ apart, relative), and the
+//!   frozen average then drifts from the true mean as `n` grows. EMA is not
+//!   compensated: its increment `(1−β)(θ_n − θ̄)` does not shrink with `n`,
+//!   so f32 rounding only limits how closely it tracks (to about
+//!   `2⁻²⁴/(1−β)` relative: 6·10⁻⁴ at `β = 0.9999`).
 //! - WSM (Warmup–Stable–Merge, arXiv 2507.17634): every `interval` updates a
 //!   checkpoint is kept, the last `k+1` of them `θ^{(0)}, …, θ^{(k)}` (oldest
 //!   first), and the merged model is `Σ_i c_i θ^{(i)}` with the weights of
@@ -164,6 +171,8 @@ impl AverageKind {
 }
 
 const AVG: &str = "avg";
+/// The slot of Polyak's Kahan compensation.
+const AVG_COMP: &str = "avg_comp";
 
 /// An average of a model's parameters over training (see the [module
 /// docs](self) for the formulas). Averages and checkpoints are kept in f32
@@ -176,6 +185,9 @@ pub struct WeightAverage {
     count: u64,
     /// EMA / Polyak: the average, one per parameter.
     avg: Vec<Tensor>,
+    /// Polyak: the Kahan compensation of `avg` (the true mean is
+    /// `avg − comp`), one per parameter; empty otherwise.
+    comp: Vec<Tensor>,
     /// WSM: the kept checkpoints, oldest first.
     ckpts: VecDeque<Vec<Tensor>>,
     /// The training weights while the average is swapped in.
@@ -204,6 +216,7 @@ impl WeightAverage {
             kind,
             count: 0,
             avg: Vec::new(),
+            comp: Vec::new(),
             ckpts: VecDeque::new(),
             stash: None,
         })
@@ -274,15 +287,25 @@ impl WeightAverage {
                 };
             }
             AverageKind::Polyak => {
-                self.avg = if self.avg.is_empty() {
-                    cur
-                } else {
-                    self.avg
+                if self.avg.is_empty() {
+                    self.comp = cur
                         .iter()
+                        .map(Tensor::zeros_like)
+                        .collect::<candle_core::Result<_>>()?;
+                    self.avg = cur;
+                } else {
+                    let (avg, comp) = self
+                        .avg
+                        .iter()
+                        .zip(&self.comp)
                         .zip(&cur)
-                        .map(|(a, x)| a + (x - a)?.affine(1.0 / n as f64, 0.0)?)
-                        .collect::<candle_core::Result<_>>()?
-                };
+                        .map(|((a, c), x)| polyak_step(a, c, x, n))
+                        .collect::<candle_core::Result<Vec<_>>>()?
+                        .into_iter()
+                        .unzip();
+                    self.avg = avg;
+                    self.comp = comp;
+                }
             }
             AverageKind::Wsm { weights, interval } => {
                 if n.is_multiple_of(*interval as u64) {
@@ -311,7 +334,16 @@ impl WeightAverage {
                 if self.avg.is_empty() {
                     fail!(Config, who, "no update yet: nothing to average");
                 }
-                self.avg.clone()
+                if self.comp.is_empty() {
+                    self.avg.clone()
+                } else {
+                    // The compensated mean, rounded once.
+                    self.avg
+                        .iter()
+                        .zip(&self.comp)
+                        .map(|(a, c)| a - c)
+                        .collect::<candle_core::Result<_>>()?
+                }
             }
             AverageKind::Wsm { weights, .. } => {
                 let weights = merged(weights);
@@ -482,8 +514,9 @@ fn ckpt_slot(i: usize) -> String {
 }
 
 impl OptimizerState for WeightAverage {
-    /// Keys: `"<param>.avg"` (EMA / Polyak) or `"<param>.ckpt<i>"` (WSM,
-    /// oldest first), plus the header (kind, count, hyperparameters).
+    /// Keys: `"<param>.avg"` (EMA / Polyak), `"<param>.avg_comp"` (Polyak's
+    /// Kahan compensation) or `"<param>.ckpt<i>"` (WSM, oldest first), plus
+    /// the header (kind, count, hyperparameters).
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let body = AverageBody {
             kind: self.kind.clone(),
@@ -500,6 +533,9 @@ impl OptimizerState for WeightAverage {
         for (p, nv) in self.vars.iter().enumerate() {
             if let Some(a) = self.avg.get(p) {
                 out.insert(format!("{}.{AVG}", nv.name), host_copy(a)?);
+            }
+            if let Some(c) = self.comp.get(p) {
+                out.insert(format!("{}.{AVG_COMP}", nv.name), host_copy(c)?);
             }
             for (i, ck) in self.ckpts.iter().enumerate() {
                 out.insert(format!("{}.{}", nv.name, ckpt_slot(i)), host_copy(&ck[p])?);
@@ -586,7 +622,10 @@ impl OptimizerState for WeightAverage {
             };
             let ok = match wsm_len {
                 Some(_) => (0..body.held).any(|i| slot == ckpt_slot(i)),
-                None => slot == AVG && body.count > 0,
+                None => {
+                    body.count > 0
+                        && (slot == AVG || (slot == AVG_COMP && body.kind == AverageKind::Polyak))
+                }
             };
             if !ok {
                 fail!(Checkpoint, key, "this average keeps no `{slot}` state");
@@ -614,6 +653,7 @@ impl OptimizerState for WeightAverage {
             })
         };
         let mut avg = Vec::new();
+        let mut comp = Vec::new();
         let mut ckpts = VecDeque::new();
         match wsm_len {
             Some(_) => {
@@ -627,7 +667,17 @@ impl OptimizerState for WeightAverage {
             None if body.count > 0 => {
                 avg = (0..names.len())
                     .map(|p| take(p, AVG))
-                    .collect::<Result<_>>()?;
+                    .collect::<Result<Vec<_>>>()?;
+                if body.kind == AverageKind::Polyak {
+                    // A checkpoint saved before the compensation was kept
+                    // has none: zero is what that average was.
+                    comp = (0..names.len())
+                        .map(|p| match take(p, AVG_COMP) {
+                            Ok(c) => Ok(c),
+                            Err(_) => Ok(avg[p].zeros_like()?),
+                        })
+                        .collect::<Result<_>>()?;
+                }
             }
             None => {}
         }
@@ -640,6 +690,7 @@ impl OptimizerState for WeightAverage {
         self.kind = body.kind;
         self.count = body.count;
         self.avg = avg;
+        self.comp = comp;
         self.ckpts = ckpts;
         Ok(())
     }
@@ -650,4 +701,20 @@ impl OptimizerState for WeightAverage {
 fn merged(weights: &[f64]) -> &[f64] {
     let zeros = weights.iter().take_while(|w| **w == 0.0).count();
     &weights[zeros.min(weights.len() - 1)..]
+}
+
+/// One compensated Polyak update of the mean `a` (with Kahan compensation
+/// `c`, the true mean being `a − c`) by the `n`-th iterate `x`: adds
+/// `(x − (a − c))/n` to `a` and returns the new mean and compensation.
+fn polyak_step(
+    a: &Tensor,
+    c: &Tensor,
+    x: &Tensor,
+    n: u64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let y = ((x - a)? + c)?.affine(1.0 / n as f64, 0.0)?.sub(c)?;
+    let t = (a + &y)?;
+    // What the rounded addition added beyond `y`: subtracted next time.
+    let c = (&t - a)?.sub(&y)?;
+    Ok((t, c))
 }
