@@ -69,7 +69,8 @@ fn no_options_give_the_small_preset_and_every_optimizer() {
     assert_eq!(c.corpus_chars, 400_000);
     assert_eq!((c.weight_decay, c.radius, c.lr), (0.1, 2.0, None));
     assert_eq!((c.ranks, c.stop_after), (1, None));
-    assert!(!c.timing && !c.gram_ns && !c.bf16_updates);
+    assert!(!c.timing && !c.gram_ns && !c.ns_bf16 && !c.bf16_updates);
+    assert_eq!(c.newton_schulz().compute_dtype(), None);
     assert_eq!((a.seeds, a.first_seed), (1, 0));
     assert_eq!(a.out, PathBuf::from("runs/train_lm"));
     assert_eq!(a.device, "cpu");
@@ -157,6 +158,7 @@ fn options_override_the_preset_and_keep_the_rest() {
         "--stop-after",
         "4",
         "--gram-ns",
+        "--ns-bf16",
         "--seeds",
         "3",
         "--first-seed",
@@ -178,7 +180,10 @@ fn options_override_the_preset_and_keep_the_rest() {
     assert_eq!((c.steps, c.batch, c.eval_every), (7, 8, 3));
     assert_eq!((c.lr, c.weight_decay, c.radius), (Some(0.5), 0.0, 2.5));
     assert_eq!((c.stop_after, c.steps_run()), (Some(4), 4));
-    assert!(c.gram_ns && c.bf16_updates && !c.timing);
+    assert!(c.gram_ns && c.ns_bf16 && c.bf16_updates && !c.timing);
+    let ns = c.newton_schulz();
+    assert_eq!(ns.compute_dtype(), Some(candle_core::DType::BF16));
+    assert!(ns.gram().is_some());
     assert_eq!(c.ranks, 2);
     // the rest of the preset is kept
     assert_eq!((c.layers, c.d_model, c.heads, c.context), (6, 384, 6, 256));
@@ -270,6 +275,7 @@ fn options_that_change_nothing_are_warned_about() {
         &["--optimizer", "adamw,adamw-spectral", "--gram-ns"],
         &["--gram-ns"],
     );
+    warned(&["--optimizer", "adamw", "--ns-bf16"], &["--ns-bf16"]);
     warned(
         &["--release-freed-memory"],
         &["--release-freed-memory", "--device cuda"],
@@ -294,6 +300,7 @@ fn options_that_change_nothing_are_warned_about() {
             "--gram-ns",
         ],
         &["--optimizer", "muon", "--gram-ns"],
+        &["--optimizer", "muon-spectral-sphere", "--ns-bf16"],
         &["--device", "cuda", "--release-freed-memory", "--jobs", "1"],
         &["--jobs", "2"],
     ] {
@@ -767,6 +774,18 @@ fn caption_states_data_model_schedule_and_what_is_missing() {
     ]);
     let caption = outputs::caption(&args, "x", 39, "");
     assert!(!caption.contains("stopped"), "{caption}");
+    // bf16 Newton–Schulz, alone and in the Gram form
+    for (flags, says) in [
+        (&["--ns-bf16"][..], ", Newton–Schulz in bf16;"),
+        (
+            &["--ns-bf16", "--gram-ns"][..],
+            ", Gram Newton–Schulz in bf16;",
+        ),
+    ] {
+        let args = run_args(&[&["--optimizer", "muon"], flags].concat());
+        let caption = outputs::caption(&args, "x", 39, "");
+        assert!(caption.contains(says), "{flags:?}: {caption}");
+    }
 }
 
 #[test]

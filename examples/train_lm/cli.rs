@@ -93,6 +93,9 @@ struct Cli {
     /// Muon's Newton–Schulz in the Gram form on matrices with aspect ratio ≥ 2 (restart every two steps; NewtonSchulz::gram_form)
     #[arg(long)]
     gram_ns: bool,
+    /// Muon's Newton–Schulz iterations in bf16 (NewtonSchulz::with_compute_dtype; the update is applied in the parameters' f32), as Muon usually runs on GPUs
+    #[arg(long)]
+    ns_bf16: bool,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     ranks: usize,
@@ -237,6 +240,7 @@ impl From<Cli> for Args {
                 stop_after: c.stop_after,
                 timing: c.timing || cuda,
                 gram_ns: c.gram_ns,
+                ns_bf16: c.ns_bf16,
                 bf16_updates: c.bf16_updates,
                 ..preset
             },
@@ -254,6 +258,9 @@ fn ignored_options(c: &Cli, optimizers: &[OptKind]) -> Vec<String> {
     }
     if c.gram_ns && !optimizers.iter().any(|k| k.uses_newton_schulz()) {
         w.push("--gram-ns has no effect: none of the optimizers runs Newton–Schulz".into());
+    }
+    if c.ns_bf16 && !optimizers.iter().any(|k| k.uses_newton_schulz()) {
+        w.push("--ns-bf16 has no effect: none of the optimizers runs Newton–Schulz".into());
     }
     if !cuda && c.release_freed_memory {
         w.push("--release-freed-memory has no effect without --device cuda".into());

@@ -298,6 +298,9 @@ pub struct Config {
     /// Muon's (and the sphere's) Newton–Schulz in the Gram form
     /// ([`NewtonSchulz::gram_form`]) instead of the standard one.
     pub gram_ns: bool,
+    /// Muon's (and the sphere's) Newton–Schulz iterations in bf16
+    /// ([`NewtonSchulz::with_compute_dtype`]).
+    pub ns_bf16: bool,
     /// With `ranks > 1`: the all-gather after the owners' step carries each
     /// owner's update rounded to bf16 instead of the f32 parameters
     /// ([`ParamGather::Bf16Updates`]: half its bytes).
@@ -324,6 +327,7 @@ impl Default for Config {
             stop_after: None,
             timing: false,
             gram_ns: false,
+            ns_bf16: false,
             bf16_updates: false,
         }
     }
@@ -331,12 +335,18 @@ impl Default for Config {
 
 impl Config {
     /// The Newton–Schulz schedule of the Muon runs: Muon's quintic, in the
-    /// Gram form when [`Config::gram_ns`] is set.
+    /// Gram form when [`Config::gram_ns`] is set, in bf16 when
+    /// [`Config::ns_bf16`] is.
     pub fn newton_schulz(&self) -> NewtonSchulz {
-        if self.gram_ns {
+        let ns = if self.gram_ns {
             NewtonSchulz::muon().gram_form()
         } else {
             NewtonSchulz::muon()
+        };
+        if self.ns_bf16 {
+            ns.with_compute_dtype(DType::BF16)
+        } else {
+            ns
         }
     }
 

@@ -316,10 +316,12 @@ pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
     } else {
         String::new()
     };
-    let gram = if cfg.gram_ns && args.optimizers.iter().any(|k| k.uses_newton_schulz()) {
-        ", Gram Newton–Schulz"
-    } else {
-        ""
+    let runs_ns = args.optimizers.iter().any(|k| k.uses_newton_schulz());
+    let gram = match (runs_ns && cfg.gram_ns, runs_ns && cfg.ns_bf16) {
+        (true, true) => ", Gram Newton–Schulz in bf16",
+        (true, false) => ", Gram Newton–Schulz",
+        (false, true) => ", Newton–Schulz in bf16",
+        (false, false) => "",
     };
     let stopped = match cfg.stop_after {
         Some(n) if n < cfg.steps => format!(" (stopped after {n})"),
