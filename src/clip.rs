@@ -8,6 +8,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::device::{host_f64, wide_dtype};
 use crate::error::{fail, Error, Result};
 use crate::params::NamedVar;
 
@@ -43,11 +44,11 @@ fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     // entry is; 0 only if every entry is) and sum again.
     let maxima = gs
         .iter()
-        .map(|g| g.abs()?.max_all()?.to_dtype(DType::F64))
+        .map(|g| g.abs()?.max_all()?.to_dtype(wide_dtype(g.device())))
         .collect::<candle_core::Result<Vec<_>>>()?;
     // (data-parallel clipping reads each maximum in f32: exact for the f32,
     // bf16 and f16 gradients it supports)
-    let m = crate::linalg::max_or_nan(Tensor::stack(&maxima, 0)?.to_vec1::<f64>()?);
+    let m = crate::linalg::max_or_nan(host_f64(&Tensor::stack(&maxima, 0)?)?);
     if !(m.is_finite() && m > 0.0) {
         return Ok(total.sqrt());
     }
@@ -59,9 +60,9 @@ fn grad_norm_of(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
 fn sum_of_squares(gs: &[&Tensor], scale: f64) -> Result<f64> {
     let squares = gs
         .iter()
-        .map(|g| squared_norm_term(g, scale)?.to_dtype(DType::F64))
+        .map(|g| squared_norm_term(g, scale)?.to_dtype(wide_dtype(g.device())))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&squares, 0)?.to_vec1::<f64>()?.iter().sum())
+    Ok(host_f64(&Tensor::stack(&squares, 0)?)?.iter().sum())
 }
 
 /// `‖scale·g‖_F²` as a scalar tensor, computed in f64 for an f64 gradient and

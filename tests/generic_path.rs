@@ -640,3 +640,60 @@ fn a_nan_gradient_on_the_generic_path_changes_nothing() {
         );
     }
 }
+
+/// Metal has no f64: candle 0.11's Metal backend refuses every cast to or
+/// from f64, so a device tensor read as f64 (`to_dtype(F64)`, `to_vec1::<f64>`)
+/// or built from f64 values on the device failed clipping, the penalties,
+/// the norms' scalars and power iteration's start vector there. Outside the
+/// CPU-only files, such reads go through `device::host` (f64 on the CPU and
+/// CUDA, f32 on Metal); this keeps them there. (No Metal machine runs the
+/// tests: this is the check that can run here.)
+#[test]
+fn no_f64_on_the_device_outside_the_host_helpers() {
+    let cpu_only = [
+        "src/device/host.rs",
+        "src/device/cpu.rs",
+        "src/device/emu.rs",
+        "src/linalg/power_cpu.rs",
+        "src/linalg/msign_cpu.rs",
+    ];
+    let banned = [
+        "to_dtype(DType::F64)",
+        "to_dtype(candle_core::DType::F64)",
+        "to_vec1::<f64>()",
+        "to_vec2::<f64>()",
+        "to_scalar::<f64>()",
+    ];
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    assert!(files.len() > 20, "{files:?}");
+    let mut found = Vec::new();
+    for f in &files {
+        let rel = f
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if cpu_only.contains(&rel.as_str()) {
+            continue;
+        }
+        for (i, line) in std::fs::read_to_string(f).unwrap().lines().enumerate() {
+            let code = line.split("//").next().unwrap();
+            if banned.iter().any(|b| code.contains(b)) {
+                found.push(format!("{rel}:{}: {}", i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "f64 on the device:\n{}", found.join("\n"));
+}

@@ -674,6 +674,9 @@ fn sphere_retract_refuses_a_non_finite_norm() {
         (vec![1.0, f64::INFINITY, 2.0], Norm::Euclidean),
         (vec![1.0, f64::NAN, 2.0], Norm::Lp(3.0)),
         (vec![0.0; 3], Norm::Sign),
+        // ‖·‖_∞ of a NaN entry: `f64::max` dropped it and read 2
+        (vec![1.0, f64::NAN, 2.0], Norm::Sign),
+        (vec![f64::NAN, 1.0], Norm::Sign),
     ] {
         let r = sphere_retract(&tensor(&w, DType::F64), 1.0, &norm);
         assert!(r.is_err(), "{w:?} under {norm:?}: {r:?}");
@@ -821,5 +824,108 @@ fn lp_dualize_of_a_subnormal_gradient_is_finite_and_right() {
                 "p = {p}: {got:?} vs {x:?}/{n}"
             );
         }
+    }
+}
+
+/// A sphere whose radius is beyond the parameter dtype's largest value is
+/// refused at construction, naming the parameter: a point on it has entries
+/// up to the radius (all of it in one entry under `Norm::Sign`), and the
+/// step wrote Inf into an f16 parameter, after which every step failed.
+#[test]
+fn a_sphere_radius_beyond_the_dtype_is_refused_at_construction() {
+    use steepest::optim::transform::Retract;
+    use steepest::optim::{Chain, Driver};
+    let var = |dt: DType| Var::from_tensor(&tensor(&[1.0, 0.0, 0.0, 0.0], dt)).unwrap();
+    let named = |v: &Var| {
+        vec![NamedVar {
+            name: "emb".into(),
+            var: v.clone(),
+        }]
+    };
+    let steepest = |v: &Var, radius: f64, norm: Norm| {
+        Steepest::from_named(
+            named(v),
+            SteepestConfig {
+                lr: 0.1,
+                momentum: 0.0,
+                nesterov: false,
+                norm,
+                manifold: Manifold::Sphere { radius },
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+    };
+    let retract = |v: &Var, manifold: Manifold| {
+        let t = Retract::new(manifold).unwrap();
+        Driver::new(named(v), Chain::new().then(t), 0.1).map(|_| ())
+    };
+    let f16 = var(DType::F16);
+    for r in [
+        steepest(&f16, 1e5, Norm::Sign),
+        steepest(&f16, 1e5, Norm::Euclidean),
+        retract(&f16, Manifold::Sphere { radius: 1e5 }),
+    ] {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("emb") && e.contains("radius") && e.contains("F16"),
+            "{e}"
+        );
+    }
+    // within range: accepted, and the step stays finite
+    let v = var(DType::F16);
+    let mut opt = Steepest::from_named(
+        named(&v),
+        SteepestConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            norm: Norm::Sign,
+            manifold: Manifold::Sphere { radius: 6e4 },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = tensor(&[0.0, 1.0, -2.0, 0.5], DType::F16);
+    opt.backward_step(&(v.as_tensor() * c).unwrap().sum_all().unwrap())
+        .unwrap();
+    assert!(vec_of(v.as_tensor()).iter().all(|x| x.is_finite()));
+    // f32 takes the same radius
+    steepest(&var(DType::F32), 1e5, Norm::Sign).unwrap();
+    retract(&var(DType::F32), Manifold::Sphere { radius: 1e5 }).unwrap();
+}
+
+/// `Retract`'s vector norm is checked at construction (its fields are
+/// public): an `Lp` exponent that is NaN or below 1 (no norm) was accepted,
+/// and every step then failed with "cannot retract w", blaming `w`.
+#[test]
+fn retract_refuses_an_exponent_that_is_no_norm() {
+    use steepest::optim::transform::Retract;
+    use steepest::optim::{Chain, Driver};
+    let v = Var::from_tensor(&tensor(&[1.0, 2.0, 3.0], DType::F32)).unwrap();
+    let build = |p: f64| {
+        let t = Retract {
+            manifold: Manifold::Sphere { radius: 1.0 },
+            norm: Norm::Lp(p),
+        };
+        Driver::new(
+            vec![NamedVar {
+                name: "w".into(),
+                var: v.clone(),
+            }],
+            Chain::new().then(t),
+            0.1,
+        )
+        .map(|_| ())
+    };
+    for p in [f64::NAN, -1.0, 0.0, 0.5] {
+        let e = build(p).unwrap_err().to_string();
+        assert!(
+            e.contains("Retract.norm") && e.contains("p ≥ 1"),
+            "p = {p}: {e}"
+        );
+    }
+    for p in [1.0, 1.5, 3.0, f64::INFINITY] {
+        build(p).unwrap_or_else(|e| panic!("p = {p}: {e}"));
     }
 }

@@ -32,6 +32,7 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
+mod host;
 pub(crate) mod launch;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -41,6 +42,7 @@ use crate::linalg::{NewtonSchulz, TopSingular};
 use access::{slice, slice_mut, with_cpu_data, Data, DataMut, Typed};
 pub use count::{msign_device_work, MsignWork};
 pub use cpu::AdamStep;
+pub(crate) use host::{host_f64, host_f64_scalar, upload_f64, wide_dtype};
 
 /// Decay folded into an update: `w ← scale·w − coeff·a bᵀ` on the matrix view.
 #[derive(Clone, Copy, Debug)]
@@ -804,16 +806,9 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     }
     let sums = ts
         .iter()
-        .map(|t| {
-            let acc = if t.device().is_metal() {
-                math_dtype(t.dtype())
-            } else {
-                DType::F64
-            };
-            t.to_dtype(acc)?.sqr()?.sum_all()?.to_dtype(DType::F64)
-        })
+        .map(|t| t.to_dtype(wide_dtype(t.device()))?.sqr()?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
+    Ok(host_f64(&Tensor::stack(&sums, 0)?)?)
 }
 
 /// `msign` of a matrix or batch: the CPU's fused Newton–Schulz when the

@@ -231,7 +231,7 @@ pub(crate) fn default_start_values(n: usize) -> (Vec<f64>, f64) {
 /// A fixed pseudo-random unit vector per matrix, `(b, n, 1)`, reproducible.
 fn default_start(b: usize, n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let (vals, norm) = default_start_values(n);
-    let v = Tensor::from_vec(vals, (1, n, 1), device)?.to_dtype(dtype)?;
+    let v = crate::device::upload_f64(vals, (1, n, 1), dtype, device)?;
     (v / norm)?.broadcast_as((b, n, 1))?.contiguous()
 }
 

@@ -5,6 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{matrix_dims, msign, power_iteration, NewtonSchulz, TopSingular};
+use crate::device::{host_f64, upload_f64, wide_dtype};
 use crate::error::{fail, Error, Result};
 
 /// Up to `(b, m, n)`, with whether a batch dimension was added.
@@ -174,10 +175,12 @@ fn pseudo_random(n: usize, seed: u64, dt: DType, dev: &candle_core::Device) -> R
         .sum::<f64>()
         .sqrt()
         .max(f64::MIN_POSITIVE);
-    Ok(
-        Tensor::from_vec(vals.iter().map(|x| x / norm).collect::<Vec<_>>(), n, dev)?
-            .to_dtype(dt)?,
-    )
+    Ok(upload_f64(
+        vals.iter().map(|x| x / norm).collect(),
+        n,
+        dt,
+        dev,
+    )?)
 }
 
 /// The spectral-sphere retraction `W ← r·W/‖W‖₂`, with `‖W‖₂` from
@@ -213,12 +216,7 @@ pub(crate) fn spectral_sphere_retract_members(
     }
     check_matrix_and_start("spectral_sphere_retract", w, start)?;
     // Entries of the result are at most `radius` in size: it must fit the dtype.
-    let largest = match w.dtype() {
-        DType::F64 => f64::MAX,
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        _ => f32::MAX as f64,
-    };
+    let largest = crate::params::largest_finite(w.dtype());
     if radius > largest {
         return Err(Error::config(
             "spectral_sphere_retract: radius",
@@ -230,11 +228,7 @@ pub(crate) fn spectral_sphere_retract_members(
         .into());
     }
     let top = top_singular_precise(w, start)?;
-    let s = top
-        .sigma
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
+    let s = host_f64(&top.sigma)?;
     if let Some(i) = s.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(MemberError {
             member: Some(i),
@@ -248,20 +242,14 @@ pub(crate) fn spectral_sphere_retract_members(
     // has none), rounded to w's dtype once: in f16, σ beyond 65504 or r/σ
     // beyond it made the factor Inf (a zero or Inf/NaN result), and in bf16
     // the factor's 8 bits missed the radius by a few ulps.
-    let work = if w.device().is_metal() {
-        DType::F32
-    } else {
-        DType::F64
-    };
+    let work = wide_dtype(w.device());
     let factors: Vec<f64> = s.iter().map(|si| radius / si).collect();
     let shape: &[usize] = if w.rank() == 3 {
         &[s.len(), 1, 1]
     } else {
         &[1, 1]
     };
-    let scale = Tensor::from_vec(factors, shape, &candle_core::Device::Cpu)?
-        .to_dtype(work)?
-        .to_device(w.device())?;
+    let scale = upload_f64(factors, shape, work, w.device())?;
     let scaled = w
         .to_dtype(work)?
         .broadcast_mul(&scale)?
@@ -326,7 +314,7 @@ fn warm_start_is_safe(w3: &Tensor) -> Result<bool> {
     let m = w3.dim(2)?;
     let a = w3.transpose(1, 2)?.matmul(w3)?;
     let b = w3.dim(0)?;
-    let to_f64 = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    let to_f64 = |t: Tensor| -> Result<Vec<f64>> { Ok(host_f64(&t)?) };
     // tr(WᵀW) = ‖W‖_F² and Gershgorin's bound, per member: one transfer
     let both = to_f64(Tensor::cat(
         &[w3.sqr()?.sum(2)?.sum(1)?, a.abs()?.sum(2)?.max(1)?],
@@ -445,13 +433,7 @@ pub(crate) fn stiefel_retract_members(
                 .with_eps(0.0),
         )?;
         let dev = (x.transpose(1, 2)?.matmul(&x)? - &eye)?;
-        let r = dev
-            .sqr()?
-            .sum(2)?
-            .sum(1)?
-            .sqrt()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let r = host_f64(&dev.sqr()?.sum(2)?.sum(1)?.sqrt()?)?;
         // a NaN residual (W = 0) must not read as converged
         if let Some(i) = r.iter().position(|r| !r.is_finite()) {
             return Err(MemberError {

@@ -1,8 +1,9 @@
 //! The input/parameter gradient inequality as a diagnostic (docs/math.md §6).
 
-use candle_core::{DType, Module, Tensor, Var};
+use candle_core::{Module, Tensor, Var};
 use candle_nn::Linear;
 
+use crate::device::{host_f64_scalar, wide_dtype};
 use crate::error::{fail, Result};
 use crate::linalg::power_iteration;
 
@@ -252,7 +253,7 @@ where
         );
     }
     let fx = fx.flatten_all()?.sum_all()?;
-    let value = fx.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let value = host_f64_scalar(&fx)?;
     if !value.is_finite() {
         fail!(Numerical, "gradient_terms: f", "f(x) is {value}");
     }
@@ -390,16 +391,14 @@ where
     }
     let terms = gradient_terms(mlp, x, f)?;
     let sq = |t: &Tensor| -> Result<f64> {
-        Ok(t.to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?)
+        Ok(host_f64_scalar(
+            &t.to_dtype(wide_dtype(t.device()))?.sqr()?.sum_all()?,
+        )?)
     };
     let sigma = |t: &Tensor| -> Result<f64> {
-        Ok(power_iteration(t, None, power_iters)?
-            .sigma
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?)
+        Ok(host_f64_scalar(
+            &power_iteration(t, None, power_iters)?.sigma,
+        )?)
     };
     let grad_x_sq = sq(&terms.grad_x)?;
     let mut layers = Vec::with_capacity(terms.h.len());

@@ -1,11 +1,12 @@
 //! The input-gradient-norm penalty by a finite-difference mixed derivative.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::param_grad::{
     axpy, check_finite, combine, loss_and_grads, sq_norms, to_store, var_grads,
 };
 use super::{GradPenaltyConfig, PenalizedGrads};
+use crate::device::{host_f64_scalar, wide_dtype};
 use crate::error::{fail, Result};
 use crate::params::describe_var;
 
@@ -82,12 +83,7 @@ where
             step: 0.0,
         });
     }
-    let x_norm = x
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?
-        .sqrt();
+    let x_norm = host_f64_scalar(&x.to_dtype(wide_dtype(x.device()))?.sqr()?.sum_all()?)?.sqrt();
     let h = cfg.step_size(x_norm, x.dtype());
     let at = |sign: f64| -> Result<Vec<Option<Tensor>>> {
         let xp = axpy(&x.detach(), &gx, sign * h / gx_norm)?;

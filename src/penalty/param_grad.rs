@@ -4,6 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::device::{host_f64, wide_dtype};
 use crate::error::{fail, Error, Result};
 use crate::params::describe_var;
 
@@ -285,7 +286,7 @@ where
             loss.dims()
         );
     }
-    let value = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+    let value = host_f64(&loss)?[0];
     if !value.is_finite() {
         // As a step on this loss's gradient would be refused (and so that
         // one `match` arm skips such a batch).
@@ -328,12 +329,12 @@ pub(crate) fn sq_norms(
     let sums: Vec<Tensor> = ts
         .iter()
         .flatten()
-        .map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .map(|t| t.to_dtype(wide_dtype(t.device()))?.sqr()?.sum_all())
         .collect::<candle_core::Result<_>>()?;
     let vals = if sums.is_empty() {
         vec![]
     } else {
-        Tensor::stack(&sums, 0)?.to_vec1::<f64>()?
+        host_f64(&Tensor::stack(&sums, 0)?)?
     };
     let mut it = vals.into_iter();
     let mut out = Vec::with_capacity(ts.len());

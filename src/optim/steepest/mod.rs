@@ -21,7 +21,6 @@
 mod dual;
 mod norm;
 
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 pub use dual::{spectral_sphere_direction, stiefel_direction, DualAscent, DualStep, Manifold};
@@ -198,7 +197,7 @@ impl Steepest {
                 continue;
             };
             if let Some(r) = s.residual() {
-                out.push((v.name.clone(), r.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+                out.push((v.name.clone(), crate::device::host_f64_scalar(r)?));
             }
         }
         Ok(out)

@@ -65,13 +65,14 @@ impl Norm {
 
 /// A tensor's values as an f64 vector on the host.
 fn to_host(x: &Tensor) -> Result<Vec<f64>> {
-    Ok(x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(crate::device::host_f64(x)?)
 }
 
 /// `‖x‖_p` in f64 (`p = ∞`: max |xᵢ|), scaled by the largest entry first so
 /// that large `p` neither overflows nor underflows.
 pub fn p_norm(x: &[f64], p: f64) -> f64 {
-    let m = x.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    // (NaN-aware: `f64::max` drops a NaN, and ‖[NaN, 1]‖_∞ read 1)
+    let m = crate::linalg::max_or_nan(x.iter().map(|v| v.abs()));
     if m == 0.0 || p.is_infinite() {
         return m;
     }
@@ -103,7 +104,7 @@ pub fn dualize(g: &Tensor, norm: &Norm) -> Result<Tensor> {
                                      // 1/m in g's dtype, which overflows f32 below m ≈ 2.9e-39 and
                                      // made Inf and NaN directions).
             let mt = g.abs()?.flatten_all()?.max_keepdim(0)?;
-            let m = mt.to_dtype(DType::F64)?.squeeze(0)?.to_scalar::<f64>()?;
+            let m = crate::device::host_f64_scalar(&mt)?;
             if m == 0.0 {
                 return Ok(g.zeros_like()?);
             }
@@ -178,7 +179,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
         Norm::Sign => {
             let abs = w.flatten_all()?.abs()?;
             let k = abs.argmax(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
-            if abs.get(k as usize)?.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
+            if crate::device::host_f64_scalar(&abs.get(k as usize)?)? == 0.0 {
                 // w = 0: no coordinate is the normal one (see the doc)
                 return dualize(g, norm);
             }

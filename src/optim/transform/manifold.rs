@@ -165,7 +165,12 @@ fn step_lengths(step: &GroupStep<'_>, like: &Tensor) -> Result<Tensor> {
     let lrs: Vec<f64> = (0..step.len()).map(|i| step.lr() * step.alpha(i)).collect();
     let mut dims = vec![step.len()];
     dims.extend(std::iter::repeat_n(1, like.rank() - 1));
-    Ok(Tensor::from_vec(lrs, dims, like.device())?.to_dtype(like.dtype())?)
+    Ok(crate::device::upload_f64(
+        lrs,
+        dims,
+        like.dtype(),
+        like.device(),
+    )?)
 }
 
 fn write_back(step: &GroupStep<'_>, new_w: &Tensor) -> Result<()> {
@@ -202,6 +207,9 @@ impl Transform for ManifoldStep {
         // refuse a norm that does not fit the manifold here, at construction,
         // rather than at the first step.
         self.validate("ManifoldStep")?;
+        if let Manifold::Sphere { radius } | Manifold::SpectralSphere { radius } = self.manifold {
+            p.check_radius_fits(radius)?;
+        }
         let mv = p.matrix();
         match (self.manifold, mv) {
             (Manifold::SpectralSphere { .. } | Manifold::Stiefel { .. }, None) => fail!(

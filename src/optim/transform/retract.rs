@@ -54,6 +54,14 @@ impl Retract {
             Manifold::Sphere { .. } if self.norm.p().is_none() => {
                 fail!(Config, who, "Sphere needs a vector norm")
             }
+            Manifold::Sphere { .. } if !self.norm.p().is_some_and(|p| p >= 1.0 && !p.is_nan()) => {
+                fail!(
+                    Config,
+                    format!("{who}.norm"),
+                    "the sphere of Lp needs p ≥ 1 (a norm), got {:?}",
+                    self.norm
+                )
+            }
             _ => Ok(()),
         }
     }
@@ -103,6 +111,9 @@ impl Transform for Retract {
         // The fields are public: refuse settings `Retract::new` would refuse
         // here, at construction, rather than step with them.
         self.validate("Retract")?;
+        if let Manifold::Sphere { radius } | Manifold::SpectralSphere { radius } = self.manifold {
+            p.check_radius_fits(radius)?;
+        }
         match (self.manifold, p.matrix()) {
             (Manifold::SpectralSphere { .. } | Manifold::Stiefel { .. }, None) => fail!(
                 Config,
