@@ -219,6 +219,35 @@ pub fn matrix_view(dims: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
+/// The largest finite value of a float dtype (f32's for the others).
+pub(crate) fn largest_finite(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MAX,
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    }
+}
+
+impl ParamInfo {
+    /// Errors (naming the parameter) when a sphere's `radius` is beyond the
+    /// largest value of its dtype: the entries of a point on the sphere of
+    /// any p-norm (p ≥ 1) or of the spectral norm reach up to `radius`, and
+    /// the step would write Inf into the parameter.
+    pub(crate) fn check_radius_fits(&self, radius: f64) -> Result<()> {
+        let largest = largest_finite(self.dtype);
+        if radius > largest {
+            fail!(
+                Config,
+                self.name,
+                "the radius {radius:e} is beyond the largest {:?} value ({largest:e}): the parameter would overflow",
+                self.dtype
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,34 +345,5 @@ mod tests {
                 assert_eq!(nv.var.id(), vars[k].id(), "order {order:?}: param.{k}");
             }
         }
-    }
-}
-
-/// The largest finite value of a float dtype (f32's for the others).
-pub(crate) fn largest_finite(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MAX,
-        DType::F16 => half::f16::MAX.to_f64(),
-        DType::BF16 => half::bf16::MAX.to_f64(),
-        _ => f32::MAX as f64,
-    }
-}
-
-impl ParamInfo {
-    /// Errors (naming the parameter) when a sphere's `radius` is beyond the
-    /// largest value of its dtype: the entries of a point on the sphere of
-    /// any p-norm (p ≥ 1) or of the spectral norm reach up to `radius`, and
-    /// the step would write Inf into the parameter.
-    pub(crate) fn check_radius_fits(&self, radius: f64) -> Result<()> {
-        let largest = largest_finite(self.dtype);
-        if radius > largest {
-            fail!(
-                Config,
-                self.name,
-                "the radius {radius:e} is beyond the largest {:?} value ({largest:e}): the parameter would overflow",
-                self.dtype
-            );
-        }
-        Ok(())
     }
 }
