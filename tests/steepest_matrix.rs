@@ -2229,3 +2229,64 @@ fn a_checkpoint_without_smoothing_resumes_with_the_plain_dual() {
     again.load_state_dict(&st).unwrap();
     assert_eq!(again.config().dual.smoothing, None);
 }
+
+/// A zero gradient on the spectral sphere leaves `W` where it is (as on the
+/// vector sphere and Stiefel), and its member's multiplier `λ` is kept: with
+/// the `λ` of an earlier step, `Φ = msign(λΘ) = ±Θ` moved `W` along the
+/// normal, and the retraction turned that into a drift of the other singular
+/// values (σ₂ 0.50 → 0.52 over 20 zero steps). A live member of the same
+/// group steps as it would alone.
+#[test]
+fn a_zero_gradient_leaves_w_on_the_spectral_sphere_unchanged() {
+    let mut r = rng(61);
+    let w0 = from_dmatrix(
+        &with_singular_values(&mut r, 4, 3, &[1.0, 0.5, 0.3]),
+        DType::F64,
+    );
+    let other = randn(&mut r, &[4, 3], DType::F64);
+    let g1 = randn(&mut r, &[4, 3], DType::F64);
+    let g2 = randn(&mut r, &[4, 3], DType::F64);
+    let cfg = SteepestConfig {
+        momentum: 0.0,
+        nesterov: false,
+        ..spectral_sphere_cfg(1.0)
+    };
+    let vars = named(vec![("w", w0.clone()), ("other", other.clone())]);
+    let mut opt = Steepest::from_named(vars.clone(), cfg.clone()).unwrap();
+    opt.step_subset(&[(0, g1.clone()), (1, g1.clone())])
+        .unwrap();
+    let after_one = to_f64_vec(vars[0].var.as_tensor());
+    let lambda = |o: &Steepest| to_f64_vec(&o.state_dict().unwrap()["w.manifold.lambda"]);
+    let lambda_one = lambda(&opt);
+    assert!(lambda_one[0] != 0.0, "the first step leaves a multiplier");
+    // `other` alone, for the live member's comparison
+    let alone = named(vec![("other", other.clone())]);
+    let mut solo = Steepest::from_named(alone.clone(), cfg).unwrap();
+    solo.step_subset(&[(0, g1.clone())]).unwrap();
+    for _ in 0..20 {
+        opt.step_subset(&[(0, g1.zeros_like().unwrap()), (1, g2.clone())])
+            .unwrap();
+        solo.step_subset(&[(0, g2.clone())]).unwrap();
+    }
+    let now = to_f64_vec(vars[0].var.as_tensor());
+    let gap = now
+        .iter()
+        .zip(&after_one)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(gap < 1e-12, "W moved by {gap:e} under zero gradients");
+    assert_eq!(lambda(&opt), lambda_one);
+    let (a, b) = (
+        to_f64_vec(vars[1].var.as_tensor()),
+        to_f64_vec(alone[0].var.as_tensor()),
+    );
+    let gap = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        gap < 1e-12,
+        "the live member differs from its run alone by {gap:e}"
+    );
+}

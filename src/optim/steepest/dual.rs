@@ -258,7 +258,15 @@ fn smoothed_msign(m: &Tensor, block: &Tensor, ns: &NewtonSchulz) -> Result<Tenso
 /// repeat `steps` times `Φ = msign(Ĝ + λΘ); λ ← λ − η₂·tr(ΘᵀΦ)`, with
 /// `Ĝ = G/rms(σ(G))`. Returns the last `Φ`, the updated `λ` and `tr(ΘᵀΦ)` of that
 /// `Φ`. At the fixed point `tr(ΘᵀΦ) = 0` and `Φ` maximises `tr(GᵀΦ)` over
-/// `‖Φ‖₂ = 1`, `tr(ΘᵀΦ) = 0` (`λ* = argmin ‖G + λΘ‖_*`).
+/// `‖Φ‖₂ = 1`, `tr(ΘᵀΦ) = 0` (`λ* = argmin ‖G + λΘ‖_*`). A zero `G` gets
+/// `Φ = 0`, its `λ` unchanged and a zero residual.
+///
+/// The fixed rate converges when `Ĝ` has a sizeable part tangent to the
+/// sphere; when `Ĝ` lies almost along `Θ` (its part orthogonal to `Θ` small,
+/// so the dual's curvature, about `1/‖Ĝ_⊥‖`, large), a step of `η₂`
+/// overshoots and `λ` oscillates, `Φ ≈ ±Θ`: most of the step is normal to
+/// the sphere and the retraction takes it back. A smaller `η₂` (or more
+/// `steps`) helps there at the cost of slower convergence elsewhere.
 ///
 /// `g`, `theta`: `(m, n)` or `(b, m, n)`; `lambda`: `()` or `(b,)`.
 pub fn spectral_sphere_direction(
@@ -282,7 +290,8 @@ pub fn spectral_sphere_direction(
         );
     }
     let b = g3.dim(0)?;
-    let mut lam = lambda.to_dtype(g3.dtype())?.reshape(b)?;
+    let lam0 = lambda.to_dtype(g3.dtype())?.reshape(b)?;
+    let mut lam = lam0.clone();
     let gn = normalise(&g3)?;
     let mut phi = gn.zeros_like()?;
     let mut res = lam.zeros_like()?;
@@ -292,6 +301,16 @@ pub fn spectral_sphere_direction(
         res = (&t3 * &phi)?.sum(2)?.sum(1)?;
         lam = dual.step(lr, &lam, &res)?;
     }
+    // A zero gradient has the zero direction (as on the other manifolds),
+    // and its λ is kept: Φ = msign(λΘ) = ±Θ moved W along the normal,
+    // which the retraction turned into a change of the other σᵢ.
+    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?;
+    let phi = live
+        .reshape((b, 1, 1))?
+        .broadcast_as(phi.shape())?
+        .where_cond(&phi, &phi.zeros_like()?)?;
+    let res = live.where_cond(&res, &res.zeros_like()?)?;
+    let lam = live.where_cond(&lam, &lam0)?;
     let shape = lambda.shape().clone();
     Ok(DualStep {
         phi: unbatch(phi, added)?,
