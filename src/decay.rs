@@ -25,8 +25,7 @@ pub enum WeightDecay {
     /// `W ← W − ηλ·W v₁v₁ᵀ`: shrinks only the top singular value,
     /// `σ₁ ← (1 − ηλ)σ₁`. `v₁` comes from `iters` power iterations per step,
     /// warm-started from the previous step's `v₁` (kept in the optimizer
-    /// state); a cold start uses `max(iters, 10)` (for every matrix batched
-    /// with it, warm ones too: they only get a more accurate `v₁`).
+    /// state); a matrix's cold start (its first step) uses `max(iters, 10)`.
     Spectral {
         /// The decay coefficient `λ`.
         lambda: f64,

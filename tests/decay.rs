@@ -465,3 +465,47 @@ fn a_checkpoint_with_invalid_decay_settings_is_refused() {
     assert!(e.to_string().contains("iters"), "{e}");
     fresh.load_state_dict(&good).unwrap();
 }
+
+/// Spectral decay's cold start (more power iterations for a member with no
+/// stored `v₁`) is the member's own: a warm parameter batched with one that
+/// steps for the first time decays as it does alone, bit for bit. Before,
+/// one cold member gave the whole group `max(iters, 10)` iterations.
+#[test]
+fn a_cold_member_does_not_change_a_warm_ones_spectral_decay() {
+    let mut r = rng(63);
+    let a0 = randn(&mut r, &[7, 5], DType::F32);
+    let b0 = randn(&mut r, &[7, 5], DType::F32);
+    let g1 = randn(&mut r, &[7, 5], DType::F32);
+    let g2a = randn(&mut r, &[7, 5], DType::F32);
+    let g2b = randn(&mut r, &[7, 5], DType::F32);
+    let cfg = SgdConfig {
+        lr: 0.1,
+        weight_decay: WeightDecay::Spectral {
+            lambda: 0.5,
+            iters: 1,
+        },
+        ..Default::default()
+    };
+    let named = |items: &[(&str, &Tensor)]| -> Vec<NamedVar> {
+        items
+            .iter()
+            .map(|(n, t)| NamedVar {
+                name: n.to_string(),
+                var: Var::from_tensor(t).unwrap(),
+            })
+            .collect()
+    };
+    let both = named(&[("a", &a0), ("b", &b0)]);
+    let mut opt = Sgd::from_named(both.clone(), cfg.clone()).unwrap();
+    opt.step_subset(&[(0, g1.clone())]).unwrap();
+    opt.step_subset(&[(0, g2a.clone()), (1, g2b.clone())])
+        .unwrap();
+    let alone = named(&[("a", &a0)]);
+    let mut solo = Sgd::from_named(alone.clone(), cfg).unwrap();
+    solo.step_subset(&[(0, g1.clone())]).unwrap();
+    solo.step_subset(&[(0, g2a.clone())]).unwrap();
+    assert_eq!(
+        to_f64_vec(both[0].var.as_tensor()),
+        to_f64_vec(alone[0].var.as_tensor())
+    );
+}

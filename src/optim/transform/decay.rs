@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -135,28 +135,34 @@ impl Transform for Decay {
         let (dt, dev) = (step.math_dtype(), ws[0].device().clone());
         // Each member's v₁ estimate is the power iteration's start and gets
         // its result in place. A member without one yet gets a zero vector:
-        // no start, so the default one, with the cold start's iterations.
-        let mut cold = false;
+        // no start, so the default one, with the cold start's iterations
+        // (its own: the warm members of the group keep `iters`, as alone).
+        let mut cold = Vec::new();
+        let mut warm = Vec::new();
         let mut vs = Vec::with_capacity(states.len());
-        for slot in states.iter_mut() {
+        for (i, slot) in states.iter_mut().enumerate() {
             if state_mut::<SpectralDecayState>(slot).is_none() {
-                cold = true;
+                cold.push(i);
                 let v = Var::zeros(cols, dt, &dev)?;
                 *slot = Some(Box::new(SpectralDecayState { v }));
+            } else {
+                warm.push(i);
             }
             let st = state_mut::<SpectralDecayState>(slot).expect("made above");
             vs.push(st.v.clone());
         }
-        let iters = if cold {
-            iters.max(COLD_START_ITERS)
-        } else {
-            iters
-        };
-        let top = device::power_iteration_members(&ws, &vs, iters)?;
-        // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
-        let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
-        for i in 0..vs.len() {
-            step.decay_rank1(i, coeff, a_all.get(i)?, top.v.get(i)?);
+        for (members, iters) in [(warm, iters), (cold, iters.max(COLD_START_ITERS))] {
+            if members.is_empty() {
+                continue;
+            }
+            let ws: Vec<Tensor> = members.iter().map(|&i| ws[i].clone()).collect();
+            let vs: Vec<Var> = members.iter().map(|&i| vs[i].clone()).collect();
+            let top = device::power_iteration_members(&ws, &vs, iters)?;
+            // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
+            let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
+            for (j, &i) in members.iter().enumerate() {
+                step.decay_rank1(i, coeff, a_all.get(j)?, top.v.get(j)?);
+            }
         }
         Ok(())
     }

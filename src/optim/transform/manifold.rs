@@ -15,7 +15,7 @@ use crate::device;
 use crate::error::{fail, Result};
 use crate::linalg::{
     spectral_sphere_retract_members, stiefel_retract_members, theta, top_singular_precise,
-    NewtonSchulz,
+    MemberError, NewtonSchulz, TopSingular,
 };
 use crate::optim::steepest::{
     spectral_sphere_direction, sphere_direction, sphere_retract, stiefel_direction, DualAscent,
@@ -303,10 +303,10 @@ impl Transform for ManifoldStep {
             Manifold::SpectralSphere { radius } => {
                 let cols = g.dim(2)?;
                 let (dt, dev) = (w.dtype(), w.device().clone());
-                let mut cold = false;
+                let mut cold = Vec::new();
                 let mut starts = Vec::new();
                 let mut lambdas = Vec::new();
-                for s in states.iter_mut() {
+                for (i, s) in states.iter_mut().enumerate() {
                     match state_mut::<ManifoldState>(s) {
                         Some(ManifoldState::SpectralSphere {
                             lambda, theta_v, ..
@@ -315,7 +315,7 @@ impl Transform for ManifoldStep {
                             lambdas.push(lambda.as_tensor().clone());
                         }
                         _ => {
-                            cold = true;
+                            cold.push(i);
                             starts.push(Tensor::zeros(cols, dt, &dev)?);
                             lambdas.push(Tensor::zeros((), dt, &dev)?);
                         }
@@ -323,12 +323,10 @@ impl Transform for ManifoldStep {
                 }
                 let start = Tensor::stack(&starts, 0)?;
                 // Θ of the current W: the stored v₁ came from the last retraction,
-                // one iteration refreshes it; a cold start iterates to convergence.
-                let top = if cold {
-                    top_singular_precise(&w, Some(&start))?
-                } else {
-                    device::power_iteration(&w, Some(&start), 1)?
-                };
+                // one iteration refreshes it; a cold start (per member: the
+                // group's other members are not affected) iterates to
+                // convergence.
+                let top = top_of_members(&w, &start, &cold)?;
                 let th = theta(&top)?;
                 let lam = Tensor::stack(&lambdas, 0)?;
                 let ds = spectral_sphere_direction(&g, &th, &lam, &self.dual, self.ns())?;
@@ -372,26 +370,23 @@ impl Transform for ManifoldStep {
                 let (w, g, base) = (tall(w)?, tall(g)?, tall(base)?);
                 let k = w.dim(2)?;
                 let (dt, dev) = (w.dtype(), w.device().clone());
-                let mut cold = false;
+                let mut cold = Vec::new();
                 let mut xs = Vec::new();
-                for s in states.iter_mut() {
+                for (i, s) in states.iter_mut().enumerate() {
                     match state_mut::<ManifoldState>(s) {
                         Some(ManifoldState::Stiefel { x, .. }) => xs.push(x.as_tensor().clone()),
                         _ => {
-                            cold = true;
+                            cold.push(i);
                             xs.push(Tensor::zeros((k, k), dt, &dev)?);
                         }
                     }
                 }
-                // First step: project the starting point onto the manifold.
-                let (w, base) = if cold {
-                    (
-                        stiefel_retract_members(&w, true).map_err(|e| step.member_error(e))?,
-                        stiefel_retract_members(&base, true).map_err(|e| step.member_error(e))?,
-                    )
-                } else {
-                    (w, base)
-                };
+                // A member's first step projects its starting point onto the
+                // manifold (only its own: the group's others keep theirs,
+                // decay included).
+                let project = |t: &Tensor| stiefel_retract_members(t, true);
+                let w = on_members(&w, &cold, project).map_err(|e| step.member_error(e))?;
+                let base = on_members(&base, &cold, project).map_err(|e| step.member_error(e))?;
                 let x = Tensor::stack(&xs, 0)?;
                 let ds = stiefel_direction(&g, &w, &x, &self.dual, self.ns())?;
                 let stepped = (&base - ds.phi.broadcast_mul(&lrs)?)?;
@@ -424,4 +419,75 @@ impl Transform for ManifoldStep {
     fn boxed(&self) -> Box<dyn Transform> {
         Box::new(self.clone())
     }
+}
+
+/// `f` applied to the members `idx` of the batch `t` only, the others kept
+/// as they are; a member error names the member of `t`.
+fn on_members(
+    t: &Tensor,
+    idx: &[usize],
+    f: impl Fn(&Tensor) -> std::result::Result<Tensor, MemberError>,
+) -> std::result::Result<Tensor, MemberError> {
+    let b = t.dim(0)?;
+    if idx.is_empty() {
+        return Ok(t.clone());
+    }
+    if idx.len() == b {
+        return f(t);
+    }
+    let sub = Tensor::stack(
+        &idx.iter()
+            .map(|&i| t.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        0,
+    )?;
+    let done = f(&sub).map_err(|e| MemberError {
+        member: e.member.map(|j| idx[j]),
+        error: e.error,
+    })?;
+    let mut parts = (0..b)
+        .map(|i| t.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (j, &i) in idx.iter().enumerate() {
+        parts[i] = done.get(j)?;
+    }
+    Ok(Tensor::stack(&parts, 0)?)
+}
+
+/// `σ₁, u₁, v₁` of each member of `w` for the spectral sphere: one power
+/// iteration from `start` (the last retraction's `v₁`) for a warm member,
+/// [`top_singular_precise`] for the `cold` ones (their first step).
+fn top_of_members(w: &Tensor, start: &Tensor, cold: &[usize]) -> Result<TopSingular> {
+    let b = w.dim(0)?;
+    if cold.len() == b {
+        return top_singular_precise(w, Some(start));
+    }
+    let warm = device::power_iteration(w, Some(start), 1)?;
+    if cold.is_empty() {
+        return Ok(warm);
+    }
+    let pick = |t: &Tensor| -> candle_core::Result<Tensor> {
+        Tensor::stack(
+            &cold
+                .iter()
+                .map(|&i| t.get(i))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )
+    };
+    let precise = top_singular_precise(&pick(w)?, Some(&pick(start)?))?;
+    let merge = |all: &Tensor, some: &Tensor| -> candle_core::Result<Tensor> {
+        let mut parts = (0..b)
+            .map(|i| all.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for (j, &i) in cold.iter().enumerate() {
+            parts[i] = some.get(j)?;
+        }
+        Tensor::stack(&parts, 0)
+    };
+    Ok(TopSingular {
+        sigma: merge(&warm.sigma, &precise.sigma)?,
+        u: merge(&warm.u, &precise.u)?,
+        v: merge(&warm.v, &precise.v)?,
+    })
 }
