@@ -104,48 +104,61 @@ fn spectral_decay_uses_the_iterated_side_before_convergence() {
 }
 
 /// Warm steps run the configured number of power iterations: with
-/// `Spectral { iters: 3 }` and a zero gradient, AdamW's second step is
-/// `W − ηλ(Wx)xᵀ` with `x = (WᵀW)³v/‖·‖` from the stored `v` (f64, closed
-/// form), on a matrix with σ₂/σ₁ = 0.9 (so `v` is far from converged and
-/// one iteration is not three).
+/// `Spectral { iters: 3 }` and a zero gradient, AdamW's second step is, from
+/// the stored `v` (f64, closed form), on a tall matrix `W − ηλ(Wx)xᵀ` with
+/// `x = (WᵀW)³v/‖·‖`, and on a wide one (iterating on the short side)
+/// `W − ηλ·u uᵀW` with `u = (W Wᵀ)³y/‖·‖`, `y = Wv/‖Wv‖`; on matrices with
+/// σ₂/σ₁ = 0.9 (so `v` is far from converged and one iteration is not three).
 #[test]
 fn warm_steps_run_the_configured_iterations() {
     let (lr, lambda) = (0.5, 0.2);
     let mut r = rng(26);
-    let w0 = with_singular_values(&mut r, 6, 4, &[4.0, 3.6, 1.0, 0.5]);
-    let var = Var::from_tensor(&from_dmatrix(&w0, DType::F64)).unwrap();
-    let mut opt = AdamW::from_named(
-        vec![NamedVar {
-            name: "w".into(),
-            var: var.clone(),
-        }],
-        AdamWConfig {
-            lr,
-            weight_decay: WeightDecay::Spectral { lambda, iters: 3 },
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    opt.backward_step(&zero_loss(&var)).unwrap();
-    let w1 = to_dmatrix(var.as_tensor());
-    let state = steepest::OptimizerState::state_dict(&opt).unwrap();
-    let v = to_dvector(&state["w.decay.v"]);
-    opt.backward_step(&zero_loss(&var)).unwrap();
-    let got = to_dmatrix(var.as_tensor());
-    let iterate = |k: usize| {
-        let mut x = v.clone();
-        for _ in 0..k {
-            x = w1.transpose() * (&w1 * &x);
-            x /= x.norm();
-        }
-        &w1 - (&w1 * &x) * x.transpose() * (lr * lambda)
-    };
-    let err = (&got - iterate(3)).amax();
-    assert!(err < 1e-10, "{err:e}");
-    assert!(
-        (&got - iterate(1)).amax() > 1e-6,
-        "1 iteration gives the same"
-    );
+    for (m, n) in [(6, 4), (4, 6)] {
+        let w0 = with_singular_values(&mut r, m, n, &[4.0, 3.6, 1.0, 0.5]);
+        let var = Var::from_tensor(&from_dmatrix(&w0, DType::F64)).unwrap();
+        let mut opt = AdamW::from_named(
+            vec![NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            AdamWConfig {
+                lr,
+                weight_decay: WeightDecay::Spectral { lambda, iters: 3 },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        opt.backward_step(&zero_loss(&var)).unwrap();
+        let w1 = to_dmatrix(var.as_tensor());
+        let state = steepest::OptimizerState::state_dict(&opt).unwrap();
+        let v = to_dvector(&state["w.decay.v"]);
+        opt.backward_step(&zero_loss(&var)).unwrap();
+        let got = to_dmatrix(var.as_tensor());
+        let iterate = |k: usize| {
+            if m >= n {
+                let mut x = v.clone();
+                for _ in 0..k {
+                    x = w1.transpose() * (&w1 * &x);
+                    x /= x.norm();
+                }
+                &w1 - (&w1 * &x) * x.transpose() * (lr * lambda)
+            } else {
+                let mut u = &w1 * &v;
+                u /= u.norm();
+                for _ in 0..k {
+                    u = &w1 * (w1.transpose() * &u);
+                    u /= u.norm();
+                }
+                &w1 - &u * (u.transpose() * &w1) * (lr * lambda)
+            }
+        };
+        let err = (&got - iterate(3)).amax();
+        assert!(err < 1e-10, "{m}×{n}: {err:e}");
+        assert!(
+            (&got - iterate(1)).amax() > 1e-6,
+            "{m}×{n}: 1 iteration gives the same"
+        );
+    }
 }
 
 #[test]

@@ -37,6 +37,20 @@ fn check_against_svd(w: &DMatrix<f64>, sigma: f64, u: &DVector<f64>, v: &DVector
 
 #[test]
 fn finds_the_top_triplet_tall_wide_square() {
+    finds_the_top_triplet();
+}
+
+/// The generic path (candle's ops: Metal, f64 on CUDA) against the SVD too,
+/// not only against the CPU kernels.
+#[test]
+fn generic_path_finds_the_top_triplet_and_runs_k_products() {
+    steepest::device::with_generic_ops(|| {
+        finds_the_top_triplet();
+        k_iterations_are_k_products();
+    });
+}
+
+fn finds_the_top_triplet() {
     let mut r = rng(10);
     for (m, n) in [(12, 7), (7, 12), (9, 9), (1, 6), (6, 1)] {
         let k = m.min(n);
@@ -62,6 +76,10 @@ fn finds_the_top_triplet_tall_wide_square() {
 /// `v = Wᵀu/σ`. (Converged results cannot tell one iteration more or less.)
 #[test]
 fn k_iterations_are_k_products_with_the_gram_matrix() {
+    k_iterations_are_k_products();
+}
+
+fn k_iterations_are_k_products() {
     let mut r = rng(17);
     for (m, n) in [(7, 4), (5, 5), (4, 7)] {
         let w = DMatrix::<f64>::from_fn(m, n, |_, _| normal_vec(&mut r, 1)[0]);

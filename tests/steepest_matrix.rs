@@ -2343,3 +2343,46 @@ fn a_cold_member_does_not_change_a_warm_one_in_its_group() {
         );
     }
 }
+
+/// The sign dual step on the Stiefel manifold: from `X₀ = 0`,
+/// `X₁ = −η₂·sign(WᵀΦ + ΦᵀW)` entrywise, with `Φ = polar(G)` (from an f64
+/// SVD here), on a tall `W` with `WᵀW = I` (`n > 2m`: the plain dual); the
+/// plain step gives `−η₂(WᵀΦ + ΦᵀW)`.
+#[test]
+fn stiefel_sign_dual_step_is_the_sign_of_the_residual() {
+    let mut r = rng(64);
+    let (n, m, eta2) = (9, 3, 0.05);
+    let a = DMatrix::<f64>::from_fn(n, m, |_, _| normal_vec(&mut r, 1)[0]);
+    let w = a.qr().q(); // n×m, WᵀW = I
+    let g = DMatrix::<f64>::from_fn(n, m, |_, _| normal_vec(&mut r, 1)[0]);
+    let svd = g.clone().svd(true, true);
+    let phi = svd.u.unwrap() * svd.v_t.unwrap();
+    let res = w.transpose() * &phi + phi.transpose() * &w;
+    assert!(res.iter().all(|x| x.abs() > 1e-3), "{res}");
+    let x0 = Tensor::zeros((m, m), DType::F64, &Device::Cpu).unwrap();
+    let ns = NewtonSchulz::polar_express(12);
+    for sign in [true, false] {
+        let dual = DualAscent {
+            lr: Some(eta2),
+            steps: 1,
+            sign,
+            smoothing: None,
+        };
+        let step = stiefel_direction(
+            &from_dmatrix(&g, DType::F64),
+            &from_dmatrix(&w, DType::F64),
+            &x0,
+            &dual,
+            &ns,
+        )
+        .unwrap();
+        let got = to_dmatrix(&step.multiplier);
+        let want = if sign {
+            res.map(|x| -eta2 * x.signum())
+        } else {
+            &res * -eta2
+        };
+        let err = (&got - &want).amax();
+        assert!(err < 1e-6, "sign {sign}: X₁ = {got}, want {want}");
+    }
+}

@@ -929,3 +929,33 @@ fn retract_refuses_an_exponent_that_is_no_norm() {
         build(p).unwrap_or_else(|e| panic!("p = {p}: {e}"));
     }
 }
+
+/// `p_norm` against the sums written out here: `(Σ|xᵢ|^p)^{1/p}` for
+/// p = 1, 1.5, 2, 3 and `max |xᵢ|` for p = ∞, ‖(3, 4)‖₂ = 5, a vector whose
+/// entries overflow when raised to p unscaled, zero, and NaN (which every p
+/// reports).
+#[test]
+fn p_norm_is_the_sum_written_out() {
+    let x = [3.0, -4.0, 0.5, -1.25, 0.0];
+    for p in [1.0, 1.5, 2.0, 3.0] {
+        let want = x
+            .iter()
+            .map(|v: &f64| v.abs().powf(p))
+            .sum::<f64>()
+            .powf(1.0 / p);
+        let got = p_norm(&x, p);
+        assert!(
+            (got - want).abs() < 1e-14 * want,
+            "p = {p}: {got} vs {want}"
+        );
+    }
+    assert_eq!(p_norm(&x, f64::INFINITY), 4.0);
+    assert!((p_norm(&[3.0, 4.0], 2.0) - 5.0).abs() < 1e-15);
+    assert_eq!(p_norm(&[1e300, -1e300], 1.0), 2e300);
+    let big = p_norm(&[1e200, 1e200], 3.0);
+    assert!((big / (2f64.cbrt() * 1e200) - 1.0).abs() < 1e-14, "{big:e}");
+    assert_eq!(p_norm(&[0.0, -0.0], 2.0), 0.0);
+    for p in [1.0, 2.0, 3.0, f64::INFINITY] {
+        assert!(p_norm(&[1.0, f64::NAN], p).is_nan(), "p = {p}");
+    }
+}
