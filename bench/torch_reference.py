@@ -26,7 +26,9 @@ CUDA event; torch.cuda.synchronize(); host clock. median_s is the host-clock
 median (the same method as the Rust side), median_event_s the CUDA-event
 median. Warm-up calls first. Every workload runs in try/except: an error is
 recorded in the JSON and the script goes on; the JSON is rewritten after
-every workload.
+every workload. Exit status 2: --out cannot be written (checked before
+anything is measured) or --only matches no workload; 1: a write of --out
+failed during the run.
 
     python3 bench/torch_reference.py --out gpu_bench_torch.json
     python3 bench/torch_reference.py --quick --device cpu --out /tmp/t.json   # smoke run
@@ -87,6 +89,9 @@ class Bench:
         self.only = only
         self.out = out
         self.records = []
+        self.seen = []  # every workload name met, wanted or not
+        self.writes_failed = 0
+        self.last_write_ok = False
         self.cuda = dev.type == "cuda"
         if self.cuda:
             self.device_name = torch.cuda.get_device_name(dev)
@@ -103,6 +108,7 @@ class Bench:
     def run(self, name, impl, shapes, dtype, notes, prepare, fn, flops=None, nbytes=None, warmup=None):
         """Times fn(state) after state = prepare(); records the result or the error.
         `warmup`: warm-up calls for this workload (default: the script's)."""
+        self.seen.append(name)
         if not self.wanted(name):
             return
         torch = self.torch
@@ -174,7 +180,13 @@ class Bench:
             state = None
             self.free()
         self.records.append(rec)
-        self.write()
+        try:
+            self.write()
+            self.last_write_ok = True
+        except Exception as e:  # noqa: BLE001 -- report, go on, exit non-zero at the end
+            self.writes_failed += 1
+            self.last_write_ok = False
+            print(f"torch_reference: writing {self.out}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def free(self):
         import gc
@@ -208,6 +220,21 @@ class Bench:
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(tmp, self.out)
+
+
+def check_out_writable(path):
+    """Exits 2 with one line unless `path` can be written the way Bench.write
+    writes it (PATH.tmp, renamed over PATH); leaves PATH itself untouched."""
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError("is a directory")
+        tmp = path + ".tmp"
+        with open(tmp, "w"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        print(f"torch_reference: --out {path}: cannot write: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def tf32_matmul(torch):
@@ -354,6 +381,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 3, 1 with --quick)")
     ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
     args = ap.parse_args()
+    if args.out:
+        check_out_writable(args.out)
 
     import torch
 
@@ -488,8 +517,18 @@ def main():
             nbytes=28.0 * n_params,
         )
 
+    if not bench.records and only:
+        print(f"torch_reference: --only {args.only} matched no workload; the workloads: {', '.join(bench.seen)}",
+              file=sys.stderr)
+        sys.exit(2)
     if args.out:
-        print(f"wrote {args.out}", flush=True)
+        if bench.last_write_ok:
+            print(f"wrote {args.out}", flush=True)
+        if bench.writes_failed:
+            last = " (the last one succeeded: the file has every record)" if bench.last_write_ok else ""
+            print(f"torch_reference: {bench.writes_failed} of {len(bench.records)} writes of {args.out} failed{last}",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@
 //!     cargo run --example gpu_bench -- --device cpu --quick --out /tmp/q.json   # smoke run, seconds
 //!
 //! `--quick` uses tiny shapes (same workload names) and 3 reps. Without
-//! feature `cuda` only `--device cpu` works.
+//! feature `cuda` only `--device cpu` works. Exit status 2: `--out` cannot
+//! be written (checked before anything is measured) or `--only` matches no
+//! workload; 1: a write of `--out` failed during the run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -132,7 +134,8 @@ struct Cli {
     /// Tiny shapes and 3 reps (unless --reps): a smoke run in seconds
     #[arg(long)]
     quick: bool,
-    /// Write the JSON here (rewritten after every workload)
+    /// Write the JSON here (rewritten after every workload; checked writable
+    /// before anything is measured)
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
     /// Timed repetitions per workload [default: 20, 3 with --quick]
@@ -333,6 +336,11 @@ struct Bench {
     /// Whether `retain_freed_memory` was called (CUDA, no --release-freed-memory).
     pool_keeps_freed_memory: bool,
     records: Vec<Value>,
+    /// Every workload name met, wanted or not (for an `--only` that matches none).
+    seen: Vec<String>,
+    /// Writes of `out` that failed, and whether the latest one succeeded.
+    writes_failed: usize,
+    last_write_ok: bool,
 }
 
 impl Bench {
@@ -362,6 +370,7 @@ impl Bench {
         mut f: impl FnMut(&mut S) -> Result<()>,
         check: impl FnOnce(&mut S) -> Result<Option<String>>,
     ) {
+        self.seen.push(rec.name.clone());
         if !self.wanted(&rec.name) {
             return;
         }
@@ -403,8 +412,13 @@ impl Bench {
             (None, None) => println!("{:<32} (no reps)", rec.name),
         }
         self.records.push(v);
-        if let Err(e) = self.write() {
-            eprintln!("gpu_bench: writing the JSON: {e:#}");
+        match self.write() {
+            Ok(()) => self.last_write_ok = true,
+            Err(e) => {
+                eprintln!("gpu_bench: writing the JSON: {e:#}");
+                self.writes_failed += 1;
+                self.last_write_ok = false;
+            }
         }
     }
 
@@ -435,6 +449,19 @@ impl Bench {
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(())
     }
+}
+
+/// Fails unless `--out` can be written the way [`Bench::write`] writes it
+/// (a temporary file next to it, renamed over it), so that a bad path stops
+/// the run before anything is measured. Leaves `path` itself untouched.
+fn check_out_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("is a directory");
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    Ok(())
 }
 
 /// `steepest::device::cuda::retain_freed_memory` (feature `cuda`).
@@ -511,6 +538,12 @@ fn muon_ns() -> NewtonSchulz {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(p) = &cli.out {
+        if let Err(e) = check_out_writable(p) {
+            eprintln!("gpu_bench: --out {}: cannot write: {e:#}", p.display());
+            std::process::exit(2);
+        }
+    }
     let dev = device(&cli.device)?;
     let quick = cli.quick;
     let cuda = dev.is_cuda();
@@ -536,6 +569,9 @@ fn main() -> Result<()> {
         only: cli.only,
         out: cli.out,
         records: Vec::new(),
+        seen: Vec::new(),
+        writes_failed: 0,
+        last_write_ok: false,
     };
     println!(
         "gpu_bench (steepest {}): device {}, {} warm-up + {} timed reps each{}{}",
@@ -768,8 +804,32 @@ fn main() -> Result<()> {
         },
     );
 
+    if bench.records.is_empty() && !bench.only.is_empty() {
+        eprintln!(
+            "gpu_bench: --only {} matched no workload; the workloads: {}",
+            bench.only.join(","),
+            bench.seen.join(", ")
+        );
+        std::process::exit(2);
+    }
     if let Some(p) = &bench.out {
-        println!("wrote {}", p.display());
+        if bench.last_write_ok {
+            println!("wrote {}", p.display());
+        }
+        if bench.writes_failed > 0 {
+            eprintln!(
+                "gpu_bench: {} of {} writes of {} failed{}",
+                bench.writes_failed,
+                bench.records.len(),
+                p.display(),
+                if bench.last_write_ok {
+                    " (the last one succeeded: the file has every record)"
+                } else {
+                    ""
+                }
+            );
+            std::process::exit(1);
+        }
     }
     Ok(())
 }

@@ -203,13 +203,19 @@ fn train(
 fn main() -> Result<()> {
     quiet_broken_pipe();
     let cli = Cli::parse();
-    std::fs::create_dir_all(&cli.out).map_err(candle_core::Error::wrap)?;
+    std::fs::create_dir_all(&cli.out).map_err(|e| {
+        candle_core::Error::msg(format!(
+            "--out {}: creating the directory: {e}",
+            cli.out.display()
+        ))
+    })?;
     let path = cli.out.join("gradient_penalty.csv");
     let mut rng = StdRng::seed_from_u64(6);
     let (xtr, ytr) = spirals(&mut rng, TRAIN, 0.25)?;
     let (xte, yte) = spirals(&mut rng, TEST, 0.25)?;
     let data = (xtr, ytr, xte, yte);
-    let mut csv = csv::Writer::from_path(&path).map_err(candle_core::Error::wrap)?;
+    let mut csv = csv::Writer::from_path(&path)
+        .map_err(|e| candle_core::Error::msg(format!("creating {}: {e}", path.display())))?;
     csv.write_record([
         "run",
         "step",
@@ -246,7 +252,8 @@ fn main() -> Result<()> {
     for run in runs {
         train(run, &data, &mut csv)?;
     }
-    csv.flush().map_err(candle_core::Error::wrap)?;
+    csv.flush()
+        .map_err(|e| candle_core::Error::msg(format!("writing {}: {e}", path.display())))?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -9,8 +9,9 @@ train_loss). For every (optimizer, seed) in both, the first --steps losses are
 compared: the script prints them side by side with the relative difference
 |a - b| / |a|, the largest difference per run and overall, and PASS (exit 0)
 when every difference is within --rtol and those of the first --early steps
-within --rtol-early, else FAIL (exit 1). Exit 2: no run or too few steps in
-common.
+within --rtol-early, else FAIL (exit 1). Exit 2: an input that cannot be
+read (a missing file, a column missing, a value that is no number: one line
+names the file and the problem), no run or too few steps in common.
 
 The tolerances. Both runs are f32 (candle's CUDA matmuls are plain FP32 cuBLAS
 unless TF32 is switched on, which train_lm does not do), but the GPU sums in
@@ -36,14 +37,37 @@ import sys
 from collections import defaultdict
 
 
+COLUMNS = ("optimizer", "seed", "step", "train_loss")
+
+
+class InputError(Exception):
+    """A loss log that cannot be read; the message names the file."""
+
+
 def read(path):
-    """{(optimizer, seed): {step: loss}}"""
+    """{(optimizer, seed): {step: loss}}; InputError when `path` is unreadable."""
     runs = defaultdict(dict)
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            runs[(row["optimizer"], int(row["seed"]))][int(row["step"])] = float(
-                row["train_loss"]
-            )
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(
+                    f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(expected {', '.join(COLUMNS)}; a train_lm --loss-log file)"
+                )
+            for row in reader:
+                if any(row[c] is None for c in COLUMNS):
+                    raise InputError(f"{path}: bad value at line {reader.line_num}: fewer fields than the header")
+                try:
+                    key = (row["optimizer"], int(row["seed"]))
+                    runs[key][int(row["step"])] = float(row["train_loss"])
+                except ValueError as e:
+                    raise InputError(f"{path}: bad value at line {reader.line_num}: {e}") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a CSV loss log: {e}") from None
     return runs
 
 
@@ -75,7 +99,11 @@ def main():
     )
     args = ap.parse_args()
 
-    a, b = read(args.a), read(args.b)
+    try:
+        a, b = read(args.a), read(args.b)
+    except InputError as e:
+        print(e, file=sys.stderr)
+        return 2
     if args.ignore_seed:
         for runs, path in ((a, args.a), (b, args.b)):
             opts = [o for o, _ in runs]

@@ -46,9 +46,10 @@ def find(doc, name, impl=None):
 
 def ceiling_rate(r, field):
     """A ceiling's rate from its CUDA-event median when there is one (the
-    device's own time: the host clock adds launch and sync overhead, 2-4 %
-    of a 0.5 ms copy, which would lower the ceiling and flatter the ratios
-    measured against it), else the recorded host-clock rate."""
+    device's own time: the host clock adds launch and sync overhead, an
+    estimated 2-4 % of a ~0.5 ms copy (not measured), which would lower the
+    ceiling and flatter the ratios measured against it), else the recorded
+    host-clock rate."""
     ev = r.get("median_event_s")
     work, scale = (r.get("flops"), 1e12) if field == "tflops" else (r.get("bytes"), 1e9)
     if ev and work:

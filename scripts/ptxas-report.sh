@@ -12,6 +12,8 @@ if ! command -v nvcc >/dev/null; then
   source /opt/cuda-13.0/env.sh
 fi
 ARCH="${ARCH:-sm_90}"
+# build.rs's nvcc flags (the `nvcc --ptx` call in build.rs): keep the two lists the same.
+NVCC_FLAGS=(--ptx -arch="$ARCH" -O3 -std=c++17 --fmad=false -ftz=false -prec-div=true -prec-sqrt=true)
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 echo "ptxas $(ptxas --version | tail -1 | sed 's/^Cuda compilation tools, //'), -arch=$ARCH, $(date -u +%Y-%m-%d)"
@@ -20,7 +22,7 @@ echo "| file | kernel | registers | spill stores (B) | spill loads (B) | stack (
 echo "|---|---|---:|---:|---:|---:|---:|"
 for f in kernels/*.cu; do
   stem="$(basename "$f" .cu)"
-  nvcc --ptx -arch="$ARCH" -O3 -std=c++17 --fmad=false -I kernels -o "$tmp/$stem.ptx" "$f"
+  nvcc "${NVCC_FLAGS[@]}" -I kernels -o "$tmp/$stem.ptx" "$f"
   ptxas -arch="$ARCH" -v "$tmp/$stem.ptx" -o "$tmp/$stem.cubin" 2>&1 | awk -v file="$stem.cu" '
     /Compiling entry function/ { match($0, /\x27[^\x27]+\x27/); k = substr($0, RSTART + 1, RLENGTH - 2) }
     /bytes stack frame/ { stack = $1; st = $5; ld = $9 }

@@ -70,7 +70,14 @@ def run(n, m, mu, exact, eta=0.05, steps=1000, seed=0):
 
 def main():
     exact = "--ns" not in sys.argv
-    eta = float(sys.argv[sys.argv.index("--eta") + 1]) if "--eta" in sys.argv else 0.05
+    eta = 0.05
+    if "--eta" in sys.argv:
+        i = sys.argv.index("--eta")
+        try:
+            eta = float(sys.argv[i + 1])
+        except (IndexError, ValueError):
+            print("stiefel_smoothing: --eta needs a number, e.g. --eta 0.15", file=sys.stderr)
+            sys.exit(2)
     print("msign: " + ("exact (f64 SVD)" if exact else "Keller Jordan's Newton–Schulz, f32"))
     print(f"η₂ = {eta}")
     shapes = [(7, 6), (10, 6), (12, 8), (16, 8), (33, 32), (40, 32), (48, 32), (56, 32)]

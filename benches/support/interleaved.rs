@@ -1,5 +1,6 @@
-//! Timing helpers of the interleaved benches (`msign_share`, `msign_gram`):
-//! one call timed on the host clock, and the median of many rounds.
+//! Timing helpers of the interleaved benches (`msign_share`, `msign_gram`,
+//! `vs_candle_nn`): one call timed on the host clock, and the median of many
+//! rounds.
 
 use std::time::Instant;
 
