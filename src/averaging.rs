@@ -8,10 +8,12 @@
 //! - EMA (decay `β`): `θ̄_1 = θ_1`, `θ̄_n = β·θ̄_{n−1} + (1−β)·θ_n`.
 //! - Polyak: `θ̄_n = θ̄_{n−1} + (θ_n − θ̄_{n−1})/n = (1/n) Σ_{i≤n} θ_i`
 //!   (docs/math.md §5: the averaged iterate enjoys the averaged-loss bound).
-//!   The increments are added with Kahan compensation: plain f32 additions
-//!   stop moving the average once `|θ_n − θ̄|/n` falls below half an ulp of
-//!   `θ̄` (after ~10⁴ updates for iterates 10⁻⁴ apart, relative), and the
-//!   frozen average then drifts from the true mean as `n` grows. EMA is not
+//!   The increments are added with Kahan compensation (one more tensor per
+//!   parameter, saved with the average): plain f32 additions round each
+//!   increment `(θ_n − θ̄)/n` to whole ulps of `θ̄`, so once it falls below
+//!   half an ulp (after ~2·10³ updates for iterates 10⁻⁴ apart, relative)
+//!   the average stops moving or moves by a whole ulp, and its error from
+//!   the true mean grows with `n`. EMA is not
 //!   compensated: its increment `(1−β)(θ_n − θ̄)` does not shrink with `n`,
 //!   so f32 rounding only limits how closely it tracks (to about
 //!   `2⁻²⁴/(1−β)` relative: 6·10⁻⁴ at `β = 0.9999`).
@@ -644,6 +646,7 @@ impl OptimizerState for WeightAverage {
             }
             found.insert((p, slot.to_string()), t.to_device(v.device())?.copy()?);
         }
+        let has_comp = found.keys().any(|(_, slot)| slot == AVG_COMP);
         let mut take = |p: usize, slot: &str| -> Result<Tensor> {
             found.remove(&(p, slot.to_string())).ok_or_else(|| {
                 Error::checkpoint(
@@ -670,10 +673,12 @@ impl OptimizerState for WeightAverage {
                     .collect::<Result<Vec<_>>>()?;
                 if body.kind == AverageKind::Polyak {
                     // A checkpoint saved before the compensation was kept
-                    // has none: zero is what that average was.
+                    // has none (zero is what that average was); one that
+                    // has some must have all.
                     comp = (0..names.len())
                         .map(|p| match take(p, AVG_COMP) {
                             Ok(c) => Ok(c),
+                            Err(e) if has_comp => Err(e),
                             Err(_) => Ok(avg[p].zeros_like()?),
                         })
                         .collect::<Result<_>>()?;

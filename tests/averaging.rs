@@ -451,11 +451,12 @@ fn an_f32_polyak_average_keeps_moving_after_many_updates() {
 }
 
 /// Polyak's compensation is saved as `<param>.avg_comp`; a checkpoint
-/// without it (saved before it was kept) loads with zero compensation, and an
-/// EMA checkpoint carrying one is refused.
+/// without it (saved before it was kept) loads with zero compensation, one
+/// with it for some parameters only is refused, and so is an EMA checkpoint
+/// carrying one.
 #[test]
 fn polyak_compensation_is_saved_and_optional_on_load() {
-    let vm = varmap(3, &["a.weight"]);
+    let vm = varmap(3, &["a.weight", "b.weight"]);
     let mut pol = WeightAverage::from_varmap(&vm, AverageKind::Polyak).unwrap();
     let mut ema = WeightAverage::from_varmap(&vm, AverageKind::Ema { decay: 0.9 }).unwrap();
     for s in 0..5 {
@@ -469,9 +470,20 @@ fn polyak_compensation_is_saved_and_optional_on_load() {
         "{:?}",
         state.keys()
     );
-    let mut old = state.clone();
-    let comp = old.remove("a.weight.avg_comp").unwrap();
+    let mut partial = state.clone();
+    let comp = partial.remove("a.weight.avg_comp").unwrap();
     let mut fresh = WeightAverage::from_varmap(&vm, AverageKind::Polyak).unwrap();
+    let e = fresh.load_state_dict(&partial).unwrap_err().to_string();
+    assert!(
+        e.contains("a.weight.avg_comp") && e.contains("missing"),
+        "{e}"
+    );
+    assert!(
+        fresh.averaged().is_err(),
+        "the refused load changed nothing"
+    );
+    let mut old = partial.clone();
+    old.remove("b.weight.avg_comp").unwrap();
     fresh.load_state_dict(&old).unwrap();
     let want = vals(&old["a.weight.avg"]);
     assert_eq!(vals(&fresh.averaged().unwrap()[0].1), want);

@@ -646,8 +646,12 @@ fn a_nan_gradient_on_the_generic_path_changes_nothing() {
 /// or built from f64 values on the device failed clipping, the penalties,
 /// the norms' scalars and power iteration's start vector there. Outside the
 /// CPU-only files, such reads go through `device::host` (f64 on the CPU and
-/// CUDA, f32 on Metal); this keeps them there. (No Metal machine runs the
-/// tests: this is the check that can run here.)
+/// CUDA, f32 on Metal); this keeps them there, and keeps tensors built from
+/// host values (`Tensor::new`, `from_vec`, `from_slice`) on `Device::Cpu`
+/// (unless their values are spelled as another type, `1f32`)
+/// outside `device::host::upload_f64` and the data-parallel code (whose
+/// payloads are f32 or bf16, and which runs on CUDA or the CPU). (No Metal
+/// machine runs the tests: this is the check that can run here.)
 #[test]
 fn no_f64_on_the_device_outside_the_host_helpers() {
     let cpu_only = [
@@ -660,10 +664,30 @@ fn no_f64_on_the_device_outside_the_host_helpers() {
     let banned = [
         "to_dtype(DType::F64)",
         "to_dtype(candle_core::DType::F64)",
+        "to_vec0::<f64>()",
         "to_vec1::<f64>()",
         "to_vec2::<f64>()",
+        "to_vec3::<f64>()",
         "to_scalar::<f64>()",
     ];
+    let builders = ["Tensor::new(", "Tensor::from_vec(", "Tensor::from_slice("];
+    /// The text of the call whose opening parenthesis ends `text[..open]`.
+    fn call_args(text: &str, open: usize) -> &str {
+        let mut depth = 0usize;
+        for (i, c) in text[open - 1..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return &text[open..open - 1 + i];
+                    }
+                }
+                _ => {}
+            }
+        }
+        &text[open..]
+    }
     fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
@@ -688,10 +712,34 @@ fn no_f64_on_the_device_outside_the_host_helpers() {
         if cpu_only.contains(&rel.as_str()) {
             continue;
         }
-        for (i, line) in std::fs::read_to_string(f).unwrap().lines().enumerate() {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap();
             if banned.iter().any(|b| code.contains(b)) {
                 found.push(format!("{rel}:{}: {}", i + 1, line.trim()));
+            }
+        }
+        if rel.starts_with("src/distributed/") {
+            continue;
+        }
+        for b in builders {
+            for (at, _) in text.match_indices(b) {
+                let line_start = text[..at].rfind('\n').map_or(0, |k| k + 1);
+                if text[line_start..at].contains("//") {
+                    continue;
+                }
+                let args = call_args(&text, at + b.len());
+                // (or whose values are spelled as another type: `1f32`)
+                let typed = ["f32", "u32", "u8", "bf16", "f16"]
+                    .iter()
+                    .any(|t| args.contains(t));
+                if !args.contains("Device::Cpu") && !typed {
+                    let line = text[..at].matches('\n').count() + 1;
+                    found.push(format!(
+                        "{rel}:{line}: {b}{}…) not on Device::Cpu",
+                        args.lines().next().unwrap_or("")
+                    ));
+                }
             }
         }
     }

@@ -93,7 +93,7 @@ struct Cli {
     /// Muon's Newton–Schulz in the Gram form on matrices with aspect ratio ≥ 2 (restart every two steps; NewtonSchulz::gram_form)
     #[arg(long)]
     gram_ns: bool,
-    /// Muon's Newton–Schulz iterations in bf16 (NewtonSchulz::with_compute_dtype; the update is applied in the parameters' f32), as Muon usually runs on GPUs
+    /// Newton–Schulz iterations in bf16 for the Muon runs and the spectral sphere (NewtonSchulz::with_compute_dtype; the update is applied in the parameters' f32), as Muon usually runs on GPUs
     #[arg(long)]
     ns_bf16: bool,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)

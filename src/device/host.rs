@@ -41,16 +41,20 @@ pub(crate) fn host_f64_scalar(t: &Tensor) -> candle_core::Result<f64> {
     }
 }
 
-/// f64 values as a tensor of `dtype` on `device`: rounded to `dtype` on the
-/// host, then one transfer (a Metal device can neither hold f64 nor cast
-/// from it).
+/// f64 values as a tensor of `dtype` on `device`, rounded to `dtype` where
+/// they are going; on Metal, which can neither hold f64 nor cast from it,
+/// rounded on the host and then transferred.
 pub(crate) fn upload_f64<S: Into<candle_core::Shape>>(
     vals: Vec<f64>,
     shape: S,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(vals, shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)
+    if device.is_metal() {
+        Tensor::from_vec(vals, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    } else {
+        Tensor::from_vec(vals, shape, device)?.to_dtype(dtype)
+    }
 }

@@ -137,21 +137,24 @@ impl Transform for Decay {
         // its result in place. A member without one yet gets a zero vector:
         // no start, so the default one, with the cold start's iterations
         // (its own: the warm members of the group keep `iters`, as alone).
+        // The cold members' vectors go into their slots only once every
+        // power iteration has run: a failed step leaves them cold.
         let mut cold = Vec::new();
         let mut warm = Vec::new();
         let mut vs = Vec::with_capacity(states.len());
         for (i, slot) in states.iter_mut().enumerate() {
-            if state_mut::<SpectralDecayState>(slot).is_none() {
-                cold.push(i);
-                let v = Var::zeros(cols, dt, &dev)?;
-                *slot = Some(Box::new(SpectralDecayState { v }));
-            } else {
-                warm.push(i);
+            match state_mut::<SpectralDecayState>(slot) {
+                Some(st) => {
+                    warm.push(i);
+                    vs.push(st.v.clone());
+                }
+                None => {
+                    cold.push(i);
+                    vs.push(Var::zeros(cols, dt, &dev)?);
+                }
             }
-            let st = state_mut::<SpectralDecayState>(slot).expect("made above");
-            vs.push(st.v.clone());
         }
-        for (members, iters) in [(warm, iters), (cold, iters.max(COLD_START_ITERS))] {
+        for (members, iters) in [(warm, iters), (cold.clone(), iters.max(COLD_START_ITERS))] {
             if members.is_empty() {
                 continue;
             }
@@ -163,6 +166,9 @@ impl Transform for Decay {
             for (j, &i) in members.iter().enumerate() {
                 step.decay_rank1(i, coeff, a_all.get(j)?, top.v.get(j)?);
             }
+        }
+        for i in cold {
+            states[i] = Some(Box::new(SpectralDecayState { v: vs[i].clone() }));
         }
         Ok(())
     }
