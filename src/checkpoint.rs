@@ -12,8 +12,9 @@
 //! the safetensors metadata (`steepest`, with its CRC-32 in
 //! `steepest.header.crc32`), beside a CRC-32 of every tensor's bytes
 //! (`steepest.crc32`), so a truncated or corrupted file is refused; the
-//! file is written to a temporary name and renamed, so a crash mid-write
-//! leaves the old file. Files from before format 2 (`__steepest__.kind`
+//! file is written to a temporary name, synced to disk and renamed (the
+//! directory synced after), so a crash or power loss mid-write leaves the
+//! old file. Files from before format 2 (`__steepest__.kind`
 //! entries) and files from elsewhere are refused with a clear error.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -425,14 +426,42 @@ pub fn save<P: AsRef<Path>>(state: &HashMap<String, Tensor>, path: P) -> Result<
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
+    // The data reaches the disk before the rename does (fsync of the file,
+    // then of the directory holding the new name): otherwise a power loss
+    // could keep the rename and lose the data, and `path` would be empty or
+    // truncated with the previous checkpoint gone.
     let written =
         safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (*k, t)), Some(meta), &tmp)
             .map_err(|e| e.to_string())
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+            .and_then(|()| {
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| format!("syncing {}: {e}", tmp.display()))
+            })
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()))
+            .map(|()| sync_dir_of(path));
     written.map_err(|e| {
         std::fs::remove_file(&tmp).ok();
         Error::checkpoint(path.display().to_string(), format!("cannot write: {e}"))
     })
+}
+
+/// Best effort: fsyncs the directory holding `path`, so that a rename into
+/// it survives a power loss (Unix; elsewhere a directory cannot be opened
+/// for this, and nothing is done).
+pub(crate) fn sync_dir_of(path: &Path) {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            d.sync_all().ok();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 /// The CRC-32 of a CPU tensor's little-endian bytes.

@@ -227,8 +227,16 @@ fn write_manifest(dir: &Path, plan: &Plan, crcs: &[u32]) -> Result<()> {
     let io = |e: std::io::Error| {
         Error::checkpoint(path.display().to_string(), format!("cannot write: {e}"))
     };
-    std::fs::write(&tmp, text).map_err(io)?;
+    // Synced before the rename and the directory after, as the rank files
+    // (`checkpoint::save`): a power loss keeps the old manifest or the new.
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
+    crate::checkpoint::sync_dir_of(&path);
     Ok(())
 }
 
