@@ -235,6 +235,9 @@ impl Transform for ManifoldStep {
                 self.dual
                     .check_stiefel_rate(r.max(c), r.min(c), &format!("{}: dual", p.name))
             }
+            (Manifold::SpectralSphere { .. }, Some(_)) => {
+                self.dual.check_sphere_rate(&format!("{}: dual", p.name))
+            }
             _ => Ok(()),
         }
     }
