@@ -50,6 +50,14 @@ pub enum Manifold {
 }
 
 impl Manifold {
+    /// The radius of a sphere (`Sphere`, `SpectralSphere`); `None` otherwise.
+    pub(crate) fn radius(&self) -> Option<f64> {
+        match *self {
+            Self::Sphere { radius } | Self::SpectralSphere { radius } => Some(radius),
+            Self::Free | Self::Stiefel { .. } => None,
+        }
+    }
+
     /// Whether `other` is the same manifold up to its radius: the same kind
     /// and, on the Stiefel manifold, the same orientation. A checkpoint's
     /// state (a dual multiplier, a singular vector) belongs to one manifold;

@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::device::host_f64;
 use crate::error::{fail, Result};
 use crate::linalg::{msign, tiny, NewtonSchulz};
 
@@ -58,14 +59,9 @@ impl Norm {
 
     /// The vector norm `‖x‖_p` of a whole tensor, as a host `f64`.
     fn vector_norm(&self, x: &Tensor) -> Result<f64> {
-        let v = to_host(x)?;
+        let v = host_f64(x)?;
         Ok(p_norm(&v, self.p().unwrap_or(2.0)))
     }
-}
-
-/// A tensor's values as an f64 vector on the host.
-fn to_host(x: &Tensor) -> Result<Vec<f64>> {
-    Ok(crate::device::host_f64(x)?)
 }
 
 /// `‖x‖_p` in f64 (`p = ∞`: max |xᵢ|), scaled by the largest entry first so
@@ -191,7 +187,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
             Ok((g.sign()? * keep)?)
         }
         Norm::Lp(p) => {
-            let (gv, wv) = (to_host(g)?, to_host(w)?);
+            let (gv, wv) = (host_f64(g)?, host_f64(w)?);
             let wn = p_norm(&wv, *p);
             if wn == 0.0 {
                 // w = 0: no tangent condition (see the doc)
@@ -339,7 +335,7 @@ pub fn sphere_retract(w: &Tensor, radius: f64, norm: &Norm) -> Result<Tensor> {
             "the vector sphere needs a vector norm, got the spectral norm"
         );
     };
-    let n = p_norm(&to_host(w)?, p);
+    let n = p_norm(&host_f64(w)?, p);
     if n == 0.0 || !n.is_finite() {
         fail!(
             Numerical,

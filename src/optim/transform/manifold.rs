@@ -207,7 +207,7 @@ impl Transform for ManifoldStep {
         // refuse a norm that does not fit the manifold here, at construction,
         // rather than at the first step.
         self.validate("ManifoldStep")?;
-        if let Manifold::Sphere { radius } | Manifold::SpectralSphere { radius } = self.manifold {
+        if let Some(radius) = self.manifold.radius() {
             p.check_radius_fits(radius)?;
         }
         let mv = p.matrix();
@@ -424,6 +424,28 @@ impl Transform for ManifoldStep {
     }
 }
 
+/// The members `idx` of the batch `t`, stacked.
+fn take_members(t: &Tensor, idx: &[usize]) -> candle_core::Result<Tensor> {
+    Tensor::stack(
+        &idx.iter()
+            .map(|&i| t.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        0,
+    )
+}
+
+/// The batch `all` with its members `idx` replaced by those of `some` (in
+/// the order of `idx`).
+fn put_members(all: &Tensor, idx: &[usize], some: &Tensor) -> candle_core::Result<Tensor> {
+    let mut parts = (0..all.dim(0)?)
+        .map(|i| all.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (j, &i) in idx.iter().enumerate() {
+        parts[i] = some.get(j)?;
+    }
+    Tensor::stack(&parts, 0)
+}
+
 /// `f` applied to the members `idx` of the batch `t` only, the others kept
 /// as they are; a member error names the member of `t`.
 fn on_members(
@@ -431,66 +453,34 @@ fn on_members(
     idx: &[usize],
     f: impl Fn(&Tensor) -> std::result::Result<Tensor, MemberError>,
 ) -> std::result::Result<Tensor, MemberError> {
-    let b = t.dim(0)?;
     if idx.is_empty() {
         return Ok(t.clone());
     }
-    if idx.len() == b {
+    if idx.len() == t.dim(0)? {
         return f(t);
     }
-    let sub = Tensor::stack(
-        &idx.iter()
-            .map(|&i| t.get(i))
-            .collect::<candle_core::Result<Vec<_>>>()?,
-        0,
-    )?;
-    let done = f(&sub).map_err(|e| MemberError {
+    let done = f(&take_members(t, idx)?).map_err(|e| MemberError {
         member: e.member.map(|j| idx[j]),
         error: e.error,
     })?;
-    let mut parts = (0..b)
-        .map(|i| t.get(i))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    for (j, &i) in idx.iter().enumerate() {
-        parts[i] = done.get(j)?;
-    }
-    Ok(Tensor::stack(&parts, 0)?)
+    Ok(put_members(t, idx, &done)?)
 }
 
 /// `σ₁, u₁, v₁` of each member of `w` for the spectral sphere: one power
 /// iteration from `start` (the last retraction's `v₁`) for a warm member,
 /// [`top_singular_precise`] for the `cold` ones (their first step).
 fn top_of_members(w: &Tensor, start: &Tensor, cold: &[usize]) -> Result<TopSingular> {
-    let b = w.dim(0)?;
-    if cold.len() == b {
+    if cold.len() == w.dim(0)? {
         return top_singular_precise(w, Some(start));
     }
     let warm = device::power_iteration(w, Some(start), 1)?;
     if cold.is_empty() {
         return Ok(warm);
     }
-    let pick = |t: &Tensor| -> candle_core::Result<Tensor> {
-        Tensor::stack(
-            &cold
-                .iter()
-                .map(|&i| t.get(i))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            0,
-        )
-    };
-    let precise = top_singular_precise(&pick(w)?, Some(&pick(start)?))?;
-    let merge = |all: &Tensor, some: &Tensor| -> candle_core::Result<Tensor> {
-        let mut parts = (0..b)
-            .map(|i| all.get(i))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        for (j, &i) in cold.iter().enumerate() {
-            parts[i] = some.get(j)?;
-        }
-        Tensor::stack(&parts, 0)
-    };
+    let precise = top_singular_precise(&take_members(w, cold)?, Some(&take_members(start, cold)?))?;
     Ok(TopSingular {
-        sigma: merge(&warm.sigma, &precise.sigma)?,
-        u: merge(&warm.u, &precise.u)?,
-        v: merge(&warm.v, &precise.v)?,
+        sigma: put_members(&warm.sigma, cold, &precise.sigma)?,
+        u: put_members(&warm.u, cold, &precise.u)?,
+        v: put_members(&warm.v, cold, &precise.v)?,
     })
 }

@@ -111,7 +111,7 @@ impl Transform for Retract {
         // The fields are public: refuse settings `Retract::new` would refuse
         // here, at construction, rather than step with them.
         self.validate("Retract")?;
-        if let Manifold::Sphere { radius } | Manifold::SpectralSphere { radius } = self.manifold {
+        if let Some(radius) = self.manifold.radius() {
             p.check_radius_fits(radius)?;
         }
         match (self.manifold, p.matrix()) {
