@@ -330,6 +330,62 @@ fn gpu_power_iteration_large_short_side() {
     }
 }
 
+/// `SpectralNormPenalty` on CUDA parameters (its power iteration through
+/// the kernels, its loss term through candle's ops) against the same
+/// parameters on the CPU: three calls (one cold, two warm), the loss and
+/// every gradient within 1e-4 relative of the largest.
+#[test]
+fn gpu_spectral_norm_penalty_matches_cpu() {
+    use steepest::optim::NamedVar;
+    use steepest::penalty::SpectralNormPenalty;
+    let dev = gpu();
+    let shapes: [(&[usize], DType); 5] = [
+        (&[200, 70], DType::F32),
+        (&[200, 70], DType::F32),
+        (&[70, 300], DType::BF16),
+        (&[1, 500], DType::F16),
+        (&[64, 8, 3, 3], DType::F32),
+    ];
+    let mut r = rng(280);
+    let ts: Vec<Tensor> = shapes
+        .iter()
+        .map(|(s, dt)| randn(&mut r, s, *dt, &Device::Cpu))
+        .collect();
+    let named = |d: &Device| -> Vec<NamedVar> {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| NamedVar {
+                name: format!("w{i}"),
+                var: var_on(t, d),
+            })
+            .collect()
+    };
+    let (cpu_vars, gpu_vars) = (named(&Device::Cpu), named(&dev));
+    let mut cpu = SpectralNormPenalty::from_named(cpu_vars.clone(), 0.3).unwrap();
+    let mut on_gpu = SpectralNormPenalty::from_named(gpu_vars.clone(), 0.3).unwrap();
+    for call in 0..3 {
+        let (a, b) = (cpu.loss().unwrap(), on_gpu.loss().unwrap());
+        let (x, y) = (f64s(&a)[0], f64s(&b)[0]);
+        assert!((x - y).abs() <= 1e-4 * x, "call {call}: loss {x} vs {y}");
+        let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+        for (p, q) in cpu_vars.iter().zip(&gpu_vars) {
+            let (want, got) = (ga.get(&p.var).unwrap(), gb.get(&q.var).unwrap());
+            let tol = 1e-4 * max_abs(want)
+                + if p.var.dtype() == DType::F32 {
+                    0.0
+                } else {
+                    1e-2 * max_abs(want)
+                };
+            assert!(
+                max_diff(want, got) <= tol,
+                "call {call} {}: gradient off by {}",
+                p.name,
+                max_diff(want, got)
+            );
+        }
+    }
+}
+
 /// What the driver reports for every kernel: the static shared memory the
 /// launch code assumes (the emulator checks launches with it), and no local
 /// memory (ptxas reports no spills and no stack for sm_90).

@@ -70,6 +70,7 @@ fn no_options_give_the_small_preset_and_every_optimizer() {
     assert_eq!((c.weight_decay, c.radius, c.lr), (0.1, 2.0, None));
     assert_eq!((c.ranks, c.stop_after), (1, None));
     assert!(!c.timing && !c.gram_ns && !c.ns_bf16 && !c.bf16_updates);
+    assert_eq!(c.spectral_penalty, 0.0);
     assert_eq!(c.newton_schulz().compute_dtype(), None);
     assert_eq!((a.seeds, a.first_seed), (1, 0));
     assert_eq!(a.out, PathBuf::from("runs/train_lm"));
@@ -159,6 +160,8 @@ fn options_override_the_preset_and_keep_the_rest() {
         "4",
         "--gram-ns",
         "--ns-bf16",
+        "--spectral-penalty",
+        "0.01",
         "--seeds",
         "3",
         "--first-seed",
@@ -181,6 +184,7 @@ fn options_override_the_preset_and_keep_the_rest() {
     assert_eq!((c.lr, c.weight_decay, c.radius), (Some(0.5), 0.0, 2.5));
     assert_eq!((c.stop_after, c.steps_run()), (Some(4), 4));
     assert!(c.gram_ns && c.ns_bf16 && c.bf16_updates && !c.timing);
+    assert_eq!(c.spectral_penalty, 0.01);
     let ns = c.newton_schulz();
     assert_eq!(ns.compute_dtype(), Some(candle_core::DType::BF16));
     assert!(ns.gram().is_some());
@@ -204,7 +208,15 @@ fn options_override_the_preset_and_keep_the_rest() {
 
 #[test]
 fn bad_values_are_refused_in_one_line_naming_the_option() {
-    let cases: [(&[&str], &[&str]); 22] = [
+    let cases: [(&[&str], &[&str]); 24] = [
+        (
+            &["--spectral-penalty", "-0.1"],
+            &["--spectral-penalty", "≥ 0"],
+        ),
+        (
+            &["--spectral-penalty", "nan"],
+            &["--spectral-penalty", "≥ 0"],
+        ),
         (&["--steps", "0"], &["--steps", "integer ≥ 1"]),
         (&["--steps", "-3"], &["--steps", "integer ≥ 1"]),
         (&["--steps", "2.5"], &["--steps", "integer ≥ 1"]),
@@ -786,6 +798,15 @@ fn caption_states_data_model_schedule_and_what_is_missing() {
         let caption = outputs::caption(&args, "x", 39, "");
         assert!(caption.contains(says), "{flags:?}: {caption}");
     }
+    // the spectral norm penalty, named apart from the weight decay's λ
+    let args = run_args(&["--optimizer", "adamw", "--spectral-penalty", "0.003"]);
+    let caption = outputs::caption(&args, "x", 39, "");
+    assert!(
+        caption.contains("λ=0.1, spectral norm penalty μ/2·Σσ₁² with μ=0.003;"),
+        "{caption}"
+    );
+    let caption = outputs::caption(&run_args(&["--spectral-penalty", "0"]), "x", 39, "");
+    assert!(!caption.contains("penalty"), "{caption}");
 }
 
 #[test]

@@ -268,6 +268,70 @@ fn two_in_process_ranks_follow_the_one_process_run() {
     assert!(e.contains("divisible by the number of ranks"), "{e}");
 }
 
+/// `spectral_penalty`: the penalty is in the gradient (σ₁ of every matrix
+/// ends lower), not in the logged loss (the first step's loss is the same),
+/// and two ranks, each adding it, follow the one-process run.
+#[test]
+fn the_spectral_penalty_shrinks_sigma_and_is_not_logged() {
+    let cfg = Config {
+        steps: 12,
+        eval_every: 6,
+        ..tiny()
+    };
+    let penalised = Config {
+        spectral_penalty: 0.5,
+        ..cfg.clone()
+    };
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    for kind in [OptKind::AdamW, OptKind::Muon] {
+        let plain = train(kind, 1, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+        let pen = train(kind, 1, &penalised, &data, &Device::Cpu, &mut nop).unwrap();
+        assert_eq!(
+            plain.losses[0],
+            pen.losses[0],
+            "{}: step 1's loss",
+            kind.name()
+        );
+        assert_ne!(
+            plain.losses[1],
+            pen.losses[1],
+            "{}: step 2's loss",
+            kind.name()
+        );
+        let (a, b) = (plain.records.last().unwrap(), pen.records.last().unwrap());
+        for ((name, s0), s1) in plain.matrices.iter().zip(&a.sigmas).zip(&b.sigmas) {
+            // Muon's AdamW part keeps the embeddings and the head; the block
+            // matrices' orthogonalised steps ignore the gradient's scale but
+            // not its direction, so they shrink too.
+            assert!(
+                s1 < s0,
+                "{} {name}: σ₁ {s1} with the penalty, {s0} without",
+                kind.name()
+            );
+        }
+        let two = train(
+            kind,
+            1,
+            &Config {
+                ranks: 2,
+                ..penalised.clone()
+            },
+            &data,
+            &Device::Cpu,
+            &mut nop,
+        )
+        .unwrap();
+        for (x, y) in pen.losses.iter().zip(&two.losses) {
+            assert!(
+                (x - y).abs() < 1e-5 * x,
+                "{}: {x} vs {y} over two ranks",
+                kind.name()
+            );
+        }
+    }
+}
+
 /// A rank whose partner has gone fails with an error that names the gone
 /// rank; `train_local_ranks` reports the gone rank's own error instead of
 /// rank 0's consequence of it, so the error it prints is the cause.

@@ -96,6 +96,9 @@ struct Cli {
     /// Newton–Schulz iterations in bf16 for the Muon runs and the spectral sphere (NewtonSchulz::with_compute_dtype; the update is applied in the parameters' f32), as Muon usually runs on GPUs
     #[arg(long)]
     ns_bf16: bool,
+    /// Add the spectral norm penalty μ/2 Σ σ₁(W)² (μ = X) over every weight matrix to each run's training loss (penalty::SpectralNormPenalty, Yoshida & Miyato: spectral decay's coupled form, one warm-started power iteration per step); the logged losses leave it out [default: 0, off]
+    #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
+    spectral_penalty: Option<f64>,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     ranks: usize,
@@ -241,6 +244,7 @@ impl From<Cli> for Args {
                 timing: c.timing || cuda,
                 gram_ns: c.gram_ns,
                 ns_bf16: c.ns_bf16,
+                spectral_penalty: c.spectral_penalty.unwrap_or(0.0),
                 bf16_updates: c.bf16_updates,
                 ..preset
             },

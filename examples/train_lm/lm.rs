@@ -16,6 +16,7 @@ use steepest::distributed::{
     ShardedOptimizer,
 };
 use steepest::optim::{AdamW, AdamWConfig, Driver, Muon, MuonConfig, ParamInfo, Partition};
+use steepest::penalty::SpectralNormPenalty;
 use steepest::schedule::{DecayShape, Schedule, Scheduled};
 use steepest::{power_iteration, Manifold, NewtonSchulz, SteepestConfig, WeightDecay};
 
@@ -301,6 +302,10 @@ pub struct Config {
     /// Muon's (and the sphere's) Newton–Schulz iterations in bf16
     /// ([`NewtonSchulz::with_compute_dtype`]).
     pub ns_bf16: bool,
+    /// `μ` of the spectral norm penalty `μ/2 Σ σ₁(W)²` over the weight
+    /// matrices added to the training loss ([`SpectralNormPenalty`]; `μ`, not
+    /// `λ`, to keep it apart from the weight decay); 0: none.
+    pub spectral_penalty: f64,
     /// With `ranks > 1`: the all-gather after the owners' step carries each
     /// owner's update rounded to bf16 instead of the f32 parameters
     /// ([`ParamGather::Bf16Updates`]: half its bytes).
@@ -328,6 +333,7 @@ impl Default for Config {
             timing: false,
             gram_ns: false,
             ns_bf16: false,
+            spectral_penalty: 0.0,
             bf16_updates: false,
         }
     }
@@ -765,7 +771,8 @@ pub struct Timing {
     pub steps: usize,
     /// Tokens trained on in those steps (`steps · batch · context`).
     pub tokens: usize,
-    /// Batch upload, forward pass, loss read back (over ranks: and averaged).
+    /// Batch upload, forward pass, loss read back (over ranks: and
+    /// averaged), and the spectral norm penalty's power iteration if any.
     pub forward_s: f64,
     /// `loss.backward()`.
     pub backward_s: f64,
@@ -1442,6 +1449,12 @@ fn train_loop(
         p(0, Some(&r0));
         records.push(r0);
     }
+    // Every rank adds the same penalty (the same weights, the same power
+    // iteration), so the mean over ranks of its gradient is its gradient.
+    let mut penalty = match cfg.spectral_penalty {
+        0.0 => None,
+        lambda => Some(SpectralNormPenalty::from_varmap(varmap, lambda)?),
+    };
     let last = cfg.steps_run();
     let mut losses = Vec::with_capacity(last);
     for step in 1..=last {
@@ -1450,6 +1463,10 @@ fn train_loop(
         let (x, y) = batch_at(&data.train, stepper.share(&starts), cfg.context, device)?;
         let loss = model.loss(&x, &y)?;
         let loss_val = stepper.batch_loss(&loss)?;
+        let objective = match penalty.as_mut() {
+            Some(p) => (&loss + p.loss()?.to_dtype(loss.dtype())?)?,
+            None => loss,
+        };
         let t_forward = clock.lap()?;
         if !loss_val.is_finite() {
             candle_core::bail!(
@@ -1457,7 +1474,7 @@ fn train_loop(
                 kind.name()
             );
         }
-        let grads = loss.backward()?;
+        let grads = objective.backward()?;
         let t_backward = clock.lap()?;
         let lr = stepper.next_lr();
         let [t_clip, t_opt] = stepper.step(grads, &mut clock)?;

@@ -323,12 +323,16 @@ pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
         (false, true) => ", Newton–Schulz in bf16",
         (false, false) => "",
     };
+    let penalty = match cfg.spectral_penalty {
+        0.0 => String::new(),
+        l => format!(", spectral norm penalty μ/2·Σσ₁² with μ={}", fmt_num(l)),
+    };
     let stopped = match cfg.stop_after {
         Some(n) if n < cfg.steps => format!(" (stopped after {n})"),
         _ => String::new(),
     };
     let caption = format!(
-        "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}{gram}; {} seed(s)",
+        "{source}; {} layers, d={}, context {}, {} steps{stopped} × batch {}, λ={}{sphere}{gram}{penalty}; {} seed(s)",
         cfg.layers,
         cfg.d_model,
         cfg.context,

@@ -30,10 +30,15 @@
 //! `‖∇_x f‖² / (‖W⁽ᵗ⁾‖₂² ‖J_t‖₂²) ≤ ‖∇_{b⁽ᵗ⁾} f‖²`. [`gradient_inequality`]
 //! computes every term ([`InequalityReport`]); [`gradient_terms`] gives the
 //! underlying vectors and Jacobians.
+//!
+//! **Spectral norm regularisation** (Yoshida & Miyato 2017):
+//! [`SpectralNormPenalty`] is the loss term `λ/2 Σ_W σ₁(W)²`, whose gradient
+//! `λ W v₁v₁ᵀ` is the coupled counterpart of spectral weight decay.
 
 mod diagnostic;
 mod input_grad;
 mod param_grad;
+mod spectral_norm;
 
 pub use diagnostic::{
     gradient_inequality, gradient_terms, Activation, GradientTerms, InequalityReport, LayerTerms,
@@ -41,3 +46,4 @@ pub use diagnostic::{
 };
 pub use input_grad::input_grad_penalty;
 pub use param_grad::{param_grad_penalty, FdStep, GradPenaltyConfig, PenalizedGrads, Penalty};
+pub use spectral_norm::SpectralNormPenalty;

@@ -1,0 +1,370 @@
+//! Spectral norm regularisation (Yoshida & Miyato 2017): the penalty
+//! `λ/2 Σ_W σ₁(W)²` added to the loss (docs/math.md §1, "the coupled form").
+//!
+//! Its gradient is `λ σ₁ u₁ v₁ᵀ = λ W v₁v₁ᵀ`, the term spectral weight decay
+//! ([`crate::WeightDecay::Spectral`]) subtracts from the weights directly. As
+//! a loss term it goes through the optimizer: with SGD the two are the same
+//! step; with Adam the penalty's gradient is rescaled by the second moments
+//! like any other (the difference between L2 regularisation and AdamW's
+//! decoupled decay).
+//!
+//! `σ₁` is differentiated as Yoshida & Miyato do: `u₁, v₁` come from power
+//! iteration on the detached weights, warm-started from the previous call,
+//! and the loss term is `λ/2 (u₁ᵀ W v₁)²`, whose gradient with `u₁, v₁` held
+//! fixed is `λ (u₁ᵀWv₁) u₁v₁ᵀ`. Only first-order autograd is used.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY};
+use crate::decay::COLD_START_ITERS;
+use crate::device::{self, host_f64, math_dtype};
+use crate::error::{fail, Error, Result};
+use crate::params::{check_params, matrix_view, varmap_vars, NamedVar};
+
+/// The checkpoint kind of a [`SpectralNormPenalty`].
+const KIND: &str = "spectral_norm_penalty";
+/// The checkpoint slot of a matrix's `v₁` estimate.
+const V: &str = "v";
+
+/// The spectral norm penalty `λ/2 Σ_W σ₁(W)²` over a model's weight
+/// matrices (Yoshida & Miyato 2017, "Spectral Norm Regularization for
+/// Improving the Generalizability of Deep Learning").
+///
+/// Each call of [`loss`](Self::loss) runs `iters` power iterations per matrix
+/// (warm-started from the previous call's `v₁`; a matrix's first call runs
+/// `max(iters, 10)`), batching matrices of one shape, dtype and device, and
+/// returns the penalty as a differentiable scalar: add it to the loss before
+/// `backward`. A parameter of rank > 2 is penalised through its matrix view
+/// `(d₀, d₁·d₂·…)` (a conv kernel `(out, in, kh, kw)` as `(out, in·kh·kw)`).
+///
+/// ```
+/// # fn main() -> steepest::Result<()> {
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Module, Optimizer, VarBuilder, VarMap};
+/// use steepest::penalty::SpectralNormPenalty;
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let layer = candle_nn::linear(4, 3, vb.pp("fc"))?;
+/// let mut penalty = SpectralNormPenalty::from_varmap(&varmap, 1e-2)?;
+/// let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.1)?;
+///
+/// let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+/// let loss = layer.forward(&x)?.sqr()?.mean_all()?;
+/// opt.backward_step(&(loss + penalty.loss()?)?)?;
+/// assert_eq!(penalty.sigmas().len(), 1); // fc.weight (the bias is no matrix)
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct SpectralNormPenalty {
+    vars: Vec<NamedVar>,
+    lambda: f64,
+    iters: usize,
+    /// Each matrix's `v₁` estimate (math dtype, on its device), once it has one.
+    v: Vec<Option<Tensor>>,
+    /// `σ₁` of each matrix at the last [`loss`](Self::loss) call.
+    sigmas: Vec<f64>,
+}
+
+/// The header body of a [`SpectralNormPenalty`] checkpoint.
+#[derive(Debug, Serialize, Deserialize)]
+struct PenaltyBody {
+    lambda: f64,
+    iters: usize,
+}
+
+fn check_lambda(lambda: f64) -> Result<()> {
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        fail!(
+            Config,
+            "SpectralNormPenalty.lambda",
+            "λ must be finite and ≥ 0, got {lambda}"
+        );
+    }
+    Ok(())
+}
+
+fn check_iters(iters: usize) -> Result<()> {
+    if iters == 0 {
+        fail!(
+            Config,
+            "SpectralNormPenalty.iters",
+            "needs at least one power iteration per call (with 0, v₁ would never be refreshed)"
+        );
+    }
+    Ok(())
+}
+
+impl SpectralNormPenalty {
+    /// The penalty over the matrices of `varmap` (its float variables of
+    /// rank ≥ 2, by name; biases and gains are left out), with one power
+    /// iteration per call. Errors when the `VarMap` holds no matrix.
+    pub fn from_varmap(varmap: &VarMap, lambda: f64) -> Result<Self> {
+        let vars: Vec<NamedVar> = varmap_vars(varmap)?
+            .into_iter()
+            .filter(|nv| nv.var.rank() >= 2)
+            .collect();
+        if vars.is_empty() {
+            fail!(
+                Config,
+                "varmap",
+                "the VarMap holds no matrix (no float variable of rank ≥ 2) to penalise"
+            );
+        }
+        Self::from_named(vars, lambda)
+    }
+
+    /// The penalty over explicitly named matrices (at least one; each of
+    /// rank ≥ 2 and float), with one power iteration per call.
+    pub fn from_named(vars: Vec<NamedVar>, lambda: f64) -> Result<Self> {
+        check_lambda(lambda)?;
+        if vars.is_empty() {
+            fail!(
+                Config,
+                "SpectralNormPenalty",
+                "no matrices to penalise (build the penalty after the model)"
+            );
+        }
+        check_params(&vars)?;
+        for nv in &vars {
+            match matrix_view(nv.var.dims()) {
+                Some((m, n)) if m > 0 && n > 0 => {}
+                Some(_) => fail!(Shape, nv.name, "empty matrix {:?}", nv.var.dims()),
+                None => fail!(
+                    Shape,
+                    nv.name,
+                    "the spectral norm penalty takes matrices (rank ≥ 2), got shape {:?}",
+                    nv.var.dims()
+                ),
+            }
+        }
+        let k = vars.len();
+        Ok(Self {
+            vars,
+            lambda,
+            iters: 1,
+            v: vec![None; k],
+            sigmas: Vec::new(),
+        })
+    }
+
+    /// Runs `iters` (≥ 1) power iterations per call instead of one.
+    pub fn with_iters(mut self, iters: usize) -> Result<Self> {
+        check_iters(iters)?;
+        self.iters = iters;
+        Ok(self)
+    }
+
+    /// The coefficient `λ`.
+    pub fn lambda(&self) -> f64 {
+        self.lambda
+    }
+
+    /// Sets `λ` (finite, ≥ 0), e.g. from a schedule.
+    pub fn set_lambda(&mut self, lambda: f64) -> Result<()> {
+        check_lambda(lambda)?;
+        self.lambda = lambda;
+        Ok(())
+    }
+
+    /// Power iterations per call.
+    pub fn iters(&self) -> usize {
+        self.iters
+    }
+
+    /// The penalised matrices' names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.vars.iter().map(|nv| nv.name.as_str()).collect()
+    }
+
+    /// `(name, σ₁)` of each matrix as estimated by the last
+    /// [`loss`](Self::loss) call; empty before the first (and after a load).
+    pub fn sigmas(&self) -> Vec<(&str, f64)> {
+        self.vars
+            .iter()
+            .zip(&self.sigmas)
+            .map(|(nv, &s)| (nv.name.as_str(), s))
+            .collect()
+    }
+
+    /// `λ/2 Σ_W (u₁ᵀ W v₁)²`, a scalar differentiable in every matrix `W`
+    /// (its gradient is `λ σ₁ u₁v₁ᵀ`), after refreshing each `u₁, v₁` by
+    /// power iteration. The scalar is f32, or f64 when a matrix is f64.
+    ///
+    /// Reads the `σ₁` back to the host (one synchronisation per call) to
+    /// refuse non-finite weights: an [`Error::Numerical`] naming the first
+    /// matrix whose `σ₁` is NaN or infinite, with no `v₁` estimate changed.
+    pub fn loss(&mut self) -> Result<Tensor> {
+        let out_dt = if self.vars.iter().any(|nv| nv.var.dtype() == DType::F64) {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        // New estimates go into fresh variables; the old ones are replaced
+        // only once every power iteration has run and every σ₁ is finite.
+        let mut new_v: Vec<Option<Var>> = vec![None; self.vars.len()];
+        let mut terms: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut sig: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        for (members, iters) in self.power_groups() {
+            let first = &self.vars[members[0]].var;
+            let (m, n) = matrix_view(first.dims()).expect("checked at construction");
+            let (dt, dev) = (math_dtype(first.dtype()), first.device().clone());
+            let ws = members
+                .iter()
+                .map(|&i| self.matrix(i).map(|w| w.detach()))
+                .collect::<Result<Vec<_>>>()?;
+            let vs = members
+                .iter()
+                .map(|&i| match &self.v[i] {
+                    Some(v) => Ok(Var::from_tensor(&v.copy()?)?),
+                    None => Ok(Var::zeros(n, dt, &dev)?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let top = device::power_iteration_members(&ws, &vs, iters)?;
+            for (j, &i) in members.iter().enumerate() {
+                let u = top.u.get(j)?.reshape((1, m))?;
+                let v = top.v.get(j)?.reshape((n, 1))?;
+                let w = self.matrix(i)?.to_dtype(dt)?;
+                let sigma = u.matmul(&w)?.matmul(&v)?.reshape(())?.to_dtype(out_dt)?;
+                terms[i] = Some(sigma.sqr()?);
+                sig[i] = Some(top.sigma.get(j)?.to_dtype(out_dt)?);
+                new_v[i] = Some(vs[j].clone());
+            }
+        }
+        let sig: Vec<Tensor> = sig.into_iter().map(|s| s.expect("every matrix")).collect();
+        let sigmas = host_f64(&Tensor::stack(&sig, 0)?)?;
+        if let Some(i) = sigmas.iter().position(|s| !s.is_finite()) {
+            fail!(
+                Numerical,
+                self.vars[i].name,
+                "σ₁ = {}: the matrix holds NaN or Inf (or its products overflow); \
+                 the spectral norm penalty is undefined",
+                sigmas[i]
+            );
+        }
+        let terms: Vec<Tensor> = terms
+            .into_iter()
+            .map(|t| t.expect("every matrix"))
+            .collect();
+        let total = Tensor::stack(&terms, 0)?.sum_all()?;
+        for (slot, v) in self.v.iter_mut().zip(new_v) {
+            *slot = v.map(|v| v.as_tensor().clone());
+        }
+        self.sigmas = sigmas;
+        Ok(total.affine(self.lambda / 2.0, 0.0)?)
+    }
+
+    /// Matrix `i` in its matrix view, tracked by autograd.
+    fn matrix(&self, i: usize) -> Result<Tensor> {
+        let w = self.vars[i].var.as_tensor();
+        let (m, n) = matrix_view(w.dims()).expect("checked at construction");
+        Ok(w.reshape((m, n))?)
+    }
+
+    /// The matrices split into batches for one power iteration each: by
+    /// shape, dtype and device, and warm (with a `v₁` estimate, `iters`
+    /// iterations) apart from cold (`max(iters, 10)`).
+    fn power_groups(&self) -> Vec<(Vec<usize>, usize)> {
+        let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+        for (i, nv) in self.vars.iter().enumerate() {
+            let iters = match self.v[i] {
+                Some(_) => self.iters,
+                None => self.iters.max(COLD_START_ITERS),
+            };
+            let same = |j: usize| {
+                let o = &self.vars[j].var;
+                matrix_view(o.dims()) == matrix_view(nv.var.dims())
+                    && o.dtype() == nv.var.dtype()
+                    && o.device().same_device(nv.var.device())
+            };
+            match groups.iter_mut().find(|(g, it)| *it == iters && same(g[0])) {
+                Some((g, _)) => g.push(i),
+                None => groups.push((vec![i], iters)),
+            }
+        }
+        groups
+    }
+}
+
+impl OptimizerState for SpectralNormPenalty {
+    /// Keys: `"<matrix>.v"` (its `v₁` estimate, once it has one) and the
+    /// header (`λ`, iterations per call).
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let body = PenaltyBody {
+            lambda: self.lambda,
+            iters: self.iters,
+        };
+        let header = Header::new(
+            KIND,
+            self.vars.iter().map(|nv| nv.name.clone()).collect(),
+            serde_json::to_value(&body).expect("the header body encodes"),
+        );
+        let mut out = HashMap::new();
+        out.insert(HEADER_KEY.to_string(), header.to_tensor()?);
+        for (nv, v) in self.vars.iter().zip(&self.v) {
+            if let Some(v) = v {
+                out.insert(format!("{}.{V}", nv.name), host_copy(v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Validates everything (kind, matrix names, `λ`, iterations, each
+    /// vector's shape and dtype) before changing anything; `λ` and the
+    /// iterations are restored from the checkpoint. A matrix without a
+    /// saved vector gets a cold start at the next call.
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let header = Header::read(state, KIND)?;
+        header.check_params(self.vars.iter().map(|nv| nv.name.as_str()))?;
+        let body: PenaltyBody = serde_json::from_value(header.body.clone()).map_err(|e| {
+            Error::checkpoint(
+                HEADER_KEY,
+                format!("not a spectral norm penalty header: {e}"),
+            )
+        })?;
+        check_lambda(body.lambda)
+            .and(check_iters(body.iters))
+            .map_err(|e| Error::checkpoint("checkpoint", format!("bad hyperparameters: {e}")))?;
+        let names = self.names();
+        let mut v: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        for (key, t) in state {
+            if key == HEADER_KEY {
+                continue;
+            }
+            let Some((i, slot)) = split_key(key, &names) else {
+                fail!(Checkpoint, key, "not a `<matrix>.v` key of this penalty");
+            };
+            if slot != V {
+                fail!(Checkpoint, key, "this penalty keeps no `{slot}` state");
+            }
+            let var = &self.vars[i].var;
+            let (_, n) = matrix_view(var.dims()).expect("checked at construction");
+            let dt = math_dtype(var.dtype());
+            if t.dims() != [n] || t.dtype() != dt {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "checkpoint has shape {:?} dtype {:?}, expected shape [{n}] dtype {dt:?}",
+                    t.dims(),
+                    t.dtype()
+                );
+            }
+            v[i] = Some(on_device(t, var.device())?);
+        }
+        self.lambda = body.lambda;
+        self.iters = body.iters;
+        self.v = v;
+        self.sigmas.clear();
+        Ok(())
+    }
+}
+
+/// A copy of `t` on `device`.
+fn on_device(t: &Tensor, device: &Device) -> Result<Tensor> {
+    Ok(t.to_device(device)?.copy()?)
+}
