@@ -740,3 +740,41 @@ fn msign_refuses_an_invalid_schedule() {
         }
     }
 }
+
+/// A NaN or ±Inf in a matrix makes its whole output NaN on every path (the
+/// documented contract: loud, not a finite wrong answer), and only its own
+/// in a batch.
+#[test]
+fn non_finite_input_gives_an_all_nan_output() {
+    let mut r = rng(77);
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for (m, n) in [(6, 4), (4, 6), (5, 5)] {
+            let mut v = normal_vec(&mut r, 2 * m * n);
+            v[3] = bad;
+            let g = Tensor::from_vec(v, (2, m, n), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let ns = NewtonSchulz::muon();
+            for (path, out) in [
+                ("fused", msign(&g, &ns).unwrap()),
+                ("generic", msign_generic(&g, &ns).unwrap()),
+                (
+                    "emulated kernels",
+                    steepest::device::emu::msign(&g, &ns, None).unwrap(),
+                ),
+            ] {
+                let first = to_f64_vec(&out.get(0).unwrap());
+                let second = to_f64_vec(&out.get(1).unwrap());
+                assert!(
+                    first.iter().all(|x| x.is_nan()),
+                    "{bad} {m}×{n} {path}: {first:?}"
+                );
+                assert!(
+                    second.iter().all(|x| x.is_finite()),
+                    "{bad} {m}×{n} {path}: the other matrix"
+                );
+            }
+        }
+    }
+}

@@ -463,3 +463,41 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     q.load_state_dict(&partial).unwrap();
     assert!(!q.state_dict().unwrap().contains_key("l2.weight.v"));
 }
+
+#[test]
+fn the_generic_path_gives_what_the_cpu_path_gives() {
+    // Metal's path (candle's ops: stacked power iteration, vectors set one
+    // by one), forced on CPU tensors, over three calls (cold, then warm).
+    let make = || {
+        two_matrices(12)
+            .into_iter()
+            .chain(two_matrices(13))
+            .collect::<Vec<_>>()
+    };
+    let renamed = |vs: Vec<NamedVar>| -> Vec<NamedVar> {
+        vs.into_iter()
+            .enumerate()
+            .map(|(i, nv)| NamedVar {
+                name: format!("w{i}"),
+                var: nv.var,
+            })
+            .collect()
+    };
+    let (a_vars, b_vars) = (renamed(make()), renamed(make()));
+    let mut cpu = SpectralNormPenalty::from_named(a_vars.clone(), 0.2).unwrap();
+    let mut gen = SpectralNormPenalty::from_named(b_vars.clone(), 0.2).unwrap();
+    for call in 0..3 {
+        let la = cpu.loss().unwrap();
+        let lb = steepest::device::with_generic_ops(|| gen.loss()).unwrap();
+        let (x, y) = (
+            la.to_scalar::<f32>().unwrap(),
+            lb.to_scalar::<f32>().unwrap(),
+        );
+        assert!((x - y).abs() <= 1e-5 * x, "call {call}: {x} vs {y}");
+        let (ga, gb) = (la.backward().unwrap(), lb.backward().unwrap());
+        for (p, q) in a_vars.iter().zip(&b_vars) {
+            let d = max_abs_diff(ga.get(&p.var).unwrap(), gb.get(&q.var).unwrap());
+            assert!(d < 1e-5, "call {call} {}: {d}", p.name);
+        }
+    }
+}

@@ -279,3 +279,33 @@ fn bad_inputs() {
     let top = power_iteration(&from_dmatrix(&w, DType::F64), Some(&nan), 60).unwrap();
     assert!((scalar(&top.sigma) - 2.0).abs() < 1e-10);
 }
+
+/// A NaN or ±Inf in `W` gives `σ = NaN` (documented; not a finite estimate),
+/// tall and wide, and leaves the other matrices of a batch alone.
+#[test]
+fn non_finite_input_gives_a_nan_sigma() {
+    let mut r = rng(78);
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for (m, n) in [(6, 4), (4, 6), (1, 5)] {
+            let mut v = normal_vec(&mut r, 2 * m * n);
+            v[2] = bad;
+            let w = Tensor::from_vec(v, (2, m, n), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            for (path, top) in [
+                ("cpu", power_iteration(&w, None, 3).unwrap()),
+                (
+                    "emulated kernels",
+                    steepest::device::emu::power_iteration(&w, None, 3).unwrap(),
+                ),
+            ] {
+                let s = to_f64_vec(&top.sigma);
+                assert!(
+                    s[0].is_nan() && s[1].is_finite(),
+                    "{bad} {m}×{n} {path}: σ = {s:?}"
+                );
+            }
+        }
+    }
+}

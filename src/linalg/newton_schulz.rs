@@ -342,6 +342,9 @@ impl NewtonSchulz {
 /// `X₀ = G / (‖G‖_F·scale + ε)`, then per step `A = X Xᵀ; X ← a X + (b A + c A²) X`,
 /// on the short side (a tall input is transposed first and back at the end).
 /// The output has the input's shape and dtype. A zero matrix gives zero.
+/// A NaN or ±Inf anywhere in a matrix makes that matrix's output all NaN
+/// (its `‖G‖_F` is not finite); the input is not checked, which would cost a
+/// host synchronisation: the optimizers refuse non-finite gradients before.
 ///
 /// Dispatched by [`crate::device::msign`]: on the CPU with f32/f64 arithmetic a
 /// fused path (the polynomial folded into the GEMMs); on CUDA (feature `cuda`)

@@ -43,6 +43,12 @@ pub struct TopSingular {
 /// allowed: no Gram product, σ, u and v from the normalised start alone
 /// (tall: `v = v₀`, `σ = ‖W v₀‖`), an estimate only as good as the start.
 ///
+/// A NaN or ±Inf in `W` gives `σ = NaN` (tested on the CPU and
+/// emulated-kernel paths; not checked, which would cost a
+/// host synchronisation; [`crate::penalty::SpectralNormPenalty`] reads `σ`
+/// back and refuses it; spectral decay runs it on the weights an optimizer
+/// updates, which stay finite as long as its steps are).
+///
 /// Scale: every norm is taken after dividing by the largest magnitude, so
 /// `σ` and the unit vectors are right for any finite `W` whose products
 /// `W v` are finite. The Gram products `WᵀW x` are of order `σ₁²`: in f32
