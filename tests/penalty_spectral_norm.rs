@@ -215,32 +215,111 @@ fn an_sgd_step_on_the_penalty_is_a_spectral_decay_step() {
 }
 
 #[test]
-fn bf16_and_mixed_dtypes() {
+fn half_precision_and_mixed_dtypes() {
     let mut r = rng(6);
     let a = gapped(&mut r, 8, 6);
     let b = gapped(&mut r, 5, 5);
-    let wa = named("a", &a, &[8, 6], DType::BF16);
-    let va = wa.var.clone();
-    let mut p = SpectralNormPenalty::from_named(vec![wa], 1.0)
-        .unwrap()
-        .with_iters(30)
-        .unwrap();
-    let loss = p.loss().unwrap();
-    assert_eq!(loss.dtype(), DType::F32);
-    let g = grad_of(&loss, &va);
-    assert_eq!(g.dtype(), DType::BF16);
-    // bf16 weights: the SVD of the rounded matrix, bf16's rounding of the gradient.
-    let rounded = to_dmatrix(va.as_tensor());
-    let (_, want) = svd_top(&rounded);
-    let err = (to_dmatrix(&g) - want).abs().max();
-    assert!(err < 3.0 * 2f64.powi(-8), "bf16 gradient off by {err}");
-
+    // 16-bit weights: against the SVD of the rounded matrix; the gradient
+    // within a few of its dtype's ulps (|g| < 4), the value in f32.
+    for (dt, ulp) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+        let wa = named("a", &a, &[8, 6], dt);
+        let va = wa.var.clone();
+        let mut p = SpectralNormPenalty::from_named(vec![wa], 1.0)
+            .unwrap()
+            .with_iters(30)
+            .unwrap();
+        let loss = p.loss().unwrap();
+        assert_eq!(loss.dtype(), DType::F32);
+        let (s, want) = svd_top(&to_dmatrix(va.as_tensor()));
+        let value = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (value - s * s / 2.0).abs() < 1e-5 * s * s,
+            "{dt:?}: {value} vs {}",
+            s * s / 2.0
+        );
+        assert!((p.sigmas()[0].1 - s).abs() < 1e-5 * s, "{dt:?}: σ₁");
+        let g = grad_of(&loss, &va);
+        assert_eq!(g.dtype(), dt);
+        let err = (to_dmatrix(&g) - want).abs().max();
+        assert!(err < 3.0 * ulp * 4.0, "{dt:?} gradient off by {err}");
+    }
+    // f32 and f64 together: an f64 scalar, each term and gradient as alone.
     let mixed = vec![
         named("a", &a, &[8, 6], DType::F32),
         named("b", &b, &[5, 5], DType::F64),
     ];
-    let mut p = SpectralNormPenalty::from_named(mixed, 1.0).unwrap();
-    assert_eq!(p.loss().unwrap().dtype(), DType::F64);
+    let vars: Vec<Var> = mixed.iter().map(|nv| nv.var.clone()).collect();
+    let mut p = SpectralNormPenalty::from_named(mixed, 0.5)
+        .unwrap()
+        .with_iters(40)
+        .unwrap();
+    let loss = p.loss().unwrap();
+    assert_eq!(loss.dtype(), DType::F64);
+    let ((sa, ga), (sb, gb)) = (svd_top(&a), svd_top(&b));
+    let want = 0.25 * (sa * sa + sb * sb);
+    let value = loss.to_scalar::<f64>().unwrap();
+    assert!((value - want).abs() < 1e-5 * want, "{value} vs {want}");
+    let grads = loss.backward().unwrap();
+    let (got_a, got_b) = (grads.get(&vars[0]).unwrap(), grads.get(&vars[1]).unwrap());
+    assert_eq!((got_a.dtype(), got_b.dtype()), (DType::F32, DType::F64));
+    assert!((to_dmatrix(got_a) - ga * 0.5).abs().max() < 1e-5);
+    assert!((to_dmatrix(got_b) - gb * 0.5).abs().max() < 1e-10);
+}
+
+#[test]
+fn equal_top_singular_values_still_give_the_penalty() {
+    // σ₁ = σ₂: the pair (u, v) is any in the top subspace, the value is
+    // still λ/2 σ₁², and the gradient λσ₁uvᵀ has ‖·‖_F = λσ₁ and
+    // ⟨∇, W⟩ = λσ₁² (uᵀWv = σ₁ for any such pair).
+    let mut r = rng(14);
+    let lambda = 0.6;
+    for (m, n) in [(7, 5), (4, 8)] {
+        let a = with_singular_values(&mut r, m, n, &[2.0, 2.0, 0.5]);
+        let nv = named("w", &a, &[m, n], DType::F64);
+        let var = nv.var.clone();
+        let mut p = SpectralNormPenalty::from_named(vec![nv], lambda)
+            .unwrap()
+            .with_iters(30)
+            .unwrap();
+        let loss = p.loss().unwrap();
+        let value = loss.to_scalar::<f64>().unwrap();
+        assert!((value - lambda * 2.0).abs() < 1e-9, "{m}×{n}: {value}");
+        let g = to_dmatrix(&grad_of(&loss, &var));
+        assert!(
+            (g.norm() - lambda * 2.0).abs() < 1e-9,
+            "{m}×{n}: ‖∇‖ = {}",
+            g.norm()
+        );
+        assert!(
+            (g.dot(&a) - lambda * 4.0).abs() < 1e-9,
+            "{m}×{n}: ⟨∇, W⟩ = {}",
+            g.dot(&a)
+        );
+    }
+}
+
+#[test]
+fn an_overflowing_penalty_is_refused_and_changes_nothing() {
+    // f32 weights whose σ₁ is finite but σ₁² (or λ/2·σ₁²) is not in f32.
+    let mut r = rng(15);
+    let a = gapped(&mut r, 5, 4);
+    let small = named("small", &a, &[5, 4], DType::F32);
+    for (scale, lambda) in [(1e20 / 3.0, 1.0), (1.5e19 / 3.0, 4.0)] {
+        let big = named("big", &(&a * scale), &[5, 4], DType::F32);
+        let mut p = SpectralNormPenalty::from_named(vec![small.clone(), big], lambda).unwrap();
+        let e = p.loss().unwrap_err();
+        assert!(
+            matches!(&e, Error::Numerical { who, .. } if who == "big")
+                && e.to_string().contains("overflows"),
+            "{scale:e}: {e}"
+        );
+        assert!(p.sigmas().is_empty());
+        assert!(p.state_dict().unwrap().len() == 1, "no vector stored");
+    }
+    // Just inside: σ₁ = 1.5e19, λ = 1 gives λ/2·σ₁² ≈ 1.1e38 < f32::MAX.
+    let big = named("big", &(&a * (1.5e19 / 3.0)), &[5, 4], DType::F32);
+    let mut p = SpectralNormPenalty::from_named(vec![big], 1.0).unwrap();
+    assert!(p.loss().unwrap().to_scalar::<f32>().unwrap().is_finite());
 }
 
 #[test]
@@ -430,6 +509,25 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
     let mut no_header = good.clone();
     no_header.remove(HEADER_KEY);
     cases.push(("header", no_header));
+    for (what, v) in [
+        ("NaN", vec![f32::NAN; 4]),
+        ("zero", vec![0.0; 4]),
+        ("norm 2", vec![1.0; 4]),
+    ] {
+        let mut not_unit = good.clone();
+        not_unit.insert(
+            "l1.weight.v".into(),
+            Tensor::from_vec(v, 4, &Device::Cpu).unwrap(),
+        );
+        cases.push((
+            if what == "NaN" {
+                "norm NaN"
+            } else {
+                "unit vector"
+            },
+            not_unit,
+        ));
+    }
     let bad_lambda = common::with_header(&good, |h| h["body"]["lambda"] = (-1.0).into());
     cases.push(("bad hyperparameters", bad_lambda));
     let other_names = {
@@ -495,6 +593,10 @@ fn the_generic_path_gives_what_the_cpu_path_gives() {
         );
         assert!((x - y).abs() <= 1e-5 * x, "call {call}: {x} vs {y}");
         let (ga, gb) = (la.backward().unwrap(), lb.backward().unwrap());
+        // u and v are held fixed: on the generic path they come from ops on
+        // the power iteration's state variables, which backward must not
+        // walk (the store would hold gradients for them and their inputs).
+        assert_eq!(gb.get_ids().count(), ga.get_ids().count(), "call {call}");
         for (p, q) in a_vars.iter().zip(&b_vars) {
             let d = max_abs_diff(ga.get(&p.var).unwrap(), gb.get(&q.var).unwrap());
             assert!(d < 1e-5, "call {call} {}: {d}", p.name);

@@ -208,9 +208,13 @@ fn options_override_the_preset_and_keep_the_rest() {
 
 #[test]
 fn bad_values_are_refused_in_one_line_naming_the_option() {
-    let cases: [(&[&str], &[&str]); 24] = [
+    let cases: [(&[&str], &[&str]); 25] = [
         (
             &["--spectral-penalty", "-0.1"],
+            &["--spectral-penalty", "≥ 0"],
+        ),
+        (
+            &["--spectral-penalty", "inf"],
             &["--spectral-penalty", "≥ 0"],
         ),
         (

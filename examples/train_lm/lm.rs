@@ -1463,17 +1463,17 @@ fn train_loop(
         let (x, y) = batch_at(&data.train, stepper.share(&starts), cfg.context, device)?;
         let loss = model.loss(&x, &y)?;
         let loss_val = stepper.batch_loss(&loss)?;
-        let objective = match penalty.as_mut() {
-            Some(p) => (&loss + p.loss()?.to_dtype(loss.dtype())?)?,
-            None => loss,
-        };
-        let t_forward = clock.lap()?;
         if !loss_val.is_finite() {
             candle_core::bail!(
                 "{}: training loss is {loss_val} at step {step} (diverged)",
                 kind.name()
             );
         }
+        let objective = match penalty.as_mut() {
+            Some(p) => (&loss + p.loss()?.to_dtype(loss.dtype())?)?,
+            None => loss,
+        };
+        let t_forward = clock.lap()?;
         let grads = objective.backward()?;
         let t_backward = clock.lap()?;
         let lr = stepper.next_lr();

@@ -33,7 +33,8 @@
 //!
 //! **Spectral norm regularisation** (Yoshida & Miyato 2017):
 //! [`SpectralNormPenalty`] is the loss term `λ/2 Σ_W σ₁(W)²`, whose gradient
-//! `λ W v₁v₁ᵀ` is the coupled counterpart of spectral weight decay.
+//! `λ σ₁u₁v₁ᵀ` (`= λ W v₁v₁ᵀ`) is the coupled counterpart of spectral weight
+//! decay.
 
 mod diagnostic;
 mod input_grad;

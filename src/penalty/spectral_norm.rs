@@ -1,7 +1,7 @@
 //! Spectral norm regularisation (Yoshida & Miyato 2017): the penalty
 //! `λ/2 Σ_W σ₁(W)²` added to the loss (docs/math.md §1, "the coupled form").
 //!
-//! Its gradient is `λ σ₁ u₁ v₁ᵀ = λ W v₁v₁ᵀ`, the term spectral weight decay
+//! Its gradient is `λ σ₁ u₁ v₁ᵀ` (`= λ W v₁v₁ᵀ`), the term spectral weight decay
 //! ([`crate::WeightDecay::Spectral`]) subtracts from the weights directly. As
 //! a loss term it goes through the optimizer: with SGD the two are the same
 //! step; with Adam the penalty's gradient is rescaled by the second moments
@@ -23,7 +23,7 @@ use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY
 use crate::decay::COLD_START_ITERS;
 use crate::device::{self, host_f64, math_dtype};
 use crate::error::{fail, Error, Result};
-use crate::params::{check_params, matrix_view, varmap_vars, NamedVar};
+use crate::params::{check_params, largest_finite, matrix_view, varmap_vars, NamedVar};
 
 /// The checkpoint kind of a [`SpectralNormPenalty`].
 const KIND: &str = "spectral_norm_penalty";
@@ -40,6 +40,7 @@ const V: &str = "v";
 /// returns the penalty as a differentiable scalar: add it to the loss before
 /// `backward`. A parameter of rank > 2 is penalised through its matrix view
 /// `(d₀, d₁·d₂·…)` (a conv kernel `(out, in, kh, kw)` as `(out, in·kh·kw)`).
+/// The matrices must share one device (the penalty is one scalar).
 ///
 /// ```
 /// # fn main() -> steepest::Result<()> {
@@ -132,6 +133,17 @@ impl SpectralNormPenalty {
         }
         check_params(&vars)?;
         for nv in &vars {
+            let first = vars[0].var.device();
+            if !nv.var.device().same_device(first) {
+                fail!(
+                    Device,
+                    nv.name,
+                    "is on {:?} but `{}` on {:?}: the penalty's matrices must share one device",
+                    nv.var.device().location(),
+                    vars[0].name,
+                    first.location()
+                );
+            }
             match matrix_view(nv.var.dims()) {
                 Some((m, n)) if m > 0 && n > 0 => {}
                 Some(_) => fail!(Shape, nv.name, "empty matrix {:?}", nv.var.dims()),
@@ -198,7 +210,8 @@ impl SpectralNormPenalty {
     ///
     /// Reads the `σ₁` back to the host (one synchronisation per call) to
     /// refuse non-finite weights: an [`Error::Numerical`] naming the first
-    /// matrix whose `σ₁` is NaN or infinite, with no `v₁` estimate changed.
+    /// matrix whose `σ₁` is NaN or infinite, or the largest when the sum of
+    /// `σ₁²` overflows the scalar's dtype, with no `v₁` estimate changed.
     pub fn loss(&mut self) -> Result<Tensor> {
         let out_dt = if self.vars.iter().any(|nv| nv.var.dtype() == DType::F64) {
             DType::F64
@@ -221,14 +234,19 @@ impl SpectralNormPenalty {
             let vs = members
                 .iter()
                 .map(|&i| match &self.v[i] {
-                    Some(v) => Ok(Var::from_tensor(&v.copy()?)?),
+                    // A copy (`from_tensor` of a non-variable tensor makes
+                    // one): the power iteration writes into these, and the
+                    // stored vectors must survive a failed call.
+                    Some(v) => Ok(Var::from_tensor(&v.detach())?),
                     None => Ok(Var::zeros(n, dt, &dev)?),
                 })
                 .collect::<Result<Vec<_>>>()?;
             let top = device::power_iteration_members(&ws, &vs, iters)?;
             for (j, &i) in members.iter().enumerate() {
-                let u = top.u.get(j)?.reshape((1, m))?;
-                let v = top.v.get(j)?.reshape((n, 1))?;
+                // Held fixed: on candle's generic path `u`, `v` come from
+                // ops on the state variables, and backward would walk them.
+                let u = top.u.get(j)?.detach().reshape((1, m))?;
+                let v = top.v.get(j)?.detach().reshape((n, 1))?;
                 let w = self.matrix(i)?.to_dtype(dt)?;
                 let sigma = u.matmul(&w)?.matmul(&v)?.reshape(())?.to_dtype(out_dt)?;
                 terms[i] = Some(sigma.sqr()?);
@@ -245,6 +263,20 @@ impl SpectralNormPenalty {
                 "σ₁ = {}: the matrix holds NaN or Inf (or its products overflow); \
                  the spectral norm penalty is undefined",
                 sigmas[i]
+            );
+        }
+        let sum_sq: f64 = sigmas.iter().map(|s| s * s).sum();
+        // (every σ₁ is finite here, so the sum is finite or +∞, never NaN)
+        if sum_sq.max(sum_sq * self.lambda / 2.0) > largest_finite(out_dt) {
+            let i = (0..sigmas.len())
+                .max_by(|&a, &b| sigmas[a].total_cmp(&sigmas[b]))
+                .expect("at least one matrix");
+            fail!(
+                Numerical,
+                self.vars[i].name,
+                "σ₁ = {:e}: Σσ₁² = {sum_sq:e} (times λ/2 = {}) overflows the penalty's {out_dt:?}",
+                sigmas[i],
+                self.lambda / 2.0
             );
         }
         let terms: Vec<Tensor> = terms
@@ -315,7 +347,7 @@ impl OptimizerState for SpectralNormPenalty {
     }
 
     /// Validates everything (kind, matrix names, `λ`, iterations, each
-    /// vector's shape and dtype) before changing anything; `λ` and the
+    /// vector's shape, dtype and unit norm) before changing anything; `λ` and the
     /// iterations are restored from the checkpoint. A matrix without a
     /// saved vector gets a cold start at the next call.
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
@@ -352,6 +384,18 @@ impl OptimizerState for SpectralNormPenalty {
                     "checkpoint has shape {:?} dtype {:?}, expected shape [{n}] dtype {dt:?}",
                     t.dims(),
                     t.dtype()
+                );
+            }
+            // What the power iteration stores is a unit vector; anything
+            // else (zero, NaN) would be ignored as a start, but then warmed
+            // by `iters` iterations instead of a cold start's.
+            let norm = host_f64(t)?.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let unit = (norm - 1.0).abs() <= 1e-3; // false for NaN
+            if !unit {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "expected the unit vector v₁, got one of norm {norm}"
                 );
             }
             v[i] = Some(on_device(t, var.device())?);
