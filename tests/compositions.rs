@@ -311,6 +311,7 @@ fn steepest_on_a_manifold_is_momentum_then_manifold_step() {
         steps: 2,
         sign: false,
         smoothing: None,
+        bracket: None,
     };
     for dtype in [DType::F32, DType::BF16] {
         for (manifold, norm, shapes, wd) in [

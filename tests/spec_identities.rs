@@ -177,6 +177,7 @@ fn nuclear_norm_derivative_along_theta() {
         steps: 1,
         sign: false,
         smoothing: None,
+        bracket: None,
     };
     let scalar_t = |x: f64| Tensor::new(x, &Device::Cpu).unwrap();
     let step =
@@ -223,6 +224,7 @@ fn stiefel_dual_gradient_is_half_the_symmetrised_product() {
             steps: 1,
             sign: false,
             smoothing: None,
+            bracket: None,
         };
         let step = stiefel_direction(&t64(&g), &t64(&w), &t64(&x), &dual, &exact_ns()).unwrap();
         let residual = to_dmatrix(&step.residual);

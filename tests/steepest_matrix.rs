@@ -869,6 +869,7 @@ fn setups() -> Vec<(SteepestConfig, Shapes)> {
                     sign: true,
                     lr: Some(0.01),
                     smoothing: None,
+                    bracket: None,
                 },
                 ..stiefel_cfg(false)
             },
@@ -1821,6 +1822,7 @@ fn sign_dual_ascent_steps_by_the_sign_of_the_residual() {
         steps: 1,
         sign: true,
         smoothing: None,
+        bracket: None,
     });
     let lambda = opt.state_dict().unwrap()["w.manifold.lambda"]
         .to_scalar::<f64>()
@@ -2346,6 +2348,7 @@ fn stiefel_sign_dual_step_is_the_sign_of_the_residual() {
             steps: 1,
             sign,
             smoothing: None,
+            bracket: None,
         };
         let step = stiefel_direction(
             &from_dmatrix(&g, DType::F64),
@@ -2468,4 +2471,215 @@ fn a_smoothed_sphere_dual_rate_beyond_two_mu_is_refused() {
         .unwrap();
     let s = singular_values(&to_dmatrix(vars[0].var.as_tensor()));
     assert!((s[0] - 1.0).abs() < 1e-4, "σ₁ = {}", s[0]);
+}
+
+/// `DualAscent::bracket`: the spectral-sphere dual solved per step. The
+/// returned `Φ` is tangent (`tr(ΘᵀΦ)` below 1e-9, in f64 from the returned
+/// `Φ`) and primal optimal: `⟨G, Φ⟩/‖Φ‖₂` within 1e-4 of the dual bound
+/// `min_λ ‖G + λΘ‖_*` (f64 SVDs, golden section), on random full-rank
+/// gradients (where `h` is continuous) and on a rank-2 one (where it jumps
+/// across its root and no single `λ` is tangent: the plain dual oscillates
+/// there, see the test above), from a stored `λ` on either side and far off.
+#[test]
+fn the_bracketed_sphere_dual_is_tangent_and_optimal() {
+    let mut r = rng(67);
+    let ns = NewtonSchulz::polar_express(16);
+    let mut cases: Vec<(DMatrix<f64>, DMatrix<f64>)> = Vec::new();
+    for (m, n) in [(8, 3), (16, 8), (12, 20)] {
+        let w = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
+        cases.push((
+            DMatrix::from_vec(m, n, normal_vec(&mut r, m * n)),
+            theta_of(&w),
+        ));
+    }
+    let a = DMatrix::<f64>::from_fn(24, 2, |_, _| normal_vec(&mut r, 1)[0]);
+    let b = DMatrix::<f64>::from_fn(2, 24, |_, _| normal_vec(&mut r, 1)[0]);
+    let w = DMatrix::from_vec(24, 24, normal_vec(&mut r, 24 * 24));
+    cases.push((&a * &b, theta_of(&w)));
+    for (k, (g, th)) in cases.iter().enumerate() {
+        let at = |l: f64| nuclear(&(g + th * l));
+        let bound = at(golden_argmin(at, -50.0, 50.0, 200));
+        for lam0 in [-3.0, 0.0, 0.7, 40.0] {
+            let dual = DualAscent {
+                bracket: Some(40),
+                ..DualAscent::default()
+            };
+            let ds = spectral_sphere_direction(
+                &from_dmatrix(g, DType::F64),
+                &from_dmatrix(th, DType::F64),
+                &Tensor::new(lam0, &Device::Cpu).unwrap(),
+                &dual,
+                &ns,
+            )
+            .unwrap();
+            let phi = to_dmatrix(&ds.phi);
+            let tangent = th.dot(&phi);
+            assert!(
+                tangent.abs() < 1e-9,
+                "case {k}, λ₀ {lam0}: tr(ΘᵀΦ) = {tangent}"
+            );
+            let reported = ds.residual.to_scalar::<f64>().unwrap();
+            assert!(
+                (reported - tangent).abs() < 1e-12,
+                "case {k}: residual {reported}"
+            );
+            let norm = singular_values(&phi)[0];
+            assert!(norm <= 1.0 + 1e-9, "case {k}: ‖Φ‖₂ = {norm}");
+            let value = g.dot(&phi) / norm;
+            assert!(
+                (value - bound).abs() <= 1e-4 * bound,
+                "case {k}, λ₀ {lam0}: ⟨G, Φ⟩/‖Φ‖₂ = {value}, bound {bound}"
+            );
+        }
+    }
+}
+
+/// The bracketing solve on a batch: each matrix's `Φ` and `λ` as when
+/// solved alone (the brackets are per matrix; the batch only shares the
+/// `msign` calls), and the budget is a budget: with two `msign`s from far
+/// off, the result is the last point reached, its residual reported as it
+/// is (not tangent).
+#[test]
+fn the_bracketed_sphere_dual_solves_each_matrix_of_a_batch_alone() {
+    let mut r = rng(68);
+    let (m, n) = (10, 6);
+    let ns = NewtonSchulz::polar_express(12);
+    let gs: Vec<DMatrix<f64>> = (0..3)
+        .map(|_| DMatrix::from_vec(m, n, normal_vec(&mut r, m * n)))
+        .collect();
+    let ths: Vec<DMatrix<f64>> = (0..3)
+        .map(|_| theta_of(&DMatrix::from_vec(m, n, normal_vec(&mut r, m * n))))
+        .collect();
+    let lams = [0.0, -2.0, 5.0];
+    let stack = |ms: &[DMatrix<f64>]| {
+        Tensor::stack(
+            &ms.iter()
+                .map(|x| from_dmatrix(x, DType::F64))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap()
+    };
+    let dual = DualAscent {
+        bracket: Some(30),
+        ..DualAscent::default()
+    };
+    let all = spectral_sphere_direction(
+        &stack(&gs),
+        &stack(&ths),
+        &Tensor::new(&lams, &Device::Cpu).unwrap(),
+        &dual,
+        &ns,
+    )
+    .unwrap();
+    for i in 0..3 {
+        let one = spectral_sphere_direction(
+            &from_dmatrix(&gs[i], DType::F64),
+            &from_dmatrix(&ths[i], DType::F64),
+            &Tensor::new(lams[i], &Device::Cpu).unwrap(),
+            &dual,
+            &ns,
+        )
+        .unwrap();
+        let d = max_abs_diff(&all.phi.get(i).unwrap(), &one.phi);
+        assert!(d < 1e-9, "matrix {i}: Φ differs by {d}");
+        let (a, b) = (
+            to_f64_vec(&all.multiplier)[i],
+            one.multiplier.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9, "matrix {i}: λ {a} vs {b}");
+    }
+    // Two msigns from λ₀ = 40 (the root is within a few units of 0): one at
+    // 40, one at 39; h > 0 at both, no bracket.
+    let short = DualAscent {
+        bracket: Some(2),
+        ..DualAscent::default()
+    };
+    let ds = spectral_sphere_direction(
+        &from_dmatrix(&gs[0], DType::F64),
+        &from_dmatrix(&ths[0], DType::F64),
+        &Tensor::new(40.0, &Device::Cpu).unwrap(),
+        &short,
+        &ns,
+    )
+    .unwrap();
+    assert_eq!(ds.multiplier.to_scalar::<f64>().unwrap(), 39.0);
+    let h = ds.residual.to_scalar::<f64>().unwrap();
+    assert!(h > 0.5, "h = {h}");
+    assert!((h - ths[0].dot(&to_dmatrix(&ds.phi))).abs() < 1e-12);
+}
+
+/// `bracket` is checked: fewer than 2 `msign`s and any use on the Stiefel
+/// manifold are refused at construction, naming the parameter; a
+/// checkpoint's settings from before the field existed read as `None`; the
+/// setting round-trips through a checkpoint, and a `Steepest` step with it
+/// keeps `W` on the sphere with a tangent update.
+#[test]
+fn the_bracket_setting_is_checked_saved_and_stepped() {
+    let mut r = rng(69);
+    let w = randn(&mut r, &[7, 4], DType::F32);
+    let with = |bracket: Option<usize>, cfg: SteepestConfig| {
+        Steepest::from_named(
+            named(vec![("w", w.clone())]),
+            SteepestConfig {
+                dual: DualAscent {
+                    bracket,
+                    ..DualAscent::default()
+                },
+                ..cfg
+            },
+        )
+    };
+    let e = with(Some(1), spectral_sphere_cfg(1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bracket") && e.contains("at least 2"), "{e}");
+    let e = with(Some(8), stiefel_cfg(false)).unwrap_err().to_string();
+    assert!(e.contains("w: dual") && e.contains("bracket"), "{e}");
+    with(None, stiefel_cfg(false)).unwrap();
+    let old: DualAscent =
+        serde_json::from_str(r#"{"lr":null,"steps":1,"sign":false,"smoothing":null}"#).unwrap();
+    assert_eq!(old.bracket, None);
+
+    let vars = named(vec![("w", w.clone())]);
+    let mut opt = Steepest::from_named(
+        vars.clone(),
+        SteepestConfig {
+            dual: DualAscent {
+                bracket: Some(12),
+                ..DualAscent::default()
+            },
+            norm: Norm::Spectral(NewtonSchulz::polar_express(12)),
+            momentum: 0.0,
+            nesterov: false,
+            ..spectral_sphere_cfg(1.0)
+        },
+    )
+    .unwrap();
+    let g = randn(&mut r, &[7, 4], DType::F32);
+    opt.step_subset(&[(0, g.clone())]).unwrap();
+    let w1 = to_dmatrix(vars[0].var.as_tensor());
+    assert!((singular_values(&w1)[0] - 1.0).abs() < 1e-4);
+    let saved = opt.state_dict().unwrap();
+    assert_eq!(header(&saved)["body"]["config"]["dual"]["bracket"], 12);
+    // A fresh optimizer (bracket: None) takes the checkpoint's setting and
+    // then steps exactly as the original.
+    let vars2 = named(vec![("w", vars[0].var.as_tensor().copy().unwrap())]);
+    let mut resumed = Steepest::from_named(
+        vars2.clone(),
+        SteepestConfig {
+            norm: Norm::Spectral(NewtonSchulz::polar_express(12)),
+            momentum: 0.0,
+            nesterov: false,
+            ..spectral_sphere_cfg(1.0)
+        },
+    )
+    .unwrap();
+    resumed.load_state_dict(&saved).unwrap();
+    opt.step_subset(&[(0, g.clone())]).unwrap();
+    resumed.step_subset(&[(0, g)]).unwrap();
+    assert_eq!(
+        max_abs_diff(vars[0].var.as_tensor(), vars2[0].var.as_tensor()),
+        0.0
+    );
 }

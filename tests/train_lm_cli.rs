@@ -71,6 +71,7 @@ fn no_options_give_the_small_preset_and_every_optimizer() {
     assert_eq!((c.ranks, c.stop_after), (1, None));
     assert!(!c.timing && !c.gram_ns && !c.ns_bf16 && !c.bf16_updates);
     assert_eq!(c.spectral_penalty, 0.0);
+    assert_eq!(c.sphere_bracket, None);
     assert_eq!(c.newton_schulz().compute_dtype(), None);
     assert_eq!((a.seeds, a.first_seed), (1, 0));
     assert_eq!(a.out, PathBuf::from("runs/train_lm"));
@@ -162,6 +163,8 @@ fn options_override_the_preset_and_keep_the_rest() {
         "--ns-bf16",
         "--spectral-penalty",
         "0.01",
+        "--sphere-bracket",
+        "6",
         "--seeds",
         "3",
         "--first-seed",
@@ -185,6 +188,7 @@ fn options_override_the_preset_and_keep_the_rest() {
     assert_eq!((c.stop_after, c.steps_run()), (Some(4), 4));
     assert!(c.gram_ns && c.ns_bf16 && c.bf16_updates && !c.timing);
     assert_eq!(c.spectral_penalty, 0.01);
+    assert_eq!(c.sphere_bracket, Some(6));
     let ns = c.newton_schulz();
     assert_eq!(ns.compute_dtype(), Some(candle_core::DType::BF16));
     assert!(ns.gram().is_some());
@@ -208,7 +212,11 @@ fn options_override_the_preset_and_keep_the_rest() {
 
 #[test]
 fn bad_values_are_refused_in_one_line_naming_the_option() {
-    let cases: [(&[&str], &[&str]); 25] = [
+    let cases: [(&[&str], &[&str]); 26] = [
+        (
+            &["--sphere-bracket", "1"],
+            &["--sphere-bracket", "integer ≥ 2"],
+        ),
         (
             &["--spectral-penalty", "-0.1"],
             &["--spectral-penalty", "≥ 0"],
@@ -292,6 +300,10 @@ fn options_that_change_nothing_are_warned_about() {
         &["--gram-ns"],
     );
     warned(&["--optimizer", "adamw", "--ns-bf16"], &["--ns-bf16"]);
+    warned(
+        &["--optimizer", "muon", "--sphere-bracket", "8"],
+        &["--sphere-bracket", "muon-spectral-sphere"],
+    );
     warned(
         &["--release-freed-memory"],
         &["--release-freed-memory", "--device cuda"],
@@ -811,6 +823,18 @@ fn caption_states_data_model_schedule_and_what_is_missing() {
     );
     let caption = outputs::caption(&run_args(&["--spectral-penalty", "0"]), "x", 39, "");
     assert!(!caption.contains("penalty"), "{caption}");
+    // the sphere's bracketed dual
+    let args = run_args(&[
+        "--optimizer",
+        "muon-spectral-sphere",
+        "--sphere-bracket",
+        "8",
+    ]);
+    let caption = outputs::caption(&args, "x", 39, "");
+    assert!(
+        caption.contains("(sphere: r=2, no decay on its matrices, dual solved with ≤ 8 msigns)"),
+        "{caption}"
+    );
 }
 
 #[test]

@@ -332,6 +332,38 @@ fn the_spectral_penalty_shrinks_sigma_and_is_not_logged() {
     }
 }
 
+/// `sphere_bracket`: the spectral-sphere run with its dual solved per step
+/// keeps every block matrix at σ₁ = r, learns, and is another run than
+/// the one-dual-step default.
+#[test]
+fn the_bracketed_sphere_dual_trains() {
+    let cfg = Config {
+        steps: 12,
+        eval_every: 6,
+        ..tiny()
+    };
+    let data = Data::from_text(&builtin_corpus(1, 30_000), cfg.context).unwrap();
+    let mut nop = |_: usize, _: Option<&lm::Record>| {};
+    let kind = OptKind::MuonSpectralSphere;
+    let plain = train(kind, 1, &cfg, &data, &Device::Cpu, &mut nop).unwrap();
+    let bracketed = Config {
+        sphere_bracket: Some(6),
+        ..cfg.clone()
+    };
+    let run = train(kind, 1, &bracketed, &data, &Device::Cpu, &mut nop).unwrap();
+    assert_ne!(plain.losses[1], run.losses[1]);
+    assert!(run.final_val() < run.records[0].val_loss - 0.3);
+    let last = run.records.last().unwrap();
+    for (name, s) in run.matrices.iter().zip(&last.sigmas) {
+        if name.starts_with("h.") {
+            assert!(
+                (s - cfg.radius).abs() < 0.05 * cfg.radius,
+                "{name}: σ₁ = {s}"
+            );
+        }
+    }
+}
+
 /// A rank whose partner has gone fails with an error that names the gone
 /// rank; `train_local_ranks` reports the gone rank's own error instead of
 /// rank 0's consequence of it, so the error it prints is the cause.

@@ -96,6 +96,9 @@ struct Cli {
     /// Newton–Schulz iterations in bf16 for the Muon runs and the spectral sphere (NewtonSchulz::with_compute_dtype; the update is applied in the parameters' f32), as Muon usually runs on GPUs
     #[arg(long)]
     ns_bf16: bool,
+    /// muon-spectral-sphere: solve the dual at every step with up to K msigns (DualAscent::bracket: exactly tangent directions) instead of one dual step
+    #[arg(long, value_name = "K", value_parser = at_least_two, allow_negative_numbers = true)]
+    sphere_bracket: Option<usize>,
     /// Add the spectral norm penalty μ/2 Σ σ₁(W)² (μ = X) over every weight matrix to each run's training loss (penalty::SpectralNormPenalty, Yoshida & Miyato: spectral decay's coupled form, one warm-started power iteration per step); the logged losses leave it out [default: 0, off]
     #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
     spectral_penalty: Option<f64>,
@@ -131,6 +134,14 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result
     match s.parse::<T>() {
         Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err("must be an integer ≥ 1".into()),
+    }
+}
+
+/// An integer ≥ 2.
+fn at_least_two(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err("must be an integer ≥ 2".into()),
     }
 }
 
@@ -245,6 +256,7 @@ impl From<Cli> for Args {
                 gram_ns: c.gram_ns,
                 ns_bf16: c.ns_bf16,
                 spectral_penalty: c.spectral_penalty.unwrap_or(0.0),
+                sphere_bracket: c.sphere_bracket,
                 bf16_updates: c.bf16_updates,
                 ..preset
             },
@@ -257,6 +269,9 @@ impl From<Cli> for Args {
 fn ignored_options(c: &Cli, optimizers: &[OptKind]) -> Vec<String> {
     let cuda = c.device == "cuda";
     let mut w = Vec::new();
+    if c.sphere_bracket.is_some() && !optimizers.contains(&OptKind::MuonSpectralSphere) {
+        w.push("--sphere-bracket has no effect: it solves the dual of muon-spectral-sphere, which is not among the optimizers".into());
+    }
     if c.radius.is_some() && !optimizers.contains(&OptKind::MuonSpectralSphere) {
         w.push("--radius has no effect: it is the radius of muon-spectral-sphere, which is not among the optimizers".into());
     }

@@ -302,6 +302,9 @@ pub struct Config {
     /// Muon's (and the sphere's) Newton–Schulz iterations in bf16
     /// ([`NewtonSchulz::with_compute_dtype`]).
     pub ns_bf16: bool,
+    /// The spectral sphere's dual solved per step with up to this many
+    /// `msign`s ([`steepest::DualAscent::bracket`]); `None`: one dual step.
+    pub sphere_bracket: Option<usize>,
     /// `μ` of the spectral norm penalty `μ/2 Σ σ₁(W)²` over the weight
     /// matrices added to the training loss ([`SpectralNormPenalty`]; `μ`, not
     /// `λ`, to keep it apart from the weight decay); 0: none.
@@ -334,6 +337,7 @@ impl Default for Config {
             gram_ns: false,
             ns_bf16: false,
             spectral_penalty: 0.0,
+            sphere_bracket: None,
             bf16_updates: false,
         }
     }
@@ -1078,6 +1082,10 @@ pub fn build_optimizer(kind: OptKind, cfg: &Config, varmap: &VarMap) -> Result<O
                 manifold: Manifold::SpectralSphere { radius: cfg.radius },
                 weight_decay: WeightDecay::None,
                 norm: steepest::Norm::Spectral(cfg.newton_schulz()),
+                dual: steepest::DualAscent {
+                    bracket: cfg.sphere_bracket,
+                    ..Default::default()
+                },
                 ..SteepestConfig::default() // momentum 0.95 Nesterov
             },
             // As Muon's internal AdamW in the `muon` run: AdamW's rate.

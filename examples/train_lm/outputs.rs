@@ -309,8 +309,12 @@ pub fn results_table(kinds: &[OptKind], cfg: &lm::Config, runs: &[RunResult]) ->
 pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
     let cfg = &args.cfg;
     let sphere = if args.optimizers.contains(&OptKind::MuonSpectralSphere) {
+        let dual = match cfg.sphere_bracket {
+            Some(k) => format!(", dual solved with ≤ {k} msigns"),
+            None => String::new(),
+        };
         format!(
-            " (sphere: r={}, no decay on its matrices)",
+            " (sphere: r={}, no decay on its matrices{dual})",
             fmt_num(cfg.radius)
         )
     } else {

@@ -11,6 +11,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::device::{host_f64, upload_f64};
 use crate::error::{fail, Result};
 use crate::linalg::{batch3, msign, unbatch, NewtonSchulz};
 
@@ -111,6 +112,14 @@ pub struct DualAscent {
     /// `Some(0.0)`, the plain dual it was trained with.
     #[serde(default = "plain_dual")]
     pub smoothing: Option<f64>,
+    /// Spectral sphere only: solve the dual at every step, by bracketing the
+    /// root of `h(λ) = tr(ΘᵀΦ(λ))` with at most this many `msign`s (≥ 2),
+    /// instead of taking `steps` dual steps (`lr` and `sign` are then
+    /// unused); the direction is tangent whatever `h` does at its root (see
+    /// [`spectral_sphere_direction`]). `None` (the default, and what a
+    /// checkpoint written before this setting resumes with): dual steps.
+    #[serde(default)]
+    pub bracket: Option<usize>,
 }
 
 /// [`DualAscent::smoothing`] of a checkpoint written before it existed.
@@ -140,6 +149,7 @@ impl Default for DualAscent {
             steps: 1,
             sign: false,
             smoothing: None,
+            bracket: None,
         }
     }
 }
@@ -160,6 +170,13 @@ impl DualAscent {
                 fail!(Config, who, "smoothing must be finite and ≥ 0, got {mu}");
             }
         }
+        if let Some(n) = self.bracket.filter(|&n| n < 2) {
+            fail!(
+                Config,
+                who,
+                "bracket needs at least 2 msigns (one at the stored λ, one past the root), got {n}"
+            );
+        }
         Ok(())
     }
 
@@ -178,7 +195,16 @@ impl DualAscent {
     /// needs `η₂ < μ` (the crate's step is `2η₂·∇`, the gradient
     /// `1/μ`-Lipschitz); measured with exact SVDs, `η₂ = 0.15` at `μ = 0.1`
     /// stalled at residuals 0.6 (40×32) and 1.6 (7×6).
+    /// Also refuses `bracket`, which solves the spectral sphere's scalar
+    /// dual only.
     pub(crate) fn check_stiefel_rate(&self, n: usize, m: usize, who: &str) -> Result<()> {
+        if self.bracket.is_some() {
+            fail!(
+                Config,
+                who,
+                "bracket solves the spectral sphere's dual; the Stiefel multiplier is a matrix                  (set bracket: None)"
+            );
+        }
         let mu = self.stiefel_smoothing(n, m);
         let lr = self.lr.unwrap_or(DEFAULT_DUAL_LR_STIEFEL);
         if n > m && mu > 0.0 && !self.sign && lr >= mu {
@@ -315,6 +341,11 @@ fn smoothed_msign(m: &Tensor, block: &Tensor, ns: &NewtonSchulz) -> Result<Tenso
 /// price of shrinking the singular values of `Φ` below `μ` and of one
 /// `msign` of an `(m + n) × n` matrix; the run's final loss did not improve
 /// (seed 0: 0.4608 against 0.4600), so it is not the default.
+/// `bracket: Some(k)` solves the dual instead, with up to `k` `msign`s per
+/// step (see `bracket_root` in the source): from the stored `λ`, steps
+/// toward the root until `h` changes sign, bisection, and the convex
+/// combination of the bracket's ends that is exactly tangent, which also
+/// settles where `h` jumps.
 ///
 /// `g`, `theta`: `(m, n)` or `(b, m, n)`; `lambda`: `()` or `(b,)`.
 pub fn spectral_sphere_direction(
@@ -347,17 +378,31 @@ pub fn spectral_sphere_direction(
     } else {
         None
     };
-    let mut phi = gn.zeros_like()?;
-    let mut res = lam.zeros_like()?;
-    for _ in 0..dual.steps {
+    let direction = |lam: &Tensor| -> Result<(Tensor, Tensor)> {
         let shifted = (&gn + t3.broadcast_mul(&lam.reshape((b, 1, 1))?)?)?;
-        phi = match &block {
+        let phi = match &block {
             Some(block) => smoothed_msign(&shifted, block, ns)?,
             None => msign(&shifted, ns)?,
         };
-        res = (&t3 * &phi)?.sum(2)?.sum(1)?;
-        lam = dual.step(lr, &lam, &res)?;
-    }
+        let res = (&t3 * &phi)?.sum(2)?.sum(1)?;
+        Ok((phi, res))
+    };
+    let (phi, res) = match dual.bracket {
+        Some(evals) => {
+            let (phi, res, solved) = bracket_root(&direction, &t3, &lam0, evals)?;
+            lam = solved;
+            (phi, res)
+        }
+        None => {
+            let mut phi = gn.zeros_like()?;
+            let mut res = lam.zeros_like()?;
+            for _ in 0..dual.steps {
+                (phi, res) = direction(&lam)?;
+                lam = dual.step(lr, &lam, &res)?;
+            }
+            (phi, res)
+        }
+    };
     // A zero gradient has the zero direction (as on the other manifolds),
     // and its λ is kept: Φ = msign(λΘ) = ±Θ moved W along the normal,
     // which the retraction turned into a change of the other σᵢ.
@@ -374,6 +419,107 @@ pub fn spectral_sphere_direction(
         multiplier: lam.reshape(shape.clone())?,
         residual: res.reshape(shape)?,
     })
+}
+
+/// One end of a bracket: a multiplier, its residual `h(λ)` and direction.
+struct BracketEnd {
+    lam: f64,
+    h: f64,
+    phi: Tensor,
+}
+
+/// The bracketing solve of [`DualAscent::bracket`]: for each matrix of the
+/// batch, the root of `h(λ) = tr(ΘᵀΦ(λ))`, non-decreasing in `λ` (the
+/// derivative of the convex `‖Ĝ + λΘ‖_*`), with at most `evals` batched
+/// evaluations of `direction` (one `msign` each, and one host read of the
+/// residuals). From the stored `λ`, steps of 1, 2, 4, … (in units of
+/// `rms(σ(Ĝ))`) toward the root until `h` changes sign, then bisection;
+/// stops early once every bracket is narrower than `1e-6·max(1, |λ|)`.
+///
+/// `h` may jump across its root (a low-rank `Ĝ`; see
+/// [`spectral_sphere_direction`]), so no `λ` need give `h = 0`. The
+/// direction returned is the convex combination of the bracket's ends with
+/// zero residual, `Φ = α Φ(λ_lo) + (1 − α) Φ(λ_hi)`,
+/// `α = h_hi/(h_hi − h_lo)`: both ends tend to maximisers of
+/// `tr((Ĝ + λ*Θ)ᵀΦ)` over `‖Φ‖₂ ≤ 1` as the bracket closes, and so does
+/// any convex combination, which with `tr(ΘᵀΦ) = 0` is the primal
+/// maximiser (strong duality). The multiplier returned is `α λ_lo + (1 −
+/// α) λ_hi`. A matrix whose `h` never changed sign keeps the last point
+/// reached (and its non-zero residual).
+fn bracket_root(
+    direction: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+    theta: &Tensor,
+    lam0: &Tensor,
+    evals: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, dt, dev) = (lam0.dim(0)?, lam0.dtype(), lam0.device());
+    let mut at = host_f64(lam0)?;
+    let mut lo: Vec<Option<BracketEnd>> = (0..b).map(|_| None).collect();
+    let mut hi: Vec<Option<BracketEnd>> = (0..b).map(|_| None).collect();
+    let mut reach = vec![1.0f64; b];
+    for _ in 0..evals {
+        let lam = upload_f64(at.clone(), b, dt, dev)?;
+        let (phi, res) = direction(&lam)?;
+        // The multipliers as used: rounded to the dtype.
+        let (used, h) = (host_f64(&lam)?, host_f64(&res)?);
+        for i in 0..b {
+            let end = BracketEnd {
+                lam: used[i],
+                h: h[i],
+                phi: phi.get(i)?,
+            };
+            // h = 0 closes both sides at once; a NaN (not from finite
+            // inputs) ends the search for this matrix at that point.
+            if end.h.is_nan() {
+                (lo[i], hi[i]) = (None, Some(end));
+                reach[i] = 0.0;
+            } else if end.h < 0.0 {
+                lo[i] = Some(end);
+            } else if end.h > 0.0 {
+                hi[i] = Some(end);
+            } else {
+                let copy = BracketEnd {
+                    lam: end.lam,
+                    h: 0.0,
+                    phi: end.phi.clone(),
+                };
+                (lo[i], hi[i]) = (Some(copy), Some(end));
+            }
+            at[i] = match (&lo[i], &hi[i]) {
+                (Some(l), Some(u)) => 0.5 * (l.lam + u.lam),
+                (Some(l), None) => l.lam + reach[i],
+                (None, Some(u)) => u.lam - reach[i],
+                (None, None) => at[i],
+            };
+            reach[i] *= 2.0;
+        }
+        let closed = |i: usize| match (&lo[i], &hi[i]) {
+            (Some(l), Some(u)) => u.lam - l.lam <= 1e-6 * l.lam.abs().max(1.0),
+            (None, Some(u)) => u.h.is_nan(),
+            _ => false,
+        };
+        if (0..b).all(closed) {
+            break;
+        }
+    }
+    let mut phis = Vec::with_capacity(b);
+    let mut lams = Vec::with_capacity(b);
+    for (l, u) in lo.into_iter().zip(hi) {
+        let (phi, lam) = match (l, u) {
+            (Some(l), Some(u)) if u.h > l.h => {
+                let alpha = u.h / (u.h - l.h);
+                let phi = ((&l.phi * alpha)? + (&u.phi * (1.0 - alpha))?)?;
+                (phi, alpha * l.lam + (1.0 - alpha) * u.lam)
+            }
+            (Some(end), _) | (None, Some(end)) => (end.phi, end.lam),
+            (None, None) => unreachable!("every matrix was evaluated at least once"),
+        };
+        phis.push(phi);
+        lams.push(lam);
+    }
+    let phi = Tensor::stack(&phis, 0)?;
+    let res = (theta * &phi)?.sum(2)?.sum(1)?;
+    Ok((phi, res, upload_f64(lams, b, dt, dev)?))
 }
 
 /// Stiefel direction by dual descent (docs/math.md §3), for tall `W` (`n ≥ m`,
