@@ -873,6 +873,16 @@ fn setups() -> Vec<(SteepestConfig, Shapes)> {
                 },
                 ..stiefel_cfg(false)
             },
+            mats.clone(),
+        ),
+        (
+            SteepestConfig {
+                dual: DualAscent {
+                    bracket: Some(6),
+                    ..DualAscent::default()
+                },
+                ..spectral_sphere_cfg(1.5)
+            },
             mats,
         ),
     ]
@@ -2660,6 +2670,8 @@ fn the_bracket_setting_is_checked_saved_and_stepped() {
     opt.step_subset(&[(0, g.clone())]).unwrap();
     let w1 = to_dmatrix(vars[0].var.as_tensor());
     assert!((singular_values(&w1)[0] - 1.0).abs() < 1e-4);
+    let residual = opt.tangent_residuals().unwrap()[0].1;
+    assert!(residual < 1e-6, "|tr(ΘᵀΦ)| = {residual}");
     let saved = opt.state_dict().unwrap();
     assert_eq!(header(&saved)["body"]["config"]["dual"]["bracket"], 12);
     // A fresh optimizer (bracket: None) takes the checkpoint's setting and
@@ -2682,4 +2694,135 @@ fn the_bracket_setting_is_checked_saved_and_stepped() {
         max_abs_diff(vars[0].var.as_tensor(), vars2[0].var.as_tensor()),
         0.0
     );
+}
+
+/// The bracketing solve as the optimizer runs it: f32 gradients, a budget
+/// of 8 `msign`s, Polar Express and Keller Jordan's inexact table. With
+/// Polar Express the direction is tangent and within 1e-3 of the dual
+/// bound (the budget leaves a bracket of width about 1/32 from a stored `λ`
+/// a few units off, and the gap is at most `c·width`, `c ≤ 1/2`: measured
+/// 5e-4 at worst); with Keller Jordan's table (singular values of `Φ` in
+/// about [0.7, 1.2]) still tangent, and on the rank-2 gradient where 200
+/// plain dual steps leave `|h| > 0.5`.
+#[test]
+fn the_bracketed_sphere_dual_in_f32_with_eight_msigns() {
+    let mut r = rng(70);
+    let mut cases: Vec<(DMatrix<f64>, DMatrix<f64>)> = Vec::new();
+    for (m, n) in [(16, 8), (12, 20)] {
+        let w = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
+        cases.push((
+            DMatrix::from_vec(m, n, normal_vec(&mut r, m * n)),
+            theta_of(&w),
+        ));
+    }
+    let a = DMatrix::<f64>::from_fn(24, 2, |_, _| normal_vec(&mut r, 1)[0]);
+    let b = DMatrix::<f64>::from_fn(2, 24, |_, _| normal_vec(&mut r, 1)[0]);
+    let w = DMatrix::from_vec(24, 24, normal_vec(&mut r, 24 * 24));
+    cases.push((&a * &b, theta_of(&w)));
+    let solve =
+        |g: &DMatrix<f64>, th: &DMatrix<f64>, lam0: f32, dual: &DualAscent, ns: &NewtonSchulz| {
+            spectral_sphere_direction(
+                &from_dmatrix(g, DType::F32),
+                &from_dmatrix(th, DType::F32),
+                &Tensor::new(lam0, &Device::Cpu).unwrap(),
+                dual,
+                ns,
+            )
+            .unwrap()
+        };
+    let bracket = DualAscent {
+        bracket: Some(8),
+        ..DualAscent::default()
+    };
+    for (k, (g, th)) in cases.iter().enumerate() {
+        let at = |l: f64| nuclear(&(g + th * l));
+        let bound = at(golden_argmin(at, -50.0, 50.0, 200));
+        for lam0 in [-3.0f32, 0.0, 3.0] {
+            let pe = solve(g, th, lam0, &bracket, &NewtonSchulz::polar_express(12));
+            let phi = to_dmatrix(&pe.phi);
+            assert!(
+                th.dot(&phi).abs() < 1e-5,
+                "case {k}, λ₀ {lam0}: tr = {}",
+                th.dot(&phi)
+            );
+            let value = g.dot(&phi) / singular_values(&phi)[0];
+            assert!(
+                value >= (1.0 - 1e-3) * bound,
+                "case {k}, λ₀ {lam0}: {value} vs bound {bound}"
+            );
+            let kj = solve(g, th, lam0, &bracket, &NewtonSchulz::muon());
+            let tr = th.dot(&to_dmatrix(&kj.phi));
+            assert!(
+                tr.abs() < 1e-5,
+                "case {k}, λ₀ {lam0}, Keller Jordan: tr = {tr}"
+            );
+        }
+    }
+    let (g, th) = &cases[2];
+    let plain = DualAscent {
+        steps: 200,
+        ..DualAscent::default()
+    };
+    let h = solve(g, th, 0.0, &plain, &NewtonSchulz::muon())
+        .residual
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(h.abs() > 0.5, "the plain dual settled: h = {h}");
+}
+
+/// A group of same-shape matrices with different multipliers, stepped
+/// together by `Steepest` with `bracket`, equals each stepped alone, bit for
+/// bit, over four steps (the brackets are per matrix; the group shares the
+/// `msign` calls, and the CPU `msign` of a batch is the loop of its
+/// matrices').
+#[test]
+fn a_bracketed_group_steps_as_each_matrix_alone() {
+    let mut r = rng(71);
+    let ws: Vec<Tensor> = (0..3).map(|_| randn(&mut r, &[9, 6], DType::F32)).collect();
+    let gs: Vec<Vec<Tensor>> = (0..4)
+        .map(|_| (0..3).map(|_| randn(&mut r, &[9, 6], DType::F32)).collect())
+        .collect();
+    let cfg = SteepestConfig {
+        dual: DualAscent {
+            bracket: Some(8),
+            ..DualAscent::default()
+        },
+        ..spectral_sphere_cfg(1.5)
+    };
+    let copies = |i: usize| ws[i].copy().unwrap();
+    let group = named(vec![("a", copies(0)), ("b", copies(1)), ("c", copies(2))]);
+    let mut together = Steepest::from_named(group.clone(), cfg.clone()).unwrap();
+    let alone: Vec<(Vec<NamedVar>, Steepest)> = (0..3)
+        .map(|i| {
+            let v = named(vec![("w", copies(i))]);
+            let o = Steepest::from_named(v.clone(), cfg.clone()).unwrap();
+            (v, o)
+        })
+        .collect();
+    let mut alone = alone;
+    for (t, step) in gs.iter().enumerate() {
+        let items: Vec<(usize, Tensor)> = step.iter().cloned().enumerate().collect();
+        together.step_subset(&items).unwrap();
+        for (i, (v, o)) in alone.iter_mut().enumerate() {
+            o.step_subset(&[(0, step[i].clone())]).unwrap();
+            assert_eq!(
+                max_abs_diff(group[i].var.as_tensor(), v[0].var.as_tensor()),
+                0.0,
+                "step {t}, matrix {i}"
+            );
+        }
+    }
+    // the multipliers did differ (else the test proves little)
+    let st = together.state_dict().unwrap();
+    let lams: Vec<f64> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            st[&format!("{n}.manifold.lambda")]
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .collect();
+    assert!(lams[0] != lams[1] && lams[1] != lams[2], "{lams:?}");
 }

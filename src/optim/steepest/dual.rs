@@ -8,7 +8,7 @@
 //! and the dual learning rate are dimensionless (the direction
 //! `msign(G + λΘ)` is invariant under scaling `G` and `λ` together).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{host_f64, upload_f64};
@@ -31,8 +31,9 @@ pub enum Manifold {
         radius: f64,
     },
     /// The spectral sphere `‖W‖₂ = radius` of a matrix, with the spectral
-    /// norm: `Φ = msign(G + λΘ)`, `Θ = u₁v₁ᵀ`, `λ` by dual descent
-    /// ([`spectral_sphere_direction`]), then `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`.
+    /// norm: `Φ = msign(G + λΘ)`, `Θ = u₁v₁ᵀ`, `λ` by dual descent (or solved
+    /// per step, [`DualAscent::bracket`]; [`spectral_sphere_direction`]),
+    /// then `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`.
     SpectralSphere {
         /// The radius `r > 0`.
         radius: f64,
@@ -202,7 +203,8 @@ impl DualAscent {
             fail!(
                 Config,
                 who,
-                "bracket solves the spectral sphere's dual; the Stiefel multiplier is a matrix                  (set bracket: None)"
+                "bracket solves the spectral sphere's dual; the Stiefel multiplier is a matrix \
+                 (set bracket: None)"
             );
         }
         let mu = self.stiefel_smoothing(n, m);
@@ -233,9 +235,10 @@ impl DualAscent {
     /// Refuses (naming `who`) a plain dual rate `η₂ ≥ 2μ` on the smoothed
     /// spectral-sphere dual: its derivative in `λ` is `1/μ`-Lipschitz
     /// (`‖Θ‖_F = 1`) and the step is `η₂·∇`.
+    /// With `bracket` there are no dual steps, and any rate passes.
     pub(crate) fn check_sphere_rate(&self, who: &str) -> Result<()> {
         let (mu, lr) = self.sphere_smoothing_and_rate();
-        if mu > 0.0 && !self.sign && lr >= 2.0 * mu {
+        if self.bracket.is_none() && mu > 0.0 && !self.sign && lr >= 2.0 * mu {
             fail!(
                 Config,
                 who,
@@ -389,7 +392,7 @@ pub fn spectral_sphere_direction(
     };
     let (phi, res) = match dual.bracket {
         Some(evals) => {
-            let (phi, res, solved) = bracket_root(&direction, &t3, &lam0, evals)?;
+            let (phi, res, solved) = bracket_root(&direction, &gn, &t3, &lam0, evals)?;
             lam = solved;
             (phi, res)
         }
@@ -421,103 +424,120 @@ pub fn spectral_sphere_direction(
     })
 }
 
-/// One end of a bracket: a multiplier, its residual `h(λ)` and direction.
-struct BracketEnd {
-    lam: f64,
-    h: f64,
-    phi: Tensor,
-}
-
 /// The bracketing solve of [`DualAscent::bracket`]: for each matrix of the
 /// batch, the root of `h(λ) = tr(ΘᵀΦ(λ))`, non-decreasing in `λ` (the
 /// derivative of the convex `‖Ĝ + λΘ‖_*`), with at most `evals` batched
 /// evaluations of `direction` (one `msign` each, and one host read of the
 /// residuals). From the stored `λ`, steps of 1, 2, 4, … (in units of
 /// `rms(σ(Ĝ))`) toward the root until `h` changes sign, then bisection;
-/// stops early once every bracket is narrower than `1e-6·max(1, |λ|)`.
+/// stops early once every bracket is narrower than `1e-6·max(1, |λ|)` or
+/// can no longer be split in the multipliers' dtype (a zero `Ĝ`, whose
+/// direction the caller discards, counts as solved).
 ///
 /// `h` may jump across its root (a low-rank `Ĝ`; see
 /// [`spectral_sphere_direction`]), so no `λ` need give `h = 0`. The
 /// direction returned is the convex combination of the bracket's ends with
 /// zero residual, `Φ = α Φ(λ_lo) + (1 − α) Φ(λ_hi)`,
-/// `α = h_hi/(h_hi − h_lo)`: both ends tend to maximisers of
-/// `tr((Ĝ + λ*Θ)ᵀΦ)` over `‖Φ‖₂ ≤ 1` as the bracket closes, and so does
-/// any convex combination, which with `tr(ΘᵀΦ) = 0` is the primal
-/// maximiser (strong duality). The multiplier returned is `α λ_lo + (1 −
-/// α) λ_hi`. A matrix whose `h` never changed sign keeps the last point
-/// reached (and its non-zero residual).
+/// `α = h_hi/(h_hi − h_lo)`. With an exact `msign`, `‖Φ‖₂ ≤ 1` and, by
+/// the subgradient inequalities of `f(λ) = ‖Ĝ + λΘ‖_*` at both ends and
+/// weak duality, `⟨Ĝ, Φ⟩` is within `c·(λ_hi − λ_lo)` of the optimum
+/// `min_λ f`, `c = h_hi|h_lo|/(h_hi + |h_lo|) ≤ 1/2`: the primal optimum as
+/// the bracket closes. The multiplier returned is `α λ_lo + (1 − α) λ_hi`.
+/// A matrix whose `h` never changed sign keeps the last point reached (and
+/// its non-zero residual).
+///
+/// The ends' directions are kept as two batch tensors (each matrix's
+/// slice replaced where its end moves), so the solve holds two `Φ`s
+/// besides the one being evaluated, whatever `evals`.
 fn bracket_root(
     direction: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+    gn: &Tensor,
     theta: &Tensor,
     lam0: &Tensor,
     evals: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, dt, dev) = (lam0.dim(0)?, lam0.dtype(), lam0.device());
-    let mut at = host_f64(lam0)?;
-    let mut lo: Vec<Option<BracketEnd>> = (0..b).map(|_| None).collect();
-    let mut hi: Vec<Option<BracketEnd>> = (0..b).map(|_| None).collect();
+    let round = |x: f64| match dt {
+        DType::F64 => x,
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+        _ => x as f32 as f64,
+    };
+    // (λ, h) of each end; NaN λ: not found yet.
+    let (mut lo, mut hi) = (vec![(f64::NAN, 0.0); b], vec![(f64::NAN, 0.0); b]);
+    let mut solved = vec![false; b];
+    let mut at: Vec<f64> = host_f64(lam0)?.into_iter().map(round).collect();
     let mut reach = vec![1.0f64; b];
-    for _ in 0..evals {
-        let lam = upload_f64(at.clone(), b, dt, dev)?;
-        let (phi, res) = direction(&lam)?;
-        // The multipliers as used: rounded to the dtype.
-        let (used, h) = (host_f64(&lam)?, host_f64(&res)?);
-        for i in 0..b {
-            let end = BracketEnd {
-                lam: used[i],
-                h: h[i],
-                phi: phi.get(i)?,
-            };
-            // h = 0 closes both sides at once; a NaN (not from finite
-            // inputs) ends the search for this matrix at that point.
-            if end.h.is_nan() {
-                (lo[i], hi[i]) = (None, Some(end));
-                reach[i] = 0.0;
-            } else if end.h < 0.0 {
-                lo[i] = Some(end);
-            } else if end.h > 0.0 {
-                hi[i] = Some(end);
-            } else {
-                let copy = BracketEnd {
-                    lam: end.lam,
-                    h: 0.0,
-                    phi: end.phi.clone(),
-                };
-                (lo[i], hi[i]) = (Some(copy), Some(end));
+    let (mut phi_lo, mut phi_hi) = (gn.zeros_like()?, gn.zeros_like()?);
+    for eval in 0..evals {
+        let (phi, res) = direction(&upload_f64(at.clone(), b, dt, dev)?)?;
+        // The first read also says which gradients are zero.
+        let h = if eval == 0 {
+            let zero = gn.sqr()?.sum(2)?.sum(1)?.eq(0.0)?.to_dtype(res.dtype())?;
+            let both = host_f64(&Tensor::cat(&[&res, &zero], 0)?)?;
+            for (i, z) in both[b..].iter().enumerate() {
+                solved[i] = *z != 0.0;
             }
-            at[i] = match (&lo[i], &hi[i]) {
-                (Some(l), Some(u)) => 0.5 * (l.lam + u.lam),
-                (Some(l), None) => l.lam + reach[i],
-                (None, Some(u)) => u.lam - reach[i],
-                (None, None) => at[i],
+            both[..b].to_vec()
+        } else {
+            host_f64(&res)?
+        };
+        // h ≤ 0 moves the low end, h ≥ 0 (or NaN: kept as the point
+        // reached) the high end; h = 0 both, closing the bracket.
+        let nan = res.ne(&res)?;
+        let to_lo = res.le(0.0)?;
+        let to_hi = res.ge(0.0)?.maximum(&nan)?;
+        let slices = |m: &Tensor| m.reshape((b, 1, 1))?.broadcast_as(phi.shape());
+        phi_lo = slices(&to_lo)?.where_cond(&phi, &phi_lo)?;
+        phi_hi = slices(&to_hi)?.where_cond(&phi, &phi_hi)?;
+        for i in 0..b {
+            if h[i].is_nan() {
+                (lo[i], hi[i], solved[i]) = ((f64::NAN, 0.0), (at[i], h[i]), true);
+                continue;
+            }
+            if h[i] <= 0.0 {
+                lo[i] = (at[i], h[i]);
+            }
+            if h[i] >= 0.0 {
+                hi[i] = (at[i], h[i]);
+            }
+            let next = match (lo[i].0.is_nan(), hi[i].0.is_nan()) {
+                (false, false) => round(0.5 * (lo[i].0 + hi[i].0)),
+                (false, true) => round(lo[i].0 + reach[i]),
+                (true, false) => round(hi[i].0 - reach[i]),
+                (true, true) => at[i],
             };
             reach[i] *= 2.0;
+            let (l, u) = (lo[i].0, hi[i].0);
+            let narrow = u - l <= 1e-6 * l.abs().max(1.0);
+            solved[i] |= !l.is_nan() && !u.is_nan() && (narrow || next == l || next == u);
+            at[i] = next;
         }
-        let closed = |i: usize| match (&lo[i], &hi[i]) {
-            (Some(l), Some(u)) => u.lam - l.lam <= 1e-6 * l.lam.abs().max(1.0),
-            (None, Some(u)) => u.h.is_nan(),
-            _ => false,
-        };
-        if (0..b).all(closed) {
+        if solved.iter().all(|&x| x) {
             break;
         }
     }
-    let mut phis = Vec::with_capacity(b);
+    // Weights of the two ends: the zero-residual combination where both
+    // were found (and differ), the one end found otherwise.
+    let mut w_lo = Vec::with_capacity(b);
     let mut lams = Vec::with_capacity(b);
-    for (l, u) in lo.into_iter().zip(hi) {
-        let (phi, lam) = match (l, u) {
-            (Some(l), Some(u)) if u.h > l.h => {
-                let alpha = u.h / (u.h - l.h);
-                let phi = ((&l.phi * alpha)? + (&u.phi * (1.0 - alpha))?)?;
-                (phi, alpha * l.lam + (1.0 - alpha) * u.lam)
+    for i in 0..b {
+        let ((l, hl), (u, hu)) = (lo[i], hi[i]);
+        let (alpha, lam) = match (l.is_nan(), u.is_nan()) {
+            (false, false) if hu > hl => {
+                let alpha = hu / (hu - hl);
+                (alpha, alpha * l + (1.0 - alpha) * u)
             }
-            (Some(end), _) | (None, Some(end)) => (end.phi, end.lam),
-            (None, None) => unreachable!("every matrix was evaluated at least once"),
+            (false, _) => (1.0, l),
+            (true, _) => (0.0, u),
         };
-        phis.push(phi);
+        w_lo.push(alpha);
         lams.push(lam);
     }
-    let phi = Tensor::stack(&phis, 0)?;
+    let w_hi: Vec<f64> = w_lo.iter().map(|a| 1.0 - a).collect();
+    let weights = |w: Vec<f64>| upload_f64(w, (b, 1, 1), gn.dtype(), dev);
+    // An end that was never found is zero and weighs 0.
+    let phi = (phi_lo.broadcast_mul(&weights(w_lo)?)? + phi_hi.broadcast_mul(&weights(w_hi)?)?)?;
     let res = (theta * &phi)?.sum(2)?.sum(1)?;
     Ok((phi, res, upload_f64(lams, b, dt, dev)?))
 }
@@ -577,6 +597,10 @@ pub fn stiefel_direction(
             "stiefel_direction",
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );
+    }
+    if dual.bracket.is_some() {
+        // (refused for every shape, the square one's exact solve included)
+        dual.check_stiefel_rate(n, m, "stiefel_direction: dual")?;
     }
     let gn = normalise(&g3)?;
     let wt = w3.transpose(1, 2)?;

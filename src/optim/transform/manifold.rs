@@ -26,8 +26,9 @@ use crate::params::ParamInfo;
 /// One step on a manifold (docs/math.md §3): with `d` the direction so far,
 /// - `Sphere{r}`: `φ = sphere_direction(d, w)` under `norm`, then
 ///   `w ← r·(w − ηφ)/ρ(w − ηφ)`;
-/// - `SpectralSphere{r}`: `Φ = msign(D̂ + λΘ)`, `λ ← λ − η₂ tr(ΘᵀΦ)`, then
-///   `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`;
+/// - `SpectralSphere{r}`: `Φ = msign(D̂ + λΘ)`, `λ ← λ − η₂ tr(ΘᵀΦ)` (or,
+///   with [`DualAscent::bracket`], the dual solved: the exactly tangent
+///   combination of two such `Φ`), then `W ← r·(W − ηΦ)/‖W − ηΦ‖₂`;
 /// - `Stiefel`: `Φ = msign(D̂ + WX)` (for a nearly square `W`, the smoothed
 ///   `(D̂ + WX)((D̂ + WX)ᵀ(D̂ + WX) + μ²I)^{-1/2}`, see
 ///   [`stiefel_direction`](crate::optim::steepest::stiefel_direction)),
