@@ -1,5 +1,8 @@
 //! One optimizer step over the same parameter set: AdamW, AdamW + spectral
-//! decay, Muon, Muon + spectral decay (CPU).
+//! decay, Muon, Muon + spectral decay (CPU); and the spectral norm penalty
+//! (`penalty::SpectralNormPenalty`) on the same matrices, the work it adds
+//! to a training step two ways: its loss term and that term's backward, and
+//! `add_to_grads`.
 //!
 //!     cargo bench --bench optim_step
 //!
@@ -17,6 +20,7 @@ use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
 use steepest::optim::NamedVar;
+use steepest::penalty::SpectralNormPenalty;
 use steepest::{AdamW, AdamWConfig, Muon, MuonConfig, WeightDecay};
 
 #[path = "support/model.rs"]
@@ -47,9 +51,20 @@ fn bench_steps(c: &mut Criterion) {
         weight_decay: WeightDecay::spectral(0.1),
         ..Default::default()
     };
-    let mut muon_sp = Muon::from_named(vars, cfg).unwrap();
+    let mut muon_sp = Muon::from_named(vars.clone(), cfg).unwrap();
     g.bench_function("muon_spectral", |b| {
         b.iter(|| muon_sp.step(&grads).unwrap())
+    });
+    let matrices: Vec<NamedVar> = vars.into_iter().filter(|v| v.var.rank() == 2).collect();
+    let mut penalty = SpectralNormPenalty::from_named(matrices, 0.1).unwrap();
+    penalty.loss().unwrap(); // warm: one power iteration per call from here
+    g.bench_function("spectral_norm_penalty_loss_and_backward", |b| {
+        b.iter(|| penalty.loss().unwrap().backward().unwrap())
+    });
+    // (each call adds to the same store: the work per call is the same)
+    let mut store = grads;
+    g.bench_function("spectral_norm_penalty_add_to_grads", |b| {
+        b.iter(|| penalty.add_to_grads(&mut store).unwrap())
     });
     g.finish();
 }

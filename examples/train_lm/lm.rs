@@ -775,10 +775,10 @@ pub struct Timing {
     pub steps: usize,
     /// Tokens trained on in those steps (`steps · batch · context`).
     pub tokens: usize,
-    /// Batch upload, forward pass, loss read back (over ranks: and
-    /// averaged), and the spectral norm penalty's power iteration if any.
+    /// Batch upload, forward pass, loss read back (over ranks: and averaged).
     pub forward_s: f64,
-    /// `loss.backward()`.
+    /// `loss.backward()`, and the spectral norm penalty's gradient if any
+    /// (its power iteration and rank-one terms, `add_to_grads`).
     pub backward_s: f64,
     /// `clip_grad_norm` (over ranks: 0, the clipping is inside the step).
     pub clip_s: f64,
@@ -1477,12 +1477,11 @@ fn train_loop(
                 kind.name()
             );
         }
-        let objective = match penalty.as_mut() {
-            Some(p) => (&loss + p.loss()?.to_dtype(loss.dtype())?)?,
-            None => loss,
-        };
         let t_forward = clock.lap()?;
-        let grads = objective.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(p) = penalty.as_mut() {
+            p.add_to_grads(&mut grads)?;
+        }
         let t_backward = clock.lap()?;
         let lr = stepper.next_lr();
         let [t_clip, t_opt] = stepper.step(grads, &mut clock)?;
