@@ -17,7 +17,9 @@
 //! cancel: `Ĝ + WX` (or `Ĝ + λΘ`) is then a vanishing matrix, its `msign` an
 //! arbitrary unit direction, and the residual loses its meaning (it reads
 //! ≈ 2√k, or 1). Steps stay `η` long (normalised steepest descent) and the
-//! decaying `η` is what converges.
+//! decaying `η` is what converges. The spectral sphere's dual solved per step
+//! (`DualAscent::bracket`) stays tangent there too: its direction is the
+//! exactly tangent combination of two `msign`s.
 //!
 //!     cargo run --example manifolds
 
@@ -40,7 +42,8 @@ manifolds: steepest descent on manifolds, on problems with known optima.
 2. min tr(W'AW) on the Stiefel manifold W'W = I (optimum: the sum of the 4
    smallest eigenvalues), by Muon on Stiefel with 1, 5 and sign dual steps;
 3. min 1/2 ||W - B||_F^2 on the spectral sphere ||W||_2 = r, by Muon on the
-   spectral sphere with 1 and 5 dual steps.
+   spectral sphere with 1 and 5 dual steps and with the dual solved per step
+   (DualAscent::bracket).
 
 Each run takes 300 steps with a decaying learning rate and prints, at steps
 1, 5, 10, 25, 50, 100, 150, 200 and 300: the learning rate, the constraint
@@ -252,9 +255,25 @@ fn main() -> Result<()> {
     let bt = to_tensor(&b)?;
     let w0 = gaussian(&mut r, m, n);
     println!("\n3. min ½‖W − B‖_F² on ‖W‖₂ = {radius}, B 12×8, optimum ½(σ₁ − r)² = {best:.6}");
-    for (name, steps) in [
-        ("Muon on the spectral sphere, 1 dual step", 1),
-        ("… 5 dual steps", 5),
+    for (name, dual) in [
+        (
+            "Muon on the spectral sphere, 1 dual step",
+            DualAscent::default(),
+        ),
+        (
+            "… 5 dual steps",
+            DualAscent {
+                steps: 5,
+                ..Default::default()
+            },
+        ),
+        (
+            "… the dual solved per step (bracket, ≤ 8 msigns)",
+            DualAscent {
+                bracket: Some(8),
+                ..Default::default()
+            },
+        ),
     ] {
         let w = Var::from_tensor(&to_tensor(&w0)?)?;
         let opt = steepest(
@@ -265,10 +284,7 @@ fn main() -> Result<()> {
                 nesterov: false,
                 norm: Norm::Spectral(NewtonSchulz::polar_express(8)),
                 manifold: Manifold::SpectralSphere { radius },
-                dual: DualAscent {
-                    steps,
-                    ..Default::default()
-                },
+                dual,
                 ..Default::default()
             },
         )?;

@@ -2483,6 +2483,27 @@ fn a_smoothed_sphere_dual_rate_beyond_two_mu_is_refused() {
     assert!((s[0] - 1.0).abs() < 1e-4, "σ₁ = {}", s[0]);
 }
 
+/// `(G, Θ)` pairs for the spectral-sphere dual: a Gaussian `G` of each
+/// shape with `Θ = u₁v₁ᵀ` of another Gaussian, then a rank-2 24×24 `G` (where
+/// `h(λ)` jumps across its root).
+fn sphere_dual_cases(
+    r: &mut rand::rngs::StdRng,
+    shapes: &[(usize, usize)],
+) -> Vec<(DMatrix<f64>, DMatrix<f64>)> {
+    let mut cases: Vec<(DMatrix<f64>, DMatrix<f64>)> = shapes
+        .iter()
+        .map(|&(m, n)| {
+            let w = DMatrix::from_vec(m, n, normal_vec(r, m * n));
+            (DMatrix::from_vec(m, n, normal_vec(r, m * n)), theta_of(&w))
+        })
+        .collect();
+    let a = DMatrix::<f64>::from_fn(24, 2, |_, _| normal_vec(r, 1)[0]);
+    let b = DMatrix::<f64>::from_fn(2, 24, |_, _| normal_vec(r, 1)[0]);
+    let w = DMatrix::from_vec(24, 24, normal_vec(r, 24 * 24));
+    cases.push((&a * &b, theta_of(&w)));
+    cases
+}
+
 /// `DualAscent::bracket`: the spectral-sphere dual solved per step. The
 /// returned `Φ` is tangent (`tr(ΘᵀΦ)` below 1e-9, in f64 from the returned
 /// `Φ`) and primal optimal: `⟨G, Φ⟩/‖Φ‖₂` within 1e-4 of the dual bound
@@ -2494,18 +2515,7 @@ fn a_smoothed_sphere_dual_rate_beyond_two_mu_is_refused() {
 fn the_bracketed_sphere_dual_is_tangent_and_optimal() {
     let mut r = rng(67);
     let ns = NewtonSchulz::polar_express(16);
-    let mut cases: Vec<(DMatrix<f64>, DMatrix<f64>)> = Vec::new();
-    for (m, n) in [(8, 3), (16, 8), (12, 20)] {
-        let w = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
-        cases.push((
-            DMatrix::from_vec(m, n, normal_vec(&mut r, m * n)),
-            theta_of(&w),
-        ));
-    }
-    let a = DMatrix::<f64>::from_fn(24, 2, |_, _| normal_vec(&mut r, 1)[0]);
-    let b = DMatrix::<f64>::from_fn(2, 24, |_, _| normal_vec(&mut r, 1)[0]);
-    let w = DMatrix::from_vec(24, 24, normal_vec(&mut r, 24 * 24));
-    cases.push((&a * &b, theta_of(&w)));
+    let cases = sphere_dual_cases(&mut r, &[(8, 3), (16, 8), (12, 20)]);
     for (k, (g, th)) in cases.iter().enumerate() {
         let at = |l: f64| nuclear(&(g + th * l));
         let bound = at(golden_argmin(at, -50.0, 50.0, 200));
@@ -2707,18 +2717,7 @@ fn the_bracket_setting_is_checked_saved_and_stepped() {
 #[test]
 fn the_bracketed_sphere_dual_in_f32_with_eight_msigns() {
     let mut r = rng(70);
-    let mut cases: Vec<(DMatrix<f64>, DMatrix<f64>)> = Vec::new();
-    for (m, n) in [(16, 8), (12, 20)] {
-        let w = DMatrix::from_vec(m, n, normal_vec(&mut r, m * n));
-        cases.push((
-            DMatrix::from_vec(m, n, normal_vec(&mut r, m * n)),
-            theta_of(&w),
-        ));
-    }
-    let a = DMatrix::<f64>::from_fn(24, 2, |_, _| normal_vec(&mut r, 1)[0]);
-    let b = DMatrix::<f64>::from_fn(2, 24, |_, _| normal_vec(&mut r, 1)[0]);
-    let w = DMatrix::from_vec(24, 24, normal_vec(&mut r, 24 * 24));
-    cases.push((&a * &b, theta_of(&w)));
+    let cases = sphere_dual_cases(&mut r, &[(16, 8), (12, 20)]);
     let solve =
         |g: &DMatrix<f64>, th: &DMatrix<f64>, lam0: f32, dual: &DualAscent, ns: &NewtonSchulz| {
             spectral_sphere_direction(
