@@ -219,6 +219,18 @@ pub fn matrix_view(dims: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
+/// `x` rounded to the nearest value of the float `dtype` (to nearest,
+/// ties to even, as candle's casts from f64 round), as f64 (f32's rounding
+/// for the others).
+pub(crate) fn round_to(dtype: DType, x: f64) -> f64 {
+    match dtype {
+        DType::F64 => x,
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+        _ => x as f32 as f64,
+    }
+}
+
 /// The largest finite value of a float dtype (f32's for the others).
 pub(crate) fn largest_finite(dtype: DType) -> f64 {
     match dtype {

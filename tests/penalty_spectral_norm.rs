@@ -740,4 +740,39 @@ fn add_to_grads_refuses_and_changes_nothing() {
     for (k, t) in &before {
         assert_eq!(max_abs_diff(t, &after[k]), 0.0, "{k} changed");
     }
+    // An f16 matrix whose σ₁ (2.4e5) is finite in f32, but λσ₁ is beyond
+    // f16's 65504: the rank-one gradient would be Inf.
+    let big = named("big", &(&a * (2.4e5 / 3.0)), &[6, 4], DType::F32);
+    let f16 = NamedVar {
+        name: "half".into(),
+        var: Var::from_tensor(
+            &(big.var.as_tensor() / 8.0)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap(),
+        )
+        .unwrap(),
+    };
+    let mut p = SpectralNormPenalty::from_named(vec![f16.clone()], 8.0).unwrap();
+    let mut grads = f16
+        .var
+        .as_tensor()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(f16.var.as_tensor()).unwrap().copy().unwrap();
+    let e = p.add_to_grads(&mut grads).unwrap_err();
+    assert!(
+        matches!(&e, Error::Numerical { who, .. } if who == "half")
+            && e.to_string().contains("overflows F16"),
+        "{e}"
+    );
+    assert_eq!(
+        max_abs_diff(grads.get(f16.var.as_tensor()).unwrap(), &g),
+        0.0
+    );
+    assert!(p.sigmas().is_empty());
 }

@@ -2825,3 +2825,56 @@ fn a_bracketed_group_steps_as_each_matrix_alone() {
         .collect();
     assert!(lams[0] != lams[1] && lams[1] != lams[2], "{lams:?}");
 }
+
+/// A zero gradient in a bracketed batch: its direction is zero and its `λ`
+/// kept (as with dual steps), and the other matrix gets what it gets alone.
+#[test]
+fn a_zero_gradient_in_a_bracketed_batch() {
+    let mut r = rng(72);
+    let g = DMatrix::from_vec(8, 5, normal_vec(&mut r, 40));
+    let th = theta_of(&DMatrix::from_vec(8, 5, normal_vec(&mut r, 40)));
+    let dual = DualAscent {
+        bracket: Some(10),
+        ..DualAscent::default()
+    };
+    let ns = NewtonSchulz::polar_express(12);
+    let gs = Tensor::stack(
+        &[
+            from_dmatrix(&g, DType::F64),
+            Tensor::zeros((8, 5), DType::F64, &Device::Cpu).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let ths = Tensor::stack(
+        &[from_dmatrix(&th, DType::F64), from_dmatrix(&th, DType::F64)],
+        0,
+    )
+    .unwrap();
+    let both = spectral_sphere_direction(
+        &gs,
+        &ths,
+        &Tensor::new(&[0.5, 2.5], &Device::Cpu).unwrap(),
+        &dual,
+        &ns,
+    )
+    .unwrap();
+    let alone = spectral_sphere_direction(
+        &from_dmatrix(&g, DType::F64),
+        &from_dmatrix(&th, DType::F64),
+        &Tensor::new(0.5, &Device::Cpu).unwrap(),
+        &dual,
+        &ns,
+    )
+    .unwrap();
+    assert_eq!(max_abs_diff(&both.phi.get(0).unwrap(), &alone.phi), 0.0);
+    assert!(to_f64_vec(&both.phi.get(1).unwrap())
+        .iter()
+        .all(|&x| x == 0.0));
+    assert_eq!(to_f64_vec(&both.multiplier)[1], 2.5);
+    assert_eq!(to_f64_vec(&both.residual)[1], 0.0);
+    assert_eq!(
+        to_f64_vec(&both.multiplier)[0],
+        alone.multiplier.to_scalar::<f64>().unwrap()
+    );
+}

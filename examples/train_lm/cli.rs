@@ -99,7 +99,7 @@ struct Cli {
     /// muon-spectral-sphere: solve the dual at every step with up to K msigns (DualAscent::bracket: exactly tangent directions) instead of one dual step
     #[arg(long, value_name = "K", value_parser = at_least_two, allow_negative_numbers = true)]
     sphere_bracket: Option<usize>,
-    /// Add the spectral norm penalty μ/2 Σ σ₁(W)² (μ = X) over every weight matrix to each run's training loss (penalty::SpectralNormPenalty::add_to_grads, Yoshida & Miyato: spectral decay's coupled form, one warm-started power iteration per step); the logged losses leave it out [default: 0, off]
+    /// Add the spectral norm penalty μ/2 Σ σ₁(W)² (μ = X) over every weight matrix to each run's training loss (penalty::SpectralNormPenalty::add_to_grads, Yoshida & Miyato: spectral decay's coupled form, one warm-started power iteration per step; on muon-spectral-sphere's block matrices, whose σ₁ the sphere fixes, its gradient lies along Θ = u₁v₁ᵀ, which the dual multiplier absorbs); the logged losses leave it out [default: 0, off]
     #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
     spectral_penalty: Option<f64>,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)

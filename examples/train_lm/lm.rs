@@ -1459,9 +1459,13 @@ fn train_loop(
     }
     // Every rank adds the same penalty (the same weights, the same power
     // iteration), so the mean over ranks of its gradient is its gradient.
-    let mut penalty = match cfg.spectral_penalty {
-        0.0 => None,
-        lambda => Some(SpectralNormPenalty::from_varmap(varmap, lambda)?),
+    let mut penalty = if cfg.spectral_penalty > 0.0 {
+        Some(SpectralNormPenalty::from_varmap(
+            varmap,
+            cfg.spectral_penalty,
+        )?)
+    } else {
+        None
     };
     let last = cfg.steps_run();
     let mut losses = Vec::with_capacity(last);

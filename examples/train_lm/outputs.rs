@@ -327,9 +327,13 @@ pub fn caption(args: &Args, source: &str, vocab: usize, note: &str) -> String {
         (false, true) => ", Newton–Schulz in bf16",
         (false, false) => "",
     };
-    let penalty = match cfg.spectral_penalty {
-        0.0 => String::new(),
-        l => format!(", spectral norm penalty μ/2·Σσ₁² with μ={}", fmt_num(l)),
+    let penalty = if cfg.spectral_penalty > 0.0 {
+        format!(
+            ", spectral norm penalty μ/2·Σσ₁² with μ={}",
+            fmt_num(cfg.spectral_penalty)
+        )
+    } else {
+        String::new()
     };
     let stopped = match cfg.stop_after {
         Some(n) if n < cfg.steps => format!(" (stopped after {n})"),

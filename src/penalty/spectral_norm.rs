@@ -78,7 +78,8 @@ pub struct SpectralNormPenalty {
     iters: usize,
     /// Each matrix's `v₁` estimate (math dtype, on its device), once it has one.
     v: Vec<Option<Tensor>>,
-    /// `σ₁` of each matrix at the last [`loss`](Self::loss) call.
+    /// `σ₁` of each matrix at the last [`loss`](Self::loss) or
+    /// [`add_to_grads`](Self::add_to_grads) call.
     sigmas: Vec<f64>,
 }
 
@@ -152,8 +153,8 @@ impl SpectralNormPenalty {
             );
         }
         check_params(&vars)?;
+        let first = vars[0].var.device();
         for nv in &vars {
-            let first = vars[0].var.device();
             if !nv.var.device().same_device(first) {
                 fail!(
                     Device,
@@ -215,7 +216,8 @@ impl SpectralNormPenalty {
     }
 
     /// `(name, σ₁)` of each matrix as estimated by the last
-    /// [`loss`](Self::loss) call; empty before the first (and after a load).
+    /// [`loss`](Self::loss) or [`add_to_grads`](Self::add_to_grads) call;
+    /// empty before the first (and after a load).
     pub fn sigmas(&self) -> Vec<(&str, f64)> {
         self.vars
             .iter()
@@ -265,14 +267,24 @@ impl SpectralNormPenalty {
     /// to the gradient's dtype.
     ///
     /// Refuses what [`loss`](Self::loss) refuses (non-finite weights, an
-    /// overflowing value), and a gradient of the wrong shape or dtype for
-    /// its matrix, changing neither `grads` nor any `v₁` estimate.
+    /// overflowing value), a rank-one term beyond the range of its matrix's
+    /// dtype (`λσ₁`, its largest entry, in an f16 gradient, say), and a
+    /// gradient of the wrong shape or dtype for its matrix, changing neither
+    /// `grads` nor any `v₁` estimate.
     pub fn add_to_grads(&mut self, grads: &mut GradStore) -> Result<f64> {
         let fresh = self.refresh(self.scalar_dtype())?;
         let mut sums = Vec::with_capacity(self.vars.len());
-        for (nv, (u, v)) in self.vars.iter().zip(&fresh.pairs) {
+        for ((nv, (u, v)), sigma) in self.vars.iter().zip(&fresh.pairs).zip(&fresh.sigmas) {
             let w = nv.var.as_tensor();
-            let scale = self.lambda * fresh.sigmas[sums.len()];
+            let scale = self.lambda * sigma;
+            if scale > largest_finite(w.dtype()) {
+                fail!(
+                    Numerical,
+                    nv.name,
+                    "λσ₁ = {scale:e}, the largest entry of the penalty's gradient, overflows {:?}",
+                    w.dtype()
+                );
+            }
             // (λσ₁u₁) v₁ᵀ: one pass over the matrix.
             let rank_one = u
                 .affine(scale, 0.0)?
@@ -355,8 +367,9 @@ impl SpectralNormPenalty {
                 sigmas[i]
             );
         }
+        // `loss` forms Σσ₁² in `out_dt`, then scales it by λ/2: both must
+        // fit. (Every σ₁ is finite here, so the sum is finite or +∞.)
         let sum_sq: f64 = sigmas.iter().map(|s| s * s).sum();
-        // (every σ₁ is finite here, so the sum is finite or +∞, never NaN)
         if sum_sq.max(sum_sq * self.lambda / 2.0) > largest_finite(out_dt) {
             let i = (0..sigmas.len())
                 .max_by(|&a, &b| sigmas[a].total_cmp(&sigmas[b]))

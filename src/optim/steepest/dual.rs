@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::{host_f64, upload_f64};
 use crate::error::{fail, Result};
 use crate::linalg::{batch3, msign, unbatch, NewtonSchulz};
+use crate::params::round_to;
 
 /// Where the parameters live. A retraction after every step puts each
 /// parameter back on the manifold, so after the first step it lies there
@@ -196,17 +197,7 @@ impl DualAscent {
     /// needs `η₂ < μ` (the crate's step is `2η₂·∇`, the gradient
     /// `1/μ`-Lipschitz); measured with exact SVDs, `η₂ = 0.15` at `μ = 0.1`
     /// stalled at residuals 0.6 (40×32) and 1.6 (7×6).
-    /// Also refuses `bracket`, which solves the spectral sphere's scalar
-    /// dual only.
     pub(crate) fn check_stiefel_rate(&self, n: usize, m: usize, who: &str) -> Result<()> {
-        if self.bracket.is_some() {
-            fail!(
-                Config,
-                who,
-                "bracket solves the spectral sphere's dual; the Stiefel multiplier is a matrix \
-                 (set bracket: None)"
-            );
-        }
         let mu = self.stiefel_smoothing(n, m);
         let lr = self.lr.unwrap_or(DEFAULT_DUAL_LR_STIEFEL);
         if n > m && mu > 0.0 && !self.sign && lr >= mu {
@@ -216,6 +207,21 @@ impl DualAscent {
                 "dual lr {lr} ≥ smoothing μ = {mu}: descent on the smoothed Stiefel dual of \
                  this {n}×{m} matrix does not converge (it needs lr < μ); lower the dual lr, \
                  or set smoothing: Some(0.0) for the plain dual"
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses (naming `who`) `bracket` on the Stiefel manifold: it solves
+    /// the spectral sphere's scalar dual, and the Stiefel multiplier is a
+    /// matrix.
+    pub(crate) fn check_stiefel_bracket(&self, who: &str) -> Result<()> {
+        if self.bracket.is_some() {
+            fail!(
+                Config,
+                who,
+                "bracket solves the spectral sphere's dual; the Stiefel multiplier is a matrix \
+                 (set bracket: None)"
             );
         }
         Ok(())
@@ -381,6 +387,10 @@ pub fn spectral_sphere_direction(
     } else {
         None
     };
+    // A zero gradient has the zero direction (as on the other manifolds),
+    // and its λ is kept: Φ = msign(λΘ) = ±Θ moved W along the normal,
+    // which the retraction turned into a change of the other σᵢ.
+    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?;
     let direction = |lam: &Tensor| -> Result<(Tensor, Tensor)> {
         let shifted = (&gn + t3.broadcast_mul(&lam.reshape((b, 1, 1))?)?)?;
         let phi = match &block {
@@ -392,7 +402,7 @@ pub fn spectral_sphere_direction(
     };
     let (phi, res) = match dual.bracket {
         Some(evals) => {
-            let (phi, res, solved) = bracket_root(&direction, &gn, &t3, &lam0, evals)?;
+            let (phi, res, solved) = bracket_root(&direction, &live, &t3, &lam0, evals)?;
             lam = solved;
             (phi, res)
         }
@@ -406,10 +416,6 @@ pub fn spectral_sphere_direction(
             (phi, res)
         }
     };
-    // A zero gradient has the zero direction (as on the other manifolds),
-    // and its λ is kept: Φ = msign(λΘ) = ±Θ moved W along the normal,
-    // which the retraction turned into a change of the other σᵢ.
-    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?;
     let phi = live
         .reshape((b, 1, 1))?
         .broadcast_as(phi.shape())?
@@ -424,15 +430,90 @@ pub fn spectral_sphere_direction(
     })
 }
 
+/// One matrix's search in [`bracket_root`]: the ends found so far (`λ`
+/// and `h(λ)`; `h ≤ 0` at the low end, `h ≥ 0` at the high one) and the
+/// next step of the expansion.
+#[derive(Clone, Copy, Debug)]
+struct Bracket {
+    lo: Option<(f64, f64)>,
+    hi: Option<(f64, f64)>,
+    reach: f64,
+    solved: bool,
+}
+
+impl Bracket {
+    fn new() -> Self {
+        Self {
+            lo: None,
+            hi: None,
+            reach: 1.0,
+            solved: false,
+        }
+    }
+
+    /// Takes `h` at `lam`; returns which ends moved (the direction there
+    /// replaces theirs) and the next `λ`, rounded by `round`. A solved
+    /// bracket keeps its ends and its point.
+    fn update(&mut self, lam: f64, h: f64, round: impl Fn(f64) -> f64) -> (bool, bool, f64) {
+        if self.solved {
+            return (false, false, lam);
+        }
+        if h.is_nan() {
+            // Not from finite inputs: the search ends at this point.
+            (self.lo, self.hi, self.solved) = (None, Some((lam, h)), true);
+            return (false, true, lam);
+        }
+        let (to_lo, to_hi) = (h <= 0.0, h >= 0.0);
+        if to_lo {
+            self.lo = Some((lam, h));
+        }
+        if to_hi {
+            self.hi = Some((lam, h));
+        }
+        let next = match (self.lo, self.hi) {
+            (Some((l, _)), Some((u, _))) => {
+                let mid = round(0.5 * (l + u));
+                let narrow = u - l <= 1e-6 * l.abs().max(1.0);
+                self.solved = narrow || mid == l || mid == u;
+                mid
+            }
+            (Some((l, _)), None) => round(l + self.reach),
+            (None, Some((u, _))) => round(u - self.reach),
+            (None, None) => unreachable!("h is a number here"),
+        };
+        if self.lo.is_none() || self.hi.is_none() {
+            self.reach *= 2.0;
+        }
+        (to_lo, to_hi, next)
+    }
+
+    /// The weight of the low end's direction and the multiplier: the
+    /// zero-residual combination where both ends were found (and differ),
+    /// the one end found otherwise.
+    fn weights(&self) -> (f64, f64) {
+        match (self.lo, self.hi) {
+            (Some((l, hl)), Some((u, hu))) if hu > hl => {
+                let alpha = hu / (hu - hl);
+                (alpha, alpha * l + (1.0 - alpha) * u)
+            }
+            (Some((l, _)), _) => (1.0, l),
+            (None, Some((u, _))) => (0.0, u),
+            (None, None) => unreachable!("every matrix was evaluated at least once"),
+        }
+    }
+}
+
 /// The bracketing solve of [`DualAscent::bracket`]: for each matrix of the
 /// batch, the root of `h(λ) = tr(ΘᵀΦ(λ))`, non-decreasing in `λ` (the
 /// derivative of the convex `‖Ĝ + λΘ‖_*`), with at most `evals` batched
 /// evaluations of `direction` (one `msign` each, and one host read of the
 /// residuals). From the stored `λ`, steps of 1, 2, 4, … (in units of
-/// `rms(σ(Ĝ))`) toward the root until `h` changes sign, then bisection;
-/// stops early once every bracket is narrower than `1e-6·max(1, |λ|)` or
-/// can no longer be split in the multipliers' dtype (a zero `Ĝ`, whose
-/// direction the caller discards, counts as solved).
+/// `rms(σ(Ĝ))`) toward the root until `h` changes sign, then bisection. A
+/// matrix's search ends once its bracket is narrower than
+/// `1e-6·max(1, |λ|)` or can no longer be split in the multipliers' dtype
+/// (a zero `Ĝ`, whose direction the caller discards, from the start); its
+/// later evaluations are ignored, so it gets what it would alone, and the
+/// solve stops when every search has ended.
 ///
 /// `h` may jump across its root (a low-rank `Ĝ`; see
 /// [`spectral_sphere_direction`]), so no `λ` need give `h = 0`. The
@@ -451,91 +532,59 @@ pub fn spectral_sphere_direction(
 /// besides the one being evaluated, whatever `evals`.
 fn bracket_root(
     direction: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
-    gn: &Tensor,
+    live: &Tensor,
     theta: &Tensor,
     lam0: &Tensor,
     evals: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, dt, dev) = (lam0.dim(0)?, lam0.dtype(), lam0.device());
-    let round = |x: f64| match dt {
-        DType::F64 => x,
-        DType::BF16 => half::bf16::from_f64(x).to_f64(),
-        DType::F16 => half::f16::from_f64(x).to_f64(),
-        _ => x as f32 as f64,
-    };
-    // (λ, h) of each end; NaN λ: not found yet.
-    let (mut lo, mut hi) = (vec![(f64::NAN, 0.0); b], vec![(f64::NAN, 0.0); b]);
-    let mut solved = vec![false; b];
+    let round = |x: f64| round_to(dt, x);
     let mut at: Vec<f64> = host_f64(lam0)?.into_iter().map(round).collect();
-    let mut reach = vec![1.0f64; b];
-    let (mut phi_lo, mut phi_hi) = (gn.zeros_like()?, gn.zeros_like()?);
-    for eval in 0..evals {
+    let mut searches: Vec<Bracket> = Vec::new();
+    let (mut phi_lo, mut phi_hi) = (None::<Tensor>, None::<Tensor>);
+    for _ in 0..evals {
         let (phi, res) = direction(&upload_f64(at.clone(), b, dt, dev)?)?;
-        // The first read also says which gradients are zero.
-        let h = if eval == 0 {
-            let zero = gn.sqr()?.sum(2)?.sum(1)?.eq(0.0)?.to_dtype(res.dtype())?;
-            let both = host_f64(&Tensor::cat(&[&res, &zero], 0)?)?;
-            for (i, z) in both[b..].iter().enumerate() {
-                solved[i] = *z != 0.0;
-            }
-            both[..b].to_vec()
+        let first = searches.is_empty();
+        let (h, dead) = if first {
+            // The first read also says which gradients are zero.
+            let both = host_f64(&Tensor::cat(&[&res, &live.to_dtype(res.dtype())?], 0)?)?;
+            searches = vec![Bracket::new(); b];
+            (
+                both[..b].to_vec(),
+                both[b..].iter().map(|&l| l == 0.0).collect(),
+            )
         } else {
-            host_f64(&res)?
+            (host_f64(&res)?, vec![false; b])
         };
-        // h ≤ 0 moves the low end, h ≥ 0 (or NaN: kept as the point
-        // reached) the high end; h = 0 both, closing the bracket.
-        let nan = res.ne(&res)?;
-        let to_lo = res.le(0.0)?;
-        let to_hi = res.ge(0.0)?.maximum(&nan)?;
-        let slices = |m: &Tensor| m.reshape((b, 1, 1))?.broadcast_as(phi.shape());
-        phi_lo = slices(&to_lo)?.where_cond(&phi, &phi_lo)?;
-        phi_hi = slices(&to_hi)?.where_cond(&phi, &phi_hi)?;
+        let mut moved = (vec![0.0; b], vec![0.0; b]);
         for i in 0..b {
-            if h[i].is_nan() {
-                (lo[i], hi[i], solved[i]) = ((f64::NAN, 0.0), (at[i], h[i]), true);
-                continue;
-            }
-            if h[i] <= 0.0 {
-                lo[i] = (at[i], h[i]);
-            }
-            if h[i] >= 0.0 {
-                hi[i] = (at[i], h[i]);
-            }
-            let next = match (lo[i].0.is_nan(), hi[i].0.is_nan()) {
-                (false, false) => round(0.5 * (lo[i].0 + hi[i].0)),
-                (false, true) => round(lo[i].0 + reach[i]),
-                (true, false) => round(hi[i].0 - reach[i]),
-                (true, true) => at[i],
-            };
-            reach[i] *= 2.0;
-            let (l, u) = (lo[i].0, hi[i].0);
-            let narrow = u - l <= 1e-6 * l.abs().max(1.0);
-            solved[i] |= !l.is_nan() && !u.is_nan() && (narrow || next == l || next == u);
-            at[i] = next;
+            let (lo, hi, next) = searches[i].update(at[i], h[i], round);
+            (moved.0[i], moved.1[i], at[i]) =
+                (f64::from(u8::from(lo)), f64::from(u8::from(hi)), next);
+            // A zero gradient's search ends at its first point (the caller
+            // discards its direction and keeps its λ).
+            searches[i].solved |= dead[i];
         }
-        if solved.iter().all(|&x| x) {
+        let keep = |mask: Vec<f64>, old: Option<Tensor>| -> Result<Tensor> {
+            let mask = upload_f64(mask, (b, 1, 1), DType::U8, dev)?.broadcast_as(phi.shape())?;
+            Ok(match old {
+                Some(old) => mask.where_cond(&phi, &old)?,
+                None => mask.where_cond(&phi, &phi.zeros_like()?)?,
+            })
+        };
+        phi_lo = Some(keep(moved.0, phi_lo)?);
+        phi_hi = Some(keep(moved.1, phi_hi)?);
+        if searches.iter().all(|s| s.solved) {
             break;
         }
     }
-    // Weights of the two ends: the zero-residual combination where both
-    // were found (and differ), the one end found otherwise.
-    let mut w_lo = Vec::with_capacity(b);
-    let mut lams = Vec::with_capacity(b);
-    for i in 0..b {
-        let ((l, hl), (u, hu)) = (lo[i], hi[i]);
-        let (alpha, lam) = match (l.is_nan(), u.is_nan()) {
-            (false, false) if hu > hl => {
-                let alpha = hu / (hu - hl);
-                (alpha, alpha * l + (1.0 - alpha) * u)
-            }
-            (false, _) => (1.0, l),
-            (true, _) => (0.0, u),
-        };
-        w_lo.push(alpha);
-        lams.push(lam);
-    }
+    let (w_lo, lams): (Vec<f64>, Vec<f64>) = searches.iter().map(Bracket::weights).unzip();
     let w_hi: Vec<f64> = w_lo.iter().map(|a| 1.0 - a).collect();
-    let weights = |w: Vec<f64>| upload_f64(w, (b, 1, 1), gn.dtype(), dev);
+    let (phi_lo, phi_hi) = (
+        phi_lo.expect("at least one evaluation"),
+        phi_hi.expect("at least one evaluation"),
+    );
+    let weights = |w: Vec<f64>| upload_f64(w, (b, 1, 1), phi_lo.dtype(), dev);
     // An end that was never found is zero and weighs 0.
     let phi = (phi_lo.broadcast_mul(&weights(w_lo)?)? + phi_hi.broadcast_mul(&weights(w_hi)?)?)?;
     let res = (theta * &phi)?.sum(2)?.sum(1)?;
@@ -598,10 +647,8 @@ pub fn stiefel_direction(
             "w is wide ({n}×{m}); WᵀW = I needs rows ≥ cols (transpose it)"
         );
     }
-    if dual.bracket.is_some() {
-        // (refused for every shape, the square one's exact solve included)
-        dual.check_stiefel_rate(n, m, "stiefel_direction: dual")?;
-    }
+    // (for every shape, the square one's exact solve included)
+    dual.check_stiefel_bracket("stiefel_direction: dual")?;
     let gn = normalise(&g3)?;
     let wt = w3.transpose(1, 2)?;
     if n == m {

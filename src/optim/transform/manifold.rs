@@ -233,8 +233,9 @@ impl Transform for ManifoldStep {
                  use Manifold::Stiefel {{ transpose: false }} to keep WᵀW = I"
             ),
             (Manifold::Stiefel { .. }, Some((r, c))) => {
-                self.dual
-                    .check_stiefel_rate(r.max(c), r.min(c), &format!("{}: dual", p.name))
+                let who = format!("{}: dual", p.name);
+                self.dual.check_stiefel_bracket(&who)?;
+                self.dual.check_stiefel_rate(r.max(c), r.min(c), &who)
             }
             (Manifold::SpectralSphere { .. }, Some(_)) => {
                 self.dual.check_sphere_rate(&format!("{}: dual", p.name))
