@@ -40,7 +40,7 @@ use candle_core::Tensor;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY};
+use crate::checkpoint::{host_copy, read_slots, Header, OptimizerState, HEADER_KEY};
 use crate::device::math_dtype;
 use crate::error::{fail, Error, Result};
 use crate::params::{check_params, varmap_vars, NamedVar};
@@ -610,42 +610,18 @@ impl OptimizerState for WeightAverage {
             }
         }
         let names: Vec<&str> = self.vars.iter().map(|v| v.name.as_str()).collect();
-        let mut found: HashMap<(usize, String), Tensor> = HashMap::new();
-        for (key, t) in state {
-            if key == HEADER_KEY {
-                continue;
+        let keeps = |_: usize, slot: &str| match wsm_len {
+            Some(_) => (0..body.held).any(|i| slot == ckpt_slot(i)),
+            None => {
+                body.count > 0
+                    && (slot == AVG || (slot == AVG_COMP && body.kind == AverageKind::Polyak))
             }
-            let Some((p, slot)) = split_key(key, &names) else {
-                fail!(
-                    Checkpoint,
-                    key,
-                    "not a `<parameter>.<slot>` key of this average"
-                );
-            };
-            let ok = match wsm_len {
-                Some(_) => (0..body.held).any(|i| slot == ckpt_slot(i)),
-                None => {
-                    body.count > 0
-                        && (slot == AVG || (slot == AVG_COMP && body.kind == AverageKind::Polyak))
-                }
-            };
-            if !ok {
-                fail!(Checkpoint, key, "this average keeps no `{slot}` state");
-            }
+        };
+        let expect = |p: usize| {
             let v = &self.vars[p].var;
-            let dt = math_dtype(v.dtype());
-            if t.dims() != v.dims() || t.dtype() != dt {
-                fail!(
-                    Checkpoint,
-                    key,
-                    "checkpoint has shape {:?} dtype {:?}, expected shape {:?} dtype {dt:?}",
-                    t.dims(),
-                    t.dtype(),
-                    v.dims()
-                );
-            }
-            found.insert((p, slot.to_string()), t.to_device(v.device())?.copy()?);
-        }
+            (v.dims().to_vec(), math_dtype(v.dtype()), v.device().clone())
+        };
+        let mut found = read_slots(state, &names, "this average", keeps, expect)?;
         let has_comp = found.keys().any(|(_, slot)| slot == AVG_COMP);
         let mut take = |p: usize, slot: &str| -> Result<Tensor> {
             found.remove(&(p, slot.to_string())).ok_or_else(|| {

@@ -331,6 +331,45 @@ pub fn restrict(state: &HashMap<String, Tensor>, keep: &[&str]) -> Result<HashMa
         .collect())
 }
 
+/// The per-parameter tensors of a state dict (every key but the header),
+/// checked before anything is kept: each key is `<name>.<slot>` for one of
+/// `names` and a slot that `keeps` accepts for that parameter, and the
+/// tensor has the shape and dtype `expect` gives for it. Returned by
+/// (parameter index, slot), copied onto the device `expect` gives; `owner`
+/// ("this average") names what reads them in errors.
+pub(crate) fn read_slots(
+    state: &HashMap<String, Tensor>,
+    names: &[&str],
+    owner: &str,
+    keeps: impl Fn(usize, &str) -> bool,
+    expect: impl Fn(usize) -> (Vec<usize>, DType, Device),
+) -> Result<HashMap<(usize, String), Tensor>> {
+    let mut found = HashMap::new();
+    for (key, t) in state {
+        if key == HEADER_KEY {
+            continue;
+        }
+        let Some((p, slot)) = split_key(key, names) else {
+            fail!(Checkpoint, key, "not a `<parameter>.<slot>` key of {owner}");
+        };
+        if !keeps(p, slot) {
+            fail!(Checkpoint, key, "{owner} keeps no `{slot}` state");
+        }
+        let (dims, dt, device) = expect(p);
+        if t.dims() != dims.as_slice() || t.dtype() != dt {
+            fail!(
+                Checkpoint,
+                key,
+                "checkpoint has shape {:?} dtype {:?}, expected shape {dims:?} dtype {dt:?}",
+                t.dims(),
+                t.dtype()
+            );
+        }
+        found.insert((p, slot.to_string()), t.to_device(&device)?.copy()?);
+    }
+    Ok(found)
+}
+
 /// A detached copy of `t` on the CPU (state dicts never share storage with
 /// live state, which later steps overwrite in place).
 pub(crate) fn host_copy(t: &Tensor) -> Result<Tensor> {

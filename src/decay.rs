@@ -1,6 +1,6 @@
 //! Weight decay: decoupled (`W ← W − ηλW`) and spectral (`W ← W − ηλ·W v₁v₁ᵀ`, docs/math.md §1).
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::error::{fail, Result};
 use crate::linalg::{matrix_dims, TopSingular};
@@ -8,6 +8,33 @@ use crate::linalg::{matrix_dims, TopSingular};
 /// Power iterations used when a parameter has no stored `v₁` yet (first step,
 /// or a parameter that had no gradient before). Later steps warm-start.
 pub(crate) const COLD_START_ITERS: usize = 10;
+
+/// The power iteration of same-shape matrices `ws`, each from its own state
+/// vector `vs[i]`, which receives the new `v₁`: the warm ones (`warm[i]`, a
+/// vector from an earlier step) with `iters` iterations, the cold ones (a
+/// zero vector: the default start) with `max(iters, COLD_START_ITERS)`, in
+/// at most two batched calls ([`crate::device::power_iteration_members`]).
+/// `each(members, top)` gets each call's member indices and result (row `j`
+/// of `top` is matrix `members[j]`).
+pub(crate) fn warm_or_cold_power_iteration(
+    ws: &[Tensor],
+    vs: &[Var],
+    warm: &[bool],
+    iters: usize,
+    mut each: impl FnMut(&[usize], &TopSingular) -> Result<()>,
+) -> Result<()> {
+    let (hot, cold): (Vec<usize>, Vec<usize>) = (0..ws.len()).partition(|&i| warm[i]);
+    for (members, iters) in [(hot, iters), (cold, iters.max(COLD_START_ITERS))] {
+        if members.is_empty() {
+            continue;
+        }
+        let ws: Vec<Tensor> = members.iter().map(|&i| ws[i].clone()).collect();
+        let vs: Vec<Var> = members.iter().map(|&i| vs[i].clone()).collect();
+        let top = crate::device::power_iteration_members(&ws, &vs, iters)?;
+        each(&members, &top)?;
+    }
+    Ok(())
+}
 
 /// Which weight decay an optimizer applies to its matrices.
 ///

@@ -505,7 +505,7 @@ fn mismatched_checkpoints_are_refused_and_change_nothing() {
         "l3.weight.v".into(),
         Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
     );
-    cases.push(("not a `<matrix>.v` key", stranger));
+    cases.push(("not a `<parameter>.<slot>` key of this penalty", stranger));
     let mut no_header = good.clone();
     no_header.remove(HEADER_KEY);
     cases.push(("header", no_header));

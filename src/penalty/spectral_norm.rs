@@ -16,13 +16,13 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{host_copy, split_key, Header, OptimizerState, HEADER_KEY};
-use crate::decay::COLD_START_ITERS;
-use crate::device::{self, host_f64, math_dtype};
+use crate::checkpoint::{host_copy, read_slots, Header, OptimizerState, HEADER_KEY};
+use crate::decay::warm_or_cold_power_iteration;
+use crate::device::{host_f64, math_dtype};
 use crate::error::{fail, Error, Result};
 use crate::params::{check_params, largest_finite, matrix_view, varmap_vars, NamedVar};
 
@@ -331,15 +331,15 @@ impl SpectralNormPenalty {
         let mut new_v: Vec<Option<Var>> = vec![None; k];
         let mut pairs: Vec<Option<(Tensor, Tensor)>> = vec![None; k];
         let mut sig: Vec<Option<Tensor>> = vec![None; k];
-        for (members, iters) in self.power_groups() {
-            let first = &self.vars[members[0]].var;
+        for group in self.power_groups() {
+            let first = &self.vars[group[0]].var;
             let (_, n) = matrix_view(first.dims()).expect("checked at construction");
             let (dt, dev) = (math_dtype(first.dtype()), first.device().clone());
-            let ws = members
+            let ws = group
                 .iter()
                 .map(|&i| self.matrix(i).map(|w| w.detach()))
                 .collect::<Result<Vec<_>>>()?;
-            let vs = members
+            let vs = group
                 .iter()
                 .map(|&i| match &self.v[i] {
                     // A copy (`from_tensor` of a non-variable tensor makes
@@ -349,12 +349,16 @@ impl SpectralNormPenalty {
                     None => Ok(Var::zeros(n, dt, &dev)?),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let top = device::power_iteration_members(&ws, &vs, iters)?;
-            for (j, &i) in members.iter().enumerate() {
-                pairs[i] = Some((top.u.get(j)?, top.v.get(j)?));
-                sig[i] = Some(top.sigma.get(j)?.to_dtype(out_dt)?);
-                new_v[i] = Some(vs[j].clone());
-            }
+            let warm: Vec<bool> = group.iter().map(|&i| self.v[i].is_some()).collect();
+            warm_or_cold_power_iteration(&ws, &vs, &warm, self.iters, |members, top| {
+                for (j, &k) in members.iter().enumerate() {
+                    let i = group[k];
+                    pairs[i] = Some((top.u.get(j)?, top.v.get(j)?));
+                    sig[i] = Some(top.sigma.get(j)?.to_dtype(out_dt)?);
+                    new_v[i] = Some(vs[k].clone());
+                }
+                Ok(())
+            })?;
         }
         let sig: Vec<Tensor> = sig.into_iter().map(|s| s.expect("every matrix")).collect();
         let sigmas = host_f64(&Tensor::stack(&sig, 0)?)?;
@@ -410,25 +414,21 @@ impl SpectralNormPenalty {
         Ok(w.reshape((m, n))?)
     }
 
-    /// The matrices split into batches for one power iteration each: by
-    /// shape, dtype and device, and warm (with a `v₁` estimate, `iters`
-    /// iterations) apart from cold (`max(iters, 10)`).
-    fn power_groups(&self) -> Vec<(Vec<usize>, usize)> {
-        let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+    /// The matrices grouped for batched power iterations: by shape, dtype
+    /// and device (each group then runs its warm members, with a `v₁`
+    /// estimate, apart from its cold ones).
+    fn power_groups(&self) -> Vec<Vec<usize>> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, nv) in self.vars.iter().enumerate() {
-            let iters = match self.v[i] {
-                Some(_) => self.iters,
-                None => self.iters.max(COLD_START_ITERS),
-            };
             let same = |j: usize| {
                 let o = &self.vars[j].var;
                 matrix_view(o.dims()) == matrix_view(nv.var.dims())
                     && o.dtype() == nv.var.dtype()
                     && o.device().same_device(nv.var.device())
             };
-            match groups.iter_mut().find(|(g, it)| *it == iters && same(g[0])) {
-                Some((g, _)) => g.push(i),
-                None => groups.push((vec![i], iters)),
+            match groups.iter_mut().find(|g| same(g[0])) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
             }
         }
         groups
@@ -474,43 +474,33 @@ impl OptimizerState for SpectralNormPenalty {
         check_lambda(body.lambda)
             .and(check_iters(body.iters))
             .map_err(|e| Error::checkpoint("checkpoint", format!("bad hyperparameters: {e}")))?;
-        let names = self.names();
-        let mut v: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-        for (key, t) in state {
-            if key == HEADER_KEY {
-                continue;
-            }
-            let Some((i, slot)) = split_key(key, &names) else {
-                fail!(Checkpoint, key, "not a `<matrix>.v` key of this penalty");
-            };
-            if slot != V {
-                fail!(Checkpoint, key, "this penalty keeps no `{slot}` state");
-            }
+        let expect = |i: usize| {
             let var = &self.vars[i].var;
             let (_, n) = matrix_view(var.dims()).expect("checked at construction");
-            let dt = math_dtype(var.dtype());
-            if t.dims() != [n] || t.dtype() != dt {
-                fail!(
-                    Checkpoint,
-                    key,
-                    "checkpoint has shape {:?} dtype {:?}, expected shape [{n}] dtype {dt:?}",
-                    t.dims(),
-                    t.dtype()
-                );
-            }
+            (vec![n], math_dtype(var.dtype()), var.device().clone())
+        };
+        let found = read_slots(
+            state,
+            &self.names(),
+            "this penalty",
+            |_, slot| slot == V,
+            expect,
+        )?;
+        let mut v: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        for ((i, _), t) in found {
             // What the power iteration stores is a unit vector; anything
             // else (zero, NaN) would be ignored as a start, but then warmed
             // by `iters` iterations instead of a cold start's.
-            let norm = host_f64(t)?.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let norm = host_f64(&t)?.iter().map(|x| x * x).sum::<f64>().sqrt();
             let unit = (norm - 1.0).abs() <= 1e-3; // false for NaN
             if !unit {
                 fail!(
                     Checkpoint,
-                    key,
+                    format!("{}.{V}", self.vars[i].name),
                     "expected the unit vector v₁, got one of norm {norm}"
                 );
             }
-            v[i] = Some(on_device(t, var.device())?);
+            v[i] = Some(t);
         }
         self.lambda = body.lambda;
         self.iters = body.iters;
@@ -518,9 +508,4 @@ impl OptimizerState for SpectralNormPenalty {
         self.sigmas.clear();
         Ok(())
     }
-}
-
-/// A copy of `t` on `device`.
-fn on_device(t: &Tensor, device: &Device) -> Result<Tensor> {
-    Ok(t.to_device(device)?.copy()?)
 }

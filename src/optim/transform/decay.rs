@@ -3,15 +3,14 @@
 
 use std::any::Any;
 
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
 use super::{
     from_json, state_mut, to_json, FieldSpec, FieldValue, Fields, GroupStep, Stage, Transform,
     TransformState,
 };
-use crate::decay::{WeightDecay, COLD_START_ITERS};
-use crate::device;
+use crate::decay::{warm_or_cold_power_iteration, WeightDecay};
 use crate::error::{fail, Result};
 use crate::params::ParamInfo;
 
@@ -139,36 +138,28 @@ impl Transform for Decay {
         // (its own: the warm members of the group keep `iters`, as alone).
         // The cold members' vectors go into their slots only once every
         // power iteration has run: a failed step leaves them cold.
-        let mut cold = Vec::new();
-        let mut warm = Vec::new();
+        let mut warm = Vec::with_capacity(states.len());
         let mut vs = Vec::with_capacity(states.len());
-        for (i, slot) in states.iter_mut().enumerate() {
-            match state_mut::<SpectralDecayState>(slot) {
-                Some(st) => {
-                    warm.push(i);
-                    vs.push(st.v.clone());
-                }
-                None => {
-                    cold.push(i);
-                    vs.push(Var::zeros(cols, dt, &dev)?);
-                }
-            }
+        for slot in states.iter_mut() {
+            let v = state_mut::<SpectralDecayState>(slot).map(|st| st.v.clone());
+            warm.push(v.is_some());
+            vs.push(match v {
+                Some(v) => v,
+                None => Var::zeros(cols, dt, &dev)?,
+            });
         }
-        for (members, iters) in [(warm, iters), (cold.clone(), iters.max(COLD_START_ITERS))] {
-            if members.is_empty() {
-                continue;
-            }
-            let ws: Vec<Tensor> = members.iter().map(|&i| ws[i].clone()).collect();
-            let vs: Vec<Var> = members.iter().map(|&i| vs[i].clone()).collect();
-            let top = device::power_iteration_members(&ws, &vs, iters)?;
+        warm_or_cold_power_iteration(&ws, &vs, &warm, iters, |members, top| {
             // σ₁u₁ (no host sync): the rank-1 term is σ₁u₁v₁ᵀ = W v₁v₁ᵀ.
             let a_all = top.u.broadcast_mul(&top.sigma.unsqueeze(1)?)?;
             for (j, &i) in members.iter().enumerate() {
                 step.decay_rank1(i, coeff, a_all.get(j)?, top.v.get(j)?);
             }
-        }
-        for i in cold {
-            states[i] = Some(Box::new(SpectralDecayState { v: vs[i].clone() }));
+            Ok(())
+        })?;
+        for (i, slot) in states.iter_mut().enumerate() {
+            if !warm[i] {
+                *slot = Some(Box::new(SpectralDecayState { v: vs[i].clone() }));
+            }
         }
         Ok(())
     }
