@@ -46,13 +46,13 @@ struct Cli {
     #[arg(long, value_name = "NAME,…", value_delimiter = ',', value_parser = optimizer_parser())]
     optimizer: Vec<Choice>,
     /// Optimizer steps per run (the schedule's length) [default: 300; --preset gpu: 600]
-    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     steps: Option<usize>,
     /// Stop each run after N steps of its schedule (to compare the first steps of two runs)
-    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     stop_after: Option<usize>,
     /// Seeds per optimizer (mean ± std in the table)
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<u64>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least::<u64, 1>, allow_negative_numbers = true)]
     seeds: u64,
     /// The first seed (runs use seeds S, S+1, …)
     #[arg(long, value_name = "S", default_value_t = 0, value_parser = whole::<u64>, allow_negative_numbers = true)]
@@ -76,13 +76,13 @@ struct Cli {
     #[arg(long, value_name = "X", value_parser = positive, allow_negative_numbers = true)]
     radius: Option<f64>,
     /// Sequences (of the preset's context length) per batch [default: 16; --preset gpu: 64]
-    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     batch: Option<usize>,
     /// Steps between evaluations [default: 20; --preset gpu: 50]
-    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     eval_every: Option<usize>,
     /// Runs trained at once, one thread each (set RAYON_NUM_THREADS to give each run more threads) [default: CPU cores / ranks; with --device cuda: 1]
-    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     jobs: Option<usize>,
     /// Time each step's phases with device.synchronize() between them; tokens/s and the optimizer's share of step time in summary.md, timing.csv, timing.json [default: on with --device cuda]
     #[arg(long)]
@@ -97,13 +97,13 @@ struct Cli {
     #[arg(long)]
     ns_bf16: bool,
     /// muon-spectral-sphere: solve the dual at every step with up to K msigns (DualAscent::bracket: exactly tangent directions) instead of one dual step
-    #[arg(long, value_name = "K", value_parser = at_least_two, allow_negative_numbers = true)]
+    #[arg(long, value_name = "K", value_parser = at_least::<usize, 2>, allow_negative_numbers = true)]
     sphere_bracket: Option<usize>,
     /// Add the spectral norm penalty μ/2 Σ σ₁(W)² (μ = X) over every weight matrix to each run's training loss (penalty::SpectralNormPenalty::add_to_grads, Yoshida & Miyato: spectral decay's coupled form, one warm-started power iteration per step; on muon-spectral-sphere's block matrices, whose σ₁ the sphere fixes, its gradient lies along Θ = u₁v₁ᵀ, which the dual multiplier absorbs); the logged losses leave it out [default: 0, off]
     #[arg(long, value_name = "X", value_parser = non_negative, allow_negative_numbers = true)]
     spectral_penalty: Option<f64>,
     /// Data-parallel ranks per run, each on batch/N sequences: on the CPU, N in-process ranks (threads); with --device cuda, N processes over NCCL, one GPU each (needs --features nccl)
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
     ranks: usize,
     /// With --ranks N > 1: gather each owner's update rounded to bf16 instead of the f32 parameters after the owners' step (ParamGather::Bf16Updates: half the all-gather's bytes)
     #[arg(long)]
@@ -129,19 +129,13 @@ fn optimizer_parser() -> impl TypedValueParser<Value = Choice> {
         .map(|s| OptKind::parse(&s).map_or(Choice::All, Choice::One))
 }
 
-/// An integer ≥ 1.
-fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+/// An integer ≥ `MIN`.
+fn at_least<T: std::str::FromStr + PartialOrd + From<u8>, const MIN: u8>(
+    s: &str,
+) -> Result<T, String> {
     match s.parse::<T>() {
-        Ok(n) if n >= T::from(1) => Ok(n),
-        _ => Err("must be an integer ≥ 1".into()),
-    }
-}
-
-/// An integer ≥ 2.
-fn at_least_two(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 2 => Ok(n),
-        _ => Err("must be an integer ≥ 2".into()),
+        Ok(n) if n >= T::from(MIN) => Ok(n),
+        _ => Err(format!("must be an integer ≥ {MIN}")),
     }
 }
 
