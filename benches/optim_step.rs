@@ -10,12 +10,16 @@
 //! layers — qkv 576×192, proj 192×192, fc 768×192, fc-proj 192×768 — plus a
 //! bias per matrix: 1.78 M parameters.
 //!
+//! The group `adamw_bf16_master_weights` times one AdamW step over the same
+//! parameters in f32, bf16, and bf16 with f32 master weights.
+//!
 //! The group `adamw_bandwidth` compares one AdamW step (which reads `w, g, m,
 //! v` and writes `w, m, v`: 28 bytes per f32 parameter) with a plain copy of
 //! the same number of bytes (14 bytes per parameter read and written, split
 //! across the same thread pool), both reported in bytes/s of those 28 bytes.
 
 use candle_core::backprop::GradStore;
+use candle_core::DType;
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
@@ -92,5 +96,26 @@ fn bench_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_steps, bench_bandwidth);
+/// One AdamW step over the same parameters in f32, in bf16, and in bf16
+/// with f32 master weights (`with_master_weights`: the step runs on the
+/// masters, then checks and rounds them into the parameters).
+fn bench_master_weights(c: &mut Criterion) {
+    let mut g = c.benchmark_group("adamw_bf16_master_weights");
+    g.sample_size(10);
+    for (name, dtype, master) in [
+        ("f32", DType::F32, false),
+        ("bf16", DType::BF16, false),
+        ("bf16_master", DType::BF16, true),
+    ] {
+        let (vars, grads, _) = model::gpt2_quarter_as(dtype);
+        let mut opt = AdamW::from_named(vars, AdamWConfig::default()).unwrap();
+        if master {
+            opt = opt.with_master_weights();
+        }
+        g.bench_function(name, |b| b.iter(|| opt.step(&grads).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_steps, bench_bandwidth, bench_master_weights);
 criterion_main!(benches);

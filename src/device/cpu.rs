@@ -662,6 +662,175 @@ pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
     );
 }
 
+/// A 16-bit float a parameter can be kept in beside an f32 master weight
+/// (see [`round_all_into`] and [`all_round_to`]).
+pub trait Half: Elem<A = f32> {
+    /// The exponent bits (also the bits of +∞).
+    const INF: u16;
+    /// The bits.
+    fn bits(self) -> u16;
+    /// From bits.
+    fn from_bits(b: u16) -> Self;
+    /// The bits of `m` rounded to this type (to nearest, ties to even).
+    fn round_bits(m: f32) -> u16;
+}
+
+impl Half for bf16 {
+    const INF: u16 = 0x7F80;
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+    fn from_bits(b: u16) -> Self {
+        bf16::from_bits(b)
+    }
+    #[inline(always)]
+    fn round_bits(m: f32) -> u16 {
+        // `bf16::from_f32` without its branch, so that the loops vectorise:
+        // add just under half a unit of the kept bits, plus the last kept
+        // bit (ties to even), and truncate; a NaN keeps its sign and top
+        // payload bits and is made quiet, as `half` does.
+        let b = m.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = (b & 0x7FFF_FFFF) > 0x7F80_0000;
+        if nan {
+            (b >> 16) as u16 | 0x0040
+        } else {
+            rounded
+        }
+    }
+}
+
+impl Half for f16 {
+    const INF: u16 = 0x7C00;
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+    fn from_bits(b: u16) -> Self {
+        f16::from_bits(b)
+    }
+    fn round_bits(m: f32) -> u16 {
+        f16::from_f32(m).to_bits()
+    }
+}
+
+/// A parameter's slice, to write, for [`round_all_into`].
+pub enum HalfMut<'a> {
+    /// bf16 elements.
+    BF16(&'a mut [bf16]),
+    /// f16 elements.
+    F16(&'a mut [f16]),
+}
+
+/// A parameter's slice, to read, for [`all_round_to`].
+pub enum HalfRef<'a> {
+    /// bf16 elements.
+    BF16(&'a [bf16]),
+    /// f16 elements.
+    F16(&'a [f16]),
+}
+
+impl HalfRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            HalfRef::BF16(p) => p.len(),
+            HalfRef::F16(p) => p.len(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum HalfPtr {
+    BF16(Ptr<bf16>),
+    F16(Ptr<f16>),
+}
+
+/// `p ← m` rounded (to nearest, ties to even) for each pair: bf16/f16
+/// parameters set from their f32 master weights, as one multi-tensor pass.
+/// Panics unless each pair has one length.
+pub fn round_all_into(ms: &[&[f32]], ps: &mut [HalfMut<'_>]) {
+    let ptrs: Vec<(HalfPtr, usize)> = ps
+        .iter_mut()
+        .map(|p| match p {
+            HalfMut::BF16(s) => (HalfPtr::BF16(Ptr::of(s)), s.len()),
+            HalfMut::F16(s) => (HalfPtr::F16(Ptr::of(s)), s.len()),
+        })
+        .collect();
+    for (m, (_, n)) in ms.iter().zip(&ptrs) {
+        assert_eq!(m.len(), *n, "a master and its parameter differ in length");
+    }
+    #[inline(always)]
+    fn span<P: Half>(m: &[f32], p: &mut [P]) {
+        for (d, &s) in p.iter_mut().zip(m) {
+            *d = P::from_bits(P::round_bits(s));
+        }
+    }
+    let lens: Vec<(usize, usize)> = ptrs.iter().map(|&(_, n)| (n, 1)).collect();
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, e| {
+            let m = &ms[i][s..e];
+            // SAFETY: spans of one member are disjoint, and each parameter is
+            // its own slice.
+            match ptrs[i].0 {
+                HalfPtr::BF16(p) => span(m, unsafe { p.span(s, e) }),
+                HalfPtr::F16(p) => span(m, unsafe { p.span(s, e) }),
+            }
+        },
+    );
+}
+
+/// For each pair, whether every `p[i]` equals `m[i]` rounded, as numbers
+/// (`+0 = −0`; a NaN equals nothing): whether a bf16/f16 parameter still
+/// holds what its f32 master weight last set. One multi-tensor pass.
+pub fn all_round_to(ms: &[&[f32]], ps: &[HalfRef<'_>]) -> Vec<bool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    #[inline(always)]
+    fn span<P: Half>(m: &[f32], p: &[P]) -> bool {
+        // (no early exit: the loop vectorises)
+        p.iter().zip(m).fold(true, |ok, (&d, &s)| {
+            let (d, r) = (d.bits(), P::round_bits(s));
+            let zeros = (d | r) & 0x7FFF == 0;
+            let nan = (r & 0x7FFF) > P::INF;
+            ok & ((d == r) | zeros) & !nan
+        })
+    }
+    let ok: Vec<AtomicBool> = ms
+        .iter()
+        .zip(ps)
+        .map(|(m, p)| AtomicBool::new(m.len() == p.len()))
+        .collect();
+    let lens: Vec<(usize, usize)> = ms
+        .iter()
+        .zip(&ok)
+        .map(|(m, ok)| {
+            (
+                if ok.load(Ordering::Relaxed) {
+                    m.len()
+                } else {
+                    0
+                },
+                1,
+            )
+        })
+        .collect();
+    for_spans(
+        &lens,
+        #[inline(always)]
+        |i, s, e| {
+            let m = &ms[i][s..e];
+            let same = match &ps[i] {
+                HalfRef::BF16(p) => span(m, &p[s..e]),
+                HalfRef::F16(p) => span(m, &p[s..e]),
+            };
+            if !same {
+                ok[i].store(false, Ordering::Relaxed);
+            }
+        },
+    );
+    ok.into_iter().map(AtomicBool::into_inner).collect()
+}
+
 /// Whether every element is finite (no NaN, no ±Inf).
 pub fn all_finite<P: Elem>(x: &[P]) -> bool {
     // `v − v` is 0 for finite v and NaN otherwise; comparing the running sum
@@ -708,6 +877,101 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `round_all_into` rounds as `half` does (to nearest, ties to even:
+    /// the reference of candle's conversion; NaN, ±∞, overflow, subnormals
+    /// and ±0 included), serially and across parallel spans of several
+    /// members; `all_round_to` finds a single differing element anywhere,
+    /// takes `−0` for `+0` and never matches a NaN.
+    #[test]
+    fn masters_round_and_are_checked_everywhere() {
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+            65520.0,
+            1e-40,
+            -1e-45,
+            0.0,
+            -0.0,
+        ];
+        let sizes = [0usize, 1, 9, 40, PARALLEL_MIN + 3 * SPAN + 7];
+        let masters: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| match i % 97 {
+                        k if k < specials.len() => specials[k],
+                        _ => 1.0 + (i % 4099) as f32 * 2f32.powi(-12) - (i % 3) as f32,
+                    })
+                    .collect()
+            })
+            .collect();
+        let ms: Vec<&[f32]> = masters.iter().map(|m| m.as_slice()).collect();
+        let mut b: Vec<Vec<bf16>> = sizes.iter().map(|&n| vec![bf16::ZERO; n]).collect();
+        let mut h: Vec<Vec<f16>> = sizes.iter().map(|&n| vec![f16::ZERO; n]).collect();
+        // bf16 and f16 members alternate in one call
+        let mut outs: Vec<HalfMut<'_>> = b
+            .iter_mut()
+            .zip(h.iter_mut())
+            .enumerate()
+            .map(|(k, (b, h))| match k % 2 {
+                0 => HalfMut::BF16(b),
+                _ => HalfMut::F16(h),
+            })
+            .collect();
+        round_all_into(&ms, &mut outs);
+        drop(outs);
+        let refs: Vec<HalfRef<'_>> = (0..sizes.len())
+            .map(|k| match k % 2 {
+                0 => HalfRef::BF16(&b[k]),
+                _ => HalfRef::F16(&h[k]),
+            })
+            .collect();
+        for (k, m) in masters.iter().enumerate() {
+            for (i, &s) in m.iter().enumerate() {
+                let (got, want) = match k % 2 {
+                    0 => (b[k][i].to_bits(), bf16::from_f32(s).to_bits()),
+                    _ => (h[k][i].to_bits(), f16::from_f32(s).to_bits()),
+                };
+                assert_eq!(got, want, "member {k} element {i} ({s:e})");
+            }
+        }
+        // every member matches unless it holds a NaN
+        let has_nan: Vec<bool> = masters
+            .iter()
+            .map(|m| m.iter().any(|x| x.is_nan()))
+            .collect();
+        let ok = all_round_to(&ms, &refs);
+        let want: Vec<bool> = has_nan.iter().map(|n| !n).collect();
+        assert_eq!(ok, want);
+        // ±0 alike; one changed element anywhere is found
+        let zeros = [0.0f32, -0.0, 0.0];
+        assert!(
+            all_round_to(
+                &[&zeros],
+                &[HalfRef::BF16(&[bf16::NEG_ZERO, bf16::ZERO, bf16::NEG_ZERO])]
+            )[0]
+        );
+        let finite: Vec<f32> = masters[4]
+            .iter()
+            .map(|x| if x.is_nan() { 1.0 } else { *x })
+            .collect();
+        let mut p: Vec<bf16> = finite.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert!(all_round_to(&[&finite], &[HalfRef::BF16(&p)])[0]);
+        for at in [0, 12, p.len() / 2, p.len() - 1] {
+            let old = p[at];
+            p[at] = bf16::from_f32(old.to_f32() + 1.0);
+            if p[at] != old {
+                assert!(!all_round_to(&[&finite], &[HalfRef::BF16(&p)])[0], "{at}");
+            }
+            p[at] = old;
+        }
+    }
 
     /// Every position of a NaN, +∞ or −∞ is found, in the eight lanes, the
     /// tail and across parallel spans, in every parameter dtype.

@@ -790,6 +790,104 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
     Ok(flags.iter().position(|f| !f.is_finite()))
 }
 
+/// Whether each parameter (bf16/f16) equals its f32 master weight (same
+/// shape, contiguous) rounded to the parameter's dtype, as numbers: one pass
+/// per pair on the CPU; candle's ops and one host read per device elsewhere.
+pub fn masters_round_to(masters: &[&Tensor], params: &[&Tensor]) -> Result<Vec<bool>> {
+    if masters.is_empty() {
+        return Ok(Vec::new());
+    }
+    if all_cpu(masters) && all_cpu(params) {
+        let ins: Vec<&Tensor> = masters.iter().chain(params).copied().collect();
+        return with_cpu_data(&ins, &[], |d, _| {
+            let (ms, ps) = d.split_at(masters.len());
+            let ms = ms
+                .iter()
+                .map(|m| slice::<f32>(m, "masters_round_to: master"))
+                .collect::<Result<Vec<_>>>()?;
+            let ps = ps
+                .iter()
+                .map(|p| match p {
+                    Data::BF16(p) => Ok(cpu::HalfRef::BF16(p)),
+                    Data::F16(p) => Ok(cpu::HalfRef::F16(p)),
+                    _ => fail!(Device, "masters_round_to", "a bf16/f16 parameter expected"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(cpu::all_round_to(&ms, &ps))
+        });
+    }
+    let mut out = vec![false; params.len()];
+    let mut by_device: std::collections::BTreeMap<String, Vec<(usize, Tensor)>> =
+        Default::default();
+    for (i, (m, p)) in masters.iter().zip(params).enumerate() {
+        let differ = m
+            .to_dtype(p.dtype())?
+            .ne(*p)?
+            .to_dtype(DType::F32)?
+            .sum_all()?;
+        let at = format!("{:?}", p.device().location());
+        by_device.entry(at).or_default().push((i, differ));
+    }
+    for counts in by_device.into_values() {
+        let ts: Vec<&Tensor> = counts.iter().map(|(_, n)| n).collect();
+        let n: Vec<f32> = Tensor::stack(&ts, 0)?.to_vec1()?;
+        for ((i, _), n) in counts.iter().zip(n) {
+            out[*i] = n == 0.0;
+        }
+    }
+    Ok(out)
+}
+
+/// Sets each parameter (bf16/f16) to its f32 master weight (same shape)
+/// rounded to the parameter's dtype, in place: one multi-tensor pass on the
+/// CPU, a conversion and a copy per parameter elsewhere.
+pub fn round_masters_into(masters: &[&Tensor], params: &[&Var]) -> Result<()> {
+    if masters.is_empty() {
+        return Ok(());
+    }
+    let outs: Vec<&Tensor> = params.iter().map(|p| p.as_tensor()).collect();
+    if all_cpu(masters) && all_cpu(&outs) {
+        return with_cpu_data(masters, &outs, |ins, outs| {
+            let ms = ins
+                .iter()
+                .map(|m| slice::<f32>(m, "round_masters_into: master"))
+                .collect::<Result<Vec<_>>>()?;
+            let mut ps = outs
+                .iter_mut()
+                .map(|p| match p {
+                    DataMut::BF16(p) => Ok(cpu::HalfMut::BF16(p)),
+                    DataMut::F16(p) => Ok(cpu::HalfMut::F16(p)),
+                    _ => fail!(
+                        Device,
+                        "round_masters_into",
+                        "a bf16/f16 parameter expected"
+                    ),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if ms.iter().zip(&ps).any(|(m, p)| m.len() != half_len(p)) {
+                fail!(
+                    Device,
+                    "round_masters_into",
+                    "a master and its parameter differ in size"
+                );
+            }
+            cpu::round_all_into(&ms, &mut ps);
+            Ok(())
+        });
+    }
+    for (m, p) in masters.iter().zip(params) {
+        p.set(&m.to_dtype(p.dtype())?)?;
+    }
+    Ok(())
+}
+
+fn half_len(p: &cpu::HalfMut<'_>) -> usize {
+    match p {
+        cpu::HalfMut::BF16(p) => p.len(),
+        cpu::HalfMut::F16(p) => p.len(),
+    }
+}
+
 /// `Σ x²` of each tensor, in f64 on the host (one host sync for all).
 /// Summed in f64 on the CPU and CUDA, so that entries whose squares leave
 /// f32's range (beyond ~1.8e19, below ~1e-23) count; in f32 on Metal,

@@ -160,6 +160,14 @@ pub trait ShardedStep {
     fn settings(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Whether the optimizer steps bf16/f16 parameters through f32 master
+    /// weights ([`Driver::with_master_weights`](crate::optim::Driver::with_master_weights)):
+    /// [`DataParallel`] then refuses [`ParamGather::Bf16Updates`], which
+    /// would rewrite those parameters behind the masters. Default `false`.
+    fn keeps_master_weights(&self) -> bool {
+        false
+    }
 }
 
 /// `ShardedStep` for a pointer to one (`&mut O`, `Box<O>`): every method
@@ -182,6 +190,9 @@ macro_rules! forward_sharded_step {
             }
             fn settings(&self) -> Option<serde_json::Value> {
                 (**self).settings()
+            }
+            fn keeps_master_weights(&self) -> bool {
+                (**self).keeps_master_weights()
             }
         }
     )*};
@@ -517,6 +528,20 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                     &who,
                     "param_gather: Bf16Updates saves nothing when every parameter is bf16 (their \
                      gather is bf16 already) and would round each update: use \
+                     ParamGather::Parameters",
+                ));
+            }
+            if config.param_gather == ParamGather::Bf16Updates
+                && opt.keeps_master_weights()
+                && vars
+                    .iter()
+                    .any(|v| matches!(v.dtype(), DType::BF16 | DType::F16))
+            {
+                return Err(Error::config(
+                    &who,
+                    "param_gather: Bf16Updates rewrites each owner's bf16/f16 parameters from \
+                     the rounded update, so their f32 master weights would be re-made from the \
+                     parameters at every step and keep no precision: use \
                      ParamGather::Parameters",
                 ));
             }

@@ -47,6 +47,9 @@ macro_rules! sharded_by_inherent {
             fn settings(&self) -> Option<serde_json::Value> {
                 Some(<$t>::driver(self).settings())
             }
+            fn keeps_master_weights(&self) -> bool {
+                <$t>::driver(self).master_weights()
+            }
         }
 
         impl ShardedOptimizer for $t {
@@ -74,6 +77,9 @@ impl ShardedStep for Driver {
     }
     fn settings(&self) -> Option<serde_json::Value> {
         Some(Driver::settings(self))
+    }
+    fn keeps_master_weights(&self) -> bool {
+        self.master_weights()
     }
 }
 
@@ -116,6 +122,9 @@ impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
             "schedule": format!("{:?}", self.schedule()),
             "step": self.current_step(),
         }))
+    }
+    fn keeps_master_weights(&self) -> bool {
+        self.inner().keeps_master_weights()
     }
 }
 

@@ -135,6 +135,13 @@ macro_rules! alias {
                 Ok(Self { driver, config })
             }
 
+            /// Steps bf16/f16 parameters through f32 master weights (see
+            /// [`Driver::with_master_weights`](crate::optim::Driver::with_master_weights)).
+            pub fn with_master_weights(mut self) -> Self {
+                self.driver = self.driver.with_master_weights();
+                self
+            }
+
             /// The current hyperparameters (the rates follow `set_learning_rate`).
             pub fn config(&self) -> &$config {
                 &self.config
