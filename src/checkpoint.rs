@@ -6,7 +6,9 @@
 //!   parameter names, and the hyperparameters and structure (partitions,
 //!   transforms) as written by the owner;
 //! - `<param>.<transform>.<field>` for each piece of per-parameter state
-//!   (e.g. `fc1.weight.adam.exp_avg`); step counters are `i64` scalars.
+//!   (e.g. `fc1.weight.adam.exp_avg`); step counters are `i64` scalars;
+//! - `<param>.master_weight`: the f32 master weight of a bf16/f16
+//!   parameter ([`Driver::with_master_weights`](crate::optim::Driver::with_master_weights)).
 //!
 //! In a file ([`save`], [`OptimizerState::save_state`]) the header travels in
 //! the safetensors metadata (`steepest`, with its CRC-32 in

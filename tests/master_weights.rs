@@ -389,7 +389,11 @@ fn checkpoints_carry_the_master_weights() {
     // Into an optimizer without master weights: refused, nothing loaded.
     let mut plain = Muon::from_varmap(&converted(&vm, DType::BF16), muon_config()).unwrap();
     let e = plain.load_state_dict(&saved).unwrap_err();
-    assert!(e.to_string().contains("master weights"), "{e}");
+    assert!(
+        e.to_string()
+            .contains(".master_weight: an f32 master weight"),
+        "{e}"
+    );
     assert!(plain.state_dict().unwrap().len() == 1, "only the header");
 
     // A checkpoint without masters loads; the masters come from the
@@ -628,6 +632,233 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
     .unwrap();
     for r in refused {
         let e = r.unwrap().expect_err("Bf16Updates with master weights");
+        assert!(e.to_string().contains("master weights"), "{e}");
+    }
+}
+
+/// Stiefel-constrained bf16/f16 matrices `w0` (orthonormal columns) and
+/// `w1` (zero), for the refusal tests: a zero gradient for `w1` at its
+/// first step leaves its retraction no answer.
+fn stiefel_pair(dtype: DType, seed: u64) -> (Steepest, Vec<NamedVar>) {
+    let vars: Vec<NamedVar> = (0..2)
+        .map(|i| {
+            let t = Tensor::from_vec(values(seed + i, 32), (8, 4), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let q = steepest::msign(&t, &steepest::NewtonSchulz::polar_express(8)).unwrap();
+            let q = (q * (1 - i) as f64).unwrap();
+            NamedVar {
+                name: format!("w{i}"),
+                var: Var::from_tensor(&q.to_dtype(dtype).unwrap()).unwrap(),
+            }
+        })
+        .collect();
+    let cfg = SteepestConfig {
+        lr: 0.05,
+        manifold: Manifold::Stiefel { transpose: false },
+        ..Default::default()
+    };
+    let opt = Steepest::from_named(vars.clone(), cfg)
+        .unwrap()
+        .with_master_weights();
+    (opt, vars)
+}
+
+/// A parameter edited outside the optimizer (its master now stale), with a
+/// −0 where its master rounds to +0 and a NaN whose payload rounding would
+/// change, then a step refused by a retraction: the parameter keeps its
+/// exact bits, the stale master and the state are as before; bf16 and f16.
+#[test]
+fn a_refused_step_after_an_edit_keeps_the_edit_and_the_old_master() {
+    for (dtype, nan_bits) in [(DType::BF16, 0x7F81u16), (DType::F16, 0x7C01u16)] {
+        let (mut st, vars) = stiefel_pair(dtype, 40);
+        let mut grads = grads_for(&vars, 0, 0.5);
+        st.step_subset(&grads[..1]).unwrap();
+        let w0 = &vars[0].var;
+        let mut bits16: Vec<u16> = w0
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| match dtype {
+                DType::BF16 => half::bf16::from_f32(x).to_bits(),
+                _ => half::f16::from_f32(x).to_bits(),
+            })
+            .collect();
+        bits16[5] = nan_bits;
+        let edit = match dtype {
+            DType::BF16 => Tensor::from_vec(
+                bits16
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b))
+                    .collect::<Vec<_>>(),
+                (8, 4),
+                &Device::Cpu,
+            ),
+            _ => Tensor::from_vec(
+                bits16
+                    .iter()
+                    .map(|&b| half::f16::from_bits(b))
+                    .collect::<Vec<_>>(),
+                (8, 4),
+                &Device::Cpu,
+            ),
+        }
+        .unwrap();
+        w0.set(&edit).unwrap();
+        let before_params = params_and_masters(st.driver()).0;
+        let before_state = st.state_dict().unwrap();
+        grads[1].1 = grads[1].1.zeros_like().unwrap();
+        st.step_subset(&grads)
+            .expect_err("a zero gradient's Stiefel retraction is refused");
+        let raw16 = |t: &Tensor| -> Vec<u16> {
+            match dtype {
+                DType::BF16 => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+                _ => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            }
+        };
+        assert_eq!(raw16(w0.as_tensor()), bits16, "{dtype:?}: the edit's bits");
+        assert_eq!(params_and_masters(st.driver()).0, before_params);
+        let after_state = st.state_dict().unwrap();
+        assert_eq!(
+            after_state
+                .keys()
+                .collect::<std::collections::BTreeSet<_>>(),
+            before_state.keys().collect()
+        );
+        for (k, t) in &before_state {
+            assert_eq!(bits(t), bits(&after_state[k]), "{dtype:?}: {k}");
+        }
+        // A −0 written where the master rounds to +0 counts as the same
+        // value: that master is kept, and a refused step keeps the −0.
+        let (mut st, vars) = stiefel_pair(dtype, 50);
+        let mut grads = grads_for(&vars, 0, 0.5);
+        st.step_subset(&grads[..1]).unwrap();
+        let w0 = &vars[0].var;
+        let zeroed = w0.as_tensor().zeros_like().unwrap();
+        let neg = zeroed.neg().unwrap();
+        // the master is re-made from +0 by a step with a zero direction …
+        w0.set(&zeroed).unwrap();
+        let masters_before = params_and_masters(st.driver()).1;
+        w0.set(&neg).unwrap();
+        grads[1].1 = grads[1].1.zeros_like().unwrap();
+        st.step_subset(&grads).expect_err("refused");
+        assert_eq!(raw16(w0.as_tensor()), raw16(&neg), "{dtype:?}: −0 kept");
+        assert_eq!(params_and_masters(st.driver()).1, masters_before);
+    }
+}
+
+/// A master loaded from a state dict is the optimizer's own copy: a state
+/// dict holding another optimizer's live master tensor, loaded, and stepped,
+/// leaves that tensor alone.
+#[test]
+fn a_loaded_master_shares_no_storage_with_the_state_dict() {
+    let vm = converted(&model(DType::F32), DType::BF16);
+    let mut a = AdamW::from_varmap(&vm, adamw_config(1e-3))
+        .unwrap()
+        .with_master_weights();
+    a.step_subset(&grads_for(a.vars(), 0, 0.5)).unwrap();
+    let mut state = a.state_dict().unwrap();
+    let live = a.driver().master_weight("fc1.weight").unwrap().clone();
+    let kept = bits(&live);
+    state.insert("fc1.weight.master_weight".into(), live.clone());
+    let vb = converted(&vm, DType::BF16);
+    let mut b = AdamW::from_varmap(&vb, adamw_config(1e-3))
+        .unwrap()
+        .with_master_weights();
+    b.load_state_dict(&state).unwrap();
+    b.step_subset(&grads_for(b.vars(), 1, 0.5)).unwrap();
+    assert_eq!(bits(&live), kept, "the state dict's tensor was written");
+    assert_ne!(
+        bits(b.driver().master_weight("fc1.weight").unwrap()),
+        kept,
+        "b's master stepped"
+    );
+}
+
+/// A header without the `master_weights` field (checkpoints written before
+/// master weights existed) loads; a state dict without master keys loads
+/// into an optimizer without masters whatever its header says.
+#[test]
+fn headers_without_the_master_flag_load() {
+    let vm = converted(&model(DType::F32), DType::BF16);
+    let mut a = Muon::from_varmap(&vm, muon_config()).unwrap();
+    a.step_subset(&grads_for(a.vars(), 0, 0.5)).unwrap();
+    let state = common::with_header(&a.state_dict().unwrap(), |h| {
+        let body = h["body"].as_object_mut().unwrap();
+        assert!(body.remove("master_weights").is_some());
+    });
+    let mut b = Muon::from_varmap(&converted(&vm, DType::BF16), muon_config()).unwrap();
+    b.load_state_dict(&state).unwrap();
+    let mut c = Muon::from_varmap(&converted(&vm, DType::BF16), muon_config())
+        .unwrap()
+        .with_master_weights();
+    c.load_state_dict(&state).unwrap();
+    // saved with master weights before any step: no master to lose
+    let d = Muon::from_varmap(&converted(&vm, DType::BF16), muon_config())
+        .unwrap()
+        .with_master_weights();
+    b.load_state_dict(&d.state_dict().unwrap()).unwrap();
+}
+
+/// The seam's master functions refuse mismatched lists and pairs by name.
+#[test]
+fn the_master_seam_refuses_mismatched_pairs() {
+    use steepest::device::{masters_round_to, round_masters_into};
+    let m = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let p = Var::zeros((2, 3), DType::BF16, &Device::Cpu).unwrap();
+    let q = Var::zeros((3, 2), DType::BF16, &Device::Cpu).unwrap();
+    let f = Var::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = masters_round_to(&[&m], &[p.as_tensor(), p.as_tensor()]).unwrap_err();
+    assert!(e.to_string().contains("1 masters for 2 parameters"), "{e}");
+    let e = round_masters_into(&[&m, &m], &[&p]).unwrap_err();
+    assert!(e.to_string().contains("round_masters_into"), "{e}");
+    let e = round_masters_into(&[&m], &[&q]).unwrap_err();
+    assert!(e.to_string().contains("pair 0"), "{e}");
+    let e = masters_round_to(&[&m], &[f.as_tensor()]).unwrap_err();
+    assert!(e.to_string().contains("bf16/f16"), "{e}");
+    assert_eq!(
+        masters_round_to(&[&m], &[p.as_tensor()]).unwrap(),
+        vec![true]
+    );
+}
+
+/// Data-parallel ranks that disagree on master weights are refused at
+/// construction, on every rank, naming the settings.
+#[test]
+fn data_parallel_ranks_must_agree_on_master_weights() {
+    use steepest::distributed::{Collective, DataParallel, DataParallelConfig, LocalGroup};
+    let init = converted(&model(DType::F32), DType::BF16);
+    let out = LocalGroup::run(2, |comm| {
+        let vm = converted(&init, DType::BF16);
+        let mut opt = Muon::from_varmap(&vm, muon_config()).unwrap();
+        if comm.rank() == 1 {
+            opt = opt.with_master_weights();
+        }
+        Ok(DataParallel::for_optimizer(comm, opt, DataParallelConfig::default()).map(|_| ()))
+    })
+    .unwrap();
+    for r in out {
+        let e = r.unwrap().expect_err("ranks disagree on master weights");
         assert!(e.to_string().contains("master weights"), "{e}");
     }
 }

@@ -782,7 +782,8 @@ pub fn round_all_into(ms: &[&[f32]], ps: &mut [HalfMut<'_>]) {
 
 /// For each pair, whether every `p[i]` equals `m[i]` rounded, as numbers
 /// (`+0 = −0`; a NaN equals nothing): whether a bf16/f16 parameter still
-/// holds what its f32 master weight last set. One multi-tensor pass.
+/// holds what its f32 master weight last set (`false` for a pair of two
+/// lengths). One multi-tensor pass.
 pub fn all_round_to(ms: &[&[f32]], ps: &[HalfRef<'_>]) -> Vec<bool> {
     use std::sync::atomic::{AtomicBool, Ordering};
     #[inline(always)]

@@ -794,6 +794,7 @@ pub fn first_nonfinite(ts: &[&Tensor]) -> Result<Option<usize>> {
 /// shape, contiguous) rounded to the parameter's dtype, as numbers: one pass
 /// per pair on the CPU; candle's ops and one host read per device elsewhere.
 pub fn masters_round_to(masters: &[&Tensor], params: &[&Tensor]) -> Result<Vec<bool>> {
+    check_master_pairs("masters_round_to", masters, params)?;
     if masters.is_empty() {
         return Ok(Vec::new());
     }
@@ -842,10 +843,11 @@ pub fn masters_round_to(masters: &[&Tensor], params: &[&Tensor]) -> Result<Vec<b
 /// rounded to the parameter's dtype, in place: one multi-tensor pass on the
 /// CPU, a conversion and a copy per parameter elsewhere.
 pub fn round_masters_into(masters: &[&Tensor], params: &[&Var]) -> Result<()> {
+    let outs: Vec<&Tensor> = params.iter().map(|p| p.as_tensor()).collect();
+    check_master_pairs("round_masters_into", masters, &outs)?;
     if masters.is_empty() {
         return Ok(());
     }
-    let outs: Vec<&Tensor> = params.iter().map(|p| p.as_tensor()).collect();
     if all_cpu(masters) && all_cpu(&outs) {
         return with_cpu_data(masters, &outs, |ins, outs| {
             let ms = ins
@@ -886,6 +888,43 @@ fn half_len(p: &cpu::HalfMut<'_>) -> usize {
         cpu::HalfMut::BF16(p) => p.len(),
         cpu::HalfMut::F16(p) => p.len(),
     }
+}
+
+/// Errors unless there is one master per parameter, each f32 of its
+/// parameter's shape and device, and each parameter bf16/f16.
+fn check_master_pairs(who: &str, masters: &[&Tensor], params: &[&Tensor]) -> Result<()> {
+    if masters.len() != params.len() {
+        fail!(
+            Shape,
+            who,
+            "{} masters for {} parameters",
+            masters.len(),
+            params.len()
+        );
+    }
+    for (i, (m, p)) in masters.iter().zip(params).enumerate() {
+        if m.dtype() != DType::F32 || !matches!(p.dtype(), DType::BF16 | DType::F16) {
+            fail!(
+                Shape,
+                who,
+                "pair {i}: an f32 master and a bf16/f16 parameter expected, got {:?} and {:?}",
+                m.dtype(),
+                p.dtype()
+            );
+        }
+        if m.dims() != p.dims() || !m.device().same_device(p.device()) {
+            fail!(
+                Shape,
+                who,
+                "pair {i}: master {:?} on {:?}, parameter {:?} on {:?}",
+                m.dims(),
+                m.device(),
+                p.dims(),
+                p.device()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `Σ x²` of each tensor, in f64 on the host (one host sync for all).

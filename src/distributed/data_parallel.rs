@@ -164,7 +164,9 @@ pub trait ShardedStep {
     /// Whether the optimizer steps bf16/f16 parameters through f32 master
     /// weights ([`Driver::with_master_weights`](crate::optim::Driver::with_master_weights)):
     /// [`DataParallel`] then refuses [`ParamGather::Bf16Updates`], which
-    /// would rewrite those parameters behind the masters. Default `false`.
+    /// would rewrite those parameters behind the masters. Default `false`:
+    /// a wrapper around one of the crate's optimizers must forward it (as
+    /// the crate's own wrappers do), or the refusal cannot see the masters.
     fn keeps_master_weights(&self) -> bool {
         false
     }
@@ -640,7 +642,8 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             return Err(Error::config(
                 self.who("new"),
                 format!(
-                    "the optimizer's settings (learning rate, hyperparameters, partitions) differ \
+                    "the optimizer's settings (learning rate, hyperparameters, partitions, master \
+                     weights) differ \
                      from this rank's on rank(s) {settings_differ:?}: every rank must build the \
                      same optimizer"
                 ),

@@ -61,7 +61,13 @@ type Agree<'a> = dyn FnMut(Option<&Error>) -> Result<()> + 'a;
 
 /// Undo copies of the fallible groups: per group, per member, the
 /// parameter's index, value and state.
-type Undo = Vec<Vec<(usize, Tensor, Vec<StateSlot>)>>;
+type Undo = Vec<Vec<Snapshot>>;
+
+/// An undo copy of one parameter: its index, the value its chain updates
+/// (its master weight, if it has one), the parameter itself when that is a
+/// master's (its exact bits: a −0 or a NaN payload is not the master's
+/// rounding), and its state.
+type Snapshot = (usize, Tensor, Option<Tensor>, Vec<StateSlot>);
 
 /// Runs chains of transforms over named parameters; implements
 /// `candle_nn::Optimizer` and [`OptimizerState`](crate::OptimizerState).
@@ -92,6 +98,7 @@ pub struct Driver {
 /// The checkpoint slot of a parameter's master weight: `<param>.master_weight`
 /// (no second dot, so no transform's `<param>.<transform>.<field>` key).
 pub(crate) const MASTER_SLOT: &str = "master_weight";
+const MASTER_SLOT_SUFFIX: &str = ".master_weight";
 
 /// Errors unless `lr` is finite and ≥ 0, and within f32's range (the
 /// updates of f32, bf16 and f16 parameters compute in f32, where a larger
@@ -226,17 +233,22 @@ impl Driver {
     ///
     /// Costs 4 bytes per bf16/f16 parameter element (the master, made at the
     /// parameter's first step, saved in checkpoints as
-    /// `<param>.master_weight`), a conversion and copy into the parameter
-    /// per step, and a check that the parameter still equals its master
-    /// rounded. **The parameter is the truth**: if it changed outside the
-    /// optimizer (loaded weights, an edit, a checkpoint of another run), the
-    /// master is re-made from it at its next step, so nothing written to a
-    /// parameter is overwritten by a stale master. f32 and f64 parameters
-    /// are stepped as before (they have no master). The state of a bf16
-    /// parameter is f32 either way, so an optimizer checkpoint without
-    /// master weights loads into one with them (the masters are then made
-    /// from the parameters), not the reverse (the precision the masters
-    /// held would be lost: refused).
+    /// `<param>.master_weight`), and per step: the gradient cast to f32 (a
+    /// temporary of 4 bytes per element), a check that each parameter still
+    /// equals its master rounded, and the rounding into the parameter.
+    /// **The parameter is the truth**: if it changed outside the optimizer
+    /// (loaded weights, an edit, a checkpoint of another run) so that it no
+    /// longer equals its master rounded, as numbers, the master is re-made
+    /// from it at its next step, so no value written to a parameter is
+    /// overwritten by a stale master. (A parameter holding a NaN never
+    /// equals its master: its master is re-made at every step.) A refused
+    /// step leaves the parameters' bits, the masters and the state as they
+    /// were. f32 and f64 parameters are stepped as before (they have no
+    /// master). The state of a bf16 parameter is f32 either way, so an
+    /// optimizer checkpoint without master weights loads into one with them
+    /// (the masters are then made from the parameters), not the reverse (a
+    /// checkpoint holding masters is refused by an optimizer without: the
+    /// precision they hold would be lost).
     pub fn with_master_weights(mut self) -> Self {
         self.master_weights = true;
         for info in &mut self.infos {
@@ -254,8 +266,11 @@ impl Driver {
     }
 
     /// The f32 master weight of parameter `name`, once it has had a step
-    /// with [`with_master_weights`](Self::with_master_weights) (`None` for
-    /// an f32/f64 parameter, or before its first step).
+    /// with [`with_master_weights`](Self::with_master_weights) or was loaded
+    /// from a checkpoint (`None` for an f32/f64 parameter, or before its
+    /// first step). A master that no longer rounds to its parameter (the
+    /// parameter changed since) is returned as it is; the next step re-makes
+    /// it from the parameter.
     pub fn master_weight(&self, name: &str) -> Option<&Tensor> {
         let p = self.params.iter().position(|v| v.name == name)?;
         self.masters[p].as_ref().map(|m| m.as_tensor())
@@ -737,30 +752,31 @@ impl Driver {
 
     /// Copies of the parameters `ps` (their master weights, for those that
     /// have one) and of their state.
-    fn snapshot(
-        &self,
-        ps: impl Iterator<Item = usize>,
-    ) -> Result<Vec<(usize, Tensor, Vec<StateSlot>)>> {
+    fn snapshot(&self, ps: impl Iterator<Item = usize>) -> Result<Vec<Snapshot>> {
         ps.map(|p| {
             let w = self.working(p).as_tensor().detach().copy()?;
+            let param = match self.masters[p] {
+                Some(_) => Some(self.params[p].var.as_tensor().detach().copy()?),
+                None => None,
+            };
             let chain = &self.parts[self.assign[p]].chain;
             let states = chain
                 .iter()
                 .zip(&self.states[p])
                 .map(|((_, t), s)| copy_state(t, &self.infos[p], s.as_deref()))
                 .collect::<Result<_>>()?;
-            Ok((p, w, states))
+            Ok((p, w, param, states))
         })
         .collect()
     }
 
     fn restore(&mut self, undo: Undo) {
-        for (p, w, states) in undo.into_iter().flatten() {
-            // Writing back a copy of the same shape and dtype cannot fail;
-            // a master rounds to the parameter it was seeded from or
-            // checked against before the step.
+        for (p, w, param, states) in undo.into_iter().flatten() {
+            // Writing back a copy of the same shape and dtype cannot fail.
             let _ = self.working(p).set(&w);
-            let _ = self.write_back_masters(std::iter::once(p));
+            if let Some(param) = param {
+                let _ = self.params[p].var.set(&param);
+            }
             self.states[p] = states;
         }
     }
@@ -884,14 +900,16 @@ impl Driver {
         let header = self.read_header(state)?;
         let body: Body = serde_json::from_value(header.body.clone())
             .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not a driver header: {e}")))?;
-        if body.master_weights && !self.master_weights {
-            fail!(
-                Checkpoint,
-                "checkpoint",
-                "saved with f32 master weights (with_master_weights), which this optimizer does \
-                 not keep: loading would drop the precision they hold; build it with \
-                 with_master_weights() to resume"
-            );
+        if !self.master_weights {
+            if let Some(key) = state.keys().find(|k| k.ends_with(MASTER_SLOT_SUFFIX)) {
+                fail!(
+                    Checkpoint,
+                    key,
+                    "an f32 master weight (saved with with_master_weights), which this \
+                     optimizer does not keep: loading would drop the precision it holds; \
+                     build the optimizer with with_master_weights() to resume"
+                );
+            }
         }
         check_lr("checkpoint: lr", body.lr).map_err(|e| Error::checkpoint("lr", strip(&e)))?;
         // Partitions and routing.
@@ -990,7 +1008,9 @@ impl Driver {
                         param.dims()
                     );
                 }
-                new_masters[p] = Some(Var::from_tensor(&t.to_device(param.device())?)?);
+                // (detached: `from_tensor` then copies, so the master shares
+                // no storage with the caller's tensor)
+                new_masters[p] = Some(Var::from_tensor(&t.to_device(param.device())?.detach())?);
                 continue;
             }
             let Some((p, rest)) = split_key(key, &names) else {
@@ -1017,7 +1037,8 @@ impl Driver {
                 fail!(
                     Checkpoint,
                     key,
-                    "not a `<parameter>.<transform>.<field>` key of this optimizer"
+                    "not a `<parameter>.<transform>.<field>` (or `<parameter>.master_weight`) \
+                     key of this optimizer"
                 );
             };
             let chain = &new_chains[self.assign[p]];
