@@ -521,7 +521,8 @@ fn a_step_refused_by_its_verdict_leaves_no_master_behind() {
 
 /// Data-parallel Muon over bf16 parameters with master weights on two
 /// in-process ranks: every rank's parameters equal the one-process run's
-/// bit for bit, each master lives only at its owner, and a resume from
+/// bit for bit (the owners step their masters with f32 gradients, as one
+/// process does), each master lives only at its owner, and a resume from
 /// `save_state` (each rank's file, masters included) continues bit for bit;
 /// `ParamGather::Bf16Updates`, which would rewrite the parameters behind
 /// their masters, is refused at construction.
@@ -536,8 +537,16 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
             .unwrap()
             .with_master_weights()
     };
+    // Gradients bf16 does not hold (the owners must get them in f32, as
+    // one process steps its masters with them).
+    let fine = |vars: &[NamedVar], step: usize| -> Vec<(usize, Tensor)> {
+        grads_for(vars, step, 0.5)
+            .into_iter()
+            .map(|(i, g)| (i, (g * (1.0 + 2f64.powi(-10))).unwrap()))
+            .collect()
+    };
     let grads = |opt: &Muon, step: usize| -> Vec<Option<Tensor>> {
-        grads_for(opt.vars(), step, 0.5)
+        fine(opt.vars(), step)
             .into_iter()
             .map(|(_, g)| Some(g))
             .collect()
@@ -547,9 +556,7 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
     let one = converted(&init, DType::BF16);
     let mut single = make(&one);
     for step in 0..6 {
-        single
-            .step_subset(&grads_for(single.vars(), step, 0.5))
-            .unwrap();
+        single.step_subset(&fine(single.vars(), step)).unwrap();
     }
     let want: Vec<Vec<u32>> = single
         .vars()
@@ -576,12 +583,12 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
             .iter()
             .map(|v| bits(v.var.as_tensor()))
             .collect();
-        let masters = dp
-            .optimizer()
-            .vars()
+        let driver = dp.optimizer().driver();
+        let masters: Vec<(String, Vec<u32>)> = driver
+            .params()
             .iter()
-            .filter(|v| dp.optimizer().driver().master_weight(&v.name).is_some())
-            .count();
+            .filter_map(|v| Some((v.name.clone(), bits(driver.master_weight(&v.name)?))))
+            .collect();
         Ok((whole, masters, at3, g))
     })
     .unwrap();
@@ -589,7 +596,11 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
     for r in &out {
         let (whole, m, ..) = r.as_ref().unwrap();
         assert_eq!(whole, &want, "a rank differs from one process");
-        masters += m;
+        for (name, bits_m) in m {
+            let one = single.driver().master_weight(name).unwrap();
+            assert_eq!(bits_m, &bits(one), "{name}: the owner's master");
+        }
+        masters += m.len();
     }
     assert_eq!(masters, want.len(), "each master at its owner only");
 

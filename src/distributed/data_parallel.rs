@@ -116,7 +116,8 @@ pub trait ShardedStep {
     ///
     /// Called on every rank at every step, with an empty slice on a rank that
     /// owns no parameter with a gradient. Each gradient has its parameter's
-    /// shape and dtype. On error, the implementation must change no parameter
+    /// shape and dtype (f32 for a bf16/f16 parameter when
+    /// [`keeps_master_weights`](Self::keeps_master_weights)). On error, the implementation must change no parameter
     /// and no state (the crate's step protocol).
     fn step_subset(&mut self, grads: &[(usize, Tensor)]) -> Result<()>;
 
@@ -327,6 +328,9 @@ pub struct DataParallel<C: Collective, O: ShardedStep> {
     last_norm: Option<f64>,
     /// [`ShardedStep::agrees_before_commit`], read once at construction.
     two_phase: bool,
+    /// [`ShardedStep::keeps_master_weights`], read once at construction:
+    /// the owners' bf16/f16 parameters then get f32 gradients.
+    masters: bool,
     /// Set (on every rank alike) when a step failed after some owners had
     /// stepped: the ranks' optimizer states (or schedule counters) may
     /// disagree, so steps are refused until [`DataParallel::load_state`]
@@ -554,6 +558,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             return Err(e);
         }
         let two_phase = opt.agrees_before_commit();
+        let masters = opt.keeps_master_weights();
         let plan_len = plan.len();
         let named = vars
             .iter()
@@ -575,6 +580,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             steps: 0,
             last_norm: None,
             two_phase,
+            masters,
             broken: None,
             stepped: vec![false; plan_len],
         };
@@ -877,14 +883,20 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
     }
 
     /// This rank's share of the reduce-scatter, as the gradients of the
-    /// parameters it owns and some rank has a gradient for, in their dtypes.
+    /// parameters it owns and some rank has a gradient for, in their dtypes
+    /// (f32 for a bf16/f16 parameter stepped through an f32 master weight,
+    /// which would only lose bits in between).
     /// An error here is reported by the next collective (clipping or the
     /// owner's step), so no rank waits in vain.
     fn owned_grads(&self, chunk: &Tensor, has_grad: &[f32]) -> Result<Vec<(usize, Tensor)>> {
         let mut owned = Vec::new();
         for (i, g) in self.plan.unpack_owned(self.comm.rank(), chunk)? {
             if has_grad[i] > 0.0 {
-                owned.push((i, g.to_dtype(self.vars[i].dtype())?));
+                let dt = match self.vars[i].dtype() {
+                    DType::BF16 | DType::F16 if self.masters => DType::F32,
+                    dt => dt,
+                };
+                owned.push((i, g.to_dtype(dt)?));
             }
         }
         Ok(owned)
