@@ -22,6 +22,9 @@
 //!   WSM checkpoint merging; [`theory`]: docs/math.md §5's last-iterate and average
 //!   bounds; [`clip`]: gradient clipping by global norm; [`accumulate`]:
 //!   gradient accumulation over micro-batches.
+//! - bf16/f16 training: f32 master weights
+//!   ([`optim::Driver::with_master_weights`], on every optimizer) and
+//!   dynamic loss scaling for f16 gradients ([`loss_scale`]).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -54,6 +57,7 @@ pub mod device;
 pub mod distributed;
 pub mod error;
 pub mod linalg;
+pub mod loss_scale;
 pub mod optim;
 mod params;
 pub mod penalty;
