@@ -30,16 +30,28 @@
 //! # }
 //! ```
 //!
-//! The unscaled gradients are f32 (an f16 one would underflow again), so an
-//! f16 parameter should be stepped through an f32 master weight
+//! The unscaled gradients are f32 (an f16 one would underflow again), so
+//! f16 parameters must be stepped through f32 master weights
 //! ([`Driver::with_master_weights`](crate::optim::Driver::with_master_weights)),
-//! which takes them as they are; without, the optimizer rounds them to f16.
-//! bf16 has f32's range and needs no scaling.
+//! which take them as they are ([`LossScaler::step`] refuses f16
+//! parameters without: the optimizer would round the gradients back to f16,
+//! where a large one overflows at any scale). Compute the loss itself in
+//! f32 (cast the logits): the backward pass of an f16 loss carries `S` in
+//! f16, which overflows at `S ≥ 65520` whatever the loss. bf16 has f32's
+//! range and needs no scaling.
+//!
+//! Each batch starts with [`scale_loss`](LossScaler::scale_loss): the
+//! scaler then unscales each parameter's gradient exactly once before the
+//! step, whether [`unscale`](LossScaler::unscale) ran first (to clip the
+//! true gradients) or not. A skipped step is a refused step: a
+//! [`Scheduled`](crate::schedule::Scheduled) optimizer's counter does not
+//! advance, and an [`Accumulate`](crate::accumulate::Accumulate) drops that
+//! micro-batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, TensorId};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Header, OptimizerState, HEADER_KEY};
@@ -52,11 +64,16 @@ const KIND: &str = "loss_scale";
 /// finite below 1.8·10¹⁹, and no useful scale is larger).
 const MAX_SCALE: f64 = 18446744073709551616.0;
 
+/// Nor falls below 2⁻²⁴ (its inverse, by which the gradients are
+/// multiplied in f32, stays far from f32's overflow).
+const MIN_SCALE: f64 = 1.0 / 16777216.0;
+
 /// How the loss scale starts and moves. Defaults are PyTorch's
 /// `GradScaler`'s: `2¹⁶`, ×2 after 2000 good steps, ×½ on an overflow.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LossScaleConfig {
-    /// The first scale `S` (finite, > 0).
+    /// The first scale `S`, in `[2⁻²⁴, 2⁶⁴]` (a power of two keeps the
+    /// scaling and unscaling exact, as do power-of-two factors).
     pub init_scale: f64,
     /// `S ← S · growth_factor` after `growth_interval` good steps (> 1).
     pub growth_factor: f64,
@@ -81,11 +98,11 @@ impl LossScaleConfig {
     /// Errors (naming the field) on a value out of range.
     pub fn validate(&self) -> Result<()> {
         let c = self;
-        if !(c.init_scale.is_finite() && c.init_scale > 0.0 && c.init_scale <= MAX_SCALE) {
+        if !(MIN_SCALE..=MAX_SCALE).contains(&c.init_scale) {
             fail!(
                 Config,
                 "LossScaleConfig.init_scale",
-                "must be finite, > 0 and ≤ 2⁶⁴, got {}",
+                "must be in [2⁻²⁴, 2⁶⁴], got {}",
                 c.init_scale
             );
         }
@@ -115,10 +132,13 @@ impl LossScaleConfig {
 /// What [`LossScaler::step`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScaledStep {
-    /// The optimizer stepped.
+    /// The optimizer accepted the gradients (it stepped, or, for a wrapper
+    /// such as [`Accumulate`](crate::accumulate::Accumulate), added them).
     Stepped,
     /// A gradient overflowed (±Inf or NaN, in parameter `param`): the
-    /// optimizer refused the step, changing nothing, and the scale backed off.
+    /// optimizer refused the step, changing no parameter and no state, and
+    /// the scale backed off. (The gradient store holds the unscaled
+    /// gradients.)
     Skipped {
         /// The first parameter whose gradient was not finite.
         param: String,
@@ -135,8 +155,9 @@ pub struct LossScaler {
     good_steps: u64,
     /// Steps skipped for an overflow, in all.
     skipped: u64,
-    /// Whether [`unscale`](Self::unscale) ran since the last step.
-    unscaled: bool,
+    /// The parameters (variable ids) whose gradient was unscaled since this
+    /// batch's [`scale_loss`](Self::scale_loss) and not yet stepped.
+    unscaled: HashSet<TensorId>,
 }
 
 /// The checkpoint header's body: everything a scaler holds.
@@ -157,7 +178,7 @@ impl LossScaler {
             config,
             good_steps: 0,
             skipped: 0,
-            unscaled: false,
+            unscaled: HashSet::new(),
         })
     }
 
@@ -176,10 +197,10 @@ impl LossScaler {
         &self.config
     }
 
-    /// `S · loss`, computed in f32 (an f16 loss times `2¹⁶` would overflow
-    /// f16 for any loss above 1); its backward pass carries the scaled
-    /// gradients, in the model's dtypes.
-    pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
+    /// `S · loss`, computed in f32 (f64 for an f64 loss); its backward pass
+    /// carries the scaled gradients, in the model's dtypes. Starts a batch:
+    /// every gradient [`step`](Self::step) sees next is unscaled once.
+    pub fn scale_loss(&mut self, loss: &Tensor) -> Result<Tensor> {
         if !loss.dtype().is_float() {
             fail!(
                 Shape,
@@ -192,26 +213,23 @@ impl LossScaler {
             DType::F16 | DType::BF16 => loss.to_dtype(DType::F32)?,
             _ => loss.clone(),
         };
+        self.unscaled.clear();
         Ok(loss.affine(self.scale, 0.0)?)
     }
 
     /// Replaces the gradient of each of `params` in `grads` by the gradient
     /// divided by `S`, in f32 (f64 for an f64 gradient): the true
-    /// gradients, for clipping or inspection before [`step`](Self::step)
-    /// (which then does not unscale again). Errors if called twice before a
-    /// step (the gradients would be divided twice); on error the store is
-    /// as it was.
+    /// gradients, for clipping or inspection before [`step`](Self::step).
+    /// A parameter already unscaled in this batch is left as it is (so
+    /// clipping between `unscale` and `step` is kept, and nothing is
+    /// divided twice). On error the store is as it was.
     pub fn unscale(&mut self, grads: &mut GradStore, params: &[NamedVar]) -> Result<()> {
-        if self.unscaled {
-            fail!(
-                Config,
-                "LossScaler::unscale",
-                "the gradients were already unscaled since the last step"
-            );
-        }
         let inv = 1.0 / self.scale;
         let mut unscaled = Vec::new();
         for nv in params {
+            if self.unscaled.contains(&nv.var.id()) {
+                continue;
+            }
             if let Some(g) = grads.get(&nv.var) {
                 let wide = match g.dtype() {
                     DType::F64 => g.clone(),
@@ -222,34 +240,50 @@ impl LossScaler {
         }
         for (nv, g) in unscaled {
             grads.insert(&nv.var, g);
+            self.unscaled.insert(nv.var.id());
         }
-        self.unscaled = true;
         Ok(())
     }
 
-    /// Unscales the gradients of `opt`'s parameters in `grads` (unless
-    /// [`unscale`](Self::unscale) ran since the last step) and steps `opt`.
-    /// A step the optimizer refuses for a non-finite gradient
-    /// ([`Error::NonFiniteGradient`], after which nothing changed) is an
-    /// overflow: the scale backs off and `Skipped` is returned. After
-    /// `growth_interval` steps in a row that ran, the scale grows. Any other
-    /// error is returned as it is, the scale unchanged (the store then holds
-    /// the unscaled gradients: call `step` again to retry, not `unscale`).
+    /// Unscales the gradients of `opt`'s parameters in `grads` (those not
+    /// unscaled yet in this batch) and steps `opt`. A step the optimizer
+    /// refuses for a non-finite gradient ([`Error::NonFiniteGradient`],
+    /// after which nothing changed) is an overflow: the scale backs off and
+    /// `Skipped` is returned. After `growth_interval` steps in a row that
+    /// ran, the scale grows. Any other error is returned as it is, the
+    /// scale unchanged; the store then holds the unscaled gradients, which a
+    /// second `step` with it takes as they are.
     ///
-    /// A [`DataParallel`](crate::distributed::DataParallel) refuses a step
-    /// on every rank when any rank's gradient is not finite, so its ranks
-    /// skip alike and keep one scale.
+    /// Clipping with [`clip_grad_norm_named`](crate::clip::clip_grad_norm_named)
+    /// between [`unscale`](Self::unscale) and `step` returns
+    /// `NonFiniteGradient` on an overflow: call `step` anyway, which then
+    /// skips and backs off.
+    ///
+    /// Errors (changing nothing) if `opt` has an f16 parameter and keeps no
+    /// master weights. A [`DataParallel`](crate::distributed::DataParallel)
+    /// refuses a step on every rank when any rank's gradient is not finite,
+    /// so its ranks skip alike and keep one scale (the unscaling itself is
+    /// local: a device error there returns on that rank alone).
     pub fn step<O: TryStep + HasParams>(
         &mut self,
         opt: &mut O,
         grads: &mut GradStore,
     ) -> Result<ScaledStep> {
-        if !self.unscaled {
-            self.unscale(grads, opt.params())?;
+        if !opt.keeps_master_weights() {
+            if let Some(p) = opt.params().iter().find(|p| p.var.dtype() == DType::F16) {
+                fail!(
+                    Config,
+                    p.name,
+                    "an f16 parameter of an optimizer without master weights: the unscaled \
+                     gradients would be rounded back to f16 (build it with \
+                     with_master_weights())"
+                );
+            }
         }
+        self.unscale(grads, opt.params())?;
         match opt.try_step(grads) {
             Ok(()) => {
-                self.unscaled = false;
+                self.unscaled.clear();
                 self.good_steps += 1;
                 if self.good_steps >= self.config.growth_interval {
                     self.scale = (self.scale * self.config.growth_factor).min(MAX_SCALE);
@@ -258,8 +292,8 @@ impl LossScaler {
                 Ok(ScaledStep::Stepped)
             }
             Err(Error::NonFiniteGradient { param }) => {
-                self.unscaled = false;
-                self.scale = (self.scale * self.config.backoff_factor).max(f64::MIN_POSITIVE);
+                self.unscaled.clear();
+                self.scale = (self.scale * self.config.backoff_factor).max(MIN_SCALE);
                 self.good_steps = 0;
                 self.skipped += 1;
                 Ok(ScaledStep::Skipped { param })
@@ -291,7 +325,7 @@ impl OptimizerState for LossScaler {
 
     /// Validates the header (kind, config, a scale in range, a count below
     /// the interval) before changing anything; restores config, scale and
-    /// counters.
+    /// counters (not which gradients of the current batch were unscaled).
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let header = Header::read(state, KIND)?;
         if let Some(key) = state.keys().find(|k| *k != HEADER_KEY) {
@@ -302,11 +336,11 @@ impl OptimizerState for LossScaler {
         body.config
             .validate()
             .map_err(|e| Error::checkpoint("checkpoint: config", e.to_string()))?;
-        if !(body.scale > 0.0 && body.scale <= MAX_SCALE) {
+        if !(MIN_SCALE..=MAX_SCALE).contains(&body.scale) {
             fail!(
                 Checkpoint,
                 "checkpoint: scale",
-                "must be in (0, 2⁶⁴], got {}",
+                "must be in [2⁻²⁴, 2⁶⁴], got {}",
                 body.scale
             );
         }
@@ -323,7 +357,6 @@ impl OptimizerState for LossScaler {
         self.scale = body.scale;
         self.good_steps = body.good_steps;
         self.skipped = body.skipped;
-        self.unscaled = false;
         Ok(())
     }
 }

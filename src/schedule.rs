@@ -334,6 +334,9 @@ impl<O: Optimizer + crate::optim::HasParams> crate::optim::HasParams for Schedul
     fn params(&self) -> &[crate::optim::NamedVar] {
         self.opt.params()
     }
+    fn keeps_master_weights(&self) -> bool {
+        self.opt.keeps_master_weights()
+    }
 }
 
 impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O> {

@@ -102,6 +102,9 @@ pub struct Accumulate<O> {
     /// Data-parallel: no local finite check, and a refused step drops the
     /// pending micro-batches (see [`Accumulate::data_parallel`]).
     collective: bool,
+    /// The wrapped optimizer keeps f32 master weights: the mean gradient of
+    /// a bf16/f16 parameter stays f32.
+    masters: bool,
 }
 
 /// The dtype of a parameter's running sum.
@@ -138,6 +141,7 @@ impl<O: TryStep + HasParams> Accumulate<O> {
         let params = opt.params().to_vec();
         Ok(Self {
             sums: vec![None; params.len()],
+            masters: opt.keeps_master_weights(),
             opt,
             params,
             every,
@@ -231,7 +235,13 @@ impl<O: TryStep> Accumulate<O> {
                 } else {
                     (s / self.every as f64)?
                 };
-                mean.insert(p.var.as_tensor(), g.to_dtype(p.var.dtype())?);
+                // (in the parameter's dtype, or f32 for a master weight,
+                // which rounding to bf16/f16 would only cost bits)
+                let dt = match p.var.dtype() {
+                    DType::BF16 | DType::F16 if self.masters => DType::F32,
+                    dt => dt,
+                };
+                mean.insert(p.var.as_tensor(), g.to_dtype(dt)?);
             }
         }
         let norm = match self.clip {
@@ -314,6 +324,15 @@ impl<O: TryStep> Accumulate<O> {
     /// Unwraps the optimizer (dropping pending micro-batches).
     pub fn into_inner(self) -> O {
         self.opt
+    }
+}
+
+impl<O> crate::optim::HasParams for Accumulate<O> {
+    fn params(&self) -> &[NamedVar] {
+        &self.params
+    }
+    fn keeps_master_weights(&self) -> bool {
+        self.masters
     }
 }
 

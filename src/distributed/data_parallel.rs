@@ -1484,6 +1484,9 @@ impl<C: Collective, O: ShardedStep> HasParams for DataParallel<C, O> {
     fn params(&self) -> &[NamedVar] {
         &self.named
     }
+    fn keeps_master_weights(&self) -> bool {
+        self.masters
+    }
 }
 
 /// [`DataParallel::step`]: collective, every rank must call it.

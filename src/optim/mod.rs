@@ -79,6 +79,13 @@ try_step_by_inherent!(AdamW, Sgd, Muon, Steepest, Driver);
 pub trait HasParams {
     /// The parameters, with their (checkpoint) names.
     fn params(&self) -> &[NamedVar];
+
+    /// Whether bf16/f16 parameters are stepped through f32 master weights
+    /// ([`Driver::with_master_weights`]), which take f32 gradients as they
+    /// are. Default `false`; wrappers forward it.
+    fn keeps_master_weights(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! has_params_by_driver {
@@ -86,6 +93,9 @@ macro_rules! has_params_by_driver {
         impl HasParams for $t {
             fn params(&self) -> &[NamedVar] {
                 self.driver().params()
+            }
+            fn keeps_master_weights(&self) -> bool {
+                self.driver().master_weights()
             }
         }
     )*};
@@ -95,5 +105,8 @@ has_params_by_driver!(AdamW, Sgd, Muon, Steepest);
 impl HasParams for Driver {
     fn params(&self) -> &[NamedVar] {
         Driver::params(self)
+    }
+    fn keeps_master_weights(&self) -> bool {
+        self.master_weights()
     }
 }
