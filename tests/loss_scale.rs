@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use steepest::loss_scale::{LossScaleConfig, LossScaler, ScaledStep};
@@ -51,6 +52,15 @@ fn linear_loss(w: &Var, x: &Tensor, c: f64) -> Tensor {
     (w * x).unwrap().sum_all().unwrap().affine(c, 0.0).unwrap()
 }
 
+/// `S · linear_loss(w, x, c)`'s gradients, a new batch of `scaler`.
+fn scaled_grads(scaler: &mut LossScaler, w: &Var, x: &Tensor, c: f64) -> GradStore {
+    scaler
+        .scale_loss(&linear_loss(w, x, c))
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 fn host(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .unwrap()
@@ -82,11 +92,7 @@ fn underflowing_f16_gradients_are_recovered() {
     assert_eq!(host(w.as_tensor()), before, "zero gradients: no movement");
 
     let mut scaler = LossScaler::new(LossScaleConfig::default()).unwrap();
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, c))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, c);
     scaler.unscale(&mut grads, opt.vars()).unwrap();
     let g = grads.get(&w).unwrap();
     assert_eq!(g.dtype(), DType::F32, "unscaled in f32");
@@ -129,11 +135,7 @@ fn overflow_skips_and_backs_off_to_the_largest_scale_that_fits() {
     loop {
         let before = (host(w.as_tensor()), opt.state_dict().unwrap().len());
         let s = scaler.scale();
-        let mut grads = scaler
-            .scale_loss(&linear_loss(&w, &x, 1.0))
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut grads = scaled_grads(&mut scaler, &w, &x, 1.0);
         match scaler.step(&mut opt, &mut grads).unwrap() {
             ScaledStep::Skipped { param } => {
                 assert_eq!(param, "w");
@@ -169,11 +171,7 @@ fn the_scale_grows_after_its_interval() {
     };
     let mut scaler = LossScaler::new(cfg).unwrap();
     let mut step = |scaler: &mut LossScaler, c: f64| {
-        let mut grads = scaler
-            .scale_loss(&linear_loss(&w, &x, c))
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut grads = scaled_grads(scaler, &w, &x, c);
         scaler.step(&mut opt, &mut grads).unwrap()
     };
     let mut scales = Vec::new();
@@ -241,11 +239,7 @@ fn each_gradient_is_unscaled_exactly_once() {
     let want_g: Vec<f64> = host(&x).iter().map(|v| v * 1e-3).collect();
     let (w, mut opt) = f16_sgd();
     let mut scaler = LossScaler::new(LossScaleConfig::default()).unwrap();
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     scaler.unscale(&mut grads, opt.vars()).unwrap();
     let once = host(grads.get(&w).unwrap());
     scaler.unscale(&mut grads, opt.vars()).unwrap();
@@ -271,11 +265,7 @@ fn each_gradient_is_unscaled_exactly_once() {
     assert_eq!(master(&opt), sgd_step(&before, &clipped));
 
     // An error that is not an overflow, then a retry with the same store.
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     opt.set_learning_rate(f64::NAN);
     let s = scaler.scale();
     let e = scaler.step(&mut opt, &mut grads).unwrap_err();
@@ -292,20 +282,12 @@ fn each_gradient_is_unscaled_exactly_once() {
     assert_eq!(master(&opt), sgd_step(&before, &g));
 
     // The same error, the batch dropped; the next batch is divided once.
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     opt.set_learning_rate(f64::NAN);
     scaler.step(&mut opt, &mut grads).unwrap_err();
     opt.set_learning_rate(1.0);
     drop(grads);
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     let before = master(&opt);
     assert_eq!(
         scaler.step(&mut opt, &mut grads).unwrap(),
@@ -323,11 +305,7 @@ fn clipping_an_overflow_then_step_skips() {
     let x = Tensor::from_vec(xs(24, 8), (4, 6), &Device::Cpu).unwrap();
     let (w, mut opt) = f16_sgd();
     let mut scaler = LossScaler::new(LossScaleConfig::default()).unwrap();
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e4))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e4);
     scaler.unscale(&mut grads, opt.vars()).unwrap();
     let e = steepest::clip::clip_grad_norm_named(&mut grads, opt.vars(), 1.0).unwrap_err();
     assert!(
@@ -341,11 +319,7 @@ fn clipping_an_overflow_then_step_skips() {
     ));
     assert_eq!(host(w.as_tensor()), before);
     assert_eq!(scaler.scale(), 32768.0);
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     assert_eq!(
         scaler.step(&mut opt, &mut grads).unwrap(),
         ScaledStep::Stepped
@@ -360,11 +334,7 @@ fn f16_parameters_need_master_weights() {
     let mut opt = AdamW::from_varmap(&vm, AdamWConfig::default()).unwrap();
     let x = Tensor::from_vec(xs(24, 9), (4, 6), &Device::Cpu).unwrap();
     let mut scaler = LossScaler::new(LossScaleConfig::default()).unwrap();
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&w, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &w, &x, 1e-3);
     let before = host(w.as_tensor());
     let e = scaler.step(&mut opt, &mut grads).unwrap_err();
     assert!(e.to_string().contains("w: an f16 parameter"), "{e}");
@@ -373,11 +343,7 @@ fn f16_parameters_need_master_weights() {
     let vb = VarMap::new();
     vb.data().lock().unwrap().insert("w".into(), b.clone());
     let mut opt = AdamW::from_varmap(&vb, AdamWConfig::default()).unwrap();
-    let mut grads = scaler
-        .scale_loss(&linear_loss(&b, &x, 1e-3))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut scaler, &b, &x, 1e-3);
     assert_eq!(
         scaler.step(&mut opt, &mut grads).unwrap(),
         ScaledStep::Stepped
@@ -402,18 +368,10 @@ fn the_scale_is_clamped() {
     })
     .unwrap();
     // an f32 loss: a tiny one at 2⁶⁴ still gives finite f16 gradients
-    let mut grads = top
-        .scale_loss(&linear_loss(&w, &x, 1e-24))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut top, &w, &x, 1e-24);
     assert_eq!(top.step(&mut opt, &mut grads).unwrap(), ScaledStep::Stepped);
     assert_eq!(top.scale(), 2f64.powi(64));
-    let mut grads = bottom
-        .scale_loss(&linear_loss(&w, &x, f64::NAN))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut grads = scaled_grads(&mut bottom, &w, &x, f64::NAN);
     assert!(matches!(
         bottom.step(&mut opt, &mut grads).unwrap(),
         ScaledStep::Skipped { .. }
@@ -433,11 +391,7 @@ fn scheduled_and_accumulate_take_the_scaler() {
     let mut sched = Scheduled::new(opt, Schedule::cosine(1.0, 0.1, 10).unwrap());
     let mut scaler = LossScaler::new(LossScaleConfig::default()).unwrap();
     for (c, stepped) in [(1e-3, true), (1e4, false), (1e-3, true)] {
-        let mut grads = scaler
-            .scale_loss(&linear_loss(&w, &x, c))
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut grads = scaled_grads(&mut scaler, &w, &x, c);
         let out = scaler.step(&mut sched, &mut grads).unwrap();
         assert_eq!(out == ScaledStep::Stepped, stepped);
     }
@@ -451,11 +405,7 @@ fn scheduled_and_accumulate_take_the_scaler() {
     let before = host(w.as_tensor());
     let (c1, c2) = (1e-8, 3e-8);
     for c in [c1, c2] {
-        let mut grads = scaler
-            .scale_loss(&linear_loss(&w, &x, c))
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut grads = scaled_grads(&mut scaler, &w, &x, c);
         assert_eq!(
             scaler.step(&mut acc, &mut grads).unwrap(),
             ScaledStep::Stepped
@@ -544,11 +494,7 @@ fn state_round_trips_and_bad_state_is_refused() {
     };
     let mut a = LossScaler::new(cfg).unwrap();
     for c in [1.0, 1e-3, 1e-3] {
-        let mut grads = a
-            .scale_loss(&linear_loss(&w, &x, c))
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut grads = scaled_grads(&mut a, &w, &x, c);
         a.step(&mut opt, &mut grads).unwrap();
     }
     let dir = common::scratch_dir("loss_scale", "state");

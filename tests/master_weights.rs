@@ -136,17 +136,23 @@ fn master_weights_follow_the_f32_run_bit_for_bit() {
             6,
             0.5,
         );
-        let low = converted(&model(DType::F32), dtype);
-        let high = converted(&low, DType::F32);
-        run_pair(
-            AdamW::from_varmap(&low, adamw_config(1e-3))
-                .unwrap()
-                .with_master_weights(),
-            AdamW::from_varmap(&high, adamw_config(1e-3)).unwrap(),
-            6,
-            0.5,
-        );
+        adamw_follows(dtype, 6);
     }
+}
+
+/// AdamW over the model in `dtype` with master weights follows the f32 run
+/// for `steps` steps ([`run_pair`]).
+fn adamw_follows(dtype: DType, steps: usize) {
+    let low = converted(&model(DType::F32), dtype);
+    let high = converted(&low, DType::F32);
+    run_pair(
+        AdamW::from_varmap(&low, adamw_config(1e-3))
+            .unwrap()
+            .with_master_weights(),
+        AdamW::from_varmap(&high, adamw_config(1e-3)).unwrap(),
+        steps,
+        0.5,
+    );
 }
 
 /// bf16 weights near 1 (8 significant bits: a unit in the last place is
@@ -237,16 +243,7 @@ fn a_parameter_changed_outside_the_optimizer_wins_over_its_master() {
 #[test]
 fn the_generic_path_keeps_masters_alike() {
     steepest::device::with_generic_ops(|| {
-        let low = converted(&model(DType::F32), DType::BF16);
-        let high = converted(&low, DType::F32);
-        run_pair(
-            AdamW::from_varmap(&low, adamw_config(1e-3))
-                .unwrap()
-                .with_master_weights(),
-            AdamW::from_varmap(&high, adamw_config(1e-3)).unwrap(),
-            4,
-            0.5,
-        );
+        adamw_follows(DType::BF16, 4);
         parameter_changed_outside();
     });
 }
@@ -313,30 +310,9 @@ fn a_refused_step_changes_neither_parameters_nor_masters() {
     assert_eq!(params_and_masters(opt.driver()), before);
     assert_eq!(state_snapshot(&opt.state_dict().unwrap()), state);
 
-    // Stiefel: two 8×4 bf16 matrices, the second zero; a zero gradient for
-    // it (its first) leaves its retraction no answer, after the first's ran.
-    let vars: Vec<NamedVar> = (0..2)
-        .map(|i| {
-            let t = Tensor::from_vec(values(20 + i, 32), (8, 4), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let q = steepest::msign(&t, &steepest::NewtonSchulz::polar_express(8)).unwrap();
-            let q = (q * (1 - i) as f64).unwrap();
-            NamedVar {
-                name: format!("w{i}"),
-                var: Var::from_tensor(&q.to_dtype(DType::BF16).unwrap()).unwrap(),
-            }
-        })
-        .collect();
-    let cfg = SteepestConfig {
-        lr: 0.05,
-        manifold: Manifold::Stiefel { transpose: false },
-        ..Default::default()
-    };
-    let mut st = Steepest::from_named(vars.clone(), cfg)
-        .unwrap()
-        .with_master_weights();
+    // Stiefel: the second matrix zero; a zero gradient for it (its first)
+    // leaves its retraction no answer, after the first's ran.
+    let (mut st, vars) = stiefel_pair(DType::BF16, 20, true);
     let mut grads = grads_for(&vars, 0, 0.5);
     st.step_subset(&grads[..1]).unwrap();
     let before = params_and_masters(st.driver());
@@ -463,37 +439,8 @@ fn f32_parameters_have_no_master() {
 /// state are as before.
 #[test]
 fn a_step_refused_by_its_verdict_leaves_no_master_behind() {
-    let vars: Vec<NamedVar> = (0..2)
-        .map(|i| {
-            let t = Tensor::from_vec(values(30 + i, 32), (8, 4), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let q = steepest::msign(&t, &steepest::NewtonSchulz::polar_express(8)).unwrap();
-            NamedVar {
-                name: format!("w{i}"),
-                var: Var::from_tensor(&q.to_dtype(DType::BF16).unwrap()).unwrap(),
-            }
-        })
-        .collect();
-    let cfg = SteepestConfig {
-        lr: 0.05,
-        manifold: Manifold::Stiefel { transpose: false },
-        ..Default::default()
-    };
-    let copies: Vec<NamedVar> = vars
-        .iter()
-        .map(|v| NamedVar {
-            name: v.name.clone(),
-            var: Var::from_tensor(&v.var.as_tensor().copy().unwrap()).unwrap(),
-        })
-        .collect();
-    let mut untouched = Steepest::from_named(copies, cfg.clone())
-        .unwrap()
-        .with_master_weights();
-    let mut st = Steepest::from_named(vars.clone(), cfg)
-        .unwrap()
-        .with_master_weights();
+    let (mut st, vars) = stiefel_pair(DType::BF16, 30, false);
+    let (mut untouched, _) = stiefel_pair(DType::BF16, 30, false);
     let before = params_and_masters(st.driver());
     assert_eq!(before.1, vec![None, None]);
     let grads = grads_for(&vars, 0, 0.5);
@@ -647,10 +594,10 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
     }
 }
 
-/// Stiefel-constrained bf16/f16 matrices `w0` (orthonormal columns) and
-/// `w1` (zero), for the refusal tests: a zero gradient for `w1` at its
-/// first step leaves its retraction no answer.
-fn stiefel_pair(dtype: DType, seed: u64) -> (Steepest, Vec<NamedVar>) {
+/// Stiefel-constrained bf16/f16 matrices `w0`, `w1` (orthonormal columns;
+/// `w1` zero with `zero_second`), for the refusal tests: a zero gradient for
+/// a zero `w1` at its first step leaves its retraction no answer.
+fn stiefel_pair(dtype: DType, seed: u64, zero_second: bool) -> (Steepest, Vec<NamedVar>) {
     let vars: Vec<NamedVar> = (0..2)
         .map(|i| {
             let t = Tensor::from_vec(values(seed + i, 32), (8, 4), &Device::Cpu)
@@ -658,7 +605,8 @@ fn stiefel_pair(dtype: DType, seed: u64) -> (Steepest, Vec<NamedVar>) {
                 .to_dtype(DType::F32)
                 .unwrap();
             let q = steepest::msign(&t, &steepest::NewtonSchulz::polar_express(8)).unwrap();
-            let q = (q * (1 - i) as f64).unwrap();
+            let keep = if zero_second && i == 1 { 0.0 } else { 1.0 };
+            let q = (q * keep).unwrap();
             NamedVar {
                 name: format!("w{i}"),
                 var: Var::from_tensor(&q.to_dtype(dtype).unwrap()).unwrap(),
@@ -683,7 +631,7 @@ fn stiefel_pair(dtype: DType, seed: u64) -> (Steepest, Vec<NamedVar>) {
 #[test]
 fn a_refused_step_after_an_edit_keeps_the_edit_and_the_old_master() {
     for (dtype, nan_bits) in [(DType::BF16, 0x7F81u16), (DType::F16, 0x7C01u16)] {
-        let (mut st, vars) = stiefel_pair(dtype, 40);
+        let (mut st, vars) = stiefel_pair(dtype, 40, true);
         let mut grads = grads_for(&vars, 0, 0.5);
         st.step_subset(&grads[..1]).unwrap();
         let w0 = &vars[0].var;
@@ -761,7 +709,7 @@ fn a_refused_step_after_an_edit_keeps_the_edit_and_the_old_master() {
         }
         // A −0 written where the master rounds to +0 counts as the same
         // value: that master is kept, and a refused step keeps the −0.
-        let (mut st, vars) = stiefel_pair(dtype, 50);
+        let (mut st, vars) = stiefel_pair(dtype, 50, true);
         let mut grads = grads_for(&vars, 0, 0.5);
         st.step_subset(&grads[..1]).unwrap();
         let w0 = &vars[0].var;
