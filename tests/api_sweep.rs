@@ -21,7 +21,8 @@
 //! the second step), then the swept gradient; both are checked.
 //! Deterministic: every random value comes from a seed derived from the
 //! case. The sweep fails listing every violated case. The slower optimizers
-//! (Muon, the manifolds, the wrappers) run each case in f32 and one other
+//! (Muon, the manifolds, the wrappers, and AdamW, Muon and Stiefel with f32
+//! master weights) run each case in f32 and one other
 //! dtype, rotating through f64, bf16 and f16. `SWEEP_WHY=1` (or `=cases`)
 //! with `--nocapture` prints why steps were refused, and where an `Ok` step
 //! left a non-finite state (Adam's second moment after a gradient ≳ 1e19 in
@@ -460,6 +461,21 @@ const OPTIMIZERS: &[(&str, Make)] = &[
         let schedule = Schedule::linear_warmup(0.01, 3)?;
         Ok(Box::new(Scheduled::new(adamw, schedule)) as Box<dyn Swept>)
     }),
+    ("AdamW spectral, master weights", |vm| {
+        let adamw = AdamW::from_varmap(vm, adamw_cfg(WeightDecay::spectral(0.1)))?;
+        boxed(Ok(adamw.with_master_weights()))
+    }),
+    ("Muon spectral, master weights", |vm| {
+        let muon = Muon::from_varmap(
+            vm,
+            muon_cfg(WeightDecay::spectral(0.1), NewtonSchulz::muon()),
+        )?;
+        boxed(Ok(muon.with_master_weights()))
+    }),
+    ("Steepest stiefel, master weights", |vm| {
+        let cfg = steepest_cfg(spectral(), Manifold::Stiefel { transpose: false });
+        boxed(Ok(Steepest::from_varmap(vm, cfg)?.with_master_weights()))
+    }),
 ];
 
 // ---------------------------------------------------------------------------
@@ -799,7 +815,12 @@ fn sweep_steepest_manifolds() {
 
 #[test]
 fn sweep_wrappers() {
-    sweep(&OPTIMIZERS[17..], false);
+    sweep(&OPTIMIZERS[17..21], false);
+}
+
+#[test]
+fn sweep_master_weights() {
+    sweep(&OPTIMIZERS[21..], false);
 }
 
 // ---------------------------------------------------------------------------
