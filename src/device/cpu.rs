@@ -662,6 +662,33 @@ pub fn apply_multi<P: Elem>(jobs: &mut [ApplyJob<'_, P>]) {
     );
 }
 
+/// `x` widened to f32 (exact), across the thread pool when large.
+pub fn widen<P: Elem<A = f32>>(x: &[P]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    #[inline(always)]
+    fn span<P: Elem<A = f32>>(x: &[P], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v.get();
+        }
+    }
+    if x.len() < PARALLEL_MIN {
+        wide(
+            #[inline(always)]
+            || span(x, &mut out),
+        );
+    } else {
+        out.par_chunks_mut(SPAN)
+            .zip(x.par_chunks(SPAN))
+            .for_each(|(o, x)| {
+                wide(
+                    #[inline(always)]
+                    || span(x, o),
+                )
+            });
+    }
+    out
+}
+
 /// A 16-bit float a parameter can be kept in beside an f32 master weight
 /// (see [`round_all_into`] and [`all_round_to`]).
 pub trait Half: Elem<A = f32> {
@@ -878,6 +905,25 @@ pub fn all_finite<P: Elem>(x: &[P]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `widen` is exact (every bf16 and f16 bit pattern, NaN payloads
+    /// included, serially and across parallel spans).
+    #[test]
+    fn widen_is_exact() {
+        let n = PARALLEL_MIN + 3 * SPAN + 7;
+        let b: Vec<bf16> = (0..n)
+            .map(|i| bf16::from_bits((i % 65536) as u16))
+            .collect();
+        let h: Vec<f16> = (0..n).map(|i| f16::from_bits((i % 65536) as u16)).collect();
+        for len in [0, 9, n] {
+            let wb = widen(&b[..len]);
+            let wh = widen(&h[..len]);
+            for i in 0..len {
+                assert_eq!(wb[i].to_bits(), b[i].to_f32().to_bits(), "bf16 {i}");
+                assert_eq!(wh[i].to_bits(), h[i].to_f32().to_bits(), "f16 {i}");
+            }
+        }
+    }
 
     /// `round_all_into` rounds as `half` does (to nearest, ties to even:
     /// the reference of candle's conversion; NaN, ±∞, overflow, subnormals

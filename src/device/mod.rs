@@ -927,6 +927,26 @@ fn check_master_pairs(who: &str, masters: &[&Tensor], params: &[&Tensor]) -> Res
     Ok(())
 }
 
+/// `t` in `dtype`. A bf16/f16 tensor widened to f32 on the CPU is
+/// converted across the thread pool (exact, as candle's conversion; a
+/// master weight's gradient at every step); anything else is candle's
+/// `to_dtype`.
+pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let half = matches!(t.dtype(), DType::BF16 | DType::F16);
+    if !(half && dtype == DType::F32 && all_cpu(&[t])) {
+        return Ok(t.to_dtype(dtype)?);
+    }
+    let t = t.contiguous()?;
+    let wide = with_cpu_data(&[&t], &[], |ins, _| {
+        Ok(match &ins[0] {
+            Data::BF16(s) => cpu::widen(s),
+            Data::F16(s) => cpu::widen(s),
+            _ => fail!(Device, "cast", "a bf16/f16 tensor expected"),
+        })
+    })?;
+    Ok(Tensor::from_vec(wide, t.shape(), t.device())?)
+}
+
 /// `Σ x²` of each tensor, in f64 on the host (one host sync for all).
 /// Summed in f64 on the CPU and CUDA, so that entries whose squares leave
 /// f32's range (beyond ~1.8e19, below ~1e-23) count; in f32 on Metal,

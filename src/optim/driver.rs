@@ -536,7 +536,14 @@ impl Driver {
                 let g = g.detach().contiguous()?;
                 // (the master's f32 for a parameter that has one)
                 let dt = self.infos[*p].dtype;
-                Ok((*p, if g.dtype() == dt { g } else { g.to_dtype(dt)? }))
+                Ok((
+                    *p,
+                    if g.dtype() == dt {
+                        g
+                    } else {
+                        device::cast(&g, dt)?
+                    },
+                ))
             })
             .collect::<Result<_>>()?;
         let refs: Vec<&Tensor> = grads.iter().map(|(_, g)| g).collect();
