@@ -944,7 +944,7 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
             _ => fail!(Device, "cast", "a bf16/f16 tensor expected"),
         })
     })?;
-    Ok(Tensor::from_vec(wide, t.shape(), t.device())?)
+    Ok(Tensor::from_vec(wide, t.shape(), &Device::Cpu)?)
 }
 
 /// `Σ x²` of each tensor, in f64 on the host (one host sync for all).
