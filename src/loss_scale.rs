@@ -10,17 +10,20 @@
 //! in a row without one, `S` doubles (Micikevicius et al., "Mixed Precision
 //! Training", 2018; PyTorch's `torch.amp.GradScaler`).
 //!
-//! ```no_run
-//! # use candle_core::Tensor;
+//! ```
+//! # use candle_core::{DType, Device, Var};
 //! # use steepest::{AdamW, AdamWConfig};
 //! # use steepest::loss_scale::{LossScaler, LossScaleConfig, ScaledStep};
-//! # fn loss_of(_: &candle_nn::VarMap) -> candle_core::Result<Tensor> { todo!() }
 //! # fn main() -> steepest::Result<()> {
-//! let varmap = candle_nn::VarMap::new(); // an f16 model
+//! // an f16 model: one weight matrix
+//! let varmap = candle_nn::VarMap::new();
+//! let w = Var::ones((4, 3), DType::F16, &Device::Cpu)?;
+//! varmap.data().lock().unwrap().insert("w".into(), w.clone());
 //! let mut opt = AdamW::from_varmap(&varmap, AdamWConfig::default())?.with_master_weights();
 //! let mut scaler = LossScaler::new(LossScaleConfig::default())?;
-//! for _ in 0..1000 {
-//!     let loss = loss_of(&varmap)?;
+//! for _ in 0..3 {
+//!     // the loss in f32 (see below)
+//!     let loss = w.as_tensor().to_dtype(DType::F32)?.sqr()?.mean_all()?;
 //!     let mut grads = scaler.scale_loss(&loss)?.backward()?;
 //!     if let ScaledStep::Skipped { param } = scaler.step(&mut opt, &mut grads)? {
 //!         eprintln!("overflow in {param}: loss scale now {}", scaler.scale());

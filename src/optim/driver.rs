@@ -98,7 +98,6 @@ pub struct Driver {
 /// The checkpoint slot of a parameter's master weight: `<param>.master_weight`
 /// (no second dot, so no transform's `<param>.<transform>.<field>` key).
 pub(crate) const MASTER_SLOT: &str = "master_weight";
-const MASTER_SLOT_SUFFIX: &str = ".master_weight";
 
 /// Errors unless `lr` is finite and ≥ 0, and within f32's range (the
 /// updates of f32, bf16 and f16 parameters compute in f32, where a larger
@@ -908,7 +907,10 @@ impl Driver {
         let body: Body = serde_json::from_value(header.body.clone())
             .map_err(|e| Error::checkpoint(HEADER_KEY, format!("not a driver header: {e}")))?;
         if !self.master_weights {
-            if let Some(key) = state.keys().find(|k| k.ends_with(MASTER_SLOT_SUFFIX)) {
+            if let Some(key) = state.keys().find(|k| {
+                k.rsplit_once('.')
+                    .is_some_and(|(_, slot)| slot == MASTER_SLOT)
+            }) {
                 fail!(
                     Checkpoint,
                     key,
