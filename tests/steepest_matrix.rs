@@ -335,6 +335,59 @@ fn a_warm_stiefel_retraction_does_not_flip_a_dominant_direction() {
     }
 }
 
+/// A cold retraction of a full-rank matrix whose few dominant singular
+/// values stand far above the rest (a low-rank-plus-noise init) is its
+/// polar factor `UVᵀ` (f64 SVD). Polar Express lifts the dominant values to
+/// ~1 and leaves the tail small; the cubic rounds divided by rms(σ), which
+/// with a small tail put the lifted values beyond √3, where the cubic step
+/// sends them negative: `(1, 1e-5 ×4)` came back as `diag(−1, 1, 1, 1, 1)`
+/// in the singular bases, with no error, and `(1, 1e-5 ×5)` was refused as
+/// rank-deficient at condition number 1e5.
+#[test]
+fn a_cold_stiefel_retraction_does_not_flip_dominant_directions() {
+    let cases: [(usize, usize, usize, f64); 8] = [
+        (5, 5, 1, 1e-5),
+        (6, 6, 1, 1e-5),
+        (64, 64, 16, 1e-4),
+        (12, 6, 2, 1e-4),
+        (40, 10, 1, 1e-3),
+        (9, 9, 3, 1e-6),
+        (20, 20, 2, 1e-7),
+        (30, 8, 4, 1e-6),
+    ];
+    for (n, m, k, tail) in cases {
+        let mut sv = vec![tail; m];
+        sv[..k].fill(1.0);
+        let a = with_singular_values(&mut rng(91 + n as u64), n, m, &sv);
+        let w = from_dmatrix(&a, DType::F32);
+        // The f64 polar factor of the input as rounded to f32.
+        let exact = polar(&to_dmatrix(&w));
+        let out = stiefel_retract(&w, true)
+            .unwrap_or_else(|e| panic!("{n}×{m}, {k} at 1, {m}−{k} at {tail:e}: {e}"));
+        let out = to_dmatrix(&out);
+        // f32's rounding in the iteration moves the tail's singular
+        // directions by up to ε·√m·‖W‖/tail: allow a fifth of that (the
+        // errors seen are 3–11× below it). A flipped direction is an error
+        // of 2·√(k/m), above it in every case but 20×20 at 1e-7, where the
+        // check below still sees it.
+        let err = rel_err(&out, &exact);
+        let tol = 0.2 * f32::EPSILON as f64 * (m as f64).sqrt() / tail;
+        assert!(
+            err < tol,
+            "{n}×{m}, {k} at 1, {m}−{k} at {tail:e}: ‖X − UVᵀ‖/‖UVᵀ‖ = {err:e} > {tol:e}"
+        );
+        // In particular the dominant directions keep their sign: uᵢᵀ X vᵢ ≈ 1.
+        let svd = a.clone().svd(true, true);
+        let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+        for i in 0..m {
+            if svd.singular_values[i] > 0.5 {
+                let c = (u.column(i).transpose() * &out * vt.row(i).transpose())[(0, 0)];
+                assert!((c - 1.0).abs() < 1e-3, "{n}×{m}: u{i}ᵀXv{i} = {c}");
+            }
+        }
+    }
+}
+
 fn nuclear(a: &DMatrix<f64>) -> f64 {
     singular_values(a).iter().sum()
 }

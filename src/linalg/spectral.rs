@@ -281,13 +281,17 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// near 1, until `‖XᵀX − I‖_F ≤ 4·ε·m·√n` (the rounding floor of that
 /// residual) or it stops decreasing (one host sync per round; with an
 /// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
-/// Polar Express (8 steps), then cubic rounds for as long as the residual
-/// still falls (up to 47 steps: small singular values grow by 1.5× a step
-/// before the quadratic phase), which brings any full-rank `W` onto the
-/// manifold. A `W` whose residual stays above `max(1e-3, 2·floor)`
-/// (rank-deficient, or a condition number beyond ~10⁸ in f32, ~10¹³–10¹⁴
-/// in f64) is an error; for a batch `(b, n, m)`, it names the first such
-/// member. A singular value that rounding has made nonzero counts as one:
+/// Polar Express (8 steps) twice, which lifts every singular value above
+/// ~1e-3 of the largest to ~1 and multiplies smaller ones by ~10⁷, then
+/// cubic rounds, not normalised (every singular value is then in
+/// `[0, ~1]`, where they converge; divided by `rms(σ)`, a few dominant
+/// values over a small tail would go beyond √3 and come out negated), for
+/// as long as the residual still falls (up to 47 steps: small singular
+/// values grow by 1.5× a step before the quadratic phase), which brings
+/// any full-rank `W` onto the manifold. A `W` whose residual stays above
+/// `max(1e-3, 2·floor)` (rank-deficient, or in f64 a condition number
+/// beyond ~10¹⁵) is an error; for a batch `(b, n, m)`, it names the first
+/// such member. A singular value that rounding has made nonzero counts as one:
 /// a matrix of rank `r < m` in exact arithmetic whose f32 entries give it
 /// singular values near 1e-8 is accepted, and its polar factor then turns
 /// that rounding into full directions.
@@ -334,6 +338,18 @@ fn warm_start_is_safe(w3: &Tensor) -> Result<bool> {
     let sigma = to_f64(power_iteration(w3, None, 30)?.sigma)?;
     let sigma2: Vec<f64> = sigma.iter().map(|s| s * s).collect();
     Ok(safe(&sigma2, 2.25))
+}
+
+/// `steps` cubic Newton–Schulz steps `X ← 1.5X − 0.5·X(XᵀX)` on the tall
+/// `(b, n, m)` batch `x`, without normalising: each singular value `s` maps
+/// to `1.5s − 0.5s³`, which converges to 1 from any `s ∈ (0, √3)`.
+fn cubic_steps(x: &Tensor, steps: usize) -> Result<Tensor> {
+    let mut x = x.clone();
+    for _ in 0..steps {
+        let gram = x.transpose(1, 2)?.matmul(&x)?;
+        x = ((&x * 1.5)? - (x.matmul(&gram)? * 0.5)?)?;
+    }
+    Ok(x)
 }
 
 /// An error about one member of a batch (`member`: its index, when the
@@ -401,7 +417,13 @@ pub(crate) fn stiefel_retract_members(
         return stiefel_retract_members(w, true);
     }
     let mut x = if cold {
-        msign(&w3, &NewtonSchulz::polar_express(8))?
+        // Polar Express lifts singular values down to ~1e-3 of the largest
+        // to ~1 and multiplies smaller ones by ~7e3 (the product of its
+        // linear coefficients); a second pass multiplies those by ~7e3/√k
+        // again (k: the values already at 1), far faster than the cubic
+        // rounds' 1.5 a step.
+        let pe = NewtonSchulz::polar_express(8);
+        msign(&msign(&w3, &pe)?, &pe)?
     } else {
         w3.clone()
     };
@@ -414,7 +436,7 @@ pub(crate) fn stiefel_retract_members(
     let eye = Tensor::eye(m, w3.dtype(), w3.device())?
         .unsqueeze(0)?
         .broadcast_as((b, m, m))?;
-    // X / rms(σ(X)) inside msign: ‖X‖_F·(1/√m).
+    // The warm rounds: X / rms(σ(X)) inside msign, ‖X‖_F·(1/√m).
     let scale = 1.0 / (m as f64).sqrt();
     // (largest residual, its member, X)
     let mut best: Option<(f64, usize, Tensor)> = None;
@@ -426,12 +448,20 @@ pub(crate) fn stiefel_retract_members(
     };
     for round in 0..max_rounds {
         let steps = if round == 0 && cold { 1 } else { 2 };
-        x = msign(
-            &x,
-            &NewtonSchulz::cubic(steps)
-                .with_norm_scale(scale)
-                .with_eps(0.0),
-        )?;
+        x = if cold {
+            // Not normalised: Polar Express left every singular value in
+            // [0, ~1], where the cubic converges. Divided by rms(σ), a few
+            // lifted values over a small tail go beyond √3 and come out
+            // negative (a flipped direction, on the manifold, no error).
+            cubic_steps(&x, steps)?
+        } else {
+            msign(
+                &x,
+                &NewtonSchulz::cubic(steps)
+                    .with_norm_scale(scale)
+                    .with_eps(0.0),
+            )?
+        };
         let dev = (x.transpose(1, 2)?.matmul(&x)? - &eye)?;
         let r = host_f64(&dev.sqr()?.sum(2)?.sum(1)?.sqrt()?)?;
         // a NaN residual (W = 0) must not read as converged
