@@ -2879,6 +2879,61 @@ fn a_bracketed_group_steps_as_each_matrix_alone() {
     assert!(lams[0] != lams[1] && lams[1] != lams[2], "{lams:?}");
 }
 
+/// A zero gradient on a tall, non-square Stiefel parameter leaves `W` where
+/// it is and keeps its dual variable `X`, as on the spectral sphere: the
+/// dual descent took `Φ = msign(WX) ≠ 0` and moved `X` by `2η₂·msign(X)`
+/// a step, for a `W` the retraction put back (so `tangent_residuals`
+/// reported an O(1) residual for a parameter with nothing to do). Plain
+/// (10×3) and smoothed (5×3) dual; a live member of the same group steps
+/// as it would alone.
+#[test]
+fn a_zero_gradient_leaves_w_and_x_on_the_stiefel_manifold_unchanged() {
+    for (n, m) in [(10, 3), (5, 3)] {
+        let mut r = rng(62 + n as u64);
+        let w0 = from_dmatrix(&orthonormal(&mut r, n, m), DType::F64);
+        let other = from_dmatrix(&orthonormal(&mut r, n, m), DType::F64);
+        let g1 = randn(&mut r, &[n, m], DType::F64);
+        let g2 = randn(&mut r, &[n, m], DType::F64);
+        let cfg = SteepestConfig {
+            momentum: 0.0,
+            nesterov: false,
+            ..stiefel_cfg(false)
+        };
+        let vars = named(vec![("w", w0.clone()), ("other", other.clone())]);
+        let mut opt = Steepest::from_named(vars.clone(), cfg.clone()).unwrap();
+        opt.step_subset(&[(0, g1.clone()), (1, g1.clone())])
+            .unwrap();
+        let after_one = vars[0].var.as_tensor().copy().unwrap();
+        let x = |o: &Steepest| to_f64_vec(&o.state_dict().unwrap()["w.manifold.x"]);
+        let x_one = x(&opt);
+        assert!(x_one.iter().any(|v| *v != 0.0), "{n}×{m}: X after a step");
+        let alone = named(vec![("other", other.clone())]);
+        let mut solo = Steepest::from_named(alone.clone(), cfg).unwrap();
+        solo.step_subset(&[(0, g1.clone())]).unwrap();
+        for _ in 0..20 {
+            opt.step_subset(&[(0, g1.zeros_like().unwrap()), (1, g2.clone())])
+                .unwrap();
+            solo.step_subset(&[(0, g2.clone())]).unwrap();
+        }
+        let gap = max_abs_diff(vars[0].var.as_tensor(), &after_one);
+        assert!(
+            gap < 1e-12,
+            "{n}×{m}: W moved by {gap:e} under zero gradients"
+        );
+        assert_eq!(x(&opt), x_one, "{n}×{m}: X moved under zero gradients");
+        let residuals = opt.tangent_residuals().unwrap();
+        assert!(
+            residuals.iter().any(|(name, r)| name == "w" && *r == 0.0),
+            "{n}×{m}: {residuals:?}"
+        );
+        let gap = max_abs_diff(vars[1].var.as_tensor(), alone[0].var.as_tensor());
+        assert!(
+            gap < 1e-12,
+            "{n}×{m}: the live member differs from its run alone by {gap:e}"
+        );
+    }
+}
+
 /// A zero gradient in a bracketed batch: its direction is zero and its `λ`
 /// kept (as with dual steps), and the other matrix gets what it gets alone.
 #[test]

@@ -751,6 +751,49 @@ fn a_normal_gradient_gives_a_zero_sphere_direction_in_every_dtype() {
     }
 }
 
+/// The same on the `ℓ_p` sphere: a gradient normal to it (`g = c·a`,
+/// `a = ŵ^{[p−1]}` computed in f64 and rounded to the dtype) gives a zero
+/// direction in f32 and f64; it gave a unit vector made of the rounding
+/// (`ρ(φ) = 1`, `⟨g, φ⟩/‖g‖_q ≈ 3e-8`), so a loss of `‖w‖_p` alone moved
+/// `w` a full step along noise. A genuine tangent part (1e-3 of `g`) still
+/// gives a unit direction (`ρ(φ) = 1`) with `⟨g, φ⟩ > 0`.
+#[test]
+fn a_normal_gradient_gives_a_zero_lp_sphere_direction() {
+    let mut r = rng(62);
+    for p in [1.5, 3.0, 4.0] {
+        for n in [5usize, 50, 400] {
+            let w: Vec<f64> = (0..n).map(|_| r.gen_range(-3.0..3.0)).collect();
+            let z: Vec<f64> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
+            for dt in [DType::F32, DType::F64] {
+                let wt = tensor(&w, dt);
+                let a = normal(&to_f64_vec(&wt), p);
+                let g: Vec<f64> = a.iter().map(|x| 2.5 * x).collect();
+                let phi = sphere_direction(&tensor(&g, dt), &wt, &Norm::Lp(p)).unwrap();
+                assert!(
+                    to_f64_vec(&phi).iter().all(|x| *x == 0.0),
+                    "p {p} n {n} {dt:?}: {:?}",
+                    &to_f64_vec(&phi)[..3]
+                );
+                let scale = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let g: Vec<f64> = g
+                    .iter()
+                    .zip(&z)
+                    .map(|(g, z)| g + 1e-3 * scale * z)
+                    .collect();
+                let phi =
+                    to_f64_vec(&sphere_direction(&tensor(&g, dt), &wt, &Norm::Lp(p)).unwrap());
+                let rho = phi
+                    .iter()
+                    .map(|x| x.abs().powf(p))
+                    .sum::<f64>()
+                    .powf(1.0 / p);
+                assert!((rho - 1.0).abs() < 1e-5, "p {p} n {n} {dt:?}: ρ(φ) = {rho}");
+                assert!(dot(&g, &phi) > 0.0, "p {p} n {n} {dt:?}");
+            }
+        }
+    }
+}
+
 /// At `w = 0` the sphere direction is the dualized gradient under every
 /// vector norm, as the Euclidean closed form gives (`ℓ_p` refused it: "w = 0
 /// is not on a sphere"; Sign zeroed the first coordinate as if it were the

@@ -594,7 +594,8 @@ fn bracket_root(
 /// Stiefel direction by dual descent (docs/math.md §3), for tall `W` (`n ≥ m`,
 /// `WᵀW = I`): repeat `steps` times `Φ = msign(Ĝ + W X);
 /// X ← X − η₂ (WᵀΦ + ΦᵀW)`, with `Ĝ = G/rms(σ(G))` and `X` symmetric `m × m`.
-/// Returns the last `Φ`, the updated `X` and `WᵀΦ + ΦᵀW` of that `Φ`.
+/// Returns the last `Φ`, the updated `X` and `WᵀΦ + ΦᵀW` of that `Φ`; a
+/// zero gradient gets `Φ = 0`, its `X` kept and a zero residual.
 ///
 /// A square `W` (`n = m`, the orthogonal group) takes the dual problem's
 /// exact solution instead, in one `msign` and whatever `dual` says: with
@@ -665,7 +666,8 @@ pub fn stiefel_direction(
             residual: unbatch(res, added)?,
         });
     }
-    let mut x3 = x3.to_dtype(g3.dtype())?;
+    let x0 = x3.to_dtype(g3.dtype())?;
+    let mut x3 = x0.clone();
     let mut phi = gn.zeros_like()?;
     let mut res = x3.zeros_like()?;
     // Nearly square: the smoothed dual (see `smoothed_msign`), whose
@@ -685,9 +687,16 @@ pub fn stiefel_direction(
         res = (&wtp + wtp.transpose(1, 2)?)?;
         x3 = dual.step(lr, &x3, &res)?;
     }
+    // A zero gradient has the zero direction and keeps its X (as on the
+    // spectral sphere): Φ = msign(WX) ≠ 0 would move X by 2η₂·msign(X) a
+    // step, for a W that stays where it is.
+    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?.reshape((b, 1, 1))?;
+    let keep = |t: &Tensor, dead: &Tensor| -> Result<Tensor> {
+        Ok(live.broadcast_as(t.shape())?.where_cond(t, dead)?)
+    };
     Ok(DualStep {
-        phi: unbatch(phi, added)?,
-        multiplier: unbatch(x3, added)?,
-        residual: unbatch(res, added)?,
+        phi: unbatch(keep(&phi, &phi.zeros_like()?)?, added)?,
+        multiplier: unbatch(keep(&x3, &x0)?, added)?,
+        residual: unbatch(keep(&res, &res.zeros_like()?)?, added)?,
     })
 }

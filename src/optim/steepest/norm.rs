@@ -151,10 +151,11 @@ fn scaled_by_max_abs(g: &Tensor) -> Result<Tensor> {
 /// At `w = 0` (on no sphere: a zero start, which the retraction then puts on
 /// the sphere) there is no tangent condition, and under every norm the
 /// direction is the dualized gradient ([`dualize`]), as the Euclidean closed
-/// form gives. A gradient normal to the sphere gives a zero direction (Euclidean: also
-/// when rounding leaves a tangent part below `4·√n·ε·‖g‖`, `ε` of f32 for
-/// f32 and 16-bit inputs, of f64 for f64; the projection runs in f32 for
-/// 16-bit inputs).
+/// form gives. A gradient normal to the sphere gives a zero direction (Euclidean
+/// and `Lp`: also when rounding leaves a tangent part `g − ⟨g,ŵ⟩ŵ`, or
+/// `g + λa`, below `4·√n·ε·‖g‖` in the dual norm, `ε` of f32 for f32 and
+/// 16-bit inputs, of f64 for f64; the Euclidean projection runs in f32 for
+/// 16-bit inputs, the `Lp` one in f64).
 pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
     norm.validate("sphere_direction: norm")?;
     if g.shape() != w.shape() {
@@ -195,12 +196,21 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
             }
             let a: Vec<f64> = wv.iter().map(|x| signed_pow(x / wn, p - 1.0)).collect();
             let lambda = lp_sphere_multiplier(&gv, &a, *p)?;
+            let tangent: Vec<f64> = gv.iter().zip(&a).map(|(g, a)| g + lambda * a).collect();
+            // As in the Euclidean case: a gradient normal to the sphere
+            // leaves only its own rounding in `g + λa` (measured in the dual
+            // norm ℓ_q), which normalised would be a unit vector of noise.
+            let q = p / (p - 1.0);
+            let eps = match g.dtype() {
+                DType::F64 => f64::EPSILON,
+                _ => f32::EPSILON as f64,
+            };
+            let tol = 4.0 * (gv.len() as f64).sqrt() * eps * p_norm(&gv, q);
+            if p_norm(&tangent, q) <= tol {
+                return Ok(g.zeros_like()?);
+            }
             let e = 1.0 / (p - 1.0);
-            let phi: Vec<f64> = gv
-                .iter()
-                .zip(&a)
-                .map(|(g, a)| signed_pow(g + lambda * a, e))
-                .collect();
+            let phi: Vec<f64> = tangent.iter().map(|t| signed_pow(*t, e)).collect();
             let n = p_norm(&phi, *p);
             let phi: Vec<f64> = phi.iter().map(|x| if n > 0.0 { x / n } else { 0.0 }).collect();
             Ok(Tensor::from_vec(phi, g.shape(), &Device::Cpu)?
