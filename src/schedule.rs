@@ -337,6 +337,9 @@ impl<O: Optimizer + crate::optim::HasParams> crate::optim::HasParams for Schedul
     fn keeps_master_weights(&self) -> bool {
         self.opt.keeps_master_weights()
     }
+    fn steps_collectively(&self) -> bool {
+        self.opt.steps_collectively()
+    }
 }
 
 impl<O: Optimizer + crate::optim::TryStep> crate::optim::TryStep for Scheduled<O> {

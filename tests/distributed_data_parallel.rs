@@ -705,6 +705,33 @@ fn a_parameter_stepped_once_is_never_listed_as_never_stepped() {
     }
 }
 
+/// `Accumulate::new` over a `DataParallel` is refused, pointing at
+/// `Accumulate::data_parallel`: it compiled and checked each rank's
+/// micro-batches for NaN locally, so a NaN on one rank was refused there
+/// alone, that rank's count fell behind, and its collective steps paired
+/// with the other ranks' calls one out of phase from then on.
+#[test]
+fn accumulate_new_refuses_a_data_parallel_optimizer() {
+    use steepest::accumulate::Accumulate;
+    use steepest::optim::HasParams;
+    let shapes: Vec<Vec<usize>> = vec![vec![4, 3], vec![5]];
+    let outs = LocalGroup::run(2, |comm| {
+        let vars = make_vars(&shapes, 1);
+        let opt = MomentumSgd::new(vars.clone());
+        let dp = DataParallel::new(comm, named_p(&vars), opt, DataParallelConfig::default())?;
+        assert!(dp.steps_collectively());
+        let Err(e) = Accumulate::new(dp, 2) else {
+            panic!("Accumulate::new took a DataParallel");
+        };
+        Ok::<_, steepest::Error>(e.to_string())
+    })
+    .unwrap();
+    for o in outs {
+        let e = o.unwrap();
+        assert!(e.contains("Accumulate::data_parallel"), "{e}");
+    }
+}
+
 /// `Accumulate::data_parallel` on 2 ranks, 2 micro-batches per step: each
 /// step is one data-parallel step with each rank's mean `(g₀ + g₁)/2`, bit
 /// for bit against a `DataParallel` fed those means (the same f32 sum and

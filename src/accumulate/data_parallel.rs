@@ -37,9 +37,7 @@ impl<C: Collective, S: ShardedStep> Accumulate<DataParallel<C, S>> {
     /// ranks apart. Checkpoints: [`save_state`](Self::save_state) and
     /// [`load_state`](Self::load_state) keep the pending micro-batches.
     pub fn data_parallel(dp: DataParallel<C, S>, every: usize) -> Result<Self> {
-        let mut acc = Self::new(dp, every)?;
-        acc.collective = true;
-        Ok(acc)
+        Self::wrap(dp, every, true)
     }
 }
 

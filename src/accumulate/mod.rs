@@ -135,8 +135,26 @@ fn empty_grad_store() -> Result<GradStore> {
 
 impl<O: TryStep + HasParams> Accumulate<O> {
     /// Wraps `opt`, which then steps once every `every` micro-batches
-    /// (`every ≥ 1`).
+    /// (`every ≥ 1`). Refuses an optimizer that steps collectively (a
+    /// [`DataParallel`](crate::distributed::DataParallel)): its wrapper is
+    /// [`Accumulate::data_parallel`], whose refusals are collective too
+    /// (here a NaN micro-batch on one rank would be refused on that rank
+    /// alone, and the ranks' steps would fall out of step).
     pub fn new(opt: O, every: usize) -> Result<Self> {
+        if opt.steps_collectively() {
+            fail!(
+                Config,
+                "Accumulate::new",
+                "the optimizer steps collectively (a DataParallel): wrap it with \
+                 Accumulate::data_parallel, which keeps the ranks in step"
+            );
+        }
+        Self::wrap(opt, every, false)
+    }
+
+    /// The wrapper; `collective`: its refusals are the wrapped
+    /// optimizer's collective ones ([`Accumulate::data_parallel`]).
+    pub(super) fn wrap(opt: O, every: usize, collective: bool) -> Result<Self> {
         check_every(every)?;
         let params = opt.params().to_vec();
         Ok(Self {
@@ -148,7 +166,7 @@ impl<O: TryStep + HasParams> Accumulate<O> {
             count: 0,
             clip: None,
             last_norm: None,
-            collective: false,
+            collective,
         })
     }
 
@@ -333,6 +351,9 @@ impl<O> crate::optim::HasParams for Accumulate<O> {
     }
     fn keeps_master_weights(&self) -> bool {
         self.masters
+    }
+    fn steps_collectively(&self) -> bool {
+        self.collective
     }
 }
 

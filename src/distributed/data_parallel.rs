@@ -1487,6 +1487,9 @@ impl<C: Collective, O: ShardedStep> HasParams for DataParallel<C, O> {
     fn keeps_master_weights(&self) -> bool {
         self.masters
     }
+    fn steps_collectively(&self) -> bool {
+        true
+    }
 }
 
 /// [`DataParallel::step`]: collective, every rank must call it.

@@ -86,6 +86,15 @@ pub trait HasParams {
     fn keeps_master_weights(&self) -> bool {
         false
     }
+
+    /// Whether a step is collective: every rank of a data-parallel group
+    /// must take it together ([`DataParallel`](crate::distributed::DataParallel)).
+    /// A wrapper that may refuse a step on one rank alone (a local
+    /// NaN check, say) must not wrap such an optimizer. Default `false`;
+    /// wrappers forward it.
+    fn steps_collectively(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! has_params_by_driver {
