@@ -327,8 +327,10 @@ fn step_subset_agreed_asks_once_and_undoes_on_a_refusal() {
 /// A failure the agreement cannot undo (an infallible transform that fails
 /// after the first write, at one owner) is reported on every rank, and
 /// every rank refuses further steps — the failed rank's schedule counter
-/// and state are behind the others' — until `load_state` brings back a
-/// consistent state; then steps go on with equal counters.
+/// and state are behind the others' — and `save_state` (whose checkpoint
+/// would have held the disagreeing counters: it saved, then never loaded)
+/// until `load_state` brings back a consistent state; then steps go on with
+/// equal counters.
 #[test]
 fn a_failure_after_the_agreement_refuses_further_steps_until_load_state() {
     use steepest::optim::transform::Momentum;
@@ -362,6 +364,13 @@ fn a_failure_after_the_agreement_refuses_further_steps_until_load_state() {
         now.store(true, std::sync::atomic::Ordering::SeqCst);
         let failed = dp.step_grads(&grads(1)).unwrap_err().to_string();
         let refused = dp.step_grads(&grads(2)).unwrap_err().to_string();
+        // Nor is the disagreeing state saved (on every rank; no manifest).
+        let not_saved = dp.save_state(dir.join("broken")).unwrap_err().to_string();
+        assert!(
+            not_saved.contains("refused: an earlier step failed"),
+            "rank {rank}: {not_saved}"
+        );
+        assert!(!dir.join("broken").join("manifest.json").exists());
         let counter_after_failure = dp.optimizer().current_step();
         now.store(false, std::sync::atomic::Ordering::SeqCst);
         dp.load_state(&dir)?;

@@ -1312,7 +1312,9 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
     /// their whole-file CRC-32s, and removes the rank files of another world
     /// size that an earlier save left in `dir`. Collective; an error on any
     /// rank is an error on every rank, and then no manifest is written (and
-    /// nothing is removed). The model's parameters
+    /// nothing is removed). Refused (on every rank) after a step that
+    /// failed partway, until [`load_state`](Self::load_state) or
+    /// [`clear_failure`](Self::clear_failure). The model's parameters
     /// are not included (they are identical on every rank: save them from
     /// rank 0).
     pub fn save_state(&self, dir: impl AsRef<Path>) -> Result<()> {
@@ -1329,10 +1331,23 @@ impl<C: Collective, O: ShardedStep + OptimizerState> DataParallel<C, O> {
         dir: &Path,
         extra: Result<HashMap<String, Tensor>>,
     ) -> Result<()> {
-        let state = self.opt.state_dict().and_then(|mut state| {
-            state.extend(extra?);
-            Ok(state)
-        });
+        // After a step that failed partway the ranks' states may disagree:
+        // such a checkpoint would load, clear the failure and keep the
+        // disagreement (or, with differing counters, never load at all).
+        let state = match &self.broken {
+            Some(why) => Err(Error::config(
+                self.who("save_state"),
+                format!(
+                    "refused: an earlier step failed after some owners had stepped ({why}); \
+                     the ranks' states may disagree, so this checkpoint could not restore a \
+                     consistent one: load_state (or clear_failure) first"
+                ),
+            )),
+            None => self.opt.state_dict().and_then(|mut state| {
+                state.extend(extra?);
+                Ok(state)
+            }),
+        };
         // (save_sharded checks the communicator's results itself)
         save_sharded(&self.comm, &self.device, &self.plan, state, dir)
     }
