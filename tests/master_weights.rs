@@ -594,6 +594,60 @@ fn data_parallel_ranks_follow_one_process_and_resume() {
     }
 }
 
+/// f16 parameters under `DataParallelConfig { grad_dtype: BF16 }`: without
+/// master weights the owner cast the averaged bf16 gradient back to f16,
+/// where a gradient finite in f16 and rounded up in bf16 (65504 → 65536)
+/// overflowed after the ranks' finite check: the step was refused for a
+/// "NaN or Inf" gradient no rank had sent (an optimizer without Muon's
+/// two-phase step would fail partway instead). Now refused at construction
+/// on every rank, naming the parameter. With master weights (the owner takes the gradient in f32)
+/// it is accepted, and such a gradient steps.
+#[test]
+fn data_parallel_bf16_gradients_of_f16_parameters_need_master_weights() {
+    use steepest::distributed::{DataParallel, DataParallelConfig, LocalGroup};
+    let init = converted(&model(DType::F32), DType::F16);
+    let cfg = DataParallelConfig {
+        grad_dtype: DType::BF16,
+        ..Default::default()
+    };
+    for master in [false, true] {
+        let out = LocalGroup::run(2, |comm| {
+            let vm = converted(&init, DType::F16);
+            let mut opt = Muon::from_varmap(&vm, muon_config()).unwrap();
+            if master {
+                opt = opt.with_master_weights();
+            }
+            let big: Vec<Option<Tensor>> = opt
+                .vars()
+                .iter()
+                .map(|v| {
+                    Some(
+                        v.var
+                            .as_tensor()
+                            .ones_like()
+                            .unwrap()
+                            .affine(65504.0, 0.0)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            let mut dp = DataParallel::for_optimizer(comm, opt, cfg.clone())?;
+            dp.step_grads(&big)
+        })
+        .unwrap();
+        for r in out {
+            match (master, r) {
+                (false, Err(e)) => {
+                    let e = e.to_string();
+                    assert!(e.contains("is f16 and grad_dtype is BF16"), "{e}");
+                }
+                (true, Ok(())) => {}
+                (m, r) => panic!("master weights {m}: {r:?}"),
+            }
+        }
+    }
+}
+
 /// Stiefel-constrained bf16/f16 matrices `w0`, `w1` (orthonormal columns;
 /// `w1` zero with `zero_second`), for the refusal tests: a zero gradient for
 /// a zero `w1` at its first step leaves its retraction no answer.

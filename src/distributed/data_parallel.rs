@@ -208,7 +208,9 @@ forward_sharded_step!(&mut O, Box<O>);
 pub struct DataParallelConfig {
     /// The dtype gradients travel in: `F32` (default) or `BF16` (half the
     /// bytes; each rank's gradient is rounded to bf16 before the reduction,
-    /// and the averaged gradient once more after it).
+    /// and the averaged gradient once more after it). `BF16` is refused
+    /// with f16 parameters without master weights (the bf16 average, cast
+    /// back to f16, could overflow).
     pub grad_dtype: DType,
     /// Parameters whose name contains one of these strings are planned as
     /// element-wise ([`ParamKind::Elementwise`](super::ParamKind::Elementwise), cost = element count) even
@@ -550,6 +552,28 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
                      parameters at every step and keep no precision: use \
                      ParamGather::Parameters",
                 ));
+            }
+            if config.grad_dtype == DType::BF16 && !opt.keeps_master_weights() {
+                // The owner casts the averaged bf16 gradient back to f16:
+                // beyond 65504 (bf16 has f32's range) it overflows there,
+                // after the ranks' finite check, into an Inf no rank sent.
+                if let Some((i, s)) = vars
+                    .iter()
+                    .zip(plan.specs())
+                    .enumerate()
+                    .find_map(|(i, (v, s))| (v.dtype() == DType::F16).then_some((i, s)))
+                {
+                    return Err(Error::config(
+                        &who,
+                        format!(
+                            "var {i} ({}) is f16 and grad_dtype is BF16: its averaged gradient \
+                             would be cast from bf16 back to f16, which overflows beyond 65504 \
+                             and keeps only bf16's 8 bits; use grad_dtype F32, or master \
+                             weights (with_master_weights), which take the gradient in f32",
+                            s.name
+                        ),
+                    ));
+                }
             }
             Ok(())
         })();
