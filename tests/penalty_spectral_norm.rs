@@ -676,6 +676,52 @@ fn add_to_grads_equals_the_penalty_in_the_loss() {
     }
 }
 
+/// With a `LossScaler` and an f16 matrix stepped through master weights:
+/// after `unscale` the store holds the f32 gradient, which `add_to_grads`
+/// now takes (it refused it, the matrix being f16), keeping it f32: the
+/// unscaled data gradient plus `λσ₁u₁v₁ᵀ` of the f16 matrix (f64 SVD).
+#[test]
+fn add_to_grads_takes_the_unscaled_f32_gradient_of_an_f16_matrix() {
+    use steepest::loss_scale::{LossScaleConfig, LossScaler};
+    let mut r = rng(19);
+    let a = gapped(&mut r, 6, 4);
+    let w = named("w", &a, &[6, 4], DType::F16);
+    let x = common::randn(&mut r, &[6, 4], DType::F32);
+    let loss = (w.var.as_tensor().to_dtype(DType::F32).unwrap() * &x)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let s = 1024.0;
+    let mut scaler = LossScaler::new(LossScaleConfig {
+        init_scale: s,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut grads = scaler.scale_loss(&loss).unwrap().backward().unwrap();
+    assert_eq!(grads.get(w.var.as_tensor()).unwrap().dtype(), DType::F16);
+    scaler
+        .unscale(&mut grads, std::slice::from_ref(&w))
+        .unwrap();
+    let mut p = SpectralNormPenalty::from_named(vec![w.clone()], 0.5).unwrap();
+    p.add_to_grads(&mut grads).unwrap();
+    let got = grads.get(w.var.as_tensor()).unwrap();
+    assert_eq!(got.dtype(), DType::F32);
+    // The data gradient as the f16 backward pass and the unscaling left it.
+    let data = x
+        .affine(s, 0.0)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1.0 / s, 0.0)
+        .unwrap();
+    let (_, top) = svd_top(&to_dmatrix(w.var.as_tensor()));
+    let want = (from_dmatrix(&(top * 0.5), DType::F32) + data).unwrap();
+    let d = max_abs_diff(got, &want);
+    assert!(d < 1e-4, "off by {d}");
+}
+
 /// `add_to_grads` on non-finite weights or a gradient of the wrong shape:
 /// an error naming the matrix, and neither the store nor a vector changed.
 #[test]

@@ -264,25 +264,37 @@ impl SpectralNormPenalty {
     /// without putting the penalty in the graph (one rank-one product and
     /// one add per matrix). Call it between `backward` and the optimizer's
     /// `step`. Each sum is taken in f32 (f64 for f64 matrices) and rounded
-    /// to the gradient's dtype.
+    /// to the gradient's dtype: the matrix's, or f32 for a bf16/f16 matrix
+    /// (the unscaled gradients of [`LossScaler`](crate::loss_scale::LossScaler)).
+    /// With a loss scaler the store holds the *scaled* gradients until
+    /// they are unscaled: call
+    /// [`unscale`](crate::loss_scale::LossScaler::unscale) first, then this,
+    /// then the scaler's `step` (which unscales nothing twice); added before,
+    /// the penalty's gradient would be divided by the scale.
     ///
     /// Refuses what [`loss`](Self::loss) refuses (non-finite weights, an
-    /// overflowing value), a rank-one term beyond the range of its matrix's
-    /// dtype (`λσ₁`, its largest entry, in an f16 gradient, say), and a
-    /// gradient of the wrong shape or dtype for its matrix, changing neither
-    /// `grads` nor any `v₁` estimate.
+    /// overflowing value), a rank-one term beyond the range of its
+    /// gradient's dtype (`λσ₁`, its largest entry, in an f16 gradient, say),
+    /// and a gradient of the wrong shape or dtype for its matrix, changing
+    /// neither `grads` nor any `v₁` estimate.
     pub fn add_to_grads(&mut self, grads: &mut GradStore) -> Result<f64> {
         let fresh = self.refresh(self.scalar_dtype())?;
         let mut sums = Vec::with_capacity(self.vars.len());
         for ((nv, (u, v)), sigma) in self.vars.iter().zip(&fresh.pairs).zip(&fresh.sigmas) {
             let w = nv.var.as_tensor();
+            let g = grads.get(w);
+            // An f32 gradient of a bf16/f16 matrix (unscaled, for a master
+            // weight) stays f32; any other gradient has the matrix's dtype.
+            let wide = matches!(w.dtype(), DType::BF16 | DType::F16)
+                && g.is_some_and(|g| g.dtype() == DType::F32);
+            let out_dt = if wide { DType::F32 } else { w.dtype() };
             let scale = self.lambda * sigma;
-            if scale > largest_finite(w.dtype()) {
+            if scale > largest_finite(out_dt) {
                 fail!(
                     Numerical,
                     nv.name,
                     "λσ₁ = {scale:e}, the largest entry of the penalty's gradient, overflows {:?}",
-                    w.dtype()
+                    out_dt
                 );
             }
             // (λσ₁u₁) v₁ᵀ: one pass over the matrix.
@@ -291,8 +303,8 @@ impl SpectralNormPenalty {
                 .unsqueeze(1)?
                 .broadcast_mul(&v.unsqueeze(0)?)?
                 .reshape(w.shape())?;
-            let sum = match grads.get(w) {
-                Some(g) if g.dims() != w.dims() || g.dtype() != w.dtype() => fail!(
+            let sum = match g {
+                Some(g) if g.dims() != w.dims() || g.dtype() != out_dt => fail!(
                     Shape,
                     nv.name,
                     "gradient of shape {:?} dtype {:?}, the matrix is {:?} {:?}",
@@ -304,7 +316,7 @@ impl SpectralNormPenalty {
                 Some(g) => (g.to_dtype(rank_one.dtype())? + rank_one)?,
                 None => rank_one,
             };
-            sums.push(sum.to_dtype(w.dtype())?);
+            sums.push(sum.to_dtype(out_dt)?);
         }
         for (nv, sum) in self.vars.iter().zip(sums) {
             grads.insert(nv.var.as_tensor(), sum);
