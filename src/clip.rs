@@ -159,7 +159,7 @@ fn clip(
         let mut scaled = Vec::new();
         for v in vars {
             if let Some(g) = grads.get(v) {
-                scaled.push((v, g.affine(scale, 0.0)?));
+                scaled.push((v, scaled_by(g, scale)?));
             }
         }
         for (v, g) in scaled {
@@ -167,4 +167,17 @@ fn clip(
         }
     }
     Ok(norm)
+}
+
+/// `g · scale`, with `scale` kept in f32 for a bf16/f16 gradient: candle's
+/// `affine` rounds the factor to the tensor's dtype, where a factor below
+/// f16's normal range (6.1e-5) loses bits and one below 3e-8 becomes 0.
+fn scaled_by(g: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(match g.dtype() {
+        DType::BF16 | DType::F16 => g
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?
+            .to_dtype(g.dtype())?,
+        _ => g.affine(scale, 0.0)?,
+    })
 }

@@ -409,3 +409,45 @@ fn clipping_names_a_varmaps_parameter() {
         "{e:?}"
     );
 }
+
+/// f16 and bf16 gradients are clipped by a factor kept in f32: candle's
+/// `affine` rounds the factor to the gradient's dtype, so in f16 a factor
+/// below 6.1e-5 lost bits (1e-7 became 1.19e-7, the clipped norm 19 %
+/// above `max_norm`) and one below 3e-8 became 0, zeroing every gradient
+/// without an error. 36 entries of 6e4 clipped to a global norm of 1e-3
+/// (factor 2.8e-9) and of 1e3 to 1e-2 (factor 1.7e-6, an f16 subnormal
+/// with 5 bits): the clipped norm is `max_norm` to the dtype's rounding.
+#[test]
+fn half_precision_gradients_are_clipped_by_an_f32_factor() {
+    for dt in [DType::F16, DType::BF16] {
+        for (entry, max_norm) in [(6e4f64, 1e-3), (1e3, 1e-2)] {
+            let v = Var::zeros((4, 9), dt, &Device::Cpu).unwrap();
+            let c = Tensor::full(entry as f32, (4, 9), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let mut grads = (v.as_tensor() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .backward()
+                .unwrap();
+            let vars = [v.clone()];
+            let before = clip_grad_norm(&mut grads, &vars, max_norm).unwrap();
+            assert!(before > 5e3, "{dt:?}: {before}");
+            assert_eq!(grads.get(&v).unwrap().dtype(), dt);
+            let after = grad_norm(&grads, &vars).unwrap();
+            let u = if dt == DType::F16 {
+                2f64.powi(-11)
+            } else {
+                2f64.powi(-8)
+            };
+            assert!(
+                (after - max_norm).abs() <= 2.0 * u * max_norm,
+                "{dt:?}, entries {entry:e}: clipped to {after:e}, not {max_norm:e}"
+            );
+        }
+    }
+}
