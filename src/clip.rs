@@ -92,7 +92,7 @@ pub(crate) fn squared_norm_term(g: &Tensor, scale: f64) -> candle_core::Result<T
 /// the norm before clipping.
 ///
 /// If `‖g‖ > max_norm`, each `g_p ← g_p·(max_norm/‖g‖)` (in the gradient's
-/// dtype); otherwise nothing changes. Errors — changing no gradient — when
+/// dtype, the factor in f32 for bf16/f16); otherwise nothing changes. Errors — changing no gradient — when
 /// `max_norm` is not finite and `> 0` ([`Error::Config`]), or when a
 /// gradient holds NaN or ±Inf: [`Error::NonFiniteGradient`], the error an
 /// optimizer's step gives, so one `match` arm skips such a batch whether or
@@ -172,7 +172,7 @@ fn clip(
 /// `g · scale`, with `scale` kept in f32 for a bf16/f16 gradient: candle's
 /// `affine` rounds the factor to the tensor's dtype, where a factor below
 /// f16's normal range (6.1e-5) loses bits and one below 3e-8 becomes 0.
-fn scaled_by(g: &Tensor, scale: f64) -> Result<Tensor> {
+pub(crate) fn scaled_by(g: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(match g.dtype() {
         DType::BF16 | DType::F16 => g
             .to_dtype(DType::F32)?

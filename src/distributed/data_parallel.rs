@@ -1226,7 +1226,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let scale = max / norm;
         owned
             .into_iter()
-            .map(|(i, g)| Ok((i, g.affine(scale, 0.0)?)))
+            .map(|(i, g)| Ok((i, crate::clip::scaled_by(&g, scale)?)))
             .collect()
     }
 
