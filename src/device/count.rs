@@ -74,6 +74,12 @@ impl Backend for Counter {
     fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<u64>) -> R) -> R {
         f(&mut self.cache.lock().expect("table cache lock"))
     }
+
+    /// (msign's launches do not size shared memory by the input: the count
+    /// is the same on every GPU)
+    fn shared_max(&self) -> u32 {
+        launch::SHARED_MAX
+    }
 }
 
 /// The GEMM FLOPs, GEMM calls and other launches of the CUDA path's `msign`

@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::{
-    result as drv, sys::CUfunction_attribute_enum, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    result as drv,
+    sys::{CUdevice_attribute, CUfunction_attribute_enum},
+    CudaFunction, CudaSlice, CudaStream, DevicePtr,
 };
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{DType, Storage, Tensor, Var};
@@ -63,6 +65,10 @@ pub(crate) struct Cuda {
     dev: CudaDevice,
     stream: Arc<CudaStream>,
     funcs: Mutex<HashMap<String, Kernel>>,
+    /// The shared memory a block may opt in to on this device (the
+    /// driver's `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`; 48 KiB, the amount
+    /// every block has, if the driver does not say).
+    shared_max: u32,
 }
 
 thread_local! {
@@ -87,10 +93,20 @@ fn backend(dev: &CudaDevice) -> Arc<Cuda> {
         .expect("backends lock");
     all.entry(dev.id())
         .or_insert_with(|| {
+            let stream = dev.cuda_stream();
+            let shared_max = stream
+                .context()
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(launch::SHARED_DEFAULT);
             Arc::new(Cuda {
                 dev: dev.clone(),
-                stream: dev.cuda_stream(),
+                stream,
                 funcs: Mutex::new(HashMap::new()),
+                shared_max,
             })
         })
         .clone()
@@ -210,7 +226,9 @@ impl Backend for Cuda {
         let k = self.func(&l.kernel)?;
         // Static and dynamic shared memory together above 48 KiB need the
         // opt-in, whatever the dynamic part alone is.
-        if let Some(bytes) = launch::shared_opt_in(&l.kernel, k.static_shared, l.shared)? {
+        if let Some(bytes) =
+            launch::shared_opt_in(&l.kernel, k.static_shared, l.shared, self.shared_max)?
+        {
             self.opt_in(&l.kernel, &k, bytes)?;
         }
         let (mut params, _sig) = launch::pack(&l.args);
@@ -287,6 +305,10 @@ impl Backend for Cuda {
 
     fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<CudaBuf>) -> R) -> R {
         TABLES.with(|t| f(t.borrow_mut().entry(self.dev.id()).or_default()))
+    }
+
+    fn shared_max(&self) -> u32 {
+        self.shared_max
     }
 }
 
@@ -502,6 +524,16 @@ pub(crate) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Vec<f64>>> {
     on_cuda(ts, |r| launch::reduce_tensors(ts, r), launch::sum_squares)
 }
 
+/// The shared memory (static and dynamic together, in bytes) a block of
+/// this crate's kernels may opt in to on `dev`, as its driver reports it
+/// (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/sm_89; 48 KiB if
+/// the driver does not say): the power iteration runs on the kernels for a
+/// short side `k` while `34 816 + 8·k` bytes fit it (k ≤ 24 704 on sm_90),
+/// on candle's ops beyond.
+pub fn shared_memory_per_block(dev: &CudaDevice) -> u32 {
+    backend(dev).shared_max
+}
+
 /// [`super::power_iteration`] on the device (no host sync); `None` when no
 /// kernel takes it.
 pub(crate) fn power_iteration(
@@ -509,10 +541,11 @@ pub(crate) fn power_iteration(
     start: Option<&Tensor>,
     iters: usize,
 ) -> Result<Option<TopSingular>> {
-    let candle_core::Device::Cuda(_) = w.device() else {
+    let candle_core::Device::Cuda(dev) = w.device() else {
         return Ok(None);
     };
-    run_power(launch::power_prepare(w, start)?, iters)
+    let shared_max = backend(dev).shared_max;
+    run_power(launch::power_prepare(w, start, shared_max)?, iters)
 }
 
 /// [`super::power_iteration_members`] on the device, each matrix and state
@@ -527,7 +560,11 @@ pub(crate) fn power_iteration_members(
     {
         return Ok(None);
     }
-    run_power(launch::power_prepare_members(ws, vs)?, iters)
+    let candle_core::Device::Cuda(dev) = ws[0].device() else {
+        return Ok(None);
+    };
+    let shared_max = backend(dev).shared_max;
+    run_power(launch::power_prepare_members(ws, vs, shared_max)?, iters)
 }
 
 fn run_power(call: Option<launch::PowerCall>, iters: usize) -> Result<Option<TopSingular>> {

@@ -248,7 +248,12 @@ impl Backend for Emu {
             fail!(Device, "emulator", "no kernel `{}`", l.kernel);
         };
         // The CUDA backend opts in where this says so; beyond it, it fails.
-        launch::shared_opt_in(&l.kernel, launch::static_shared(&l.kernel), l.shared)?;
+        launch::shared_opt_in(
+            &l.kernel,
+            launch::static_shared(&l.kernel),
+            l.shared,
+            self.shared_max(),
+        )?;
         let (mut params, sig) = launch::pack(&l.args);
         let sig = CString::new(sig).expect("no NUL in a signature");
         let dims = LaunchDims {
@@ -341,6 +346,10 @@ impl Backend for Emu {
 
     fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<EmuBuf>) -> R) -> R {
         f(&mut self.cache.lock().expect("table cache lock"))
+    }
+
+    fn shared_max(&self) -> u32 {
+        launch::SHARED_CAP.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -456,6 +465,27 @@ pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` with the emulator's shared memory per block lowered to `bytes`
+/// (from sm_90's 227 KiB), as on a smaller GPU (99 KiB on sm_86/sm_89):
+/// launches beyond it fail, and the power iteration takes no shape whose
+/// vectors do not fit (on CUDA, candle's ops then run it). One call at a
+/// time; the limit is put back when `f` returns or panics.
+pub fn with_shared_max<R>(bytes: u32, f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::Ordering;
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    /// Puts the limit back even when `f` panics.
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            launch::SHARED_CAP.store(launch::SHARED_MAX, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore;
+    launch::SHARED_CAP.store(bytes, Ordering::Relaxed);
+    f()
+}
+
 /// [`super::adamw_step`] through the emulated `adamw_*` kernels.
 pub fn adamw_step(items: &[AdamItem<'_>], beta1: f64, beta2: f64, eps: f64) -> Result<()> {
     super::check_adam_items(items)?;
@@ -519,13 +549,17 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
 /// [`super::power_iteration`] through the emulated `power_*` kernels
 /// (f32, bf16 and f16 `w`; errors on what the kernels do not take).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
-    run_power(launch::power_prepare(w, start)?, iters, w)
+    run_power(
+        launch::power_prepare(w, start, emu().shared_max())?,
+        iters,
+        w,
+    )
 }
 
 /// [`super::power_iteration_members`] through the emulated `power_*`
 /// kernels, each matrix and state vector used where it is.
 pub fn power_iteration_members(ws: &[Tensor], vs: &[Var], iters: usize) -> Result<TopSingular> {
-    let call = launch::power_prepare_members(ws, vs)?;
+    let call = launch::power_prepare_members(ws, vs, emu().shared_max())?;
     run_power(call, iters, &ws[0])
 }
 

@@ -304,3 +304,38 @@ fn members_read_in_place_match_the_stacked_batch() {
         }
     }
 }
+
+/// The power iteration's kernels size their shared memory by the short
+/// side `k` (two f32 vectors beside 34 816 B of tiles), and GPUs allow a
+/// block different amounts (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on
+/// sm_86/sm_89): the shapes the kernels take follow the device's limit,
+/// not sm_90's, so a larger `k` goes to candle's ops instead of failing at
+/// the launch. Under a limit lowered to fit `k = 64` (`emu::with_shared_max`,
+/// the emulator's stand-in for the device's figure), 64×70 runs on the
+/// kernels and matches the generic path, and 65×70 is not taken ("no
+/// kernel"; on CUDA the dispatch then runs candle's ops); at sm_90's limit
+/// both run.
+#[test]
+fn power_iteration_shapes_follow_the_devices_shared_memory() {
+    let tiles = 34_816u32;
+    let limit = tiles + 8 * 64;
+    let mut r = rng(290);
+    let fits = spiked(&mut r, 1, 64, 70, DType::F32, &Device::Cpu)
+        .squeeze(0)
+        .unwrap();
+    let over = spiked(&mut r, 1, 65, 70, DType::F32, &Device::Cpu)
+        .squeeze(0)
+        .unwrap();
+    emu::with_shared_max(limit, || {
+        let got = emu::power_iteration(&fits, None, 5).unwrap();
+        compare("64×70", &power_iteration(&fits, None, 5).unwrap(), &got);
+        let e = emu::power_iteration(&over, None, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no kernel"), "{e}");
+    });
+    for w in [&fits, &over] {
+        let got = emu::power_iteration(w, None, 5).unwrap();
+        compare("sm_90", &power_iteration(w, None, 5).unwrap(), &got);
+    }
+}

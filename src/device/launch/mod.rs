@@ -69,19 +69,33 @@ const fn grid_cap() -> u64 {
 /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` was raised first.
 pub(crate) const SHARED_DEFAULT: u32 = 48 * 1024;
 /// Shared memory (static and dynamic together) a block may opt in to on
-/// sm_90 (227 KiB).
+/// sm_90 (227 KiB): the emulator's limit. The CUDA backend asks the driver
+/// for its device's (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`: 163 KiB on sm_80,
+/// 99 KiB on sm_86/sm_89), and [`Backend::shared_max`] gives it.
 pub(crate) const SHARED_MAX: u32 = 227 * 1024;
+
+/// The emulator's limit (default [`SHARED_MAX`]), lowered by
+/// `emu::with_shared_max` to test the kernels' limits of smaller GPUs.
+#[cfg(feature = "emu")]
+pub(crate) static SHARED_CAP: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(SHARED_MAX);
 
 /// The dynamic shared memory `kernel` must opt in to, given its static shared
 /// memory: `Some(dynamic)` when the two together exceed [`SHARED_DEFAULT`],
-/// `None` when they fit without; an error beyond [`SHARED_MAX`].
-pub(crate) fn shared_opt_in(kernel: &str, static_bytes: u32, dynamic: u32) -> Result<Option<u32>> {
+/// `None` when they fit without; an error beyond `max` (the device's
+/// [`Backend::shared_max`]).
+pub(crate) fn shared_opt_in(
+    kernel: &str,
+    static_bytes: u32,
+    dynamic: u32,
+    max: u32,
+) -> Result<Option<u32>> {
     let total = u64::from(static_bytes) + u64::from(dynamic);
-    if total > u64::from(SHARED_MAX) {
+    if total > u64::from(max) {
         fail!(
             Device,
             kernel,
-            "{static_bytes} B of static and {dynamic} B of dynamic shared memory exceed the {SHARED_MAX} B a block can have"
+            "{static_bytes} B of static and {dynamic} B of dynamic shared memory exceed the {max} B a block can have on this device"
         );
     }
     Ok((total > u64::from(SHARED_DEFAULT)).then_some(dynamic))
@@ -268,6 +282,10 @@ pub(crate) trait Backend {
     /// Runs `f` on the cache of uploaded tables of the calling thread (on
     /// the GPU each host thread has its own stream, hence its own cache).
     fn with_cache<R>(&self, f: impl FnOnce(&mut TableCache<Self::Buf>) -> R) -> R;
+    /// The shared memory (static and dynamic) a block may opt in to on this
+    /// device: which launches it takes ([`shared_opt_in`]) and which shapes
+    /// the kernels that size their shared memory by the input take.
+    fn shared_max(&self) -> u32;
 }
 
 /// Uploaded tables by content: a `Var`'s storage does not move, so a group's
@@ -369,7 +387,7 @@ mod tests {
     fn power_side_limit_keeps_the_group_counter_in_32_bits() {
         use power::{power_gram_blocks, power_supported, POWER_MAX_SIDE};
         for (m, n) in [(POWER_MAX_SIDE, 1), (1, POWER_MAX_SIDE)] {
-            assert!(power_supported(1, m, n));
+            assert!(power_supported(1, m, n, SHARED_MAX));
             let l = m.max(n) as u64; // vectors walked (the long side at most)
             let groups = l.div_ceil(32);
             let warps = u64::from(power_gram_blocks(m, n)) * u64::from(BLOCK / 32);
@@ -389,8 +407,8 @@ mod tests {
                 "{m}×{n}: 32·{last} overflows"
             );
         }
-        assert!(!power_supported(1, POWER_MAX_SIDE + 1, 1));
-        assert!(!power_supported(1, 1, POWER_MAX_SIDE + 1));
+        assert!(!power_supported(1, POWER_MAX_SIDE + 1, 1, SHARED_MAX));
+        assert!(!power_supported(1, 1, POWER_MAX_SIDE + 1, SHARED_MAX));
     }
 
     /// `power_gram`'s grid gives every block at least one group of 32
@@ -439,31 +457,51 @@ mod tests {
         let gram = static_shared("power_gram_f32");
         assert_eq!(gram, 34_816);
         let dynamic = |k: u32| 2 * k * 4;
-        assert_eq!(shared_opt_in("g", gram, dynamic(1792)).unwrap(), None);
         assert_eq!(
-            shared_opt_in("g", gram, dynamic(1793)).unwrap(),
+            shared_opt_in("g", gram, dynamic(1792), SHARED_MAX).unwrap(),
+            None
+        );
+        assert_eq!(
+            shared_opt_in("g", gram, dynamic(1793), SHARED_MAX).unwrap(),
             Some(dynamic(1793))
         );
         assert_eq!(
-            shared_opt_in("g", gram, dynamic(2048)).unwrap(),
+            shared_opt_in("g", gram, dynamic(2048), SHARED_MAX).unwrap(),
             Some(dynamic(2048))
         );
-        assert_eq!(shared_opt_in("g", 0, SHARED_DEFAULT).unwrap(), None);
         assert_eq!(
-            shared_opt_in("g", 0, SHARED_DEFAULT + 1).unwrap(),
+            shared_opt_in("g", 0, SHARED_DEFAULT, SHARED_MAX).unwrap(),
+            None
+        );
+        assert_eq!(
+            shared_opt_in("g", 0, SHARED_DEFAULT + 1, SHARED_MAX).unwrap(),
             Some(SHARED_DEFAULT + 1)
         );
-        let kmax = (SHARED_MAX - gram) / 8;
-        assert!(power_supported(1, kmax as usize, kmax as usize + 1));
-        assert!(shared_opt_in("g", gram, dynamic(kmax)).unwrap().is_some());
-        assert!(!power_supported(1, kmax as usize + 1, kmax as usize + 1));
-        let e = shared_opt_in("power_gram_f32", gram, dynamic(kmax + 1)).unwrap_err();
-        assert!(e.to_string().contains("power_gram_f32"), "{e}");
+        // sm_90 (227 KiB), sm_80 (163 KiB), sm_86/sm_89 (99 KiB)
+        for max in [SHARED_MAX, 163 * 1024, 99 * 1024] {
+            let kmax = (max - gram) / 8;
+            assert!(power_supported(1, kmax as usize, kmax as usize + 1, max));
+            assert!(shared_opt_in("g", gram, dynamic(kmax), max)
+                .unwrap()
+                .is_some());
+            assert!(!power_supported(
+                1,
+                kmax as usize + 1,
+                kmax as usize + 1,
+                max
+            ));
+            let e = shared_opt_in("power_gram_f32", gram, dynamic(kmax + 1), max).unwrap_err();
+            assert!(e.to_string().contains("power_gram_f32"), "{e}");
+        }
+        assert_eq!((SHARED_MAX - gram) / 8, 24_704);
+        assert_eq!((99 * 1024 - gram) / 8, 8_320);
     }
 
     /// A power iteration's batch is the grid's `y`: up to CUDA's 65 535.
     #[test]
     fn power_batches_fit_the_grid() {
-        assert!(power_supported(65_535, 3, 2) && !power_supported(65_536, 3, 2));
+        assert!(
+            power_supported(65_535, 3, 2, SHARED_MAX) && !power_supported(65_536, 3, 2, SHARED_MAX)
+        );
     }
 }

@@ -23,16 +23,17 @@ pub(crate) fn default_start(n: usize) -> Vec<f32> {
 /// coefficients (the ptxas report shows the same figure).
 pub(crate) const POWER_STATIC_SHARED: u32 = (BLOCK / 32) * (32 * 33 + 32) * 4;
 
-/// Whether the kernels take a `(b, m, n)` power iteration: the short side's
-/// two shared vectors must fit a block's shared memory beside the tiles
-/// (up to k = 24 704).
-pub(crate) fn power_supported(b: usize, m: usize, n: usize) -> bool {
+/// Whether the kernels take a `(b, m, n)` power iteration on a device whose
+/// blocks may have `shared_max` bytes of shared memory: the short side's
+/// two shared vectors must fit beside the tiles (up to k = 24 704 on sm_90,
+/// 8 320 on sm_86/sm_89's 99 KiB); otherwise candle's ops run it.
+pub(crate) fn power_supported(b: usize, m: usize, n: usize, shared_max: u32) -> bool {
     let k = m.min(n) as u64;
     b >= 1
         && m >= 1
         && n >= 1
         && b <= MAX_GRID_YZ
-        && k * 8 + u64::from(POWER_STATIC_SHARED) <= u64::from(SHARED_MAX)
+        && k * 8 + u64::from(POWER_STATIC_SHARED) <= u64::from(shared_max)
         && m.max(n) <= POWER_MAX_SIDE
 }
 
@@ -84,7 +85,7 @@ pub(crate) fn power_gram_blocks(m: usize, n: usize) -> u32 {
 /// Runs [`PowerJob`]; the launch sequence is described in `power.cu`.
 pub(crate) fn power_iteration<B: Backend>(be: &B, j: &PowerJob) -> Result<()> {
     let (b, m, n) = (j.b, j.m, j.n);
-    if !power_supported(b, m, n) {
+    if !power_supported(b, m, n, be.shared_max()) {
         fail!(
             Device,
             "power_iteration",
@@ -218,8 +219,13 @@ pub(crate) struct PowerCall {
 }
 
 /// Validates like `power_iteration_generic` (same errors for a bad start)
-/// and allocates σ, u, v (f32).
-pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option<PowerCall>> {
+/// and allocates σ, u, v (f32); `None` when no kernel takes it on a device
+/// with `shared_max` bytes of shared memory per block.
+pub(crate) fn power_prepare(
+    w: &Tensor,
+    start: Option<&Tensor>,
+    shared_max: u32,
+) -> Result<Option<PowerCall>> {
     let (m, n) = crate::linalg::matrix_dims("power_iteration: w", w)?;
     let batched = w.rank() == 3;
     let b = if batched { w.dim(0)? } else { 1 };
@@ -233,14 +239,18 @@ pub(crate) fn power_prepare(w: &Tensor, start: Option<&Tensor>) -> Result<Option
     let starts = start
         .map(|s| rows(s.to_dtype(DType::F32)?.contiguous()?.reshape((b, n))?))
         .transpose()?;
-    prepare(ws, starts, false, batched)
+    prepare(ws, starts, false, batched, shared_max)
 }
 
 /// [`power_prepare`] for the batch that the same-shape matrices `ws` would
 /// stack into, each read where it is, each warm-started from its own state
 /// vector `vs[i]` (`(n,)` f32), which receives the new v₁. `None` also when
 /// the state vectors are not f32.
-pub(crate) fn power_prepare_members(ws: &[Tensor], vs: &[Var]) -> Result<Option<PowerCall>> {
+pub(crate) fn power_prepare_members(
+    ws: &[Tensor],
+    vs: &[Var],
+    shared_max: u32,
+) -> Result<Option<PowerCall>> {
     let Some(first) = ws.first() else {
         fail!(Shape, "power_iteration", "no matrices");
     };
@@ -258,7 +268,7 @@ pub(crate) fn power_prepare_members(ws: &[Tensor], vs: &[Var]) -> Result<Option<
         .map(|w| w.contiguous())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let starts = vs.iter().map(|v| v.as_tensor().clone()).collect();
-    prepare(ws, Some(starts), true, true)
+    prepare(ws, Some(starts), true, true, shared_max)
 }
 
 fn prepare(
@@ -266,12 +276,13 @@ fn prepare(
     starts: Option<Vec<Tensor>>,
     store: bool,
     batched: bool,
+    shared_max: u32,
 ) -> Result<Option<PowerCall>> {
     let (b, (m, n)) = (ws.len(), ws[0].dims2()?);
     let Some(elt) = Elt::of(ws[0].dtype()) else {
         return Ok(None);
     };
-    if !power_supported(b, m, n) {
+    if !power_supported(b, m, n, shared_max) {
         return Ok(None);
     }
     let dev = ws[0].device().clone();
