@@ -665,3 +665,76 @@ fn chained_shape_scales_and_decays_multiply() {
         assert!((a - want).abs() < 1e-14, "{a} vs {want}");
     }
 }
+
+/// Two spectral decays in one chain are refused when the optimizer is
+/// built, naming both: a step holds one rank-1 decay per parameter, and
+/// the second replaced the first's (λ₁ was silently dropped). A spectral
+/// and a decoupled decay together are accepted; a checkpoint that would
+/// turn the decoupled one spectral is refused, changing nothing.
+#[test]
+fn two_spectral_decays_in_one_chain_are_refused() {
+    use steepest::OptimizerState;
+    let vm = model_of(&[("w", &[8usize, 5][..])], DType::F32, 7);
+    let spectral = |lambda: f64| Decay {
+        decay: WeightDecay::Spectral { lambda, iters: 1 },
+        vectors: false,
+    };
+    let two = Chain::new()
+        .then(spectral(0.5))
+        .then_named("decay2", spectral(0.3));
+    match Driver::from_varmap(&vm, two, 0.1) {
+        Err(steepest::Error::Config { what, .. }) => {
+            assert!(
+                what.contains("`decay2` and `decay` are both spectral"),
+                "{what}"
+            );
+        }
+        r => panic!("{:?}", r.err()),
+    }
+    let mixed = |second: Decay| {
+        Chain::new()
+            .then(spectral(0.5))
+            .then_named("decay2", second)
+    };
+    let decoupled = Decay {
+        decay: WeightDecay::Decoupled(0.3),
+        vectors: false,
+    };
+    let mut d = Driver::from_varmap(&vm, mixed(decoupled), 0.1).unwrap();
+    let both = Driver::from_varmap(&VarMap::new(), mixed(spectral(0.0)), 0.1).err();
+    assert!(both.is_some(), "built with two spectral decays");
+    // A checkpoint of the same chain with `decay2` spectral: written by
+    // hand from a valid one, since no valid optimizer holds it.
+    let mut st = d.state_dict().unwrap();
+    let key = steepest::checkpoint::HEADER_KEY;
+    let text = String::from_utf8(st[key].to_vec1::<u8>().unwrap()).unwrap();
+    let decoupled = "{\"Decoupled\":0.3}";
+    assert_eq!(text.matches(decoupled).count(), 1, "{text}");
+    let text = text.replace(decoupled, "{\"Spectral\":{\"lambda\":0.3,\"iters\":1}}");
+    let n = text.len();
+    st.insert(
+        key.to_string(),
+        candle_core::Tensor::from_vec(text.into_bytes(), n, &candle_core::Device::Cpu).unwrap(),
+    );
+    let before = d.state_dict().unwrap();
+    let e = d.load_state_dict(&st).unwrap_err();
+    assert!(e.to_string().contains("both spectral"), "{e}");
+    let after = d.state_dict().unwrap();
+    let bytes = |st: &std::collections::HashMap<String, candle_core::Tensor>, k: &str| {
+        st[k]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let mut keys: Vec<&String> = before.keys().collect();
+    keys.sort();
+    let mut keys_after: Vec<&String> = after.keys().collect();
+    keys_after.sort();
+    assert_eq!(keys, keys_after);
+    for k in keys {
+        assert_eq!(bytes(&before, k), bytes(&after, k), "{k} changed");
+    }
+}

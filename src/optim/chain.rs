@@ -100,6 +100,7 @@ impl Chain {
         let mut seen = HashSet::new();
         let mut post = None;
         let mut updater: Option<&str> = None;
+        let mut rank1: Option<&str> = None;
         for (name, t) in &self.items {
             if name.is_empty() || name.contains('.') {
                 fail!(
@@ -125,6 +126,18 @@ impl Chain {
             }
             if t.applies_update() {
                 updater = Some(name);
+            }
+            if t.sets_rank1_decay() {
+                if let Some(first) = rank1 {
+                    fail!(
+                        Config,
+                        who,
+                        "`{name}` and `{first}` are both spectral decays: a step applies one \
+                         rank-1 decay per parameter (the second would replace the first's); \
+                         use one Decay with their λ summed"
+                    );
+                }
+                rank1 = Some(name);
             }
             match (t.stage(), post) {
                 (Stage::Post, _) => post = Some(name),

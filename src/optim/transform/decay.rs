@@ -82,6 +82,10 @@ impl Transform for Decay {
         self.decay.validate("Decay.decay")
     }
 
+    fn sets_rank1_decay(&self) -> bool {
+        matches!(self.decay, WeightDecay::Spectral { .. })
+    }
+
     fn fields(&self, p: &ParamInfo) -> Vec<FieldSpec> {
         match (self.decay, p.matrix()) {
             (WeightDecay::Spectral { .. }, Some((_, cols))) => {

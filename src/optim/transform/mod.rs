@@ -327,6 +327,14 @@ pub trait Transform: Send + Sync + Debug {
     fn matrix_cost(&self) -> bool {
         false
     }
+    /// Whether it sets its members' pending rank-1 decay
+    /// ([`GroupStep::decay_rank1`]; spectral weight decay). A step holds one
+    /// such term per member, so a chain with two of these is refused
+    /// ([`Chain`](crate::optim::Chain)): the second would replace the
+    /// first's.
+    fn sets_rank1_decay(&self) -> bool {
+        false
+    }
     /// Runs on one group of parameters with the same matrix view (their
     /// shapes may differ: `(4, 6)` and `(4, 2, 3)`). `states[i]` is member
     /// `i`'s state (`None` before its first step). `fuse` is true when no
