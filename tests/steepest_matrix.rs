@@ -335,6 +335,39 @@ fn a_warm_stiefel_retraction_does_not_flip_a_dominant_direction() {
     }
 }
 
+/// A warm retraction that passes the start check (every σ/rms(σ) of `W`
+/// below √3) stays the polar factor in its later rounds: they divided by
+/// rms(σ) again, and after the first round lifted the large values to ~1
+/// while small ones stayed small, rms fell and the top value went beyond
+/// √3, where the cubic negated it. `W = Q·diag(s)`, 8×6, with column norms
+/// `s = (0.097, 0.108, 1.615, 1.586, 0.175, 0.908)` (Gershgorin's bound
+/// over rms² is 2.6 < 3) came back with a column negated, accepted
+/// (residual 2e-7). Against the f64 SVD's polar factor, here and on
+/// random spreads of column norms.
+#[test]
+fn a_warm_stiefel_retraction_keeps_its_signs_in_later_rounds() {
+    let mut r = rng(95);
+    let mut cases = vec![vec![0.0967, 0.1079, 1.615, 1.586, 0.1751, 0.908]];
+    for _ in 0..20 {
+        cases.push(
+            (0..6)
+                .map(|_| 10f64.powf(rand::Rng::gen_range(&mut r, -1.2..0.25)))
+                .collect(),
+        );
+    }
+    for (c, s) in cases.iter().enumerate() {
+        let q = orthonormal(&mut r, 8, 6);
+        let a = &q * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s.clone()));
+        let w = from_dmatrix(&a, DType::F32);
+        let out = stiefel_retract(&w, false).unwrap_or_else(|e| panic!("case {c}: {e}"));
+        let err = rel_err(&to_dmatrix(&out), &polar(&to_dmatrix(&w)));
+        assert!(
+            err < 1e-4,
+            "case {c}, column norms {s:?}: ‖X − UVᵀ‖/‖UVᵀ‖ = {err:e}"
+        );
+    }
+}
+
 /// A cold retraction of a full-rank matrix whose few dominant singular
 /// values stand far above the rest (a low-rank-plus-noise init) is its
 /// polar factor `UVᵀ` (f64 SVD). Polar Express lifts the dominant values to

@@ -277,7 +277,8 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// `cold = false` assumes `W` is near the manifold (one optimizer step away):
 /// cubic Newton–Schulz steps `X ← X(3I − XᵀX)/2` from `X₀ = W/rms(σ)`
 /// (`rms(σ) = ‖W‖_F/√m`; [`msign`] with `NewtonSchulz::cubic`, whose fused
-/// CPU path does the products), 2 at a time, which converge quadratically
+/// CPU path does the products, then unnormalised: renormalising every
+/// round could lift a value beyond √3, where the cubic negates it), 2 at a time, which converge quadratically
 /// near 1, until `‖XᵀX − I‖_F ≤ 4·ε·m·√n` (the rounding floor of that
 /// residual) or it stops decreasing (one host sync per round; with an
 /// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
@@ -448,13 +449,16 @@ pub(crate) fn stiefel_retract_members(
     };
     for round in 0..max_rounds {
         let steps = if round == 0 && cold { 1 } else { 2 };
-        x = if cold {
-            // Not normalised: Polar Express left every singular value in
-            // [0, ~1], where the cubic converges. Divided by rms(σ), a few
-            // lifted values over a small tail go beyond √3 and come out
-            // negative (a flipped direction, on the manifold, no error).
+        x = if cold || round > 0 {
+            // Not normalised: Polar Express (cold) or the first warm round
+            // left every singular value in [0, ~1], where the cubic
+            // converges. Divided by rms(σ) again, a few values near 1 over
+            // small ones go beyond √3 and come out negative (a flipped
+            // direction, on the manifold, no error).
             cubic_steps(&x, steps)?
         } else {
+            // The first warm round, normalised: `warm_start_is_safe` has
+            // checked that every σ/rms(σ) of W is below √3.
             msign(
                 &x,
                 &NewtonSchulz::cubic(steps)
