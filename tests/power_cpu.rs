@@ -320,3 +320,41 @@ fn a_subnormal_start_is_normalised_to_unit_length() {
         }
     }
 }
+
+/// An empty batch `(0, m, n)` has no triplets: σ `(0,)`, u `(0, m)`, v
+/// `(0, n)` on the CPU path as on the generic one (the CPU path indexed
+/// its first member and panicked), tall and wide, with and without a
+/// start; and so for the routines built on it (`top_singular_precise`,
+/// which errored on the empty reduction, and the retractions).
+#[test]
+fn an_empty_batch_gives_empty_triplets() {
+    use steepest::linalg::{spectral_sphere_retract, top_singular_precise};
+    for (m, n) in [(4, 3), (3, 4)] {
+        for dt in [DType::F32, DType::F64, DType::BF16] {
+            let w = Tensor::zeros((0, m, n), dt, &Device::Cpu).unwrap();
+            let start = Tensor::zeros((0, n), DType::F32, &Device::Cpu).unwrap();
+            for s in [None, Some(&start)] {
+                let cpu = power_iteration(&w, s, 3).unwrap();
+                let generic = with_generic_ops(|| power_iteration(&w, s, 3)).unwrap();
+                for t in [&cpu, &generic] {
+                    assert_eq!(t.sigma.dims(), &[0]);
+                    assert_eq!(t.u.dims(), &[0, m]);
+                    assert_eq!(t.v.dims(), &[0, n]);
+                }
+                assert_eq!(cpu.sigma.dtype(), generic.sigma.dtype(), "{dt:?}");
+            }
+            let top = top_singular_precise(&w, None).unwrap();
+            assert_eq!(top.sigma.dims(), &[0]);
+            assert_eq!(
+                spectral_sphere_retract(&w, 1.0, None).unwrap().0.dims(),
+                &[0, m, n]
+            );
+            if m >= n {
+                for cold in [false, true] {
+                    let x = steepest::linalg::stiefel_retract(&w, cold).unwrap();
+                    assert_eq!(x.dims(), &[0, m, n]);
+                }
+            }
+        }
+    }
+}

@@ -986,6 +986,18 @@ pub fn msign(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
 
 /// Batched power iteration (see [`crate::linalg::power_iteration`]).
 pub fn power_iteration(w: &Tensor, start: Option<&Tensor>, iters: usize) -> Result<TopSingular> {
+    if w.rank() == 3 && w.dim(0)? == 0 {
+        // No matrices, no triplets (each path below needs a first one).
+        let (m, n) = crate::linalg::matrix_dims("power_iteration: w", w)?;
+        crate::linalg::check_start(start, true, 0, n)?;
+        let dt = crate::linalg::compute_dtype(w.dtype());
+        let empty = |dims: &[usize]| Tensor::zeros(dims, dt, w.device());
+        return Ok(TopSingular {
+            sigma: empty(&[0])?,
+            u: empty(&[0, m])?,
+            v: empty(&[0, n])?,
+        });
+    }
     #[cfg(feature = "cuda")]
     if !generic_only() {
         if let Some(top) = cuda::power_iteration(w, start, iters)? {

@@ -93,6 +93,10 @@ pub fn top_singular_precise(w: &Tensor, start: Option<&Tensor>) -> Result<TopSin
         s => s.cloned(),
     };
     let start = start.as_ref();
+    if w3.dim(0)? == 0 {
+        // An empty batch: power_iteration's empty triplets.
+        return power_iteration(&w3, start, 0);
+    }
     let dt = crate::linalg::compute_dtype(w3.dtype());
     let w3 = w3.to_dtype(dt)?;
     let (_, m, n) = w3.dims3()?;
@@ -410,8 +414,8 @@ pub(crate) fn stiefel_retract_members(
         )
         .into());
     }
-    if m == 0 {
-        // No columns: WᵀW is the empty identity already.
+    if m == 0 || b == 0 {
+        // No columns (WᵀW is the empty identity already), or no matrices.
         return Ok(w.clone());
     }
     if !cold && !warm_start_is_safe(&w3)? {
