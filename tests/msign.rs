@@ -185,6 +185,43 @@ fn zero_matrix_gives_zero_not_nan() {
     }
 }
 
+/// A NaN or ±Inf anywhere in a matrix makes that matrix's output all NaN
+/// (msign's docs), on the fused CPU path and the generic one, for the
+/// standard and the Gram form and one cubic step (where nothing else
+/// mixes the entries); the other member of a batch is untouched. The
+/// generic path replaced a NaN norm by 1 (as it does a zero one), so
+/// `[[Inf, 1]]` under one cubic step came out `[NaN, −Inf]`.
+#[test]
+fn a_non_finite_entry_gives_an_all_nan_matrix() {
+    for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        for (dims, at) in [((1usize, 2usize), 0usize), ((3, 5), 7), ((6, 2), 3)] {
+            let mut vals: Vec<f32> = (0..dims.0 * dims.1).map(|i| 0.3 + i as f32).collect();
+            vals[at] = bad;
+            let g = Tensor::from_vec(vals, dims, &Device::Cpu).unwrap();
+            let fine = Tensor::ones(dims, DType::F32, &Device::Cpu).unwrap();
+            let batch = Tensor::stack(&[&g, &fine], 0).unwrap();
+            for ns in [
+                NewtonSchulz::cubic(1),
+                NewtonSchulz::muon(),
+                NewtonSchulz::muon().gram_form(),
+            ] {
+                for (path, out) in [
+                    ("msign", msign(&batch, &ns).unwrap()),
+                    ("generic", msign_generic(&batch, &ns).unwrap()),
+                ] {
+                    let first = common::to_f64_vec(&out.get(0).unwrap());
+                    assert!(
+                        first.iter().all(|x| x.is_nan()),
+                        "{path} {bad} {dims:?} {ns:?}: {first:?}"
+                    );
+                    let second = common::to_f64_vec(&out.get(1).unwrap());
+                    assert!(second.iter().all(|x| x.is_finite()), "{path}: {second:?}");
+                }
+            }
+        }
+    }
+}
+
 /// f64 entries so large that `Σ g²` overflows (1e160: the squares are
 /// 1e320): the result is that of the same matrix scaled down (msign is
 /// scale-invariant), not zero, on the fused CPU path and the generic path.

@@ -383,8 +383,10 @@ pub fn msign_generic(g: &Tensor, ns: &NewtonSchulz) -> Result<Tensor> {
     }
     let norm = frobenius_keepdim(&x)?;
     let denom = ((norm * ns.norm_scale)? + ns.eps)?;
-    // G = 0 (with eps = 0: 0/0) gives X = 0, so zero in, zero out.
-    let denom = denom.gt(0.0)?.where_cond(&denom, &denom.ones_like()?)?;
+    // G = 0 (with eps = 0: 0/0) gives X = 0, so zero in, zero out. Only a
+    // zero is replaced: a NaN norm (an Inf or NaN in G) must stay, so that
+    // the output is all NaN (replaced by 1, an Inf entry could come out Inf).
+    let denom = denom.eq(0.0)?.where_cond(&denom.ones_like()?, &denom)?;
     x = x.broadcast_div(&denom)?;
     x = match ns.gram_restarts(m, n) {
         None => standard_steps(x, &ns.coefficients, &mm)?,
