@@ -402,7 +402,7 @@ fn max_diff(a: &VarMap, b: &VarMap) -> (f64, f64) {
     let mut m: f64 = 0.0;
     for (k, va) in &sa {
         for (x, y) in va.iter().zip(&sb[k]) {
-            d = d.max((x - y).abs());
+            d = d.max(common::nan_aware_diff(*x, *y));
             m = m.max(x.abs());
         }
     }

@@ -669,8 +669,9 @@ fn chained_shape_scales_and_decays_multiply() {
 /// Two spectral decays in one chain are refused when the optimizer is
 /// built, naming both: a step holds one rank-1 decay per parameter, and
 /// the second replaced the first's (λ₁ was silently dropped). A spectral
-/// and a decoupled decay together are accepted; a checkpoint that would
-/// turn the decoupled one spectral is refused, changing nothing.
+/// and a decoupled decay together are accepted, and step as both (against
+/// the f64 SVD); a checkpoint that would turn the decoupled one spectral is
+/// refused, changing nothing.
 #[test]
 fn two_spectral_decays_in_one_chain_are_refused() {
     use steepest::OptimizerState;
@@ -701,6 +702,23 @@ fn two_spectral_decays_in_one_chain_are_refused() {
         vectors: false,
     };
     let mut d = Driver::from_varmap(&vm, mixed(decoupled), 0.1).unwrap();
+    // Together they step W ← (1 − ηλ_d)·W − ηλ_s·σ₁u₁v₁ᵀ − η·g (the rank-1
+    // term of W before the step; f64 SVD), on a matrix with a spectral gap
+    // (the cold start's 10 power iterations then find v₁ to f32 precision).
+    let mut r = common::rng(9);
+    let a = common::with_singular_values(&mut r, 8, 5, &[3.0, 1.0, 0.5, 0.3, 0.1]);
+    let w = vm.data().lock().unwrap()["w"].clone();
+    w.set(&common::from_dmatrix(&a, DType::F32)).unwrap();
+    let a = common::to_dmatrix(w.as_tensor());
+    let g = common::with_singular_values(&mut r, 8, 5, &[1.0, 0.9, 0.8, 0.7, 0.6]);
+    d.step_subset(&[(0, common::from_dmatrix(&g, DType::F32))])
+        .unwrap();
+    let svd = a.clone().svd(true, true);
+    let k = svd.singular_values.imax();
+    let top = svd.u.unwrap().column(k) * svd.v_t.unwrap().row(k) * svd.singular_values[k];
+    let want = &a * (1.0 - 0.1 * 0.3) - top * (0.1 * 0.5) - &g * 0.1;
+    let err = (common::to_dmatrix(w.as_tensor()) - &want).abs().max();
+    assert!(err < 1e-5, "spectral + decoupled decay: off by {err:e}");
     let both = Driver::from_varmap(&VarMap::new(), mixed(spectral(0.0)), 0.1).err();
     assert!(both.is_some(), "built with two spectral decays");
     // A checkpoint of the same chain with `decay2` spectral: written by

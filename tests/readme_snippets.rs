@@ -179,7 +179,7 @@ fn stiefel_error(w: &Tensor) -> f64 {
     } else {
         &w * w.transpose()
     };
-    (g - DMatrix::<f64>::identity(r.min(c), r.min(c))).amax()
+    (g - DMatrix::<f64>::identity(r.min(c), r.min(c))).amax_nan()
 }
 
 fn weights(model: &Mlp) -> [(&'static str, Tensor); 3] {

@@ -539,7 +539,8 @@ fn decay_shape_factors_clamp_their_argument() {
 }
 
 /// A `Scheduled` checkpoint that is refused changes nothing: a negative
-/// step counter (not wrapped to a huge `usize`) is a checkpoint error, and
+/// step counter (not wrapped to a huge `usize`) is a checkpoint error
+/// (neither the counter nor the inner optimizer's state or rate moves), and
 /// a checkpoint whose inner optimizer state is refused (a momentum buffer
 /// of the wrong shape) leaves the step counter where it was — the counter
 /// is set only after the inner load succeeded. The good checkpoint then
@@ -580,6 +581,15 @@ fn a_refused_scheduled_checkpoint_leaves_the_step_counter() {
     let e = fresh.load_state_dict(&negative).unwrap_err();
     assert!(matches!(e, steepest::Error::Checkpoint { .. }), "{e}");
     assert_eq!(fresh.current_step(), 5);
+    // Nor did the inner optimizer take the refused checkpoint's state (a
+    // fresh one has none) or its rate.
+    let inner = fresh.inner().state_dict().unwrap();
+    assert!(
+        inner.values().all(|t| t.dims() != [2]),
+        "the refused checkpoint's buffers were loaded: {:?}",
+        inner.keys()
+    );
+    assert_eq!(fresh.inner().learning_rate(), 0.1);
 
     // The inner optimizer's buffers: the entries shaped like `w`.
     let buffers: Vec<String> = good

@@ -483,7 +483,7 @@ fn sphere_step_of_radius_r_closed_form() {
     opt.step_subset(&[(0, gt)]).unwrap();
     let got = DVector::from_vec(var.as_tensor().to_vec1::<f64>().unwrap());
     let want = (&w0 - &t * eta) / (1.0 + (eta / radius).powi(2)).sqrt();
-    let d = (&got - &want).amax();
+    let d = (&got - &want).amax_nan();
     let angle = (got.dot(&w0) / (radius * got.norm())).acos();
     println!(
         "sphere r = {radius}, η = {eta}: max |w' − closed form| = {d:e}, ‖w'‖ = {}, angle {angle} vs atan(η/r) = {}",
@@ -495,7 +495,7 @@ fn sphere_step_of_radius_r_closed_form() {
     assert!((angle - (eta / radius).atan()).abs() < 1e-9);
     // The same as the unit-sphere rule on w/r with step η/r, scaled back.
     let unit = (&w0 / radius - &t * (eta / radius)) / (1.0 + (eta / radius).powi(2)).sqrt();
-    assert!((&got - unit * radius).amax() < 1e-12);
+    assert!((&got - unit * radius).amax_nan() < 1e-12);
 }
 
 /// `v₁` of `a` (f64 SVD), with its singular values sorted descending and the

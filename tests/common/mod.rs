@@ -197,3 +197,23 @@ pub fn scratch_dir(suite: &str, name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// `amax` that sees NaN, for differences checked against a tolerance:
+/// nalgebra's `amax` folds with `f64::max`, which drops a NaN, so a NaN
+/// entry read as agreement. Any NaN gives +∞.
+pub trait AmaxNan {
+    /// The largest absolute entry, +∞ if any entry is NaN.
+    fn amax_nan(&self) -> f64;
+}
+
+impl<R: nalgebra::Dim, C: nalgebra::Dim, S: nalgebra::Storage<f64, R, C>> AmaxNan
+    for nalgebra::Matrix<f64, R, C, S>
+{
+    fn amax_nan(&self) -> f64 {
+        if self.iter().any(|x| x.is_nan()) {
+            f64::INFINITY
+        } else {
+            self.amax()
+        }
+    }
+}
