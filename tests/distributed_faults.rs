@@ -17,8 +17,11 @@
 //! different collectives: a hang under NCCL), and after an error either
 //! nothing changed on any rank or every rank refuses further steps; the
 //! parameters agree across ranks (except after a failed all-gather, the
-//! step's last collective, which the docs say may leave them apart). Every
-//! case runs under a deadline.
+//! step's last collective, which the docs say may leave them apart); and
+//! when every rank returns `Ok` after an error or a result of the wrong
+//! length, the outcome is the fault-free run's (anything else swallowed a
+//! reported fault: only a corrupted value may pass unseen). Every case
+//! runs under a deadline.
 //!
 //! The four violations the sweep found (now fixed) have one test each at
 //! the end; the sweep fails on any violation. It prints its table with
@@ -693,6 +696,7 @@ fn judge(case: Case, out: &CaseOut, reference: &[RankOut], files: Option<&SaveFi
 }
 
 /// Why a split or a desynchronisation is not counted as a violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Limitation {
     /// A corrupted value (a flag, a checksum) read differently by one rank:
     /// nothing can tell a corrupted value from a real one.
@@ -729,16 +733,18 @@ fn judge_save(case: Case, all_ok: bool, ranks: &[RankOut], files: &SaveFiles) ->
     }
     let reference = &REFERENCE_UNION.lock().unwrap()[&(case.setup.opt, case.setup.world)];
     if all_ok {
+        // (as for a step: only a corrupted value may pass unseen)
+        let swallowed = limitation(case) != Some(Limitation::Corruption);
         match &files.union {
             Ok(u) if u == reference => verdict("ok-exact", false, ""),
             Ok(_) => verdict(
                 "ok-silent-wrong-checkpoint",
-                false,
+                swallowed,
                 "the checkpoint loads but differs from the fault-free one",
             ),
             Err(e) => verdict(
                 "ok-unloadable(detected at load)",
-                false,
+                swallowed,
                 format!("every rank returned Ok; load_union: {e}"),
             ),
         }
@@ -784,10 +790,14 @@ fn judge_step_or_load(
              states equal the fault-free run's: {state_agree_with_ref}; probe step: all Ok \
              {probe_ok}, params agree after it {probe_agree}"
         );
+        // An error or a result of the wrong length is a fault the
+        // collective reported: every rank returning Ok with another
+        // result swallowed it. Only a corrupted value is undetectable.
+        let swallowed = limitation(case) != Some(Limitation::Corruption);
         return if params_agree {
-            verdict("ok-silent-consistent", false, detail)
+            verdict("ok-silent-consistent", swallowed, detail)
         } else {
-            verdict("ok-silent-divergent", false, detail)
+            verdict("ok-silent-divergent", swallowed, detail)
         };
     }
     // Every rank returned Err.
