@@ -212,7 +212,7 @@ fn options_override_the_preset_and_keep_the_rest() {
 
 #[test]
 fn bad_values_are_refused_in_one_line_naming_the_option() {
-    let cases: [(&[&str], &[&str]); 26] = [
+    let cases: [(&[&str], &[&str]); 27] = [
         (
             &["--sphere-bracket", "1"],
             &["--sphere-bracket", "integer ≥ 2"],
@@ -229,9 +229,20 @@ fn bad_values_are_refused_in_one_line_naming_the_option() {
             &["--spectral-penalty", "nan"],
             &["--spectral-penalty", "≥ 0"],
         ),
-        (&["--steps", "0"], &["--steps", "integer ≥ 1"]),
-        (&["--steps", "-3"], &["--steps", "integer ≥ 1"]),
-        (&["--steps", "2.5"], &["--steps", "integer ≥ 1"]),
+        (&["--steps", "0"], &["--steps", "integer in 1..=1000000000"]),
+        (
+            &["--steps", "-3"],
+            &["--steps", "integer in 1..=1000000000"],
+        ),
+        (
+            &["--steps", "2.5"],
+            &["--steps", "integer in 1..=1000000000"],
+        ),
+        // (a count this large overflowed the run queue's arithmetic: a panic)
+        (
+            &["--steps", "4000000000000000000"],
+            &["--steps", "integer in 1..=1000000000"],
+        ),
         (&["--seeds", "0"], &["--seeds", "integer ≥ 1"]),
         (&["--seeds", "-1"], &["--seeds", "integer ≥ 1"]),
         (&["--first-seed", "-1"], &["--first-seed", "integer ≥ 0"]),

@@ -45,8 +45,8 @@ struct Cli {
     /// Which optimizers to train, comma-separated, or all of them [default: all; --preset gpu: adamw,muon,muon-spectral]
     #[arg(long, value_name = "NAME,…", value_delimiter = ',', value_parser = optimizer_parser())]
     optimizer: Vec<Choice>,
-    /// Optimizer steps per run (the schedule's length) [default: 300; --preset gpu: 600]
-    #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
+    /// Optimizer steps per run (the schedule's length, up to 10⁹) [default: 300; --preset gpu: 600]
+    #[arg(long, value_name = "N", value_parser = step_count, allow_negative_numbers = true)]
     steps: Option<usize>,
     /// Stop each run after N steps of its schedule (to compare the first steps of two runs)
     #[arg(long, value_name = "N", value_parser = at_least::<usize, 1>, allow_negative_numbers = true)]
@@ -136,6 +136,15 @@ fn at_least<T: std::str::FromStr + PartialOrd + From<u8>, const MIN: u8>(
     match s.parse::<T>() {
         Ok(n) if n >= T::from(MIN) => Ok(n),
         _ => Err(format!("must be an integer ≥ {MIN}")),
+    }
+}
+
+/// A step count in `1..=10⁹` (far beyond any run here; larger counts
+/// overflowed the run queue's arithmetic and its loss log's allocation).
+fn step_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000_000).contains(&n) => Ok(n),
+        _ => Err("must be an integer in 1..=1000000000".into()),
     }
 }
 
