@@ -358,3 +358,52 @@ fn state_tensors_carry_no_autograd_graph() {
         sgd.state_dict().unwrap().into_keys().collect(),
     );
 }
+
+/// A checkpoint whose rate every step would refuse (here decay's `ηλ > 1`:
+/// the rate edited to 20 with λ = 0.1) is refused at load, naming the
+/// partition's rate, and changes nothing: it loaded, and then every step
+/// was refused until the rate was set again.
+#[test]
+fn a_checkpoint_with_a_rate_its_steps_would_refuse_is_refused() {
+    let vm = model(DType::F32);
+    let mut opt = adamw(&vm);
+    opt.backward_step(&loss(&vm, 0, &[])).unwrap();
+    let mut st = opt.state_dict().unwrap();
+    let key = steepest::checkpoint::HEADER_KEY;
+    let text = String::from_utf8(st[key].to_vec1::<u8>().unwrap()).unwrap();
+    let lr = "\"lr\":0.01";
+    assert_eq!(text.matches(lr).count(), 2, "{text}"); // (the config's and the driver's)
+    let text = text.replace(lr, "\"lr\":20.0");
+    let n = text.len();
+    st.insert(
+        key.to_string(),
+        Tensor::from_vec(text.into_bytes(), n, &Device::Cpu).unwrap(),
+    );
+    let before = opt.state_dict().unwrap();
+    let e = opt.load_state_dict(&st).unwrap_err();
+    assert!(
+        matches!(&e, steepest::Error::Checkpoint { .. }) && e.to_string().contains("lr"),
+        "{e}"
+    );
+    assert_eq!(opt.learning_rate(), 0.01);
+    let after = opt.state_dict().unwrap();
+    for (k, t) in &before {
+        let same = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            == after[k]
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+        assert!(same, "{k} changed");
+    }
+    // The same checkpoint at a rate its steps take loads.
+    opt.load_state_dict(&before).unwrap();
+}
