@@ -1281,3 +1281,66 @@ fn exploding_and_vanishing_gradients_are_clipped_as_in_one_process() {
     }
     assert_matches(&outs, &reference, "exploding gradients");
 }
+
+/// A learning rate every step would refuse (NaN), set on every rank or on
+/// one rank only, is refused by the step's opening status all-reduce on
+/// every rank, as a configuration error that changed nothing, and leaves no
+/// rank refusing further steps: with a valid rate set again, the next step
+/// runs (no `clear_failure`, no `load_state`). Before, each owner's step
+/// failed its rate check, which the data-parallel layer could not tell from
+/// a step that failed partway: every rank then refused every step, and
+/// `load_state` itself was refused (the optimizer's state could not be read
+/// back at that rate).
+#[test]
+fn a_rate_every_step_refuses_is_refused_collectively_and_changes_nothing() {
+    use candle_nn::Optimizer;
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    for nan_on in [None, Some(1)] {
+        let out = LocalGroup::run(2, |comm| {
+            let rank = comm.rank();
+            let vars = make_named(&shapes, 1);
+            let mut dp = DataParallel::for_optimizer(comm, muon(vars.clone()), clip_cfg())?;
+            let gs = |s: usize| -> Vec<Option<Tensor>> {
+                (0..shapes.len()).map(|i| g(s, rank, i)).collect()
+            };
+            dp.step_grads(&gs(0))?;
+            let params = |vars: &[NamedVar]| -> Vec<Vec<f32>> {
+                vars.iter()
+                    .map(|v| {
+                        v.var
+                            .flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    })
+                    .collect()
+            };
+            let before = (params(&vars), host_state(&dp.optimizer().state_dict()?));
+            if nan_on.is_none_or(|r| r == rank) {
+                dp.optimizer_mut().set_learning_rate(f64::NAN);
+            }
+            let refused = dp.step_grads(&gs(1)).unwrap_err();
+            dp.optimizer_mut().set_learning_rate(0.02);
+            let after = (params(&vars), host_state(&dp.optimizer().state_dict()?));
+            let next = dp.step_grads(&gs(1)).map_err(|e| e.to_string());
+            Ok((refused, before == after, next))
+        })
+        .unwrap();
+        for (r, o) in out.into_iter().enumerate() {
+            let (refused, unchanged, next) = o.unwrap();
+            assert!(
+                matches!(refused, steepest::Error::Config { .. })
+                    && refused.to_string().contains("nothing changed"),
+                "NaN on {nan_on:?}, rank {r}: {refused}"
+            );
+            assert!(
+                unchanged,
+                "NaN on {nan_on:?}, rank {r}: the refused step changed something"
+            );
+            assert!(next.is_ok(), "NaN on {nan_on:?}, rank {r}: {next:?}");
+        }
+    }
+}

@@ -16,8 +16,10 @@
 //!    gradient for it and the number whose gradient for it is not finite)
 //!    tells every rank whether any rank found a problem. If one did, **every
 //!    rank refuses the step** — with [`Error::NonFiniteGradient`] naming the
-//!    first such parameter (the same on every rank), or [`Error::Shape`]
-//!    naming the ranks with invalid gradients — and no parameter, no
+//!    first such parameter (the same on every rank), [`Error::Shape`]
+//!    naming the ranks with invalid gradients, or [`Error::Config`] naming
+//!    those whose optimizer would refuse any step ([`ShardedStep::check_ready`]:
+//!    a learning rate set to NaN, say) — and no parameter, no
 //!    optimizer state and nothing else changes anywhere. No rank returns
 //!    before this all-reduce, so a local problem never leaves the others
 //!    waiting.
@@ -171,6 +173,16 @@ pub trait ShardedStep {
     fn keeps_master_weights(&self) -> bool {
         false
     }
+
+    /// Checks, changing nothing and without a collective, what would make
+    /// every step of this rank fail whatever the gradients (an invalid
+    /// learning rate): [`DataParallel`] folds it into the status all-reduce
+    /// that opens every step, so such a step is refused on every rank with
+    /// nothing changed, rather than failing at the owners and leaving every
+    /// rank refusing further steps. Default: nothing to check.
+    fn check_ready(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `ShardedStep` for a pointer to one (`&mut O`, `Box<O>`): every method
@@ -196,6 +208,9 @@ macro_rules! forward_sharded_step {
             }
             fn keeps_master_weights(&self) -> bool {
                 (**self).keeps_master_weights()
+            }
+            fn check_ready(&self) -> Result<()> {
+                (**self).check_ready()
             }
         }
     )*};
@@ -839,7 +854,12 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let mut local_error: Option<String> = None;
         let mut nonfinite: Vec<usize> = Vec::new();
         let mut flat = None;
-        if grads.len() != p {
+        // (a setting every step would refuse, e.g. a learning rate set to
+        // NaN on every rank: refused here, collectively, changing nothing)
+        let settings_error = self.opt.check_ready().err();
+        if let Some(e) = &settings_error {
+            local_error = Some(e.to_string());
+        } else if grads.len() != p {
             local_error = Some(format!(
                 "expected {p} gradients (one per parameter), got {}",
                 grads.len()
@@ -864,7 +884,8 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
             }
         }
         if local_error.is_some() {
-            status[world + rank] = 1.0;
+            // (2: the optimizer's settings, 1: the gradients)
+            status[world + rank] = if settings_error.is_some() { 2.0 } else { 1.0 };
         }
         if grads.len() == p {
             for (i, g) in grads.iter().enumerate() {
@@ -881,16 +902,32 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let bad_ranks: Vec<usize> = (0..world).filter(|&r| status[r] != 0.0).collect();
         let err_ranks: Vec<usize> = (0..world).filter(|&r| status[world + r] != 0.0).collect();
         if !err_ranks.is_empty() {
-            let mut msg = format!(
-                "step refused on every rank, nothing changed: invalid gradients on rank(s) {err_ranks:?}"
-            );
+            let (settings, gradients): (Vec<usize>, Vec<usize>) =
+                err_ranks.iter().partition(|&&r| status[world + r] == 2.0);
+            let mut what = Vec::new();
+            if !settings.is_empty() {
+                what.push(format!(
+                    "invalid optimizer settings on rank(s) {settings:?}"
+                ));
+            }
+            if !gradients.is_empty() {
+                what.push(format!("invalid gradients on rank(s) {gradients:?}"));
+            }
             if !bad_ranks.is_empty() {
-                msg += &format!("; non-finite gradient on rank(s) {bad_ranks:?}");
+                what.push(format!("non-finite gradient on rank(s) {bad_ranks:?}"));
             }
             if let Some(e) = local_error {
-                msg += &format!("; here: {e}");
+                what.push(format!("here: {e}"));
             }
-            return Err(Error::shape(who, msg));
+            let msg = format!(
+                "step refused on every rank, nothing changed: {}",
+                what.join("; ")
+            );
+            return Err(if settings.is_empty() {
+                Error::shape(who, msg)
+            } else {
+                Error::config(who, msg)
+            });
         }
         if !bad_ranks.is_empty() {
             // The same parameter on every rank: the first one any rank flagged

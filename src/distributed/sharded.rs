@@ -50,6 +50,9 @@ macro_rules! sharded_by_inherent {
             fn keeps_master_weights(&self) -> bool {
                 <$t>::driver(self).master_weights()
             }
+            fn check_ready(&self) -> Result<()> {
+                <$t>::driver(self).check_rates()
+            }
         }
 
         impl ShardedOptimizer for $t {
@@ -80,6 +83,9 @@ impl ShardedStep for Driver {
     }
     fn keeps_master_weights(&self) -> bool {
         self.master_weights()
+    }
+    fn check_ready(&self) -> Result<()> {
+        self.check_rates()
     }
 }
 

@@ -458,6 +458,39 @@ impl Driver {
             .collect()
     }
 
+    /// The learning rate of every partition (`lr × ratio`), and what each of
+    /// its transforms allows of it (decay's `ηλ ≤ 1`, say): the check a step
+    /// makes before it writes anything, and data-parallel training before
+    /// its first collective ([`ShardedStep::check_ready`](crate::distributed::ShardedStep::check_ready)).
+    pub(crate) fn check_rates(&self) -> Result<()> {
+        // (one chain for every parameter: its rate is the optimizer's `lr`)
+        let single = self.parts.len() == 1 && self.parts[0].label == "all";
+        for p in &self.parts {
+            let (who, about) = if single {
+                ("lr".to_string(), "lr".to_string())
+            } else {
+                (
+                    format!("lr (partition `{}`)", p.label),
+                    format!("partition `{}`", p.label),
+                )
+            };
+            check_lr(&who, self.lr * p.lr_ratio)
+                .and_then(|()| {
+                    p.chain.iter().try_for_each(|(_, t)| {
+                        t.check_lr(self.lr * p.lr_ratio)
+                            .map_err(|e| e.about(&about))
+                    })
+                })
+                .map_err(|e| {
+                    Error::config(
+                        e.who().unwrap_or("lr"),
+                        format!("{}; the step was not applied", strip(&e)),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     /// Steps 1–4 of the protocol: nothing is written. Also returns the
     /// parameters whose master weight must be (re)made from the parameter
     /// before the step (see [`Driver::with_master_weights`]).
@@ -500,31 +533,7 @@ impl Driver {
             }
         }
         // 2. learning rates, and what each transform allows of them.
-        // (one chain for every parameter: its rate is the optimizer's `lr`)
-        let single = self.parts.len() == 1 && self.parts[0].label == "all";
-        for p in &self.parts {
-            let (who, about) = if single {
-                ("lr".to_string(), "lr".to_string())
-            } else {
-                (
-                    format!("lr (partition `{}`)", p.label),
-                    format!("partition `{}`", p.label),
-                )
-            };
-            check_lr(&who, self.lr * p.lr_ratio)
-                .and_then(|()| {
-                    p.chain.iter().try_for_each(|(_, t)| {
-                        t.check_lr(self.lr * p.lr_ratio)
-                            .map_err(|e| e.about(&about))
-                    })
-                })
-                .map_err(|e| {
-                    Error::config(
-                        e.who().unwrap_or("lr"),
-                        format!("{}; the step was not applied", strip(&e)),
-                    )
-                })?;
-        }
+        self.check_rates()?;
         // 3. finite check, one pass. The kernels read contiguous gradients
         // (a hand-made GradStore may hold a transposed view); parameters
         // with no elements have nothing to update and are skipped.
