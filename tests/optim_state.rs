@@ -368,18 +368,12 @@ fn a_checkpoint_with_a_rate_its_steps_would_refuse_is_refused() {
     let vm = model(DType::F32);
     let mut opt = adamw(&vm);
     opt.backward_step(&loss(&vm, 0, &[])).unwrap();
-    let mut st = opt.state_dict().unwrap();
-    let key = steepest::checkpoint::HEADER_KEY;
-    let text = String::from_utf8(st[key].to_vec1::<u8>().unwrap()).unwrap();
-    let lr = "\"lr\":0.01";
-    assert_eq!(text.matches(lr).count(), 2, "{text}"); // (the config's and the driver's)
-    let text = text.replace(lr, "\"lr\":20.0");
-    let n = text.len();
-    st.insert(
-        key.to_string(),
-        Tensor::from_vec(text.into_bytes(), n, &Device::Cpu).unwrap(),
-    );
     let before = opt.state_dict().unwrap();
+    // (the rate is the driver's `lr` and the AdamW config's)
+    let st = common::with_header(&before, |h| {
+        h["body"]["lr"] = 20.0.into();
+        h["body"]["config"]["lr"] = 20.0.into();
+    });
     let e = opt.load_state_dict(&st).unwrap_err();
     assert!(
         matches!(&e, steepest::Error::Checkpoint { .. }) && e.to_string().contains("lr"),
@@ -388,21 +382,11 @@ fn a_checkpoint_with_a_rate_its_steps_would_refuse_is_refused() {
     assert_eq!(opt.learning_rate(), 0.01);
     let after = opt.state_dict().unwrap();
     for (k, t) in &before {
-        let same = t
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            == after[k]
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-        assert!(same, "{k} changed");
+        assert_eq!(
+            common::to_f64_vec(t),
+            common::to_f64_vec(&after[k]),
+            "{k} changed"
+        );
     }
     // The same checkpoint at a rate its steps take loads.
     opt.load_state_dict(&before).unwrap();

@@ -723,36 +723,21 @@ fn two_spectral_decays_in_one_chain_are_refused() {
     assert!(both.is_some(), "built with two spectral decays");
     // A checkpoint of the same chain with `decay2` spectral: written by
     // hand from a valid one, since no valid optimizer holds it.
-    let mut st = d.state_dict().unwrap();
-    let key = steepest::checkpoint::HEADER_KEY;
-    let text = String::from_utf8(st[key].to_vec1::<u8>().unwrap()).unwrap();
-    let decoupled = "{\"Decoupled\":0.3}";
-    assert_eq!(text.matches(decoupled).count(), 1, "{text}");
-    let text = text.replace(decoupled, "{\"Spectral\":{\"lambda\":0.3,\"iters\":1}}");
-    let n = text.len();
-    st.insert(
-        key.to_string(),
-        candle_core::Tensor::from_vec(text.into_bytes(), n, &candle_core::Device::Cpu).unwrap(),
-    );
     let before = d.state_dict().unwrap();
+    let st = common::with_header(&before, |h| {
+        let decay2 = &mut h["body"]["partitions"][0]["transforms"][1];
+        assert_eq!(decay2["name"], "decay2");
+        decay2["hparams"]["decay"] = serde_json::json!({"Spectral": {"lambda": 0.3, "iters": 1}});
+    });
     let e = d.load_state_dict(&st).unwrap_err();
     assert!(e.to_string().contains("both spectral"), "{e}");
     let after = d.state_dict().unwrap();
-    let bytes = |st: &std::collections::HashMap<String, candle_core::Tensor>, k: &str| {
-        st[k]
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let mut keys: Vec<&String> = before.keys().collect();
-    keys.sort();
-    let mut keys_after: Vec<&String> = after.keys().collect();
-    keys_after.sort();
-    assert_eq!(keys, keys_after);
-    for k in keys {
-        assert_eq!(bytes(&before, k), bytes(&after, k), "{k} changed");
+    assert_eq!(before.len(), after.len());
+    for (k, t) in &before {
+        assert_eq!(
+            common::to_f64_vec(t),
+            common::to_f64_vec(&after[k]),
+            "{k} changed"
+        );
     }
 }

@@ -349,7 +349,8 @@ impl Backend for Emu {
     }
 
     fn shared_max(&self) -> u32 {
-        launch::SHARED_CAP.load(std::sync::atomic::Ordering::Relaxed)
+        // (set from a u32 by `with_shared_max`)
+        launch::SHARED_CAP.load(std::sync::atomic::Ordering::Relaxed) as u32
     }
 }
 
@@ -449,20 +450,15 @@ fn run_locked<T, R>(
 /// # Panics
 /// If `blocks` is 0.
 pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
-    use std::sync::atomic::Ordering;
     assert!(blocks > 0, "with_grid_cap: blocks must be ≥ 1");
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    /// Puts the cap back even when `f` panics.
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            launch::GRID_CAP.store(launch::MAX_BLOCKS, Ordering::Relaxed);
-        }
-    }
-    let _restore = Restore;
-    launch::GRID_CAP.store(u64::from(blocks), Ordering::Relaxed);
-    f()
+    with_cap(
+        &ONE_AT_A_TIME,
+        &launch::GRID_CAP,
+        u64::from(blocks),
+        launch::MAX_BLOCKS,
+        f,
+    )
 }
 
 /// Runs `f` with the emulator's shared memory per block lowered to `bytes`
@@ -471,18 +467,37 @@ pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
 /// vectors do not fit (on CUDA, candle's ops then run it). One call at a
 /// time; the limit is put back when `f` returns or panics.
 pub fn with_shared_max<R>(bytes: u32, f: impl FnOnce() -> R) -> R {
-    use std::sync::atomic::Ordering;
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    /// Puts the limit back even when `f` panics.
-    struct Restore;
+    let max = u64::from(launch::SHARED_MAX);
+    with_cap(
+        &ONE_AT_A_TIME,
+        &launch::SHARED_CAP,
+        u64::from(bytes),
+        max,
+        f,
+    )
+}
+
+/// Runs `f` with `cap` set to `value`, one call at a time (under `one`),
+/// putting `default` back when `f` returns or panics.
+fn with_cap<R>(
+    one: &Mutex<()>,
+    cap: &'static std::sync::atomic::AtomicU64,
+    value: u64,
+    default: u64,
+    f: impl FnOnce() -> R,
+) -> R {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let _one = one.lock().unwrap_or_else(|e| e.into_inner());
+    /// Puts the default back even when `f` panics.
+    struct Restore(&'static AtomicU64, u64);
     impl Drop for Restore {
         fn drop(&mut self) {
-            launch::SHARED_CAP.store(launch::SHARED_MAX, Ordering::Relaxed);
+            self.0.store(self.1, Ordering::Relaxed);
         }
     }
-    let _restore = Restore;
-    launch::SHARED_CAP.store(bytes, Ordering::Relaxed);
+    let _restore = Restore(cap, default);
+    cap.store(value, Ordering::Relaxed);
     f()
 }
 

@@ -99,6 +99,16 @@ pub struct Driver {
 /// (no second dot, so no transform's `<param>.<transform>.<field>` key).
 pub(crate) const MASTER_SLOT: &str = "master_weight";
 
+/// A partition's `rate` (`lr × ratio`): a valid rate ([`check_lr`], as
+/// `who`), and one each transform of `chain` allows (decay's `ηλ ≤ 1`, say;
+/// its error about `about`).
+fn check_partition_rate(who: &str, about: &str, rate: f64, chain: &Chain) -> Result<()> {
+    check_lr(who, rate)?;
+    chain
+        .iter()
+        .try_for_each(|(_, t)| t.check_lr(rate).map_err(|e| e.about(about)))
+}
+
 /// Errors unless `lr` is finite and ≥ 0, and within f32's range (the
 /// updates of f32, bf16 and f16 parameters compute in f32, where a larger
 /// rate is Inf and writes Inf/NaN weights).
@@ -474,19 +484,12 @@ impl Driver {
                     format!("partition `{}`", p.label),
                 )
             };
-            check_lr(&who, self.lr * p.lr_ratio)
-                .and_then(|()| {
-                    p.chain.iter().try_for_each(|(_, t)| {
-                        t.check_lr(self.lr * p.lr_ratio)
-                            .map_err(|e| e.about(&about))
-                    })
-                })
-                .map_err(|e| {
-                    Error::config(
-                        e.who().unwrap_or("lr"),
-                        format!("{}; the step was not applied", strip(&e)),
-                    )
-                })?;
+            check_partition_rate(&who, &about, self.lr * p.lr_ratio, &p.chain).map_err(|e| {
+                Error::config(
+                    e.who().unwrap_or("lr"),
+                    format!("{}; the step was not applied", strip(&e)),
+                )
+            })?;
         }
         Ok(())
     }
@@ -995,10 +998,8 @@ impl Driver {
             // The rate the partition would step at, checked as a step checks
             // it (e.g. decay's ηλ ≤ 1): a checkpoint every step would refuse
             // is refused here, changing nothing.
-            let rate = body.lr * rec.lr_ratio;
             let who = format!("checkpoint: partition `{}`: lr", rec.label);
-            check_lr(&who, rate)
-                .and_then(|()| chain.iter().try_for_each(|(_, t)| t.check_lr(rate)))
+            check_partition_rate(&who, &who, body.lr * rec.lr_ratio, chain)
                 .map_err(|e| Error::checkpoint(&who, strip(&e)))?;
         }
         for (info, &k) in self.infos.iter().zip(&self.assign) {
