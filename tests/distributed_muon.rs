@@ -1344,3 +1344,46 @@ fn a_rate_every_step_refuses_is_refused_collectively_and_changes_nothing() {
         }
     }
 }
+
+/// The same under a schedule, whose rate the step sets: a schedule whose
+/// rate the optimizer refuses (AdamW with decoupled decay λ = 0.1 at rate
+/// 20: ηλ = 2 > 1) is refused by the opening status all-reduce on every
+/// rank, a Config error with nothing changed (parameters, state, the
+/// schedule's counter); moved on to a step whose rate is valid, it runs.
+#[test]
+fn a_schedule_rate_the_optimizer_refuses_is_refused_collectively() {
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    let out = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_named(&shapes, 1);
+        let opt = Scheduled::new(
+            adamw(vars.clone()),
+            Schedule::cosine(20.0, 0.0, 10).unwrap(),
+        );
+        let mut dp = DataParallel::for_optimizer(comm, opt, DataParallelConfig::default())?;
+        let gs: Vec<Option<Tensor>> = (0..shapes.len()).map(|i| g(0, rank, i)).collect();
+        let params = |vars: &[NamedVar]| -> Vec<Vec<f32>> {
+            vars.iter().map(|v| host(v.var.as_tensor())).collect()
+        };
+        let before = params(&vars);
+        let refused = dp.step_grads(&gs).unwrap_err();
+        let unchanged = params(&vars) == before && dp.optimizer().current_step() == 0;
+        dp.optimizer_mut().set_step(9); // 20·(1 − cos(π/10))/2 ≈ 0.49: ηλ < 1
+        let next = dp.step_grads(&gs).map_err(|e| e.to_string());
+        Ok((refused, unchanged, next))
+    })
+    .unwrap();
+    for (r, o) in out.into_iter().enumerate() {
+        let (refused, unchanged, next) = o.unwrap();
+        assert!(
+            matches!(refused, steepest::Error::Config { .. })
+                && refused
+                    .to_string()
+                    .contains("invalid optimizer settings on rank(s) [0, 1]"),
+            "rank {r}: {refused}"
+        );
+        assert!(unchanged, "rank {r}: the refused step changed something");
+        assert!(next.is_ok(), "rank {r}: {next:?}");
+    }
+}

@@ -179,8 +179,11 @@ pub trait ShardedStep {
     /// learning rate): [`DataParallel`] folds it into the status all-reduce
     /// that opens every step, so such a step is refused on every rank with
     /// nothing changed, rather than failing at the owners and leaving every
-    /// rank refusing further steps. Default: nothing to check.
-    fn check_ready(&self) -> Result<()> {
+    /// rank refusing further steps. `lr`: the rate the next step will run
+    /// at when a wrapper sets it (a schedule's), else `None` (the
+    /// optimizer's own). Default: nothing to check.
+    fn check_ready(&self, lr: Option<f64>) -> Result<()> {
+        let _ = lr;
         Ok(())
     }
 }
@@ -209,8 +212,8 @@ macro_rules! forward_sharded_step {
             fn keeps_master_weights(&self) -> bool {
                 (**self).keeps_master_weights()
             }
-            fn check_ready(&self) -> Result<()> {
-                (**self).check_ready()
+            fn check_ready(&self, lr: Option<f64>) -> Result<()> {
+                (**self).check_ready(lr)
             }
         }
     )*};
@@ -856,7 +859,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let mut flat = None;
         // (a setting every step would refuse, e.g. a learning rate set to
         // NaN on every rank: refused here, collectively, changing nothing)
-        let settings_error = self.opt.check_ready().err();
+        let settings_error = self.opt.check_ready(None).err();
         if let Some(e) = &settings_error {
             local_error = Some(e.to_string());
         } else if grads.len() != p {

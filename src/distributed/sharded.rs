@@ -50,8 +50,8 @@ macro_rules! sharded_by_inherent {
             fn keeps_master_weights(&self) -> bool {
                 <$t>::driver(self).master_weights()
             }
-            fn check_ready(&self) -> Result<()> {
-                <$t>::driver(self).check_rates()
+            fn check_ready(&self, lr: Option<f64>) -> Result<()> {
+                <$t>::driver(self).check_rates(lr)
             }
         }
 
@@ -84,8 +84,8 @@ impl ShardedStep for Driver {
     fn keeps_master_weights(&self) -> bool {
         self.master_weights()
     }
-    fn check_ready(&self) -> Result<()> {
-        self.check_rates()
+    fn check_ready(&self, lr: Option<f64>) -> Result<()> {
+        self.check_rates(lr)
     }
 }
 
@@ -131,6 +131,11 @@ impl<O: Optimizer + ShardedStep> ShardedStep for Scheduled<O> {
     }
     fn keeps_master_weights(&self) -> bool {
         self.inner().keeps_master_weights()
+    }
+    /// The inner optimizer at the schedule's rate for the next step (the
+    /// rate the step will set), whatever its own rate now.
+    fn check_ready(&self, _lr: Option<f64>) -> Result<()> {
+        self.inner().check_ready(Some(self.next_lr()))
     }
 }
 

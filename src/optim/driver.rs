@@ -472,7 +472,10 @@ impl Driver {
     /// its transforms allows of it (decay's `ηλ ≤ 1`, say): the check a step
     /// makes before it writes anything, and data-parallel training before
     /// its first collective ([`ShardedStep::check_ready`](crate::distributed::ShardedStep::check_ready)).
-    pub(crate) fn check_rates(&self) -> Result<()> {
+    /// `lr`: the rate to check in place of the driver's own (a schedule's
+    /// next one).
+    pub(crate) fn check_rates(&self, lr: Option<f64>) -> Result<()> {
+        let lr = lr.unwrap_or(self.lr);
         // (one chain for every parameter: its rate is the optimizer's `lr`)
         let single = self.parts.len() == 1 && self.parts[0].label == "all";
         for p in &self.parts {
@@ -484,7 +487,7 @@ impl Driver {
                     format!("partition `{}`", p.label),
                 )
             };
-            check_partition_rate(&who, &about, self.lr * p.lr_ratio, &p.chain).map_err(|e| {
+            check_partition_rate(&who, &about, lr * p.lr_ratio, &p.chain).map_err(|e| {
                 Error::config(
                     e.who().unwrap_or("lr"),
                     format!("{}; the step was not applied", strip(&e)),
@@ -536,7 +539,7 @@ impl Driver {
             }
         }
         // 2. learning rates, and what each transform allows of them.
-        self.check_rates()?;
+        self.check_rates(None)?;
         // 3. finite check, one pass. The kernels read contiguous gradients
         // (a hand-made GradStore may hold a transposed view); parameters
         // with no elements have nothing to update and are skipped.
