@@ -45,12 +45,13 @@ fn params(rows: usize) -> (Vec<NamedVar>, GradStore) {
     (vars, grads)
 }
 
-/// Fresh variables with the same values (each optimizer moves its own copy).
+/// Fresh variables with the same values (each optimizer moves its own copy:
+/// `Var::from_tensor` of a variable is that variable, sharing its storage).
 fn copy(vars: &[NamedVar]) -> Vec<NamedVar> {
     vars.iter()
         .map(|v| NamedVar {
             name: v.name.clone(),
-            var: Var::from_tensor(v.var.as_tensor()).unwrap(),
+            var: Var::from_tensor(&v.var.as_tensor().copy().unwrap()).unwrap(),
         })
         .collect()
 }

@@ -96,9 +96,17 @@ fn main() {
         &grads,
         n,
     );
+    // (candle-nn's AdamW decays every parameter, vectors too: the same here)
     measure(
         "adamw",
-        AdamW::from_named(vars.clone(), AdamWConfig::default()).unwrap(),
+        AdamW::from_named(
+            vars.clone(),
+            AdamWConfig {
+                decay_vectors: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
         &grads,
         n,
     );

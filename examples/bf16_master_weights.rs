@@ -4,8 +4,10 @@
 //! f32, in bf16, and in bf16 with f32 master weights
 //! (`AdamW::with_master_weights`), AdamW under a cosine schedule down to a
 //! small rate. The forward pass computes in f32 in all three (the weights
-//! are cast), so the three differ only in how the updates land in the
-//! weights. Seeded: the same numbers every run.
+//! are cast), so the three differ in how the updates land in the weights
+//! and in the gradients' rounding (the backward pass of the cast rounds a
+//! bf16 weight's gradient to bf16, master weights or not). Seeded: the
+//! same numbers every run.
 //!
 //!     cargo run --release --example bf16_master_weights
 

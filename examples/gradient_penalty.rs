@@ -7,7 +7,7 @@
 //! prints a row of a table (a legend of its columns first): the loss, the
 //! penalty, train and test accuracy and both sides of the inequality
 //! `‖∇_x f‖² Σ_t (1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖J_t‖₂²) ≤ ‖∇_θ f‖²`, averaged over
-//! test points with `f` the per-sample cross-entropy, and writes them as CSV
+//! the first 24 test points with `f` the per-sample cross-entropy, and writes them as CSV
 //! to `runs/gradient_penalty/gradient_penalty.csv` (`--out DIR` for another
 //! directory).
 //!

@@ -120,7 +120,10 @@ fn main() -> Result<()> {
         if step % 30 == 0 {
             println!("step {step:4}  loss {:.5}", loss.to_scalar::<f32>()?);
         }
-        opt.backward_step(&loss)?;
+        if step < 300 {
+            // (the loss after 300 steps printed, not a 301st step)
+            opt.backward_step(&loss)?;
+        }
     }
 
     // Spectral decay keeps the top singular value of each hidden matrix in check.

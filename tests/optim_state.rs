@@ -358,36 +358,3 @@ fn state_tensors_carry_no_autograd_graph() {
         sgd.state_dict().unwrap().into_keys().collect(),
     );
 }
-
-/// A checkpoint whose rate every step would refuse (here decay's `ηλ > 1`:
-/// the rate edited to 20 with λ = 0.1) is refused at load, naming the
-/// partition's rate, and changes nothing: it loaded, and then every step
-/// was refused until the rate was set again.
-#[test]
-fn a_checkpoint_with_a_rate_its_steps_would_refuse_is_refused() {
-    let vm = model(DType::F32);
-    let mut opt = adamw(&vm);
-    opt.backward_step(&loss(&vm, 0, &[])).unwrap();
-    let before = opt.state_dict().unwrap();
-    // (the rate is the driver's `lr` and the AdamW config's)
-    let st = common::with_header(&before, |h| {
-        h["body"]["lr"] = 20.0.into();
-        h["body"]["config"]["lr"] = 20.0.into();
-    });
-    let e = opt.load_state_dict(&st).unwrap_err();
-    assert!(
-        matches!(&e, steepest::Error::Checkpoint { .. }) && e.to_string().contains("lr"),
-        "{e}"
-    );
-    assert_eq!(opt.learning_rate(), 0.01);
-    let after = opt.state_dict().unwrap();
-    for (k, t) in &before {
-        assert_eq!(
-            common::to_f64_vec(t),
-            common::to_f64_vec(&after[k]),
-            "{k} changed"
-        );
-    }
-    // The same checkpoint at a rate its steps take loads.
-    opt.load_state_dict(&before).unwrap();
-}

@@ -66,9 +66,9 @@ pub(crate) struct Cuda {
     stream: Arc<CudaStream>,
     funcs: Mutex<HashMap<String, Kernel>>,
     /// The shared memory a block may opt in to on this device (the
-    /// driver's `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`; 48 KiB, the amount
-    /// every block has, if the driver does not say).
-    shared_max: u32,
+    /// driver's `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`), once read; 0 until
+    /// then (see [`Cuda::shared_limit`]).
+    shared_max: std::sync::atomic::AtomicU32,
 }
 
 thread_local! {
@@ -93,26 +93,44 @@ fn backend(dev: &CudaDevice) -> Arc<Cuda> {
         .expect("backends lock");
     all.entry(dev.id())
         .or_insert_with(|| {
-            let stream = dev.cuda_stream();
-            let shared_max = stream
-                .context()
-                .attribute(
-                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )
-                .ok()
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(launch::SHARED_DEFAULT);
             Arc::new(Cuda {
                 dev: dev.clone(),
-                stream,
+                stream: dev.cuda_stream(),
                 funcs: Mutex::new(HashMap::new()),
-                shared_max,
+                shared_max: std::sync::atomic::AtomicU32::new(0),
             })
         })
         .clone()
 }
 
 impl Cuda {
+    /// The shared memory a block may opt in to on this device, from the
+    /// driver (read once, then kept). If the driver cannot say (a context
+    /// holding an earlier error), 48 KiB, the amount every block has, for
+    /// this call only: the next asks again, rather than keeping the larger
+    /// shapes on candle's slower ops for the life of the process.
+    fn shared_limit(&self) -> u32 {
+        use std::sync::atomic::Ordering;
+        let known = self.shared_max.load(Ordering::Relaxed);
+        if known != 0 {
+            return known;
+        }
+        let read = self
+            .stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&v| v > 0);
+        match read {
+            Some(v) => {
+                self.shared_max.store(v, Ordering::Relaxed);
+                v
+            }
+            None => launch::SHARED_DEFAULT,
+        }
+    }
+
     /// The loaded kernel `name` (loaded once per device, under the module
     /// name that carries its PTX's hash).
     fn func(&self, name: &str) -> Result<Kernel> {
@@ -227,7 +245,7 @@ impl Backend for Cuda {
         // Static and dynamic shared memory together above 48 KiB need the
         // opt-in, whatever the dynamic part alone is.
         if let Some(bytes) =
-            launch::shared_opt_in(&l.kernel, k.static_shared, l.shared, self.shared_max)?
+            launch::shared_opt_in(&l.kernel, k.static_shared, l.shared, self.shared_limit())?
         {
             self.opt_in(&l.kernel, &k, bytes)?;
         }
@@ -308,7 +326,7 @@ impl Backend for Cuda {
     }
 
     fn shared_max(&self) -> u32 {
-        self.shared_max
+        self.shared_limit()
     }
 }
 
@@ -531,7 +549,7 @@ pub(crate) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Vec<f64>>> {
 /// short side `k` while `34 816 + 8·k` bytes fit it (k ≤ 24 704 on sm_90),
 /// on candle's ops beyond.
 pub fn shared_memory_per_block(dev: &CudaDevice) -> u32 {
-    backend(dev).shared_max
+    backend(dev).shared_limit()
 }
 
 /// [`super::power_iteration`] on the device (no host sync); `None` when no
@@ -544,7 +562,7 @@ pub(crate) fn power_iteration(
     let candle_core::Device::Cuda(dev) = w.device() else {
         return Ok(None);
     };
-    let shared_max = backend(dev).shared_max;
+    let shared_max = backend(dev).shared_limit();
     run_power(launch::power_prepare(w, start, shared_max)?, iters)
 }
 
@@ -563,7 +581,7 @@ pub(crate) fn power_iteration_members(
     let candle_core::Device::Cuda(dev) = ws[0].device() else {
         return Ok(None);
     };
-    let shared_max = backend(dev).shared_max;
+    let shared_max = backend(dev).shared_limit();
     run_power(launch::power_prepare_members(ws, vs, shared_max)?, iters)
 }
 

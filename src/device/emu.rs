@@ -349,8 +349,7 @@ impl Backend for Emu {
     }
 
     fn shared_max(&self) -> u32 {
-        // (set from a u32 by `with_shared_max`)
-        launch::SHARED_CAP.load(std::sync::atomic::Ordering::Relaxed) as u32
+        SHARED_CAP.with(|c| c.get()).unwrap_or(launch::SHARED_MAX)
     }
 }
 
@@ -450,54 +449,43 @@ fn run_locked<T, R>(
 /// # Panics
 /// If `blocks` is 0.
 pub fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::Ordering;
     assert!(blocks > 0, "with_grid_cap: blocks must be ≥ 1");
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    with_cap(
-        &ONE_AT_A_TIME,
-        &launch::GRID_CAP,
-        u64::from(blocks),
-        launch::MAX_BLOCKS,
-        f,
-    )
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    /// Puts the cap back even when `f` panics.
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            launch::GRID_CAP.store(launch::MAX_BLOCKS, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore;
+    launch::GRID_CAP.store(u64::from(blocks), Ordering::Relaxed);
+    f()
+}
+
+thread_local! {
+    /// This thread's shared memory per block, when `with_shared_max` set
+    /// one (per thread: a lowered limit changes which shapes the kernels
+    /// take, which other tests running meanwhile must not see).
+    static SHARED_CAP: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` with the emulator's shared memory per block lowered to `bytes`
-/// (from sm_90's 227 KiB), as on a smaller GPU (99 KiB on sm_86/sm_89):
-/// launches beyond it fail, and the power iteration takes no shape whose
-/// vectors do not fit (on CUDA, candle's ops then run it). One call at a
-/// time; the limit is put back when `f` returns or panics.
+/// (from sm_90's 227 KiB) on this thread, as on a smaller GPU (99 KiB on
+/// sm_86/sm_89): launches beyond it fail, and the power iteration takes no
+/// shape whose vectors do not fit (on CUDA, candle's ops then run it). The
+/// limit is put back when `f` returns or panics.
 pub fn with_shared_max<R>(bytes: u32, f: impl FnOnce() -> R) -> R {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let max = u64::from(launch::SHARED_MAX);
-    with_cap(
-        &ONE_AT_A_TIME,
-        &launch::SHARED_CAP,
-        u64::from(bytes),
-        max,
-        f,
-    )
-}
-
-/// Runs `f` with `cap` set to `value`, one call at a time (under `one`),
-/// putting `default` back when `f` returns or panics.
-fn with_cap<R>(
-    one: &Mutex<()>,
-    cap: &'static std::sync::atomic::AtomicU64,
-    value: u64,
-    default: u64,
-    f: impl FnOnce() -> R,
-) -> R {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let _one = one.lock().unwrap_or_else(|e| e.into_inner());
-    /// Puts the default back even when `f` panics.
-    struct Restore(&'static AtomicU64, u64);
+    /// Puts the previous limit back even when `f` panics.
+    struct Restore(Option<u32>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            self.0.store(self.1, Ordering::Relaxed);
+            SHARED_CAP.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(cap, default);
-    cap.store(value, Ordering::Relaxed);
+    let _restore = Restore(SHARED_CAP.with(|c| c.replace(Some(bytes))));
     f()
 }
 

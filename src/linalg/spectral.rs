@@ -287,7 +287,8 @@ const STIEFEL_COLD_PATIENCE: usize = 3;
 /// residual) or it stops decreasing (one host sync per round; with an
 /// optimizer step of `η = 0.02` one round is enough). `cold = true` first applies
 /// Polar Express (8 steps) twice, which lifts every singular value above
-/// ~1e-3 of the largest to ~1 and multiplies smaller ones by ~10⁷, then
+/// ~1e-3 of the largest to ~1 and multiplies smaller ones by up to ~5·10⁷
+/// (~7·10³ a pass, the second divided by √k for the k values already at 1), then
 /// cubic rounds, not normalised (every singular value is then in
 /// `[0, ~1]`, where they converge; divided by `rms(σ)`, a few dominant
 /// values over a small tail would go beyond √3 and come out negated), for

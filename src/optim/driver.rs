@@ -998,12 +998,6 @@ impl Driver {
             let who = format!("checkpoint: partition `{}`: lr ratio", rec.label);
             check_lr(&who, rec.lr_ratio).map_err(|e| Error::checkpoint(&who, strip(&e)))?;
             chain.validate(&format!("partition `{}`", part.label))?;
-            // The rate the partition would step at, checked as a step checks
-            // it (e.g. decay's ηλ ≤ 1): a checkpoint every step would refuse
-            // is refused here, changing nothing.
-            let who = format!("checkpoint: partition `{}`: lr", rec.label);
-            check_partition_rate(&who, &who, body.lr * rec.lr_ratio, chain)
-                .map_err(|e| Error::checkpoint(&who, strip(&e)))?;
         }
         for (info, &k) in self.infos.iter().zip(&self.assign) {
             for (_, t) in new_chains[k].iter() {

@@ -74,12 +74,6 @@ pub(crate) const SHARED_DEFAULT: u32 = 48 * 1024;
 /// 99 KiB on sm_86/sm_89), and [`Backend::shared_max`] gives it.
 pub(crate) const SHARED_MAX: u32 = 227 * 1024;
 
-/// The emulator's limit (default [`SHARED_MAX`]), lowered by
-/// `emu::with_shared_max` to test the kernels' limits of smaller GPUs.
-#[cfg(feature = "emu")]
-pub(crate) static SHARED_CAP: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(SHARED_MAX as u64);
-
 /// The dynamic shared memory `kernel` must opt in to, given its static shared
 /// memory: `Some(dynamic)` when the two together exceed [`SHARED_DEFAULT`],
 /// `None` when they fit without; an error beyond `max` (the device's
