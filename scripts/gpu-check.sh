@@ -283,7 +283,7 @@ chmod +x .gpu/run.sh
 ls -la .gpu
 echo
 echo "Device command (the device tool's run; .gpu is git-ignored, so carry it):"
-echo "  run(command=\"OUT=\\\"\\\$OUT\\\" bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=480)"
+echo "  run(command=\"OUT=\\\"\$OUT\\\" bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=480)"
 echo "It stops by itself after DEADLINE_S=460 s (with less device time left, set DEADLINE_S to"
 echo "status's budget_left_s minus ~3 min for the start, and timeout_s 20 s above it);"
 echo "\$OUT gets results.tgz, report.md and the two JSONs."
@@ -291,4 +291,4 @@ echo "Afterwards: the training's curves are in results.tgz under steepest-gpu/tr
 echo "(train_lm.csv, .svg, .png, summary.md): commit them as docs/train_lm_gpu.* (docs/train_lm.*"
 echo "are the CPU run's), and the table of report.md into BENCHMARKS.md's GPU section."
 echo "A rerun of some steps only, sent at once (a warm machine goes back after 30 s idle):"
-echo "  run(command=\"RUN_STEPS='torch bench table' DEADLINE_S=150 OUT=\\\"\\\$OUT\\\" bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=170)"
+echo "  run(command=\"RUN_STEPS='torch bench table' DEADLINE_S=150 OUT=\\\"\$OUT\\\" bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=170)"
