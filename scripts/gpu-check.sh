@@ -188,10 +188,15 @@ step() { # step NAME CAP_SECONDS CMD...: under min(CAP, time left − 5 [− the
   return $rc
 }
 
+# The binaries, unpacked outside .gpu/ (which must stay small enough to
+# carry: a CPU rehearsal here would otherwise leave 200 MB in it) and
+# outside $WORK (packed into results.tgz after every step).
+B="${BIN:-/tmp/steepest-gpu-bin}"; rm -rf "$B"; mkdir -p "$B"
 for f in $G/*.xz; do
   [[ -e "$f" ]] || continue
-  python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"
-  chmod +x "${f%.xz}"
+  b="$B/$(basename "${f%.xz}")"
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b"
+  chmod +x "$b"
 done
 machine() {
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
@@ -200,7 +205,7 @@ machine() {
   uname -r; ncu_path || echo "ncu: not found"
   # the libraries (--diag: where they are, ldd), and that the test binary
   # loads them (lists its tests only)
-  bash $G/device-run.sh --diag $G/gpu_kernels_test -- --list
+  bash $G/device-run.sh --diag $B/gpu_kernels_test -- --list
 }
 ncu_path() { # Nsight Compute's ncu, on the PATH or in its install folder
   local n; n="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)"
@@ -229,7 +234,7 @@ profile() {
     local cmd=("$n" --clock-control none --target-processes all --launch-count 80
       --kernel-name regex:'^(adamw|sgd|ema|apply|finite|sumsq|power_|ns_|nvjet|sm90|sm100|sm80|ampere|cutlass|gemm|gemv|splitK|xmma|Kernel)'
       --section SpeedOfLight --section MemoryWorkloadAnalysis --print-summary per-kernel --log-file "$log"
-      bash "$G/device-run.sh" "$G/gpu_bench" -- --out "$WORK/gpu_bench_ncu.json" --reps 1 --warmup 0 --only "$w")
+      bash "$G/device-run.sh" "$B/gpu_bench" -- --out "$WORK/gpu_bench_ncu.json" --reps 1 --warmup 0 --only "$w")
     echo "=== $w (limit $per s): ${cmd[*]}" | tee -a "$WORK/commands.txt"
     timeout -k 3 "$per" "${cmd[@]}" || { echo "ncu on $w: exit $?"; r=1; }
   done <<< "$todo"
@@ -247,21 +252,21 @@ isolate() {
     local rest=$(( STEP_END - $(date +%s) - 3 ))
     (( rest < 10 )) && { echo "=== $t: no time left"; r=1; break; }
     echo "=== $t"
-    CUDA_LAUNCH_BLOCKING=1 timeout -k 3 "$rest" bash $G/device-run.sh $G/gpu_kernels_test -- --exact "$t" --test-threads=1 || r=1
+    CUDA_LAUNCH_BLOCKING=1 timeout -k 3 "$rest" bash $G/device-run.sh $B/gpu_kernels_test -- --exact "$t" --test-threads=1 || r=1
   done
   return $r
 }
 PROFILE_S=80
-export -f machine ncu_path profile isolate; export G PY WORK PROFILE_S STEP_END=0
+export -f machine ncu_path profile isolate; export G B PY WORK PROFILE_S STEP_END=0
 step machine 40 bash -c machine
 rc=0
 # shellcheck disable=SC2086 # BENCH_ARGS: extra flags, split on spaces
 {
-step tests 150 bash $G/device-run.sh $G/gpu_kernels_test -- --test-threads=1 || rc=$?
+step tests 150 bash $G/device-run.sh $B/gpu_kernels_test -- --test-threads=1 || rc=$?
 # PyTorch first: independent of our binaries, it measures the ceilings the
 # targets use, and it is the cheaper of the two.
 step torch 120 "$PY" $G/torch_reference.py --out "$WORK/gpu_bench_torch.json" $BENCH_ARGS
-step bench 120 bash $G/device-run.sh $G/gpu_bench -- --out "$WORK/gpu_bench_steepest.json" $BENCH_ARGS
+step bench 120 bash $G/device-run.sh $B/gpu_bench -- --out "$WORK/gpu_bench_steepest.json" $BENCH_ARGS
 step table 20 python3 $G/gpu_bench_table.py "$WORK/gpu_bench_steepest.json" "$WORK/gpu_bench_torch.json" \
   --out "$WORK/gpu_bench_table.md" --missed-out "$WORK/missed_workloads.txt"
 # Failed tests alone, after the table (a diagnosis, not a measurement)
@@ -273,8 +278,8 @@ if has train; then
   [[ -f $G/losses_cpu_build_host.csv ]] && cp $G/losses_cpu_build_host.csv runs/first20/
 fi
 step train 600 env -u STEPS OUT="$WORK/train" DEADLINE_EPOCH=$((DEADLINE_EPOCH - 20)) \
-  bash examples/train_lm/gpu_run.sh $G/train_lm
-step kernels 60 bash $G/device-run.sh $G/gpu_kernels_bench
+  bash examples/train_lm/gpu_run.sh $B/train_lm
+step kernels 60 bash $G/device-run.sh $B/gpu_kernels_bench
 pack
 echo "== done in $(( $(date +%s) - T0 )) s; tests exit $rc; $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$rc"
