@@ -1387,3 +1387,60 @@ fn a_schedule_rate_the_optimizer_refuses_is_refused_collectively() {
         assert!(next.is_ok(), "rank {r}: {next:?}");
     }
 }
+
+/// A save that one rank cannot make (its optimizer cannot produce its state:
+/// here a NaN rate, which a checkpoint cannot hold) is refused on every
+/// rank before any rank writes, so a good checkpoint already in the
+/// directory is left as it was, byte for byte, and still loads. Before,
+/// the other ranks overwrote their files and then the save was refused:
+/// the old manifest no longer matched them.
+#[test]
+fn a_save_refused_on_one_rank_leaves_the_previous_checkpoint_intact() {
+    use candle_nn::Optimizer;
+    let shapes = model();
+    let g = seeded(shapes.clone());
+    let dir = scratch("refused_save_keeps_old");
+    let files = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (p.display().to_string(), std::fs::read(&p).unwrap())
+            })
+            .collect()
+    };
+    let out = LocalGroup::run(2, |comm| {
+        let rank = comm.rank();
+        let vars = make_named(&shapes, 1);
+        let mut dp = DataParallel::for_optimizer(comm, muon(vars), clip_cfg())?;
+        let gs = |s: usize| -> Vec<Option<Tensor>> {
+            (0..shapes.len()).map(|i| g(s, rank, i)).collect()
+        };
+        dp.step_grads(&gs(0))?;
+        dp.save_state(&dir)?;
+        // (rank 0 reads the checkpoint before the next collective: no rank
+        // can write again before then)
+        let saved = (rank == 0).then(|| files(&dir));
+        dp.step_grads(&gs(1))?;
+        if rank == 1 {
+            dp.optimizer_mut().set_learning_rate(f64::NAN);
+        }
+        Ok((saved, dp.save_state(&dir).map_err(|e| e.to_string())))
+    })
+    .unwrap();
+    let mut before = None;
+    for (r, o) in out.into_iter().enumerate() {
+        let (saved, res) = o.unwrap();
+        before = before.or(saved);
+        let e = res.unwrap_err();
+        assert!(e.contains("nothing written"), "rank {r}: {e}");
+    }
+    let before = before.expect("rank 0's snapshot");
+    assert_eq!(before.len(), 3, "two rank files and the manifest");
+    assert!(
+        files(&dir) == before,
+        "the refused save changed the checkpoint's files"
+    );
+    load_union(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -39,7 +39,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::collective::{Checked, Collective};
+use super::collective::{Checked, Collective, ReduceOp};
 use super::plan::Plan;
 use crate::checkpoint::{load, merge, save, split_key, Header};
 use crate::error::{fail, Error, Result};
@@ -87,11 +87,14 @@ pub fn rank_file(rank: usize, world: usize) -> String {
 
 /// Writes this rank's `state` (its optimizer's state dict, or the error that
 /// producing it gave) to `dir`, then — once every rank has written its file —
-/// the manifest from rank 0. Collective (one all-gather of three f32 per
-/// rank, one broadcast of one); an error on any rank is an error on every
-/// rank (naming the ranks), and then no manifest is written. `plan`: the
-/// ownership plan (the same on every rank); `device`: where the
-/// communicator's tensors live.
+/// the manifest from rank 0. Collective (one all-reduce of one f32, one
+/// all-gather of three f32 per rank, one broadcast of one); an error on any
+/// rank is an error on every rank (naming the ranks), and then no manifest
+/// is written. A rank whose `state` is an error stops every rank before
+/// any file is written (the all-reduce), so a save refused for that reason
+/// leaves a checkpoint already in `dir` as it was. `plan`: the ownership
+/// plan (the same on every rank); `device`: where the communicator's
+/// tensors live.
 pub fn save_sharded<C: Collective>(
     comm: &C,
     device: &Device,
@@ -103,6 +106,17 @@ pub fn save_sharded<C: Collective>(
     let (rank, world) = (comm.rank(), comm.world_size());
     let who = format!("DataParallel::save_state (rank {rank})");
     let file = rank_file(rank, world);
+    // Before any write: does every rank have its state? (A rank that has not
+    // would fail the save after the others had overwritten their files.)
+    let missing = Tensor::new(&[if state.is_ok() { 0f32 } else { 1f32 }], device)?;
+    let missing = comm.all_reduce(&missing, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+    if missing > 0.0 {
+        let mut msg = format!("{missing} rank(s) could not produce their state; nothing written");
+        if let Err(e) = &state {
+            msg += &format!("; here: {e}");
+        }
+        return Err(Error::checkpoint(who, msg));
+    }
     let local = state.and_then(|state| {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::checkpoint(dir.display().to_string(), format!("cannot create: {e}"))
