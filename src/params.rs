@@ -219,6 +219,22 @@ pub fn matrix_view(dims: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
+/// Whether a parameter of `dtype` gets an f32 master weight under
+/// [`Driver::with_master_weights`](crate::optim::Driver::with_master_weights).
+pub(crate) fn has_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// The dtype a parameter of `dtype` is stepped in, and takes its gradient
+/// in: f32 for one with a master weight (`master_weights` on), else its own.
+pub(crate) fn stepped_dtype(dtype: DType, master_weights: bool) -> DType {
+    if master_weights && has_master(dtype) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// `x` rounded to the nearest value of the float `dtype` (to nearest,
 /// ties to even, as candle's casts from f64 round), as f64 (f32's rounding
 /// for the others).

@@ -255,10 +255,7 @@ impl<O: TryStep> Accumulate<O> {
                 };
                 // (in the parameter's dtype, or f32 for a master weight,
                 // which rounding to bf16/f16 would only cost bits)
-                let dt = match p.var.dtype() {
-                    DType::BF16 | DType::F16 if self.masters => DType::F32,
-                    dt => dt,
-                };
+                let dt = crate::params::stepped_dtype(p.var.dtype(), self.masters);
                 mean.insert(p.var.as_tensor(), g.to_dtype(dt)?);
             }
         }

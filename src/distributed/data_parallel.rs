@@ -956,10 +956,7 @@ impl<C: Collective, O: ShardedStep> DataParallel<C, O> {
         let mut owned = Vec::new();
         for (i, g) in self.plan.unpack_owned(self.comm.rank(), chunk)? {
             if has_grad[i] > 0.0 {
-                let dt = match self.vars[i].dtype() {
-                    DType::BF16 | DType::F16 if self.masters => DType::F32,
-                    dt => dt,
-                };
+                let dt = crate::params::stepped_dtype(self.vars[i].dtype(), self.masters);
                 owned.push((i, g.to_dtype(dt)?));
             }
         }

@@ -50,6 +50,15 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+/// The unit roundoff of [`compute_dtype`]`(dtype)`: f64's for f64, f32's
+/// for every other dtype (16-bit inputs are computed on in f32).
+pub(crate) fn compute_eps(dtype: DType) -> f64 {
+    match compute_dtype(dtype) {
+        DType::F64 => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    }
+}
+
 /// Checks that `t` is a float matrix or batch of matrices; returns `(m, n)`.
 pub(crate) fn matrix_dims(who: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {

@@ -433,10 +433,7 @@ pub(crate) fn stiefel_retract_members(
     } else {
         w3.clone()
     };
-    let eps = match w3.dtype() {
-        DType::F64 => f64::EPSILON,
-        _ => f32::EPSILON as f64,
-    };
+    let eps = super::compute_eps(w3.dtype());
     // The rounding floor of ‖XᵀX − I‖_F: m² entries, each a sum of n products.
     let tol = 4.0 * eps * m as f64 * (n as f64).sqrt();
     let eye = Tensor::eye(m, w3.dtype(), w3.device())?

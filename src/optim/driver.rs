@@ -38,7 +38,9 @@ use super::transform::{FieldKind, FieldValue, Fields, GroupStep, Transform, Tran
 use crate::checkpoint::{count_tensor, host_copy, read_count, split_key, Header, HEADER_KEY};
 use crate::device;
 use crate::error::{fail, Error, Result};
-use crate::params::{check_params, name_vars, varmap_vars, NamedVar, ParamInfo};
+use crate::params::{
+    check_params, has_master, name_vars, stepped_dtype, varmap_vars, NamedVar, ParamInfo,
+};
 
 /// One partition: the parameters labelled `label` run `chain` at
 /// `lr × lr_ratio`.
@@ -261,9 +263,7 @@ impl Driver {
     pub fn with_master_weights(mut self) -> Self {
         self.master_weights = true;
         for info in &mut self.infos {
-            if has_master(info.dtype) {
-                info.dtype = candle_core::DType::F32;
-            }
+            info.dtype = stepped_dtype(info.dtype, true);
         }
         self
     }
@@ -1158,12 +1158,6 @@ impl Driver {
         self.lr = body.lr;
         Ok(())
     }
-}
-
-/// Whether a parameter of `dtype` gets an f32 master weight under
-/// [`Driver::with_master_weights`].
-fn has_master(dtype: candle_core::DType) -> bool {
-    matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
 }
 
 /// The message of an error without its `steepest: who: ` prefix.

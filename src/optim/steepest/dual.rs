@@ -390,7 +390,7 @@ pub fn spectral_sphere_direction(
     // A zero gradient has the zero direction (as on the other manifolds),
     // and its λ is kept: Φ = msign(λΘ) = ±Θ moved W along the normal,
     // which the retraction turned into a change of the other σᵢ.
-    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?;
+    let live = live_members(&gn)?;
     let direction = |lam: &Tensor| -> Result<(Tensor, Tensor)> {
         let shifted = (&gn + t3.broadcast_mul(&lam.reshape((b, 1, 1))?)?)?;
         let phi = match &block {
@@ -690,7 +690,7 @@ pub fn stiefel_direction(
     // A zero gradient has the zero direction and keeps its X (as on the
     // spectral sphere): Φ = msign(WX) ≠ 0 would move X by 2η₂·msign(X) a
     // step, for a W that stays where it is.
-    let live = gn.sqr()?.sum(2)?.sum(1)?.ne(0.0)?.reshape((b, 1, 1))?;
+    let live = live_members(&gn)?.reshape((b, 1, 1))?;
     let keep = |t: &Tensor, dead: &Tensor| -> Result<Tensor> {
         Ok(live.broadcast_as(t.shape())?.where_cond(t, dead)?)
     };
@@ -699,4 +699,11 @@ pub fn stiefel_direction(
         multiplier: unbatch(keep(&x3, &x0)?, added)?,
         residual: unbatch(keep(&res, &res.zeros_like()?)?, added)?,
     })
+}
+
+/// Per member of the batch `g3` `(b, m, n)`, whether its gradient is not
+/// all zero (`(b,)`, u8): a zero gradient gets the zero direction and
+/// keeps its multiplier, on every manifold.
+fn live_members(g3: &Tensor) -> Result<Tensor> {
+    Ok(g3.sqr()?.sum(2)?.sum(1)?.ne(0.0)?)
 }

@@ -201,10 +201,7 @@ pub fn sphere_direction(g: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
             // leaves only its own rounding in `g + λa` (measured in the dual
             // norm ℓ_q), which normalised would be a unit vector of noise.
             let q = p / (p - 1.0);
-            let eps = match g.dtype() {
-                DType::F64 => f64::EPSILON,
-                _ => f32::EPSILON as f64,
-            };
+            let eps = crate::linalg::compute_eps(g.dtype());
             let tol = 4.0 * (gv.len() as f64).sqrt() * eps * p_norm(&gv, q);
             if p_norm(&tangent, q) <= tol {
                 return Ok(g.zeros_like()?);
@@ -233,11 +230,7 @@ fn euclidean_tangent(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     // A gradient normal to the sphere leaves only rounding in `t` (~√n·ε of
     // ‖g‖): normalised, that would be a unit vector, neither tangent nor
     // meaningful. Below 4·√n·ε·‖g‖ the direction is zero.
-    let eps = match dt {
-        DType::F64 => f64::EPSILON,
-        _ => f32::EPSILON as f64,
-    };
-    let tol = 4.0 * (g.elem_count() as f64).sqrt() * eps;
+    let tol = 4.0 * (g.elem_count() as f64).sqrt() * crate::linalg::compute_eps(dt);
     let g_norm = g.sqr()?.sum_all()?.sqrt()?;
     let t_norm = t.sqr()?.sum_all()?.sqrt()?;
     let keep = t_norm.gt(&(g_norm * tol)?)?.to_dtype(dt)?;
